@@ -1,0 +1,110 @@
+"""Per-request parameters, resolved against the checkpoint's generation config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+class InvalidRequestError(ValueError):
+    """A request parameter is invalid. ``param`` names the offending field (OpenAI error shape)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the engine.
+
+    ``None`` means "use the checkpoint's generation config" (see ``resolve``). The diffusion
+    fields mirror transformers' ``DiffusionGemmaGenerationConfig``.
+    """
+
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    max_denoising_steps: int | None = None
+    entropy_bound: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    stability_threshold: int | None = None
+    confidence_threshold: float | None = None
+    stream_drafts: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def resolve(self, defaults: "SamplingParams") -> "SamplingParams":
+        """Fill every ``None`` field from ``defaults`` (the checkpoint's generation config)."""
+        values = {}
+        for name in (
+            "max_tokens",
+            "eos_token_ids",
+            "seed",
+            "max_denoising_steps",
+            "entropy_bound",
+            "t_min",
+            "t_max",
+            "stability_threshold",
+            "confidence_threshold",
+        ):
+            if getattr(self, name) is None:
+                values[name] = getattr(defaults, name)
+        return replace(self, **values)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and x == x and abs(x) != float("inf")
+
+
+def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len: int, prompt_len: int) -> None:
+    """Raise ``InvalidRequestError`` for any parameter the engine cannot honour. Runs before any work."""
+    if not _is_int(params.max_tokens) or params.max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be a positive integer, got {params.max_tokens!r}", "max_tokens")
+    if prompt_len < 1:
+        raise InvalidRequestError("the prompt must contain at least one token", "prompt")
+    if prompt_len + params.max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} "
+            f"tokens and max_tokens is {params.max_tokens} ({prompt_len + params.max_tokens} in total); "
+            "reduce the prompt or max_tokens",
+            "max_tokens",
+        )
+    if not _is_int(params.max_denoising_steps) or params.max_denoising_steps < 1:
+        raise InvalidRequestError(
+            f"max_denoising_steps must be a positive integer, got {params.max_denoising_steps!r}", "max_denoising_steps"
+        )
+    if not _is_number(params.entropy_bound) or params.entropy_bound <= 0:
+        raise InvalidRequestError(f"entropy_bound must be a number > 0, got {params.entropy_bound!r}", "entropy_bound")
+    for name in ("t_min", "t_max"):
+        value = getattr(params, name)
+        if not _is_number(value) or value < 0:
+            raise InvalidRequestError(f"{name} must be a number >= 0, got {value!r}", name)
+    if params.t_max <= params.t_min:
+        raise InvalidRequestError(
+            f"t_max must be greater than t_min, got t_max={params.t_max} and t_min={params.t_min}", "t_max"
+        )
+    if params.t_min == 0:
+        raise InvalidRequestError("t_min must be > 0: the last step divides the logits by it", "t_min")
+    if not _is_int(params.stability_threshold) or params.stability_threshold < 0:
+        raise InvalidRequestError(
+            f"stability_threshold must be an integer >= 0, got {params.stability_threshold!r}", "stability_threshold"
+        )
+    if not _is_number(params.confidence_threshold) or params.confidence_threshold <= 0:
+        raise InvalidRequestError(
+            f"confidence_threshold must be a number > 0, got {params.confidence_threshold!r}", "confidence_threshold"
+        )
+    if params.seed is not None and (not _is_int(params.seed) or not (-(2**63) <= params.seed < 2**64)):
+        raise InvalidRequestError(f"seed must be a 64-bit integer, got {params.seed!r}", "seed")
+    for token in params.eos_token_ids or ():
+        if not _is_int(token) or not (0 <= token < vocab_size):
+            raise InvalidRequestError(f"eos token id {token!r} is outside the vocabulary [0, {vocab_size})", "eos_token_ids")
+    for s in params.stop:
+        if not isinstance(s, str) or not s:
+            raise InvalidRequestError("stop sequences must be non-empty strings", "stop")
