@@ -1,0 +1,19 @@
+"""The diffusion engine: a step-level block scheduler over DiffusionGemma checkpoints."""
+
+from .async_engine import AsyncEngine
+from .core import EngineCore
+from .outputs import Draft, RequestOutput
+from .sampling_params import InvalidRequestError, SamplingParams
+from .scheduler import QueueFullError
+from .settings import EngineSettings
+
+__all__ = [
+    "AsyncEngine",
+    "Draft",
+    "EngineCore",
+    "EngineSettings",
+    "InvalidRequestError",
+    "QueueFullError",
+    "RequestOutput",
+    "SamplingParams",
+]

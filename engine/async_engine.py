@@ -1,0 +1,196 @@
+"""AsyncEngine: the asyncio face of the engine. The step loop runs in its own thread.
+
+Requests and aborts cross into the loop thread through a thread-safe queue; outputs come back to
+each request's ``asyncio.Queue`` with ``call_soon_threadsafe``. The event loop never waits on the
+model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+import torch
+
+from .core import EngineCore
+from .detokenizer import IncrementalDetokenizer
+from .loader import load_model
+from .memory import derive_kv_budget, plan_memory
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import QueueFullError
+from .settings import EngineSettings
+from .stats import StatsSink
+
+logger = logging.getLogger("engine")
+
+_IDLE_WAIT_S = 0.05
+
+
+class AsyncEngine:
+    """Load a checkpoint and serve requests from asyncio code. See ``generate``."""
+
+    def __init__(self, settings: EngineSettings, stats_sink: StatsSink | None = None, model_name: str | None = None):
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        self.settings = settings
+        loaded = load_model(settings)
+        text_config = loaded.model.config.text_config
+        max_model_len = settings.max_model_len or text_config.max_position_embeddings
+        self.memory_plan = plan_memory(
+            text_config, loaded.model.config.canvas_length, loaded.dtype,
+            tile_rows=settings.sampling_tile_rows, max_num_seqs=settings.max_num_seqs,
+        )
+        kv_budget = settings.max_num_kv_tokens
+        if kv_budget is None:
+            kv_budget = derive_kv_budget(
+                self.memory_plan, loaded.device, fraction=settings.memory_fraction,
+                max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
+            )
+        self.core = EngineCore(loaded, settings, stats_sink, max_num_kv_tokens=kv_budget)
+        self.tokenizer = loaded.tokenizer
+        self.model_name = model_name or settings.model
+        self.max_model_len = self.core.max_model_len
+        self.vocab_size = self.core.vocab_size
+        self.canvas_length = self.core.canvas_length
+        self.default_params = self.core.defaults
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._dead: str | None = None
+        self.num_running = 0
+        self.num_waiting = 0
+        self._unfinished = 0  # touched only from the event loop thread
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    # -- requests ------------------------------------------------------------------------------
+    def resolve(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Fill defaults from the checkpoint and validate (raises ``InvalidRequestError``)."""
+        return self.core.resolve(prompt_ids, params)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Run one request; yields ``RequestOutput`` events, the last with ``finished=True``.
+
+        Raises ``QueueFullError`` before the first yield when the queue is full. Closing the iterator
+        early (client gone, task cancelled) aborts the request and frees its slot.
+        """
+        params = self.resolve(prompt_ids, params)
+        if not self.healthy:
+            raise RuntimeError("the engine is not running")
+        if self._unfinished >= self.settings.max_num_seqs + self.settings.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
+        stream: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            self._streams[request_id] = (loop, stream)
+        self._unfinished += 1
+        self._inbox.put(("add", (request_id, list(prompt_ids), params)))
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        finished = False
+        try:
+            while True:
+                out: RequestOutput = await stream.get()
+                text = detok.add(out.token_ids, final=out.finished) if out.token_ids or out.finished else ""
+                if detok.stopped:
+                    # a stop string: cut the text, count the tokens that produced it, end the request
+                    finished = True
+                    self.abort(request_id)
+                    yield dataclasses.replace(
+                        out, text=text, finished=True, finish_reason="stop",
+                        token_ids=out.token_ids[: max(0, detok.num_tokens_at_stop - (out.num_generated_tokens - len(out.token_ids)))],
+                        num_generated_tokens=detok.num_tokens_at_stop,
+                    )
+                    return
+                out = dataclasses.replace(out, text=text)
+                if out.finished:
+                    finished = True
+                yield out
+                if finished:
+                    return
+        finally:
+            self._unfinished -= 1
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, idempotent); it is freed within one pass."""
+        self._inbox.put(("abort", request_id))
+
+    def num_live_states(self) -> int:
+        return self.core.num_live_states()
+
+    # -- the step-loop thread ------------------------------------------------------------------
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            target = self._streams.get(out.request_id)
+        if target is not None:
+            loop, stream = target
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, out)
+            except RuntimeError:  # loop closed
+                pass
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "add":
+                request_id, prompt_ids, params = payload
+                try:
+                    self.core.add_request(request_id, prompt_ids, params)
+                except QueueFullError as exc:
+                    self._deliver(RequestOutput(request_id, finished=True, finish_reason="abort", error=str(exc)))
+            elif kind == "abort":
+                out = self.core.abort_request(payload)
+                if out is not None:
+                    self._deliver(out)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not self.core.has_work())
+                for out in self.core.step():
+                    self._deliver(out)
+                self.num_running = self.core.num_running
+                self.num_waiting = self.core.num_waiting
+        except BaseException as exc:  # the loop itself broke: report and fail everyone
+            logger.exception("engine step loop died")
+            self._dead = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                pending = list(self._streams)
+            for rid in pending:
+                self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
+                                            error=self._dead or "the engine shut down"))

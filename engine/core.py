@@ -1,0 +1,154 @@
+"""EngineCore: ``step = schedule -> execute -> update``, synchronous and single-threaded."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from .loader import LoadedModel
+from .model_runner import ModelRunner
+from .outputs import RequestOutput
+from .request import Request, RequestStatus
+from .sampling_params import InvalidRequestError, SamplingParams, validate_resolved
+from .scheduler import Scheduler
+from .settings import EngineSettings
+from .stats import NullStatsSink, PassStats, RequestStats, StatsSink
+
+logger = logging.getLogger("engine")
+
+
+class EngineCore:
+    """Owns the scheduler and the model runner. Not thread-safe: one thread drives it."""
+
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings, stats_sink: StatsSink | None = None,
+                 max_num_kv_tokens: int | None = None):
+        self.loaded = loaded
+        self.settings = settings
+        self.stats = stats_sink or NullStatsSink()
+        config = loaded.model.config
+        self.canvas_length = config.canvas_length
+        self.vocab_size = config.text_config.vocab_size
+        self.max_model_len = settings.max_model_len or config.text_config.max_position_embeddings
+        self.defaults = loaded.defaults
+        self.runner = ModelRunner(
+            loaded, sampling_tile_rows=settings.sampling_tile_rows, max_encoder_tokens=settings.max_encoder_tokens
+        )
+        kv_budget = max_num_kv_tokens if max_num_kv_tokens is not None else settings.max_num_kv_tokens
+        self.max_num_kv_tokens = kv_budget if kv_budget is not None else self.max_model_len * settings.max_num_seqs
+        self.scheduler = Scheduler(
+            max_num_seqs=settings.max_num_seqs, max_waiting=settings.max_waiting, max_num_kv_tokens=self.max_num_kv_tokens
+        )
+        self._requests: dict[str, Request] = {}
+
+    # -- requests ------------------------------------------------------------------------------
+    def resolve(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Fill defaults and validate; raises ``InvalidRequestError`` before any work is done."""
+        resolved = params.resolve(self.defaults)
+        for tok in prompt_ids:
+            if not isinstance(tok, int) or isinstance(tok, bool) or not (0 <= tok < self.vocab_size):
+                raise InvalidRequestError(
+                    f"prompt token id {tok!r} is outside the vocabulary [0, {self.vocab_size})", "prompt"
+                )
+        validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len, prompt_len=len(prompt_ids))
+        reservation = len(prompt_ids) + -(-resolved.max_tokens // self.canvas_length) * self.canvas_length
+        if reservation > self.max_num_kv_tokens:
+            raise InvalidRequestError(
+                f"the prompt and max_tokens need {reservation} KV tokens (whole canvases of {self.canvas_length}), "
+                f"more than this server's KV budget of {self.max_num_kv_tokens} tokens",
+                "max_tokens",
+            )
+        return resolved
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request; ``params`` must come from ``resolve``. Raises ``QueueFullError``."""
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        req = Request(request_id, tuple(prompt_ids), params, seed % 2**64, self.canvas_length)
+        self.scheduler.add(req)
+        self._requests[request_id] = req
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        return self._finish_output(req)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_live_states(self) -> int:
+        """Requests the core still tracks plus tensor states the runner still holds (0 when idle)."""
+        return len(self._requests) + self.runner.num_live_states() + len(self.runner.kv)
+
+    # -- the pass ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.is_empty():
+            return []
+        try:
+            result = self.runner.execute(plan)
+        except Exception as exc:  # a fault fails this pass's requests, never the engine
+            logger.exception("engine pass failed")
+            failed = self.scheduler.fail({w.request_id for w in plan.decode} | {w.request_id for w in plan.encode},
+                                         f"internal error in the model pass: {type(exc).__name__}")
+            for rid in self.scheduler.take_freed():  # release their tensor state now
+                self.runner.free(rid)
+            return [self._finish_output(r) for r in failed]
+        outputs, canvases = self.scheduler.update(result)
+        for c in canvases:
+            self.stats.on_canvas(c)
+        final = []
+        for out in outputs:
+            if out.finished:
+                out = self._finish_output(self._requests[out.request_id], out)
+            final.append(out)
+        self.stats.on_pass(
+            PassStats(
+                decoder_batch_size=len(plan.decode),
+                encoder_tokens=result.encoder_tokens,
+                num_running=self.num_running,
+                num_waiting=self.num_waiting,
+                seconds=time.perf_counter() - t0,
+                forward_seconds=result.forward_seconds,
+            )
+        )
+        return final
+
+    def _finish_output(self, req: Request, out: RequestOutput | None = None) -> RequestOutput:
+        """Forget a finished request and report it; returns its last output."""
+        self._requests.pop(req.request_id, None)
+        if out is None:
+            out = Scheduler.finished_output(req)
+        self.stats.on_request_finished(
+            RequestStats(
+                request_id=req.request_id,
+                arrival_time=req.arrival_time,
+                scheduled_time=req.scheduled_time,
+                first_draft_time=req.first_draft_time,
+                first_token_time=req.first_token_time,
+                finished_time=time.monotonic(),
+                num_prompt_tokens=len(req.prompt_ids),
+                num_generated_tokens=len(req.output_ids),
+                num_denoising_steps=req.num_denoising_steps,
+                num_canvases=req.canvas_index,
+                finish_reason=req.status.value if req.status.finished else RequestStatus.FINISHED_ABORTED.value,
+            )
+        )
+        return out
+
+    def drain(self) -> None:
+        """Run passes until no request is left (tests, shutdown)."""
+        while self.has_work():
+            self.step()

@@ -1,0 +1,54 @@
+"""Incremental detokenization with stop strings, per request.
+
+Text deltas are the difference between successive decodes of all committed tokens, held back
+while the tail is an incomplete UTF-8 sequence, so a multi-byte character is never split.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.token_ids: list[int] = []
+        self.sent = ""  # text already handed out
+        self.stopped = False
+        self.num_tokens_at_stop: int | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_ids, final: bool = False) -> str:
+        """Append committed tokens; return the new text delta. Sets ``stopped`` on a stop string."""
+        if self.stopped:
+            return ""
+        self.token_ids.extend(token_ids)
+        text = self._decode(self.token_ids)
+        if self.stop:
+            start = max(0, len(self.sent) - max(len(s) for s in self.stop) + 1)
+            hits = [(text.find(s, start), s) for s in self.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                index, stop = min(hits)
+                self.stopped = True
+                self.num_tokens_at_stop = self._tokens_covering(index + len(stop))
+                delta = text[:index][len(self.sent):]
+                self.sent += delta
+                return delta
+        if not final and text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")  # wait for the rest of the character
+        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+    def _tokens_covering(self, chars: int) -> int:
+        """Fewest tokens whose text reaches ``chars`` characters (the tokens that produced the stop)."""
+        lo, hi = 1, len(self.token_ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self._decode(self.token_ids[:mid])) >= chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo

@@ -1,0 +1,89 @@
+"""Load a DiffusionGemma checkpoint, its tokenizer and its generation defaults through transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+from .settings import EngineSettings
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    defaults: SamplingParams
+    device: torch.device
+    dtype: torch.dtype
+
+
+def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
+    """The checkpoint's generation config as fully resolved ``SamplingParams``.
+
+    Unset fields take transformers' own global defaults (``_get_default_generation_params``).
+    """
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    fallback = DiffusionGemmaGenerationConfig._get_default_generation_params()
+
+    def pick(name):
+        value = getattr(gen, name, None)
+        return fallback.get(name) if value is None else value
+
+    sampler = getattr(gen, "sampler_config", None) or fallback["sampler_config"]
+    eos = getattr(gen, "eos_token_id", None)
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return SamplingParams(
+        max_tokens=pick("max_new_tokens") or canvas_length,
+        eos_token_ids=eos_ids,
+        max_denoising_steps=pick("max_denoising_steps"),
+        entropy_bound=float(sampler.entropy_bound),
+        t_min=float(pick("t_min")),
+        t_max=float(pick("t_max")),
+        stability_threshold=int(pick("stability_threshold")),
+        confidence_threshold=float(pick("confidence_threshold")),
+    )
+
+
+def load_model(settings: EngineSettings) -> LoadedModel:
+    """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    experts = settings.experts_implementation
+    if experts is None and dtype == torch.float64:
+        experts = "eager"  # grouped_mm has no float64 kernel
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    if experts is not None:
+        kwargs["experts_implementation"] = experts
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.model, **kwargs)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    defaults = defaults_from_generation_config(model.generation_config, model.config.canvas_length)
+    return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype)

@@ -1,0 +1,64 @@
+"""Memory arithmetic from a model config: KV and state bytes per request, the sampling transient,
+and the KV token budget derived from free memory at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    kv_bytes_per_token: int  # full-attention layers, per committed token
+    sliding_kv_bytes_per_request: int  # sliding layers hold at most window-1 tokens
+    state_bytes_per_request: int  # canvas, soft embeddings, argmax history
+    sampling_transient_bytes: int  # largest transient of one sampling tile
+    decoder_transient_bytes: int  # padded KV copy + activations of one full decoder batch (rough upper bound)
+
+    def per_request_bytes(self, tokens: int) -> int:
+        return tokens * self.kv_bytes_per_token + self.sliding_kv_bytes_per_request + self.state_bytes_per_request
+
+
+def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tile_rows: int, max_num_seqs: int,
+                stability_threshold: int = 1) -> MemoryPlan:
+    elem = torch.finfo(dtype).bits // 8
+    full = sliding = 0
+    for i, layer_type in enumerate(text_config.layer_types):
+        cfg = text_config.per_layer_config[i]
+        per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # K and V
+        if layer_type == "sliding_attention":
+            sliding += per_token * (text_config.sliding_window - 1)
+        else:
+            full += per_token
+    hidden = text_config.hidden_size
+    vocab = text_config.vocab_size
+    state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
+    # logits fp32, scaled, probs, entropy work, softmax for self-conditioning: ~5 fp32 copies
+    sampling = 5 * tile_rows * canvas_length * vocab * 4
+    activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
+    return MemoryPlan(full, sliding, state, sampling, activations)
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float, max_num_seqs: int,
+                     max_model_len: int) -> int:
+    """KV tokens all running requests may reserve together, from free memory now (after weights)."""
+    usable = int(available_bytes(device) * fraction)
+    usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes
+    usable -= max_num_seqs * (plan.sliding_kv_bytes_per_request + plan.state_bytes_per_request)
+    tokens = usable // max(1, plan.kv_bytes_per_token)
+    return int(max(0, min(tokens, max_model_len * max_num_seqs)))

@@ -1,0 +1,236 @@
+"""The model runner: owns every tensor (weights, KV, canvases, generators) and runs one ``StepPlan``.
+
+It never sees queues or request states; it receives plain ``StepPlan`` data from the scheduler
+and returns plain ``StepResult`` data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import BatchKVView, KVCacheManager
+from .loader import LoadedModel
+from .sampler import RowParams, denoise_tile
+from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
+
+
+@dataclass
+class RowState:
+    """Tensor state of one request between passes."""
+
+    generator: torch.Generator
+    stability_threshold: int
+    canvas: torch.Tensor | None = None  # [C] current (noised) canvas
+    soft_embeddings: torch.Tensor | None = None  # [C, hidden]: softmax(scaled logits) @ E, the self-conditioning input
+    history: list[torch.Tensor] | None = None  # last `stability_threshold` argmax canvases, oldest first
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, *, sampling_tile_rows: int = 4, max_encoder_tokens: int = 8192):
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        config = self.model.config
+        self.text_config = config.text_config
+        self.canvas_length = config.canvas_length
+        self.vocab_size = self.text_config.vocab_size
+        self.layer_types = list(self.text_config.layer_types)
+        self.num_layers = self.text_config.num_hidden_layers
+        self.sliding_window = self.text_config.sliding_window
+        self.softcap = self.text_config.final_logit_softcapping
+        self.sampling_tile_rows = max(1, sampling_tile_rows)
+        self.max_encoder_tokens = max_encoder_tokens
+        self.eager_masks = self.model.config._attn_implementation == "eager"
+        self.kv = KVCacheManager(self.layer_types, self.sliding_window, self.device, self.dtype)
+        per_layer = self.text_config.per_layer_config
+        self.kv_template = [
+            (per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))
+        ]
+        self.rows: dict[str, RowState] = {}
+        self._forward_seconds = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def num_live_states(self) -> int:
+        return len(self.rows)
+
+    def _add(self, row: NewRow) -> None:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(row.seed)
+        self.rows[row.request_id] = RowState(generator=gen, stability_threshold=row.stability_threshold)
+        self.kv.allocate(row.request_id)
+
+    def free(self, request_id: str) -> None:
+        self.rows.pop(request_id, None)
+        self.kv.free(request_id)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._forward_seconds = 0.0
+        for rid in plan.free:
+            self.free(rid)
+        for row in plan.new:
+            self._add(row)
+        encoder_tokens = self._encode(plan.encode) if plan.encode else 0
+        decode = self._decode(plan.decode) if plan.decode else []
+        return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds)
+
+    # -- masks ---------------------------------------------------------------------------------
+    def _finish_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[B, Q, K] bool -> the 4D mask the attention interface expects."""
+        allowed = allowed[:, None]
+        if not self.eager_masks:
+            return allowed
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)
+
+    # -- encoder -------------------------------------------------------------------------------
+    def _encode(self, work: list[EncodeWork]) -> int:
+        total = 0
+        for group in self._encoder_groups(work):
+            self._encode_group(group)
+            total += sum(len(w.token_ids) for w in group)
+        return total
+
+    def _encoder_groups(self, work: list[EncodeWork]) -> list[list[EncodeWork]]:
+        """Split encoder work so that rows x padded length stays within ``max_encoder_tokens``."""
+        groups: list[list[EncodeWork]] = []
+        current: list[EncodeWork] = []
+        longest = 0
+        for item in sorted(work, key=lambda w: len(w.token_ids)):
+            n = len(item.token_ids)
+            if current and (len(current) + 1) * max(longest, n) > self.max_encoder_tokens:
+                groups.append(current)
+                current, longest = [], 0
+            current.append(item)
+            longest = max(longest, n)
+        if current:
+            groups.append(current)
+        return groups
+
+    def _encode_group(self, group: list[EncodeWork]) -> None:
+        ids = [w.request_id for w in group]
+        view = self.kv.build_view(ids, self.kv_template)
+        lengths = torch.tensor([len(w.token_ids) for w in group], device=self.device)
+        width = int(lengths.max())
+        batch = len(group)
+        slot = torch.arange(width, device=self.device)
+        offset = slot[None, :] - (width - lengths)[:, None]  # left padding
+        q_valid = offset >= 0
+        starts = torch.tensor([self.kv.get(r).total_len for r in ids], device=self.device)
+        q_pos = torch.where(q_valid, starts[:, None] + offset, torch.zeros_like(offset))
+        input_ids = torch.full((batch, width), self.text_config.pad_token_id or 0, dtype=torch.long, device=self.device)
+        for row, item in enumerate(group):
+            input_ids[row, width - len(item.token_ids) :] = torch.tensor(item.token_ids, device=self.device)
+
+        masks = {}
+        for layer_type in set(self.layer_types):
+            k_valid = torch.cat([view.valid[layer_type], q_valid], dim=1)
+            k_pos = torch.cat([view.positions[layer_type], q_pos], dim=1)
+            allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+            if layer_type == "sliding_attention":
+                allowed &= q_pos[:, :, None] - k_pos[:, None, :] < self.sliding_window
+            # padding queries attend to themselves only, so no softmax row is empty
+            past = view.valid[layer_type].shape[1]
+            own = torch.zeros_like(allowed)
+            own[:, slot, past + slot] = True
+            allowed = torch.where(q_valid[:, :, None], allowed, own)
+            masks[layer_type] = self._finish_mask(allowed)
+
+        t0 = time.perf_counter()
+        self.model.model.encoder(
+            input_ids=input_ids,
+            attention_mask=masks,
+            position_ids=q_pos,
+            past_key_values=view,
+            use_cache=True,
+        )
+        self._forward_seconds += time.perf_counter() - t0
+        self.kv.append_from_view(ids, view, q_valid)
+
+    # -- decoder -------------------------------------------------------------------------------
+    def _decode(self, work: list[DecodeWork]) -> list[DecodeResult]:
+        ids = [w.request_id for w in work]
+        states = [self.rows[r] for r in ids]
+        C = self.canvas_length
+        for w, st in zip(work, states):
+            if w.new_canvas:
+                # same draw as EntropyBoundSampler.initialize_canvas at batch 1
+                st.canvas = torch.randint(0, self.vocab_size, (1, C), device=self.device, generator=st.generator).view(C)
+                st.soft_embeddings = None
+                st.history = []
+        hidden = self._decoder_hidden(ids, states)  # [B, C, hidden]
+
+        results: list[DecodeResult] = []
+        embed = self.model.model.decoder.embed_tokens
+        for start in range(0, len(work), self.sampling_tile_rows):
+            tile = slice(start, start + self.sampling_tile_rows)
+            tile_work, tile_states = work[tile], states[tile]
+            t0 = time.perf_counter()
+            logits = self.model.lm_head(hidden[tile]).to(torch.float32)
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            self._forward_seconds += time.perf_counter() - t0
+            out = denoise_tile(
+                logits,
+                torch.stack([s.canvas for s in tile_states]),
+                [
+                    RowParams(w.cur_step, w.max_steps, w.t_min, w.t_max, w.entropy_bound, w.confidence_threshold)
+                    for w in tile_work
+                ],
+                [s.generator for s in tile_states],
+            )
+            # Self-conditioning input of the next step, as soft embeddings [n, C, hidden] (not [n, C, V] logits).
+            sc = out.scaled_logits.to(embed.weight.dtype)
+            soft = torch.matmul(sc.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype), embed.weight)
+            soft = soft * embed.embed_scale.to(embed.weight.dtype)
+            for i, (w, st) in enumerate(zip(tile_work, tile_states)):
+                argmax = out.argmax[i]
+                stable = all(torch.equal(h, argmax) for h in st.history) and len(st.history) == st.stability_threshold
+                converged = bool(stable and out.confident[i])
+                if st.stability_threshold:
+                    st.history = (st.history + [argmax])[-st.stability_threshold :]
+                st.canvas = out.next_canvas[i]
+                st.soft_embeddings = soft[i]
+                results.append(DecodeResult(w.request_id, tuple(argmax.tolist()), converged))
+        return results
+
+    def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
+        """Run the bidirectional decoder over every row's canvas against its cached prefix."""
+        decoder = self.model.model.decoder
+        view: BatchKVView = self.kv.build_view(ids, self.kv_template)
+        C = self.canvas_length
+        canvas = torch.stack([s.canvas for s in states])  # [B, C]
+        totals = torch.tensor([self.kv.get(r).total_len for r in ids], device=self.device)
+        positions = (totals[:, None] + torch.arange(C, device=self.device)[None, :]).to(torch.int32)
+
+        masks = {}
+        for layer_type in set(self.layer_types):
+            valid = view.valid[layer_type]
+            if bool(valid.all()):
+                masks[layer_type] = None  # no padding: plain bidirectional attention, as in generate()
+            else:
+                k_valid = torch.cat([valid, torch.ones(len(ids), C, dtype=torch.bool, device=self.device)], dim=1)
+                masks[layer_type] = self._finish_mask(k_valid[:, None, :].expand(-1, C, -1))
+
+        t0 = time.perf_counter()
+        inputs = decoder.embed_tokens(canvas)
+        soft = torch.stack(
+            [s.soft_embeddings if s.soft_embeddings is not None else torch.zeros_like(inputs[0]) for s in states]
+        )
+        hidden = decoder.self_conditioning(inputs, soft)
+        rotary = {lt: decoder.rotary_emb(hidden, positions, lt) for lt in decoder.unique_layer_types}
+        for i, layer in enumerate(decoder.layers[: self.num_layers]):
+            lt = self.layer_types[i]
+            hidden = layer(
+                hidden,
+                position_embeddings=rotary[lt],
+                attention_mask=masks[lt],
+                position_ids=positions,
+                past_key_values=view,
+            )
+        hidden = decoder.norm(hidden)
+        self._forward_seconds += time.perf_counter() - t0
+        return hidden

@@ -1,0 +1,64 @@
+"""A request's CPU-side bookkeeping, with an explicit status. No tensors live here."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, not admitted
+    ENCODING = "encoding"  # admitted; its prompt or last committed canvas is encoded this pass
+    DENOISING = "denoising"  # its canvas is in the decoder batch
+    FINISHED_STOPPED = "stop"  # eos (or stop string, decided by the caller)
+    FINISHED_LENGTH = "length"  # max_tokens reached
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
+}
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams  # resolved: no None diffusion fields
+    seed: int
+    canvas_length: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    pending_encode: tuple[int, ...] = ()  # tokens to encode at the next pass
+    step: int = 0  # denoising steps done on the current canvas
+    canvas_index: int = 0  # canvases committed so far
+    output_ids: list[int] = field(default_factory=list)  # committed tokens (a final eos included)
+    num_denoising_steps: int = 0
+    last_draft: tuple[int, ...] | None = None
+    scheduled_time: float | None = None
+    canvas_start_time: float | None = None
+    first_draft_time: float | None = None
+    first_token_time: float | None = None
+    error: str | None = None
+
+    @property
+    def kv_reservation(self) -> int:
+        """Full-attention KV tokens this request may hold at most (prompt + whole canvases)."""
+        canvases = math.ceil(self.params.max_tokens / self.canvas_length)
+        return len(self.prompt_ids) + canvases * self.canvas_length
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)

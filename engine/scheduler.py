@@ -1,0 +1,196 @@
+"""The block scheduler: one pass = one denoising step for every running canvas.
+
+Pure bookkeeping: it decides who is admitted, who is encoded, who takes a decoder step, and
+turns the runner's per-row results into commits, finishes and outputs. It never touches tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .outputs import Draft, RequestOutput
+from .request import Request, RequestStatus
+from .stats import CanvasStats
+from .work import DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_waiting``; the caller should retry later."""
+
+
+class Scheduler:
+    def __init__(self, *, max_num_seqs: int, max_waiting: int, max_num_kv_tokens: int):
+        self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting
+        self.max_num_kv_tokens = max_num_kv_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._to_free: list[str] = []
+        self._reserved_kv = 0
+        self.pass_index = 0  # number of passes scheduled so far
+
+    # -- intake --------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is; returns it (status set) or None if unknown/finished."""
+        for req in self.waiting:
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+                req.status = RequestStatus.FINISHED_ABORTED
+                return req
+        for req in self.running:
+            if req.request_id == request_id:
+                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                return req
+        return None
+
+    def fail(self, request_ids: set[str], message: str) -> list[Request]:
+        failed = [r for r in self.running if r.request_id in request_ids]
+        for req in failed:
+            req.error = message
+            self._finish(req, RequestStatus.FINISHED_ERROR)
+        return failed
+
+    def take_freed(self) -> list[str]:
+        """Request ids whose runner state must be released (normally carried by the next plan)."""
+        freed, self._to_free = self._to_free, []
+        return freed
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._to_free)
+
+    @property
+    def reserved_kv_tokens(self) -> int:
+        return self._reserved_kv
+
+    # -- one pass ------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(free=self._to_free)
+        self._to_free = []
+        now = time.monotonic()
+        # Admit in arrival order while the decoder batch and the KV budget allow.
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if self._reserved_kv + req.kv_reservation > self.max_num_kv_tokens and self.running:
+                break
+            self.waiting.popleft()
+            self._reserved_kv += req.kv_reservation
+            req.status = RequestStatus.ENCODING
+            req.pending_encode = req.prompt_ids
+            req.scheduled_time = now
+            self.running.append(req)
+            plan.new.append(NewRow(req.request_id, req.seed, req.params.stability_threshold))
+        for req in self.running:
+            if req.status is RequestStatus.ENCODING:
+                plan.encode.append(EncodeWork(req.request_id, req.pending_encode))
+                req.pending_encode = ()
+                req.status = RequestStatus.DENOISING
+            p = req.params
+            if req.step == 0:
+                req.canvas_start_time = now
+            plan.decode.append(
+                DecodeWork(
+                    request_id=req.request_id,
+                    new_canvas=req.step == 0,
+                    cur_step=p.max_denoising_steps - req.step,
+                    max_steps=p.max_denoising_steps,
+                    t_min=p.t_min,
+                    t_max=p.t_max,
+                    entropy_bound=p.entropy_bound,
+                    confidence_threshold=p.confidence_threshold,
+                )
+            )
+        if not plan.is_empty():
+            self.pass_index += 1
+        return plan
+
+    def update(self, result: StepResult) -> tuple[list[RequestOutput], list[CanvasStats]]:
+        """Apply the runner's results: drafts, commits, finishes. Returns outputs and canvas stats."""
+        now = time.monotonic()
+        by_id = {r.request_id: r for r in self.running}
+        outputs: list[RequestOutput] = []
+        canvases: list[CanvasStats] = []
+        for res in result.decode:
+            req = by_id.get(res.request_id)
+            if req is None or req.status.finished:
+                continue
+            req.step += 1
+            req.num_denoising_steps += 1
+            if req.first_draft_time is None:
+                req.first_draft_time = now
+            draft = None
+            if req.params.stream_drafts:
+                draft = self._draft(req, res.draft)
+            if not (res.converged or req.step >= req.params.max_denoising_steps):
+                if draft is not None:
+                    outputs.append(self._output(req, draft=draft))
+                continue
+            new_tokens = self._commit(req, res.draft, now, canvases)
+            outputs.append(self._output(req, token_ids=new_tokens, draft=draft))
+        return outputs, canvases
+
+    # -- internals -----------------------------------------------------------------------------
+    def _draft(self, req: Request, tokens: tuple[int, ...]) -> Draft:
+        prev = req.last_draft
+        if prev is None:
+            changed = tuple(range(len(tokens)))
+        else:
+            changed = tuple(i for i, (a, b) in enumerate(zip(prev, tokens)) if a != b)
+        req.last_draft = tokens
+        return Draft(req.canvas_index, req.step, req.params.max_denoising_steps, tokens, changed)
+
+    def _commit(self, req: Request, canvas: tuple[int, ...], now: float, canvases: list[CanvasStats]) -> tuple[int, ...]:
+        """Commit the argmax canvas: trim at eos and max_tokens, then finish or queue its encoding."""
+        kept = list(canvas[: req.remaining_tokens])
+        finish: RequestStatus | None = None
+        if not req.params.ignore_eos:
+            eos = set(req.params.eos_token_ids or ())
+            for i, tok in enumerate(kept):
+                if tok in eos:
+                    kept = kept[: i + 1]
+                    finish = RequestStatus.FINISHED_STOPPED
+                    break
+        req.output_ids.extend(kept)
+        if finish is None and req.remaining_tokens <= 0:
+            finish = RequestStatus.FINISHED_LENGTH
+        if kept and req.first_token_time is None:
+            req.first_token_time = now
+        canvases.append(CanvasStats(req.step, len(kept), now - (req.canvas_start_time or now)))
+        req.canvas_index += 1
+        req.step = 0
+        req.last_draft = None
+        if finish is not None:
+            self._finish(req, finish)
+        else:
+            req.status = RequestStatus.ENCODING
+            req.pending_encode = canvas  # the whole argmax canvas enters the cache, as in generate()
+        return tuple(kept)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+            self._reserved_kv -= req.kv_reservation
+            self._to_free.append(req.request_id)
+
+    @staticmethod
+    def _output(req: Request, token_ids: tuple[int, ...] = (), draft: Draft | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            token_ids=token_ids,
+            draft=draft,
+            finished=req.status.finished,
+            finish_reason=req.status.value if req.status.finished else None,
+            error=req.error,
+            num_prompt_tokens=len(req.prompt_ids),
+            num_generated_tokens=len(req.output_ids),
+            num_denoising_steps=req.num_denoising_steps,
+            num_canvases=req.canvas_index,
+        )
+
+    finished_output = _output

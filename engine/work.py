@@ -1,0 +1,63 @@
+"""Plain data crossing between the scheduler (CPU bookkeeping) and the model runner (tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """A request the runner must start tracking (allocate KV, seed its generator)."""
+
+    request_id: str
+    seed: int
+    stability_threshold: int
+
+
+@dataclass(frozen=True)
+class EncodeWork:
+    """Tokens to run through the encoder and append to the request's KV (prompt or committed canvas)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    """One denoising step of one request's canvas."""
+
+    request_id: str
+    new_canvas: bool  # draw a fresh random canvas first (first step of a canvas)
+    cur_step: int  # steps remaining, N..1 (transformers' convention)
+    max_steps: int
+    t_min: float
+    t_max: float
+    entropy_bound: float
+    confidence_threshold: float
+
+
+@dataclass
+class StepPlan:
+    """What one scheduler pass asks of the runner, in order: free, add, encode, decode."""
+
+    free: list[str] = field(default_factory=list)
+    new: list[NewRow] = field(default_factory=list)
+    encode: list[EncodeWork] = field(default_factory=list)
+    decode: list[DecodeWork] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.free or self.new or self.encode or self.decode)
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    request_id: str
+    draft: tuple[int, ...]  # argmax canvas after this step
+    converged: bool  # stable and confident: the canvas leaves the batch now
+
+
+@dataclass
+class StepResult:
+    decode: list[DecodeResult] = field(default_factory=list)
+    encoder_tokens: int = 0
+    forward_seconds: float = 0.0
