@@ -1,0 +1,169 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response
+
+from . import errors
+from .errors import APIError
+from .handling import RequestLog, check_unsupported, make_specs, new_request_id, parse_body, usage
+from .protocol import ChatCompletionRequest
+from .streaming import (
+    DONE,
+    ChoiceSet,
+    ClientDisconnected,
+    SSEResponse,
+    collect_all,
+    draft_extension,
+    failure_for,
+    json_chunk,
+    sse,
+)
+
+logger = logging.getLogger("server")
+
+
+def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.content is None:
+            content = ""
+        elif isinstance(m.content, str):
+            content = m.content
+        else:
+            pieces = []
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise errors.bad_request(
+                        f"Only text content parts are supported, got type '{part.type}'.", f"messages[{i}].content"
+                    )
+                pieces.append(part.text)
+            content = "\n".join(pieces)
+        d = {"role": m.role, "content": content}
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def apply_template(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], str]:
+    messages = messages_as_dicts(req)
+    if req.continue_final_message and messages[-1]["role"] != "assistant":
+        raise errors.bad_request("continue_final_message needs the last message to be from the assistant.", "messages")
+    kwargs = dict(req.chat_template_kwargs or {})
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message,
+            **kwargs,
+        )
+    except Exception as exc:  # jinja2 errors, a template that raises on a role, missing template
+        raise errors.bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids, text
+
+
+async def create_chat_completion(request: Request):
+    state = request.app.state.server
+    req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+    engine = state.engine_or_503()
+    model_name = state.check_model(req.model)
+    rf_type = (req.response_format or {}).get("type", "text")
+    check_unsupported(
+        logprobs=(bool(req.logprobs) or bool(req.top_logprobs), "logprobs are not supported by this server."),
+        tools=(bool(req.tools), "tools (function calling) are not supported by this server."),
+        response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
+    )
+    request_id = new_request_id("chatcmpl")
+    log = RequestLog(request_id, "chat", state.settings.log_prompts)
+    prompt_ids, prompt_text = await asyncio.to_thread(apply_template, engine.tokenizer, req) if len(req.messages) > 64 else apply_template(engine.tokenizer, req)
+    log.prompt_text = prompt_text if state.settings.log_prompts else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    specs = make_specs(engine, [prompt_ids], req, max_tokens, request_id)
+
+    choice_set = ChoiceSet(engine, specs)
+    try:
+        await choice_set.start()
+    except APIError as exc:
+        log.finish(exc.status, note=exc.code or "")
+        raise
+    created = int(time.time())
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stream = chat_stream(state, engine, choice_set, base, include_usage, log)
+        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
+
+    try:
+        results = await collect_all(choice_set, request.receive)
+    except ClientDisconnected:
+        log.finish("client_gone", specs, choice_set.results, "client disconnected")
+        return Response(status_code=499)
+    except APIError as exc:
+        log.finish(exc.status, specs, choice_set.results, exc.code or "")
+        raise
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": results[i].text},
+            "logprobs": None,
+            "finish_reason": results[i].finish_reason,
+        }
+        for i in sorted(results)
+    ]
+    log.finish(200, specs, results)
+    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(specs, results)}
+    return JSONResponse(body)
+
+
+def _choice(index: int, delta: dict, finish_reason=None, **extra) -> dict:
+    c = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    c.update(extra)
+    return c
+
+
+async def chat_stream(state, engine, choice_set: ChoiceSet, base: dict, include_usage: bool, log: RequestLog):
+    err: APIError | None = None
+    completed = False
+    try:
+        for spec in choice_set.specs:
+            yield sse(json_chunk({**base, "choices": [_choice(spec.index, {"role": "assistant", "content": ""})]}))
+        async for index, out in choice_set.events():
+            if out.draft is not None:
+                ext = draft_extension(out.draft, engine.tokenizer)
+                yield sse(json_chunk({**base, "choices": [_choice(index, {}, diffusion=ext)]}))
+            if out.text:
+                yield sse(json_chunk({**base, "choices": [_choice(index, {"content": out.text})]}))
+            if out.finished:
+                failure = failure_for(out)
+                if failure is not None:
+                    raise failure
+                yield sse(json_chunk({**base, "choices": [_choice(index, {}, out.finish_reason)]}))
+        if include_usage:
+            yield sse(json_chunk({**base, "choices": [], "usage": usage(choice_set.specs, choice_set.results)}))
+        completed = True
+    except APIError as exc:
+        err = exc
+    except Exception:  # noqa: BLE001
+        logger.exception("chat stream %s failed", base["id"])
+        err = errors.internal_error()
+    finally:
+        choice_set.cancel()
+        if err is not None:
+            log.finish(err.status, choice_set.specs, choice_set.results, err.code or "")
+        elif completed:
+            log.finish(200, choice_set.specs, choice_set.results)
+        else:
+            log.finish("client_gone", choice_set.specs, choice_set.results, "client disconnected")
+    if err is not None:
+        state.metrics.count_error(err.status)
+        yield sse(json_chunk(err.body()))
+    yield sse(DONE)

@@ -1,0 +1,170 @@
+"""``diffusion-server`` / ``python -m server``: parse flags and a YAML config, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .settings import OPTIONS, ServerSettings, settings_field_names
+
+logger = logging.getLogger("server")
+
+API_KEY_ENV = "DIFFUSION_SERVER_API_KEY"
+
+EPILOG = """\
+Request extensions (both endpoints, also through the openai SDK's extra_body):
+  max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
+  stream_drafts (stream each refinement step as a chunk with a "diffusion" object), ignore_eos.
+temperature and top_p are accepted and ignored: the schedule t_max -> t_min governs sampling.
+With a seed and several choices (n > 1 or several prompts), choice i uses seed + i.
+
+Example:
+  diffusion-server --model google/diffusiongemma-26B-A4B-it --host 0.0.0.0 --port 8000 --api-key sk-local
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusion-server",
+        description="OpenAI-compatible HTTP server for text diffusion language models (DiffusionGemma).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    for flag, dest, kind, help_text in OPTIONS:
+        dest = dest or flag.lstrip("-").replace("-", "_")
+        if kind == "bool":
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind == "list":
+            parser.add_argument(flag, dest=dest, action="append", metavar="KEY", help=help_text)
+        else:
+            conv = {"int": int, "float": float, "str": str}[kind]
+            parser.add_argument(flag, dest=dest, type=conv, metavar=kind.upper() if kind != "str" else None, help=help_text)
+    return parser
+
+
+def _coerce(kind: str, key: str, value):
+    if value is None:
+        return None
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if kind == "list":
+            if isinstance(value, str):
+                return [value]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError
+            return value
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise SystemExit(f"config: '{key}' must be a {kind}, got {value!r}") from None
+
+
+def load_config(path: str) -> dict:
+    """Read a YAML config whose keys are the flag names (``-`` or ``_``, without the leading dashes)."""
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"config {path}: expected a mapping of flag names to values")
+    by_key = {}
+    for flag, dest, kind, _ in OPTIONS:
+        if not dest:
+            continue
+        name = flag.lstrip("-")
+        for k in {name, name.replace("-", "_"), dest, dest.replace("_", "-")}:
+            by_key[k] = (dest, kind)
+    out = {}
+    for key, value in data.items():
+        if key not in by_key:
+            known = sorted(f.lstrip("-") for f, d, _, _ in OPTIONS if d)
+            raise SystemExit(f"config {path}: unknown key '{key}'. Known keys: {', '.join(known)}")
+        dest, kind = by_key[key]
+        out[dest] = _coerce(kind, key, value)
+    return out
+
+
+def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
+    args = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    config = args.pop("config", None)
+    if config:
+        values.update(load_config(config))
+    values.update(args)
+    env_keys = [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    if env_keys:
+        values["api_keys"] = list(values.get("api_keys") or []) + env_keys
+    unknown = set(values) - settings_field_names()
+    if unknown:  # a programming error: OPTIONS and ServerSettings disagree
+        raise SystemExit(f"internal: unknown settings {sorted(unknown)}")
+    return ServerSettings(**values)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    configure_logging(settings.log_level)
+    if settings.model is None:
+        from .default_model import resolve_default_model
+
+        settings.model = resolve_default_model()
+        logger.warning("no --model given: serving %s", settings.model)
+
+    import uvicorn
+
+    from .app import create_app
+
+    failed: list[BaseException] = []
+    server_box: dict = {}
+
+    def on_load_failure(exc: BaseException) -> None:
+        failed.append(exc)
+        server = server_box.get("server")
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    server_box["server"] = server
+    logger.info(
+        "diffusion-server on http://%s:%d (model %s, auth %s)",
+        settings.host, settings.port, settings.model, "on" if settings.api_keys else "off",
+    )
+    server.run()
+    if failed:
+        logger.error("exiting: the model could not be loaded: %s", failed[0])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response
+
+from . import errors
+from .errors import APIError
+from .handling import RequestLog, check_unsupported, make_specs, new_request_id, parse_body, usage
+from .protocol import CompletionRequest
+from .streaming import (
+    DONE,
+    ChoiceSet,
+    ClientDisconnected,
+    SSEResponse,
+    collect_all,
+    draft_extension,
+    failure_for,
+    json_chunk,
+    sse,
+)
+
+logger = logging.getLogger("server")
+
+TOKENIZE_IN_THREAD_CHARS = 20000
+
+
+async def tokenize_prompts(tokenizer, prompt) -> tuple[list[list[int]], list[str]]:
+    """``prompt`` in any of OpenAI's four shapes -> (token id lists, prompt texts for echo)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise errors.bad_request("prompt must not be empty.", "prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    if isinstance(prompt[0], str):
+        texts = list(prompt)
+
+        def encode():
+            return [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+
+        if sum(len(t) for t in texts) > TOKENIZE_IN_THREAD_CHARS:
+            ids = await asyncio.to_thread(encode)
+        else:
+            ids = encode()
+        return ids, texts
+    ids = [list(p) for p in prompt]
+    for i, p in enumerate(ids):
+        if not p:
+            raise errors.bad_request("prompt token lists must not be empty.", f"prompt[{i}]" if len(ids) > 1 else "prompt")
+    return ids, [None] * len(ids)
+
+
+async def create_completion(request: Request):
+    state = request.app.state.server
+    req: CompletionRequest = await parse_body(request, CompletionRequest)
+    engine = state.engine_or_503()
+    model_name = state.check_model(req.model)
+    check_unsupported(
+        logprobs=(req.logprobs is not None and req.logprobs > 0, "logprobs are not supported by this server."),
+        suffix=(bool(req.suffix), "suffix is not supported by this server."),
+        best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."),
+    )
+    request_id = new_request_id("cmpl")
+    log = RequestLog(request_id, "completions", state.settings.log_prompts)
+    prompts, texts = await tokenize_prompts(engine.tokenizer, req.prompt)
+    specs = make_specs(engine, prompts, req, req.max_tokens, request_id)
+    if state.settings.log_prompts:
+        log.prompt_text = " | ".join(t if t is not None else str(p) for t, p in zip(texts, prompts))
+    echo_texts = {}
+    if req.echo:
+        for s in specs:
+            t = texts[s.prompt_index]
+            echo_texts[s.index] = t if t is not None else engine.tokenizer.decode(s.prompt_ids)
+
+    choice_set = ChoiceSet(engine, specs)
+    try:
+        await choice_set.start()
+    except APIError as exc:
+        log.finish(exc.status, note=exc.code or "")
+        raise
+    created = int(time.time())
+    base = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stream = completion_stream(state, engine, choice_set, base, echo_texts, include_usage, log)
+        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
+
+    try:
+        results = await collect_all(choice_set, request.receive)
+    except ClientDisconnected:
+        log.finish("client_gone", specs, choice_set.results, "client disconnected")
+        return Response(status_code=499)
+    except APIError as exc:
+        log.finish(exc.status, specs, choice_set.results, exc.code or "")
+        raise
+    choices = [
+        {
+            "index": i,
+            "text": echo_texts.get(i, "") + results[i].text,
+            "logprobs": None,
+            "finish_reason": results[i].finish_reason,
+        }
+        for i in sorted(results)
+    ]
+    log.finish(200, specs, results)
+    return JSONResponse({**base, "choices": choices, "usage": usage(specs, results)})
+
+
+def _choice(index: int, text: str, finish_reason=None, **extra) -> dict:
+    c = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    c.update(extra)
+    return c
+
+
+async def completion_stream(state, engine, choice_set: ChoiceSet, base: dict, echo_texts: dict, include_usage: bool, log: RequestLog):
+    err: APIError | None = None
+    completed = False
+    try:
+        for index, text in echo_texts.items():
+            yield sse(json_chunk({**base, "choices": [_choice(index, text)]}))
+        async for index, out in choice_set.events():
+            if out.draft is not None:
+                ext = draft_extension(out.draft, engine.tokenizer)
+                yield sse(json_chunk({**base, "choices": [_choice(index, "", diffusion=ext)]}))
+            if out.text:
+                yield sse(json_chunk({**base, "choices": [_choice(index, out.text)]}))
+            if out.finished:
+                failure = failure_for(out)
+                if failure is not None:
+                    raise failure
+                yield sse(json_chunk({**base, "choices": [_choice(index, "", out.finish_reason)]}))
+        if include_usage:
+            yield sse(json_chunk({**base, "choices": [], "usage": usage(choice_set.specs, choice_set.results)}))
+        completed = True
+    except APIError as exc:
+        err = exc
+    except Exception:  # noqa: BLE001
+        logger.exception("completion stream %s failed", base["id"])
+        err = errors.internal_error()
+    finally:
+        choice_set.cancel()
+        if err is not None:
+            log.finish(err.status, choice_set.specs, choice_set.results, err.code or "")
+        elif completed:
+            log.finish(200, choice_set.specs, choice_set.results)
+        else:
+            log.finish("client_gone", choice_set.specs, choice_set.results, "client disconnected")
+    if err is not None:
+        state.metrics.count_error(err.status)
+        yield sse(json_chunk(err.body()))
+    yield sse(DONE)

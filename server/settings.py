@@ -1,0 +1,119 @@
+"""Server settings: every flag of ``diffusion-server`` with its default and help text.
+
+``OPTIONS`` is the single source for the command line (``cli.py``), the YAML config keys and the
+documentation. A YAML config uses the same names as the flags, with ``-`` or ``_``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    device: str = "auto"
+    max_num_seqs: int = 16
+    max_waiting: int = 256
+    max_model_len: int | None = None
+    max_num_kv_tokens: int | None = None
+    memory_fraction: float = 0.8
+    num_threads: int | None = None
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    log_prompts: bool = False
+    log_level: str = "info"
+    access_log: bool = False
+    sse_ping_seconds: float = 15.0
+
+    def model_names(self, engine_model_name: str | None = None) -> list[str]:
+        """Names accepted in the ``model`` field; the first is shown by /v1/models."""
+        names = []
+        if self.served_model_name:
+            names.append(self.served_model_name)
+        for n in (engine_model_name, self.model):
+            if n and n not in names:
+                names.append(n)
+        return names
+
+    def engine_settings(self):
+        """The ``EngineSettings`` for these server settings (threads default to 1 on CPU)."""
+        from engine.settings import EngineSettings
+
+        if self.model is None:
+            raise ValueError("model is not set")
+        num_threads = self.num_threads
+        if num_threads is None and resolves_to_cpu(self.device):
+            num_threads = 1
+        return EngineSettings(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            max_num_seqs=self.max_num_seqs,
+            max_waiting=self.max_waiting,
+            max_model_len=self.max_model_len,
+            max_num_kv_tokens=self.max_num_kv_tokens,
+            memory_fraction=self.memory_fraction,
+            num_threads=num_threads,
+        )
+
+
+def resolves_to_cpu(device: str) -> bool:
+    if device == "cpu":
+        return True
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return False
+
+
+# (flag, settings field, type, help). Type "bool" is a switch, "list" a repeatable string.
+OPTIONS: list[tuple[str, str, str, str]] = [
+    ("--model", "model", "str",
+     "Checkpoint to serve: a local folder or a Hugging Face hub id of a DiffusionGemmaForBlockDiffusion model. "
+     "Default: the embedded model folder engine/default_model if present, else a tiny random test model "
+     "built once into the cache folder (its outputs are noise)."),
+    ("--served-model-name", "served_model_name", "str",
+     "Name shown by /v1/models and expected in the request's 'model' field (the --model value is accepted too). "
+     "Default: the engine's model name."),
+    ("--host", "host", "str", "Address to listen on (default 127.0.0.1; use 0.0.0.0 for all interfaces)."),
+    ("--port", "port", "int", "TCP port to listen on (default 8000)."),
+    ("--api-key", "api_keys", "list",
+     "Require 'Authorization: Bearer KEY' on /v1/*. Repeat for several keys. Also read from the environment "
+     "variable DIFFUSION_SERVER_API_KEY (comma-separated). /health and /metrics stay open."),
+    ("--config", "", "str",
+     "YAML file whose keys mirror these flags (e.g. max-num-seqs: 8 or max_num_seqs: 8; api-key may be a list). "
+     "Flags given on the command line override it."),
+    ("--dtype", "dtype", "str", "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16, float64."),
+    ("--device", "device", "str", "auto (CUDA when available, else CPU), cpu, cuda, cuda:N."),
+    ("--max-num-seqs", "max_num_seqs", "int", "Most canvases (running requests) in one decoder pass (default 16)."),
+    ("--max-waiting", "max_waiting", "int",
+     "Most requests queued beyond the running ones; past it requests get 429 with Retry-After (default 256)."),
+    ("--max-model-len", "max_model_len", "int",
+     "Context limit for prompt + max_tokens (default: the model's max_position_embeddings). Longer requests get 400."),
+    ("--max-num-kv-tokens", "max_num_kv_tokens", "int",
+     "KV-cache tokens reserved by all running requests together (default: derived from free memory at start-up)."),
+    ("--memory-fraction", "memory_fraction", "float",
+     "Fraction of free accelerator memory the engine may budget at start-up (default 0.8)."),
+    ("--num-threads", "num_threads", "int",
+     "torch intra-op threads on CPU (default 1 on CPU: OpenMP threads spin-waiting on a shared machine cost "
+     "an order of magnitude; raise it on an idle many-core host)."),
+    ("--max-request-body-bytes", "max_request_body_bytes", "int",
+     f"Largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})."),
+    ("--log-prompts", "log_prompts", "bool", "Include prompts and generated text in the per-request log lines (off by default)."),
+    ("--log-level", "log_level", "str", "Logging level: debug, info, warning, error (default info)."),
+    ("--access-log", "access_log", "bool", "Also write uvicorn's access log (one line per HTTP request; off by default)."),
+    ("--sse-ping-seconds", "sse_ping_seconds", "float",
+     "Interval of SSE keep-alive comments (': ping') on idle streams; 0 disables them (default 15)."),
+]
+
+
+def settings_field_names() -> set[str]:
+    return {f.name for f in fields(ServerSettings)}

@@ -1,0 +1,230 @@
+"""Running the engine requests of one HTTP request, and server-sent events.
+
+One HTTP request becomes one engine request per choice (``n`` times each prompt). ``ChoiceSet``
+runs them as tasks that feed one queue, so the outputs of all choices interleave in the order the
+engine produces them. Cancelling the set (client gone, error, stream closed) cancels the tasks,
+which closes the engine's generators: the engine aborts those requests and frees their slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from engine.outputs import Draft, RequestOutput
+from engine.sampling_params import SamplingParams
+
+from . import errors
+from .errors import APIError
+
+logger = logging.getLogger("server")
+
+DONE = "[DONE]"
+
+
+def _queue_full_error_type():
+    try:
+        from engine import QueueFullError
+    except ImportError:  # the engine package not built yet: nothing can raise it
+        class QueueFullError(Exception):
+            pass
+    return QueueFullError
+
+
+@dataclass
+class ChoiceSpec:
+    index: int
+    prompt_index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass
+class ChoiceResult:
+    """What one choice produced, accumulated from its outputs."""
+
+    index: int
+    text_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_denoising_steps: int = 0
+    num_canvases: int = 0
+    num_drafts: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def update(self, out: RequestOutput) -> None:
+        if out.text:
+            self.text_parts.append(out.text)
+        if out.draft is not None:
+            self.num_drafts += 1
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        self.num_generated_tokens = out.num_generated_tokens
+        self.num_denoising_steps = out.num_denoising_steps
+        self.num_canvases = out.num_canvases
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+def failure_for(out: RequestOutput) -> APIError | None:
+    """The error a finished output stands for, if any (``error`` and server-side ``abort``)."""
+    if not out.finished:
+        return None
+    if out.finish_reason == "error":
+        detail = f": {out.error}" if out.error else ""
+        return errors.internal_error(f"The engine failed while generating{detail}")
+    if out.finish_reason == "abort":
+        return errors.unavailable("The request was aborted: the server is shutting down.", "server_draining")
+    return None
+
+
+class ChoiceSet:
+    """The engine requests of one HTTP request."""
+
+    # Loop iterations ``start`` gives the tasks to reach the engine's queue (it raises
+    # QueueFullError on submission, before its first real await).
+    PRIME_ITERATIONS = 4
+
+    def __init__(self, engine, specs: list[ChoiceSpec]):
+        self.engine = engine
+        self.specs = specs
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+        self.results = {s.index: ChoiceResult(s.index) for s in specs}
+        self._submit_errors: list[BaseException] = []
+        self._QueueFull = _queue_full_error_type()
+
+    async def start(self) -> None:
+        """Submit every choice; raise a 429 ``APIError`` (and submit nothing) if the queue is full."""
+        for spec in self.specs:
+            self.tasks.append(asyncio.create_task(self._pump(spec), name=spec.request_id))
+        for _ in range(self.PRIME_ITERATIONS):
+            await asyncio.sleep(0)
+            if self._submit_errors:
+                break
+        if any(isinstance(e, self._QueueFull) for e in self._submit_errors):
+            self.cancel()
+            raise errors.queue_full()
+
+    async def _pump(self, spec: ChoiceSpec) -> None:
+        agen = self.engine.generate(spec.prompt_ids, spec.params, spec.request_id)
+        got_any = False
+        try:
+            async for out in agen:
+                got_any = True
+                self.queue.put_nowait((spec.index, out, None))
+                if out.finished:
+                    break
+            else:
+                raise RuntimeError("the engine's stream ended without a finished output")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            if not got_any:
+                self._submit_errors.append(exc)
+            self.queue.put_nowait((spec.index, None, exc))
+        finally:
+            await agen.aclose()
+
+    async def events(self):
+        """Yield ``(index, RequestOutput)`` until every choice finished; raise ``APIError`` on failure."""
+        remaining = len(self.specs)
+        while remaining:
+            index, out, exc = await self.queue.get()
+            if exc is not None:
+                if isinstance(exc, self._QueueFull):
+                    raise errors.queue_full()
+                if isinstance(exc, APIError):
+                    raise exc
+                logger.error("engine request %s failed: %r", self.specs[index].request_id, exc)
+                raise errors.internal_error()
+            self.results[index].update(out)
+            yield index, out
+            if out.finished:
+                remaining -= 1
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            if not task.done():
+                task.cancel()
+
+
+async def wait_for_disconnect(receive) -> None:
+    """Return when the client has gone (the body has already been read by then)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def collect_all(choice_set: ChoiceSet, receive) -> dict[int, ChoiceResult]:
+    """Run every choice to the end (non-streaming); abort them all if the client goes away."""
+
+    async def consume():
+        async for index, out in choice_set.events():
+            err = failure_for(out)
+            if err is not None:
+                raise err
+        return choice_set.results
+
+    consumer = asyncio.create_task(consume())
+    watcher = asyncio.create_task(wait_for_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer in done:
+            return consumer.result()
+        raise ClientDisconnected()
+    finally:
+        consumer.cancel()
+        watcher.cancel()
+        choice_set.cancel()
+
+
+def json_chunk(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def draft_extension(draft: Draft, tokenizer) -> dict:
+    """The ``diffusion`` object of a draft chunk (see the README's streaming section)."""
+    return {
+        "canvas": draft.canvas,
+        "step": draft.step,
+        "max_steps": draft.max_steps,
+        "draft": tokenizer.decode(list(draft.token_ids), skip_special_tokens=True),
+        "changed": list(draft.changed),
+        "changed_token_ids": [draft.token_ids[p] for p in draft.changed],
+    }
+
+
+class SSEResponse(EventSourceResponse):
+    """``EventSourceResponse`` with OpenAI's framing (``data: ...\\n\\n``) and a guaranteed cleanup.
+
+    ``on_close`` runs however the response ends (finished, client gone, server shutting down), even
+    when the body iterator never started, so the engine requests are always released.
+    """
+
+    def __init__(self, content, on_close, ping_seconds: float = 15.0, **kwargs):
+        super().__init__(content, sep="\n", ping=ping_seconds, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def sse(data: str) -> ServerSentEvent:
+    return ServerSentEvent(data=data, sep="\n")
