@@ -32,7 +32,9 @@ class Scheduler:
 
     # -- intake --------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.max_waiting:
+        # requests beyond the free decoder slots count against the waiting bound
+        free_slots = max(0, self.max_num_seqs - len(self.running))
+        if len(self.waiting) >= self.max_waiting + free_slots:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
         self.waiting.append(request)
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Create .venv (if needed), install the project with the right PyTorch build, then run a command.
+#   bash scripts/bootstrap.sh serve [server flags]   start the server (default model, port 8000)
+#   bash scripts/bootstrap.sh test [pytest args]     run the test suite
+#   bash scripts/bootstrap.sh install                only install
+# PyTorch: with an NVIDIA GPU (nvidia-smi works) the CUDA build from PyPI is installed; otherwise
+# the CPU build (torch==2.13.0+cpu, from the PyTorch CPU index or a local wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV=.venv
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+STAMP="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$STAMP" ]; then
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+        if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+            "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION}"
+        else
+            "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION}+cpu" \
+                --extra-index-url https://download.pytorch.org/whl/cpu
+        fi
+    fi
+    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    rm -f "$VENV"/.installed-*
+    touch "$STAMP"
+fi
+
+# Threads: see README "CPU threads". One intra-op thread unless the caller says otherwise.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+cmd="${1:-serve}"
+shift || true
+case "$cmd" in
+    serve) exec "$VENV/bin/python" -m server "$@" ;;
+    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    install) ;;
+    *) echo "usage: bash scripts/bootstrap.sh {serve|test|install} [args]" >&2; exit 2 ;;
+esac

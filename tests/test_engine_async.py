@@ -1,0 +1,103 @@
+"""The asyncio face: streamed outputs, drafts, stop strings, abort on close, queue limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from engine import AsyncEngine, EngineSettings, QueueFullError, SamplingParams
+from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny64"), TinySpec(dtype=torch.float64))
+    eng = AsyncEngine(EngineSettings(model=str(path), dtype="float64", max_num_seqs=4, max_waiting=4))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+async def _collect(engine, prompt_ids, params, rid):
+    return [out async for out in engine.generate(prompt_ids, params, rid)]
+
+
+def test_stream_text_drafts_and_counts(engine):
+    tok = engine.tokenizer
+    prompt = tok("hello").input_ids
+    params = SamplingParams(max_tokens=40, seed=11, max_denoising_steps=4, ignore_eos=True, stream_drafts=True)
+    outs = asyncio.run(_collect(engine, prompt, params, "s1"))
+    tokens = [t for o in outs for t in o.token_ids]
+    assert len(tokens) == 40 and outs[-1].finish_reason == "length"
+    assert "".join(o.text for o in outs) == tok.decode(tokens, skip_special_tokens=True)
+    drafts = [o.draft for o in outs if o.draft is not None]
+    assert [(d.canvas, d.step) for d in drafts] == [(c, s) for c in range(3) for s in range(1, 5)]
+    # the last draft of each canvas is what it commits (before the length trim)
+    commits = [o.token_ids for o in outs if o.token_ids]
+    for canvas, committed in enumerate(commits):
+        last = [d for d in drafts if d.canvas == canvas][-1]
+        assert last.token_ids[: len(committed)] == committed
+    # `changed` lists exactly the positions that differ from the previous draft
+    for prev, cur in zip(drafts, drafts[1:]):
+        if cur.canvas == prev.canvas:
+            assert cur.changed == tuple(i for i in range(16) if cur.token_ids[i] != prev.token_ids[i])
+    assert outs[-1].num_generated_tokens == 40 and outs[-1].num_canvases == 3
+
+
+def test_stop_string_cuts_text_and_counts_tokens(engine):
+    tok = engine.tokenizer
+    prompt = tok("stop here").input_ids
+    base = SamplingParams(max_tokens=32, seed=5, max_denoising_steps=3, ignore_eos=True)
+    full = asyncio.run(_collect(engine, prompt, base, "free"))
+    text = "".join(o.text for o in full)
+    tokens = [t for o in full for t in o.token_ids]
+    stop = text[20:22]
+    assert stop and text.find(stop) >= 1
+    cut = text.find(stop)
+    outs = asyncio.run(_collect(engine, prompt, SamplingParams(**{**base.__dict__, "stop": (stop,)}), "stopped"))
+    assert "".join(o.text for o in outs) == text[:cut]
+    assert outs[-1].finish_reason == "stop"
+    n = outs[-1].num_generated_tokens
+    assert stop in tok.decode(tokens[:n]) and stop not in tok.decode(tokens[: n - 1])
+
+
+def test_closing_the_stream_aborts_the_request(engine):
+    tok = engine.tokenizer
+    prompt = tok("long one").input_ids
+    params = SamplingParams(max_tokens=160, seed=1, max_denoising_steps=8, ignore_eos=True, stream_drafts=True)
+
+    async def first_then_leave():
+        gen = engine.generate(prompt, params, "leaver")
+        first = await gen.__anext__()
+        await gen.aclose()
+        return first
+
+    first = asyncio.run(first_then_leave())
+    assert first.draft is not None
+
+    async def wait_idle():
+        for _ in range(200):
+            if engine.num_live_states() == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert asyncio.run(wait_idle())
+
+
+def test_queue_full_is_raised_before_any_output(engine):
+    tok = engine.tokenizer
+    prompt = tok("q").input_ids
+    params = SamplingParams(max_tokens=64, max_denoising_steps=8, ignore_eos=True)
+
+    async def flood():
+        tasks = [asyncio.create_task(_collect(engine, prompt, params, f"f{i}")) for i in range(12)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(flood())
+    rejected = [r for r in results if isinstance(r, QueueFullError)]
+    served = [r for r in results if isinstance(r, list)]
+    assert len(rejected) == 4 and len(served) == 8  # 4 running + 4 waiting
+    assert [(r[-1].finish_reason, r[-1].num_generated_tokens) for r in served] == [("length", 64)] * 8

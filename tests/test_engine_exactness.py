@@ -1,0 +1,89 @@
+"""A request with seed s yields exactly what transformers' generate gives at batch 1 (CPU, float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from tests.engine_helpers import make_core, reference_tokens, run_to_completion
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny64"), TinySpec(dtype=torch.float64))
+    return make_core(path, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def tok(core):
+    return core.loaded.tokenizer
+
+
+PROMPTS = [
+    "hello world",
+    "a",
+    "The quick brown fox jumps over the lazy dog; the sliding window is 24 tokens wide.",  # longer than the window
+]
+
+PARAMS = [
+    SamplingParams(max_tokens=16),  # exactly one canvas, checkpoint defaults
+    SamplingParams(max_tokens=40),  # three canvases, the last trimmed
+    SamplingParams(max_tokens=53, max_denoising_steps=5, entropy_bound=0.5, t_min=0.2, t_max=1.5),
+    # early stopping: a lax confidence threshold lets stable canvases leave before N steps
+    # (near-greedy temperatures make the random model's drafts settle; see test_early_stopping_really_happens)
+    SamplingParams(max_tokens=48, max_denoising_steps=12, stability_threshold=1, confidence_threshold=100.0,
+                   entropy_bound=1000.0, t_min=0.01, t_max=0.02),
+    SamplingParams(max_tokens=33, max_denoising_steps=6, stability_threshold=0, confidence_threshold=100.0),
+    SamplingParams(max_tokens=35, max_denoising_steps=16, stability_threshold=2, confidence_threshold=100.0,
+                   entropy_bound=1000.0, t_min=0.005, t_max=0.01),
+]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"max{p.max_tokens}-N{p.max_denoising_steps}")
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["short", "one-token", "long"])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_matches_generate_at_batch_one(core, tok, prompt, params, seed):
+    prompt_ids = tok(prompt).input_ids
+    expected = reference_tokens(core.loaded.model, prompt_ids, seed, core.resolve(prompt_ids, params))
+    got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
+    assert got["tokens"] == expected
+    assert got["finish_reason"] == ("stop" if len(expected) < params.max_tokens else "length")
+
+
+def test_early_stopping_really_happens(core, tok):
+    """The early-stopping parameter sets above do stop canvases early (so the exactness test covers it)."""
+    prompt_ids = tok("hello world").input_ids
+    for params in (PARAMS[3], PARAMS[5]):
+        got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": 0, "ignore_eos": True}))])["r"]
+        last = got["outputs"][-1]
+        canvases = -(-params.max_tokens // 16)
+        assert last.num_canvases == canvases
+        assert last.num_denoising_steps < canvases * params.max_denoising_steps
+        # stability k needs k+1 equal drafts in a row
+        assert last.num_denoising_steps >= canvases * (params.stability_threshold + 1)
+
+
+def test_eos_inside_a_canvas(core, tok):
+    """Pick a token the reference emits mid-way through the second canvas and make it the eos."""
+    prompt_ids = tok("hello world").input_ids
+    base = SamplingParams(max_tokens=48, eos_token_ids=(1,), seed=3)
+    free_run = reference_tokens(core.loaded.model, prompt_ids, 3, core.resolve(prompt_ids, base))
+    assert len(free_run) == 48
+    position = next(i for i in range(20, 28) if free_run[i] not in free_run[:i])
+    params = SamplingParams(max_tokens=48, eos_token_ids=(free_run[position],), seed=3)
+    expected = reference_tokens(core.loaded.model, prompt_ids, 3, core.resolve(prompt_ids, params))
+    assert len(expected) == position + 1
+    got = run_to_completion(core, [("r", prompt_ids, params)])["r"]
+    assert got["tokens"] == expected
+    assert got["finish_reason"] == "stop"
+    assert got["outputs"][-1].num_canvases == 2
+
+
+def test_max_tokens_not_a_multiple_of_the_canvas(core, tok):
+    prompt_ids = tok("hello").input_ids
+    got = run_to_completion(core, [("r", prompt_ids, SamplingParams(max_tokens=21, seed=5, ignore_eos=True))])["r"]
+    assert len(got["tokens"]) == 21
+    assert got["finish_reason"] == "length"
+    assert got["outputs"][-1].num_generated_tokens == 21

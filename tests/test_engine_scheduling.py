@@ -1,0 +1,148 @@
+"""Batch invariance, first-done-first-out, abort and leaks, parameter validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import InvalidRequestError, SamplingParams
+from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from tests.engine_helpers import make_core, run_to_completion
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny64"), TinySpec(dtype=torch.float64))
+    return make_core(path, max_num_seqs=6)
+
+
+def _requests(tok):
+    """Requests of different prompt lengths, step counts, temperatures and lengths."""
+    return [
+        ("a", tok("hello world").input_ids, SamplingParams(max_tokens=40, seed=1)),
+        ("b", tok("x").input_ids, SamplingParams(max_tokens=16, seed=2, max_denoising_steps=3)),
+        ("c", tok("a much longer prompt that crosses the sliding window of the tiny model").input_ids,
+         SamplingParams(max_tokens=50, seed=3, max_denoising_steps=6, t_min=0.2, t_max=1.2)),
+        ("d", tok("early stopper").input_ids,
+         SamplingParams(max_tokens=48, seed=4, max_denoising_steps=12, entropy_bound=1000.0, t_min=0.01, t_max=0.02,
+                        stability_threshold=1, confidence_threshold=100.0)),
+    ]
+
+
+def _alone(core, requests):
+    return {rid: run_to_completion(core, [(rid, p, sp)])[rid]["tokens"] for rid, p, sp in requests}
+
+
+def test_batch_invariance_together_staggered_and_mixed(core):
+    tok = core.loaded.tokenizer
+    requests = _requests(tok)
+    alone = _alone(core, requests)
+    assert all(alone.values())
+
+    together = run_to_completion(core, requests)
+    assert {rid: r["tokens"] for rid, r in together.items()} == alone
+
+    staggered = run_to_completion(core, requests, arrivals={"a": 0, "b": 2, "c": 5, "d": 9})
+    assert {rid: r["tokens"] for rid, r in staggered.items()} == alone
+
+    noise = [
+        (f"n{i}", tok("noise " * (i + 1)).input_ids,
+         SamplingParams(max_tokens=16 * (1 + i % 3), seed=100 + i, max_denoising_steps=2 + i, entropy_bound=0.05 * (i + 1)))
+        for i in range(5)
+    ]
+    mixed = run_to_completion(core, noise + requests, arrivals={"n0": 0, "a": 1, "n1": 1, "b": 3, "n2": 4, "c": 4, "d": 7})
+    assert {rid: mixed[rid]["tokens"] for rid in alone} == alone
+
+
+def test_first_done_first_out_and_mid_flight_admission(core):
+    tok = core.loaded.tokenizer
+    prompt = tok("fdfo").input_ids
+    fast = SamplingParams(max_tokens=16, seed=1, max_denoising_steps=2, ignore_eos=True)
+    slow = SamplingParams(max_tokens=16, seed=2, max_denoising_steps=10, ignore_eos=True)
+    late = SamplingParams(max_tokens=16, seed=3, max_denoising_steps=2, ignore_eos=True, stream_drafts=True)
+    res = run_to_completion(core, [("fast", prompt, fast), ("slow", prompt, slow), ("late", prompt, late)],
+                            arrivals={"fast": 0, "slow": 0, "late": 3})
+    # pass numbers are 1-based: fast needs 2 decoder steps, slow needs 10
+    assert res["fast"]["finished_pass"] == 2
+    assert res["slow"]["finished_pass"] == 10
+    # late arrives after pass 3, takes its first step in pass 4 while slow is still denoising
+    assert res["late"]["first_pass"] == 4
+    assert res["late"]["finished_pass"] == 5 < res["slow"]["finished_pass"]
+
+
+def test_abort_frees_within_one_pass(core):
+    tok = core.loaded.tokenizer
+    prompt = tok("abort me").input_ids
+    params = SamplingParams(max_tokens=64, seed=0, max_denoising_steps=8, ignore_eos=True)
+    core.add_request("victim", prompt, core.resolve(prompt, params))
+    core.add_request("other", prompt, core.resolve(prompt, params))
+    core.step()
+    core.step()
+    assert core.runner.num_live_states() == 2
+    out = core.abort_request("victim")
+    assert out.finished and out.finish_reason == "abort"
+    assert core.num_running == 1
+    core.step()  # the next pass releases the victim's KV and canvas
+    assert core.runner.num_live_states() == 1 and len(core.runner.kv) == 1
+    assert core.abort_request("victim") is None  # idempotent
+    core.abort_request("other")
+    core.step()
+    assert core.num_live_states() == 0
+
+
+def test_no_leak_after_a_thousand_requests(core):
+    tok = core.loaded.tokenizer
+    prompts = [tok(f"r{i}").input_ids for i in range(7)]
+    added = 0
+    passes = 0
+    finished = 0
+    while finished < 1000:
+        while added < 1000 and core.num_waiting < 8:
+            p = prompts[added % 7]
+            params = SamplingParams(max_tokens=8 + added % 20, seed=added, max_denoising_steps=1 + added % 3)
+            core.add_request(f"q{added}", p, core.resolve(p, params))
+            added += 1
+        for out in core.step():
+            finished += out.finished
+        passes += 1
+        if passes % 5 == 0 and core.num_running:  # abort some mid-flight
+            out = core.abort_request(core.scheduler.running[0].request_id)
+            finished += out is not None
+    core.step()
+    assert core.num_live_states() == 0
+    assert core.scheduler.reserved_kv_tokens == 0
+
+
+BAD = [
+    (dict(max_denoising_steps=0), "max_denoising_steps"),
+    (dict(max_denoising_steps=-3), "max_denoising_steps"),
+    (dict(t_min=0.9, t_max=0.5), "t_max"),
+    (dict(t_min=0.5, t_max=0.5), "t_max"),
+    (dict(t_min=-0.1), "t_min"),
+    (dict(entropy_bound=0.0), "entropy_bound"),
+    (dict(entropy_bound=-1.0), "entropy_bound"),
+    (dict(entropy_bound=float("nan")), "entropy_bound"),
+    (dict(confidence_threshold=0.0), "confidence_threshold"),
+    (dict(stability_threshold=-1), "stability_threshold"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=5000), "max_tokens"),  # over the 4096 context
+    (dict(eos_token_ids=(10**6,)), "eos_token_ids"),
+]
+
+
+@pytest.mark.parametrize("overrides,param", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_parameters_rejected_before_work(core, overrides, param):
+    prompt = core.loaded.tokenizer("hi").input_ids
+    before = core.scheduler.pass_index
+    with pytest.raises(InvalidRequestError) as info:
+        core.resolve(prompt, SamplingParams(**overrides))
+    assert info.value.param == param
+    assert info.value.message
+    assert core.scheduler.pass_index == before and not core.has_work()
+
+
+@pytest.mark.parametrize("prompt", [[5, 10**6], [-1, 5], []])
+def test_bad_prompt_tokens_rejected(core, prompt):
+    with pytest.raises(InvalidRequestError) as info:
+        core.resolve(prompt, SamplingParams())
+    assert info.value.param == "prompt"
