@@ -72,6 +72,16 @@ def apply_template(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], st
 
 async def create_chat_completion(request: Request):
     state = request.app.state.server
+    request_id = new_request_id("chatcmpl")
+    log = RequestLog(request_id, "chat", state.settings.log_prompts)
+    try:
+        return await _create_chat_completion(request, state, request_id, log)
+    except APIError as exc:
+        log.finish(exc.status, note=exc.code or exc.type)
+        raise
+
+
+async def _create_chat_completion(request: Request, state, request_id: str, log: RequestLog):
     req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
@@ -81,19 +91,13 @@ async def create_chat_completion(request: Request):
         tools=(bool(req.tools), "tools (function calling) are not supported by this server."),
         response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
     )
-    request_id = new_request_id("chatcmpl")
-    log = RequestLog(request_id, "chat", state.settings.log_prompts)
     prompt_ids, prompt_text = await asyncio.to_thread(apply_template, engine.tokenizer, req) if len(req.messages) > 64 else apply_template(engine.tokenizer, req)
     log.prompt_text = prompt_text if state.settings.log_prompts else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     specs = make_specs(engine, [prompt_ids], req, max_tokens, request_id)
 
     choice_set = ChoiceSet(engine, specs)
-    try:
-        await choice_set.start()
-    except APIError as exc:
-        log.finish(exc.status, note=exc.code or "")
-        raise
+    await choice_set.start()
     created = int(time.time())
     base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
 

@@ -58,6 +58,16 @@ async def tokenize_prompts(tokenizer, prompt) -> tuple[list[list[int]], list[str
 
 async def create_completion(request: Request):
     state = request.app.state.server
+    request_id = new_request_id("cmpl")
+    log = RequestLog(request_id, "completions", state.settings.log_prompts)
+    try:
+        return await _create_completion(request, state, request_id, log)
+    except APIError as exc:
+        log.finish(exc.status, note=exc.code or exc.type)
+        raise
+
+
+async def _create_completion(request: Request, state, request_id: str, log: RequestLog):
     req: CompletionRequest = await parse_body(request, CompletionRequest)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
@@ -66,8 +76,6 @@ async def create_completion(request: Request):
         suffix=(bool(req.suffix), "suffix is not supported by this server."),
         best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."),
     )
-    request_id = new_request_id("cmpl")
-    log = RequestLog(request_id, "completions", state.settings.log_prompts)
     prompts, texts = await tokenize_prompts(engine.tokenizer, req.prompt)
     specs = make_specs(engine, prompts, req, req.max_tokens, request_id)
     if state.settings.log_prompts:
@@ -79,11 +87,7 @@ async def create_completion(request: Request):
             echo_texts[s.index] = t if t is not None else engine.tokenizer.decode(s.prompt_ids)
 
     choice_set = ChoiceSet(engine, specs)
-    try:
-        await choice_set.start()
-    except APIError as exc:
-        log.finish(exc.status, note=exc.code or "")
-        raise
+    await choice_set.start()
     created = int(time.time())
     base = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}
 
