@@ -1,0 +1,219 @@
+"""Raw server-sent events: exact frame sequences, draft chunks, and curl."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import httpx
+import pytest
+
+from engine.tiny_checkpoint import END_OF_TURN_ID, EOS_ID
+
+CANVAS = 16
+EOS_IDS = {EOS_ID, END_OF_TURN_ID}
+
+
+def post_stream(live_server, path: str, body: dict) -> httpx.Response:
+    r = httpx.post(live_server.base_url + path, json=body, headers=live_server.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    return r
+
+
+def test_completion_default_stream_frames(live_server, server_sse):
+    body = {"model": live_server.model_name, "prompt": "Once upon", "max_tokens": 40, "seed": 12, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    r = post_stream(live_server, "/completions", body)
+    frames = server_sse.parse_json(r.content)
+    assert frames[-1] == "[DONE]"
+    *chunks, finish, usage_chunk, _ = frames
+    ids = {c["id"] for c in frames[:-1]}
+    assert len(ids) == 1 and next(iter(ids)).startswith("cmpl-")
+    for c in frames[:-1]:
+        assert c["object"] == "text_completion" and c["model"] == live_server.model_name
+    assert chunks, "no text chunks"
+    for c in chunks:
+        (choice,) = c["choices"]
+        assert choice["index"] == 0 and choice["finish_reason"] is None and choice["text"] != ""
+        assert "diffusion" not in choice
+    (fc,) = finish["choices"]
+    assert fc == {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+    assert usage_chunk["choices"] == []
+    u = usage_chunk["usage"]
+    assert u["completion_tokens"] == 40 and u["prompt_tokens"] == len("Once upon")
+    assert u["total_tokens"] == u["prompt_tokens"] + 40 and u["canvases"] == 3
+    full = httpx.post(live_server.base_url + "/completions", json={**body, "stream": False}, headers=live_server.headers,
+                      timeout=60).json()
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
+    assert full["usage"] == u
+
+
+def test_chat_default_stream_frames_without_usage(live_server, server_sse):
+    body = {"model": live_server.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24,
+            "seed": 3, "stream": True}
+    frames = server_sse.parse_json(post_stream(live_server, "/chat/completions", body).content)
+    role, *chunks, finish, done = frames
+    assert done == "[DONE]"
+    assert role["object"] == "chat.completion.chunk"
+    assert role["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+    for c in chunks:
+        (choice,) = c["choices"]
+        assert set(choice["delta"]) == {"content"} and choice["delta"]["content"] and choice["finish_reason"] is None
+    (fc,) = finish["choices"]
+    assert fc["delta"] == {} and fc["finish_reason"] in ("stop", "length")
+    assert all("usage" not in c for c in frames[:-1])
+
+
+def reconstruct_canvases(draft_exts: list[dict], max_steps: int) -> list[list[int]]:
+    """Check the draft sequence of one choice and return each canvas's last draft (token ids)."""
+    canvases: dict[int, list[dict]] = {}
+    for ext in draft_exts:
+        canvases.setdefault(ext["canvas"], []).append(ext)
+    assert sorted(canvases) == list(range(len(canvases))), "canvases must be numbered 0, 1, 2, ..."
+    last = []
+    order = [e["canvas"] for e in draft_exts]
+    assert order == sorted(order), "a canvas's drafts must all come before the next canvas's"
+    for k in sorted(canvases):
+        steps = canvases[k]
+        assert [e["step"] for e in steps] == list(range(1, len(steps) + 1)), f"canvas {k}: missing steps"
+        assert all(e["max_steps"] == max_steps for e in steps)
+        assert len(steps) <= max_steps
+        tokens = [None] * CANVAS
+        for i, e in enumerate(steps):
+            if i == 0:
+                assert sorted(e["changed"]) == list(range(CANVAS)), "the first draft of a canvas lists every position"
+            assert len(e["changed"]) == len(e["changed_token_ids"])
+            for pos, tok in zip(e["changed"], e["changed_token_ids"]):
+                assert tokens[pos] != tok or i == 0, "changed lists only positions that changed"
+                tokens[pos] = tok
+            assert isinstance(e["draft"], str)
+        last.append(tokens)
+    return last
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("seed,ignore_eos,max_tokens", [(5, True, 40), (6, False, 64), (8, False, 64), (31, True, 16)])
+def test_draft_stream(live_server, server_sse, endpoint, seed, ignore_eos, max_tokens):
+    """Every step of every canvas arrives as a draft chunk; the last draft of a canvas is what it commits."""
+    steps = 6
+    body = {"model": live_server.model_name, "max_tokens": max_tokens, "seed": seed, "stream": True,
+            "stream_drafts": True, "ignore_eos": ignore_eos, "max_denoising_steps": steps,
+            "stream_options": {"include_usage": True}}
+    if endpoint == "chat":
+        path, body["messages"] = "/chat/completions", [{"role": "user", "content": "draw"}]
+    else:
+        path, body["prompt"] = "/completions", "draw"
+    frames = server_sse.parse_json(post_stream(live_server, path, body).content)
+    assert frames[-1] == "[DONE]"
+    usage = frames[-2]["usage"]
+    assert frames[-2]["choices"] == []
+    exts, text, finish = [], "", None
+    for c in frames[:-2]:
+        (choice,) = c["choices"]
+        if "diffusion" in choice:
+            exts.append(choice["diffusion"])
+            assert choice["finish_reason"] is None
+            assert (choice["delta"] == {}) if endpoint == "chat" else (choice["text"] == "")
+        else:
+            text += choice["delta"].get("content", "") if endpoint == "chat" else choice["text"]
+            finish = choice["finish_reason"] or finish
+    last_drafts = reconstruct_canvases(exts, steps)
+    assert len(last_drafts) == usage["canvases"]
+    assert len(exts) == usage["denoising_steps"]
+    committed = [t for canvas in last_drafts for t in canvas]
+    # trim like the engine: the first max_tokens tokens, cut after the first eos
+    committed = committed[:max_tokens]
+    expected_finish = "length"
+    if not ignore_eos:
+        for i, t in enumerate(committed):
+            if t in EOS_IDS:
+                committed = committed[: i + 1]
+                expected_finish = "stop"
+                break
+    assert usage["completion_tokens"] == len(committed)
+    assert finish == expected_finish
+    # byte tokenizer: id = byte + 5; special tokens (< 5) are not text
+    expected_text = bytes(t - 5 for t in committed if t >= 5).decode("utf-8", errors="replace")
+    assert text == expected_text
+    # the same request without drafts streams the same text
+    plain = {**body, "stream_drafts": False}
+    plain_frames = server_sse.parse_json(post_stream(live_server, path, plain).content)
+    plain_text = "".join(
+        (c["choices"][0]["delta"].get("content", "") if endpoint == "chat" else c["choices"][0]["text"])
+        for c in plain_frames[:-2]
+    )
+    assert plain_text == text
+    assert plain_frames[-2]["usage"] == usage
+
+
+def test_draft_chunk_draft_text_is_the_canvas(live_server, server_sse):
+    body = {"model": live_server.model_name, "prompt": "a", "max_tokens": 16, "seed": 2, "stream": True,
+            "stream_drafts": True, "ignore_eos": True}
+    frames = server_sse.parse_json(post_stream(live_server, "/completions", body).content)
+    exts = [c["choices"][0]["diffusion"] for c in frames[:-1] if "diffusion" in c["choices"][0]]
+    tokens = [None] * CANVAS
+    for e in exts:
+        for pos, tok in zip(e["changed"], e["changed_token_ids"]):
+            tokens[pos] = tok
+        assert e["draft"] == bytes(t - 5 for t in tokens if t >= 5).decode("utf-8", errors="replace")
+
+
+def test_n2_stream_interleaves_valid_choices(live_server, server_sse):
+    body = {"model": live_server.model_name, "prompt": "zz", "n": 2, "max_tokens": 20, "seed": 40, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    frames = server_sse.parse_json(post_stream(live_server, "/completions", body).content)
+    texts = {0: "", 1: ""}
+    finishes = {}
+    for c in frames[:-2]:
+        (choice,) = c["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            assert choice["index"] not in finishes
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert finishes == {0: "length", 1: "length"}
+    assert frames[-2]["usage"]["completion_tokens"] == 40
+    full = httpx.post(live_server.base_url + "/completions", json={**body, "stream": False}, headers=live_server.headers,
+                      timeout=60).json()
+    assert [c["text"] for c in full["choices"]] == [texts[0], texts[1]]
+
+
+def curl_examples(live_server) -> list[tuple[list[str], str]]:
+    """The README's curl examples, pointed at the live server: (argv, kind)."""
+    auth = ["-H", f"Authorization: Bearer {live_server.api_key}"]
+    json_h = ["-H", "Content-Type: application/json"]
+    m = live_server.model_name
+    return [
+        (["curl", "-sS", *auth, live_server.base_url + "/models"], "json"),
+        (["curl", "-sS", *auth, *json_h, live_server.base_url + "/completions",
+          "-d", json.dumps({"model": m, "prompt": "Once upon a time", "max_tokens": 32, "seed": 1})], "json"),
+        (["curl", "-sS", "-N", *auth, *json_h, live_server.base_url + "/chat/completions",
+          "-d", json.dumps({"model": m, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32,
+                            "stream": True, "stream_options": {"include_usage": True}})], "sse"),
+        (["curl", "-sS", "-N", *auth, *json_h, live_server.base_url + "/completions",
+          "-d", json.dumps({"model": m, "prompt": "Once upon a time", "max_tokens": 32, "stream": True,
+                            "stream_drafts": True, "max_denoising_steps": 8})], "sse"),
+        (["curl", "-sS", live_server.url + "/health"], "json"),
+        (["curl", "-sS", live_server.url + "/metrics"], "text"),
+    ]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_examples(live_server, server_sse):
+    for argv, kind in curl_examples(live_server):
+        out = subprocess.run(argv, capture_output=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        if kind == "json":
+            data = json.loads(out.stdout)
+            assert "error" not in data
+        elif kind == "sse":
+            frames = server_sse.parse_json(out.stdout)
+            assert frames[-1] == "[DONE]" and len(frames) >= 3
+        else:
+            assert b"diffusion_server:num_requests_running" in out.stdout
+    # curl -d without a Content-Type header (form encoding) is still read as JSON
+    out = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {live_server.api_key}",
+                          live_server.base_url + "/completions", "-d",
+                          json.dumps({"prompt": "hi", "max_tokens": 4})], capture_output=True, timeout=60)
+    assert json.loads(out.stdout)["object"] == "text_completion"
