@@ -20,6 +20,7 @@ from .core import EngineCore
 from .detokenizer import IncrementalDetokenizer
 from .loader import load_model
 from .memory import derive_kv_budget, plan_memory
+from .sampler import tile_rows_for
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import QueueFullError
@@ -43,7 +44,7 @@ class AsyncEngine:
         max_model_len = settings.max_model_len or text_config.max_position_embeddings
         self.memory_plan = plan_memory(
             text_config, loaded.model.config.canvas_length, loaded.dtype,
-            tile_rows=settings.sampling_tile_rows, max_num_seqs=settings.max_num_seqs,
+            tile_rows=tile_rows_for(settings.sampling_tile_bytes, loaded.model.config.canvas_length, text_config.vocab_size), max_num_seqs=settings.max_num_seqs,
         )
         kv_budget = settings.max_num_kv_tokens
         if kv_budget is None:

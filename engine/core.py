@@ -32,7 +32,7 @@ class EngineCore:
         self.max_model_len = settings.max_model_len or config.text_config.max_position_embeddings
         self.defaults = loaded.defaults
         self.runner = ModelRunner(
-            loaded, sampling_tile_rows=settings.sampling_tile_rows, max_encoder_tokens=settings.max_encoder_tokens
+            loaded, sampling_tile_bytes=settings.sampling_tile_bytes, max_encoder_tokens=settings.max_encoder_tokens
         )
         kv_budget = max_num_kv_tokens if max_num_kv_tokens is not None else settings.max_num_kv_tokens
         self.max_num_kv_tokens = kv_budget if kv_budget is not None else self.max_model_len * settings.max_num_seqs
@@ -122,6 +122,7 @@ class EngineCore:
                 num_waiting=self.num_waiting,
                 seconds=time.perf_counter() - t0,
                 forward_seconds=result.forward_seconds,
+                sampling_seconds=result.sampling_seconds,
             )
         )
         return final

@@ -13,7 +13,7 @@ import torch
 
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
-from .sampler import RowParams, denoise_tile
+from .sampler import RowParams, denoise_tile, tile_rows_for
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 
@@ -29,7 +29,7 @@ class RowState:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, *, sampling_tile_rows: int = 4, max_encoder_tokens: int = 8192):
+    def __init__(self, loaded: LoadedModel, *, sampling_tile_bytes: int = 512 * 2**20, max_encoder_tokens: int = 8192):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -41,7 +41,7 @@ class ModelRunner:
         self.num_layers = self.text_config.num_hidden_layers
         self.sliding_window = self.text_config.sliding_window
         self.softcap = self.text_config.final_logit_softcapping
-        self.sampling_tile_rows = max(1, sampling_tile_rows)
+        self.sampling_tile_rows = tile_rows_for(sampling_tile_bytes, self.canvas_length, self.vocab_size)
         self.max_encoder_tokens = max_encoder_tokens
         self.eager_masks = self.model.config._attn_implementation == "eager"
         self.kv = KVCacheManager(self.layer_types, self.sliding_window, self.device, self.dtype)
@@ -51,6 +51,7 @@ class ModelRunner:
         ]
         self.rows: dict[str, RowState] = {}
         self._forward_seconds = 0.0
+        self._sampling_seconds = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
     def num_live_states(self) -> int:
@@ -69,13 +70,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         self._forward_seconds = 0.0
+        self._sampling_seconds = 0.0
         for rid in plan.free:
             self.free(rid)
         for row in plan.new:
             self._add(row)
         encoder_tokens = self._encode(plan.encode) if plan.encode else 0
         decode = self._decode(plan.decode) if plan.decode else []
-        return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds)
+        return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds,
+                          sampling_seconds=self._sampling_seconds)
 
     # -- masks ---------------------------------------------------------------------------------
     def _finish_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -172,7 +175,8 @@ class ModelRunner:
             logits = self.model.lm_head(hidden[tile]).to(torch.float32)
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            self._forward_seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self._forward_seconds += t1 - t0
             out = denoise_tile(
                 logits,
                 torch.stack([s.canvas for s in tile_states]),
@@ -182,10 +186,14 @@ class ModelRunner:
                 ],
                 [s.generator for s in tile_states],
             )
-            # Self-conditioning input of the next step, as soft embeddings [n, C, hidden] (not [n, C, V] logits).
+            self._sampling_seconds += time.perf_counter() - t1
+            # Self-conditioning input of the next step, as soft embeddings [n, C, hidden] (not [n, C, V] logits);
+            # transformers computes the same product inside the decoder's forward.
+            t0 = time.perf_counter()
             sc = out.scaled_logits.to(embed.weight.dtype)
             soft = torch.matmul(sc.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype), embed.weight)
             soft = soft * embed.embed_scale.to(embed.weight.dtype)
+            self._forward_seconds += time.perf_counter() - t0
             for i, (w, st) in enumerate(zip(tile_work, tile_states)):
                 argmax = out.argmax[i]
                 stable = all(torch.equal(h, argmax) for h in st.history) and len(st.history) == st.stability_threshold

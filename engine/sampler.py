@@ -13,6 +13,15 @@ from dataclasses import dataclass
 import torch
 
 
+SAMPLING_FP32_COPIES = 5  # logits, scaled logits, probs, entropy work, self-conditioning softmax
+
+
+def tile_rows_for(budget_bytes: int, canvas_length: int, vocab_size: int) -> int:
+    """Rows per sampling tile so that the fp32 [rows, canvas, vocab] transient stays within budget."""
+    per_row = SAMPLING_FP32_COPIES * canvas_length * vocab_size * 4
+    return max(1, budget_bytes // per_row)
+
+
 def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int, device) -> torch.Tensor:
     """Temperature at step ``cur_step`` (N..1, steps *remaining*), computed as transformers does (fp32)."""
     step = torch.tensor(cur_step, device=device, dtype=torch.int32)
@@ -60,9 +69,9 @@ def denoise_tile(
     sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
     cumulative = torch.cumsum(sorted_entropy, dim=-1)
     # Accept the k lowest-entropy positions whose entropy sum minus the largest stays within the bound.
-    # (Compared against Python floats row by row, exactly as the reference rounds the bound.)
-    excess = cumulative - sorted_entropy
-    sorted_accept = torch.stack([excess[i] <= r.entropy_bound for i, r in enumerate(rows)])
+    # (The reference compares with a Python float, which torch rounds to the tensor's fp32 first.)
+    bounds = torch.tensor([r.entropy_bound for r in rows], device=device, dtype=cumulative.dtype).view(n, 1)
+    sorted_accept = cumulative - sorted_entropy <= bounds
     accept = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
 
     noise = torch.stack(
@@ -70,6 +79,7 @@ def denoise_tile(
     )
     next_canvas = torch.where(accept, sampled, noise)
 
-    confident = torch.stack([entropy[i].mean(dim=-1) < r.confidence_threshold for i, r in enumerate(rows)])
+    thresholds = torch.tensor([r.confidence_threshold for r in rows], device=device, dtype=entropy.dtype)
+    confident = entropy.mean(dim=-1) < thresholds
     del current_canvas  # every position is re-decided: accepted take the sample, the rest fresh noise
     return TileResult(next_canvas=next_canvas, argmax=argmax, confident=confident, scaled_logits=scaled)

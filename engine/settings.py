@@ -18,8 +18,9 @@ class EngineSettings:
     max_num_kv_tokens: KV tokens (full-attention layers) reserved by all running requests together;
         ``None`` derives it from free memory at start-up (``memory_fraction`` of it).
     max_encoder_tokens: padded tokens in one batched encoder call (prefill and commits); larger work is split.
-    sampling_tile_rows: canvas rows processed at once by the lm head and the sampler; bounds the
-        [rows, canvas, vocab] fp32 transient.
+    sampling_tile_bytes: bound on the sampling transient: canvases are put through the lm head and
+        the sampler in tiles of as many rows as fit (about 5 fp32 copies of [rows, canvas, vocab]);
+        at least one row per tile.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     """
 
@@ -32,6 +33,6 @@ class EngineSettings:
     max_num_kv_tokens: int | None = None
     memory_fraction: float = 0.8
     max_encoder_tokens: int = 8192
-    sampling_tile_rows: int = 4
+    sampling_tile_bytes: int = 512 * 2**20
     num_threads: int | None = None
     experts_implementation: str | None = None  # None: transformers' default (eager for float64)

@@ -19,6 +19,7 @@ class PassStats:
     num_waiting: int
     seconds: float  # wall time of the whole pass
     forward_seconds: float  # wall time inside model forward calls
+    sampling_seconds: float = 0.0  # wall time in the sampler (softmax, draws, entropy, acceptance)
 
 
 @dataclass(frozen=True)

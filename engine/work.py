@@ -60,4 +60,5 @@ class DecodeResult:
 class StepResult:
     decode: list[DecodeResult] = field(default_factory=list)
     encoder_tokens: int = 0
-    forward_seconds: float = 0.0
+    forward_seconds: float = 0.0  # encoder, decoder layers, lm head, self-conditioning product
+    sampling_seconds: float = 0.0  # the sampler's own math and random draws (generate() does the same)

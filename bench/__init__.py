@@ -1,0 +1,1 @@
+"""Benchmarks: committed tokens/s through the HTTP API against transformers' own generate."""

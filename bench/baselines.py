@@ -1,0 +1,49 @@
+"""Baselines: transformers' own ``model.generate``, one request at a time and as static batches."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .workload import WorkItem
+
+
+def _generate(model, batch: list[WorkItem], pad_id: int) -> None:
+    width = max(len(it.prompt_ids) for it in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, it in enumerate(batch):
+        ids[row, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
+        mask[row, width - len(it.prompt_ids):] = 1
+    kwargs = dict(
+        max_new_tokens=max(it.max_tokens for it in batch),  # a static batch runs as long as its longest member
+        max_denoising_steps=batch[0].max_denoising_steps,
+        eos_token_id=None,  # fixed-length outputs, as the engine runs them with ignore_eos
+    )
+    if len(batch) > 1:
+        kwargs["attention_mask"] = mask
+    torch.manual_seed(batch[0].seed)
+    with torch.inference_mode():
+        model.generate(ids.to(model.device), **kwargs)
+
+
+def one_at_a_time(model, items: list[WorkItem], pad_id: int) -> dict:
+    """Committed tokens/s when requests run alone, one after another."""
+    t0 = time.perf_counter()
+    for it in items:
+        _generate(model, [it], pad_id)
+    wall = time.perf_counter() - t0
+    tokens = sum(it.max_tokens for it in items)
+    return {"requests": len(items), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
+def static_batches(model, items: list[WorkItem], batch_size: int, pad_id: int) -> dict:
+    """Committed tokens/s when requests run in fixed batches of ``batch_size`` (arrival order)."""
+    t0 = time.perf_counter()
+    for start in range(0, len(items), batch_size):
+        _generate(model, items[start:start + batch_size], pad_id)
+    wall = time.perf_counter() - t0
+    tokens = sum(it.max_tokens for it in items)
+    return {"requests": len(items), "batch_size": batch_size, "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall}

@@ -1,0 +1,85 @@
+"""Turn benchmark results into a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _ttfd(run: dict):
+    """Client-side p50 when drafts were streamed, else the server's mean (its histogram)."""
+    return run["ttfd_p50"] if run.get("ttfd_p50") is not None else run.get("ttfd_server_mean")
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Model: `{result['model']}` · machine: {m['description']} · server threads: {result['server_threads']} · "
+        f"command: `{result['command']}`",
+        "",
+        "| concurrency | requests | committed tok/s | vs one-at-a-time | vs static batch | req/s | first draft (s) | "
+        "TTFT p50 (s) | e2e p50 / p90 / p99 (s) | steps/canvas | tok/step | decoder batch | server RSS peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"]:
+        def fmt(x, spec=".2f"):
+            return "—" if x is None else format(x, spec)
+        lines.append(
+            f"| {run['concurrency']} | {run['requests_ok']}/{run['requests']} | {run['tokens_per_s']:.0f} | "
+            f"{fmt(run.get('ratio_vs_one_at_a_time'))}x | {fmt(run.get('ratio_vs_static_batch'))}x | "
+            f"{run['requests_per_s']:.2f} | {fmt(_ttfd(run), '.3f')} | {fmt(run['ttft_p50'], '.3f')} | "
+            f"{fmt(run['latency_p50'])} / {fmt(run['latency_p90'])} / {fmt(run['latency_p99'])} | "
+            f"{fmt(run['steps_per_canvas'])} | {fmt(run['tokens_per_step'])} | {fmt(run['decoder_batch_mean'])} | "
+            f"{fmt(run['server_rss_peak_mib'], '.0f')} |"
+        )
+    base = result.get("baselines", {})
+    if base:
+        lines += ["", "Baselines (transformers `generate`, same model, same workload, same process count):", ""]
+        lines.append("| baseline | batch | committed tok/s |")
+        lines.append("|---|---|---|")
+        if "one_at_a_time" in base:
+            lines.append(f"| one at a time | 1 | {base['one_at_a_time']['tokens_per_s']:.0f} |")
+        for size, b in sorted(base.get("static_batch", {}).items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| static batch | {size} | {b['tokens_per_s']:.0f} |")
+    lines += ["", "first draft: client-side p50 with `--drafts`, otherwise the server's mean from "
+              "`diffusion_server:time_to_first_draft_seconds`. steps/canvas and tok/step come from the usage "
+              "extension fields; decoder batch from `diffusion_server:decoder_batch_size`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = result["runs"]
+    conc = [r["concurrency"] for r in runs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(conc, [r["tokens_per_s"] for r in runs], "o-", label="engine via HTTP")
+    base = result.get("baselines", {})
+    if "one_at_a_time" in base:
+        ax1.axhline(base["one_at_a_time"]["tokens_per_s"], color="gray", ls="--", label="generate, one at a time")
+    static = base.get("static_batch", {})
+    if static:
+        xs = sorted(int(k) for k in static)
+        ax1.plot(xs, [static[str(x)]["tokens_per_s"] for x in xs], "s:", label="generate, static batch")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrency")
+    ax1.set_ylabel("committed tokens/s")
+    ax1.legend()
+    ax1.set_title("Throughput")
+    ax2.plot(conc, [r["latency_p50"] for r in runs], "o-", label="e2e p50")
+    ax2.plot(conc, [r["latency_p90"] for r in runs], "o--", label="e2e p90")
+    ax2.plot(conc, [_ttfd(r) or 0 for r in runs], "^-", label="first draft")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("concurrency")
+    ax2.set_ylabel("seconds")
+    ax2.legend()
+    ax2.set_title("Latency")
+    fig.suptitle(f"{result['model']} on {result['machine']['description']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

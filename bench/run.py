@@ -1,0 +1,277 @@
+"""Benchmark: committed tokens/s through the HTTP API at several concurrencies, with
+transformers' ``generate`` baselines (one at a time, static batches) measured in the same run.
+
+    python -m bench.run                       # tiny CPU model, launches its own server
+    python -m bench.run --url http://host:8000/v1 --model-name NAME --no-baselines   # any server
+
+Writes ``<out>/bench.json``, ``<out>/bench.md`` and ``<out>/bench.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .load import run_load
+from .report import markdown, plot
+from .workload import make_workload
+
+# A tiny DiffusionGemma (about 0.3M parameters), big enough that batching matters on a CPU.
+BENCH_SPEC = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, canvas_length=32,
+                  sliding_window=64)
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = re.findall(r"model name\s*:\s*(.*)", fh.read())
+            cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    desc = f"{os.cpu_count()} x {cpu}"
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+            desc = f"{gpu} + {desc}"
+    except ImportError:
+        pass
+    return {"description": desc, "cpus": os.cpu_count(), "gpu": gpu}
+
+
+def build_bench_model(path: Path) -> Path:
+    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    if not (path / "config.json").exists():
+        build_tiny_checkpoint(path, TinySpec(**BENCH_SPEC))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, threads: int, max_num_seqs: int, extra: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "server", "--model", model, "--port", str(port), "--num-threads", str(threads),
+           "--max-num-seqs", str(max_num_seqs), "--no-access-log", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 300 s")
+
+
+def rss_peak_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """Sums and counts of the server's histograms/counters we report on (empty for foreign servers)."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        text = httpx.get(root + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels or set(sample.labels) <= {"le"}:
+                if "le" not in sample.labels:
+                    values[sample.name] = sample.value
+    return values
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, int(round(q * (len(values) - 1)))))
+    return values[k]
+
+
+def summarize(results, wall, before, after, concurrency, server_pid) -> dict:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.completion_tokens for r in ok)
+    steps = [r.denoising_steps for r in ok if r.denoising_steps]
+    canvases = [r.canvases for r in ok if r.canvases]
+    batch_sum = after.get("diffusion_server:decoder_batch_size_sum", 0) - before.get("diffusion_server:decoder_batch_size_sum", 0)
+    batch_cnt = after.get("diffusion_server:decoder_batch_size_count", 0) - before.get("diffusion_server:decoder_batch_size_count", 0)
+    ttfd = pct([r.ttfd for r in ok if r.ttfd is not None and r.ttfd != r.ttft], 0.5)
+    d_sum = after.get("diffusion_server:time_to_first_draft_seconds_sum", 0) - before.get("diffusion_server:time_to_first_draft_seconds_sum", 0)
+    d_cnt = after.get("diffusion_server:time_to_first_draft_seconds_count", 0) - before.get("diffusion_server:time_to_first_draft_seconds_count", 0)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "requests_ok": len(ok),
+        "errors": [r.error for r in results if not r.ok][:5],
+        "seconds": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": len(ok) / wall,
+        "ttfd_p50": ttfd,
+        "ttfd_server_mean": (d_sum / d_cnt) if d_cnt else None,
+        "ttft_p50": pct([r.ttft for r in ok if r.ttft is not None], 0.5),
+        "latency_p50": pct([r.latency for r in ok], 0.5),
+        "latency_p90": pct([r.latency for r in ok], 0.9),
+        "latency_p99": pct([r.latency for r in ok], 0.99),
+        "steps_per_canvas": (sum(steps) / sum(canvases)) if steps and canvases else None,
+        "tokens_per_step": (tokens / sum(steps)) if steps else None,
+        "decoder_batch_mean": (batch_sum / batch_cnt) if batch_cnt else None,
+        "server_rss_peak_mib": rss_peak_mib(server_pid) if server_pid else None,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint to serve and to run the baselines on (default: the tiny bench model)")
+    ap.add_argument("--url", default=None, help="benchmark an already running OpenAI-compatible server (base URL ending in /v1)")
+    ap.add_argument("--model-name", default=None, help="model name to send (default: the --model value)")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
+    ap.add_argument("--requests-per-level", type=int, default=0, help="requests per level (default max(16, 3 x concurrency))")
+    ap.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals at this rate (req/s) instead of a closed loop")
+    ap.add_argument("--steps", type=int, default=8, help="max_denoising_steps of every request")
+    ap.add_argument("--canvases", default="1,4", help="min,max output canvases per request")
+    ap.add_argument("--prompt-len", default="8,64", help="min,max prompt tokens")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the baselines")
+    ap.add_argument("--drafts", action="store_true",
+                    help="ask for draft chunks (measures time to first draft client-side; costs server CPU)")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/results", help="output folder")
+    args = ap.parse_args(argv)
+
+    levels = [int(x) for x in args.concurrency.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model or str(build_bench_model(Path("runs/bench-model")))
+    model_name = args.model_name or model
+    canvases = tuple(int(x) for x in args.canvases.split(","))
+    prompt_len = tuple(int(x) for x in args.prompt_len.split(","))
+
+    tokenizer_vocab, canvas_length, pad_id = 261, 32, 0
+    baseline_model = None
+    if not args.no_baselines or args.url is None:
+        import torch
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+        canvas_length = cfg.canvas_length
+        tokenizer_vocab = cfg.text_config.vocab_size
+        pad_id = cfg.text_config.pad_token_id or 0
+    low = 5  # skip special tokens
+    high = min(tokenizer_vocab - 1, 260)  # keep clear of reserved ids at the top (image token)
+
+    proc = None
+    base_url = args.url
+    if base_url is None:
+        port = free_port()
+        proc = start_server(model, port, args.threads, max(levels), [])
+        base_url = f"http://127.0.0.1:{port}/v1"
+    runs = []
+    workloads = {}
+    try:
+        for level in levels:
+            n = args.requests_per_level or max(16, 3 * level)
+            items = make_workload(n, seed=args.seed + level, vocab_low=low, vocab_high=high, canvas_length=canvas_length,
+                                  prompt_len=prompt_len, canvases=canvases, max_denoising_steps=args.steps)
+            workloads[level] = items
+            before = scrape(base_url)
+            results, wall = asyncio.run(run_load(base_url, model_name, items, concurrency=level,
+                                                 request_rate=args.request_rate, api_key=args.api_key, seed=args.seed,
+                                                 drafts=args.drafts))
+            after = scrape(base_url)
+            run = summarize(results, wall, before, after, level, proc.pid if proc else None)
+            runs.append(run)
+            print(f"concurrency {level}: {run['tokens_per_s']:.0f} tok/s, {run['requests_ok']}/{run['requests']} ok, "
+                  f"p50 {run['latency_p50']:.2f}s", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    baselines = {}
+    if not args.no_baselines:
+        import torch
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        from .baselines import one_at_a_time, static_batches
+
+        torch.set_num_threads(args.threads)
+        baseline_model = DiffusionGemmaForBlockDiffusion.from_pretrained(model).eval()
+        sample = workloads[levels[0]][:16]
+        baselines["one_at_a_time"] = one_at_a_time(baseline_model, sample, pad_id)
+        print(f"baseline one at a time: {baselines['one_at_a_time']['tokens_per_s']:.0f} tok/s", flush=True)
+        baselines["static_batch"] = {}
+        for level in levels:
+            if level == 1:
+                continue
+            b = static_batches(baseline_model, workloads[level], level, pad_id)
+            baselines["static_batch"][str(level)] = b
+            print(f"baseline static batch {level}: {b['tokens_per_s']:.0f} tok/s", flush=True)
+        for run in runs:
+            run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / baselines["one_at_a_time"]["tokens_per_s"]
+            static = baselines["static_batch"].get(str(run["concurrency"]))
+            ref = static["tokens_per_s"] if static else baselines["one_at_a_time"]["tokens_per_s"]
+            run["ratio_vs_static_batch"] = run["tokens_per_s"] / ref
+
+    result = {
+        "model": model_name,
+        "machine": machine_description(),
+        "server_threads": args.threads,
+        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "workload": {"steps": args.steps, "canvases": canvases, "prompt_len": prompt_len, "seed": args.seed,
+                     "arrival": f"poisson {args.request_rate}/s" if args.request_rate else "closed loop"},
+        "runs": runs,
+        "baselines": baselines,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(markdown(result))
+    plotted = plot(result, out / "bench.png")
+    print(markdown(result))
+    if not plotted:
+        print("(matplotlib not installed: no plot written)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
