@@ -59,6 +59,8 @@ def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float,
     """KV tokens all running requests may reserve together, from free memory now (after weights)."""
     usable = int(available_bytes(device) * fraction)
     usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes
-    usable -= max_num_seqs * (plan.sliding_kv_bytes_per_request + plan.state_bytes_per_request)
-    tokens = usable // max(1, plan.kv_bytes_per_token)
+    # The decoder reads a left-padded copy of the batch's KV (kv_cache.BatchKVView), so every KV byte
+    # stored may be copied once more per pass: budget for twice the storage.
+    usable -= 2 * max_num_seqs * plan.sliding_kv_bytes_per_request + max_num_seqs * plan.state_bytes_per_request
+    tokens = usable // max(1, 2 * plan.kv_bytes_per_token)
     return int(max(0, min(tokens, max_model_len * max_num_seqs)))
