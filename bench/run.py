@@ -231,12 +231,15 @@ def main(argv=None) -> int:
     baselines = {}
     if not args.no_baselines:
         import torch
-        from transformers import DiffusionGemmaForBlockDiffusion
+
+        from engine import EngineSettings
+        from engine.loader import load_model
 
         from .baselines import one_at_a_time, static_batches
 
         torch.set_num_threads(args.threads)
-        baseline_model = DiffusionGemmaForBlockDiffusion.from_pretrained(model).eval()
+        # same loading path, dtype and device as the server (bf16 on CUDA, fp32 on CPU)
+        baseline_model = load_model(EngineSettings(model=model)).model
         sample = workloads[levels[0]][:16]
         baselines["one_at_a_time"] = one_at_a_time(baseline_model, sample, pad_id)
         print(f"baseline one at a time: {baselines['one_at_a_time']['tokens_per_s']:.0f} tok/s", flush=True)

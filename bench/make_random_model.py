@@ -1,0 +1,66 @@
+"""Write a DiffusionGemma-shaped checkpoint with random weights, for GPU benchmarks without a download.
+
+    python -m bench.make_random_model --out runs/dg-shape-4l --layers 4 --dtype bfloat16
+
+The shape comes from a config file (default: configs/models/diffusiongemma-26b-a4b-shape.json) with
+the layer count reduced to ``--layers`` (keep the 5:1 sliding/full pattern; the last layer is full).
+Per-layer cost scales linearly, so a full-depth figure is the measured one times
+``num_hidden_layers / layers`` for the decoder part. The tokenizer is the byte-level test tokenizer:
+ids above its vocabulary decode to nothing, which is fine for throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from engine.tiny_checkpoint import BOS_ID, EOS_ID, PAD_ID, build_byte_tokenizer
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/models/diffusiongemma-26b-a4b-shape.json")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    data = json.loads(Path(args.config).read_text())
+    data.pop("_comment", None)
+    data.pop("model_type", None)
+    text = data["text_config"]
+    text["num_hidden_layers"] = args.layers
+    text["layer_types"] = [
+        "full_attention" if (i + 1) % 6 == 0 or i == args.layers - 1 else "sliding_attention" for i in range(args.layers)
+    ]
+    text.update(pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
+    config = DiffusionGemmaConfig(**data)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = DiffusionGemmaForBlockDiffusion(config).to(dtype)
+    model.generation_config = DiffusionGemmaGenerationConfig(
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1), max_denoising_steps=48, t_min=0.4, t_max=0.8,
+        stability_threshold=1, confidence_threshold=0.005, max_new_tokens=256, eos_token_id=[EOS_ID],
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+    )
+    out = Path(args.out)
+    model.save_pretrained(out)
+    build_byte_tokenizer().save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: {n / 1e9:.2f} B parameters, {args.layers} layers, {args.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
