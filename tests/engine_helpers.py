@@ -26,7 +26,7 @@ def reference_tokens(model, prompt: list[int], seed: int, params: SamplingParams
     if params.eos_token_ids is not None:
         kwargs["eos_token_id"] = list(params.eos_token_ids)
     torch.manual_seed(seed)
-    out = model.generate(torch.tensor([prompt]), **kwargs).sequences[0, len(prompt):].tolist()
+    out = model.generate(torch.tensor([prompt], device=model.device), **kwargs).sequences[0, len(prompt):].tolist()
     out = out[: params.max_tokens]
     eos = set(params.eos_token_ids if params.eos_token_ids is not None else model.generation_config.eos_token_id)
     for i, tok in enumerate(out):
