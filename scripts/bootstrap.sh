@@ -22,8 +22,11 @@ if [ ! -f "$STAMP" ]; then
         if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
             "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION}"
         else
-            "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION}+cpu" \
-                --extra-index-url https://download.pytorch.org/whl/cpu
+            # the CPU build: from the configured package sources if they carry it (a local wheel
+            # mirror), else from the PyTorch CPU index (PyPI itself has no +cpu builds)
+            "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
+                || "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION}+cpu" \
+                    --extra-index-url https://download.pytorch.org/whl/cpu
         fi
     fi
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
