@@ -96,7 +96,7 @@ async def _create_chat_completion(request: Request, state, request_id: str, log:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     specs = make_specs(engine, [prompt_ids], req, max_tokens, request_id)
 
-    choice_set = ChoiceSet(engine, specs)
+    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished)
     await choice_set.start()
     created = int(time.time())
     base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name}

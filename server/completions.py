@@ -86,7 +86,7 @@ async def _create_completion(request: Request, state, request_id: str, log: Requ
             t = texts[s.prompt_index]
             echo_texts[s.index] = t if t is not None else engine.tokenizer.decode(s.prompt_ids)
 
-    choice_set = ChoiceSet(engine, specs)
+    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished)
     await choice_set.start()
     created = int(time.time())
     base = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}

@@ -34,9 +34,9 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 METRIC_DOCS = [
     ("num_requests_running", "gauge", "Requests whose canvas is in the running decoder batch."),
     ("num_requests_waiting", "gauge", "Requests queued, waiting for a slot in the running batch."),
-    ("prompt_tokens_total", "counter", "Prompt tokens of finished engine requests (one per choice)."),
-    ("generation_tokens_total", "counter", "Committed (generated) tokens of finished engine requests, eos included."),
-    ("request_success_total", "counter", "Finished engine requests by finished_reason (stop, length, abort, error)."),
+    ("prompt_tokens_total", "counter", "Prompt tokens of finished engine requests (each choice counts its prompt)."),
+    ("generation_tokens_total", "counter", "Completion tokens returned by finished engine requests (usage.completion_tokens, eos included)."),
+    ("request_success_total", "counter", "Finished engine requests (one per choice) by finished_reason: stop, length, abort (client gone or shutdown), error."),
     ("denoising_steps_total", "counter", "Decoder steps run, summed over requests."),
     ("canvases_total", "counter", "Canvases that left the decoder batch (committed)."),
     ("time_to_first_token_seconds", "histogram", "Arrival to first committed token."),
@@ -126,13 +126,21 @@ class ServerMetrics:
         if stats.denoising_steps > 0:
             self.tokens_per_step.observe(stats.committed_tokens / stats.denoising_steps)
 
+    def on_choice_finished(self, finish_reason: str, prompt_tokens: int, generated_tokens: int) -> None:
+        """One engine request (one choice) ended, as the client saw it. Called on the event loop.
+
+        Finish reasons and token counts come from the server's side, not from ``RequestStats``:
+        the engine ends a request cut by a stop string with an internal abort, so its stats say
+        "abort" and count tokens past the stop string.
+        """
+        self.request_success.labels(finished_reason=finish_reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generated_tokens)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generated_tokens)
+
     def on_request_finished(self, stats: RequestStats) -> None:
-        self.prompt_tokens.inc(stats.num_prompt_tokens)
-        self.generation_tokens.inc(stats.num_generated_tokens)
         self.denoising_steps.inc(stats.num_denoising_steps)
-        self.request_success.labels(finished_reason=stats.finish_reason).inc()
-        self.request_prompt_tokens.observe(stats.num_prompt_tokens)
-        self.request_generation_tokens.observe(stats.num_generated_tokens)
         self.e2e.observe(max(0.0, stats.finished_time - stats.arrival_time))
         if stats.scheduled_time is not None:
             self.queue_time.observe(max(0.0, stats.scheduled_time - stats.arrival_time))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from engine import QueueFullError
 from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -24,15 +25,6 @@ from .errors import APIError
 logger = logging.getLogger("server")
 
 DONE = "[DONE]"
-
-
-def _queue_full_error_type():
-    try:
-        from engine import QueueFullError
-    except ImportError:  # the engine package not built yet: nothing can raise it
-        class QueueFullError(Exception):
-            pass
-    return QueueFullError
 
 
 @dataclass
@@ -93,14 +85,14 @@ class ChoiceSet:
     # QueueFullError on submission, before its first real await).
     PRIME_ITERATIONS = 4
 
-    def __init__(self, engine, specs: list[ChoiceSpec]):
+    def __init__(self, engine, specs: list[ChoiceSpec], on_choice_finished=None):
         self.engine = engine
         self.specs = specs
+        self.on_choice_finished = on_choice_finished  # (finish_reason, prompt_tokens, generated_tokens)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.results = {s.index: ChoiceResult(s.index) for s in specs}
         self._submit_errors: list[BaseException] = []
-        self._QueueFull = _queue_full_error_type()
 
     async def start(self) -> None:
         """Submit every choice; raise a 429 ``APIError`` (and submit nothing) if the queue is full."""
@@ -110,18 +102,22 @@ class ChoiceSet:
             await asyncio.sleep(0)
             if self._submit_errors:
                 break
-        if any(isinstance(e, self._QueueFull) for e in self._submit_errors):
+        if any(isinstance(e, QueueFullError) for e in self._submit_errors):
             self.cancel()
             raise errors.queue_full()
 
     async def _pump(self, spec: ChoiceSpec) -> None:
         agen = self.engine.generate(spec.prompt_ids, spec.params, spec.request_id)
         got_any = False
+        submitted = True
+        reason, generated = "abort", 0
         try:
             async for out in agen:
                 got_any = True
+                generated = out.num_generated_tokens
                 self.queue.put_nowait((spec.index, out, None))
                 if out.finished:
+                    reason = out.finish_reason or "stop"
                     break
             else:
                 raise RuntimeError("the engine's stream ended without a finished output")
@@ -130,9 +126,13 @@ class ChoiceSet:
         except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
             if not got_any:
                 self._submit_errors.append(exc)
+                submitted = not isinstance(exc, (QueueFullError, APIError))
+            reason = "error"
             self.queue.put_nowait((spec.index, None, exc))
         finally:
             await agen.aclose()
+            if submitted and self.on_choice_finished is not None:
+                self.on_choice_finished(reason, len(spec.prompt_ids), generated)
 
     async def events(self):
         """Yield ``(index, RequestOutput)`` until every choice finished; raise ``APIError`` on failure."""
@@ -140,7 +140,7 @@ class ChoiceSet:
         while remaining:
             index, out, exc = await self.queue.get()
             if exc is not None:
-                if isinstance(exc, self._QueueFull):
+                if isinstance(exc, QueueFullError):
                     raise errors.queue_full()
                 if isinstance(exc, APIError):
                     raise exc

@@ -1,0 +1,112 @@
+"""Command line, YAML config, default model, request log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import default_model
+from server.cli import build_parser, load_config, settings_from_args
+from server.settings import OPTIONS, ServerSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag, _, _, help_text in OPTIONS:
+        assert flag in out.stdout, flag
+        assert help_text.split()[0] in out.stdout
+    for required in ("--model", "--host", "--port", "--api-key", "--config", "--served-model-name", "--dtype",
+                     "--device", "--max-num-seqs", "--max-waiting", "--max-model-len", "--num-threads",
+                     "--log-prompts", "--max-request-body-bytes"):
+        assert required in out.stdout
+    assert "stream_drafts" in out.stdout and "seed + i" in out.stdout
+
+
+def test_config_file_and_flag_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFUSION_SERVER_API_KEY", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: /m\nport: 9000\nmax_num_seqs: 4\nmax-waiting: 7\napi-key: [a, b]\nlog-prompts: true\n"
+                   "num-threads: 2\nmemory_fraction: 0.5\n")
+    s = settings_from_args(["--config", str(cfg), "--port", "9100", "--api-key", "c"])
+    assert s.model == "/m" and s.port == 9100 and s.max_num_seqs == 4 and s.max_waiting == 7
+    assert s.api_keys == ["c"]  # the flag replaces the config's list
+    assert s.log_prompts is True and s.num_threads == 2 and s.memory_fraction == 0.5
+    s = settings_from_args(["--config", str(cfg), "--no-log-prompts"])
+    assert s.api_keys == ["a", "b"] and s.log_prompts is False
+    monkeypatch.setenv("DIFFUSION_SERVER_API_KEY", "env1,env2")
+    assert settings_from_args(["--api-key", "x"]).api_keys == ["x", "env1", "env2"]
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle: x\n")
+    with pytest.raises(SystemExit, match="unknown key 'modle'"):
+        load_config(str(bad))
+    bad.write_text("port: eighty\n")
+    with pytest.raises(SystemExit, match="port"):
+        load_config(str(bad))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--port", "x"])
+
+
+def test_defaults_and_engine_settings():
+    s = settings_from_args([])
+    assert s == ServerSettings(api_keys=s.api_keys)
+    assert s.host == "127.0.0.1" and s.port == 8000 and s.model is None
+    s.model = "/some/model"
+    e = s.engine_settings()
+    assert e.model == "/some/model" and e.max_num_seqs == 16 and e.max_waiting == 256
+    assert e.num_threads == 1  # CPU-only machine: one intra-op thread by default
+    s.num_threads = 3
+    assert s.engine_settings().num_threads == 3
+
+
+def test_default_model_is_built_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_SERVER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_model, "embedded_model_dir", lambda: tmp_path / "no_embedded_model")
+    path = Path(default_model.resolve_default_model())
+    assert (path / "config.json").is_file() and path.parent == tmp_path / "cache"
+    mtime = (path / "config.json").stat().st_mtime_ns
+    assert Path(default_model.resolve_default_model()) == path
+    assert (path / "config.json").stat().st_mtime_ns == mtime
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no leftovers
+    # an embedded model wins
+    embedded = tmp_path / "embedded"
+    embedded.mkdir()
+    (embedded / "config.json").write_text("{}")
+    monkeypatch.setattr(default_model, "embedded_model_dir", lambda: embedded)
+    assert default_model.resolve_default_model() == str(embedded)
+
+
+def test_unloadable_model_exits_nonzero(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port", "0"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "could not be loaded" in out.stderr
+
+
+def test_request_log_lines(live_server):
+    marker = "log-marker-prompt"
+    r = httpx.post(live_server.base_url + "/completions", json={"prompt": marker, "max_tokens": 5, "seed": 1},
+                   headers=live_server.headers, timeout=60)
+    rid = r.json()["id"]
+    httpx.post(live_server.base_url + "/completions", json={"prompt": "x", "model": "nope"}, headers=live_server.headers)
+    log = live_server.log()
+    lines = [ln for ln in log.splitlines() if rid in ln]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    for field in ("completions", "status=200", "prompt_tokens=17", "completion_tokens=", "denoising_steps=",
+                  "canvases=", "latency=", "finish="):
+        assert field in line, line
+    assert marker in line  # the live server runs with --log-prompts
+    assert any("status=404" in ln and "model_not_found" in ln for ln in log.splitlines())
