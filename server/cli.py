@@ -151,9 +151,23 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
         log_config=None,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
     )
-    server = uvicorn.Server(config)
+    # sse-starlette would cut every stream at the first signal; let them finish within the grace period
+    # instead (uvicorn cancels what is left when it expires, which aborts those engine requests).
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.disable_automatic_graceful_drain()
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state = getattr(app.state, "server", None)
+            if state is not None and state.status in ("loading", "ready"):
+                state.status = "draining"
+                logger.info("shutting down: draining in-flight requests (up to %.0fs)", settings.graceful_shutdown_seconds)
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(config)
     server_box["server"] = server
     logger.info(
         "diffusion-server on http://%s:%d (model %s, auth %s)",

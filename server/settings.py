@@ -31,6 +31,7 @@ class ServerSettings:
     log_level: str = "info"
     access_log: bool = False
     sse_ping_seconds: float = 15.0
+    graceful_shutdown_seconds: float = 30.0
 
     def model_names(self, engine_model_name: str | None = None) -> list[str]:
         """Names accepted in the ``model`` field; the first is shown by /v1/models."""
@@ -112,6 +113,10 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("--access-log", "access_log", "bool", "Also write uvicorn's access log (one line per HTTP request; off by default)."),
     ("--sse-ping-seconds", "sse_ping_seconds", "float",
      "Interval of SSE keep-alive comments (': ping') on idle streams; 0 disables them (default 15)."),
+    ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", "float",
+     "On SIGTERM/SIGINT: stop accepting connections, answer 503 (draining) to new requests on open "
+     "connections, and let in-flight requests and streams finish for up to this long before aborting them "
+     "(default 30). A second SIGINT exits at once."),
 ]
 
 

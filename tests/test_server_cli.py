@@ -110,3 +110,26 @@ def test_request_log_lines(live_server):
         assert field in line, line
     assert marker in line  # the live server runs with --log-prompts
     assert any("status=404" in ln and "model_not_found" in ln for ln in log.splitlines())
+
+
+def test_sigterm_drains_in_flight_streams(server_launcher, server_tiny_checkpoint, server_sse):
+    """SIGTERM lets a running stream finish (with [DONE]), then the process exits cleanly."""
+    import signal
+
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "60"])
+    body = {"prompt": "drain", "max_tokens": 480, "ignore_eos": True, "seed": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    raw = b""
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", srv.base_url + "/completions", json=body) as r:
+            assert r.status_code == 200
+            chunks = r.iter_raw()
+            raw += next(chunks)
+            srv.proc.send_signal(signal.SIGTERM)
+            for part in chunks:
+                raw += part
+    frames = server_sse.parse_json(raw)
+    assert frames[-1] == "[DONE]"
+    assert frames[-2]["usage"]["completion_tokens"] == 480
+    assert srv.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert "draining" in srv.log()
