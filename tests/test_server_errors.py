@@ -323,6 +323,11 @@ class FaultyEngine:
     def healthy(self):
         return self.inner.healthy and not self.unhealthy
 
+    def resolve(self, prompt_ids, params):
+        if self.mode == "resolve_raises":  # a bug in a handler's path, outside any stream
+            raise KeyError("secret internal detail")
+        return self.inner.resolve(prompt_ids, params)
+
     async def generate(self, prompt_ids, params, request_id):
         agen = self.inner.generate(prompt_ids, params, request_id)
         n = 0
@@ -366,7 +371,7 @@ def faulty(faulty_server):
 LONG = {"max_tokens": 40, "ignore_eos": True}
 
 
-@pytest.mark.parametrize("mode", ["error_output", "raise"])
+@pytest.mark.parametrize("mode", ["error_output", "raise", "resolve_raises"])
 def test_500_internal_fault(faulty, mode):
     faulty.engine.mode = mode
     r = httpx.post(faulty.url + "/v1/completions", json={"prompt": "hi", **LONG}, timeout=60)
@@ -377,6 +382,8 @@ def test_500_internal_fault(faulty, mode):
     assert_error(r, 500, code="internal_error")
     if mode == "error_output":
         assert "injected fault" in err["message"]
+    faulty.engine.mode = None
+    assert httpx.post(faulty.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "hi"}),
