@@ -118,10 +118,10 @@ class AsyncEngine:
                 if detok.stopped:
                     # a stop string: cut the text, count the tokens that produced it, end the request
                     finished = True
-                    self.abort(request_id)
+                    self.abort(request_id, reason="stop")
                     yield dataclasses.replace(
                         out, text=text, finished=True, finish_reason="stop",
-                        token_ids=out.token_ids[: max(0, detok.num_tokens_at_stop - (out.num_generated_tokens - len(out.token_ids)))],
+                        token_ids=out.token_ids[: detok.num_tokens_at_stop - (len(detok.token_ids) - len(out.token_ids))],
                         num_generated_tokens=detok.num_tokens_at_stop,
                     )
                     return
@@ -138,9 +138,10 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request (thread-safe, idempotent); it is freed within one pass."""
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Abort a request (thread-safe, idempotent); it is freed within one pass. ``reason`` is the
+        finish reason recorded in the engine's stats ("abort", or "stop" for a stop string)."""
+        self._inbox.put(("abort", (request_id, reason)))
 
     def num_live_states(self) -> int:
         return self.core.num_live_states()
@@ -170,7 +171,7 @@ class AsyncEngine:
                 except QueueFullError as exc:
                     self._deliver(RequestOutput(request_id, finished=True, finish_reason="abort", error=str(exc)))
             elif kind == "abort":
-                out = self.core.abort_request(payload)
+                out = self.core.abort_request(*payload)
                 if out is not None:
                     self._deliver(out)
             try:

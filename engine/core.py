@@ -70,8 +70,9 @@ class EngineCore:
         self._requests[request_id] = req
         return req
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        req = self.scheduler.abort(request_id)
+    def abort_request(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
+        """Finish a request early: ``reason`` is "abort" (client gone) or "stop" (a stop string)."""
+        req = self.scheduler.abort(request_id, RequestStatus(reason))
         if req is None:
             return None
         return self._finish_output(req)

@@ -38,16 +38,17 @@ class Scheduler:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
         self.waiting.append(request)
 
-    def abort(self, request_id: str) -> Request | None:
-        """Remove a request wherever it is; returns it (status set) or None if unknown/finished."""
+    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
+        """Remove a request wherever it is, finishing it with ``status`` (a stop string found by the
+        caller finishes as ``FINISHED_STOPPED``); returns it, or None if unknown or already finished."""
         for req in self.waiting:
             if req.request_id == request_id:
                 self.waiting.remove(req)
-                req.status = RequestStatus.FINISHED_ABORTED
+                req.status = status
                 return req
         for req in self.running:
             if req.request_id == request_id:
-                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                self._finish(req, status)
                 return req
         return None
 
