@@ -73,8 +73,9 @@ def failure_for(out: RequestOutput) -> APIError | None:
     if out.finish_reason == "error":
         detail = f": {out.error}" if out.error else ""
         return errors.internal_error(f"The engine failed while generating{detail}")
-    if out.finish_reason == "abort":
-        return errors.unavailable("The request was aborted: the server is shutting down.", "server_draining")
+    if out.finish_reason == "abort":  # not by us: the engine shut down or stopped
+        detail = out.error or "the server is shutting down"
+        return errors.unavailable(f"The request was aborted: {detail}.", "request_aborted")
     return None
 
 
@@ -95,7 +96,7 @@ class ChoiceSet:
         self._submit_errors: list[BaseException] = []
 
     async def start(self) -> None:
-        """Submit every choice; raise a 429 ``APIError`` (and submit nothing) if the queue is full."""
+        """Submit every choice; if the engine's queue is full for any of them, abort the others and raise 429."""
         for spec in self.specs:
             self.tasks.append(asyncio.create_task(self._pump(spec), name=spec.request_id))
         for _ in range(self.PRIME_ITERATIONS):
@@ -123,7 +124,7 @@ class ChoiceSet:
                 raise RuntimeError("the engine's stream ended without a finished output")
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
             if not got_any:
                 self._submit_errors.append(exc)
                 submitted = not isinstance(exc, (QueueFullError, APIError))
