@@ -129,9 +129,9 @@ class ServerMetrics:
     def on_choice_finished(self, finish_reason: str, prompt_tokens: int, generated_tokens: int) -> None:
         """One engine request (one choice) ended, as the client saw it. Called on the event loop.
 
-        Finish reasons and token counts come from the server's side, not from ``RequestStats``:
-        the engine ends a request cut by a stop string with an internal abort, so its stats say
-        "abort" and count tokens past the stop string.
+        Finish reasons and token counts are taken from what the server returned (the same numbers
+        as ``usage``), so they also cover requests the server itself cut short (client gone).
+        ``RequestStats`` supplies the timings.
         """
         self.request_success.labels(finished_reason=finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)

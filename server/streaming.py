@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from engine import QueueFullError
+from engine import InvalidRequestError, QueueFullError
 from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -145,6 +145,8 @@ class ChoiceSet:
                     raise errors.queue_full()
                 if isinstance(exc, APIError):
                     raise exc
+                if isinstance(exc, InvalidRequestError):
+                    raise errors.bad_request(exc.message, exc.param)
                 logger.error("engine request %s failed: %r", self.specs[index].request_id, exc)
                 raise errors.internal_error()
             self.results[index].update(out)
