@@ -177,6 +177,10 @@ class ModelRunner:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             t1 = time.perf_counter()
             self._forward_seconds += t1 - t0
+            # A row with non-finite logits (bad weights, overflow) fails alone; the others sample as usual.
+            finite = torch.isfinite(logits).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                logits = torch.where(finite[:, None, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
             out = denoise_tile(
                 logits,
                 torch.stack([s.canvas for s in tile_states]),
@@ -194,7 +198,11 @@ class ModelRunner:
             soft = torch.matmul(sc.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype), embed.weight)
             soft = soft * embed.embed_scale.to(embed.weight.dtype)
             self._forward_seconds += time.perf_counter() - t0
+            finite_rows = finite.tolist()
             for i, (w, st) in enumerate(zip(tile_work, tile_states)):
+                if not finite_rows[i]:
+                    results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))
+                    continue
                 argmax = out.argmax[i]
                 stable = all(torch.equal(h, argmax) for h in st.history) and len(st.history) == st.stability_threshold
                 converged = bool(stable and out.confident[i])

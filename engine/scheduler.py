@@ -122,6 +122,11 @@ class Scheduler:
             req = by_id.get(res.request_id)
             if req is None or req.status.finished:
                 continue
+            if res.error is not None:
+                req.error = res.error
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                outputs.append(self._output(req))
+                continue
             req.step += 1
             req.num_denoising_steps += 1
             if req.first_draft_time is None:

@@ -54,6 +54,7 @@ class DecodeResult:
     request_id: str
     draft: tuple[int, ...]  # argmax canvas after this step
     converged: bool  # stable and confident: the canvas leaves the batch now
+    error: str | None = None  # this row failed (e.g. non-finite logits); the request ends with an error
 
 
 @dataclass
