@@ -55,6 +55,9 @@ class SamplingParams:
         return replace(self, **values)
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -90,8 +93,12 @@ def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len:
         raise InvalidRequestError(
             f"t_max must be greater than t_min, got t_max={params.t_max} and t_min={params.t_min}", "t_max"
         )
-    if params.t_min == 0:
-        raise InvalidRequestError("t_min must be > 0: the last step divides the logits by it", "t_min")
+    if params.t_min < MIN_TEMPERATURE:
+        raise InvalidRequestError(
+            f"t_min must be at least {MIN_TEMPERATURE}: the last step divides the logits by it "
+            "(smaller values are already greedy and overflow to inf)",
+            "t_min",
+        )
     if not _is_int(params.stability_threshold) or params.stability_threshold < 0:
         raise InvalidRequestError(
             f"stability_threshold must be an integer >= 0, got {params.stability_threshold!r}", "stability_threshold"

@@ -31,6 +31,7 @@ def test_completion_default_stream_frames(live_server, server_sse):
     *chunks, finish, usage_chunk, _ = frames
     ids = {c["id"] for c in frames[:-1]}
     assert len(ids) == 1 and next(iter(ids)).startswith("cmpl-")
+    assert r.headers["x-request-id"] == frames[0]["id"]  # the id in the server's log line
     for c in frames[:-1]:
         assert c["object"] == "text_completion" and c["model"] == live_server.model_name
     assert chunks, "no text chunks"

@@ -1,0 +1,174 @@
+"""docker-compose.yml and the files it mounts: they parse, and every cross-reference holds
+(Prometheus scrapes the server's service name and port, Grafana's datasource points at the
+prometheus service, nginx balances the replica services, mounted files exist). No Docker needed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_PORT = 8000
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's ``!reset`` / ``!override`` tags (kept as the tagged value)."""
+
+
+def _tagged(loader, node):
+    if isinstance(node, yaml.MappingNode):
+        return {"!reset": loader.construct_mapping(node)} if node.tag == "!reset" else loader.construct_mapping(node)
+    if isinstance(node, yaml.SequenceNode):
+        return {"!reset": loader.construct_sequence(node)} if node.tag == "!reset" else loader.construct_sequence(node)
+    return {"!reset": loader.construct_scalar(node)} if node.tag == "!reset" else loader.construct_scalar(node)
+
+
+ComposeLoader.add_constructor("!reset", _tagged)
+ComposeLoader.add_constructor("!override", _tagged)
+
+
+def _load(path: Path):
+    return yaml.load(path.read_text(), Loader=ComposeLoader)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _load(REPO / "docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def _published(service: dict) -> dict[int, int]:
+    """{host port: container port}"""
+    out = {}
+    for spec in service.get("ports", []):
+        host, container = str(spec).rsplit(":", 1) if ":" in str(spec) else (spec, spec)
+        out[int(str(host).rsplit(":", 1)[-1])] = int(container)
+    return out
+
+
+def _bind_mounts(service: dict) -> list[tuple[str, str]]:
+    out = []
+    for vol in service.get("volumes", []):
+        src, dst = vol.split(":")[:2]
+        if src.startswith("."):
+            out.append((src, dst))
+    return out
+
+
+def _server_port(service: dict) -> int:
+    return int(service.get("environment", {}).get("DIFFUSION_SERVER_PORT", SERVER_PORT))
+
+
+def _gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def _model_servers(services: dict) -> dict[str, dict]:
+    return {name: s for name, s in services.items() if s.get("image", "").startswith("diffusion-server")}
+
+
+def test_stack_ports(services):
+    assert _published(services["server"]) == {8000: SERVER_PORT}
+    assert _published(services["prometheus"]) == {9090: 9090}
+    assert _published(services["grafana"]) == {3000: 3000}
+    assert set(_model_servers(services)) == {"server", "server-2"}
+
+
+def test_every_model_server_reserves_its_own_gpu(services):
+    ids = []
+    for name, svc in _model_servers(services).items():
+        (dev,) = _gpu_devices(svc)
+        assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"], name
+        ids.append(tuple(dev["device_ids"]))
+        assert svc["build"]["args"]["VARIANT"] == "gpu"
+        assert _server_port(svc) == SERVER_PORT
+        assert any(dst == "/data" for _, dst in [v.split(":")[:2] for v in svc["volumes"]]), "HF_HOME lives on /data"
+    assert len(set(ids)) == len(ids), "replicas must not share a GPU"
+
+
+def test_bind_mounted_files_exist(services):
+    for name, svc in services.items():
+        for src, _dst in _bind_mounts(svc):
+            assert (REPO / src).exists(), f"{name} mounts missing {src}"
+
+
+def test_presets_named_by_the_stack_exist(services):
+    cpu = _load(REPO / "deploy/compose/cpu.yml")
+    for env in [s.get("environment", {}) for s in list(services.values()) + list(cpu["services"].values())]:
+        value = env.get("DIFFUSION_SERVER_CONFIG")
+        if value:
+            path = re.search(r"/etc/diffusion-server/([\w.-]+\.yaml)", value).group(1)
+            assert (REPO / "configs" / path).is_file(), value
+
+
+def test_prometheus_scrapes_the_server_services(services):
+    prom = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    mount_targets = dict((dst, src) for src, dst in _bind_mounts(services["prometheus"]))
+    assert mount_targets["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    scraped = set()
+    for job in prom["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.split(":")
+                assert host in services, f"{target}: no compose service {host}"
+                assert int(port) == _server_port(services[host])
+                scraped.add(host)
+        for dns in job.get("dns_sd_configs", []):
+            for host in dns["names"]:
+                assert host in services and int(dns["port"]) == _server_port(services[host])
+                scraped.add(host)
+    assert scraped == set(_model_servers(services)), "every model server, and only those, is scraped"
+
+
+def test_grafana_datasource_and_dashboards(services):
+    grafana = services["grafana"]
+    mounts = {dst: src for src, dst in _bind_mounts(grafana)}
+    prov = REPO / mounts["/etc/grafana/provisioning"]
+    (ds,) = yaml.safe_load((prov / "datasources/prometheus.yml").read_text())["datasources"]
+    m = re.fullmatch(r"http://([\w-]+):(\d+)", ds["url"])
+    assert m and m.group(1) == "prometheus" and m.group(1) in services
+    assert int(m.group(2)) in _published(services["prometheus"]).values()
+    assert ds["type"] == "prometheus"
+    (provider,) = yaml.safe_load((prov / "dashboards/diffusion-server.yml").read_text())["providers"]
+    dash_dir = provider["options"]["path"]
+    assert dash_dir in mounts, "the provider reads the mounted dashboards folder"
+    dashboards = list((REPO / mounts[dash_dir]).glob("*.json"))
+    assert dashboards
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (REPO / mounts[str(Path(home).parent)] / Path(home).name).is_file()
+
+
+def test_nginx_balances_the_replicas(services):
+    lb = services["lb"]
+    assert lb["profiles"] == ["replicas"] and services["server-2"]["profiles"] == ["replicas"]
+    conf_src = {dst: src for src, dst in _bind_mounts(lb)}["/etc/nginx/nginx.conf"]
+    conf = (REPO / conf_src).read_text()
+    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", conf, re.S)
+    servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", upstream.group(2), re.M)
+    assert {host for host, _ in servers} == set(_model_servers(services))
+    for host, port in servers:
+        assert int(port) == _server_port(services[host])
+    assert f"proxy_pass http://{upstream.group(1)};" in conf
+    assert "proxy_buffering off;" in conf, "SSE streams must not be buffered"
+    listen = int(re.search(r"listen\s+(\d+);", conf).group(1))
+    assert listen in _published(lb).values()
+    assert set(lb["depends_on"]) == set(_model_servers(services))
+
+
+def test_cpu_override_drops_the_gpu(services):
+    cpu = _load(REPO / "deploy/compose/cpu.yml")["services"]
+    assert set(cpu) == {"server"}
+    server = cpu["server"]
+    assert server["build"]["args"]["VARIANT"] == "cpu"
+    assert server["image"] == "diffusion-server:cpu"
+    assert "!reset" in server["deploy"], "the GPU reservation of docker-compose.yml is reset"
+    assert "cpu-embedded.yaml" in server["environment"]["DIFFUSION_SERVER_CONFIG"]

@@ -1,0 +1,106 @@
+"""The Sudoku generator used to train and evaluate the embedded default model."""
+
+import random
+
+import numpy as np
+import pytest
+
+from tools.sudoku import generator as g
+
+
+def _rows(grid: str):
+    return [grid[9 * r : 9 * r + 9] for r in range(9)]
+
+
+def test_random_solutions_are_valid_and_deterministic():
+    a = [g.random_solution(random.Random(5)) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    rng = random.Random(7)
+    grids = [g.random_solution(rng) for _ in range(50)]
+    assert all(g.is_valid_solution(x) for x in grids)
+    assert len({tuple(x) for x in grids}) == 50
+
+
+@pytest.mark.parametrize("givens", [81, 50, 36, 30, 25])
+def test_puzzles_have_requested_givens_and_check(givens):
+    for puzzle, solution in g.generate(3, 10, givens):
+        assert len(puzzle) == 81 and len(solution) == 81
+        assert sum(ch != "0" for ch in puzzle) == givens
+        assert g.is_valid_solution(solution)
+        assert g.is_consistent(solution, puzzle)
+        assert g.is_solved(solution, puzzle)
+
+
+def test_unique_puzzles_are_unique():
+    for puzzle, solution in g.generate(11, 8, (28, 35), unique=True):
+        assert 28 <= sum(ch != "0" for ch in puzzle) <= 35
+        assert g.count_solutions(puzzle, 2) == 1
+        assert "".join(map(str, g.solve(puzzle))) == solution
+
+
+def test_generation_is_deterministic_for_a_seed():
+    assert g.generate(42, 5, (30, 40)) == g.generate(42, 5, (30, 40))
+    assert g.generate(42, 5, (30, 40)) != g.generate(43, 5, (30, 40))
+    assert g.generate(42, 3, 30, unique=True) == g.generate(42, 3, 30, unique=True)
+
+
+def test_checkers_reject_bad_grids():
+    puzzle, solution = g.generate(1, 1, 40)[0]
+    assert not g.is_valid_solution(solution[:80])
+    assert not g.is_valid_solution(puzzle)  # has blanks
+    swapped = solution[1] + solution[0] + solution[2:]
+    if swapped != solution:
+        assert not g.is_valid_solution(swapped)
+    # a different valid grid is not consistent with the givens (unless it keeps them)
+    other = "".join(map(str, g.random_solution(random.Random(99))))
+    assert g.is_valid_solution(other)
+    assert g.is_consistent(solution, puzzle.replace("0", "."))
+    assert not g.is_solved(other, puzzle) or g.is_consistent(other, puzzle)
+    assert not g.is_solved("x" * 81, puzzle)
+
+
+def test_non_unique_puzzles_accept_any_valid_completion():
+    puzzle = "0" * 81
+    other = "".join(map(str, g.random_solution(random.Random(3))))
+    assert g.is_solved(other, puzzle)
+
+
+def _canonical_pattern(grid: str) -> tuple:
+    """Invariant under digit relabelling: each cell replaced by the first-row position of its digit."""
+    first_row = grid[:9]
+    return tuple(first_row.index(ch) for ch in grid)
+
+
+def _band_signature(grid: str) -> tuple:
+    """Invariant under relabelling and row/column/band/stack permutations and transposition:
+    sorted multiset of, per pair of rows in a band, how many 'mini-row' triples they share."""
+    rows = _rows(grid)
+    cols = ["".join(r[c] for r in rows) for c in range(9)]
+
+    def sig(lines):
+        out = []
+        for band in range(3):
+            triples = [frozenset(frozenset(lines[band * 3 + i][3 * k : 3 * k + 3]) for k in range(3)) for i in range(3)]
+            out.append(len(triples[0] & triples[1] & triples[2]))
+        return tuple(sorted(out))
+
+    return tuple(sorted([sig(rows), sig(cols)]))
+
+
+def test_grids_are_not_relabellings_of_one_pattern():
+    rng = random.Random(2024)
+    grids = ["".join(map(str, g.random_solution(rng))) for _ in range(40)]
+    patterns = {_canonical_pattern(x) for x in grids}
+    assert len(patterns) == 40  # not digit relabellings of each other
+    # not just row/column shuffles of one base grid either: a shuffle-invariant signature varies
+    assert len({_band_signature(x) for x in grids}) > 1
+
+
+def test_batched_helpers_keep_validity():
+    rng = np.random.default_rng(0)
+    pool = g.solution_pool(0, 8)
+    aug = g.augment(pool, rng)
+    assert all(g.is_valid_solution(x.tolist()) for x in aug)
+    puzzles = g.mask_givens(aug, np.full(8, 33), rng)
+    assert ((puzzles != 0).sum(axis=1) == 33).all()
+    assert all(g.is_consistent(s.tolist(), p.tolist()) for s, p in zip(aug, puzzles))

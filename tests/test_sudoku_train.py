@@ -1,0 +1,129 @@
+"""The Sudoku trainer: a few steps on a micro model, resume, export, and the evaluators."""
+
+import asyncio
+import json
+import math
+
+import httpx
+import pytest
+import torch
+
+from tools.sudoku import evaluate_http, evaluate_local, train
+from tools.sudoku.common import eval_set
+from tools.sudoku.model import BOS_ID, CANVAS_LENGTH, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
+
+MICRO = ["--size", "micro", "--batch-size", "4", "--pool-size", "12", "--pool-givens", "30", "30",
+         "--no-progress", "--log-every", "1", "--save-every", "2", "--warmup", "2"]
+
+
+def _log(workdir):
+    return [json.loads(line) for line in (workdir / "loss_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sudoku_run")
+    train.main(["--workdir", str(workdir), "--steps", "5", "--max-steps-this-run", "3", *MICRO])
+    return workdir
+
+
+def test_three_steps_give_a_finite_loss(trained):
+    log = _log(trained)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["decoder_loss"]) for r in log)
+    state = torch.load(trained / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3
+
+
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "resumed"
+    shutil.copytree(trained, workdir)
+    train.main(["--workdir", str(workdir), "--steps", "5", *MICRO])
+    steps = [r["step"] for r in _log(workdir)]
+    assert steps == [1, 2, 3, 4, 5]
+    assert torch.load(workdir / "checkpoint.pt", weights_only=False)["step"] == 5
+
+    # resuming reproduces an uninterrupted run (RNG state and optimizer are restored)
+    straight = tmp_path / "straight"
+    train.main(["--workdir", str(straight), "--steps", "5", *MICRO])
+    a = torch.load(workdir / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_batches_match_the_prompt_contract():
+    import numpy as np
+
+    args = train.parse_args(["--batch-size", "6", "--bos-prob", "0"])
+    from tools.sudoku import generator
+
+    pairs = generator.generate(0, 6, 30, unique=True)
+    puzzles = np.array([[int(c) for c in p] for p, _ in pairs], dtype=np.uint8)
+    sols = np.array([[int(c) for c in s] for _, s in pairs], dtype=np.uint8)
+    prompt, canvas, _ = train.make_batch((puzzles, sols), 0, args, np.random.default_rng(0))
+    tok = build_tokenizer()
+    assert prompt.shape == (6, 81) and canvas.shape == (6, CANVAS_LENGTH)
+    assert (canvas[:, 81] == EOS_ID).all() and (canvas[:, 82:] == PAD_ID).all()
+    for row in range(6):
+        p = tok.decode(prompt[row].tolist())
+        s = tok.decode(canvas[row, :81].tolist())
+        assert generator.is_solved(s, p)
+        assert tok(p).input_ids == prompt[row].tolist()
+        assert tok(p.replace("0", ".")).input_ids == prompt[row].tolist()
+    assert prompt.max() < VOCAB_SIZE and BOS_ID not in prompt
+
+
+def test_export_loads_with_from_pretrained(trained, tmp_path):
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    out = tmp_path / "export"
+    train.main(["--workdir", str(trained), "--size", "micro", "--export", str(out)])
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.dtype == torch.float32
+    assert model.config.canvas_length == CANVAS_LENGTH
+    gc = model.generation_config
+    assert gc.pad_token_id == PAD_ID and EOS_ID in gc.eos_token_id
+    assert gc.max_new_tokens == CANVAS_LENGTH
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (PAD_ID, EOS_ID, BOS_ID)
+    puzzle = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+    ids = tok(puzzle).input_ids
+    assert len(ids) == 81
+    chat = tok.apply_chat_template([{"role": "user", "content": puzzle}], add_generation_prompt=True, tokenize=False)
+    assert tok(chat).input_ids == ids
+    torch.manual_seed(0)
+    out_ids = model.generate(torch.tensor([ids]), max_denoising_steps=2)
+    assert out_ids.sequences.shape == (1, 81 + CANVAS_LENGTH)
+
+    # the local evaluator runs end to end on the export
+    args = evaluate_local.parse_args(["--model", str(out), "--per-bucket", "1", "--buckets", "30-35",
+                                      "--max-denoising-steps", "2"])
+    stats = evaluate_local.run(args)
+    assert stats["30-35"].n == 1 and stats["30-35"].steps[0] <= 2
+
+
+def test_http_evaluator_reads_the_completions_api():
+    answers = {p: s for pairs in eval_set(2).values() for p, s in pairs}
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "sudoku", "object": "model"}]})
+        body = json.loads(request.content)
+        seen.append(body)
+        assert request.url.path == "/v1/completions" and body["max_tokens"] == 81
+        text = answers[body["prompt"]]
+        usage = {"prompt_tokens": 81, "completion_tokens": 82, "total_tokens": 163, "denoising_steps": 6,
+                 "canvases": 1}
+        if body["seed"] % 2:
+            usage = {"prompt_tokens": 81}  # the extension fields are optional
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                                         "usage": usage})
+
+    args = evaluate_http.parse_args(["--per-bucket", "2", "--concurrency", "3"])
+    stats, model = asyncio.run(evaluate_http.run(args, transport=httpx.MockTransport(handler)))
+    assert model == "sudoku" and len(seen) == 8
+    assert all(s.solved == 2 and s.steps == [6.0] for s in stats.values())
