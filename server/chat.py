@@ -104,7 +104,8 @@ async def _create_chat_completion(request: Request, state, request_id: str, log:
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stream = chat_stream(state, engine, choice_set, base, include_usage, log)
-        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
+        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds,
+                           headers={"X-Request-Id": request_id})
 
     try:
         results = await collect_all(choice_set, request.receive)
@@ -125,7 +126,7 @@ async def _create_chat_completion(request: Request, state, request_id: str, log:
     ]
     log.finish(200, specs, results)
     body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(specs, results)}
-    return JSONResponse(body)
+    return JSONResponse(body, headers={"X-Request-Id": request_id})
 
 
 def _choice(index: int, delta: dict, finish_reason=None, **extra) -> dict:

@@ -94,7 +94,8 @@ async def _create_completion(request: Request, state, request_id: str, log: Requ
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stream = completion_stream(state, engine, choice_set, base, echo_texts, include_usage, log)
-        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
+        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds,
+                           headers={"X-Request-Id": request_id})
 
     try:
         results = await collect_all(choice_set, request.receive)
@@ -114,7 +115,7 @@ async def _create_completion(request: Request, state, request_id: str, log: Requ
         for i in sorted(results)
     ]
     log.finish(200, specs, results)
-    return JSONResponse({**base, "choices": choices, "usage": usage(specs, results)})
+    return JSONResponse({**base, "choices": choices, "usage": usage(specs, results)}, headers={"X-Request-Id": request_id})
 
 
 def _choice(index: int, text: str, finish_reason=None, **extra) -> dict:
