@@ -50,7 +50,6 @@ class ServerState:
         self.load_error: str | None = None
         self.created = int(time.time())
         self._load_task: asyncio.Task | None = None
-        self.ready_event = asyncio.Event()
 
     # lifecycle
 
@@ -75,7 +74,6 @@ class ServerState:
         self.engine = engine
         self.metrics.bind_engine_gauges(self._engine_counts)
         self.status = "ready"
-        self.ready_event.set()
         logger.info(
             "serving %s as %s (max_model_len=%s, canvas_length=%s) after %.1fs",
             self.settings.model, self.model_names()[0], getattr(engine, "max_model_len", "?"),
@@ -130,13 +128,11 @@ def create_app(
     on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     metrics = ServerMetrics()
-    holder: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = ServerState(settings, metrics, engine_factory or default_engine_factory, on_load_failure)
         app.state.server = state
-        holder["state"] = state
         state.start_loading()
         try:
             yield
