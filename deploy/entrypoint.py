@@ -1,0 +1,81 @@
+"""Container entrypoint: map ``DIFFUSION_SERVER_*`` environment variables to ``diffusion-server`` flags.
+
+Every flag of ``server.settings.OPTIONS`` has a variable: ``--max-num-seqs`` is
+``DIFFUSION_SERVER_MAX_NUM_SEQS``, ``--config`` is ``DIFFUSION_SERVER_CONFIG``, and so on. Switches
+take true/false (1/0, yes/no, on/off). ``DIFFUSION_SERVER_API_KEY`` (comma-separated) is read by the
+server itself. Empty variables are ignored. Arguments given to the container come after the mapped
+flags, so they win:
+
+    docker run ... -e DIFFUSION_SERVER_MAX_NUM_SEQS=8 diffusion-server:gpu --log-level debug
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PREFIX = "DIFFUSION_SERVER_"
+READ_BY_SERVER = {"--api-key"}  # the server reads DIFFUSION_SERVER_API_KEY itself
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_name(flag: str) -> str:
+    return PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+def flags_from_env(environ: dict[str, str] | None = None) -> list[str]:
+    """The flags the environment asks for, in ``OPTIONS`` order. Raises ``ValueError`` on a bad switch value."""
+    from server.settings import OPTIONS
+
+    environ = os.environ if environ is None else environ
+    argv: list[str] = []
+    for flag, _dest, kind, _help in OPTIONS:
+        if flag in READ_BY_SERVER:
+            continue
+        value = environ.get(env_name(flag), "").strip()
+        if not value:
+            continue
+        if kind == "bool":
+            low = value.lower()
+            if low in _TRUE:
+                argv.append(flag)
+            elif low in _FALSE:
+                argv.append("--no-" + flag.lstrip("-"))
+            else:
+                raise ValueError(f"{env_name(flag)}={value!r}: expected true or false")
+        else:
+            argv += [flag, value]
+    return argv
+
+
+VARIABLES_BEGIN = "<!-- BEGIN generated variables: python -m deploy.presets --write-docs -->"
+VARIABLES_END = "<!-- END generated variables -->"
+
+
+def variables_markdown() -> str:
+    """The table of docs/deployment.md: one variable per server flag, with the flag's help text."""
+    from server.settings import OPTIONS
+
+    lines = [VARIABLES_BEGIN, "", "| variable | flag | meaning |", "|---|---|---|"]
+    for flag, _dest, kind, help_text in OPTIONS:
+        value = "true/false" if kind == "bool" else kind
+        meaning = help_text.replace("|", "\\|")
+        if flag in READ_BY_SERVER:
+            meaning += " (read by the server itself)"
+        lines.append(f"| `{env_name(flag)}` | `{flag}` ({value}) | {meaning} |")
+    lines += ["", VARIABLES_END]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    try:
+        argv = flags_from_env()
+    except ValueError as exc:
+        print(f"entrypoint: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    os.execv(sys.executable, [sys.executable, "-m", "server", *argv, *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()
