@@ -23,6 +23,7 @@ from .completions import create_completion
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
 from .settings import ServerSettings
+from .ui import install_ui
 
 logger = logging.getLogger("server")
 
@@ -181,4 +182,6 @@ def create_app(
 
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    if settings.ui:
+        install_ui(app)
     return app

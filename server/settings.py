@@ -32,6 +32,7 @@ class ServerSettings:
     access_log: bool = False
     sse_ping_seconds: float = 15.0
     graceful_shutdown_seconds: float = 30.0
+    ui: bool = True
 
     def model_names(self, engine_model_name: str | None = None) -> list[str]:
         """Names accepted in the ``model`` field; the first is shown by /v1/models."""
@@ -117,6 +118,8 @@ OPTIONS: list[tuple[str, str, str, str]] = [
      "On SIGTERM/SIGINT: stop accepting connections, answer 503 (draining) to new requests on open "
      "connections, and let in-flight requests and streams finish for up to this long before aborting them "
      "(default 30). A second SIGINT exits at once."),
+    ("--ui", "ui", "bool",
+     "Serve the live canvas page at / (assets under /ui/; on by default). --no-ui turns it off: / answers 404."),
 ]
 
 

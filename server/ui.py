@@ -1,0 +1,98 @@
+"""The live canvas page: ``/`` (index.html), ``/ui/static/*`` (app.js, style.css) and two small
+read-only JSON endpoints the page needs besides the public API:
+
+- ``GET /ui/config``: model name, canvas length, context length and the default diffusion
+  parameters (the checkpoint's generation config), and whether an API key is required.
+- ``POST /ui/detokenize`` ``{"ids": [...]}`` -> ``{"texts": [...]}``: each id decoded on its own
+  (special tokens included, e.g. the mask token), so the page can draw one cell per canvas
+  position from the draft chunks' ``changed`` / ``changed_token_ids`` without a tokenizer.
+
+When the server has API keys, both JSON endpoints want the same bearer key as ``/v1/*``
+(``/ui/config`` without it answers only ``{"auth_required": true, "authorized": false}``). The
+page itself (static files) is always open. ``--no-ui`` leaves all of this out: ``/`` is a 404.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from starlette.responses import FileResponse, JSONResponse
+from starlette.staticfiles import StaticFiles
+
+from . import errors
+from .auth import bearer_token, key_matches
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_DETOKENIZE_IDS = 4096
+
+# The SamplingParams fields the page shows as editable diffusion parameters.
+DIFFUSION_PARAMS = (
+    "max_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
+    "stability_threshold", "confidence_threshold",
+)
+
+router = APIRouter()
+
+
+def _keys(request: Request) -> list[bytes]:
+    return [k.encode("utf-8") for k in request.app.state.server.settings.api_keys if k]
+
+
+def _authorized(request: Request) -> bool:
+    keys = _keys(request)
+    return not keys or key_matches(bearer_token(request.scope.get("headers", [])), keys)
+
+
+@router.get("/", include_in_schema=False)
+async def index():
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/ui/config")
+async def ui_config(request: Request):
+    state = request.app.state.server
+    auth_required = bool(_keys(request))
+    if not _authorized(request):
+        return JSONResponse({"auth_required": True, "authorized": False})
+    engine = state.engine
+    defaults = getattr(engine, "default_params", None)
+    params = {}
+    if defaults is not None and dataclasses.is_dataclass(defaults):
+        params = {name: getattr(defaults, name, None) for name in DIFFUSION_PARAMS}
+    return JSONResponse({
+        "auth_required": auth_required,
+        "authorized": True,
+        "status": state.status,
+        "model": state.model_names()[0],
+        "canvas_length": getattr(engine, "canvas_length", None),
+        "max_model_len": getattr(engine, "max_model_len", None),
+        "defaults": params,
+    })
+
+
+@router.post("/ui/detokenize")
+async def ui_detokenize(request: Request):
+    if not _authorized(request):
+        raise errors.unauthorized()
+    try:
+        body = await request.json()
+    except ValueError:
+        raise errors.bad_request("The body must be JSON: {\"ids\": [int, ...]}", "ids") from None
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise errors.bad_request("'ids' must be a list of integers", "ids")
+    if len(ids) > MAX_DETOKENIZE_IDS:
+        raise errors.bad_request(f"at most {MAX_DETOKENIZE_IDS} ids per request", "ids")
+    engine = request.app.state.server.engine_or_503()
+    tokenizer = engine.tokenizer
+    vocab = len(tokenizer)
+    texts = [tokenizer.decode([i], skip_special_tokens=False) if 0 <= i < vocab else "" for i in ids]
+    return {"texts": texts}
+
+
+def install_ui(app: FastAPI) -> None:
+    """Add the page, its assets and the two JSON endpoints to ``app``."""
+    app.include_router(router)
+    app.mount("/ui/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="ui-static")
