@@ -45,8 +45,19 @@ def flags_from_env(environ: dict[str, str] | None = None) -> list[str]:
             else:
                 raise ValueError(f"{env_name(flag)}={value!r}: expected true or false")
         else:
+            if flag == "--config" and not os.path.isfile(value):
+                raise ValueError(f"{env_name(flag)}={value!r}: no such file{_presets_hint()}")
             argv += [flag, value]
     return argv
+
+
+def _presets_hint() -> str:
+    folder = "/etc/diffusion-server"
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".yaml"))
+    except OSError:
+        return ""
+    return f" (presets in the image: {', '.join(os.path.join(folder, n) for n in names)})" if names else ""
 
 
 VARIABLES_BEGIN = "<!-- BEGIN generated variables: python -m deploy.presets --write-docs -->"

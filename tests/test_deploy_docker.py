@@ -4,6 +4,7 @@ build context (.dockerignore keeps what the build copies), and the entrypoint's 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -104,6 +105,7 @@ def test_every_flag_has_a_variable():
         if flag in entrypoint.READ_BY_SERVER:
             continue
         env[entrypoint.env_name(flag)] = "true" if kind == "bool" else {"int": "7", "float": "0.5"}.get(kind, "x")
+    env["DIFFUSION_SERVER_CONFIG"] = str(REPO / "configs/cpu-embedded.yaml")
     argv = entrypoint.flags_from_env(env)
     assert len([a for a in argv if a.startswith("--")]) == len(env)
     assert entrypoint.env_name("--max-num-seqs") == "DIFFUSION_SERVER_MAX_NUM_SEQS"
@@ -133,9 +135,16 @@ def test_variables_become_settings(tmp_path):
     assert s.log_prompts is True and s.access_log is False
 
 
-def test_bad_switch_value_is_a_clear_error():
+def test_bad_values_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="DIFFUSION_SERVER_LOG_PROMPTS='maybe': expected true or false"):
         entrypoint.flags_from_env({"DIFFUSION_SERVER_LOG_PROMPTS": "maybe"})
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="DIFFUSION_SERVER_CONFIG=.*nope.yaml': no such file"):
+        entrypoint.flags_from_env({"DIFFUSION_SERVER_CONFIG": missing})
+    env = dict(os.environ, PYTHONPATH=str(REPO), DIFFUSION_SERVER_CONFIG=missing)
+    proc = subprocess.run([sys.executable, str(REPO / "deploy/entrypoint.py")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "entrypoint: DIFFUSION_SERVER_CONFIG=" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_docs_list_every_variable():
