@@ -67,7 +67,7 @@ class AsyncEngine:
         self._dead: str | None = None
         self.num_running = 0
         self.num_waiting = 0
-        self._unfinished = 0  # touched only from the event loop thread
+        self._unfinished = 0  # submitted and not yet released; guarded by _lock
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,53 +90,41 @@ class AsyncEngine:
         """Fill defaults from the checkpoint and validate (raises ``InvalidRequestError``)."""
         return self.core.resolve(prompt_ids, params)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Run one request; yields ``RequestOutput`` events, the last with ``finished=True``.
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> "RequestStream":
+        """Submit one request and return its stream of ``RequestOutput`` events (``async for``); the
+        last event has ``finished=True``.
 
-        Raises ``QueueFullError`` before the first yield when the queue is full. Closing the iterator
-        early (client gone, task cancelled) aborts the request and frees its slot.
+        Validation and admission happen here, synchronously: ``InvalidRequestError`` for bad
+        parameters, ``QueueFullError`` when the waiting queue is full. Closing the stream early
+        (``aclose()``, or dropping it: client gone, task cancelled) aborts the request and frees its slot.
         """
         params = self.resolve(prompt_ids, params)
         if not self.healthy:
             raise RuntimeError("the engine is not running")
-        if self._unfinished >= self.settings.max_num_seqs + self.settings.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
-        stream: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        queue_: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._unfinished >= self.settings.max_num_seqs + self.settings.max_waiting:
+                raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id!r}")
-            self._streams[request_id] = (loop, stream)
-        self._unfinished += 1
+            self._streams[request_id] = (loop, queue_)
+            self._unfinished += 1
         self._inbox.put(("add", (request_id, list(prompt_ids), params)))
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        finished = False
-        try:
-            while True:
-                out: RequestOutput = await stream.get()
-                text = detok.add(out.token_ids, final=out.finished) if out.token_ids or out.finished else ""
-                if detok.stopped:
-                    # a stop string: cut the text, count the tokens that produced it, end the request
-                    finished = True
-                    self.abort(request_id, reason="stop")
-                    yield dataclasses.replace(
-                        out, text=text, finished=True, finish_reason="stop",
-                        token_ids=out.token_ids[: detok.num_tokens_at_stop - (len(detok.token_ids) - len(out.token_ids))],
-                        num_generated_tokens=detok.num_tokens_at_stop,
-                    )
-                    return
-                out = dataclasses.replace(out, text=text)
-                if out.finished:
-                    finished = True
-                yield out
-                if finished:
-                    return
-        finally:
+        return RequestStream(self, request_id, queue_, IncrementalDetokenizer(self.tokenizer, params.stop))
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        with self._lock:
+            if self._streams.pop(request_id, None) is None:
+                return
             self._unfinished -= 1
-            if not finished:
-                self.abort(request_id)
-            with self._lock:
-                self._streams.pop(request_id, None)
+        if not finished:
+            self.abort(request_id)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV token budget reserved by running requests (0..1)."""
+        return self.core.scheduler.reserved_kv_tokens / max(1, self.core.max_num_kv_tokens)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Abort a request (thread-safe, idempotent); it is freed within one pass. ``reason`` is the
@@ -196,3 +184,57 @@ class AsyncEngine:
             for rid in pending:
                 self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
                                             error=self._dead or "the engine shut down"))
+
+
+class RequestStream:
+    """The outputs of one submitted request, as an async iterator. Detokenizes and applies stop strings."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue_: asyncio.Queue, detok: IncrementalDetokenizer):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue_
+        self._detok = detok
+        self._done = False  # the last output was handed out
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done or self._closed:
+            raise StopAsyncIteration
+        try:
+            out: RequestOutput = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the caller is gone
+            self._close(finished=False)
+            raise
+        detok = self._detok
+        text = detok.add(out.token_ids, final=out.finished) if out.token_ids or out.finished else ""
+        if detok.stopped:
+            # a stop string: cut the text, count the tokens that produced it, end the request
+            self._engine.abort(self.request_id, reason="stop")
+            self._close(finished=True)
+            prior = len(detok.token_ids) - len(out.token_ids)
+            return dataclasses.replace(
+                out, text=text, finished=True, finish_reason="stop",
+                token_ids=out.token_ids[: detok.num_tokens_at_stop - prior],
+                num_generated_tokens=detok.num_tokens_at_stop,
+            )
+        if out.finished:
+            self._close(finished=True)
+        return dataclasses.replace(out, text=text)
+
+    def _close(self, finished: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._done = finished
+        self._engine._release(self.request_id, finished)
+
+    async def aclose(self) -> None:
+        """Stop listening; aborts the request unless it already finished."""
+        self._close(finished=False)
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self._close(finished=False)

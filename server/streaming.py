@@ -86,10 +86,11 @@ class ChoiceSet:
     # QueueFullError on submission, before its first real await).
     PRIME_ITERATIONS = 4
 
-    def __init__(self, engine, specs: list[ChoiceSpec], on_choice_finished=None):
+    def __init__(self, engine, specs: list[ChoiceSpec], on_choice_finished=None, live: set | None = None):
         self.engine = engine
         self.specs = specs
         self.on_choice_finished = on_choice_finished  # (finish_reason, prompt_tokens, generated_tokens)
+        self.live = live  # the server's set of running ChoiceSets (aborted together when a drain times out)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.results = {s.index: ChoiceResult(s.index) for s in specs}
@@ -97,6 +98,8 @@ class ChoiceSet:
 
     async def start(self) -> None:
         """Submit every choice; if the engine's queue is full for any of them, abort the others and raise 429."""
+        if self.live is not None:
+            self.live.add(self)
         for spec in self.specs:
             self.tasks.append(asyncio.create_task(self._pump(spec), name=spec.request_id))
         for _ in range(self.PRIME_ITERATIONS):
@@ -108,11 +111,13 @@ class ChoiceSet:
             raise errors.queue_full()
 
     async def _pump(self, spec: ChoiceSpec) -> None:
-        agen = self.engine.generate(spec.prompt_ids, spec.params, spec.request_id)
+        agen = None
         got_any = False
         submitted = True
         reason, generated = "abort", 0
         try:
+            # validation and admission happen synchronously here (InvalidRequestError, QueueFullError)
+            agen = self.engine.generate(spec.prompt_ids, spec.params, spec.request_id)
             async for out in agen:
                 got_any = True
                 generated = out.num_generated_tokens
@@ -131,7 +136,8 @@ class ChoiceSet:
             reason = "error"
             self.queue.put_nowait((spec.index, None, exc))
         finally:
-            await agen.aclose()
+            if agen is not None:
+                await agen.aclose()
             if submitted and self.on_choice_finished is not None:
                 self.on_choice_finished(reason, len(spec.prompt_ids), generated)
 
@@ -155,9 +161,17 @@ class ChoiceSet:
                 remaining -= 1
 
     def cancel(self) -> None:
+        if self.live is not None:
+            self.live.discard(self)
         for task in self.tasks:
             if not task.done():
                 task.cancel()
+
+    def abort_in_engine(self) -> None:
+        """Abort every choice inside the engine: each finishes with ``abort`` (a clear end for the client:
+        a 503 ``request_aborted``, or that error chunk and ``[DONE]`` on a stream)."""
+        for spec in self.specs:
+            self.engine.abort(spec.request_id)
 
 
 async def wait_for_disconnect(receive) -> None:
