@@ -2,7 +2,7 @@
 
 Every flag of ``server.settings.OPTIONS`` has a variable: ``--max-num-seqs`` is
 ``DIFFUSION_SERVER_MAX_NUM_SEQS``, ``--config`` is ``DIFFUSION_SERVER_CONFIG``, and so on. Switches
-take true/false (1/0, yes/no, on/off). ``DIFFUSION_SERVER_API_KEY`` (comma-separated) is read by the
+take true/false (1/0, yes/no, on/off); repeatable flags take a comma-separated list. ``DIFFUSION_SERVER_API_KEY`` (comma-separated) is read by the
 server itself. Empty variables are ignored. Arguments given to the container come after the mapped
 flags, so they win:
 
@@ -47,7 +47,12 @@ def flags_from_env(environ: dict[str, str] | None = None) -> list[str]:
         else:
             if flag == "--config" and not os.path.isfile(value):
                 raise ValueError(f"{env_name(flag)}={value!r}: no such file{_presets_hint()}")
-            argv += [flag, value]
+            if kind == "list":  # comma-separated, one flag per item
+                for item in (v.strip() for v in value.split(",")):
+                    if item:
+                        argv += [flag, item]
+            else:
+                argv += [flag, value]
     return argv
 
 
@@ -58,25 +63,6 @@ def _presets_hint() -> str:
     except OSError:
         return ""
     return f" (presets in the image: {', '.join(os.path.join(folder, n) for n in names)})" if names else ""
-
-
-VARIABLES_BEGIN = "<!-- BEGIN generated variables: python -m deploy.presets --write-docs -->"
-VARIABLES_END = "<!-- END generated variables -->"
-
-
-def variables_markdown() -> str:
-    """The table of docs/deployment.md: one variable per server flag, with the flag's help text."""
-    from server.settings import OPTIONS
-
-    lines = [VARIABLES_BEGIN, "", "| variable | flag | meaning |", "|---|---|---|"]
-    for flag, _dest, kind, help_text in OPTIONS:
-        value = "true/false" if kind == "bool" else kind
-        meaning = help_text.replace("|", "\\|")
-        if flag in READ_BY_SERVER:
-            meaning += " (read by the server itself)"
-        lines.append(f"| `{env_name(flag)}` | `{flag}` ({value}) | {meaning} |")
-    lines += ["", VARIABLES_END]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python -m deploy.presets                 # one plain-text plan per preset
     python -m deploy.presets --markdown      # the tables of docs/deployment.md
-    python -m deploy.presets --write-docs    # rewrite those tables (and the container variables) in docs/deployment.md
+    python -m deploy.presets --write-docs    # rewrite those tables in docs/deployment.md
     python -m deploy.presets --check-docs    # exit 1 when docs/deployment.md is out of date
 
 Each preset is read through the server's own config loader (``server.cli.settings_from_args``), so
@@ -285,10 +285,8 @@ def generated_section(doc: str, begin: str = BEGIN_MARK, end_mark: str = END_MAR
 
 
 def updated_docs(doc: str, plans: list[dict] | None = None) -> str:
-    """docs/deployment.md with both generated sections (preset tables, container variables) refreshed."""
-    from deploy.entrypoint import variables_markdown
-
-    return replace_generated(replace_generated(doc, markdown(plans)), variables_markdown())
+    """docs/deployment.md with the generated preset tables refreshed."""
+    return replace_generated(doc, markdown(plans))
 
 
 def main(argv: list[str] | None = None) -> int:
