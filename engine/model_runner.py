@@ -13,7 +13,7 @@ import torch
 
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
-from .sampler import RowParams, denoise_tile, tile_rows_for
+from .sampler import denoise_tile, tile_rows_for
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 
@@ -184,10 +184,7 @@ class ModelRunner:
             out = denoise_tile(
                 logits,
                 torch.stack([s.canvas for s in tile_states]),
-                [
-                    RowParams(w.cur_step, w.max_steps, w.t_min, w.t_max, w.entropy_bound, w.confidence_threshold)
-                    for w in tile_work
-                ],
+                tile_work,
                 [s.generator for s in tile_states],
             )
             self._sampling_seconds += time.perf_counter() - t1

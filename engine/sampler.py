@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .work import DecodeWork
+
 
 SAMPLING_FP32_COPIES = 5  # logits, scaled logits, probs, entropy work, self-conditioning softmax
 
@@ -29,16 +31,6 @@ def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int, 
 
 
 @dataclass
-class RowParams:
-    cur_step: int  # N..1
-    max_steps: int
-    t_min: float
-    t_max: float
-    entropy_bound: float
-    confidence_threshold: float
-
-
-@dataclass
 class TileResult:
     next_canvas: torch.Tensor  # [n, C] the renoised canvas fed to the next step
     argmax: torch.Tensor  # [n, C] draft: argmax of the scaled logits
@@ -49,7 +41,7 @@ class TileResult:
 def denoise_tile(
     logits: torch.Tensor,  # [n, C, V] fp32, soft-capped
     current_canvas: torch.Tensor,  # [n, C]
-    rows: list[RowParams],
+    rows: list[DecodeWork],  # per row: cur_step, max_steps, t_min, t_max, entropy_bound, confidence_threshold
     generators: list[torch.Generator],
 ) -> TileResult:
     n, canvas_len, vocab = logits.shape
