@@ -78,10 +78,12 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     if experts is None and dtype == torch.float64:
         experts = "eager"  # grouped_mm has no float64 kernel
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    if device.type != "cpu":
+        kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy
     if experts is not None:
         kwargs["experts_implementation"] = experts
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.model, **kwargs)
-    model.to(device)
+    model.to(device)  # a no-op when device_map already placed it
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
