@@ -36,6 +36,7 @@ class AsyncEngine:
     """Load a checkpoint and serve requests from asyncio code. See ``generate``."""
 
     def __init__(self, settings: EngineSettings, stats_sink: StatsSink | None = None, model_name: str | None = None):
+        settings.validate()
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         self.settings = settings

@@ -17,6 +17,9 @@ _DTYPES = {
 }
 
 
+DTYPE_NAMES = tuple(_DTYPES)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

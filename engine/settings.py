@@ -36,3 +36,29 @@ class EngineSettings:
     sampling_tile_bytes: int = 512 * 2**20
     num_threads: int | None = None
     experts_implementation: str | None = None  # None: transformers' default (eager for float64)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a clear message for any setting the engine cannot use."""
+        from .loader import DTYPE_NAMES
+
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a local folder or a hub id")
+        if self.dtype not in ("auto", *DTYPE_NAMES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)} (got {self.dtype!r})")
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        positive = {
+            "max_num_seqs": self.max_num_seqs,
+            "max_encoder_tokens": self.max_encoder_tokens,
+            "sampling_tile_bytes": self.sampling_tile_bytes,
+            "max_model_len": self.max_model_len,
+            "max_num_kv_tokens": self.max_num_kv_tokens,
+            "num_threads": self.num_threads,
+        }
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be an integer >= 0 (got {self.max_waiting!r})")
+        if not (isinstance(self.memory_fraction, (int, float)) and 0 < self.memory_fraction <= 1):
+            raise ValueError(f"memory_fraction must be in (0, 1] (got {self.memory_fraction!r})")

@@ -148,3 +148,20 @@ def test_bad_prompt_tokens_rejected(core, prompt):
     with pytest.raises(InvalidRequestError) as info:
         core.resolve(prompt, SamplingParams())
     assert info.value.param == "prompt"
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (dict(dtype="bf16"), "dtype must be one of"),
+    (dict(device="gpu"), "device must be"),
+    (dict(max_num_seqs=0), "max_num_seqs must be a positive integer"),
+    (dict(max_waiting=-1), "max_waiting must be an integer >= 0"),
+    (dict(memory_fraction=1.5), "memory_fraction must be in (0, 1]"),
+    (dict(num_threads=0), "num_threads must be a positive integer"),
+    (dict(max_model_len=0), "max_model_len must be a positive integer"),
+])
+def test_bad_engine_settings_fail_before_loading(overrides, fragment):
+    from engine import AsyncEngine, EngineSettings
+
+    with pytest.raises(ValueError) as info:
+        AsyncEngine(EngineSettings(model="/nonexistent", **overrides))
+    assert fragment in str(info.value)
