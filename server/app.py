@@ -22,12 +22,18 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
+from .middleware import InFlight, InFlightMiddleware, RequestIdMiddleware
+from .openapi import install_openapi
 from .settings import ServerSettings
 from .ui import install_ui
 
 logger = logging.getLogger("server")
 
 EngineFactory = Callable[[ServerSettings, object], object]
+
+# After a drain's deadline aborts what is left, how long the aborted requests get to send their
+# last bytes (the 503 or the error chunk and [DONE]) before the server closes.
+ABORT_GRACE_SECONDS = 5.0
 
 
 def default_engine_factory(settings: ServerSettings, stats_sink) -> object:
@@ -41,8 +47,10 @@ class ServerState:
     """Lifecycle of the engine behind the app: loading -> ready -> draining (or failed)."""
 
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics, engine_factory: EngineFactory,
-                 on_load_failure: Callable[[BaseException], None] | None = None):
+                 on_load_failure: Callable[[BaseException], None] | None = None, inflight: InFlight | None = None):
         self.settings = settings
+        self.inflight = inflight or InFlight()
+        self.live_choice_sets: set = set()  # ChoiceSets with engine requests (see streaming.ChoiceSet)
         self.metrics = metrics
         self.engine_factory = engine_factory
         self.on_load_failure = on_load_failure
@@ -73,13 +81,32 @@ class ServerState:
             return
         engine.start()
         self.engine = engine
-        self.metrics.bind_engine_gauges(self._engine_counts)
+        self.metrics.bind_engine_gauges(self._engine_counts, self._engine_live_states)
         self.status = "ready"
         logger.info(
             "serving %s as %s (max_model_len=%s, canvas_length=%s) after %.1fs",
             self.settings.model, self.model_names()[0], getattr(engine, "max_model_len", "?"),
             getattr(engine, "canvas_length", "?"), time.monotonic() - t0,
         )
+
+    async def drain(self, timeout: float) -> None:
+        """Shut down gracefully: /health and new requests answer 503 at once; in-flight requests and
+        streams get ``timeout`` seconds to finish; whatever is left is then aborted in the engine, so
+        its client gets a clear end (a 503 ``request_aborted``, or that error chunk and ``[DONE]``).
+        Returns when nothing is in flight any more (or the abort grace has passed)."""
+        self.status = "draining"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while self.inflight.count > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight.count > 0:
+            logger.warning("drain timeout (%.0fs): aborting %d in-flight request(s)", timeout, self.inflight.count)
+            for choice_set in list(self.live_choice_sets):
+                choice_set.abort_in_engine()
+            grace = loop.time() + ABORT_GRACE_SECONDS
+            while self.inflight.count > 0 and loop.time() < grace:
+                await asyncio.sleep(0.05)
+        logger.info("drained: %d request(s) still open", self.inflight.count)
 
     async def close(self) -> None:
         self.status = "draining"
@@ -93,6 +120,11 @@ class ServerState:
         if e is None:
             return None
         return e.num_running, e.num_waiting
+
+    def _engine_live_states(self) -> int:
+        e = self.engine
+        count = getattr(e, "num_live_states", None) if e is not None else None
+        return count() if count is not None else 0
 
     # request helpers
 
@@ -129,10 +161,12 @@ def create_app(
     on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     metrics = ServerMetrics()
+    inflight = InFlight()
+    metrics.bind_in_flight(lambda: inflight.count)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = ServerState(settings, metrics, engine_factory or default_engine_factory, on_load_failure)
+        state = ServerState(settings, metrics, engine_factory or default_engine_factory, on_load_failure, inflight)
         app.state.server = state
         state.start_loading()
         try:
@@ -151,6 +185,20 @@ def create_app(
     errors.install_error_handlers(app, on_error=metrics.count_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes, on_reject=metrics.count_error)
     app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys, on_reject=metrics.count_error)
+    app.add_middleware(InFlightMiddleware, inflight=inflight)
+    if settings.cors_allow_origins:  # closed unless configured: no CORS headers at all
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_allow_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+            allow_credentials=False,
+            max_age=600,
+        )
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-Id
 
     @app.get("/health")
     async def health(request: Request):
@@ -184,4 +232,5 @@ def create_app(
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
     if settings.ui:
         install_ui(app)
+    install_openapi(app)
     return app

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import errors
 from .errors import APIError
-from .handling import RequestLog, check_unsupported, make_specs, new_request_id, parse_body, usage
+from .handling import RequestLog, check_unsupported, make_specs, parse_body, request_ids, usage
 from .protocol import ChatCompletionRequest
 from .streaming import (
     DONE,
@@ -72,17 +72,17 @@ def apply_template(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], st
 
 async def create_chat_completion(request: Request):
     state = request.app.state.server
-    request_id = new_request_id("chatcmpl")
+    request_id, engine_prefix = request_ids(request, "chatcmpl")
     log = RequestLog(request_id, "chat", state.settings.log_prompts)
     try:
-        return await _create_chat_completion(request, state, request_id, log)
+        return await _create_chat_completion(request, state, request_id, engine_prefix, log)
     except APIError as exc:
         log.finish(exc.status, note=exc.code or exc.type)
         raise
 
 
-async def _create_chat_completion(request: Request, state, request_id: str, log: RequestLog):
-    req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+async def _create_chat_completion(request: Request, state, request_id: str, engine_prefix: str, log: RequestLog):
+    req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest, state.settings.max_json_depth)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
     rf_type = (req.response_format or {}).get("type", "text")
@@ -94,9 +94,9 @@ async def _create_chat_completion(request: Request, state, request_id: str, log:
     prompt_ids, prompt_text = await asyncio.to_thread(apply_template, engine.tokenizer, req) if len(req.messages) > 64 else apply_template(engine.tokenizer, req)
     log.prompt_text = prompt_text if state.settings.log_prompts else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    specs = make_specs(engine, [prompt_ids], req, max_tokens, request_id)
+    specs = make_specs(engine, [prompt_ids], req, max_tokens, engine_prefix, state.settings)
 
-    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished)
+    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished, state.live_choice_sets)
     await choice_set.start()
     created = int(time.time())
     base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
@@ -104,8 +104,7 @@ async def _create_chat_completion(request: Request, state, request_id: str, log:
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stream = chat_stream(state, engine, choice_set, base, include_usage, log)
-        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds,
-                           headers={"X-Request-Id": request_id})
+        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
 
     try:
         results = await collect_all(choice_set, request.receive)
@@ -126,7 +125,7 @@ async def _create_chat_completion(request: Request, state, request_id: str, log:
     ]
     log.finish(200, specs, results)
     body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(specs, results)}
-    return JSONResponse(body, headers={"X-Request-Id": request_id})
+    return JSONResponse(body)
 
 
 def _choice(index: int, delta: dict, finish_reason=None, **extra) -> dict:

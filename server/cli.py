@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind == "bool":
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind == "list":
-            parser.add_argument(flag, dest=dest, action="append", metavar="KEY", help=help_text)
+            metavar = "KEY" if dest == "api_keys" else "VALUE"
+            parser.add_argument(flag, dest=dest, action="append", metavar=metavar, help=help_text)
         else:
             conv = {"int": int, "float": float, "str": str}[kind]
             parser.add_argument(flag, dest=dest, type=conv, metavar=kind.upper() if kind != "str" else None, help=help_text)
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
+    from .app import ABORT_GRACE_SECONDS
+
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -151,21 +156,53 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
         log_config=None,
-        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+        # the drain (below) runs before uvicorn's own shutdown; this only bounds what is left after it
+        timeout_graceful_shutdown=ABORT_GRACE_SECONDS,
     )
-    # sse-starlette would cut every stream at the first signal; let them finish within the grace period
-    # instead (uvicorn cancels what is left when it expires, which aborts those engine requests).
+    # sse-starlette would cut every stream at the first signal; the drain lets them finish instead.
     from sse_starlette.sse import AppStatus
 
     AppStatus.disable_automatic_graceful_drain()
 
     class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT: drain first, then let uvicorn close; exit status 0 after a drain.
+
+        While draining the server keeps listening, so load balancers and clients see /health 503 and
+        503 + Retry-After on new requests rather than refused connections. A second SIGINT exits at once.
+        """
+
+        _loop: asyncio.AbstractEventLoop | None = None
+        _draining = False
+
+        async def serve(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
         def handle_exit(self, sig, frame) -> None:
+            # not calling super(): uvicorn would re-raise the signal at exit (status -15 instead of 0)
+            if self._draining:
+                if sig == signal.SIGINT:
+                    logger.warning("second SIGINT: exiting without waiting for in-flight requests")
+                    self.force_exit = True
+                    self.should_exit = True
+                return
+            self._draining = True
             state = getattr(app.state, "server", None)
-            if state is not None and state.status in ("loading", "ready"):
-                state.status = "draining"
-                logger.info("shutting down: draining in-flight requests (up to %.0fs)", settings.graceful_shutdown_seconds)
-            super().handle_exit(sig, frame)
+            if state is None or self._loop is None or self.should_exit:
+                self.should_exit = True
+                return
+            state.status = "draining"
+            logger.info("shutting down: draining in-flight requests (up to %.0fs)", settings.graceful_shutdown_seconds)
+            self._loop.call_soon_threadsafe(self._start_drain, state)
+
+        def _start_drain(self, state) -> None:
+            async def drain_then_exit() -> None:
+                try:
+                    await state.drain(settings.graceful_shutdown_seconds)
+                finally:
+                    self.should_exit = True
+
+            self._drain_task = asyncio.ensure_future(drain_then_exit())
 
     server = DrainingServer(config)
     server_box["server"] = server

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import errors
 from .errors import APIError
-from .handling import RequestLog, check_unsupported, make_specs, new_request_id, parse_body, usage
+from .handling import RequestLog, check_request_limits, check_unsupported, make_specs, parse_body, request_ids, usage
 from .protocol import CompletionRequest
 from .streaming import (
     DONE,
@@ -28,6 +28,13 @@ from .streaming import (
 logger = logging.getLogger("server")
 
 TOKENIZE_IN_THREAD_CHARS = 20000
+
+
+def count_prompts(prompt) -> int:
+    """Prompts in ``prompt`` (any of OpenAI's four shapes), before tokenization."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
 
 
 async def tokenize_prompts(tokenizer, prompt) -> tuple[list[list[int]], list[str]]:
@@ -58,17 +65,17 @@ async def tokenize_prompts(tokenizer, prompt) -> tuple[list[list[int]], list[str
 
 async def create_completion(request: Request):
     state = request.app.state.server
-    request_id = new_request_id("cmpl")
+    request_id, engine_prefix = request_ids(request, "cmpl")
     log = RequestLog(request_id, "completions", state.settings.log_prompts)
     try:
-        return await _create_completion(request, state, request_id, log)
+        return await _create_completion(request, state, request_id, engine_prefix, log)
     except APIError as exc:
         log.finish(exc.status, note=exc.code or exc.type)
         raise
 
 
-async def _create_completion(request: Request, state, request_id: str, log: RequestLog):
-    req: CompletionRequest = await parse_body(request, CompletionRequest)
+async def _create_completion(request: Request, state, request_id: str, engine_prefix: str, log: RequestLog):
+    req: CompletionRequest = await parse_body(request, CompletionRequest, state.settings.max_json_depth)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
     check_unsupported(
@@ -76,8 +83,9 @@ async def _create_completion(request: Request, state, request_id: str, log: Requ
         suffix=(bool(req.suffix), "suffix is not supported by this server."),
         best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."),
     )
+    check_request_limits(state.settings, req, count_prompts(req.prompt), req.max_tokens)  # before tokenizing
     prompts, texts = await tokenize_prompts(engine.tokenizer, req.prompt)
-    specs = make_specs(engine, prompts, req, req.max_tokens, request_id)
+    specs = make_specs(engine, prompts, req, req.max_tokens, engine_prefix, state.settings)
     if state.settings.log_prompts:
         log.prompt_text = " | ".join(t if t is not None else str(p) for t, p in zip(texts, prompts))
     echo_texts = {}
@@ -86,7 +94,7 @@ async def _create_completion(request: Request, state, request_id: str, log: Requ
             t = texts[s.prompt_index]
             echo_texts[s.index] = t if t is not None else engine.tokenizer.decode(s.prompt_ids)
 
-    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished)
+    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished, state.live_choice_sets)
     await choice_set.start()
     created = int(time.time())
     base = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}
@@ -94,8 +102,7 @@ async def _create_completion(request: Request, state, request_id: str, log: Requ
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stream = completion_stream(state, engine, choice_set, base, echo_texts, include_usage, log)
-        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds,
-                           headers={"X-Request-Id": request_id})
+        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
 
     try:
         results = await collect_all(choice_set, request.receive)
@@ -115,7 +122,7 @@ async def _create_completion(request: Request, state, request_id: str, log: Requ
         for i in sorted(results)
     ]
     log.finish(200, specs, results)
-    return JSONResponse({**base, "choices": choices, "usage": usage(specs, results)}, headers={"X-Request-Id": request_id})
+    return JSONResponse({**base, "choices": choices, "usage": usage(specs, results)})
 
 
 def _choice(index: int, text: str, finish_reason=None, **extra) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
 from . import errors
-from .protocol import CommonFields
+from .protocol import CommonFields, CompletionRequest
 from .streaming import ChoiceResult, ChoiceSpec
 
 logger = logging.getLogger("server.requests")
@@ -24,15 +25,81 @@ MAX_CHOICES = 256
 LOG_TEXT_LIMIT = 2000
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
-    """Parse the body as JSON whatever the Content-Type says (curl's -d sends form encoding)."""
-    raw = await request.body()
+# Bodies larger than this are parsed and checked in a worker thread (the event loop stays free).
+PARSE_IN_THREAD_BYTES = 1 << 20
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _too_deep(max_depth: int) -> errors.APIError:
+    return errors.bad_request(
+        f"The request body nests arrays and objects more than {max_depth} levels deep (setting max_json_depth).",
+        None, "json_too_deep",
+    )
+
+
+def _check_string(s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.bad_request(
+                "The request body is not valid JSON: a string contains an unpaired UTF-16 surrogate escape.",
+                None, "invalid_json",
+            ) from None
+
+
+def check_json_value(data, max_depth: int) -> None:
+    """Depth of nesting (the body itself is level 1) and well-formed strings, without recursion."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise _too_deep(max_depth)
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            for key in value:
+                _check_string(key)
+        for item in items:
+            kind = type(item)
+            if kind is int or kind is float or kind is bool or item is None:
+                continue
+            if kind is str:
+                _check_string(item)
+            elif isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+
+
+def load_json(raw: bytes, max_depth: int):
+    """Strict JSON (no NaN, Infinity or numbers that overflow to them), at most ``max_depth`` deep."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise errors.bad_request("The request body must be a JSON object.", None, "invalid_json")
+    check_json_value(data, max_depth)
+    return data
+
+
+async def parse_body(request: Request, model: type[BaseModel], max_depth: int = 32):
+    """Parse the body as JSON whatever the Content-Type says (curl's -d sends form encoding)."""
+    raw = await request.body()
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        data = await asyncio.to_thread(load_json, raw, max_depth)
+    else:
+        data = load_json(raw, max_depth)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -41,6 +108,76 @@ async def parse_body(request: Request, model: type[BaseModel]):
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def request_ids(request: Request, prefix: str) -> tuple[str, str]:
+    """(response id, prefix of the engine request ids) for this HTTP request.
+
+    The response id comes from ``RequestIdMiddleware`` (``<prefix>-<X-Request-Id>`` when the client
+    sent a sane one). Engine ids must be unique while a client may reuse its X-Request-Id, so a
+    client-chosen id gets a random suffix there.
+    """
+    state = request.scope.get("state") or {}
+    rid = state.get("request_id")
+    if not rid:
+        rid = new_request_id(prefix)
+        return rid, rid
+    if state.get("request_id_from_client"):
+        return rid, f"{rid}-{uuid.uuid4().hex[:8]}"
+    return rid, rid
+
+
+def limit_error(message: str, param: str | None) -> errors.APIError:
+    return errors.bad_request(message, param, "limit_exceeded")
+
+
+def check_request_limits(settings, req: CommonFields, num_prompts: int, max_tokens: int | None,
+                         max_tokens_param: str = "max_tokens") -> None:
+    """The limits that need no tokenization (settings ``max_n``, ``max_prompts_per_request``, ...) and
+    the cross-field checks."""
+    if req.stream_options is not None and not req.stream:
+        raise errors.bad_request("stream_options is only allowed when stream is true.", "stream_options")
+    if req.n > settings.max_n:
+        raise limit_error(f"n must be at most {settings.max_n} on this server (setting max_n), got {req.n}.", "n")
+    if num_prompts > settings.max_prompts_per_request:
+        raise limit_error(
+            f"Too many prompts: {num_prompts} in one request, the limit is {settings.max_prompts_per_request} "
+            "(setting max_prompts_per_request).", "prompt",
+        )
+    if num_prompts * req.n > MAX_CHOICES:
+        raise errors.bad_request(
+            f"Too many choices: {num_prompts} prompts x n={req.n} is over the limit of {MAX_CHOICES}.", "n"
+        )
+    for s in req.stop_tuple():
+        if len(s) > settings.max_stop_length:
+            raise limit_error(
+                f"A stop sequence is {len(s)} characters long, the limit is {settings.max_stop_length} "
+                "(setting max_stop_length).", "stop",
+            )
+    if max_tokens is not None:
+        check_max_tokens(settings, max_tokens, max_tokens_param)
+    if req.max_denoising_steps is not None:
+        check_max_denoising_steps(settings, req.max_denoising_steps)
+
+
+def check_max_tokens(settings, max_tokens: int, param: str) -> None:
+    limit = settings.max_completion_tokens
+    if limit is not None and max_tokens > limit:
+        raise limit_error(
+            f"{param} must be at most {limit} on this server (setting max_completion_tokens), got {max_tokens}.", param
+        )
+
+
+def check_prompt_lengths(settings, prompts: list[list[int]], param: str) -> None:
+    limit = settings.max_prompt_tokens
+    if limit is None:
+        return
+    for i, p in enumerate(prompts):
+        if len(p) > limit:
+            where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            raise limit_error(
+                f"{where} has {len(p)} tokens, the limit is {limit} (setting max_prompt_tokens).", param
+            )
 
 
 def diffusion_kwargs(req: CommonFields) -> dict:
@@ -54,14 +191,20 @@ def diffusion_kwargs(req: CommonFields) -> dict:
     )
 
 
-def make_specs(engine, prompts: list[list[int]], req: CommonFields, max_tokens: int | None, request_id: str) -> list[ChoiceSpec]:
+def make_specs(engine, prompts: list[list[int]], req: CommonFields, max_tokens: int | None, request_id: str,
+               settings=None) -> list[ChoiceSpec]:
     """One resolved engine request per choice. Choice ``i`` (prompt ``i // n``) gets ``seed + i``.
 
-    Raises a 400 ``APIError`` for any parameter the engine refuses (context length included),
-    before anything is submitted.
+    Raises a 400 ``APIError`` for any parameter the engine refuses (context length included) or a
+    request limit (``settings``) forbids, before anything is submitted. ``request_id`` prefixes the
+    engine request ids.
     """
     n = req.n
-    if len(prompts) * n > MAX_CHOICES:
+    max_tokens_param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+    if settings is not None:
+        check_request_limits(settings, req, len(prompts), max_tokens, max_tokens_param)
+        check_prompt_lengths(settings, prompts, "prompt" if isinstance(req, CompletionRequest) else "messages")
+    elif len(prompts) * n > MAX_CHOICES:
         raise errors.bad_request(
             f"Too many choices: {len(prompts)} prompts x n={n} is over the limit of {MAX_CHOICES}.", "n"
         )
@@ -82,11 +225,31 @@ def make_specs(engine, prompts: list[list[int]], req: CommonFields, max_tokens: 
                 resolved = engine.resolve(prompt_ids, params)
             except InvalidRequestError as exc:
                 param = exc.param
-                if param == "max_tokens" and getattr(req, "max_completion_tokens", None) is not None:
-                    param = "max_completion_tokens"
+                if param == "max_tokens":
+                    param = max_tokens_param
                 raise errors.bad_request(exc.message, param) from None
             specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{request_id}-{index}"))
+    if settings is not None and specs:
+        if max_tokens is None:  # the checkpoint's default: the same limit applies
+            check_max_tokens(settings, specs[0].params.max_tokens, max_tokens_param)
+        check_max_denoising_steps(settings, specs[0].params.max_denoising_steps)
+        total = sum(s.params.max_tokens for s in specs)
+        if total > settings.max_request_tokens:
+            param = "n" if n > 1 else ("prompt" if len(prompts) > 1 else max_tokens_param)
+            raise limit_error(
+                f"This request asks for up to {total} completion tokens in all ({len(prompts)} prompts x n={n} x "
+                f"{max_tokens_param}={specs[0].params.max_tokens}); the limit is {settings.max_request_tokens} "
+                "(setting max_request_tokens).", param,
+            )
     return specs
+
+
+def check_max_denoising_steps(settings, steps: int) -> None:
+    if steps > settings.max_request_denoising_steps:
+        raise limit_error(
+            f"max_denoising_steps must be at most {settings.max_request_denoising_steps} on this server "
+            f"(setting max_request_denoising_steps), got {steps}.", "max_denoising_steps",
+        )
 
 
 def usage(specs: list[ChoiceSpec], results: dict[int, ChoiceResult]) -> dict:

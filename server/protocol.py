@@ -12,7 +12,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-MAX_N = 64
+# OpenAI's limit on stop sequences. The other request limits are settings (``settings.py``), checked
+# in ``handling.py``; ``n`` has only its lower bound here.
 MAX_STOP = 4
 
 
@@ -43,7 +44,7 @@ class CommonFields(DiffusionFields):
     # t_max -> t_min over the denoising steps; ``temperature`` and ``top_p`` do not change it.
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
+    n: StrictInt = Field(default=1, ge=1)
     stop: Union[str, list[str], None] = None
     seed: StrictInt | None = None
     stream: StrictBool = False

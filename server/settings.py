@@ -10,6 +10,14 @@ from dataclasses import dataclass, field, fields
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
 
+# Request limits (see docs/reliability.md). A request over any of them gets a 400; nothing is clamped.
+DEFAULT_MAX_N = 64
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 256
+DEFAULT_MAX_REQUEST_TOKENS = 262144
+DEFAULT_MAX_STOP_LENGTH = 256
+DEFAULT_MAX_JSON_DEPTH = 32
+DEFAULT_MAX_REQUEST_DENOISING_STEPS = 1024
+
 
 @dataclass
 class ServerSettings:
@@ -33,6 +41,15 @@ class ServerSettings:
     sse_ping_seconds: float = 15.0
     graceful_shutdown_seconds: float = 30.0
     ui: bool = True
+    max_prompt_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_n: int = DEFAULT_MAX_N
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS
+    max_stop_length: int = DEFAULT_MAX_STOP_LENGTH
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_request_denoising_steps: int = DEFAULT_MAX_REQUEST_DENOISING_STEPS
+    cors_allow_origins: list[str] = field(default_factory=list)
 
     def model_names(self, engine_model_name: str | None = None) -> list[str]:
         """Names accepted in the ``model`` field; the first is shown by /v1/models."""
@@ -97,7 +114,8 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("--device", "device", "str", "auto (CUDA when available, else CPU), cpu, cuda, cuda:N."),
     ("--max-num-seqs", "max_num_seqs", "int", "Most canvases (running requests) in one decoder pass (default 16)."),
     ("--max-waiting", "max_waiting", "int",
-     "Most requests queued beyond the running ones; past it requests get 429 with Retry-After (default 256)."),
+     "Most requests queued beyond the running ones; past it requests get 429 with Retry-After: 1 at once, "
+     "rather than waiting unboundedly (default 256). A request with several choices needs room for all of them."),
     ("--max-model-len", "max_model_len", "int",
      "Context limit for prompt + max_tokens (default: the model's max_position_embeddings). Longer requests get 400."),
     ("--max-num-kv-tokens", "max_num_kv_tokens", "int",
@@ -115,11 +133,35 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("--sse-ping-seconds", "sse_ping_seconds", "float",
      "Interval of SSE keep-alive comments (': ping') on idle streams; 0 disables them (default 15)."),
     ("--graceful-shutdown-seconds", "graceful_shutdown_seconds", "float",
-     "On SIGTERM/SIGINT: stop accepting connections, answer 503 (draining) to new requests on open "
-     "connections, and let in-flight requests and streams finish for up to this long before aborting them "
+     "On SIGTERM/SIGINT: /health answers 503 at once and new requests get 503 (server_draining) with Retry-After "
+     "while the server keeps listening; in-flight requests and streams get up to this long to finish, then the "
+     "rest are aborted (a 503 request_aborted, or that error chunk and [DONE] on a stream) and the process exits 0 "
      "(default 30). A second SIGINT exits at once."),
     ("--ui", "ui", "bool",
      "Serve the live canvas page at / (assets under /ui/; on by default). --no-ui turns it off: / answers 404."),
+    ("--max-prompt-tokens", "max_prompt_tokens", "int",
+     "Most tokens in one prompt (after tokenization or the chat template); longer prompts get 400 "
+     "(default: no limit beyond the context length)."),
+    ("--max-completion-tokens", "max_completion_tokens", "int",
+     "Largest max_tokens / max_completion_tokens a request may ask for (checked after the checkpoint's default "
+     "is filled in); larger ones get 400 (default: no limit beyond the context length)."),
+    ("--max-n", "max_n", "int", f"Largest n (choices per prompt); larger ones get 400 (default {DEFAULT_MAX_N})."),
+    ("--max-prompts-per-request", "max_prompts_per_request", "int",
+     f"Most prompts in one /v1/completions request (a list of strings or of token lists); more get 400 "
+     f"(default {DEFAULT_MAX_PROMPTS_PER_REQUEST})."),
+    ("--max-request-tokens", "max_request_tokens", "int",
+     "Most completion tokens one request may ask for in all: prompts x n x max_tokens; more get 400 "
+     f"(default {DEFAULT_MAX_REQUEST_TOKENS})."),
+    ("--max-stop-length", "max_stop_length", "int",
+     f"Longest stop string, in characters (at most 4 stop strings); longer ones get 400 (default {DEFAULT_MAX_STOP_LENGTH})."),
+    ("--max-json-depth", "max_json_depth", "int",
+     f"Deepest nesting of arrays and objects in a request body; deeper bodies get 400 (default {DEFAULT_MAX_JSON_DEPTH})."),
+    ("--max-request-denoising-steps", "max_request_denoising_steps", "int",
+     "Largest max_denoising_steps a request may ask for (a canvas may take up to that many decoder passes); "
+     f"larger ones get 400 (default {DEFAULT_MAX_REQUEST_DENOISING_STEPS})."),
+    ("--cors-allow-origin", "cors_allow_origins", "list",
+     "Allow cross-origin browser requests from this origin (e.g. https://app.example.com, or * for any). "
+     "Repeat for several. Default: none (no CORS headers; browsers block cross-origin calls)."),
 ]
 
 

@@ -1,0 +1,112 @@
+"""The server's OpenAPI document (``GET /openapi.json``), with what the handlers cannot declare.
+
+The completion handlers read and validate their bodies themselves (to answer OpenAI-shaped 400s,
+never FastAPI's 422), so FastAPI sees no body parameter. This adds the request bodies (from the
+pydantic models in ``protocol.py``) and every documented error status with the OpenAI error shape,
+so schema-driven fuzzers (schemathesis, see docs/reliability.md) can check the live server.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .protocol import ChatCompletionRequest, CompletionRequest
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "additionalProperties": False,
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
+
+ERROR_STATUSES = {
+    "400": "Invalid request (schema, parameter or limit).",
+    "401": "Missing or wrong API key.",
+    "404": "Unknown model.",
+    "413": "Request body too large.",
+    "429": "The waiting queue is full (Retry-After).",
+    "500": "Internal fault (no stack trace).",
+    "503": "Loading, draining or a dead engine (Retry-After).",
+}
+
+COMPLETION_RESPONSE = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object"}},
+        "usage": {"type": "object"},
+    },
+}
+
+
+def _error_responses(statuses) -> dict:
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    return {s: {"description": ERROR_STATUSES[s], "content": {"application/json": {"schema": ref}}} for s in statuses}
+
+
+def _body_schema(model, components: dict) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    components[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        components["ErrorResponse"] = ERROR_SCHEMA
+        paths = doc.get("paths", {})
+        for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
+            op = paths.get(path, {}).get("post")
+            if op is None:
+                continue
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _body_schema(model, components)}}}
+            op["responses"] = {
+                "200": {
+                    "description": "A completion (JSON), or server-sent events when stream is true.",
+                    "content": {"application/json": {"schema": COMPLETION_RESPONSE},
+                                "text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **_error_responses(["400", "401", "404", "413", "429", "500", "503"]),
+            }
+        for path, statuses in (("/v1/models", ["401"]), ("/v1/models/{model_id}", ["401", "404"])):
+            op = paths.get(path, {}).get("get")
+            if op is not None:
+                op["responses"].pop("422", None)
+                op["responses"].update(_error_responses(statuses))
+        health = paths.get("/health", {}).get("get")
+        if health is not None:
+            status_schema = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+            health["responses"] = {
+                "200": {"description": "Serving.", "content": {"application/json": {"schema": status_schema}}},
+                "503": {"description": "Loading, draining or dead.", "content": {"application/json": {"schema": status_schema}}},
+            }
+        metrics = paths.get("/metrics", {}).get("get")
+        if metrics is not None:
+            metrics["responses"] = {"200": {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi
