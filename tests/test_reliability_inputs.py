@@ -1,0 +1,289 @@
+"""Bad inputs against a real server with tight limits: every one gets its exact OpenAI-shaped error,
+and the server stays healthy. Also CORS, X-Request-Id, and a bounded schemathesis run against the
+server's own OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+KEY = "rel-key-1"
+OTHER_KEY = "rel-key-2"
+MODEL = "rel-tiny"
+BODY_LIMIT = 65536
+ORIGIN = "https://allowed.example"
+
+LIMIT_ARGS = [
+    "--served-model-name", MODEL, "--api-key", KEY, "--api-key", OTHER_KEY,
+    "--max-request-body-bytes", str(BODY_LIMIT), "--max-model-len", "160",
+    "--max-prompt-tokens", "64", "--max-completion-tokens", "128", "--max-n", "4",
+    "--max-prompts-per-request", "4", "--max-request-tokens", "256", "--max-stop-length", "16",
+    "--max-json-depth", "8", "--max-request-denoising-steps", "32", "--cors-allow-origin", ORIGIN,
+    "--max-num-seqs", "4", "--no-ui",
+]
+
+
+@pytest.fixture(scope="module")
+def limits_server(server_launcher, server_tiny_checkpoint):
+    return server_launcher(["--model", str(server_tiny_checkpoint), *LIMIT_ARGS], api_key=KEY, model_name=MODEL)
+
+
+def assert_error(r: httpx.Response, status: int, type_: str, param, code, needle: str | None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert (err["type"], err["param"], err["code"]) == (type_, param, code), err
+    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
+    if needle is not None:
+        assert needle in err["message"], err
+    return err
+
+
+C, CH = "/v1/completions", "/v1/chat/completions"
+MSG = [{"role": "user", "content": "x"}]
+IRE = "invalid_request_error"
+
+
+def raw(b: bytes):
+    return ("raw", b)
+
+
+def deep(levels: int) -> bytes:
+    return b'{"prompt": "hi", "x": ' + b"[" * levels + b"1" + b"]" * levels + b"}"
+
+
+# (id, method, path, body (dict, or raw(bytes)), headers override or None, status, type, param, code, needle)
+CASES = [
+    # -- not JSON, or JSON we refuse ---------------------------------------------------------------
+    ("not-json", "POST", C, raw(b"{not json"), None, 400, IRE, None, "invalid_json", "not valid JSON"),
+    ("empty-body", "POST", C, raw(b""), None, 400, IRE, None, "invalid_json", "not valid JSON"),
+    ("array-body", "POST", C, raw(b"[1, 2]"), None, 400, IRE, None, "invalid_json", "must be a JSON object"),
+    ("string-body", "POST", C, raw(b'"text"'), None, 400, IRE, None, "invalid_json", "must be a JSON object"),
+    ("null-body", "POST", CH, raw(b"null"), None, 400, IRE, None, "invalid_json", "must be a JSON object"),
+    ("nan", "POST", C, raw(b'{"prompt": "hi", "temperature": NaN}'), None, 400, IRE, None, "invalid_json", "NaN"),
+    ("infinity", "POST", C, raw(b'{"prompt": "hi", "entropy_bound": -Infinity}'), None, 400, IRE, None,
+     "invalid_json", "Infinity"),
+    ("float-overflow", "POST", C, raw(b'{"prompt": "hi", "top_p": 1e999}'), None, 400, IRE, None, "invalid_json",
+     "out of range"),
+    ("int-5000-digits", "POST", C, raw(b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"), None, 400, IRE, None,
+     "invalid_json", "not valid JSON"),
+    ("invalid-utf8", "POST", C, raw(b'{"prompt": "\xff\xfe abc"}'), None, 400, IRE, None, "invalid_json", "utf-8"),
+    ("lone-surrogate", "POST", C, raw(b'{"prompt": "a\\ud800b"}'), None, 400, IRE, None, "invalid_json", "surrogate"),
+    ("too-deep", "POST", C, raw(deep(8)), None, 400, IRE, None, "json_too_deep", "max_json_depth"),
+    ("far-too-deep", "POST", C, raw(deep(20000)), None, 400, IRE, None, "json_too_deep", "max_json_depth"),
+    ("body-too-large", "POST", C, {"prompt": "x" * (BODY_LIMIT + 1)}, None, 413, IRE, None, "request_too_large",
+     str(BODY_LIMIT)),
+    # -- schema: missing fields, wrong types -------------------------------------------------------
+    ("missing-prompt", "POST", C, {"max_tokens": 4}, None, 400, IRE, "prompt", None, "Field required"),
+    ("prompt-number", "POST", C, {"prompt": 5}, None, 400, IRE, "prompt", None, None),
+    ("prompt-null", "POST", C, {"prompt": None}, None, 400, IRE, "prompt", None, None),
+    ("prompt-floats", "POST", C, {"prompt": [1.5, 2]}, None, 400, IRE, "prompt", None, None),
+    ("max-tokens-string", "POST", C, {"prompt": "hi", "max_tokens": "10"}, None, 400, IRE, "max_tokens", None, None),
+    ("max-tokens-float", "POST", C, {"prompt": "hi", "max_tokens": 1.5}, None, 400, IRE, "max_tokens", None, None),
+    ("max-tokens-bool", "POST", C, {"prompt": "hi", "max_tokens": True}, None, 400, IRE, "max_tokens", None, None),
+    ("n-zero", "POST", C, {"prompt": "hi", "n": 0}, None, 400, IRE, "n", None, "greater than or equal to 1"),
+    ("temperature-negative", "POST", C, {"prompt": "hi", "temperature": -1}, None, 400, IRE, "temperature", None, None),
+    ("temperature-string", "POST", C, {"prompt": "hi", "temperature": "hot"}, None, 400, IRE, "temperature", None, None),
+    ("top-p-2", "POST", C, {"prompt": "hi", "top_p": 2}, None, 400, IRE, "top_p", None, None),
+    ("stream-string", "POST", C, {"prompt": "hi", "stream": "yes"}, None, 400, IRE, "stream", None, None),
+    ("stop-five", "POST", C, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, None, 400, IRE, "stop", None,
+     "at most 4 stop sequences"),
+    ("stop-int", "POST", C, {"prompt": "hi", "stop": [1]}, None, 400, IRE, "stop", None, None),
+    ("seed-string", "POST", C, {"prompt": "hi", "seed": "1"}, None, 400, IRE, "seed", None, None),
+    ("messages-empty", "POST", CH, {"messages": []}, None, 400, IRE, "messages", None, None),
+    ("messages-string", "POST", CH, {"messages": "hi"}, None, 400, IRE, "messages", None, None),
+    ("role-unknown", "POST", CH, {"messages": [{"role": "robot", "content": "x"}]}, None, 400, IRE,
+     "messages[0].role", None, None),
+    ("role-missing", "POST", CH, {"messages": [{"content": "x"}]}, None, 400, IRE, "messages[0].role", None,
+     "Field required"),
+    ("content-number", "POST", CH, {"messages": [{"role": "user", "content": 5}]}, None, 400, IRE,
+     "messages[0].content", None, None),
+    # -- semantics and values ---------------------------------------------------------------------
+    ("stream-options-no-stream", "POST", C, {"prompt": "hi", "stream_options": {"include_usage": True}}, None, 400,
+     IRE, "stream_options", None, "only allowed when stream is true"),
+    ("stream-options-no-stream-chat", "POST", CH, {"messages": MSG, "stream": False,
+                                                   "stream_options": {"include_usage": True}}, None, 400, IRE,
+     "stream_options", None, "only allowed when stream is true"),
+    ("max-tokens-negative", "POST", C, {"prompt": "hi", "max_tokens": -1}, None, 400, IRE, "max_tokens", None,
+     "positive integer"),
+    ("max-tokens-zero", "POST", C, {"prompt": "hi", "max_tokens": 0}, None, 400, IRE, "max_tokens", None,
+     "positive integer"),
+    ("context-length", "POST", C, {"prompt": [7] * 60, "max_tokens": 120}, None, 400, IRE, "max_tokens", None,
+     "maximum context length is 160"),
+    ("seed-huge", "POST", C, {"prompt": "hi", "seed": 2**70}, None, 400, IRE, "seed", None, "64-bit"),
+    ("stop-empty", "POST", C, {"prompt": "hi", "stop": [""]}, None, 400, IRE, "stop", None, "non-empty"),
+    ("token-negative", "POST", C, {"prompt": [5, -1]}, None, 400, IRE, "prompt", None, "outside the vocabulary"),
+    ("token-oov", "POST", C, {"prompt": [5, 10**6]}, None, 400, IRE, "prompt", None, "outside the vocabulary"),
+    ("token-oov-second-prompt", "POST", C, {"prompt": [[5, 6], [300000]]}, None, 400, IRE, "prompt", None,
+     "outside the vocabulary"),
+    ("token-huge", "POST", C, {"prompt": [10**30]}, None, 400, IRE, "prompt", None, "outside the vocabulary"),
+    ("prompt-empty-list", "POST", C, {"prompt": []}, None, 400, IRE, "prompt", None, "must not be empty"),
+    ("prompt-empty-token-list", "POST", C, {"prompt": [[]]}, None, 400, IRE, "prompt", None, "must not be empty"),
+    ("prompt-empty-string", "POST", C, {"prompt": ""}, None, 400, IRE, "prompt", None, "at least one token"),
+    ("t-min-above-t-max", "POST", C, {"prompt": "hi", "t_min": 0.9, "t_max": 0.5}, None, 400, IRE, "t_max", None,
+     "greater than t_min"),
+    ("t-min-zero", "POST", C, {"prompt": "hi", "t_min": 0}, None, 400, IRE, "t_min", None, "at least"),
+    ("entropy-negative", "POST", C, {"prompt": "hi", "entropy_bound": -1}, None, 400, IRE, "entropy_bound", None, None),
+    ("steps-zero", "POST", C, {"prompt": "hi", "max_denoising_steps": 0}, None, 400, IRE, "max_denoising_steps", None,
+     "positive integer"),
+    ("unknown-model", "POST", C, {"model": "gpt-4", "prompt": "hi"}, None, 404, IRE, "model", "model_not_found",
+     "gpt-4"),
+    ("unknown-model-chat", "POST", CH, {"model": "nope", "messages": MSG}, None, 404, IRE, "model", "model_not_found",
+     None),
+    ("logprobs", "POST", C, {"prompt": "hi", "logprobs": 2}, None, 400, IRE, "logprobs", "unsupported_parameter", None),
+    ("suffix", "POST", C, {"prompt": "hi", "suffix": "x"}, None, 400, IRE, "suffix", "unsupported_parameter", None),
+    ("tools", "POST", CH, {"messages": MSG, "tools": [{"type": "function"}]}, None, 400, IRE, "tools",
+     "unsupported_parameter", None),
+    ("image-part", "POST", CH, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None, 400, IRE,
+     "messages[0].content", None, "text content parts"),
+    ("continue-final-user", "POST", CH, {"messages": MSG, "continue_final_message": True}, None, 400, IRE,
+     "messages", None, "assistant"),
+    # -- the limits (settings) --------------------------------------------------------------------
+    ("n-over-max-n", "POST", C, {"prompt": "hi", "n": 5}, None, 400, IRE, "n", "limit_exceeded", "max_n"),
+    ("n-huge", "POST", C, {"prompt": "hi", "n": 10**30}, None, 400, IRE, "n", "limit_exceeded", "max_n"),
+    ("n-over-max-n-chat", "POST", CH, {"messages": MSG, "n": 5}, None, 400, IRE, "n", "limit_exceeded", "max_n"),
+    ("too-many-prompts", "POST", C, {"prompt": ["a", "b", "c", "d", "e"]}, None, 400, IRE, "prompt",
+     "limit_exceeded", "max_prompts_per_request"),
+    ("prompt-too-long-ids", "POST", C, {"prompt": [7] * 65}, None, 400, IRE, "prompt", "limit_exceeded",
+     "max_prompt_tokens"),
+    ("prompt-too-long-text", "POST", C, {"prompt": ["ok", "y" * 70]}, None, 400, IRE, "prompt", "limit_exceeded",
+     "prompt 1 has"),
+    ("prompt-too-long-chat", "POST", CH, {"messages": [{"role": "user", "content": "z" * 60}]}, None, 400, IRE,
+     "messages", "limit_exceeded", "max_prompt_tokens"),
+    ("max-tokens-over-limit", "POST", C, {"prompt": "hi", "max_tokens": 129}, None, 400, IRE, "max_tokens",
+     "limit_exceeded", "max_completion_tokens"),
+    ("max-tokens-huge", "POST", C, {"prompt": "hi", "max_tokens": 10**20}, None, 400, IRE, "max_tokens",
+     "limit_exceeded", "max_completion_tokens"),
+    ("max-completion-tokens-over-limit", "POST", CH, {"messages": MSG, "max_completion_tokens": 1000}, None, 400,
+     IRE, "max_completion_tokens", "limit_exceeded", "max_completion_tokens"),
+    ("request-tokens-n", "POST", C, {"prompt": "hi", "n": 3, "max_tokens": 100}, None, 400, IRE, "n",
+     "limit_exceeded", "max_request_tokens"),
+    ("request-tokens-prompts", "POST", C, {"prompt": ["a", "b", "c"], "max_tokens": 100}, None, 400, IRE, "prompt",
+     "limit_exceeded", "max_request_tokens"),
+    ("stop-too-long", "POST", C, {"prompt": "hi", "stop": "x" * 17}, None, 400, IRE, "stop", "limit_exceeded",
+     "max_stop_length"),
+    ("steps-over-limit", "POST", C, {"prompt": "hi", "max_denoising_steps": 33}, None, 400, IRE,
+     "max_denoising_steps", "limit_exceeded", "max_request_denoising_steps"),
+    # -- auth and routes --------------------------------------------------------------------------
+    ("no-key", "POST", C, {"prompt": "hi"}, {}, 401, IRE, None, "invalid_api_key", "API key"),
+    ("wrong-key", "POST", C, {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, IRE, None, "invalid_api_key",
+     None),
+    ("basic-auth", "POST", C, {"prompt": "hi"}, {"Authorization": f"Basic {KEY}"}, 401, IRE, None, "invalid_api_key",
+     None),
+    ("key-prefix", "GET", "/v1/models", None, {"Authorization": f"Bearer {KEY[:-1]}"}, 401, IRE, None,
+     "invalid_api_key", None),
+    ("get-completions", "GET", C, None, None, 405, IRE, None, "method_not_allowed", None),
+    ("unknown-route", "POST", "/v1/embeddings", {"input": "x"}, None, 404, IRE, None, "not_found", "Unknown route"),
+    ("unknown-model-retrieve", "GET", "/v1/models/nope", None, None, 404, IRE, "model", "model_not_found", None),
+]
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 40
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(limits_server, case):
+    _, method, path, body, headers, status, type_, param, code, needle = case
+    h = {"Authorization": f"Bearer {KEY}"} if headers is None else dict(headers)
+    kw = {}
+    if isinstance(body, tuple):
+        kw["content"] = body[1]
+        h["Content-Type"] = "application/json"
+    elif body is not None:
+        kw["json"] = body
+    r = httpx.request(method, limits_server.url + path, headers=h, timeout=60, **kw)
+    assert_error(r, status, type_, param, code, needle)
+    if status == 401:
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert r.headers["x-request-id"]  # every response carries one
+
+
+def test_healthy_after_bad_inputs(limits_server):
+    """Runs after the table (file order): the server still serves, and counted every error."""
+    assert httpx.get(limits_server.url + "/health", timeout=10).json() == {"status": "ok"}
+    for key in (KEY, OTHER_KEY):  # several keys work
+        r = httpx.post(limits_server.base_url + "/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 8,
+                                                                      "seed": 3},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    r = httpx.post(limits_server.base_url + "/chat/completions", json={"messages": MSG, "max_tokens": 4},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    m = limits_server.wait_idle()
+    errors = sum(v for (name, labels), v in m.items() if name == "diffusion_server:http_errors_total")
+    assert errors >= len(CASES)
+    assert m[("diffusion_server:engine_live_states", frozenset())] == 0
+
+
+# -- request ids -------------------------------------------------------------------------------
+
+
+def test_request_id_echoed_or_generated(limits_server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    url = limits_server.base_url
+    r = httpx.post(url + "/completions", json={"prompt": "hi", "max_tokens": 2}, headers={**h, "X-Request-Id": "abc-1.2_3:x"},
+                   timeout=60)
+    assert r.headers["x-request-id"] == "abc-1.2_3:x" and r.json()["id"] == "cmpl-abc-1.2_3:x"
+    # the same id again, concurrently-safe: the engine ids stay unique
+    r = httpx.post(url + "/chat/completions", json={"messages": MSG, "max_tokens": 2, "n": 2},
+                   headers={**h, "X-Request-Id": "abc-1.2_3:x"}, timeout=60)
+    assert r.status_code == 200 and r.json()["id"] == "chatcmpl-abc-1.2_3:x"
+    for bad in ("a" * 129, "has space", "semi;colon", "back\\slash", "ünïcode".encode(), ""):
+        r = httpx.post(url + "/completions", json={"prompt": "hi", "max_tokens": 2}, headers={**h, "X-Request-Id": bad},
+                       timeout=60)
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        assert rid.startswith("cmpl-") and len(rid) == 37 and r.json()["id"] == rid
+    # streams and errors carry it too; the log line uses it
+    with httpx.stream("POST", url + "/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True},
+                      headers={**h, "X-Request-Id": "stream-7"}, timeout=60) as r:
+        frames = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.headers["x-request-id"] == "stream-7" and frames[0]["id"] == "cmpl-stream-7"
+    r = httpx.post(url + "/completions", json={"prompt": "hi", "n": 99}, headers={**h, "X-Request-Id": "err-9"}, timeout=60)
+    assert r.status_code == 400 and r.headers["x-request-id"] == "err-9"
+    assert httpx.get(limits_server.url + "/health", headers={"X-Request-Id": "probe"}).headers["x-request-id"] == "probe"
+    log = limits_server.log()
+    assert "cmpl-stream-7 completions status=200" in log
+    assert "cmpl-err-9 completions status=400" in log
+
+
+# -- CORS --------------------------------------------------------------------------------------
+
+
+def test_cors_allowed_origin_only(limits_server):
+    url = limits_server.base_url + "/completions"
+    pre = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(url, headers=pre, timeout=10)  # preflight: no key needed
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = httpx.options(url, headers={**pre, "Origin": "https://evil.example"}, timeout=10)
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"},
+                   timeout=60)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    r = httpx.post(url, json={"prompt": "hi"}, headers={"Origin": ORIGIN}, timeout=60)  # errors too
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2},
+                   headers={"Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_closed_by_default(live_server):
+    url = live_server.base_url + "/completions"
+    r = httpx.options(url, headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}, timeout=10)
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2},
+                   headers={**live_server.headers, "Origin": "https://a.example"}, timeout=60)
+    assert r.status_code == 200 and not any(k.startswith("access-control-") for k in r.headers)
