@@ -287,3 +287,61 @@ def test_cors_closed_by_default(live_server):
     r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2},
                    headers={**live_server.headers, "Origin": "https://a.example"}, timeout=60)
     assert r.status_code == 200 and not any(k.startswith("access-control-") for k in r.headers)
+
+
+# -- schemathesis against the server's own OpenAPI document -----------------------------------
+# A bounded, derandomized run for CI; docs/reliability.md has the command for a longer one.
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+FUZZ_EXAMPLES = 60  # per operation and mode
+FUZZ_PATHS = "^/(v1/|health$|metrics$)"
+FUZZ_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+def fuzz_operations(url: str):
+    schema = schemathesis.openapi.from_url(url + "/openapi.json").include(path_regex=FUZZ_PATHS)
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
+def test_schemathesis(limits_server, mode):
+    """No 5xx, every status documented, bodies match the schema, every error has OpenAI's shape.
+
+    Hypothesis drives schemathesis' strategies directly (its pytest plugin's ``from_fixture`` does
+    not run under pytest 9); derandomized, so CI runs the same examples every time.
+    """
+    operations = fuzz_operations(limits_server.url)
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+    seen: dict[str, set[int]] = {}
+    for op in operations:
+        headers = {"Authorization": f"Bearer {KEY}"} if op.path.startswith("/v1/") else {}
+
+        @given(case=op.as_strategy(generation_mode=mode))
+        @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case):
+            response = case.call_and_validate(headers=headers, timeout=60, checks=FUZZ_CHECKS)
+            seen.setdefault(f"{op.method.upper()} {op.path}", set()).add(response.status_code)
+            if response.status_code >= 400:
+                body = response.json()
+                assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+
+        try:
+            run()
+        except Unsatisfiable:  # negative mode: nothing to break in a GET without a constrained parameter
+            assert mode == GenerationMode.NEGATIVE and op.method.upper() == "GET", op.path
+    print(mode, {k: sorted(v) for k, v in seen.items()})
+    assert {"POST /v1/completions", "POST /v1/chat/completions"} <= set(seen), seen
+    if mode == GenerationMode.POSITIVE:
+        assert any(200 in codes for codes in seen.values()), seen
+    assert httpx.get(limits_server.url + "/health", timeout=10).status_code == 200
