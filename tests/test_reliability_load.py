@@ -1,0 +1,318 @@
+"""Reliability under load, against real server processes on loopback: disconnects free their slots,
+overload answers 429 and loses nothing, SIGTERM drains and exits 0, an engine fault fails only its
+own request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import parse_sse_json
+
+# Never converges early, ignores eos: runs until aborted (~250 canvases of 64 steps on the tiny model).
+SLOW = {"max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64, "stability_threshold": 1000}
+# Finite but long enough to overlap: 4 canvases x 16 steps.
+MEDIUM = {"max_tokens": 64, "ignore_eos": True, "max_denoising_steps": 16, "stability_threshold": 1000}
+
+RUNNING = ("diffusion_server:num_requests_running", frozenset())
+WAITING = ("diffusion_server:num_requests_waiting", frozenset())
+LIVE = ("diffusion_server:engine_live_states", frozenset())
+IN_FLIGHT = ("diffusion_server:http_requests_in_flight", frozenset())
+
+
+def reason(name: str):
+    return ("diffusion_server:request_success_total", frozenset({("finished_reason", name)}))
+
+
+def http_errors(code: int):
+    return ("diffusion_server:http_errors_total", frozenset({("code", str(code))}))
+
+
+def wait_clean(server, timeout: float = 60.0) -> dict:
+    """Until nothing runs, waits, is held by the engine or is in flight; returns the last scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if m[RUNNING] == 0 and m[WAITING] == 0 and m[LIVE] == 0 and m[IN_FLIGHT] == 0:
+            return m
+        assert time.monotonic() < deadline, {k: m[k] for k in (RUNNING, WAITING, LIVE, IN_FLIGHT)}
+        time.sleep(0.1)
+
+
+def stream_text(frames: list) -> str:
+    return "".join(c["text"] for f in frames[:-1] if "choices" in f for c in f["choices"])
+
+
+# -- 3. disconnects -----------------------------------------------------------------------------
+
+
+def test_twenty_streams_cut_mid_stream(live_server):
+    before = wait_clean(live_server)
+    body = {"model": live_server.model_name, "prompt": "cut", "stream": True, "stream_drafts": True, **SLOW}
+    got = []
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=httpx.Timeout(120, connect=10)) as c:
+            path = "/completions" if i % 2 else "/chat/completions"
+            b = body if i % 2 else {**{k: v for k, v in body.items() if k != "prompt"},
+                                    "messages": [{"role": "user", "content": f"cut {i}"}]}
+            with c.stream("POST", live_server.base_url + path, json=b, headers=live_server.headers) as r:
+                assert r.status_code == 200
+                n = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and '"diffusion"' in line:
+                        n += 1
+                        if n == 2:  # a draft or two in: hang up mid-stream
+                            got.append(i)
+                            return
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert sorted(got) == list(range(20))
+    # non-streaming clients that give up (one waiting in the queue behind a running one, too)
+    def impatient():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live_server.base_url + "/completions", json={"prompt": "gone", **SLOW}, headers=live_server.headers,
+                       timeout=httpx.Timeout(1.5, connect=10))
+
+    threads = [threading.Thread(target=impatient) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after = wait_clean(live_server, timeout=60)
+    assert after[reason("abort")] - before[reason("abort")] == 23
+    assert after[reason("error")] == before[reason("error")]
+    # and the next request is served normally, the same as before the storm
+    r = httpx.post(live_server.base_url + "/completions", json={"prompt": "after", "max_tokens": 20, "seed": 5,
+                                                               "ignore_eos": True},
+                   headers=live_server.headers, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+# -- 4. overload ----------------------------------------------------------------------------------
+
+SEQS, WAITING_BOUND = 2, 2
+BOUND = SEQS + WAITING_BOUND
+
+
+@pytest.fixture(scope="module")
+def small_server(server_launcher, server_tiny_checkpoint):
+    return server_launcher(["--model", str(server_tiny_checkpoint), "--max-num-seqs", str(SEQS),
+                            "--max-waiting", str(WAITING_BOUND)], model_name=str(server_tiny_checkpoint))
+
+
+def test_overload_429_and_nothing_lost(small_server):
+    url = small_server.base_url + "/completions"
+    before = wait_clean(small_server)
+    total = 5 * BOUND
+    results: dict[int, tuple] = {}
+    start = threading.Barrier(total + 1)
+
+    def client(i: int) -> None:
+        body = {"prompt": f"load {i % 3}", "seed": 100 + i, **MEDIUM}
+        start.wait()
+        if i % 2:  # streaming
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+                raw = r.read()
+            if r.status_code == 200:
+                results[i] = (200, stream_text(parse_sse_json(raw)), None)
+            else:
+                results[i] = (r.status_code, r.json(), r.headers.get("retry-after"))
+        else:
+            r = httpx.post(url, json=body, timeout=120)
+            if r.status_code == 200:
+                results[i] = (200, r.json()["choices"][0]["text"], None)
+            else:
+                results[i] = (r.status_code, r.json(), r.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(total)]
+    for t in threads:
+        t.start()
+    start.wait()
+    # the server stays responsive to probes and scrapes while it is overloaded
+    probes = []
+    while any(t.is_alive() for t in threads):
+        t0 = time.monotonic()
+        assert httpx.get(small_server.url + "/health", timeout=5).status_code == 200
+        m = small_server.metrics()
+        probes.append(time.monotonic() - t0)
+        assert m[RUNNING] <= SEQS and m[WAITING] <= WAITING_BOUND
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert len(results) == total
+    accepted = [i for i, r in results.items() if r[0] == 200]
+    rejected = [i for i, r in results.items() if r[0] != 200]
+    print(f"overload: {len(accepted)} accepted, {len(rejected)} rejected with 429")
+    assert len(accepted) >= BOUND and len(rejected) >= 1, {i: r[0] for i, r in results.items()}
+    for i in rejected:
+        status, body, retry_after = results[i]
+        assert status == 429 and retry_after == "1", results[i]
+        assert body["error"]["code"] == "queue_full" and body["error"]["type"] == "rate_limit_error"
+    # every accepted request got exactly what it gets alone for its seed
+    for i in accepted:
+        alone = httpx.post(url, json={"prompt": f"load {i % 3}", "seed": 100 + i, **MEDIUM}, timeout=60).json()
+        assert results[i][1] == alone["choices"][0]["text"], i
+    after = wait_clean(small_server)
+    assert after[reason("length")] - before[reason("length")] == 2 * len(accepted)  # the runs + the solo reruns
+    assert after[http_errors(429)] - before.get(http_errors(429), 0) == len(rejected)
+    assert after[reason("abort")] == before[reason("abort")] and after[reason("error")] == before[reason("error")]
+    assert max(probes) < 2.0, probes
+
+
+# -- 5. SIGTERM -----------------------------------------------------------------------------------
+
+
+def _start_stream(srv, body, frames_out: list, first: threading.Event):
+    def run():
+        raw = b""
+        with httpx.Client(timeout=120) as c:
+            with c.stream("POST", srv.base_url + "/completions", json=body) as r:
+                frames_out.append(r.status_code)
+                for part in r.iter_raw():
+                    raw += part
+                    first.set()
+        frames_out.append(parse_sse_json(raw))
+        first.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_sigterm_drains_then_exits_zero(server_launcher, server_tiny_checkpoint):
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "60"])
+    bodies = [{"prompt": f"drain {i}", "seed": i, "stream": True, "stream_options": {"include_usage": True},
+               **MEDIUM, "max_tokens": 96} for i in range(3)]
+    outs = [[] for _ in bodies]
+    firsts = [threading.Event() for _ in bodies]
+    threads = [_start_stream(srv, b, o, f) for b, o, f in zip(bodies, outs, firsts)]
+    plain: dict = {}
+
+    def non_streaming():
+        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": "plain", "seed": 9, **MEDIUM}, timeout=120)
+
+    threads.append(threading.Thread(target=non_streaming))
+    threads[-1].start()
+    for f in firsts:
+        assert f.wait(60)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    r = httpx.get(srv.url + "/health", timeout=10)  # readiness fails at once; the server still answers
+    assert r.status_code == 503 and r.json() == {"status": "draining"} and r.headers["retry-after"]
+    r = httpx.post(srv.base_url + "/completions", json={"prompt": "late", "max_tokens": 4}, timeout=10)
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.json()["error"]["code"] == "server_draining" and r.json()["error"]["type"] == "server_error"
+    for t in threads:
+        t.join(120)
+    for out in outs:  # every in-flight stream finished normally
+        assert out[0] == 200
+        frames = out[1]
+        assert frames[-1] == "[DONE]" and frames[-2]["usage"]["completion_tokens"] == 96
+        assert not any("error" in f for f in frames[:-1])
+    assert plain["r"].status_code == 200 and plain["r"].json()["usage"]["completion_tokens"] == 64
+    assert srv.proc.wait(60) == 0
+    log = srv.log()
+    assert "draining in-flight requests" in log and "drained: 0 request(s) still open" in log
+
+
+def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_tiny_checkpoint):
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "1"])
+    out, first = [], threading.Event()
+    t = _start_stream(srv, {"prompt": "forever", "stream": True, "stream_drafts": True, **SLOW}, out, first)
+    plain: dict = {}
+
+    def non_streaming():
+        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": "forever", **SLOW}, timeout=120)
+
+    t2 = threading.Thread(target=non_streaming)
+    t2.start()
+    assert first.wait(60)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    t2.join(60)
+    frames = out[1]
+    assert frames[-1] == "[DONE]"
+    err = frames[-2]["error"]
+    assert err["code"] == "request_aborted" and err["type"] == "server_error" and "shutting down" in err["message"]
+    r = plain["r"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "request_aborted"
+    assert srv.proc.wait(60) == 0
+    assert time.monotonic() - t0 < 15
+    assert "aborting 2 in-flight request(s)" in srv.log()
+
+
+# -- engine fault: a poisoned checkpoint -----------------------------------------------------------
+
+POISON = 200  # a byte token whose encoder embedding row is NaN
+
+
+@pytest.fixture(scope="module")
+def poisoned_server(server_launcher, tmp_path_factory):
+    """Untied embeddings with one NaN row in the encoder's table (see tests/test_engine_faults.py):
+    any prompt containing that token produces non-finite logits; others are unaffected."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("poisoned_http"), TinySpec(dtype=torch.float64))
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
+    model.config.tie_word_embeddings = False
+    table = model.model.encoder.language_model.embed_tokens
+    weight = table.weight.detach().clone()
+    weight[POISON] = float("nan")
+    table.weight = torch.nn.Parameter(weight)
+    model.save_pretrained(path)
+    return server_launcher(["--model", str(path), "--dtype", "float64", "--max-num-seqs", "4"], model_name=str(path))
+
+
+def test_engine_fault_fails_only_its_request(poisoned_server):
+    srv = poisoned_server
+    url = srv.base_url + "/completions"
+    good = {"prompt": [10, 11, 12], "seed": 4, **MEDIUM}
+    alone = httpx.post(url, json=good, timeout=60).json()["choices"][0]["text"]
+    bad = {"prompt": [10, 11, POISON], "seed": 4, **MEDIUM}
+    out: dict = {}
+
+    def call(name, body):
+        if body.get("stream"):
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                out[name] = (r.status_code, r.read())
+        else:
+            r = httpx.post(url, json=body, timeout=60)
+            out[name] = (r.status_code, r.content)
+
+    calls = {"good1": good, "bad": bad, "bad_stream": {**bad, "stream": True},
+             "good_stream": {**good, "stream": True}}
+    threads = [threading.Thread(target=call, args=kv) for kv in calls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    status, body = out["bad"]
+    err = json.loads(body)["error"]
+    assert status == 500 and err["code"] == "internal_error" and err["type"] == "server_error"
+    assert "non-finite logits" in err["message"] and "Traceback" not in err["message"]
+    status, body = out["bad_stream"]
+    frames = parse_sse_json(body)
+    assert status == 200 and frames[-1] == "[DONE]" and frames[-2]["error"]["code"] == "internal_error"
+    assert "non-finite logits" in frames[-2]["error"]["message"]
+    assert out["good1"][0] == 200 and json.loads(out["good1"][1])["choices"][0]["text"] == alone
+    assert out["good_stream"][0] == 200 and stream_text(parse_sse_json(out["good_stream"][1])) == alone
+    m = wait_clean(srv)
+    assert m[reason("error")] == 2
+    assert httpx.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}  # the engine recovered
+    assert httpx.post(url, json=good, timeout=60).json()["choices"][0]["text"] == alone
