@@ -3,9 +3,13 @@ read-only JSON endpoints the page needs besides the public API:
 
 - ``GET /ui/config``: model name, canvas length, context length and the default diffusion
   parameters (the checkpoint's generation config), and whether an API key is required.
-- ``POST /ui/detokenize`` ``{"ids": [...]}`` -> ``{"texts": [...]}``: each id decoded on its own
-  (special tokens included, e.g. the mask token), so the page can draw one cell per canvas
-  position from the draft chunks' ``changed`` / ``changed_token_ids`` without a tokenizer.
+- ``POST /ui/detokenize`` ``{"ids": [...]}`` -> ``{"texts": [...], "special": [...]}``: each id
+  decoded on its own (special tokens included, e.g. the mask token, and flagged in ``special``;
+  the page fetches a vocabulary of up to 4096 ids whole, once, larger ones id by id as they appear),
+  so the page can draw one cell per canvas position from the draft chunks' ``changed`` /
+  ``changed_token_ids`` without a tokenizer. (The draft's ``text`` cannot be split into positions:
+  it skips special tokens and a token need not be one character.) Ids outside the vocabulary
+  decode to ``""``.
 
 When the server has API keys, both JSON endpoints want the same bearer key as ``/v1/*``
 (``/ui/config`` without it answers only ``{"auth_required": true, "authorized": false}``). The
@@ -68,6 +72,7 @@ async def ui_config(request: Request):
         "model": state.model_names()[0],
         "canvas_length": getattr(engine, "canvas_length", None),
         "max_model_len": getattr(engine, "max_model_len", None),
+        "vocab_size": len(engine.tokenizer) if getattr(engine, "tokenizer", None) is not None else None,
         "defaults": params,
     })
 
@@ -88,8 +93,16 @@ async def ui_detokenize(request: Request):
     engine = request.app.state.server.engine_or_503()
     tokenizer = engine.tokenizer
     vocab = len(tokenizer)
+    special_ids = _special_ids(tokenizer)
     texts = [tokenizer.decode([i], skip_special_tokens=False) if 0 <= i < vocab else "" for i in ids]
-    return {"texts": texts}
+    return {"texts": texts, "special": [i in special_ids for i in ids]}
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(i for i, tok in added.items() if getattr(tok, "special", False))
+    return ids
 
 
 def install_ui(app: FastAPI) -> None:

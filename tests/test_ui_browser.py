@@ -1,0 +1,316 @@
+"""The live canvas page in a real browser: headless Chromium (Debian's ``chromium`` and
+``chromium-driver`` packages) driven by Selenium against a real ``python -m server``.
+
+Skipped, with the reason, when /usr/bin/chromium, /usr/bin/chromedriver or selenium is missing
+(CI installs them: ``apt-get install -y chromium chromium-driver``, ``pip install selenium``).
+
+Also the screenshot tool for the docs (needs the same browser):
+
+    python -m tests.test_ui_browser --out docs/screenshots [--model engine/default_model]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = os.environ.get("UI_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("UI_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+
+CHROME_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--window-size=1400,1100",
+]
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return f"{path} is missing (apt-get install -y chromium chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    return None
+
+
+class Browser:
+    """A headless Chromium with its own throw-away profile."""
+
+    def __init__(self):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        self.profile = tempfile.mkdtemp(prefix="ui-chromium-")
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = CHROMIUM
+        for arg in CHROME_ARGS + [f"--user-data-dir={self.profile}"]:
+            opts.add_argument(arg)
+        self.driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+        self.driver.set_script_timeout(30)
+
+    def throttle(self, bytes_per_s: int) -> None:
+        """Slow the page's downloads so that each refinement step is drawn on its own."""
+        self.driver.execute_cdp_cmd("Network.enable", {})
+        self.driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": bytes_per_s, "uploadThroughput": -1,
+        })
+
+    def js(self, script: str, *args):
+        return self.driver.execute_script(script, *args)
+
+    def wait(self, script: str, timeout: float = 60.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(script)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; page state: {self.js('return window.__ui')}")
+
+    def close(self) -> None:
+        try:
+            self.driver.quit()
+        finally:
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def set_value(b: Browser, element_id: str, value) -> None:
+    """Set an input's value as a user would (fires input and change)."""
+    b.js(
+        "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
+        "el.dispatchEvent(new Event('input', {bubbles: true})); el.dispatchEvent(new Event('change', {bubbles: true}));",
+        element_id, "" if value is None else str(value),
+    )
+
+
+def open_page(b: Browser, url: str, api_key: str | None = None) -> dict:
+    """Load the page, enter the key if any, and wait until it has the server's config."""
+    b.driver.get(url + "/")
+    if api_key:
+        set_value(b, "api-key", api_key)
+    b.wait("return document.getElementById('server-status').textContent.startsWith('ready')", 60, "the page to be ready")
+    cfg = httpx.get(url + "/ui/config", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=10).json()
+    if cfg["vocab_size"] <= 4096:  # the page preloads a small vocabulary's token texts
+        b.wait(f"return +document.body.dataset.textsKnown >= {cfg['vocab_size']}", 30, "the token texts")
+    return b.js("return {model: document.getElementById('model').textContent,"
+                " max_tokens: document.getElementById('p-max_tokens').value,"
+                " steps: document.getElementById('p-max_denoising_steps').value}")
+
+
+# Records every distinct rendering of the canvas grid (cell texts, once all are known) as the DOM changes.
+DOM_RECORDER = """
+window.__domSnapshots = [];
+const grid = document.getElementById('grid');
+new MutationObserver(() => {
+  const cells = [...grid.children];
+  if (!cells.length || cells.some(c => c.classList.contains('pending'))) return;
+  const snap = grid.dataset.canvas + '|' + cells.map(c => c.querySelector('.tok').textContent).join('\\u0001');
+  const all = window.__domSnapshots;
+  if (!all.length || all[all.length - 1] !== snap) all.push(snap);
+}).observe(grid, {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+
+def submit(b: Browser, prompt: str, seed: int, max_tokens: int | None = None, ignore_eos: bool = False, mode: str = "completion"):
+    b.js(f"document.querySelector('input[name=mode][value={mode}]').click()")
+    set_value(b, "prompt", prompt)
+    set_value(b, "p-seed", seed)
+    if max_tokens is not None:
+        set_value(b, "p-max_tokens", max_tokens)
+    if ignore_eos != b.js("return document.getElementById('p-ignore_eos').checked"):
+        b.js("document.getElementById('p-ignore_eos').click()")
+    b.js("document.getElementById('run').click()")
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+_MISSING = browser_missing()
+browser_required = pytest.mark.skipif(_MISSING is not None, reason=f"browser test: {_MISSING}")
+
+
+@pytest.fixture
+def browser():
+    b = Browser()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@browser_required
+def test_page_draws_every_refinement_step_and_the_final_text(live_server, browser):
+    """With the API key entered in the page: distinct intermediate canvases appear in the DOM
+    step by step, and the committed text equals what /v1/completions returns for the same seed."""
+    shown = open_page(browser, live_server.url, api_key=live_server.api_key)
+    assert shown["model"] == live_server.model_name
+    assert shown["steps"] == "8" and shown["max_tokens"] == "16"  # the checkpoint's defaults
+
+    prompt, seed, max_tokens = "The diffusion model writes", 4242, 40  # 3 canvases of 16
+    browser.js(DOM_RECORDER)
+    browser.throttle(6000)  # ~0.1 s per draft chunk: every step gets its own frame
+    submit(browser, prompt, seed, max_tokens=max_tokens, ignore_eos=True)
+    browser.wait("return window.__ui.done", 120, "the run to finish")
+    browser.wait("return !document.querySelector('#grid .pending')", 30, "every cell's text")
+    ui = browser.js("return window.__ui")
+    assert ui["error"] is None, ui["error"]
+    history = browser.js("return window.__canvasHistory")
+    snapshots = browser.js("return window.__domSnapshots")
+    output = browser.js("return document.getElementById('output').textContent")
+
+    # one history entry per draft; steps count up within each canvas; ids tracked per position
+    assert {h["canvas"] for h in history} == {0, 1, 2}
+    for canvas in (0, 1, 2):
+        steps = [h["step"] for h in history if h["canvas"] == canvas]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3, steps
+    intermediate = {tuple(h["ids"]) for h in history if h["step"] < h["max_steps"]}
+    assert len(intermediate) >= 3
+    assert all(None not in h["ids"] and len(h["ids"]) == 16 for h in history)
+    # ... and the DOM really showed them: at least three distinct fully drawn canvases
+    assert len(set(snapshots)) >= 3, snapshots
+
+    # same request through the API, non-streaming: same text, same usage
+    r = httpx.post(live_server.base_url + "/completions", headers=live_server.headers, timeout=60, json={
+        "model": live_server.model_name, "prompt": prompt, "seed": seed, "max_tokens": max_tokens, "ignore_eos": True,
+    })
+    assert r.status_code == 200, r.text
+    api = r.json()
+    assert ui["text"] == api["choices"][0]["text"]
+    assert output == api["choices"][0]["text"]
+    assert ui["finishReason"] == api["choices"][0]["finish_reason"] == "length"
+    usage = ui["usage"]
+    for k in ("prompt_tokens", "completion_tokens", "denoising_steps", "canvases"):
+        assert usage[k] == api["usage"][k], k
+    assert usage["canvases"] == 3 and usage["completion_tokens"] == max_tokens
+    # the usage table and the step counter on the page
+    assert browser.js("return document.getElementById('u-canvases').textContent") == "3"
+    assert browser.js("return document.getElementById('canvas-index').textContent") == "2"
+    last = history[-1]
+    assert browser.js("return document.getElementById('step').textContent") == str(last["step"])
+    # the final canvas drawn is the last draft, every cell marked committed
+    cells = browser.js("return [...document.querySelectorAll('#grid .cell')].map(c => [c.dataset.id, c.className])")
+    assert [int(i) for i, _ in cells] == last["ids"]
+    assert all("committed" in cls for _, cls in cells)
+
+
+@browser_required
+def test_page_without_key_says_it_is_required(live_server, browser):
+    browser.driver.get(live_server.url + "/")
+    browser.js("localStorage.clear()")
+    browser.driver.get(live_server.url + "/")
+    browser.wait("return document.getElementById('server-status').textContent === 'API key required'", 30, "the key prompt")
+    assert browser.js("return document.getElementById('key-hint').textContent") == "(required)"
+    # a key entered is kept for the next visit
+    set_value(browser, "api-key", live_server.api_key)
+    browser.wait("return document.getElementById('server-status').textContent.startsWith('ready')", 30, "ready")
+    browser.driver.get(live_server.url + "/")
+    assert browser.js("return document.getElementById('api-key').value") == live_server.api_key
+    browser.wait("return document.getElementById('server-status').textContent.startsWith('ready')", 30, "ready again")
+
+
+@browser_required
+def test_chat_mode_and_sudoku_board(server_launcher, server_tiny_checkpoint, browser):
+    """Chat mode streams deltas; an 81-character grid prompt shows the 9x9 board with bold givens."""
+    server = server_launcher(["--model", str(server_tiny_checkpoint)])
+    open_page(browser, server.url)
+    submit(browser, "Hello there", 7, max_tokens=20, ignore_eos=True, mode="chat")
+    browser.wait("return window.__ui.done", 120, "the chat run")
+    ui = browser.js("return window.__ui")
+    assert ui["error"] is None and ui["usage"]["completion_tokens"] == 20
+    r = httpx.post(server.base_url + "/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "Hello there"}], "seed": 7, "max_tokens": 20, "ignore_eos": True})
+    assert ui["text"] == r.json()["choices"][0]["message"]["content"]
+    assert browser.js("return document.getElementById('board-wrap').hidden") is True
+
+    grid = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+    submit(browser, grid, 1, max_tokens=81, ignore_eos=True)
+    assert browser.js("return document.getElementById('board-wrap').hidden") is False
+    browser.wait("return window.__ui.done", 120, "the sudoku run")
+    board = browser.js("return [...document.querySelectorAll('#board .bcell')].map(c => [c.textContent, c.className])")
+    assert len(board) == 81
+    for k, ch in enumerate(grid):
+        text, cls = board[k]
+        if ch in "123456789":
+            assert text == ch and "given" in cls
+        else:
+            assert "given" not in cls
+
+
+# ---------------------------------------------------------------------------------------------- screenshots
+
+def take_screenshots(out: Path, model: str | None) -> None:  # pragma: no cover - a docs tool
+    """Screenshots of the page mid-denoise and finished, and of the Sudoku board view."""
+    import sys
+
+    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from tests.conftest import LiveServer
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ui-shots-"))
+    tiny = build_tiny_checkpoint(work / "tiny", TinySpec(canvas_length=32), generation={"max_denoising_steps": 16})
+    # Sharpen the random model's logits (scale the tied embedding) so that some positions settle
+    # between steps, as a trained model's do; its text is still noise.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tiny / "model.safetensors")
+    weights["model.decoder.embed_tokens.weight"] *= 40.0
+    save_file(weights, tiny / "model.safetensors", metadata={"format": "pt"})
+    servers = [LiveServer(["--model", str(tiny), "--served-model-name", "tiny-random-diffusiongemma"], work / "tiny.log")]
+    sudoku_server = servers[0]
+    if model:
+        servers.append(LiveServer(["--model", model], work / "model.log", startup_timeout=600))
+        sudoku_server = servers[1]
+    b = Browser()
+    try:
+        def mid_and_done(server, prompt, name, max_tokens, seed, pause_step, throttle):
+            open_page(b, server.url)
+            b.throttle(throttle)
+            submit(b, prompt, seed, max_tokens=max_tokens, ignore_eos=True)
+            b.wait(f"const g = document.getElementById('grid'); return g.dataset.canvas === '1' && +g.dataset.step >= {pause_step}"
+                   " && !document.querySelector('#grid .pending')", 120, "mid-denoise")
+            time.sleep(0.05)
+            b.driver.save_screenshot(str(out / f"{name}-mid.png"))
+            b.wait("return window.__ui.done", 300, "the run")
+            time.sleep(0.3)
+            b.driver.save_screenshot(str(out / f"{name}-done.png"))
+            b.throttle(-1)
+
+        mid_and_done(servers[0], "The diffusion model writes", "canvas", 80, 1234, 9, 3000)
+        if model:
+            grid = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+        else:  # no Sudoku model: a tiny random model on a grid prompt (its digits are noise)
+            grid = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
+        open_page(b, sudoku_server.url)
+        b.throttle(2000)
+        submit(b, grid, 3, max_tokens=81, ignore_eos=True)
+        b.wait("return +document.getElementById('board').dataset.step >= 3", 120, "board mid-denoise")
+        b.driver.save_screenshot(str(out / "sudoku-mid.png"))
+        b.wait("return window.__ui.done", 300, "the sudoku run")
+        time.sleep(0.3)
+        b.driver.save_screenshot(str(out / "sudoku-done.png"))
+        print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.glob("*.png"))}), file=sys.stderr)
+    finally:
+        b.close()
+        for s in servers:
+            s.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Screenshots of the live canvas page for the docs.")
+    ap.add_argument("--out", type=Path, default=Path("docs/screenshots"))
+    ap.add_argument("--model", default=None, help="a Sudoku checkpoint for the board view (default: a tiny random model)")
+    args = ap.parse_args()
+    if browser_missing():
+        raise SystemExit(browser_missing())
+    take_screenshots(args.out, args.model)
