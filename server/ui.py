@@ -54,7 +54,7 @@ async def index():
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/ui/config")
+@router.get("/ui/config", include_in_schema=False)
 async def ui_config(request: Request):
     state = request.app.state.server
     auth_required = bool(_keys(request))
@@ -77,7 +77,7 @@ async def ui_config(request: Request):
     })
 
 
-@router.post("/ui/detokenize")
+@router.post("/ui/detokenize", include_in_schema=False)
 async def ui_detokenize(request: Request):
     if not _authorized(request):
         raise errors.unauthorized()

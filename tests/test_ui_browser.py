@@ -7,6 +7,7 @@ Skipped, with the reason, when /usr/bin/chromium, /usr/bin/chromedriver or selen
 Also the screenshot tool for the docs (needs the same browser):
 
     python -m tests.test_ui_browser --out docs/screenshots [--model engine/default_model]
+    python -m tests.test_ui_browser --model engine/default_model --board-only --board-name sudoku-model
 """
 
 from __future__ import annotations
@@ -243,11 +244,13 @@ def test_chat_mode_and_sudoku_board(server_launcher, server_tiny_checkpoint, bro
             assert text == ch and "given" in cls
         else:
             assert "given" not in cls
+    status = browser.js("return document.getElementById('board-status').textContent")
+    assert status == "solved" or "/81 cells filled" in status
 
 
 # ---------------------------------------------------------------------------------------------- screenshots
 
-def take_screenshots(out: Path, model: str | None) -> None:  # pragma: no cover - a docs tool
+def take_screenshots(out: Path, model: str | None, board_name: str = "sudoku", board_only: bool = False) -> None:  # pragma: no cover
     """Screenshots of the page mid-denoise and finished, and of the Sudoku board view."""
     import sys
 
@@ -267,9 +270,11 @@ def take_screenshots(out: Path, model: str | None) -> None:  # pragma: no cover 
     servers = [LiveServer(["--model", str(tiny), "--served-model-name", "tiny-random-diffusiongemma"], work / "tiny.log")]
     sudoku_server = servers[0]
     if model:
-        servers.append(LiveServer(["--model", model], work / "model.log", startup_timeout=600))
+        servers.append(LiveServer(["--model", model, "--served-model-name", Path(model).name], work / "model.log",
+                                  startup_timeout=600))
         sudoku_server = servers[1]
     b = Browser()
+    b.driver.set_window_size(1400, 1250)
     try:
         def mid_and_done(server, prompt, name, max_tokens, seed, pause_step, throttle):
             open_page(b, server.url)
@@ -284,7 +289,8 @@ def take_screenshots(out: Path, model: str | None) -> None:  # pragma: no cover 
             b.driver.save_screenshot(str(out / f"{name}-done.png"))
             b.throttle(-1)
 
-        mid_and_done(servers[0], "The diffusion model writes", "canvas", 80, 1234, 9, 3000)
+        if not board_only:
+            mid_and_done(servers[0], "The diffusion model writes", "canvas", 80, 1234, 9, 3000)
         if model:
             grid = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
         else:  # no Sudoku model: a tiny random model on a grid prompt (its digits are noise)
@@ -292,11 +298,11 @@ def take_screenshots(out: Path, model: str | None) -> None:  # pragma: no cover 
         open_page(b, sudoku_server.url)
         b.throttle(2000)
         submit(b, grid, 3, max_tokens=81, ignore_eos=True)
-        b.wait("return +document.getElementById('board').dataset.step >= 3", 120, "board mid-denoise")
-        b.driver.save_screenshot(str(out / "sudoku-mid.png"))
+        b.wait(f"return +document.getElementById('board').dataset.step >= {8 if model else 3}", 120, "board mid-denoise")
+        b.driver.save_screenshot(str(out / f"{board_name}-mid.png"))
         b.wait("return window.__ui.done", 300, "the sudoku run")
         time.sleep(0.3)
-        b.driver.save_screenshot(str(out / "sudoku-done.png"))
+        b.driver.save_screenshot(str(out / f"{board_name}-done.png"))
         print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.glob("*.png"))}), file=sys.stderr)
     finally:
         b.close()
@@ -310,7 +316,9 @@ if __name__ == "__main__":  # pragma: no cover
     ap = argparse.ArgumentParser(description="Screenshots of the live canvas page for the docs.")
     ap.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     ap.add_argument("--model", default=None, help="a Sudoku checkpoint for the board view (default: a tiny random model)")
+    ap.add_argument("--board-name", default="sudoku", help="file name prefix of the board screenshots")
+    ap.add_argument("--board-only", action="store_true", help="only the board screenshots")
     args = ap.parse_args()
     if browser_missing():
         raise SystemExit(browser_missing())
-    take_screenshots(args.out, args.model)
+    take_screenshots(args.out, args.model, args.board_name, args.board_only)

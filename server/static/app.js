@@ -383,6 +383,42 @@
       cell.textContent = digit || (e && e.ch ? shown(e.ch) : "");
     }
     board.dataset.step = String(r.step || 0);
+    markConflicts(board);
+  }
+
+  // Digits that repeat in a row, column or box: the generated ones are marked; the status line
+  // says whether the grid is a solution.
+  function markConflicts(board) {
+    const value = (k) => board.children[k].textContent;
+    const bad = new Set();
+    const units = [];
+    for (let i = 0; i < 9; i++) {
+      units.push([...Array(9).keys()].map((j) => i * 9 + j));
+      units.push([...Array(9).keys()].map((j) => j * 9 + i));
+      units.push([...Array(9).keys()].map((j) => (Math.floor(i / 3) * 3 + Math.floor(j / 3)) * 9 + (i % 3) * 3 + (j % 3)));
+    }
+    for (const unit of units) {
+      const seen = new Map();
+      for (const k of unit) {
+        const v = value(k);
+        if (!/^[1-9]$/.test(v)) continue;
+        if (seen.has(v)) { bad.add(k); bad.add(seen.get(v)); } else seen.set(v, k);
+      }
+    }
+    let filled = 0;
+    let conflicts = 0;
+    for (let k = 0; k < 81; k++) {
+      const cell = board.children[k];
+      if (/^[1-9]$/.test(value(k))) filled += 1;
+      const c = bad.has(k) && !cell.classList.contains("given");
+      cell.classList.toggle("conflict", c);
+      if (c) conflicts += 1;
+    }
+    const status = $("board-status");
+    const solved = filled === 81 && bad.size === 0;
+    status.className = "board-status" + (solved ? " solved" : "");
+    status.textContent = solved ? "solved" : filled + "/81 cells filled" + (conflicts ? ", " + conflicts + " in conflict" : "");
+    board.dataset.solved = String(solved);
   }
 
   function resetUsage() {
