@@ -292,35 +292,32 @@ def test_cors_closed_by_default(live_server):
 # -- schemathesis against the server's own OpenAPI document -----------------------------------
 # A bounded, derandomized run for CI; docs/reliability.md has the command for a longer one.
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
-
 FUZZ_EXAMPLES = 60  # per operation and mode
 FUZZ_PATHS = "^/(v1/|health$|metrics$)"
-FUZZ_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def fuzz_operations(url: str):
-    schema = schemathesis.openapi.from_url(url + "/openapi.json").include(path_regex=FUZZ_PATHS)
-    return [result.ok() for result in schema.get_all_operations()]
-
-
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
-def test_schemathesis(limits_server, mode):
+@pytest.mark.parametrize("mode_name", ["positive", "negative"])
+def test_schemathesis(limits_server, mode_name):
     """No 5xx, every status documented, bodies match the schema, every error has OpenAI's shape.
 
     Hypothesis drives schemathesis' strategies directly (its pytest plugin's ``from_fixture`` does
     not run under pytest 9); derandomized, so CI runs the same examples every time.
     """
-    operations = fuzz_operations(limits_server.url)
+    schemathesis = pytest.importorskip("schemathesis")  # the test extra: schemathesis>=4.32,<5
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    mode = GenerationMode(mode_name)
+    schema = schemathesis.openapi.from_url(limits_server.url + "/openapi.json").include(path_regex=FUZZ_PATHS)
+    operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
     seen: dict[str, set[int]] = {}
     for op in operations:
@@ -330,7 +327,7 @@ def test_schemathesis(limits_server, mode):
         @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def run(case):
-            response = case.call_and_validate(headers=headers, timeout=60, checks=FUZZ_CHECKS)
+            response = case.call_and_validate(headers=headers, timeout=60, checks=checks)
             seen.setdefault(f"{op.method.upper()} {op.path}", set()).add(response.status_code)
             if response.status_code >= 400:
                 body = response.json()

@@ -45,7 +45,7 @@ def test_completion_default_stream_frames(live_server, server_sse):
     u = usage_chunk["usage"]
     assert u["completion_tokens"] == 40 and u["prompt_tokens"] == len("Once upon")
     assert u["total_tokens"] == u["prompt_tokens"] + 40 and u["canvases"] == 3
-    full = httpx.post(live_server.base_url + "/completions", json={**body, "stream": False}, headers=live_server.headers,
+    full = httpx.post(live_server.base_url + "/completions", json={**body, "stream": False, "stream_options": None}, headers=live_server.headers,
                       timeout=60).json()
     assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
     assert full["usage"] == u
@@ -175,7 +175,7 @@ def test_n2_stream_interleaves_valid_choices(live_server, server_sse):
             finishes[choice["index"]] = choice["finish_reason"]
     assert finishes == {0: "length", 1: "length"}
     assert frames[-2]["usage"]["completion_tokens"] == 40
-    full = httpx.post(live_server.base_url + "/completions", json={**body, "stream": False}, headers=live_server.headers,
+    full = httpx.post(live_server.base_url + "/completions", json={**body, "stream": False, "stream_options": None}, headers=live_server.headers,
                       timeout=60).json()
     assert [c["text"] for c in full["choices"]] == [texts[0], texts[1]]
 

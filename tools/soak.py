@@ -57,6 +57,11 @@ BAD_BODIES = [
 ]
 
 
+# the share of each kind of traffic: [lo, hi) of a uniform roll
+KIND_ROLLS = {"valid": (0.0, 0.25), "stream": (0.25, 0.45), "stream_cut": (0.45, 0.60), "plain_cut": (0.60, 0.70),
+              "invalid": (0.70, 0.95), "oversized": (0.95, 1.0)}
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -110,6 +115,9 @@ class Soak:
     async def one(self, client: httpx.AsyncClient) -> None:
         rng = self.rng
         roll = rng.random()
+        if self.args.only:  # one kind of traffic only (to find which one grows memory)
+            lo, hi = KIND_ROLLS[self.args.only]
+            roll = lo + (hi - lo) * roll
         prompt = rng.choice(["hello", "soak test", "x" * rng.randint(1, 200), "Ünïcödé ✓"])
         body = {"prompt": prompt, "max_tokens": rng.randint(1, 64), "seed": rng.randint(0, 1000)}
         if roll < 0.25:
@@ -268,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server (repeatable)")
     p.add_argument("--rss-tolerance-mb", type=float, default=32.0,
                    help="allowed RSS growth from the post-warm-up baseline to the end (default 32 MiB)")
+    p.add_argument("--only", choices=sorted(KIND_ROLLS), help="send one kind of traffic only (default: the mix)")
     p.add_argument("--json-out", help="also write the summary here")
     args = p.parse_args(argv)
     if args.duration > 3600:
