@@ -56,6 +56,10 @@ COMPLETION_RESPONSE = {
 }
 
 
+# One server-sent event (``data: {json chunk}`` or ``data: [DONE]``), as event-stream validators see it.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+
+
 def _error_responses(statuses) -> dict:
     ref = {"$ref": "#/components/schemas/ErrorResponse"}
     return {s: {"description": ERROR_STATUSES[s], "content": {"application/json": {"schema": ref}}} for s in statuses}
@@ -85,7 +89,7 @@ def install_openapi(app: FastAPI) -> None:
                 "200": {
                     "description": "A completion (JSON), or server-sent events when stream is true.",
                     "content": {"application/json": {"schema": COMPLETION_RESPONSE},
-                                "text/event-stream": {"schema": {"type": "string"}}},
+                                "text/event-stream": {"schema": SSE_EVENT}},
                 },
                 **_error_responses(["400", "401", "404", "413", "429", "500", "503"]),
             }
