@@ -80,8 +80,14 @@ def load_config(path: str) -> dict:
     """Read a YAML config whose keys are the flag names (``-`` or ``_``, without the leading dashes)."""
     import yaml
 
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SystemExit(f"config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config {path}: expected a mapping of flag names to values")
     by_key = {}
@@ -114,7 +120,12 @@ def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
     unknown = set(values) - settings_field_names()
     if unknown:  # a programming error: OPTIONS and ServerSettings disagree
         raise SystemExit(f"internal: unknown settings {sorted(unknown)}")
-    return ServerSettings(**values)
+    settings = ServerSettings(**values)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise SystemExit(f"invalid setting: {exc}") from None
+    return settings
 
 
 def configure_logging(level: str) -> None:

@@ -61,17 +61,43 @@ class ServerSettings:
                 names.append(n)
         return names
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work (checked at start-up, before loading)."""
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535 (got {self.port!r})")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError(f"log_level must be debug, info, warning, error or critical (got {self.log_level!r})")
+        for name in ("sse_ping_seconds", "graceful_shutdown_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise ValueError(f"{name} must be a number >= 0 (got {value!r})")
+        for name in ("max_request_body_bytes", "max_n", "max_prompts_per_request", "max_request_tokens",
+                     "max_stop_length", "max_json_depth", "max_request_denoising_steps", "max_prompt_tokens",
+                     "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        if any(not k for k in self.api_keys):
+            raise ValueError("api keys must not be empty")
+        # the engine's own settings (dtype, device, budgets), with the model still unresolved
+        self.engine_settings_for(self.model or "<default model>").validate()
+
     def engine_settings(self):
         """The ``EngineSettings`` for these server settings (threads default to 1 on CPU)."""
         from engine.settings import EngineSettings
 
         if self.model is None:
             raise ValueError("model is not set")
+        return self.engine_settings_for(self.model)
+
+    def engine_settings_for(self, model: str):
+        from engine.settings import EngineSettings
+
         num_threads = self.num_threads
         if num_threads is None and resolves_to_cpu(self.device):
             num_threads = 1
         return EngineSettings(
-            model=self.model,
+            model=model,
             dtype=self.dtype,
             device=self.device,
             max_num_seqs=self.max_num_seqs,

@@ -1,0 +1,54 @@
+"""Start-up validation: a bad flag or config value stops the server with a one-line error, before loading."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import settings_from_args
+
+BAD = [
+    (["--dtype", "bf16"], "invalid setting: dtype must be one of auto, float32, bfloat16, float16, float64 (got 'bf16')"),
+    (["--device", "gpu"], "invalid setting: device must be auto, cpu, cuda or cuda:N (got 'gpu')"),
+    (["--max-num-seqs", "0"], "invalid setting: max_num_seqs must be a positive integer (got 0)"),
+    (["--max-waiting", "-1"], "invalid setting: max_waiting must be an integer >= 0 (got -1)"),
+    (["--memory-fraction", "1.5"], "invalid setting: memory_fraction must be in (0, 1] (got 1.5)"),
+    (["--port", "70000"], "invalid setting: port must be in 0..65535 (got 70000)"),
+    (["--log-level", "verbose"], "invalid setting: log_level must be debug, info, warning, error or critical (got 'verbose')"),
+    (["--num-threads", "0"], "invalid setting: num_threads must be a positive integer (got 0)"),
+    (["--max-model-len", "0"], "invalid setting: max_model_len must be a positive integer (got 0)"),
+    (["--max-request-body-bytes", "0"], "invalid setting: max_request_body_bytes must be a positive integer (got 0)"),
+    (["--sse-ping-seconds", "-1"], "invalid setting: sse_ping_seconds must be a number >= 0 (got -1.0)"),
+    (["--graceful-shutdown-seconds", "-5"], "invalid setting: graceful_shutdown_seconds must be a number >= 0 (got -5.0)"),
+    (["--max-n", "0"], "invalid setting: max_n must be a positive integer (got 0)"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[a[0] for a, _ in BAD])
+def test_bad_values_stop_with_a_clear_message(argv, message):
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--model", "/some/model", *argv])
+    assert str(info.value) == message
+
+
+def test_bad_values_in_a_config_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("max-num-seqs: 4\nmemory-fraction: 0\n")
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--config", str(cfg)])
+    assert str(info.value) == "invalid setting: memory_fraction must be in (0, 1] (got 0.0)"
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--config", str(tmp_path / "nope.yaml")])
+    assert str(info.value).startswith(f"config {tmp_path / 'nope.yaml'}: cannot read it")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max-num-seqs: [1, 2\n")
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--config", str(bad)])
+    assert str(info.value).startswith(f"config {bad}: not valid YAML")
+
+
+def test_good_values_pass():
+    s = settings_from_args(["--model", "/m", "--dtype", "bfloat16", "--device", "cuda:1", "--port", "0", "--max-waiting", "0"])
+    assert (s.dtype, s.device, s.port, s.max_waiting) == ("bfloat16", "cuda:1", 0, 0)
