@@ -81,7 +81,8 @@ class ServerState:
             return
         engine.start()
         self.engine = engine
-        self.metrics.bind_engine_gauges(self._engine_counts, self._engine_live_states)
+        self.metrics.bind_engine_gauges(self._engine_counts, self._engine_live_states,
+                                        lambda: float(getattr(engine, "kv_usage", 0.0)))
         self.status = "ready"
         logger.info(
             "serving %s as %s (max_model_len=%s, canvas_length=%s) after %.1fs",

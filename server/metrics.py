@@ -51,6 +51,7 @@ METRIC_DOCS = [
     ("canvas_latency_seconds", "histogram", "A canvas's first decoder step to its commit."),
     ("decoder_batch_size", "histogram", "Canvases in the decoder batch of one scheduler pass (passes with a decoder call)."),
     ("engine_pass_seconds", "histogram", "Wall time of one scheduler pass."),
+    ("kv_cache_usage_perc", "gauge", "Fraction (0-1) of the engine's KV token budget reserved by running requests (vLLM's name)."),
     ("engine_live_states", "gauge", "Per-request state objects the engine holds (requests, runner rows, KV entries); 0 when idle. A leak check."),
     ("http_requests_in_flight", "gauge", "HTTP requests to /v1 inside the server (a stream counts until its last byte)."),
     ("http_errors_total", "counter", "Error responses sent, by HTTP status code (400, 401, 404, 413, 429, 500, 503)."),
@@ -97,10 +98,12 @@ class ServerMetrics:
         self.pass_seconds = hist("engine_pass_seconds", LATENCY_BUCKETS)
         self.http_errors = counter("http_errors_total", ("code",))
         self.engine_live_states = Gauge(name("engine_live_states"), doc["engine_live_states"], registry=r)
+        self.kv_cache_usage = Gauge(name("kv_cache_usage_perc"), doc["kv_cache_usage_perc"], registry=r)
         self.http_requests_in_flight = Gauge(name("http_requests_in_flight"), doc["http_requests_in_flight"], registry=r)
 
     def bind_engine_gauges(self, get_counts: Callable[[], tuple[int, int]],
-                           get_live_states: Callable[[], int] | None = None) -> None:
+                           get_live_states: Callable[[], int] | None = None,
+                           get_kv_usage: Callable[[], float] | None = None) -> None:
         """Read running/waiting (and live states) from the engine at scrape time (cheap reads)."""
 
         def running() -> float:
@@ -115,6 +118,8 @@ class ServerMetrics:
         self.num_requests_waiting.set_function(waiting)
         if get_live_states is not None:
             self.engine_live_states.set_function(get_live_states)
+        if get_kv_usage is not None:
+            self.kv_cache_usage.set_function(get_kv_usage)
 
     def bind_in_flight(self, get_count: Callable[[], int]) -> None:
         self.http_requests_in_flight.set_function(get_count)

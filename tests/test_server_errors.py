@@ -233,10 +233,12 @@ def test_429_when_the_queue_is_full(queue_server):
                 m = queue_server.metrics()
                 assert m[("diffusion_server:num_requests_running", frozenset())] == 1
                 assert m[("diffusion_server:num_requests_waiting", frozenset())] == 1
+                assert 0 < m[("diffusion_server:kv_cache_usage_perc", frozenset())] <= 1
                 client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
                 with pytest.raises(openai.RateLimitError):
                     client.completions.create(model=queue_server.model_name, prompt="x", max_tokens=2)
     after = queue_server.wait_idle(timeout=60)
+    assert after[("diffusion_server:kv_cache_usage_perc", frozenset())] == 0
     assert after[("diffusion_server:http_errors_total", frozenset({("code", "429")}))] == 5
     abort = ("diffusion_server:request_success_total", frozenset({("finished_reason", "abort")}))
     assert after[abort] - before.get(abort, 0) == 2

@@ -38,6 +38,7 @@ def test_exposition_format(live_server):
     expected = {
         "num_requests_running": "gauge",
         "num_requests_waiting": "gauge",
+        "kv_cache_usage_perc": "gauge",
         "prompt_tokens": "counter",
         "generation_tokens": "counter",
         "request_success": "counter",
