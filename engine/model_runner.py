@@ -183,7 +183,6 @@ class ModelRunner:
                 logits = torch.where(finite[:, None, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
             out = denoise_tile(
                 logits,
-                torch.stack([s.canvas for s in tile_states]),
                 tile_work,
                 [s.generator for s in tile_states],
             )

@@ -40,7 +40,6 @@ class TileResult:
 
 def denoise_tile(
     logits: torch.Tensor,  # [n, C, V] fp32, soft-capped
-    current_canvas: torch.Tensor,  # [n, C]
     rows: list[DecodeWork],  # per row: cur_step, max_steps, t_min, t_max, entropy_bound, confidence_threshold
     generators: list[torch.Generator],
 ) -> TileResult:
@@ -73,5 +72,5 @@ def denoise_tile(
 
     thresholds = torch.tensor([r.confidence_threshold for r in rows], device=device, dtype=entropy.dtype)
     confident = entropy.mean(dim=-1) < thresholds
-    del current_canvas  # every position is re-decided: accepted take the sample, the rest fresh noise
+    # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
     return TileResult(next_canvas=next_canvas, argmax=argmax, confident=confident, scaled_logits=scaled)
