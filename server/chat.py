@@ -51,11 +51,34 @@ def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
+# Keys of apply_chat_template that would let a client swap the template (arbitrary Jinja: a CPU and
+# memory bomb) or change what the server renders; anything else is passed to the checkpoint's template.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "chat_template", "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask",
+    "add_generation_prompt", "continue_final_message", "conversation", "messages", "tools", "documents",
+    "padding", "truncation", "max_length", "tokenizer_kwargs",
+})
+
+
+def template_kwargs(raw: dict | None) -> dict:
+    """Extra variables for the checkpoint's own chat template: plain scalars only, no reserved keys."""
+    kwargs = dict(raw or {})
+    for key, value in kwargs.items():
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise errors.bad_request(f"chat_template_kwargs may not set '{key}'.", "chat_template_kwargs")
+        if not (value is None or isinstance(value, (str, int, float, bool))) or (isinstance(value, str) and len(value) > 1024):
+            raise errors.bad_request(
+                f"chat_template_kwargs['{key}'] must be a string (at most 1024 characters), number, boolean or null.",
+                "chat_template_kwargs",
+            )
+    return kwargs
+
+
 def apply_template(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], str]:
     messages = messages_as_dicts(req)
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise errors.bad_request("continue_final_message needs the last message to be from the assistant.", "messages")
-    kwargs = dict(req.chat_template_kwargs or {})
+    kwargs = template_kwargs(req.chat_template_kwargs)
     try:
         text = tokenizer.apply_chat_template(
             messages,
@@ -91,7 +114,8 @@ async def _create_chat_completion(request: Request, state, request_id: str, engi
         tools=(bool(req.tools), "tools (function calling) are not supported by this server."),
         response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
     )
-    prompt_ids, prompt_text = await asyncio.to_thread(apply_template, engine.tokenizer, req) if len(req.messages) > 64 else apply_template(engine.tokenizer, req)
+    # rendering and tokenizing can take a while on large bodies: never on the event loop
+    prompt_ids, prompt_text = await asyncio.to_thread(apply_template, engine.tokenizer, req)
     log.prompt_text = prompt_text if state.settings.log_prompts else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     specs = make_specs(engine, [prompt_ids], req, max_tokens, engine_prefix, state.settings)
