@@ -1,7 +1,8 @@
 """Incremental detokenization with stop strings, per request.
 
 Text deltas are the difference between successive decodes of all committed tokens, held back
-while the tail is an incomplete UTF-8 sequence, so a multi-byte character is never split.
+while the tail is an incomplete UTF-8 sequence (so a multi-byte character is never split) and, with
+stop strings, while the tail could still grow into one (so no part of a stop string leaks out).
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ class IncrementalDetokenizer:
                 delta = text[:index][len(self.sent):]
                 self.sent += delta
                 return delta
-        if not final and text.endswith("\ufffd"):
-            text = text.rstrip("\ufffd")  # wait for the rest of the character
+        if not final:
+            if text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")  # wait for the rest of the character
+            if self.stop:
+                # hold back what could be the start of a stop string finished by the next tokens
+                hold = max(len(s) for s in self.stop) - 1
+                text = text[: max(len(self.sent), len(text) - hold)]
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.sent += delta
         return delta
