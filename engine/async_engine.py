@@ -32,6 +32,10 @@ logger = logging.getLogger("engine")
 _IDLE_WAIT_S = 0.05
 
 
+class EngineDeadError(RuntimeError):
+    """The step loop is not running (shut down, or died): no request can be served."""
+
+
 class AsyncEngine:
     """Load a checkpoint and serve requests from asyncio code. See ``generate``."""
 
@@ -62,7 +66,8 @@ class AsyncEngine:
         self.default_params = self.core.defaults
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a stream's __del__ may run inside a locked block
+        self._closed = False  # set by the step loop when it exits; no stream is accepted after it
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._dead: str | None = None
@@ -101,10 +106,12 @@ class AsyncEngine:
         """
         params = self.resolve(prompt_ids, params)
         if not self.healthy:
-            raise RuntimeError("the engine is not running")
+            raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         queue_: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._closed:
+                raise EngineDeadError("the engine is not running")
             if self._unfinished >= self.settings.max_num_seqs + self.settings.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
             if request_id in self._streams:
@@ -181,6 +188,7 @@ class AsyncEngine:
             self._dead = f"{type(exc).__name__}: {exc}"
         finally:
             with self._lock:
+                self._closed = True
                 pending = list(self._streams)
             for rid in pending:
                 self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",

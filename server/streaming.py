@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from engine import InvalidRequestError, QueueFullError
+from engine import EngineDeadError, InvalidRequestError, QueueFullError
 from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -132,7 +132,7 @@ class ChoiceSet:
         except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
             if not got_any:
                 self._submit_errors.append(exc)
-                submitted = not isinstance(exc, (QueueFullError, APIError))
+                submitted = not isinstance(exc, (QueueFullError, APIError, EngineDeadError))
             reason = "error"
             self.queue.put_nowait((spec.index, None, exc))
         finally:
@@ -149,6 +149,8 @@ class ChoiceSet:
             if exc is not None:
                 if isinstance(exc, QueueFullError):
                     raise errors.queue_full()
+                if isinstance(exc, EngineDeadError):
+                    raise errors.unavailable("The engine has stopped; the server needs a restart.", "engine_dead")
                 if isinstance(exc, APIError):
                     raise exc
                 if isinstance(exc, InvalidRequestError):

@@ -101,3 +101,26 @@ def test_queue_full_is_raised_before_any_output(engine):
     served = [r for r in results if isinstance(r, list)]
     assert len(rejected) == 4 and len(served) == 8  # 4 running + 4 waiting
     assert [(r[-1].finish_reason, r[-1].num_generated_tokens) for r in served] == [("length", 64)] * 8
+
+
+def test_after_shutdown_generate_refuses_and_nothing_hangs(tmp_path):
+    from engine import EngineDeadError
+
+    path = build_tiny_checkpoint(tmp_path / "m", TinySpec())
+    eng = AsyncEngine(EngineSettings(model=str(path)))
+    eng.start()
+    prompt = eng.tokenizer("x").input_ids
+    params = SamplingParams(max_tokens=400, max_denoising_steps=8, ignore_eos=True)
+
+    async def scenario():
+        running = eng.generate(prompt, params, "inflight")
+        first = await running.__anext__()
+        eng.shutdown()
+        rest = [o async for o in running]  # the in-flight request ends, it does not hang
+        with pytest.raises(EngineDeadError):
+            eng.generate(prompt, params, "late")
+        return first, rest
+
+    first, rest = asyncio.run(scenario())
+    assert not eng.healthy
+    assert rest and rest[-1].finished and rest[-1].finish_reason == "abort"
