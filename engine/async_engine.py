@@ -92,19 +92,22 @@ class AsyncEngine:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
     # -- requests ------------------------------------------------------------------------------
-    def resolve(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Fill defaults from the checkpoint and validate (raises ``InvalidRequestError``)."""
-        return self.core.resolve(prompt_ids, params)
+    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False) -> SamplingParams:
+        """Fill defaults from the checkpoint and validate (raises ``InvalidRequestError``).
+        ``prompt_checked=True`` skips the per-token check of a prompt already accepted once."""
+        return self.core.resolve(prompt_ids, params, prompt_checked=prompt_checked)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> "RequestStream":
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
+                 prompt_checked: bool = False) -> "RequestStream":
         """Submit one request and return its stream of ``RequestOutput`` events (``async for``); the
         last event has ``finished=True``.
 
         Validation and admission happen here, synchronously: ``InvalidRequestError`` for bad
         parameters, ``QueueFullError`` when the waiting queue is full. Closing the stream early
         (``aclose()``, or dropping it: client gone, task cancelled) aborts the request and frees its slot.
+        ``prompt_checked=True``: the prompt already passed ``resolve`` (skips its per-token check).
         """
-        params = self.resolve(prompt_ids, params)
+        params = self.resolve(prompt_ids, params, prompt_checked=prompt_checked)
         if not self.healthy:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()

@@ -35,30 +35,48 @@ class EngineCore:
             loaded, sampling_tile_bytes=settings.sampling_tile_bytes, max_encoder_tokens=settings.max_encoder_tokens
         )
         kv_budget = max_num_kv_tokens if max_num_kv_tokens is not None else settings.max_num_kv_tokens
-        self.max_num_kv_tokens = kv_budget if kv_budget is not None else self.max_model_len * settings.max_num_seqs
+        self.max_num_kv_tokens = kv_budget if kv_budget is not None else 2 * self.max_model_len * settings.max_num_seqs
+        if self.max_num_kv_tokens < 2 * (self.canvas_length + 1):
+            raise ValueError(
+                f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even one request of one canvas; "
+                "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"
+            )
         self.scheduler = Scheduler(
             max_num_seqs=settings.max_num_seqs, max_waiting=settings.max_waiting, max_num_kv_tokens=self.max_num_kv_tokens
         )
         self._requests: dict[str, Request] = {}
 
     # -- requests ------------------------------------------------------------------------------
-    def resolve(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Fill defaults and validate; raises ``InvalidRequestError`` before any work is done."""
+    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False) -> SamplingParams:
+        """Fill defaults and validate; raises ``InvalidRequestError`` before any work is done.
+
+        ``prompt_checked=True`` skips the per-token vocabulary check of a prompt that an earlier
+        ``resolve`` call already accepted (the server resolves once per prompt, not per choice).
+        """
         resolved = params.resolve(self.defaults)
-        for tok in prompt_ids:
-            if not isinstance(tok, int) or isinstance(tok, bool) or not (0 <= tok < self.vocab_size):
-                raise InvalidRequestError(
-                    f"prompt token id {tok!r} is outside the vocabulary [0, {self.vocab_size})", "prompt"
-                )
+        if not prompt_checked:
+            self.check_prompt(prompt_ids)
         validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len, prompt_len=len(prompt_ids))
         reservation = len(prompt_ids) + -(-resolved.max_tokens // self.canvas_length) * self.canvas_length
-        if reservation > self.max_num_kv_tokens:
+        if not self.scheduler.fits_alone(reservation):
             raise InvalidRequestError(
                 f"the prompt and max_tokens need {reservation} KV tokens (whole canvases of {self.canvas_length}), "
-                f"more than this server's KV budget of {self.max_num_kv_tokens} tokens",
+                f"more than this server's KV budget allows for one request ({self.scheduler.max_single_reservation()} "
+                "tokens)",
                 "max_tokens",
             )
         return resolved
+
+    def check_prompt(self, prompt_ids) -> None:
+        """Every prompt token must be an int in [0, vocab). C-speed min/max after a type check."""
+        if any(type(t) is not int for t in prompt_ids):
+            bad = next(t for t in prompt_ids if type(t) is not int)
+            raise InvalidRequestError(f"prompt token id {bad!r} is not an integer", "prompt")
+        if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size):
+            bad = min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)
+            raise InvalidRequestError(
+                f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})", "prompt"
+            )
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request; ``params`` must come from ``resolve``. Raises ``QueueFullError``."""

@@ -56,11 +56,13 @@ def available_bytes(device: torch.device) -> int:
 
 def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float, max_num_seqs: int,
                      max_model_len: int) -> int:
-    """KV tokens all running requests may reserve together, from free memory now (after weights)."""
+    """KV token slots for all running requests together, from free memory now (after weights).
+
+    The scheduler spends them on what requests store *and* on the decoder's left-padded copy of
+    the batch's KV (``Scheduler._kv_needed``), so a request of L tokens alone needs 2L slots."""
     usable = int(available_bytes(device) * fraction)
     usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes
-    # The decoder reads a left-padded copy of the batch's KV (kv_cache.BatchKVView), so every KV byte
-    # stored may be copied once more per pass: budget for twice the storage.
+    # sliding layers: at most window-1 tokens per request, stored and copied into the decoder's view
     usable -= 2 * max_num_seqs * plan.sliding_kv_bytes_per_request + max_num_seqs * plan.state_bytes_per_request
-    tokens = usable // max(1, 2 * plan.kv_bytes_per_token)
-    return int(max(0, min(tokens, max_model_len * max_num_seqs)))
+    tokens = usable // max(1, plan.kv_bytes_per_token)
+    return int(max(0, min(tokens, 2 * max_model_len * max_num_seqs)))

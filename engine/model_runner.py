@@ -91,11 +91,16 @@ class ModelRunner:
 
     # -- encoder -------------------------------------------------------------------------------
     def _encode(self, work: list[EncodeWork]) -> int:
-        total = 0
-        for group in self._encoder_groups(work):
+        limit = self.max_encoder_tokens
+        short = [w for w in work if len(w.token_ids) <= limit]
+        for group in self._encoder_groups(short):
             self._encode_group(group)
-            total += sum(len(w.token_ids) for w in group)
-        return total
+        # a prompt longer than the limit is prefilled in chunks, each attending to the ones before it
+        for w in work:
+            if len(w.token_ids) > limit:
+                for start in range(0, len(w.token_ids), limit):
+                    self._encode_group([EncodeWork(w.request_id, w.token_ids[start:start + limit])])
+        return sum(len(w.token_ids) for w in work)
 
     def _encoder_groups(self, work: list[EncodeWork]) -> list[list[EncodeWork]]:
         """Split encoder work so that rows x padded length stays within ``max_encoder_tokens``."""

@@ -71,15 +71,28 @@ class Scheduler:
     def reserved_kv_tokens(self) -> int:
         return self._reserved_kv
 
+    def _kv_needed(self, reservations: list[int]) -> int:
+        """KV token slots a running set needs: what each request stores, plus the decoder's
+        left-padded copy of the batch (every row padded to the longest)."""
+        return sum(reservations) + len(reservations) * max(reservations, default=0)
+
+    def fits_alone(self, reservation: int) -> bool:
+        return self._kv_needed([reservation]) <= self.max_num_kv_tokens
+
+    def max_single_reservation(self) -> int:
+        return self.max_num_kv_tokens // 2
+
     # -- one pass ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan(free=self._to_free)
         self._to_free = []
         now = time.monotonic()
-        # Admit in arrival order while the decoder batch and the KV budget allow.
+        # Admit in arrival order while the decoder batch and the KV budget (stored KV plus the
+        # decoder's padded copy) allow.
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if self._reserved_kv + req.kv_reservation > self.max_num_kv_tokens and self.running:
+            reservations = [r.kv_reservation for r in self.running] + [req.kv_reservation]
+            if self._kv_needed(reservations) > self.max_num_kv_tokens and self.running:
                 break
             self.waiting.popleft()
             self._reserved_kv += req.kv_reservation

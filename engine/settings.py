@@ -15,9 +15,12 @@ class EngineSettings:
     max_num_seqs: canvases in one decoder pass (running requests).
     max_waiting: requests queued beyond the running ones; past it ``submit`` raises ``QueueFullError``.
     max_model_len: prompt + max_tokens limit; ``None`` uses the model's ``max_position_embeddings``.
-    max_num_kv_tokens: KV tokens (full-attention layers) reserved by all running requests together;
-        ``None`` derives it from free memory at start-up (``memory_fraction`` of it).
-    max_encoder_tokens: padded tokens in one batched encoder call (prefill and commits); larger work is split.
+    max_num_kv_tokens: KV token slots (full-attention layers) for all running requests together:
+        each request's prompt + whole canvases, plus the decoder's left-padded copy of the batch
+        (rows padded to the longest), so one request of L tokens alone needs 2L. ``None`` derives it
+        from free memory at start-up (``memory_fraction`` of it).
+    max_encoder_tokens: padded tokens in one batched encoder call (prefill and commits): requests are
+        grouped under it, and a longer prompt is prefilled in chunks of this size.
     sampling_tile_bytes: bound on the sampling transient: canvases are put through the lm head and
         the sampler in tiles of as many rows as fit (about 5 fp32 copies of [rows, canvas, vocab]);
         at least one row per tile.
@@ -32,7 +35,7 @@ class EngineSettings:
     max_model_len: int | None = None
     max_num_kv_tokens: int | None = None
     memory_fraction: float = 0.8
-    max_encoder_tokens: int = 8192
+    max_encoder_tokens: int = 2048
     sampling_tile_bytes: int = 512 * 2**20
     num_threads: int | None = None
     experts_implementation: str | None = None  # None: transformers' default (eager for float64)

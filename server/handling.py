@@ -222,7 +222,8 @@ def make_specs(engine, prompts: list[list[int]], req: CommonFields, max_tokens: 
                 **diffusion_kwargs(req),
             )
             try:
-                resolved = engine.resolve(prompt_ids, params)
+                # the prompt's tokens are checked once, not once per choice
+                resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0)
             except InvalidRequestError as exc:
                 param = exc.param
                 if param == "max_tokens":

@@ -117,7 +117,7 @@ class ChoiceSet:
         reason, generated = "abort", 0
         try:
             # validation and admission happen synchronously here (InvalidRequestError, QueueFullError)
-            agen = self.engine.generate(spec.prompt_ids, spec.params, spec.request_id)
+            agen = self.engine.generate(spec.prompt_ids, spec.params, spec.request_id, prompt_checked=True)
             async for out in agen:
                 got_any = True
                 generated = out.num_generated_tokens

@@ -165,3 +165,33 @@ def test_bad_engine_settings_fail_before_loading(overrides, fragment):
     with pytest.raises(ValueError) as info:
         AsyncEngine(EngineSettings(model="/nonexistent", **overrides))
     assert fragment in str(info.value)
+
+
+def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(tmp_path_factory):
+    """A prompt longer than max_encoder_tokens is encoded chunk by chunk; the tokens do not change."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("chunks"), TinySpec(dtype=torch.float64))
+    whole = make_core(path, max_encoder_tokens=4096)
+    chunked = make_core(path, max_encoder_tokens=16)
+    prompt = whole.loaded.tokenizer("a prompt of about seventy tokens, far past the sixteen-token chunks " * 1).input_ids
+    assert len(prompt) > 3 * 16
+    params = SamplingParams(max_tokens=40, seed=9)
+    a = run_to_completion(whole, [("r", prompt, params)])["r"]["tokens"]
+    b = run_to_completion(chunked, [("r", prompt, params)])["r"]["tokens"]
+    assert a == b and len(a) > 0
+
+
+def test_admission_counts_the_decoders_padded_copy(core):
+    """Budget = stored KV + the decoder's copy padded to the longest row: a long request limits the batch."""
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    sched = Scheduler(max_num_seqs=8, max_waiting=8, max_num_kv_tokens=1000)
+    params = core.resolve([5], SamplingParams(max_tokens=16))
+    long_req = Request("long", tuple([5] * 284), params, 0, 16)  # reserves 284 + 16 = 300
+    assert sched.fits_alone(long_req.kv_reservation) and not sched.fits_alone(501)
+    sched.add(long_req)
+    for i in range(3):
+        sched.add(Request(f"s{i}", (5,), params, 0, 16))  # reserve 17 each
+    plan = sched.schedule()
+    # long + 1 short: 317 + 2*300 = 917 <= 1000; long + 2 short: 334 + 3*300 = 1234 > 1000
+    assert [n.request_id for n in plan.new] == ["long", "s0"]

@@ -325,13 +325,13 @@ class FaultyEngine:
     def healthy(self):
         return self.inner.healthy and not self.unhealthy
 
-    def resolve(self, prompt_ids, params):
+    def resolve(self, prompt_ids, params, **kwargs):
         if self.mode == "resolve_raises":  # a bug in a handler's path, outside any stream
             raise KeyError("secret internal detail")
-        return self.inner.resolve(prompt_ids, params)
+        return self.inner.resolve(prompt_ids, params, **kwargs)
 
-    async def generate(self, prompt_ids, params, request_id):
-        agen = self.inner.generate(prompt_ids, params, request_id)
+    async def generate(self, prompt_ids, params, request_id, **kwargs):
+        agen = self.inner.generate(prompt_ids, params, request_id, **kwargs)
         n = 0
         try:
             async for out in agen:
