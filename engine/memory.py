@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampler import SAMPLING_FP32_COPIES
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -34,8 +36,7 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tile_row
     hidden = text_config.hidden_size
     vocab = text_config.vocab_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
-    # logits fp32, scaled, probs, entropy work, softmax for self-conditioning: ~5 fp32 copies
-    sampling = 5 * tile_rows * canvas_length * vocab * 4
+    sampling = SAMPLING_FP32_COPIES * tile_rows * canvas_length * vocab * 4
     activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
     return MemoryPlan(full, sliding, state, sampling, activations)
 

@@ -15,7 +15,10 @@ import torch
 from .work import DecodeWork
 
 
-SAMPLING_FP32_COPIES = 5  # logits, scaled logits, probs, entropy work, self-conditioning softmax
+# Peak fp32 [rows, canvas, vocab] copies alive in one tile: the logits, the scaled logits, the
+# probabilities, and inside Categorical.entropy its normalised logits, probabilities, clamped logits
+# and their product (the self-conditioning softmax comes after those are freed).
+SAMPLING_FP32_COPIES = 7
 
 
 def tile_rows_for(budget_bytes: int, canvas_length: int, vocab_size: int) -> int:
