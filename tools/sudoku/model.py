@@ -1,0 +1,185 @@
+"""Tokenizer, model config and generation defaults of the Sudoku DiffusionGemma.
+
+Contract (the server relies on it):
+
+* prompt: exactly 81 characters, row by row, digits 1-9 for givens, ``0`` or ``.`` for blanks.
+  The tokenizer maps ``.`` to the same id as ``0`` (a normalizer) and adds no special tokens, so
+  ``tokenizer(prompt).input_ids`` is just the 81 cell ids. (The model was also trained with a
+  ``<bos>`` in front some of the time, so a server that prepends one still works.)
+* chat: the chat template renders the last user message with its whitespace removed, i.e. the
+  same 81 characters, so chat and completion prompts tokenize identically.
+* completion: one canvas of ``CANVAS_LENGTH`` = 82 tokens: the 81 solved cells, then ``<eos>``.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<unk>"]
+PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID, UNK_ID = range(6)
+# "\n" then printable ASCII from " " to "~": ids 6 .. 101
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+assert set(string.digits) <= set(CHARS)
+CHAR_ID = {ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(CHARS)}
+DIGIT_ID = [CHAR_ID[str(d)] for d in range(10)]  # DIGIT_ID[0] is the blank cell
+VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARS)  # 102
+CANVAS_LENGTH = 82  # 81 cells + <eos>
+
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(content='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if message['content'] is string -%}{%- set ns.content = message['content'] -%}"
+    "{%- else -%}{%- set ns.content = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- ns.content | replace('\\r', '') | replace('\\n', '') | replace('\\t', '') | replace(' ', '') -}}"
+)
+
+# Diffusion defaults written to generation_config.json.
+GENERATION_DEFAULTS = dict(
+    max_denoising_steps=32,
+    entropy_bound=1.0,
+    t_min=0.4,
+    t_max=0.8,
+    stability_threshold=1,
+    confidence_threshold=0.01,
+    max_new_tokens=CANVAS_LENGTH,
+)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden_size: int = 192
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 48
+    num_experts: int = 4
+    top_k_experts: int = 2
+    intermediate_size: int = 384
+    moe_intermediate_size: int = 192
+
+
+SIZES = {
+    "micro": ModelSize(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                       num_experts=2, top_k_experts=1, intermediate_size=64, moe_intermediate_size=32),
+    "small": ModelSize(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                       intermediate_size=256, moe_intermediate_size=128),
+    "medium": ModelSize(hidden_size=160, num_layers=6, num_heads=4, num_kv_heads=2, head_dim=40,
+                        intermediate_size=320, moe_intermediate_size=160),
+    "large": ModelSize(),
+}
+
+
+def build_tokenizer():
+    """Character-level ``PreTrainedTokenizerFast``; no special tokens are added when encoding."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update(CHAR_ID)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(".", "0")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        add_bos_token=False,
+        add_eos_token=False,
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_config(size: ModelSize | str = "large"):
+    from transformers import DiffusionGemmaConfig
+
+    if isinstance(size, str):
+        size = SIZES[size]
+    text_config = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        moe_intermediate_size=size.moe_intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        head_dim=size.head_dim,
+        global_head_dim=size.head_dim,
+        num_experts=size.num_experts,
+        top_k_experts=size.top_k_experts,
+        sliding_window=512,  # larger than prompt + canvas: every layer sees everything
+        max_position_embeddings=1024,
+        layer_types=["sliding_attention"] * (size.num_layers - 1) + ["full_attention"],
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    # vision_config=None would silently build the full Gemma 4 vision tower: keep it tiny.
+    vision_config = dict(
+        model_type="gemma4_vision",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=16,
+        output_proj_dims=16,
+        position_embedding_size=16,
+    )
+    return DiffusionGemmaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        canvas_length=CANVAS_LENGTH,
+        image_token_id=UNK_ID,
+        boi_token_id=UNK_ID,
+        eoi_token_id=UNK_ID,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+
+
+def size_from_dict(d: dict) -> ModelSize:
+    return ModelSize(**d)
+
+
+def size_to_dict(size: ModelSize) -> dict:
+    return asdict(size)
+
+
+def build_generation_config(**overrides):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    gen = dict(GENERATION_DEFAULTS)
+    gen.update(overrides)
+    entropy_bound = float(gen.pop("entropy_bound"))
+    return DiffusionGemmaGenerationConfig(
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=entropy_bound),
+        eos_token_id=[EOS_ID, END_OF_TURN_ID],
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        **gen,
+    )
+
+
+def encode_cells(puzzles) -> "list[list[int]]":
+    """Token ids of 81-cell grids given as uint8 arrays / lists of ints 0..9."""
+    return [[DIGIT_ID[int(v)] for v in p] for p in puzzles]
+
+
+def decode_grid(text: str) -> str:
+    """First 81 characters of a completion (what the contract calls the solved grid)."""
+    return text[:81]
