@@ -150,7 +150,7 @@ class EngineCore:
         """Forget a finished request and report it; returns its last output."""
         self._requests.pop(req.request_id, None)
         if out is None:
-            out = Scheduler.finished_output(req)
+            out = Scheduler.output_for(req)
         self.stats.on_request_finished(
             RequestStats(
                 request_id=req.request_id,

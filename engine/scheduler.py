@@ -138,7 +138,7 @@ class Scheduler:
             if res.error is not None:
                 req.error = res.error
                 self._finish(req, RequestStatus.FINISHED_ERROR)
-                outputs.append(self._output(req))
+                outputs.append(self.output_for(req))
                 continue
             req.step += 1
             req.num_denoising_steps += 1
@@ -149,10 +149,10 @@ class Scheduler:
                 draft = self._draft(req, res.draft)
             if not (res.converged or req.step >= req.params.max_denoising_steps):
                 if draft is not None:
-                    outputs.append(self._output(req, draft=draft))
+                    outputs.append(self.output_for(req, draft=draft))
                 continue
             new_tokens = self._commit(req, res.draft, now, canvases)
-            outputs.append(self._output(req, token_ids=new_tokens, draft=draft))
+            outputs.append(self.output_for(req, token_ids=new_tokens, draft=draft))
         return outputs, canvases
 
     # -- internals -----------------------------------------------------------------------------
@@ -200,7 +200,8 @@ class Scheduler:
             self._to_free.append(req.request_id)
 
     @staticmethod
-    def _output(req: Request, token_ids: tuple[int, ...] = (), draft: Draft | None = None) -> RequestOutput:
+    def output_for(req: Request, token_ids: tuple[int, ...] = (), draft: Draft | None = None) -> RequestOutput:
+        """The ``RequestOutput`` describing ``req`` now, with this event's new tokens and draft."""
         return RequestOutput(
             request_id=req.request_id,
             token_ids=token_ids,
@@ -213,5 +214,3 @@ class Scheduler:
             num_denoising_steps=req.num_denoising_steps,
             num_canvases=req.canvas_index,
         )
-
-    finished_output = _output
