@@ -139,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     configure_logging(settings.log_level)
     if settings.model is None:
-        from .default_model import resolve_default_model
+        from .default_model import default_served_name, resolve_default_model
 
         settings.model = resolve_default_model()
-        logger.warning("no --model given: serving %s", settings.model)
+        if settings.served_model_name is None:
+            settings.served_model_name = default_served_name(settings.model)
+        logger.warning("no --model given: serving %s as %s", settings.model, settings.served_model_name)
 
     import uvicorn
 

@@ -11,6 +11,14 @@ from pathlib import Path
 logger = logging.getLogger("server")
 
 TINY_DEFAULT_NAME = "tiny-random-diffusiongemma-v1"
+EMBEDDED_SERVED_NAME = "diffusiongemma-sudoku"
+
+
+def default_served_name(model_path: str) -> str:
+    """The name /v1/models shows for the default model: short, stable, path-independent."""
+    if Path(model_path).resolve() == embedded_model_dir():
+        return EMBEDDED_SERVED_NAME
+    return TINY_DEFAULT_NAME
 
 
 def embedded_model_dir() -> Path:

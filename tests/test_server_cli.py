@@ -85,6 +85,9 @@ def test_default_model_is_built_once(tmp_path, monkeypatch):
     (embedded / "config.json").write_text("{}")
     monkeypatch.setattr(default_model, "embedded_model_dir", lambda: embedded)
     assert default_model.resolve_default_model() == str(embedded)
+    # and each gets a short, path-independent served name
+    assert default_model.default_served_name(str(embedded)) == "diffusiongemma-sudoku"
+    assert default_model.default_served_name(str(path)) == "tiny-random-diffusiongemma-v1"
 
 
 def test_unloadable_model_exits_nonzero(tmp_path):
