@@ -84,47 +84,76 @@ def _byte_of_char() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def tiny_config(spec: TinySpec, vocab_size: int):
+# vision_config=None would silently build the full Gemma 4 vision tower (~150M parameters): keep it tiny.
+TINY_VISION_CONFIG = dict(
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=16,
+    output_proj_dims=16,
+    position_embedding_size=16,
+)
+
+
+def small_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, moe_intermediate_size: int,
+                 num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, num_experts: int,
+                 top_k_experts: int, sliding_window: int, max_position_embeddings: int, canvas_length: int,
+                 reserved_token_id: int, pad_id: int = PAD_ID, eos_id: int = EOS_ID, bos_id: int = BOS_ID):
+    """A small ``DiffusionGemmaConfig``: all sliding layers but the last (full, as in the real model),
+    one head size for both layer kinds, a tiny vision tower, image tokens mapped to ``reserved_token_id``."""
     from transformers import DiffusionGemmaConfig
 
     text_config = dict(
         vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        moe_intermediate_size=moe_intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        global_head_dim=head_dim,
+        num_experts=num_experts,
+        top_k_experts=top_k_experts,
+        sliding_window=sliding_window,
+        max_position_embeddings=max_position_embeddings,
+        layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=bos_id,
+    )
+    return DiffusionGemmaConfig(
+        text_config=text_config,
+        vision_config=dict(TINY_VISION_CONFIG),
+        canvas_length=canvas_length,
+        image_token_id=reserved_token_id,
+        boi_token_id=reserved_token_id,
+        eoi_token_id=reserved_token_id,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=bos_id,
+    )
+
+
+def tiny_config(spec: TinySpec, vocab_size: int):
+    return small_config(
+        vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.hidden_size * 2,
         moe_intermediate_size=spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
-        global_head_dim=spec.head_dim,
         num_experts=spec.num_experts,
         top_k_experts=spec.top_k_experts,
         sliding_window=spec.sliding_window,
         max_position_embeddings=spec.max_position_embeddings,
-        layer_types=["sliding_attention"] * (spec.num_layers - 1) + ["full_attention"],
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
-    )
-    # vision_config=None would silently build the full Gemma 4 vision tower: keep it tiny.
-    vision_config = dict(
-        model_type="gemma4_vision",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=16,
-        output_proj_dims=16,
-        position_embedding_size=16,
-    )
-    return DiffusionGemmaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
         canvas_length=spec.canvas_length,
-        image_token_id=vocab_size - 1,
-        boi_token_id=vocab_size - 1,
-        eoi_token_id=vocab_size - 1,
+        reserved_token_id=vocab_size - 1,
     )
 
 

@@ -104,51 +104,28 @@ def build_tokenizer():
 
 
 def build_config(size: ModelSize | str = "large"):
-    from transformers import DiffusionGemmaConfig
+    from engine.tiny_checkpoint import small_config
 
     if isinstance(size, str):
         size = SIZES[size]
-    text_config = dict(
+    return small_config(
         vocab_size=VOCAB_SIZE,
         hidden_size=size.hidden_size,
         intermediate_size=size.intermediate_size,
         moe_intermediate_size=size.moe_intermediate_size,
-        num_hidden_layers=size.num_layers,
-        num_attention_heads=size.num_heads,
-        num_key_value_heads=size.num_kv_heads,
+        num_layers=size.num_layers,
+        num_heads=size.num_heads,
+        num_kv_heads=size.num_kv_heads,
         head_dim=size.head_dim,
-        global_head_dim=size.head_dim,
         num_experts=size.num_experts,
         top_k_experts=size.top_k_experts,
         sliding_window=512,  # larger than prompt + canvas: every layer sees everything
         max_position_embeddings=1024,
-        layer_types=["sliding_attention"] * (size.num_layers - 1) + ["full_attention"],
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
-    )
-    # vision_config=None would silently build the full Gemma 4 vision tower: keep it tiny.
-    vision_config = dict(
-        model_type="gemma4_vision",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=16,
-        output_proj_dims=16,
-        position_embedding_size=16,
-    )
-    return DiffusionGemmaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
         canvas_length=CANVAS_LENGTH,
-        image_token_id=UNK_ID,
-        boi_token_id=UNK_ID,
-        eoi_token_id=UNK_ID,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
+        reserved_token_id=UNK_ID,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
     )
 
 
