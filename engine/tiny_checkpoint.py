@@ -157,13 +157,29 @@ def tiny_config(spec: TinySpec, vocab_size: int):
     )
 
 
-def build_tiny_checkpoint(path: str | Path, spec: TinySpec = TinySpec(), generation: dict | None = None) -> Path:
-    """Write a random tiny DiffusionGemma checkpoint with tokenizer and generation config to ``path``."""
-    from transformers import DiffusionGemmaForBlockDiffusion
+def diffusion_generation_config(params: dict, *, eos_ids=(EOS_ID, END_OF_TURN_ID), pad_id: int = PAD_ID,
+                                bos_id: int = BOS_ID):
+    """A ``DiffusionGemmaGenerationConfig`` from plain diffusion parameters; ``entropy_bound``
+    becomes the sampler config, everything else is passed through."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
         DiffusionGemmaGenerationConfig,
         EntropyBoundSamplerConfig,
     )
+
+    params = dict(params)
+    entropy_bound = float(params.pop("entropy_bound"))
+    return DiffusionGemmaGenerationConfig(
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=entropy_bound),
+        eos_token_id=list(eos_ids),
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        **params,
+    )
+
+
+def build_tiny_checkpoint(path: str | Path, spec: TinySpec = TinySpec(), generation: dict | None = None) -> Path:
+    """Write a random tiny DiffusionGemma checkpoint with tokenizer and generation config to ``path``."""
+    from transformers import DiffusionGemmaForBlockDiffusion
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -181,14 +197,7 @@ def build_tiny_checkpoint(path: str | Path, spec: TinySpec = TinySpec(), generat
         max_new_tokens=spec.canvas_length,
     )
     gen.update(generation or {})
-    entropy_bound = gen.pop("entropy_bound")
-    model.generation_config = DiffusionGemmaGenerationConfig(
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(entropy_bound)),
-        eos_token_id=[EOS_ID, END_OF_TURN_ID],
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        **gen,
-    )
+    model.generation_config = diffusion_generation_config(gen)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -138,21 +138,10 @@ def size_to_dict(size: ModelSize) -> dict:
 
 
 def build_generation_config(**overrides):
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        DiffusionGemmaGenerationConfig,
-        EntropyBoundSamplerConfig,
-    )
+    from engine.tiny_checkpoint import diffusion_generation_config
 
-    gen = dict(GENERATION_DEFAULTS)
-    gen.update(overrides)
-    entropy_bound = float(gen.pop("entropy_bound"))
-    return DiffusionGemmaGenerationConfig(
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=entropy_bound),
-        eos_token_id=[EOS_ID, END_OF_TURN_ID],
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        **gen,
-    )
+    return diffusion_generation_config({**GENERATION_DEFAULTS, **overrides},
+                                       eos_ids=(EOS_ID, END_OF_TURN_ID), pad_id=PAD_ID, bos_id=BOS_ID)
 
 
 def encode_cells(puzzles) -> "list[list[int]]":
