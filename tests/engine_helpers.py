@@ -9,6 +9,28 @@ from engine import EngineCore, EngineSettings, SamplingParams
 from engine.loader import load_model
 
 
+POISON = 200  # a byte token whose *encoder* embedding row is NaN in a poisoned checkpoint
+
+
+def build_poisoned_checkpoint(path):
+    """A real float64 tiny checkpoint with untied embeddings and one NaN row (``POISON``) in the
+    encoder's table: any prompt containing that token fills its own KV with NaN and gets non-finite
+    logits; nothing else is affected."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(path, TinySpec(dtype=torch.float64))
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
+    model.config.tie_word_embeddings = False
+    table = model.model.encoder.language_model.embed_tokens
+    weight = table.weight.detach().clone()
+    weight[POISON] = float("nan")
+    table.weight = torch.nn.Parameter(weight)
+    model.save_pretrained(path)
+    return path
+
+
 def make_core(path, **overrides) -> EngineCore:
     settings = EngineSettings(model=str(path), dtype="float64", **overrides)
     return EngineCore(load_model(settings), settings)

@@ -7,27 +7,11 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-from tests.engine_helpers import make_core, run_to_completion
-
-POISON = 200  # a byte token whose *encoder* embedding row is NaN in the poisoned checkpoint
-
+from tests.engine_helpers import POISON, build_poisoned_checkpoint, make_core, run_to_completion
 
 @pytest.fixture(scope="module")
 def poisoned_core(tmp_path_factory):
-    """A real checkpoint with untied embeddings and one NaN row in the encoder's table: any prompt
-    containing that token fills its own KV with NaN, nothing else is affected."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("poisoned"), TinySpec(dtype=torch.float64))
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
-    model.config.tie_word_embeddings = False
-    table = model.model.encoder.language_model.embed_tokens
-    weight = table.weight.detach().clone()
-    weight[POISON] = float("nan")
-    table.weight = torch.nn.Parameter(weight)
-    model.save_pretrained(path)
-    return make_core(path, max_num_seqs=4)
+    return make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned")), max_num_seqs=4)
 
 
 def test_non_finite_row_fails_alone(poisoned_core):

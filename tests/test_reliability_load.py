@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import parse_sse_json
+from tests.engine_helpers import POISON, build_poisoned_checkpoint
 
 # Never converges early, ignores eos: runs until aborted (~250 canvases of 64 steps on the tiny model).
 SLOW = {"max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64, "stability_threshold": 1000}
@@ -193,20 +194,27 @@ def _start_stream(srv, body, frames_out: list, first: threading.Event):
 
 def test_sigterm_drains_then_exits_zero(server_launcher, server_tiny_checkpoint):
     srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "60"])
+    # 64 steps a canvas: the drain must outlast the probes sent after SIGTERM (16 steps sometimes did not)
+    long_medium = {**MEDIUM, "max_denoising_steps": 64}
     bodies = [{"prompt": f"drain {i}", "seed": i, "stream": True, "stream_options": {"include_usage": True},
-               **MEDIUM, "max_tokens": 96} for i in range(3)]
+               **long_medium, "max_tokens": 96} for i in range(3)]
     outs = [[] for _ in bodies]
     firsts = [threading.Event() for _ in bodies]
     threads = [_start_stream(srv, b, o, f) for b, o, f in zip(bodies, outs, firsts)]
     plain: dict = {}
 
     def non_streaming():
-        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": "plain", "seed": 9, **MEDIUM}, timeout=120)
+        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": "plain", "seed": 9, **long_medium},
+                                timeout=120)
 
     threads.append(threading.Thread(target=non_streaming))
     threads[-1].start()
     for f in firsts:
         assert f.wait(60)
+    deadline = time.monotonic() + 60
+    while srv.metrics()[IN_FLIGHT] < 4:  # the plain request is in too, not still connecting
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     r = httpx.get(srv.url + "/health", timeout=10)  # readiness fails at once; the server still answers
@@ -257,25 +265,11 @@ def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_t
 
 # -- engine fault: a poisoned checkpoint -----------------------------------------------------------
 
-POISON = 200  # a byte token whose encoder embedding row is NaN
-
-
 @pytest.fixture(scope="module")
 def poisoned_server(server_launcher, tmp_path_factory):
-    """Untied embeddings with one NaN row in the encoder's table (see tests/test_engine_faults.py):
-    any prompt containing that token produces non-finite logits; others are unaffected."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("poisoned_http"), TinySpec(dtype=torch.float64))
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
-    model.config.tie_word_embeddings = False
-    table = model.model.encoder.language_model.embed_tokens
-    weight = table.weight.detach().clone()
-    weight[POISON] = float("nan")
-    table.weight = torch.nn.Parameter(weight)
-    model.save_pretrained(path)
+    """The poisoned checkpoint of tests/engine_helpers.py: a prompt containing POISON gets non-finite
+    logits; others are unaffected."""
+    path = build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned_http"))
     return server_launcher(["--model", str(path), "--dtype", "float64", "--max-num-seqs", "4"], model_name=str(path))
 
 
