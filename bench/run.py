@@ -16,7 +16,6 @@ import os
 import platform
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -185,9 +184,7 @@ def main(argv=None) -> int:
     prompt_len = tuple(int(x) for x in args.prompt_len.split(","))
 
     tokenizer_vocab, canvas_length, pad_id = 261, 32, 0
-    baseline_model = None
     if not args.no_baselines or args.url is None:
-        import torch
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(model)

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
 
 import torch
 

@@ -11,18 +11,13 @@ from starlette.responses import JSONResponse, Response
 
 from . import errors
 from .errors import APIError
-from .handling import RequestLog, check_unsupported, make_specs, parse_body, request_ids, usage
+from .handling import RequestLog, check_unsupported, make_specs, parse_body, request_ids, stream_events, usage
 from .protocol import ChatCompletionRequest
 from .streaming import (
-    DONE,
     ChoiceSet,
     ClientDisconnected,
     SSEResponse,
     collect_all,
-    draft_extension,
-    failure_for,
-    json_chunk,
-    sse,
 )
 
 logger = logging.getLogger("server")
@@ -127,7 +122,8 @@ async def _create_chat_completion(request: Request, state, request_id: str, engi
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        stream = chat_stream(state, engine, choice_set, base, include_usage, log)
+        opening = [_choice(spec.index, "", delta={"role": "assistant", "content": ""}) for spec in choice_set.specs]
+        stream = stream_events(state, engine, choice_set, base, opening, _choice, include_usage, log, "chat")
         return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
 
     try:
@@ -152,46 +148,10 @@ async def _create_chat_completion(request: Request, state, request_id: str, engi
     return JSONResponse(body)
 
 
-def _choice(index: int, delta: dict, finish_reason=None, **extra) -> dict:
+def _choice(index: int, text: str, finish_reason=None, delta: dict | None = None, **extra) -> dict:
+    """A chat chunk choice: ``text`` becomes ``delta.content`` (an empty delta when there is none)."""
+    if delta is None:
+        delta = {"content": text} if text else {}
     c = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     c.update(extra)
     return c
-
-
-async def chat_stream(state, engine, choice_set: ChoiceSet, base: dict, include_usage: bool, log: RequestLog):
-    err: APIError | None = None
-    completed = False
-    try:
-        for spec in choice_set.specs:
-            yield sse(json_chunk({**base, "choices": [_choice(spec.index, {"role": "assistant", "content": ""})]}))
-        async for index, out in choice_set.events():
-            if out.draft is not None:
-                ext = draft_extension(out.draft, engine.tokenizer)
-                yield sse(json_chunk({**base, "choices": [_choice(index, {}, diffusion=ext)]}))
-            if out.text:
-                yield sse(json_chunk({**base, "choices": [_choice(index, {"content": out.text})]}))
-            if out.finished:
-                failure = failure_for(out)
-                if failure is not None:
-                    raise failure
-                yield sse(json_chunk({**base, "choices": [_choice(index, {}, out.finish_reason)]}))
-        if include_usage:
-            yield sse(json_chunk({**base, "choices": [], "usage": usage(choice_set.specs, choice_set.results)}))
-        completed = True
-    except APIError as exc:
-        err = exc
-    except Exception:  # noqa: BLE001
-        logger.exception("chat stream %s failed", base["id"])
-        err = errors.internal_error()
-    finally:
-        choice_set.cancel()
-        if err is not None:
-            log.finish(err.status, choice_set.specs, choice_set.results, err.code or "")
-        elif completed:
-            log.finish(200, choice_set.specs, choice_set.results)
-        else:
-            log.finish("client_gone", choice_set.specs, choice_set.results, "client disconnected")
-    if err is not None:
-        state.metrics.count_error(err.status)
-        yield sse(json_chunk(err.body()))
-    yield sse(DONE)

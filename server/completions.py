@@ -11,18 +11,22 @@ from starlette.responses import JSONResponse, Response
 
 from . import errors
 from .errors import APIError
-from .handling import RequestLog, check_request_limits, check_unsupported, make_specs, parse_body, request_ids, usage
+from .handling import (
+    RequestLog,
+    check_request_limits,
+    check_unsupported,
+    make_specs,
+    parse_body,
+    request_ids,
+    stream_events,
+    usage,
+)
 from .protocol import CompletionRequest
 from .streaming import (
-    DONE,
     ChoiceSet,
     ClientDisconnected,
     SSEResponse,
     collect_all,
-    draft_extension,
-    failure_for,
-    json_chunk,
-    sse,
 )
 
 logger = logging.getLogger("server")
@@ -101,7 +105,8 @@ async def _create_completion(request: Request, state, request_id: str, engine_pr
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        stream = completion_stream(state, engine, choice_set, base, echo_texts, include_usage, log)
+        opening = [_choice(index, text) for index, text in echo_texts.items()]
+        stream = stream_events(state, engine, choice_set, base, opening, _choice, include_usage, log, "completion")
         return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
 
     try:
@@ -129,42 +134,3 @@ def _choice(index: int, text: str, finish_reason=None, **extra) -> dict:
     c = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
     c.update(extra)
     return c
-
-
-async def completion_stream(state, engine, choice_set: ChoiceSet, base: dict, echo_texts: dict, include_usage: bool, log: RequestLog):
-    err: APIError | None = None
-    completed = False
-    try:
-        for index, text in echo_texts.items():
-            yield sse(json_chunk({**base, "choices": [_choice(index, text)]}))
-        async for index, out in choice_set.events():
-            if out.draft is not None:
-                ext = draft_extension(out.draft, engine.tokenizer)
-                yield sse(json_chunk({**base, "choices": [_choice(index, "", diffusion=ext)]}))
-            if out.text:
-                yield sse(json_chunk({**base, "choices": [_choice(index, out.text)]}))
-            if out.finished:
-                failure = failure_for(out)
-                if failure is not None:
-                    raise failure
-                yield sse(json_chunk({**base, "choices": [_choice(index, "", out.finish_reason)]}))
-        if include_usage:
-            yield sse(json_chunk({**base, "choices": [], "usage": usage(choice_set.specs, choice_set.results)}))
-        completed = True
-    except APIError as exc:
-        err = exc
-    except Exception:  # noqa: BLE001
-        logger.exception("completion stream %s failed", base["id"])
-        err = errors.internal_error()
-    finally:
-        choice_set.cancel()
-        if err is not None:
-            log.finish(err.status, choice_set.specs, choice_set.results, err.code or "")
-        elif completed:
-            log.finish(200, choice_set.specs, choice_set.results)
-        else:
-            log.finish("client_gone", choice_set.specs, choice_set.results, "client disconnected")
-    if err is not None:
-        state.metrics.count_error(err.status)
-        yield sse(json_chunk(err.body()))
-    yield sse(DONE)

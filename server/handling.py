@@ -16,7 +16,8 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 
 from . import errors
 from .protocol import CommonFields, CompletionRequest
-from .streaming import ChoiceResult, ChoiceSpec
+from .errors import APIError
+from .streaming import DONE, ChoiceResult, ChoiceSet, ChoiceSpec, draft_extension, failure_for, json_chunk, sse
 
 logger = logging.getLogger("server.requests")
 
@@ -306,3 +307,50 @@ class RequestLog:
             outputs = [results[i].text[:LOG_TEXT_LIMIT] for i in sorted(results)]
             line += f" prompt={prompt!r} outputs={outputs!r}"
         logger.info(line)
+
+
+async def stream_events(state, engine, choice_set: ChoiceSet, base: dict, opening: list[dict], choice,
+                        include_usage: bool, log: RequestLog, kind: str):
+    """The SSE frames of one streamed request, for both endpoints.
+
+    ``opening`` are choice objects sent first (chat's role chunks, completions' echo); ``choice(index,
+    text, finish_reason=None, **extra)`` builds an endpoint's choice object carrying ``text`` ("" for
+    draft and finish chunks). Then drafts, text deltas and finish chunks as the engine produces them,
+    the usage chunk when asked, and ``[DONE]``; a failure becomes an error chunk before ``[DONE]``.
+    """
+    err: APIError | None = None
+    completed = False
+    try:
+        for c in opening:
+            yield sse(json_chunk({**base, "choices": [c]}))
+        async for index, out in choice_set.events():
+            if out.draft is not None:
+                ext = draft_extension(out.draft, engine.tokenizer)
+                yield sse(json_chunk({**base, "choices": [choice(index, "", diffusion=ext)]}))
+            if out.text:
+                yield sse(json_chunk({**base, "choices": [choice(index, out.text)]}))
+            if out.finished:
+                failure = failure_for(out)
+                if failure is not None:
+                    raise failure
+                yield sse(json_chunk({**base, "choices": [choice(index, "", out.finish_reason)]}))
+        if include_usage:
+            yield sse(json_chunk({**base, "choices": [], "usage": usage(choice_set.specs, choice_set.results)}))
+        completed = True
+    except APIError as exc:
+        err = exc
+    except Exception:  # noqa: BLE001
+        logger.exception("%s stream %s failed", kind, base["id"])
+        err = errors.internal_error()
+    finally:
+        choice_set.cancel()
+        if err is not None:
+            log.finish(err.status, choice_set.specs, choice_set.results, err.code or "")
+        elif completed:
+            log.finish(200, choice_set.specs, choice_set.results)
+        else:
+            log.finish("client_gone", choice_set.specs, choice_set.results, "client disconnected")
+    if err is not None:
+        state.metrics.count_error(err.status)
+        yield sse(json_chunk(err.body()))
+    yield sse(DONE)

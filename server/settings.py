@@ -84,8 +84,6 @@ class ServerSettings:
 
     def engine_settings(self):
         """The ``EngineSettings`` for these server settings (threads default to 1 on CPU)."""
-        from engine.settings import EngineSettings
-
         if self.model is None:
             raise ValueError("model is not set")
         return self.engine_settings_for(self.model)
