@@ -276,8 +276,13 @@ def poisoned_server(server_launcher, tmp_path_factory):
 def test_engine_fault_fails_only_its_request(poisoned_server):
     srv = poisoned_server
     url = srv.base_url + "/completions"
-    good = {"prompt": [10, 11, 12], "seed": 4, **MEDIUM}
-    alone = httpx.post(url, json=good, timeout=60).json()["choices"][0]["text"]
+    # one canvas (16 steps): a good request's own committed canvases are never encoded, so the
+    # poisoned token can reach the encoder only through a prompt (a sampled 200 in an earlier
+    # canvas would poison a good request too, which made this test flaky)
+    good = {"prompt": [10, 11, 12], "seed": 4, **MEDIUM, "max_tokens": 16}
+    r = httpx.post(url, json=good, timeout=60)
+    assert r.status_code == 200, r.text
+    alone = r.json()["choices"][0]["text"]
     bad = {"prompt": [10, 11, POISON], "seed": 4, **MEDIUM}
     out: dict = {}
 
