@@ -18,8 +18,6 @@ import torch
 from .core import EngineCore
 from .detokenizer import IncrementalDetokenizer
 from .loader import load_model
-from .memory import derive_kv_budget, plan_memory
-from .sampler import tile_rows_for
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import QueueFullError
@@ -44,19 +42,7 @@ class AsyncEngine:
             torch.set_num_threads(settings.num_threads)
         self.settings = settings
         loaded = load_model(settings)
-        text_config = loaded.model.config.text_config
-        max_model_len = settings.max_model_len or text_config.max_position_embeddings
-        self.memory_plan = plan_memory(
-            text_config, loaded.model.config.canvas_length, loaded.dtype,
-            tile_rows=tile_rows_for(settings.sampling_tile_bytes, loaded.model.config.canvas_length, text_config.vocab_size), max_num_seqs=settings.max_num_seqs,
-        )
-        kv_budget = settings.max_num_kv_tokens
-        if kv_budget is None:
-            kv_budget = derive_kv_budget(
-                self.memory_plan, loaded.device, fraction=settings.memory_fraction,
-                max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
-            )
-        self.core = EngineCore(loaded, settings, stats_sink, max_num_kv_tokens=kv_budget)
+        self.core = EngineCore(loaded, settings, stats_sink)
         self.tokenizer = loaded.tokenizer
         self.model_name = model_name or settings.model
         self.max_model_len = self.core.max_model_len

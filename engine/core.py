@@ -7,6 +7,7 @@ import secrets
 import time
 
 from .loader import LoadedModel
+from .memory import derive_kv_budget, plan_memory
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
@@ -21,8 +22,7 @@ logger = logging.getLogger("engine")
 class EngineCore:
     """Owns the scheduler and the model runner. Not thread-safe: one thread drives it."""
 
-    def __init__(self, loaded: LoadedModel, settings: EngineSettings, stats_sink: StatsSink | None = None,
-                 max_num_kv_tokens: int | None = None):
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings, stats_sink: StatsSink | None = None):
         self.loaded = loaded
         self.settings = settings
         self.stats = stats_sink or NullStatsSink()
@@ -34,8 +34,12 @@ class EngineCore:
         self.runner = ModelRunner(
             loaded, sampling_tile_bytes=settings.sampling_tile_bytes, max_encoder_tokens=settings.max_encoder_tokens
         )
-        kv_budget = max_num_kv_tokens if max_num_kv_tokens is not None else settings.max_num_kv_tokens
-        self.max_num_kv_tokens = kv_budget if kv_budget is not None else 2 * self.max_model_len * settings.max_num_seqs
+        self.max_num_kv_tokens = settings.max_num_kv_tokens
+        if self.max_num_kv_tokens is None:  # derived from the memory free now, after the weights
+            plan = plan_memory(config.text_config, self.canvas_length, loaded.dtype,
+                               tile_rows=self.runner.sampling_tile_rows, max_num_seqs=settings.max_num_seqs)
+            self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
+                                                      max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
         if self.max_num_kv_tokens < 2 * (self.canvas_length + 1):
             raise ValueError(
                 f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even one request of one canvas; "
