@@ -175,6 +175,7 @@ class AsyncEngine:
             logger.exception("engine step loop died")
             self._dead = f"{type(exc).__name__}: {exc}"
         finally:
+            self.core.close()
             with self._lock:
                 self._closed = True
                 pending = list(self._streams)

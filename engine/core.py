@@ -50,6 +50,10 @@ class EngineCore:
         )
         self._requests: dict[str, Request] = {}
 
+    def close(self) -> None:
+        """Release the runner's worker thread; the core takes no more steps after this."""
+        self.runner.close()
+
     # -- requests ------------------------------------------------------------------------------
     def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False) -> SamplingParams:
         """Fill defaults and validate; raises ``InvalidRequestError`` before any work is done.

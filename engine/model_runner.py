@@ -13,6 +13,7 @@ import torch
 
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
+from .random_draws import DrawPrefetcher
 from .sampler import denoise_tile, tile_rows_for
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
@@ -50,6 +51,9 @@ class ModelRunner:
             (per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))
         ]
         self.rows: dict[str, RowState] = {}
+        # each step's random draws are taken on a worker thread during the forward (CPU only)
+        self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device,
+                                    threaded=self.device.type == "cpu")
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
 
@@ -67,6 +71,10 @@ class ModelRunner:
         self.rows.pop(request_id, None)
         self.kv.free(request_id)
 
+    def close(self) -> None:
+        """Stop the draw worker thread."""
+        self.draws.close()
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         self._forward_seconds = 0.0
@@ -76,7 +84,10 @@ class ModelRunner:
         for row in plan.new:
             self._add(row)
         encoder_tokens = self._encode(plan.encode) if plan.encode else 0
-        decode = self._decode(plan.decode) if plan.decode else []
+        try:
+            decode = self._decode(plan.decode) if plan.decode else []
+        finally:
+            self.draws.wait()  # no draw may still be using a generator when the pass ends
         return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds,
                           sampling_seconds=self._sampling_seconds)
 
@@ -169,35 +180,36 @@ class ModelRunner:
                 st.canvas = torch.randint(0, self.vocab_size, (1, C), device=self.device, generator=st.generator).view(C)
                 st.soft_embeddings = None
                 st.history = []
+        tiles = [slice(start, start + self.sampling_tile_rows) for start in range(0, len(work), self.sampling_tile_rows)]
+        self.draws.start([[s.generator for s in states[tile]] for tile in tiles])
         hidden = self._decoder_hidden(ids, states)  # [B, C, hidden]
 
         results: list[DecodeResult] = []
         embed = self.model.model.decoder.embed_tokens
-        for start in range(0, len(work), self.sampling_tile_rows):
-            tile = slice(start, start + self.sampling_tile_rows)
+        for index, tile in enumerate(tiles):
             tile_work, tile_states = work[tile], states[tile]
             t0 = time.perf_counter()
             logits = self.model.lm_head(hidden[tile]).to(torch.float32)
             if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+                logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
             t1 = time.perf_counter()
             self._forward_seconds += t1 - t0
             # A row with non-finite logits (bad weights, overflow) fails alone; the others sample as usual.
             finite = torch.isfinite(logits).flatten(1).all(dim=1)
             if not bool(finite.all()):
                 logits = torch.where(finite[:, None, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-            out = denoise_tile(
-                logits,
-                tile_work,
-                [s.generator for s in tile_states],
-            )
+            out = denoise_tile(logits, tile_work, self.draws.take(index))
             self._sampling_seconds += time.perf_counter() - t1
             # Self-conditioning input of the next step, as soft embeddings [n, C, hidden] (not [n, C, V] logits);
             # transformers computes the same product inside the decoder's forward.
             t0 = time.perf_counter()
-            sc = out.scaled_logits.to(embed.weight.dtype)
-            soft = torch.matmul(sc.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype), embed.weight)
+            if embed.weight.dtype in (torch.float32, torch.float64):
+                sc_probs = out.probs  # the same fp32 softmax of the same scaled logits (the cast is lossless)
+            else:
+                sc_probs = out.scaled_logits.to(embed.weight.dtype).softmax(dim=-1, dtype=torch.float32)
+            soft = torch.matmul(sc_probs.to(embed.weight.dtype), embed.weight)
             soft = soft * embed.embed_scale.to(embed.weight.dtype)
+            del out.probs, out.scaled_logits, sc_probs
             self._forward_seconds += time.perf_counter() - t0
             finite_rows = finite.tolist()
             for i, (w, st) in enumerate(zip(tile_work, tile_states)):

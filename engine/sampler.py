@@ -3,7 +3,8 @@
 Mirrors transformers' ``EntropyBoundSampler``, ``LinearTemperatureScheduleLogitsProcessor`` and
 ``StableAndConfidentStoppingCriteria`` op for op, so that a request with seed s draws exactly what
 ``model.generate`` draws at batch 1 after ``torch.manual_seed(s)``. Each row has its own
-``torch.Generator``; a row's draws never depend on the other rows of the tile.
+``torch.Generator``; its draws are taken ahead of the logits (``random_draws``) and never depend on
+the other rows of the tile.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .random_draws import TileDraws
 from .work import DecodeWork
 
 
-# Peak fp32 [rows, canvas, vocab] copies alive in one tile: the logits, the scaled logits, the
-# probabilities, and inside Categorical.entropy its normalised logits, probabilities, clamped logits
-# and their product (the self-conditioning softmax comes after those are freed).
+# Upper bound on the fp32 [rows, canvas, vocab] copies alive in one tile: the (scaled in place)
+# logits, the probabilities, this tile's and the next tile's exponential draws, and the entropy's
+# normalised logits and p*log(p) (6), plus one for the lm head's output before the cast and
+# soft-capping (the self-conditioning softmax comes after the entropy's copies are freed).
 SAMPLING_FP32_COPIES = 7
 
 
@@ -39,27 +42,33 @@ class TileResult:
     argmax: torch.Tensor  # [n, C] draft: argmax of the scaled logits
     confident: torch.Tensor  # [n] bool: mean entropy below the threshold
     scaled_logits: torch.Tensor  # [n, C, V] fp32, for self-conditioning
+    probs: torch.Tensor  # [n, C, V] fp32 softmax of the scaled logits (== the self-conditioning softmax in fp32)
 
 
 def denoise_tile(
-    logits: torch.Tensor,  # [n, C, V] fp32, soft-capped
+    logits: torch.Tensor,  # [n, C, V] fp32, soft-capped; scaled in place
     rows: list[DecodeWork],  # per row: cur_step, max_steps, t_min, t_max, entropy_bound, confidence_threshold
-    generators: list[torch.Generator],
+    draws: TileDraws,  # this step's random numbers for each row, drawn from the row's generator
 ) -> TileResult:
     n, canvas_len, vocab = logits.shape
     device = logits.device
     temps = torch.stack(
         [step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps, device) for r in rows]
     ).view(n, 1, 1)
-    scaled = logits / temps
+    scaled = logits.div_(temps)
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-    # One multinomial per row with that row's generator (== the reference's draw at batch 1).
-    sampled = torch.stack(
-        [torch.multinomial(probs[i].view(-1, vocab), num_samples=1, generator=g).view(canvas_len) for i, g in enumerate(generators)]
-    )
+    # torch.multinomial(probs[i], 1, generator=g) is argmax(probs[i] / q) with q ~ Exp(1) from g;
+    # q was drawn ahead (random_draws), so this is the reference's draw, row for row.
+    sampled = torch.argmax(torch.div(probs, draws.exponentials, out=draws.exponentials), dim=-1)
     argmax = torch.argmax(scaled, dim=-1)
 
-    entropy = torch.distributions.Categorical(logits=scaled).entropy()  # [n, C]
+    # Categorical(logits=scaled).entropy(), op for op, without the distribution object's overhead
+    normalized = scaled - scaled.logsumexp(dim=-1, keepdim=True)
+    p_log_p = torch.softmax(normalized, dim=-1)
+    p_log_p.mul_(normalized.clamp_(min=torch.finfo(normalized.dtype).min))
+    del normalized
+    entropy = -p_log_p.sum(-1)  # [n, C]
+    del p_log_p
     sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
     cumulative = torch.cumsum(sorted_entropy, dim=-1)
     # Accept the k lowest-entropy positions whose entropy sum minus the largest stays within the bound.
@@ -67,13 +76,9 @@ def denoise_tile(
     bounds = torch.tensor([r.entropy_bound for r in rows], device=device, dtype=cumulative.dtype).view(n, 1)
     sorted_accept = cumulative - sorted_entropy <= bounds
     accept = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
-
-    noise = torch.stack(
-        [torch.randint(0, vocab, (1, canvas_len), device=device, generator=g).view(canvas_len) for g in generators]
-    )
-    next_canvas = torch.where(accept, sampled, noise)
+    next_canvas = torch.where(accept, sampled, draws.noise)
 
     thresholds = torch.tensor([r.confidence_threshold for r in rows], device=device, dtype=entropy.dtype)
     confident = entropy.mean(dim=-1) < thresholds
     # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
-    return TileResult(next_canvas=next_canvas, argmax=argmax, confident=confident, scaled_logits=scaled)
+    return TileResult(next_canvas=next_canvas, argmax=argmax, confident=confident, scaled_logits=scaled, probs=probs)

@@ -22,7 +22,7 @@ class EngineSettings:
     max_encoder_tokens: padded tokens in one batched encoder call (prefill and commits): requests are
         grouped under it, and a longer prompt is prefilled in chunks of this size.
     sampling_tile_bytes: bound on the sampling transient: canvases are put through the lm head and
-        the sampler in tiles of as many rows as fit (about 5 fp32 copies of [rows, canvas, vocab]);
+        the sampler in tiles of as many rows as fit (at most 7 fp32 copies of [rows, canvas, vocab]);
         at least one row per tile.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     """

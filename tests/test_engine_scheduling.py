@@ -195,3 +195,14 @@ def test_admission_counts_the_decoders_padded_copy(core):
     plan = sched.schedule()
     # long + 1 short: 317 + 2*300 = 917 <= 1000; long + 2 short: 334 + 3*300 = 1234 > 1000
     assert [n.request_id for n in plan.new] == ["long", "s0"]
+
+
+def test_sampling_in_tiles_of_one_row_gives_the_same_tokens(core, tmp_path_factory):
+    """With a tile budget of one row, every pass samples several tiles, each with draws prefetched
+    one tile ahead on the worker thread; every request still gets its solo tokens."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiles"), TinySpec(dtype=torch.float64))
+    tiled = make_core(path, max_num_seqs=6, sampling_tile_bytes=1)
+    assert tiled.runner.sampling_tile_rows == 1
+    requests = _requests(core.loaded.tokenizer)
+    together = run_to_completion(tiled, requests, arrivals={"a": 0, "b": 1, "c": 1, "d": 3})
+    assert {rid: r["tokens"] for rid, r in together.items()} == _alone(core, requests)

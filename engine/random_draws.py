@@ -1,0 +1,80 @@
+"""The random numbers of one denoising step, drawn ahead of the logits that use them.
+
+A step takes from each request's ``torch.Generator``, in this order, exactly what transformers'
+sampler takes at batch 1: the exponentials behind ``torch.multinomial(probs, 1)`` (which draws
+``q ~ Exp(1)`` shaped like ``probs`` and returns ``argmax(probs / q)``), then the renoise tokens
+(``torch.randint(0, vocab, (1, C))``). None of them depends on the logits, so on CPU they are drawn
+on a worker thread while the decoder's forward runs, and the sampler only divides and takes argmax.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TileDraws:
+    exponentials: torch.Tensor  # [n, C, V] fp32 ~ Exp(1): multinomial's draw for each row
+    noise: torch.Tensor  # [n, C] long: renoise tokens for each row
+
+
+def draw_tile(generators: list[torch.Generator], canvas_length: int, vocab_size: int, device) -> TileDraws:
+    """One step's draws for each row, from that row's generator (the reference's order and shapes)."""
+    n = len(generators)
+    exponentials = torch.empty((n, canvas_length, vocab_size), dtype=torch.float32, device=device)
+    noise = torch.empty((n, canvas_length), dtype=torch.long, device=device)
+    for i, g in enumerate(generators):
+        exponentials[i].exponential_(1, generator=g)  # == empty_like(probs[i]).exponential_ inside multinomial
+        noise[i] = torch.randint(0, vocab_size, (1, canvas_length), device=device, generator=g).view(canvas_length)
+    return TileDraws(exponentials, noise)
+
+
+class DrawPrefetcher:
+    """Draws tiles of a pass in order, one tile ahead of the sampler.
+
+    ``start`` submits the first tile (call it before the forward); ``take(i)`` returns tile ``i``
+    after submitting tile ``i + 1``, so at most two tiles of draws are alive. ``wait`` must be called
+    before the generators are used again (also when the pass fails). With ``threaded=False`` (CUDA,
+    where the draws are asynchronous kernels anyway) the draws run inline when taken.
+    """
+
+    def __init__(self, canvas_length: int, vocab_size: int, device, threaded: bool):
+        self.canvas_length = canvas_length
+        self.vocab_size = vocab_size
+        self.device = device
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine-draws") if threaded else None
+        self._tiles: list[list[torch.Generator]] = []
+        self._futures: dict[int, Future] = {}
+
+    def _submit(self, index: int) -> None:
+        if self._pool is not None and index < len(self._tiles) and index not in self._futures:
+            self._futures[index] = self._pool.submit(
+                draw_tile, self._tiles[index], self.canvas_length, self.vocab_size, self.device
+            )
+
+    def start(self, tiles: list[list[torch.Generator]]) -> None:
+        self.wait()
+        self._tiles = tiles
+        self._submit(0)
+
+    def take(self, index: int) -> TileDraws:
+        self._submit(index + 1)
+        future = self._futures.pop(index, None)
+        if future is None:
+            return draw_tile(self._tiles[index], self.canvas_length, self.vocab_size, self.device)
+        return future.result()
+
+    def wait(self) -> None:
+        """Block until no draw is in flight; drop drawn tiles nobody took."""
+        for future in self._futures.values():
+            future.exception()  # waits; an error here already failed the pass that took it
+        self._futures.clear()
+        self._tiles = []
+
+    def close(self) -> None:
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
