@@ -7,6 +7,7 @@ and returns plain ``StepResult`` data.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .random_draws import DrawPrefetcher
-from .sampler import denoise_tile, tile_rows_for
+from .sampler import TileResult, denoise_tile, tile_rows_for
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 
@@ -26,7 +27,7 @@ class RowState:
     stability_threshold: int
     canvas: torch.Tensor | None = None  # [C] current (noised) canvas
     soft_embeddings: torch.Tensor | None = None  # [C, hidden]: softmax(scaled logits) @ E, the self-conditioning input
-    history: list[torch.Tensor] | None = None  # last `stability_threshold` argmax canvases, oldest first
+    history: list[tuple[int, ...]] | None = None  # last `stability_threshold` drafts (argmax canvases), oldest first
 
 
 class ModelRunner:
@@ -51,9 +52,9 @@ class ModelRunner:
             (per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))
         ]
         self.rows: dict[str, RowState] = {}
-        # each step's random draws are taken on a worker thread during the forward (CPU only)
-        self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device,
-                                    threaded=self.device.type == "cpu")
+        # CPU: one worker thread takes each step's random draws while the forward runs
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if self.device.type == "cpu" else None
+        self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device, self._worker)
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
 
@@ -72,8 +73,10 @@ class ModelRunner:
         self.kv.free(request_id)
 
     def close(self) -> None:
-        """Stop the draw worker thread."""
-        self.draws.close()
+        """Stop the worker thread."""
+        self.draws.wait()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -203,28 +206,33 @@ class ModelRunner:
             # Self-conditioning input of the next step, as soft embeddings [n, C, hidden] (not [n, C, V] logits);
             # transformers computes the same product inside the decoder's forward.
             t0 = time.perf_counter()
-            if embed.weight.dtype in (torch.float32, torch.float64):
-                sc_probs = out.probs  # the same fp32 softmax of the same scaled logits (the cast is lossless)
-            else:
-                sc_probs = out.scaled_logits.to(embed.weight.dtype).softmax(dim=-1, dtype=torch.float32)
-            soft = torch.matmul(sc_probs.to(embed.weight.dtype), embed.weight)
-            soft = soft * embed.embed_scale.to(embed.weight.dtype)
-            del out.probs, out.scaled_logits, sc_probs
+            soft = self._soft_embeddings(out, embed)
             self._forward_seconds += time.perf_counter() - t0
+            confident = out.confident.tolist()
             finite_rows = finite.tolist()
-            for i, (w, st) in enumerate(zip(tile_work, tile_states)):
+            for i, (w, st, draft) in enumerate(zip(tile_work, tile_states, out.argmax.tolist())):
                 if not finite_rows[i]:
                     results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))
                     continue
-                argmax = out.argmax[i]
-                stable = all(torch.equal(h, argmax) for h in st.history) and len(st.history) == st.stability_threshold
-                converged = bool(stable and out.confident[i])
+                draft = tuple(draft)
+                stable = len(st.history) == st.stability_threshold and all(h == draft for h in st.history)
+                converged = stable and confident[i]
                 if st.stability_threshold:
-                    st.history = (st.history + [argmax])[-st.stability_threshold :]
+                    st.history = (st.history + [draft])[-st.stability_threshold :]
                 st.canvas = out.next_canvas[i]
                 st.soft_embeddings = soft[i]
-                results.append(DecodeResult(w.request_id, tuple(argmax.tolist()), converged))
+                results.append(DecodeResult(w.request_id, draft, converged))
         return results
+
+    def _soft_embeddings(self, out: TileResult, embed) -> torch.Tensor:
+        """softmax(scaled logits) @ E * embed_scale, [n, C, hidden]; frees the tile's [n, C, V] copies."""
+        if embed.weight.dtype in (torch.float32, torch.float64):
+            probs = out.probs  # the same fp32 softmax of the same scaled logits (the cast is lossless)
+        else:
+            probs = out.scaled_logits.to(embed.weight.dtype).softmax(dim=-1, dtype=torch.float32)
+        soft = torch.matmul(probs.to(embed.weight.dtype), embed.weight)
+        del out.probs, out.scaled_logits, probs
+        return soft * embed.embed_scale.to(embed.weight.dtype)
 
     def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
         """Run the bidirectional decoder over every row's canvas against its cached prefix."""

@@ -20,6 +20,9 @@ class TileDraws:
     exponentials: torch.Tensor  # [n, C, V] fp32 ~ Exp(1): multinomial's draw for each row
     noise: torch.Tensor  # [n, C] long: renoise tokens for each row
 
+    def rows(self, rows: slice) -> "TileDraws":
+        return TileDraws(self.exponentials[rows], self.noise[rows])
+
 
 def draw_tile(generators: list[torch.Generator], canvas_length: int, vocab_size: int, device) -> TileDraws:
     """One step's draws for each row, from that row's generator (the reference's order and shapes)."""
@@ -37,15 +40,15 @@ class DrawPrefetcher:
 
     ``start`` submits the first tile (call it before the forward); ``take(i)`` returns tile ``i``
     after submitting tile ``i + 1``, so at most two tiles of draws are alive. ``wait`` must be called
-    before the generators are used again (also when the pass fails). With ``threaded=False`` (CUDA,
+    before the generators are used again (also when the pass fails). Without an ``executor`` (CUDA,
     where the draws are asynchronous kernels anyway) the draws run inline when taken.
     """
 
-    def __init__(self, canvas_length: int, vocab_size: int, device, threaded: bool):
+    def __init__(self, canvas_length: int, vocab_size: int, device, executor: ThreadPoolExecutor | None):
         self.canvas_length = canvas_length
         self.vocab_size = vocab_size
         self.device = device
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine-draws") if threaded else None
+        self._pool = executor
         self._tiles: list[list[torch.Generator]] = []
         self._futures: dict[int, Future] = {}
 
@@ -74,7 +77,3 @@ class DrawPrefetcher:
         self._futures.clear()
         self._tiles = []
 
-    def close(self) -> None:
-        self.wait()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)

@@ -9,6 +9,7 @@ the other rows of the tile.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +31,12 @@ def tile_rows_for(budget_bytes: int, canvas_length: int, vocab_size: int) -> int
     return max(1, budget_bytes // per_row)
 
 
-def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int, device) -> torch.Tensor:
-    """Temperature at step ``cur_step`` (N..1, steps *remaining*), computed as transformers does (fp32)."""
-    step = torch.tensor(cur_step, device=device, dtype=torch.int32)
-    return t_min + ((t_max - t_min) * (step / max_steps))
+@functools.lru_cache(maxsize=4096)
+def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int) -> float:
+    """Temperature at step ``cur_step`` (N..1, steps *remaining*), computed as transformers does (fp32
+    tensor ops); returned as the exact fp32 value, cached (requests share few parameter sets)."""
+    step = torch.tensor(cur_step, dtype=torch.int32)
+    return float(t_min + ((t_max - t_min) * (step / max_steps)))
 
 
 @dataclass
@@ -52,8 +55,8 @@ def denoise_tile(
 ) -> TileResult:
     n, canvas_len, vocab = logits.shape
     device = logits.device
-    temps = torch.stack(
-        [step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps, device) for r in rows]
+    temps = torch.tensor(
+        [step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps) for r in rows], dtype=torch.float32, device=device
     ).view(n, 1, 1)
     scaled = logits.div_(temps)
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)

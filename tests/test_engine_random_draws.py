@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ def test_prefetched_draws_equal_multinomial_then_randint(threaded):
     probs = torch.softmax(torch.randn(rows, canvas, vocab, generator=torch.Generator().manual_seed(0)) * 4, dim=-1)
     probs[0, 0] = 0.0
     probs[0, 0, 3] = 1.0  # a one-hot row: only index 3 can be drawn
-    prefetcher = DrawPrefetcher(canvas, vocab, torch.device("cpu"), threaded=threaded)
+    prefetcher = DrawPrefetcher(canvas, vocab, torch.device("cpu"), ThreadPoolExecutor(1) if threaded else None)
     try:
         for step in range(3):  # consecutive steps keep consuming each generator in order
             ours = [torch.Generator().manual_seed(100 + i) for i in range(rows)]
@@ -35,12 +37,12 @@ def test_prefetched_draws_equal_multinomial_then_randint(threaded):
                 assert torch.equal(noise[i], torch.randint(0, vocab, (1, canvas), generator=g).view(canvas))
             assert sampled[0, 0] == 3
     finally:
-        prefetcher.close()
+        prefetcher.wait()
 
 
 def test_a_pass_that_fails_leaves_no_draw_in_flight():
     """``wait`` after a failure returns only when the worker no longer touches the generators."""
-    prefetcher = DrawPrefetcher(64, 512, torch.device("cpu"), threaded=True)
+    prefetcher = DrawPrefetcher(64, 512, torch.device("cpu"), ThreadPoolExecutor(1))
     gens = [torch.Generator().manual_seed(i) for i in range(8)]
     prefetcher.start([gens[:4], gens[4:]])
     prefetcher.wait()  # the pass failed before taking any tile
@@ -50,4 +52,4 @@ def test_a_pass_that_fails_leaves_no_draw_in_flight():
         torch.empty(64, 512).exponential_(1, generator=g)
         torch.randint(0, 512, (1, 64), generator=g)
     assert all(torch.equal(s, r.get_state()) for s, r in zip(states, reference))
-    prefetcher.close()
+    prefetcher.wait()
