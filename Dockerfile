@@ -47,10 +47,11 @@ LABEL org.opencontainers.image.title="diffusion-server" \
       org.opencontainers.image.description="OpenAI-compatible server for text diffusion models (DiffusionGemma), ${VARIANT} build" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# The project without dev tools (no [test] extra). The source is bind-mounted, not copied, so it
-# leaves no layer; engine/default_model (the embedded model, package data) is installed with it.
+# The project without dev tools (no [test] extra), with torchao for --quantization (the quant
+# extra). The source is bind-mounted, not copied, so it leaves no layer; engine/default_model (the
+# embedded model, package data) is installed with it.
 RUN --mount=type=bind,source=.,target=/src,rw \
-    pip install --no-cache-dir /src \
+    pip install --no-cache-dir "/src[quant]" \
     && python -c "import server, engine, transformers; print('diffusion-server installed')"
 
 COPY deploy/entrypoint.py deploy/healthcheck.py /opt/diffusion-server/

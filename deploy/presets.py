@@ -30,6 +30,8 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
+from engine.quantization import quantized_weight_bytes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 DOCS_PATH = REPO_ROOT / "docs" / "deployment.md"
@@ -50,9 +52,7 @@ class Preset:
     hardware: str
     memory_gib: float  # the card's total memory as nvidia-smi reports it; for CPU, a host RAM budget
     model_config: str | None  # JSON of the model shape; None: the embedded model (or the tiny fallback)
-    weight_dtype: str | None = None  # weight storage when it differs from the preset's dtype (quantization)
     overhead_gib: float = CUDA_CONTEXT_GIB
-    loads_today: bool = True  # False: needs a server feature that does not exist yet (see note)
     note: str = ""
 
     @property
@@ -65,9 +65,8 @@ PRESETS: tuple[Preset, ...] = (
     Preset("h100-80gb", "NVIDIA H100 80 GB (nvidia-smi total 81,559 MiB)", 81559 / 1024, MODEL_SHAPE_26B),
     Preset(
         "rtx5090-32gb", "NVIDIA RTX 5090 32 GB (nvidia-smi total 32,607 MiB)", 32607 / 1024, MODEL_SHAPE_26B,
-        weight_dtype="fp8", loads_today=False,
-        note="assumes FP8 weight-only quantization, which the server cannot do yet (no quantization flag): "
-             "as loaded today, in bf16, the weights alone exceed the card",
+        note="--quantization fp8-experts (torchao): loading, exactness against generate and these byte counts are "
+             "tested on CPU with a tiny model; not yet run on a GPU",
     ),
 )
 
@@ -110,15 +109,19 @@ def _model_config(source: str | None):
 
 
 @lru_cache(maxsize=None)
-def _expert_parameters(source: str | None) -> int:
-    """Parameters held by the MoE experts (fused 3-D tensors, not nn.Linear): what quantization must reach."""
+def _meta_model(source: str | None):
+    """The model on the meta device: parameter shapes without memory."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
     config, _ = _model_config(source)
     with torch.device("meta"):
-        model = DiffusionGemmaForBlockDiffusion(config)
-    return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        return DiffusionGemmaForBlockDiffusion(config)
+
+
+def _expert_parameters(source: str | None) -> int:
+    """Parameters held by the MoE experts (fused 3-D tensors, not nn.Linear): what quantization must reach."""
+    return sum(p.numel() for n, p in _meta_model(source).named_parameters() if ".experts." in n)
 
 
 def _resolved_dtype(dtype: str, device: str) -> str:
@@ -136,17 +139,20 @@ def compute(p: Preset) -> dict:
     config, config_source = _model_config(p.model_config)
     text = config.text_config
     dtype = _resolved_dtype(settings.dtype, settings.device)
-    weight_dtype = p.weight_dtype or dtype
+    quantization = settings.quantization
     max_len = settings.max_model_len or text.max_position_embeddings
     seqs = settings.max_num_seqs
     tile_bytes = {f.name: f.default for f in fields(EngineSettings)}["sampling_tile_bytes"]
-    r = report(config, weight_dtype=weight_dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib,
+    r = report(config, weight_dtype=dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib,
                context=max_len, max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20)
     # the engine's tiles never hold more rows than there are canvases in the batch
     rows = min(r["sampling_tile_rows"], seqs)
     sampling_gib = r["sampling_transient_gib"] * rows / r["sampling_tile_rows"]
     transients_gib = sampling_gib + r["decoder_transient_gib"]
     request_gib = r["request_with_view_mib"] / 1024
+    weights_in_dtype_gib = r["weights_gib"]
+    if quantization != "none":  # the bytes torchao stores (tests/test_engine_quantization.py checks the formula)
+        r["weights_gib"] = quantized_weight_bytes(_meta_model(p.model_config), quantization, _DTYPE_BYTES[dtype]) / 2**30
     free_after_weights = p.memory_gib - p.overhead_gib - r["weights_gib"]
     budget_gib = free_after_weights * settings.memory_fraction
     needed_gib = transients_gib + seqs * request_gib
@@ -164,10 +170,10 @@ def compute(p: Preset) -> dict:
         "model": settings.model or "(embedded model)",
         "device": settings.device,
         "dtype": dtype,
-        "weight_dtype": weight_dtype,
+        "quantization": quantization,
         "parameters": r["parameters"],
         "weights_gib": r["weights_gib"],
-        "weights_in_dtype_gib": r["parameters"] * _DTYPE_BYTES[dtype] / 2**30,
+        "weights_in_dtype_gib": weights_in_dtype_gib,
         "max_num_seqs": seqs,
         "max_model_len": max_len,
         "memory_fraction": settings.memory_fraction,
@@ -181,10 +187,9 @@ def compute(p: Preset) -> dict:
         "requests_at_max_len": max(0, math.floor((budget_gib - transients_gib) / request_gib)),
         "kv_tokens_derived": kv_tokens,
         "fits": r["weights_gib"] < p.memory_gib - p.overhead_gib and needed_gib <= budget_gib,
-        "loads_today": p.loads_today,
         "note": p.note,
     }
-    if p.weight_dtype is not None:
+    if quantization != "none":
         experts = _expert_parameters(p.model_config)
         out["expert_parameters"] = experts
         out["expert_share"] = experts / r["parameters"]
@@ -217,8 +222,6 @@ def markdown(plans: list[dict] | None = None) -> str:
     ]
     for plan in plans:
         status = "fits" if plan["fits"] else "DOES NOT FIT"
-        if not plan["loads_today"]:
-            status += " (with the proposed quantization; does not load today)"
         lines += [
             f"#### `{plan['file']}`: {status}",
             "",
@@ -228,10 +231,12 @@ def markdown(plans: list[dict] | None = None) -> str:
             f"| model | `{plan['model']}` (shape from `{plan['model_config']}`) |",
             f"| parameters | {plan['parameters'] / 1e9:,.3f} B |" if plan["parameters"] >= 1e8 else
             f"| parameters | {plan['parameters']:,} |",
-            f"| weights ({plan['weight_dtype']}) | {_size(plan['weights_gib'])} |",
         ]
-        if plan["weight_dtype"] != plan["dtype"]:
-            lines.append(f"| weights as loaded today ({plan['dtype']}) | {_size(plan['weights_in_dtype_gib'])} |")
+        if plan["quantization"] == "none":
+            lines.append(f"| weights ({plan['dtype']}) | {_size(plan['weights_gib'])} |")
+        else:
+            lines += [f"| weights (experts `{plan['quantization']}`, the rest {plan['dtype']}) | {_size(plan['weights_gib'])} |",
+                      f"| weights unquantized ({plan['dtype']}) | {_size(plan['weights_in_dtype_gib'])} |"]
         if "expert_share" in plan:
             lines.append(f"| MoE expert parameters (fused 3-D tensors, not nn.Linear) | "
                          f"{plan['expert_parameters'] / 1e9:,.2f} B ({plan['expert_share']:.0%}) |")
@@ -260,7 +265,7 @@ def text(plans: list[dict] | None = None) -> str:
     out = []
     for plan in plans:
         out.append(f"{plan['file']}: {'fits' if plan['fits'] else 'DOES NOT FIT'}"
-                   + ("" if plan["loads_today"] else " (assumes a quantization the server lacks)"))
+                   + ("" if plan["quantization"] == "none" else f" (quantization {plan['quantization']})"))
         for k, v in plan.items():
             if k not in ("file",):
                 out.append(f"  {k}: {v:,.3f}" if isinstance(v, float) else f"  {k}: {v}")

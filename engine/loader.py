@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from .quantization import quantization_config
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
 
@@ -41,6 +43,7 @@ class LoadedModel:
     defaults: SamplingParams
     device: torch.device
     dtype: torch.dtype
+    quantization: str = "none"  # engine.quantization method the weights were loaded with
 
 
 def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
@@ -73,14 +76,22 @@ def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
 
 def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
-
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    if device.type == "cpu":
+        # torchao (for --quantization), which transformers imports whenever it is installed, warns at import
+        # that its CUDA-only kernels did not load and about enum registrations: noise on a CPU host
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
     experts = settings.experts_implementation
-    if experts is None and dtype == torch.float64:
-        experts = "eager"  # grouped_mm has no float64 kernel
+    if experts is None and (dtype == torch.float64 or settings.quantization != "none"):
+        experts = "eager"  # grouped_mm has no float64 kernel, and torchao's int8 tensors do not support it
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    quantization = quantization_config(settings.quantization)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     if device.type != "cpu":
         kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy
     if experts is not None:
@@ -91,4 +102,5 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     defaults = defaults_from_generation_config(model.generation_config, model.config.canvas_length)
-    return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype,
+                       quantization=settings.quantization)

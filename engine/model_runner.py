@@ -52,6 +52,8 @@ class ModelRunner:
             (per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))
         ]
         self.rows: dict[str, RowState] = {}
+        # torchao's quantized tensors cannot be indexed under inference mode (version counters)
+        self._no_grad = torch.inference_mode if loaded.quantization == "none" else torch.no_grad
         # CPU: one worker thread takes each step's random draws while the forward runs
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if self.device.type == "cpu" else None
         self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device, self._worker)
@@ -78,8 +80,11 @@ class ModelRunner:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        with self._no_grad():
+            return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> StepResult:
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
         for rid in plan.free:

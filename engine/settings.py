@@ -25,6 +25,8 @@ class EngineSettings:
         the sampler in tiles of as many rows as fit (at most 7 fp32 copies of [rows, canvas, vocab]);
         at least one row per tile.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
+    quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
+        "fp8-experts" or "int8-experts" (see ``engine.quantization``); the other weights stay in ``dtype``.
     """
 
     model: str
@@ -38,11 +40,13 @@ class EngineSettings:
     max_encoder_tokens: int = 2048
     sampling_tile_bytes: int = 512 * 2**20
     num_threads: int | None = None
-    experts_implementation: str | None = None  # None: transformers' default (eager for float64)
+    quantization: str = "none"
+    experts_implementation: str | None = None  # None: transformers' default (eager for float64 and quantized experts)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any setting the engine cannot use."""
         from .loader import DTYPE_NAMES
+        from .quantization import QUANTIZATION_METHODS
 
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a local folder or a hub id")
@@ -61,6 +65,10 @@ class EngineSettings:
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (got {self.quantization!r})")
+        if self.quantization != "none" and self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"quantization {self.quantization} needs dtype auto, bfloat16 or float32 (got {self.dtype!r})")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"max_waiting must be an integer >= 0 (got {self.max_waiting!r})")
         if not (isinstance(self.memory_fraction, (int, float)) and 0 < self.memory_fraction <= 1):

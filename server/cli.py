@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, dest, kind, help_text in OPTIONS:
         dest = dest or flag.lstrip("-").replace("-", "_")
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         if kind == "bool":
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind == "list":

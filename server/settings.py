@@ -34,6 +34,7 @@ class ServerSettings:
     max_num_kv_tokens: int | None = None
     memory_fraction: float = 0.8
     num_threads: int | None = None
+    quantization: str = "none"
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     log_prompts: bool = False
     log_level: str = "info"
@@ -104,6 +105,7 @@ class ServerSettings:
             max_num_kv_tokens=self.max_num_kv_tokens,
             memory_fraction=self.memory_fraction,
             num_threads=num_threads,
+            quantization=self.quantization,
         )
 
 
@@ -149,6 +151,10 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("--num-threads", "num_threads", "int",
      "torch intra-op threads on CPU (default 1 on CPU: OpenMP threads spin-waiting on a shared machine cost "
      "an order of magnitude; raise it on an idle many-core host)."),
+    ("--quantization", "quantization", "str",
+     "Weight-only quantization of the MoE experts (about 90% of DiffusionGemma's weights) at load time, through "
+     "torchao: none (default), fp8-experts (float8 e4m3 + a scale per row) or int8-experts (int8 + a scale and zero "
+     "point per row). Other weights stay in --dtype (bfloat16 or float32). Needs torchao (the 'quant' extra)."),
     ("--max-request-body-bytes", "max_request_body_bytes", "int",
      f"Largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})."),
     ("--log-prompts", "log_prompts", "bool", "Include prompts and generated text in the per-request log lines (off by default)."),

@@ -56,7 +56,7 @@ def test_dockerfile_structure():
     assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:[\w.-]+-ubuntu", text)
     assert re.search(r'torch==\$\{TORCH_VERSION\}\+cpu" --index-url https://download.pytorch.org/whl/cpu', text)
     runs = " ".join(args for word, args in ins if word == "RUN")
-    assert "pip install --no-cache-dir /src" in runs and "[test]" not in runs, "the project, without dev tools"
+    assert 'pip install --no-cache-dir "/src[quant]"' in runs and "[test]" not in runs, "the project (+ torchao), no dev tools"
     users = [args for word, args in ins if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert users[-1].split(":")[0].isdigit(), "numeric USER, so Kubernetes runAsNonRoot can verify it"

@@ -78,7 +78,14 @@ def test_memory_is_computed_from_the_model_config(plans):
     assert h100["weights_gib"] == pytest.approx(r["weights_gib"])
     assert h100["request_mib"] == pytest.approx(r["request_with_view_mib"])
     assert (h100["max_num_seqs"], h100["max_model_len"]) == (settings.max_num_seqs, settings.max_model_len)
-    assert plans["rtx5090-32gb"]["weights_gib"] == pytest.approx(r["weights_gib"] / 2)  # fp8: one byte a parameter
+    # fp8 experts: one byte a parameter plus an fp32 scale per row; the other weights stay bf16
+    rtx = plans["rtx5090-32gb"]
+    rows = 0
+    for name, p in presets._meta_model(presets.MODEL_SHAPE_26B).named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            rows += p.numel() // p.shape[-1]
+    experts = rtx["expert_parameters"]
+    assert rtx["weights_gib"] * 2**30 == pytest.approx(experts + 4 * rows + 2 * (r["parameters"] - experts))
 
 
 @pytest.mark.parametrize("name", [p.name for p in presets.PRESETS])
@@ -92,14 +99,13 @@ def test_preset_fits_its_card(plans, name):
     assert plan["kv_tokens_derived"] >= plan["max_model_len"]
 
 
-def test_rtx5090_needs_the_missing_quantization(plans):
-    """Honest about the 32 GB preset: in bf16, as the server loads it today, the weights alone exceed the card."""
+def test_rtx5090_fits_only_with_its_quantization(plans):
+    """The 32 GB preset quantizes the experts: unquantized, in bf16, the weights alone exceed the card."""
     plan = plans["rtx5090-32gb"]
-    assert not plan["loads_today"] and plan["weight_dtype"] == "fp8" and plan["dtype"] == "bfloat16"
-    assert plan["weights_in_dtype_gib"] > plan["memory_gib"]
+    assert plan["quantization"] == "fp8-experts" and plan["dtype"] == "bfloat16"
+    assert plan["weights_in_dtype_gib"] > plan["memory_gib"] > plan["weights_gib"]
     assert plan["expert_share"] > 0.8  # most weights live in fused expert tensors, not nn.Linear
-    text = (REPO / "configs/rtx5090-32gb.yaml").read_text()
-    assert "DOES NOT LOAD" in text and "quantization" not in yaml.safe_load(text)
+    assert settings_from_args(["--config", str(REPO / "configs/rtx5090-32gb.yaml")]).quantization == "fp8-experts"
 
 
 def test_docs_tables_are_the_generated_output(plans):

@@ -20,6 +20,10 @@ BAD = [
     (["--sse-ping-seconds", "-1"], "invalid setting: sse_ping_seconds must be a number >= 0 (got -1.0)"),
     (["--graceful-shutdown-seconds", "-5"], "invalid setting: graceful_shutdown_seconds must be a number >= 0 (got -5.0)"),
     (["--max-n", "0"], "invalid setting: max_n must be a positive integer (got 0)"),
+    (["--quantization", "int4"],
+     "invalid setting: quantization must be one of none, fp8-experts, int8-experts (got 'int4')"),
+    (["--quantization", "fp8-experts", "--dtype", "float16"],
+     "invalid setting: quantization fp8-experts needs dtype auto, bfloat16 or float32 (got 'float16')"),
 ]
 
 
