@@ -202,10 +202,6 @@ class ModelRunner:
                 logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
             t1 = time.perf_counter()
             self._forward_seconds += t1 - t0
-            # A row with non-finite logits (bad weights, overflow) fails alone; the others sample as usual.
-            finite = torch.isfinite(logits).flatten(1).all(dim=1)
-            if not bool(finite.all()):
-                logits = torch.where(finite[:, None, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
             out = denoise_tile(logits, tile_work, self.draws.take(index))
             self._sampling_seconds += time.perf_counter() - t1
             # Self-conditioning input of the next step, as soft embeddings [n, C, hidden] (not [n, C, V] logits);
@@ -214,7 +210,8 @@ class ModelRunner:
             soft = self._soft_embeddings(out, embed)
             self._forward_seconds += time.perf_counter() - t0
             confident = out.confident.tolist()
-            finite_rows = finite.tolist()
+            # a row with NaN or +inf logits (bad weights, overflow) fails alone; the others go on as usual
+            finite_rows = out.usable.tolist()
             for i, (w, st, draft) in enumerate(zip(tile_work, tile_states, out.argmax.tolist())):
                 if not finite_rows[i]:
                     results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))

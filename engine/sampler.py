@@ -46,6 +46,7 @@ class TileResult:
     confident: torch.Tensor  # [n] bool: mean entropy below the threshold
     scaled_logits: torch.Tensor  # [n, C, V] fp32, for self-conditioning
     probs: torch.Tensor  # [n, C, V] fp32 softmax of the scaled logits (== the self-conditioning softmax in fp32)
+    usable: torch.Tensor  # [n] bool: no NaN or +inf logit in the row (its entropies are finite); -inf is allowed
 
 
 def denoise_tile(
@@ -82,6 +83,11 @@ def denoise_tile(
     next_canvas = torch.where(accept, sampled, draws.noise)
 
     thresholds = torch.tensor([r.confidence_threshold for r in rows], device=device, dtype=entropy.dtype)
-    confident = entropy.mean(dim=-1) < thresholds
+    mean_entropy = entropy.mean(dim=-1)
+    confident = mean_entropy < thresholds
+    # A NaN or +inf logit makes its position's entropy NaN, hence the row mean: such a row's outputs are
+    # garbage (the reference's multinomial would raise) and the caller fails it; rows never mix.
+    usable = torch.isfinite(mean_entropy)
     # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
-    return TileResult(next_canvas=next_canvas, argmax=argmax, confident=confident, scaled_logits=scaled, probs=probs)
+    return TileResult(next_canvas=next_canvas, argmax=argmax, confident=confident, scaled_logits=scaled, probs=probs,
+                      usable=usable)
