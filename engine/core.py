@@ -32,7 +32,8 @@ class EngineCore:
         self.max_model_len = settings.max_model_len or config.text_config.max_position_embeddings
         self.defaults = loaded.defaults
         self.runner = ModelRunner(
-            loaded, sampling_tile_bytes=settings.sampling_tile_bytes, max_encoder_tokens=settings.max_encoder_tokens
+            loaded, max_num_seqs=settings.max_num_seqs, sampling_tile_bytes=settings.sampling_tile_bytes,
+            max_encoder_tokens=settings.max_encoder_tokens,
         )
         self.max_num_kv_tokens = settings.max_num_kv_tokens
         if self.max_num_kv_tokens is None:  # derived from the memory free now, after the weights
@@ -40,7 +41,7 @@ class EngineCore:
                                tile_rows=self.runner.sampling_tile_rows, max_num_seqs=settings.max_num_seqs)
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
-        if self.max_num_kv_tokens < 2 * (self.canvas_length + 1):
+        if self.max_num_kv_tokens < self.canvas_length + 1:
             raise ValueError(
                 f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even one request of one canvas; "
                 "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"

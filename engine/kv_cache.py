@@ -1,13 +1,19 @@
-"""Per-request KV storage and the padded batch views the model's attention layers read.
+"""Per-request KV in slot buffers, and the batch views the model's attention layers read.
 
-Each request owns, per layer, K and V of shape [kv_heads, length, head_dim]. Full-attention
-layers keep every committed token; sliding-window layers keep only the last ``window - 1``
-(exactly what transformers' ``DynamicSlidingWindowLayer`` keeps, so a canvas attends to the same
-keys as in ``model.generate``).
+Every layer has one K and one V buffer of shape [rows, kv_heads, capacity, head_dim]. A running
+request owns one row (its slot) and keeps its tokens left-aligned in it: full-attention layers keep
+every committed token, sliding-window layers only the last ``window - 1`` (what transformers'
+``DynamicSlidingWindowLayer`` keeps, so a canvas attends to the same keys as in ``model.generate``).
 
-A batch view pads the rows' KV on the left to a common length and exposes the two methods the
-DiffusionGemma attention layers call on ``past_key_values``: ``update`` (encoder: append new K/V
-and return [past ; new]) and ``layers[i].keys/values`` (decoder: read-only).
+Slots are compact: the running requests hold slots 0..n-1, so the decoder's view of the whole batch
+is a slice of the buffers, with no copy (rows are right-padded to the longest and masked). The
+buffers are sized for the running set's eventual needs: ``slot_rows(n)`` rows (the next power of
+two) of the longest reservation (prompt + whole canvases), which is exactly what the scheduler
+budgets (``Scheduler._kv_needed``); they are reallocated only when that shape changes.
+
+A view exposes the two things the DiffusionGemma attention layers use on ``past_key_values``:
+``update`` (encoder: remember the new K/V and return [past ; new]) and ``layers[i].keys/values``
+(decoder: read-only).
 """
 
 from __future__ import annotations
@@ -17,42 +23,38 @@ from dataclasses import dataclass, field
 import torch
 
 
-@dataclass
-class LayerKV:
-    keys: torch.Tensor  # [kv_heads, length, head_dim]
-    values: torch.Tensor  # [kv_heads, length, head_dim]
+def slot_rows(num_requests: int, max_rows: int) -> int:
+    """Rows the buffers hold for ``num_requests`` running requests: the next power of two, capped."""
+    if num_requests <= 0:
+        return 0
+    return min(max_rows, 1 << (num_requests - 1).bit_length())
 
 
 @dataclass
 class RequestKV:
-    """One request's cache. ``total_len`` counts every token ever encoded (its next position)."""
+    """One request's place in the buffers. ``total_len`` counts every token ever encoded (its next position)."""
 
-    layers: list[LayerKV | None]
+    slot: int
+    reservation: int  # most tokens it will ever store: prompt + whole canvases
     total_len: int = 0
-
-    def stored_len(self, layer_idx: int) -> int:
-        layer = self.layers[layer_idx]
-        return 0 if layer is None else layer.keys.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(l.keys.nbytes + l.values.nbytes for l in self.layers if l is not None)
+    stored: dict[str, int] = field(default_factory=dict)  # tokens held per layer type
 
 
 @dataclass
-class _PaddedLayer:
+class _LayerView:
     keys: torch.Tensor  # [batch, kv_heads, padded_len, head_dim]
     values: torch.Tensor
 
 
 @dataclass
 class BatchKVView:
-    """Left-padded KV of several requests, layer by layer, shaped like a transformers cache.
+    """Right-padded KV of several requests, layer by layer, shaped like a transformers cache.
 
-    ``past_len[layer_type]`` is the padded past length, ``valid[layer_type]`` a [batch, padded_len]
-    bool of real (non-padding) slots and ``positions[layer_type]`` their absolute positions.
+    ``valid[layer_type]`` is a [batch, padded_len] bool of real (non-padding) slots and
+    ``positions[layer_type]`` their absolute positions.
     """
 
-    layers: list[_PaddedLayer]
+    layers: list[_LayerView]
     layer_types: list[str]
     valid: dict[str, torch.Tensor]
     positions: dict[str, torch.Tensor]
@@ -69,70 +71,117 @@ class BatchKVView:
 
 
 class KVCacheManager:
-    """Owns every request's KV tensors and builds batch views over them."""
+    """Owns the slot buffers and every running request's slot."""
 
-    def __init__(self, layer_types: list[str], sliding_window: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, layer_types: list[str], sliding_window: int, template: list[tuple[int, int]], max_rows: int,
+                 device: torch.device, dtype: torch.dtype):
         self.layer_types = list(layer_types)
         self.sliding_window = sliding_window
+        self.template = template  # (kv_heads, head_dim) per layer
+        self.max_rows = max_rows
         self.device = device
         self.dtype = dtype
         self._caches: dict[str, RequestKV] = {}
+        self._order: list[str] = []  # slot i -> request id
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._shape: tuple[int, dict[str, int]] = (0, {})  # rows, capacity per layer type
+        self.reallocations = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def allocate(self, request_id: str) -> RequestKV:
-        kv = RequestKV(layers=[None] * len(self.layer_types))
+    def allocate(self, request_id: str, reservation: int) -> RequestKV:
+        kv = RequestKV(slot=len(self._order), reservation=reservation, stored={t: 0 for t in self.layer_types})
         self._caches[request_id] = kv
+        self._order.append(request_id)
         return kv
 
     def get(self, request_id: str) -> RequestKV:
         return self._caches[request_id]
 
     def free(self, request_id: str) -> None:
-        self._caches.pop(request_id, None)
+        """Release a slot; the last slot's request moves into it, so slots stay 0..n-1."""
+        kv = self._caches.pop(request_id, None)
+        if kv is None:
+            return
+        last_id = self._order.pop()
+        if last_id != request_id:
+            moved = self._caches[last_id]
+            self._order[kv.slot] = last_id
+            if moved.slot < self._shape[0]:  # its data is in the buffers: copy the row
+                for buf in (*self._keys, *self._values):
+                    buf[kv.slot].copy_(buf[moved.slot])
+            moved.slot = kv.slot
 
     def __len__(self) -> int:
         return len(self._caches)
 
     def nbytes(self) -> int:
-        return sum(kv.nbytes() for kv in self._caches.values())
+        return sum(t.nbytes for t in (*self._keys, *self._values))
 
-    def _first_layer(self, layer_type: str) -> int:
-        return self.layer_types.index(layer_type)
+    def _capacity(self, layer_type: str, longest: int) -> int:
+        if layer_type == "sliding_attention":
+            return min(longest, max(0, self.sliding_window - 1))
+        return longest
+
+    def sync(self) -> None:
+        """Size the buffers for the running set (after frees and allocations): ``slot_rows(n)`` rows of
+        the longest reservation. Reallocates (copying the stored tokens) only when that shape changes;
+        a request's row is zeroed when it is new, so padding never holds another request's values."""
+        n = len(self._order)
+        longest = max((kv.reservation for kv in self._caches.values()), default=0)
+        rows = slot_rows(n, self.max_rows)
+        caps = {t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {}
+        old_rows, old_caps = self._shape
+        if (rows, caps) != self._shape:
+            keys, values = [], []
+            for idx, layer_type in enumerate(self.layer_types):
+                heads, dim = self.template[idx]
+                shape = (rows, heads, caps.get(layer_type, 0), dim)
+                k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                v = torch.zeros_like(k)
+                for kv in self._caches.values():
+                    length = kv.stored[layer_type]
+                    if length and kv.slot < old_rows:
+                        k[kv.slot, :, :length] = self._keys[idx][kv.slot, :, :length]
+                        v[kv.slot, :, :length] = self._values[idx][kv.slot, :, :length]
+                keys.append(k)
+                values.append(v)
+            self._keys, self._values = keys, values
+            self._shape = (rows, caps)
+            self.reallocations += 1
+        # rows of requests that have stored nothing yet start clean (a freed slot may hold old values)
+        for kv in self._caches.values():
+            if kv.total_len == 0 and rows:
+                for buf in (*self._keys, *self._values):
+                    buf[kv.slot].zero_()
 
     # -- views -------------------------------------------------------------------------------
-    def build_view(self, request_ids: list[str], template: list[tuple[int, int]]) -> BatchKVView:
-        """Left-pad the requests' KV into one batch.
-
-        ``template`` gives (kv_heads, head_dim) per layer, used for requests that have no KV yet.
-        """
+    def view(self, request_ids: list[str]) -> BatchKVView:
+        """The requests' KV as one batch. When ``request_ids`` are slots 0..n-1 in order (the decoder's
+        batch) the layers are slices of the buffers, with no copy; otherwise their rows are gathered."""
         caches = [self._caches[rid] for rid in request_ids]
-        batch = len(caches)
-        layers: list[_PaddedLayer] = []
+        slots = [kv.slot for kv in caches]
+        in_place = slots == list(range(len(slots)))
+        index = None if in_place else torch.tensor(slots, device=self.device)
         valid: dict[str, torch.Tensor] = {}
         positions: dict[str, torch.Tensor] = {}
+        padded: dict[str, int] = {}
         for layer_type in set(self.layer_types):
-            ref = self._first_layer(layer_type)
-            lengths = [kv.stored_len(ref) for kv in caches]
-            padded = max(lengths, default=0)
-            slot = torch.arange(padded, device=self.device)
-            lens = torch.tensor(lengths, device=self.device)
-            starts = torch.tensor([kv.total_len for kv in caches], device=self.device) - lens
-            # slot j of row r holds position starts[r] + (j - (padded - lens[r])) when valid
-            offset = slot[None, :] - (padded - lens)[:, None]
-            valid[layer_type] = offset >= 0
-            positions[layer_type] = starts[:, None] + offset
-        for idx in range(len(self.layer_types)):
-            heads, dim = template[idx]
-            padded = valid[self.layer_types[idx]].shape[1]
-            keys = torch.zeros(batch, heads, padded, dim, device=self.device, dtype=self.dtype)
-            values = torch.zeros_like(keys)
-            for row, kv in enumerate(caches):
-                layer = kv.layers[idx]
-                if layer is not None and layer.keys.shape[1]:
-                    n = layer.keys.shape[1]
-                    keys[row, :, padded - n :] = layer.keys
-                    values[row, :, padded - n :] = layer.values
-            layers.append(_PaddedLayer(keys, values))
+            lens = [kv.stored[layer_type] for kv in caches]
+            padded[layer_type] = max(lens, default=0)
+            slot = torch.arange(padded[layer_type], device=self.device)
+            lengths = torch.tensor(lens, device=self.device)
+            starts = torch.tensor([kv.total_len for kv in caches], device=self.device) - lengths
+            valid[layer_type] = slot[None, :] < lengths[:, None]
+            positions[layer_type] = starts[:, None] + slot[None, :]
+        layers = []
+        for idx, layer_type in enumerate(self.layer_types):
+            k, v = self._keys[idx], self._values[idx]
+            width = padded[layer_type]
+            if in_place:
+                layers.append(_LayerView(k[: len(slots), :, :width], v[: len(slots), :, :width]))
+            else:
+                layers.append(_LayerView(k.index_select(0, index)[:, :, :width], v.index_select(0, index)[:, :, :width]))
         return BatchKVView(
             layers=layers,
             layer_types=self.layer_types,
@@ -144,20 +193,26 @@ class KVCacheManager:
 
     def append_from_view(self, request_ids: list[str], view: BatchKVView, new_valid: torch.Tensor) -> None:
         """Store the K/V the encoder wrote into ``view`` (rows' real new tokens are where ``new_valid``)."""
+        counts = new_valid.sum(dim=1).tolist()
         for row, rid in enumerate(request_ids):
             kv = self._caches[rid]
             mask = new_valid[row]
-            n_new = int(mask.sum())
+            n_new = int(counts[row])
+            stored = dict(kv.stored)  # before this append (layers of one type share it)
             for idx, layer_type in enumerate(self.layer_types):
-                k_new = view.new_keys[idx][row][:, mask]
+                k_new = view.new_keys[idx][row][:, mask]  # [heads, n_new, dim]
                 v_new = view.new_values[idx][row][:, mask]
-                old = kv.layers[idx]
-                if old is not None:
-                    k_new = torch.cat([old.keys, k_new], dim=1)
-                    v_new = torch.cat([old.values, v_new], dim=1)
-                if layer_type == "sliding_attention":
-                    keep = self.sliding_window - 1
-                    k_new = k_new[:, -keep:] if keep > 0 else k_new[:, :0]
-                    v_new = v_new[:, -keep:] if keep > 0 else v_new[:, :0]
-                kv.layers[idx] = LayerKV(k_new.contiguous(), v_new.contiguous())
+                k_buf, v_buf = self._keys[idx][kv.slot], self._values[idx][kv.slot]  # [heads, capacity, dim]
+                length = stored[layer_type]
+                capacity = k_buf.shape[1]
+                if length + n_new <= capacity:
+                    k_buf[:, length : length + n_new] = k_new
+                    v_buf[:, length : length + n_new] = v_new
+                    kv.stored[layer_type] = length + n_new
+                else:  # sliding window: keep the last `capacity` tokens of [stored ; new]
+                    keep = torch.cat([k_buf[:, :length], k_new], dim=1)[:, length + n_new - capacity:]
+                    vkeep = torch.cat([v_buf[:, :length], v_new], dim=1)[:, length + n_new - capacity:]
+                    k_buf[:, :capacity] = keep
+                    v_buf[:, :capacity] = vkeep
+                    kv.stored[layer_type] = capacity
             kv.total_len += n_new

@@ -31,7 +31,8 @@ class RowState:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, *, sampling_tile_bytes: int = 512 * 2**20, max_encoder_tokens: int = 8192):
+    def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 16, sampling_tile_bytes: int = 512 * 2**20,
+                 max_encoder_tokens: int = 8192):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -46,11 +47,9 @@ class ModelRunner:
         self.sampling_tile_rows = tile_rows_for(sampling_tile_bytes, self.canvas_length, self.vocab_size)
         self.max_encoder_tokens = max_encoder_tokens
         self.eager_masks = self.model.config._attn_implementation == "eager"
-        self.kv = KVCacheManager(self.layer_types, self.sliding_window, self.device, self.dtype)
         per_layer = self.text_config.per_layer_config
-        self.kv_template = [
-            (per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))
-        ]
+        template = [(per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))]
+        self.kv = KVCacheManager(self.layer_types, self.sliding_window, template, max_num_seqs, self.device, self.dtype)
         self.rows: dict[str, RowState] = {}
         # torchao's quantized tensors cannot be indexed under inference mode (version counters)
         self._no_grad = torch.inference_mode if loaded.quantization == "none" else torch.no_grad
@@ -68,11 +67,12 @@ class ModelRunner:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(row.seed)
         self.rows[row.request_id] = RowState(generator=gen, stability_threshold=row.stability_threshold)
-        self.kv.allocate(row.request_id)
+        self.kv.allocate(row.request_id, row.kv_tokens)
 
     def free(self, request_id: str) -> None:
         self.rows.pop(request_id, None)
-        self.kv.free(request_id)
+        with self._no_grad():  # compaction writes into the (inference-mode) slot buffers
+            self.kv.free(request_id)
 
     def close(self) -> None:
         """Stop the worker thread."""
@@ -91,6 +91,7 @@ class ModelRunner:
             self.free(rid)
         for row in plan.new:
             self._add(row)
+        self.kv.sync()
         encoder_tokens = self._encode(plan.encode) if plan.encode else 0
         try:
             decode = self._decode(plan.decode) if plan.decode else []
@@ -139,7 +140,7 @@ class ModelRunner:
 
     def _encode_group(self, group: list[EncodeWork]) -> None:
         ids = [w.request_id for w in group]
-        view = self.kv.build_view(ids, self.kv_template)
+        view = self.kv.view(ids)
         lengths = torch.tensor([len(w.token_ids) for w in group], device=self.device)
         width = int(lengths.max())
         batch = len(group)
@@ -179,6 +180,8 @@ class ModelRunner:
 
     # -- decoder -------------------------------------------------------------------------------
     def _decode(self, work: list[DecodeWork]) -> list[DecodeResult]:
+        # in slot order, the batch's KV is a slice of the slot buffers (no copy)
+        work = sorted(work, key=lambda w: self.kv.get(w.request_id).slot)
         ids = [w.request_id for w in work]
         states = [self.rows[r] for r in ids]
         C = self.canvas_length
@@ -239,7 +242,7 @@ class ModelRunner:
     def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
         """Run the bidirectional decoder over every row's canvas against its cached prefix."""
         decoder = self.model.model.decoder
-        view: BatchKVView = self.kv.build_view(ids, self.kv_template)
+        view: BatchKVView = self.kv.view(ids)
         C = self.canvas_length
         canvas = torch.stack([s.canvas for s in states])  # [B, C]
         totals = torch.tensor([self.kv.get(r).total_len for r in ids], device=self.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from .kv_cache import slot_rows
 from .outputs import Draft, RequestOutput
 from .request import Request, RequestStatus
 from .stats import CanvasStats
@@ -72,23 +73,22 @@ class Scheduler:
         return self._reserved_kv
 
     def _kv_needed(self, reservations: list[int]) -> int:
-        """KV token slots a running set needs: what each request stores, plus the decoder's
-        left-padded copy of the batch (every row padded to the longest)."""
-        return sum(reservations) + len(reservations) * max(reservations, default=0)
+        """KV token slots a running set needs: the runner's slot buffers, ``slot_rows(n)`` rows of the
+        longest reservation (the decoder reads them in place, with no copy)."""
+        return slot_rows(len(reservations), self.max_num_seqs) * max(reservations, default=0)
 
     def fits_alone(self, reservation: int) -> bool:
         return self._kv_needed([reservation]) <= self.max_num_kv_tokens
 
     def max_single_reservation(self) -> int:
-        return self.max_num_kv_tokens // 2
+        return self.max_num_kv_tokens
 
     # -- one pass ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan(free=self._to_free)
         self._to_free = []
         now = time.monotonic()
-        # Admit in arrival order while the decoder batch and the KV budget (stored KV plus the
-        # decoder's padded copy) allow.
+        # Admit in arrival order while the decoder batch and the KV budget (the slot buffers) allow.
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             reservations = [r.kv_reservation for r in self.running] + [req.kv_reservation]
@@ -100,7 +100,7 @@ class Scheduler:
             req.pending_encode = req.prompt_ids
             req.scheduled_time = now
             self.running.append(req)
-            plan.new.append(NewRow(req.request_id, req.seed, req.params.stability_threshold))
+            plan.new.append(NewRow(req.request_id, req.seed, req.params.stability_threshold, req.kv_reservation))
         for req in self.running:
             if req.status is RequestStatus.ENCODING:
                 plan.encode.append(EncodeWork(req.request_id, req.pending_encode))
