@@ -49,15 +49,15 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
     weight_bytes = total * (torch.finfo(_DTYPES[weight_dtype]).bits // 8)
     tile_rows = max(1, tile_budget_mib * 2**20 // (SAMPLING_FP32_COPIES * config.canvas_length * text.vocab_size * 4))
     plan = plan_memory(text, config.canvas_length, kv_torch, tile_rows=tile_rows, max_num_seqs=max_num_seqs)
+    # KV + state, plus its share of attention's per-layer [KV ; canvas] concatenation (see engine.memory)
     per_request = plan.per_request_bytes(context)
-    # the decoder's padded batch view copies the running requests' KV once more (see engine.memory)
-    per_request_with_view = per_request + context * plan.kv_bytes_per_token + plan.sliding_kv_bytes_per_request
     free = gpu_gib * 2**30 - weight_bytes - plan.sampling_transient_bytes - plan.decoder_transient_bytes
     return {
         "parameters": total,
         "text_parameters": text_params,
         "weights_gib": weight_bytes / 2**30,
         "kv_bytes_per_token_full_layers": plan.kv_bytes_per_token,
+        "layer_kv_bytes_per_token": plan.layer_kv_bytes_per_token,
         "sliding_kv_mib_per_request": plan.sliding_kv_bytes_per_request / 2**20,
         "state_kib_per_request": plan.state_bytes_per_request / 2**10,
         "state_if_logits_were_kept_mib": config.canvas_length * text.vocab_size * 4 / 2**20,
@@ -67,8 +67,7 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
         "one_fp32_logits_copy_batch8_gib": 8 * config.canvas_length * text.vocab_size * 4 / 2**30,
         "decoder_transient_gib": plan.decoder_transient_bytes / 2**30,
         "free_for_kv_gib": free / 2**30,
-        "requests_that_fit": max(0, int(free // per_request_with_view)),
-        "request_with_view_mib": per_request_with_view / 2**20,
+        "requests_that_fit": max(0, int(free // per_request)),
         "context": context,
         "gpu_gib": gpu_gib,
     }
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
           f"(an untiled fp32 logits copy at batch 8 alone is {r['one_fp32_logits_copy_batch8_gib']:.1f} GiB)")
     print(f"decoder activations bound at batch {args.max_num_seqs}: {r['decoder_transient_gib']:.2f} GiB")
     print(f"left for KV: {r['free_for_kv_gib']:.1f} GiB -> {r['requests_that_fit']} requests of {r['context']} tokens "
-          f"({r['request_with_view_mib']:.0f} MiB each, counting the decoder's padded copy of the batch KV)")
+          f"({r['request_mib_at_context']:.0f} MiB each, KV, state and one layer's attention concatenation)")
     return 0
 
 

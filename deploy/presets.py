@@ -17,7 +17,7 @@ engine does at start-up (``engine.memory.derive_kv_budget``):
     fits      = needed <= budget
 
 where request(L) counts L tokens of full-attention KV, the sliding-window KV, the request's state,
-and the decoder's padded copy of the batch KV (every KV byte twice).
+and one layer's worth more for attention's per-layer [KV ; canvas] concatenation.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def compute(p: Preset) -> dict:
     rows = min(r["sampling_tile_rows"], seqs)
     sampling_gib = r["sampling_transient_gib"] * rows / r["sampling_tile_rows"]
     transients_gib = sampling_gib + r["decoder_transient_gib"]
-    request_gib = r["request_with_view_mib"] / 1024
+    request_gib = r["request_mib_at_context"] / 1024
     weights_in_dtype_gib = r["weights_gib"]
     if quantization != "none":  # the bytes torchao stores (tests/test_engine_quantization.py checks the formula)
         r["weights_gib"] = quantized_weight_bytes(_meta_model(p.model_config), quantization, _DTYPE_BYTES[dtype]) / 2**30
@@ -159,7 +159,8 @@ def compute(p: Preset) -> dict:
     # engine.memory.derive_kv_budget: the KV tokens the engine reserves for all running requests
     usable = budget_gib * 2**30 - transients_gib * 2**30
     usable -= 2 * seqs * r["sliding_kv_mib_per_request"] * 2**20 + seqs * r["state_kib_per_request"] * 2**10
-    kv_tokens = int(max(0, min(usable // (2 * r["kv_bytes_per_token_full_layers"]), max_len * seqs)))
+    per_token = r["kv_bytes_per_token_full_layers"] + r["layer_kv_bytes_per_token"]
+    kv_tokens = int(max(0, min(usable // per_token, max_len * seqs)))
     out = {
         "preset": p.name,
         "file": f"configs/{p.name}.yaml",
@@ -178,7 +179,7 @@ def compute(p: Preset) -> dict:
         "max_model_len": max_len,
         "memory_fraction": settings.memory_fraction,
         "kv_kib_per_token": r["kv_bytes_per_token_full_layers"] / 1024,
-        "request_mib": r["request_with_view_mib"],
+        "request_mib": r["request_mib_at_context"],
         "sampling_transient_gib": sampling_gib,
         "decoder_transient_gib": r["decoder_transient_gib"],
         "budget_gib": budget_gib,
@@ -216,8 +217,8 @@ def markdown(plans: list[dict] | None = None) -> str:
         "",
         f"Computed by `python -m deploy.presets --markdown` from the model config; CUDA context and allocator "
         f"slack assumed {CUDA_CONTEXT_GIB:g} GiB per GPU. Budget = (memory - context - weights) x memory-fraction, "
-        "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with the "
-        "decoder's padded copy of its KV.",
+        "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with one "
+        "layer's worth more for attention's per-layer [KV ; canvas] concatenation.",
         "",
     ]
     for plan in plans:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +77,6 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    if device.type == "cpu":
-        # torchao (for --quantization), which transformers imports whenever it is installed, warns at import
-        # that its CUDA-only kernels did not load and about enum registrations: noise on a CPU host
-        for name in ("torchao", "torch.utils._pytree"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     experts = settings.experts_implementation

@@ -13,19 +13,23 @@ from .sampler import SAMPLING_FP32_COPIES
 @dataclass(frozen=True)
 class MemoryPlan:
     kv_bytes_per_token: int  # full-attention layers, per committed token
+    layer_kv_bytes_per_token: int  # the largest single full-attention layer, per token
     sliding_kv_bytes_per_request: int  # sliding layers hold at most window-1 tokens
     state_bytes_per_request: int  # canvas, soft embeddings, argmax history
     sampling_transient_bytes: int  # largest transient of one sampling tile
-    decoder_transient_bytes: int  # padded KV copy + activations of one full decoder batch (rough upper bound)
+    decoder_transient_bytes: int  # activations of one full decoder batch (rough upper bound)
 
     def per_request_bytes(self, tokens: int) -> int:
-        return tokens * self.kv_bytes_per_token + self.sliding_kv_bytes_per_request + self.state_bytes_per_request
+        """KV and state of one request of ``tokens`` tokens, plus its share of the decoder's per-layer
+        [KV ; canvas] concatenation (attention builds it for one layer at a time)."""
+        return (tokens * (self.kv_bytes_per_token + self.layer_kv_bytes_per_token)
+                + 2 * self.sliding_kv_bytes_per_request + self.state_bytes_per_request)
 
 
 def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tile_rows: int, max_num_seqs: int,
                 stability_threshold: int = 1) -> MemoryPlan:
     elem = torch.finfo(dtype).bits // 8
-    full = sliding = 0
+    full = sliding = largest = 0
     for i, layer_type in enumerate(text_config.layer_types):
         cfg = text_config.per_layer_config[i]
         per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # K and V
@@ -33,12 +37,13 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tile_row
             sliding += per_token * (text_config.sliding_window - 1)
         else:
             full += per_token
+            largest = max(largest, per_token)
     hidden = text_config.hidden_size
     vocab = text_config.vocab_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
     sampling = SAMPLING_FP32_COPIES * tile_rows * canvas_length * vocab * 4
     activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
-    return MemoryPlan(full, sliding, state, sampling, activations)
+    return MemoryPlan(full, largest, sliding, state, sampling, activations)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -59,11 +64,12 @@ def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float,
                      max_model_len: int) -> int:
     """KV token slots for all running requests together, from free memory now (after weights).
 
-    The scheduler spends them on what requests store *and* on the decoder's left-padded copy of
-    the batch's KV (``Scheduler._kv_needed``), so a request of L tokens alone needs 2L slots."""
+    The scheduler spends them on the runner's slot buffers (``Scheduler._kv_needed``: the next power
+    of two of the running count, times the longest reservation), which the decoder reads in place.
+    Besides the buffers, attention concatenates one layer's [KV ; canvas] at a time, so every token
+    slot is counted with one more layer's worth; sliding-window layers likewise count twice."""
     usable = int(available_bytes(device) * fraction)
     usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes
-    # sliding layers: at most window-1 tokens per request, stored and copied into the decoder's view
     usable -= 2 * max_num_seqs * plan.sliding_kv_bytes_per_request + max_num_seqs * plan.state_bytes_per_request
-    tokens = usable // max(1, plan.kv_bytes_per_token)
-    return int(max(0, min(tokens, 2 * max_model_len * max_num_seqs)))
+    tokens = usable // max(1, plan.kv_bytes_per_token + plan.layer_kv_bytes_per_token)
+    return int(max(0, min(tokens, max_model_len * max_num_seqs)))

@@ -76,7 +76,7 @@ def test_memory_is_computed_from_the_model_config(plans):
                gpu_gib=80, context=settings.max_model_len, max_num_seqs=settings.max_num_seqs, tile_budget_mib=512)
     assert h100["parameters"] == r["parameters"] > 20e9
     assert h100["weights_gib"] == pytest.approx(r["weights_gib"])
-    assert h100["request_mib"] == pytest.approx(r["request_with_view_mib"])
+    assert h100["request_mib"] == pytest.approx(r["request_mib_at_context"])
     assert (h100["max_num_seqs"], h100["max_model_len"]) == (settings.max_num_seqs, settings.max_model_len)
     # fp8 experts: one byte a parameter plus an fp32 scale per row; the other weights stay bf16
     rtx = plans["rtx5090-32gb"]
