@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drafts", action="store_true",
                     help="ask for draft chunks (measures time to first draft client-side; costs server CPU)")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="extra flag for the started server, repeatable (e.g. --server-arg=--quantization=fp8-experts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results", help="output folder")
     args = ap.parse_args(argv)
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
     base_url = args.url
     if base_url is None:
         port = free_port()
-        proc = start_server(model, port, args.threads, max(levels), [])
+        proc = start_server(model, port, args.threads, max(levels), args.server_arg)
         base_url = f"http://127.0.0.1:{port}/v1"
     runs = []
     workloads = {}
