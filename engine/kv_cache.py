@@ -181,7 +181,7 @@ class KVCacheManager:
             if in_place:
                 layers.append(_LayerView(k[: len(slots), :, :width], v[: len(slots), :, :width]))
             else:
-                layers.append(_LayerView(k.index_select(0, index)[:, :, :width], v.index_select(0, index)[:, :, :width]))
+                layers.append(_LayerView(k[:, :, :width].index_select(0, index), v[:, :, :width].index_select(0, index)))
         return BatchKVView(
             layers=layers,
             layer_types=self.layer_types,
