@@ -49,7 +49,7 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
     weight_bytes = total * (torch.finfo(_DTYPES[weight_dtype]).bits // 8)
     tile_rows = max(1, tile_budget_mib * 2**20 // (SAMPLING_FP32_COPIES * config.canvas_length * text.vocab_size * 4))
     plan = plan_memory(text, config.canvas_length, kv_torch, tile_rows=tile_rows, max_num_seqs=max_num_seqs)
-    # KV + state, plus its share of attention's per-layer [KV ; canvas] concatenation (see engine.memory)
+    # KV + state, plus its share of attention's per-layer copies (see engine.memory)
     per_request = plan.per_request_bytes(context)
     free = gpu_gib * 2**30 - weight_bytes - plan.sampling_transient_bytes - plan.decoder_transient_bytes
     return {
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
           f"(an untiled fp32 logits copy at batch 8 alone is {r['one_fp32_logits_copy_batch8_gib']:.1f} GiB)")
     print(f"decoder activations bound at batch {args.max_num_seqs}: {r['decoder_transient_gib']:.2f} GiB")
     print(f"left for KV: {r['free_for_kv_gib']:.1f} GiB -> {r['requests_that_fit']} requests of {r['context']} tokens "
-          f"({r['request_mib_at_context']:.0f} MiB each, KV, state and one layer's attention concatenation)")
+          f"({r['request_mib_at_context']:.0f} MiB each, KV, state and two layers' worth of attention's per-layer copies)")
     return 0
 
 

@@ -17,7 +17,7 @@ engine does at start-up (``engine.memory.derive_kv_budget``):
     fits      = needed <= budget
 
 where request(L) counts L tokens of full-attention KV, the sliding-window KV, the request's state,
-and one layer's worth more for attention's per-layer [KV ; canvas] concatenation.
+and two layers' worth more for attention's per-layer copies (engine.memory).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def compute(p: Preset) -> dict:
     # engine.memory.derive_kv_budget: the KV tokens the engine reserves for all running requests
     usable = budget_gib * 2**30 - transients_gib * 2**30
     usable -= 2 * seqs * r["sliding_kv_mib_per_request"] * 2**20 + seqs * r["state_kib_per_request"] * 2**10
-    per_token = r["kv_bytes_per_token_full_layers"] + r["layer_kv_bytes_per_token"]
+    per_token = r["kv_bytes_per_token_full_layers"] + 2 * r["layer_kv_bytes_per_token"]
     kv_tokens = int(max(0, min(usable // per_token, max_len * seqs)))
     out = {
         "preset": p.name,
@@ -217,8 +217,8 @@ def markdown(plans: list[dict] | None = None) -> str:
         "",
         f"Computed by `python -m deploy.presets --markdown` from the model config; CUDA context and allocator "
         f"slack assumed {CUDA_CONTEXT_GIB:g} GiB per GPU. Budget = (memory - context - weights) x memory-fraction, "
-        "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with one "
-        "layer's worth more for attention's per-layer [KV ; canvas] concatenation.",
+        "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with two "
+        "layers' worth more for attention's per-layer copies (encoder gather and concatenation, decoder concatenation).",
         "",
     ]
     for plan in plans:

@@ -46,6 +46,22 @@ class _LayerView:
     values: torch.Tensor
 
 
+class _GatheredLayers:
+    """The layers of a view over rows that are not slots 0..n-1: each layer's rows are copied out of the
+    buffers only when attention asks for it, so at most one layer's copy is alive at a time."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], index: torch.Tensor, widths: list[int]):
+        self._keys, self._values, self._index, self._widths = keys, values, index, widths
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, idx: int) -> _LayerView:
+        width = self._widths[idx]
+        return _LayerView(self._keys[idx][:, :, :width].index_select(0, self._index),
+                          self._values[idx][:, :, :width].index_select(0, self._index))
+
+
 @dataclass
 class BatchKVView:
     """Right-padded KV of several requests, layer by layer, shaped like a transformers cache.
@@ -54,7 +70,7 @@ class BatchKVView:
     ``positions[layer_type]`` their absolute positions.
     """
 
-    layers: list[_LayerView]
+    layers: list[_LayerView] | _GatheredLayers
     layer_types: list[str]
     valid: dict[str, torch.Tensor]
     positions: dict[str, torch.Tensor]
@@ -131,22 +147,23 @@ class KVCacheManager:
         longest = max((kv.reservation for kv in self._caches.values()), default=0)
         rows = slot_rows(n, self.max_rows)
         caps = {t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {}
-        old_rows, old_caps = self._shape
+        old_rows = self._shape[0]
         if (rows, caps) != self._shape:
-            keys, values = [], []
+            if len(self._keys) != len(self.layer_types):  # nothing allocated yet
+                self._keys = [torch.empty(0)] * len(self.layer_types)
+                self._values = [torch.empty(0)] * len(self.layer_types)
+            # layer by layer, dropping each old buffer before the next layer's new one: the peak is
+            # the buffers plus one layer, not two full sets
             for idx, layer_type in enumerate(self.layer_types):
                 heads, dim = self.template[idx]
                 shape = (rows, heads, caps.get(layer_type, 0), dim)
-                k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                v = torch.zeros_like(k)
-                for kv in self._caches.values():
-                    length = kv.stored[layer_type]
-                    if length and kv.slot < old_rows:
-                        k[kv.slot, :, :length] = self._keys[idx][kv.slot, :, :length]
-                        v[kv.slot, :, :length] = self._values[idx][kv.slot, :, :length]
-                keys.append(k)
-                values.append(v)
-            self._keys, self._values = keys, values
+                for bufs in (self._keys, self._values):
+                    new = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                    for kv in self._caches.values():
+                        length = kv.stored[layer_type]
+                        if length and kv.slot < old_rows:
+                            new[kv.slot, :, :length] = bufs[idx][kv.slot, :, :length]
+                    bufs[idx] = new
             self._shape = (rows, caps)
             self.reallocations += 1
         # rows of requests that have stored nothing yet start clean (a freed slot may hold old values)
@@ -158,11 +175,11 @@ class KVCacheManager:
     # -- views -------------------------------------------------------------------------------
     def view(self, request_ids: list[str]) -> BatchKVView:
         """The requests' KV as one batch. When ``request_ids`` are slots 0..n-1 in order (the decoder's
-        batch) the layers are slices of the buffers, with no copy; otherwise their rows are gathered."""
+        batch) the layers are slices of the buffers, with no copy; otherwise (encoder groups) each
+        layer's rows are gathered when the encoder's attention reaches that layer."""
         caches = [self._caches[rid] for rid in request_ids]
         slots = [kv.slot for kv in caches]
         in_place = slots == list(range(len(slots)))
-        index = None if in_place else torch.tensor(slots, device=self.device)
         valid: dict[str, torch.Tensor] = {}
         positions: dict[str, torch.Tensor] = {}
         padded: dict[str, int] = {}
@@ -174,14 +191,12 @@ class KVCacheManager:
             starts = torch.tensor([kv.total_len for kv in caches], device=self.device) - lengths
             valid[layer_type] = slot[None, :] < lengths[:, None]
             positions[layer_type] = starts[:, None] + slot[None, :]
-        layers = []
-        for idx, layer_type in enumerate(self.layer_types):
-            k, v = self._keys[idx], self._values[idx]
-            width = padded[layer_type]
-            if in_place:
-                layers.append(_LayerView(k[: len(slots), :, :width], v[: len(slots), :, :width]))
-            else:
-                layers.append(_LayerView(k[:, :, :width].index_select(0, index), v[:, :, :width].index_select(0, index)))
+        widths = [padded[t] for t in self.layer_types]
+        if in_place:  # slices of the buffers, no copy
+            layers = [_LayerView(k[: len(slots), :, :w], v[: len(slots), :, :w])
+                      for k, v, w in zip(self._keys, self._values, widths)]
+        else:
+            layers = _GatheredLayers(self._keys, self._values, torch.tensor(slots, device=self.device), widths)
         return BatchKVView(
             layers=layers,
             layer_types=self.layer_types,

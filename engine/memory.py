@@ -20,9 +20,10 @@ class MemoryPlan:
     decoder_transient_bytes: int  # activations of one full decoder batch (rough upper bound)
 
     def per_request_bytes(self, tokens: int) -> int:
-        """KV and state of one request of ``tokens`` tokens, plus its share of the decoder's per-layer
-        [KV ; canvas] concatenation (attention builds it for one layer at a time)."""
-        return (tokens * (self.kv_bytes_per_token + self.layer_kv_bytes_per_token)
+        """KV and state of one request of ``tokens`` tokens, plus its share of the per-layer transients
+        of attention: the encoder gathers a group's rows of one layer and concatenates [KV ; new], the
+        decoder concatenates [KV ; canvas]; either way at most two layers' worth at a time."""
+        return (tokens * (self.kv_bytes_per_token + 2 * self.layer_kv_bytes_per_token)
                 + 2 * self.sliding_kv_bytes_per_request + self.state_bytes_per_request)
 
 
@@ -66,10 +67,11 @@ def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float,
 
     The scheduler spends them on the runner's slot buffers (``Scheduler._kv_needed``: the next power
     of two of the running count, times the longest reservation), which the decoder reads in place.
-    Besides the buffers, attention concatenates one layer's [KV ; canvas] at a time, so every token
-    slot is counted with one more layer's worth; sliding-window layers likewise count twice."""
+    Besides the buffers, attention works one layer at a time on a copy (the encoder's gathered rows
+    and [KV ; new], the decoder's [KV ; canvas]), so every token slot is counted with two more layers'
+    worth; sliding-window layers count twice. Reallocating the buffers swaps them layer by layer."""
     usable = int(available_bytes(device) * fraction)
     usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes
     usable -= 2 * max_num_seqs * plan.sliding_kv_bytes_per_request + max_num_seqs * plan.state_bytes_per_request
-    tokens = usable // max(1, plan.kv_bytes_per_token + plan.layer_kv_bytes_per_token)
+    tokens = usable // max(1, plan.kv_bytes_per_token + 2 * plan.layer_kv_bytes_per_token)
     return int(max(0, min(tokens, max_model_len * max_num_seqs)))

@@ -32,10 +32,12 @@ def tile_rows_for(budget_bytes: int, canvas_length: int, vocab_size: int) -> int
 
 
 @functools.lru_cache(maxsize=4096)
-def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int) -> float:
-    """Temperature at step ``cur_step`` (N..1, steps *remaining*), computed as transformers does (fp32
-    tensor ops); returned as the exact fp32 value, cached (requests share few parameter sets)."""
-    step = torch.tensor(cur_step, dtype=torch.int32)
+def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int, device: str) -> float:
+    """Temperature at step ``cur_step`` (N..1, steps *remaining*), computed as transformers does: fp32
+    tensor ops on the model's device (CUDA divides by a Python int as a multiply by its reciprocal, so
+    the device matters to the last bit). Returned as the exact fp32 value and cached: requests share few
+    parameter sets, and a cached value costs no device round trip."""
+    step = torch.tensor(cur_step, dtype=torch.int32, device=device)
     return float(t_min + ((t_max - t_min) * (step / max_steps)))
 
 
@@ -57,7 +59,8 @@ def denoise_tile(
     n, canvas_len, vocab = logits.shape
     device = logits.device
     temps = torch.tensor(
-        [step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps) for r in rows], dtype=torch.float32, device=device
+        [step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps, str(device)) for r in rows],
+        dtype=torch.float32, device=device
     ).view(n, 1, 1)
     scaled = logits.div_(temps)
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)

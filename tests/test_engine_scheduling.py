@@ -211,17 +211,43 @@ def test_slot_buffers_are_reused_in_place(core):
 
 
 def test_a_freed_slot_does_not_leak_into_the_next_request(tmp_path_factory):
-    """A request whose KV is NaN (poisoned prompt) fails; the request that reuses its slot gets its solo tokens."""
+    """A request whose KV is NaN (poisoned prompt) fails while three others keep running; the request
+    that takes its slot in the same buffers (no reallocation in between) gets exactly its solo tokens,
+    and so do the others."""
     from tests.engine_helpers import POISON, build_poisoned_checkpoint
 
-    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poison_slot")), max_num_seqs=2)
+    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poison_slot")), max_num_seqs=4)
     tok = core.loaded.tokenizer
-    params = SamplingParams(max_tokens=16, seed=4, ignore_eos=True)
-    good = tok("a good prompt").input_ids
-    solo = run_to_completion(core, [("solo", good, params)])["solo"]["tokens"]
-    bad = run_to_completion(core, [("bad", [POISON] * 40, params)])["bad"]  # longer than the good one
-    assert bad["finish_reason"] == "error"
-    assert run_to_completion(core, [("after", good, params)])["after"]["tokens"] == solo
+    keepers = [(f"k{i}", tok(f"keeper number {i}").input_ids, SamplingParams(max_tokens=96, seed=i, ignore_eos=True))
+               for i in range(3)]  # their reservation stays the longest, and four rows stay allocated
+    after = ("after", tok("good").input_ids, SamplingParams(max_tokens=16, seed=5, ignore_eos=True))
+    solo = {rid: run_to_completion(core, [(rid, p, sp)])[rid]["tokens"] for rid, p, sp in [*keepers, after]}
+
+    for rid, prompt, params in keepers:
+        core.add_request(rid, prompt, core.resolve(prompt, params))
+    core.step()
+    bad = [POISON] * 60
+    core.add_request("bad", bad, core.resolve(bad, SamplingParams(max_tokens=16, seed=6)))
+    tokens = {rid: [] for rid in solo}
+    finished = {}
+    while "bad" not in finished:
+        for out in core.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+    assert finished == {"bad": "error"}
+    reallocations = core.runner.kv.reallocations
+    core.add_request("after", after[1], core.resolve(after[1], after[2]))  # takes the poisoned row's slot
+    while "after" not in finished:
+        for out in core.step():
+            tokens[out.request_id].extend(out.token_ids)
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+    assert core.runner.kv.reallocations == reallocations  # same buffers: the row was reused, not reallocated
+    while core.has_work():
+        for out in core.step():
+            tokens[out.request_id].extend(out.token_ids)
+    assert {rid: tokens[rid] for rid in solo} == solo
 
 
 def test_sampling_in_tiles_of_one_row_gives_the_same_tokens(core, tmp_path_factory):
