@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.memory import plan_memory
-from engine.sampler import SAMPLING_FP32_COPIES
+from engine.sampler import sampling_tiles
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "fp8": torch.float8_e4m3fn}
 
@@ -42,13 +42,14 @@ def count_parameters(config) -> tuple[int, int]:
 
 
 def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context: int, max_num_seqs: int,
-           tile_budget_mib: int) -> dict:
+           tile_budget_mib: int, draws_in_flight: int = 1) -> dict:
+    """``draws_in_flight``: 1 on CUDA, 2 on CPU (where the next tile's draws are taken ahead)."""
     text = config.text_config
     kv_torch = _DTYPES[kv_dtype]
     total, text_params = count_parameters(config)
     weight_bytes = total * (torch.finfo(_DTYPES[weight_dtype]).bits // 8)
-    tile_rows = max(1, tile_budget_mib * 2**20 // (SAMPLING_FP32_COPIES * config.canvas_length * text.vocab_size * 4))
-    plan = plan_memory(text, config.canvas_length, kv_torch, tile_rows=tile_rows, max_num_seqs=max_num_seqs)
+    tiles = sampling_tiles(tile_budget_mib * 2**20, config.canvas_length, text.vocab_size, draws_in_flight)
+    plan = plan_memory(text, config.canvas_length, kv_torch, tiles=tiles, max_num_seqs=max_num_seqs)
     # KV + state, plus its share of attention's per-layer copies (see engine.memory)
     per_request = plan.per_request_bytes(context)
     free = gpu_gib * 2**30 - weight_bytes - plan.sampling_transient_bytes - plan.decoder_transient_bytes
@@ -62,7 +63,8 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
         "state_kib_per_request": plan.state_bytes_per_request / 2**10,
         "state_if_logits_were_kept_mib": config.canvas_length * text.vocab_size * 4 / 2**20,
         "request_mib_at_context": per_request / 2**20,
-        "sampling_tile_rows": tile_rows,
+        "sampling_tile_rows": min(tiles.rows, max_num_seqs),
+        "sampling_chunk_positions": tiles.positions,
         "sampling_transient_gib": plan.sampling_transient_bytes / 2**30,
         "one_fp32_logits_copy_batch8_gib": 8 * config.canvas_length * text.vocab_size * 4 / 2**30,
         "decoder_transient_gib": plan.decoder_transient_bytes / 2**30,
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
     print(f"state per request (canvas, soft-embedding self-conditioning, history): {r['state_kib_per_request']:.0f} KiB "
           f"(vs {r['state_if_logits_were_kept_mib']:.0f} MiB if [canvas, vocab] fp32 logits were kept)")
     print(f"one request at {r['context']} tokens: {r['request_mib_at_context']:.1f} MiB")
-    print(f"largest transient: sampling tile of {r['sampling_tile_rows']} canvas row(s) = {r['sampling_transient_gib']:.2f} GiB "
+    print(f"largest transient: sampling tile of {r['sampling_tile_rows']} canvas row(s) in chunks of "
+          f"{r['sampling_chunk_positions']} positions = {r['sampling_transient_gib']:.2f} GiB "
           f"(an untiled fp32 logits copy at batch 8 alone is {r['one_fp32_logits_copy_batch8_gib']:.1f} GiB)")
     print(f"decoder activations bound at batch {args.max_num_seqs}: {r['decoder_transient_gib']:.2f} GiB")
     print(f"left for KV: {r['free_for_kv_gib']:.1f} GiB -> {r['requests_that_fit']} requests of {r['context']} tokens "

@@ -144,10 +144,9 @@ def compute(p: Preset) -> dict:
     seqs = settings.max_num_seqs
     tile_bytes = {f.name: f.default for f in fields(EngineSettings)}["sampling_tile_bytes"]
     r = report(config, weight_dtype=dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib,
-               context=max_len, max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20)
-    # the engine's tiles never hold more rows than there are canvases in the batch
-    rows = min(r["sampling_tile_rows"], seqs)
-    sampling_gib = r["sampling_transient_gib"] * rows / r["sampling_tile_rows"]
+               context=max_len, max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20,
+               draws_in_flight=2 if settings.device == "cpu" else 1)
+    sampling_gib = r["sampling_transient_gib"]  # tiles never hold more rows than the batch (engine.memory)
     transients_gib = sampling_gib + r["decoder_transient_gib"]
     request_gib = r["request_mib_at_context"] / 1024
     weights_in_dtype_gib = r["weights_gib"]

@@ -38,7 +38,7 @@ class EngineCore:
         self.max_num_kv_tokens = settings.max_num_kv_tokens
         if self.max_num_kv_tokens is None:  # derived from the memory free now, after the weights
             plan = plan_memory(config.text_config, self.canvas_length, loaded.dtype,
-                               tile_rows=self.runner.sampling_tile_rows, max_num_seqs=settings.max_num_seqs)
+                               tiles=self.runner.sampling_tiles, max_num_seqs=settings.max_num_seqs)
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
         if self.max_num_kv_tokens < self.canvas_length + 1:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import SAMPLING_FP32_COPIES
+from .sampler import SamplingTiles
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class MemoryPlan:
                 + 2 * self.sliding_kv_bytes_per_request + self.state_bytes_per_request)
 
 
-def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tile_rows: int, max_num_seqs: int,
+def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tiles: SamplingTiles, max_num_seqs: int,
                 stability_threshold: int = 1) -> MemoryPlan:
     elem = torch.finfo(dtype).bits // 8
     full = sliding = largest = 0
@@ -42,7 +42,8 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tile_row
     hidden = text_config.hidden_size
     vocab = text_config.vocab_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
-    sampling = SAMPLING_FP32_COPIES * tile_rows * canvas_length * vocab * 4
+    sampling = SamplingTiles(min(tiles.rows, max_num_seqs), tiles.positions, tiles.draws_in_flight).transient_bytes(
+        canvas_length, vocab)
     activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
     return MemoryPlan(full, largest, sliding, state, sampling, activations)
 

@@ -15,7 +15,7 @@ import torch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .random_draws import DrawPrefetcher
-from .sampler import TileResult, denoise_tile, tile_rows_for
+from .sampler import accept, sample_positions, sampling_tiles, temperatures
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 
@@ -44,7 +44,11 @@ class ModelRunner:
         self.num_layers = self.text_config.num_hidden_layers
         self.sliding_window = self.text_config.sliding_window
         self.softcap = self.text_config.final_logit_softcapping
-        self.sampling_tile_rows = tile_rows_for(sampling_tile_bytes, self.canvas_length, self.vocab_size)
+        threaded = self.device.type == "cpu"  # CPU: the worker draws the next tile while this one is sampled
+        self.sampling_tiles = sampling_tiles(sampling_tile_bytes, self.canvas_length, self.vocab_size,
+                                             draws_in_flight=2 if threaded else 1)
+        step = self.sampling_tiles.positions
+        self._position_chunks = [slice(p, p + step) for p in range(0, self.canvas_length, step)]
         self.max_encoder_tokens = max_encoder_tokens
         self.eager_masks = self.model.config._attn_implementation == "eager"
         per_layer = self.text_config.per_layer_config
@@ -54,7 +58,7 @@ class ModelRunner:
         # torchao's quantized tensors cannot be indexed under inference mode (version counters)
         self._no_grad = torch.inference_mode if loaded.quantization == "none" else torch.no_grad
         # CPU: one worker thread takes each step's random draws while the forward runs
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if self.device.type == "cpu" else None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if threaded else None
         self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device, self._worker)
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
@@ -191,31 +195,28 @@ class ModelRunner:
                 st.canvas = torch.randint(0, self.vocab_size, (1, C), device=self.device, generator=st.generator).view(C)
                 st.soft_embeddings = None
                 st.history = []
-        tiles = [slice(start, start + self.sampling_tile_rows) for start in range(0, len(work), self.sampling_tile_rows)]
+        rows_per_tile = self.sampling_tiles.rows
+        tiles = [slice(start, start + rows_per_tile) for start in range(0, len(work), rows_per_tile)]
         self.draws.start([[s.generator for s in states[tile]] for tile in tiles])
         hidden = self._decoder_hidden(ids, states)  # [B, C, hidden]
 
         results: list[DecodeResult] = []
-        embed = self.model.model.decoder.embed_tokens
         for index, tile in enumerate(tiles):
             tile_work, tile_states = work[tile], states[tile]
+            draws = self.draws.take(index)
+            temps = temperatures(tile_work, self.device)
+            parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk])
+                     for chunk in self._position_chunks]
             t0 = time.perf_counter()
-            logits = self.model.lm_head(hidden[tile]).to(torch.float32)
-            if self.softcap is not None:
-                logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
-            t1 = time.perf_counter()
-            self._forward_seconds += t1 - t0
-            out = denoise_tile(logits, tile_work, self.draws.take(index))
-            self._sampling_seconds += time.perf_counter() - t1
-            # Self-conditioning input of the next step, as soft embeddings [n, C, hidden] (not [n, C, V] logits);
-            # transformers computes the same product inside the decoder's forward.
-            t0 = time.perf_counter()
-            soft = self._soft_embeddings(out, embed)
-            self._forward_seconds += time.perf_counter() - t0
+            argmax = torch.cat([p[0] for p in parts], dim=1)  # [n, C]
+            soft = torch.cat([p[3] for p in parts], dim=1)  # [n, C, hidden]
+            out = accept(torch.cat([p[2] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1),
+                         draws.noise, tile_work)
+            self._sampling_seconds += time.perf_counter() - t0
             confident = out.confident.tolist()
             # a row with NaN or +inf logits (bad weights, overflow) fails alone; the others go on as usual
             finite_rows = out.usable.tolist()
-            for i, (w, st, draft) in enumerate(zip(tile_work, tile_states, out.argmax.tolist())):
+            for i, (w, st, draft) in enumerate(zip(tile_work, tile_states, argmax.tolist())):
                 if not finite_rows[i]:
                     results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))
                     continue
@@ -229,15 +230,28 @@ class ModelRunner:
                 results.append(DecodeResult(w.request_id, draft, converged))
         return results
 
-    def _soft_embeddings(self, out: TileResult, embed) -> torch.Tensor:
-        """softmax(scaled logits) @ E * embed_scale, [n, C, hidden]; frees the tile's [n, C, V] copies."""
+    def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor):
+        """lm head, soft-capping and the per-position sampler over a chunk of positions of a tile's rows;
+        returns (argmax, sampled, entropy [n, c], soft embeddings [n, c, hidden]). The [n, c, V] copies
+        are freed before the next chunk."""
+        t0 = time.perf_counter()
+        logits = self.model.lm_head(hidden).to(torch.float32)
+        if self.softcap is not None:
+            logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
+        t1 = time.perf_counter()
+        out = sample_positions(logits, temps, exponentials)
+        t2 = time.perf_counter()
+        # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
+        # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
+        embed = self.model.model.decoder.embed_tokens
         if embed.weight.dtype in (torch.float32, torch.float64):
             probs = out.probs  # the same fp32 softmax of the same scaled logits (the cast is lossless)
         else:
             probs = out.scaled_logits.to(embed.weight.dtype).softmax(dim=-1, dtype=torch.float32)
-        soft = torch.matmul(probs.to(embed.weight.dtype), embed.weight)
-        del out.probs, out.scaled_logits, probs
-        return soft * embed.embed_scale.to(embed.weight.dtype)
+        soft = torch.matmul(probs.to(embed.weight.dtype), embed.weight) * embed.embed_scale.to(embed.weight.dtype)
+        self._forward_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        self._sampling_seconds += t2 - t1
+        return out.argmax, out.sampled, out.entropy, soft
 
     def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
         """Run the bidirectional decoder over every row's canvas against its cached prefix."""

@@ -14,21 +14,39 @@ from dataclasses import dataclass
 
 import torch
 
-from .random_draws import TileDraws
 from .work import DecodeWork
 
 
-# Upper bound on the fp32 [rows, canvas, vocab] copies alive in one tile: the (scaled in place)
-# logits, the probabilities, this tile's and the next tile's exponential draws, and the entropy's
-# normalised logits and p*log(p) (6), plus one for the lm head's output before the cast and
-# soft-capping (the self-conditioning softmax comes after the entropy's copies are freed).
-SAMPLING_FP32_COPIES = 7
+# fp32 [rows, positions, vocab] copies the sampler keeps alive for one chunk of positions: the lm
+# head's output before the cast and soft-capping, the (scaled in place) logits, the probabilities,
+# and the entropy's normalised logits and p*log(p).
+CHUNK_FP32_COPIES = 5
 
 
-def tile_rows_for(budget_bytes: int, canvas_length: int, vocab_size: int) -> int:
-    """Rows per sampling tile so that the fp32 [rows, canvas, vocab] transient stays within budget."""
-    per_row = SAMPLING_FP32_COPIES * canvas_length * vocab_size * 4
-    return max(1, budget_bytes // per_row)
+@dataclass(frozen=True)
+class SamplingTiles:
+    """How the lm head and the sampler walk a decoder batch: tiles of ``rows`` canvases, each in
+    chunks of ``positions`` canvas positions (all of them unless one row alone exceeds the budget).
+    Each row's exponential draws are whole [canvas, vocab] tensors (the reference draws them in one
+    call), ``draws_in_flight`` tiles at a time (2 on CPU, where the next tile is drawn ahead)."""
+
+    rows: int
+    positions: int
+    draws_in_flight: int
+
+    def transient_bytes(self, canvas_length: int, vocab_size: int) -> int:
+        return 4 * vocab_size * self.rows * (self.draws_in_flight * canvas_length + CHUNK_FP32_COPIES * self.positions)
+
+
+def sampling_tiles(budget_bytes: int, canvas_length: int, vocab_size: int, draws_in_flight: int) -> SamplingTiles:
+    """The largest tiles whose fp32 transient stays within ``budget_bytes`` (at least one position of
+    one row, plus that row's draws)."""
+    per_row = SamplingTiles(1, canvas_length, draws_in_flight).transient_bytes(canvas_length, vocab_size)
+    if budget_bytes >= per_row:
+        return SamplingTiles(budget_bytes // per_row, canvas_length, draws_in_flight)
+    spare = budget_bytes - 4 * vocab_size * draws_in_flight * canvas_length
+    positions = max(1, spare // (4 * vocab_size * CHUNK_FP32_COPIES))
+    return SamplingTiles(1, min(canvas_length, positions), draws_in_flight)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -42,55 +60,66 @@ def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int, 
 
 
 @dataclass
-class TileResult:
+class PositionsResult:
+    """The per-position part of a step, for a chunk of positions of a tile's rows."""
+
+    sampled: torch.Tensor  # [n, c] the multinomial draw
+    argmax: torch.Tensor  # [n, c] draft: argmax of the scaled logits
+    entropy: torch.Tensor  # [n, c]
+    scaled_logits: torch.Tensor  # [n, c, V] fp32
+    probs: torch.Tensor  # [n, c, V] fp32 softmax of the scaled logits (== the self-conditioning softmax in fp32)
+
+
+@dataclass
+class AcceptResult:
     next_canvas: torch.Tensor  # [n, C] the renoised canvas fed to the next step
-    argmax: torch.Tensor  # [n, C] draft: argmax of the scaled logits
     confident: torch.Tensor  # [n] bool: mean entropy below the threshold
-    scaled_logits: torch.Tensor  # [n, C, V] fp32, for self-conditioning
-    probs: torch.Tensor  # [n, C, V] fp32 softmax of the scaled logits (== the self-conditioning softmax in fp32)
     usable: torch.Tensor  # [n] bool: no NaN or +inf logit in the row (its entropies are finite); -inf is allowed
 
 
-def denoise_tile(
-    logits: torch.Tensor,  # [n, C, V] fp32, soft-capped; scaled in place
-    rows: list[DecodeWork],  # per row: cur_step, max_steps, t_min, t_max, entropy_bound, confidence_threshold
-    draws: TileDraws,  # this step's random numbers for each row, drawn from the row's generator
-) -> TileResult:
-    n, canvas_len, vocab = logits.shape
-    device = logits.device
-    temps = torch.tensor(
+def temperatures(rows: list[DecodeWork], device) -> torch.Tensor:
+    """[n, 1, 1] fp32: each row's temperature at its current step."""
+    return torch.tensor(
         [step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps, str(device)) for r in rows],
-        dtype=torch.float32, device=device
-    ).view(n, 1, 1)
+        dtype=torch.float32, device=device,
+    ).view(len(rows), 1, 1)
+
+
+def sample_positions(
+    logits: torch.Tensor,  # [n, c, V] fp32, soft-capped; scaled in place
+    temps: torch.Tensor,  # [n, 1, 1] from ``temperatures``
+    exponentials: torch.Tensor,  # [n, c, V] these positions' Exp(1) draws (random_draws); overwritten
+) -> PositionsResult:
     scaled = logits.div_(temps)
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
     # torch.multinomial(probs[i], 1, generator=g) is argmax(probs[i] / q) with q ~ Exp(1) from g;
-    # q was drawn ahead (random_draws), so this is the reference's draw, row for row.
-    sampled = torch.argmax(torch.div(probs, draws.exponentials, out=draws.exponentials), dim=-1)
+    # q was drawn ahead (random_draws), so this is the reference's draw, position for position.
+    sampled = torch.argmax(torch.div(probs, exponentials, out=exponentials), dim=-1)
     argmax = torch.argmax(scaled, dim=-1)
-
     # Categorical(logits=scaled).entropy(), op for op, without the distribution object's overhead
     normalized = scaled - scaled.logsumexp(dim=-1, keepdim=True)
     p_log_p = torch.softmax(normalized, dim=-1)
     p_log_p.mul_(normalized.clamp_(min=torch.finfo(normalized.dtype).min))
     del normalized
-    entropy = -p_log_p.sum(-1)  # [n, C]
-    del p_log_p
+    entropy = -p_log_p.sum(-1)  # [n, c]
+    return PositionsResult(sampled=sampled, argmax=argmax, entropy=entropy, scaled_logits=scaled, probs=probs)
+
+
+def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, rows: list[DecodeWork]) -> AcceptResult:
+    """The entropy-bounded acceptance over whole canvases ([n, C] each) and the renoise."""
+    n = entropy.shape[0]
+    device = entropy.device
     sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
     cumulative = torch.cumsum(sorted_entropy, dim=-1)
     # Accept the k lowest-entropy positions whose entropy sum minus the largest stays within the bound.
     # (The reference compares with a Python float, which torch rounds to the tensor's fp32 first.)
     bounds = torch.tensor([r.entropy_bound for r in rows], device=device, dtype=cumulative.dtype).view(n, 1)
     sorted_accept = cumulative - sorted_entropy <= bounds
-    accept = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
-    next_canvas = torch.where(accept, sampled, draws.noise)
-
+    accepted = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
+    # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
+    next_canvas = torch.where(accepted, sampled, noise)
     thresholds = torch.tensor([r.confidence_threshold for r in rows], device=device, dtype=entropy.dtype)
     mean_entropy = entropy.mean(dim=-1)
-    confident = mean_entropy < thresholds
     # A NaN or +inf logit makes its position's entropy NaN, hence the row mean: such a row's outputs are
     # garbage (the reference's multinomial would raise) and the caller fails it; rows never mix.
-    usable = torch.isfinite(mean_entropy)
-    # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
-    return TileResult(next_canvas=next_canvas, argmax=argmax, confident=confident, scaled_logits=scaled, probs=probs,
-                      usable=usable)
+    return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < thresholds, usable=torch.isfinite(mean_entropy))

@@ -22,8 +22,9 @@ class EngineSettings:
     max_encoder_tokens: padded tokens in one batched encoder call (prefill and commits): requests are
         grouped under it, and a longer prompt is prefilled in chunks of this size.
     sampling_tile_bytes: bound on the sampling transient: canvases are put through the lm head and
-        the sampler in tiles of as many rows as fit (at most 7 fp32 copies of [rows, canvas, vocab]);
-        at least one row per tile.
+        the sampler in tiles of as many rows as fit (``engine.sampler.sampling_tiles``), and one row
+        in chunks of canvas positions when a whole row does not fit (its whole-row exponential draws
+        must, plus one position).
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
         "fp8-experts" or "int8-experts" (see ``engine.quantization``); the other weights stay in ``dtype``.
