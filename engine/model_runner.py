@@ -208,10 +208,10 @@ class ModelRunner:
             parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk])
                      for chunk in self._position_chunks]
             t0 = time.perf_counter()
-            argmax = torch.cat([p[0] for p in parts], dim=1)  # [n, C]
-            soft = torch.cat([p[3] for p in parts], dim=1)  # [n, C, hidden]
-            out = accept(torch.cat([p[2] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1),
-                         draws.noise, tile_work)
+            # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
+            argmax, sampled, entropy, soft = parts[0] if len(parts) == 1 else (
+                torch.cat([p[i] for p in parts], dim=1) for i in range(4))
+            out = accept(entropy, sampled, draws.noise, tile_work)
             self._sampling_seconds += time.perf_counter() - t0
             confident = out.confident.tolist()
             # a row with NaN or +inf logits (bad weights, overflow) fails alone; the others go on as usual
