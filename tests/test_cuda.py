@@ -45,3 +45,34 @@ def test_cuda_float32_matches_generate_at_batch_one(checkpoint):
     expected = reference_tokens(model, prompt, 3, core.resolve(prompt, params))
     got = run_to_completion(core, [("r", prompt, params)])["r"]["tokens"]
     assert got == expected
+
+
+def test_cuda_chunked_sampling_gives_the_same_tokens(checkpoint):
+    """Tiles of one row in chunks of one position (CUDA draws inline) give the tokens of whole tiles."""
+    whole = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4)
+    tiny = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4, sampling_tile_bytes=1)
+    reqs = None
+    results = []
+    for settings in (whole, tiny):
+        core = EngineCore(load_model(settings), settings)
+        tok = core.loaded.tokenizer
+        reqs = [(f"r{i}", tok(f"prompt {i}").input_ids, SamplingParams(max_tokens=40, seed=i)) for i in range(3)]
+        results.append({rid: r["tokens"] for rid, r in run_to_completion(core, reqs).items()})
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("method", ["fp8-experts", "int8-experts"])
+def test_cuda_quantized_experts_match_generate_at_batch_one(tmp_path_factory, method):
+    """--quantization on CUDA: the engine draws what generate draws on the same quantized bf16 model."""
+    pytest.importorskip("torchao")
+    from tests.engine_helpers import reference_tokens
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bf16"), TinySpec(dtype=torch.bfloat16, hidden_size=64))
+    settings = EngineSettings(model=str(path), device="cuda", dtype="bfloat16", quantization=method)
+    core = EngineCore(load_model(settings), settings)
+    assert type(core.loaded.model.model.decoder.layers[0].experts.gate_up_proj).__name__ in ("Float8Tensor", "Int8Tensor")
+    tok = core.loaded.tokenizer
+    prompt = tok("hello world").input_ids
+    params = SamplingParams(max_tokens=40, seed=3)
+    expected = reference_tokens(core.loaded.model, prompt, 3, core.resolve(prompt, params))
+    assert run_to_completion(core, [("r", prompt, params)])["r"]["tokens"] == expected
