@@ -51,7 +51,6 @@ def test_cuda_chunked_sampling_gives_the_same_tokens(checkpoint):
     """Tiles of one row in chunks of one position (CUDA draws inline) give the tokens of whole tiles."""
     whole = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4)
     tiny = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4, sampling_tile_bytes=1)
-    reqs = None
     results = []
     for settings in (whole, tiny):
         core = EngineCore(load_model(settings), settings)
