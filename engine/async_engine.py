@@ -119,7 +119,7 @@ class AsyncEngine:
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of the KV token budget reserved by running requests (0..1)."""
+        """Fraction of the KV token budget the running requests take (0..1)."""
         return self.core.scheduler.reserved_kv_tokens / max(1, self.core.max_num_kv_tokens)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:

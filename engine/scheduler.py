@@ -28,7 +28,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._to_free: list[str] = []
-        self._reserved_kv = 0
         self.pass_index = 0  # number of passes scheduled so far
 
     # -- intake --------------------------------------------------------------------------------
@@ -70,7 +69,8 @@ class Scheduler:
 
     @property
     def reserved_kv_tokens(self) -> int:
-        return self._reserved_kv
+        """KV token slots the running set takes from the budget (the slot buffers' size)."""
+        return self._kv_needed([r.kv_reservation for r in self.running])
 
     def _kv_needed(self, reservations: list[int]) -> int:
         """KV token slots a running set needs: the runner's slot buffers, ``slot_rows(n)`` rows of the
@@ -95,7 +95,6 @@ class Scheduler:
             if self._kv_needed(reservations) > self.max_num_kv_tokens and self.running:
                 break
             self.waiting.popleft()
-            self._reserved_kv += req.kv_reservation
             req.status = RequestStatus.ENCODING
             req.pending_encode = req.prompt_ids
             req.scheduled_time = now
@@ -196,7 +195,6 @@ class Scheduler:
         req.status = status
         if req in self.running:
             self.running.remove(req)
-            self._reserved_kv -= req.kv_reservation
             self._to_free.append(req.request_id)
 
     @staticmethod

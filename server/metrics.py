@@ -51,7 +51,7 @@ METRIC_DOCS = [
     ("canvas_latency_seconds", "histogram", "A canvas's first decoder step to its commit."),
     ("decoder_batch_size", "histogram", "Canvases in the decoder batch of one scheduler pass (passes with a decoder call)."),
     ("engine_pass_seconds", "histogram", "Wall time of one scheduler pass."),
-    ("kv_cache_usage_perc", "gauge", "Fraction (0-1) of the engine's KV token budget reserved by running requests (vLLM's name)."),
+    ("kv_cache_usage_perc", "gauge", "Fraction (0-1) of the engine's KV token budget the running requests' slot buffers take (vLLM's name)."),
     ("engine_live_states", "gauge", "Per-request state objects the engine holds (requests, runner rows, KV entries); 0 when idle. A leak check."),
     ("http_requests_in_flight", "gauge", "HTTP requests to /v1 inside the server (a stream counts until its last byte)."),
     ("http_errors_total", "counter", "Error responses sent, by HTTP status code (400, 401, 404, 413, 429, 500, 503)."),

@@ -195,6 +195,7 @@ def test_admission_counts_the_slot_buffers(core):
     plan = sched.schedule()
     # long + 1 short: 2 rows x 300 = 600 <= 1000; long + 2 short: 4 rows x 300 = 1200 > 1000
     assert [n.request_id for n in plan.new] == ["long", "s0"]
+    assert sched.reserved_kv_tokens == 600  # what kv_cache_usage_perc reports against the 1000
 
 
 def test_slot_buffers_are_reused_in_place(core):
