@@ -14,7 +14,7 @@ from server.default_model import EMBEDDED_SERVED_NAME, embedded_model_dir
 from tools.sudoku import generator
 from tools.sudoku.common import BUCKETS, EVAL_SEED, eval_set
 
-MIN_SOLVED = 15  # of 20; 17 measured at export (a broken engine solves none); see README
+MIN_SOLVED = 18  # 20 of 20 measured with the shipped checkpoint (10,000 steps)
 
 
 def test_the_embedded_model_ships_with_the_package():
@@ -40,6 +40,7 @@ def test_default_server_solves_easy_puzzles(server_launcher):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(solve, enumerate(puzzles)))
     solved = sum(ok for ok, _ in results)
+    print(f"solved {solved} of 20 easy puzzles")
     assert solved >= MIN_SOLVED, f"solved {solved} of 20 easy puzzles"
     for _, usage in results:
         assert usage["canvases"] == 1 and usage["denoising_steps"] >= 1

@@ -39,14 +39,16 @@ CHAT_TEMPLATE = (
 )
 
 # Diffusion defaults written to generation_config.json.
-# Tuned on held-out puzzles: a hot start (t_max > 1) commits few cells per step early on, which
-# this small model needs to avoid locking in wrong digits; the schedule cools to 0.5 so easy
-# puzzles still stop after about 10 steps.
+# Tuned on held-out puzzles (puzzle seed 424242, not the evaluation seed): a hot start (t_max > 1)
+# commits few cells per step early on, which this small model needs to avoid locking in wrong
+# digits; the schedule cools to 0.5 so easy puzzles still stop after about 10 steps. On the
+# 10,000-step checkpoint, t_max 1.5 / 1.75 / 2.0 solved 96 / 98 / 99% of 100 easy puzzles in
+# 6.2 / 9.7 / 12.4 steps (31 / 31 / 32% of 30-35 givens).
 GENERATION_DEFAULTS = dict(
     max_denoising_steps=24,
     entropy_bound=0.1,
     t_min=0.5,
-    t_max=1.5,
+    t_max=1.75,
     stability_threshold=1,
     confidence_threshold=0.01,
     max_new_tokens=CANVAS_LENGTH,
