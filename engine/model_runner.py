@@ -20,6 +20,15 @@ from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepRe
 
 
 @dataclass
+class _DecoderGeometry:
+    key: tuple  # (buffer generation, token count of each row)
+    view: BatchKVView  # slices of the KV buffers (read at forward time, so always current)
+    positions: torch.Tensor  # [B, C] int32
+    masks: dict  # per layer type: None (no padding) or the padding mask
+    rotary: dict  # per layer type: (cos, sin)
+
+
+@dataclass
 class RowState:
     """Tensor state of one request between passes."""
 
@@ -55,6 +64,7 @@ class ModelRunner:
         template = [(per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))]
         self.kv = KVCacheManager(self.layer_types, self.sliding_window, template, max_num_seqs, self.device, self.dtype)
         self.rows: dict[str, RowState] = {}
+        self._geometry: _DecoderGeometry | None = None
         # torchao's quantized tensors cannot be indexed under inference mode (version counters)
         self._no_grad = torch.inference_mode if loaded.quantization == "none" else torch.no_grad
         # CPU: one worker thread takes each step's random draws while the forward runs
@@ -253,15 +263,18 @@ class ModelRunner:
         self._sampling_seconds += t2 - t1
         return out.argmax, out.sampled, out.entropy, soft
 
-    def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
-        """Run the bidirectional decoder over every row's canvas against its cached prefix."""
+    def _decoder_geometry(self, ids: list[str]) -> "_DecoderGeometry":
+        """The batch's KV view, canvas positions, attention masks and rotary embeddings. They depend only
+        on each row's token count and on the buffers (which a reallocation replaces), so between commits
+        (most passes) the previous pass's are reused."""
+        key = (self.kv.reallocations, tuple(self.kv.get(r).total_len for r in ids))
+        if self._geometry is not None and self._geometry.key == key:
+            return self._geometry
         decoder = self.model.model.decoder
         view: BatchKVView = self.kv.view(ids)
         C = self.canvas_length
-        canvas = torch.stack([s.canvas for s in states])  # [B, C]
-        totals = torch.tensor([self.kv.get(r).total_len for r in ids], device=self.device)
+        totals = torch.tensor(key[1], device=self.device)
         positions = (totals[:, None] + torch.arange(C, device=self.device)[None, :]).to(torch.int32)
-
         masks = {}
         for layer_type in set(self.layer_types):
             valid = view.valid[layer_type]
@@ -270,6 +283,17 @@ class ModelRunner:
             else:
                 k_valid = torch.cat([valid, torch.ones(len(ids), C, dtype=torch.bool, device=self.device)], dim=1)
                 masks[layer_type] = self._finish_mask(k_valid[:, None, :].expand(-1, C, -1))
+        probe = torch.empty((), dtype=self.dtype, device=self.device)  # rotary_emb reads only dtype and device
+        rotary = {lt: decoder.rotary_emb(probe, positions, lt) for lt in decoder.unique_layer_types}
+        self._geometry = _DecoderGeometry(key, view, positions, masks, rotary)
+        return self._geometry
+
+    def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
+        """Run the bidirectional decoder over every row's canvas against its cached prefix."""
+        decoder = self.model.model.decoder
+        geometry = self._decoder_geometry(ids)
+        view, positions, masks, rotary = geometry.view, geometry.positions, geometry.masks, geometry.rotary
+        canvas = torch.stack([s.canvas for s in states])  # [B, C]
 
         t0 = time.perf_counter()
         inputs = decoder.embed_tokens(canvas)
@@ -277,7 +301,6 @@ class ModelRunner:
             [s.soft_embeddings if s.soft_embeddings is not None else torch.zeros_like(inputs[0]) for s in states]
         )
         hidden = decoder.self_conditioning(inputs, soft)
-        rotary = {lt: decoder.rotary_emb(hidden, positions, lt) for lt in decoder.unique_layer_types}
         for i, layer in enumerate(decoder.layers[: self.num_layers]):
             lt = self.layer_types[i]
             hidden = layer(
