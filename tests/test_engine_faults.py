@@ -4,7 +4,6 @@ pass's requests; the engine keeps serving either way."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import SamplingParams
 from tests.engine_helpers import POISON, build_poisoned_checkpoint, make_core, run_to_completion

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from tests.conftest import parse_sse_json
 from tests.engine_helpers import POISON, build_poisoned_checkpoint
