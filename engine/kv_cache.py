@@ -99,8 +99,9 @@ class KVCacheManager:
         self.dtype = dtype
         self._caches: dict[str, RequestKV] = {}
         self._order: list[str] = []  # slot i -> request id
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
+        # no rows yet: sync() sizes them for the running set
+        self._keys: list[torch.Tensor] = [torch.empty(0, device=device, dtype=dtype)] * len(self.layer_types)
+        self._values: list[torch.Tensor] = [torch.empty(0, device=device, dtype=dtype)] * len(self.layer_types)
         self._shape: tuple[int, dict[str, int]] = (0, {})  # rows, capacity per layer type
         self.reallocations = 0
 
@@ -149,9 +150,6 @@ class KVCacheManager:
         caps = {t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {}
         old_rows = self._shape[0]
         if (rows, caps) != self._shape:
-            if len(self._keys) != len(self.layer_types):  # nothing allocated yet
-                self._keys = [torch.empty(0)] * len(self.layer_types)
-                self._values = [torch.empty(0)] * len(self.layer_types)
             # layer by layer, dropping each old buffer before the next layer's new one: the peak is
             # the buffers plus one layer, not two full sets
             for idx, layer_type in enumerate(self.layer_types):

@@ -20,9 +20,6 @@ class TileDraws:
     exponentials: torch.Tensor  # [n, C, V] fp32 ~ Exp(1): multinomial's draw for each row
     noise: torch.Tensor  # [n, C] long: renoise tokens for each row
 
-    def rows(self, rows: slice) -> "TileDraws":
-        return TileDraws(self.exponentials[rows], self.noise[rows])
-
 
 def draw_tile(generators: list[torch.Generator], canvas_length: int, vocab_size: int, device) -> TileDraws:
     """One step's draws for each row, from that row's generator (the reference's order and shapes)."""
