@@ -22,7 +22,7 @@ def _generate(model, batch: list[WorkItem], pad_id: int) -> None:
         eos_token_id=None,  # fixed-length outputs, as the engine runs them with ignore_eos
     )
     if len(batch) > 1:
-        kwargs["attention_mask"] = mask
+        kwargs["attention_mask"] = mask.to(model.device)
     torch.manual_seed(batch[0].seed)
     with torch.inference_mode():
         model.generate(ids.to(model.device), **kwargs)

@@ -1,17 +1,53 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU machine (see README "GPU benchmark"): CUDA tests, then the
-# benchmark on a DiffusionGemma-shaped random model. Results land in $OUT (or bench/results-gpu).
-set -euo pipefail
+# One prepared script for a lent GPU machine (see README "GPU"): CUDA tests, a DiffusionGemma-shaped
+# random checkpoint, the benchmark, the CUDA-graph check and the FP8-experts load. Results land in
+# $OUT (default bench/results-gpu).
+#
+#   bash bench/gpu_check.sh                      # every step
+#   bash bench/gpu_check.sh tests model bench    # some steps, in this order
+#
+# Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
+# CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results-gpu}"
+PY="${PYTHON:-python}"
+MODEL_DIR="${MODEL_DIR:-/tmp/dg-shape}"
+DEADLINE="${DEADLINE:-$(( $(date +%s) + 86400 ))}"
 mkdir -p "$OUT"
-python -m pip install -q -e ".[test]" matplotlib >/dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-python -m pytest -q -m cuda tests 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
-python -m bench.make_random_model --out /tmp/dg-shape --layers "${LAYERS:-6}" --dtype bfloat16 | tee "$OUT/model.txt"
-python -m bench.run --model /tmp/dg-shape --concurrency "${CONCURRENCY:-1,4,16}" --steps 12 --canvases 1,2 \
-    --prompt-len 64,256 --threads 4 --out "$OUT" 2>&1 | tail -30
-# the same load with the MoE experts in FP8 (--quantization fp8-experts): speed and server memory
-python -m bench.run --model /tmp/dg-shape --concurrency "${CONCURRENCY:-1,4,16}" --steps 12 --canvases 1,2 \
-    --prompt-len 64,256 --threads 4 --no-baselines --server-arg=--quantization=fp8-experts \
-    --out "$OUT/fp8-experts" 2>&1 | tail -30
+
+# Install the project unless it imports already (a machine without a registry brings wheels instead).
+"$PY" -c "import engine, server.app, fastapi, sse_starlette, transformers.models.diffusion_gemma" 2>/dev/null \
+  || "$PY" -m pip install -q -e ".[test]" matplotlib >/dev/null
+
+# run LIMIT_S CMD...: at most LIMIT_S seconds and never past DEADLINE; a failure is reported, not fatal
+run() {
+  local limit=$1; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 10 )); then echo "!! skipped (deadline): $*"; return 0; fi
+  echo "== $(date +%T) ($limit s): $*"
+  timeout "$limit" "$@"; local rc=$?
+  (( rc != 0 )) && echo "!! exit $rc: $*"
+  return 0
+}
+
+bench_args=(--model "$MODEL_DIR" --concurrency "${CONCURRENCY:-1,4,16}" --steps 12 --canvases 1,2
+            --prompt-len 64,256 --threads 4)
+steps=("$@")
+(( ${#steps[@]} )) || steps=(tests model bench graphs fp8)
+for step in "${steps[@]}"; do
+  case "$step" in
+    tests)  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+            run 150 "$PY" -m pytest -q tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT/cuda-tests.txt" ;;
+    model)  run 120 "$PY" -m bench.make_random_model --out "$MODEL_DIR" --layers "${LAYERS:-4}" --dtype bfloat16 \
+              | tee "$OUT/model.txt" ;;
+    bench)  run 240 "$PY" -m bench.run "${bench_args[@]}" --out "$OUT/bf16" 2>&1 | tee "$OUT/bench-bf16.log" | tail -25 ;;
+    graphs) run 120 "$PY" -m bench.cuda_graph_check --model "$MODEL_DIR" --batches 1,4,16 \
+              --out "$OUT/cuda-graphs.json" 2>&1 | grep -v "Loading weights" ;;
+    # the same load with the MoE experts in FP8 (--quantization fp8-experts): speed and server memory
+    fp8)    run 200 "$PY" -m bench.run "${bench_args[@]}" --no-baselines \
+              --server-arg=--quantization=fp8-experts --out "$OUT/fp8-experts" 2>&1 | tee "$OUT/bench-fp8.log" | tail -12 ;;
+    *)      echo "unknown step: $step"; exit 2 ;;
+  esac
+done

@@ -12,13 +12,15 @@ def _ttfd(run: dict):
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    gpu = any(run.get("server_gpu_mib") is not None for run in result["runs"])
     lines = [
         f"Model: `{result['model']}` · machine: {m['description']} · server threads: {result['server_threads']} · "
         f"command: `{result['command']}`",
         "",
         "| concurrency | requests | committed tok/s | vs one-at-a-time | vs static batch | req/s | first draft (s) | "
-        "TTFT p50 (s) | e2e p50 / p90 / p99 (s) | steps/canvas | tok/step | decoder batch | server RSS peak (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "TTFT p50 (s) | e2e p50 / p90 / p99 (s) | steps/canvas | tok/step | decoder batch | server RSS peak (MiB) |"
+        + (" server GPU memory (MiB) |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for run in result["runs"]:
         def fmt(x, spec=".2f"):
@@ -30,6 +32,7 @@ def markdown(result: dict) -> str:
             f"{fmt(run['latency_p50'])} / {fmt(run['latency_p90'])} / {fmt(run['latency_p99'])} | "
             f"{fmt(run['steps_per_canvas'])} | {fmt(run['tokens_per_step'])} | {fmt(run['decoder_batch_mean'])} | "
             f"{fmt(run['server_rss_peak_mib'], '.0f')} |"
+            + (f" {fmt(run.get('server_gpu_mib'), '.0f')} |" if gpu else "")
         )
     base = result.get("baselines", {})
     if base:

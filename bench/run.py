@@ -97,6 +97,22 @@ def rss_peak_mib(pid: int) -> float | None:
     return None
 
 
+def gpu_memory_mib(pid: int) -> float | None:
+    """GPU memory the process holds now, per ``nvidia-smi`` (CUDA context plus the allocator's reserve;
+    PyTorch's allocator keeps what it reserved, so after a level this is the level's peak). None
+    without ``nvidia-smi`` or when the process holds no GPU memory."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return float(parts[1])
+    return None
+
+
 def scrape(base_url: str) -> dict[str, float]:
     """Sums and counts of the server's histograms/counters we report on (empty for foreign servers)."""
     root = base_url.rstrip("/").removesuffix("/v1")
@@ -152,6 +168,7 @@ def summarize(results, wall, before, after, concurrency, server_pid) -> dict:
         "tokens_per_step": (tokens / sum(steps)) if steps else None,
         "decoder_batch_mean": (batch_sum / batch_cnt) if batch_cnt else None,
         "server_rss_peak_mib": rss_peak_mib(server_pid) if server_pid else None,
+        "server_gpu_mib": gpu_memory_mib(server_pid) if server_pid else None,
     }
 
 
@@ -196,13 +213,32 @@ def main(argv=None) -> int:
     low = 5  # skip special tokens
     high = min(tokenizer_vocab - 1, 260)  # keep clear of reserved ids at the top (image token)
 
+    runs = []
+    baselines = {}
+    result = {
+        "model": model_name,
+        "machine": machine_description(),
+        "server_threads": args.threads,
+        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "workload": {"steps": args.steps, "canvases": canvases, "prompt_len": prompt_len, "seed": args.seed,
+                     "arrival": f"poisson {args.request_rate}/s" if args.request_rate else "closed loop"},
+        "runs": runs,
+        "baselines": baselines,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+    def save() -> None:
+        """Write what is measured so far (a run cut short keeps its finished levels)."""
+        result["time"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        (out / "bench.md").write_text(markdown(result))
+
     proc = None
     base_url = args.url
     if base_url is None:
         port = free_port()
         proc = start_server(model, port, args.threads, max(levels), args.server_arg)
         base_url = f"http://127.0.0.1:{port}/v1"
-    runs = []
     workloads = {}
     try:
         for level in levels:
@@ -217,6 +253,7 @@ def main(argv=None) -> int:
             after = scrape(base_url)
             run = summarize(results, wall, before, after, level, proc.pid if proc else None)
             runs.append(run)
+            save()
             print(f"concurrency {level}: {run['tokens_per_s']:.0f} tok/s, {run['requests_ok']}/{run['requests']} ok, "
                   f"p50 {run['latency_p50']:.2f}s", flush=True)
     finally:
@@ -227,7 +264,6 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    baselines = {}
     if not args.no_baselines:
         import torch
 
@@ -242,6 +278,7 @@ def main(argv=None) -> int:
         sample = workloads[levels[0]][:16]
         baselines["one_at_a_time"] = one_at_a_time(baseline_model, sample, pad_id)
         print(f"baseline one at a time: {baselines['one_at_a_time']['tokens_per_s']:.0f} tok/s", flush=True)
+        save()
         baselines["static_batch"] = {}
         for level in levels:
             if level == 1:
@@ -249,25 +286,14 @@ def main(argv=None) -> int:
             b = static_batches(baseline_model, workloads[level], level, pad_id)
             baselines["static_batch"][str(level)] = b
             print(f"baseline static batch {level}: {b['tokens_per_s']:.0f} tok/s", flush=True)
+            save()
         for run in runs:
             run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / baselines["one_at_a_time"]["tokens_per_s"]
             static = baselines["static_batch"].get(str(run["concurrency"]))
             ref = static["tokens_per_s"] if static else baselines["one_at_a_time"]["tokens_per_s"]
             run["ratio_vs_static_batch"] = run["tokens_per_s"] / ref
 
-    result = {
-        "model": model_name,
-        "machine": machine_description(),
-        "server_threads": args.threads,
-        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "workload": {"steps": args.steps, "canvases": canvases, "prompt_len": prompt_len, "seed": args.seed,
-                     "arrival": f"poisson {args.request_rate}/s" if args.request_rate else "closed loop"},
-        "runs": runs,
-        "baselines": baselines,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    (out / "bench.md").write_text(markdown(result))
+    save()
     plotted = plot(result, out / "bench.png")
     print(markdown(result))
     if not plotted:

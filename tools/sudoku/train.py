@@ -65,6 +65,10 @@ def parse_args(argv=None):
                     help="minutes of training (summed over resumes); schedule and curriculum follow "
                          "max(step / steps, elapsed / budget) and training stops when either is used up")
     ap.add_argument("--max-steps-this-run", type=int, default=None, help="stop this process after N steps")
+    ap.add_argument("--new-phase", action="store_true",
+                    help="on resume, start a new phase: warmup, cosine schedule, curriculum and --time-budget "
+                         "count from the resumed step (to --steps) instead of from step 0 (e.g. to continue a CPU "
+                         "run on a GPU with a larger batch)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
@@ -82,6 +86,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--experts-implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
+                    help="transformers' MoE kernel for training (default: transformers' choice, grouped_mm)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--export", default=None, metavar="DIR", help="only export the latest checkpoint to DIR")
@@ -220,17 +226,19 @@ def diffusion_loss(model, prompt, canvas, args, gen: torch.Generator):
     return total, dec_loss.detach(), enc_loss.detach()
 
 
-def progress_at(step: int, elapsed: float, args) -> float:
-    p = step / args.steps
+def progress_at(step: int, elapsed: float, args, phase: dict) -> float:
+    """Fraction of the current phase done: by steps, or by minutes when --time-budget is set."""
+    p = (step - phase["step"]) / max(1, args.steps - phase["step"])
     if args.time_budget:
-        p = max(p, elapsed / (60.0 * args.time_budget))
+        p = max(p, (elapsed - phase["elapsed"]) / (60.0 * args.time_budget))
     return min(1.0, p)
 
 
-def lr_at(step: int, progress: float, args) -> float:
+def lr_at(step: int, progress: float, args, phase: dict) -> float:
+    step -= phase["step"]
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    warm = args.warmup / args.steps
+    warm = args.warmup / max(1, args.steps - phase["step"])
     frac = min(1.0, max(0.0, (progress - warm) / max(1e-9, 1 - warm)))
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
@@ -242,9 +250,11 @@ def latest_checkpoint(workdir: Path) -> Path | None:
     return p if p.exists() else None
 
 
-def save_checkpoint(workdir: Path, model, opt, step: int, args, np_rng, gen, py_state, elapsed: float = 0.0):
+def save_checkpoint(workdir: Path, model, opt, step: int, args, np_rng, gen, py_state, elapsed: float = 0.0,
+                    phase: dict | None = None):
     state = {
         "elapsed": elapsed,
+        "phase": phase or {"step": 0, "elapsed": 0.0},
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "step": step,
@@ -304,6 +314,8 @@ def main(argv=None):
     pool = load_pool(workdir, args.seed, args.pool_size, tuple(args.pool_givens))
 
     model = build_model(args.size, args.seed).to(device)
+    if args.experts_implementation:
+        model.set_experts_implementation(args.experts_implementation)
     model.train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -318,6 +330,7 @@ def main(argv=None):
     random.seed(args.seed)
     step = 0
     elapsed0 = 0.0
+    phase = {"step": 0, "elapsed": 0.0}  # where the schedule's current phase began
 
     ckpt = latest_checkpoint(workdir)
     if ckpt is not None:
@@ -329,10 +342,16 @@ def main(argv=None):
         step = state["step"]
         elapsed0 = state.get("elapsed", 0.0)
         np_rng.bit_generator.state = state["np_rng"]
-        gen.set_state(state["torch_gen"].cpu() if device.type == "cpu" else state["torch_gen"])
+        try:
+            gen.set_state(state["torch_gen"].cpu())
+        except RuntimeError:  # saved on another device type (a CPU run resumed on a GPU, or back)
+            gen.manual_seed(args.seed + step)
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["py_rng"])
-        print(f"resumed from {ckpt} at step {step}", file=sys.stderr, flush=True)
+        phase = state.get("phase", phase)
+        if args.new_phase:
+            phase = {"step": step, "elapsed": elapsed0}
+        print(f"resumed from {ckpt} at step {step} (phase from step {phase['step']})", file=sys.stderr, flush=True)
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.size}: {n_params / 1e6:.2f}M parameters on {device}, {args.threads} thread(s)",
@@ -349,10 +368,10 @@ def main(argv=None):
     with open(log_path, "a") as log:
         while step < end:
             elapsed = elapsed0 + time.time() - t_start
-            progress = progress_at(step, elapsed, args)
+            progress = progress_at(step, elapsed, args, phase)
             if progress >= 1.0:
                 break
-            lr = lr_at(step, progress, args)
+            lr = lr_at(step, progress, args, phase)
             for g in opt.param_groups:
                 g["lr"] = lr
             prompt, canvas, mean_givens = make_batch(pool, progress, args, np_rng)
@@ -388,9 +407,9 @@ def main(argv=None):
                 t_last = now
             if step % args.save_every == 0 or step == end:
                 elapsed = elapsed0 + time.time() - t_start
-                save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed)
+                save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed, phase)
     elapsed = elapsed0 + time.time() - t_start
-    save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed)
+    save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed, phase)
     bar.close()
     print(f"stopped at step {step}", file=sys.stderr, flush=True)
 
