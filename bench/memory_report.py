@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.memory import plan_memory
+from engine.memory import auto_sampling_tile_bytes, plan_memory
 from engine.sampler import sampling_tiles
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -42,13 +42,16 @@ def count_parameters(config) -> tuple[int, int]:
 
 
 def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context: int, max_num_seqs: int,
-           tile_budget_mib: int, draws_in_flight: int = 1) -> dict:
-    """``draws_in_flight``: 1 on CUDA, 2 on CPU (where the next tile's draws are taken ahead)."""
+           tile_budget_mib: int | None, draws_in_flight: int = 1) -> dict:
+    """``draws_in_flight``: 1 on CUDA, 2 on CPU (where the next tile's draws are taken ahead).
+    ``tile_budget_mib=None``: the engine's CUDA default from the memory left beside the weights."""
     text = config.text_config
     kv_torch = _DTYPES[kv_dtype]
     total, text_params = count_parameters(config)
     weight_bytes = total * (torch.finfo(_DTYPES[weight_dtype]).bits // 8)
-    tiles = sampling_tiles(tile_budget_mib * 2**20, config.canvas_length, text.vocab_size, draws_in_flight)
+    tile_bytes = (auto_sampling_tile_bytes("cuda", int(gpu_gib * 2**30 - weight_bytes)) if tile_budget_mib is None
+                  else tile_budget_mib * 2**20)
+    tiles = sampling_tiles(tile_bytes, config.canvas_length, text.vocab_size, draws_in_flight)
     plan = plan_memory(text, config.canvas_length, kv_torch, tiles=tiles, max_num_seqs=max_num_seqs)
     # KV + state, plus its share of attention's per-layer copies (see engine.memory)
     per_request = plan.per_request_bytes(context)
@@ -63,6 +66,7 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
         "state_kib_per_request": plan.state_bytes_per_request / 2**10,
         "state_if_logits_were_kept_mib": config.canvas_length * text.vocab_size * 4 / 2**20,
         "request_mib_at_context": per_request / 2**20,
+        "sampling_tile_bytes": tile_bytes,
         "sampling_tile_rows": min(tiles.rows, max_num_seqs),
         "sampling_chunk_positions": tiles.positions,
         "sampling_transient_gib": plan.sampling_transient_bytes / 2**30,
@@ -83,7 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-gib", type=float, default=80.0)
     ap.add_argument("--context", type=int, default=4096, help="prompt + output tokens per request")
     ap.add_argument("--max-num-seqs", type=int, default=16)
-    ap.add_argument("--tile-mib", type=int, default=512, help="sampling_tile_bytes in MiB")
+    ap.add_argument("--tile-mib", type=int, default=None,
+                    help="sampling_tile_bytes in MiB (default: the engine's CUDA default, 10%% of the memory beside "
+                         "the weights within 512 MiB..8 GiB)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     r = report(load_config(args.config), weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, gpu_gib=args.gpu_gib,
@@ -98,7 +104,8 @@ def main(argv=None) -> int:
     print(f"state per request (canvas, soft-embedding self-conditioning, history): {r['state_kib_per_request']:.0f} KiB "
           f"(vs {r['state_if_logits_were_kept_mib']:.0f} MiB if [canvas, vocab] fp32 logits were kept)")
     print(f"one request at {r['context']} tokens: {r['request_mib_at_context']:.1f} MiB")
-    print(f"largest transient: sampling tile of {r['sampling_tile_rows']} canvas row(s) in chunks of "
+    print(f"largest transient: sampling tile ({r['sampling_tile_bytes'] / 2**30:.2f} GiB budget) of "
+          f"{r['sampling_tile_rows']} canvas row(s) in chunks of "
           f"{r['sampling_chunk_positions']} positions = {r['sampling_transient_gib']:.2f} GiB "
           f"(an untiled fp32 logits copy at batch 8 alone is {r['one_fp32_logits_copy_batch8_gib']:.1f} GiB)")
     print(f"decoder activations bound at batch {args.max_num_seqs}: {r['decoder_transient_gib']:.2f} GiB")

@@ -26,10 +26,11 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from engine.memory import CPU_SAMPLING_TILE_BYTES, auto_sampling_tile_bytes
 from engine.quantization import quantized_weight_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +134,6 @@ def _resolved_dtype(dtype: str, device: str) -> str:
 def compute(p: Preset) -> dict:
     """The memory plan of one preset (all sizes in GiB unless the key says otherwise)."""
     from bench.memory_report import report
-    from engine.settings import EngineSettings
 
     settings = load_settings(p.path)
     config, config_source = _model_config(p.model_config)
@@ -142,17 +142,27 @@ def compute(p: Preset) -> dict:
     quantization = settings.quantization
     max_len = settings.max_model_len or text.max_position_embeddings
     seqs = settings.max_num_seqs
-    tile_bytes = {f.name: f.default for f in fields(EngineSettings)}["sampling_tile_bytes"]
-    r = report(config, weight_dtype=dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib,
-               context=max_len, max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20,
-               draws_in_flight=2 if settings.device == "cpu" else 1)
+    device_type = "cpu" if settings.device == "cpu" else "cuda"
+
+    def plan(tile_bytes: int) -> dict:
+        return report(config, weight_dtype=dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib,
+                      context=max_len, max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20,
+                      draws_in_flight=2 if device_type == "cpu" else 1)
+
+    r = plan(CPU_SAMPLING_TILE_BYTES)
+    weights_in_dtype_gib = r["weights_gib"]
+    weights_gib = weights_in_dtype_gib
+    if quantization != "none":  # the bytes torchao stores (tests/test_engine_quantization.py checks the formula)
+        weights_gib = quantized_weight_bytes(_meta_model(p.model_config), quantization, _DTYPE_BYTES[dtype]) / 2**30
+    free_after_weights = p.memory_gib - p.overhead_gib - weights_gib
+    # the engine's default tile budget depends on the memory free after the weights (engine.memory)
+    tile_bytes = settings.sampling_tile_bytes or auto_sampling_tile_bytes(device_type, int(free_after_weights * 2**30))
+    if tile_bytes != CPU_SAMPLING_TILE_BYTES:
+        r = plan(tile_bytes)
+    r["weights_gib"] = weights_gib
     sampling_gib = r["sampling_transient_gib"]  # tiles never hold more rows than the batch (engine.memory)
     transients_gib = sampling_gib + r["decoder_transient_gib"]
     request_gib = r["request_mib_at_context"] / 1024
-    weights_in_dtype_gib = r["weights_gib"]
-    if quantization != "none":  # the bytes torchao stores (tests/test_engine_quantization.py checks the formula)
-        r["weights_gib"] = quantized_weight_bytes(_meta_model(p.model_config), quantization, _DTYPE_BYTES[dtype]) / 2**30
-    free_after_weights = p.memory_gib - p.overhead_gib - r["weights_gib"]
     budget_gib = free_after_weights * settings.memory_fraction
     needed_gib = transients_gib + seqs * request_gib
     # engine.memory.derive_kv_budget: the KV tokens the engine reserves for all running requests

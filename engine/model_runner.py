@@ -14,6 +14,7 @@ import torch
 
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
+from .memory import auto_sampling_tile_bytes, available_bytes
 from .random_draws import DrawPrefetcher
 from .sampler import accept, sample_positions, sampling_tiles, temperatures
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
@@ -40,7 +41,7 @@ class RowState:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 16, sampling_tile_bytes: int = 512 * 2**20,
+    def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 16, sampling_tile_bytes: int | None = None,
                  max_encoder_tokens: int = 8192):
         self.model = loaded.model
         self.device = loaded.device
@@ -54,6 +55,9 @@ class ModelRunner:
         self.sliding_window = self.text_config.sliding_window
         self.softcap = self.text_config.final_logit_softcapping
         threaded = self.device.type == "cpu"  # CPU: the worker draws the next tile while this one is sampled
+        if sampling_tile_bytes is None:  # from the memory free now, after the weights
+            sampling_tile_bytes = auto_sampling_tile_bytes(self.device.type, available_bytes(self.device))
+        self.sampling_tile_bytes = sampling_tile_bytes
         self.sampling_tiles = sampling_tiles(sampling_tile_bytes, self.canvas_length, self.vocab_size,
                                              draws_in_flight=2 if threaded else 1)
         step = self.sampling_tiles.positions

@@ -24,7 +24,8 @@ class EngineSettings:
     sampling_tile_bytes: bound on the sampling transient: canvases are put through the lm head and
         the sampler in tiles of as many rows as fit (``engine.sampler.sampling_tiles``), and one row
         in chunks of canvas positions when a whole row does not fit (its whole-row exponential draws
-        must, plus one position).
+        must, plus one position). ``None`` picks it at start-up (``engine.memory.auto_sampling_tile_bytes``):
+        512 MiB on CPU; on CUDA 10% of the memory free after the weights, between 512 MiB and 8 GiB.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
         "fp8-experts" or "int8-experts" (see ``engine.quantization``); the other weights stay in ``dtype``.
@@ -39,7 +40,7 @@ class EngineSettings:
     max_num_kv_tokens: int | None = None
     memory_fraction: float = 0.8
     max_encoder_tokens: int = 2048
-    sampling_tile_bytes: int = 512 * 2**20
+    sampling_tile_bytes: int | None = None
     num_threads: int | None = None
     quantization: str = "none"
     experts_implementation: str | None = None  # None: transformers' default (eager for float64 and quantized experts)

@@ -35,6 +35,7 @@ class ServerSettings:
     memory_fraction: float = 0.8
     num_threads: int | None = None
     quantization: str = "none"
+    sampling_tile_bytes: int | None = None
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     log_prompts: bool = False
     log_level: str = "info"
@@ -106,6 +107,7 @@ class ServerSettings:
             memory_fraction=self.memory_fraction,
             num_threads=num_threads,
             quantization=self.quantization,
+            sampling_tile_bytes=self.sampling_tile_bytes,
         )
 
 
@@ -155,6 +157,11 @@ OPTIONS: list[tuple[str, str, str, str]] = [
      "Weight-only quantization of the MoE experts (about 90% of DiffusionGemma's weights) at load time, through "
      "torchao: none (default), fp8-experts (float8 e4m3 + a scale per row) or int8-experts (int8 + a scale and zero "
      "point per row). Other weights stay in --dtype (bfloat16 or float32). Needs torchao (the 'quant' extra)."),
+    ("--sampling-tile-bytes", "sampling_tile_bytes", "int",
+     "Bound on the sampling step's memory: canvases go through the lm head and the sampler in tiles of as many "
+     "rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each chunk re-reads "
+     "the lm head). Default: 512 MiB on CPU; on CUDA 10% of the memory free after the weights, between 512 MiB "
+     "and 8 GiB."),
     ("--max-request-body-bytes", "max_request_body_bytes", "int",
      f"Largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})."),
     ("--log-prompts", "log_prompts", "bool", "Include prompts and generated text in the per-request log lines (off by default)."),
