@@ -44,12 +44,12 @@ def count_parameters(config) -> tuple[int, int]:
 def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context: int, max_num_seqs: int,
            tile_budget_mib: int | None, draws_in_flight: int = 1) -> dict:
     """``draws_in_flight``: 1 on CUDA, 2 on CPU (where the next tile's draws are taken ahead).
-    ``tile_budget_mib=None``: the engine's CUDA default from the memory left beside the weights."""
+    ``tile_budget_mib=None``: the engine's default from the memory left beside the weights."""
     text = config.text_config
     kv_torch = _DTYPES[kv_dtype]
     total, text_params = count_parameters(config)
     weight_bytes = total * (torch.finfo(_DTYPES[weight_dtype]).bits // 8)
-    tile_bytes = (auto_sampling_tile_bytes("cuda", int(gpu_gib * 2**30 - weight_bytes)) if tile_budget_mib is None
+    tile_bytes = (auto_sampling_tile_bytes(int(gpu_gib * 2**30 - weight_bytes)) if tile_budget_mib is None
                   else tile_budget_mib * 2**20)
     tiles = sampling_tiles(tile_bytes, config.canvas_length, text.vocab_size, draws_in_flight)
     plan = plan_memory(text, config.canvas_length, kv_torch, tiles=tiles, max_num_seqs=max_num_seqs)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=4096, help="prompt + output tokens per request")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--tile-mib", type=int, default=None,
-                    help="sampling_tile_bytes in MiB (default: the engine's CUDA default, 10%% of the memory beside "
+                    help="sampling_tile_bytes in MiB (default: the engine's default, 10%% of the memory beside "
                          "the weights within 512 MiB..8 GiB)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -10,24 +10,21 @@ import torch
 from .sampler import SamplingTiles
 
 
-# sampling_tile_bytes=None (the default) picks the tile budget from the device: a fixed 512 MiB on CPU;
-# on CUDA a share of the memory free after the weights, so that whole canvas rows fit. A row chunked
-# into position slices re-reads the lm head and the embedding matrix (vocab x hidden, 1.5 GB in bf16
-# for DiffusionGemma) once per slice, where one whole row reads each once.
-CPU_SAMPLING_TILE_BYTES = 512 * 2**20
-GPU_SAMPLING_TILE_FRACTION = 0.10
-GPU_SAMPLING_TILE_MIN_BYTES = 512 * 2**20
-GPU_SAMPLING_TILE_MAX_BYTES = 8 * 2**30
+# sampling_tile_bytes=None (the default) picks the tile budget from the memory free after the weights,
+# so that whole canvas rows fit where memory allows. A row chunked into position slices re-reads the
+# lm head and the embedding matrix (vocab x hidden, 1.5 GB in bf16 for DiffusionGemma) once per slice,
+# where whole rows read each once per tile.
+SAMPLING_TILE_FRACTION = 0.10
+SAMPLING_TILE_MIN_BYTES = 512 * 2**20
+SAMPLING_TILE_MAX_BYTES = 8 * 2**30
 
 
-def auto_sampling_tile_bytes(device_type: str, free_bytes: int) -> int:
-    """The default sampling tile budget: ``CPU_SAMPLING_TILE_BYTES`` on CPU; on an accelerator
-    ``GPU_SAMPLING_TILE_FRACTION`` of the memory free after the weights, within
-    [``GPU_SAMPLING_TILE_MIN_BYTES``, ``GPU_SAMPLING_TILE_MAX_BYTES``]."""
-    if device_type == "cpu":
-        return CPU_SAMPLING_TILE_BYTES
-    share = int(free_bytes * GPU_SAMPLING_TILE_FRACTION)
-    return max(GPU_SAMPLING_TILE_MIN_BYTES, min(GPU_SAMPLING_TILE_MAX_BYTES, share))
+def auto_sampling_tile_bytes(free_bytes: int) -> int:
+    """The default sampling tile budget: ``SAMPLING_TILE_FRACTION`` of the memory free after the
+    weights (accelerator memory, or the host's available memory on CPU), within
+    [``SAMPLING_TILE_MIN_BYTES``, ``SAMPLING_TILE_MAX_BYTES``]."""
+    share = int(free_bytes * SAMPLING_TILE_FRACTION)
+    return max(SAMPLING_TILE_MIN_BYTES, min(SAMPLING_TILE_MAX_BYTES, share))
 
 
 @dataclass(frozen=True)

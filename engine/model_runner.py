@@ -56,7 +56,7 @@ class ModelRunner:
         self.softcap = self.text_config.final_logit_softcapping
         threaded = self.device.type == "cpu"  # CPU: the worker draws the next tile while this one is sampled
         if sampling_tile_bytes is None:  # from the memory free now, after the weights
-            sampling_tile_bytes = auto_sampling_tile_bytes(self.device.type, available_bytes(self.device))
+            sampling_tile_bytes = auto_sampling_tile_bytes(available_bytes(self.device))
         self.sampling_tile_bytes = sampling_tile_bytes
         self.sampling_tiles = sampling_tiles(sampling_tile_bytes, self.canvas_length, self.vocab_size,
                                              draws_in_flight=2 if threaded else 1)

@@ -25,7 +25,7 @@ class EngineSettings:
         the sampler in tiles of as many rows as fit (``engine.sampler.sampling_tiles``), and one row
         in chunks of canvas positions when a whole row does not fit (its whole-row exponential draws
         must, plus one position). ``None`` picks it at start-up (``engine.memory.auto_sampling_tile_bytes``):
-        512 MiB on CPU; on CUDA 10% of the memory free after the weights, between 512 MiB and 8 GiB.
+        10% of the memory free after the weights, between 512 MiB and 8 GiB.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
         "fp8-experts" or "int8-experts" (see ``engine.quantization``); the other weights stay in ``dtype``.

@@ -160,8 +160,8 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("--sampling-tile-bytes", "sampling_tile_bytes", "int",
      "Bound on the sampling step's memory: canvases go through the lm head and the sampler in tiles of as many "
      "rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each chunk re-reads "
-     "the lm head). Default: 512 MiB on CPU; on CUDA 10% of the memory free after the weights, between 512 MiB "
-     "and 8 GiB."),
+     "the lm head). Default: 10% of the memory free after the weights (the GPU's, or the host's on CPU), between "
+     "512 MiB and 8 GiB."),
     ("--max-request-body-bytes", "max_request_body_bytes", "int",
      f"Largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})."),
     ("--log-prompts", "log_prompts", "bool", "Include prompts and generated text in the per-request log lines (off by default)."),

@@ -29,16 +29,15 @@ def test_tiles_fit_the_budget(budget, canvas, vocab, in_flight, expected):
 GIB = 2**30
 
 
-@pytest.mark.parametrize("device,free,expected", [
-    ("cpu", 100 * GIB, 512 * MIB),  # CPU: fixed, whatever the host has
-    ("cuda", 2 * GIB, 512 * MIB),  # a nearly full card: the floor
-    ("cuda", 33 * GIB, int(3.3 * GIB)),  # 26B-A4B in bf16 on an 80 GiB card: 10% of what the weights leave
-    ("cuda", 120 * GIB, 8 * GIB),  # a mostly empty card: the cap
+@pytest.mark.parametrize("free,expected", [
+    (2 * GIB, 512 * MIB),  # a nearly full card: the floor
+    (33 * GIB, int(3.3 * GIB)),  # 26B-A4B in bf16 on an 80 GiB card: 10% of what the weights leave
+    (120 * GIB, 8 * GIB),  # a mostly empty card or a large host: the cap
 ])
-def test_default_tile_budget_follows_the_device(device, free, expected):
+def test_default_tile_budget_follows_free_memory(free, expected):
     from engine.memory import auto_sampling_tile_bytes
 
-    assert auto_sampling_tile_bytes(device, free) == expected
+    assert auto_sampling_tile_bytes(free) == expected
 
 
 def test_default_tile_budget_holds_whole_rows_on_a_large_gpu():
@@ -46,14 +45,14 @@ def test_default_tile_budget_holds_whole_rows_on_a_large_gpu():
     beside the 26B weights, the default budget takes DiffusionGemma's canvas rows whole, two at a time."""
     from engine.memory import auto_sampling_tile_bytes
 
-    tiles = sampling_tiles(auto_sampling_tile_bytes("cuda", 33 * GIB), 256, 262144, 1)
+    tiles = sampling_tiles(auto_sampling_tile_bytes(33 * GIB), 256, 262144, 1)
     assert (tiles.rows, tiles.positions) == (2, 256)
 
 
-def test_engine_default_tile_budget_on_cpu(tmp_path):
+def test_engine_default_tile_budget_comes_from_free_memory(tmp_path):
     from engine import EngineCore, EngineSettings
     from engine.loader import load_model
-    from engine.memory import CPU_SAMPLING_TILE_BYTES
+    from engine.memory import SAMPLING_TILE_MAX_BYTES, SAMPLING_TILE_MIN_BYTES
     from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     build_tiny_checkpoint(tmp_path, TinySpec())
@@ -61,6 +60,9 @@ def test_engine_default_tile_budget_on_cpu(tmp_path):
     assert settings.sampling_tile_bytes is None
     core = EngineCore(load_model(settings), settings)
     try:
-        assert core.runner.sampling_tile_bytes == CPU_SAMPLING_TILE_BYTES
+        assert SAMPLING_TILE_MIN_BYTES <= core.runner.sampling_tile_bytes <= SAMPLING_TILE_MAX_BYTES
+        explicit = EngineCore(core.loaded, EngineSettings(model=str(tmp_path), sampling_tile_bytes=12345))
+        assert explicit.runner.sampling_tile_bytes == 12345
+        explicit.close()
     finally:
         core.close()
