@@ -190,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra flag for the started server, repeatable (e.g. --server-arg=--quantization=fp8-experts)")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed requests sent before the first level, and untimed generate calls before each "
+                         "baseline (CUDA context, kernels and allocator warm-up stay out of the numbers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results", help="output folder")
     args = ap.parse_args(argv)
@@ -215,6 +218,9 @@ def main(argv=None) -> int:
 
     runs = []
     baselines = {}
+    # untimed requests of the same shape (their own seed), sent before anything is measured
+    warm = make_workload(args.warmup, seed=args.seed + 10_000, vocab_low=low, vocab_high=high, canvas_length=canvas_length,
+                         prompt_len=prompt_len, canvases=canvases, max_denoising_steps=args.steps) if args.warmup else []
     result = {
         "model": model_name,
         "machine": machine_description(),
@@ -246,6 +252,9 @@ def main(argv=None) -> int:
             items = make_workload(n, seed=args.seed + level, vocab_low=low, vocab_high=high, canvas_length=canvas_length,
                                   prompt_len=prompt_len, canvases=canvases, max_denoising_steps=args.steps)
             workloads[level] = items
+            if level == levels[0] and warm:
+                asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
+                                     api_key=args.api_key, seed=args.seed, drafts=args.drafts))
             before = scrape(base_url)
             results, wall = asyncio.run(run_load(base_url, model_name, items, concurrency=level,
                                                  request_rate=args.request_rate, api_key=args.api_key, seed=args.seed,
@@ -276,6 +285,9 @@ def main(argv=None) -> int:
         # same loading path, dtype and device as the server (bf16 on CUDA, fp32 on CPU)
         baseline_model = load_model(EngineSettings(model=model)).model
         sample = workloads[levels[0]][:16]
+        if warm:
+            one_at_a_time(baseline_model, warm, pad_id)
+            static_batches(baseline_model, warm, len(warm), pad_id)
         baselines["one_at_a_time"] = one_at_a_time(baseline_model, sample, pad_id)
         print(f"baseline one at a time: {baselines['one_at_a_time']['tokens_per_s']:.0f} tok/s", flush=True)
         save()

@@ -1,0 +1,32 @@
+"""The benchmark's own smoke run: a real server on the tiny bench model, two levels, both baselines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def test_bench_run_writes_results_with_ratios(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "bench.run", "--model", str(tmp_path / "model"), "--concurrency", "1,2",
+           "--requests-per-level", "3", "--steps", "2", "--canvases", "1,2", "--prompt-len", "4,8",
+           "--warmup", "1", "--out", str(out)]
+    from bench.run import build_bench_model
+
+    build_bench_model(tmp_path / "model")
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert [r["concurrency"] for r in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert (run["requests_ok"], run["errors"]) == (3, [])
+        # 1-2 canvases of 32 tokens each, every token committed (fixed-length outputs)
+        assert run["tokens"] in range(3 * 32, 3 * 64 + 1) and run["tokens"] % 32 == 0
+        assert run["steps_per_canvas"] <= 2
+        assert run["ratio_vs_one_at_a_time"] > 0 and run["ratio_vs_static_batch"] > 0
+    assert set(result["baselines"]["static_batch"]) == {"2"}
+    md = (out / "bench.md").read_text()
+    assert "| 2 | 3/3 |" in md and "static batch | 2 |" in md
