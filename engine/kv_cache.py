@@ -205,27 +205,48 @@ class KVCacheManager:
         )
 
     def append_from_view(self, request_ids: list[str], view: BatchKVView, new_valid: torch.Tensor) -> None:
-        """Store the K/V the encoder wrote into ``view`` (rows' real new tokens are where ``new_valid``)."""
+        """Store the K/V the encoder wrote into ``view``. ``new_valid`` [rows, width] marks each row's
+        real new tokens, which are its last positions (the encoder pads on the left)."""
         counts = new_valid.sum(dim=1).tolist()
-        for row, rid in enumerate(request_ids):
-            kv = self._caches[rid]
-            mask = new_valid[row]
-            n_new = int(counts[row])
-            stored = dict(kv.stored)  # before this append (layers of one type share it)
-            for idx, layer_type in enumerate(self.layer_types):
-                k_new = view.new_keys[idx][row][:, mask]  # [heads, n_new, dim]
-                v_new = view.new_values[idx][row][:, mask]
-                k_buf, v_buf = self._keys[idx][kv.slot], self._values[idx][kv.slot]  # [heads, capacity, dim]
-                length = stored[layer_type]
-                capacity = k_buf.shape[1]
-                if length + n_new <= capacity:
-                    k_buf[:, length : length + n_new] = k_new
-                    v_buf[:, length : length + n_new] = v_new
-                    kv.stored[layer_type] = length + n_new
-                else:  # sliding window: keep the last `capacity` tokens of [stored ; new]
-                    keep = torch.cat([k_buf[:, :length], k_new], dim=1)[:, length + n_new - capacity:]
-                    vkeep = torch.cat([v_buf[:, :length], v_new], dim=1)[:, length + n_new - capacity:]
-                    k_buf[:, :capacity] = keep
-                    v_buf[:, :capacity] = vkeep
-                    kv.stored[layer_type] = capacity
+        width = new_valid.shape[1]
+        caches = [self._caches[rid] for rid in request_ids]
+        for layer_type in set(self.layer_types):
+            layers = [i for i, t in enumerate(self.layer_types) if t == layer_type]
+            capacity = self._keys[layers[0]].shape[2]
+            fits = [r for r, kv in enumerate(caches) if kv.stored[layer_type] + counts[r] <= capacity]
+            if fits:  # one indexed copy per layer for all these rows
+                src, dst = self._append_indices([caches[r] for r in fits], fits, [counts[r] for r in fits],
+                                                layer_type, width)
+                for idx in layers:
+                    self._keys[idx][dst] = view.new_keys[idx][src]  # [tokens, heads, dim]
+                    self._values[idx][dst] = view.new_values[idx][src]
+                for r in fits:
+                    caches[r].stored[layer_type] += counts[r]
+            for r in sorted(set(range(len(caches))) - set(fits)):
+                # sliding window overflow: keep the last `capacity` tokens of [stored ; new]
+                kv, n_new = caches[r], counts[r]
+                length = kv.stored[layer_type]
+                for idx in layers:
+                    for bufs, new in ((self._keys, view.new_keys), (self._values, view.new_values)):
+                        buf = bufs[idx][kv.slot]  # [heads, capacity, dim]
+                        keep = torch.cat([buf[:, :length], new[idx][r][:, width - n_new:]], dim=1)
+                        buf[:, :capacity] = keep[:, length + n_new - capacity:]
+                kv.stored[layer_type] = capacity
+        for kv, n_new in zip(caches, counts):
             kv.total_len += n_new
+
+    def _append_indices(self, caches: list[RequestKV], rows: list[int], counts: list[int], layer_type: str,
+                        width: int) -> tuple[tuple, tuple]:
+        """Advanced indices (row, :, position) into the encoder's new K/V and (slot, :, position) into
+        the buffers, for every new token of ``rows`` (each appended after its stored tokens)."""
+        device = self.device
+        n = torch.tensor(counts, device=device)
+        row = torch.repeat_interleave(torch.tensor(rows, device=device), n)
+        first = torch.cumsum(n, 0) - n  # index of each row's first token in the flat list
+        within = torch.arange(int(n.sum()), device=device) - torch.repeat_interleave(first, n)
+        per_row = torch.repeat_interleave(torch.arange(len(rows), device=device), n)
+        src_pos = (width - n)[per_row] + within
+        stored = torch.tensor([kv.stored[layer_type] for kv in caches], device=device)
+        dst_pos = stored[per_row] + within
+        slots = torch.tensor([kv.slot for kv in caches], device=device)[per_row]
+        return (row, slice(None), src_pos), (slots, slice(None), dst_pos)
