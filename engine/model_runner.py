@@ -214,9 +214,9 @@ class ModelRunner:
         self.draws.start([[s.generator for s in states[tile]] for tile in tiles])
         hidden = self._decoder_hidden(ids, states)  # [B, C, hidden]
 
-        results: list[DecodeResult] = []
+        sampled_tiles = []  # per tile: (argmax [n, C], soft embeddings [n, C, hidden], AcceptResult)
         for index, tile in enumerate(tiles):
-            tile_work, tile_states = work[tile], states[tile]
+            tile_work = work[tile]
             draws = self.draws.take(index)
             temps = temperatures(tile_work, self.device)
             parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk])
@@ -225,23 +225,29 @@ class ModelRunner:
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
             argmax, sampled, entropy, soft = parts[0] if len(parts) == 1 else (
                 torch.cat([p[i] for p in parts], dim=1) for i in range(4))
-            out = accept(entropy, sampled, draws.noise, tile_work)
+            sampled_tiles.append((argmax, soft, accept(entropy, sampled, draws.noise, tile_work)))
             self._sampling_seconds += time.perf_counter() - t0
-            confident = out.confident.tolist()
+
+        # One device-to-host transfer for the whole pass, after every tile is queued (on CUDA a transfer
+        # per tile would leave the GPU idle while the host walks the rows): [B, C + 2] = draft, confident, usable
+        host = torch.cat([torch.cat([a, o.confident[:, None].to(a.dtype), o.usable[:, None].to(a.dtype)], dim=1)
+                          for a, _, o in sampled_tiles]).tolist()
+        next_canvas = [row for _, _, o in sampled_tiles for row in o.next_canvas]
+        soft_rows = [row for _, soft, _ in sampled_tiles for row in soft]
+        results: list[DecodeResult] = []
+        for w, st, values, canvas, soft in zip(work, states, host, next_canvas, soft_rows):
             # a row with NaN or +inf logits (bad weights, overflow) fails alone; the others go on as usual
-            finite_rows = out.usable.tolist()
-            for i, (w, st, draft) in enumerate(zip(tile_work, tile_states, argmax.tolist())):
-                if not finite_rows[i]:
-                    results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))
-                    continue
-                draft = tuple(draft)
-                stable = len(st.history) == st.stability_threshold and all(h == draft for h in st.history)
-                converged = stable and confident[i]
-                if st.stability_threshold:
-                    st.history = (st.history + [draft])[-st.stability_threshold :]
-                st.canvas = out.next_canvas[i]
-                st.soft_embeddings = soft[i]
-                results.append(DecodeResult(w.request_id, draft, converged))
+            if not values[C + 1]:
+                results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))
+                continue
+            draft = tuple(values[:C])
+            stable = len(st.history) == st.stability_threshold and all(h == draft for h in st.history)
+            converged = stable and bool(values[C])
+            if st.stability_threshold:
+                st.history = (st.history + [draft])[-st.stability_threshold :]
+            st.canvas = canvas
+            st.soft_embeddings = soft
+            results.append(DecodeResult(w.request_id, draft, converged))
         return results
 
     def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor):
