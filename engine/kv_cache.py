@@ -86,6 +86,15 @@ class BatchKVView:
         return torch.cat([past.keys, key_states], dim=-2), torch.cat([past.values, value_states], dim=-2)
 
 
+def _flat_ranges(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranges [starts[i], starts[i] + lengths[i]) laid end to end: (i of each element, its value)."""
+    n = torch.tensor(lengths, dtype=torch.long, device=device)
+    which = torch.repeat_interleave(torch.arange(len(lengths), device=device), n)
+    first = torch.cumsum(n, 0) - n
+    within = torch.arange(sum(lengths), device=device) - first[which]
+    return which, torch.tensor(starts, dtype=torch.long, device=device)[which] + within
+
+
 class KVCacheManager:
     """Owns the slot buffers and every running request's slot."""
 
@@ -206,47 +215,39 @@ class KVCacheManager:
 
     def append_from_view(self, request_ids: list[str], view: BatchKVView, new_valid: torch.Tensor) -> None:
         """Store the K/V the encoder wrote into ``view``. ``new_valid`` [rows, width] marks each row's
-        real new tokens, which are its last positions (the encoder pads on the left)."""
+        real new tokens, which are its last positions (the encoder pads on the left).
+
+        Per layer type, every row keeps the last ``capacity`` tokens of [stored ; new]: the tokens it
+        keeps move to the front of its slot (only when a sliding window overflows) and the new ones
+        follow. Both moves are one indexed copy per layer for all rows together."""
         counts = new_valid.sum(dim=1).tolist()
         width = new_valid.shape[1]
         caches = [self._caches[rid] for rid in request_ids]
+        slots = torch.tensor([kv.slot for kv in caches], device=self.device)
         for layer_type in set(self.layer_types):
             layers = [i for i, t in enumerate(self.layer_types) if t == layer_type]
             capacity = self._keys[layers[0]].shape[2]
-            fits = [r for r, kv in enumerate(caches) if kv.stored[layer_type] + counts[r] <= capacity]
-            if fits:  # one indexed copy per layer for all these rows
-                src, dst = self._append_indices([caches[r] for r in fits], fits, [counts[r] for r in fits],
-                                                layer_type, width)
-                for idx in layers:
-                    self._keys[idx][dst] = view.new_keys[idx][src]  # [tokens, heads, dim]
-                    self._values[idx][dst] = view.new_values[idx][src]
-                for r in fits:
-                    caches[r].stored[layer_type] += counts[r]
-            for r in sorted(set(range(len(caches))) - set(fits)):
-                # sliding window overflow: keep the last `capacity` tokens of [stored ; new]
-                kv, n_new = caches[r], counts[r]
-                length = kv.stored[layer_type]
-                for idx in layers:
-                    for bufs, new in ((self._keys, view.new_keys), (self._values, view.new_values)):
-                        buf = bufs[idx][kv.slot]  # [heads, capacity, dim]
-                        keep = torch.cat([buf[:, :length], new[idx][r][:, width - n_new:]], dim=1)
-                        buf[:, :capacity] = keep[:, length + n_new - capacity:]
-                kv.stored[layer_type] = capacity
+            stored = [kv.stored[layer_type] for kv in caches]
+            written = [min(n, capacity) for n in counts]  # new tokens that land in the slot
+            kept = [min(length, capacity - w) for length, w in zip(stored, written)]  # stored tokens that stay
+            # new tokens: row r's last written[r] positions -> its slot at kept[r]..
+            row, dst_pos = _flat_ranges(kept, written, self.device)
+            _, src_pos = _flat_ranges([width - w for w in written], written, self.device)
+            new_src, new_dst = (row, slice(None), src_pos), (slots[row], slice(None), dst_pos)
+            # sliding-window overflow: the kept tokens move from the end of the stored ones to the front
+            moved = [r for r in range(len(caches)) if 0 < kept[r] < stored[r]]
+            shift = None
+            if moved:
+                which, to_pos = _flat_ranges([0] * len(moved), [kept[r] for r in moved], self.device)
+                _, from_pos = _flat_ranges([stored[r] - kept[r] for r in moved], [kept[r] for r in moved], self.device)
+                moved_slots = slots[torch.tensor(moved, device=self.device)][which]
+                shift = (moved_slots, slice(None), from_pos), (moved_slots, slice(None), to_pos)
+            for idx in layers:
+                for bufs, new in ((self._keys, view.new_keys), (self._values, view.new_values)):
+                    if shift is not None:
+                        bufs[idx][shift[1]] = bufs[idx][shift[0]]  # the gather copies before the scatter
+                    bufs[idx][new_dst] = new[idx][new_src]  # [tokens, heads, dim]
+            for kv, k, w in zip(caches, kept, written):
+                kv.stored[layer_type] = k + w
         for kv, n_new in zip(caches, counts):
             kv.total_len += n_new
-
-    def _append_indices(self, caches: list[RequestKV], rows: list[int], counts: list[int], layer_type: str,
-                        width: int) -> tuple[tuple, tuple]:
-        """Advanced indices (row, :, position) into the encoder's new K/V and (slot, :, position) into
-        the buffers, for every new token of ``rows`` (each appended after its stored tokens)."""
-        device = self.device
-        n = torch.tensor(counts, device=device)
-        row = torch.repeat_interleave(torch.tensor(rows, device=device), n)
-        first = torch.cumsum(n, 0) - n  # index of each row's first token in the flat list
-        within = torch.arange(int(n.sum()), device=device) - torch.repeat_interleave(first, n)
-        per_row = torch.repeat_interleave(torch.arange(len(rows), device=device), n)
-        src_pos = (width - n)[per_row] + within
-        stored = torch.tensor([kv.stored[layer_type] for kv in caches], device=device)
-        dst_pos = stored[per_row] + within
-        slots = torch.tensor([kv.slot for kv in caches], device=device)[per_row]
-        return (row, slice(None), src_pos), (slots, slice(None), dst_pos)
