@@ -54,6 +54,23 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+
+def test_new_phase_restarts_the_schedule_at_the_resumed_step(trained, tmp_path):
+    """--new-phase: warmup and cosine count from the resumed step to --steps (without it, a resumed
+    run continues the schedule that began at step 0), and the phase's start is saved."""
+    import shutil
+
+    workdir = tmp_path / "phase"
+    shutil.copytree(trained, workdir)
+    train.main(["--workdir", str(workdir), "--steps", "7", "--new-phase", "--lr", "1e-3", *MICRO])
+    new = [r for r in _log(workdir) if r["step"] > 3]
+    assert [r["step"] for r in new] == [4, 5, 6, 7]
+    # warmup 2 from step 3: 1/2 and 2/2 of the peak; then the cosine over the phase's 4 steps starts
+    # at the peak, and halfway through it is at min_lr_ratio + (1 - min_lr_ratio) / 2 of the peak
+    assert [r["lr"] for r in new] == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3 * (0.05 + 0.95 * 0.5)])
+    state = torch.load(workdir / "checkpoint.pt", weights_only=False)
+    assert (state["step"], state["phase"]["step"]) == (7, 3)
+
 def test_batches_match_the_prompt_contract():
     import numpy as np
 
