@@ -86,13 +86,14 @@ class BatchKVView:
         return torch.cat([past.keys, key_states], dim=-2), torch.cat([past.values, value_states], dim=-2)
 
 
-def _flat_ranges(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ranges [starts[i], starts[i] + lengths[i]) laid end to end: (i of each element, its value)."""
+def _flat_ranges(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranges of ``lengths[i]`` elements laid end to end: (i of each element, its offset in its range).
+    Range i starting at s_i is then ``s[which] + within``."""
     n = torch.tensor(lengths, dtype=torch.long, device=device)
     which = torch.repeat_interleave(torch.arange(len(lengths), device=device), n)
     first = torch.cumsum(n, 0) - n
     within = torch.arange(sum(lengths), device=device) - first[which]
-    return which, torch.tensor(starts, dtype=torch.long, device=device)[which] + within
+    return which, within
 
 
 class KVCacheManager:
@@ -231,15 +232,16 @@ class KVCacheManager:
             written = [min(n, capacity) for n in counts]  # new tokens that land in the slot
             kept = [min(length, capacity - w) for length, w in zip(stored, written)]  # stored tokens that stay
             # new tokens: row r's last written[r] positions -> its slot at kept[r]..
-            row, dst_pos = _flat_ranges(kept, written, self.device)
-            _, src_pos = _flat_ranges([width - w for w in written], written, self.device)
+            row, within = _flat_ranges(written, self.device)
+            src_pos = torch.tensor([width - w for w in written], device=self.device)[row] + within
+            dst_pos = torch.tensor(kept, device=self.device)[row] + within
             new_src, new_dst = (row, slice(None), src_pos), (slots[row], slice(None), dst_pos)
             # sliding-window overflow: the kept tokens move from the end of the stored ones to the front
             moved = [r for r in range(len(caches)) if 0 < kept[r] < stored[r]]
             shift = None
             if moved:
-                which, to_pos = _flat_ranges([0] * len(moved), [kept[r] for r in moved], self.device)
-                _, from_pos = _flat_ranges([stored[r] - kept[r] for r in moved], [kept[r] for r in moved], self.device)
+                which, to_pos = _flat_ranges([kept[r] for r in moved], self.device)
+                from_pos = torch.tensor([stored[r] - kept[r] for r in moved], device=self.device)[which] + to_pos
                 moved_slots = slots[torch.tensor(moved, device=self.device)][which]
                 shift = (moved_slots, slice(None), from_pos), (moved_slots, slice(None), to_pos)
             for idx in layers:
