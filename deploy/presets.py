@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from engine.memory import SAMPLING_TILE_MIN_BYTES, auto_sampling_tile_bytes
+from engine.memory import auto_sampling_tile_bytes
 from engine.quantization import quantized_weight_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -142,23 +142,17 @@ def compute(p: Preset) -> dict:
     quantization = settings.quantization
     max_len = settings.max_model_len or text.max_position_embeddings
     seqs = settings.max_num_seqs
-    device_type = "cpu" if settings.device == "cpu" else "cuda"
-
-    def plan(tile_bytes: int) -> dict:
-        return report(config, weight_dtype=dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib,
-                      context=max_len, max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20,
-                      draws_in_flight=2 if device_type == "cpu" else 1)
-
-    r = plan(SAMPLING_TILE_MIN_BYTES)  # the weights do not depend on the tile
-    weights_in_dtype_gib = r["weights_gib"]
+    meta = _meta_model(p.model_config)
+    weights_in_dtype_gib = sum(q.numel() for q in meta.parameters()) * _DTYPE_BYTES[dtype] / 2**30
     weights_gib = weights_in_dtype_gib
     if quantization != "none":  # the bytes torchao stores (tests/test_engine_quantization.py checks the formula)
-        weights_gib = quantized_weight_bytes(_meta_model(p.model_config), quantization, _DTYPE_BYTES[dtype]) / 2**30
+        weights_gib = quantized_weight_bytes(meta, quantization, _DTYPE_BYTES[dtype]) / 2**30
     free_after_weights = p.memory_gib - p.overhead_gib - weights_gib
     # the engine's default tile budget depends on the memory free after the weights (engine.memory)
     tile_bytes = settings.sampling_tile_bytes or auto_sampling_tile_bytes(int(free_after_weights * 2**30))
-    if tile_bytes != SAMPLING_TILE_MIN_BYTES:
-        r = plan(tile_bytes)
+    r = report(config, weight_dtype=dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib, context=max_len,
+               max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20,
+               draws_in_flight=2 if settings.device == "cpu" else 1)
     r["weights_gib"] = weights_gib
     sampling_gib = r["sampling_transient_gib"]  # tiles never hold more rows than the batch (engine.memory)
     transients_gib = sampling_gib + r["decoder_transient_gib"]
