@@ -218,9 +218,13 @@ def main(argv=None) -> int:
 
     runs = []
     baselines = {}
+
+    def workload(n: int, seed: int):
+        return make_workload(n, seed=seed, vocab_low=low, vocab_high=high, canvas_length=canvas_length,
+                             prompt_len=prompt_len, canvases=canvases, max_denoising_steps=args.steps)
+
     # untimed requests of the same shape (their own seed), sent before anything is measured
-    warm = make_workload(args.warmup, seed=args.seed + 10_000, vocab_low=low, vocab_high=high, canvas_length=canvas_length,
-                         prompt_len=prompt_len, canvases=canvases, max_denoising_steps=args.steps) if args.warmup else []
+    warm = workload(args.warmup, args.seed + 10_000) if args.warmup else []
     result = {
         "model": model_name,
         "machine": machine_description(),
@@ -247,14 +251,12 @@ def main(argv=None) -> int:
         base_url = f"http://127.0.0.1:{port}/v1"
     workloads = {}
     try:
+        if warm:
+            asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
+                                 api_key=args.api_key, seed=args.seed, drafts=args.drafts))
         for level in levels:
-            n = args.requests_per_level or max(16, 3 * level)
-            items = make_workload(n, seed=args.seed + level, vocab_low=low, vocab_high=high, canvas_length=canvas_length,
-                                  prompt_len=prompt_len, canvases=canvases, max_denoising_steps=args.steps)
+            items = workload(args.requests_per_level or max(16, 3 * level), args.seed + level)
             workloads[level] = items
-            if level == levels[0] and warm:
-                asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
-                                     api_key=args.api_key, seed=args.seed, drafts=args.drafts))
             before = scrape(base_url)
             results, wall = asyncio.run(run_load(base_url, model_name, items, concurrency=level,
                                                  request_rate=args.request_rate, api_key=args.api_key, seed=args.seed,
