@@ -181,19 +181,25 @@ class KVCacheManager:
                     buf[kv.slot].zero_()
 
     # -- views -------------------------------------------------------------------------------
-    def view(self, request_ids: list[str]) -> BatchKVView:
+    def view(self, request_ids: list[str], full_width: bool = False) -> BatchKVView:
         """The requests' KV as one batch. When ``request_ids`` are slots 0..n-1 in order (the decoder's
         batch) the layers are slices of the buffers, with no copy; otherwise (encoder groups) each
-        layer's rows are gathered when the encoder's attention reaches that layer."""
+        layer's rows are gathered when the encoder's attention reaches that layer.
+
+        ``full_width`` (slots 0..n-1 only): every layer spans its buffer's whole capacity, not the
+        longest row, so the view's tensors stay the same until the buffers are reallocated (what a
+        captured CUDA graph needs); the padding is marked invalid as usual."""
         caches = [self._caches[rid] for rid in request_ids]
         slots = [kv.slot for kv in caches]
         in_place = slots == list(range(len(slots)))
+        if full_width and not in_place:
+            raise ValueError("a full-width view needs the requests of slots 0..n-1, in order")
         valid: dict[str, torch.Tensor] = {}
         positions: dict[str, torch.Tensor] = {}
         padded: dict[str, int] = {}
         for layer_type in set(self.layer_types):
             lens = [kv.stored[layer_type] for kv in caches]
-            padded[layer_type] = max(lens, default=0)
+            padded[layer_type] = self._shape[1].get(layer_type, 0) if full_width else max(lens, default=0)
             slot = torch.arange(padded[layer_type], device=self.device)
             lengths = torch.tensor(lens, device=self.device)
             starts = torch.tensor([kv.total_len for kv in caches], device=self.device) - lengths

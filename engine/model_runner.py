@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .decoder_graphs import DecoderGraphs, DecoderInputs
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
@@ -26,7 +27,7 @@ class _DecoderGeometry:
     view: BatchKVView  # slices of the KV buffers (read at forward time, so always current)
     positions: torch.Tensor  # [B, C] int32
     masks: dict  # per layer type: None (no padding) or the padding mask
-    rotary: dict  # per layer type: (cos, sin)
+    rotary: dict  # per layer type: (cos, sin), each [B, C, head_dim]
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RowState:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 16, sampling_tile_bytes: int | None = None,
-                 max_encoder_tokens: int = 8192):
+                 max_encoder_tokens: int = 8192, cuda_graph_max_batch: int = 0):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -69,6 +70,9 @@ class ModelRunner:
         self.kv = KVCacheManager(self.layer_types, self.sliding_window, template, max_num_seqs, self.device, self.dtype)
         self.rows: dict[str, RowState] = {}
         self._geometry: _DecoderGeometry | None = None
+        # CUDA: decoder batches of up to cuda_graph_max_batch rows replay captured graphs (launch-bound otherwise)
+        self.graphs = (DecoderGraphs(self._decoder_forward, cuda_graph_max_batch, capture=True)
+                       if cuda_graph_max_batch and self.device.type == "cuda" else None)
         # torchao's quantized tensors cannot be indexed under inference mode (version counters)
         self._no_grad = torch.inference_mode if loaded.quantization == "none" else torch.no_grad
         # CPU: one worker thread takes each step's random draws while the forward runs
@@ -273,53 +277,68 @@ class ModelRunner:
         self._sampling_seconds += t2 - t1
         return out.argmax, out.sampled, out.entropy, soft
 
-    def _decoder_geometry(self, ids: list[str]) -> "_DecoderGeometry":
+    def _decoder_geometry(self, ids: list[str], full_width: bool = False) -> "_DecoderGeometry":
         """The batch's KV view, canvas positions, attention masks and rotary embeddings. They depend only
         on each row's token count and on the buffers (which a reallocation replaces), so between commits
-        (most passes) the previous pass's are reused."""
-        key = (self.kv.reallocations, tuple(self.kv.get(r).total_len for r in ids))
+        (most passes) the previous pass's are reused. ``full_width``: the view a CUDA graph reads
+        (``KVCacheManager.view``), always with masks."""
+        key = (self.kv.reallocations, full_width, tuple(self.kv.get(r).total_len for r in ids))
         if self._geometry is not None and self._geometry.key == key:
             return self._geometry
-        decoder = self.model.model.decoder
-        view: BatchKVView = self.kv.view(ids)
+        view: BatchKVView = self.kv.view(ids, full_width=full_width)
         C = self.canvas_length
-        totals = torch.tensor(key[1], device=self.device)
+        totals = torch.tensor(key[2], device=self.device)
         positions = (totals[:, None] + torch.arange(C, device=self.device)[None, :]).to(torch.int32)
         masks = {}
         for layer_type in set(self.layer_types):
             valid = view.valid[layer_type]
-            if bool(valid.all()):
+            if bool(valid.all()) and not full_width:
                 masks[layer_type] = None  # no padding: plain bidirectional attention, as in generate()
             else:
                 k_valid = torch.cat([valid, torch.ones(len(ids), C, dtype=torch.bool, device=self.device)], dim=1)
                 masks[layer_type] = self._finish_mask(k_valid[:, None, :].expand(-1, C, -1))
         probe = torch.empty((), dtype=self.dtype, device=self.device)  # rotary_emb reads only dtype and device
+        decoder = self.model.model.decoder
         rotary = {lt: decoder.rotary_emb(probe, positions, lt) for lt in decoder.unique_layer_types}
         self._geometry = _DecoderGeometry(key, view, positions, masks, rotary)
         return self._geometry
 
     def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
-        """Run the bidirectional decoder over every row's canvas against its cached prefix."""
-        decoder = self.model.model.decoder
-        geometry = self._decoder_geometry(ids)
-        view, positions, masks, rotary = geometry.view, geometry.positions, geometry.masks, geometry.rotary
+        """Run the bidirectional decoder over every row's canvas against its cached prefix: eagerly, or
+        as a captured CUDA graph for a small batch (``DecoderGraphs``)."""
         canvas = torch.stack([s.canvas for s in states])  # [B, C]
-
         t0 = time.perf_counter()
-        inputs = decoder.embed_tokens(canvas)
-        soft = torch.stack(
-            [s.soft_embeddings if s.soft_embeddings is not None else torch.zeros_like(inputs[0]) for s in states]
-        )
-        hidden = decoder.self_conditioning(inputs, soft)
+        zeros = None
+        soft_rows = []
+        for s in states:  # [C, hidden] each; zeros before a canvas's first step
+            if s.soft_embeddings is None and zeros is None:
+                zeros = torch.zeros(self.canvas_length, self.text_config.hidden_size, dtype=self.dtype, device=self.device)
+            soft_rows.append(s.soft_embeddings if s.soft_embeddings is not None else zeros)
+        soft = torch.stack(soft_rows)
+        graphed = self.graphs is not None and self.graphs.covers(len(ids))
+        geometry = self._decoder_geometry(ids, full_width=graphed)
+        self._forward_seconds += time.perf_counter() - t0
+        inputs = DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view)
+        t0 = time.perf_counter()
+        if graphed:
+            hidden = self.graphs.run(self.kv.reallocations, inputs)
+        else:
+            hidden = self._decoder_forward(inputs)
+        self._forward_seconds += time.perf_counter() - t0
+        return hidden
+
+    def _decoder_forward(self, inputs: DecoderInputs) -> torch.Tensor:
+        """The decoder's modules over ``inputs``: [B, C, hidden] after the final norm. Changes no state
+        outside its output (``DecoderGraphs`` captures it)."""
+        decoder = self.model.model.decoder
+        hidden = decoder.self_conditioning(decoder.embed_tokens(inputs.canvas), inputs.soft)
         for i, layer in enumerate(decoder.layers[: self.num_layers]):
             lt = self.layer_types[i]
             hidden = layer(
                 hidden,
-                position_embeddings=rotary[lt],
-                attention_mask=masks[lt],
-                position_ids=positions,
-                past_key_values=view,
+                position_embeddings=inputs.rotary[lt],
+                attention_mask=inputs.masks[lt],
+                position_ids=inputs.positions,
+                past_key_values=inputs.view,
             )
-        hidden = decoder.norm(hidden)
-        self._forward_seconds += time.perf_counter() - t0
-        return hidden
+        return decoder.norm(hidden)

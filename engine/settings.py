@@ -26,6 +26,10 @@ class EngineSettings:
         in chunks of canvas positions when a whole row does not fit (its whole-row exponential draws
         must, plus one position). ``None`` picks it at start-up (``engine.memory.auto_sampling_tile_bytes``):
         10% of the memory free after the weights, between 512 MiB and 8 GiB.
+    cuda_graph_max_batch: on CUDA, decoder batches of at most this many canvases run as captured CUDA
+        graphs (``engine.decoder_graphs``), one per batch size, recaptured when the KV buffers are
+        reallocated; 0 (the default) runs every pass eagerly. Ignored on CPU. The graphs keep about one
+        eager decoder pass's activations at that batch size allocated beside the KV budget.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
         "fp8-experts" or "int8-experts" (see ``engine.quantization``); the other weights stay in ``dtype``.
@@ -41,6 +45,7 @@ class EngineSettings:
     memory_fraction: float = 0.8
     max_encoder_tokens: int = 2048
     sampling_tile_bytes: int | None = None
+    cuda_graph_max_batch: int = 0
     num_threads: int | None = None
     quantization: str = "none"
     experts_implementation: str | None = None  # None: transformers' default (eager for float64 and quantized experts)
@@ -71,6 +76,10 @@ class EngineSettings:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (got {self.quantization!r})")
         if self.quantization != "none" and self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"quantization {self.quantization} needs dtype auto, bfloat16 or float32 (got {self.dtype!r})")
+        if not isinstance(self.cuda_graph_max_batch, int) or isinstance(self.cuda_graph_max_batch, bool) \
+                or not 0 <= self.cuda_graph_max_batch <= self.max_num_seqs:
+            raise ValueError(f"cuda_graph_max_batch must be an integer from 0 to max_num_seqs ({self.max_num_seqs}) "
+                             f"(got {self.cuda_graph_max_batch!r})")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"max_waiting must be an integer >= 0 (got {self.max_waiting!r})")
         if not (isinstance(self.memory_fraction, (int, float)) and 0 < self.memory_fraction <= 1):

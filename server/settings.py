@@ -36,6 +36,7 @@ class ServerSettings:
     num_threads: int | None = None
     quantization: str = "none"
     sampling_tile_bytes: int | None = None
+    cuda_graph_max_batch: int = 0
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     log_prompts: bool = False
     log_level: str = "info"
@@ -108,6 +109,7 @@ class ServerSettings:
             num_threads=num_threads,
             quantization=self.quantization,
             sampling_tile_bytes=self.sampling_tile_bytes,
+            cuda_graph_max_batch=self.cuda_graph_max_batch,
         )
 
 
@@ -162,6 +164,10 @@ OPTIONS: list[tuple[str, str, str, str]] = [
      "rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each chunk re-reads "
      "the lm head). Default: 10% of the memory free after the weights (the GPU's, or the host's on CPU), between "
      "512 MiB and 8 GiB."),
+    ("--cuda-graph-max-batch", "cuda_graph_max_batch", "int",
+     "On CUDA, decoder passes of at most this many canvases replay a captured CUDA graph (one per batch size, "
+     "captured on first use and again after the KV buffers are reallocated); small batches are launch-bound "
+     "otherwise. 0 (default) keeps every pass eager. Ignored on CPU. Must not exceed --max-num-seqs."),
     ("--max-request-body-bytes", "max_request_body_bytes", "int",
      f"Largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})."),
     ("--log-prompts", "log_prompts", "bool", "Include prompts and generated text in the per-request log lines (off by default)."),
