@@ -306,6 +306,8 @@ class ModelRunner:
     def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
         """Run the bidirectional decoder over every row's canvas against its cached prefix: eagerly, or
         as a captured CUDA graph for a small batch (``DecoderGraphs``)."""
+        graphed = self.graphs is not None and self.graphs.covers(len(ids))
+        geometry = self._decoder_geometry(ids, full_width=graphed)
         canvas = torch.stack([s.canvas for s in states])  # [B, C]
         t0 = time.perf_counter()
         zeros = None
@@ -314,12 +316,8 @@ class ModelRunner:
             if s.soft_embeddings is None and zeros is None:
                 zeros = torch.zeros(self.canvas_length, self.text_config.hidden_size, dtype=self.dtype, device=self.device)
             soft_rows.append(s.soft_embeddings if s.soft_embeddings is not None else zeros)
-        soft = torch.stack(soft_rows)
-        graphed = self.graphs is not None and self.graphs.covers(len(ids))
-        geometry = self._decoder_geometry(ids, full_width=graphed)
-        self._forward_seconds += time.perf_counter() - t0
+        soft = torch.stack(soft_rows)  # [B, C, hidden]
         inputs = DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view)
-        t0 = time.perf_counter()
         if graphed:
             hidden = self.graphs.run(self.kv.reallocations, inputs)
         else:
