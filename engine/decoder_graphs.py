@@ -13,18 +13,44 @@ tensors change only when the buffers are reallocated. A reallocation drops every
 pass of each batch size captures its graph again. The graphs of one generation share one memory
 pool: they never run at the same time, and each keeps only its static inputs and output alive.
 
+Capture needs a pass with no host synchronisation. The MoE experts have one only through
+``grouped_mm``'s bf16 kernel on compute capability 9.x/10.x: torch's grouped_mm for other dtypes and
+GPUs, transformers' eager expert loop (also used for quantized experts) and ``batched_mm``'s weight
+gather either read the routing on the host or do not fit. ``capture_blocker`` names what stands in
+the way, and the runner stays eager then.
+
 Without ``capture`` (CPU) the same static path runs eagerly, which is how the CPU tests check that
 the full-width view and its masks give the tokens of the ordinary pass.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .kv_cache import BatchKVView
+
+logger = logging.getLogger("engine")
+
+
+def capture_blocker(model, dtype: torch.dtype, quantization: str, device: torch.device) -> str | None:
+    """Why the decoder pass of ``model`` cannot be captured on ``device``, or None when it can."""
+    if quantization != "none":
+        return f"{quantization} experts run transformers' eager expert loop, which reads the routing on the host"
+    experts = getattr(model.config.get_text_config(), "_experts_implementation", None)
+    if experts != "grouped_mm":
+        return f"the MoE experts run {experts!r}; only grouped_mm can be captured"
+    if dtype != torch.bfloat16:
+        return f"grouped_mm's kernel for {str(dtype).removeprefix('torch.')} reads the routing offsets on the host; use bfloat16"
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"grouped_mm's bf16 kernel needs compute capability 9.x or 10.x (this GPU is {major}.{minor})"
+    return None
 
 
 @dataclass
@@ -69,17 +95,32 @@ class DecoderGraphs:
     def covers(self, batch: int) -> bool:
         return 0 < batch <= self.max_batch
 
+    @property
+    def captured_batches(self) -> tuple[int, ...]:
+        """Batch sizes with a graph (or, without capture, static buffers) over the current KV buffers."""
+        return tuple(sorted(self._entries))
+
+    def clear(self) -> None:
+        """Drop every graph and its static inputs (and so their references to the KV buffers)."""
+        self._entries.clear()
+        self._pool = None
+
     def run(self, generation: object, inputs: DecoderInputs) -> torch.Tensor:
         """The decoder pass over ``inputs``; ``generation`` names the KV buffers ``inputs.view`` slices
         (a new value drops every graph)."""
         if generation != self._generation:
-            self._entries.clear()
-            self._pool = None
+            self.clear()
             self._generation = generation
         batch = inputs.canvas.shape[0]
         entry = self._entries.get(batch)
         if entry is None:
-            entry = self._entries[batch] = self._new_entry(inputs)
+            try:
+                entry = self._entries[batch] = self._new_entry(inputs)
+            except Exception:  # a host sync the capture_blocker did not foresee: stay eager from now on
+                logger.exception("CUDA graph capture failed at decoder batch %d; every pass runs eagerly now", batch)
+                self.max_batch = 0
+                self.clear()
+                return self.forward(inputs)
         else:
             _copy_inputs(entry.inputs, inputs)
         self.passes += 1

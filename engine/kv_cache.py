@@ -150,14 +150,22 @@ class KVCacheManager:
             return min(longest, max(0, self.sliding_window - 1))
         return longest
 
+    def _target_shape(self) -> tuple[int, dict[str, int]]:
+        """(rows, capacity per layer type) the running set needs."""
+        rows = slot_rows(len(self._order), self.max_rows)
+        longest = max((kv.reservation for kv in self._caches.values()), default=0)
+        return rows, ({t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {})
+
+    def needs_reallocation(self) -> bool:
+        """Whether the next ``sync`` replaces the buffers (drop views of them first: ``sync`` frees each old
+        layer as it goes only when nothing else holds it)."""
+        return self._target_shape() != self._shape
+
     def sync(self) -> None:
         """Size the buffers for the running set (after frees and allocations): ``slot_rows(n)`` rows of
         the longest reservation. Reallocates (copying the stored tokens) only when that shape changes;
         a request's row is zeroed when it is new, so padding never holds another request's values."""
-        n = len(self._order)
-        longest = max((kv.reservation for kv in self._caches.values()), default=0)
-        rows = slot_rows(n, self.max_rows)
-        caps = {t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {}
+        rows, caps = self._target_shape()
         old_rows = self._shape[0]
         if (rows, caps) != self._shape:
             # layer by layer, dropping each old buffer before the next layer's new one: the peak is

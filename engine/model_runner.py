@@ -6,19 +6,22 @@ and returns plain ``StepResult`` data.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .decoder_graphs import DecoderGraphs, DecoderInputs
+from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
 from .random_draws import DrawPrefetcher
 from .sampler import accept, sample_positions, sampling_tiles, temperatures
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
+
+logger = logging.getLogger("engine")
 
 
 @dataclass
@@ -71,8 +74,14 @@ class ModelRunner:
         self.rows: dict[str, RowState] = {}
         self._geometry: _DecoderGeometry | None = None
         # CUDA: decoder batches of up to cuda_graph_max_batch rows replay captured graphs (launch-bound otherwise)
-        self.graphs = (DecoderGraphs(self._decoder_forward, cuda_graph_max_batch, capture=True)
-                       if cuda_graph_max_batch and self.device.type == "cuda" else None)
+        self.graphs: DecoderGraphs | None = None
+        if cuda_graph_max_batch:
+            blocker = capture_blocker(self.model, self.dtype, loaded.quantization, self.device)
+            if blocker is None:
+                self.graphs = DecoderGraphs(self._decoder_forward, cuda_graph_max_batch, capture=True)
+            else:
+                logger.warning("cuda_graph_max_batch=%d ignored, every decoder pass runs eagerly: %s",
+                               cuda_graph_max_batch, blocker)
         # torchao's quantized tensors cannot be indexed under inference mode (version counters)
         self._no_grad = torch.inference_mode if loaded.quantization == "none" else torch.no_grad
         # CPU: one worker thread takes each step's random draws while the forward runs
@@ -113,6 +122,10 @@ class ModelRunner:
             self.free(rid)
         for row in plan.new:
             self._add(row)
+        if self.kv.needs_reallocation():  # views of the old buffers would keep them alive through sync
+            self._geometry = None
+            if self.graphs is not None:
+                self.graphs.clear()
         self.kv.sync()
         encoder_tokens = self._encode(plan.encode) if plan.encode else 0
         try:

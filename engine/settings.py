@@ -28,8 +28,10 @@ class EngineSettings:
         10% of the memory free after the weights, between 512 MiB and 8 GiB.
     cuda_graph_max_batch: on CUDA, decoder batches of at most this many canvases run as captured CUDA
         graphs (``engine.decoder_graphs``), one per batch size, recaptured when the KV buffers are
-        reallocated; 0 (the default) runs every pass eagerly. Ignored on CPU. The graphs keep about one
-        eager decoder pass's activations at that batch size allocated beside the KV budget.
+        reallocated; 0 (the default) runs every pass eagerly. It needs bf16 weights, unquantized
+        experts on grouped_mm and compute capability 9.x/10.x (``capture_blocker``); elsewhere,
+        CPU included, it is ignored with a warning. The graphs keep about one eager decoder pass's
+        activations at that batch size allocated beside the KV budget.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
         "fp8-experts" or "int8-experts" (see ``engine.quantization``); the other weights stay in ``dtype``.

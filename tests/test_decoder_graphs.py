@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.decoder_graphs import DecoderGraphs
+from engine.decoder_graphs import DecoderGraphs, capture_blocker
 from engine.loader import load_model
 from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.engine_helpers import make_core, reference_tokens, run_to_completion
@@ -48,6 +48,48 @@ def test_static_decoder_path_gives_the_tokens_of_the_eager_pass(checkpoint):
     assert static.num_live_states() == 0
 
 
+def fixed_schedule(tok):
+    """Requests whose canvases take exactly 4 steps (no confidence stop, no eos), so the passes are the
+    same on every device: 4 rows, then 3, 4 and 3 again over the same KV buffers (two graphs in one
+    memory pool, the first replayed after the second was captured), then new buffers for 2 and 1."""
+    def params(max_tokens, seed):
+        return SamplingParams(max_tokens=max_tokens, seed=seed, ignore_eos=True, max_denoising_steps=4,
+                              confidence_threshold=1e-30)
+    lengths = {"r0": 64, "r1": 16, "r2": 32, "r3": 48, "r4": 16}
+    requests = [(rid, tok(f"prompt {rid}").input_ids, params(n, i)) for i, (rid, n) in enumerate(lengths.items())]
+    return requests, {"r4": 5}
+
+
+# per pass: the batch sizes with static buffers (a graph on CUDA) over the current KV buffers
+FIXED_SCHEDULE_TRACE = [(4,)] * 4 + [(3, 4)] * 5 + [(2,)] * 3 + [(1,)] * 4
+
+
+def run_with_trace(core: EngineCore, requests, arrivals):
+    """Drive ``core`` like ``run_to_completion``; returns ({id: tokens}, per-pass ``captured_batches``)."""
+    pending = sorted(requests, key=lambda r: arrivals.get(r[0], 0))
+    tokens = {rid: [] for rid, _, _ in requests}
+    trace = []
+    while pending or core.has_work():
+        while pending and arrivals.get(pending[0][0], 0) <= len(trace):
+            rid, prompt, params = pending.pop(0)
+            core.add_request(rid, prompt, core.resolve(prompt, params))
+        for out in core.step():
+            tokens[out.request_id].extend(out.token_ids)
+        trace.append(core.runner.graphs.captured_batches if core.runner.graphs is not None else ())
+    return tokens, trace
+
+
+def test_static_buffers_per_batch_size_over_one_kv_generation(checkpoint):
+    eager, static = make_core(checkpoint, max_num_seqs=4), make_core(checkpoint, max_num_seqs=4)
+    graphs = _static_path(static, max_batch=4)
+    requests, arrivals = fixed_schedule(static.loaded.tokenizer)
+    got, trace = run_with_trace(static, requests, arrivals)
+    expected, _ = run_with_trace(eager, requests, arrivals)
+    assert trace[:-1] == FIXED_SCHEDULE_TRACE  # the last step only frees the finished rows
+    assert got == expected and all(len(t) == n for t, n in zip(got.values(), (64, 16, 32, 48, 16)))
+    assert graphs.passes == len(FIXED_SCHEDULE_TRACE)
+
+
 def test_static_decoder_path_matches_generate_at_batch_one(checkpoint):
     core = make_core(checkpoint)
     graphs = _static_path(core, max_batch=1)
@@ -59,13 +101,31 @@ def test_static_decoder_path_matches_generate_at_batch_one(checkpoint):
     assert got == expected and graphs.passes > 0
 
 
-def test_cuda_graph_setting_is_ignored_on_cpu(checkpoint):
+def test_cuda_graph_setting_is_ignored_on_cpu(checkpoint, caplog):
     settings = EngineSettings(model=str(checkpoint), device="cpu", cuda_graph_max_batch=4)
     core = EngineCore(load_model(settings), settings)
     assert core.runner.graphs is None
+    assert "cuda_graph_max_batch=4 ignored, every decoder pass runs eagerly: grouped_mm's kernel for float32" in caplog.text
     tok = core.loaded.tokenizer
     out = run_to_completion(core, [("r", tok("hello").input_ids, SamplingParams(max_tokens=20, seed=1, ignore_eos=True))])
     assert len(out["r"]["tokens"]) == 20
+
+
+@pytest.mark.parametrize("dtype, reason", [
+    ("float64", "the MoE experts run 'eager'; only grouped_mm can be captured"),
+    ("float32", "grouped_mm's kernel for float32 reads the routing offsets on the host; use bfloat16"),
+    ("bfloat16", "CUDA graphs need a CUDA device"),
+])
+def test_capture_blocker_names_the_reason(tmp_path, dtype, reason):
+    path = build_tiny_checkpoint(tmp_path, TinySpec())
+    loaded = load_model(EngineSettings(model=str(path), dtype=dtype))
+    assert capture_blocker(loaded.model, loaded.dtype, "none", loaded.device) == reason
+
+
+def test_capture_blocker_rejects_quantized_experts(checkpoint):
+    loaded = load_model(EngineSettings(model=str(checkpoint)))
+    reason = capture_blocker(loaded.model, torch.bfloat16, "fp8-experts", torch.device("cuda"))
+    assert reason == "fp8-experts experts run transformers' eager expert loop, which reads the routing on the host"
 
 
 @pytest.mark.parametrize("value", [-1, 17, True, 2.0])
