@@ -54,7 +54,6 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-
 def test_new_phase_restarts_the_schedule_at_the_resumed_step(trained, tmp_path):
     """--new-phase: warmup and cosine count from the resumed step to --steps (without it, a resumed
     run continues the schedule that began at step 0), and the phase's start is saved."""
@@ -70,6 +69,7 @@ def test_new_phase_restarts_the_schedule_at_the_resumed_step(trained, tmp_path):
     assert [r["lr"] for r in new] == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3 * (0.05 + 0.95 * 0.5)])
     state = torch.load(workdir / "checkpoint.pt", weights_only=False)
     assert (state["step"], state["phase"]["step"]) == (7, 3)
+
 
 def test_batches_match_the_prompt_contract():
     import numpy as np
