@@ -18,7 +18,7 @@ from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
 from .random_draws import DrawPrefetcher
-from .sampler import accept, sample_positions, sampling_tiles, temperatures
+from .sampler import accept, row_parameters, sample_positions, sampling_tiles, temperatures
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 logger = logging.getLogger("engine")
@@ -233,16 +233,15 @@ class ModelRunner:
 
         sampled_tiles = []  # per tile: (argmax [n, C], soft embeddings [n, C, hidden], AcceptResult)
         for index, tile in enumerate(tiles):
-            tile_work = work[tile]
             draws = self.draws.take(index)
-            temps = temperatures(tile_work, self.device)
-            parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk])
+            params = row_parameters(work[tile], self.device)
+            parts = [self._sample_chunk(hidden[tile, chunk], temperatures(params), draws.exponentials[:, chunk])
                      for chunk in self._position_chunks]
             t0 = time.perf_counter()
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
             argmax, sampled, entropy, soft = parts[0] if len(parts) == 1 else (
                 torch.cat([p[i] for p in parts], dim=1) for i in range(4))
-            sampled_tiles.append((argmax, soft, accept(entropy, sampled, draws.noise, tile_work)))
+            sampled_tiles.append((argmax, soft, accept(entropy, sampled, draws.noise, params)))
             self._sampling_seconds += time.perf_counter() - t0
 
         # One device-to-host transfer for the whole pass, after every tile is queued (on CUDA a transfer

@@ -77,12 +77,21 @@ class AcceptResult:
     usable: torch.Tensor  # [n] bool: no NaN or +inf logit in the row (its entropies are finite); -inf is allowed
 
 
-def temperatures(rows: list[DecodeWork], device) -> torch.Tensor:
-    """[n, 1, 1] fp32: each row's temperature at its current step."""
+def row_parameters(rows: list[DecodeWork], device) -> torch.Tensor:
+    """[n, 3] fp32, one row per canvas: its temperature at its current step, its entropy bound and its
+    confidence threshold (one host-to-device copy for the three). fp32 is what the reference compares
+    in: it divides by an fp32 temperature and compares fp32 entropies with Python floats, which torch
+    rounds to the tensor's dtype first."""
     return torch.tensor(
-        [step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps, str(device)) for r in rows],
+        [(step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps, str(device)), r.entropy_bound,
+          r.confidence_threshold) for r in rows],
         dtype=torch.float32, device=device,
-    ).view(len(rows), 1, 1)
+    )
+
+
+def temperatures(params: torch.Tensor) -> torch.Tensor:
+    """[n, 1, 1]: the temperature column of ``row_parameters``, shaped to divide [n, c, V] logits."""
+    return params[:, 0].view(-1, 1, 1)
 
 
 def sample_positions(
@@ -105,21 +114,17 @@ def sample_positions(
     return PositionsResult(sampled=sampled, argmax=argmax, entropy=entropy, scaled_logits=scaled, probs=probs)
 
 
-def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, rows: list[DecodeWork]) -> AcceptResult:
-    """The entropy-bounded acceptance over whole canvases ([n, C] each) and the renoise."""
-    n = entropy.shape[0]
-    device = entropy.device
+def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, params: torch.Tensor) -> AcceptResult:
+    """The entropy-bounded acceptance over whole canvases ([n, C] each) and the renoise; ``params`` is
+    ``row_parameters`` of the same rows."""
     sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
     cumulative = torch.cumsum(sorted_entropy, dim=-1)
     # Accept the k lowest-entropy positions whose entropy sum minus the largest stays within the bound.
-    # (The reference compares with a Python float, which torch rounds to the tensor's fp32 first.)
-    bounds = torch.tensor([r.entropy_bound for r in rows], device=device, dtype=cumulative.dtype).view(n, 1)
-    sorted_accept = cumulative - sorted_entropy <= bounds
+    sorted_accept = cumulative - sorted_entropy <= params[:, 1:2]
     accepted = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
     # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
     next_canvas = torch.where(accepted, sampled, noise)
-    thresholds = torch.tensor([r.confidence_threshold for r in rows], device=device, dtype=entropy.dtype)
     mean_entropy = entropy.mean(dim=-1)
     # A NaN or +inf logit makes its position's entropy NaN, hence the row mean: such a row's outputs are
     # garbage (the reference's multinomial would raise) and the caller fails it; rows never mix.
-    return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < thresholds, usable=torch.isfinite(mean_entropy))
+    return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < params[:, 2], usable=torch.isfinite(mean_entropy))
