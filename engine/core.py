@@ -10,7 +10,7 @@ from .loader import LoadedModel
 from .memory import derive_kv_budget, plan_memory
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
-from .request import Request, RequestStatus
+from .request import Request, RequestStatus, kv_reservation
 from .sampling_params import InvalidRequestError, SamplingParams, validate_resolved
 from .scheduler import Scheduler
 from .settings import EngineSettings
@@ -41,9 +41,9 @@ class EngineCore:
                                tiles=self.runner.sampling_tiles, max_num_seqs=settings.max_num_seqs)
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
-        if self.max_num_kv_tokens < self.canvas_length + 1:
+        if self.max_num_kv_tokens < kv_reservation(1, 1, self.canvas_length):
             raise ValueError(
-                f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even one request of one canvas; "
+                f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even a one-token prompt; "
                 "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"
             )
         self.scheduler = Scheduler(
@@ -66,10 +66,11 @@ class EngineCore:
         if not prompt_checked:
             self.check_prompt(prompt_ids)
         validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len, prompt_len=len(prompt_ids))
-        reservation = len(prompt_ids) + -(-resolved.max_tokens // self.canvas_length) * self.canvas_length
+        reservation = kv_reservation(len(prompt_ids), resolved.max_tokens, self.canvas_length)
         if not self.scheduler.fits_alone(reservation):
             raise InvalidRequestError(
-                f"the prompt and max_tokens need {reservation} KV tokens (whole canvases of {self.canvas_length}), "
+                f"the prompt and max_tokens need {reservation} KV tokens (the prompt and every canvas of "
+                f"{self.canvas_length} but the last), "
                 f"more than this server's KV budget allows for one request ({self.scheduler.max_single_reservation()} "
                 "tokens)",
                 "max_tokens",

@@ -8,8 +8,9 @@ every committed token, sliding-window layers only the last ``window - 1`` (what 
 Slots are compact: the running requests hold slots 0..n-1, so the decoder's view of the whole batch
 is a slice of the buffers, with no copy (rows are right-padded to the longest and masked). The
 buffers are sized for the running set's eventual needs: ``slot_rows(n)`` rows (the next power of
-two) of the longest reservation (prompt + whole canvases), which is exactly what the scheduler
-budgets (``Scheduler._kv_needed``); they are reallocated only when that shape changes.
+two) of the longest reservation (prompt + every canvas but the last, which is never encoded), which
+is exactly what the scheduler budgets (``Scheduler._kv_needed``); they are reallocated only when
+that shape changes.
 
 A view exposes the two things the DiffusionGemma attention layers use on ``past_key_values``:
 ``update`` (encoder: remember the new K/V and return [past ; new]) and ``layers[i].keys/values``
@@ -35,7 +36,7 @@ class RequestKV:
     """One request's place in the buffers. ``total_len`` counts every token ever encoded (its next position)."""
 
     slot: int
-    reservation: int  # most tokens it will ever store: prompt + whole canvases
+    reservation: int  # most tokens it will ever store: prompt + every canvas but the last
     total_len: int = 0
     stored: dict[str, int] = field(default_factory=dict)  # tokens held per layer type
 

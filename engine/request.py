@@ -32,6 +32,14 @@ _FINISHED = {
 }
 
 
+def kv_reservation(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
+    """The most full-attention KV tokens a request can hold: its prompt and every canvas it commits
+    but the last. A committed canvas enters the KV only for the next canvas to attend to, and the last
+    one (``max_tokens`` reached) finishes the request instead."""
+    canvases = math.ceil(max_tokens / canvas_length)
+    return prompt_len + (canvases - 1) * canvas_length
+
+
 @dataclass
 class Request:
     request_id: str
@@ -55,9 +63,8 @@ class Request:
 
     @property
     def kv_reservation(self) -> int:
-        """Full-attention KV tokens this request may hold at most (prompt + whole canvases)."""
-        canvases = math.ceil(self.params.max_tokens / self.canvas_length)
-        return len(self.prompt_ids) + canvases * self.canvas_length
+        """Full-attention KV tokens this request may hold at most (``kv_reservation``)."""
+        return kv_reservation(len(self.prompt_ids), self.params.max_tokens, self.canvas_length)
 
     @property
     def remaining_tokens(self) -> int:

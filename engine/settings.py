@@ -17,8 +17,8 @@ class EngineSettings:
     max_model_len: prompt + max_tokens limit; ``None`` uses the model's ``max_position_embeddings``.
     max_num_kv_tokens: KV token slots (full-attention layers) for all running requests together:
         the slot buffers hold ``slot_rows(n)`` rows (the next power of two of the running count, at
-        most ``max_num_seqs``) of the longest reservation (prompt + whole canvases). ``None`` derives
-        it from free memory at start-up (``memory_fraction`` of it).
+        most ``max_num_seqs``) of the longest reservation (prompt + every canvas but the last).
+        ``None`` derives it from free memory at start-up (``memory_fraction`` of it).
     max_encoder_tokens: padded tokens in one batched encoder call (prefill and commits): requests are
         grouped under it, and a longer prompt is prefilled in chunks of this size.
     sampling_tile_bytes: bound on the sampling transient: canvases are put through the lm head and

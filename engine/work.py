@@ -12,7 +12,7 @@ class NewRow:
     request_id: str
     seed: int
     stability_threshold: int
-    kv_tokens: int  # most tokens its KV will hold: prompt + whole canvases (sizes its slot)
+    kv_tokens: int  # most tokens its KV will hold: prompt + every canvas but the last (sizes its slot)
 
 
 @dataclass(frozen=True)

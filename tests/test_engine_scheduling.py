@@ -186,8 +186,9 @@ def test_admission_counts_the_slot_buffers(core):
     from engine.scheduler import Scheduler
 
     sched = Scheduler(max_num_seqs=8, max_waiting=8, max_num_kv_tokens=1000)
-    params = core.resolve([5], SamplingParams(max_tokens=16))
+    params = core.resolve([5], SamplingParams(max_tokens=32))  # two canvases of 16: the first enters the KV
     long_req = Request("long", tuple([5] * 284), params, 0, 16)  # reserves 284 + 16 = 300
+    assert long_req.kv_reservation == 300
     assert sched.fits_alone(1000) and not sched.fits_alone(1001) and sched.fits_alone(long_req.kv_reservation)
     sched.add(long_req)
     for i in range(3):
@@ -196,6 +197,26 @@ def test_admission_counts_the_slot_buffers(core):
     # long + 1 short: 2 rows x 300 = 600 <= 1000; long + 2 short: 4 rows x 300 = 1200 > 1000
     assert [n.request_id for n in plan.new] == ["long", "s0"]
     assert sched.reserved_kv_tokens == 600  # what kv_cache_usage_perc reports against the 1000
+
+
+def test_the_last_canvas_needs_no_kv(tmp_path_factory):
+    """A request reserves its prompt and every canvas but the last, which finishes it and is never
+    encoded: under a KV budget of exactly prompt + one canvas, a two-canvas request is accepted and
+    gives the tokens of a roomy engine, and a third canvas is refused with the tokens it would need."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tight_kv"), TinySpec(dtype=torch.float64))
+    roomy = make_core(path)
+    prompt = roomy.loaded.tokenizer("a prompt of several tokens").input_ids
+    C = roomy.canvas_length
+    tight = make_core(path, max_num_seqs=1, max_num_kv_tokens=len(prompt) + C)
+    params = SamplingParams(max_tokens=2 * C, seed=3, ignore_eos=True)
+    want = run_to_completion(roomy, [("r", prompt, params)])["r"]
+    got = run_to_completion(tight, [("r", prompt, params)])["r"]
+    assert got["finish_reason"] == "length" and len(got["tokens"]) == 2 * C
+    assert got["tokens"] == want["tokens"]
+    with pytest.raises(InvalidRequestError) as info:
+        tight.resolve(prompt, SamplingParams(max_tokens=2 * C + 1))
+    assert info.value.param == "max_tokens"
+    assert f"need {len(prompt) + 2 * C} KV tokens" in info.value.message
 
 
 def test_slot_buffers_are_reused_in_place(core):
