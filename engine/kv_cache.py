@@ -114,6 +114,8 @@ class KVCacheManager:
         self._keys: list[torch.Tensor] = [torch.empty(0, device=device, dtype=dtype)] * len(self.layer_types)
         self._values: list[torch.Tensor] = [torch.empty(0, device=device, dtype=dtype)] * len(self.layer_types)
         self._shape: tuple[int, dict[str, int]] = (0, {})  # rows, capacity per layer type
+        self._target: tuple[int, dict[str, int]] | None = None  # _target_shape(), until the next allocate or free
+        self._unzeroed: set[str] = set()  # allocated requests whose rows sync() has not cleaned yet
         self.reallocations = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -121,6 +123,8 @@ class KVCacheManager:
         kv = RequestKV(slot=len(self._order), reservation=reservation, stored={t: 0 for t in self.layer_types})
         self._caches[request_id] = kv
         self._order.append(request_id)
+        self._target = None
+        self._unzeroed.add(request_id)
         return kv
 
     def get(self, request_id: str) -> RequestKV:
@@ -131,6 +135,8 @@ class KVCacheManager:
         kv = self._caches.pop(request_id, None)
         if kv is None:
             return
+        self._target = None
+        self._unzeroed.discard(request_id)
         last_id = self._order.pop()
         if last_id != request_id:
             moved = self._caches[last_id]
@@ -152,10 +158,12 @@ class KVCacheManager:
         return longest
 
     def _target_shape(self) -> tuple[int, dict[str, int]]:
-        """(rows, capacity per layer type) the running set needs."""
-        rows = slot_rows(len(self._order), self.max_rows)
-        longest = max((kv.reservation for kv in self._caches.values()), default=0)
-        return rows, ({t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {})
+        """(rows, capacity per layer type) the running set needs (computed once per change of that set)."""
+        if self._target is None:
+            rows = slot_rows(len(self._order), self.max_rows)
+            longest = max((kv.reservation for kv in self._caches.values()), default=0)
+            self._target = rows, ({t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {})
+        return self._target
 
     def needs_reallocation(self) -> bool:
         """Whether the next ``sync`` replaces the buffers (drop views of them first: ``sync`` frees each old
@@ -183,11 +191,13 @@ class KVCacheManager:
                     bufs[idx] = new
             self._shape = (rows, caps)
             self.reallocations += 1
-        # rows of requests that have stored nothing yet start clean (a freed slot may hold old values)
-        for kv in self._caches.values():
-            if kv.total_len == 0 and rows:
+        # new requests' rows start clean (a freed slot may hold old values)
+        if rows:
+            for request_id in self._unzeroed:
+                slot = self._caches[request_id].slot
                 for buf in (*self._keys, *self._values):
-                    buf[kv.slot].zero_()
+                    buf[slot].zero_()
+            self._unzeroed.clear()
 
     # -- views -------------------------------------------------------------------------------
     def view(self, request_ids: list[str], full_width: bool = False) -> BatchKVView:

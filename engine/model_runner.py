@@ -177,16 +177,16 @@ class ModelRunner:
         ids = [w.request_id for w in group]
         view = self.kv.view(ids)
         lengths = torch.tensor([len(w.token_ids) for w in group], device=self.device)
-        width = int(lengths.max())
-        batch = len(group)
+        width = max(len(w.token_ids) for w in group)
+        padded = any(len(w.token_ids) < width for w in group)  # rows of one length (canvases) have no padding
         slot = torch.arange(width, device=self.device)
         offset = slot[None, :] - (width - lengths)[:, None]  # left padding
         q_valid = offset >= 0
         starts = torch.tensor([self.kv.get(r).total_len for r in ids], device=self.device)
         q_pos = torch.where(q_valid, starts[:, None] + offset, torch.zeros_like(offset))
-        input_ids = torch.full((batch, width), self.text_config.pad_token_id or 0, dtype=torch.long, device=self.device)
-        for row, item in enumerate(group):
-            input_ids[row, width - len(item.token_ids) :] = torch.tensor(item.token_ids, device=self.device)
+        pad = self.text_config.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (width - len(w.token_ids)) + list(w.token_ids) for w in group],
+                                 dtype=torch.long, device=self.device)
 
         masks = {}
         for layer_type in set(self.layer_types):
@@ -195,11 +195,11 @@ class ModelRunner:
             allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
             if layer_type == "sliding_attention":
                 allowed &= q_pos[:, :, None] - k_pos[:, None, :] < self.sliding_window
-            # padding queries attend to themselves only, so no softmax row is empty
-            past = view.valid[layer_type].shape[1]
-            own = torch.zeros_like(allowed)
-            own[:, slot, past + slot] = True
-            allowed = torch.where(q_valid[:, :, None], allowed, own)
+            if padded:  # padding queries attend to themselves only, so no softmax row is empty
+                past = view.valid[layer_type].shape[1]
+                own = torch.zeros_like(allowed)
+                own[:, slot, past + slot] = True
+                allowed = torch.where(q_valid[:, :, None], allowed, own)
             masks[layer_type] = self._finish_mask(allowed)
 
         t0 = time.perf_counter()
