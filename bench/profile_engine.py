@@ -1,11 +1,15 @@
 """Engine overhead per pass, in process: time outside the model's forward calls at a fixed concurrency.
 
     python -m bench.profile_engine --concurrency 16
+    python -m bench.profile_engine --no-profile --rounds 4 --compare-sequential
 
 "Forward" is the time inside the encoder, the decoder layers and the lm head (what transformers'
 ``generate`` spends in ``model.forward``); everything else in a pass (scheduling, KV views,
 sampling, bookkeeping) is overhead. Prints the split, the top functions by own time and the
-engine's own functions by cumulative time.
+engine's own functions by cumulative time. ``--compare-sequential`` alternates, pass by pass,
+between the CPU worker computing the entropies beside the draw (the default) and the entropies computed
+after the draw on the engine's thread (what CUDA does): the baseline in the same run, on the same
+requests (the tokens do not depend on it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
+from engine.request import RequestStatus
 from engine.loader import load_model
 
 from .run import BENCH_SPEC, build_bench_model
@@ -27,16 +32,21 @@ from .workload import make_workload
 
 
 class _PassTimer:
+    """Sums the engine's pass statistics, separately for each value of ``mode`` (set between passes)."""
+
     def __init__(self):
-        self.passes = self.seconds = self.forward = self.sampling = 0.0
-        self.batch = 0
+        self.mode = True
+        self.totals: dict[bool, dict[str, float]] = {}
 
     def on_pass(self, s):
-        self.passes += 1
-        self.seconds += s.seconds
-        self.forward += s.forward_seconds
-        self.sampling += s.sampling_seconds
-        self.batch += s.decoder_batch_size
+        t = self.totals.setdefault(self.mode, dict(passes=0, seconds=0.0, forward=0.0, sampling=0.0, batch=0,
+                                                             encoder_passes=0))
+        t["passes"] += 1
+        t["encoder_passes"] += s.encoder_tokens > 0
+        t["seconds"] += s.seconds
+        t["forward"] += s.forward_seconds
+        t["sampling"] += s.sampling_seconds
+        t["batch"] += s.decoder_batch_size
 
     def on_canvas(self, s):
         pass
@@ -45,13 +55,16 @@ class _PassTimer:
         pass
 
 
-def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool) -> dict:
+def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool,
+        compare_sequential: bool = False) -> list[dict]:
+    """One closed-loop run; a result per entropy placement (two when ``compare_sequential``: passes
+    alternate between them, so both see the same mix of batches, encoder work and machine state)."""
     torch.set_num_threads(threads)
     settings = EngineSettings(model=model, max_num_seqs=concurrency)
-    loaded = load_model(settings)
     timer = _PassTimer()
-    core = EngineCore(loaded, settings, timer)
-    cfg = loaded.model.config
+    core = EngineCore(load_model(settings), settings, timer)
+    overlap = core.runner.overlap_entropy  # False where there is no worker thread (CUDA)
+    cfg = core.loaded.model.config
     items = make_workload(requests, seed=1, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
                           max_denoising_steps=steps)
     pending = list(items)
@@ -60,6 +73,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     if prof:
         prof.enable()
     n = 0
+    turns = {False: 0, True: 0}
     while pending or core.has_work():
         while pending and core.num_running + core.num_waiting < concurrency:  # closed loop
             it = pending.pop(0)
@@ -67,23 +81,33 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
                                     ignore_eos=True)
             core.add_request(f"r{n}", list(it.prompt_ids), core.resolve(list(it.prompt_ids), params))
             n += 1
+        # alternate separately among passes with encoder work and passes without (they differ in cost)
+        encodes = bool(core.scheduler.waiting) or any(r.status is RequestStatus.ENCODING for r in core.scheduler.running)
+        sequential = compare_sequential and turns[encodes] % 2 == 1
+        turns[encodes] += 1
+        timer.mode = core.runner.overlap_entropy = overlap and not sequential
         core.step()
     if prof:
         prof.disable()
     wall = time.perf_counter() - t0
+    core.close()
     tokens = sum(it.max_tokens for it in items)
-    out = {
-        "concurrency": concurrency,
-        "passes": int(timer.passes),
-        "mean_decoder_batch": timer.batch / max(1, timer.passes),
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall,
-        "pass_ms": 1000 * timer.seconds / max(1, timer.passes),
-        "forward_ms": 1000 * timer.forward / max(1, timer.passes),
-        "sampling_ms": 1000 * timer.sampling / max(1, timer.passes),
-        "overhead_fraction": 1 - timer.forward / max(1e-9, timer.seconds),
-        "bookkeeping_fraction": 1 - (timer.forward + timer.sampling) / max(1e-9, timer.seconds),
-    }
+    results = []
+    for mode, t in sorted(timer.totals.items(), reverse=True):
+        results.append({
+            "concurrency": concurrency,
+            "overlap_entropy": mode,
+            "passes": int(t["passes"]),
+            "encoder_passes": int(t["encoder_passes"]),
+            "mean_decoder_batch": t["batch"] / max(1, t["passes"]),
+            "wall_s": wall,
+            "tokens_per_s": tokens / wall,
+            "pass_ms": 1000 * t["seconds"] / max(1, t["passes"]),
+            "forward_ms": 1000 * t["forward"] / max(1, t["passes"]),
+            "sampling_ms": 1000 * t["sampling"] / max(1, t["passes"]),
+            "overhead_fraction": 1 - t["forward"] / max(1e-9, t["seconds"]),
+            "bookkeeping_fraction": 1 - (t["forward"] + t["sampling"]) / max(1e-9, t["seconds"]),
+        })
     if prof:
         buf = io.StringIO()
         stats = pstats.Stats(prof, stream=buf)
@@ -91,8 +115,8 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         # the engine's own functions by cumulative time: where the time outside the forward goes
         # (cProfile's per-call cost inflates these Python-heavy pieces somewhat)
         stats.sort_stats("cumulative").print_stats(r"/engine/", 30)
-        out["profile"] = buf.getvalue()
-    return out
+        results[0]["profile"] = buf.getvalue()
+    return results
 
 
 def main(argv=None) -> int:
@@ -103,11 +127,23 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="runs, one after the other")
+    ap.add_argument("--compare-sequential", action="store_true",
+                    help="compute the entropies on the engine's thread after the draw (what CUDA does) in "
+                         "every other pass, and report both halves")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
-    res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile)
-    print(f"model {model} ({BENCH_SPEC if args.model is None else ''}), concurrency {res['concurrency']}, "
-          f"{res['passes']} passes, mean decoder batch {res['mean_decoder_batch']:.1f}")
+    for _ in range(args.rounds):
+        for res in run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
+                       args.compare_sequential):
+            _print(res, model, args.model is None)
+    return 0
+
+
+def _print(res: dict, model: str, bench_model: bool) -> None:
+    entropy = "on the worker thread" if res["overlap_entropy"] else "after the draw, on the engine's thread"
+    print(f"model {model} ({BENCH_SPEC if bench_model else ''}), concurrency {res['concurrency']}, "
+          f"{res['passes']} passes ({res['encoder_passes']} with encoder work), mean decoder batch {res['mean_decoder_batch']:.1f}, entropies {entropy}")
     book = res["pass_ms"] - res["forward_ms"] - res["sampling_ms"]
     print(f"pass {res['pass_ms']:.2f} ms = forward {res['forward_ms']:.2f} ms + sampling {res['sampling_ms']:.2f} ms "
           f"+ engine bookkeeping {book:.2f} ms")
@@ -115,7 +151,6 @@ def main(argv=None) -> int:
           f"{res['bookkeeping_fraction']:.1%}; {res['tokens_per_s']:.0f} committed tok/s")
     if "profile" in res:
         print(res["profile"])
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
 from .random_draws import DrawPrefetcher
-from .sampler import accept, row_parameters, sample_positions, sampling_tiles, temperatures
+from .sampler import (accept, draw_positions, positions_entropy, row_parameters, sampling_tiles, scale_logits,
+                      temperatures)
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 logger = logging.getLogger("engine")
@@ -87,6 +88,9 @@ class ModelRunner:
         # CPU: one worker thread takes each step's random draws while the forward runs
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if threaded else None
         self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device, self._worker)
+        # CPU: the worker computes each chunk's entropies while this thread draws (bench.profile_engine
+        # --compare-sequential sets it False in half of its rounds: the baseline in the same process)
+        self.overlap_entropy = threaded
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
 
@@ -235,7 +239,8 @@ class ModelRunner:
         for index, tile in enumerate(tiles):
             draws = self.draws.take(index)
             params = row_parameters(work[tile], self.device)
-            parts = [self._sample_chunk(hidden[tile, chunk], temperatures(params), draws.exponentials[:, chunk])
+            parts = [self._sample_chunk(hidden[tile, chunk], temperatures(params), draws.exponentials[:, chunk],
+                                        next_tile=index + 1 if chunk.start == 0 else None)
                      for chunk in self._position_chunks]
             t0 = time.perf_counter()
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
@@ -266,28 +271,35 @@ class ModelRunner:
             results.append(DecodeResult(w.request_id, draft, converged))
         return results
 
-    def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor):
+    def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor,
+                      next_tile: int | None):
         """lm head, soft-capping and the per-position sampler over a chunk of positions of a tile's rows;
         returns (argmax, sampled, entropy [n, c], soft embeddings [n, c, hidden]). The [n, c, V] copies
-        are freed before the next chunk."""
+        are freed before the next chunk. On CPU the entropies are computed on the worker thread while
+        this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them."""
         t0 = time.perf_counter()
         logits = self.model.lm_head(hidden).to(torch.float32)
         if self.softcap is not None:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
         t1 = time.perf_counter()
-        out = sample_positions(logits, temps, exponentials)
+        scaled = scale_logits(logits, temps)
+        entropy = self._worker.submit(positions_entropy, scaled) if self.overlap_entropy else None
+        if next_tile is not None:
+            self.draws.prefetch(next_tile)
+        drawn = draw_positions(scaled, exponentials)
+        entropy = entropy.result() if entropy is not None else positions_entropy(scaled)
         t2 = time.perf_counter()
         # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
         # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
         embed = self.model.model.decoder.embed_tokens
         if embed.weight.dtype in (torch.float32, torch.float64):
-            probs = out.probs  # the same fp32 softmax of the same scaled logits (the cast is lossless)
+            probs = drawn.probs  # the same fp32 softmax of the same scaled logits (the cast is lossless)
         else:
-            probs = out.scaled_logits.to(embed.weight.dtype).softmax(dim=-1, dtype=torch.float32)
+            probs = scaled.to(embed.weight.dtype).softmax(dim=-1, dtype=torch.float32)
         soft = torch.matmul(probs.to(embed.weight.dtype), embed.weight) * embed.embed_scale.to(embed.weight.dtype)
         self._forward_seconds += (t1 - t0) + (time.perf_counter() - t2)
         self._sampling_seconds += t2 - t1
-        return out.argmax, out.sampled, out.entropy, soft
+        return drawn.argmax, drawn.sampled, entropy, soft
 
     def _decoder_geometry(self, ids: list[str], full_width: bool = False) -> "_DecoderGeometry":
         """The batch's KV view, canvas positions, attention masks and rotary embeddings. They depend only

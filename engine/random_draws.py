@@ -36,9 +36,11 @@ class DrawPrefetcher:
     """Draws tiles of a pass in order, one tile ahead of the sampler.
 
     ``start`` submits the first tile (call it before the forward); ``take(i)`` returns tile ``i``
-    after submitting tile ``i + 1``, so at most two tiles of draws are alive. ``wait`` must be called
-    before the generators are used again (also when the pass fails). Without an ``executor`` (CUDA,
-    where the draws are asynchronous kernels anyway) the draws run inline when taken.
+    and ``prefetch(i + 1)`` submits the next one while tile ``i`` is sampled (the caller picks the
+    moment: work it queues on the same executor before that runs first), so at most two tiles of
+    draws are alive. ``wait`` must be called before the generators are used again (also when the pass
+    fails). Without an ``executor`` (CUDA, where the draws are asynchronous kernels anyway) the draws
+    run inline when taken.
     """
 
     def __init__(self, canvas_length: int, vocab_size: int, device, executor: ThreadPoolExecutor | None):
@@ -49,7 +51,8 @@ class DrawPrefetcher:
         self._tiles: list[list[torch.Generator]] = []
         self._futures: dict[int, Future] = {}
 
-    def _submit(self, index: int) -> None:
+    def prefetch(self, index: int) -> None:
+        """Start drawing tile ``index`` on the executor (no-op inline, past the last tile, or if started)."""
         if self._pool is not None and index < len(self._tiles) and index not in self._futures:
             self._futures[index] = self._pool.submit(
                 draw_tile, self._tiles[index], self.canvas_length, self.vocab_size, self.device
@@ -58,10 +61,10 @@ class DrawPrefetcher:
     def start(self, tiles: list[list[torch.Generator]]) -> None:
         self.wait()
         self._tiles = tiles
-        self._submit(0)
+        self.prefetch(0)
 
     def take(self, index: int) -> TileDraws:
-        self._submit(index + 1)
+        """Tile ``index``'s draws: the prefetched ones, or drawn now if it was never prefetched."""
         future = self._futures.pop(index, None)
         if future is None:
             return draw_tile(self._tiles[index], self.canvas_length, self.vocab_size, self.device)

@@ -60,13 +60,11 @@ def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int, 
 
 
 @dataclass
-class PositionsResult:
-    """The per-position part of a step, for a chunk of positions of a tile's rows."""
+class PositionsDraw:
+    """The draw and the draft for a chunk of positions of a tile's rows."""
 
     sampled: torch.Tensor  # [n, c] the multinomial draw
     argmax: torch.Tensor  # [n, c] draft: argmax of the scaled logits
-    entropy: torch.Tensor  # [n, c]
-    scaled_logits: torch.Tensor  # [n, c, V] fp32
     probs: torch.Tensor  # [n, c, V] fp32 softmax of the scaled logits (== the self-conditioning softmax in fp32)
 
 
@@ -94,12 +92,14 @@ def temperatures(params: torch.Tensor) -> torch.Tensor:
     return params[:, 0].view(-1, 1, 1)
 
 
-def sample_positions(
-    logits: torch.Tensor,  # [n, c, V] fp32, soft-capped; scaled in place
-    temps: torch.Tensor,  # [n, 1, 1] from ``temperatures``
-    exponentials: torch.Tensor,  # [n, c, V] these positions' Exp(1) draws (random_draws); overwritten
-) -> PositionsResult:
-    scaled = logits.div_(temps)
+def scale_logits(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """[n, c, V] fp32 soft-capped logits divided, in place, by ``temps`` [n, 1, 1] (``temperatures``)."""
+    return logits.div_(temps)
+
+
+def draw_positions(scaled: torch.Tensor, exponentials: torch.Tensor) -> PositionsDraw:
+    """The multinomial draw and the draft from [n, c, V] scaled logits; ``exponentials`` are these
+    positions' Exp(1) draws (random_draws), overwritten. Only reads ``scaled``."""
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
     # torch.multinomial(probs[i], 1, generator=g) is argmax(probs[i] / q) with q ~ Exp(1) from g;
     # q was drawn ahead (random_draws), so this is the reference's draw, position for position.
@@ -107,13 +107,17 @@ def sample_positions(
     # less time on CPU, where this inner-dimension reduction is not vectorized
     sampled = torch.max(torch.div(probs, exponentials, out=exponentials), dim=-1).indices
     argmax = torch.max(scaled, dim=-1).indices
-    # Categorical(logits=scaled).entropy(), op for op, without the distribution object's overhead
+    return PositionsDraw(sampled=sampled, argmax=argmax, probs=probs)
+
+
+def positions_entropy(scaled: torch.Tensor) -> torch.Tensor:
+    """[n, c]: ``Categorical(logits=scaled).entropy()`` op for op, without the distribution object's
+    overhead. Only reads ``scaled`` (so it may run beside ``draw_positions``)."""
     normalized = scaled - scaled.logsumexp(dim=-1, keepdim=True)
     p_log_p = torch.softmax(normalized, dim=-1)
     p_log_p.mul_(normalized.clamp_(min=torch.finfo(normalized.dtype).min))
     del normalized
-    entropy = -p_log_p.sum(-1)  # [n, c]
-    return PositionsResult(sampled=sampled, argmax=argmax, entropy=entropy, scaled_logits=scaled, probs=probs)
+    return -p_log_p.sum(-1)
 
 
 def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, params: torch.Tensor) -> AcceptResult:

@@ -87,3 +87,25 @@ def test_max_tokens_not_a_multiple_of_the_canvas(core, tok):
     assert len(got["tokens"]) == 21
     assert got["finish_reason"] == "length"
     assert got["outputs"][-1].num_generated_tokens == 21
+
+
+# an entropy bound that accepts a few positions per step, so the entropies decide the tokens (in the
+# sets above the bound accepts one position or all of them, and scaling every entropy changes nothing)
+ENTROPY_BOUND_PARAMS = SamplingParams(max_tokens=40, max_denoising_steps=6, entropy_bound=8.0)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["entropy-on-worker", "entropy-inline"])
+@pytest.mark.parametrize("params", [ENTROPY_BOUND_PARAMS, PARAMS[2]], ids=["max40-N6-bound8", "max53-N5"])
+def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
+    """On CPU each chunk's entropies are computed on the worker thread beside the draw; CUDA computes
+    them after the draw on the engine's own thread. Both give generate's tokens."""
+    assert core.runner.overlap_entropy  # the CPU default
+    core.runner.overlap_entropy = overlap
+    try:
+        prompt_ids = tok(PROMPTS[2]).input_ids
+        for seed in (0, 7):
+            expected = reference_tokens(core.loaded.model, prompt_ids, seed, core.resolve(prompt_ids, params))
+            got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
+            assert got["tokens"] == expected
+    finally:
+        core.runner.overlap_entropy = True

@@ -27,7 +27,10 @@ def test_prefetched_draws_equal_multinomial_then_randint(threaded):
                         torch.multinomial(probs[0], 1, generator=g)
                         torch.randint(0, vocab, (1, canvas), generator=g)
             prefetcher.start([ours[:2], ours[2:4], ours[4:]])  # three tiles
-            draws = [prefetcher.take(i) for i in range(3)]
+            draws = []
+            for i in range(3):  # as the runner does: take a tile, then start the next one
+                draws.append(prefetcher.take(i))
+                prefetcher.prefetch(i + 1)
             prefetcher.wait()
             sampled = torch.cat([torch.argmax(torch.div(probs[i:i + len(d.noise)], d.exponentials), dim=-1)
                                  for i, d in zip((0, 2, 4), draws)])
