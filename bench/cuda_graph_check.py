@@ -3,7 +3,7 @@
     python -m bench.cuda_graph_check --model /tmp/dg-shape --batches 1,4,16
 
 For each batch size B, an engine is filled with B requests and stepped until every row is
-denoising; then the same decoder pass (``ModelRunner._decoder_hidden``: embeddings,
+denoising; then the same decoder pass (``ModelRunner._decoder_inputs`` and ``_decoder_hidden``: embeddings,
 self-conditioning, the decoder layers against each row's cached prefix, final norm) is timed with
 CUDA events, eagerly and replayed from a ``torch.cuda.CUDAGraph`` captured over the same tensors.
 The replay's output is compared with the eager output. Only the decoder pass is captured: the lm
@@ -67,9 +67,13 @@ def check(core: EngineCore, repeats: int) -> dict:
     ids = sorted(runner.rows, key=lambda r: runner.kv.get(r).slot)
     states = [runner.rows[r] for r in ids]
     cuda = runner.device.type == "cuda"
+
+    def decoder_pass():
+        return runner._decoder_hidden(*runner._decoder_inputs(ids, states))
+
     with torch.inference_mode():
-        eager_out = runner._decoder_hidden(ids, states).clone()
-        eager_ms = _time_ms(lambda: runner._decoder_hidden(ids, states), repeats, cuda)
+        eager_out = decoder_pass().clone()
+        eager_ms = _time_ms(decoder_pass, repeats, cuda)
         result = {"batch": len(ids), "prefix_tokens": [runner.kv.get(r).total_len for r in ids][:4],
                   "eager_ms": eager_ms}
         if not cuda:
@@ -79,11 +83,11 @@ def check(core: EngineCore, repeats: int) -> dict:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
                 for _ in range(3):
-                    runner._decoder_hidden(ids, states)
+                    decoder_pass()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                graph_out = runner._decoder_hidden(ids, states)
+                graph_out = decoder_pass()
             graph.replay()
             torch.cuda.synchronize()
             diff = (graph_out.float() - eager_out.float()).norm() / eager_out.float().norm().clamp_min(1e-30)

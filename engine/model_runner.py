@@ -232,8 +232,11 @@ class ModelRunner:
                 st.history = []
         rows_per_tile = self.sampling_tiles.rows
         tiles = [slice(start, start + rows_per_tile) for start in range(0, len(work), rows_per_tile)]
+        inputs, graphed = self._decoder_inputs(ids, states)
+        # the worker draws while the forward runs; started after the many small ops above, which would
+        # otherwise take turns at the GIL with its Python loop
         self.draws.start([[s.generator for s in states[tile]] for tile in tiles])
-        hidden = self._decoder_hidden(ids, states)  # [B, C, hidden]
+        hidden = self._decoder_hidden(inputs, graphed)  # [B, C, hidden]
 
         sampled_tiles = []  # per tile: (argmax [n, C], soft embeddings [n, C, hidden], AcceptResult)
         for index, tile in enumerate(tiles):
@@ -327,13 +330,12 @@ class ModelRunner:
         self._geometry = _DecoderGeometry(key, view, positions, masks, rotary)
         return self._geometry
 
-    def _decoder_hidden(self, ids: list[str], states: list[RowState]) -> torch.Tensor:
-        """Run the bidirectional decoder over every row's canvas against its cached prefix: eagerly, or
-        as a captured CUDA graph for a small batch (``DecoderGraphs``)."""
+    def _decoder_inputs(self, ids: list[str], states: list[RowState]) -> tuple[DecoderInputs, bool]:
+        """The decoder's inputs for these rows, and whether a captured CUDA graph runs them (a small
+        batch, ``DecoderGraphs``; its view spans the buffers' full width)."""
         graphed = self.graphs is not None and self.graphs.covers(len(ids))
         geometry = self._decoder_geometry(ids, full_width=graphed)
         canvas = torch.stack([s.canvas for s in states])  # [B, C]
-        t0 = time.perf_counter()
         zeros = None
         soft_rows = []
         for s in states:  # [C, hidden] each; zeros before a canvas's first step
@@ -341,7 +343,12 @@ class ModelRunner:
                 zeros = torch.zeros(self.canvas_length, self.text_config.hidden_size, dtype=self.dtype, device=self.device)
             soft_rows.append(s.soft_embeddings if s.soft_embeddings is not None else zeros)
         soft = torch.stack(soft_rows)  # [B, C, hidden]
-        inputs = DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view)
+        return DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view), graphed
+
+    def _decoder_hidden(self, inputs: DecoderInputs, graphed: bool) -> torch.Tensor:
+        """Run the bidirectional decoder over every row's canvas against its cached prefix: eagerly, or
+        as a captured CUDA graph."""
+        t0 = time.perf_counter()
         if graphed:
             hidden = self.graphs.run(self.kv.reallocations, inputs)
         else:

@@ -22,14 +22,16 @@ class TileDraws:
 
 
 def draw_tile(generators: list[torch.Generator], canvas_length: int, vocab_size: int, device) -> TileDraws:
-    """One step's draws for each row, from that row's generator (the reference's order and shapes)."""
+    """One step's draws for each row, from that row's generator (the reference's order and shapes).
+    Two tensor calls per row: on CPU this runs on the worker thread beside the forward, and every
+    call there is a turn at the GIL the engine thread waits for."""
     n = len(generators)
     exponentials = torch.empty((n, canvas_length, vocab_size), dtype=torch.float32, device=device)
-    noise = torch.empty((n, canvas_length), dtype=torch.long, device=device)
-    for i, g in enumerate(generators):
-        exponentials[i].exponential_(1, generator=g)  # == empty_like(probs[i]).exponential_ inside multinomial
-        noise[i] = torch.randint(0, vocab_size, (1, canvas_length), device=device, generator=g).view(canvas_length)
-    return TileDraws(exponentials, noise)
+    noise = torch.empty((n, 1, canvas_length), dtype=torch.long, device=device)
+    for row_exponentials, row_noise, g in zip(exponentials.unbind(0), noise.unbind(0), generators):
+        row_exponentials.exponential_(1, generator=g)  # == empty_like(probs[i]).exponential_ inside multinomial
+        torch.randint(0, vocab_size, (1, canvas_length), generator=g, out=row_noise)  # == randint(..., (1, C))
+    return TileDraws(exponentials, noise.view(n, canvas_length))
 
 
 class DrawPrefetcher:
