@@ -30,3 +30,24 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
     assert set(result["baselines"]["static_batch"]) == {"2"}
     md = (out / "bench.md").read_text()
     assert "| 2 | 3/3 |" in md and "static batch | 2 |" in md
+
+
+def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
+    """The in-process overhead profile: with --compare-sequential, one report per entropy placement,
+    each a split of the pass that adds up, then the engine's own functions by cumulative time."""
+    from bench import profile_engine
+    from bench.run import build_bench_model
+
+    model = build_bench_model(tmp_path / "model")
+    assert profile_engine.main(["--model", str(model), "--concurrency", "4", "--requests", "6", "--steps", "2",
+                                "--compare-sequential"]) == 0
+    out = capsys.readouterr().out
+    assert "entropies on the worker thread" in out
+    assert "entropies after the draw, on the engine's thread" in out
+    splits = [line for line in out.splitlines() if line.startswith("pass ")]
+    assert len(splits) == 2
+    for line in splits:  # "pass P ms = forward F ms + sampling S ms + engine bookkeeping B ms"
+        numbers = [float(w) for w in line.replace("ms", "").split() if w.replace(".", "").isdigit()]
+        total, parts = numbers[0], numbers[1:]
+        assert len(parts) == 3 and all(p >= 0 for p in parts) and abs(sum(parts) - total) < 0.02
+    assert "model_runner.py" in out and "(_decode)" in out
