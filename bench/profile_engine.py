@@ -56,9 +56,10 @@ class _PassTimer:
 
 
 def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool,
-        compare_sequential: bool = False) -> list[dict]:
-    """One closed-loop run; a result per entropy placement (two when ``compare_sequential``: passes
-    alternate between them, so both see the same mix of batches, encoder work and machine state)."""
+        compare_sequential: bool = False) -> dict:
+    """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
+    (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
+    see the same mix of batches, encoder work and machine state; the throughput covers both)."""
     torch.set_num_threads(threads)
     settings = EngineSettings(model=model, max_num_seqs=concurrency)
     timer = _PassTimer()
@@ -92,16 +93,13 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     wall = time.perf_counter() - t0
     core.close()
     tokens = sum(it.max_tokens for it in items)
-    results = []
+    out = {"concurrency": concurrency, "wall_s": wall, "tokens_per_s": tokens / wall, "placements": []}
     for mode, t in sorted(timer.totals.items(), reverse=True):
-        results.append({
-            "concurrency": concurrency,
+        out["placements"].append({
             "overlap_entropy": mode,
             "passes": int(t["passes"]),
             "encoder_passes": int(t["encoder_passes"]),
             "mean_decoder_batch": t["batch"] / max(1, t["passes"]),
-            "wall_s": wall,
-            "tokens_per_s": tokens / wall,
             "pass_ms": 1000 * t["seconds"] / max(1, t["passes"]),
             "forward_ms": 1000 * t["forward"] / max(1, t["passes"]),
             "sampling_ms": 1000 * t["sampling"] / max(1, t["passes"]),
@@ -115,8 +113,8 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         # the engine's own functions by cumulative time: where the time outside the forward goes
         # (cProfile's per-call cost inflates these Python-heavy pieces somewhat)
         stats.sort_stats("cumulative").print_stats(r"/engine/", 30)
-        results[0]["profile"] = buf.getvalue()
-    return results
+        out["profile"] = buf.getvalue()
+    return out
 
 
 def main(argv=None) -> int:
@@ -134,21 +132,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
-        for res in run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
-                       args.compare_sequential):
-            _print(res, model, args.model is None)
+        res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
+                  args.compare_sequential)
+        _print(res, model, args.model is None)
     return 0
 
 
 def _print(res: dict, model: str, bench_model: bool) -> None:
-    entropy = "on the worker thread" if res["overlap_entropy"] else "after the draw, on the engine's thread"
-    print(f"model {model} ({BENCH_SPEC if bench_model else ''}), concurrency {res['concurrency']}, "
-          f"{res['passes']} passes ({res['encoder_passes']} with encoder work), mean decoder batch {res['mean_decoder_batch']:.1f}, entropies {entropy}")
-    book = res["pass_ms"] - res["forward_ms"] - res["sampling_ms"]
-    print(f"pass {res['pass_ms']:.2f} ms = forward {res['forward_ms']:.2f} ms + sampling {res['sampling_ms']:.2f} ms "
-          f"+ engine bookkeeping {book:.2f} ms")
-    print(f"outside forward: {res['overhead_fraction']:.1%} of the pass; bookkeeping alone: "
-          f"{res['bookkeeping_fraction']:.1%}; {res['tokens_per_s']:.0f} committed tok/s")
+    for p in res["placements"]:
+        entropy = "on the worker thread" if p["overlap_entropy"] else "after the draw, on the engine's thread"
+        print(f"model {model} ({BENCH_SPEC if bench_model else ''}), concurrency {res['concurrency']}, "
+              f"{p['passes']} passes ({p['encoder_passes']} with encoder work), mean decoder batch "
+              f"{p['mean_decoder_batch']:.1f}, entropies {entropy}")
+        book = p["pass_ms"] - p["forward_ms"] - p["sampling_ms"]
+        print(f"pass {p['pass_ms']:.2f} ms = forward {p['forward_ms']:.2f} ms + sampling {p['sampling_ms']:.2f} ms "
+              f"+ engine bookkeeping {book:.2f} ms")
+        print(f"outside forward: {p['overhead_fraction']:.1%} of the pass; bookkeeping alone: "
+              f"{p['bookkeeping_fraction']:.1%}")
+    both = " (both placements together)" if len(res["placements"]) > 1 else ""
+    print(f"run: {res['tokens_per_s']:.0f} committed tok/s in {res['wall_s']:.2f} s{both}")
     if "profile" in res:
         print(res["profile"])
 

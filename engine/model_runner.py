@@ -88,9 +88,10 @@ class ModelRunner:
         # CPU: one worker thread takes each step's random draws while the forward runs
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if threaded else None
         self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device, self._worker)
-        # CPU: the worker computes each chunk's entropies while this thread draws (bench.profile_engine
-        # --compare-sequential sets it False in half of its rounds: the baseline in the same process)
-        self.overlap_entropy = threaded
+        # CPU with one intra-op thread (the default): the worker computes each chunk's entropies while
+        # this thread draws. With more, both threads' parallel kernels would oversubscribe the cores.
+        # (bench.profile_engine --compare-sequential turns it off in every other pass: a same-run baseline)
+        self.overlap_entropy = threaded and torch.get_num_threads() == 1
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
 
@@ -242,8 +243,9 @@ class ModelRunner:
         for index, tile in enumerate(tiles):
             draws = self.draws.take(index)
             params = row_parameters(work[tile], self.device)
+            last = self._position_chunks[-1]
             parts = [self._sample_chunk(hidden[tile, chunk], temperatures(params), draws.exponentials[:, chunk],
-                                        next_tile=index + 1 if chunk.start == 0 else None)
+                                        next_tile=index + 1 if chunk is last else None)
                      for chunk in self._position_chunks]
             t0 = time.perf_counter()
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
@@ -279,14 +281,16 @@ class ModelRunner:
         """lm head, soft-capping and the per-position sampler over a chunk of positions of a tile's rows;
         returns (argmax, sampled, entropy [n, c], soft embeddings [n, c, hidden]). The [n, c, V] copies
         are freed before the next chunk. On CPU the entropies are computed on the worker thread while
-        this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them."""
+        this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them
+        (given with the tile's last chunk, so that no chunk's entropies wait behind a whole tile's draws)."""
         t0 = time.perf_counter()
         logits = self.model.lm_head(hidden).to(torch.float32)
         if self.softcap is not None:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
         t1 = time.perf_counter()
         scaled = scale_logits(logits, temps)
-        entropy = self._worker.submit(positions_entropy, scaled) if self.overlap_entropy else None
+        overlap = self.overlap_entropy and self._worker is not None
+        entropy = self._worker.submit(positions_entropy, scaled) if overlap else None
         if next_tile is not None:
             self.draws.prefetch(next_tile)
         drawn = draw_positions(scaled, exponentials)

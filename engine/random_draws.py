@@ -52,10 +52,12 @@ class DrawPrefetcher:
         self._pool = executor
         self._tiles: list[list[torch.Generator]] = []
         self._futures: dict[int, Future] = {}
+        self._started: set[int] = set()  # tiles submitted this pass (taken or not)
 
     def prefetch(self, index: int) -> None:
         """Start drawing tile ``index`` on the executor (no-op inline, past the last tile, or if started)."""
-        if self._pool is not None and index < len(self._tiles) and index not in self._futures:
+        if self._pool is not None and index < len(self._tiles) and index not in self._started:
+            self._started.add(index)
             self._futures[index] = self._pool.submit(
                 draw_tile, self._tiles[index], self.canvas_length, self.vocab_size, self.device
             )
@@ -69,6 +71,7 @@ class DrawPrefetcher:
         """Tile ``index``'s draws: the prefetched ones, or drawn now if it was never prefetched."""
         future = self._futures.pop(index, None)
         if future is None:
+            self._started.add(index)
             return draw_tile(self._tiles[index], self.canvas_length, self.vocab_size, self.device)
         return future.result()
 
@@ -77,5 +80,6 @@ class DrawPrefetcher:
         for future in self._futures.values():
             future.exception()  # waits; an error here already failed the pass that took it
         self._futures.clear()
+        self._started.clear()
         self._tiles = []
 

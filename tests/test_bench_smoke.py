@@ -34,7 +34,8 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
 
 def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
     """The in-process overhead profile: with --compare-sequential, one report per entropy placement,
-    each a split of the pass that adds up, then the engine's own functions by cumulative time."""
+    each a split of the pass that adds up, one throughput for the run, then the engine's own
+    functions by cumulative time."""
     from bench import profile_engine
     from bench.run import build_bench_model
 
@@ -50,4 +51,5 @@ def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
         numbers = [float(w) for w in line.replace("ms", "").split() if w.replace(".", "").isdigit()]
         total, parts = numbers[0], numbers[1:]
         assert len(parts) == 3 and all(p >= 0 for p in parts) and abs(sum(parts) - total) < 0.02
+    assert len([line for line in out.splitlines() if line.startswith("run: ")]) == 1
     assert "model_runner.py" in out and "(_decode)" in out

@@ -99,7 +99,7 @@ ENTROPY_BOUND_PARAMS = SamplingParams(max_tokens=40, max_denoising_steps=6, entr
 def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
     """On CPU each chunk's entropies are computed on the worker thread beside the draw; CUDA computes
     them after the draw on the engine's own thread. Both give generate's tokens."""
-    assert core.runner.overlap_entropy  # the CPU default
+    default = core.runner.overlap_entropy
     core.runner.overlap_entropy = overlap
     try:
         prompt_ids = tok(PROMPTS[2]).input_ids
@@ -108,4 +108,23 @@ def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
             got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
             assert got["tokens"] == expected
     finally:
-        core.runner.overlap_entropy = True
+        core.runner.overlap_entropy = default
+
+
+def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads(core):
+    """On CPU with one intra-op thread (the server's default) the worker computes the entropies. With
+    --num-threads above 1 it would run its own parallel kernels beside the engine thread's and
+    oversubscribe the cores, so the entropies are computed after the draw instead."""
+    from engine.model_runner import ModelRunner
+
+    before = torch.get_num_threads()
+    placements = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runner = ModelRunner(core.loaded, max_num_seqs=2)
+            placements[threads] = runner.overlap_entropy
+            runner.close()
+    finally:
+        torch.set_num_threads(before)
+    assert placements == {1: True, 2: False}

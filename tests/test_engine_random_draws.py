@@ -56,3 +56,23 @@ def test_a_pass_that_fails_leaves_no_draw_in_flight():
         torch.randint(0, 512, (1, 64), generator=g)
     assert all(torch.equal(s, r.get_state()) for s, r in zip(states, reference))
     prefetcher.wait()
+
+
+@pytest.mark.parametrize("threaded", [True, False], ids=["worker-thread", "inline"])
+def test_a_tile_is_drawn_once_per_pass(threaded):
+    """Prefetching a tile that was already taken (or is in flight) draws nothing more."""
+    prefetcher = DrawPrefetcher(8, 16, torch.device("cpu"), ThreadPoolExecutor(1) if threaded else None)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    prefetcher.start([gens[:2], gens[2:]])
+    prefetcher.take(0)
+    prefetcher.prefetch(1)
+    prefetcher.prefetch(1)
+    prefetcher.take(1)
+    prefetcher.prefetch(0)
+    prefetcher.prefetch(1)
+    prefetcher.wait()
+    reference = [torch.Generator().manual_seed(i) for i in range(4)]
+    for g in reference:  # one step's draws each
+        torch.empty(8, 16).exponential_(1, generator=g)
+        torch.randint(0, 16, (1, 8), generator=g)
+    assert all(torch.equal(g.get_state(), r.get_state()) for g, r in zip(gens, reference))
