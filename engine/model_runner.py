@@ -234,8 +234,8 @@ class ModelRunner:
         rows_per_tile = self.sampling_tiles.rows
         tiles = [slice(start, start + rows_per_tile) for start in range(0, len(work), rows_per_tile)]
         inputs, graphed = self._decoder_inputs(ids, states)
-        # the worker draws while the forward runs; started after the many small ops above, which would
-        # otherwise take turns at the GIL with its Python loop
+        # the worker draws while the forward runs (started once the inputs are built, so that its draw
+        # loop shares the GIL with the forward only)
         self.draws.start([[s.generator for s in states[tile]] for tile in tiles])
         hidden = self._decoder_hidden(inputs, graphed)  # [B, C, hidden]
 

@@ -22,9 +22,8 @@ class TileDraws:
 
 
 def draw_tile(generators: list[torch.Generator], canvas_length: int, vocab_size: int, device) -> TileDraws:
-    """One step's draws for each row, from that row's generator (the reference's order and shapes).
-    Two tensor calls per row: on CPU this runs on the worker thread beside the forward, and every
-    call there is a turn at the GIL the engine thread waits for."""
+    """One step's draws for each row, from that row's generator (the reference's order and shapes),
+    in two tensor calls per row (on CPU this Python loop runs beside the forward and shares its GIL)."""
     n = len(generators)
     exponentials = torch.empty((n, canvas_length, vocab_size), dtype=torch.float32, device=device)
     noise = torch.empty((n, 1, canvas_length), dtype=torch.long, device=device)
