@@ -265,8 +265,11 @@ def main(argv=None) -> int:
             run = summarize(results, wall, before, after, level, proc.pid if proc else None)
             runs.append(run)
             save()
+            p50 = "n/a" if run["latency_p50"] is None else f"{run['latency_p50']:.2f}s"
             print(f"concurrency {level}: {run['tokens_per_s']:.0f} tok/s, {run['requests_ok']}/{run['requests']} ok, "
-                  f"p50 {run['latency_p50']:.2f}s", flush=True)
+                  f"p50 {p50}", flush=True)
+            for error in dict.fromkeys(run["errors"]):  # the first failures, once each
+                print(f"  failed: {error}", flush=True)
     finally:
         if proc is not None:
             proc.terminate()
@@ -312,6 +315,10 @@ def main(argv=None) -> int:
     print(markdown(result))
     if not plotted:
         print("(matplotlib not installed: no plot written)")
+    failed = sum(run["requests"] - run["requests_ok"] for run in runs)
+    if failed:
+        print(f"{failed} of {sum(run['requests'] for run in runs)} requests failed", file=sys.stderr)
+        return 1
     return 0
 
 
