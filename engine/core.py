@@ -15,6 +15,7 @@ from .sampling_params import InvalidRequestError, SamplingParams, validate_resol
 from .scheduler import Scheduler
 from .settings import EngineSettings
 from .stats import NullStatsSink, PassStats, RequestStats, StatsSink
+from .work import pass_error
 
 logger = logging.getLogger("engine")
 
@@ -131,7 +132,7 @@ class EngineCore:
         except Exception as exc:  # a fault fails this pass's requests, never the engine
             logger.exception("engine pass failed")
             failed = self.scheduler.fail({w.request_id for w in plan.decode} | {w.request_id for w in plan.encode},
-                                         f"internal error in the model pass: {type(exc).__name__}")
+                                         pass_error(exc))
             for rid in self.scheduler.take_freed():  # release their tensor state now
                 self.runner.free(rid)
             return [self._finish_output(r) for r in failed]

@@ -20,7 +20,7 @@ from .memory import auto_sampling_tile_bytes, available_bytes
 from .random_draws import DrawPrefetcher
 from .sampler import (accept, draw_positions, positions_entropy, row_parameters, sampling_tiles, scale_logits,
                       temperatures)
-from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
+from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
 
 logger = logging.getLogger("engine")
 
@@ -132,11 +132,13 @@ class ModelRunner:
             if self.graphs is not None:
                 self.graphs.clear()
         self.kv.sync()
-        encoder_tokens = self._encode(plan.encode) if plan.encode else 0
+        encoder_tokens, failed = self._encode(plan.encode) if plan.encode else (0, {})
+        work = [w for w in plan.decode if w.request_id not in failed]
         try:
-            decode = self._decode(plan.decode) if plan.decode else []
+            decode = self._decode(work) if work else []
         finally:
             self.draws.wait()  # no draw may still be using a generator when the pass ends
+        decode += [DecodeResult(rid, (), False, error=error) for rid, error in failed.items()]
         return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds,
                           sampling_seconds=self._sampling_seconds)
 
@@ -150,17 +152,28 @@ class ModelRunner:
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)
 
     # -- encoder -------------------------------------------------------------------------------
-    def _encode(self, work: list[EncodeWork]) -> int:
+    def _encode(self, work: list[EncodeWork]) -> tuple[int, dict[str, str]]:
+        """The pass's encoder work, in groups. Returns the tokens encoded and the requests whose group
+        raised (request id -> error): such a group (say, out of memory on a long prompt) fails its own
+        requests only, since it wrote no other request's KV, and the rest of the pass goes on."""
         limit = self.max_encoder_tokens
         short = [w for w in work if len(w.token_ids) <= limit]
-        for group in self._encoder_groups(short):
-            self._encode_group(group)
-        # a prompt longer than the limit is prefilled in chunks, each attending to the ones before it
-        for w in work:
-            if len(w.token_ids) > limit:
-                for start in range(0, len(w.token_ids), limit):
-                    self._encode_group([EncodeWork(w.request_id, w.token_ids[start:start + limit])])
-        return sum(len(w.token_ids) for w in work)
+        # units that succeed or fail together: a group of short prompts, or every chunk of one long
+        # prompt (prefilled in order, each chunk attending to the ones before it)
+        units = [[group] for group in self._encoder_groups(short)]
+        units += [[[EncodeWork(w.request_id, w.token_ids[start:start + limit])]
+                   for start in range(0, len(w.token_ids), limit)] for w in work if len(w.token_ids) > limit]
+        encoded, failed = 0, {}
+        for unit in units:
+            request_ids = [w.request_id for w in unit[0]]
+            try:
+                for group in unit:
+                    self._encode_group(group)
+                    encoded += sum(len(w.token_ids) for w in group)
+            except Exception as exc:
+                logger.exception("encoder work of %s failed", request_ids)
+                failed.update(dict.fromkeys(request_ids, pass_error(exc)))
+        return encoded, failed
 
     def _encoder_groups(self, work: list[EncodeWork]) -> list[list[EncodeWork]]:
         """Split encoder work so that rows x padded length stays within ``max_encoder_tokens``."""

@@ -64,3 +64,9 @@ class StepResult:
     encoder_tokens: int = 0
     forward_seconds: float = 0.0  # encoder, decoder layers, lm head, self-conditioning product
     sampling_seconds: float = 0.0  # the sampler's own math and random draws (generate() does the same)
+
+
+def pass_error(exc: BaseException) -> str:
+    """The error a request is failed with when the model pass (or its encoder group) raised: the
+    exception's type only (its text may carry tensor shapes or paths, and goes to the log instead)."""
+    return f"internal error in the model pass: {type(exc).__name__}"

@@ -44,3 +44,47 @@ def test_exception_in_a_pass_fails_that_pass_and_the_engine_goes_on(poisoned_cor
     monkeypatch.undo()
     after = run_to_completion(core, [("next", tok("next").input_ids, params)])["next"]
     assert after["finish_reason"] == "length" and len(after["tokens"]) == 16
+
+
+BOOM = [201] * 6  # a prompt tail that makes the encoder raise below (as an out-of-memory error would)
+
+
+@pytest.mark.parametrize("max_encoder_tokens, neighbour_fails", [(64, True), (12, False)],
+                         ids=["same-group", "prefilled-in-chunks"])
+def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory, monkeypatch, max_encoder_tokens,
+                                                                 neighbour_fails):
+    """A new request whose encoder work raises fails with the pass error, and so does a request
+    encoded in the same group; a request already denoising in that pass, and one encoded in another
+    group (here: beside a long prompt prefilled in chunks), go on with the tokens they get alone."""
+    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-encoder-fault"), TinySpec())
+    core = make_core(path, max_num_seqs=4, max_encoder_tokens=max_encoder_tokens)
+    tok = core.loaded.tokenizer
+    params = SamplingParams(max_tokens=40, seed=1, ignore_eos=True)
+    prompts = {"running": tok("fine").input_ids, "neighbour": [7] * 9,
+               "bad": tok("a longer prompt").input_ids + BOOM}
+    assert len(prompts["bad"]) > 12 >= len(prompts["neighbour"])
+    alone = {rid: run_to_completion(core, [(rid, prompts[rid], params)])[rid]["tokens"] for rid in ("running", "neighbour")}
+
+    encoder = core.loaded.model.model.encoder
+    forward = encoder.forward
+
+    def failing_forward(*args, input_ids=None, **kwargs):
+        if input_ids is not None and bool(((input_ids == BOOM[0]).sum(dim=-1) >= len(BOOM)).any()):
+            raise RuntimeError("out of memory")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", failing_forward)
+    # "running" is denoising when the other two arrive together, one pass later
+    res = run_to_completion(core, [(rid, prompts[rid], params) for rid in ("running", "neighbour", "bad")],
+                            arrivals={"neighbour": 1, "bad": 1})
+    failed = ["bad", "neighbour"] if neighbour_fails else ["bad"]
+    for rid in failed:
+        assert res[rid]["finish_reason"] == "error"
+        assert res[rid]["outputs"][-1].error == "internal error in the model pass: RuntimeError"
+        assert res[rid]["tokens"] == []
+    for rid in ("running", "neighbour"):
+        if rid not in failed:
+            assert (res[rid]["finish_reason"], res[rid]["tokens"]) == ("length", alone[rid])
+    assert core.num_live_states() == 0
