@@ -13,9 +13,12 @@ def _ttfd(run: dict):
 def markdown(result: dict) -> str:
     m = result["machine"]
     gpu = any(run.get("server_gpu_mib") is not None for run in result["runs"])
+    if result.get("server_url"):  # someone else's server: only the load generator's machine is known
+        where = f"server: {result['server_url']} · load generated on: {m['description']}"
+    else:
+        where = f"machine: {m['description']} · server threads: {result['server_threads']}"
     lines = [
-        f"Model: `{result['model']}` · machine: {m['description']} · server threads: {result['server_threads']} · "
-        f"command: `{result['command']}`",
+        f"Model: `{result['model']}` · {where} · command: `{result['command']}`",
         "",
         "| concurrency | requests | committed tok/s | vs one-at-a-time | vs static batch | req/s | first draft (s) | "
         "TTFT p50 (s) | e2e p50 / p90 / p99 (s) | steps/canvas | tok/step | decoder batch | server RSS peak (MiB) |"
@@ -81,7 +84,8 @@ def plot(result: dict, path: Path) -> bool:
     ax2.set_ylabel("seconds")
     ax2.legend()
     ax2.set_title("Latency")
-    fig.suptitle(f"{result['model']} on {result['machine']['description']}", fontsize=9)
+    where = result.get("server_url") or result["machine"]["description"]
+    fig.suptitle(f"{result['model']} on {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -227,8 +227,9 @@ def main(argv=None) -> int:
     warm = workload(args.warmup, args.seed + 10_000) if args.warmup else []
     result = {
         "model": model_name,
-        "machine": machine_description(),
-        "server_threads": args.threads,
+        "machine": machine_description(),  # where this command runs (the server's machine unless --url)
+        "server_url": args.url,
+        "server_threads": None if args.url else args.threads,
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": {"steps": args.steps, "canvases": canvases, "prompt_len": prompt_len, "seed": args.seed,
                      "arrival": f"poisson {args.request_rate}/s" if args.request_rate else "closed loop"},

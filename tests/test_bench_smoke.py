@@ -38,13 +38,15 @@ def test_bench_against_a_dead_url_reports_the_failures(tmp_path):
     not hidden behind a traceback or a zero exit."""
     from bench.run import free_port
 
-    cmd = [sys.executable, "-m", "bench.run", "--url", f"http://127.0.0.1:{free_port()}/v1", "--no-baselines",
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    cmd = [sys.executable, "-m", "bench.run", "--url", url, "--no-baselines",
            "--concurrency", "2", "--requests-per-level", "3", "--warmup", "0", "--out", str(tmp_path / "bench")]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "concurrency 2: 0 tok/s, 0/3 ok, p50 n/a" in proc.stdout
     assert "  failed: ConnectError" in proc.stdout
     assert "3 of 3 requests failed" in proc.stderr
+    assert f"· server: {url} · load generated on: " in proc.stdout  # not this machine's threads
     assert json.loads((tmp_path / "bench" / "bench.json").read_text())["runs"][0]["requests_ok"] == 0
 
 def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
