@@ -27,6 +27,8 @@ class RequestResult:
     denoising_steps: int | None
     canvases: int | None
     error: str | None = None
+    seed: int | None = None  # the work item's seed (unique per item): which request this was
+    text: str = ""  # the completion's text, as streamed
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, headers: dict,
@@ -45,6 +47,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, 
     t0 = time.perf_counter()
     ttft = ttfd = None
     usage = None
+    pieces: list[str] = []
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
@@ -66,6 +69,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, 
                     if choice.get("diffusion") is not None or chunk.get("diffusion") is not None:
                         ttfd = now if ttfd is None else ttfd
                     if choice.get("text"):
+                        pieces.append(choice["text"])
                         ttft = now if ttft is None else ttft
                         ttfd = now if ttfd is None else ttfd
     except httpx.HTTPError as exc:
@@ -73,7 +77,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, 
     latency = time.perf_counter() - t0
     usage = usage or {}
     return RequestResult(True, latency, ttft, ttfd, int(usage.get("completion_tokens", 0)),
-                         usage.get("denoising_steps"), usage.get("canvases"))
+                         usage.get("denoising_steps"), usage.get("canvases"), seed=item.seed, text="".join(pieces))
 
 
 async def run_load(base_url: str, model: str, items: list[WorkItem], *, concurrency: int,

@@ -46,6 +46,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| one at a time | 1 | {base['one_at_a_time']['tokens_per_s']:.0f} |")
         for size, b in sorted(base.get("static_batch", {}).items(), key=lambda kv: int(kv[0])):
             lines.append(f"| static batch | {size} | {b['tokens_per_s']:.0f} |")
+    check = result.get("outputs_alone")
+    if check:
+        lines += ["", f"Outputs at concurrency {check['concurrency']} identical to the same requests sent alone "
+                      f"(same seeds, one at a time): {check['identical']}/{check['checked']}."]
     lines += ["", "first draft: client-side p50 with `--drafts`, otherwise the server's mean from "
               "`diffusion_server:time_to_first_draft_seconds`. steps/canvas and tok/step come from the usage "
               "extension fields; decoder batch from `diffusion_server:decoder_batch_size`."]

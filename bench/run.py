@@ -172,6 +172,19 @@ def summarize(results, wall, before, after, concurrency, server_pid) -> dict:
     }
 
 
+def check_outputs_alone(base_url: str, model_name: str, args, level: int, items, results) -> dict:
+    """Send the first ``args.check_outputs`` requests of ``level`` again, one at a time, and compare
+    each text with what the same request (same seed) got under load: the engine is batch-invariant,
+    so every pair should match."""
+    under_load = {r.seed: r.text for r in results if r.ok}
+    sample = [it for it in items if it.seed in under_load][: args.check_outputs]
+    alone, _ = asyncio.run(run_load(base_url, model_name, sample, concurrency=1, api_key=args.api_key,
+                                    seed=args.seed, drafts=args.drafts))
+    identical = sum(r.ok and r.text == under_load[r.seed] for r in alone)
+    return {"concurrency": level, "checked": len(sample), "identical": identical,
+            "characters": sum(len(under_load[it.seed]) for it in sample)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint to serve and to run the baselines on (default: the tiny bench model)")
@@ -194,6 +207,9 @@ def main(argv=None) -> int:
                     help="untimed requests sent before the first level, and untimed generate calls before each "
                          "baseline (CUDA context, kernels and allocator warm-up stay out of the numbers)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check-outputs", type=int, default=8, metavar="N",
+                    help="send the first N requests of the highest level again, one at a time, and count the "
+                         "outputs that are identical to the ones they got under load (0: skip)")
     ap.add_argument("--out", default="bench/results", help="output folder")
     args = ap.parse_args(argv)
 
@@ -251,6 +267,7 @@ def main(argv=None) -> int:
         proc = start_server(model, port, args.threads, max(levels), args.server_arg)
         base_url = f"http://127.0.0.1:{port}/v1"
     workloads = {}
+    level_results = {}
     try:
         if warm:
             asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
@@ -271,6 +288,14 @@ def main(argv=None) -> int:
                   f"p50 {p50}", flush=True)
             for error in dict.fromkeys(run["errors"]):  # the first failures, once each
                 print(f"  failed: {error}", flush=True)
+            level_results[level] = results
+        if args.check_outputs and any(level > 1 for level in levels):
+            result["outputs_alone"] = check_outputs_alone(base_url, model_name, args, max(levels),
+                                                          workloads[max(levels)], level_results[max(levels)])
+            save()
+            c = result["outputs_alone"]
+            print(f"outputs at concurrency {c['concurrency']} identical to the same requests sent alone: "
+                  f"{c['identical']}/{c['checked']}", flush=True)
     finally:
         if proc is not None:
             proc.terminate()

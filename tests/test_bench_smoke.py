@@ -28,8 +28,13 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
         assert run["steps_per_canvas"] <= 2
         assert run["ratio_vs_one_at_a_time"] > 0 and run["ratio_vs_static_batch"] > 0
     assert set(result["baselines"]["static_batch"]) == {"2"}
+    # the first 3 requests of concurrency 2, sent again one at a time, get the same text
+    check = result["outputs_alone"]
+    assert (check["concurrency"], check["checked"], check["identical"]) == (2, 3, 3)
+    assert check["characters"] > 0  # real texts were compared, not empty strings
     md = (out / "bench.md").read_text()
     assert "| 2 | 3/3 |" in md and "static batch | 2 |" in md
+    assert "Outputs at concurrency 2 identical to the same requests sent alone (same seeds, one at a time): 3/3." in md
 
 
 
