@@ -67,15 +67,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, threads: int, max_num_seqs: int, extra: list[str]) -> subprocess.Popen:
+def start_server(model: str, port: int, threads: int, max_num_seqs: int, extra: list[str],
+                 log_path: Path) -> subprocess.Popen:
+    """Start the server and wait until it is healthy. Its output goes to ``log_path`` (a pipe nobody
+    reads would fill up with its per-request log lines and block it)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "server", "--model", model, "--port", str(port), "--num-threads", str(threads),
            "--max-num-seqs", str(max_num_seqs), "--no-access-log", *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -192,7 +196,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model-name", default=None, help="model name to send (default: the --model value)")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
-    ap.add_argument("--requests-per-level", type=int, default=0, help="requests per level (default max(16, 3 x concurrency))")
+    ap.add_argument("--requests-per-level", type=int, default=0, help="requests per level (default: max(16, --requests-per-slot x concurrency))")
+    ap.add_argument("--requests-per-slot", type=int, default=8,
+                    help="requests per concurrent client when --requests-per-level is not given: enough that "
+                         "the drain at the end of a level, with fewer requests left than clients, weighs little")
     ap.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals at this rate (req/s) instead of a closed loop")
     ap.add_argument("--steps", type=int, default=8, help="max_denoising_steps of every request")
     ap.add_argument("--canvases", default="1,4", help="min,max output canvases per request")
@@ -264,7 +271,7 @@ def main(argv=None) -> int:
     base_url = args.url
     if base_url is None:
         port = free_port()
-        proc = start_server(model, port, args.threads, max(levels), args.server_arg)
+        proc = start_server(model, port, args.threads, max(levels), args.server_arg, out / "server.log")
         base_url = f"http://127.0.0.1:{port}/v1"
     workloads = {}
     level_results = {}
@@ -273,7 +280,7 @@ def main(argv=None) -> int:
             asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
                                  api_key=args.api_key, seed=args.seed, drafts=args.drafts))
         for level in levels:
-            items = workload(args.requests_per_level or max(16, 3 * level), args.seed + level)
+            items = workload(args.requests_per_level or max(16, args.requests_per_slot * level), args.seed + level)
             workloads[level] = items
             before = scrape(base_url)
             results, wall = asyncio.run(run_load(base_url, model_name, items, concurrency=level,

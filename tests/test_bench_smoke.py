@@ -28,6 +28,9 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
         assert run["steps_per_canvas"] <= 2
         assert run["ratio_vs_one_at_a_time"] > 0 and run["ratio_vs_static_batch"] > 0
     assert set(result["baselines"]["static_batch"]) == {"2"}
+    # the server's log goes to a file (an unread pipe filled up after ~340 requests and hung the server)
+    # (1 warm-up + 3 + 3 at the two levels + 3 sent again alone)
+    assert (out / "server.log").read_text().count("completions status=200") == 1 + 3 + 3 + 3
     # the first 3 requests of concurrency 2, sent again one at a time, get the same text
     check = result["outputs_alone"]
     assert (check["concurrency"], check["checked"], check["identical"]) == (2, 3, 3)
