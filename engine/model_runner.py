@@ -7,6 +7,7 @@ and returns plain ``StepResult`` data.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,10 +89,11 @@ class ModelRunner:
         # CPU: one worker thread takes each step's random draws while the forward runs
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if threaded else None
         self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device, self._worker)
-        # CPU with one intra-op thread (the default): the worker computes each chunk's entropies while
-        # this thread draws. With more, both threads' parallel kernels would oversubscribe the cores.
+        # CPU with one intra-op thread (the default) and a second core: the worker computes each chunk's
+        # entropies while this thread draws. With more intra-op threads, both threads' parallel kernels
+        # would oversubscribe the cores; with one core, they would only take turns.
         # (bench.profile_engine --compare-sequential turns it off in every other pass: a same-run baseline)
-        self.overlap_entropy = threaded and torch.get_num_threads() == 1
+        self.overlap_entropy = threaded and torch.get_num_threads() == 1 and len(os.sched_getaffinity(0)) > 1
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
 

@@ -111,20 +111,27 @@ def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
         core.runner.overlap_entropy = default
 
 
-def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads(core):
-    """On CPU with one intra-op thread (the server's default) the worker computes the entropies. With
-    --num-threads above 1 it would run its own parallel kernels beside the engine thread's and
-    oversubscribe the cores, so the entropies are computed after the draw instead."""
+def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads_or_one_core(core):
+    """On CPU with one intra-op thread (the server's default) and two cores the worker computes the
+    entropies. With --num-threads above 1 it would run its own parallel kernels beside the engine
+    thread's and oversubscribe the cores, and on one core the two would only take turns: there the
+    entropies are computed after the draw instead."""
+    import os
+
     from engine.model_runner import ModelRunner
 
-    before = torch.get_num_threads()
+    threads, cpus = torch.get_num_threads(), os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
     placements = {}
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+        for n_threads, n_cpus in ((1, 2), (2, 2), (1, 1)):
+            torch.set_num_threads(n_threads)
+            os.sched_setaffinity(0, sorted(cpus)[:n_cpus])
             runner = ModelRunner(core.loaded, max_num_seqs=2)
-            placements[threads] = runner.overlap_entropy
+            placements[n_threads, n_cpus] = runner.overlap_entropy
             runner.close()
     finally:
-        torch.set_num_threads(before)
-    assert placements == {1: True, 2: False}
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, cpus)
+    assert placements == {(1, 2): True, (2, 2): False, (1, 1): False}
