@@ -26,6 +26,13 @@ from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepRe
 logger = logging.getLogger("engine")
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one, as on Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass
 class _DecoderGeometry:
     key: tuple  # (buffer generation, token count of each row)
@@ -93,7 +100,7 @@ class ModelRunner:
         # entropies while this thread draws. With more intra-op threads, both threads' parallel kernels
         # would oversubscribe the cores; with one core, they would only take turns.
         # (bench.profile_engine --compare-sequential turns it off in every other pass: a same-run baseline)
-        self.overlap_entropy = threaded and torch.get_num_threads() == 1 and len(os.sched_getaffinity(0)) > 1
+        self.overlap_entropy = threaded and torch.get_num_threads() == 1 and _usable_cpus() > 1
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
 
