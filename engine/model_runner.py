@@ -203,16 +203,17 @@ class ModelRunner:
     def _encode_group(self, group: list[EncodeWork]) -> None:
         ids = [w.request_id for w in group]
         view = self.kv.view(ids)
-        lengths = torch.tensor([len(w.token_ids) for w in group], device=self.device)
-        width = max(len(w.token_ids) for w in group)
-        padded = any(len(w.token_ids) < width for w in group)  # rows of one length (canvases) have no padding
+        row_lengths = [len(w.token_ids) for w in group]
+        lengths = torch.tensor(row_lengths, device=self.device)
+        width = max(row_lengths)
+        padded = min(row_lengths) < width  # rows of one length (canvases) have no padding
         slot = torch.arange(width, device=self.device)
         offset = slot[None, :] - (width - lengths)[:, None]  # left padding
         q_valid = offset >= 0
         starts = torch.tensor([self.kv.get(r).total_len for r in ids], device=self.device)
         q_pos = torch.where(q_valid, starts[:, None] + offset, torch.zeros_like(offset))
         pad = self.text_config.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (width - len(w.token_ids)) + list(w.token_ids) for w in group],
+        input_ids = torch.tensor([[pad] * (width - n) + list(w.token_ids) for w, n in zip(group, row_lengths)],
                                  dtype=torch.long, device=self.device)
 
         masks = {}
@@ -265,9 +266,8 @@ class ModelRunner:
         for index, tile in enumerate(tiles):
             draws = self.draws.take(index)
             params = row_parameters(work[tile], self.device)
-            last = self._position_chunks[-1]
             parts = [self._sample_chunk(hidden[tile, chunk], temperatures(params), draws.exponentials[:, chunk],
-                                        next_tile=index + 1 if chunk is last else None)
+                                        next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
                      for chunk in self._position_chunks]
             t0 = time.perf_counter()
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
