@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared script for a lent GPU machine (see README "GPU"): CUDA tests, a DiffusionGemma-shaped
-# random checkpoint, the benchmark, the CUDA-graph check, the FP8-experts load and the engine with
+# random checkpoint, the benchmark, a kernel-time profile of the engine, the CUDA-graph check, the FP8-experts load and the engine with
 # CUDA graphs. Results land in $OUT (default bench/results-gpu).
 #
 #   bash bench/gpu_check.sh                      # every step
@@ -36,7 +36,7 @@ run() {
 bench_args=(--model "$MODEL_DIR" --concurrency "${CONCURRENCY:-1,4,16}" --steps 12 --canvases 1,2
             --prompt-len 64,256 --threads 4 --requests-per-slot 3)
 steps=("$@")
-(( ${#steps[@]} )) || steps=(tests model bench graphs fp8 graphs-bench)
+(( ${#steps[@]} )) || steps=(tests model bench profile graphs fp8 graphs-bench)
 for step in "${steps[@]}"; do
   case "$step" in
     tests)  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -46,6 +46,9 @@ for step in "${steps[@]}"; do
     bench)  run 240 "$PY" -m bench.run "${bench_args[@]}" --out "$OUT/bf16" 2>&1 | tee "$OUT/bench-bf16.log" | tail -25 ;;
     graphs) run 120 "$PY" -m bench.cuda_graph_check --model "$MODEL_DIR" --batches 1,4,16 \
               --out "$OUT/cuda-graphs.json" 2>&1 | grep -v "Loading weights" ;;
+    # where a pass goes on the GPU: kernel time against wall time at concurrency 16, the top kernels
+    profile) run 120 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 16 --requests 48 --steps 12 \
+              --warmup 4 --threads 4 --device-profile 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.txt" | sed -n 1,12p ;;
     # the same load with the MoE experts in FP8 (--quantization fp8-experts): speed and server memory
     fp8)    run 200 "$PY" -m bench.run "${bench_args[@]}" --no-baselines \
               --server-arg=--quantization=fp8-experts --out "$OUT/fp8-experts" 2>&1 | tee "$OUT/bench-fp8.log" | tail -12 ;;

@@ -6,7 +6,9 @@
 "Forward" is the time inside the encoder, the decoder layers and the lm head (what transformers'
 ``generate`` spends in ``model.forward``); everything else in a pass (scheduling, KV views,
 sampling, bookkeeping) is overhead. Prints the split, the top functions by own time and the
-engine's own functions by cumulative time. ``--compare-sequential`` alternates, pass by pass,
+engine's own functions by cumulative time. ``--device-profile`` takes torch's profiler instead of
+cProfile: on CUDA, where the forward's wall time only measures kernel launches, it reports how much
+of each pass the GPU spends in kernels and which kernels those are. ``--compare-sequential`` alternates, pass by pass,
 between the CPU worker computing the entropies beside the draw (the default) and the entropies computed
 after the draw on the engine's thread (what CUDA does): the baseline in the same run, on the same
 requests (the tokens do not depend on it).
@@ -56,7 +58,7 @@ class _PassTimer:
 
 
 def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool,
-        compare_sequential: bool = False) -> dict:
+        compare_sequential: bool = False, device_profile: bool = False, warmup: int = 0) -> dict:
     """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
     (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
     see the same mix of batches, encoder work and machine state; the throughput covers both)."""
@@ -68,26 +70,20 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     cfg = core.loaded.model.config
     items = make_workload(requests, seed=1, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
                           max_denoising_steps=steps)
-    pending = list(items)
-    prof = cProfile.Profile() if profile else None
+    if warmup:  # untimed requests first (CUDA's first kernels and allocations take seconds)
+        _drive(core, make_workload(warmup, seed=2, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
+                                   max_denoising_steps=steps), concurrency, timer, overlap, False, prefix="warmup")
+        timer.totals.clear()
+    prof = cProfile.Profile() if profile and not device_profile else None
+    tprof = _torch_profiler(core.runner.device) if device_profile else None
     t0 = time.perf_counter()
     if prof:
         prof.enable()
-    n = 0
-    turns = {False: 0, True: 0}
-    while pending or core.has_work():
-        while pending and core.num_running + core.num_waiting < concurrency:  # closed loop
-            it = pending.pop(0)
-            params = SamplingParams(max_tokens=it.max_tokens, seed=it.seed, max_denoising_steps=it.max_denoising_steps,
-                                    ignore_eos=True)
-            core.add_request(f"r{n}", list(it.prompt_ids), core.resolve(list(it.prompt_ids), params))
-            n += 1
-        # alternate separately among passes with encoder work and passes without (they differ in cost)
-        encodes = bool(core.scheduler.waiting) or any(r.status is RequestStatus.ENCODING for r in core.scheduler.running)
-        sequential = compare_sequential and turns[encodes] % 2 == 1
-        turns[encodes] += 1
-        timer.mode = core.runner.overlap_entropy = overlap and not sequential
-        core.step()
+    if tprof:
+        tprof.start()
+    _drive(core, items, concurrency, timer, overlap, compare_sequential)
+    if tprof:
+        tprof.stop()
     if prof:
         prof.disable()
     wall = time.perf_counter() - t0
@@ -114,7 +110,54 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         # (cProfile's per-call cost inflates these Python-heavy pieces somewhat)
         stats.sort_stats("cumulative").print_stats(r"/engine/", 30)
         out["profile"] = buf.getvalue()
+    if tprof:
+        passes = sum(int(t["passes"]) for t in timer.totals.values())
+        out["profile"] = _device_report(tprof, wall, passes)
     return out
+
+
+def _drive(core, items, concurrency: int, timer, overlap: bool, compare_sequential: bool, prefix: str = "r") -> None:
+    """Closed loop: keep ``concurrency`` requests in the engine until every item is done."""
+    pending = list(items)
+    n = 0
+    turns = {False: 0, True: 0}
+    while pending or core.has_work():
+        while pending and core.num_running + core.num_waiting < concurrency:  # closed loop
+            it = pending.pop(0)
+            params = SamplingParams(max_tokens=it.max_tokens, seed=it.seed, max_denoising_steps=it.max_denoising_steps,
+                                    ignore_eos=True)
+            core.add_request(f"{prefix}{n}", list(it.prompt_ids), core.resolve(list(it.prompt_ids), params))
+            n += 1
+        # alternate separately among passes with encoder work and passes without (they differ in cost)
+        encodes = bool(core.scheduler.waiting) or any(r.status is RequestStatus.ENCODING for r in core.scheduler.running)
+        sequential = compare_sequential and turns[encodes] % 2 == 1
+        turns[encodes] += 1
+        timer.mode = core.runner.overlap_entropy = overlap and not sequential
+        core.step()
+    timer.mode = core.runner.overlap_entropy = overlap
+
+
+def _torch_profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
+
+
+def _device_report(tprof, wall: float, passes: int) -> str:
+    """Kernel time against wall time per pass, and the top operators (by device time on CUDA)."""
+    averages = tprof.key_averages()
+    on_device = any(a.self_device_time_total > 0 for a in averages)
+    lines = []
+    if on_device:
+        busy_ms = sum(a.self_device_time_total for a in averages) / 1000  # each kernel counted once
+        kernels = sum(a.count for a in averages if a.self_device_time_total > 0 and a.cpu_time_total == 0)
+        lines.append(f"device: {busy_ms / max(1, passes):.2f} ms of kernels per pass against "
+                     f"{1000 * wall / max(1, passes):.2f} ms wall per pass ({busy_ms / (1000 * wall):.1%} busy), "
+                     f"{kernels / max(1, passes):.0f} device events per pass, {passes} passes")
+    sort = "self_device_time_total" if on_device else "self_cpu_time_total"
+    lines.append(averages.table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -129,11 +172,15 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-sequential", action="store_true",
                     help="compute the entropies on the engine's thread after the draw (what CUDA does) in "
                          "every other pass, and report both halves")
+    ap.add_argument("--device-profile", action="store_true",
+                    help="torch's profiler instead of cProfile: kernel time per pass and the top operators")
+    ap.add_argument("--warmup", type=int, default=0, metavar="N",
+                    help="run N untimed requests to completion first (use a few on CUDA)")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
         res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
-                  args.compare_sequential)
+                  args.compare_sequential, args.device_profile, args.warmup)
         _print(res, model, args.model is None)
     return 0
 
