@@ -146,16 +146,20 @@ def _torch_profiler(device: torch.device):
 
 def _device_report(tprof, wall: float, passes: int) -> str:
     """Kernel time against wall time per pass, and the top operators (by device time on CUDA)."""
+    from torch.autograd import DeviceType
+
     averages = tprof.key_averages()
-    on_device = any(a.self_device_time_total > 0 for a in averages)
+    # the kernels themselves (an operator's "self device time" repeats its kernels' time, so only these add up)
+    kernels = [a for a in averages if a.device_type == DeviceType.CUDA and not getattr(a, "is_user_annotation", False)]
     lines = []
-    if on_device:
-        busy_ms = sum(a.self_device_time_total for a in averages) / 1000  # each kernel counted once
-        kernels = sum(a.count for a in averages if a.self_device_time_total > 0 and a.cpu_time_total == 0)
-        lines.append(f"device: {busy_ms / max(1, passes):.2f} ms of kernels per pass against "
-                     f"{1000 * wall / max(1, passes):.2f} ms wall per pass ({busy_ms / (1000 * wall):.1%} busy), "
-                     f"{kernels / max(1, passes):.0f} device events per pass, {passes} passes")
-    sort = "self_device_time_total" if on_device else "self_cpu_time_total"
+    if kernels:
+        busy_ms = sum(a.self_device_time_total for a in kernels) / 1000
+        launches = sum(a.count for a in kernels)
+        per = max(1, passes)
+        lines.append(f"device: {busy_ms / per:.2f} ms of kernels per pass against {1000 * wall / per:.2f} ms wall "
+                     f"per pass ({busy_ms / (1000 * wall):.1%} busy), {launches / per:.0f} kernels per pass, "
+                     f"{passes} passes (the profiler's own cost is in the wall time)")
+    sort = "self_device_time_total" if kernels else "self_cpu_time_total"
     lines.append(averages.table(sort_by=sort, row_limit=25, max_name_column_width=60))
     return "\n".join(lines)
 

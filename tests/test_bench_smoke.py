@@ -78,3 +78,22 @@ def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
         assert len(parts) == 3 and all(p >= 0 for p in parts) and abs(sum(parts) - total) < 0.02
     assert len([line for line in out.splitlines() if line.startswith("run: ")]) == 1
     assert "model_runner.py" in out and "(_decode)" in out
+
+
+def test_profile_engine_device_profile_reports_operators_after_warmup(tmp_path, capsys):
+    """--device-profile takes torch's profiler instead of cProfile (on CPU: operators by CPU time and no
+    device line), and --warmup runs its requests before the measured run, outside its pass count."""
+    from bench import profile_engine
+    from bench.run import build_bench_model
+
+    model = build_bench_model(tmp_path / "model")
+    args = ["--model", str(model), "--concurrency", "2", "--requests", "2", "--steps", "2"]
+    assert profile_engine.main(args + ["--no-profile"]) == 0
+    plain = capsys.readouterr().out
+    assert profile_engine.main(args + ["--device-profile", "--warmup", "3"]) == 0
+    out = capsys.readouterr().out
+    passes = [line.split(" passes ")[0].rsplit(" ", 1)[1] for line in (plain, out) for line in line.splitlines()
+              if " passes (" in line]
+    assert len(passes) == 2 and passes[0] == passes[1]  # the warm-up's passes are not counted
+    assert "aten::mm" in out and "Self CPU time total" in out
+    assert "device:" not in out and "(_decode)" not in out  # no cProfile report, no kernels on CPU
