@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared script for a lent GPU machine (see README "GPU"): CUDA tests, a DiffusionGemma-shaped
-# random checkpoint, the benchmark, a kernel-time profile of the engine, the CUDA-graph check, the FP8-experts load and the engine with
-# CUDA graphs. Results land in $OUT (default bench/results-gpu).
+# random checkpoint, the benchmark, a kernel-time profile of the engine, the CUDA-graph check, the
+# FP8-experts load and the engine without CUDA graphs. Results land in $OUT (default bench/results-gpu).
 #
 #   bash bench/gpu_check.sh                      # every step
 #   bash bench/gpu_check.sh tests model bench    # some steps, in this order
@@ -36,7 +36,7 @@ run() {
 bench_args=(--model "$MODEL_DIR" --concurrency "${CONCURRENCY:-1,4,16}" --steps 12 --canvases 1,2
             --prompt-len 64,256 --threads 4 --requests-per-slot 3)
 steps=("$@")
-(( ${#steps[@]} )) || steps=(tests model bench profile graphs fp8 graphs-bench)
+(( ${#steps[@]} )) || steps=(tests model bench profile graphs fp8 eager-bench)
 for step in "${steps[@]}"; do
   case "$step" in
     tests)  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -52,10 +52,10 @@ for step in "${steps[@]}"; do
     # the same load with the MoE experts in FP8 (--quantization fp8-experts): speed and server memory
     fp8)    run 200 "$PY" -m bench.run "${bench_args[@]}" --no-baselines \
               --server-arg=--quantization=fp8-experts --out "$OUT/fp8-experts" 2>&1 | tee "$OUT/bench-fp8.log" | tail -12 ;;
-    # the engine with decoder batches of up to 4 canvases replayed from CUDA graphs (against "bench")
-    graphs-bench)
+    # the engine with every decoder pass eager (against "bench", where batches of up to 4 replay CUDA graphs)
+    eager-bench)
             run 200 "$PY" -m bench.run "${bench_args[@]}" --no-baselines \
-              --server-arg=--cuda-graph-max-batch=4 --out "$OUT/bf16-graphs" 2>&1 | tee "$OUT/bench-graphs.log" | tail -12 ;;
+              --server-arg=--cuda-graph-max-batch=0 --out "$OUT/bf16-eager" 2>&1 | tee "$OUT/bench-eager.log" | tail -12 ;;
     *)      echo "unknown step: $step"; exit 2 ;;
   esac
 done

@@ -35,6 +35,12 @@ from .kv_cache import BatchKVView
 
 logger = logging.getLogger("engine")
 
+# Graphs for decoder batches of 1..4 canvases unless the settings say otherwise: on an H200 (4-layer
+# DiffusionGemma-shaped model, bf16) they raised the engine at concurrency 1 from 793-835 to 987 committed
+# tok/s and at 4 from 1,210-1,512 to 1,616, and left concurrency 16 within run-to-run noise; graphs up to
+# batch 16 gave nothing more there (README, "GPU").
+AUTO_CUDA_GRAPH_MAX_BATCH = 4
+
 
 def capture_blocker(model, dtype: torch.dtype, quantization: str, device: torch.device) -> str | None:
     """Why the decoder pass of ``model`` cannot be captured on ``device``, or None when it can."""

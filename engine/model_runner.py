@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker
+from .decoder_graphs import AUTO_CUDA_GRAPH_MAX_BATCH, DecoderGraphs, DecoderInputs, capture_blocker
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
@@ -55,7 +55,7 @@ class RowState:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 16, sampling_tile_bytes: int | None = None,
-                 max_encoder_tokens: int = 8192, cuda_graph_max_batch: int = 0):
+                 max_encoder_tokens: int = 8192, cuda_graph_max_batch: int | None = 0):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -83,11 +83,17 @@ class ModelRunner:
         self.rows: dict[str, RowState] = {}
         self._geometry: _DecoderGeometry | None = None
         # CUDA: decoder batches of up to cuda_graph_max_batch rows replay captured graphs (launch-bound otherwise)
+        # (None: AUTO_CUDA_GRAPH_MAX_BATCH where capture works, silently eager elsewhere)
         self.graphs: DecoderGraphs | None = None
-        if cuda_graph_max_batch:
+        graph_max_batch = min(AUTO_CUDA_GRAPH_MAX_BATCH, max_num_seqs) if cuda_graph_max_batch is None \
+            else cuda_graph_max_batch
+        if graph_max_batch:
             blocker = capture_blocker(self.model, self.dtype, loaded.quantization, self.device)
             if blocker is None:
-                self.graphs = DecoderGraphs(self._decoder_forward, cuda_graph_max_batch, capture=True)
+                self.graphs = DecoderGraphs(self._decoder_forward, graph_max_batch, capture=True)
+                logger.info("decoder batches of up to %d canvases replay CUDA graphs", graph_max_batch)
+            elif cuda_graph_max_batch is None:
+                logger.debug("CUDA graphs off, every decoder pass runs eagerly: %s", blocker)
             else:
                 logger.warning("cuda_graph_max_batch=%d ignored, every decoder pass runs eagerly: %s",
                                cuda_graph_max_batch, blocker)

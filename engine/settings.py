@@ -28,9 +28,11 @@ class EngineSettings:
         10% of the memory free after the weights, between 512 MiB and 8 GiB.
     cuda_graph_max_batch: on CUDA, decoder batches of at most this many canvases run as captured CUDA
         graphs (``engine.decoder_graphs``), one per batch size, recaptured when the KV buffers are
-        reallocated; 0 (the default) runs every pass eagerly. It needs bf16 weights, unquantized
-        experts on grouped_mm and compute capability 9.x/10.x (``capture_blocker``); elsewhere,
-        CPU included, it is ignored with a warning. The graphs keep about one eager decoder pass's
+        reallocated; 0 runs every pass eagerly. It needs bf16 weights, unquantized experts on
+        grouped_mm and compute capability 9.x/10.x (``capture_blocker``); elsewhere, CPU included, a
+        value given is ignored with a warning. ``None`` (the default) means
+        ``AUTO_CUDA_GRAPH_MAX_BATCH`` (4, at most ``max_num_seqs``) where capture works and eager
+        passes, without a warning, elsewhere. The graphs keep about one eager decoder pass's
         activations at that batch size allocated beside the KV budget.
     num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
     quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
@@ -47,7 +49,7 @@ class EngineSettings:
     memory_fraction: float = 0.8
     max_encoder_tokens: int = 2048
     sampling_tile_bytes: int | None = None
-    cuda_graph_max_batch: int = 0
+    cuda_graph_max_batch: int | None = None
     num_threads: int | None = None
     quantization: str = "none"
     experts_implementation: str | None = None  # None: transformers' default (eager for float64 and quantized experts)
@@ -78,8 +80,9 @@ class EngineSettings:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (got {self.quantization!r})")
         if self.quantization != "none" and self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"quantization {self.quantization} needs dtype auto, bfloat16 or float32 (got {self.dtype!r})")
-        if not isinstance(self.cuda_graph_max_batch, int) or isinstance(self.cuda_graph_max_batch, bool) \
-                or not 0 <= self.cuda_graph_max_batch <= self.max_num_seqs:
+        if self.cuda_graph_max_batch is not None and (
+                not isinstance(self.cuda_graph_max_batch, int) or isinstance(self.cuda_graph_max_batch, bool)
+                or not 0 <= self.cuda_graph_max_batch <= self.max_num_seqs):
             raise ValueError(f"cuda_graph_max_batch must be an integer from 0 to max_num_seqs ({self.max_num_seqs}) "
                              f"(got {self.cuda_graph_max_batch!r})")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:

@@ -36,7 +36,7 @@ class ServerSettings:
     num_threads: int | None = None
     quantization: str = "none"
     sampling_tile_bytes: int | None = None
-    cuda_graph_max_batch: int = 0
+    cuda_graph_max_batch: int | None = None
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     log_prompts: bool = False
     log_level: str = "info"
@@ -167,9 +167,9 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("--cuda-graph-max-batch", "cuda_graph_max_batch", "int",
      "On CUDA, decoder passes of at most this many canvases replay a captured CUDA graph (one per batch size, "
      "captured on first use and again after the KV buffers are reallocated); small batches are launch-bound "
-     "otherwise. 0 (default) keeps every pass eager. Needs bfloat16 weights, unquantized experts and a GPU of "
-     "compute capability 9.x/10.x (H100, H200, B200); elsewhere it is ignored with a warning. Must not exceed "
-     "--max-num-seqs."),
+     "otherwise. 0 keeps every pass eager. Needs bfloat16 weights, unquantized experts and a GPU of compute "
+     "capability 9.x/10.x (H100, H200, B200); elsewhere a value given is ignored with a warning. Must not exceed "
+     "--max-num-seqs. Default: 4 (at most --max-num-seqs) where capture works, eager elsewhere."),
     ("--max-request-body-bytes", "max_request_body_bytes", "int",
      f"Largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})."),
     ("--log-prompts", "log_prompts", "bool", "Include prompts and generated text in the per-request log lines (off by default)."),

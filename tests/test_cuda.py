@@ -109,3 +109,16 @@ def test_cuda_graphs_stay_off_where_capture_would_sync(checkpoint):
     tok = core.loaded.tokenizer
     out = run_to_completion(core, [("r", tok("hello").input_ids, SamplingParams(max_tokens=20, seed=1, ignore_eos=True))])
     assert len(out["r"]["tokens"]) == 20
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] not in (9, 10),
+                    reason="grouped_mm's bf16 kernel (the only capturable MoE path) needs compute capability 9.x/10.x")
+@pytest.mark.parametrize("max_num_seqs, expected", [(16, 4), (2, 2)])
+def test_cuda_graphs_are_on_by_default_for_small_batches(checkpoint, max_num_seqs, expected):
+    """Without the setting, bf16 on a capable GPU replays graphs for batches of up to 4 (or max_num_seqs)."""
+    settings = EngineSettings(model=str(checkpoint), device="cuda", dtype="bfloat16", max_num_seqs=max_num_seqs)
+    core = EngineCore(load_model(settings), settings)
+    assert core.runner.graphs is not None and core.runner.graphs.max_batch == expected
+    tok = core.loaded.tokenizer
+    out = run_to_completion(core, [("r", tok("hello").input_ids, SamplingParams(max_tokens=20, seed=1, ignore_eos=True))])
+    assert len(out["r"]["tokens"]) == 20 and core.runner.graphs.passes > 0

@@ -111,6 +111,18 @@ def test_cuda_graph_setting_is_ignored_on_cpu(checkpoint, caplog):
     assert len(out["r"]["tokens"]) == 20
 
 
+def test_cuda_graphs_by_default_stay_off_on_cpu_without_a_warning(checkpoint, caplog):
+    """The default (None: graphs where capture works) asks for nothing, so CPU runs eagerly and says nothing."""
+    caplog.set_level("DEBUG", logger="engine")
+    settings = EngineSettings(model=str(checkpoint), device="cpu")
+    assert settings.cuda_graph_max_batch is None
+    settings.validate()
+    core = EngineCore(load_model(settings), settings)
+    assert core.runner.graphs is None
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "CUDA graphs off, every decoder pass runs eagerly: grouped_mm's kernel for float32" in caplog.text
+
+
 @pytest.mark.parametrize("dtype, reason", [
     ("float64", "the MoE experts run 'eager'; only grouped_mm can be captured"),
     ("float32", "grouped_mm's kernel for float32 reads the routing offsets on the host; use bfloat16"),
