@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    settings = EngineSettings(model=args.model, max_num_seqs=max(batches))
+    # eager engine passes: this script captures its own graph of the same pass to compare with
+    settings = EngineSettings(model=args.model, max_num_seqs=max(batches), cuda_graph_max_batch=0)
     loaded = load_model(settings)
     vocab_high = min(260, loaded.model.config.get_text_config().vocab_size - 1)
     results = []

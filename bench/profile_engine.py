@@ -58,21 +58,30 @@ class _PassTimer:
 
 
 def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool,
-        compare_sequential: bool = False, device_profile: bool = False, warmup: int = 0) -> dict:
+        compare_sequential: bool = False, device_profile: bool = False, warmup: int = 0,
+        cuda_graph_max_batch: int | None = None) -> dict:
     """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
     (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
     see the same mix of batches, encoder work and machine state; the throughput covers both)."""
     torch.set_num_threads(threads)
-    settings = EngineSettings(model=model, max_num_seqs=concurrency)
+    settings = EngineSettings(model=model, max_num_seqs=concurrency, cuda_graph_max_batch=cuda_graph_max_batch)
+    if device_profile and torch.cuda.is_available():
+        # graphs captured before the profiler starts and replayed under it need this first (torch#100441)
+        from torch.profiler._utils import _init_for_cuda_graphs
+
+        _init_for_cuda_graphs()
     timer = _PassTimer()
     core = EngineCore(load_model(settings), settings, timer)
     overlap = core.runner.overlap_entropy  # False where there is no worker thread (CUDA)
     cfg = core.loaded.model.config
     items = make_workload(requests, seed=1, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
                           max_denoising_steps=steps)
+    warmup_s = None
     if warmup:  # untimed requests first (CUDA's first kernels and allocations take seconds)
+        t0 = time.perf_counter()
         _drive(core, make_workload(warmup, seed=2, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
                                    max_denoising_steps=steps), concurrency, timer, overlap, False, prefix="warmup")
+        warmup_s = time.perf_counter() - t0
         timer.totals.clear()
     prof = cProfile.Profile() if profile and not device_profile else None
     tprof = _torch_profiler(core.runner.device) if device_profile else None
@@ -82,14 +91,18 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     if tprof:
         tprof.start()
     _drive(core, items, concurrency, timer, overlap, compare_sequential)
+    if core.runner.device.type == "cuda":
+        torch.cuda.synchronize(core.runner.device)
+    wall = time.perf_counter() - t0  # before the profilers' own processing
     if tprof:
         tprof.stop()
     if prof:
         prof.disable()
-    wall = time.perf_counter() - t0
     core.close()
     tokens = sum(it.max_tokens for it in items)
-    out = {"concurrency": concurrency, "wall_s": wall, "tokens_per_s": tokens / wall, "placements": []}
+    out = {"concurrency": concurrency, "wall_s": wall, "tokens_per_s": tokens / wall, "placements": [],
+           "warmup": {"requests": warmup, "seconds": warmup_s} if warmup else None,
+           "cuda_graph_max_batch": core.runner.graphs.max_batch if core.runner.graphs else 0}
     for mode, t in sorted(timer.totals.items(), reverse=True):
         out["placements"].append({
             "overlap_entropy": mode,
@@ -181,16 +194,22 @@ def main(argv=None) -> int:
                     help="torch's profiler instead of cProfile: kernel time per pass and the top operators")
     ap.add_argument("--warmup", type=int, default=0, metavar="N",
                     help="run N untimed requests to completion first (use a few on CUDA)")
+    ap.add_argument("--cuda-graph-max-batch", type=int, default=None, metavar="N",
+                    help="the engine setting (default: the engine's, graphs for batches of up to 4 where capture works)")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
         res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
-                  args.compare_sequential, args.device_profile, args.warmup)
+                  args.compare_sequential, args.device_profile, args.warmup, args.cuda_graph_max_batch)
         _print(res, model, args.model is None)
     return 0
 
 
 def _print(res: dict, model: str, bench_model: bool) -> None:
+    if res["warmup"]:
+        print(f"warm-up: {res['warmup']['requests']} requests in {res['warmup']['seconds']:.2f} s, not counted below")
+    if res["cuda_graph_max_batch"]:
+        print(f"CUDA graphs for decoder batches of up to {res['cuda_graph_max_batch']}")
     for p in res["placements"]:
         entropy = "on the worker thread" if p["overlap_entropy"] else "after the draw, on the engine's thread"
         print(f"model {model} ({BENCH_SPEC if bench_model else ''}), concurrency {res['concurrency']}, "

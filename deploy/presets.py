@@ -67,7 +67,7 @@ PRESETS: tuple[Preset, ...] = (
     Preset(
         "rtx5090-32gb", "NVIDIA RTX 5090 32 GB (nvidia-smi total 32,607 MiB)", 32607 / 1024, MODEL_SHAPE_26B,
         note="--quantization fp8-experts (torchao): loading, exactness against generate and these byte counts are "
-             "tested on CPU with a tiny model; on an H200 (4-layer model) it ran 5-11x slower than bf16 (README, GPU)",
+             "tested on CPU with a tiny model; on an H200 (4-layer model) it ran 5-11x slower than eager bf16 (README, GPU)",
     ),
 )
 

@@ -42,6 +42,18 @@ logger = logging.getLogger("engine")
 AUTO_CUDA_GRAPH_MAX_BATCH = 4
 
 
+def graph_max_batch(setting: int | None, max_num_seqs: int, blocker: str | None) -> tuple[int, str | None]:
+    """The largest decoder batch to capture (0: none) for the ``cuda_graph_max_batch`` ``setting``, and
+    the warning to log, if any. ``None`` means AUTO_CUDA_GRAPH_MAX_BATCH (at most ``max_num_seqs``)
+    where capture works (``blocker`` is None) and nothing, silently, elsewhere; a number given is
+    used as is, or ignored with a warning naming the ``blocker``."""
+    if setting is None:
+        return (min(AUTO_CUDA_GRAPH_MAX_BATCH, max_num_seqs) if blocker is None else 0), None
+    if setting and blocker is not None:
+        return 0, f"cuda_graph_max_batch={setting} ignored, every decoder pass runs eagerly: {blocker}"
+    return setting, None
+
+
 def capture_blocker(model, dtype: torch.dtype, quantization: str, device: torch.device) -> str | None:
     """Why the decoder pass of ``model`` cannot be captured on ``device``, or None when it can."""
     if quantization != "none":
@@ -133,7 +145,8 @@ class DecoderGraphs:
         if entry.graph is None:
             entry.output = self.forward(entry.inputs)
         else:
-            entry.graph.replay()
+            with torch.cuda.device(entry.output.device):  # replay on the current stream of the graph's device
+                entry.graph.replay()
         return entry.output
 
     def _new_entry(self, inputs: DecoderInputs) -> _Entry:
@@ -147,17 +160,20 @@ class DecoderGraphs:
         )
         if not self.capture:
             return _Entry(static, None)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_RUNS):
-                self.forward(static)
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = self.forward(static)
+        # on the inputs' device (cuda:N need not be the current device): the side stream, the pool and
+        # the capture stream must all be that device's, or the capture records nothing
+        with torch.cuda.device(static.canvas.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP_RUNS):
+                    self.forward(static)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self.forward(static)
         self.captures += 1
         return _Entry(static, graph, output)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoder_graphs import AUTO_CUDA_GRAPH_MAX_BATCH, DecoderGraphs, DecoderInputs, capture_blocker
+from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph_max_batch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
@@ -55,7 +55,7 @@ class RowState:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 16, sampling_tile_bytes: int | None = None,
-                 max_encoder_tokens: int = 8192, cuda_graph_max_batch: int | None = 0):
+                 max_encoder_tokens: int = 8192, cuda_graph_max_batch: int | None = None):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -82,21 +82,17 @@ class ModelRunner:
         self.kv = KVCacheManager(self.layer_types, self.sliding_window, template, max_num_seqs, self.device, self.dtype)
         self.rows: dict[str, RowState] = {}
         self._geometry: _DecoderGeometry | None = None
-        # CUDA: decoder batches of up to cuda_graph_max_batch rows replay captured graphs (launch-bound otherwise)
-        # (None: AUTO_CUDA_GRAPH_MAX_BATCH where capture works, silently eager elsewhere)
+        # CUDA: small decoder batches replay captured graphs (launch-bound otherwise); see graph_max_batch
+        blocker = capture_blocker(self.model, self.dtype, loaded.quantization, self.device)
+        max_graph_batch, warning = graph_max_batch(cuda_graph_max_batch, max_num_seqs, blocker)
+        if warning:
+            logger.warning(warning)
+        elif blocker is not None:
+            logger.debug("CUDA graphs off, every decoder pass runs eagerly: %s", blocker)
         self.graphs: DecoderGraphs | None = None
-        graph_max_batch = min(AUTO_CUDA_GRAPH_MAX_BATCH, max_num_seqs) if cuda_graph_max_batch is None \
-            else cuda_graph_max_batch
-        if graph_max_batch:
-            blocker = capture_blocker(self.model, self.dtype, loaded.quantization, self.device)
-            if blocker is None:
-                self.graphs = DecoderGraphs(self._decoder_forward, graph_max_batch, capture=True)
-                logger.info("decoder batches of up to %d canvases replay CUDA graphs", graph_max_batch)
-            elif cuda_graph_max_batch is None:
-                logger.debug("CUDA graphs off, every decoder pass runs eagerly: %s", blocker)
-            else:
-                logger.warning("cuda_graph_max_batch=%d ignored, every decoder pass runs eagerly: %s",
-                               cuda_graph_max_batch, blocker)
+        if max_graph_batch:
+            self.graphs = DecoderGraphs(self._decoder_forward, max_graph_batch, capture=True)
+            logger.info("decoder batches of up to %d canvases replay CUDA graphs", max_graph_batch)
         # torchao's quantized tensors cannot be indexed under inference mode (version counters)
         self._no_grad = torch.inference_mode if loaded.quantization == "none" else torch.no_grad
         # CPU: one worker thread takes each step's random draws while the forward runs

@@ -95,5 +95,6 @@ def test_profile_engine_device_profile_reports_operators_after_warmup(tmp_path, 
     passes = [line.split(" passes ")[0].rsplit(" ", 1)[1] for line in (plain, out) for line in line.splitlines()
               if " passes (" in line]
     assert len(passes) == 2 and passes[0] == passes[1]  # the warm-up's passes are not counted
+    assert "warm-up: 3 requests in " in out and "warm-up" not in plain
     assert "aten::mm" in out and "Self CPU time total" in out
     assert "device:" not in out and "(_decode)" not in out  # no cProfile report, no kernels on CPU

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.decoder_graphs import DecoderGraphs, capture_blocker
+from engine.decoder_graphs import DecoderGraphs, capture_blocker, graph_max_batch
 from engine.loader import load_model
 from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.engine_helpers import make_core, reference_tokens, run_to_completion
@@ -121,6 +121,20 @@ def test_cuda_graphs_by_default_stay_off_on_cpu_without_a_warning(checkpoint, ca
     assert core.runner.graphs is None
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert "CUDA graphs off, every decoder pass runs eagerly: grouped_mm's kernel for float32" in caplog.text
+
+
+@pytest.mark.parametrize("setting, max_num_seqs, blocker, expected", [
+    (None, 16, None, (4, None)),  # the default where capture works: batches of 1..4
+    (None, 2, None, (2, None)),  # ... never beyond max_num_seqs
+    (None, 16, "CUDA graphs need a CUDA device", (0, None)),  # ... and silently nothing elsewhere
+    (8, 16, None, (8, None)),  # a number given is used as is
+    (0, 16, None, (0, None)),  # 0 turns them off
+    (0, 16, "CUDA graphs need a CUDA device", (0, None)),
+    (4, 16, "CUDA graphs need a CUDA device",
+     (0, "cuda_graph_max_batch=4 ignored, every decoder pass runs eagerly: CUDA graphs need a CUDA device")),
+])
+def test_graph_max_batch_resolves_the_setting(setting, max_num_seqs, blocker, expected):
+    assert graph_max_batch(setting, max_num_seqs, blocker) == expected
 
 
 @pytest.mark.parametrize("dtype, reason", [
