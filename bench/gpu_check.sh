@@ -36,7 +36,7 @@ run() {
 bench_args=(--model "$MODEL_DIR" --concurrency "${CONCURRENCY:-1,4,16}" --steps 12 --canvases 1,2
             --prompt-len 64,256 --threads 4 --requests-per-slot 3)
 steps=("$@")
-(( ${#steps[@]} )) || steps=(tests model bench profile graphs fp8 eager-bench)
+(( ${#steps[@]} )) || steps=(tests model bench profile graphs fp8 profile-fp8 eager-bench)
 for step in "${steps[@]}"; do
   case "$step" in
     tests)  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -49,6 +49,11 @@ for step in "${steps[@]}"; do
     # where a pass goes on the GPU: kernel time against wall time at concurrency 16, the top kernels
     profile) run 120 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 16 --requests 48 --steps 12 \
               --warmup 4 --threads 4 --device-profile 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.txt" | sed -n 1,12p ;;
+    # the same profile with the MoE experts in FP8: where the fp8-experts slowdown comes from
+    profile-fp8)
+            run 150 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 4 --requests 8 --steps 12 \
+              --warmup 2 --threads 4 --device-profile --quantization fp8-experts 2>&1 | grep -v "Loading weights" \
+              | tee "$OUT/profile-fp8.txt" | sed -n 1,12p ;;
     # the same load with the MoE experts in FP8 (--quantization fp8-experts): speed and server memory
     fp8)    run 200 "$PY" -m bench.run "${bench_args[@]}" --no-baselines \
               --server-arg=--quantization=fp8-experts --out "$OUT/fp8-experts" 2>&1 | tee "$OUT/bench-fp8.log" | tail -12 ;;
