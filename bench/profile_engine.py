@@ -6,12 +6,15 @@
 "Forward" is the time inside the encoder, the decoder layers and the lm head (what transformers'
 ``generate`` spends in ``model.forward``); everything else in a pass (scheduling, KV views,
 sampling, bookkeeping) is overhead. Prints the split, the top functions by own time and the
-engine's own functions by cumulative time. ``--device-profile`` takes torch's profiler instead of
-cProfile: on CUDA, where the forward's wall time only measures kernel launches, it reports how much
-of each pass the GPU spends in kernels and which kernels those are. ``--compare-sequential`` alternates, pass by pass,
-between the CPU worker computing the entropies beside the draw (the default) and the entropies computed
-after the draw on the engine's thread (what CUDA does): the baseline in the same run, on the same
-requests (the tokens do not depend on it).
+engine's own functions by cumulative time.
+
+``--device-profile`` takes torch's profiler instead of cProfile: on CUDA, where the forward's wall
+time only measures kernel launches, it reports how much of each pass the GPU spends in kernels and
+which kernels those are.
+
+``--compare-sequential`` alternates, pass by pass, between the CPU worker computing the entropies
+beside the draw (the default) and the entropies computed after the draw on the engine's thread
+(what CUDA does): the baseline in the same run, on the same requests (the tokens do not depend on it).
 """
 
 from __future__ import annotations

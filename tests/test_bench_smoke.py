@@ -92,7 +92,7 @@ def test_profile_engine_device_profile_reports_operators_after_warmup(tmp_path, 
     plain = capsys.readouterr().out
     assert profile_engine.main(args + ["--device-profile", "--warmup", "3"]) == 0
     out = capsys.readouterr().out
-    passes = [line.split(" passes ")[0].rsplit(" ", 1)[1] for line in (plain, out) for line in line.splitlines()
+    passes = [line.split(" passes ")[0].rsplit(" ", 1)[1] for text in (plain, out) for line in text.splitlines()
               if " passes (" in line]
     assert len(passes) == 2 and passes[0] == passes[1]  # the warm-up's passes are not counted
     assert "warm-up: 3 requests in " in out and "warm-up" not in plain
