@@ -39,13 +39,14 @@ def markdown(result: dict) -> str:
         )
     base = result.get("baselines", {})
     if base:
-        lines += ["", "Baselines (transformers `generate`, same model, same workload, same process count):", ""]
-        lines.append("| baseline | batch | committed tok/s |")
-        lines.append("|---|---|---|")
-        if "one_at_a_time" in base:
-            lines.append(f"| one at a time | 1 | {base['one_at_a_time']['tokens_per_s']:.0f} |")
-        for size, b in sorted(base.get("static_batch", {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| static batch | {size} | {b['tokens_per_s']:.0f} |")
+        lines += ["", "Baselines (transformers `generate`, same model, each level's own requests, same process "
+                      "count):", ""]
+        lines.append("| concurrency | requests | one at a time (tok/s) | static batch of that size (tok/s) |")
+        lines.append("|---|---|---|---|")
+        for level, alone in sorted(base.get("one_at_a_time", {}).items(), key=lambda kv: int(kv[0])):
+            static = base.get("static_batch", {}).get(level)
+            lines.append(f"| {level} | {alone['requests']} | {alone['tokens_per_s']:.0f} | "
+                         f"{'—' if static is None else format(static['tokens_per_s'], '.0f')} |")
     check = result.get("outputs_alone")
     if check:
         lines += ["", f"Outputs at concurrency {check['concurrency']} identical to the same requests sent alone "
@@ -69,8 +70,10 @@ def plot(result: dict, path: Path) -> bool:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(conc, [r["tokens_per_s"] for r in runs], "o-", label="engine via HTTP")
     base = result.get("baselines", {})
-    if "one_at_a_time" in base:
-        ax1.axhline(base["one_at_a_time"]["tokens_per_s"], color="gray", ls="--", label="generate, one at a time")
+    alone = base.get("one_at_a_time", {})
+    if alone:
+        xs = sorted(int(k) for k in alone)
+        ax1.plot(xs, [alone[str(x)]["tokens_per_s"] for x in xs], "x--", color="gray", label="generate, one at a time")
     static = base.get("static_batch", {})
     if static:
         xs = sorted(int(k) for k in static)

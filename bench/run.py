@@ -322,26 +322,29 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         # same loading path, dtype and device as the server (bf16 on CUDA, fp32 on CPU)
         baseline_model = load_model(EngineSettings(model=model)).model
-        sample = workloads[levels[0]][:16]
         if warm:
             one_at_a_time(baseline_model, warm, pad_id)
             static_batches(baseline_model, warm, len(warm), pad_id)
-        baselines["one_at_a_time"] = one_at_a_time(baseline_model, sample, pad_id)
-        print(f"baseline one at a time: {baselines['one_at_a_time']['tokens_per_s']:.0f} tok/s", flush=True)
-        save()
+        # each level's ratios compare the same requests: its own workload run by generate, one request
+        # at a time and in static batches of the level's size (at concurrency 1 the two are the same)
+        baselines["one_at_a_time"] = {}
         baselines["static_batch"] = {}
         for level in levels:
-            if level == 1:
-                continue
-            b = static_batches(baseline_model, workloads[level], level, pad_id)
-            baselines["static_batch"][str(level)] = b
-            print(f"baseline static batch {level}: {b['tokens_per_s']:.0f} tok/s", flush=True)
+            alone = one_at_a_time(baseline_model, workloads[level], pad_id)
+            baselines["one_at_a_time"][str(level)] = alone
+            line = f"baseline for concurrency {level}: one at a time {alone['tokens_per_s']:.0f} tok/s"
+            if level > 1:
+                b = static_batches(baseline_model, workloads[level], level, pad_id)
+                baselines["static_batch"][str(level)] = b
+                line += f", static batch {b['tokens_per_s']:.0f} tok/s"
+            print(line, flush=True)
             save()
         for run in runs:
-            run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / baselines["one_at_a_time"]["tokens_per_s"]
-            static = baselines["static_batch"].get(str(run["concurrency"]))
-            ref = static["tokens_per_s"] if static else baselines["one_at_a_time"]["tokens_per_s"]
-            run["ratio_vs_static_batch"] = run["tokens_per_s"] / ref
+            level = str(run["concurrency"])
+            alone = baselines["one_at_a_time"][level]["tokens_per_s"]
+            run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / alone
+            static = baselines["static_batch"].get(level)
+            run["ratio_vs_static_batch"] = run["tokens_per_s"] / (static["tokens_per_s"] if static else alone)
 
     save()
     plotted = plot(result, out / "bench.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,14 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
         assert run["steps_per_canvas"] <= 2
         assert run["ratio_vs_one_at_a_time"] > 0 and run["ratio_vs_static_batch"] > 0
     assert set(result["baselines"]["static_batch"]) == {"2"}
+    # each level's baselines ran its own requests (the ratios compare the same work)
+    alone = result["baselines"]["one_at_a_time"]
+    assert set(alone) == {"1", "2"}
+    for run in result["runs"]:
+        level = str(run["concurrency"])
+        assert (alone[level]["requests"], alone[level]["tokens"]) == (3, run["tokens"])
+        assert abs(run["ratio_vs_one_at_a_time"] - run["tokens_per_s"] / alone[level]["tokens_per_s"]) < 1e-9
+    assert result["baselines"]["static_batch"]["2"]["tokens"] == result["runs"][1]["tokens"]
     # the server's log goes to a file (an unread pipe filled up after ~340 requests and hung the server)
     # (1 warm-up + 3 + 3 at the two levels + 3 sent again alone)
     assert (out / "server.log").read_text().count("completions status=200") == 1 + 3 + 3 + 3
@@ -36,7 +45,9 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
     assert (check["concurrency"], check["checked"], check["identical"]) == (2, 3, 3)
     assert check["characters"] > 0  # real texts were compared, not empty strings
     md = (out / "bench.md").read_text()
-    assert "| 2 | 3/3 |" in md and "static batch | 2 |" in md
+    assert "| 2 | 3/3 |" in md
+    # baselines: concurrency, requests, one at a time, static batch (none at concurrency 1)
+    assert re.search(r"^\| 1 \| 3 \| \d+ \| — \|$", md, re.M) and re.search(r"^\| 2 \| 3 \| \d+ \| \d+ \|$", md, re.M)
     assert "Outputs at concurrency 2 identical to the same requests sent alone (same seeds, one at a time): 3/3." in md
 
 
