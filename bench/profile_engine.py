@@ -62,13 +62,14 @@ class _PassTimer:
 
 def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool,
         compare_sequential: bool = False, device_profile: bool = False, warmup: int = 0,
-        cuda_graph_max_batch: int | None = None, quantization: str = "none") -> dict:
+        cuda_graph_max_batch: int | None = None, quantization: str = "none",
+        experts_implementation: str | None = None) -> dict:
     """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
     (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
     see the same mix of batches, encoder work and machine state; the throughput covers both)."""
     torch.set_num_threads(threads)
     settings = EngineSettings(model=model, max_num_seqs=concurrency, cuda_graph_max_batch=cuda_graph_max_batch,
-                              quantization=quantization)
+                              quantization=quantization, experts_implementation=experts_implementation)
     if device_profile and torch.cuda.is_available():
         # graphs captured before the profiler starts and replayed under it need this first (torch#100441)
         from torch.profiler._utils import _init_for_cuda_graphs
@@ -201,11 +202,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-graph-max-batch", type=int, default=None, metavar="N",
                     help="the engine setting (default: the engine's, graphs for batches of up to 4 where capture works)")
     ap.add_argument("--quantization", default="none", help="the engine setting: none, fp8-experts or int8-experts")
+    ap.add_argument("--experts-implementation", default=None,
+                    help="transformers' MoE experts implementation (eager, grouped_mm, ...; default: the engine's)")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
         res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
-                  args.compare_sequential, args.device_profile, args.warmup, args.cuda_graph_max_batch, args.quantization)
+                  args.compare_sequential, args.device_profile, args.warmup, args.cuda_graph_max_batch, args.quantization,
+                  args.experts_implementation)
         _print(res, model, args.model is None)
     return 0
 
