@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantization import quantization_config
+from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
 
@@ -80,8 +80,12 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     experts = settings.experts_implementation
-    if experts is None and (dtype == torch.float64 or settings.quantization != "none"):
-        experts = "eager"  # grouped_mm has no float64 kernel, and torchao's int8 tensors do not support it
+    if experts is None and dtype == torch.float64:
+        experts = "eager"  # grouped_mm has no float64 kernel
+    elif experts is None and settings.quantization != "none":
+        experts = DEQUANTIZED_EXPERTS  # grouped_mm over each layer's experts dequantized whole
+    if experts == DEQUANTIZED_EXPERTS:
+        register_dequantized_experts()
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
     quantization = quantization_config(settings.quantization)
     if quantization is not None:

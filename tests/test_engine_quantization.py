@@ -100,3 +100,24 @@ def test_server_flag_serves_the_quantized_model(server_launcher, server_tiny_che
     params = core.resolve(prompt, SamplingParams(max_tokens=32, seed=3, ignore_eos=True))
     expected = reference_tokens(core.loaded.model, prompt, 3, params)
     assert r.json()["choices"][0]["text"] == bytes(t - 5 for t in expected if t >= 5).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("method,dtype,storage,inner", CASES, ids=[c[0] for c in CASES])
+def test_dequantized_experts_compute_what_the_eager_loop_computes(checkpoints, method, dtype, storage, inner):
+    """Quantized experts run grouped_mm over each layer's experts dequantized whole; per token that is
+    the product transformers' eager loop takes with each expert's weights dequantized inside linear."""
+    from engine.quantization import DEQUANTIZED_EXPERTS
+
+    model = load_model(EngineSettings(model=str(checkpoints[dtype]), dtype=dtype, quantization=method)).model
+    experts = model.model.decoder.layers[0].experts
+    assert experts.config._experts_implementation == DEQUANTIZED_EXPERTS
+    gen = torch.Generator().manual_seed(0)
+    tokens, top_k = 40, model.config.get_text_config().top_k_experts
+    hidden = torch.randn(tokens, experts.hidden_dim, generator=gen).to(getattr(torch, dtype))
+    index = torch.stack([torch.randperm(experts.num_experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1).to(getattr(torch, dtype))
+    with torch.no_grad():
+        got = experts(hidden, index, weights)
+        eager = type(experts).forward.__wrapped__(experts, hidden, index, weights)  # transformers' loop
+    torch.testing.assert_close(got, eager)  # the dtype's default tolerance: the sums run in another order
+    assert got.abs().max() > 1e-3  # a real product, not zeros (the tiny model's weights are small)
