@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from engine.memory import auto_sampling_tile_bytes
-from engine.quantization import quantized_weight_bytes
+from engine.quantization import expert_dequant_bytes, quantized_weight_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -67,7 +67,8 @@ PRESETS: tuple[Preset, ...] = (
     Preset(
         "rtx5090-32gb", "NVIDIA RTX 5090 32 GB (nvidia-smi total 32,607 MiB)", 32607 / 1024, MODEL_SHAPE_26B,
         note="--quantization fp8-experts (torchao): loading, exactness against generate and these byte counts are "
-             "tested on CPU with a tiny model; on an H200 (4-layer model) it ran 5-11x slower than eager bf16 (README, GPU)",
+             "tested on CPU with a tiny model; on an H200 (4-layer model) the former per-expert loop ran 5-11x slower "
+             "than eager bf16, and the dequantized grouped_mm that replaced it is not yet measured on a GPU",
     ),
 )
 
@@ -155,7 +156,9 @@ def compute(p: Preset) -> dict:
                draws_in_flight=2 if settings.device == "cpu" else 1)
     r["weights_gib"] = weights_gib
     sampling_gib = r["sampling_transient_gib"]  # tiles never hold more rows than the batch (engine.memory)
-    transients_gib = sampling_gib + r["decoder_transient_gib"]
+    # quantized experts are dequantized one layer at a time (engine.quantization.DEQUANTIZED_EXPERTS)
+    dequant_gib = 0.0 if quantization == "none" else expert_dequant_bytes(text, _DTYPE_BYTES[dtype]) / 2**30
+    transients_gib = sampling_gib + r["decoder_transient_gib"] + dequant_gib
     request_gib = r["request_mib_at_context"] / 1024
     budget_gib = free_after_weights * settings.memory_fraction
     needed_gib = transients_gib + seqs * request_gib
@@ -185,6 +188,7 @@ def compute(p: Preset) -> dict:
         "request_mib": r["request_mib_at_context"],
         "sampling_transient_gib": sampling_gib,
         "decoder_transient_gib": r["decoder_transient_gib"],
+        "expert_dequant_gib": dequant_gib,
         "budget_gib": budget_gib,
         "needed_gib": needed_gib,
         "headroom_gib": budget_gib - needed_gib,
@@ -249,7 +253,10 @@ def markdown(plans: list[dict] | None = None) -> str:
             f"| max-num-seqs x max-model-len | {plan['max_num_seqs']} x {plan['max_model_len']:,} tokens |",
             f"| one request at max-model-len | {_size(plan['request_mib'] / 1024)} |",
             f"| transients (sampling tile + decoder) | {_size(plan['sampling_transient_gib'])} + "
-            f"{_size(plan['decoder_transient_gib'])} |",
+            f"{_size(plan['decoder_transient_gib'])} |" if not plan["expert_dequant_gib"] else
+            f"| transients (sampling tile + decoder + one layer's experts dequantized) | "
+            f"{_size(plan['sampling_transient_gib'])} + {_size(plan['decoder_transient_gib'])} + "
+            f"{_size(plan['expert_dequant_gib'])} |",
             f"| budget ({plan['memory_fraction']:g} of {_gib(plan['memory_gib'])} - {plan['overhead_gib']:g} GiB "
             f"context - weights) | {_size(plan['budget_gib'])} |",
             f"| needed (transients + {plan['max_num_seqs']} requests) | {_size(plan['needed_gib'])} |",

@@ -15,9 +15,10 @@ pool: they never run at the same time, and each keeps only its static inputs and
 
 Capture needs a pass with no host synchronisation. The MoE experts have one only through
 ``grouped_mm``'s bf16 kernel on compute capability 9.x/10.x: torch's grouped_mm for other dtypes and
-GPUs, transformers' eager expert loop (also used for quantized experts) and ``batched_mm``'s weight
-gather either read the routing on the host or do not fit. ``capture_blocker`` names what stands in
-the way, and the runner stays eager then.
+GPUs, transformers' eager expert loop and ``batched_mm``'s weight gather either read the routing on
+the host or do not fit. Quantized experts (dequantized inside the pass) are not captured until that
+is checked on a GPU. ``capture_blocker`` names what stands in the way, and the runner stays eager
+then.
 
 Without ``capture`` (CPU) the same static path runs eagerly, which is how the CPU tests check that
 the full-width view and its masks give the tokens of the ordinary pass.
@@ -57,7 +58,7 @@ def graph_max_batch(setting: int | None, max_num_seqs: int, blocker: str | None)
 def capture_blocker(model, dtype: torch.dtype, quantization: str, device: torch.device) -> str | None:
     """Why the decoder pass of ``model`` cannot be captured on ``device``, or None when it can."""
     if quantization != "none":
-        return f"{quantization} experts run transformers' eager expert loop, which reads the routing on the host"
+        return f"{quantization} experts are dequantized inside the pass, which has not been checked under capture yet"
     experts = getattr(model.config.get_text_config(), "_experts_implementation", None)
     if experts != "grouped_mm":
         return f"the MoE experts run {experts!r}; only grouped_mm can be captured"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .quantization import expert_dequant_bytes
 from .sampler import SamplingTiles
 
 
@@ -35,6 +36,7 @@ class MemoryPlan:
     state_bytes_per_request: int  # canvas, soft embeddings, argmax history
     sampling_transient_bytes: int  # largest transient of one sampling tile
     decoder_transient_bytes: int  # activations of one full decoder batch (rough upper bound)
+    expert_dequant_bytes: int = 0  # one layer's 8-bit experts dequantized (engine.quantization), 0 unquantized
 
     def per_request_bytes(self, tokens: int) -> int:
         """KV and state of one request of ``tokens`` tokens, plus its share of the per-layer transients
@@ -45,7 +47,7 @@ class MemoryPlan:
 
 
 def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tiles: SamplingTiles, max_num_seqs: int,
-                stability_threshold: int = 1) -> MemoryPlan:
+                stability_threshold: int = 1, dequantized_experts: bool = False) -> MemoryPlan:
     elem = torch.finfo(dtype).bits // 8
     full = sliding = largest = 0
     for i, layer_type in enumerate(text_config.layer_types):
@@ -62,7 +64,8 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tiles: S
     sampling = SamplingTiles(min(tiles.rows, max_num_seqs), tiles.positions, tiles.draws_in_flight).transient_bytes(
         canvas_length, vocab)
     activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
-    return MemoryPlan(full, largest, sliding, state, sampling, activations)
+    dequant = expert_dequant_bytes(text_config, elem) if dequantized_experts else 0
+    return MemoryPlan(full, largest, sliding, state, sampling, activations, dequant)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -89,7 +92,7 @@ def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float,
     and [KV ; new], the decoder's [KV ; canvas]), so every token slot is counted with two more layers'
     worth; sliding-window layers count twice. Reallocating the buffers swaps them layer by layer."""
     usable = int(available_bytes(device) * fraction)
-    usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes
+    usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes + plan.expert_dequant_bytes
     usable -= 2 * max_num_seqs * plan.sliding_kv_bytes_per_request + max_num_seqs * plan.state_bytes_per_request
     tokens = usable // max(1, plan.kv_bytes_per_token + 2 * plan.layer_kv_bytes_per_token)
     return int(max(0, min(tokens, max_model_len * max_num_seqs)))

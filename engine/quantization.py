@@ -17,8 +17,8 @@ The experts then run ``DEQUANTIZED_EXPERTS`` (registered in transformers' expert
 layer dequantizes its two expert tensors whole, once per call, and runs transformers' grouped_mm
 forward on them. transformers' eager loop, the alternative, runs one iteration per expert, and
 torchao dequantizes each expert's weights inside each ``linear`` call; with 128 experts that was
-5-11x slower than bf16 on an H200 and 6.6x slower than grouped_mm on CPU (docs/deployment.md). The
-price is a transient of one layer's experts in the load dtype (``expert_dequant_bytes``).
+5-11x slower than bf16 on an H200, and on CPU twice as slow as this (docs/deployment.md). The price
+is a transient of one layer's experts in the load dtype (``expert_dequant_bytes``).
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class EngineSettings:
     cuda_graph_max_batch: int | None = None
     num_threads: int | None = None
     quantization: str = "none"
-    experts_implementation: str | None = None  # None: transformers' default (eager for float64 and quantized experts)
+    # None: grouped_mm (eager for float64; engine.quantization.DEQUANTIZED_EXPERTS for quantized experts)
+    experts_implementation: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any setting the engine cannot use."""

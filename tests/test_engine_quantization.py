@@ -121,3 +121,16 @@ def test_dequantized_experts_compute_what_the_eager_loop_computes(checkpoints, m
         eager = type(experts).forward.__wrapped__(experts, hidden, index, weights)  # transformers' loop
     torch.testing.assert_close(got, eager)  # the dtype's default tolerance: the sums run in another order
     assert got.abs().max() > 1e-3  # a real product, not zeros (the tiny model's weights are small)
+
+    # the transient the KV budget sets aside is what one layer's dequantized experts take
+    from engine.memory import plan_memory
+    from engine.sampler import SamplingTiles
+
+    text = model.config.get_text_config()
+    dequantized = experts.gate_up_proj.dequantize().nbytes + experts.down_proj.dequantize().nbytes
+    tiles = SamplingTiles(1, model.config.canvas_length, 1)
+    plan = plan_memory(text, model.config.canvas_length, getattr(torch, dtype), tiles=tiles, max_num_seqs=4,
+                       dequantized_experts=True)
+    assert plan.expert_dequant_bytes == dequantized
+    assert plan_memory(text, model.config.canvas_length, getattr(torch, dtype), tiles=tiles,
+                       max_num_seqs=4).expert_dequant_bytes == 0
