@@ -46,9 +46,11 @@ for step in "${steps[@]}"; do
     bench)  run 240 "$PY" -m bench.run "${bench_args[@]}" --out "$OUT/bf16" 2>&1 | tee "$OUT/bench-bf16.log" | tail -25 ;;
     graphs) run 120 "$PY" -m bench.cuda_graph_check --model "$MODEL_DIR" --batches 1,4,16 \
               --out "$OUT/cuda-graphs.json" 2>&1 | grep -v "Loading weights" ;;
-    # where a pass goes on the GPU: kernel time against wall time at concurrency 16, the top kernels
+    # where a pass goes on the GPU: kernel time against wall time at concurrency 16 and 1, the top kernels
     profile) run 120 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 16 --requests 48 --steps 12 \
-              --warmup 4 --threads 4 --device-profile 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.txt" | sed -n 1,12p ;;
+              --warmup 4 --threads 4 --device-profile 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.txt" | sed -n 1,12p
+            run 90 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 1 --requests 6 --steps 12 \
+              --warmup 2 --threads 4 --device-profile 2>&1 | grep -v "Loading weights" | tee "$OUT/profile-c1.txt" | sed -n 1,12p ;;
     # the same profile with the MoE experts in FP8: where the fp8-experts slowdown comes from
     profile-fp8)
             run 150 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 4 --requests 8 --steps 12 \
