@@ -110,5 +110,5 @@ def register_dequantized_experts() -> None:
 
 def expert_dequant_bytes(text_config, dtype_bytes: int) -> int:
     """The transient of ``DEQUANTIZED_EXPERTS``: one layer's gate_up [E, 2I, H] and down [E, H, I]
-    in the load dtype (the down projection is dequantized while the gate_up result is alive)."""
+    in the load dtype (transformers' forward still holds the dequantized gate_up when it reads down_proj)."""
     return text_config.num_experts * 3 * text_config.moe_intermediate_size * text_config.hidden_size * dtype_bytes
