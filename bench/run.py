@@ -329,22 +329,19 @@ def main(argv=None) -> int:
         # at a time and in static batches of the level's size (at concurrency 1 the two are the same)
         baselines["one_at_a_time"] = {}
         baselines["static_batch"] = {}
-        for level in levels:
+        for level, run in zip(levels, runs):
             alone = one_at_a_time(baseline_model, workloads[level], pad_id)
             baselines["one_at_a_time"][str(level)] = alone
             line = f"baseline for concurrency {level}: one at a time {alone['tokens_per_s']:.0f} tok/s"
+            static = alone
             if level > 1:
-                b = static_batches(baseline_model, workloads[level], level, pad_id)
-                baselines["static_batch"][str(level)] = b
-                line += f", static batch {b['tokens_per_s']:.0f} tok/s"
+                static = baselines["static_batch"][str(level)] = static_batches(baseline_model, workloads[level],
+                                                                               level, pad_id)
+                line += f", static batch {static['tokens_per_s']:.0f} tok/s"
+            run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / alone["tokens_per_s"]
+            run["ratio_vs_static_batch"] = run["tokens_per_s"] / static["tokens_per_s"]
             print(line, flush=True)
-            save()
-        for run in runs:
-            level = str(run["concurrency"])
-            alone = baselines["one_at_a_time"][level]["tokens_per_s"]
-            run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / alone
-            static = baselines["static_batch"].get(level)
-            run["ratio_vs_static_batch"] = run["tokens_per_s"] / (static["tokens_per_s"] if static else alone)
+            save()  # a run cut short keeps the ratios of its finished levels
 
     save()
     plotted = plot(result, out / "bench.png")

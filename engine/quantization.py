@@ -14,11 +14,11 @@ The quantized model is built from a bf16/fp32 checkpoint on every load; torchao 
 (``pip install '.[quant]'``).
 
 The experts then run ``DEQUANTIZED_EXPERTS`` (registered in transformers' experts interface): each
-layer dequantizes its two expert tensors whole, once per call, and runs transformers' grouped_mm
-forward on them. transformers' eager loop, the alternative, runs one iteration per expert, and
+layer dequantizes its two expert tensors whole (in place, a chunk of experts at a time), once per
+call, and runs transformers' grouped_mm forward on them. transformers' eager loop, the alternative, runs one iteration per expert, and
 torchao dequantizes each expert's weights inside each ``linear`` call; with 128 experts that was
 5-11x slower than bf16 on an H200, and on CPU twice as slow as this (docs/deployment.md). The price
-is a transient of one layer's experts in the load dtype (``expert_dequant_bytes``).
+is a transient of about one layer's experts in the load dtype (``expert_dequant_bytes``).
 """
 
 from __future__ import annotations
@@ -87,10 +87,30 @@ class _DequantizedExperts:
         return getattr(self._experts, name)
 
 
+# Experts dequantized per in-place chunk: torchao's dequantize() keeps an fp32 copy, the fp32 product
+# and the result alive at once (5x the result in bf16, measured on CPU); in place, only a chunk's
+# temporaries come on top of the result (on CPU two fp32 copies of a bf16 chunk; none in fp32).
+DEQUANT_CHUNKS = 16
+
+
 def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.dequantize()`` for torchao's 8-bit tensors, bit for bit, at about the result's size:
+    (q - zero_point) * scale in the weight's dtype, a chunk of experts at a time, in place."""
     from torchao.utils import TorchAOBaseTensor
 
-    return weight.dequantize() if isinstance(weight, TorchAOBaseTensor) else weight
+    if not isinstance(weight, TorchAOBaseTensor):
+        return weight
+    qdata, scale = weight.qdata, weight.scale  # [E, N, K] 8-bit, [E, N, 1] fp32 (a scale per row)
+    zero_point = getattr(weight, "zero_point", None)  # int8: [E, N, 1]
+    out = torch.empty(qdata.shape, dtype=weight.dtype, device=qdata.device)
+    step = max(1, -(-qdata.shape[0] // DEQUANT_CHUNKS))
+    for start in range(0, qdata.shape[0], step):
+        chunk = out[start:start + step]
+        chunk.copy_(qdata[start:start + step])  # exact: 8-bit values fit bf16 and fp32
+        if zero_point is not None:
+            chunk.sub_(zero_point[start:start + step].to(out.dtype))
+        chunk.mul_(scale[start:start + step])  # computed in fp32, rounded once to the weight's dtype
+    return out
 
 
 def dequantized_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -110,5 +130,8 @@ def register_dequantized_experts() -> None:
 
 def expert_dequant_bytes(text_config, dtype_bytes: int) -> int:
     """The transient of ``DEQUANTIZED_EXPERTS``: one layer's gate_up [E, 2I, H] and down [E, H, I]
-    in the load dtype (transformers' forward still holds the dequantized gate_up when it reads down_proj)."""
-    return text_config.num_experts * 3 * text_config.moe_intermediate_size * text_config.hidden_size * dtype_bytes
+    in the load dtype (transformers' forward still holds the dequantized gate_up when it reads
+    down_proj), plus, below fp32, two fp32 copies of the largest chunk (``_dequantized``)."""
+    experts, inter, hidden = text_config.num_experts, text_config.moe_intermediate_size, text_config.hidden_size
+    chunk = -(-experts // DEQUANT_CHUNKS) * 2 * inter * hidden  # elements of a gate_up chunk
+    return experts * 3 * inter * hidden * dtype_bytes + (2 * 4 * chunk if dtype_bytes < 4 else 0)
