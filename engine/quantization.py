@@ -100,8 +100,14 @@ def _dequantized(weight: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(weight, TorchAOBaseTensor):
         return weight
-    qdata, scale = weight.qdata, weight.scale  # [E, N, K] 8-bit, [E, N, 1] fp32 (a scale per row)
+    qdata = weight.qdata  # [E, N, K] 8-bit
+    rows = qdata.shape[:-1] + (1,)
+    if weight.scale.numel() != qdata.numel() // qdata.shape[-1]:  # not a scale per row: torchao's own way
+        return weight.dequantize()
+    scale = weight.scale.reshape(rows)  # [E, N, 1] fp32
     zero_point = getattr(weight, "zero_point", None)  # int8: [E, N, 1]
+    if zero_point is not None:
+        zero_point = zero_point.reshape(rows)
     out = torch.empty(qdata.shape, dtype=weight.dtype, device=qdata.device)
     step = max(1, -(-qdata.shape[0] // DEQUANT_CHUNKS))
     for start in range(0, qdata.shape[0], step):
