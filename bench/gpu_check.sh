@@ -51,7 +51,7 @@ for step in "${steps[@]}"; do
               --warmup 4 --threads 4 --device-profile 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.txt" | sed -n 1,12p
             run 90 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 1 --requests 6 --steps 12 \
               --warmup 2 --threads 4 --device-profile 2>&1 | grep -v "Loading weights" | tee "$OUT/profile-c1.txt" | sed -n 1,12p ;;
-    # the same profile with the MoE experts in FP8: where the fp8-experts slowdown comes from
+    # the same profile with the MoE experts in FP8: what their dequantization costs on the GPU
     profile-fp8)
             run 150 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency 4 --requests 8 --steps 12 \
               --warmup 2 --threads 4 --device-profile --quantization fp8-experts 2>&1 | grep -v "Loading weights" \
