@@ -122,3 +122,33 @@ def test_cuda_graphs_are_on_by_default_for_small_batches(checkpoint, max_num_seq
     tok = core.loaded.tokenizer
     out = run_to_completion(core, [("r", tok("hello").input_ids, SamplingParams(max_tokens=20, seed=1, ignore_eos=True))])
     assert len(out["r"]["tokens"]) == 20 and core.runner.graphs.passes > 0
+
+
+@pytest.mark.parametrize("method", ["fp8-experts", "int8-experts"])
+def test_cuda_dequantized_experts_stay_within_the_planned_transient(method):
+    """On the GPU too, one layer's dequantized experts (bf16, a forward of 8 tokens) peak within
+    expert_dequant_bytes, the transient the KV budget sets aside."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, FqnToConfig, Int8WeightOnlyConfig, quantize_
+    from transformers import DiffusionGemmaTextConfig
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+
+    from engine.quantization import dequantized_experts_forward, expert_dequant_bytes
+
+    config = DiffusionGemmaTextConfig(hidden_size=1024, moe_intermediate_size=512, num_experts=64, top_k_experts=4)
+    config._experts_implementation = "grouped_mm"
+    experts = DiffusionGemmaTextExperts(config).to("cuda", torch.bfloat16)
+    weights = Float8WeightOnlyConfig() if method == "fp8-experts" else Int8WeightOnlyConfig()
+    quantize_(experts, FqnToConfig({"gate_up_proj": weights, "down_proj": weights}), filter_fn=None)
+    tokens = torch.randn(8, 1024, dtype=torch.bfloat16, device="cuda")
+    index = torch.stack([torch.randperm(64)[:4] for _ in range(8)]).cuda()
+    routing = torch.full((8, 4), 0.25, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        dequantized_experts_forward(experts, tokens, index, routing)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = dequantized_experts_forward(experts, tokens, index, routing)
+        torch.cuda.synchronize()
+    assert out.shape == (8, 1024) and torch.isfinite(out).all()
+    assert torch.cuda.max_memory_allocated() - base <= expert_dequant_bytes(config, 2) + 8 * 2**20
