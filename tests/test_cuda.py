@@ -138,6 +138,8 @@ def test_cuda_dequantized_experts_stay_within_the_planned_transient(method):
     config = DiffusionGemmaTextConfig(hidden_size=1024, moe_intermediate_size=512, num_experts=64, top_k_experts=4)
     config._experts_implementation = "grouped_mm"
     experts = DiffusionGemmaTextExperts(config).to("cuda", torch.bfloat16)
+    for p in experts.parameters():  # allocated with torch.empty
+        torch.nn.init.normal_(p, std=0.02)
     weights = Float8WeightOnlyConfig() if method == "fp8-experts" else Int8WeightOnlyConfig()
     quantize_(experts, FqnToConfig({"gate_up_proj": weights, "down_proj": weights}), filter_fn=None)
     tokens = torch.randn(8, 1024, dtype=torch.bfloat16, device="cuda")
