@@ -10,7 +10,6 @@ from .loader import LoadedModel
 from .memory import derive_kv_budget, plan_memory
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
-from .quantization import DEQUANTIZED_EXPERTS
 from .request import Request, RequestStatus, kv_reservation
 from .sampling_params import InvalidRequestError, SamplingParams, validate_resolved
 from .scheduler import Scheduler
@@ -41,8 +40,7 @@ class EngineCore:
         if self.max_num_kv_tokens is None:  # derived from the memory free now, after the weights
             plan = plan_memory(config.text_config, self.canvas_length, loaded.dtype,
                                tiles=self.runner.sampling_tiles, max_num_seqs=settings.max_num_seqs,
-                               dequantized_experts=loaded.quantization != "none"
-                               and config.get_text_config()._experts_implementation == DEQUANTIZED_EXPERTS)
+                               dequantized_experts=loaded.dequantized_experts)
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
         if self.max_num_kv_tokens < kv_reservation(1, 1, self.canvas_length):

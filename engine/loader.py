@@ -44,6 +44,13 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str = "none"  # engine.quantization method the weights were loaded with
 
+    @property
+    def dequantized_experts(self) -> bool:
+        """Whether 8-bit experts run ``DEQUANTIZED_EXPERTS`` (each layer's dequantized whole per call)
+        rather than transformers' eager loop over torchao's tensors."""
+        return self.quantization != "none" and \
+            self.model.config.get_text_config()._experts_implementation == DEQUANTIZED_EXPERTS
+
 
 def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
     """The checkpoint's generation config as fully resolved ``SamplingParams``.

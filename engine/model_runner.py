@@ -18,7 +18,6 @@ from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
-from .quantization import DEQUANTIZED_EXPERTS
 from .random_draws import DrawPrefetcher
 from .sampler import (accept, draw_positions, positions_entropy, row_parameters, sampling_tiles, scale_logits,
                       temperatures)
@@ -94,10 +93,9 @@ class ModelRunner:
         if max_graph_batch:
             self.graphs = DecoderGraphs(self._decoder_forward, max_graph_batch, capture=True)
             logger.info("decoder batches of up to %d canvases replay CUDA graphs", max_graph_batch)
-        # torchao's quantized tensors cannot be indexed under inference mode (version counters)
-        # (transformers' eager loop indexes them; DEQUANTIZED_EXPERTS only slices their plain inner tensors)
-        eager_quantized = loaded.quantization != "none" and \
-            self.model.config.get_text_config()._experts_implementation != DEQUANTIZED_EXPERTS
+        # transformers' eager loop indexes torchao's tensors, which inference mode forbids (version counters);
+        # the dequantized path only slices their plain inner tensors
+        eager_quantized = loaded.quantization != "none" and not loaded.dequantized_experts
         self._no_grad = torch.no_grad if eager_quantized else torch.inference_mode
         # CPU: one worker thread takes each step's random draws while the forward runs
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if threaded else None
