@@ -1,26 +1,71 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: messages through the checkpoint's chat template, chat-shaped choices
+(served by ``serving.serve``)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response
 
 from . import errors
-from .errors import APIError
-from .handling import RequestLog, check_unsupported, make_specs, parse_body, request_ids, stream_events, usage
+from .choices import ChoiceResult, ChoiceSpec
 from .protocol import ChatCompletionRequest
-from .streaming import (
-    ChoiceSet,
-    ClientDisconnected,
-    SSEResponse,
-    collect_all,
-)
+from .serving import Prompts, serve, unsupported
 
-logger = logging.getLogger("server")
+
+class Chat:
+    name = "chat"
+    id_prefix = "chatcmpl"
+    request_model = ChatCompletionRequest
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    prompt_param = "messages"
+
+    def check(self, req: ChatCompletionRequest) -> None:
+        rf_type = (req.response_format or {}).get("type", "text")
+        unsupported(
+            logprobs=(bool(req.logprobs) or bool(req.top_logprobs), "logprobs are not supported by this server."),
+            tools=(bool(req.tools), "tools (function calling) are not supported by this server."),
+            response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
+        )
+
+    def num_prompts(self, req: ChatCompletionRequest) -> int:
+        return 1
+
+    def max_tokens(self, req: ChatCompletionRequest) -> tuple[int | None, str]:
+        if req.max_completion_tokens is not None:
+            return req.max_completion_tokens, "max_completion_tokens"
+        return req.max_tokens, "max_tokens"
+
+    async def prompts(self, req: ChatCompletionRequest, tokenizer) -> Prompts:
+        # rendering and tokenizing can take a while on large bodies: never on the event loop
+        ids, text = await asyncio.to_thread(apply_template, tokenizer, req)
+        return Prompts([ids], text)
+
+    def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
+        return self.chunk_choice(spec.index, "", delta={"role": "assistant", "content": ""})
+
+    def chunk_choice(self, index: int, text: str, finish_reason: str | None = None, delta: dict | None = None,
+                     **extra) -> dict:
+        """``text`` becomes ``delta.content`` (an empty delta when there is none)."""
+        if delta is None:
+            delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra}
+
+    def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: Prompts) -> dict:
+        return {
+            "index": spec.index,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
+
+
+CHAT = Chat()
+
+
+async def create_chat_completion(request: Request):
+    return await serve(request, CHAT)
 
 
 def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
@@ -86,72 +131,3 @@ def apply_template(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], st
         raise errors.bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return ids, text
-
-
-async def create_chat_completion(request: Request):
-    state = request.app.state.server
-    request_id, engine_prefix = request_ids(request, "chatcmpl")
-    log = RequestLog(request_id, "chat", state.settings.log_prompts)
-    try:
-        return await _create_chat_completion(request, state, request_id, engine_prefix, log)
-    except APIError as exc:
-        log.finish(exc.status, note=exc.code or exc.type)
-        raise
-
-
-async def _create_chat_completion(request: Request, state, request_id: str, engine_prefix: str, log: RequestLog):
-    req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest, state.settings.max_json_depth)
-    engine = state.engine_or_503()
-    model_name = state.check_model(req.model)
-    rf_type = (req.response_format or {}).get("type", "text")
-    check_unsupported(
-        logprobs=(bool(req.logprobs) or bool(req.top_logprobs), "logprobs are not supported by this server."),
-        tools=(bool(req.tools), "tools (function calling) are not supported by this server."),
-        response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
-    )
-    # rendering and tokenizing can take a while on large bodies: never on the event loop
-    prompt_ids, prompt_text = await asyncio.to_thread(apply_template, engine.tokenizer, req)
-    log.prompt_text = prompt_text if state.settings.log_prompts else None
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    specs = make_specs(engine, [prompt_ids], req, max_tokens, engine_prefix, state.settings)
-
-    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished, state.live_choice_sets)
-    await choice_set.start()
-    created = int(time.time())
-    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
-
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        opening = [_choice(spec.index, "", delta={"role": "assistant", "content": ""}) for spec in choice_set.specs]
-        stream = stream_events(state, engine, choice_set, base, opening, _choice, include_usage, log, "chat")
-        return SSEResponse(stream, on_close=choice_set.cancel, ping_seconds=state.settings.sse_ping_seconds)
-
-    try:
-        results = await collect_all(choice_set, request.receive)
-    except ClientDisconnected:
-        log.finish("client_gone", specs, choice_set.results, "client disconnected")
-        return Response(status_code=499)
-    except APIError as exc:
-        log.finish(exc.status, specs, choice_set.results, exc.code or "")
-        raise
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": results[i].text},
-            "logprobs": None,
-            "finish_reason": results[i].finish_reason,
-        }
-        for i in sorted(results)
-    ]
-    log.finish(200, specs, results)
-    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(specs, results)}
-    return JSONResponse(body)
-
-
-def _choice(index: int, text: str, finish_reason=None, delta: dict | None = None, **extra) -> dict:
-    """A chat chunk choice: ``text`` becomes ``delta.content`` (an empty delta when there is none)."""
-    if delta is None:
-        delta = {"content": text} if text else {}
-    c = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    c.update(extra)
-    return c

@@ -1,8 +1,8 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` for every failure.
 
 Every error the server returns goes through ``APIError`` (or ``error_response``), including
-FastAPI's schema errors (400, never a bare 422), unknown routes (404) and internal faults (500,
-without a stack trace in the body).
+FastAPI's schema errors (400, never a bare 422), unknown routes (404), engine failures
+(``from_engine``) and internal faults (500, without a stack trace in the body).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+
+from engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from engine.outputs import RequestOutput
 
 logger = logging.getLogger("server")
 
@@ -113,6 +116,35 @@ def unavailable(message: str, code: str) -> APIError:
 
 def internal_error(message: str = "The server had an internal error while processing the request.") -> APIError:
     return APIError(500, message, "server_error", None, "internal_error")
+
+
+def from_engine(failure) -> APIError | None:
+    """The HTTP error an engine failure stands for: the one mapping from engine to HTTP.
+
+    ``failure`` is an exception the engine raised (``engine.errors``), or a finished
+    ``RequestOutput`` (its ``finish_reason`` "error" or a server-side "abort"); any other output
+    maps to ``None``. An unknown exception is an internal fault (500, details logged, not sent).
+    """
+    if isinstance(failure, RequestOutput):
+        if not failure.finished:
+            return None
+        if failure.finish_reason == "error":
+            detail = f": {failure.error}" if failure.error else ""
+            return internal_error(f"The engine failed while generating{detail}")
+        if failure.finish_reason == "abort":  # not by this request's client: the engine shut down or stopped
+            detail = failure.error or "the server is shutting down"
+            return unavailable(f"The request was aborted: {detail}.", "request_aborted")
+        return None
+    if isinstance(failure, APIError):
+        return failure
+    if isinstance(failure, QueueFullError):
+        return queue_full()
+    if isinstance(failure, EngineDeadError):
+        return unavailable("The engine has stopped; the server needs a restart.", "engine_dead")
+    if isinstance(failure, InvalidRequestError):
+        return bad_request(failure.message, failure.param)
+    logger.error("engine failure: %r", failure)
+    return internal_error()
 
 
 def _loc_to_param(loc) -> str | None:

@@ -18,7 +18,6 @@ page itself (static files) is always open. ``--no-ui`` leaves all of this out: `
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -60,20 +59,17 @@ async def ui_config(request: Request):
     auth_required = bool(_keys(request))
     if not _authorized(request):
         return JSONResponse({"auth_required": True, "authorized": False})
-    engine = state.engine
-    defaults = getattr(engine, "default_params", None)
-    params = {}
-    if defaults is not None and dataclasses.is_dataclass(defaults):
-        params = {name: getattr(defaults, name, None) for name in DIFFUSION_PARAMS}
+    engine = state.engine  # None while loading
+    defaults = {name: getattr(engine.default_params, name) for name in DIFFUSION_PARAMS} if engine else {}
     return JSONResponse({
         "auth_required": auth_required,
         "authorized": True,
         "status": state.status,
         "model": state.model_names()[0],
-        "canvas_length": getattr(engine, "canvas_length", None),
-        "max_model_len": getattr(engine, "max_model_len", None),
-        "vocab_size": len(engine.tokenizer) if getattr(engine, "tokenizer", None) is not None else None,
-        "defaults": params,
+        "canvas_length": engine.canvas_length if engine else None,
+        "max_model_len": engine.max_model_len if engine else None,
+        "vocab_size": len(engine.tokenizer) if engine else None,
+        "defaults": defaults,
     })
 
 

@@ -1,0 +1,184 @@
+"""The engine requests of one HTTP request: one per choice (``n`` times each prompt).
+
+``ChoiceSet.start`` submits them all at once (all or none: a full queue refuses the whole request);
+their outputs interleave in one queue in the order the engine produces them. Cancelling the set
+(client gone, error, stream closed) closes the engine streams, which aborts those requests and
+frees their slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+from . import errors
+from .engine_client import EngineClient
+
+
+@dataclass
+class ChoiceSpec:
+    """One choice: prompt ``prompt_index``'s ``n``-th sample, as one engine request."""
+
+    index: int
+    prompt_index: int
+    prompt_ids: list[int]
+    params: SamplingParams  # resolved
+    request_id: str
+
+
+@dataclass
+class ChoiceResult:
+    """What one choice produced, accumulated from its outputs."""
+
+    index: int
+    text_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_generated_tokens: int = 0
+    num_denoising_steps: int = 0
+    num_canvases: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def update(self, out: RequestOutput) -> None:
+        if out.text:
+            self.text_parts.append(out.text)
+        self.num_generated_tokens = out.num_generated_tokens
+        self.num_denoising_steps = out.num_denoising_steps
+        self.num_canvases = out.num_canvases
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+def usage(specs: list[ChoiceSpec], results: dict[int, ChoiceResult]) -> dict:
+    """Exact counts: each prompt once (however large ``n``), every choice's committed tokens, plus
+    the diffusion extension counts."""
+    prompt = sum({s.prompt_index: len(s.prompt_ids) for s in specs}.values())
+    completion = sum(r.num_generated_tokens for r in results.values())
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "denoising_steps": sum(r.num_denoising_steps for r in results.values()),
+        "canvases": sum(r.num_canvases for r in results.values()),
+    }
+
+
+# (finish reason, prompt tokens, generated tokens) of each choice that reached the engine
+ChoiceFinished = Callable[[str, int, int], None]
+
+
+class ChoiceSet:
+    """The engine requests of one HTTP request, and what they produced so far (``results``)."""
+
+    def __init__(self, engine: EngineClient, specs: list[ChoiceSpec], on_choice_finished: ChoiceFinished,
+                 live: set):
+        self.engine = engine
+        self.specs = specs
+        self.on_choice_finished = on_choice_finished
+        self.live = live  # the server's running ChoiceSets (aborted together when a drain times out)
+        self.results = {s.index: ChoiceResult(s.index) for s in specs}
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Submit every choice. If the engine refuses one (its queue is full, it is dead), the ones
+        already submitted are aborted and the engine's refusal is raised as an ``APIError``."""
+        streams = []
+        try:
+            for spec in self.specs:
+                streams.append(self.engine.generate(spec.prompt_ids, spec.params, spec.request_id, prompt_checked=True))
+        except Exception as exc:  # noqa: BLE001 - the engine's refusal becomes the request's error
+            for spec, stream in zip(self.specs, streams):
+                await stream.aclose()
+                self.on_choice_finished("abort", len(spec.prompt_ids), 0)
+            raise errors.from_engine(exc) from None
+        self.live.add(self)
+        for spec, stream in zip(self.specs, streams):
+            self._tasks.append(asyncio.create_task(self._pump(spec, stream), name=spec.request_id))
+
+    async def _pump(self, spec: ChoiceSpec, stream: AsyncIterator[RequestOutput]) -> None:
+        reason, generated = "abort", 0
+        try:
+            async for out in stream:
+                generated = out.num_generated_tokens
+                self._queue.put_nowait((spec.index, out, None))
+                if out.finished:
+                    reason = out.finish_reason or "stop"
+                    break
+            else:
+                raise RuntimeError("the engine's stream ended without a finished output")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+            reason = "error"
+            self._queue.put_nowait((spec.index, None, exc))
+        finally:
+            await stream.aclose()
+            self.on_choice_finished(reason, len(spec.prompt_ids), generated)
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield ``(choice index, output)`` until every choice finished; raise the ``APIError`` of
+        the first failure (an engine exception, or an output that finished with an error)."""
+        remaining = len(self.specs)
+        while remaining:
+            index, out, exc = await self._queue.get()
+            failure = errors.from_engine(exc if exc is not None else out)
+            if failure is not None:
+                raise failure
+            self.results[index].update(out)
+            yield index, out
+            if out.finished:
+                remaining -= 1
+
+    def cancel(self) -> None:
+        """Stop listening: every unfinished choice is aborted in the engine (idempotent)."""
+        self.live.discard(self)
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+
+    def abort_in_engine(self) -> None:
+        """Abort every choice inside the engine: each finishes with ``abort`` (a clear end for the client:
+        a 503 ``request_aborted``, or that error chunk and ``[DONE]`` on a stream)."""
+        for spec in self.specs:
+            self.engine.abort(spec.request_id)
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(receive) -> None:
+    """Return when the client has gone (the body has already been read by then)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(choice_set: ChoiceSet, receive) -> dict[int, ChoiceResult]:
+    """Run every choice to the end (non-streaming); abort them all if the client goes away
+    (``ClientDisconnected``)."""
+
+    async def consume():
+        async for _ in choice_set.events():
+            pass
+        return choice_set.results
+
+    consumer = asyncio.create_task(consume())
+    watcher = asyncio.create_task(_wait_for_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer in done:
+            return consumer.result()
+        raise ClientDisconnected()
+    finally:
+        consumer.cancel()
+        watcher.cancel()
+        choice_set.cancel()

@@ -1,0 +1,53 @@
+"""What the server needs of an engine: ``EngineClient``, the protocol ``engine.AsyncEngine`` implements.
+
+The server reads nothing else of the engine, so a wrapper (a test's fault injector, a remote
+engine) needs only this. Every member is cheap and safe to call from the event loop: the step
+loop runs in the engine's own thread and publishes its gauges as plain values.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class EngineClient(Protocol):
+    tokenizer: object  # the checkpoint's transformers tokenizer
+    model_name: str
+    max_model_len: int  # prompt + max_tokens limit
+    canvas_length: int
+    default_params: SamplingParams  # the checkpoint's generation config, fully resolved
+
+    # gauges, as the step loop last published them
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of the KV token budget the running requests hold (0..1)
+
+    @property
+    def healthy(self) -> bool:
+        """The step loop is running: requests can be served."""
+
+    def num_live_states(self) -> int:
+        """Requests and tensor states the engine still tracks (0 when idle: a leak check)."""
+
+    def start(self) -> None:
+        """Start the step loop."""
+
+    def shutdown(self) -> None:
+        """Stop the step loop (blocking); in-flight requests finish with ``abort``."""
+
+    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False) -> SamplingParams:
+        """Fill the checkpoint's defaults into ``params`` and validate them against this prompt;
+        raises ``engine.errors.InvalidRequestError``. ``prompt_checked`` skips the per-token check
+        of a prompt already accepted once."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
+                 prompt_checked: bool = False) -> AsyncIterator[RequestOutput]:
+        """Submit one request and return its outputs; the last has ``finished=True``. Refuses at
+        once, before returning, with ``InvalidRequestError``, ``QueueFullError`` (the waiting queue
+        is full) or ``EngineDeadError``. Closing the iterator early aborts the request."""
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from the outside (thread-safe); it finishes with ``abort``."""

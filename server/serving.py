@@ -1,0 +1,236 @@
+"""The one serving path of the completion endpoints.
+
+``serve(request, api)``: parse and limit the body, turn its prompts into one engine request per
+choice, run them, and answer with one JSON response or a stream of server-sent events. What differs
+between ``/v1/completions`` and ``/v1/chat/completions`` (the request model, how prompts are made,
+the shape of a choice) is an ``Endpoint``: ``completions.py`` and ``chat.py`` only translate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response
+
+from engine.errors import InvalidRequestError
+from engine.outputs import Draft
+from engine.sampling_params import SamplingParams
+
+from . import errors, sse
+from .bodies import parse_body
+from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, collect, usage
+from .engine_client import EngineClient
+from .errors import APIError
+from .protocol import CommonFields
+from .request_limits import check_prompts, check_request, check_resolved
+from .request_log import RequestLog
+
+logger = logging.getLogger("server")
+
+
+@dataclass
+class Prompts:
+    """A request's prompts, tokenized."""
+
+    ids: list[list[int]]
+    log_text: str  # what ``--log-prompts`` writes
+    prefixes: list[str] | None = None  # text each choice of prompt i starts with (completions' echo)
+
+
+class Endpoint(Protocol):
+    """What one OpenAI API adds to the serving path: translation, nothing else."""
+
+    name: str  # in the request log line
+    id_prefix: str  # of response ids: "cmpl", "chatcmpl"
+    request_model: type[CommonFields]
+    object: str  # a response's "object"
+    chunk_object: str  # a stream chunk's "object"
+    prompt_param: str  # the field named by errors about the prompt
+
+    def check(self, req) -> None:
+        """Refuse fields this server does not support (a 400 ``unsupported_parameter``)."""
+
+    def num_prompts(self, req) -> int:
+        """How many prompts the request has, before any tokenization."""
+
+    def max_tokens(self, req) -> tuple[int | None, str]:
+        """The requested completion length and the field that asked for it."""
+
+    async def prompts(self, req, tokenizer) -> Prompts:
+        """Tokenize the request's prompts (off the event loop when large)."""
+
+    def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
+        """The choice object a stream sends first for this choice, if any."""
+
+    def chunk_choice(self, index: int, text: str, finish_reason: str | None = None, **extra) -> dict:
+        """A stream chunk's choice object carrying the text delta ``text`` ("" for draft and finish chunks)."""
+
+    def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: Prompts) -> dict:
+        """A (non-streamed) response's choice object."""
+
+
+async def serve(request: Request, api: Endpoint) -> Response:
+    """Answer one completion request of ``api``'s kind. Every failure is an ``APIError``."""
+    state = request.app.state.server
+    request_id, engine_prefix = _request_ids(request, api.id_prefix)
+    log = RequestLog(request_id, api.name, state.settings.log_prompts)
+    try:
+        return await _serve(request, api, state, request_id, engine_prefix, log)
+    except APIError as exc:
+        log.finish(exc.status, note=exc.code or exc.type)
+        raise
+
+
+async def _serve(request: Request, api: Endpoint, state, request_id: str, engine_prefix: str, log: RequestLog):
+    settings = state.settings
+    req: CommonFields = await parse_body(request, api.request_model, settings.max_json_depth)
+    engine = state.engine_or_503()
+    model_name = state.check_model(req.model)
+    api.check(req)
+    max_tokens, max_tokens_param = api.max_tokens(req)
+    check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
+    prompts = await api.prompts(req, engine.tokenizer)
+    check_prompts(settings, prompts.ids, api.prompt_param)
+    if settings.log_prompts:
+        log.prompt_text = prompts.log_text
+    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix)
+    check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
+                   max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
+
+    choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished, state.live_choice_sets)
+    await choice_set.start()
+    base = {"id": request_id, "object": api.chunk_object, "created": int(time.time()), "model": model_name}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opening = [c for c in (api.opening(s, prompts) for s in specs) if c is not None]
+        frames = _stream(api, state, engine, choice_set, base, opening, include_usage, log)
+        return sse.SSEResponse(frames, on_close=choice_set.cancel, ping_seconds=settings.sse_ping_seconds)
+
+    try:
+        results = await collect(choice_set, request.receive)
+    except ClientDisconnected:
+        log.finish("client_gone", specs, choice_set.results, "client disconnected")
+        return Response(status_code=499)
+    except APIError as exc:
+        log.finish(exc.status, specs, choice_set.results, exc.code or "")
+        raise
+    log.finish(200, specs, results)
+    choices = [api.response_choice(s, results[s.index], prompts) for s in specs]
+    return JSONResponse({**base, "object": api.object, "choices": choices, "usage": usage(specs, results)})
+
+
+def unsupported(**fields: tuple[bool, str]) -> None:
+    """Refuse the first field whose condition holds: ``name=(refused, message)``."""
+    for name, (refused, message) in fields.items():
+        if refused:
+            raise errors.bad_request(message, name, "unsupported_parameter")
+
+
+def _request_ids(request: Request, prefix: str) -> tuple[str, str]:
+    """(response id, prefix of the engine request ids) for this HTTP request.
+
+    The response id comes from ``RequestIdMiddleware`` (``<prefix>-<X-Request-Id>`` when the client
+    sent a sane one). Engine ids must be unique while a client may reuse its X-Request-Id, so a
+    client-chosen id gets a random suffix there.
+    """
+    state = request.scope.get("state") or {}
+    rid = state.get("request_id")
+    if not rid:
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        return rid, rid
+    if state.get("request_id_from_client"):
+        return rid, f"{rid}-{uuid.uuid4().hex[:8]}"
+    return rid, rid
+
+
+def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFields, max_tokens: int | None,
+                  max_tokens_param: str, engine_prefix: str) -> list[ChoiceSpec]:
+    """One resolved engine request per choice. Choice ``i`` (prompt ``i // n``) gets ``seed + i``.
+
+    Raises a 400 for any parameter the engine refuses (context length included), before anything
+    is submitted.
+    """
+    specs = []
+    for p, prompt_ids in enumerate(prompts):
+        for j in range(req.n):
+            index = p * req.n + j
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                stop=req.stop_tuple(),
+                ignore_eos=req.ignore_eos,
+                seed=None if req.seed is None else req.seed + index,
+                stream_drafts=bool(req.stream_drafts and req.stream),
+                max_denoising_steps=req.max_denoising_steps,
+                entropy_bound=req.entropy_bound,
+                t_min=req.t_min,
+                t_max=req.t_max,
+                stability_threshold=req.stability_threshold,
+                confidence_threshold=req.confidence_threshold,
+            )
+            try:
+                # the prompt's tokens are checked once, not once per choice
+                resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0)
+            except InvalidRequestError as exc:
+                err = errors.from_engine(exc)
+                if err.param == "max_tokens":  # the field this request used
+                    err.param = max_tokens_param
+                raise err from None
+            specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{engine_prefix}-{index}"))
+    return specs
+
+
+def _draft_extension(draft: Draft, tokenizer) -> dict:
+    """The ``diffusion`` object of a draft chunk (docs/api.md, "Draft stream")."""
+    return {
+        "canvas": draft.canvas,
+        "step": draft.step,
+        "max_steps": draft.max_steps,
+        "draft": tokenizer.decode(list(draft.token_ids), skip_special_tokens=True),
+        "changed": list(draft.changed),
+        "changed_token_ids": [draft.token_ids[p] for p in draft.changed],
+    }
+
+
+async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: ChoiceSet, base: dict, opening: list[dict],
+                  include_usage: bool, log: RequestLog) -> AsyncIterator:
+    """The SSE frames of one streamed request: the opening choices, then drafts, text deltas and
+    finish chunks as the engine produces them, the usage chunk when asked, and ``[DONE]``; a
+    failure becomes an error chunk before ``[DONE]``."""
+    err: APIError | None = None
+    completed = False
+    try:
+        for c in opening:
+            yield sse.chunk({**base, "choices": [c]})
+        async for index, out in choice_set.events():
+            if out.draft is not None:
+                ext = _draft_extension(out.draft, engine.tokenizer)
+                yield sse.chunk({**base, "choices": [api.chunk_choice(index, "", diffusion=ext)]})
+            if out.text:
+                yield sse.chunk({**base, "choices": [api.chunk_choice(index, out.text)]})
+            if out.finished:
+                yield sse.chunk({**base, "choices": [api.chunk_choice(index, "", out.finish_reason)]})
+        if include_usage:
+            yield sse.chunk({**base, "choices": [], "usage": usage(choice_set.specs, choice_set.results)})
+        completed = True
+    except APIError as exc:
+        err = exc
+    except Exception:  # noqa: BLE001 - a fault of ours: logged, sent without details
+        logger.exception("%s stream %s failed", api.name, base["id"])
+        err = errors.internal_error()
+    finally:
+        choice_set.cancel()
+        if err is not None:
+            log.finish(err.status, choice_set.specs, choice_set.results, err.code or "")
+        elif completed:
+            log.finish(200, choice_set.specs, choice_set.results)
+        else:
+            log.finish("client_gone", choice_set.specs, choice_set.results, "client disconnected")
+    if err is not None:
+        state.metrics.count_error(err.status)
+        yield sse.chunk(err.body())
+    yield sse.done()

@@ -1,0 +1,47 @@
+"""Server-sent events with OpenAI's framing: ``data: {json}\\n\\n`` frames, then ``data: [DONE]``.
+
+Every byte of a stream goes through here: ``chunk`` frames a JSON object, ``done`` ends the stream,
+and ``SSEResponse`` sends them (with keep-alive comments on idle streams) and always runs its
+cleanup, however the stream ends.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+DONE = "[DONE]"
+
+
+def json_text(obj: dict) -> str:
+    """Compact JSON, non-ASCII text kept as is (one frame per line)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def chunk(obj: dict) -> ServerSentEvent:
+    """One ``data: {json}`` frame."""
+    return ServerSentEvent(data=json_text(obj), sep="\n")
+
+
+def done() -> ServerSentEvent:
+    """The ``data: [DONE]`` frame that ends every stream."""
+    return ServerSentEvent(data=DONE, sep="\n")
+
+
+class SSEResponse(EventSourceResponse):
+    """``EventSourceResponse`` with OpenAI's framing (``data: ...\\n\\n``) and a guaranteed cleanup.
+
+    ``on_close`` runs however the response ends (finished, client gone, server shutting down), even
+    when the body iterator never started, so the engine requests are always released.
+    """
+
+    def __init__(self, content, on_close, ping_seconds: float = 15.0, **kwargs):
+        super().__init__(content, sep="\n", ping=ping_seconds, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()

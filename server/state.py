@@ -1,0 +1,148 @@
+"""The server's state behind the app: the engine's lifecycle (loading -> ready -> draining, or failed)
+and the drain that a graceful shutdown runs.
+
+The engine loads in a worker thread after start-up, so ``/health`` answers 503 ("loading") at
+once and 200 when the model is ready; generation requests get 503 with ``Retry-After`` meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from . import errors
+from .engine_client import EngineClient
+from .metrics import ServerMetrics
+from .middleware import InFlight
+from .settings import ServerSettings
+
+logger = logging.getLogger("server")
+
+# (settings, stats sink) -> a started-or-not engine; slow (loads the model), runs in a worker thread.
+EngineFactory = Callable[[ServerSettings, object], EngineClient]
+
+# After a drain's deadline aborts what is left, how long the aborted requests get to send their
+# last bytes (the 503 or the error chunk and [DONE]) before the server closes.
+ABORT_GRACE_SECONDS = 5.0
+
+
+def default_engine_factory(settings: ServerSettings, stats_sink) -> EngineClient:
+    """Build the engine (slow: loads the model). Runs in a worker thread."""
+    from engine import AsyncEngine
+
+    return AsyncEngine(settings.engine_settings(), stats_sink=stats_sink)
+
+
+class ServerState:
+    """Lifecycle of the engine behind the app: loading -> ready -> draining (or failed)."""
+
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics, engine_factory: EngineFactory,
+                 on_load_failure: Callable[[BaseException], None] | None = None, inflight: InFlight | None = None):
+        self.settings = settings
+        self.inflight = inflight or InFlight()
+        self.live_choice_sets: set = set()  # ChoiceSets with engine requests (see choices.ChoiceSet)
+        self.metrics = metrics
+        self.engine_factory = engine_factory
+        self.on_load_failure = on_load_failure
+        self.engine: EngineClient | None = None
+        self.status = "loading"
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self._load_task: asyncio.Task | None = None
+
+    # lifecycle
+
+    def start_loading(self) -> None:
+        self._load_task = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        t0 = time.monotonic()
+        try:
+            engine = await asyncio.to_thread(self.engine_factory, self.settings, self.metrics)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("failed to load the model %s", self.settings.model)
+            self.status = "failed"
+            self.load_error = str(exc)
+            if self.on_load_failure is not None:
+                self.on_load_failure(exc)
+            return
+        if self.status == "draining":
+            await asyncio.to_thread(engine.shutdown)
+            return
+        engine.start()
+        self.engine = engine
+        self.metrics.bind_engine_gauges(self._engine_counts, self._engine_live_states, self._engine_kv_usage)
+        self.status = "ready"
+        logger.info(
+            "serving %s as %s (max_model_len=%s, canvas_length=%s) after %.1fs",
+            self.settings.model, self.model_names()[0], engine.max_model_len, engine.canvas_length,
+            time.monotonic() - t0,
+        )
+
+    async def drain(self, timeout: float) -> None:
+        """Shut down gracefully: /health and new requests answer 503 at once; in-flight requests and
+        streams get ``timeout`` seconds to finish; whatever is left is then aborted in the engine, so
+        its client gets a clear end (a 503 ``request_aborted``, or that error chunk and ``[DONE]``).
+        Returns when nothing is in flight any more (or the abort grace has passed)."""
+        self.status = "draining"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while self.inflight.count > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight.count > 0:
+            logger.warning("drain timeout (%.0fs): aborting %d in-flight request(s)", timeout, self.inflight.count)
+            for choice_set in list(self.live_choice_sets):
+                choice_set.abort_in_engine()
+            grace = loop.time() + ABORT_GRACE_SECONDS
+            while self.inflight.count > 0 and loop.time() < grace:
+                await asyncio.sleep(0.05)
+        logger.info("drained: %d request(s) still open", self.inflight.count)
+
+    async def close(self) -> None:
+        self.status = "draining"
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+
+    def _engine_counts(self):
+        e = self.engine
+        if e is None:
+            return None
+        return e.num_running, e.num_waiting
+
+    def _engine_live_states(self) -> int:
+        return 0 if self.engine is None else self.engine.num_live_states()
+
+    def _engine_kv_usage(self) -> float:
+        return 0.0 if self.engine is None else float(self.engine.kv_usage)
+
+    # request helpers
+
+    def engine_or_503(self) -> EngineClient:
+        if self.status == "loading":
+            raise errors.unavailable("The model is still loading. Retry shortly.", "server_loading")
+        if self.status == "draining":
+            raise errors.unavailable("The server is shutting down.", "server_draining")
+        if self.status == "failed" or self.engine is None:
+            raise errors.unavailable("The model failed to load.", "engine_unavailable")
+        if not self.engine.healthy:
+            raise errors.unavailable("The engine has stopped; the server needs a restart.", "engine_dead")
+        return self.engine
+
+    def model_names(self) -> list[str]:
+        engine_name = self.engine.model_name if self.engine is not None else None
+        return self.settings.model_names(engine_name) or ["unknown"]
+
+    def check_model(self, model: str | None) -> str:
+        names = self.model_names()
+        if model is None or model in names:
+            return names[0]
+        raise errors.model_not_found(model, names[:1])
+
+    def health(self) -> tuple[int, str]:
+        if self.status == "ready":
+            return (200, "ok") if self.engine.healthy else (503, "dead")
+        return 503, self.status
