@@ -74,12 +74,15 @@ def create_app(
 
     @app.get("/health")
     async def health(request: Request):
+        """200 `{"status": "ok"}` when serving; 503 with `Retry-After` while loading, draining or after the
+        engine stopped (`{"status": "loading" | "draining" | "failed" | "dead"}`). Open without an API key."""
         status, text = request.app.state.server.health()
         headers = {} if status == 200 else {"Retry-After": str(errors.RETRY_AFTER_UNAVAILABLE)}
         return JSONResponse({"status": text}, status_code=status, headers=headers)
 
     @app.get("/metrics")
     async def metrics_endpoint():
+        """Prometheus text format (every metric: docs/metrics.md). Open without an API key."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
@@ -91,11 +94,13 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models(request: Request):
+        """The served model: one entry, with `max_model_len` once the model has loaded."""
         state = request.app.state.server
         return {"object": "list", "data": [model_card(state, state.model_names()[0])]}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str, request: Request):
+        """The served model by any of its accepted names; another name is a 404 `model_not_found`."""
         state = request.app.state.server
         state.check_model(model_id)
         return model_card(state, state.model_names()[0])

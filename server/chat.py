@@ -65,6 +65,7 @@ CHAT = Chat()
 
 
 async def create_chat_completion(request: Request):
+    """OpenAI's chat completions: the messages through the checkpoint's chat template."""
     return await serve(request, CHAT)
 
 

@@ -83,4 +83,5 @@ COMPLETIONS = Completions()
 
 
 async def create_completion(request: Request):
+    """OpenAI's text completions: one choice per prompt and `n`, as JSON or server-sent events."""
     return await serve(request, COMPLETIONS)

@@ -22,35 +22,44 @@ class _Lenient(BaseModel):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="Send a last chunk with `choices: []` and the request's `usage`.")
 
 
 class DiffusionFields(_Lenient):
     """Extension fields shared by both endpoints. ``None`` takes the checkpoint's generation config."""
 
-    max_denoising_steps: StrictInt | None = None
-    entropy_bound: float | None = None
-    t_min: float | None = None
-    t_max: float | None = None
-    stability_threshold: StrictInt | None = None
-    confidence_threshold: float | None = None
-    stream_drafts: StrictBool = False
+    max_denoising_steps: StrictInt | None = Field(None, description="Denoising steps N per canvas, at most.")
+    entropy_bound: float | None = Field(
+        None, description="Each step accepts the k lowest-entropy positions while sum(H) - max(H) <= this bound.")
+    t_min: float | None = Field(None, description="Temperature of the last step (`t_max` > `t_min` >= 1e-6).")
+    t_max: float | None = Field(
+        None, description="Temperature of the first step; the schedule falls linearly to `t_min`.")
+    stability_threshold: StrictInt | None = Field(
+        None, description="k: a canvas stops when k+1 successive argmax drafts are equal and ...")
+    confidence_threshold: float | None = Field(None, description="... its mean entropy is below this.")
+    stream_drafts: StrictBool = Field(
+        False, description="With `stream`: also send every refinement step as a draft chunk (see Draft stream).")
 
 
 class CommonFields(DiffusionFields):
-    model: str | None = None
-    max_tokens: StrictInt | None = None
+    model: str | None = Field(None, description="The served model name (`GET /v1/models`); may be left out.")
+    max_tokens: StrictInt | None = Field(
+        None, description="Most tokens to generate; the last canvas is trimmed (`finish_reason: length`). Default: the "
+        "checkpoint's `max_new_tokens` (one canvas).")
     # Accepted for compatibility. A diffusion model samples with the linear temperature schedule
     # t_max -> t_min over the denoising steps; ``temperature`` and ``top_p`` do not change it.
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: StrictInt = Field(default=1, ge=1)
-    stop: Union[str, list[str], None] = None
-    seed: StrictInt | None = None
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    ignore_eos: StrictBool = False
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Range-checked, then ignored: the `t_max` -> `t_min` schedule governs sampling.")
+    top_p: float | None = Field(default=None, ge=0, le=1, description="Range-checked, then ignored.")
+    n: StrictInt = Field(default=1, ge=1, description="Choices per prompt (at most the setting `max_n`).")
+    stop: Union[str, list[str], None] = Field(
+        None, description=f"Up to {MAX_STOP} strings; the text ends before the first one found (`finish_reason: stop`).")
+    seed: StrictInt | None = Field(
+        None, description="Makes the request reproducible; choice i of a request uses `seed + i`.")
+    stream: StrictBool = Field(False, description="Answer with server-sent events (see Streaming).")
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream`: `{\"include_usage\": true}`.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    ignore_eos: StrictBool = Field(False, description="Do not stop at eos (fixed-length outputs, for benchmarks).")
 
     @field_validator("stop")
     @classmethod
@@ -71,11 +80,11 @@ PromptType = Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
 
 
 class CompletionRequest(CommonFields):
-    prompt: PromptType
-    echo: StrictBool = False
-    logprobs: StrictInt | None = None
-    suffix: str | None = None
-    best_of: StrictInt | None = None
+    prompt: PromptType = Field(description="A string, a list of token ids, or a list of either (one choice set each).")
+    echo: StrictBool = Field(False, description="Start each choice's text with its prompt.")
+    logprobs: StrictInt | None = Field(None, description="Not supported: a value > 0 is a 400.")
+    suffix: str | None = Field(None, description="Not supported: a non-empty value is a 400.")
+    best_of: StrictInt | None = Field(None, description="Not supported: a value > 1 is a 400 (use `n`).")
 
 
 class TextPart(_Lenient):
@@ -90,13 +99,16 @@ class ChatMessage(_Lenient):
 
 
 class ChatCompletionRequest(CommonFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = None
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="Rendered by the checkpoint's chat template; content is a string or text parts.")
+    max_completion_tokens: StrictInt | None = Field(None, description="The same as `max_tokens`, and wins over it.")
+    logprobs: StrictBool | None = Field(None, description="Not supported: true is a 400.")
+    top_logprobs: StrictInt | None = Field(None, description="Not supported: a value > 0 is a 400.")
+    tools: list[Any] | None = Field(None, description="Not supported: a non-empty list is a 400.")
+    response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}`.")
     # vLLM-style chat template controls.
-    add_generation_prompt: StrictBool = True
-    continue_final_message: StrictBool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: StrictBool = Field(True, description="End the prompt with the assistant turn's header.")
+    continue_final_message: StrictBool = Field(
+        False, description="Continue the last (assistant) message instead of starting a new turn.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra scalar variables for the chat template (not the template itself).")

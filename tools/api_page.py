@@ -1,0 +1,171 @@
+"""docs/api.md, generated from the code: the routes (their docstrings), the request fields (the
+pydantic models of ``server/protocol.py`` and their descriptions), the stream's frames and the
+error statuses (``server/openapi.py``)."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic.fields import FieldInfo
+
+# The error codes the server sends, by status (a test finds each in server/).
+ERROR_CODES = {
+    400: ("invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter"),
+    401: ("invalid_api_key",),
+    404: ("model_not_found", "not_found"),
+    405: ("method_not_allowed",),
+    413: ("request_too_large",),
+    429: ("queue_full",),
+    500: ("internal_error",),
+    503: ("server_loading", "server_draining", "engine_unavailable", "engine_dead", "request_aborted"),
+}
+
+# Fields both endpoints take that are not OpenAI's own (the diffusion sampler and benchmarks).
+EXTENSION_FIELDS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                    "confidence_threshold", "stream_drafts", "ignore_eos")
+
+
+def _routes() -> list[tuple[str, str, str]]:
+    """(methods, path, summary) of every documented route, in registration order."""
+    from fastapi.routing import APIRoute
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    app = create_app(ServerSettings(model="<model>"), engine_factory=lambda settings, sink: None)
+    rows = []
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.include_in_schema:
+            doc = " ".join((route.endpoint.__doc__ or "").split())
+            rows.append((", ".join(sorted(route.methods)), route.path.replace(":path", ""), doc))
+    return rows
+
+
+def _type_name(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (typing.Any,)
+        return f"list of {_type_name(item)}"
+    if origin is dict:
+        return "object"
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", typing.Any: "any"}
+    if annotation in names:
+        return names[annotation]
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(info: FieldInfo) -> str:
+    if info.is_required():
+        return "required"
+    if info.default is None:
+        return "unset"
+    if isinstance(info.default, bool):
+        return str(info.default).lower()
+    return repr(info.default)
+
+
+def _field_rows(model, names) -> list[str]:
+    rows = []
+    for name in names:
+        info = model.model_fields[name]
+        rows.append(f"| `{name}` | {_type_name(info.annotation)} | {_default(info)} | {info.description or ''} |")
+    return rows
+
+
+def _fields_table(model, names) -> str:
+    head = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    return "\n".join(head + _field_rows(model, names))
+
+
+def api_page() -> str:
+    from server.openapi import ERROR_STATUSES
+    from server.protocol import ChatCompletionRequest, CommonFields, CompletionRequest
+
+    common = [n for n in CommonFields.model_fields if n not in EXTENSION_FIELDS]
+    only = {m: [n for n in m.model_fields if n not in CommonFields.model_fields]
+            for m in (CompletionRequest, ChatCompletionRequest)}
+    routes = "\n".join(f"| {m} | `{p}` | {doc} |" for m, p, doc in _routes())
+    errors = "\n".join(f"| {status} | {text} |" for status, text in ERROR_STATUSES.items())
+    codes = "; ".join(f"{status}: " + ", ".join(f"`{c}`" for c in names) for status, names in ERROR_CODES.items())
+    return f"""# HTTP API reference
+
+Generated from the code by `python -m tools.reference_docs`; do not edit by hand.
+
+## Routes
+
+| method | path | what it does |
+|---|---|---|
+{routes}
+
+With API keys configured (`--api-key`), every `/v1/` route wants `Authorization: Bearer <key>`.
+Every response carries `X-Request-Id` (the client's own, when it sent a sane one).
+
+## Request fields
+
+Unknown fields are accepted and ignored, as OpenAI clients and benchmark tools expect.
+
+### Both endpoints
+
+{_fields_table(CompletionRequest, common)}
+
+### Diffusion extension fields (both endpoints)
+
+From the `openai` SDK, pass them in `extra_body`. "unset" takes the checkpoint's
+`generation_config.json`, failing that transformers' defaults.
+
+{_fields_table(CompletionRequest, EXTENSION_FIELDS)}
+
+### `POST /v1/completions` only
+
+{_fields_table(CompletionRequest, only[CompletionRequest])}
+
+### `POST /v1/chat/completions` only
+
+{_fields_table(ChatCompletionRequest, only[ChatCompletionRequest])}
+
+## Responses
+
+A completion's `usage` has OpenAI's exact counts (`prompt_tokens` counts each prompt once, however
+large `n`; `completion_tokens` includes a final eos) and two extension counts, `denoising_steps`
+and `canvases`. `finish_reason` is `stop` (eos or a stop string), `length` (`max_tokens`).
+
+## Streaming
+
+With `"stream": true` the answer is `text/event-stream`, one `data: {{json chunk}}` frame per event:
+
+1. chat only: a first chunk per choice with `delta.role`; completions with `echo`: the prompt's text;
+2. the committed text as append-only deltas (one per committed canvas);
+3. a chunk with `finish_reason`;
+4. with `stream_options.include_usage`: a chunk with `choices: []` and `usage`;
+5. `data: [DONE]`.
+
+Idle streams get `: ping` comments (setting `sse_ping_seconds`). An error after the stream started
+is a `data: {{"error": {{...}}}}` frame followed by `data: [DONE]`.
+
+### Draft stream
+
+With `"stream_drafts": true` as well, every denoising step of every canvas arrives as a valid chunk
+with empty text (completions) or an empty delta (chat), plus an extension object `diffusion`:
+`canvas` (0-based), `step` (1-based), `max_steps`, `draft` (the text of the whole argmax canvas),
+`changed` (positions that differ from the previous draft of that canvas; all at step 1) and
+`changed_token_ids` (their new token ids). The last draft of a canvas is what it commits, before
+the eos and length trims. The `openai` SDK reads it as `choice.model_extra["diffusion"]`.
+
+## Errors
+
+Every error is `{{"error": {{"message", "type", "param", "code"}}}}`; `param` names the field at fault.
+
+| status | when |
+|---|---|
+{errors}
+
+`code` by status ({codes}). A `limit_exceeded` names its setting (docs/configuration.md).
+429 and 503 carry `Retry-After`.
+"""
