@@ -67,7 +67,7 @@ RUN if id -u 1000 >/dev/null 2>&1; then userdel "$(id -nu 1000)"; fi \
 
 # HF_HOME: hub downloads (the 26B checkpoint is about 50 GB): keep them on a volume.
 # DIFFUSION_SERVER_CACHE: where the tiny fallback model is built when no model is embedded.
-# OMP_NUM_THREADS=1: see the README's "CPU threads" (raise it with --num-threads on an idle host).
+# OMP_NUM_THREADS=1: see docs/performance.md, "CPU threads" (raise it with --num-threads on an idle host).
 ENV HF_HOME=/data/huggingface \
     DIFFUSION_SERVER_CACHE=/data/diffusion-server \
     DIFFUSION_SERVER_HOST=0.0.0.0 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU machine (see README "GPU"): CUDA tests, a DiffusionGemma-shaped
+# One prepared script for a lent GPU machine (see docs/gpu.md): CUDA tests, a DiffusionGemma-shaped
 # random checkpoint, the benchmark, a kernel-time profile of the engine, the CUDA-graph check, the
 # FP8-experts load and the engine without CUDA graphs. Results land in $OUT (default bench/results-gpu).
 #

@@ -34,7 +34,7 @@ if [ ! -f "$STAMP" ]; then
     touch "$STAMP"
 fi
 
-# Threads: see README "CPU threads". One intra-op thread unless the caller says otherwise.
+# Threads: see docs/performance.md, "CPU threads". One intra-op thread unless the caller says otherwise.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 cmd="${1:-serve}"

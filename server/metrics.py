@@ -30,7 +30,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
-# name (without prefix), type, help. The README table is generated from the same text.
+# name (without prefix), type, help. docs/metrics.md is generated from the same text (python -m tools.reference_docs).
 METRIC_DOCS = [
     ("num_requests_running", "gauge", "Requests whose canvas is in the running decoder batch."),
     ("num_requests_waiting", "gauge", "Requests queued, waiting for a slot in the running batch."),
