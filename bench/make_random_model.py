@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.tiny_checkpoint import BOS_ID, EOS_ID, PAD_ID, build_byte_tokenizer
+from tools.tiny_checkpoint import BOS_ID, EOS_ID, PAD_ID, build_byte_tokenizer
 
 
 def main(argv=None) -> int:

@@ -54,7 +54,7 @@ def machine_description() -> dict:
 
 
 def build_bench_model(path: Path) -> Path:
-    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     if not (path / "config.json").exists():
         build_tiny_checkpoint(path, TinySpec(**BENCH_SPEC))

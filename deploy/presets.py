@@ -96,7 +96,7 @@ def _embedded_or_tiny_config():
         from transformers import DiffusionGemmaConfig
 
         return DiffusionGemmaConfig.from_pretrained(embedded), "engine/default_model/config.json"
-    from engine.tiny_checkpoint import SPECIAL_TOKENS, TinySpec, tiny_config
+    from tools.tiny_checkpoint import SPECIAL_TOKENS, TinySpec, tiny_config
 
     return tiny_config(TinySpec(), len(SPECIAL_TOKENS) + 256), "the tiny fallback model: no engine/default_model in this checkout"
 

@@ -47,7 +47,7 @@ def resolve_default_model() -> str:
     target = cache_dir() / TINY_DEFAULT_NAME
     if (target / "config.json").is_file():
         return str(target)
-    from engine.tiny_checkpoint import build_tiny_checkpoint
+    from tools.tiny_checkpoint import build_tiny_checkpoint
 
     logger.warning("no --model given and no embedded model: building a tiny random model in %s", target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ def parse_sse_json(raw: bytes | str) -> list:
 @pytest.fixture(scope="session")
 def server_tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny float32 DiffusionGemma checkpoint (canvas 16, 8 denoising steps by default)."""
-    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("server_tiny"), TinySpec())
 

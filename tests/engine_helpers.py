@@ -18,7 +18,7 @@ def build_poisoned_checkpoint(path):
     logits; nothing else is affected."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     path = build_tiny_checkpoint(path, TinySpec(dtype=torch.float64))
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")

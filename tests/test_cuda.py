@@ -7,7 +7,7 @@ import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.loader import load_model
-from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.engine_helpers import run_to_completion
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -9,7 +9,7 @@ import torch
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.decoder_graphs import DecoderGraphs, capture_blocker, graph_max_batch
 from engine.loader import load_model
-from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.engine_helpers import make_core, reference_tokens, run_to_completion
 
 

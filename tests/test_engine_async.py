@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import AsyncEngine, EngineSettings, QueueFullError, SamplingParams
-from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

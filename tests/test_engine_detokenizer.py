@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.tiny_checkpoint import build_byte_tokenizer
+from tools.tiny_checkpoint import build_byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
     """A new request whose encoder work raises fails with the pass error, and so does a request
     encoded in the same group; a request already denoising in that pass, and one encoded in another
     group (here: beside a long prompt prefilled in chunks), go on with the tokens they get alone."""
-    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-encoder-fault"), TinySpec())
     core = make_core(path, max_num_seqs=4, max_encoder_tokens=max_encoder_tokens)

@@ -14,7 +14,7 @@ from engine import EngineSettings, SamplingParams
 from engine.core import EngineCore
 from engine.loader import load_model
 from engine.quantization import quantized_weight_bytes
-from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.engine_helpers import reference_tokens, run_to_completion
 

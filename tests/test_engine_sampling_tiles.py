@@ -53,7 +53,7 @@ def test_engine_default_tile_budget_comes_from_free_memory(tmp_path):
     from engine import EngineCore, EngineSettings
     from engine.loader import load_model
     from engine.memory import SAMPLING_TILE_MAX_BYTES, SAMPLING_TILE_MIN_BYTES
-    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     build_tiny_checkpoint(tmp_path, TinySpec())
     settings = EngineSettings(model=str(tmp_path))

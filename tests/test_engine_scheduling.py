@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import InvalidRequestError, SamplingParams
-from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.engine_helpers import make_core, run_to_completion
 
 

@@ -9,7 +9,7 @@ import subprocess
 import httpx
 import pytest
 
-from engine.tiny_checkpoint import END_OF_TURN_ID, EOS_ID
+from tools.tiny_checkpoint import END_OF_TURN_ID, EOS_ID
 
 CANVAS = 16
 EOS_IDS = {EOS_ID, END_OF_TURN_ID}

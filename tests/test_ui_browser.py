@@ -254,7 +254,7 @@ def take_screenshots(out: Path, model: str | None, board_name: str = "sudoku", b
     """Screenshots of the page mid-denoise and finished, and of the Sudoku board view."""
     import sys
 
-    from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
     from tests.conftest import LiveServer
 
     out.mkdir(parents=True, exist_ok=True)

@@ -233,7 +233,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     if model is None:
         sys.path.insert(0, str(REPO_ROOT))
-        from engine.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+        from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(tmp / "tiny", TinySpec()))
     port = free_port()

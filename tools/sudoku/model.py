@@ -108,7 +108,7 @@ def build_tokenizer():
 
 
 def build_config(size: ModelSize | str = "large"):
-    from engine.tiny_checkpoint import small_config
+    from tools.tiny_checkpoint import small_config
 
     if isinstance(size, str):
         size = SIZES[size]
@@ -142,7 +142,7 @@ def size_to_dict(size: ModelSize) -> dict:
 
 
 def build_generation_config(**overrides):
-    from engine.tiny_checkpoint import diffusion_generation_config
+    from tools.tiny_checkpoint import diffusion_generation_config
 
     return diffusion_generation_config({**GENERATION_DEFAULTS, **overrides},
                                        eos_ids=(EOS_ID, END_OF_TURN_ID), pad_id=PAD_ID, bos_id=BOS_ID)

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from engine.import_noise import quiet_torchao_import_noise
+
+quiet_torchao_import_noise()  # before transformers imports torchao (its import warnings are noise on CPU)
+
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID = range(5)
 
