@@ -2,8 +2,8 @@
 
 A small batch on a GPU is launch-bound: the decoder pass is hundreds of small kernels, and the host
 takes longer to queue them than the GPU to run them. Replaying a captured ``torch.cuda.CUDAGraph``
-queues the whole pass at once (``python -m bench.cuda_graph_check`` measured the 4-layer pass on an
-H100 at 14.0 -> 5.1 ms at batch 1 and 12.6 -> 8.1 ms at batch 4, but 25.1 -> 23.7 ms at batch 16).
+queues the whole pass at once; the gain shrinks as the batch grows and the kernels themselves take
+over (``python -m bench.cuda_graph_check`` measures it; the results are in the docs).
 
 A graph replays fixed kernels on fixed addresses, so one graph serves one decoder batch size over
 one set of KV buffers. Its inputs (canvas tokens, self-conditioning embeddings, positions and their
@@ -36,10 +36,9 @@ from .kv_cache import BatchKVView
 
 logger = logging.getLogger("engine")
 
-# Graphs for decoder batches of 1..4 canvases unless the settings say otherwise: on an H200 (4-layer
-# DiffusionGemma-shaped model, bf16) they raised the engine at concurrency 1 from 793-835 to 987 committed
-# tok/s and at 4 from 1,210-1,512 to 1,616, and left concurrency 16 within run-to-run noise; graphs up to
-# batch 16 gave nothing more there (README, "GPU").
+# Graphs for decoder batches of 1..4 canvases unless the settings say otherwise: the small batches
+# are the launch-bound ones, and graphs for larger batches gave no more throughput (the GPU results
+# are in the docs).
 AUTO_CUDA_GRAPH_MAX_BATCH = 4
 
 

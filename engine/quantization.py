@@ -1,6 +1,6 @@
 """Weight-only quantization of the MoE experts at load time, through torchao.
 
-About 90% of DiffusionGemma's parameters are its MoE experts, which transformers stores as fused
+Most of DiffusionGemma's parameters are its MoE experts, which transformers stores as fused
 3-D parameters (``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I]), not as
 ``nn.Linear`` modules. bitsandbytes and transformers' fine-grained FP8 only replace linear layers (or
 need a GPU to quantize at all), so the engine asks torchao to quantize those two parameters by name
@@ -15,10 +15,11 @@ The quantized model is built from a bf16/fp32 checkpoint on every load; torchao 
 
 The experts then run ``DEQUANTIZED_EXPERTS`` (registered in transformers' experts interface): each
 layer dequantizes its two expert tensors whole (in place, a chunk of experts at a time), once per
-call, and runs transformers' grouped_mm forward on them. transformers' eager loop, the alternative, runs one iteration per expert, and
-torchao dequantizes each expert's weights inside each ``linear`` call; with 128 experts that was
-5-11x slower than bf16 on an H200, and on CPU twice as slow as this (docs/deployment.md). The price
-is a transient of about one layer's experts in the load dtype (``expert_dequant_bytes``).
+call, and runs transformers' grouped_mm forward on them. transformers' eager loop, the alternative,
+runs one iteration per expert, and torchao dequantizes each expert's weights inside each ``linear``
+call: with 128 experts that is far slower, on GPU and CPU alike (the measurements are in
+the docs). The price is a transient of about one layer's experts in the load dtype
+(``expert_dequant_bytes``).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ class _DequantizedExperts:
 
 
 # Experts dequantized per in-place chunk: torchao's dequantize() keeps an fp32 copy, the fp32 product
-# and the result alive at once (5x the result in bf16, measured on CPU); in place, only a chunk's
-# temporaries come on top of the result (on CPU two fp32 copies of a bf16 chunk; none in fp32).
+# and the result alive at once (for a bf16 result, two fp32 tensors of twice its size, and itself); in
+# place, only a chunk's temporaries come on top of the result (on CPU two fp32 copies of a bf16 chunk;
+# none in fp32).
 DEQUANT_CHUNKS = 16
 
 

@@ -103,8 +103,8 @@ def draw_positions(scaled: torch.Tensor, exponentials: torch.Tensor) -> Position
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
     # torch.multinomial(probs[i], 1, generator=g) is argmax(probs[i] / q) with q ~ Exp(1) from g;
     # q was drawn ahead (random_draws), so this is the reference's draw, position for position.
-    # torch.max(dim).indices is argmax (the first maximal index; NaN counts as maximal) at about 15%
-    # less time on CPU, where this inner-dimension reduction is not vectorized
+    # torch.max(dim).indices is argmax (the first maximal index; NaN counts as maximal) in less time
+    # on CPU, where this inner-dimension reduction is not vectorized
     sampled = torch.max(torch.div(probs, exponentials, out=exponentials), dim=-1).indices
     argmax = torch.max(scaled, dim=-1).indices
     return PositionsDraw(sampled=sampled, argmax=argmax, probs=probs)
