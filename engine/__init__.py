@@ -1,30 +1,38 @@
-"""The diffusion engine: a step-level block scheduler over DiffusionGemma checkpoints."""
+"""The diffusion engine: a step-level block scheduler over DiffusionGemma checkpoints.
 
-import logging as _logging
+Importing ``engine`` loads nothing heavy: each public name is imported from its module on first
+access (``AsyncEngine`` and ``EngineCore`` bring torch and the model runner; the scheduler, the
+request and the errors do not).
+"""
 
-import torch as _torch
+from __future__ import annotations
 
-if not _torch.cuda.is_available():
-    # torchao (for --quantization), which transformers imports whenever it is installed, warns at import
-    # that its CUDA-only kernels did not load, and about enum registrations: noise on a CPU host
-    for _name in ("torchao", "torch.utils._pytree"):
-        _logging.getLogger(_name).setLevel(_logging.ERROR)
+import importlib
 
-from .async_engine import AsyncEngine, EngineDeadError
-from .core import EngineCore
-from .outputs import Draft, RequestOutput
-from .sampling_params import InvalidRequestError, SamplingParams
-from .scheduler import QueueFullError
-from .settings import EngineSettings
+# public name -> the module that defines it
+_EXPORTS = {
+    "AsyncEngine": ".async_engine",
+    "Draft": ".outputs",
+    "EngineCore": ".core",
+    "EngineDeadError": ".errors",
+    "EngineSettings": ".settings",
+    "InvalidRequestError": ".errors",
+    "QueueFullError": ".errors",
+    "RequestOutput": ".outputs",
+    "SamplingParams": ".sampling_params",
+}
 
-__all__ = [
-    "AsyncEngine",
-    "Draft",
-    "EngineDeadError",
-    "EngineCore",
-    "EngineSettings",
-    "InvalidRequestError",
-    "QueueFullError",
-    "RequestOutput",
-    "SamplingParams",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

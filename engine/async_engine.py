@@ -17,20 +17,17 @@ import torch
 
 from .core import EngineCore
 from .detokenizer import IncrementalDetokenizer
+from .errors import EngineDeadError, QueueFullError
+from .import_noise import quiet_torchao_import_noise
 from .loader import load_model
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
-from .scheduler import QueueFullError
 from .settings import EngineSettings
 from .stats import StatsSink
 
 logger = logging.getLogger("engine")
 
 _IDLE_WAIT_S = 0.05
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop is not running (shut down, or died): no request can be served."""
 
 
 class AsyncEngine:
@@ -41,6 +38,7 @@ class AsyncEngine:
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         self.settings = settings
+        quiet_torchao_import_noise()
         loaded = load_model(settings)
         self.core = EngineCore(loaded, settings, stats_sink)
         self.tokenizer = loaded.tokenizer
@@ -56,9 +54,12 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._dead: str | None = None
+        # gauges: plain values the step loop publishes after each pass (other threads only read them)
         self.num_running = 0
         self.num_waiting = 0
-        self._unfinished = 0  # submitted and not yet released; guarded by _lock
+        self.kv_usage = 0.0  # fraction of the KV token budget the running requests take (0..1)
+        self._num_live_states = 0
+        self._unfinished = 0  # submitted and not yet released; guarded by _lock (the one queue bound)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,8 +89,9 @@ class AsyncEngine:
         last event has ``finished=True``.
 
         Validation and admission happen here, synchronously: ``InvalidRequestError`` for bad
-        parameters, ``QueueFullError`` when the waiting queue is full. Closing the stream early
-        (``aclose()``, or dropping it: client gone, task cancelled) aborts the request and frees its slot.
+        parameters, ``QueueFullError`` when ``max_num_seqs + max_waiting`` requests are unfinished (the
+        engine's only queue bound: the scheduler queues whatever comes through). Closing the stream
+        early (``aclose()``, or dropping it: client gone, task cancelled) aborts the request and frees its slot.
         ``prompt_checked=True``: the prompt already passed ``resolve`` (skips its per-token check).
         """
         params = self.resolve(prompt_ids, params, prompt_checked=prompt_checked)
@@ -117,18 +119,14 @@ class AsyncEngine:
         if not finished:
             self.abort(request_id)
 
-    @property
-    def kv_usage(self) -> float:
-        """Fraction of the KV token budget the running requests take (0..1)."""
-        return self.core.scheduler.reserved_kv_tokens / max(1, self.core.max_num_kv_tokens)
-
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Abort a request (thread-safe, idempotent); it is freed within one pass. ``reason`` is the
         finish reason recorded in the engine's stats ("abort", or "stop" for a stop string)."""
         self._inbox.put(("abort", (request_id, reason)))
 
     def num_live_states(self) -> int:
-        return self.core.num_live_states()
+        """Per-request states the core and the runner held after the last pass (0 when idle)."""
+        return self._num_live_states
 
     # -- the step-loop thread ------------------------------------------------------------------
     def _deliver(self, out: RequestOutput) -> None:
@@ -149,11 +147,7 @@ class AsyncEngine:
         while True:
             kind, payload = item
             if kind == "add":
-                request_id, prompt_ids, params = payload
-                try:
-                    self.core.add_request(request_id, prompt_ids, params)
-                except QueueFullError as exc:
-                    self._deliver(RequestOutput(request_id, finished=True, finish_reason="abort", error=str(exc)))
+                self.core.add_request(*payload)
             elif kind == "abort":
                 out = self.core.abort_request(*payload)
                 if out is not None:
@@ -163,14 +157,21 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _publish_gauges(self) -> None:
+        """Snapshot the core's counts for readers on other threads (the core itself is not thread-safe)."""
+        core = self.core
+        self.num_running = core.num_running
+        self.num_waiting = core.num_waiting
+        self.kv_usage = core.kv_usage
+        self._num_live_states = core.num_live_states()
+
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.core.has_work())
                 for out in self.core.step():
                     self._deliver(out)
-                self.num_running = self.core.num_running
-                self.num_waiting = self.core.num_waiting
+                self._publish_gauges()
         except BaseException as exc:  # the loop itself broke: report and fail everyone
             logger.exception("engine step loop died")
             self._dead = f"{type(exc).__name__}: {exc}"

@@ -6,12 +6,14 @@ import logging
 import secrets
 import time
 
+from .errors import InvalidRequestError
+from .kv_budget import kv_reservation
 from .loader import LoadedModel
 from .memory import derive_kv_budget, plan_memory
 from .model_runner import ModelRunner
 from .outputs import RequestOutput
-from .request import Request, RequestStatus, kv_reservation
-from .sampling_params import InvalidRequestError, SamplingParams, validate_resolved
+from .request import Request, RequestStatus
+from .sampling_params import SamplingParams, validate_resolved
 from .scheduler import Scheduler
 from .settings import EngineSettings
 from .stats import NullStatsSink, PassStats, RequestStats, StatsSink
@@ -48,9 +50,7 @@ class EngineCore:
                 f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even a one-token prompt; "
                 "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"
             )
-        self.scheduler = Scheduler(
-            max_num_seqs=settings.max_num_seqs, max_waiting=settings.max_waiting, max_num_kv_tokens=self.max_num_kv_tokens
-        )
+        self.scheduler = Scheduler(max_num_seqs=settings.max_num_seqs, max_num_kv_tokens=self.max_num_kv_tokens)
         self._requests: dict[str, Request] = {}
 
     def close(self) -> None:
@@ -91,7 +91,8 @@ class EngineCore:
             )
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request; ``params`` must come from ``resolve``. Raises ``QueueFullError``."""
+        """Queue a request; ``params`` must come from ``resolve``. The queue bound is the caller's
+        (``AsyncEngine.generate``): the core queues whatever it is given."""
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -117,6 +118,11 @@ class EngineCore:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV token budget the running requests' slot buffers take (0..1)."""
+        return self.scheduler.reserved_kv_tokens / max(1, self.max_num_kv_tokens)
 
     def num_live_states(self) -> int:
         """Requests the core still tracks plus tensor states the runner still holds (0 when idle)."""

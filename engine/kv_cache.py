@@ -9,8 +9,8 @@ Slots are compact: the running requests hold slots 0..n-1, so the decoder's view
 is a slice of the buffers, with no copy (rows are right-padded to the longest and masked). The
 buffers are sized for the running set's eventual needs: ``slot_rows(n)`` rows (the next power of
 two) of the longest reservation (prompt + every canvas but the last, which is never encoded), which
-is exactly what the scheduler budgets (``Scheduler._kv_needed``); they are reallocated only when
-that shape changes.
+is exactly what the scheduler budgets (both follow ``engine.kv_budget``); they are reallocated only
+when that shape changes.
 
 A view exposes the two things the DiffusionGemma attention layers use on ``past_key_values``:
 ``update`` (encoder: remember the new K/V and return [past ; new]) and ``layers[i].keys/values``
@@ -23,12 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def slot_rows(num_requests: int, max_rows: int) -> int:
-    """Rows the buffers hold for ``num_requests`` running requests: the next power of two, capped."""
-    if num_requests <= 0:
-        return 0
-    return min(max_rows, 1 << (num_requests - 1).bit_length())
+from .kv_budget import slot_buffer_shape
 
 
 @dataclass
@@ -160,8 +155,7 @@ class KVCacheManager:
     def _target_shape(self) -> tuple[int, dict[str, int]]:
         """(rows, capacity per layer type) the running set needs (computed once per change of that set)."""
         if self._target is None:
-            rows = slot_rows(len(self._order), self.max_rows)
-            longest = max((kv.reservation for kv in self._caches.values()), default=0)
+            rows, longest = slot_buffer_shape((kv.reservation for kv in self._caches.values()), self.max_rows)
             self._target = rows, ({t: self._capacity(t, longest) for t in set(self.layer_types)} if rows else {})
         return self._target
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_budget import kv_tokens_needed
 from .quantization import expert_dequant_bytes
 from .sampler import SamplingTiles
 
@@ -86,8 +87,8 @@ def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float,
                      max_model_len: int) -> int:
     """KV token slots for all running requests together, from free memory now (after weights).
 
-    The scheduler spends them on the runner's slot buffers (``Scheduler._kv_needed``: the next power
-    of two of the running count, times the longest reservation), which the decoder reads in place.
+    The scheduler spends them on the runner's slot buffers (``engine.kv_budget``: the next power of
+    two of the running count, times the longest reservation), which the decoder reads in place.
     Besides the buffers, attention works one layer at a time on a copy (the encoder's gathered rows
     and [KV ; new], the decoder's [KV ; canvas]), so every token slot is counted with two more layers'
     worth; sliding-window layers count twice. Reallocating the buffers swaps them layer by layer."""
@@ -95,4 +96,5 @@ def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float,
     usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes + plan.expert_dequant_bytes
     usable -= 2 * max_num_seqs * plan.sliding_kv_bytes_per_request + max_num_seqs * plan.state_bytes_per_request
     tokens = usable // max(1, plan.kv_bytes_per_token + 2 * plan.layer_kv_bytes_per_token)
-    return int(max(0, min(tokens, max_model_len * max_num_seqs)))
+    most = kv_tokens_needed([max_model_len] * max_num_seqs, max_num_seqs)  # every row at the longest
+    return int(max(0, min(tokens, most)))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-import math
 import time
 from dataclasses import dataclass, field
 
+from .kv_budget import kv_reservation
 from .sampling_params import SamplingParams
 
 
@@ -32,14 +32,6 @@ _FINISHED = {
 }
 
 
-def kv_reservation(prompt_len: int, max_tokens: int, canvas_length: int) -> int:
-    """The most full-attention KV tokens a request can hold: its prompt and every canvas it commits
-    but the last. A committed canvas enters the KV only for the next canvas to attend to, and the last
-    one (``max_tokens`` reached) finishes the request instead."""
-    canvases = math.ceil(max_tokens / canvas_length)
-    return prompt_len + (canvases - 1) * canvas_length
-
-
 @dataclass
 class Request:
     request_id: str
@@ -63,7 +55,7 @@ class Request:
 
     @property
     def kv_reservation(self) -> int:
-        """Full-attention KV tokens this request may hold at most (``kv_reservation``)."""
+        """Full-attention KV tokens this request may hold at most (``kv_budget.kv_reservation``)."""
         return kv_reservation(len(self.prompt_ids), self.params.max_tokens, self.canvas_length)
 
     @property

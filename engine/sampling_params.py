@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-
-class InvalidRequestError(ValueError):
-    """A request parameter is invalid. ``param`` names the offending field (OpenAI error shape)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
+from .errors import InvalidRequestError  # raised here; server code also imports it from this module
 
 
 @dataclass(frozen=True)

@@ -9,21 +9,19 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .kv_cache import slot_rows
+from .kv_budget import kv_tokens_needed
 from .outputs import Draft, RequestOutput
 from .request import Request, RequestStatus
 from .stats import CanvasStats
 from .work import DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 
-class QueueFullError(RuntimeError):
-    """The waiting queue is at ``max_waiting``; the caller should retry later."""
-
-
 class Scheduler:
-    def __init__(self, *, max_num_seqs: int, max_waiting: int, max_num_kv_tokens: int):
+    """The waiting queue and the running set: admission under the decoder batch and KV budget, one
+    ``StepPlan`` per pass, and the runner's results turned into outputs."""
+
+    def __init__(self, *, max_num_seqs: int, max_num_kv_tokens: int):
         self.max_num_seqs = max_num_seqs
-        self.max_waiting = max_waiting
         self.max_num_kv_tokens = max_num_kv_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -32,10 +30,7 @@ class Scheduler:
 
     # -- intake --------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        # requests beyond the free decoder slots count against the waiting bound
-        free_slots = max(0, self.max_num_seqs - len(self.running))
-        if len(self.waiting) >= self.max_waiting + free_slots:
-            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+        """Queue a request. The queue bound is the caller's (``AsyncEngine.generate`` refuses past it)."""
         self.waiting.append(request)
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
@@ -70,15 +65,10 @@ class Scheduler:
     @property
     def reserved_kv_tokens(self) -> int:
         """KV token slots the running set takes from the budget (the slot buffers' size)."""
-        return self._kv_needed([r.kv_reservation for r in self.running])
-
-    def _kv_needed(self, reservations: list[int]) -> int:
-        """KV token slots a running set needs: the runner's slot buffers, ``slot_rows(n)`` rows of the
-        longest reservation (the decoder reads them in place, with no copy)."""
-        return slot_rows(len(reservations), self.max_num_seqs) * max(reservations, default=0)
+        return kv_tokens_needed((r.kv_reservation for r in self.running), self.max_num_seqs)
 
     def fits_alone(self, reservation: int) -> bool:
-        return self._kv_needed([reservation]) <= self.max_num_kv_tokens
+        return kv_tokens_needed([reservation], self.max_num_seqs) <= self.max_num_kv_tokens
 
     def max_single_reservation(self) -> int:
         return self.max_num_kv_tokens
@@ -92,7 +82,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             reservations = [r.kv_reservation for r in self.running] + [req.kv_reservation]
-            if self._kv_needed(reservations) > self.max_num_kv_tokens and self.running:
+            if kv_tokens_needed(reservations, self.max_num_seqs) > self.max_num_kv_tokens and self.running:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.ENCODING

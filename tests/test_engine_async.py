@@ -103,6 +103,29 @@ def test_queue_full_is_raised_before_any_output(engine):
     assert [(r[-1].finish_reason, r[-1].num_generated_tokens) for r in served] == [("length", 64)] * 8
 
 
+def test_the_queue_bound_is_checked_at_the_front_door(engine):
+    """The engine's one queue bound: with max_num_seqs + max_waiting (4 + 4) requests unfinished, the
+    next ``generate`` raises QueueFullError at once; closing a stream frees its place at once."""
+    prompt = engine.tokenizer("q").input_ids
+    params = SamplingParams(max_tokens=64, max_denoising_steps=8, ignore_eos=True)
+
+    async def scenario():
+        streams = [engine.generate(prompt, params, f"b{i}") for i in range(8)]
+        with pytest.raises(QueueFullError):
+            engine.generate(prompt, params, "b8")
+        await streams[0].aclose()
+        streams.append(engine.generate(prompt, params, "b8"))
+        for stream in streams[1:]:
+            await stream.aclose()
+        for _ in range(200):
+            if engine.num_live_states() == 0 and engine.kv_usage == 0.0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert asyncio.run(scenario())
+
+
 def test_after_shutdown_generate_refuses_and_nothing_hangs(tmp_path):
     from engine import EngineDeadError
 

@@ -185,7 +185,7 @@ def test_admission_counts_the_slot_buffers(core):
     from engine.request import Request
     from engine.scheduler import Scheduler
 
-    sched = Scheduler(max_num_seqs=8, max_waiting=8, max_num_kv_tokens=1000)
+    sched = Scheduler(max_num_seqs=8, max_num_kv_tokens=1000)
     params = core.resolve([5], SamplingParams(max_tokens=32))  # two canvases of 16: the first enters the KV
     long_req = Request("long", tuple([5] * 284), params, 0, 16)  # reserves 284 + 16 = 300
     assert long_req.kv_reservation == 300
@@ -197,6 +197,40 @@ def test_admission_counts_the_slot_buffers(core):
     # long + 1 short: 2 rows x 300 = 600 <= 1000; long + 2 short: 4 rows x 300 = 1200 > 1000
     assert [n.request_id for n in plan.new] == ["long", "s0"]
     assert sched.reserved_kv_tokens == 600  # what kv_cache_usage_perc reports against the 1000
+
+
+def test_one_kv_budget_rule_for_scheduler_and_cache():
+    """The scheduler's budget and the KV cache's buffers follow engine.kv_budget: slot_rows(n) rows
+    of the longest reservation; the memory plan's cap is every row at max_model_len."""
+    from engine.kv_budget import kv_reservation, kv_tokens_needed, slot_buffer_shape, slot_rows
+    from engine.kv_cache import KVCacheManager
+
+    assert [slot_rows(n, 6) for n in range(8)] == [0, 1, 2, 4, 4, 6, 6, 6]
+    assert kv_reservation(10, 16, 16) == 10 and kv_reservation(10, 17, 16) == 26 and kv_reservation(1, 1, 16) == 1
+    assert kv_tokens_needed([], 8) == 0 and kv_tokens_needed([300, 17, 17], 8) == 4 * 300
+    kv = KVCacheManager(["sliding_attention", "full_attention"], 8, [(1, 4), (1, 4)], max_rows=8,
+                        device=torch.device("cpu"), dtype=torch.float32)
+    for i, reservation in enumerate([40, 300, 17]):
+        kv.allocate(f"r{i}", reservation)
+        kv.sync()
+        reservations = [40, 300, 17][: i + 1]
+        rows, longest = slot_buffer_shape(reservations, 8)
+        assert kv.nbytes() == rows * (longest + 7) * 4 * 4 * 2  # K and V of a full (longest) and a sliding (7) layer
+        assert rows * longest == kv_tokens_needed(reservations, 8)
+
+
+def test_the_scheduler_queues_without_a_bound(core):
+    """The queue bound lives in AsyncEngine.generate alone (test_engine_async); the scheduler queues all."""
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    sched = Scheduler(max_num_seqs=2, max_num_kv_tokens=10**6)
+    params = core.resolve([5], SamplingParams(max_tokens=16))
+    for i in range(50):
+        sched.add(Request(f"q{i}", (5,), params, 0, 16))
+    assert len(sched.waiting) == 50
+    sched.schedule()
+    assert len(sched.running) == 2 and len(sched.waiting) == 48
 
 
 def test_the_last_canvas_needs_no_kv(tmp_path_factory):
