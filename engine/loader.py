@@ -8,17 +8,9 @@ import torch
 
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
 from .sampling_params import SamplingParams
-from .settings import EngineSettings
+from .settings import DTYPE_NAMES, EngineSettings
 
-_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-
-
-DTYPE_NAMES = tuple(_DTYPES)
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(name: str) -> torch.device:

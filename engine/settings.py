@@ -1,65 +1,105 @@
-"""Engine settings: every budget and limit the engine enforces, with its default."""
+"""Engine settings: every budget and limit the engine enforces, with its default and help text.
+
+Each setting is a dataclass field made by ``setting()``, so its default and its help are written once;
+the server derives its flags, YAML keys, environment variables and docs/configuration.md from these
+fields (``server.settings.options``). This module imports no torch: the loader maps ``DTYPE_NAMES`` to
+torch dtypes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, Field, dataclass, field
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+QUANTIZATION_METHODS = ("none", "fp8-experts", "int8-experts")
+
+
+def setting(default, help: str, *, default_text: str | None = None, flag: str | None = None,
+            metavar: str | None = None, group: str | None = None, cli: bool = True):
+    """A settings field: ``default``, and the ``help`` shown by ``--help`` and docs/configuration.md.
+
+    ``default_text`` says in words what the default is where the value alone does not (``None``, a
+    list); ``flag`` is the command-line flag (default ``--`` and the field name with ``-``); ``group``
+    is the section of ``--help`` and of the docs; ``cli=False`` keeps a setting out of the server's
+    flags (set it in code only).
+    """
+    metadata = {"help": help, "default_text": default_text, "flag": flag, "metavar": metavar, "group": group,
+                "cli": cli}
+    if isinstance(default, list):
+        if default:
+            raise ValueError("a list setting defaults to the empty list")
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def is_setting(f: Field) -> bool:
+    return "help" in f.metadata
+
+
+def default_of(f: Field):
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 @dataclass
 class EngineSettings:
-    """Settings of one engine instance.
+    """Settings of one engine instance (``AsyncEngine``, ``EngineCore``)."""
 
-    model: local folder or hub id of a ``DiffusionGemmaForBlockDiffusion`` checkpoint.
-    dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float16" or "float64".
-    device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N".
-    max_num_seqs: canvases in one decoder pass (running requests).
-    max_waiting: requests queued beyond the running ones; past it ``submit`` raises ``QueueFullError``.
-    max_model_len: prompt + max_tokens limit; ``None`` uses the model's ``max_position_embeddings``.
-    max_num_kv_tokens: KV token slots (full-attention layers) for all running requests together:
-        the slot buffers hold ``slot_rows(n)`` rows (the next power of two of the running count, at
-        most ``max_num_seqs``) of the longest reservation (prompt + every canvas but the last).
-        ``None`` derives it from free memory at start-up (``memory_fraction`` of it).
-    max_encoder_tokens: padded tokens in one batched encoder call (prefill and commits): requests are
-        grouped under it, and a longer prompt is prefilled in chunks of this size.
-    sampling_tile_bytes: bound on the sampling transient: canvases are put through the lm head and
-        the sampler in tiles of as many rows as fit (``engine.sampler.sampling_tiles``), and one row
-        in chunks of canvas positions when a whole row does not fit (its whole-row exponential draws
-        must, plus one position). ``None`` picks it at start-up (``engine.memory.auto_sampling_tile_bytes``):
-        10% of the memory free after the weights, between 512 MiB and 8 GiB.
-    cuda_graph_max_batch: on CUDA, decoder batches of at most this many canvases run as captured CUDA
-        graphs (``engine.decoder_graphs``), one per batch size, recaptured when the KV buffers are
-        reallocated; 0 runs every pass eagerly. It needs bf16 weights, unquantized experts on
-        grouped_mm and compute capability 9.x/10.x (``capture_blocker``); elsewhere, CPU included, a
-        value given is ignored with a warning. ``None`` (the default) means
-        ``AUTO_CUDA_GRAPH_MAX_BATCH`` (4, at most ``max_num_seqs``) where capture works and eager
-        passes, without a warning, elsewhere. The graphs keep about one eager decoder pass's
-        activations at that batch size allocated beside the KV budget.
-    num_threads: torch intra-op threads on CPU; ``None`` leaves torch's default.
-    quantization: "none", or weight-only quantization of the MoE experts at load time through torchao:
-        "fp8-experts" or "int8-experts" (see ``engine.quantization``); the other weights stay in ``dtype``.
-    """
-
-    model: str
-    dtype: str = "auto"
-    device: str = "auto"
-    max_num_seqs: int = 16
-    max_waiting: int = 256
-    max_model_len: int | None = None
-    max_num_kv_tokens: int | None = None
-    memory_fraction: float = 0.8
-    max_encoder_tokens: int = 2048
-    sampling_tile_bytes: int | None = None
-    cuda_graph_max_batch: int | None = None
-    num_threads: int | None = None
-    quantization: str = "none"
-    # None: grouped_mm (eager for float64; engine.quantization.DEQUANTIZED_EXPERTS for quantized experts)
-    experts_implementation: str | None = None
+    # The checkpoint: a local folder or a hub id of a DiffusionGemmaForBlockDiffusion model. Required by
+    # the engine; not a setting of its own here because the server resolves it (ServerSettings.model).
+    model: str | None = None
+    dtype: str = setting("auto", "Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), "
+                         + ", ".join(DTYPE_NAMES) + ".")
+    device: str = setting("auto", "Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")
+    max_num_seqs: int = setting(16, "Most canvases (running requests) in one decoder pass.")
+    max_waiting: int = setting(
+        256, "Most requests queued beyond the running ones; past it requests get 429 with Retry-After: 1 at once "
+        "(the engine raises QueueFullError), rather than waiting unboundedly. A request with several choices "
+        "needs room for all of them.")
+    max_model_len: int | None = setting(
+        None, "Context limit for prompt + max_tokens; longer requests get 400.",
+        default_text="the model's max_position_embeddings")
+    # The KV slot buffers hold slot_rows(n) rows (the next power of two of the running count, at most
+    # max_num_seqs) of the longest reservation (prompt + every canvas but the last).
+    max_num_kv_tokens: int | None = setting(
+        None, "KV-cache tokens reserved by all running requests together.",
+        default_text="derived from the memory free at start-up (memory-fraction of it)")
+    memory_fraction: float = setting(0.8, "Fraction of free accelerator memory the engine may budget at start-up.")
+    max_encoder_tokens: int = setting(
+        2048, "Padded tokens in one batched encoder call (prefill and commits): requests are grouped under it, "
+        "and a longer prompt is prefilled in chunks of this size.", cli=False)
+    # engine.sampler.sampling_tiles: a row's whole-row exponential draws must fit, plus one position;
+    # the default is engine.memory.auto_sampling_tile_bytes.
+    sampling_tile_bytes: int | None = setting(
+        None, "Bound on the sampling step's memory: canvases go through the lm head and the sampler in tiles of "
+        "as many rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each "
+        "chunk re-reads the lm head).",
+        default_text="10% of the memory free after the weights (the GPU's, or the host's on CPU), "
+                     "between 512 MiB and 8 GiB")
+    # engine.decoder_graphs: one graph per batch size, recaptured when the KV buffers are reallocated;
+    # capture_blocker says why capture cannot work; AUTO_CUDA_GRAPH_MAX_BATCH is the default.
+    cuda_graph_max_batch: int | None = setting(
+        None, "On CUDA, decoder passes of at most this many canvases replay a captured CUDA graph (one per batch "
+        "size, captured on first use and again after the KV buffers are reallocated); small batches are "
+        "launch-bound otherwise. 0 keeps every pass eager. Needs bfloat16 weights, unquantized experts and a GPU "
+        "of compute capability 9.x/10.x (H100, H200, B200); elsewhere a value given is ignored with a warning. "
+        "Must not exceed --max-num-seqs. The graphs keep one eager decoder pass's activations at that batch "
+        "size allocated beside the KV budget.",
+        default_text="4 (at most --max-num-seqs) where capture works, eager elsewhere")
+    # The engine leaves torch's default for None; the server makes it 1 on CPU (ServerSettings.engine_settings).
+    num_threads: int | None = setting(
+        None, "torch intra-op threads on CPU. OpenMP threads spin-waiting on a shared machine slow every pass "
+        "down; raise it on an idle many-core host.", default_text="1 on CPU")
+    quantization: str = setting(
+        "none", "Weight-only quantization of the MoE experts (most of DiffusionGemma's weights) at load time, "
+        "through torchao: none, fp8-experts (float8 e4m3 + a scale per row) or int8-experts (int8 + a scale and "
+        "zero point per row); see engine.quantization. Other weights stay in --dtype (bfloat16 or float32). "
+        "Needs torchao (the 'quant' extra).")
+    experts_implementation: str | None = setting(
+        None, "transformers' experts_implementation for the MoE layers.",
+        default_text="grouped_mm (eager for float64; the dequantized grouped_mm for quantized experts)", cli=False)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any setting the engine cannot use."""
-        from .loader import DTYPE_NAMES
-        from .quantization import QUANTIZATION_METHODS
-
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a local folder or a hub id")
         if self.dtype not in ("auto", *DTYPE_NAMES):
