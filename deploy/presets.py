@@ -81,10 +81,11 @@ def preset(name: str) -> Preset:
 
 
 def load_settings(path: str | Path):
-    """A preset through the server's own loader (unknown keys and wrong types exit with a message)."""
+    """A preset through the server's own loader (unknown keys and wrong types exit with a message);
+    ``DIFFUSION_SERVER_*`` variables of this shell are left out."""
     from server.cli import settings_from_args
 
-    return settings_from_args(["--config", str(path)])
+    return settings_from_args(["--config", str(path)], environ={})
 
 
 def _embedded_or_tiny_config():
@@ -136,7 +137,8 @@ def compute(p: Preset) -> dict:
     """The memory plan of one preset (all sizes in GiB unless the key says otherwise)."""
     from bench.memory_report import report
 
-    settings = load_settings(p.path)
+    server_settings = load_settings(p.path)
+    settings = server_settings.engine
     config, config_source = _model_config(p.model_config)
     text = config.text_config
     dtype = _resolved_dtype(settings.dtype, settings.device)
@@ -174,7 +176,7 @@ def compute(p: Preset) -> dict:
         "memory_gib": p.memory_gib,
         "overhead_gib": p.overhead_gib,
         "model_config": config_source,
-        "model": settings.model or "(embedded model)",
+        "model": server_settings.model or "(embedded model)",
         "device": settings.device,
         "dtype": dtype,
         "quantization": quantization,

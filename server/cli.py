@@ -1,4 +1,5 @@
-"""``diffusion-server`` / ``python -m server``: parse flags and a YAML config, run uvicorn."""
+"""``diffusion-server`` / ``python -m server``: read the settings (flags, ``DIFFUSION_SERVER_*`` variables, a YAML
+config; all derived from ``server.settings.options``), run uvicorn."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import signal
 import sys
 from pathlib import Path
 
-from .settings import OPTIONS, ServerSettings, settings_field_names
+from .settings import GROUPS, Option, ServerSettings, options
 
 logger = logging.getLogger("server")
 
-API_KEY_ENV = "DIFFUSION_SERVER_API_KEY"
-
 EPILOG = """\
+Every flag is also read from the environment variable DIFFUSION_SERVER_<FLAG> (--max-num-seqs is
+DIFFUSION_SERVER_MAX_NUM_SEQS) and from the --config YAML file; flags win over variables, variables
+over the file (docs/configuration.md).
+
 Request extensions (both endpoints, also through the openai SDK's extra_body):
   max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
   stream_drafts (stream each refinement step as a chunk with a "diffusion" object), ignore_eos.
@@ -27,6 +30,15 @@ Example:
   diffusion-server --model google/diffusiongemma-26B-A4B-it --host 0.0.0.0 --port 8000 --api-key sk-local
 """
 
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_CONVERT = {"int": int, "float": float, "str": str}
+
+
+def help_text(option: Option) -> str:
+    """A setting's line in ``--help``: its help and its default."""
+    return f"{option.help} Default: {option.default}."
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -36,17 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    for flag, dest, kind, help_text in OPTIONS:
-        dest = dest or flag.lstrip("-").replace("-", "_")
-        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
-        if kind == "bool":
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind == "list":
-            metavar = "KEY" if dest == "api_keys" else "VALUE"
-            parser.add_argument(flag, dest=dest, action="append", metavar=metavar, help=help_text)
+    groups = {}
+    for o in options():
+        if o.group not in groups:
+            groups[o.group] = parser.add_argument_group(GROUPS[o.group].lower())
+        group = groups[o.group]
+        help_ = help_text(o).replace("%", "%%")  # argparse formats help strings with %
+        if o.kind == "bool":
+            group.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, help=help_)
+        elif o.kind == "list":
+            group.add_argument(o.flag, dest=o.name, action="append", metavar=o.metavar or "VALUE", help=help_)
         else:
-            conv = {"int": int, "float": float, "str": str}[kind]
-            parser.add_argument(flag, dest=dest, type=conv, metavar=kind.upper() if kind != "str" else None, help=help_text)
+            metavar = o.metavar or (o.kind.upper() if o.kind != "str" else None)
+            group.add_argument(o.flag, dest=o.name, type=_CONVERT[o.kind], metavar=metavar, help=help_)
     return parser
 
 
@@ -91,38 +105,67 @@ def load_config(path: str) -> dict:
         raise SystemExit(f"config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config {path}: expected a mapping of flag names to values")
+    settings = [o for o in options() if o.name != "config"]
     by_key = {}
-    for flag, dest, kind, _ in OPTIONS:
-        if not dest:
-            continue
-        name = flag.lstrip("-")
-        for k in {name, name.replace("-", "_"), dest, dest.replace("_", "-")}:
-            by_key[k] = (dest, kind)
+    for o in settings:
+        for k in {o.key, o.key.replace("-", "_"), o.name, o.name.replace("_", "-")}:
+            by_key[k] = o
     out = {}
     for key, value in data.items():
         if key not in by_key:
-            known = sorted(f.lstrip("-") for f, d, _, _ in OPTIONS if d)
+            known = sorted(o.key for o in settings)
             raise SystemExit(f"config {path}: unknown key '{key}'. Known keys: {', '.join(known)}")
-        dest, kind = by_key[key]
-        out[dest] = _coerce(kind, key, value)
+        out[by_key[key].name] = _coerce(by_key[key].kind, key, value)
     return out
 
 
-def settings_from_args(argv: list[str] | None = None) -> ServerSettings:
-    args = vars(build_parser().parse_args(argv))
-    values: dict = {}
-    config = args.pop("config", None)
-    if config:
-        values.update(load_config(config))
-    values.update(args)
-    env_keys = [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
-    if env_keys:
-        values["api_keys"] = list(values.get("api_keys") or []) + env_keys
-    unknown = set(values) - settings_field_names()
-    if unknown:  # a programming error: OPTIONS and ServerSettings disagree
-        raise SystemExit(f"internal: unknown settings {sorted(unknown)}")
-    settings = ServerSettings(**values)
+def values_from_env(environ) -> dict:
+    """The settings the ``DIFFUSION_SERVER_<FLAG>`` variables give (empty ones are ignored).
+
+    Switches take true/false (1/0, yes/no, on/off), repeatable flags a comma-separated list.
+    Raises ``ValueError`` naming the variable on a value of the wrong kind.
+    """
+    out = {}
+    for o in options():
+        value = environ.get(o.env, "").strip()
+        if not value:
+            continue
+        if o.kind == "bool":
+            if value.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"{o.env}={value!r}: expected true or false")
+            out[o.name] = value.lower() in _TRUE
+        elif o.kind == "list":
+            out[o.name] = [item for item in (v.strip() for v in value.split(",")) if item]
+        else:
+            try:
+                out[o.name] = _CONVERT[o.kind](value)
+            except ValueError:
+                raise ValueError(f"{o.env}={value!r}: expected {'an' if o.kind == 'int' else 'a'} {o.kind}") from None
+    return out
+
+
+def settings_from_args(argv: list[str] | None = None, environ=None) -> ServerSettings:
+    """Settings from the flags, the environment (``os.environ`` unless given) and the YAML config.
+
+    A flag wins over its variable, a variable over the config file, the file over the default. A
+    repeatable flag replaces the file's list; its variable's items are added to either.
+    """
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
     try:
+        env = values_from_env(os.environ if environ is None else environ)
+    except ValueError as exc:
+        parser.error(str(exc))
+    env_config = env.pop("config", None)
+    config = flags.pop("config", None) or env_config
+    values = load_config(config) if config else {}
+    env_lists = {o.name: env.pop(o.name) for o in options() if o.kind == "list" and o.name in env}
+    values.update(env)
+    values.update(flags)
+    for name, items in env_lists.items():
+        values[name] = list(values.get(name) or []) + items
+    try:
+        settings = ServerSettings.from_flat(**values)
         settings.validate()
     except ValueError as exc:
         raise SystemExit(f"invalid setting: {exc}") from None

@@ -1,5 +1,5 @@
 """The Dockerfile without Docker: hadolint (when installed), the structure the issue asks for, the
-build context (.dockerignore keeps what the build copies), and the entrypoint's variable mapping."""
+build context (.dockerignore keeps what the build copies), and the DIFFUSION_SERVER_* variables."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ DOCKERFILE = REPO / "Dockerfile"
 
 sys.path.insert(0, str(REPO))
 from deploy import entrypoint  # noqa: E402
+from server.settings import env_name  # noqa: E402
 
 
 def _hadolint() -> str | None:
@@ -98,18 +99,14 @@ def test_build_context_keeps_what_the_build_uses():
 
 
 def test_every_flag_has_a_variable():
-    from server.settings import OPTIONS
+    from server.cli import values_from_env
+    from server.settings import options
 
-    env = {}
-    for flag, _dest, kind, _help in OPTIONS:
-        if flag in entrypoint.READ_BY_SERVER:
-            continue
-        env[entrypoint.env_name(flag)] = "true" if kind == "bool" else {"int": "7", "float": "0.5"}.get(kind, "x")
-    env["DIFFUSION_SERVER_CONFIG"] = str(REPO / "configs/cpu-embedded.yaml")
-    argv = entrypoint.flags_from_env(env)
-    assert len([a for a in argv if a.startswith("--")]) == len(env)
-    assert entrypoint.env_name("--max-num-seqs") == "DIFFUSION_SERVER_MAX_NUM_SEQS"
-    assert entrypoint.env_name("--config") == "DIFFUSION_SERVER_CONFIG"
+    env = {o.env: {"bool": "true", "int": "7", "float": "0.5"}.get(o.kind, "x") for o in options()}
+    assert len(env) == len(options())
+    assert set(values_from_env(env)) == {o.name for o in options()}
+    assert env_name("--max-num-seqs") == "DIFFUSION_SERVER_MAX_NUM_SEQS"
+    assert env_name("--config") == "DIFFUSION_SERVER_CONFIG"
 
 
 def test_variables_become_settings(tmp_path):
@@ -121,26 +118,30 @@ def test_variables_become_settings(tmp_path):
         "DIFFUSION_SERVER_CONFIG": str(config),
         "DIFFUSION_SERVER_MODEL": "some/model",
         "DIFFUSION_SERVER_PORT": "9001",
-        "DIFFUSION_SERVER_MAX_NUM_SEQS": "5",  # a flag: overrides the config
+        "DIFFUSION_SERVER_MAX_NUM_SEQS": "5",  # a variable: overrides the config
         "DIFFUSION_SERVER_MEMORY_FRACTION": "0.7",
         "DIFFUSION_SERVER_LOG_PROMPTS": "yes",
         "DIFFUSION_SERVER_ACCESS_LOG": "off",
         "DIFFUSION_SERVER_MAX_MODEL_LEN": "",  # empty: ignored
-        "DIFFUSION_SERVER_API_KEY": "k",  # read by the server itself, not mapped
+        "DIFFUSION_SERVER_API_KEY": "k",
     }
-    argv = entrypoint.flags_from_env(env)
-    assert "--api-key" not in argv and "--max-model-len" not in argv
-    s = settings_from_args(argv + ["--port", "9002"])  # container arguments come last and win
-    assert (s.model, s.port, s.max_num_seqs, s.max_waiting, s.memory_fraction) == ("some/model", 9002, 5, 9, 0.7)
-    assert s.log_prompts is True and s.access_log is False
+    s = settings_from_args(["--port", "9002"], environ=env)  # container arguments are flags: they win
+    assert (s.model, s.port, s.engine.max_num_seqs, s.engine.max_waiting, s.engine.memory_fraction) == \
+        ("some/model", 9002, 5, 9, 0.7)
+    assert s.log_prompts is True and s.access_log is False and s.engine.max_model_len is None
+    assert s.api_keys == ["k"]
 
 
-def test_bad_values_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="DIFFUSION_SERVER_LOG_PROMPTS='maybe': expected true or false"):
-        entrypoint.flags_from_env({"DIFFUSION_SERVER_LOG_PROMPTS": "maybe"})
+def test_bad_values_are_clear_errors(tmp_path, capsys):
+    from server.cli import settings_from_args
+
+    with pytest.raises(SystemExit) as info:
+        settings_from_args([], environ={"DIFFUSION_SERVER_LOG_PROMPTS": "maybe"})
+    assert info.value.code == 2
+    assert "DIFFUSION_SERVER_LOG_PROMPTS='maybe': expected true or false" in capsys.readouterr().err
     missing = str(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="DIFFUSION_SERVER_CONFIG=.*nope.yaml': no such file"):
-        entrypoint.flags_from_env({"DIFFUSION_SERVER_CONFIG": missing})
+        entrypoint.check_config({"DIFFUSION_SERVER_CONFIG": missing})
     env = dict(os.environ, PYTHONPATH=str(REPO), DIFFUSION_SERVER_CONFIG=missing)
     proc = subprocess.run([sys.executable, str(REPO / "deploy/entrypoint.py")], env=env, capture_output=True, text=True,
                           timeout=120)
@@ -150,14 +151,11 @@ def test_bad_values_are_clear_errors(tmp_path):
 def test_docs_state_the_variable_rule():
     doc = (REPO / "docs/deployment.md").read_text()
     for flag in ("--max-num-seqs", "--config", "--served-model-name", "--log-prompts"):
-        assert f"`{entrypoint.env_name(flag)}" in doc, flag
+        assert f"`{env_name(flag)}" in doc, flag
 
 
 def test_list_flags_take_comma_separated_values():
-    from server.settings import OPTIONS
+    from server.cli import values_from_env
 
-    lists = [flag for flag, _d, kind, _h in OPTIONS if kind == "list" and flag not in entrypoint.READ_BY_SERVER]
-    if not lists:
-        pytest.skip("no repeatable flag besides --api-key")
-    flag = lists[0]
-    assert entrypoint.flags_from_env({entrypoint.env_name(flag): "a, b,,c"}) == [flag, "a", flag, "b", flag, "c"]
+    assert values_from_env({env_name("--cors-allow-origin"): "a, b,,c"}) == {"cors_allow_origins": ["a", "b", "c"]}
+    assert values_from_env({env_name("--api-key"): "k1,k2"}) == {"api_keys": ["k1", "k2"]}

@@ -30,10 +30,10 @@ def test_preset_loads_through_the_server_loader(path):
     assert isinstance(settings, ServerSettings)
     assert len(values) == len(raw)
     for dest, value in values.items():
-        assert getattr(settings, dest) == value
-    assert settings.dtype in {"auto", "float32", "bfloat16", "float16", "float64"}
-    assert settings.device in {"auto", "cpu", "cuda"} or settings.device.startswith("cuda:")
-    assert settings.max_num_seqs >= 1 and 0 < settings.memory_fraction <= 1
+        assert settings.flat()[dest] == value
+    assert settings.engine.dtype in {"auto", "float32", "bfloat16", "float16", "float64"}
+    assert settings.engine.device in {"auto", "cpu", "cuda"} or settings.engine.device.startswith("cuda:")
+    assert settings.engine.max_num_seqs >= 1 and 0 < settings.engine.memory_fraction <= 1
     # the bind address comes from the deployment (DIFFUSION_SERVER_HOST=0.0.0.0 in the image), not the preset
     assert "host" not in raw and "port" not in raw
 
@@ -71,7 +71,7 @@ def test_memory_is_computed_from_the_model_config(plans):
     from bench.memory_report import report
 
     h100 = plans["h100-80gb"]
-    settings = settings_from_args(["--config", str(REPO / "configs/h100-80gb.yaml")])
+    settings = settings_from_args(["--config", str(REPO / "configs/h100-80gb.yaml")]).engine
     r = report(load_model_config(str(REPO / presets.MODEL_SHAPE_26B)), weight_dtype="bfloat16", kv_dtype="bfloat16",
                gpu_gib=80, context=settings.max_model_len, max_num_seqs=settings.max_num_seqs, tile_budget_mib=512)
     assert h100["parameters"] == r["parameters"] > 20e9
@@ -105,7 +105,7 @@ def test_rtx5090_fits_only_with_its_quantization(plans):
     assert plan["quantization"] == "fp8-experts" and plan["dtype"] == "bfloat16"
     assert plan["weights_in_dtype_gib"] > plan["memory_gib"] > plan["weights_gib"]
     assert plan["expert_share"] > 0.8  # most weights live in fused expert tensors, not nn.Linear
-    assert settings_from_args(["--config", str(REPO / "configs/rtx5090-32gb.yaml")]).quantization == "fp8-experts"
+    assert settings_from_args(["--config", str(REPO / "configs/rtx5090-32gb.yaml")]).engine.quantization == "fp8-experts"
 
 
 def test_docs_tables_are_the_generated_output(plans):

@@ -12,7 +12,7 @@ import pytest
 
 from server import default_model
 from server.cli import build_parser, load_config, settings_from_args
-from server.settings import OPTIONS, ServerSettings
+from server.settings import ServerSettings, options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,9 +21,9 @@ def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag, _, _, help_text in OPTIONS:
-        assert flag in out.stdout, flag
-        assert help_text.split()[0] in out.stdout
+    for option in options():
+        assert option.flag in out.stdout, option.flag
+        assert option.help.split()[0] in out.stdout
     for required in ("--model", "--host", "--port", "--api-key", "--config", "--served-model-name", "--dtype",
                      "--device", "--max-num-seqs", "--max-waiting", "--max-model-len", "--num-threads",
                      "--log-prompts", "--max-request-body-bytes"):
@@ -37,9 +37,9 @@ def test_config_file_and_flag_precedence(tmp_path, monkeypatch):
     cfg.write_text("model: /m\nport: 9000\nmax_num_seqs: 4\nmax-waiting: 7\napi-key: [a, b]\nlog-prompts: true\n"
                    "num-threads: 2\nmemory_fraction: 0.5\n")
     s = settings_from_args(["--config", str(cfg), "--port", "9100", "--api-key", "c"])
-    assert s.model == "/m" and s.port == 9100 and s.max_num_seqs == 4 and s.max_waiting == 7
+    assert s.model == "/m" and s.port == 9100 and s.engine.max_num_seqs == 4 and s.engine.max_waiting == 7
     assert s.api_keys == ["c"]  # the flag replaces the config's list
-    assert s.log_prompts is True and s.num_threads == 2 and s.memory_fraction == 0.5
+    assert s.log_prompts is True and s.engine.num_threads == 2 and s.engine.memory_fraction == 0.5
     s = settings_from_args(["--config", str(cfg), "--no-log-prompts"])
     assert s.api_keys == ["a", "b"] and s.log_prompts is False
     monkeypatch.setenv("DIFFUSION_SERVER_API_KEY", "env1,env2")
@@ -58,6 +58,39 @@ def test_config_errors(tmp_path):
         build_parser().parse_args(["--port", "x"])
 
 
+def test_environment_variables_sit_between_flags_and_the_config(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-num-seqs: 3\nmax-waiting: 9\nport: 9000\ncors-allow-origin: [https://a.example]\n")
+    env = {"DIFFUSION_SERVER_CONFIG": str(cfg), "DIFFUSION_SERVER_MAX_NUM_SEQS": "5", "DIFFUSION_SERVER_PORT": "9001",
+           "DIFFUSION_SERVER_UI": "off", "DIFFUSION_SERVER_MAX_MODEL_LEN": " ",
+           "DIFFUSION_SERVER_CORS_ALLOW_ORIGIN": "https://b.example, https://c.example"}
+    s = settings_from_args(["--port", "9002"], environ=env)
+    assert (s.engine.max_num_seqs, s.engine.max_waiting, s.port, s.ui) == (5, 9, 9002, False)
+    assert s.engine.max_model_len is None  # an empty variable is ignored
+    assert s.cors_allow_origins == ["https://a.example", "https://b.example", "https://c.example"]
+    other = tmp_path / "other.yaml"
+    other.write_text("max-waiting: 1\n")
+    assert settings_from_args(["--config", str(other)], environ=env).engine.max_waiting == 1  # the flag's file
+    for name, value, message in [("DIFFUSION_SERVER_LOG_PROMPTS", "maybe", "expected true or false"),
+                                 ("DIFFUSION_SERVER_PORT", "eighty", "expected an int"),
+                                 ("DIFFUSION_SERVER_MEMORY_FRACTION", "most", "expected a float")]:
+        with pytest.raises(SystemExit) as info:
+            settings_from_args([], environ={name: value})
+        assert info.value.code == 2  # like a bad flag
+        assert f"{name}={value!r}: {message}" in capsys.readouterr().err
+
+
+def test_settings_by_name():
+    s = ServerSettings.from_flat(model="/m", port=1, max_num_seqs=4, max_encoder_tokens=64, max_n=2)
+    assert (s.model, s.port, s.max_n) == ("/m", 1, 2)
+    assert (s.engine.max_num_seqs, s.engine.max_encoder_tokens, s.engine.model) == (4, 64, None)
+    assert ServerSettings.from_flat(**s.flat()) == s
+    assert set(s.flat()) == {o.name for o in options() if o.name != "config"} | {"max_encoder_tokens",
+                                                                                   "experts_implementation"}
+    with pytest.raises(ValueError, match="not engine.model"):
+        ServerSettings(engine=s.engine_settings())
+
+
 def test_defaults_and_engine_settings():
     s = settings_from_args([])
     assert s == ServerSettings(api_keys=s.api_keys)
@@ -66,7 +99,7 @@ def test_defaults_and_engine_settings():
     e = s.engine_settings()
     assert e.model == "/some/model" and e.max_num_seqs == 16 and e.max_waiting == 256
     assert e.num_threads == 1  # CPU-only machine: one intra-op thread by default
-    s.num_threads = 3
+    s.engine.num_threads = 3
     assert s.engine_settings().num_threads == 3
 
 

@@ -55,4 +55,4 @@ def test_missing_and_malformed_config_files(tmp_path):
 
 def test_good_values_pass():
     s = settings_from_args(["--model", "/m", "--dtype", "bfloat16", "--device", "cuda:1", "--port", "0", "--max-waiting", "0"])
-    assert (s.dtype, s.device, s.port, s.max_waiting) == ("bfloat16", "cuda:1", 0, 0)
+    assert (s.engine.dtype, s.engine.device, s.port, s.engine.max_waiting) == ("bfloat16", "cuda:1", 0, 0)
