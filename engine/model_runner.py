@@ -54,8 +54,11 @@ class RowState:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, *, max_num_seqs: int = 16, sampling_tile_bytes: int | None = None,
-                 max_encoder_tokens: int = 8192, cuda_graph_max_batch: int | None = None):
+    """Runs ``StepPlan``s on the loaded model. Its limits come from ``EngineSettings`` (the one place
+    their defaults are written), so they have no defaults here."""
+
+    def __init__(self, loaded: LoadedModel, *, max_num_seqs: int, sampling_tile_bytes: int | None,
+                 max_encoder_tokens: int, cuda_graph_max_batch: int | None):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype

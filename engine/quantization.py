@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-QUANTIZATION_METHODS = ("none", "fp8-experts", "int8-experts")
+from .settings import QUANTIZATION_METHODS  # the names the setting accepts
+
 DEQUANTIZED_EXPERTS = "dequantized_grouped_mm"
 
 # The two fused expert parameters of every layer (encoder and decoder share them: tied weights).

@@ -128,7 +128,8 @@ def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads_or_on
         for n_threads, n_cpus in ((1, 2), (2, 2), (1, 1)):
             torch.set_num_threads(n_threads)
             os.sched_setaffinity(0, sorted(cpus)[:n_cpus])
-            runner = ModelRunner(core.loaded, max_num_seqs=2)
+            runner = ModelRunner(core.loaded, max_num_seqs=2, sampling_tile_bytes=None,
+                                 max_encoder_tokens=core.settings.max_encoder_tokens, cuda_graph_max_batch=None)
             placements[n_threads, n_cpus] = runner.overlap_entropy
             runner.close()
     finally:
