@@ -21,7 +21,7 @@ from .metrics import ServerMetrics
 from .middleware import InFlight, InFlightMiddleware, RequestIdMiddleware
 from .openapi import install_openapi
 from .settings import ServerSettings
-from .state import ABORT_GRACE_SECONDS, EngineFactory, ServerState, default_engine_factory  # noqa: F401
+from .state import EngineFactory, ServerState, default_engine_factory
 from .ui import install_ui
 
 __all__ = ["create_app", "default_engine_factory"]

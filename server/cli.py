@@ -4,10 +4,8 @@ config; all derived from ``server.settings.options``), run uvicorn."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -190,89 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             settings.served_model_name = default_served_name(settings.model)
         logger.warning("no --model given: serving %s as %s", settings.model, settings.served_model_name)
 
-    import uvicorn
+    from .http_server import run
 
-    from .app import create_app
-
-    failed: list[BaseException] = []
-    server_box: dict = {}
-
-    def on_load_failure(exc: BaseException) -> None:
-        failed.append(exc)
-        server = server_box.get("server")
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, on_load_failure=on_load_failure)
-    from .app import ABORT_GRACE_SECONDS
-
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=settings.access_log,
-        log_config=None,
-        # the drain (below) runs before uvicorn's own shutdown; this only bounds what is left after it
-        timeout_graceful_shutdown=ABORT_GRACE_SECONDS,
-    )
-    # sse-starlette would cut every stream at the first signal; the drain lets them finish instead.
-    from sse_starlette.sse import AppStatus
-
-    AppStatus.disable_automatic_graceful_drain()
-
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM/SIGINT: drain first, then let uvicorn close; exit status 0 after a drain.
-
-        While draining the server keeps listening, so load balancers and clients see /health 503 and
-        503 + Retry-After on new requests rather than refused connections. A second SIGINT exits at once.
-        """
-
-        _loop: asyncio.AbstractEventLoop | None = None
-        _draining = False
-
-        async def serve(self, sockets=None) -> None:
-            self._loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig, frame) -> None:
-            # not calling super(): uvicorn would re-raise the signal at exit (status -15 instead of 0)
-            if self._draining:
-                if sig == signal.SIGINT:
-                    logger.warning("second SIGINT: exiting without waiting for in-flight requests")
-                    self.force_exit = True
-                    self.should_exit = True
-                return
-            self._draining = True
-            state = getattr(app.state, "server", None)
-            if state is None or self._loop is None or self.should_exit:
-                self.should_exit = True
-                return
-            state.status = "draining"
-            logger.info("shutting down: draining in-flight requests (up to %.0fs)", settings.graceful_shutdown_seconds)
-            self._loop.call_soon_threadsafe(self._start_drain, state)
-
-        def _start_drain(self, state) -> None:
-            async def drain_then_exit() -> None:
-                try:
-                    await state.drain(settings.graceful_shutdown_seconds)
-                finally:
-                    self.should_exit = True
-
-            self._drain_task = asyncio.ensure_future(drain_then_exit())
-
-    server = DrainingServer(config)
-    server_box["server"] = server
-    logger.info(
-        "diffusion-server on http://%s:%d (model %s, auth %s)",
-        settings.host, settings.port, settings.model, "on" if settings.api_keys else "off",
-    )
-    server.run()
-    if failed:
-        logger.error("exiting: the model could not be loaded: %s", failed[0])
-        return 1
-    return 0
-
+    return run(settings)
 
 if __name__ == "__main__":
     sys.exit(main())

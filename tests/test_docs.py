@@ -53,6 +53,46 @@ def test_every_metric_is_in_the_metrics_page():
     assert missing == []
 
 
+def _error_codes_in_server() -> set[str]:
+    """The literal ``code`` of every error the server constructs (server/*.py, read as code)."""
+    import ast
+
+    code_position = {"bad_request": 2, "limit_error": None, "unavailable": 1, "APIError": 4}
+    found = set()
+    for path in (REPO / "server").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", None))
+            if name not in code_position:
+                continue
+            args = {kw.arg: kw.value for kw in node.keywords}
+            position = code_position[name]
+            value = args.get("code", node.args[position] if position is not None and len(node.args) > position else None)
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                found.add(value.value)
+    return found
+
+
+def test_api_page_lists_every_error_code_the_server_sends():
+    from tools.api_page import ERROR_CODES
+
+    documented = {code for codes in ERROR_CODES.values() for code in codes}
+    sent = _error_codes_in_server()
+    assert {"queue_full", "limit_exceeded", "request_aborted", "model_not_found"} <= sent  # the reader works
+    assert sent == documented
+
+
+def test_api_page_lists_every_route_and_request_field():
+    from server.protocol import ChatCompletionRequest, CompletionRequest
+
+    page = (REPO / "docs/api.md").read_text()
+    for path in ("/health", "/metrics", "/v1/models", "/v1/models/{model_id}", "/v1/completions", "/v1/chat/completions"):
+        assert f"`{path}`" in page
+    fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+    assert [f for f in sorted(fields) if f"| `{f}` |" not in page] == []
+
+
 def test_defaults_in_words_match_the_engine():
     """Defaults the engine computes are described in words; the numbers in them are the engine's."""
     from engine.decoder_graphs import AUTO_CUDA_GRAPH_MAX_BATCH

@@ -8,6 +8,8 @@ import typing
 
 from pydantic.fields import FieldInfo
 
+from tools.reference_docs import table_cell
+
 # The error codes the server sends, by status (a test finds each in server/).
 ERROR_CODES = {
     400: ("invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter"),
@@ -75,7 +77,7 @@ def _field_rows(model, names) -> list[str]:
     rows = []
     for name in names:
         info = model.model_fields[name]
-        rows.append(f"| `{name}` | {_type_name(info.annotation)} | {_default(info)} | {info.description or ''} |")
+        rows.append(f"| `{name}` | {table_cell(_type_name(info.annotation))} | {_default(info)} | {table_cell(info.description or '')} |")
     return rows
 
 
@@ -84,19 +86,20 @@ def _fields_table(model, names) -> str:
     return "\n".join(head + _field_rows(model, names))
 
 
-def api_page() -> str:
+def render(header: str) -> str:
+    """The page, under ``header`` (the generated-page comment)."""
     from server.openapi import ERROR_STATUSES
     from server.protocol import ChatCompletionRequest, CommonFields, CompletionRequest
 
     common = [n for n in CommonFields.model_fields if n not in EXTENSION_FIELDS]
     only = {m: [n for n in m.model_fields if n not in CommonFields.model_fields]
             for m in (CompletionRequest, ChatCompletionRequest)}
-    routes = "\n".join(f"| {m} | `{p}` | {doc} |" for m, p, doc in _routes())
+    routes = "\n".join(f"| {m} | `{p}` | {table_cell(doc)} |" for m, p, doc in _routes())
     errors = "\n".join(f"| {status} | {text} |" for status, text in ERROR_STATUSES.items())
     codes = "; ".join(f"{status}: " + ", ".join(f"`{c}`" for c in names) for status, names in ERROR_CODES.items())
-    return f"""# HTTP API reference
+    return f"""{header}
 
-Generated from the code by `python -m tools.reference_docs`; do not edit by hand.
+# HTTP API reference
 
 ## Routes
 
