@@ -18,7 +18,6 @@ import torch
 from .core import EngineCore
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, QueueFullError
-from .import_noise import quiet_torchao_import_noise
 from .loader import load_model
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -38,7 +37,6 @@ class AsyncEngine:
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         self.settings = settings
-        quiet_torchao_import_noise()
         loaded = load_model(settings)
         self.core = EngineCore(loaded, settings, stats_sink)
         self.tokenizer = loaded.tokenizer

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .import_noise import quiet_torchao_import_noise
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
 from .sampling_params import SamplingParams
 from .settings import DTYPE_NAMES, EngineSettings
@@ -74,6 +75,7 @@ def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
 
 def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
+    quiet_torchao_import_noise()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion

@@ -38,7 +38,7 @@ def cache_dir() -> Path:
 def resolve_default_model() -> str:
     """``engine/default_model`` if it holds a checkpoint, else a tiny random model in the cache folder.
 
-    The tiny model is built once with ``engine.tiny_checkpoint.build_tiny_checkpoint`` into a
+    The tiny model is built once with ``tools.tiny_checkpoint.build_tiny_checkpoint`` into a
     temporary folder and renamed into place, so concurrent first starts do not see half a checkpoint.
     """
     embedded = embedded_model_dir()
