@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.memory import auto_sampling_tile_bytes, plan_memory
-from engine.sampler import sampling_tiles
+from engine.sampling.reference import SamplingTiles, sampling_tiles
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "fp8": torch.float8_e4m3fn}
 
@@ -52,7 +52,9 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
     tile_bytes = (auto_sampling_tile_bytes(int(gpu_gib * 2**30 - weight_bytes)) if tile_budget_mib is None
                   else tile_budget_mib * 2**20)
     tiles = sampling_tiles(tile_bytes, config.canvas_length, text.vocab_size, draws_in_flight)
-    plan = plan_memory(text, config.canvas_length, kv_torch, tiles=tiles, max_num_seqs=max_num_seqs)
+    tiles = SamplingTiles(min(tiles.rows, max_num_seqs), tiles.positions, tiles.draws_in_flight)  # a batch's tiles
+    plan = plan_memory(text, config.canvas_length, kv_torch, max_num_seqs=max_num_seqs,
+                       sampling_transient_bytes=tiles.transient_bytes(config.canvas_length, text.vocab_size))
     # KV + state, plus its share of attention's per-layer copies (see engine.memory)
     per_request = plan.per_request_bytes(context)
     free = gpu_gib * 2**30 - weight_bytes - plan.sampling_transient_bytes - plan.decoder_transient_bytes

@@ -77,7 +77,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         _init_for_cuda_graphs()
     timer = _PassTimer()
     core = EngineCore(load_model(settings), settings, timer)
-    overlap = core.runner.overlap_entropy  # False where there is no worker thread (CUDA)
+    overlap = core.runner.sampler.overlap_entropy  # False where there is no worker thread (CUDA)
     cfg = core.loaded.model.config
     items = make_workload(requests, seed=1, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
                           max_denoising_steps=steps)
@@ -150,9 +150,9 @@ def _drive(core, items, concurrency: int, timer, overlap: bool, compare_sequenti
         encodes = bool(core.scheduler.waiting) or any(r.status is RequestStatus.ENCODING for r in core.scheduler.running)
         sequential = compare_sequential and turns[encodes] % 2 == 1
         turns[encodes] += 1
-        timer.mode = core.runner.overlap_entropy = overlap and not sequential
+        timer.mode = core.runner.sampler.overlap_entropy = overlap and not sequential
         core.step()
-    timer.mode = core.runner.overlap_entropy = overlap
+    timer.mode = core.runner.sampler.overlap_entropy = overlap
 
 
 def _torch_profiler(device: torch.device):

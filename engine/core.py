@@ -37,11 +37,13 @@ class EngineCore:
         self.runner = ModelRunner(
             loaded, max_num_seqs=settings.max_num_seqs, sampling_tile_bytes=settings.sampling_tile_bytes,
             max_encoder_tokens=settings.max_encoder_tokens, cuda_graph_max_batch=settings.cuda_graph_max_batch,
+            sampler=settings.sampler,
         )
         self.max_num_kv_tokens = settings.max_num_kv_tokens
         if self.max_num_kv_tokens is None:  # derived from the memory free now, after the weights
             plan = plan_memory(config.text_config, self.canvas_length, loaded.dtype,
-                               tiles=self.runner.sampling_tiles, max_num_seqs=settings.max_num_seqs,
+                               sampling_transient_bytes=self.runner.sampler.transient_bytes(settings.max_num_seqs),
+                               max_num_seqs=settings.max_num_seqs,
                                dequantized_experts=loaded.dequantized_experts)
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)

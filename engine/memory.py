@@ -9,7 +9,6 @@ import torch
 
 from .kv_budget import kv_tokens_needed
 from .quantization import expert_dequant_bytes
-from .sampler import SamplingTiles
 
 
 # sampling_tile_bytes=None (the default) picks the tile budget from the memory free after the weights,
@@ -47,7 +46,7 @@ class MemoryPlan:
                 + 2 * self.sliding_kv_bytes_per_request + self.state_bytes_per_request)
 
 
-def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tiles: SamplingTiles, max_num_seqs: int,
+def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling_transient_bytes: int, max_num_seqs: int,
                 stability_threshold: int = 1, dequantized_experts: bool = False) -> MemoryPlan:
     elem = torch.finfo(dtype).bits // 8
     full = sliding = largest = 0
@@ -60,13 +59,10 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, tiles: S
             full += per_token
             largest = max(largest, per_token)
     hidden = text_config.hidden_size
-    vocab = text_config.vocab_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
-    sampling = SamplingTiles(min(tiles.rows, max_num_seqs), tiles.positions, tiles.draws_in_flight).transient_bytes(
-        canvas_length, vocab)
     activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
     dequant = expert_dequant_bytes(text_config, elem) if dequantized_experts else 0
-    return MemoryPlan(full, largest, sliding, state, sampling, activations, dequant)
+    return MemoryPlan(full, largest, sliding, state, sampling_transient_bytes, activations, dequant)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -7,9 +7,7 @@ and returns plain ``StepResult`` data.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -18,19 +16,10 @@ from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
-from .random_draws import DrawPrefetcher
-from .sampler import (accept, draw_positions, positions_entropy, row_parameters, sampling_tiles, scale_logits,
-                      temperatures)
+from .sampling import Sampler, SamplerRow, make_sampler
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
 
 logger = logging.getLogger("engine")
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity where the OS has one, as on Linux)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass
@@ -44,13 +33,10 @@ class _DecoderGeometry:
 
 @dataclass
 class RowState:
-    """Tensor state of one request between passes."""
+    """Tensor state of one request between passes (its random state is the sampler's)."""
 
-    generator: torch.Generator
-    stability_threshold: int
     canvas: torch.Tensor | None = None  # [C] current (noised) canvas
     soft_embeddings: torch.Tensor | None = None  # [C, hidden]: softmax(scaled logits) @ E, the self-conditioning input
-    history: list[tuple[int, ...]] | None = None  # last `stability_threshold` drafts (argmax canvases), oldest first
 
 
 class ModelRunner:
@@ -58,7 +44,7 @@ class ModelRunner:
     their defaults are written), so they have no defaults here."""
 
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int, sampling_tile_bytes: int | None,
-                 max_encoder_tokens: int, cuda_graph_max_batch: int | None):
+                 max_encoder_tokens: int, cuda_graph_max_batch: int | None, sampler: str):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -69,15 +55,11 @@ class ModelRunner:
         self.layer_types = list(self.text_config.layer_types)
         self.num_layers = self.text_config.num_hidden_layers
         self.sliding_window = self.text_config.sliding_window
-        self.softcap = self.text_config.final_logit_softcapping
-        threaded = self.device.type == "cpu"  # CPU: the worker draws the next tile while this one is sampled
         if sampling_tile_bytes is None:  # from the memory free now, after the weights
             sampling_tile_bytes = auto_sampling_tile_bytes(available_bytes(self.device))
         self.sampling_tile_bytes = sampling_tile_bytes
-        self.sampling_tiles = sampling_tiles(sampling_tile_bytes, self.canvas_length, self.vocab_size,
-                                             draws_in_flight=2 if threaded else 1)
-        step = self.sampling_tiles.positions
-        self._position_chunks = [slice(p, p + step) for p in range(0, self.canvas_length, step)]
+        self.sampler: Sampler = make_sampler(sampler, self.model, self.device, tile_bytes=sampling_tile_bytes,
+                                             threaded=self.device.type == "cpu", max_num_seqs=max_num_seqs)
         self.max_encoder_tokens = max_encoder_tokens
         self.eager_masks = self.model.config._attn_implementation == "eager"
         per_layer = self.text_config.per_layer_config
@@ -100,37 +82,28 @@ class ModelRunner:
         # the dequantized path only slices their plain inner tensors
         eager_quantized = loaded.quantization != "none" and not loaded.dequantized_experts
         self._no_grad = torch.no_grad if eager_quantized else torch.inference_mode
-        # CPU: one worker thread takes each step's random draws while the forward runs
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if threaded else None
-        self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, self.device, self._worker)
-        # CPU with one intra-op thread (the default) and a second core: the worker computes each chunk's
-        # entropies while this thread draws. With more intra-op threads, both threads' parallel kernels
-        # would oversubscribe the cores; with one core, they would only take turns.
-        # (bench.profile_engine --compare-sequential turns it off in every other pass: a same-run baseline)
-        self.overlap_entropy = threaded and torch.get_num_threads() == 1 and _usable_cpus() > 1
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
     def num_live_states(self) -> int:
-        return len(self.rows)
+        """Requests with tensor or random state here (0 when idle; the sampler's states mirror ``rows``)."""
+        return max(len(self.rows), self.sampler.num_live_states())
 
     def _add(self, row: NewRow) -> None:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(row.seed)
-        self.rows[row.request_id] = RowState(generator=gen, stability_threshold=row.stability_threshold)
+        self.rows[row.request_id] = RowState()
+        self.sampler.add(row.request_id, row.seed)
         self.kv.allocate(row.request_id, row.kv_tokens)
 
     def free(self, request_id: str) -> None:
         self.rows.pop(request_id, None)
+        self.sampler.free(request_id)
         with self._no_grad():  # compaction writes into the (inference-mode) slot buffers
             self.kv.free(request_id)
 
     def close(self) -> None:
-        """Stop the worker thread."""
-        self.draws.wait()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
+        """Stop the sampler's worker thread."""
+        self.sampler.close()
 
     def execute(self, plan: StepPlan) -> StepResult:
         with self._no_grad():
@@ -153,7 +126,7 @@ class ModelRunner:
         try:
             decode = self._decode(work) if work else []
         finally:
-            self.draws.wait()  # no draw may still be using a generator when the pass ends
+            self.sampler.end()  # no draw may still be using a generator when the pass ends
         decode += [DecodeResult(rid, (), False, error=error) for rid, error in failed.items()]
         return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds,
                           sampling_seconds=self._sampling_seconds)
@@ -254,88 +227,39 @@ class ModelRunner:
         work = sorted(work, key=lambda w: self.kv.get(w.request_id).slot)
         ids = [w.request_id for w in work]
         states = [self.rows[r] for r in ids]
-        C = self.canvas_length
-        for w, st in zip(work, states):
+        rows = [SamplerRow(w.request_id, w.canvas_index, w.cur_step, w.max_steps, w.t_min, w.t_max,
+                           w.entropy_bound, w.confidence_threshold) for w in work]
+        for w, row, st in zip(work, rows, states):
             if w.new_canvas:
-                # same draw as EntropyBoundSampler.initialize_canvas at batch 1
-                st.canvas = torch.randint(0, self.vocab_size, (1, C), device=self.device, generator=st.generator).view(C)
+                st.canvas = self.sampler.initial_canvas(row)
                 st.soft_embeddings = None
-                st.history = []
-        rows_per_tile = self.sampling_tiles.rows
-        tiles = [slice(start, start + rows_per_tile) for start in range(0, len(work), rows_per_tile)]
         inputs, graphed = self._decoder_inputs(ids, states)
-        # the worker draws while the forward runs (started once the inputs are built, so that its draw
-        # loop shares the GIL with the forward only)
-        self.draws.start([[s.generator for s in states[tile]] for tile in tiles])
+        # the sampler may draw while the forward runs (started once the inputs are built, so that a
+        # CPU worker's draw loop shares the GIL with the forward only)
+        self.sampler.begin(rows)
         hidden = self._decoder_hidden(inputs, graphed)  # [B, C, hidden]
+        t0 = time.perf_counter()
+        out = self.sampler.sample(hidden, rows)
+        sampling = self.sampler.sampling_seconds
+        self._sampling_seconds += sampling
+        self._forward_seconds += time.perf_counter() - t0 - sampling  # the lm head and the soft embeddings
 
-        sampled_tiles = []  # per tile: (argmax [n, C], soft embeddings [n, C, hidden], AcceptResult)
-        for index, tile in enumerate(tiles):
-            draws = self.draws.take(index)
-            params = row_parameters(work[tile], self.device)
-            parts = [self._sample_chunk(hidden[tile, chunk], temperatures(params), draws.exponentials[:, chunk],
-                                        next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
-                     for chunk in self._position_chunks]
-            t0 = time.perf_counter()
-            # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
-            argmax, sampled, entropy, soft = parts[0] if len(parts) == 1 else (
-                torch.cat([p[i] for p in parts], dim=1) for i in range(4))
-            sampled_tiles.append((argmax, soft, accept(entropy, sampled, draws.noise, params)))
-            self._sampling_seconds += time.perf_counter() - t0
-
-        # One device-to-host transfer for the whole pass, after every tile is queued (on CUDA a transfer
-        # per tile would leave the GPU idle while the host walks the rows): [B, C + 2] = draft, confident, usable
-        host = torch.cat([torch.cat([a, o.confident[:, None].to(a.dtype), o.usable[:, None].to(a.dtype)], dim=1)
-                          for a, _, o in sampled_tiles]).tolist()
-        next_canvas = [row for _, _, o in sampled_tiles for row in o.next_canvas]
-        soft_rows = [row for _, soft, _ in sampled_tiles for row in soft]
+        # One device-to-host transfer for the whole pass (on CUDA a transfer per row would leave the GPU
+        # idle while the host walks the rows): [B, C + 2] = draft, confident, usable
+        C = self.canvas_length
+        draft = out.draft
+        host = torch.cat([draft, out.confident[:, None].to(draft.dtype), out.usable[:, None].to(draft.dtype)],
+                         dim=1).tolist()
         results: list[DecodeResult] = []
-        for w, st, values, canvas, soft in zip(work, states, host, next_canvas, soft_rows):
+        for w, st, values, canvas, soft in zip(work, states, host, out.next_canvas, out.soft):
             # a row with NaN or +inf logits (bad weights, overflow) fails alone; the others go on as usual
             if not values[C + 1]:
                 results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))
                 continue
-            draft = tuple(values[:C])
-            stable = len(st.history) == st.stability_threshold and all(h == draft for h in st.history)
-            converged = stable and bool(values[C])
-            if st.stability_threshold:
-                st.history = (st.history + [draft])[-st.stability_threshold :]
             st.canvas = canvas
             st.soft_embeddings = soft
-            results.append(DecodeResult(w.request_id, draft, converged))
+            results.append(DecodeResult(w.request_id, tuple(values[:C]), bool(values[C])))
         return results
-
-    def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor,
-                      next_tile: int | None):
-        """lm head, soft-capping and the per-position sampler over a chunk of positions of a tile's rows;
-        returns (argmax, sampled, entropy [n, c], soft embeddings [n, c, hidden]). The [n, c, V] copies
-        are freed before the next chunk. On CPU the entropies are computed on the worker thread while
-        this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them
-        (given with the tile's last chunk, so that no chunk's entropies wait behind a whole tile's draws)."""
-        t0 = time.perf_counter()
-        logits = self.model.lm_head(hidden).to(torch.float32)
-        if self.softcap is not None:
-            logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
-        t1 = time.perf_counter()
-        scaled = scale_logits(logits, temps)
-        overlap = self.overlap_entropy and self._worker is not None
-        entropy = self._worker.submit(positions_entropy, scaled) if overlap else None
-        if next_tile is not None:
-            self.draws.prefetch(next_tile)
-        drawn = draw_positions(scaled, exponentials)
-        entropy = entropy.result() if entropy is not None else positions_entropy(scaled)
-        t2 = time.perf_counter()
-        # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
-        # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
-        embed = self.model.model.decoder.embed_tokens
-        if embed.weight.dtype in (torch.float32, torch.float64):
-            probs = drawn.probs  # the same fp32 softmax of the same scaled logits (the cast is lossless)
-        else:
-            probs = scaled.to(embed.weight.dtype).softmax(dim=-1, dtype=torch.float32)
-        soft = torch.matmul(probs.to(embed.weight.dtype), embed.weight) * embed.embed_scale.to(embed.weight.dtype)
-        self._forward_seconds += (t1 - t0) + (time.perf_counter() - t2)
-        self._sampling_seconds += t2 - t1
-        return drawn.argmax, drawn.sampled, entropy, soft
 
     def _decoder_geometry(self, ids: list[str], full_width: bool = False) -> "_DecoderGeometry":
         """The batch's KV view, canvas positions, attention masks and rotary embeddings. They depend only

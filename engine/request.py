@@ -46,7 +46,8 @@ class Request:
     canvas_index: int = 0  # canvases committed so far
     output_ids: list[int] = field(default_factory=list)  # committed tokens (a final eos included)
     num_denoising_steps: int = 0
-    last_draft: tuple[int, ...] | None = None
+    last_draft: tuple[int, ...] | None = None  # the previous draft of this canvas streamed (stream_drafts)
+    draft_history: list[tuple[int, ...]] = field(default_factory=list)  # this canvas's last k drafts, oldest first
     scheduled_time: float | None = None
     canvas_start_time: float | None = None
     first_draft_time: float | None = None
@@ -57,6 +58,16 @@ class Request:
     def kv_reservation(self) -> int:
         """Full-attention KV tokens this request may hold at most (``kv_budget.kv_reservation``)."""
         return kv_reservation(len(self.prompt_ids), self.params.max_tokens, self.canvas_length)
+
+    def converged(self, draft: tuple[int, ...], confident: bool) -> bool:
+        """DiffusionGemma's stopping rule for the current canvas after a step that produced ``draft``:
+        the last k = ``stability_threshold`` drafts before it equal it (k+1 equal drafts in a row) and
+        the step was confident. Records the draft in the history either way."""
+        k = self.params.stability_threshold
+        stable = len(self.draft_history) == k and all(h == draft for h in self.draft_history)
+        if k:
+            self.draft_history = (self.draft_history + [draft])[-k:]
+        return stable and confident
 
     @property
     def remaining_tokens(self) -> int:

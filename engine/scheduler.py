@@ -89,7 +89,7 @@ class Scheduler:
             req.pending_encode = req.prompt_ids
             req.scheduled_time = now
             self.running.append(req)
-            plan.new.append(NewRow(req.request_id, req.seed, req.params.stability_threshold, req.kv_reservation))
+            plan.new.append(NewRow(req.request_id, req.seed, req.kv_reservation))
         for req in self.running:
             if req.status is RequestStatus.ENCODING:
                 plan.encode.append(EncodeWork(req.request_id, req.pending_encode))
@@ -102,6 +102,7 @@ class Scheduler:
                 DecodeWork(
                     request_id=req.request_id,
                     new_canvas=req.step == 0,
+                    canvas_index=req.canvas_index,
                     cur_step=p.max_denoising_steps - req.step,
                     max_steps=p.max_denoising_steps,
                     t_min=p.t_min,
@@ -136,7 +137,7 @@ class Scheduler:
             draft = None
             if req.params.stream_drafts:
                 draft = self._draft(req, res.draft)
-            if not (res.converged or req.step >= req.params.max_denoising_steps):
+            if not (req.converged(res.draft, res.confident) or req.step >= req.params.max_denoising_steps):
                 if draft is not None:
                     outputs.append(self.output_for(req, draft=draft))
                 continue
@@ -174,6 +175,7 @@ class Scheduler:
         req.canvas_index += 1
         req.step = 0
         req.last_draft = None
+        req.draft_history = []
         if finish is not None:
             self._finish(req, finish)
         else:

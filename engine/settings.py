@@ -12,6 +12,7 @@ from dataclasses import MISSING, Field, dataclass, field
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATION_METHODS = ("none", "fp8-experts", "int8-experts")
+SAMPLERS = ("reference", "fast")  # engine.sampling
 
 
 def setting(default, help: str, *, default_text: str | None = None, flag: str | None = None,
@@ -67,8 +68,14 @@ class EngineSettings:
     max_encoder_tokens: int = setting(
         2048, "Padded tokens in one batched encoder call (prefill and commits): requests are grouped under it, "
         "and a longer prompt is prefilled in chunks of this size.", cli=False)
-    # engine.sampler.sampling_tiles: a row's whole-row exponential draws must fit, plus one position;
-    # the default is engine.memory.auto_sampling_tile_bytes.
+    # engine.sampling: the default is engine.sampling.default_sampler
+    sampler: str | None = setting(
+        None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "
+        "model.generate at batch 1) or fast (Gumbel-max with counter-based random numbers, one pass over "
+        "vocabulary chunks: far less memory, and a row's result independent of its batch).",
+        default_text="fast on CUDA, reference on CPU")
+    # engine.sampling.reference.sampling_tiles: a row's whole-row exponential draws must fit, plus one
+    # position; the default is engine.memory.auto_sampling_tile_bytes.
     sampling_tile_bytes: int | None = setting(
         None, "Bound on the sampling step's memory: canvases go through the lm head and the sampler in tiles of "
         "as many rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each "
@@ -117,6 +124,8 @@ class EngineSettings:
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler!r})")
         if self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (got {self.quantization!r})")
         if self.quantization != "none" and self.dtype not in ("auto", "bfloat16", "float32"):

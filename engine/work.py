@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class NewRow:
-    """A request the runner must start tracking (allocate KV, seed its generator)."""
+    """A request the runner must start tracking (allocate KV, seed its sampler state)."""
 
     request_id: str
     seed: int
-    stability_threshold: int
     kv_tokens: int  # most tokens its KV will hold: prompt + every canvas but the last (sizes its slot)
 
 
@@ -29,6 +28,7 @@ class DecodeWork:
 
     request_id: str
     new_canvas: bool  # draw a fresh random canvas first (first step of a canvas)
+    canvas_index: int  # canvases the request committed before this one
     cur_step: int  # steps remaining, N..1 (transformers' convention)
     max_steps: int
     t_min: float
@@ -54,7 +54,7 @@ class StepPlan:
 class DecodeResult:
     request_id: str
     draft: tuple[int, ...]  # argmax canvas after this step
-    converged: bool  # stable and confident: the canvas leaves the batch now
+    confident: bool  # mean entropy below the confidence threshold (the scheduler decides convergence)
     error: str | None = None  # this row failed (e.g. non-finite logits); the request ends with an error
 
 

@@ -99,8 +99,8 @@ ENTROPY_BOUND_PARAMS = SamplingParams(max_tokens=40, max_denoising_steps=6, entr
 def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
     """On CPU each chunk's entropies are computed on the worker thread beside the draw; CUDA computes
     them after the draw on the engine's own thread. Both give generate's tokens."""
-    default = core.runner.overlap_entropy
-    core.runner.overlap_entropy = overlap
+    default = core.runner.sampler.overlap_entropy
+    core.runner.sampler.overlap_entropy = overlap
     try:
         prompt_ids = tok(PROMPTS[2]).input_ids
         for seed in (0, 7):
@@ -108,7 +108,7 @@ def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
             got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
             assert got["tokens"] == expected
     finally:
-        core.runner.overlap_entropy = default
+        core.runner.sampler.overlap_entropy = default
 
 
 def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads_or_one_core(core):
@@ -129,8 +129,9 @@ def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads_or_on
             torch.set_num_threads(n_threads)
             os.sched_setaffinity(0, sorted(cpus)[:n_cpus])
             runner = ModelRunner(core.loaded, max_num_seqs=2, sampling_tile_bytes=None,
-                                 max_encoder_tokens=core.settings.max_encoder_tokens, cuda_graph_max_batch=None)
-            placements[n_threads, n_cpus] = runner.overlap_entropy
+                                 max_encoder_tokens=core.settings.max_encoder_tokens, cuda_graph_max_batch=None,
+                                 sampler="reference")
+            placements[n_threads, n_cpus] = runner.sampler.overlap_entropy
             runner.close()
     finally:
         torch.set_num_threads(threads)

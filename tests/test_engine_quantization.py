@@ -130,15 +130,13 @@ def test_dequantized_experts_compute_what_the_eager_loop_computes(checkpoints, m
     # the transient the KV budget sets aside covers one layer's dequantized experts (the peak is
     # measured in test_dequantized_experts_stay_within_the_planned_transient)
     from engine.memory import plan_memory
-    from engine.sampler import SamplingTiles
 
     text = model.config.get_text_config()
     dequantized = experts.gate_up_proj.dequantize().nbytes + experts.down_proj.dequantize().nbytes
-    tiles = SamplingTiles(1, model.config.canvas_length, 1)
-    plan = plan_memory(text, model.config.canvas_length, getattr(torch, dtype), tiles=tiles, max_num_seqs=4,
-                       dequantized_experts=True)
+    plan = plan_memory(text, model.config.canvas_length, getattr(torch, dtype), sampling_transient_bytes=0,
+                       max_num_seqs=4, dequantized_experts=True)
     assert dequantized <= plan.expert_dequant_bytes <= 2 * dequantized  # plus chunk temporaries below fp32
-    assert plan_memory(text, model.config.canvas_length, getattr(torch, dtype), tiles=tiles,
+    assert plan_memory(text, model.config.canvas_length, getattr(torch, dtype), sampling_transient_bytes=0,
                        max_num_seqs=4).expert_dequant_bytes == 0
 
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from engine.random_draws import DrawPrefetcher
+from engine.sampling.draws import DrawPrefetcher
 
 
 @pytest.mark.parametrize("threaded", [True, False], ids=["worker-thread", "inline"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.sampler import CHUNK_FP32_COPIES, sampling_tiles
+from engine.sampling.reference import CHUNK_FP32_COPIES, sampling_tiles
 
 MIB = 2**20
 

@@ -312,7 +312,7 @@ def test_sampling_in_tiles_of_one_row_gives_the_same_tokens(core, tmp_path_facto
     sampler, self-conditioning); every request still gets its solo tokens."""
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiles"), TinySpec(dtype=torch.float64))
     tiled = make_core(path, max_num_seqs=6, sampling_tile_bytes=1)
-    assert (tiled.runner.sampling_tiles.rows, tiled.runner.sampling_tiles.positions) == (1, 1)
+    assert (tiled.runner.sampler.tiles.rows, tiled.runner.sampler.tiles.positions) == (1, 1)
     requests = _requests(core.loaded.tokenizer)
     together = run_to_completion(tiled, requests, arrivals={"a": 0, "b": 1, "c": 1, "d": 3})
     assert {rid: r["tokens"] for rid, r in together.items()} == _alone(core, requests)

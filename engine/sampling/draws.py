@@ -1,4 +1,4 @@
-"""The random numbers of one denoising step, drawn ahead of the logits that use them.
+"""The reference sampler's random numbers of one denoising step, drawn ahead of the logits that use them.
 
 A step takes from each request's ``torch.Generator``, in this order, exactly what transformers'
 sampler takes at batch 1: the exponentials behind ``torch.multinomial(probs, 1)`` (which draws
