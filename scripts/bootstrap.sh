@@ -41,7 +41,7 @@ cmd="${1:-serve}"
 shift || true
 case "$cmd" in
     serve) exec "$VENV/bin/python" -m server "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test) exec "$VENV/bin/python" -m pytest -q -rs "$@" ;;
     install) ;;
     *) echo "usage: bash scripts/bootstrap.sh {serve|test|install} [args]" >&2; exit 2 ;;
 esac

@@ -1,15 +1,18 @@
-"""Shared fixtures.
+"""Shared fixtures, and the CI rule on skips.
 
 Server fixtures (all named ``server_*`` or ``live_server``): a tiny checkpoint built once per
-session, and real ``python -m server`` processes on free loopback ports.
+session, and real ``python -m server`` processes on loopback ports they bind themselves.
+
+Under ``CI=true`` (``.ci/run`` sets it) a skipped test fails the run, unless it is marked ``cuda``:
+CI installs every tool the CPU tests need, so a skip there means a test silently stopped testing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,52 +27,111 @@ SERVER_MODEL_NAME = "tiny-diffusion"
 SERVER_BODY_LIMIT = 65536
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# -- CI: no silent skips --------------------------------------------------------------------------
+
+def skips_fail() -> bool:
+    """True under CI (``CI=true``): a skip of anything but a ``cuda`` test is a failure."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: reason")
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (skips_fail() and report.skipped and not hasattr(report, "wasxfail")
+            and item.get_closest_marker("cuda") is None):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} skipped under CI=true, where only tests marked cuda may skip: "
+                           f"{_skip_reason(report)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module skipped as a whole (a module-level ``importorskip``) fails under CI too."""
+    outcome = yield
+    report = outcome.get_result()
+    if skips_fail() and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = (f"{collector.nodeid} was skipped at collection under CI=true, where only tests "
+                           f"marked cuda may skip: {_skip_reason(report)}")
+
+
+# -- real server processes ----------------------------------------------------------------------
+
+# uvicorn's start-up line: the server binds --port 0 itself and says which port it got (no probe
+# that binds a port, releases it and hopes nobody takes it before the server does)
+_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+) ")
+
+
+def wait_for_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
+    """The port a server started with ``--port 0`` bound, read from its log (``_LISTENING``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        match = _LISTENING.search(log_path.read_text(errors="replace"))
+        if match:
+            return int(match.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server did not listen within {timeout}s:\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
 
 
 class LiveServer:
-    """A ``python -m server`` subprocess on a free loopback port."""
+    """A ``python -m server`` subprocess on a loopback port it binds itself (``--port 0``).
+
+    ``command`` replaces ``python -m server`` (a wrapper that runs ``server.cli.main``)."""
 
     def __init__(self, args: list[str], log_path: Path, api_key: str | None = None, startup_timeout: float = 120.0,
-                 model_name: str | None = None):
+                 model_name: str | None = None, command: list[str] | None = None):
         self.model_name = model_name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = self.url + "/v1"
         self.api_key = api_key
         self.log_path = log_path
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env.pop("DIFFUSION_SERVER_API_KEY", None)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [*(command or [sys.executable, "-m", "server"]), "--host", "127.0.0.1", "--port", "0", *args],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
-        self._wait_ready(startup_timeout)
+        deadline = time.monotonic() + startup_timeout
+        try:
+            self.port = wait_for_port(self.proc, log_path, startup_timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.url + "/v1"
+        self._wait_ready(deadline)
 
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self, deadline: float) -> None:
+        """Until /health says 200 (the model is loaded); the deadline only bounds a hang."""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=10).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"server not ready in time:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def metrics_text(self) -> str:
@@ -142,12 +204,15 @@ def server_tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server_launcher(tmp_path_factory):
-    """``launch(args, api_key=None) -> LiveServer``; every server is stopped at the end of the session."""
+    """``launch(args, api_key=None, model_name=None, command=None) -> LiveServer``; every server is
+    stopped at the end of the session."""
     servers: list[LiveServer] = []
     logs = tmp_path_factory.mktemp("server_logs")
 
-    def launch(args: list[str], api_key: str | None = None, model_name: str | None = None) -> LiveServer:
-        server = LiveServer(args, logs / f"server{len(servers)}.log", api_key=api_key, model_name=model_name)
+    def launch(args: list[str], api_key: str | None = None, model_name: str | None = None,
+               command: list[str] | None = None) -> LiveServer:
+        server = LiveServer(args, logs / f"server{len(servers)}.log", api_key=api_key, model_name=model_name,
+                            command=command)
         servers.append(server)
         return server
 
