@@ -11,7 +11,9 @@ MIB = 2**20
 
 
 @pytest.mark.parametrize("budget,canvas,vocab,in_flight,expected", [
-    (512 * MIB, 32, 261, 2, (512 * MIB // (4 * 261 * (2 * 32 + CHUNK_FP32_COPIES * 32)), 32)),  # many whole rows
+    # many whole rows: a row of 32 positions over 261 tokens holds 2 canvases of draws and 5 fp32 copies
+    # per position, 4 * 261 * (2 * 32 + 5 * 32) = 233,856 bytes, and 512 MiB holds 2,295 of them
+    (512 * MIB, 32, 261, 2, (2295, 32)),
     (512 * MIB, 256, 262144, 1, (1, 51)),  # DiffusionGemma on CUDA: one row, 51-position chunks
     (512 * MIB, 256, 262144, 2, (1, 1)),  # the same on CPU: two rows of draws fill the budget, one position at a time
     (1, 16, 261, 2, (1, 1)),
@@ -23,6 +25,9 @@ def test_tiles_fit_the_budget(budget, canvas, vocab, in_flight, expected):
     assert tiles.transient_bytes(canvas, vocab) <= max(budget, smallest)
     if tiles.positions < canvas:  # one more position would not fit
         bigger = type(tiles)(1, tiles.positions + 1, in_flight)
+        assert bigger.transient_bytes(canvas, vocab) > budget
+    else:  # whole rows: one more row would not fit
+        bigger = type(tiles)(tiles.rows + 1, canvas, in_flight)
         assert bigger.transient_bytes(canvas, vocab) > budget
 
 
