@@ -85,6 +85,15 @@ class Sampler(Protocol):
         """Release worker threads."""
 
 
+def _triton_block_stats():
+    """The Triton kernel for the fast sampler's statistics, or None (the PyTorch version) without Triton."""
+    try:
+        from .triton_stats import triton_block_stats
+    except ImportError:
+        return None
+    return triton_block_stats
+
+
 def default_sampler(device: torch.device) -> str:
     """The sampler when the setting leaves it unset: ``fast`` on CUDA, ``reference`` elsewhere."""
     return "fast" if device.type == "cuda" else "reference"
@@ -102,5 +111,6 @@ def make_sampler(name: str | None, model, device: torch.device, *, tile_bytes: i
     if name == "fast":
         from .fast import FastSampler
 
-        return FastSampler(model, device, tile_bytes=tile_bytes, max_num_seqs=max_num_seqs)
+        return FastSampler(model, device, tile_bytes=tile_bytes, max_num_seqs=max_num_seqs,
+                           stats=_triton_block_stats() if device.type == "cuda" else None)
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} (got {name!r})")
