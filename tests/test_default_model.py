@@ -9,6 +9,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from server.default_model import EMBEDDED_SERVED_NAME, embedded_model_dir
 from tools.sudoku import generator
@@ -23,8 +24,13 @@ def test_the_embedded_model_ships_with_the_package():
     assert (embedded_model_dir() / "tokenizer.json").is_file()
 
 
-def test_default_server_solves_easy_puzzles(server_launcher):
-    srv = server_launcher([], model_name=EMBEDDED_SERVED_NAME)  # no --model: the embedded checkpoint
+@pytest.fixture(scope="module")
+def default_server(server_launcher):
+    return server_launcher([], model_name=EMBEDDED_SERVED_NAME)  # no --model: the embedded checkpoint
+
+
+def test_default_server_solves_easy_puzzles(default_server):
+    srv = default_server
     models = httpx.get(srv.base_url + "/models", timeout=30).json()["data"]
     assert [m["id"] for m in models] == [EMBEDDED_SERVED_NAME]
     puzzles = eval_set(20, seed=EVAL_SEED, buckets=[BUCKETS[0]])[BUCKETS[0][0]]
@@ -44,3 +50,20 @@ def test_default_server_solves_easy_puzzles(server_launcher):
     assert solved >= MIN_SOLVED, f"solved {solved} of 20 easy puzzles"
     for _, usage in results:
         assert usage["canvases"] == 1 and usage["denoising_steps"] >= 1
+
+
+def test_chat_takes_the_grid_as_nine_lines(default_server):
+    """The chat endpoint takes the grid in a user message with its whitespace stripped: nine lines of
+    nine digits, spaced out, give exactly the completion of the 81-character prompt (same seed)."""
+    puzzle, _solution = eval_set(1, seed=EVAL_SEED, buckets=[BUCKETS[0]])[BUCKETS[0][0]][0]
+    lines = "\n".join(" ".join(puzzle[9 * r: 9 * r + 9]) for r in range(9)) + "\n"
+    assert len(lines) > 81 and lines.split() != [puzzle]
+    chat = httpx.post(default_server.base_url + "/chat/completions", timeout=300, json={
+        "model": EMBEDDED_SERVED_NAME, "messages": [{"role": "user", "content": lines}], "max_tokens": 82, "seed": 3})
+    completion = httpx.post(default_server.base_url + "/completions", timeout=300, json={
+        "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "max_tokens": 82, "seed": 3})
+    assert chat.status_code == 200 and completion.status_code == 200, (chat.text, completion.text)
+    answer = chat.json()["choices"][0]["message"]["content"]
+    assert answer == completion.json()["choices"][0]["text"]
+    assert chat.json()["usage"]["prompt_tokens"] == completion.json()["usage"]["prompt_tokens"]
+    assert generator.is_solved(answer[:81], puzzle)  # an easy puzzle: the grid was read, not noise
