@@ -12,6 +12,34 @@ from engine.loader import load_model
 POISON = 200  # a byte token whose *encoder* embedding row is NaN in a poisoned checkpoint
 
 
+def untie_weights(model) -> None:
+    """Give every tied weight its own tensor (the lm head and the decoder's embedding, the encoder's
+    layers and the decoder's) and mark the config untied, so that one side can be changed alone.
+
+    ``save_pretrained`` writes a tied weight once; with ``tie_word_embeddings=False`` the loader would
+    then find the encoder's weights missing and initialise them at random. Cloned first, every weight
+    is written and loads back as it was (``save_untied`` checks)."""
+    model.config.tie_word_embeddings = False
+    seen = set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) in seen:
+                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+            else:
+                seen.add(id(param))
+
+
+def save_untied(model, path, dtype) -> None:
+    """``save_pretrained`` a model changed after ``untie_weights``; checks every weight loads back."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    model.save_pretrained(path)
+    _, info = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    assert not any(info.values()), info
+
+
 def build_poisoned_checkpoint(path):
     """A real float64 tiny checkpoint with untied embeddings and one NaN row (``POISON``) in the
     encoder's table: any prompt containing that token fills its own KV with NaN and gets non-finite
@@ -22,12 +50,10 @@ def build_poisoned_checkpoint(path):
 
     path = build_tiny_checkpoint(path, TinySpec(dtype=torch.float64))
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
-    model.config.tie_word_embeddings = False
-    table = model.model.encoder.language_model.embed_tokens
-    weight = table.weight.detach().clone()
-    weight[POISON] = float("nan")
-    table.weight = torch.nn.Parameter(weight)
-    model.save_pretrained(path)
+    untie_weights(model)
+    with torch.no_grad():
+        model.model.encoder.language_model.embed_tokens.weight[POISON] = float("nan")
+    save_untied(model, path, torch.float64)
     return path
 
 
@@ -39,6 +65,12 @@ def make_core(path, **overrides) -> EngineCore:
 def reference_tokens(model, prompt: list[int], seed: int, params: SamplingParams) -> list[int]:
     """What ``model.generate`` gives at batch 1 after ``torch.manual_seed(seed)``, trimmed like the server:
     the first ``max_tokens`` tokens, cut after the first eos (the reference pads after it)."""
+    return reference_run(model, prompt, seed, params)[0]
+
+
+def reference_run(model, prompt: list[int], seed: int, params: SamplingParams) -> tuple[list[int], int | None]:
+    """``reference_tokens`` and the number of decoder passes ``generate`` ran for the request (from its
+    ``tokens_per_forward``, generated non-pad tokens per pass; None when it generated only pads)."""
     kwargs = dict(max_new_tokens=params.max_tokens)
     for name in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
         if getattr(params, name) is not None:
@@ -48,13 +80,17 @@ def reference_tokens(model, prompt: list[int], seed: int, params: SamplingParams
     if params.eos_token_ids is not None:
         kwargs["eos_token_id"] = list(params.eos_token_ids)
     torch.manual_seed(seed)
-    out = model.generate(torch.tensor([prompt], device=model.device), **kwargs).sequences[0, len(prompt):].tolist()
-    out = out[: params.max_tokens]
+    result = model.generate(torch.tensor([prompt], device=model.device), **kwargs)
+    generated = result.sequences[0, len(prompt):]
+    non_pad = int((generated != model.generation_config.pad_token_id).sum())
+    per_pass = float(result.tokens_per_forward[0])
+    passes = round(non_pad / per_pass) if per_pass > 0 else None
+    out = generated.tolist()[: params.max_tokens]
     eos = set(params.eos_token_ids if params.eos_token_ids is not None else model.generation_config.eos_token_id)
     for i, tok in enumerate(out):
         if tok in eos:
-            return out[: i + 1]
-    return out
+            return out[: i + 1], passes
+    return out, passes
 
 
 def run_to_completion(core: EngineCore, requests, arrivals: dict | None = None):
