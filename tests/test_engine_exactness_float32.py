@@ -1,0 +1,152 @@
+"""Exactness against transformers' generate in the dtype users run (float32 on CPU, the default), on
+models sharp enough that the entropy bound and the stopping rule decide the tokens.
+
+test_engine_exactness.py checks float64 on the random tiny model, whose near-flat logits let several
+parameter sets accept one position or all of them whatever the entropies are. Here:
+
+- a tiny model with its tied embedding scaled by 40 (logits 40 times sharper): the parameter sets
+  below each change generate's tokens or pass count when one of the bound, k or the confidence
+  threshold changes (``test_the_parameters_decide_on_the_sharp_model``), and the engine matches
+  generate's tokens and its number of decoder passes under every one of them;
+- the embedded Sudoku model (trained, sharp), with its own defaults: canvases stop early on
+  stability and confidence, with generate's tokens and pass counts;
+- the random tiny model in float32 (what the server tests serve).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import EngineCore, EngineSettings, SamplingParams
+from engine.loader import load_model
+from tests.engine_helpers import reference_run, run_to_completion
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+SHARPNESS = 40.0
+
+
+def make_default_core(path, **overrides) -> EngineCore:
+    """An engine with the default settings (dtype auto: float32 on CPU)."""
+    settings = EngineSettings(model=str(path), **overrides)
+    assert settings.dtype == "auto"
+    core = EngineCore(load_model(settings), settings)
+    assert core.loaded.dtype == torch.float32
+    return core
+
+
+def check_against_generate(core, prompt, params: SamplingParams, seed: int) -> dict:
+    """The engine's tokens and decoder passes for one request equal generate's; returns the engine's result."""
+    resolved = core.resolve(prompt, params)
+    expected, passes = reference_run(core.loaded.model, prompt, seed, resolved)
+    got = run_to_completion(core, [("r", prompt, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
+    assert got["tokens"] == expected
+    assert got["outputs"][-1].num_denoising_steps == passes
+    ends_in_eos = bool(expected) and expected[-1] in set(resolved.eos_token_ids or ())
+    assert got["finish_reason"] == ("stop" if ends_in_eos else "length")
+    return got
+
+
+# -- a sharp tiny model -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharp_core(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("sharp32"), TinySpec())
+    weights = load_file(path / "model.safetensors")
+    weights["model.decoder.embed_tokens.weight"] *= SHARPNESS  # tied: the lm head's logits too
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return make_default_core(path, max_num_seqs=4)
+
+
+# near-greedy temperatures let drafts settle, so stability (k) and confidence both decide when a canvas stops
+SETTLING = dict(max_tokens=40, max_denoising_steps=12, t_max=0.05, t_min=0.02)
+SHARP_PARAMS = {
+    "defaults": SamplingParams(max_tokens=40),
+    "k1-conf0.005-bound0.1": SamplingParams(**SETTLING, stability_threshold=1, confidence_threshold=0.005,
+                                            entropy_bound=0.1),
+    "k1-conf0.1-bound2": SamplingParams(**SETTLING, stability_threshold=1, confidence_threshold=0.1, entropy_bound=2.0),
+    "k2-conf0.1-warmer": SamplingParams(max_tokens=40, max_denoising_steps=12, t_max=0.2, t_min=0.1,
+                                        stability_threshold=2, confidence_threshold=0.1, entropy_bound=0.1),
+    "k0-conf0.5-bound8": SamplingParams(max_tokens=40, max_denoising_steps=12, stability_threshold=0,
+                                        confidence_threshold=0.5, entropy_bound=8.0),
+}
+PROMPTS = {"short": "hello world",
+           "long": "The quick brown fox jumps over the lazy dog; the sliding window is 24 tokens wide."}
+
+
+@pytest.mark.parametrize("name", list(SHARP_PARAMS))
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sharp_model_matches_generate(sharp_core, name, prompt, seed):
+    prompt_ids = sharp_core.loaded.tokenizer(PROMPTS[prompt]).input_ids
+    check_against_generate(sharp_core, prompt_ids, SHARP_PARAMS[name], seed)
+
+
+def _generate(core, params: SamplingParams, seed: int):
+    prompt = core.loaded.tokenizer(PROMPTS["short"]).input_ids
+    tokens, passes = reference_run(core.loaded.model, prompt, seed, core.resolve(prompt, params))
+    return tokens, passes
+
+
+def test_the_parameters_decide_on_the_sharp_model(sharp_core):
+    """On this model a wrong entropy or stopping rule would show: changing only the entropy bound, only
+    k, or only the confidence threshold changes generate's tokens or pass count for some seed, and
+    canvases stop before max_denoising_steps."""
+    base = SHARP_PARAMS["k1-conf0.005-bound0.1"]
+    seeds = (0, 1, 2)
+    runs = {seed: _generate(sharp_core, base, seed) for seed in seeds}
+    for change in (dict(entropy_bound=2.0), dict(stability_threshold=2), dict(confidence_threshold=0.1)):
+        changed = SamplingParams(**{**base.__dict__, **change})
+        assert any(_generate(sharp_core, changed, seed) != runs[seed] for seed in seeds), change
+    canvases = 3  # 40 tokens in canvases of 16
+    assert all(passes < canvases * base.max_denoising_steps for _, passes in runs.values()), runs
+    # and the bound is not all-or-nothing here: four bounds, four different outputs
+    outputs = {bound: _generate(sharp_core, SamplingParams(**{**base.__dict__, "entropy_bound": bound}), 0)[0]
+               for bound in (0.01, 0.1, 1.0, 4.0)}
+    assert len({tuple(v) for v in outputs.values()}) == 4, outputs
+
+
+def test_sharp_model_batched_gives_the_solo_tokens(sharp_core):
+    """Batch invariance in float32: every parameter set and prompt in one batch, staggered."""
+    tok = sharp_core.loaded.tokenizer
+    requests = [(f"{name}/{prompt}", tok(text).input_ids, SamplingParams(**{**params.__dict__, "seed": 3}))
+                for name, params in SHARP_PARAMS.items() for prompt, text in PROMPTS.items()]
+    alone = {rid: run_to_completion(sharp_core, [(rid, p, sp)])[rid]["tokens"] for rid, p, sp in requests}
+    mixed = run_to_completion(sharp_core, requests, arrivals={rid: i % 4 for i, (rid, _, _) in enumerate(requests)})
+    assert {rid: r["tokens"] for rid, r in mixed.items()} == alone
+
+
+# -- the random tiny model, float32 -----------------------------------------------------------------
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=16),
+    SamplingParams(max_tokens=53, max_denoising_steps=5, entropy_bound=0.5, t_min=0.2, t_max=1.5),
+    SamplingParams(max_tokens=33, max_denoising_steps=6, stability_threshold=0, confidence_threshold=100.0),
+], ids=["max16", "max53-N5", "max33-k0"])
+def test_random_tiny_model_in_float32_matches_generate(tiny32_core, params):
+    for seed in (0, 7):
+        check_against_generate(tiny32_core, tiny32_core.loaded.tokenizer(PROMPTS["long"]).input_ids, params, seed)
+
+
+@pytest.fixture(scope="module")
+def tiny32_core(tmp_path_factory):
+    return make_default_core(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny32"), TinySpec()))
+
+
+# -- the embedded Sudoku model ----------------------------------------------------------------------
+
+def test_embedded_model_matches_generate_and_stops_early():
+    from server.default_model import embedded_model_dir
+    from tools.sudoku.common import BUCKETS, EVAL_SEED, eval_set
+
+    core = make_default_core(embedded_model_dir())
+    puzzles = eval_set(3, seed=EVAL_SEED, buckets=[BUCKETS[1]])[BUCKETS[1][0]]
+    steps = []
+    for seed, (puzzle, _solution) in enumerate(puzzles):
+        prompt = core.loaded.tokenizer(puzzle).input_ids
+        got = check_against_generate(core, prompt, SamplingParams(), seed)  # the checkpoint's defaults
+        steps.append(got["outputs"][-1].num_denoising_steps)
+    # one canvas each, stopped by stability and confidence before the 32-step cap
+    assert all(1 < s < core.defaults.max_denoising_steps for s in steps), steps
