@@ -189,6 +189,64 @@ def check_outputs_alone(base_url: str, model_name: str, args, level: int, items,
             "characters": sum(len(under_load[it.seed]) for it in sample)}
 
 
+def serve_levels(args, levels, model, model_name, out, workload, warm, workloads, runs, result, save,
+                 sampler) -> None:
+    """Start the server (unless ``--url``), run every level's workload against it (the same workloads
+    for every sampler: ``workloads`` keeps them), and stop it. Appends to ``runs``."""
+    proc = None
+    base_url = args.url
+    suffix = f"-{sampler}" if sampler else ""
+    if base_url is None:
+        port = free_port()
+        server_args = args.server_arg + ([f"--sampler={sampler}"] if sampler else [])
+        proc = start_server(model, port, args.threads, max(levels), server_args, out / f"server{suffix}.log")
+        base_url = f"http://127.0.0.1:{port}/v1"
+    level_results = {}
+    label = f" ({sampler} sampler)" if sampler else ""
+    try:
+        if warm:
+            asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
+                                 api_key=args.api_key, seed=args.seed, drafts=args.drafts))
+        for level in levels:
+            if level not in workloads:
+                workloads[level] = workload(args.requests_per_level or max(16, args.requests_per_slot * level),
+                                            args.seed + level)
+            items = workloads[level]
+            before = scrape(base_url)
+            results, wall = asyncio.run(run_load(base_url, model_name, items, concurrency=level,
+                                                 request_rate=args.request_rate, api_key=args.api_key, seed=args.seed,
+                                                 drafts=args.drafts))
+            after = scrape(base_url)
+            run = summarize(results, wall, before, after, level, proc.pid if proc else None)
+            if sampler:
+                run["sampler"] = sampler
+            runs.append(run)
+            save()
+            p50 = "n/a" if run["latency_p50"] is None else f"{run['latency_p50']:.2f}s"
+            print(f"concurrency {level}{label}: {run['tokens_per_s']:.0f} tok/s, {run['requests_ok']}/{run['requests']} "
+                  f"ok, p50 {p50}", flush=True)
+            for error in dict.fromkeys(run["errors"]):  # the first failures, once each
+                print(f"  failed: {error}", flush=True)
+            level_results[level] = results
+        if args.check_outputs and any(level > 1 for level in levels):
+            check = check_outputs_alone(base_url, model_name, args, max(levels), workloads[max(levels)],
+                                        level_results[max(levels)])
+            if sampler:
+                result.setdefault("outputs_alone_by_sampler", {})[sampler] = check
+            else:
+                result["outputs_alone"] = check
+            save()
+            print(f"outputs at concurrency {check['concurrency']}{label} identical to the same requests sent alone: "
+                  f"{check['identical']}/{check['checked']}", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint to serve and to run the baselines on (default: the tiny bench model)")
@@ -210,6 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra flag for the started server, repeatable (e.g. --server-arg=--quantization=fp8-experts)")
+    ap.add_argument("--sampler", action="append", choices=["reference", "fast"], default=None,
+                    help="the server's --sampler; repeat to run every level once per sampler in this invocation "
+                         "(default: the server's default sampler)")
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed requests sent before the first level, and untimed generate calls before each "
                          "baseline (CUDA context, kernels and allocator warm-up stay out of the numbers)")
@@ -267,49 +328,9 @@ def main(argv=None) -> int:
         (out / "bench.json").write_text(json.dumps(result, indent=2))
         (out / "bench.md").write_text(markdown(result))
 
-    proc = None
-    base_url = args.url
-    if base_url is None:
-        port = free_port()
-        proc = start_server(model, port, args.threads, max(levels), args.server_arg, out / "server.log")
-        base_url = f"http://127.0.0.1:{port}/v1"
     workloads = {}
-    level_results = {}
-    try:
-        if warm:
-            asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
-                                 api_key=args.api_key, seed=args.seed, drafts=args.drafts))
-        for level in levels:
-            items = workload(args.requests_per_level or max(16, args.requests_per_slot * level), args.seed + level)
-            workloads[level] = items
-            before = scrape(base_url)
-            results, wall = asyncio.run(run_load(base_url, model_name, items, concurrency=level,
-                                                 request_rate=args.request_rate, api_key=args.api_key, seed=args.seed,
-                                                 drafts=args.drafts))
-            after = scrape(base_url)
-            run = summarize(results, wall, before, after, level, proc.pid if proc else None)
-            runs.append(run)
-            save()
-            p50 = "n/a" if run["latency_p50"] is None else f"{run['latency_p50']:.2f}s"
-            print(f"concurrency {level}: {run['tokens_per_s']:.0f} tok/s, {run['requests_ok']}/{run['requests']} ok, "
-                  f"p50 {p50}", flush=True)
-            for error in dict.fromkeys(run["errors"]):  # the first failures, once each
-                print(f"  failed: {error}", flush=True)
-            level_results[level] = results
-        if args.check_outputs and any(level > 1 for level in levels):
-            result["outputs_alone"] = check_outputs_alone(base_url, model_name, args, max(levels),
-                                                          workloads[max(levels)], level_results[max(levels)])
-            save()
-            c = result["outputs_alone"]
-            print(f"outputs at concurrency {c['concurrency']} identical to the same requests sent alone: "
-                  f"{c['identical']}/{c['checked']}", flush=True)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    for sampler in args.sampler or [None]:  # the same workloads against each sampler's server
+        serve_levels(args, levels, model, model_name, out, workload, warm, workloads, runs, result, save, sampler)
 
     if not args.no_baselines:
         import torch
@@ -329,7 +350,7 @@ def main(argv=None) -> int:
         # at a time and in static batches of the level's size (at concurrency 1 the two are the same)
         baselines["one_at_a_time"] = {}
         baselines["static_batch"] = {}
-        for level, run in zip(levels, runs):
+        for level in levels:
             alone = one_at_a_time(baseline_model, workloads[level], pad_id)
             baselines["one_at_a_time"][str(level)] = alone
             line = f"baseline for concurrency {level}: one at a time {alone['tokens_per_s']:.0f} tok/s"
@@ -338,8 +359,10 @@ def main(argv=None) -> int:
                 static = baselines["static_batch"][str(level)] = static_batches(baseline_model, workloads[level],
                                                                                level, pad_id)
                 line += f", static batch {static['tokens_per_s']:.0f} tok/s"
-            run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / alone["tokens_per_s"]
-            run["ratio_vs_static_batch"] = run["tokens_per_s"] / static["tokens_per_s"]
+            for run in runs:  # every sampler's run of this level
+                if run["concurrency"] == level:
+                    run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / alone["tokens_per_s"]
+                    run["ratio_vs_static_batch"] = run["tokens_per_s"] / static["tokens_per_s"]
             print(line, flush=True)
             save()  # a run cut short keeps the ratios of its finished levels
 

@@ -43,16 +43,18 @@ def step_key(seed: int, canvas: int, step: int, purpose: int) -> tuple[int, int]
     return z & MASK32, z >> 32
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective mix of 32-bit values held in int64 tensors (``x`` in [0, 2**32))."""
-    x = (((x >> 16) ^ x) * MIX_MULTIPLIER) & MASK32
-    x = (((x >> 16) ^ x) * MIX_MULTIPLIER) & MASK32
-    return (x >> 16) ^ x
+def mix32_(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in an int64 tensor (``x`` in [0, 2**32)), in place."""
+    shifted = torch.empty_like(x)
+    for _ in range(2):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=shifted)).mul_(MIX_MULTIPLIER).bitwise_and_(MASK32)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=shifted))
 
 
 def values(counters: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """32-bit random values (int64) for int64 ``counters`` [..., n] under per-row ``keys`` [..., 2]."""
-    return mix32(mix32(counters ^ keys[..., 0:1]) ^ keys[..., 1:2])
+    x = mix32_(counters ^ keys[..., 0:1])
+    return mix32_(x.bitwise_xor_(keys[..., 1:2]))
 
 
 def gumbel(bits: torch.Tensor) -> torch.Tensor:
@@ -60,10 +62,11 @@ def gumbel(bits: torch.Tensor) -> torch.Tensor:
     c, E is its series c + c^2/2 + c^3/3 + c^4/4 (exact to float32 there), so the smallest c, 2**-33,
     gives noise of about 22.9 (a 24-bit uniform through log(u) would stop near 16.6). Only basic
     operations, so that a Triton kernel computes the same formula."""
-    c = ((bits.to(torch.float32) + 0.5) * INV_2_32).clamp_(max=C_MAX)
-    series = c * (1 + c * (0.5 + c * (1 / 3 + c * 0.25)))
-    exponential = torch.where(c < SERIES_BELOW, series, torch.log(1 - c).neg_())
-    return exponential.log_().neg_()
+    c = bits.to(torch.float32).add_(0.5).mul_(INV_2_32).clamp_(max=C_MAX)
+    series = torch.mul(c, 0.25).add_(1 / 3).mul_(c).add_(0.5).mul_(c).add_(1).mul_(c)  # c(1 + c(1/2 + c(1/3 + c/4)))
+    small = c < SERIES_BELOW
+    exponential = torch.rsub(c, 1).log_().neg_()  # -log(1 - c)
+    return exponential.where(~small, series).log_().neg_()
 
 
 def uniform_tokens(seed_keys: torch.Tensor, length: int, vocab_size: int) -> torch.Tensor:

@@ -30,11 +30,13 @@ from .counter_rng import GUMBEL, INITIAL_CANVAS, RENOISE, gumbel, step_key, unif
 from .schedule import step_temperature
 
 BLOCK_MAX = 1024  # tokens per statistics block (smaller vocabularies: the next power of two)
-VOCAB_CHUNK = 8192  # tokens per lm-head chunk by default (a power-of-two number of blocks)
-# fp32 [rows, canvas, chunk] tensors alive at once in one chunk: the scaled logits, the Gumbel noise
-# (then the perturbed logits), the exponentials, their products with (s - m), and the weights of the
-# soft-embedding product
-CHUNK_FP32_COPIES = 5
+# tokens per lm-head chunk by default (a power-of-two number of blocks): the PyTorch statistics keep
+# many [rows, canvas, chunk] temporaries, the Triton kernel two
+VOCAB_CHUNK = {"torch": 2048, "triton": 16384}
+# the peak per canvas position and chunk token, in float32 copies of a chunk (bench.sampler_memory
+# measures it): the PyTorch statistics' temporaries (logits, int64 counters and their mix, the noise's
+# terms, exponentials) as the allocator holds them; the kernel's input, exponentials and product weights
+CHUNK_FP32_COPIES = {"torch": 26, "triton": 3}
 
 _FMIN = torch.finfo(torch.float32).min
 
@@ -147,7 +149,7 @@ class FastSampler:
     name = "fast"
 
     def __init__(self, model, device: torch.device, *, tile_bytes: int, max_num_seqs: int,
-                 vocab_chunk: int = VOCAB_CHUNK, block: int | None = None, stats=None):
+                 vocab_chunk: int | None = None, block: int | None = None, stats=None):
         """``block`` (a power of two; default ``block_width``) fixes the reduction tree, hence the bits
         of the entropies; ``vocab_chunk`` (a power-of-two multiple of it) only sets the memory and speed.
         ``stats``: the ``block_stats`` implementation (the Triton kernel on CUDA)."""
@@ -161,9 +163,10 @@ class FastSampler:
         self.softcap = text.final_logit_softcapping
         self.lm_head = model.lm_head
         self.embed = model.model.decoder.embed_tokens
-        self.block = block or block_width(self.vocab_size)
-        self.chunk = chunk_width(self.vocab_size, vocab_chunk, self.block)
         self.block_stats = stats or block_stats
+        self.kind = "torch" if self.block_stats is block_stats else "triton"
+        self.block = block or block_width(self.vocab_size)
+        self.chunk = chunk_width(self.vocab_size, vocab_chunk or VOCAB_CHUNK[self.kind], self.block)
         per_row = self._row_bytes()
         self.rows_per_tile = max(1, min(max_num_seqs, tile_bytes // per_row))
         self._seeds: dict[str, int] = {}
@@ -171,7 +174,8 @@ class FastSampler:
 
     def _row_bytes(self) -> int:
         C = self.canvas_length
-        return 4 * C * (CHUNK_FP32_COPIES * self.chunk + 2 * self.hidden_size)  # + the soft accumulator and its update
+        # + the soft accumulator and its update
+        return 4 * C * (CHUNK_FP32_COPIES[self.kind] * self.chunk + 2 * self.hidden_size)
 
     # -- per-request random state ------------------------------------------------------------------
     def add(self, request_id: str, seed: int) -> None:
