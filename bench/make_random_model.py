@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--config-only", action="store_true",
+                    help="write the config, generation config and tokenizer but no weights: serve the folder "
+                         "with --load-format dummy (random weights built on the device at start-up)")
     args = ap.parse_args(argv)
 
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
@@ -46,17 +49,24 @@ def main(argv=None) -> int:
     text.update(pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
     config = DiffusionGemmaConfig(**data)
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = DiffusionGemmaForBlockDiffusion(config).to(dtype)
-    model.generation_config = DiffusionGemmaGenerationConfig(
+    generation = DiffusionGemmaGenerationConfig(
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1), max_denoising_steps=48, t_min=0.4, t_max=0.8,
         stability_threshold=1, confidence_threshold=0.005, max_new_tokens=256, eos_token_id=[EOS_ID],
         pad_token_id=PAD_ID, bos_token_id=BOS_ID,
     )
     out = Path(args.out)
-    model.save_pretrained(out)
     build_byte_tokenizer().save_pretrained(out)
+    if args.config_only:
+        config.dtype = dtype
+        config.save_pretrained(out)
+        generation.save_pretrained(out)
+        print(f"wrote {out}: config only ({args.layers} layers, {args.dtype}); serve it with --load-format dummy")
+        return 0
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = DiffusionGemmaForBlockDiffusion(config).to(dtype)
+    model.generation_config = generation
+    model.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: {n / 1e9:.2f} B parameters, {args.layers} layers, {args.dtype}")
     return 0

@@ -63,13 +63,14 @@ class _PassTimer:
 def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool,
         compare_sequential: bool = False, device_profile: bool = False, warmup: int = 0,
         cuda_graph_max_batch: int | None = None, quantization: str = "none",
-        experts_implementation: str | None = None) -> dict:
+        experts_implementation: str | None = None, sampler: str | None = None, load_format: str = "auto") -> dict:
     """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
     (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
     see the same mix of batches, encoder work and machine state; the throughput covers both)."""
     torch.set_num_threads(threads)
     settings = EngineSettings(model=model, max_num_seqs=concurrency, cuda_graph_max_batch=cuda_graph_max_batch,
-                              quantization=quantization, experts_implementation=experts_implementation)
+                              quantization=quantization, experts_implementation=experts_implementation,
+                              sampler=sampler, load_format=load_format)
     if device_profile and torch.cuda.is_available():
         # graphs captured before the profiler starts and replayed under it need this first (torch#100441)
         from torch.profiler._utils import _init_for_cuda_graphs
@@ -77,7 +78,8 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         _init_for_cuda_graphs()
     timer = _PassTimer()
     core = EngineCore(load_model(settings), settings, timer)
-    overlap = core.runner.sampler.overlap_entropy  # False where there is no worker thread (CUDA)
+    # False where there is no worker thread (CUDA), and for the fast sampler (nothing to overlap)
+    overlap = getattr(core.runner.sampler, "overlap_entropy", False)
     cfg = core.loaded.model.config
     items = make_workload(requests, seed=1, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
                           max_denoising_steps=steps)
@@ -204,12 +206,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quantization", default="none", help="the engine setting: none, fp8-experts or int8-experts")
     ap.add_argument("--experts-implementation", default=None,
                     help="transformers' MoE experts implementation (eager, grouped_mm, ...; default: the engine's)")
+    ap.add_argument("--sampler", default=None, choices=["reference", "fast"], help="the engine setting")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="the engine setting")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
         res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
                   args.compare_sequential, args.device_profile, args.warmup, args.cuda_graph_max_batch, args.quantization,
-                  args.experts_implementation)
+                  args.experts_implementation, args.sampler, args.load_format)
         _print(res, model, args.model is None)
     return 0
 

@@ -199,6 +199,7 @@ def serve_levels(args, levels, model, model_name, out, workload, warm, workloads
     if base_url is None:
         port = free_port()
         server_args = args.server_arg + ([f"--sampler={sampler}"] if sampler else [])
+        server_args += [f"--load-format={args.load_format}"] if args.load_format != "auto" else []
         proc = start_server(model, port, args.threads, max(levels), server_args, out / f"server{suffix}.log")
         base_url = f"http://127.0.0.1:{port}/v1"
     level_results = {}
@@ -268,6 +269,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra flag for the started server, repeatable (e.g. --server-arg=--quantization=fp8-experts)")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                    help="the engine setting, for the server and the baselines (dummy: random weights built on the "
+                         "device from --model's config; see bench.make_random_model --config-only)")
     ap.add_argument("--sampler", action="append", choices=["reference", "fast"], default=None,
                     help="the server's --sampler; repeat to run every level once per sampler in this invocation "
                          "(default: the server's default sampler)")
@@ -342,7 +346,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
         # same loading path, dtype and device as the server (bf16 on CUDA, fp32 on CPU)
-        baseline_model = load_model(EngineSettings(model=model)).model
+        baseline_model = load_model(EngineSettings(model=model, load_format=args.load_format)).model
         if warm:
             one_at_a_time(baseline_model, warm, pad_id)
             static_batches(baseline_model, warm, len(warm), pad_id)

@@ -73,6 +73,22 @@ def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
     )
 
 
+def _dummy_model(path: str, device: torch.device, kwargs: dict):
+    """``load_format=dummy``: the folder's config with random weights, initialised on ``device``
+    (no weight file is read or needed), and its generation config when it has one."""
+    from transformers import AutoConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device(device):
+        model = DiffusionGemmaForBlockDiffusion._from_config(config, **kwargs)
+    try:
+        model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(path)
+    except OSError:
+        pass  # transformers' defaults
+    return model
+
+
 def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
     quiet_torchao_import_noise()
@@ -91,11 +107,14 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     quantization = quantization_config(settings.quantization)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    if device.type != "cpu":
-        kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy
     if experts is not None:
         kwargs["experts_implementation"] = experts
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.model, **kwargs)
+    if settings.load_format == "dummy":
+        model = _dummy_model(settings.model, device, kwargs)
+    else:
+        if device.type != "cpu":
+            kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.model, **kwargs)
     model.to(device)  # a no-op when device_map already placed it
     model.eval()
     model.requires_grad_(False)

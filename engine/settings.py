@@ -13,6 +13,7 @@ from dataclasses import MISSING, Field, dataclass, field
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATION_METHODS = ("none", "fp8-experts", "int8-experts")
 SAMPLERS = ("reference", "fast")  # engine.sampling
+LOAD_FORMATS = ("auto", "dummy")  # engine.loader
 
 
 def setting(default, help: str, *, default_text: str | None = None, flag: str | None = None,
@@ -68,6 +69,10 @@ class EngineSettings:
     max_encoder_tokens: int = setting(
         2048, "Padded tokens in one batched encoder call (prefill and commits): requests are grouped under it, "
         "and a longer prompt is prefilled in chunks of this size.", cli=False)
+    load_format: str = setting(
+        "auto", "How the weights load: auto (the checkpoint's weight files) or dummy (random weights built "
+        "directly on the device from the folder's config.json, for benchmarks of a model's shape without "
+        "its weights; outputs are noise).")
     # engine.sampling: the default is engine.sampling.default_sampler
     sampler: str | None = setting(
         None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "
@@ -124,6 +129,10 @@ class EngineSettings:
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)} (got {self.load_format!r})")
+        if self.load_format == "dummy" and self.quantization != "none":
+            raise ValueError("load_format dummy builds unquantized weights: use quantization none")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler!r})")
         if self.quantization not in QUANTIZATION_METHODS:
