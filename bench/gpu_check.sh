@@ -6,6 +6,9 @@
 #   bash bench/gpu_check.sh                      # every step
 #   bash bench/gpu_check.sh tests model bench    # some steps, in this order
 #
+# Sampler steps (issue: the fast sampler): sampler-tests, samplers (4-layer shape), samplers-full (the
+# full 30-layer shape from its config alone, --load-format dummy: no 50 GB written), sampler-profile.
+#
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
 # CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it).
 set -uo pipefail
@@ -13,6 +16,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results-gpu}"
 PY="${PYTHON:-python}"
 MODEL_DIR="${MODEL_DIR:-/tmp/dg-shape}"
+FULL_DIR="${FULL_DIR:-/tmp/dg-shape-full}"  # config only: served with --load-format dummy
 DEADLINE="${DEADLINE:-$(( $(date +%s) + 86400 ))}"
 mkdir -p "$OUT"
 
@@ -63,6 +67,30 @@ for step in "${steps[@]}"; do
     eager-bench)
             run 200 "$PY" -m bench.run "${bench_args[@]}" --no-baselines \
               --server-arg=--cuda-graph-max-batch=0 --out "$OUT/bf16-eager" 2>&1 | tee "$OUT/bench-eager.log" | tail -12 ;;
+    # the fast sampler's CUDA tests: the Triton kernel against its PyTorch spec, rows independent of the batch
+    sampler-tests)
+            run 120 "$PY" -m pytest -q tests/test_sampler_cuda.py tests/test_sampler_fast.py 2>&1 | tail -8 \
+              | tee "$OUT/sampler-tests.txt" ;;
+    # each sampler on the 4-layer shape, same workloads in one invocation (tok/s, server GPU memory)
+    samplers)
+            run 300 "$PY" -m bench.run "${bench_args[@]}" --concurrency "${CONCURRENCY:-1,4,16,32}" \
+              --sampler reference --sampler fast --no-baselines --out "$OUT/samplers" 2>&1 \
+              | tee "$OUT/bench-samplers.log" | tail -14 ;;
+    # the full-depth shape (30 layers, bf16, about 52 GB of random weights built on the GPU)
+    samplers-full)
+            run 60 "$PY" -m bench.make_random_model --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
+            run 420 "$PY" -m bench.run "${bench_args[@]}" --model "$FULL_DIR" --load-format dummy \
+              --concurrency "${CONCURRENCY:-1,16,32}" --sampler reference --sampler fast --no-baselines \
+              --check-outputs 0 --out "$OUT/samplers-full" 2>&1 | tee "$OUT/bench-samplers-full.log" | tail -12 ;;
+    # kernel time per pass with each sampler (decoder, lm head and sampler split by the top operators)
+    sampler-profile)
+            for sampler in reference fast; do
+              for c in 1 16; do
+                run 100 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency $c --requests $((c * 3)) \
+                  --steps 12 --warmup 2 --threads 4 --device-profile --sampler $sampler 2>&1 \
+                  | grep -v "Loading weights" | tee "$OUT/profile-$sampler-c$c.txt" | sed -n 1,14p
+              done
+            done ;;
     *)      echo "unknown step: $step"; exit 2 ;;
   esac
 done
