@@ -1,0 +1,107 @@
+"""The KV budget derived from the memory free at start-up (``derive_kv_budget``), and what it means for
+the engine: an engine whose budget cannot hold one request refuses to start, and one with room for
+every row at the longest length runs max_num_seqs such requests at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import EngineCore, EngineSettings, SamplingParams
+from engine.kv_budget import kv_reservation
+from engine.loader import load_model
+from engine.memory import MemoryPlan, derive_kv_budget
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+MIB = 2**20
+CPU = __import__("torch").device("cpu")
+
+
+def mem_available() -> int:
+    """The host's available memory (what the engine budgets from on CPU), read independently."""
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+def budget_within(plan: MemoryPlan, fraction: float, max_num_seqs: int, max_model_len: int,
+                  fixed_bytes: int) -> tuple[int, int, int]:
+    """(budget, lowest, highest): the derived budget and the budgets that the available memory read just
+    before and just after the call allow: the largest number of token slots whose bytes, with
+    ``fixed_bytes``, fit in ``fraction`` of it. Other processes on a shared machine allocate and free
+    memory meanwhile; 64 MiB of slack either side covers that (each token here costs 1 MiB or more, so
+    the slack is a few dozen tokens out of thousands)."""
+    per_token = plan.kv_bytes_per_token + 2 * plan.layer_kv_bytes_per_token
+    before = mem_available()
+    budget = derive_kv_budget(plan, CPU, fraction=fraction, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    after = mem_available()
+    lowest = max(0, (int(min(before, after) * fraction) - 64 * MIB - fixed_bytes) // per_token)
+    highest = max(0, (int(max(before, after) * fraction) + 64 * MIB - fixed_bytes) // per_token)
+    return budget, lowest, highest
+
+
+PLAN = MemoryPlan(kv_bytes_per_token=MIB, layer_kv_bytes_per_token=0, sliding_kv_bytes_per_request=0,
+                  state_bytes_per_request=0, sampling_transient_bytes=0, decoder_transient_bytes=0)
+UNCAPPED = dict(max_num_seqs=4, max_model_len=10**9)
+
+
+def test_budget_is_the_token_slots_that_fit_in_the_memory_fraction():
+    assert mem_available() > 2**30, "this test needs 1 GiB of available memory"
+    budget, lowest, highest = budget_within(PLAN, 0.5, fixed_bytes=0, **UNCAPPED)
+    assert lowest <= budget <= highest and budget > 256
+    small, lowest, highest = budget_within(PLAN, 0.25, fixed_bytes=0, **UNCAPPED)  # half the fraction
+    assert lowest <= small <= highest
+
+
+def test_the_transients_and_the_per_request_state_come_off_first():
+    """Two more layers' worth per token slot (attention works on a copy of one layer), the sampling,
+    decoder and dequantization transients once, sliding-window KV twice and the state once per row."""
+    plan = MemoryPlan(kv_bytes_per_token=MIB, layer_kv_bytes_per_token=MIB // 4, sliding_kv_bytes_per_request=3 * MIB,
+                      state_bytes_per_request=5 * MIB, sampling_transient_bytes=100 * MIB,
+                      decoder_transient_bytes=50 * MIB, expert_dequant_bytes=7 * MIB)
+    fixed = 100 * MIB + 50 * MIB + 7 * MIB + 4 * (2 * 3 * MIB + 5 * MIB)
+    budget, lowest, highest = budget_within(plan, 0.5, fixed_bytes=fixed, **UNCAPPED)
+    assert lowest <= budget <= highest
+    # the same memory without the fixed costs and the layer copies holds strictly more
+    plain, _, _ = budget_within(PLAN, 0.5, fixed_bytes=0, **UNCAPPED)
+    assert plain - budget > plain // 3 - 128  # 1.5 MiB per slot instead of 1 MiB, and 201 MiB less
+
+
+def test_the_budget_is_capped_at_every_row_at_the_longest_length_and_never_negative():
+    tiny = MemoryPlan(kv_bytes_per_token=1, layer_kv_bytes_per_token=0, sliding_kv_bytes_per_request=0,
+                      state_bytes_per_request=0, sampling_transient_bytes=0, decoder_transient_bytes=0)
+    # 3 rows: the slot buffers hold 3 rows (the next power of two, capped at max_num_seqs) of 256 tokens
+    assert derive_kv_budget(tiny, CPU, fraction=1.0, max_num_seqs=3, max_model_len=256) == 3 * 256
+    assert derive_kv_budget(tiny, CPU, fraction=1.0, max_num_seqs=8, max_model_len=100) == 8 * 100
+    huge = MemoryPlan(kv_bytes_per_token=MIB, layer_kv_bytes_per_token=0, sliding_kv_bytes_per_request=0,
+                      state_bytes_per_request=0, sampling_transient_bytes=2**62, decoder_transient_bytes=0)
+    assert derive_kv_budget(huge, CPU, fraction=1.0, max_num_seqs=4, max_model_len=4096) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_memory"), TinySpec())
+
+
+def test_an_engine_whose_budget_cannot_hold_one_request_refuses_to_start(tiny_path):
+    settings = EngineSettings(model=str(tiny_path), memory_fraction=1e-9)
+    with pytest.raises(ValueError, match="cannot hold even a one-token prompt"):
+        EngineCore(load_model(settings), settings)
+
+
+def test_a_roomy_engine_runs_every_row_at_the_longest_length_at_once(tiny_path):
+    """On a host with far more memory than the tiny model needs, the derived budget is the cap: four
+    requests of nearly max_model_len tokens each are all admitted in the first pass."""
+    settings = EngineSettings(model=str(tiny_path), max_num_seqs=4, max_model_len=256)
+    core = EngineCore(load_model(settings), settings)
+    prompt = [7] * 200
+    params = SamplingParams(max_tokens=56, ignore_eos=True, max_denoising_steps=2, stream_drafts=True)
+    assert kv_reservation(len(prompt), 56, core.canvas_length) == 248  # close to max_model_len
+    for i in range(4):
+        core.add_request(f"r{i}", prompt, core.resolve(prompt, SamplingParams(**{**params.__dict__, "seed": i})))
+    first = core.step()
+    assert sorted(o.request_id for o in first if o.draft is not None) == ["r0", "r1", "r2", "r3"]
+    assert core.kv_usage == pytest.approx(4 * 248 / (4 * 256))
+    core.drain()
+    assert core.num_live_states() == 0
