@@ -10,10 +10,15 @@ def _ttfd(run: dict):
     return run["ttfd_p50"] if run.get("ttfd_p50") is not None else run.get("ttfd_server_mean")
 
 
+def _variant(run: dict) -> str | None:
+    """The server variant a run measured (``bench.run --sampler / --variant``), if any."""
+    return run.get("variant") or (f"{run['sampler']} sampler" if run.get("sampler") else None)
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     gpu = any(run.get("server_gpu_mib") is not None for run in result["runs"])
-    samplers = any(run.get("sampler") for run in result["runs"])
+    variants = any(_variant(run) for run in result["runs"])
     if result.get("server_url"):  # someone else's server: only the load generator's machine is known
         where = f"server: {result['server_url']} · load generated on: {m['description']}"
     else:
@@ -21,16 +26,16 @@ def markdown(result: dict) -> str:
     lines = [
         f"Model: `{result['model']}` · {where} · command: `{result['command']}`",
         "",
-        ("| sampler " if samplers else "") + "| concurrency | requests | committed tok/s | vs one-at-a-time | vs static batch | req/s | first draft (s) | "
+        ("| variant " if variants else "") + "| concurrency | requests | committed tok/s | vs one-at-a-time | vs static batch | req/s | first draft (s) | "
         "TTFT p50 (s) | e2e p50 / p90 / p99 (s) | steps/canvas | tok/step | decoder batch | server RSS peak (MiB) |"
         + (" server GPU memory (MiB) |" if gpu else ""),
-        ("|---" if samplers else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        ("|---" if variants else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for run in result["runs"]:
         def fmt(x, spec=".2f"):
             return "—" if x is None else format(x, spec)
         lines.append(
-            (f"| {run.get('sampler') or 'default'} " if samplers else "") +
+            (f"| {_variant(run) or 'default'} " if variants else "") +
             f"| {run['concurrency']} | {run['requests_ok']}/{run['requests']} | {run['tokens_per_s']:.0f} | "
             f"{fmt(run.get('ratio_vs_one_at_a_time'))}x | {fmt(run.get('ratio_vs_static_batch'))}x | "
             f"{run['requests_per_s']:.2f} | {fmt(_ttfd(run), '.3f')} | {fmt(run['ttft_p50'], '.3f')} | "
@@ -49,11 +54,11 @@ def markdown(result: dict) -> str:
             static = base.get("static_batch", {}).get(level)
             lines.append(f"| {level} | {alone['requests']} | {alone['tokens_per_s']:.0f} | "
                          f"{'—' if static is None else format(static['tokens_per_s'], '.0f')} |")
-    checks = dict(result.get("outputs_alone_by_sampler") or {})
+    checks = dict(result.get("outputs_alone_by_variant") or result.get("outputs_alone_by_sampler") or {})
     if result.get("outputs_alone"):
         checks[None] = result["outputs_alone"]
-    for sampler, check in checks.items():
-        which = f" ({sampler} sampler)" if sampler else ""
+    for variant, check in checks.items():
+        which = f" ({variant})" if variant else ""
         lines += ["", f"Outputs at concurrency {check['concurrency']}{which} identical to the same requests sent "
                       f"alone (same seeds, one at a time): {check['identical']}/{check['checked']}."]
     lines += ["", "first draft: client-side p50 with `--drafts`, otherwise the server's mean from "
@@ -70,12 +75,12 @@ def plot(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups: dict = {}  # one line per sampler (runs of one invocation may compare samplers)
+    groups: dict = {}  # one line per variant (runs of one invocation may compare server settings)
     for r in result["runs"]:
-        groups.setdefault(r.get("sampler"), []).append(r)
+        groups.setdefault(_variant(r), []).append(r)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for sampler, runs in groups.items():
-        suffix = f" ({sampler} sampler)" if sampler else ""
+    for variant, runs in groups.items():
+        suffix = f" ({variant})" if variant else ""
         ax1.plot([r["concurrency"] for r in runs], [r["tokens_per_s"] for r in runs], "o-",
                  label="engine via HTTP" + suffix)
     base = result.get("baselines", {})
@@ -92,9 +97,9 @@ def plot(result: dict, path: Path) -> bool:
     ax1.set_ylabel("committed tokens/s")
     ax1.legend()
     ax1.set_title("Throughput")
-    for sampler, runs in groups.items():
+    for variant, runs in groups.items():
         conc = [r["concurrency"] for r in runs]
-        suffix = f" ({sampler})" if sampler else ""
+        suffix = f" ({variant})" if variant else ""
         ax2.plot(conc, [r["latency_p50"] for r in runs], "o-", label="e2e p50" + suffix)
         ax2.plot(conc, [r["latency_p90"] for r in runs], "o--", label="e2e p90" + suffix)
         ax2.plot(conc, [_ttfd(r) or 0 for r in runs], "^-", label="first draft" + suffix)

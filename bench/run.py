@@ -190,20 +190,22 @@ def check_outputs_alone(base_url: str, model_name: str, args, level: int, items,
 
 
 def serve_levels(args, levels, model, model_name, out, workload, warm, workloads, runs, result, save,
-                 sampler) -> None:
-    """Start the server (unless ``--url``), run every level's workload against it (the same workloads
-    for every sampler: ``workloads`` keeps them), and stop it. Appends to ``runs``."""
+                 variant: tuple[str, list[str]] | None) -> None:
+    """Start the server (unless ``--url``) with ``variant``'s extra flags, run every level's workload
+    against it (the same workloads for every variant: ``workloads`` keeps them), and stop it. Appends
+    to ``runs``."""
+    name, extra = variant or (None, [])
     proc = None
     base_url = args.url
-    suffix = f"-{sampler}" if sampler else ""
+    suffix = f"-{name}" if name else ""
     if base_url is None:
         port = free_port()
-        server_args = args.server_arg + ([f"--sampler={sampler}"] if sampler else [])
+        server_args = args.server_arg + extra
         server_args += [f"--load-format={args.load_format}"] if args.load_format != "auto" else []
         proc = start_server(model, port, args.threads, max(levels), server_args, out / f"server{suffix}.log")
         base_url = f"http://127.0.0.1:{port}/v1"
     level_results = {}
-    label = f" ({sampler} sampler)" if sampler else ""
+    label = f" ({name})" if name else ""
     try:
         if warm:
             asyncio.run(run_load(base_url, model_name, warm, concurrency=1, request_rate=None,
@@ -219,8 +221,8 @@ def serve_levels(args, levels, model, model_name, out, workload, warm, workloads
                                                  drafts=args.drafts))
             after = scrape(base_url)
             run = summarize(results, wall, before, after, level, proc.pid if proc else None)
-            if sampler:
-                run["sampler"] = sampler
+            if name:
+                run["variant"] = name
             runs.append(run)
             save()
             p50 = "n/a" if run["latency_p50"] is None else f"{run['latency_p50']:.2f}s"
@@ -232,8 +234,8 @@ def serve_levels(args, levels, model, model_name, out, workload, warm, workloads
         if args.check_outputs and any(level > 1 for level in levels):
             check = check_outputs_alone(base_url, model_name, args, max(levels), workloads[max(levels)],
                                         level_results[max(levels)])
-            if sampler:
-                result.setdefault("outputs_alone_by_sampler", {})[sampler] = check
+            if name:
+                result.setdefault("outputs_alone_by_variant", {})[name] = check
             else:
                 result["outputs_alone"] = check
             save()
@@ -272,9 +274,12 @@ def main(argv=None) -> int:
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                     help="the engine setting, for the server and the baselines (dummy: random weights built on the "
                          "device from --model's config; see bench.make_random_model --config-only)")
-    ap.add_argument("--sampler", action="append", choices=["reference", "fast"], default=None,
-                    help="the server's --sampler; repeat to run every level once per sampler in this invocation "
-                         "(default: the server's default sampler)")
+    ap.add_argument("--sampler", action="append", choices=["reference", "fast"], default=[],
+                    help="a variant with the server's --sampler (repeatable): every level runs once per variant, "
+                         "on the same workloads, in this invocation")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="a variant with these extra server flags, comma-separated (repeatable), e.g. "
+                         "'today=--no-batch-invariant'")
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed requests sent before the first level, and untimed generate calls before each "
                          "baseline (CUDA context, kernels and allocator warm-up stay out of the numbers)")
@@ -333,8 +338,12 @@ def main(argv=None) -> int:
         (out / "bench.md").write_text(markdown(result))
 
     workloads = {}
-    for sampler in args.sampler or [None]:  # the same workloads against each sampler's server
-        serve_levels(args, levels, model, model_name, out, workload, warm, workloads, runs, result, save, sampler)
+    variants = [(f"{s} sampler", [f"--sampler={s}"]) for s in args.sampler]
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        variants.append((name, [f for f in flags.split(",") if f]))
+    for variant in variants or [None]:  # the same workloads against each variant's server
+        serve_levels(args, levels, model, model_name, out, workload, warm, workloads, runs, result, save, variant)
 
     if not args.no_baselines:
         import torch
@@ -363,7 +372,7 @@ def main(argv=None) -> int:
                 static = baselines["static_batch"][str(level)] = static_batches(baseline_model, workloads[level],
                                                                                level, pad_id)
                 line += f", static batch {static['tokens_per_s']:.0f} tok/s"
-            for run in runs:  # every sampler's run of this level
+            for run in runs:  # every variant's run of this level
                 if run["concurrency"] == level:
                     run["ratio_vs_one_at_a_time"] = run["tokens_per_s"] / alone["tokens_per_s"]
                     run["ratio_vs_static_batch"] = run["tokens_per_s"] / static["tokens_per_s"]

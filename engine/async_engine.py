@@ -57,7 +57,7 @@ class AsyncEngine:
         self.num_waiting = 0
         self.kv_usage = 0.0  # fraction of the KV token budget the running requests take (0..1)
         self._num_live_states = 0
-        self._unfinished = 0  # submitted and not yet released; guarded by _lock (the one queue bound)
+        self._unfinished = 0  # admitted and not yet released; guarded by _lock (bound checked in admit only)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -81,31 +81,65 @@ class AsyncEngine:
         ``prompt_checked=True`` skips the per-token check of a prompt already accepted once."""
         return self.core.resolve(prompt_ids, params, prompt_checked=prompt_checked)
 
+    def admit(self, count: int) -> "Admission":
+        """Reserve room for ``count`` requests at once, all or none: the one place the queue bound
+        (``max_num_seqs + max_waiting`` unfinished requests) is checked.
+
+        Raises ``QueueFullError`` when the room is not there, ``EngineDeadError`` when the step loop
+        is not running; nothing is queued either way. Each ``generate(..., admission=a)`` takes one
+        reserved place; ``a.release()`` (or leaving ``with a:``) gives back the places not taken.
+        """
+        if count < 1:
+            raise ValueError(f"count must be positive, got {count}")
+        if not self.healthy:
+            raise EngineDeadError("the engine is not running")
+        bound = self.settings.max_num_seqs + self.settings.max_waiting
+        with self._lock:
+            if self._closed:
+                raise EngineDeadError("the engine is not running")
+            if self._unfinished + count > bound:
+                if count == 1:
+                    raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
+                raise QueueFullError(
+                    f"the waiting queue has no room for {count} requests ({bound - self._unfinished} free places; "
+                    f"max_num_seqs + max_waiting is {bound})")
+            self._unfinished += count
+        return Admission(self, count)
+
+    def _give_back(self, count: int) -> None:
+        with self._lock:
+            self._unfinished -= count
+
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
-                 prompt_checked: bool = False) -> "RequestStream":
+                 prompt_checked: bool = False, admission: "Admission | None" = None) -> "RequestStream":
         """Submit one request and return its stream of ``RequestOutput`` events (``async for``); the
         last event has ``finished=True``.
 
         Validation and admission happen here, synchronously: ``InvalidRequestError`` for bad
-        parameters, ``QueueFullError`` when ``max_num_seqs + max_waiting`` requests are unfinished (the
-        engine's only queue bound: the scheduler queues whatever comes through). Closing the stream
-        early (``aclose()``, or dropping it: client gone, task cancelled) aborts the request and frees its slot.
-        ``prompt_checked=True``: the prompt already passed ``resolve`` (skips its per-token check).
+        parameters; without ``admission``, ``QueueFullError`` when the queue has no room (``admit(1)``;
+        the scheduler queues whatever comes through) and ``EngineDeadError`` when the loop is not
+        running. With ``admission`` (from ``admit``), the request takes one of its reserved places.
+        Closing the stream early (``aclose()``, or dropping it: client gone, task cancelled) aborts the
+        request and frees its slot. ``prompt_checked=True``: the prompt already passed ``resolve``
+        (skips its per-token check).
         """
         params = self.resolve(prompt_ids, params, prompt_checked=prompt_checked)
-        if not self.healthy:
-            raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
-        queue_: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if self._closed:
-                raise EngineDeadError("the engine is not running")
-            if self._unfinished >= self.settings.max_num_seqs + self.settings.max_waiting:
-                raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
-            if request_id in self._streams:
-                raise ValueError(f"duplicate request id {request_id!r}")
-            self._streams[request_id] = (loop, queue_)
-            self._unfinished += 1
+        own = admission is None
+        if own:
+            admission = self.admit(1)
+        try:
+            queue_: asyncio.Queue = asyncio.Queue()
+            with self._lock:
+                if self._closed:
+                    raise EngineDeadError("the engine is not running")
+                if request_id in self._streams:
+                    raise ValueError(f"duplicate request id {request_id!r}")
+                admission._take()
+                self._streams[request_id] = (loop, queue_)
+        finally:
+            if own:
+                admission.release()
         self._inbox.put(("add", (request_id, list(prompt_ids), params)))
         return RequestStream(self, request_id, queue_, IncrementalDetokenizer(self.tokenizer, params.stop))
 
@@ -181,6 +215,35 @@ class AsyncEngine:
             for rid in pending:
                 self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
                                             error=self._dead or "the engine shut down"))
+
+
+class Admission:
+    """Places reserved in the engine's queue by ``AsyncEngine.admit``, taken one per ``generate``.
+
+    ``release()`` gives back the places not taken (idempotent); ``with engine.admit(n) as a:`` does it
+    on exit, so a request refused between its reservation and its last submission leaves no trace.
+    """
+
+    def __init__(self, engine: AsyncEngine, count: int):
+        self._engine = engine
+        self.remaining = count
+
+    def _take(self) -> None:  # under the engine's lock
+        if self.remaining < 1:
+            raise ValueError("this admission has no reserved place left")
+        self.remaining -= 1
+
+    def release(self) -> None:
+        with self._engine._lock:
+            left, self.remaining = self.remaining, 0
+        if left:
+            self._engine._give_back(left)
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class RequestStream:

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import rowwise_attention, rowwise_experts
 from .import_noise import quiet_torchao_import_noise
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
 from .sampling_params import SamplingParams
-from .settings import DTYPE_NAMES, EngineSettings
+from .settings import BATCH_INVARIANT_CUDA, DTYPE_NAMES, EngineSettings
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -36,6 +37,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     quantization: str = "none"  # engine.quantization method the weights were loaded with
+    batch_invariant: bool = False  # rows computed independently of their batch (rowwise_attention, rowwise_experts)
 
     @property
     def dequantized_experts(self) -> bool:
@@ -96,14 +98,29 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, device)
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
+    invariant = settings.batch_invariant
+    if invariant is None:
+        invariant = device.type == "cpu" and settings.quantization == "none"
+    if invariant and device.type != "cpu":
+        raise ValueError(BATCH_INVARIANT_CUDA)
     experts = settings.experts_implementation
-    if experts is None and dtype == torch.float64:
+    if experts is None and invariant:
+        # a token's result must not depend on how many tokens share its expert (rowwise_experts);
+        # grouped_mm has no float64 kernel anyway
+        rowwise_experts.register()
+        experts = rowwise_experts.ROWWISE_EXPERTS
+    elif experts is None and dtype == torch.float64:
         experts = "eager"  # grouped_mm has no float64 kernel
     elif experts is None and settings.quantization != "none":
         experts = DEQUANTIZED_EXPERTS  # grouped_mm over each layer's experts dequantized whole
     if experts == DEQUANTIZED_EXPERTS:
         register_dequantized_experts()
-    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    # batch invariance: row-wise attention over unpadded keys, so a row's logits do not depend on its batch
+    attention = "sdpa"
+    if invariant:
+        rowwise_attention.register()
+        attention = rowwise_attention.ROWWISE_SDPA
+    kwargs = dict(dtype=dtype, attn_implementation=attention)
     quantization = quantization_config(settings.quantization)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
@@ -121,4 +138,4 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     defaults = defaults_from_generation_config(model.generation_config, model.config.canvas_length)
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype,
-                       quantization=settings.quantization)
+                       quantization=settings.quantization, batch_invariant=invariant)

@@ -16,6 +16,8 @@ from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
+from .rowwise_attention import BatchLayout, batch_layout
+from .rowwise_experts import MIN_ROWS
 from .sampling import Sampler, SamplerRow, make_sampler
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
 
@@ -29,6 +31,7 @@ class _DecoderGeometry:
     positions: torch.Tensor  # [B, C] int32
     masks: dict  # per layer type: None (no padding) or the padding mask
     rotary: dict  # per layer type: (cos, sin), each [B, C, head_dim]
+    layout: BatchLayout | None  # which keys of each row are real, when rows are padded (rowwise_attention)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ModelRunner:
         self.sampler: Sampler = make_sampler(sampler, self.model, self.device, tile_bytes=sampling_tile_bytes,
                                              threaded=self.device.type == "cpu", max_num_seqs=max_num_seqs)
         self.max_encoder_tokens = max_encoder_tokens
+        self.min_encoder_width = MIN_ROWS if loaded.batch_invariant else 1
         self.eager_masks = self.model.config._attn_implementation == "eager"
         per_layer = self.text_config.per_layer_config
         template = [(per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))]
@@ -185,7 +189,9 @@ class ModelRunner:
         view = self.kv.view(ids)
         row_lengths = [len(w.token_ids) for w in group]
         lengths = torch.tensor(row_lengths, device=self.device)
-        width = max(row_lengths)
+        # CPU: at least MIN_ROWS tokens, so that a short prompt's linear layers run the many-row kernel
+        # whether it is encoded alone or with others (rowwise_experts)
+        width = max(max(row_lengths), self.min_encoder_width)
         padded = min(row_lengths) < width  # rows of one length (canvases) have no padding
         slot = torch.arange(width, device=self.device)
         offset = slot[None, :] - (width - lengths)[:, None]  # left padding
@@ -196,9 +202,9 @@ class ModelRunner:
         input_ids = torch.tensor([[pad] * (width - n) + list(w.token_ids) for w, n in zip(group, row_lengths)],
                                  dtype=torch.long, device=self.device)
 
-        masks = {}
+        masks, keys_valid = {}, {}
         for layer_type in set(self.layer_types):
-            k_valid = torch.cat([view.valid[layer_type], q_valid], dim=1)
+            k_valid = keys_valid[layer_type] = torch.cat([view.valid[layer_type], q_valid], dim=1)
             k_pos = torch.cat([view.positions[layer_type], q_pos], dim=1)
             allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
             if layer_type == "sliding_attention":
@@ -210,14 +216,17 @@ class ModelRunner:
                 allowed = torch.where(q_valid[:, :, None], allowed, own)
             masks[layer_type] = self._finish_mask(allowed)
 
+        # rows of different lengths: each attends over its own keys (rowwise_attention), as it would alone
+        layout = BatchLayout(q_valid, keys_valid) if padded else None
         t0 = time.perf_counter()
-        self.model.model.encoder(
-            input_ids=input_ids,
-            attention_mask=masks,
-            position_ids=q_pos,
-            past_key_values=view,
-            use_cache=True,
-        )
+        with batch_layout(layout):
+            self.model.model.encoder(
+                input_ids=input_ids,
+                attention_mask=masks,
+                position_ids=q_pos,
+                past_key_values=view,
+                use_cache=True,
+            )
         self._forward_seconds += time.perf_counter() - t0
         self.kv.append_from_view(ids, view, q_valid)
 
@@ -273,7 +282,7 @@ class ModelRunner:
         C = self.canvas_length
         totals = torch.tensor(key[2], device=self.device)
         positions = (totals[:, None] + torch.arange(C, device=self.device)[None, :]).to(torch.int32)
-        masks = {}
+        masks, keys_valid = {}, {}
         for layer_type in set(self.layer_types):
             valid = view.valid[layer_type]
             if bool(valid.all()) and not full_width:
@@ -281,10 +290,18 @@ class ModelRunner:
             else:
                 k_valid = torch.cat([valid, torch.ones(len(ids), C, dtype=torch.bool, device=self.device)], dim=1)
                 masks[layer_type] = self._finish_mask(k_valid[:, None, :].expand(-1, C, -1))
+                keys_valid[layer_type] = k_valid
         probe = torch.empty((), dtype=self.dtype, device=self.device)  # rotary_emb reads only dtype and device
         decoder = self.model.model.decoder
         rotary = {lt: decoder.rotary_emb(probe, positions, lt) for lt in decoder.unique_layer_types}
-        self._geometry = _DecoderGeometry(key, view, positions, masks, rotary)
+        # padded rows attend over their own keys (rowwise_attention); a CUDA graph's full-width view keeps
+        # the batched masks (the row-wise attention is not capturable)
+        layout = None
+        if keys_valid and not full_width:
+            all_valid = torch.ones(len(ids), 1, dtype=torch.bool, device=self.device)
+            layout = BatchLayout(None, {lt: keys_valid.get(lt, all_valid.expand(-1, view.valid[lt].shape[1] + C))
+                                        for lt in masks})
+        self._geometry = _DecoderGeometry(key, view, positions, masks, rotary, layout)
         return self._geometry
 
     def _decoder_inputs(self, ids: list[str], states: list[RowState]) -> tuple[DecoderInputs, bool]:
@@ -309,7 +326,8 @@ class ModelRunner:
         if graphed:
             hidden = self.graphs.run(self.kv.reallocations, inputs)
         else:
-            hidden = self._decoder_forward(inputs)
+            with batch_layout(self._geometry.layout):
+                hidden = self._decoder_forward(inputs)
         self._forward_seconds += time.perf_counter() - t0
         return hidden
 

@@ -49,6 +49,11 @@ class SamplingParams:
 
 
 MIN_TEMPERATURE = 1e-6
+# The sampler holds temperatures, the entropy bound and the confidence threshold in float32: every
+# float parameter must be a finite float32 (at most FLOAT32_MAX) and, when it must be > 0, a normal one
+# (at least FLOAT32_TINY: smaller values would round to 0 or lose their precision).
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def _is_int(x) -> bool:
@@ -57,6 +62,22 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and x == x and abs(x) != float("inf")
+
+
+def _check_float(params: SamplingParams, name: str, *, positive: bool) -> None:
+    """A finite number the sampler's float32 can hold: > 0 (and normal) or >= 0, at most FLOAT32_MAX."""
+    value = getattr(params, name)
+    bound = "> 0" if positive else ">= 0"
+    if not _is_number(value) or value < 0 or (positive and value == 0):
+        raise InvalidRequestError(f"{name} must be a number {bound}, got {value!r}", name)
+    if value > FLOAT32_MAX:
+        raise InvalidRequestError(
+            f"{name} must be at most {FLOAT32_MAX:.7g} (the largest float32, which the sampler computes in), "
+            f"got {value!r}", name)
+    if positive and value < FLOAT32_TINY:
+        raise InvalidRequestError(
+            f"{name} must be at least {FLOAT32_TINY:.7g} (the smallest normal float32, which the sampler "
+            f"computes in), got {value!r}", name)
 
 
 def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len: int, prompt_len: int) -> None:
@@ -76,12 +97,9 @@ def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len:
         raise InvalidRequestError(
             f"max_denoising_steps must be a positive integer, got {params.max_denoising_steps!r}", "max_denoising_steps"
         )
-    if not _is_number(params.entropy_bound) or params.entropy_bound <= 0:
-        raise InvalidRequestError(f"entropy_bound must be a number > 0, got {params.entropy_bound!r}", "entropy_bound")
+    _check_float(params, "entropy_bound", positive=True)
     for name in ("t_min", "t_max"):
-        value = getattr(params, name)
-        if not _is_number(value) or value < 0:
-            raise InvalidRequestError(f"{name} must be a number >= 0, got {value!r}", name)
+        _check_float(params, name, positive=False)
     if params.t_max <= params.t_min:
         raise InvalidRequestError(
             f"t_max must be greater than t_min, got t_max={params.t_max} and t_min={params.t_min}", "t_max"
@@ -96,10 +114,7 @@ def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len:
         raise InvalidRequestError(
             f"stability_threshold must be an integer >= 0, got {params.stability_threshold!r}", "stability_threshold"
         )
-    if not _is_number(params.confidence_threshold) or params.confidence_threshold <= 0:
-        raise InvalidRequestError(
-            f"confidence_threshold must be a number > 0, got {params.confidence_threshold!r}", "confidence_threshold"
-        )
+    _check_float(params, "confidence_threshold", positive=True)
     if params.seed is not None and (not _is_int(params.seed) or not (-(2**63) <= params.seed < 2**64)):
         raise InvalidRequestError(f"seed must be a 64-bit integer, got {params.seed!r}", "seed")
     for token in params.eos_token_ids or ():
