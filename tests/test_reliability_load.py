@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -78,19 +79,23 @@ def test_twenty_streams_cut_mid_stream(live_server):
     for t in threads:
         t.join(180)
     assert sorted(got) == list(range(20))
-    # non-streaming clients that give up (one waiting in the queue behind a running one, too)
-    def impatient():
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(live_server.base_url + "/completions", json={"prompt": "gone", **SLOW}, headers=live_server.headers,
-                       timeout=httpx.Timeout(1.5, connect=10))
-
-    threads = [threading.Thread(target=impatient) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    # non-streaming clients that give up: they hang up once their requests are in the engine (eight
+    # running, the live server's max, and one waiting behind them), not after a guessed timeout
+    wait_clean(live_server)
+    body = json.dumps({"model": live_server.model_name, "prompt": "gone", **SLOW}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {live_server.api_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    impatient = [socket.create_connection(("127.0.0.1", live_server.port), timeout=10) for _ in range(9)]
+    for sock in impatient:
+        sock.sendall(head + body)
+    deadline = time.monotonic() + 60  # only bounds a hang: returns as soon as all nine are in
+    while (m := live_server.metrics())[RUNNING] < 8 or m[WAITING] < 1:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.02)
+    for sock in impatient:
+        sock.close()
     after = wait_clean(live_server, timeout=60)
-    assert after[reason("abort")] - before[reason("abort")] == 23
+    assert after[reason("abort")] - before[reason("abort")] == 20 + 9
     assert after[reason("error")] == before[reason("error")]
     # and the next request is served normally, the same as before the storm
     r = httpx.post(live_server.base_url + "/completions", json={"prompt": "after", "max_tokens": 20, "seed": 5,
@@ -140,13 +145,13 @@ def test_overload_429_and_nothing_lost(small_server):
     for t in threads:
         t.start()
     start.wait()
-    # the server stays responsive to probes and scrapes while it is overloaded
-    probes = []
+    # the server answers probes and scrapes while it is overloaded. The bound is the deployment's
+    # readiness probe timeout (deploy/k8s/deployment.yaml, timeoutSeconds: 5), what Kubernetes allows,
+    # not a speed claim: the event loop never waits on the model, so even on a loaded 2-core machine a
+    # probe takes milliseconds, and only a blocked event loop would take seconds.
     while any(t.is_alive() for t in threads):
-        t0 = time.monotonic()
         assert httpx.get(small_server.url + "/health", timeout=5).status_code == 200
         m = small_server.metrics()
-        probes.append(time.monotonic() - t0)
         assert m[RUNNING] <= SEQS and m[WAITING] <= WAITING_BOUND
         time.sleep(0.05)
     for t in threads:
@@ -168,7 +173,6 @@ def test_overload_429_and_nothing_lost(small_server):
     assert after[reason("length")] - before[reason("length")] == 2 * len(accepted)  # the runs + the solo reruns
     assert after[http_errors(429)] - before.get(http_errors(429), 0) == len(rejected)
     assert after[reason("abort")] == before[reason("abort")] and after[reason("error")] == before[reason("error")]
-    assert max(probes) < 2.0, probes
 
 
 # -- 5. SIGTERM -----------------------------------------------------------------------------------
@@ -193,7 +197,23 @@ def _start_stream(srv, body, frames_out: list, first: threading.Event):
 
 def test_sigterm_drains_then_exits_zero(server_launcher, server_tiny_checkpoint):
     srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "60"])
-    # 64 steps a canvas: the drain must outlast the probes sent after SIGTERM (16 steps sometimes did not)
+    # a stream that keeps the drain open until the test has probed the draining server, then hangs up
+    release, holder_first, held = threading.Event(), threading.Event(), {}
+
+    def holder():
+        with httpx.Client(timeout=120) as c:
+            with c.stream("POST", srv.base_url + "/completions",
+                          json={"prompt": "hold", "stream": True, "stream_drafts": True, **SLOW}) as r:
+                held["status"] = r.status_code
+                for _ in r.iter_raw():
+                    holder_first.set()
+                    if release.is_set():
+                        return
+
+    holder_thread = threading.Thread(target=holder)
+    holder_thread.start()
+    assert holder_first.wait(60)
+    # 64 steps a canvas: still running when SIGTERM comes, right after they are all seen in flight
     long_medium = {**MEDIUM, "max_denoising_steps": 64}
     bodies = [{"prompt": f"drain {i}", "seed": i, "stream": True, "stream_options": {"include_usage": True},
                **long_medium, "max_tokens": 96} for i in range(3)]
@@ -210,19 +230,26 @@ def test_sigterm_drains_then_exits_zero(server_launcher, server_tiny_checkpoint)
     threads[-1].start()
     for f in firsts:
         assert f.wait(60)
-    deadline = time.monotonic() + 60
-    while srv.metrics()[IN_FLIGHT] < 4:  # the plain request is in too, not still connecting
+    deadline = time.monotonic() + 60  # only bounds a hang
+    while srv.metrics()[IN_FLIGHT] < 5:  # the plain request is in too, not still connecting
         assert time.monotonic() < deadline
         time.sleep(0.02)
     srv.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    r = httpx.get(srv.url + "/health", timeout=10)  # readiness fails at once; the server still answers
+    # readiness fails (polled: the signal is handled asynchronously); the server still answers
+    deadline = time.monotonic() + 60
+    while (r := httpx.get(srv.url + "/health", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     assert r.status_code == 503 and r.json() == {"status": "draining"} and r.headers["retry-after"]
     r = httpx.post(srv.base_url + "/completions", json={"prompt": "late", "max_tokens": 4}, timeout=10)
     assert r.status_code == 503 and r.headers["retry-after"]
     assert r.json()["error"]["code"] == "server_draining" and r.json()["error"]["type"] == "server_error"
     for t in threads:
         t.join(120)
+    assert srv.proc.poll() is None  # the holder's stream is still in flight: the drain waits for it
+    release.set()
+    holder_thread.join(60)
+    assert held["status"] == 200
     for out in outs:  # every in-flight stream finished normally
         assert out[0] == 200
         frames = out[1]
@@ -246,8 +273,10 @@ def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_t
     t2 = threading.Thread(target=non_streaming)
     t2.start()
     assert first.wait(60)
-    time.sleep(0.3)
-    t0 = time.monotonic()
+    deadline = time.monotonic() + 60  # only bounds a hang: returns once both requests run
+    while srv.metrics()[RUNNING] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     srv.proc.send_signal(signal.SIGTERM)
     t.join(60)
     t2.join(60)
@@ -258,8 +287,8 @@ def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_t
     r = plain["r"]
     assert r.status_code == 503 and r.json()["error"]["code"] == "request_aborted"
     assert srv.proc.wait(60) == 0
-    assert time.monotonic() - t0 < 15
-    assert "aborting 2 in-flight request(s)" in srv.log()
+    # no wall-clock bound: the two request_aborted errors and this line show the 1 s timeout ended them
+    assert "drain timeout (1s): aborting 2 in-flight request(s)" in srv.log()
 
 
 # -- engine fault: a poisoned checkpoint -----------------------------------------------------------
@@ -314,3 +343,89 @@ def test_engine_fault_fails_only_its_request(poisoned_server):
     assert m[reason("error")] == 2
     assert httpx.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}  # the engine recovered
     assert httpx.post(url, json=good, timeout=60).json()["choices"][0]["text"] == alone
+
+
+# -- the step loop dies ------------------------------------------------------------------------------
+
+# The server, with one addition: SIGUSR1 raises an exception inside the engine's step-loop thread, as
+# a fault in the loop's own code would. It is a BaseException, so no per-pass handler catches it:
+# it reaches the loop's last-resort handler (engine/async_engine.py), the path under test.
+CRASHABLE_SERVER = r"""
+import ctypes, signal, sys, threading
+
+class StepLoopKilled(BaseException):
+    pass
+
+def kill_step_loop(signum, frame):
+    for thread in threading.enumerate():
+        if thread.name == "engine-step-loop":
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(StepLoopKilled))
+
+signal.signal(signal.SIGUSR1, kill_step_loop)
+from server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def dead_server(server_launcher, server_tiny_checkpoint):
+    """A server whose step loop was killed while a stream and a plain request were running; returns
+    (server, [stream status, stream frames], plain response). The tests below only read it."""
+    import sys
+
+    srv = server_launcher(["--model", str(server_tiny_checkpoint)], command=[sys.executable, "-c", CRASHABLE_SERVER])
+    out, first = [], threading.Event()
+    t = _start_stream(srv, {"prompt": "doomed", "stream": True, "stream_drafts": True, **SLOW}, out, first)
+    plain: dict = {}
+
+    def non_streaming():
+        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": "doomed too", **SLOW}, timeout=120)
+
+    t2 = threading.Thread(target=non_streaming)
+    t2.start()
+    assert first.wait(60)
+    deadline = time.monotonic() + 60  # only bounds a hang: returns once both requests run
+    while srv.metrics()[RUNNING] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    srv.proc.send_signal(signal.SIGUSR1)
+    t.join(120)
+    t2.join(120)
+    assert not t.is_alive() and not t2.is_alive(), "an in-flight request hung after the step loop died"
+    return srv, out, plain["r"]
+
+
+def test_a_dead_step_loop_fails_the_requests_in_flight(dead_server):
+    srv, out, plain = dead_server
+    frames = out[1]  # the stream: an error chunk, then [DONE]
+    assert out[0] == 200 and frames[-1] == "[DONE]"
+    err = frames[-2]["error"]
+    assert err["type"] == "server_error" and err["code"] in ("request_aborted", "engine_dead"), err
+    assert "StepLoopKilled" in err["message"] and "Traceback" not in err["message"]
+    assert plain.status_code == 503 and plain.headers["retry-after"]
+    assert plain.json()["error"]["code"] in ("request_aborted", "engine_dead"), plain.text
+    assert "engine step loop died" in srv.log() and "StepLoopKilled" in srv.log()
+
+
+def test_a_dead_step_loop_is_reported_and_new_requests_get_503(dead_server):
+    """The documented state: /health 503 {"status": "dead"}, new requests 503 engine_dead (streaming
+    or not), and the process stays up to say so."""
+    srv, _, _ = dead_server
+    health = httpx.get(srv.url + "/health", timeout=10)
+    assert health.status_code == 503 and health.json() == {"status": "dead"} and health.headers["retry-after"]
+    r = httpx.post(srv.base_url + "/completions", json={"prompt": "late", "max_tokens": 4}, timeout=10)
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.json()["error"]["code"] == "engine_dead" and r.json()["error"]["type"] == "server_error"
+    with httpx.stream("POST", srv.base_url + "/chat/completions", timeout=10,
+                      json={"messages": [{"role": "user", "content": "late"}], "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 503 and json.loads(r.read())["error"]["code"] == "engine_dead"
+    assert srv.proc.poll() is None
+
+
+@pytest.mark.xfail(strict=True, reason="engine/async_engine.py: the gauges (num_running, num_waiting, kv_usage, "
+                   "live states) are published by the step loop after each pass and never reset when it dies, so "
+                   "/metrics keeps reporting the requests that were running (2) on a dead engine")
+def test_a_dead_step_loop_leaves_no_running_requests_in_the_metrics(dead_server):
+    srv, _, _ = dead_server
+    m = srv.metrics()
+    assert (m[RUNNING], m[WAITING], m[LIVE]) == (0, 0, 0)
