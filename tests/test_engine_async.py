@@ -24,6 +24,17 @@ async def _collect(engine, prompt_ids, params, rid):
     return [out async for out in engine.generate(prompt_ids, params, rid)]
 
 
+async def eventually(condition, what: str, timeout: float = 60.0) -> None:
+    """Until ``condition()`` holds. The step-loop thread frees an aborted request at its next pass and
+    offers no event to wait on from outside, so this polls; it returns as soon as the condition holds,
+    and the timeout only bounds a hang (it is no claim about speed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def test_stream_text_drafts_and_counts(engine):
     tok = engine.tokenizer
     prompt = tok("hello").input_ids
@@ -77,14 +88,7 @@ def test_closing_the_stream_aborts_the_request(engine):
     first = asyncio.run(first_then_leave())
     assert first.draft is not None
 
-    async def wait_idle():
-        for _ in range(200):
-            if engine.num_live_states() == 0:
-                return True
-            await asyncio.sleep(0.02)
-        return False
-
-    assert asyncio.run(wait_idle())
+    asyncio.run(eventually(lambda: engine.num_live_states() == 0, "the aborted request's state to be freed"))
 
 
 def test_queue_full_is_raised_before_any_output(engine):
@@ -117,13 +121,10 @@ def test_the_queue_bound_is_checked_at_the_front_door(engine):
         streams.append(engine.generate(prompt, params, "b8"))
         for stream in streams[1:]:
             await stream.aclose()
-        for _ in range(200):
-            if engine.num_live_states() == 0 and engine.kv_usage == 0.0:
-                return True
-            await asyncio.sleep(0.02)
-        return False
+        await eventually(lambda: engine.num_live_states() == 0 and engine.kv_usage == 0.0,
+                         "every closed stream's state and KV to be freed")
 
-    assert asyncio.run(scenario())
+    asyncio.run(scenario())
 
 
 def test_after_shutdown_generate_refuses_and_nothing_hangs(tmp_path):
