@@ -51,11 +51,23 @@ def test_checkers_reject_bad_grids():
     swapped = solution[1] + solution[0] + solution[2:]
     if swapped != solution:
         assert not g.is_valid_solution(swapped)
-    # a different valid grid is not consistent with the givens (unless it keeps them)
-    other = "".join(map(str, g.random_solution(random.Random(99))))
-    assert g.is_valid_solution(other)
     assert g.is_consistent(solution, puzzle.replace("0", "."))
-    assert not g.is_solved(other, puzzle) or g.is_consistent(other, puzzle)
+    assert g.is_solved(solution, puzzle)
+    # a valid grid that changes a given is not a solution of the puzzle: the solution with two digits
+    # swapped everywhere (still valid) changes every given holding either digit
+    a, b = puzzle[next(i for i, ch in enumerate(puzzle) if ch != "0")], "9"
+    if a == b:
+        b = "1"
+    relabelled = solution.translate(str.maketrans({a: b, b: a}))
+    assert g.is_valid_solution(relabelled) and relabelled != solution
+    assert not g.is_consistent(relabelled, puzzle)
+    assert not g.is_solved(relabelled, puzzle)
+    # a grid that keeps every given but changes a blank's digit (now twice in its row) is consistent,
+    # and still not solved
+    blank = puzzle.index("0")
+    broken = solution[:blank] + str(int(solution[blank]) % 9 + 1) + solution[blank + 1:]
+    assert g.is_consistent(broken, puzzle) and not g.is_valid_solution(broken)
+    assert not g.is_solved(broken, puzzle)
     assert not g.is_solved("x" * 81, puzzle)
 
 
