@@ -246,3 +246,23 @@ def test_async_client_and_concurrent_streams(aclient, client):
     for i, text in results:
         assert text == alone[i], f"client {i} differs from its solo run"
     assert chats[0] == chats[1]
+
+
+def test_ignored_fields_change_nothing(client):
+    """Fields the server accepts and ignores (temperature and top_p, which the t_max -> t_min schedule
+    replaces; OpenAI and vLLM fields it has no use for; unknown fields) leave the output as it is:
+    the same seed gives the same text and usage with or without them."""
+    plain = client.completions.create(model=SERVER_MODEL_NAME, prompt="same", max_tokens=24, seed=21)
+    ignored = client.completions.create(
+        model=SERVER_MODEL_NAME, prompt="same", max_tokens=24, seed=21, temperature=1.9, top_p=0.05,
+        frequency_penalty=1.5, presence_penalty=-1.0, logit_bias={"70": 100}, user="u1", best_of=1,
+        extra_body={"repetition_penalty": 1.3, "some_future_field": {"nested": [1, 2]}})
+    assert ignored.choices[0].text == plain.choices[0].text
+    assert ignored.usage == plain.usage
+    messages = [{"role": "user", "content": "same"}]
+    chat_plain = client.chat.completions.create(model=SERVER_MODEL_NAME, messages=messages, max_tokens=24, seed=22)
+    chat_ignored = client.chat.completions.create(
+        model=SERVER_MODEL_NAME, messages=messages, max_tokens=24, seed=22, temperature=0.01, top_p=0.5,
+        parallel_tool_calls=False, metadata={"a": "b"}, response_format={"type": "text"}, user="u2")
+    assert chat_ignored.choices[0].message.content == chat_plain.choices[0].message.content
+    assert chat_ignored.usage == chat_plain.usage
