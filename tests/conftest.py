@@ -244,6 +244,34 @@ def live_server(server_launcher, server_tiny_checkpoint, tmp_path_factory) -> Li
     return server
 
 
+# The tiny checkpoint's chat template (tools/tiny_checkpoint.py), plus two template variables.
+VARIANT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if note %}[note: {{ note }}]{% endif %}"
+    "{% if enable_thinking %}[thinking]{% endif %}"
+    "{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+VARIANT_PING_SECONDS = 0.05
+
+
+@pytest.fixture(scope="session")
+def server_variant(server_launcher, server_tiny_checkpoint, tmp_path_factory) -> LiveServer:
+    """A second server, no API key, --log-prompts: the tiny checkpoint with a chat template that renders
+    the template variables ``note`` and ``enable_thinking`` (``VARIANT_CHAT_TEMPLATE``), and SSE
+    keep-alive pings every ``VARIANT_PING_SECONDS`` on idle streams."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("server_variant") / "model"
+    shutil.copytree(server_tiny_checkpoint, path)
+    (path / "chat_template.jinja").write_text(VARIANT_CHAT_TEMPLATE)
+    return server_launcher(["--model", str(path), "--served-model-name", "tiny-variant", "--log-prompts",
+                            "--sse-ping-seconds", str(VARIANT_PING_SECONDS)], model_name="tiny-variant")
+
+
 @pytest.fixture
 def server_sse():
     """Helpers for raw SSE bodies: ``.parse(raw)`` (payload strings), ``.parse_json(raw)``."""

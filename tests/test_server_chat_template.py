@@ -26,9 +26,20 @@ def test_template_replacement_and_odd_values_are_rejected(live_server, kwargs, f
     assert httpx.get(live_server.url + "/health", timeout=10).status_code == 200
 
 
-def test_plain_template_variables_still_pass(live_server):
-    body = {"model": live_server.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-            "seed": 1, "chat_template_kwargs": {"enable_thinking": False, "custom": "x"}}
-    r = httpx.post(live_server.url + "/v1/chat/completions", json=body, headers=live_server.headers, timeout=30)
+def test_template_variables_reach_the_template(server_variant):
+    """A template variable and a flag from chat_template_kwargs are rendered into the prompt: the prompt
+    grows by exactly their text (byte tokenizer: one token per byte) and the logged prompt shows it."""
+    url = server_variant.base_url + "/chat/completions"
+    base = {"model": server_variant.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "seed": 1}
+    plain = httpx.post(url, json=base, timeout=30)
+    assert plain.status_code == 200, plain.text
+    note = "ask-me-later"
+    r = httpx.post(url, json={**base, "chat_template_kwargs": {"note": note, "enable_thinking": True}}, timeout=30)
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] >= 1
+    added = len(f"[note: {note}]") + len("[thinking]")
+    assert r.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"] + added
+    line = next(ln for ln in server_variant.log().splitlines() if r.json()["id"] in ln)
+    assert f"[note: {note}][thinking]<start_of_turn>user" in line  # --log-prompts: the rendered prompt
+    off = httpx.post(url, json={**base, "chat_template_kwargs": {"note": "", "enable_thinking": False}}, timeout=30)
+    assert off.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]

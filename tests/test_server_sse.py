@@ -218,3 +218,30 @@ def test_curl_examples(live_server, server_sse):
                           live_server.base_url + "/completions", "-d",
                           json.dumps({"prompt": "hi", "max_tokens": 4})], capture_output=True, timeout=60)
     assert json.loads(out.stdout)["object"] == "text_completion"
+
+
+def test_keep_alive_pings_on_an_idle_stream(server_variant, server_sse):
+    """A stream with nothing to send for a while (no drafts, a canvas of 64 steps before the first
+    text) gets SSE comments (': ping ...') every --sse-ping-seconds (50 ms on this server); each is a
+    comment line on its own, which SSE clients skip, and the data frames go on after it."""
+    body = {"model": server_variant.model_name, "prompt": "quiet", "max_tokens": 4000, "ignore_eos": True,
+            "max_denoising_steps": 64, "stability_threshold": 1000, "seed": 1, "stream": True}
+    raw = b""
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", server_variant.base_url + "/completions", json=body) as r:
+            assert r.status_code == 200
+            # read until a ping has come and a data frame has followed it (the stream itself would run
+            # for minutes; the client's read timeout only bounds a hang)
+            for part in r.iter_raw():
+                raw += part
+                ping = raw.find(b"\n\n: ping")
+                if ping == -1 and raw.startswith(b": ping"):
+                    ping = 0
+                if ping != -1 and raw.find(b"data: {", ping) != -1 and raw.endswith(b"\n\n"):
+                    break
+    blocks = raw.decode().split("\n\n")[:-1]
+    pings = [b for b in blocks if b.startswith(":")]
+    assert pings and all(len(b.splitlines()) == 1 and b.startswith(": ping") for b in pings), pings
+    data = server_sse.parse(raw.decode())  # the comments are skipped; every other block is one data frame
+    assert len(data) == len(blocks) - len(pings) >= 1
+    assert all(json.loads(d)["object"] == "text_completion" for d in data)
