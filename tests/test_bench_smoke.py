@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -27,16 +30,29 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
         # 1-2 canvases of 32 tokens each, every token committed (fixed-length outputs)
         assert run["tokens"] in range(3 * 32, 3 * 64 + 1) and run["tokens"] % 32 == 0
         assert run["steps_per_canvas"] <= 2
-        assert run["ratio_vs_one_at_a_time"] > 0 and run["ratio_vs_static_batch"] > 0
     assert set(result["baselines"]["static_batch"]) == {"2"}
     # each level's baselines ran its own requests (the ratios compare the same work)
     alone = result["baselines"]["one_at_a_time"]
     assert set(alone) == {"1", "2"}
+    static_batch = result["baselines"]["static_batch"]
+    assert (static_batch["2"]["requests"], static_batch["2"]["batch_size"]) == (3, 2)
+    md = (out / "bench.md").read_text()
     for run in result["runs"]:
         level = str(run["concurrency"])
-        assert (alone[level]["requests"], alone[level]["tokens"]) == (3, run["tokens"])
-        assert abs(run["ratio_vs_one_at_a_time"] - run["tokens_per_s"] / alone[level]["tokens_per_s"]) < 1e-9
-    assert result["baselines"]["static_batch"]["2"]["tokens"] == result["runs"][1]["tokens"]
+        static = static_batch.get(level, alone[level])  # at concurrency 1 a static batch is one at a time
+        assert (alone[level]["requests"], alone[level]["tokens"], static["tokens"]) == (3, run["tokens"], run["tokens"])
+        # every throughput is its own measured tokens over its own measured wall time ...
+        for measured in (run, alone[level], static):
+            assert measured["seconds"] > 0
+            assert measured["tokens_per_s"] == pytest.approx(measured["tokens"] / measured["seconds"], rel=1e-9)
+        # ... and each ratio is this run's throughput over its baseline's, for the same requests
+        assert run["ratio_vs_one_at_a_time"] == pytest.approx(run["tokens_per_s"] / alone[level]["tokens_per_s"],
+                                                              rel=1e-9)
+        assert run["ratio_vs_static_batch"] == pytest.approx(run["tokens_per_s"] / static["tokens_per_s"], rel=1e-9)
+        # the report prints those numbers
+        assert (f"| {run['concurrency']} | 3/3 | {run['tokens_per_s']:.0f} | {run['ratio_vs_one_at_a_time']:.2f}x | "
+                f"{run['ratio_vs_static_batch']:.2f}x |") in md
+    assert result["runs"][0]["ratio_vs_static_batch"] == result["runs"][0]["ratio_vs_one_at_a_time"]
     # the server's log goes to a file (an unread pipe filled up after ~340 requests and hung the server)
     # (1 warm-up + 3 + 3 at the two levels + 3 sent again alone)
     assert (out / "server.log").read_text().count("completions status=200") == 1 + 3 + 3 + 3
@@ -44,7 +60,6 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
     check = result["outputs_alone"]
     assert (check["concurrency"], check["checked"], check["identical"]) == (2, 3, 3)
     assert check["characters"] > 0  # real texts were compared, not empty strings
-    md = (out / "bench.md").read_text()
     assert "| 2 | 3/3 |" in md
     # baselines: concurrency, requests, one at a time, static batch (none at concurrency 1)
     assert re.search(r"^\| 1 \| 3 \| \d+ \| — \|$", md, re.M) and re.search(r"^\| 2 \| 3 \| \d+ \| \d+ \|$", md, re.M)
@@ -55,12 +70,12 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
 def test_bench_against_a_dead_url_reports_the_failures(tmp_path):
     """Every request failing (nothing listens there) is reported per level and in the exit status,
     not hidden behind a traceback or a zero exit."""
-    from bench.run import free_port
-
-    url = f"http://127.0.0.1:{free_port()}/v1"
-    cmd = [sys.executable, "-m", "bench.run", "--url", url, "--no-baselines",
-           "--concurrency", "2", "--requests-per-level", "3", "--warmup", "0", "--out", str(tmp_path / "bench")]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    with socket.socket() as bound:  # bound and never listening: every connection is refused
+        bound.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{bound.getsockname()[1]}/v1"
+        cmd = [sys.executable, "-m", "bench.run", "--url", url, "--no-baselines",
+               "--concurrency", "2", "--requests-per-level", "3", "--warmup", "0", "--out", str(tmp_path / "bench")]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "concurrency 2: 0 tok/s, 0/3 ok, p50 n/a" in proc.stdout
     assert "  failed: ConnectError" in proc.stdout

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import wait_for_port
+
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy/grafana/dashboards/diffusion-server.json"
 API_KEY = "deploy-test-key"
@@ -24,15 +26,8 @@ MODEL_NAME = "tiny-deploy"
 METRIC_RE = re.compile(r"diffusion_server:[A-Za-z0-9_:]+")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def entrypoint_server(server_tiny_checkpoint, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("deploy_server") / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFUSION_SERVER_")}
     env.update(
@@ -41,15 +36,16 @@ def entrypoint_server(server_tiny_checkpoint, tmp_path_factory):
         DIFFUSION_SERVER_MODEL=str(server_tiny_checkpoint),
         DIFFUSION_SERVER_SERVED_MODEL_NAME=MODEL_NAME,
         DIFFUSION_SERVER_HOST="127.0.0.1",
-        DIFFUSION_SERVER_PORT=str(port),
+        DIFFUSION_SERVER_PORT="0",  # the server binds a free port itself and logs it
         DIFFUSION_SERVER_API_KEY=API_KEY,
         DIFFUSION_SERVER_ACCESS_LOG="false",
     )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "deploy/entrypoint.py")], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
         try:
+            port = wait_for_port(proc, log_path, 120)
+            url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120
             while True:
                 if proc.poll() is not None:
@@ -104,8 +100,10 @@ def test_healthcheck_script(entrypoint_server, monkeypatch):
     _, port = entrypoint_server
     monkeypatch.setenv("DIFFUSION_SERVER_PORT", str(port))
     assert healthcheck.main() == 0
-    monkeypatch.setenv("DIFFUSION_SERVER_PORT", str(_free_port()))
-    assert healthcheck.main() == 1
+    with socket.socket() as bound:  # bound and never listening: connections to it are refused
+        bound.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("DIFFUSION_SERVER_PORT", str(bound.getsockname()[1]))
+        assert healthcheck.main() == 1
 
 
 def _dashboard_queries() -> list[str]:
