@@ -184,4 +184,9 @@ def test_dequantized_experts_stay_within_the_planned_transient(method, dtype):
     grew, planned = (int(x) for x in proc.stdout.split()[-2:])
     dequantized = 64 * 3 * 512 * 1024 * torch.finfo(getattr(torch, dtype)).bits // 8
     assert dequantized <= planned < 1.2 * dequantized
-    assert grew <= planned + 8 * 2**20  # slack: activations of 8 tokens, allocator rounding
+    # Why the 8 MiB slack is safe on a loaded machine: the peak is the subprocess's own resident set
+    # (VmHWM, reset after a warm-up forward that already paged in the kernels and the allocator's
+    # arenas), which other processes' load does not move, and no timing is involved. Besides the
+    # dequantized weights the forward allocates only activations of 8 tokens (under 1 MiB at hidden
+    # 1024, 64 experts, top 4) and malloc's page rounding.
+    assert grew <= planned + 8 * 2**20
