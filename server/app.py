@@ -52,6 +52,8 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # no 307 from "/v1/completions/" to a URL built from the Host header: the slash form is a 404
+        redirect_slashes=False,
     )
     app.state.metrics = metrics
     errors.install_error_handlers(app, on_error=metrics.count_error)
@@ -87,7 +89,8 @@ def create_app(
         return Response(body, media_type=content_type)
 
     def model_card(state: ServerState, name: str) -> dict:
-        card = {"id": name, "object": "model", "created": state.created, "owned_by": "diffusion-server", "root": state.settings.model}
+        # the served name only: never the checkpoint's folder (vLLM's "root" is the served name here too)
+        card = {"id": name, "object": "model", "created": state.created, "owned_by": "diffusion-server", "root": name}
         if state.engine is not None:
             card["max_model_len"] = state.engine.max_model_len
         return card
@@ -100,10 +103,13 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str, request: Request):
-        """The served model by any of its accepted names; another name is a 404 `model_not_found`."""
+        """The served model by its served name (as `GET /v1/models` shows it); another name is a 404
+        `model_not_found`."""
         state = request.app.state.server
-        state.check_model(model_id)
-        return model_card(state, state.model_names()[0])
+        served = state.model_names()[0]
+        if model_id != served:
+            raise errors.model_not_found(model_id, [served])
+        return model_card(state, served)
 
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])

@@ -1,13 +1,23 @@
-"""Request bodies: strict JSON, bounded in depth, validated into the endpoint's pydantic model.
+"""Request bodies: strict JSON, bounded before it is parsed, validated into the endpoint's pydantic model.
 
 The body is parsed whatever the Content-Type says (curl's ``-d`` sends form encoding). JSON
-errors, nesting deeper than ``max_json_depth`` and schema errors are OpenAI-shaped 400s.
+errors, nesting deeper than ``max_json_depth``, too many values and schema errors are OpenAI-shaped
+400s.
+
+Parsing costs time in proportion to the number of values, and ``json.loads`` and pydantic hold the
+GIL while they run, so a large body is measured before it is parsed (``scan``): counting bytes is
+cheap, and a body with more strings, objects and arrays than ``max_json_values``, or with an array
+of numbers longer than any prompt may be (``BodyLimits.max_array``), is refused without being
+parsed. Large bodies are scanned, parsed and validated in a worker thread, at most
+``preprocess_concurrency`` at a time (the ``gate``), so the event loop stays free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +25,27 @@ from pydantic import BaseModel, ValidationError
 
 from . import errors
 
-# Bodies larger than this are parsed and checked in a worker thread (the event loop stays free).
-PARSE_IN_THREAD_BYTES = 1 << 20
+# Bodies larger than this are scanned, parsed and checked in a worker thread (the event loop stays free).
+PARSE_IN_THREAD_BYTES = 64 * 1024
+# The exact scan works through the body in slices of this size, so that no single call holds the GIL long.
+SCAN_SLICE_BYTES = 1 << 20
+
+_STRUCTURE = b'",[]{}'
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in _STRUCTURE)
+_NOT_MARKS = bytes(b for b in range(256) if b not in _STRUCTURE + b"\\")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """What a body may hold before it is parsed (see ``scan``)."""
+
+    max_depth: int  # setting max_json_depth
+    max_values: int  # setting max_json_values: strings (keys included), objects and arrays
+    max_array: int | None = None  # longest array of numbers (token ids); None: only the body size bounds it
+    array_message: str = ""  # ends the refusal of a longer array ("The request body has an array of N numbers; ...")
+    array_param: str | None = None
+    array_code: str | None = "limit_exceeded"
 
 
 def _reject_constant(name: str):
@@ -37,15 +66,19 @@ def _too_deep(max_depth: int) -> errors.APIError:
     )
 
 
+def _too_many_values(count: int, at_least: bool, limit: int) -> errors.APIError:
+    return errors.bad_request(
+        f"The request body has {'at least ' if at_least else ''}{count} strings, objects and arrays; the limit is "
+        f"{limit} (setting max_json_values).", None, "limit_exceeded",
+    )
+
+
 def _check_string(s: str) -> None:
-    if not s.isascii():
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError:
-            raise errors.bad_request(
-                "The request body is not valid JSON: a string contains an unpaired UTF-16 surrogate escape.",
-                None, "invalid_json",
-            ) from None
+    if not s.isascii() and _SURROGATE.search(s):
+        raise errors.bad_request(
+            "The request body is not valid JSON: a string contains an unpaired UTF-16 surrogate escape.",
+            None, "invalid_json",
+        )
 
 
 def check_json_value(data, max_depth: int) -> None:
@@ -69,7 +102,75 @@ def check_json_value(data, max_depth: int) -> None:
                 stack.append((item, depth + 1))
 
 
-def load_json(raw: bytes, max_depth: int):
+def _slices(raw: bytes):
+    """``raw`` in slices of about ``SCAN_SLICE_BYTES`` that never cut a run of backslashes from the
+    character it escapes."""
+    start, n = 0, len(raw)
+    while start < n:
+        end = min(n, start + SCAN_SLICE_BYTES)
+        while end < n and raw[end - 1] == 0x5C:  # a backslash: take the character it escapes too
+            end += 1
+        yield raw[start:end]
+        start = end
+
+
+def _skeleton(raw: bytes) -> tuple[int, bytes]:
+    """(number of strings, the body's structure outside strings with each string as ``s``).
+
+    Escaped backslashes and escaped quotes are dropped first, so every remaining ``"`` opens or closes
+    a string; numbers, literals and whitespace are dropped too. ``{"a": [1, 2], "b": "x"}`` becomes
+    ``{s[,],ss}`` (colons are dropped). Exact for valid JSON.
+    """
+    quotes = 0
+    inside = False
+    pieces: list[bytes] = []
+    for part in _slices(raw):
+        if b"\\" in part:
+            part = part.replace(b"\\\\", b"").replace(b'\\"', b"")
+        part = part.translate(None, _NOT_STRUCTURE)
+        segments = part.split(b'"')
+        quotes += len(segments) - 1
+        if inside:  # the first segment ends a string begun in an earlier slice
+            if len(segments) > 1:
+                pieces.append(b"s" + b"s".join(segments[1::2]))
+        else:
+            pieces.append(b"s".join(segments[0::2]))
+        inside ^= (len(segments) - 1) % 2 == 1
+    return quotes // 2, b"".join(pieces)
+
+
+def scan(raw: bytes, limits: BodyLimits) -> None:
+    """Refuse, before parsing, a body with more values than ``limits.max_values`` or an array of
+    numbers longer than ``limits.max_array`` (each a 400). One pass keeps only the bytes that matter
+    (quotes, backslashes, commas, brackets, braces); counting those decides most bodies, and the exact
+    skeleton is built only when the counts cannot."""
+    marks = raw.translate(None, _NOT_MARKS)
+    quotes = marks.count(b'"')
+    strings_at_least = (quotes - marks.count(b"\\")) // 2  # each backslash escapes at most one quote
+    if strings_at_least > limits.max_values:
+        raise _too_many_values(strings_at_least, True, limits.max_values)
+    values_at_most = quotes // 2 + marks.count(b"{") + marks.count(b"[")
+    array_bound_holds = limits.max_array is None or marks.count(b",") < limits.max_array
+    del marks
+    if values_at_most <= limits.max_values and array_bound_holds:
+        return
+    strings, skeleton = _skeleton(raw)
+    values = strings + skeleton.count(b"{") + skeleton.count(b"[")
+    if values > limits.max_values:
+        raise _too_many_values(values, False, limits.max_values)
+    if limits.max_array is not None:
+        # an array of numbers (or literals) with more than max_array elements: "[" then that many commas
+        found = re.search(rb"\[,{%d}" % limits.max_array, skeleton)
+        if found is not None:
+            end = skeleton.find(b"]", found.start())  # valid JSON: only commas in between
+            length = (end if end >= 0 else len(skeleton)) - found.start()  # one element more than commas
+            raise errors.bad_request(
+                f"The request body has an array of {length} numbers, {limits.array_message}",
+                limits.array_param, limits.array_code,
+            )
+
+
+def load_json(raw: bytes, max_depth: int, require_object: bool = True):
     """Strict JSON (no NaN, Infinity or numbers that overflow to them), at most ``max_depth`` deep."""
     try:
         data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
@@ -77,20 +178,39 @@ def load_json(raw: bytes, max_depth: int):
         raise _too_deep(max_depth) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
-    if not isinstance(data, dict):
+    if require_object and not isinstance(data, dict):
         raise errors.bad_request("The request body must be a JSON object.", None, "invalid_json")
-    check_json_value(data, max_depth)
+    if isinstance(data, (dict, list)):
+        check_json_value(data, max_depth)
+    elif isinstance(data, str):
+        _check_string(data)
     return data
 
 
-async def parse_body(request: Request, model: type[BaseModel], max_depth: int):
-    """The body as an instance of ``model``; large bodies are parsed off the event loop."""
-    raw = await request.body()
-    if len(raw) > PARSE_IN_THREAD_BYTES:
-        data = await asyncio.to_thread(load_json, raw, max_depth)
-    else:
-        data = load_json(raw, max_depth)
+def _validate(data, model: type[BaseModel]):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise errors.validation_error(RequestValidationError(exc.errors())) from None
+
+
+async def read_json(request: Request, limits: BodyLimits, gate: asyncio.Semaphore, model: type[BaseModel] | None = None,
+                    require_object: bool = True):
+    """The body, scanned (``scan``), parsed and, with ``model``, validated into it. A body larger than
+    ``PARSE_IN_THREAD_BYTES`` is handled in a worker thread once ``gate`` lets it in."""
+    raw = await request.body()
+
+    def work():
+        scan(raw, limits)
+        data = load_json(raw, limits.max_depth, require_object)
+        return data if model is None else _validate(data, model)
+
+    if len(raw) <= PARSE_IN_THREAD_BYTES:
+        return work()
+    async with gate:
+        return await asyncio.to_thread(work)
+
+
+async def parse_body(request: Request, model: type[BaseModel], limits: BodyLimits, gate: asyncio.Semaphore):
+    """The body as an instance of ``model`` (see ``read_json``)."""
+    return await read_json(request, limits, gate, model)

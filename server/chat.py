@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Request
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
 from .protocol import ChatCompletionRequest
-from .serving import Prompts, serve, unsupported
+from .completions import TOKENIZE_IN_THREAD_CHARS
+from .request_limits import PromptLimit
+from .serving import Prompts, off_loop, serve, unsupported
+
+# Conversations with more messages than this, or more characters than TOKENIZE_IN_THREAD_CHARS, are
+# rendered and tokenized off the event loop.
+RENDER_IN_THREAD_MESSAGES = 32
 
 
 class Chat:
@@ -37,9 +41,18 @@ class Chat:
             return req.max_completion_tokens, "max_completion_tokens"
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: ChatCompletionRequest, tokenizer) -> Prompts:
-        # rendering and tokenizing can take a while on large bodies: never on the event loop
-        ids, text = await asyncio.to_thread(apply_template, tokenizer, req)
+    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate) -> Prompts:
+        messages = messages_as_dicts(req)
+        # the template writes every message's content into the prompt: contents that cannot fit are
+        # refused before anything is rendered
+        content = "".join(m["content"] for m in messages)
+        limit.check_text(content, "messages", "the prompt")
+        # rendering and tokenizing take a while on large bodies: those go off the event loop
+        if len(messages) > RENDER_IN_THREAD_MESSAGES or len(content) > TOKENIZE_IN_THREAD_CHARS:
+            ids, text = await off_loop(gate, lambda: apply_template(tokenizer, req, messages))
+        else:
+            ids, text = apply_template(tokenizer, req, messages)
+        limit.check_tokens(len(ids), "messages", "the prompt")
         return Prompts([ids], text)
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
@@ -115,8 +128,8 @@ def template_kwargs(raw: dict | None) -> dict:
     return kwargs
 
 
-def apply_template(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], str]:
-    messages = messages_as_dicts(req)
+def apply_template(tokenizer, req: ChatCompletionRequest, messages: list[dict] | None = None) -> tuple[list[int], str]:
+    messages = messages_as_dicts(req) if messages is None else messages
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise errors.bad_request("continue_final_message needs the last message to be from the assistant.", "messages")
     kwargs = template_kwargs(req.chat_template_kwargs)

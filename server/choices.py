@@ -1,6 +1,7 @@
 """The engine requests of one HTTP request: one per choice (``n`` times each prompt).
 
-``ChoiceSet.start`` submits them all at once (all or none: a full queue refuses the whole request);
+``ChoiceSet.start`` submits them all at once (all or none: the engine admits every choice or none, so a
+full queue refuses the whole request and queues nothing);
 their outputs interleave in one queue in the order the engine produces them. Cancelling the set
 (client gone, error, stream closed) closes the engine streams, which aborts those requests and
 frees their slots.
@@ -9,10 +10,12 @@ frees their slots.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from engine.outputs import RequestOutput
+from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
 
 from . import errors
@@ -73,6 +76,53 @@ def usage(specs: list[ChoiceSpec], results: dict[int, ChoiceResult]) -> dict:
 ChoiceFinished = Callable[[str, int, int], None]
 
 
+def _draft_only(out: RequestOutput) -> bool:
+    return out.draft is not None and not out.token_ids and not out.text and not out.finished
+
+
+def merge_drafts(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """``newer``, with ``changed`` covering every position changed since the draft before ``older``:
+    a client that applies it gets the same canvas as one that applied both."""
+    a, b = older.draft, newer.draft
+    changed = tuple(sorted(set(a.changed) | set(b.changed)))
+    return dataclasses.replace(newer, draft=Draft(b.canvas, b.step, b.max_steps, b.token_ids, changed))
+
+
+class Outbox:
+    """The outputs of a request's choices waiting for the response, in order. A draft still waiting
+    when the next draft of the same choice and canvas arrives is merged into it (``merge_drafts``):
+    while the client reads slowly, only committed text and one draft per choice wait here, however
+    long the request runs."""
+
+    def __init__(self):
+        self._items: deque[list] = deque()  # [choice index, output, exception]
+        self._waiting_draft: dict[int, list] = {}  # choice index -> its draft entry still in _items
+        self._ready = asyncio.Event()
+
+    def put(self, index: int, out: RequestOutput | None, exc: BaseException | None = None) -> None:
+        if exc is None and _draft_only(out):
+            entry = self._waiting_draft.get(index)
+            if entry is not None and entry[1].draft.canvas == out.draft.canvas:
+                entry[1] = merge_drafts(entry[1], out)
+                return
+            entry = [index, out, None]
+            self._waiting_draft[index] = entry
+        else:
+            self._waiting_draft.pop(index, None)  # later drafts must not move ahead of this
+            entry = [index, out, exc]
+        self._items.append(entry)
+        self._ready.set()
+
+    async def get(self) -> tuple[int, RequestOutput | None, BaseException | None]:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        entry = self._items.popleft()
+        if self._waiting_draft.get(entry[0]) is entry:
+            del self._waiting_draft[entry[0]]
+        return entry[0], entry[1], entry[2]
+
+
 class ChoiceSet:
     """The engine requests of one HTTP request, and what they produced so far (``results``)."""
 
@@ -83,18 +133,21 @@ class ChoiceSet:
         self.on_choice_finished = on_choice_finished
         self.live = live  # the server's running ChoiceSets (aborted together when a drain times out)
         self.results = {s.index: ChoiceResult(s.index) for s in specs}
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue = Outbox()
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        """Submit every choice. If the engine refuses one (its queue is full, it is dead), the ones
-        already submitted are aborted and the engine's refusal is raised as an ``APIError``."""
+        """Submit every choice, all or none: the engine reserves room for all of them first
+        (``EngineClient.admit``), so a full queue (or a dead engine) refuses the request before any
+        choice is queued. The engine's refusal is raised as an ``APIError``."""
         streams = []
         try:
-            for spec in self.specs:
-                streams.append(self.engine.generate(spec.prompt_ids, spec.params, spec.request_id, prompt_checked=True))
+            with self.engine.admit(len(self.specs)) as admission:
+                for spec in self.specs:
+                    streams.append(self.engine.generate(spec.prompt_ids, spec.params, spec.request_id,
+                                                        prompt_checked=True, admission=admission))
         except Exception as exc:  # noqa: BLE001 - the engine's refusal becomes the request's error
-            for spec, stream in zip(self.specs, streams):
+            for spec, stream in zip(self.specs, streams):  # only if the engine died between two choices
                 await stream.aclose()
                 self.on_choice_finished("abort", len(spec.prompt_ids), 0)
             raise errors.from_engine(exc) from None
@@ -107,7 +160,7 @@ class ChoiceSet:
         try:
             async for out in stream:
                 generated = out.num_generated_tokens
-                self._queue.put_nowait((spec.index, out, None))
+                self._queue.put(spec.index, out)
                 if out.finished:
                     reason = out.finish_reason or "stop"
                     break
@@ -117,7 +170,7 @@ class ChoiceSet:
             raise
         except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
             reason = "error"
-            self._queue.put_nowait((spec.index, None, exc))
+            self._queue.put(spec.index, None, exc)
         finally:
             await stream.aclose()
             self.on_choice_finished(reason, len(spec.prompt_ids), generated)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Request
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
 from .protocol import CompletionRequest
-from .serving import Prompts, serve, unsupported
+from .request_limits import PromptLimit, where
+from .serving import Prompts, off_loop, serve, unsupported
 
 # Prompts longer than this (in characters, all together) are tokenized off the event loop.
 TOKENIZE_IN_THREAD_CHARS = 20000
@@ -40,7 +39,7 @@ class Completions:
     def max_tokens(self, req: CompletionRequest) -> tuple[int | None, str]:
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: CompletionRequest, tokenizer) -> Prompts:
+    async def prompts(self, req: CompletionRequest, tokenizer, limit: PromptLimit, gate) -> Prompts:
         prompt = req.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -48,19 +47,28 @@ class Completions:
             raise errors.bad_request("prompt must not be empty.", "prompt")
         if isinstance(prompt[0], int):
             prompt = [prompt]
+        count = len(prompt)
         if isinstance(prompt[0], str):
             texts = list(prompt)
+            for i, t in enumerate(texts):  # a prompt that cannot fit is refused before any is tokenized
+                limit.check_text(t, "prompt", where(i, count))
 
             def encode():
-                return [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+                out = []
+                for i, t in enumerate(texts):
+                    ids_i = list(tokenizer(t, add_special_tokens=True)["input_ids"])
+                    limit.check_tokens(len(ids_i), "prompt", where(i, count))
+                    out.append(ids_i)
+                return out
 
-            ids = await asyncio.to_thread(encode) if sum(map(len, texts)) > TOKENIZE_IN_THREAD_CHARS else encode()
+            ids = await off_loop(gate, encode) if sum(map(len, texts)) > TOKENIZE_IN_THREAD_CHARS else encode()
         else:
             ids = [list(p) for p in prompt]
             for i, p in enumerate(ids):
                 if not p:
                     raise errors.bad_request("prompt token lists must not be empty.",
                                              f"prompt[{i}]" if len(ids) > 1 else "prompt")
+                limit.check_tokens(len(p), "prompt", where(i, count))
             texts = [None] * len(ids)
         prefixes = None
         if req.echo:

@@ -13,6 +13,18 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 
+class Admission(Protocol):
+    """Places reserved by ``EngineClient.admit``; ``release()`` (or leaving ``with``) frees those not taken."""
+
+    remaining: int
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> "Admission": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
 class EngineClient(Protocol):
     tokenizer: object  # the checkpoint's transformers tokenizer
     model_name: str
@@ -43,11 +55,18 @@ class EngineClient(Protocol):
         raises ``engine.errors.InvalidRequestError``. ``prompt_checked`` skips the per-token check
         of a prompt already accepted once."""
 
+    def admit(self, count: int) -> "Admission":
+        """Reserve room in the queue for ``count`` requests, all or none (the engine's one queue bound).
+        Raises ``QueueFullError`` or ``EngineDeadError`` with nothing queued. The result is a context
+        manager: leaving it gives back the places that no ``generate`` took."""
+
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
-                 prompt_checked: bool = False) -> AsyncIterator[RequestOutput]:
+                 prompt_checked: bool = False, admission: "Admission | None" = None) -> AsyncIterator[RequestOutput]:
         """Submit one request and return its outputs; the last has ``finished=True``. Refuses at
-        once, before returning, with ``InvalidRequestError``, ``QueueFullError`` (the waiting queue
-        is full) or ``EngineDeadError``. Closing the iterator early aborts the request."""
+        once, before returning, with ``InvalidRequestError``; without ``admission`` also with
+        ``QueueFullError`` (the waiting queue is full) or ``EngineDeadError``. With ``admission``
+        (from ``admit``) it takes one of the places reserved there. Closing the iterator early
+        aborts the request."""
 
     def abort(self, request_id: str) -> None:
         """Abort a request from the outside (thread-safe); it finishes with ``abort``."""

@@ -205,4 +205,7 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         logger.exception("internal error on %s %s", request.method, request.url.path)
-        return respond(internal_error())
+        err = internal_error()
+        # Starlette re-raises the exception after this response, and uvicorn then closes the connection
+        err.headers["Connection"] = "close"
+        return respond(err)

@@ -2,16 +2,49 @@
 
 The body is read here (it would be read anyway) and replayed to the app. A body over the limit
 is drained without being stored, so the client gets a 413 response rather than a broken pipe.
+
+After a request with a large body the C allocator is asked to return its free memory to the system
+(``trim_memory``): the body, its parsed form and a refused prompt's text are megabytes each, and
+glibc otherwise keeps freed blocks of that size for reuse, so the process would stay grown.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 from typing import Callable
 
 from .errors import body_too_large, error_response
 
 # Past this many bytes of an oversized body, stop draining and answer at once.
 DRAIN_LIMIT = 256 * 1024 * 1024
+# After a request whose body was at least this large, free memory is returned to the system.
+TRIM_AFTER_BYTES = 1 << 20
+
+
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+_trimming = False
+
+
+async def trim_memory() -> None:
+    """glibc's ``malloc_trim(0)`` in a worker thread (one at a time; nothing elsewhere)."""
+    global _trimming
+    if _MALLOC_TRIM is None or _trimming:
+        return
+    _trimming = True
+    try:
+        await asyncio.to_thread(_MALLOC_TRIM, 0)
+    finally:
+        _trimming = False
 
 
 class BodyLimitMiddleware:
@@ -47,21 +80,40 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False) or total > DRAIN_LIMIT:
                 break
         if too_large:
+            chunks.clear()
             if self.on_reject is not None:
                 self.on_reject(413)
             response = error_response(body_too_large(self.max_bytes))
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
+            if total >= TRIM_AFTER_BYTES:
+                await trim_memory()
             return
 
-        replayed = False
-        full = b"".join(chunks)
+        body = [b"".join(chunks)]
+        chunks.clear()
 
         async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": full, "more_body": False}
+            if body:
+                return {"type": "http.request", "body": body.pop(), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        if total < TRIM_AFTER_BYTES:
+            await self.app(scope, replay, send)
+            return
+        # A large body: the response's last message waits until the app has returned (and dropped the
+        # body, its parsed form and its prompts) and the memory has gone back to the system.
+        last: list[dict] = []
+
+        async def send_all_but_last(message):
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                last.append(message)
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, replay, send_all_but_last)
+        finally:
+            await trim_memory()
+            for message in last:
+                await send(message)

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
 # OpenAI's limit on stop sequences. The other request limits are settings (``settings.py``), checked
-# in ``handling.py``; ``n`` has only its lower bound here.
+# in ``request_limits.py``; ``n`` has only its lower bound here.
 MAX_STOP = 4
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def null_is_default(*names: str):
+    """A validator for fields whose ``null`` means "unset", as in OpenAI's schema (the SDK sends
+    ``"n": null`` for ``n=None``): ``None`` becomes the field's default. Declare such fields
+    ``T | None`` with a non-None default, so the OpenAPI document shows them nullable."""
+
+    def _default_for_null(cls, value, info: ValidationInfo):
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    return field_validator(*names, mode="after")(classmethod(_default_for_null))
 
 
 class StreamOptions(_Lenient):
@@ -37,8 +48,10 @@ class DiffusionFields(_Lenient):
     stability_threshold: StrictInt | None = Field(
         None, description="k: a canvas stops when k+1 successive argmax drafts are equal and ...")
     confidence_threshold: float | None = Field(None, description="... its mean entropy is below this.")
-    stream_drafts: StrictBool = Field(
+    stream_drafts: StrictBool | None = Field(
         False, description="With `stream`: also send every refinement step as a draft chunk (see Draft stream).")
+
+    _null_drafts = null_is_default("stream_drafts")
 
 
 class CommonFields(DiffusionFields):
@@ -51,15 +64,17 @@ class CommonFields(DiffusionFields):
     temperature: float | None = Field(
         default=None, ge=0, le=2, description="Range-checked, then ignored: the `t_max` -> `t_min` schedule governs sampling.")
     top_p: float | None = Field(default=None, ge=0, le=1, description="Range-checked, then ignored.")
-    n: StrictInt = Field(default=1, ge=1, description="Choices per prompt (at most the setting `max_n`).")
+    n: StrictInt | None = Field(default=1, ge=1, description="Choices per prompt (at most the setting `max_n`).")
     stop: Union[str, list[str], None] = Field(
         None, description=f"Up to {MAX_STOP} strings; the text ends before the first one found (`finish_reason: stop`).")
     seed: StrictInt | None = Field(
         None, description="Makes the request reproducible; choice i of a request uses `seed + i`.")
-    stream: StrictBool = Field(False, description="Answer with server-sent events (see Streaming).")
+    stream: StrictBool | None = Field(False, description="Answer with server-sent events (see Streaming).")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream`: `{\"include_usage\": true}`.")
     user: str | None = Field(None, description="Accepted and ignored.")
-    ignore_eos: StrictBool = Field(False, description="Do not stop at eos (fixed-length outputs, for benchmarks).")
+    ignore_eos: StrictBool | None = Field(False, description="Do not stop at eos (fixed-length outputs, for benchmarks).")
+
+    _null_common = null_is_default("n", "stream", "ignore_eos")
 
     @field_validator("stop")
     @classmethod
@@ -81,10 +96,12 @@ PromptType = Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
 
 class CompletionRequest(CommonFields):
     prompt: PromptType = Field(description="A string, a list of token ids, or a list of either (one choice set each).")
-    echo: StrictBool = Field(False, description="Start each choice's text with its prompt.")
-    logprobs: StrictInt | None = Field(None, description="Not supported: a value > 0 is a 400.")
+    echo: StrictBool | None = Field(False, description="Start each choice's text with its prompt.")
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="Not supported: a value > 0 is a 400.")
     suffix: str | None = Field(None, description="Not supported: a non-empty value is a 400.")
-    best_of: StrictInt | None = Field(None, description="Not supported: a value > 1 is a 400 (use `n`).")
+    best_of: StrictInt | None = Field(None, ge=1, description="Not supported: a value > 1 is a 400 (use `n`).")
+
+    _null_echo = null_is_default("echo")
 
 
 class TextPart(_Lenient):
@@ -103,7 +120,7 @@ class ChatCompletionRequest(CommonFields):
         min_length=1, description="Rendered by the checkpoint's chat template; content is a string or text parts.")
     max_completion_tokens: StrictInt | None = Field(None, description="The same as `max_tokens`, and wins over it.")
     logprobs: StrictBool | None = Field(None, description="Not supported: true is a 400.")
-    top_logprobs: StrictInt | None = Field(None, description="Not supported: a value > 0 is a 400.")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Not supported: a value > 0 is a 400.")
     tools: list[Any] | None = Field(None, description="Not supported: a non-empty list is a 400.")
     response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}`.")
     # vLLM-style chat template controls.

@@ -1,16 +1,20 @@
 """The per-request limits the server's settings impose (docs/reliability.md): a request over any of
 them gets a 400 ``limit_exceeded`` naming the setting; nothing is clamped.
 
-Checked in three rounds, each as soon as its inputs exist: ``check_request`` before any prompt is
-tokenized, ``check_prompts`` on the token ids, ``check_resolved`` on the sampling parameters once
-the checkpoint's defaults are filled in.
+Checked in rounds, each as soon as its inputs exist: the body's size and values before it is parsed
+(``bodies.scan``), ``check_request`` before any prompt is tokenized, ``PromptLimit`` on each prompt's
+characters (before tokenizing it) and tokens (right after), ``check_resolved`` on the sampling
+parameters once the checkpoint's defaults are filled in.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from engine.sampling_params import SamplingParams
 
 from . import errors
+from .prompt_bounds import TokenBound
 from .protocol import CommonFields
 
 # A request's choices (prompts x n), each one engine request.
@@ -48,15 +52,51 @@ def check_request(settings, req: CommonFields, num_prompts: int, max_tokens: int
         _check_max_denoising_steps(settings, req.max_denoising_steps)
 
 
-def check_prompts(settings, prompts: list[list[int]], param: str) -> None:
-    """Each prompt's token count against ``max_prompt_tokens``."""
-    limit = settings.max_prompt_tokens
-    if limit is None:
-        return
-    for i, p in enumerate(prompts):
-        if len(p) > limit:
-            where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-            raise limit_error(f"{where} has {len(p)} tokens, the limit is {limit} (setting max_prompt_tokens).", param)
+@dataclass(frozen=True)
+class PromptLimit:
+    """The most tokens one prompt may have: ``max_prompt_tokens``, and at most the context length
+    less one (a completion needs a token), whichever is smaller; ``bound`` refuses a text that cannot
+    fit before it is tokenized."""
+
+    tokens: int
+    max_model_len: int
+    from_setting: bool  # max_prompt_tokens is the bound (else the context length)
+    bound: TokenBound | None = None
+
+    @classmethod
+    def of(cls, settings, max_model_len: int, bound: TokenBound | None) -> "PromptLimit":
+        context = max_model_len - 1
+        setting = settings.max_prompt_tokens
+        if setting is not None and setting <= context:
+            return cls(setting, max_model_len, True, bound)
+        return cls(context, max_model_len, False, bound)
+
+    def why(self) -> str:
+        """What sets the limit, ending a refusal's sentence."""
+        if self.from_setting:
+            return f"the limit is {self.tokens} (setting max_prompt_tokens)"
+        return f"this model's maximum context length is {self.max_model_len} tokens, so a prompt may have at most {self.tokens}"
+
+    def _error(self, message: str, param: str) -> errors.APIError:
+        return limit_error(message, param) if self.from_setting else errors.bad_request(message, param)
+
+    def check_text(self, text: str, param: str, where: str) -> None:
+        """Before tokenizing: refuse a text whose characters alone prove it has too many tokens."""
+        found = None if self.bound is None else self.bound.at_least(text, self.tokens)
+        if found is not None:
+            at_least, why = found
+            raise self._error(f"{where} has at least {at_least} tokens ({len(text)} characters: {why}); {self.why()}.",
+                              param)
+
+    def check_tokens(self, count: int, param: str, where: str) -> None:
+        """A tokenized (or token-id) prompt's length."""
+        if count > self.tokens:
+            raise self._error(f"{where} has {count} tokens; {self.why()}.", param)
+
+
+def where(index: int, count: int) -> str:
+    """How a refusal names prompt ``index`` of ``count``."""
+    return f"prompt {index}" if count > 1 else "the prompt"
 
 
 def check_resolved(settings, params: SamplingParams, *, num_prompts: int, n: int, max_tokens_given: bool,

@@ -8,11 +8,12 @@ the shape of a choice) is an ``Endpoint``: ``completions.py`` and ``chat.py`` on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol, TypeVar
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
@@ -27,7 +28,7 @@ from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, co
 from .engine_client import EngineClient
 from .errors import APIError
 from .protocol import CommonFields
-from .request_limits import check_prompts, check_request, check_resolved
+from .request_limits import PromptLimit, check_request, check_resolved
 from .request_log import RequestLog
 
 logger = logging.getLogger("server")
@@ -61,8 +62,9 @@ class Endpoint(Protocol):
     def max_tokens(self, req) -> tuple[int | None, str]:
         """The requested completion length and the field that asked for it."""
 
-    async def prompts(self, req, tokenizer) -> Prompts:
-        """Tokenize the request's prompts (off the event loop when large)."""
+    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore) -> Prompts:
+        """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
+        tokenized, its tokens right after. Large ones are tokenized in a worker thread (``off_loop``)."""
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
         """The choice object a stream sends first for this choice, if any."""
@@ -88,14 +90,14 @@ async def serve(request: Request, api: Endpoint) -> Response:
 
 async def _serve(request: Request, api: Endpoint, state, request_id: str, engine_prefix: str, log: RequestLog):
     settings = state.settings
-    req: CommonFields = await parse_body(request, api.request_model, settings.max_json_depth)
+    req: CommonFields = await parse_body(request, api.request_model, state.body_limits(api.prompt_param),
+                                         state.preprocess_gate)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
     api.check(req)
     max_tokens, max_tokens_param = api.max_tokens(req)
     check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
-    prompts = await api.prompts(req, engine.tokenizer)
-    check_prompts(settings, prompts.ids, api.prompt_param)
+    prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate)
     if settings.log_prompts:
         log.prompt_text = prompts.log_text
     specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix)
@@ -122,6 +124,15 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     log.finish(200, specs, results)
     choices = [api.response_choice(s, results[s.index], prompts) for s in specs]
     return JSONResponse({**base, "object": api.object, "choices": choices, "usage": usage(specs, results)})
+
+
+T = TypeVar("T")
+
+
+async def off_loop(gate: asyncio.Semaphore, work: Callable[[], T]) -> T:
+    """Run ``work`` in a worker thread once ``gate`` (``preprocess_concurrency``) lets it in."""
+    async with gate:
+        return await asyncio.to_thread(work)
 
 
 def unsupported(**fields: tuple[bool, str]) -> None:

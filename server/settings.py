@@ -53,6 +53,22 @@ class ServerSettings:
         "Retry-After while the server keeps listening; in-flight requests and streams get up to this long to "
         "finish, then the rest are aborted (a 503 request_aborted, or that error chunk and [DONE] on a stream) "
         "and the process exits 0. A second SIGINT exits at once.")
+    request_head_timeout_seconds: float = setting(
+        10.0, "Close a connection that has not sent a complete request head (request line and headers) this long "
+        "after it opened or after its previous response: silently if it sent nothing, with a 408 if it sent part "
+        "of one. 0 disables it.")
+    write_timeout_seconds: float = setting(
+        60.0, "Disconnect a client that takes none of a response for this long while the server has data waiting "
+        "for it (a stream whose client stopped reading); its requests are aborted. 0 disables it.")
+    max_connections: int | None = setting(
+        None, "Most open client connections. A connection past it closes the oldest one with no request in "
+        "progress; when every one has a request in progress, it gets a 503 and is closed.",
+        default_text="the open-file limit (raised to its hard limit, at most 65536, at start-up) less a reserve "
+        "of max(64, an eighth of it) for the model's files, logs and the engine")
+    preprocess_concurrency: int = setting(
+        2, "Requests whose large body is parsed, or whose prompts are tokenized or rendered through the chat "
+        "template, at the same time, each in a worker thread; the others wait their turn. Small bodies and short "
+        "prompts are handled at once.")
     ui: bool = setting(True, "Serve the live canvas page at / (assets under /ui/). --no-ui turns it off: / answers 404.")
     cors_allow_origins: list[str] = setting(
         [], "Allow cross-origin browser requests from this origin (e.g. https://app.example.com, or * for any). "
@@ -74,6 +90,9 @@ class ServerSettings:
     max_stop_length: int = limit(
         256, "Longest stop string, in characters (at most 4 stop strings); longer ones get 400.")
     max_json_depth: int = limit(32, "Deepest nesting of arrays and objects in a request body; deeper bodies get 400.")
+    max_json_values: int = limit(
+        65536, "Most strings (object keys included), objects and arrays in a request body, counted before it is "
+        "parsed; more get 400. Numbers are not counted: an array of token ids may be as long as a prompt may be.")
     max_request_denoising_steps: int = limit(
         1024, "Largest max_denoising_steps a request may ask for (a canvas may take up to that many decoder "
         "passes); larger ones get 400.")
@@ -111,7 +130,8 @@ class ServerSettings:
             raise ValueError(f"port must be in 0..65535 (got {self.port!r})")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"log_level must be debug, info, warning, error or critical (got {self.log_level!r})")
-        for name in ("sse_ping_seconds", "graceful_shutdown_seconds"):
+        for name in ("sse_ping_seconds", "graceful_shutdown_seconds", "request_head_timeout_seconds",
+                     "write_timeout_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or value != value:
                 raise ValueError(f"{name} must be a number >= 0 (got {value!r})")
@@ -120,6 +140,10 @@ class ServerSettings:
             if f.metadata.get("group") == "request limits" and value is not None and (
                     not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer (got {value!r})")
+        for name in ("max_connections", "preprocess_concurrency"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (got {value!r})")
         if any(not k for k in self.api_keys):
             raise ValueError("api keys must not be empty")
         # the engine's own settings (dtype, device, budgets), with the model still unresolved

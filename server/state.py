@@ -13,9 +13,12 @@ import time
 from typing import Callable
 
 from . import errors
+from .bodies import BodyLimits
 from .engine_client import EngineClient
 from .metrics import ServerMetrics
 from .middleware import InFlight
+from .prompt_bounds import TokenBound
+from .request_limits import PromptLimit
 from .settings import ServerSettings
 
 logger = logging.getLogger("server")
@@ -35,6 +38,14 @@ def default_engine_factory(settings: ServerSettings, stats_sink) -> EngineClient
     return AsyncEngine(settings.engine_settings(), stats_sink=stats_sink)
 
 
+def _token_bound(tokenizer) -> TokenBound | None:
+    try:
+        return TokenBound.from_tokenizer(tokenizer)
+    except Exception:  # noqa: BLE001 - an unusual tokenizer: prompts are then bounded only once tokenized
+        logger.warning("no character bound on prompts for this tokenizer", exc_info=True)
+        return None
+
+
 class ServerState:
     """Lifecycle of the engine behind the app: loading -> ready -> draining (or failed)."""
 
@@ -51,6 +62,9 @@ class ServerState:
         self.load_error: str | None = None
         self.created = int(time.time())
         self._load_task: asyncio.Task | None = None
+        # large bodies parsed, prompts tokenized, chat templates rendered: this many at once, in worker threads
+        self.preprocess_gate = asyncio.Semaphore(settings.preprocess_concurrency)
+        self.token_bound: TokenBound | None = None  # from the tokenizer, once loaded
 
     # lifecycle
 
@@ -61,6 +75,7 @@ class ServerState:
         t0 = time.monotonic()
         try:
             engine = await asyncio.to_thread(self.engine_factory, self.settings, self.metrics)
+            token_bound = await asyncio.to_thread(_token_bound, engine.tokenizer)
         except Exception as exc:  # noqa: BLE001
             logger.exception("failed to load the model %s", self.settings.model)
             self.status = "failed"
@@ -72,6 +87,7 @@ class ServerState:
             await asyncio.to_thread(engine.shutdown)
             return
         engine.start()
+        self.token_bound = token_bound
         self.engine = engine
         self.metrics.bind_engine_gauges(self._engine_counts, self._engine_live_states, self._engine_kv_usage)
         self.status = "ready"
@@ -131,6 +147,20 @@ class ServerState:
         if not self.engine.healthy:
             raise errors.unavailable("The engine has stopped; the server needs a restart.", "engine_dead")
         return self.engine
+
+    def prompt_limit(self, engine: EngineClient) -> PromptLimit:
+        return PromptLimit.of(self.settings, engine.max_model_len, self.token_bound)
+
+    def body_limits(self, array_param: str | None) -> BodyLimits:
+        """What a /v1 body may hold before it is parsed: ``max_json_depth``, ``max_json_values``, and no
+        array of numbers longer than a prompt may be (once the model has loaded)."""
+        s = self.settings
+        if self.engine is None:
+            return BodyLimits(s.max_json_depth, s.max_json_values)
+        limit = self.prompt_limit(self.engine)
+        return BodyLimits(s.max_json_depth, s.max_json_values, limit.tokens,
+                          f"longer than any this server accepts: {limit.why()}.", array_param,
+                          "limit_exceeded" if limit.from_setting else None)
 
     def model_names(self) -> list[str]:
         engine_name = self.engine.model_name if self.engine is not None else None

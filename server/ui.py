@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from . import errors
 from .auth import bearer_token, key_matches
+from .bodies import BodyLimits, read_json
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_DETOKENIZE_IDS = 4096
@@ -77,10 +78,12 @@ async def ui_config(request: Request):
 async def ui_detokenize(request: Request):
     if not _authorized(request):
         raise errors.unauthorized()
-    try:
-        body = await request.json()
-    except ValueError:
-        raise errors.bad_request("The body must be JSON: {\"ids\": [int, ...]}", "ids") from None
+    state = request.app.state.server
+    settings = state.settings
+    # the same strict, bounded parsing as /v1 (depth, values, no NaN, invalid UTF-8 ...)
+    limits = BodyLimits(settings.max_json_depth, settings.max_json_values, MAX_DETOKENIZE_IDS,
+                        f"more than /ui/detokenize takes (at most {MAX_DETOKENIZE_IDS} ids per request).", "ids")
+    body = await read_json(request, limits, state.preprocess_gate, require_object=False)
     ids = body.get("ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise errors.bad_request("'ids' must be a list of integers", "ids")

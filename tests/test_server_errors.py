@@ -169,7 +169,8 @@ def test_413_body_too_large(live_server):
     assert_error(r, 413, code="request_too_large")
     # just under the limit is fine (a 400 for the context length, not a 413)
     ok = {"prompt": "x" * (live_server.body_limit - 100)}
-    assert_error(post(live_server, "/completions", ok), 400, param="max_tokens")
+    err = assert_error(post(live_server, "/completions", ok), 400, param="prompt")  # refused before tokenizing
+    assert "context length" in err["message"]
 
 
 def test_disconnect_aborts_the_request(live_server):
@@ -330,8 +331,12 @@ class FaultyEngine:
             raise KeyError("secret internal detail")
         return self.inner.resolve(prompt_ids, params, **kwargs)
 
-    async def generate(self, prompt_ids, params, request_id, **kwargs):
+    def generate(self, prompt_ids, params, request_id, **kwargs):
+        # submitted at once, as EngineClient.generate says (it may take a place reserved by admit)
         agen = self.inner.generate(prompt_ids, params, request_id, **kwargs)
+        return self._faulty(agen, request_id)
+
+    async def _faulty(self, agen, request_id):
         n = 0
         try:
             async for out in agen:
