@@ -15,6 +15,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import create_app
+from .http_protocol import (
+    AcceptErrorLog,
+    ConnectionGuard,
+    accept_burst,
+    connection_cap,
+    protocol_class,
+    raise_file_limit,
+    relisten,
+)
 from .settings import ServerSettings
 from .state import ABORT_GRACE_SECONDS
 
@@ -24,17 +33,24 @@ logger = logging.getLogger("server")
 class DrainingServer(uvicorn.Server):
     """A uvicorn server that drains ``app`` before closing; its exit status is 0 after a drain."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float, accept_note: str = ""):
         super().__init__(config)
         self.app = app
         self.drain_seconds = drain_seconds
+        self.accept_note = accept_note
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._drain_task: asyncio.Future | None = None
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(AcceptErrorLog(self._loop, note=self.accept_note))
         await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            relisten(server.sockets)
 
     def handle_exit(self, sig, frame) -> None:
         # not calling super(): uvicorn would re-raise the signal at exit (status -15 instead of 0)
@@ -74,8 +90,14 @@ def run(settings: ServerSettings) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
+    file_limit = raise_file_limit()
+    max_connections = connection_cap(settings.max_connections, file_limit)
+    guard = ConnectionGuard(settings.request_head_timeout_seconds, settings.write_timeout_seconds, max_connections,
+                            on_reject=app.state.metrics.count_error)
     config = uvicorn.Config(
         app,
+        http=protocol_class(guard),
+        backlog=accept_burst(file_limit),  # see relisten
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -88,10 +110,11 @@ def run(settings: ServerSettings) -> int:
     from sse_starlette.sse import AppStatus
 
     AppStatus.disable_automatic_graceful_drain()
-    server = DrainingServer(config, app, settings.graceful_shutdown_seconds)
+    server = DrainingServer(config, app, settings.graceful_shutdown_seconds,
+                            accept_note=f"; max_connections is {max_connections}, the open-file limit {file_limit}")
     logger.info(
-        "diffusion-server on http://%s:%d (model %s, auth %s)",
-        settings.host, settings.port, settings.model, "on" if settings.api_keys else "off",
+        "diffusion-server on http://%s:%d (model %s, auth %s, at most %d connections)",
+        settings.host, settings.port, settings.model, "on" if settings.api_keys else "off", max_connections,
     )
     server.run()
     if failed:

@@ -1,0 +1,286 @@
+"""The HTTP layer under hostile clients, against real server processes on loopback and raw sockets:
+idle and slow connections, the connection cap below the open-file limit, accept() failures, request
+framing (Content-Length with Transfer-Encoding), oversized and malformed heads, the trailing-slash
+redirect, a client that half-closes, and a stream whose client never reads (docs/reliability.md,
+"HTTP connections")."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer
+
+SLOW = {"max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64, "stability_threshold": 1000}
+ABORT = ("diffusion_server:request_success_total", frozenset({("finished_reason", "abort")}))
+LIVE = ("diffusion_server:engine_live_states", frozenset())
+IN_FLIGHT = ("diffusion_server:http_requests_in_flight", frozenset())
+
+
+def read_response(sock: socket.socket, buffered: bytes = b"") -> tuple[int, dict, bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length from ``sock``: (status, headers, body, bytes after it)."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response head: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    length = int(headers["content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside a response body"
+        rest += chunk
+    return status, headers, rest[:length], rest[length:]
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def assert_openai_error(body: bytes, code: str) -> dict:
+    err = json.loads(body)
+    assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}, err
+    assert err["error"]["code"] == code, err
+    return err["error"]
+
+
+def connect(server, timeout: float = 30.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def http_server(server_launcher, server_tiny_checkpoint):
+    return server_launcher(["--model", str(server_tiny_checkpoint), "--request-head-timeout-seconds", "1",
+                            "--write-timeout-seconds", "1"], model_name=str(server_tiny_checkpoint))
+
+
+# -- idle connections (issue 20, item 2) ------------------------------------------------------------
+
+
+def test_connection_that_sends_nothing_is_closed(http_server):
+    with connect(http_server) as sock:
+        assert read_to_eof(sock) == b""  # closed by the server, silently: it never asked for anything
+
+
+def test_partial_request_head_gets_408(http_server):
+    with connect(http_server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        status, headers, body, rest = read_response(sock)
+        assert status == 408 and headers["connection"] == "close"
+        assert_openai_error(body, "request_timeout")
+        assert rest + read_to_eof(sock) == b""
+
+
+def test_keep_alive_connection_serves_then_closes_when_idle(http_server):
+    with connect(http_server) as sock:
+        for _ in range(2):  # the head timeout starts again after each response
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body, rest = read_response(sock)
+            assert status == 200 and json.loads(body) == {"status": "ok"} and rest == b""
+        assert read_to_eof(sock) == b""
+
+
+# ``python -m server`` with an open-file limit of 256 (soft and hard), as a LiveServer command
+FILE_LIMITED = [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+                "from server.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+@pytest.fixture
+def file_limited(server_launcher, server_tiny_checkpoint):
+    def launch(*args: str) -> LiveServer:
+        return server_launcher(["--model", str(server_tiny_checkpoint), *args], command=FILE_LIMITED)
+
+    return launch
+
+
+def test_idle_sockets_past_the_file_limit_leave_health_answering(file_limited):
+    """300 idle connections to a server allowed 256 files: the oldest idle ones are closed to make room
+    (the cap is below the file limit), so /health still answers and accept() never fails."""
+    server = file_limited("--request-head-timeout-seconds", "60")
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(300)]
+    try:
+        r = httpx.get(server.url + "/health", timeout=10)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}
+        closed = 0
+        for s in socks:
+            s.settimeout(0.0)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+        assert closed >= 300 - 192  # the cap: 256 files less a reserve of 64
+    finally:
+        for s in socks:
+            s.close()
+    log = server.log()
+    assert "Traceback" not in log and "cannot accept" not in log and "out of system resource" not in log
+
+
+def test_accept_failures_are_logged_once_per_interval(file_limited):
+    """With the cap set above the file limit, accept() does run out of descriptors: the log gets one
+    line per interval with a count (not a traceback per failed call), and the server recovers once
+    the idle connections time out."""
+    server = file_limited("--max-connections", "1000", "--request-head-timeout-seconds", "1")
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(300)]
+    try:
+        for s in socks:  # every one is accepted in time and closed by the head timeout
+            s.settimeout(60)
+            assert read_to_eof(s) == b""
+    finally:
+        for s in socks:
+            s.close()
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    log = server.log()
+    reports = [ln for ln in log.splitlines() if "cannot accept connections" in ln]
+    assert 1 <= len(reports) <= 3, reports
+    assert "Too many open files" in reports[0] and "max_connections is 1000" in reports[0]
+    assert "Traceback" not in log and "out of system resource" not in log
+    assert len(log) < 20000
+
+
+# -- framing and malformed requests (items 5, 11) ---------------------------------------------------
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_closed(http_server):
+    """The bytes after the chunked body must not be served as a second request (request smuggling)."""
+    body = b'{"prompt": "hi", "max_tokens": 2}'
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+               b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n") % (len(body), len(body), body)
+    with connect(http_server) as sock:
+        sock.sendall(request)
+        status, headers, payload, rest = read_response(sock)
+        assert status == 400 and headers["connection"] == "close"
+        err = assert_openai_error(payload, "invalid_http_request")
+        assert "Content-Length and Transfer-Encoding" in err["message"]
+        assert rest + read_to_eof(sock) == b""  # no second response
+
+
+@pytest.mark.parametrize("request_bytes,status,code", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431, "request_header_too_large"),
+    (b"GARBAGE\r\n\r\n", 400, "invalid_http_request"),
+    (b"GET /health HTTP/1.1\r\n\r\n", 400, "invalid_http_request"),  # no Host
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", 400, "invalid_http_request"),
+])
+def test_malformed_requests_get_openai_errors(http_server, request_bytes, status, code):
+    with connect(http_server) as sock:
+        sock.sendall(request_bytes)
+        got, headers, payload, rest = read_response(sock)
+        assert got == status and headers["content-type"] == "application/json" and headers["connection"] == "close"
+        assert_openai_error(payload, code)
+        assert rest + read_to_eof(sock) == b""  # a clean close after the answer, not a reset
+
+
+def test_trailing_slash_is_not_redirected(http_server):
+    """No 307 to a URL built from the Host header: the slash form is an unknown route."""
+    for method, path in (("POST", "/v1/completions/"), ("POST", "/v1/chat/completions/"), ("GET", "/v1/models/")):
+        r = httpx.request(method, http_server.url + path, headers={"Host": "evil.example"}, json={}, timeout=10)
+        assert r.status_code == 404 and "location" not in r.headers, (path, r.status_code, r.headers)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# -- half-closed and non-reading clients (decided, documented) --------------------------------------
+
+
+def wait_for(server, key, value, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if m.get(key, 0) >= value:
+            return m
+        assert time.monotonic() < deadline, (key, m.get(key), value)
+        time.sleep(0.1)
+
+
+def test_half_close_after_the_request_is_a_disconnect(http_server):
+    """A client that shuts down its sending side after the request is taken as gone: its request is
+    aborted and its slot freed (TCP cannot tell a half-close from a client that went away)."""
+    before = http_server.wait_idle()
+    body = json.dumps({"prompt": "half", **SLOW}).encode()
+    with connect(http_server) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(http_server, ("diffusion_server:num_requests_running", frozenset()), 1)
+        sock.shutdown(socket.SHUT_WR)
+        after = wait_for(http_server, ABORT, before.get(ABORT, 0) + 1)
+    assert after[ABORT] == before.get(ABORT, 0) + 1
+
+
+def test_stream_whose_client_never_reads_is_disconnected(http_server):
+    """The client stops reading: once the server's buffers are full and nothing moves for
+    --write-timeout-seconds, the connection is closed and the request aborted."""
+    before = http_server.wait_idle()
+    # 16 choices with drafts: enough bytes a second to fill the kernel's buffers (megabytes) quickly
+    body = json.dumps({"prompt": "never read", "stream": True, "stream_drafts": True, "n": 16, **SLOW}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the server's buffers fill sooner
+    sock.connect(("127.0.0.1", http_server.port))
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        after = wait_for(http_server, ABORT, before.get(ABORT, 0) + 16, timeout=120)
+    finally:
+        sock.close()
+    assert after[ABORT] == before.get(ABORT, 0) + 16
+    assert "took no response data for 1s" in http_server.log()
+    clean = http_server.wait_idle()
+    assert clean[LIVE] == 0
+
+
+def test_slow_reader_gets_merged_drafts_that_still_add_up(live_server, server_tiny_checkpoint, server_sse):
+    """While a client reads slower than the drafts come, a waiting draft is merged into the next one of
+    the same canvas (the server holds one draft per choice, not every step): fewer draft chunks arrive,
+    and applying each chunk's ``changed`` / ``changed_token_ids`` still rebuilds every draft exactly."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server_tiny_checkpoint)
+    canvases, steps, n = 10, 64, 16
+    body = json.dumps({"model": live_server.model_name, "prompt": "slow reader", "stream": True, "stream_drafts": True,
+                       "n": n, "max_tokens": 16 * canvases, "ignore_eos": True, "max_denoising_steps": steps,
+                       "stability_threshold": 1000}).encode()
+    live_server.wait_idle()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live_server.port))
+    with sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                     % (live_server.api_key.encode(), len(body), body))
+        wait_for(live_server, ("diffusion_server:num_requests_running", frozenset()), 1)
+        live_server.wait_idle(timeout=120)  # the engine finished while nothing was read
+        sock.settimeout(60)
+        raw = read_to_eof(sock)
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0]
+    text = b""
+    while chunked:  # undo the chunked transfer coding
+        size, _, chunked = chunked.partition(b"\r\n")
+        size = int(size, 16)
+        text, chunked = text + chunked[:size], chunked[size + 2:]
+    frames = server_sse.parse_json(text)
+    drafts = [(c["index"], c["diffusion"]) for f in frames[:-1] for c in f.get("choices", []) if "diffusion" in c]
+    assert len(drafts) < n * canvases * steps  # some were merged
+    canvas_state: dict[tuple[int, int], list[int]] = {}
+    for index, d in drafts:
+        tokens = canvas_state.setdefault((index, d["canvas"]), [0] * 16)
+        for pos, tok in zip(d["changed"], d["changed_token_ids"]):
+            tokens[pos] = tok
+        assert tokenizer.decode(tokens, skip_special_tokens=True) == d["draft"], (index, d["canvas"], d["step"])
+    assert {key[0] for key in canvas_state} == set(range(n)) and {key[1] for key in canvas_state} == set(range(canvases))
+    finished = [c for f in frames[:-1] for c in f.get("choices", []) if c.get("finish_reason")]
+    assert sorted(c["index"] for c in finished) == list(range(n)) and {c["finish_reason"] for c in finished} == {"length"}

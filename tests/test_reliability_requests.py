@@ -1,0 +1,178 @@
+"""Requests that are large, oddly shaped or ill-timed, against real server processes: memory bounds
+before tokenizing and before parsing, the /ui body checks, the served name in /v1/models, null as
+"unset", and all-or-none admission of a request's choices (docs/reliability.md, "Large requests"
+and "Admission")."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.test_reliability_http import assert_openai_error, read_response
+
+SLOW = {"max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64, "stability_threshold": 1000}
+ABORT = ("diffusion_server:request_success_total", frozenset({("finished_reason", "abort")}))
+RUNNING = ("diffusion_server:num_requests_running", frozenset())
+WAITING = ("diffusion_server:num_requests_waiting", frozenset())
+
+
+def memory(pid: int) -> dict[str, int]:
+    """The server's resident memory now (VmRSS) and at its peak (VmHWM), in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) // 1024
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_server(server_launcher, server_tiny_checkpoint):
+    """Default limits (16 MiB bodies, prompts bounded by the 4096-token context)."""
+    return server_launcher(["--model", str(server_tiny_checkpoint), "--served-model-name", "served-tiny"],
+                           model_name="served-tiny")
+
+
+# -- item 1: prompts that cannot fit are refused before they are tokenized ---------------------------
+
+
+@pytest.mark.parametrize("case,body,param,needle", [
+    ("15M-characters", {"prompt": "x" * 15_000_000}, "prompt", "at least"),
+    ("256-prompts-of-60KB", {"prompt": ["y" * 60_000] * 256}, "prompt", "prompt 0 has at least"),
+    ("chat-14M-characters", {"messages": [{"role": "user", "content": "z" * 7_000_000}] * 2}, "messages", "at least"),
+    ("7M-token-ids", {"prompt": [1] * 7_000_000}, "prompt", "array of 7000000 numbers"),
+])
+def test_prompt_that_cannot_fit_costs_no_memory(default_server, case, body, param, needle):
+    """Today's code tokenized such a prompt first: 30 s and 6 GB for 15M characters. Now the refusal
+    comes from the characters (or the array) alone, and the process does not grow."""
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    pid = default_server.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to the current size
+    before = memory(pid)
+    r = httpx.post(default_server.url + path, content=payload, headers={"Content-Type": "application/json"}, timeout=120)
+    after = memory(pid)
+    assert r.status_code == 400, r.text[:300]
+    err = assert_openai_error(r.content, None)
+    assert err["param"] == param and needle in err["message"], err
+    assert "context length is 4096" in err["message"], err
+    # the body itself is parsed once (tens of MiB at the peak); no tokenizer output, and all of it returned
+    assert after["VmHWM"] - before["VmRSS"] < 300, (before, after)
+    assert after["VmRSS"] - before["VmRSS"] < 48, (before, after)
+    assert httpx.get(default_server.url + "/health", timeout=10).status_code == 200
+
+
+# -- item 3: bodies with very many values are refused before they are parsed -------------------------
+
+
+def test_very_many_messages_are_refused_before_parsing(default_server):
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}] * 300_000}).encode()
+    r = httpx.post(default_server.url + "/v1/chat/completions", content=body, timeout=120,
+                   headers={"Content-Type": "application/json"})
+    err = assert_openai_error(r.content, "limit_exceeded")
+    assert r.status_code == 400 and "max_json_values" in err["message"] and "1200001" in err["message"], err
+    # under the limit, a long conversation is fine
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(201)]
+    r = httpx.post(default_server.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+
+
+# -- item 4: the /ui endpoints parse bodies like /v1 ------------------------------------------------
+
+
+def test_ui_detokenize_deep_json_is_a_400_and_keeps_the_connection(default_server):
+    deep = b'{"ids": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with socket.create_connection(("127.0.0.1", default_server.port), timeout=30) as sock:
+        sock.sendall(b"POST /ui/detokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(deep), deep))
+        status, headers, payload, rest = read_response(sock)
+        assert status == 400 and headers.get("connection") != "close"
+        assert_openai_error(payload, "json_too_deep")
+        ok = b'{"ids": [5, 77]}'
+        sock.sendall(b"POST /ui/detokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(ok), ok))  # the same connection still serves
+        status, _, payload, _ = read_response(sock, rest)
+        assert status == 200 and json.loads(payload)["texts"] == ["\x00", "H"]
+    for raw, code in ((b'{"ids": [1, NaN]}', "invalid_json"), (b'{"ids": [' + b"1," * 5000 + b"1]}", "limit_exceeded")):
+        r = httpx.post(default_server.url + "/ui/detokenize", content=raw, headers={"Content-Type": "application/json"},
+                       timeout=30)
+        assert r.status_code == 400
+        assert_openai_error(r.content, code)
+    assert "Traceback" not in default_server.log()
+
+
+# -- item 6: /v1/models shows the served name only ---------------------------------------------------
+
+
+def test_models_show_the_served_name_only(default_server, server_tiny_checkpoint):
+    r = httpx.get(default_server.url + "/v1/models", timeout=10)
+    assert r.status_code == 200
+    assert str(server_tiny_checkpoint) not in r.text and "/" not in json.dumps(r.json()["data"][0]["root"])
+    card = r.json()["data"][0]
+    assert card["id"] == card["root"] == "served-tiny"
+    assert httpx.get(default_server.url + "/v1/models/served-tiny", timeout=10).json()["id"] == "served-tiny"
+    r = httpx.get(default_server.url + "/v1/models/" + str(server_tiny_checkpoint).lstrip("/"), timeout=10)
+    assert r.status_code == 404
+    assert_openai_error(r.content, "model_not_found")
+    assert str(server_tiny_checkpoint) not in r.text.replace(str(server_tiny_checkpoint).lstrip("/"), "")
+
+
+# -- item 7: null is "unset" where OpenAI's schema allows it -----------------------------------------
+
+
+def test_null_means_unset(default_server):
+    nulls = {"n": None, "stream": None, "echo": None, "stream_options": None, "logprobs": None, "best_of": None,
+             "seed": None, "stop": None, "temperature": None, "top_p": None, "user": None, "max_tokens": 4}
+    r = httpx.post(default_server.url + "/v1/completions", json={"prompt": "hi", **nulls}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["object"] == "text_completion"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n": None, "stream": None, "max_tokens": 4,
+            "max_completion_tokens": None, "logprobs": None, "top_logprobs": None, "tools": None}
+    r = httpx.post(default_server.url + "/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["object"] == "chat.completion"
+    client = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.completions.create(model="served-tiny", prompt="hi", max_tokens=4, n=None, echo=None)
+    assert len(reply.choices) == 1
+    reply = client.chat.completions.create(model="served-tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, n=None)
+    assert len(reply.choices) == 1
+
+
+# -- item 9: a request's choices are admitted all or none --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_queue(server_launcher, server_tiny_checkpoint):
+    """Room for 1 running and 3 waiting requests."""
+    return server_launcher(["--model", str(server_tiny_checkpoint), "--max-num-seqs", "1", "--max-waiting", "3"])
+
+
+def test_refused_multi_choice_request_queues_and_aborts_nothing(small_queue):
+    url = small_queue.url + "/v1/completions"
+    before = small_queue.wait_idle()
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", url, json={"prompt": "busy", "stream": True, "stream_drafts": True, **SLOW}) as r:
+            lines = r.iter_lines()
+            assert r.status_code == 200 and '"diffusion"' in next(line for line in lines if line.startswith("data: {"))
+            # 3 places are free: n=4 needs 4, so none of its choices may be queued
+            r4 = httpx.post(url, json={"prompt": "x", "n": 4, "max_tokens": 2}, timeout=60)
+            assert r4.status_code == 429 and r4.headers["retry-after"] == "1"
+            assert_openai_error(r4.content, "queue_full")
+            m = small_queue.metrics()
+            assert m[WAITING] == 0 and m[RUNNING] == 1
+            assert m.get(ABORT, 0) == before.get(ABORT, 0)  # today's code queued 3, then aborted them
+            # n=3 fits exactly: all three wait behind the running request
+            with httpx.Client(timeout=60) as other:
+                with other.stream("POST", url, json={"prompt": "x", "n": 3, "max_tokens": 2, "stream": True}) as r3:
+                    assert r3.status_code == 200
+                    assert small_queue.metrics()[WAITING] == 3
+    after = small_queue.wait_idle()
+    assert after[ABORT] == before.get(ABORT, 0) + 4  # the two streams closed above, nothing else
+    r = httpx.post(url, json={"prompt": "x", "n": 4, "max_tokens": 2}, timeout=60)  # all four fit now
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
