@@ -41,12 +41,13 @@ def measure(sampler: str, canvas: int) -> dict:
     """Run one step of ``sampler`` over one row in this process; returns the peak RSS growth."""
     import torch
 
-    from engine.sampling import SamplerRow, make_sampler
+    from engine.sampling import make_sampler
+    from engine.work import DecodeWork
 
     model = _model(canvas)
     s = make_sampler(sampler, model, torch.device("cpu"), tile_bytes=1 << 40, threaded=True, max_num_seqs=1)
     s.add("row", 1)
-    row = [SamplerRow("row", 0, 10, 32, 0.4, 0.8, 0.1, 0.005)]
+    row = [DecodeWork("row", False, 0, 10, 32, 0.4, 0.8, 0.1, 0.005)]
     hidden = torch.randn(1, canvas, HIDDEN)
     s.initial_canvas(row[0])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -18,7 +18,7 @@ from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
 from .rowwise_attention import BatchLayout, batch_layout
 from .rowwise_experts import MIN_ROWS
-from .sampling import Sampler, SamplerRow, make_sampler
+from .sampling import Sampler, make_sampler
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
 
 logger = logging.getLogger("engine")
@@ -236,19 +236,17 @@ class ModelRunner:
         work = sorted(work, key=lambda w: self.kv.get(w.request_id).slot)
         ids = [w.request_id for w in work]
         states = [self.rows[r] for r in ids]
-        rows = [SamplerRow(w.request_id, w.canvas_index, w.cur_step, w.max_steps, w.t_min, w.t_max,
-                           w.entropy_bound, w.confidence_threshold) for w in work]
-        for w, row, st in zip(work, rows, states):
+        for w, st in zip(work, states):
             if w.new_canvas:
-                st.canvas = self.sampler.initial_canvas(row)
+                st.canvas = self.sampler.initial_canvas(w)
                 st.soft_embeddings = None
         inputs, graphed = self._decoder_inputs(ids, states)
         # the sampler may draw while the forward runs (started once the inputs are built, so that a
         # CPU worker's draw loop shares the GIL with the forward only)
-        self.sampler.begin(rows)
+        self.sampler.begin(work)
         hidden = self._decoder_hidden(inputs, graphed)  # [B, C, hidden]
         t0 = time.perf_counter()
-        out = self.sampler.sample(hidden, rows)
+        out = self.sampler.sample(hidden, work)
         sampling = self.sampler.sampling_seconds
         self._sampling_seconds += sampling
         self._forward_seconds += time.perf_counter() - t0 - sampling  # the lm head and the soft embeddings

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from engine import EngineSettings  # noqa: E402
 from engine.loader import load_model  # noqa: E402
-from engine.sampling import SamplerRow  # noqa: E402
+from engine.work import DecodeWork  # noqa: E402
 from engine.sampling.counter_rng import GUMBEL, step_key  # noqa: E402
 from engine.sampling.fast import FastSampler, block_stats  # noqa: E402
 from engine.sampling.triton_stats import triton_block_stats  # noqa: E402
@@ -60,7 +60,7 @@ def test_fast_sampler_with_the_kernel_matches_the_pytorch_statistics_in_bf16(tmp
     path = build_tiny_checkpoint(tmp_path / "m", TinySpec(extra_vocab=30))
     model = load_model(EngineSettings(model=str(path), device="cuda")).model
     assert next(model.parameters()).dtype == torch.bfloat16
-    rows = [SamplerRow(f"r{i}", 0, 6 - i, 8, 0.4, 0.8, 0.5, 0.5) for i in range(4)]
+    rows = [DecodeWork(f"r{i}", False, 0, 6 - i, 8, 0.4, 0.8, 0.5, 0.5) for i in range(4)]
     g = torch.Generator(device=CUDA).manual_seed(1)
     hidden = (torch.randn(4, model.config.canvas_length, model.config.text_config.hidden_size, device=CUDA,
                           generator=g) * 3).to(torch.bfloat16)

@@ -10,10 +10,10 @@ import torch
 
 from engine import EngineSettings
 from engine.loader import load_model
-from engine.sampling import SamplerRow
 from engine.sampling.counter_rng import GUMBEL, RENOISE, gumbel, step_key, uniform_tokens, values
 from engine.sampling.fast import FastSampler
 from engine.sampling.schedule import step_temperature
+from engine.work import DecodeWork
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 SEEDS = [11, 12, 13, 14, 15]
@@ -26,9 +26,9 @@ def model(tmp_path_factory):
     return load_model(EngineSettings(model=str(path), dtype="float32")).model
 
 
-def rows(n: int, step: int = 5, bound: float = 0.5) -> list[SamplerRow]:
-    return [SamplerRow(f"r{i}", canvas_index=i % 2, cur_step=step - i % 3, max_steps=8, t_min=0.4, t_max=0.8 + 0.1 * i,
-                       entropy_bound=bound, confidence_threshold=0.5) for i in range(n)]
+def rows(n: int, step: int = 5, bound: float = 0.5) -> list[DecodeWork]:
+    return [DecodeWork(f"r{i}", new_canvas=False, canvas_index=i % 2, cur_step=step - i % 3, max_steps=8, t_min=0.4,
+                       t_max=0.8 + 0.1 * i, entropy_bound=bound, confidence_threshold=0.5) for i in range(n)]
 
 
 def sampler(model, *, chunk: int = 8192, block: int = 16, rows_per_tile_bytes: int = 1 << 30) -> FastSampler:
@@ -45,7 +45,7 @@ def hidden_states(model, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, C, H, generator=g) * 3  # spread logits: some peaked positions, some flat
 
 
-def naive(model, hidden: torch.Tensor, rows: list[SamplerRow]):
+def naive(model, hidden: torch.Tensor, rows: list[DecodeWork]):
     """The formulas over whole [n, C, V] tensors."""
     text = model.config.text_config
     V, C = text.vocab_size, model.config.canvas_length

@@ -21,10 +21,10 @@ _SCRIPT = r"""
 import torch
 from engine import EngineSettings
 from engine.loader import load_model
-from engine.sampling import SamplerRow
 from engine.sampling.counter_rng import GUMBEL, step_key
 from engine.sampling.fast import FastSampler, block_stats
 from engine.sampling.triton_stats import triton_block_stats
+from engine.work import DecodeWork
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 torch.manual_seed(0)
@@ -46,7 +46,7 @@ for v0, width in ((0, 128), (256, 35)):  # a whole chunk, and the vocabulary's r
 # the whole sampler with the kernel: the same tokens as with the specification
 path = build_tiny_checkpoint("$TMP", TinySpec(extra_vocab=30))
 model = load_model(EngineSettings(model=path.as_posix(), dtype="float32")).model
-rows = [SamplerRow(f"r{i}", 0, 6 - i, 8, 0.4, 0.8, 0.5, 0.5) for i in range(3)]
+rows = [DecodeWork(f"r{i}", False, 0, 6 - i, 8, 0.4, 0.8, 0.5, 0.5) for i in range(3)]
 hidden = torch.randn(3, model.config.canvas_length, model.config.text_config.hidden_size) * 3
 outs = []
 for stats in (None, triton_block_stats):

@@ -1,7 +1,7 @@
 """Sampling: one denoising step's sampler, from the decoder's final hidden states to the next canvas.
 
 The runner hands a ``Sampler`` the hidden states [B, C, hidden] of a decoder batch and each row's
-parameters (``SamplerRow``), and gets back ``SampleResult``: per row the draft (argmax canvas), the
+step (the scheduler's ``DecodeWork``: canvas index, step, schedule, bounds), and gets back ``SampleResult``: per row the draft (argmax canvas), the
 next (renoised) canvas, whether the row is confident and usable, and the self-conditioning soft
 embeddings. The lm head, soft-capping, the temperature schedule, entropy-bound acceptance, renoising,
 tiling and random draws all live inside the implementation. Two implementations
@@ -25,20 +25,7 @@ from typing import Protocol
 import torch
 
 from ..settings import SAMPLERS  # noqa: F401 - the names, where the settings validate them
-
-
-@dataclass(frozen=True)
-class SamplerRow:
-    """One canvas's step, as the sampler needs it (plain data from the scheduler's ``DecodeWork``)."""
-
-    request_id: str
-    canvas_index: int  # canvases this request committed before this one
-    cur_step: int  # steps remaining, N..1 (transformers' convention)
-    max_steps: int
-    t_min: float
-    t_max: float
-    entropy_bound: float
-    confidence_threshold: float
+from ..work import DecodeWork
 
 
 @dataclass
@@ -65,14 +52,14 @@ class Sampler(Protocol):
     def num_live_states(self) -> int:
         """Requests whose random state is held (0 when idle)."""
 
-    def initial_canvas(self, row: SamplerRow) -> torch.Tensor:
+    def initial_canvas(self, row: DecodeWork) -> torch.Tensor:
         """[C] long: the uniform random canvas a new canvas starts from."""
 
-    def begin(self, rows: list[SamplerRow]) -> None:
+    def begin(self, rows: list[DecodeWork]) -> None:
         """Called before the decoder's forward for ``rows`` (in the order ``sample`` will get them):
         an implementation may draw ahead while the forward runs."""
 
-    def sample(self, hidden: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
+    def sample(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         """One step for every row: ``hidden`` is the decoder's output after its final norm."""
 
     def end(self) -> None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import SampleResult, SamplerRow
+from ..work import DecodeWork
+from . import SampleResult
 from .counter_rng import GUMBEL, INITIAL_CANVAS, RENOISE, gumbel, step_key, uniform_tokens, values
 from .schedule import step_temperature
 
@@ -134,7 +135,7 @@ def block_stats(z: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor, counte
     return partial, e.view(N, width)
 
 
-def row_keys(seeds: list[int], rows: list[SamplerRow], purpose: int, device) -> torch.Tensor:
+def row_keys(seeds: list[int], rows: list[DecodeWork], purpose: int, device) -> torch.Tensor:
     """[n, 2] int64 key words of each row's current step for ``purpose``."""
     return torch.tensor([step_key(seed, r.canvas_index, r.cur_step, purpose) for seed, r in zip(seeds, rows)],
                         dtype=torch.int64, device=device)
@@ -187,7 +188,7 @@ class FastSampler:
     def num_live_states(self) -> int:
         return len(self._seeds)
 
-    def initial_canvas(self, row: SamplerRow) -> torch.Tensor:
+    def initial_canvas(self, row: DecodeWork) -> torch.Tensor:
         keys = row_keys([self._seeds[row.request_id]], [row], INITIAL_CANVAS, self.device)
         return uniform_tokens(keys, self.canvas_length, self.vocab_size)[0]
 
@@ -195,7 +196,7 @@ class FastSampler:
         return min(rows, self.rows_per_tile) * self._row_bytes()
 
     # -- one pass ----------------------------------------------------------------------------------
-    def begin(self, rows: list[SamplerRow]) -> None:
+    def begin(self, rows: list[DecodeWork]) -> None:
         pass  # nothing to draw ahead: the noise is computed where it is used
 
     def end(self) -> None:
@@ -204,14 +205,14 @@ class FastSampler:
     def close(self) -> None:
         pass
 
-    def sample(self, hidden: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
+    def sample(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         self.sampling_seconds = 0.0
         parts = [self.sample_tile(hidden[start:start + self.rows_per_tile], rows[start:start + self.rows_per_tile])
                  for start in range(0, len(rows), self.rows_per_tile)]
         return SampleResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
                               ("draft", "next_canvas", "confident", "usable", "soft")))
 
-    def sample_tile(self, hidden: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
+    def sample_tile(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         """One step for a tile of rows: hidden [n, C, hidden]."""
         stats = self.statistics(hidden, rows)
         t0 = time.perf_counter()
@@ -224,7 +225,7 @@ class FastSampler:
         return SampleResult(draft=stats.draft, next_canvas=next_canvas, confident=confident, usable=usable,
                             soft=stats.soft)
 
-    def statistics(self, hidden: torch.Tensor, rows: list[SamplerRow]) -> "PositionStats":
+    def statistics(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> "PositionStats":
         """Every position's draft, sample, entropy and soft embedding for a tile: hidden [n, C, hidden]."""
         n, C, _ = hidden.shape
         V, device = self.vocab_size, self.device

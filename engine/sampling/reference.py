@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import SampleResult, SamplerRow
+from ..work import DecodeWork
+from . import SampleResult
 from .draws import DrawPrefetcher
 from .schedule import row_parameters
 
@@ -158,7 +159,7 @@ class ReferenceSampler:
     def num_live_states(self) -> int:
         return len(self._generators)
 
-    def initial_canvas(self, row: SamplerRow) -> torch.Tensor:
+    def initial_canvas(self, row: DecodeWork) -> torch.Tensor:
         # the same draw as EntropyBoundSampler.initialize_canvas at batch 1
         C = self.canvas_length
         return torch.randint(0, self.vocab_size, (1, C), device=self.device,
@@ -169,13 +170,13 @@ class ReferenceSampler:
         return tiles.transient_bytes(self.canvas_length, self.vocab_size)
 
     # -- one pass ----------------------------------------------------------------------------------
-    def begin(self, rows: list[SamplerRow]) -> None:
+    def begin(self, rows: list[DecodeWork]) -> None:
         n = self.tiles.rows
         self._tiles = [slice(start, start + n) for start in range(0, len(rows), n)]
         generators = [self._generators[r.request_id] for r in rows]
         self.draws.start([generators[tile] for tile in self._tiles])
 
-    def sample(self, hidden: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
+    def sample(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         self.sampling_seconds = 0.0
         outputs = []  # per tile: (argmax [n, C], soft [n, C, hidden], AcceptResult)
         for index, tile in enumerate(self._tiles):

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from . import SamplerRow
+from ..work import DecodeWork
 
 
 @functools.lru_cache(maxsize=4096)
@@ -19,7 +19,7 @@ def step_temperature(t_min: float, t_max: float, cur_step: int, max_steps: int, 
     return float(t_min + ((t_max - t_min) * (step / max_steps)))
 
 
-def row_parameters(rows: list[SamplerRow], device) -> torch.Tensor:
+def row_parameters(rows: list[DecodeWork], device) -> torch.Tensor:
     """[n, 3] fp32, one row per canvas: its temperature at its current step, its entropy bound and its
     confidence threshold (one host-to-device copy for the three). fp32 is what the reference compares
     in: it divides by an fp32 temperature and compares fp32 entropies with Python floats, which torch
