@@ -25,7 +25,7 @@ import httpx
 
 from .load import run_load
 from .report import markdown, plot
-from .workload import make_workload
+from .workload import make_workload, sudoku_workload
 
 # A tiny DiffusionGemma (about 0.3M parameters), big enough that batching matters on a CPU.
 BENCH_SPEC = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, canvas_length=32,
@@ -262,6 +262,10 @@ def main(argv=None) -> int:
                     help="requests per concurrent client when --requests-per-level is not given: enough that "
                          "the drain at the end of a level, with fewer requests left than clients, weighs little")
     ap.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals at this rate (req/s) instead of a closed loop")
+    ap.add_argument("--workload", default="random", choices=["random", "sudoku"],
+                    help="random: random prompts and fixed-length outputs (--prompt-len, --canvases); sudoku: "
+                         "held-out puzzles of mixed difficulty for the embedded Sudoku model (one canvas each, "
+                         "converging after different step counts; use --model engine/default_model --steps 32)")
     ap.add_argument("--steps", type=int, default=8, help="max_denoising_steps of every request")
     ap.add_argument("--canvases", default="1,4", help="min,max output canvases per request")
     ap.add_argument("--prompt-len", default="8,64", help="min,max prompt tokens")
@@ -313,6 +317,11 @@ def main(argv=None) -> int:
     baselines = {}
 
     def workload(n: int, seed: int):
+        if args.workload == "sudoku":
+            from transformers import AutoTokenizer
+
+            return sudoku_workload(n, seed=seed, tokenizer=AutoTokenizer.from_pretrained(model),
+                                   max_tokens=canvas_length, max_denoising_steps=args.steps)
         return make_workload(n, seed=seed, vocab_low=low, vocab_high=high, canvas_length=canvas_length,
                              prompt_len=prompt_len, canvases=canvases, max_denoising_steps=args.steps)
 
@@ -324,7 +333,8 @@ def main(argv=None) -> int:
         "server_url": args.url,
         "server_threads": None if args.url else args.threads,
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "workload": {"steps": args.steps, "canvases": canvases, "prompt_len": prompt_len, "seed": args.seed,
+        "workload": {"kind": args.workload, "steps": args.steps, "canvases": canvases, "prompt_len": prompt_len,
+                     "seed": args.seed,
                      "arrival": f"poisson {args.request_rate}/s" if args.request_rate else "closed loop"},
         "runs": runs,
         "baselines": baselines,
