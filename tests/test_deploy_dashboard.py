@@ -71,7 +71,9 @@ def entrypoint_server(server_tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scraped(entrypoint_server):
-    """(family name -> type, sample names) after one completion, so the histograms have observations."""
+    """(family name -> type, sample names) after one completion and one refused request, so the
+    histograms have observations and the labelled error counter a series (a labelled counter has no
+    sample until its first label set; this fixture must not rely on another test having made one)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     url, _ = entrypoint_server
@@ -79,6 +81,7 @@ def scraped(entrypoint_server):
     r = httpx.post(url + "/v1/completions", headers=headers, timeout=60,
                    json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 8, "seed": 1})
     assert r.status_code == 200, r.text
+    assert httpx.get(url + "/v1/models", timeout=10).status_code == 401  # no key
     families, samples = {}, set()
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         families[family.name] = family.type
