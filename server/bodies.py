@@ -102,19 +102,19 @@ def check_json_value(data, max_depth: int) -> None:
                 stack.append((item, depth + 1))
 
 
-def _slices(raw: bytes):
-    """``raw`` in slices of about ``SCAN_SLICE_BYTES`` that never cut a run of backslashes from the
+def _slices(raw: bytes, size: int):
+    """``raw`` in slices of about ``size`` bytes that never cut a run of backslashes from the
     character it escapes."""
     start, n = 0, len(raw)
     while start < n:
-        end = min(n, start + SCAN_SLICE_BYTES)
+        end = min(n, start + size)
         while end < n and raw[end - 1] == 0x5C:  # a backslash: take the character it escapes too
             end += 1
         yield raw[start:end]
         start = end
 
 
-def _skeleton(raw: bytes) -> tuple[int, bytes]:
+def skeleton(raw: bytes, slice_bytes: int = SCAN_SLICE_BYTES) -> tuple[int, bytes]:
     """(number of strings, the body's structure outside strings with each string as ``s``).
 
     Escaped backslashes and escaped quotes are dropped first, so every remaining ``"`` opens or closes
@@ -124,7 +124,7 @@ def _skeleton(raw: bytes) -> tuple[int, bytes]:
     quotes = 0
     inside = False
     pieces: list[bytes] = []
-    for part in _slices(raw):
+    for part in _slices(raw, slice_bytes):
         if b"\\" in part:
             part = part.replace(b"\\\\", b"").replace(b'\\"', b"")
         part = part.translate(None, _NOT_STRUCTURE)
@@ -154,20 +154,34 @@ def scan(raw: bytes, limits: BodyLimits) -> None:
     del marks
     if values_at_most <= limits.max_values and array_bound_holds:
         return
-    strings, skeleton = _skeleton(raw)
-    values = strings + skeleton.count(b"{") + skeleton.count(b"[")
+    strings, structure = skeleton(raw)
+    values = strings + structure.count(b"{") + structure.count(b"[")
     if values > limits.max_values:
         raise _too_many_values(values, False, limits.max_values)
     if limits.max_array is not None:
-        # an array of numbers (or literals) with more than max_array elements: "[" then that many commas
-        found = re.search(rb"\[,{%d}" % limits.max_array, skeleton)
-        if found is not None:
-            end = skeleton.find(b"]", found.start())  # valid JSON: only commas in between
-            length = (end if end >= 0 else len(skeleton)) - found.start()  # one element more than commas
-            raise errors.bad_request(
-                f"The request body has an array of {length} numbers, {limits.array_message}",
-                limits.array_param, limits.array_code,
-            )
+        run = number_run_over(structure, limits.max_array)
+        if run is not None:
+            length, whole = run
+            what = f"an array of {length} numbers" if whole else f"an array with {length} numbers in a row"
+            raise errors.bad_request(f"The request body has {what}, {limits.array_message}",
+                                     limits.array_param, limits.array_code)
+
+
+def number_run_over(structure: bytes, limit: int) -> tuple[int, bool] | None:
+    """In ``skeleton``'s structure, the first run of more than ``limit`` numbers (or literals) in a
+    row in one array, as ``(count, whether they are the whole array)``; ``None`` if there is none.
+
+    Numbers leave only their commas: ``k`` commas in a row hold ``k - 1`` to ``k + 1`` of them, one
+    more for each end that is the array's bracket rather than another element (``s``, ``[``, ``{``,
+    or the end of a nested ``]``/``}``)."""
+    for found in re.finditer(rb",{%d,}" % limit, structure):
+        before = structure[found.start() - 1:found.start()]
+        after = structure[found.end():found.end() + 1]
+        opens, closes = before == b"[", after == b"]"
+        count = found.end() - found.start() + 1 - (not opens) - (not closes)
+        if count > limit:
+            return count, opens and closes
+    return None
 
 
 def load_json(raw: bytes, max_depth: int, require_object: bool = True):

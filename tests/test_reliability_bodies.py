@@ -1,0 +1,88 @@
+"""The body scan that refuses large bodies before they are parsed (``server.bodies``) agrees with
+``json.loads`` on every body: the same number of strings, objects and arrays, and the same longest
+run of numbers in an array, whatever the strings hold (quotes, backslashes, commas, brackets) and wherever
+the scan's slices cut the body. The HTTP side is in test_reliability_inputs.py and
+test_reliability_requests.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.bodies import BodyLimits, scan, skeleton
+from server.errors import APIError
+
+# strings made of the characters the scan treats specially, and a few others
+TRICKY = st.text(alphabet='"\\,[]{}: ab\n\u00e9\U0001f600', max_size=12)
+SCALARS = st.one_of(st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False, width=32), st.booleans(),
+                    st.none(), TRICKY)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=6), st.dictionaries(TRICKY, inner, max_size=5),
+                            st.lists(st.integers(0, 9), min_size=0, max_size=12)),
+    max_leaves=40,
+)
+
+
+def truth(value) -> tuple[int, int]:
+    """(strings, keys included, + objects + arrays; the most numbers or literals in a row in an array)."""
+    count, longest = 0, 0
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            count += 1
+        elif isinstance(v, dict):
+            count += 1 + len(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            count += 1
+            run = 0
+            for x in v:
+                run = 0 if isinstance(x, (str, list, dict)) else run + 1
+                longest = max(longest, run)
+            stack.extend(v)
+    return count, longest
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(value=st.dictionaries(TRICKY, VALUES, max_size=4), slice_bytes=st.integers(1, 64),
+       ensure_ascii=st.booleans(), compact=st.booleans())
+def test_scan_agrees_with_json_loads(value, slice_bytes, ensure_ascii, compact):
+    raw = json.dumps(value, ensure_ascii=ensure_ascii, separators=(",", ":") if compact else None).encode()
+    expected, longest = truth(json.loads(raw))
+    strings, structure = skeleton(raw, slice_bytes)
+    assert strings + structure.count(b"{") + structure.count(b"[") == expected
+    # the scan refuses exactly the bodies over each limit
+    for limit in (expected - 1, expected):
+        if limit < 1:
+            continue
+        refused = _refused(raw, BodyLimits(32, limit))
+        assert refused == (expected > limit), (limit, expected)
+    for bound in (longest - 1, longest):
+        if bound < 1:
+            continue
+        refused = _refused(raw, BodyLimits(32, 10**9, bound, "x", "prompt"))
+        assert refused == (longest > bound), (bound, longest, structure)
+
+
+def _refused(raw: bytes, limits: BodyLimits) -> bool:
+    try:
+        scan(raw, limits)
+    except APIError as exc:
+        assert exc.status == 400 and exc.code == "limit_exceeded"
+        return True
+    return False
+
+
+@pytest.mark.parametrize("raw,strings,structure", [
+    (b'{"a": [1, 2], "b": "x"}', 3, b"{s[,],ss}"),
+    (b'{"a": "\\\\", "b": "\\"]", "c": [5, "x,y"]}', 6, b"{ss,ss,s[,s]}"),
+    (b'["\\\\\\"", "[,,,]"]', 2, b"[s,s]"),
+])
+def test_skeleton_examples(raw, strings, structure):
+    for size in (1, 2, 3, 1 << 20):
+        assert skeleton(raw, size) == (strings, structure)
