@@ -8,9 +8,9 @@
   it closes the oldest idle one (no request in progress); when none is idle it gets a 503 and is
   closed. So idle sockets can never use up the file descriptors the server needs to accept
   ``/health`` or a request.
-- **Write timeout** (``write_timeout_seconds``): a client that takes none of a response for that
-  long while data waits for it (a stream nobody reads) is disconnected; its requests are aborted as
-  for any disconnect.
+- **Write timeout** (``write_timeout_seconds``): a client that keeps the send buffer full (above
+  its high-water mark) that long, a stream nobody reads, is disconnected; its requests are aborted
+  as for any disconnect.
 - **HTTP framing**: a request with both ``Content-Length`` and ``Transfer-Encoding`` is refused with
   a 400 and the connection closed (RFC 9112, section 6.3: otherwise the bytes after the chunked body
   would be read as a second request, which a proxy trusting Content-Length would not have seen).
@@ -258,8 +258,8 @@ class GuardedH11Protocol(H11Protocol):
     def _write_timed_out(self) -> None:
         self._write_timer = None
         client = "%s:%d" % self.client if self.client else "a client"
-        logger.warning("closing the connection of %s: it took no response data for %gs (setting write_timeout_seconds)",
-                       client, self.guard.write_timeout)
+        logger.warning("closing the connection of %s: its response stayed unread (send buffer full) for %gs "
+                       "(setting write_timeout_seconds)", client, self.guard.write_timeout)
         sock = self.transport.get_extra_info("socket")
         if sock is not None:  # a reset, so the kernel drops the unsent data at once rather than retrying it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

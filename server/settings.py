@@ -58,8 +58,8 @@ class ServerSettings:
         "after it opened or after its previous response: silently if it sent nothing, with a 408 if it sent part "
         "of one. 0 disables it.")
     write_timeout_seconds: float = setting(
-        60.0, "Disconnect a client that takes none of a response for this long while the server has data waiting "
-        "for it (a stream whose client stopped reading); its requests are aborted. 0 disables it.")
+        60.0, "Disconnect a client that keeps the server's send buffer full for this long: it stopped reading a "
+        "response (a stream), or reads less than 48 KiB in that time. Its requests are aborted. 0 disables it.")
     max_connections: int | None = setting(
         None, "Most open client connections. A connection past it closes the oldest one with no request in "
         "progress; when every one has a request in progress, it gets a 503 and is closed.",
