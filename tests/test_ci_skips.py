@@ -35,6 +35,17 @@ def test_never_collected():
     pass
 '''
 
+CUDA_MODULE_SKIP = '''
+import pytest
+
+pytestmark = pytest.mark.cuda
+
+pytest.skip("needs a CUDA device", allow_module_level=True)
+
+def test_never_collected():
+    pass
+'''
+
 
 def run_pytest(tmp_path, source: str, ci: str | None):
     test_file = tmp_path / "test_sample.py"
@@ -71,3 +82,9 @@ def test_under_ci_a_module_skipped_at_collection_fails(tmp_path):
     assert "skipped at collection under CI=true" in proc.stdout
     assert "a_module_that_is_not_installed" in proc.stdout
     assert run_pytest(tmp_path, MODULE_SKIP, ci=None).returncode == 5  # outside CI: nothing ran, no failure
+
+
+def test_under_ci_a_cuda_module_may_skip_at_collection(tmp_path):
+    proc = run_pytest(tmp_path, CUDA_MODULE_SKIP, ci="true")
+    assert proc.returncode == 5, proc.stdout + proc.stderr  # no test ran, none failed
+    assert "1 skipped" in proc.stdout and "needs a CUDA device" in proc.stdout and "error" not in proc.stdout
