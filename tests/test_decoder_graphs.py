@@ -105,7 +105,9 @@ def test_cuda_graph_setting_is_ignored_on_cpu(checkpoint, caplog):
     settings = EngineSettings(model=str(checkpoint), device="cpu", cuda_graph_max_batch=4)
     core = EngineCore(load_model(settings), settings)
     assert core.runner.graphs is None
-    assert "cuda_graph_max_batch=4 ignored, every decoder pass runs eagerly: grouped_mm's kernel for float32" in caplog.text
+    reason = capture_blocker(core.loaded.model, core.loaded.dtype, "none", core.loaded.device)
+    assert reason is not None  # what it names is checked in test_capture_blocker_names_the_reason
+    assert f"cuda_graph_max_batch=4 ignored, every decoder pass runs eagerly: {reason}" in caplog.text
     tok = core.loaded.tokenizer
     out = run_to_completion(core, [("r", tok("hello").input_ids, SamplingParams(max_tokens=20, seed=1, ignore_eos=True))])
     assert len(out["r"]["tokens"]) == 20
@@ -120,7 +122,8 @@ def test_cuda_graphs_by_default_stay_off_on_cpu_without_a_warning(checkpoint, ca
     core = EngineCore(load_model(settings), settings)
     assert core.runner.graphs is None
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
-    assert "CUDA graphs off, every decoder pass runs eagerly: grouped_mm's kernel for float32" in caplog.text
+    reason = capture_blocker(core.loaded.model, core.loaded.dtype, "none", core.loaded.device)
+    assert reason is not None and f"CUDA graphs off, every decoder pass runs eagerly: {reason}" in caplog.text
 
 
 @pytest.mark.parametrize("setting, max_num_seqs, blocker, expected", [
@@ -137,14 +140,15 @@ def test_graph_max_batch_resolves_the_setting(setting, max_num_seqs, blocker, ex
     assert graph_max_batch(setting, max_num_seqs, blocker) == expected
 
 
-@pytest.mark.parametrize("dtype, reason", [
-    ("float64", "the MoE experts run 'eager'; only grouped_mm can be captured"),
-    ("float32", "grouped_mm's kernel for float32 reads the routing offsets on the host; use bfloat16"),
-    ("bfloat16", "CUDA graphs need a CUDA device"),
+@pytest.mark.parametrize("dtype, batch_invariant, reason", [
+    ("float32", None, "the MoE experts run 'engine_rowwise_experts'; only grouped_mm can be captured"),  # CPU default
+    ("float64", False, "the MoE experts run 'eager'; only grouped_mm can be captured"),
+    ("float32", False, "grouped_mm's kernel for float32 reads the routing offsets on the host; use bfloat16"),
+    ("bfloat16", False, "CUDA graphs need a CUDA device"),
 ])
-def test_capture_blocker_names_the_reason(tmp_path, dtype, reason):
+def test_capture_blocker_names_the_reason(tmp_path, dtype, batch_invariant, reason):
     path = build_tiny_checkpoint(tmp_path, TinySpec())
-    loaded = load_model(EngineSettings(model=str(path), dtype=dtype))
+    loaded = load_model(EngineSettings(model=str(path), dtype=dtype, batch_invariant=batch_invariant))
     assert capture_blocker(loaded.model, loaded.dtype, "none", loaded.device) == reason
 
 
