@@ -32,6 +32,7 @@ def make_default_core(path, **overrides) -> EngineCore:
     assert settings.dtype == "auto"
     core = EngineCore(load_model(settings), settings)
     assert core.loaded.dtype == torch.float32
+    assert core.runner.sampler.name == "reference"  # the CPU default, the sampler the README says equals generate
     return core
 
 
