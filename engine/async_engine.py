@@ -215,6 +215,9 @@ class AsyncEngine:
             for rid in pending:
                 self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
                                             error=self._dead or "the engine shut down"))
+            # nothing runs any more: the gauges say so (the core's bookkeeping is abandoned, not served)
+            self.num_running = self.num_waiting = self._num_live_states = 0
+            self.kv_usage = 0.0
 
 
 class Admission:

@@ -422,9 +422,6 @@ def test_a_dead_step_loop_is_reported_and_new_requests_get_503(dead_server):
     assert srv.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="engine/async_engine.py: the gauges (num_running, num_waiting, kv_usage, "
-                   "live states) are published by the step loop after each pass and never reset when it dies, so "
-                   "/metrics keeps reporting the requests that were running (2) on a dead engine")
 def test_a_dead_step_loop_leaves_no_running_requests_in_the_metrics(dead_server):
     srv, _, _ = dead_server
     m = srv.metrics()
