@@ -261,14 +261,15 @@ def test_sigterm_drains_then_exits_zero(server_launcher, server_tiny_checkpoint)
     assert "draining in-flight requests" in log and "drained: 0 request(s) still open" in log
 
 
-def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_tiny_checkpoint):
-    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "1"])
+def _signal_while_two_requests_run(srv, sig, stream_prompt: str, plain_prompt: str):
+    """Start a slow stream (with drafts) and a slow plain request, send ``sig`` to the server once both
+    run, and wait for both clients. Returns (stream [status, frames], {"r": plain response})."""
     out, first = [], threading.Event()
-    t = _start_stream(srv, {"prompt": "forever", "stream": True, "stream_drafts": True, **SLOW}, out, first)
+    t = _start_stream(srv, {"prompt": stream_prompt, "stream": True, "stream_drafts": True, **SLOW}, out, first)
     plain: dict = {}
 
     def non_streaming():
-        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": "forever", **SLOW}, timeout=120)
+        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": plain_prompt, **SLOW}, timeout=120)
 
     t2 = threading.Thread(target=non_streaming)
     t2.start()
@@ -277,9 +278,16 @@ def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_t
     while srv.metrics()[RUNNING] < 2:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    srv.proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    t2.join(60)
+    srv.proc.send_signal(sig)
+    t.join(120)
+    t2.join(120)
+    assert not t.is_alive() and not t2.is_alive(), "an in-flight request hung after the signal"
+    return out, plain
+
+
+def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_tiny_checkpoint):
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "1"])
+    out, plain = _signal_while_two_requests_run(srv, signal.SIGTERM, "forever", "forever")
     frames = out[1]
     assert frames[-1] == "[DONE]"
     err = frames[-2]["error"]
@@ -374,24 +382,7 @@ def dead_server(server_launcher, server_tiny_checkpoint):
     import sys
 
     srv = server_launcher(["--model", str(server_tiny_checkpoint)], command=[sys.executable, "-c", CRASHABLE_SERVER])
-    out, first = [], threading.Event()
-    t = _start_stream(srv, {"prompt": "doomed", "stream": True, "stream_drafts": True, **SLOW}, out, first)
-    plain: dict = {}
-
-    def non_streaming():
-        plain["r"] = httpx.post(srv.base_url + "/completions", json={"prompt": "doomed too", **SLOW}, timeout=120)
-
-    t2 = threading.Thread(target=non_streaming)
-    t2.start()
-    assert first.wait(60)
-    deadline = time.monotonic() + 60  # only bounds a hang: returns once both requests run
-    while srv.metrics()[RUNNING] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    srv.proc.send_signal(signal.SIGUSR1)
-    t.join(120)
-    t2.join(120)
-    assert not t.is_alive() and not t2.is_alive(), "an in-flight request hung after the step loop died"
+    out, plain = _signal_while_two_requests_run(srv, signal.SIGUSR1, "doomed", "doomed too")
     return srv, out, plain["r"]
 
 
