@@ -36,7 +36,8 @@ BLOCK_MAX = 1024  # tokens per statistics block (smaller vocabularies: the next 
 VOCAB_CHUNK = {"torch": 2048, "triton": 16384}
 # the peak per canvas position and chunk token, in float32 copies of a chunk (bench.sampler_memory
 # measures it): the PyTorch statistics' temporaries (logits, int64 counters and their mix, the noise's
-# terms, exponentials) as the allocator holds them; the kernel's input, exponentials and product weights
+# terms, exponentials) as the allocator holds them; for the kernel, its input, exponentials and product
+# weights by count (not yet measured on a GPU)
 CHUNK_FP32_COPIES = {"torch": 26, "triton": 3}
 
 _FMIN = torch.finfo(torch.float32).min
