@@ -99,6 +99,17 @@ def body_too_large(limit: int) -> APIError:
     )
 
 
+def body_timeout(seconds: float) -> APIError:
+    return APIError(
+        408,
+        f"The request body did not arrive within {seconds:g} seconds (setting request_body_timeout_seconds).",
+        "invalid_request_error",
+        None,
+        "request_timeout",
+        {"Connection": "close"},
+    )
+
+
 def queue_full() -> APIError:
     return APIError(
         429,

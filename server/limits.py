@@ -1,4 +1,5 @@
-"""Request body size limit (setting ``max_request_body_bytes``): larger bodies get 413.
+"""Request body limits: larger bodies than ``max_request_body_bytes`` get 413, bodies that have not
+arrived ``request_body_timeout_seconds`` after the head get 408 (both close the connection).
 
 The body is read here (it would be read anyway) and replayed to the app. A body over the limit
 is drained without being stored, so the client gets a 413 response rather than a broken pipe.
@@ -15,7 +16,7 @@ import ctypes
 import ctypes.util
 from typing import Callable
 
-from .errors import body_too_large, error_response
+from .errors import body_timeout, body_too_large, error_response
 
 # Past this many bytes of an oversized body, stop draining and answer at once.
 DRAIN_LIMIT = 256 * 1024 * 1024
@@ -48,10 +49,19 @@ async def trim_memory() -> None:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app, max_bytes: int, on_reject: Callable[[int], None] | None = None):
+    def __init__(self, app, max_bytes: int, timeout_seconds: float = 0.0,
+                 on_reject: Callable[[int], None] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout_seconds  # 0: no timeout
         self.on_reject = on_reject
+
+    async def _reject(self, err, scope, receive, send) -> None:
+        if self.on_reject is not None:
+            self.on_reject(err.status)
+        response = error_response(err)
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -67,8 +77,15 @@ class BodyLimitMiddleware:
         too_large = declared is not None and declared > self.max_bytes
         chunks: list[bytes] = []
         total = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout if self.timeout > 0 else None
         while True:
-            message = await receive()
+            try:
+                message = await (receive() if deadline is None
+                                 else asyncio.wait_for(receive(), max(0.0, deadline - loop.time())))
+            except asyncio.TimeoutError:
+                await self._reject(body_timeout(self.timeout), scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -81,11 +98,7 @@ class BodyLimitMiddleware:
                 break
         if too_large:
             chunks.clear()
-            if self.on_reject is not None:
-                self.on_reject(413)
-            response = error_response(body_too_large(self.max_bytes))
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
+            await self._reject(body_too_large(self.max_bytes), scope, receive, send)
             if total >= TRIM_AFTER_BYTES:
                 await trim_memory()
             return

@@ -57,6 +57,9 @@ class ServerSettings:
         10.0, "Close a connection that has not sent a complete request head (request line and headers) this long "
         "after it opened or after its previous response: silently if it sent nothing, with a 408 if it sent part "
         "of one. 0 disables it.")
+    request_body_timeout_seconds: float = setting(
+        60.0, "Answer 408 and close when a request's body has not fully arrived this long after its head (a "
+        "client trickling or stalling its upload holds a connection otherwise). 0 disables it.")
     write_timeout_seconds: float = setting(
         60.0, "Disconnect a client that keeps the server's send buffer full for this long: it stopped reading a "
         "response (a stream), or reads less than 48 KiB in that time. Its requests are aborted. 0 disables it.")
@@ -131,7 +134,7 @@ class ServerSettings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError(f"log_level must be debug, info, warning, error or critical (got {self.log_level!r})")
         for name in ("sse_ping_seconds", "graceful_shutdown_seconds", "request_head_timeout_seconds",
-                     "write_timeout_seconds"):
+                     "request_body_timeout_seconds", "write_timeout_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or value != value:
                 raise ValueError(f"{name} must be a number >= 0 (got {value!r})")

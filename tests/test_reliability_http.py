@@ -66,7 +66,8 @@ def connect(server, timeout: float = 30.0) -> socket.socket:
 @pytest.fixture(scope="module")
 def http_server(server_launcher, server_tiny_checkpoint):
     return server_launcher(["--model", str(server_tiny_checkpoint), "--request-head-timeout-seconds", "1",
-                            "--write-timeout-seconds", "1"], model_name=str(server_tiny_checkpoint))
+                            "--write-timeout-seconds", "1", "--request-body-timeout-seconds", "1"],
+                           model_name=str(server_tiny_checkpoint))
 
 
 # -- idle connections (issue 20, item 2) ------------------------------------------------------------
@@ -83,6 +84,19 @@ def test_partial_request_head_gets_408(http_server):
         status, headers, body, rest = read_response(sock)
         assert status == 408 and headers["connection"] == "close"
         assert_openai_error(body, "request_timeout")
+        assert rest + read_to_eof(sock) == b""
+
+
+def test_stalled_request_body_gets_408_and_the_connection_closes(http_server):
+    """A client that sends a head and part of its body, then stalls, holds its connection only until
+    request_body_timeout_seconds (1 s here): then a 408 in OpenAI's shape, and the server closes."""
+    with connect(http_server) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\": \"hi\"")  # 15 of the 100 bytes
+        status, headers, body, rest = read_response(sock)
+        assert status == 408 and headers["connection"] == "close"
+        err = assert_openai_error(body, "request_timeout")
+        assert "request_body_timeout_seconds" in err["message"]
         assert rest + read_to_eof(sock) == b""
 
 

@@ -16,6 +16,7 @@ ERROR_CODES = {
     401: ("invalid_api_key",),
     404: ("model_not_found", "not_found"),
     405: ("method_not_allowed",),
+    408: ("request_timeout",),
     413: ("request_too_large",),
     429: ("queue_full",),
     500: ("internal_error",),
