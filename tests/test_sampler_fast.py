@@ -169,9 +169,10 @@ def test_nonfinite_logits_make_a_row_unusable_alone(model):
 
 def test_fast_sampler_memory_per_row_at_the_real_vocabulary():
     """One row's step at DiffusionGemma's vocabulary (262,144) and hidden size (2816), in a fresh
-    process: the peak RSS growth stays within the sampler's planned transient (which the KV budget
-    sets aside) plus a fixed 4 MiB for the allocator and BLAS, and the plan for a whole 256-position
-    canvas row is tens of MB (the reference's is about 1.8 GiB: bench.sampler_memory)."""
+    process whose allocator maps every large block on its own (so the peak RSS follows the live
+    tensors, not what glibc happens to keep of freed ones): the peak stays within the sampler's
+    planned transient (which the KV budget sets aside), and the plan for a whole 256-position canvas
+    row is under 100 MB (the reference sampler's is 1.8 GiB: bench.sampler_memory)."""
     import json
     import os
     import subprocess
@@ -179,11 +180,11 @@ def test_fast_sampler_memory_per_row_at_the_real_vocabulary():
 
     from engine.sampling.fast import CHUNK_FP32_COPIES, VOCAB_CHUNK
 
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, "-m", "bench.sampler_memory", "--json", "--sampler", "fast",
-                           "--canvas", "128"], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                           "--canvas", "128"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0 < r["peak_bytes"] <= r["planned_bytes"] + 4 * 2**20, r
+    assert 0 < r["peak_bytes"] <= r["planned_bytes"], r
     canvas_row = 4 * 256 * (CHUNK_FP32_COPIES["torch"] * VOCAB_CHUNK["torch"] + 2 * 2816)
-    assert canvas_row <= 64 * 2**20
+    assert canvas_row < 100 * 2**20
