@@ -10,7 +10,7 @@ from .choices import ChoiceResult, ChoiceSpec
 from .protocol import ChatCompletionRequest
 from .completions import TOKENIZE_IN_THREAD_CHARS
 from .request_limits import PromptLimit
-from .serving import Prompts, off_loop, serve, unsupported
+from .serving import EndpointNames, Prompts, off_loop, serve, unsupported
 
 # Conversations with more messages than this, or more characters than TOKENIZE_IN_THREAD_CHARS, are
 # rendered and tokenized off the event loop.
@@ -18,12 +18,8 @@ RENDER_IN_THREAD_MESSAGES = 32
 
 
 class Chat:
-    name = "chat"
-    id_prefix = "chatcmpl"
-    request_model = ChatCompletionRequest
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    prompt_param = "messages"
+    names = EndpointNames("chat", "chatcmpl", ChatCompletionRequest, "chat.completion", "chat.completion.chunk",
+                          prompt_param="messages")
 
     def check(self, req: ChatCompletionRequest) -> None:
         rf_type = (req.response_format or {}).get("type", "text")

@@ -8,19 +8,15 @@ from . import errors
 from .choices import ChoiceResult, ChoiceSpec
 from .protocol import CompletionRequest
 from .request_limits import PromptLimit, where
-from .serving import Prompts, off_loop, serve, unsupported
+from .serving import EndpointNames, Prompts, off_loop, serve, unsupported
 
 # Prompts longer than this (in characters, all together) are tokenized off the event loop.
 TOKENIZE_IN_THREAD_CHARS = 20000
 
 
 class Completions:
-    name = "completions"
-    id_prefix = "cmpl"
-    request_model = CompletionRequest
-    object = "text_completion"
-    chunk_object = "text_completion"
-    prompt_param = "prompt"
+    names = EndpointNames("completions", "cmpl", CompletionRequest, "text_completion", "text_completion",
+                          prompt_param="prompt")
 
     def check(self, req: CompletionRequest) -> None:
         unsupported(

@@ -43,8 +43,9 @@ class Prompts:
     prefixes: list[str] | None = None  # text each choice of prompt i starts with (completions' echo)
 
 
-class Endpoint(Protocol):
-    """What one OpenAI API adds to the serving path: translation, nothing else."""
+@dataclass(frozen=True)
+class EndpointNames:
+    """The names an OpenAI API gives its request and response objects."""
 
     name: str  # in the request log line
     id_prefix: str  # of response ids: "cmpl", "chatcmpl"
@@ -52,6 +53,12 @@ class Endpoint(Protocol):
     object: str  # a response's "object"
     chunk_object: str  # a stream chunk's "object"
     prompt_param: str  # the field named by errors about the prompt
+
+
+class Endpoint(Protocol):
+    """What one OpenAI API adds to the serving path: translation, nothing else."""
+
+    names: EndpointNames
 
     def check(self, req) -> None:
         """Refuse fields this server does not support (a 400 ``unsupported_parameter``)."""
@@ -79,8 +86,8 @@ class Endpoint(Protocol):
 async def serve(request: Request, api: Endpoint) -> Response:
     """Answer one completion request of ``api``'s kind. Every failure is an ``APIError``."""
     state = request.app.state.server
-    request_id, engine_prefix = _request_ids(request, api.id_prefix)
-    log = RequestLog(request_id, api.name, state.settings.log_prompts)
+    request_id, engine_prefix = _request_ids(request, api.names.id_prefix)
+    log = RequestLog(request_id, api.names.name, state.settings.log_prompts)
     try:
         return await _serve(request, api, state, request_id, engine_prefix, log)
     except APIError as exc:
@@ -90,7 +97,8 @@ async def serve(request: Request, api: Endpoint) -> Response:
 
 async def _serve(request: Request, api: Endpoint, state, request_id: str, engine_prefix: str, log: RequestLog):
     settings = state.settings
-    req: CommonFields = await parse_body(request, api.request_model, state.body_limits(api.prompt_param),
+    names = api.names
+    req: CommonFields = await parse_body(request, names.request_model, state.body_limits(names.prompt_param),
                                          state.preprocess_gate)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
@@ -106,7 +114,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
 
     choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished, state.live_choice_sets)
     await choice_set.start()
-    base = {"id": request_id, "object": api.chunk_object, "created": int(time.time()), "model": model_name}
+    base = {"id": request_id, "object": names.chunk_object, "created": int(time.time()), "model": model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         opening = [c for c in (api.opening(s, prompts) for s in specs) if c is not None]
@@ -123,7 +131,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
         raise
     log.finish(200, specs, results)
     choices = [api.response_choice(s, results[s.index], prompts) for s in specs]
-    return JSONResponse({**base, "object": api.object, "choices": choices, "usage": usage(specs, results)})
+    return JSONResponse({**base, "object": names.object, "choices": choices, "usage": usage(specs, results)})
 
 
 T = TypeVar("T")
@@ -231,7 +239,7 @@ async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: Choice
     except APIError as exc:
         err = exc
     except Exception:  # noqa: BLE001 - a fault of ours: logged, sent without details
-        logger.exception("%s stream %s failed", api.name, base["id"])
+        logger.exception("%s stream %s failed", api.names.name, base["id"])
         err = errors.internal_error()
     finally:
         choice_set.cancel()
