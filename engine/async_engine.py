@@ -278,9 +278,11 @@ class RequestStream:
             self._engine.abort(self.request_id, reason="stop")
             self._close(finished=True)
             prior = len(detok.token_ids) - len(out.token_ids)
+            kept = detok.num_tokens_at_stop - prior
             return dataclasses.replace(
                 out, text=text, finished=True, finish_reason="stop",
-                token_ids=out.token_ids[: detok.num_tokens_at_stop - prior],
+                token_ids=out.token_ids[:kept],
+                logprobs=None if out.logprobs is None else out.logprobs[:kept],
                 num_generated_tokens=detok.num_tokens_at_stop,
             )
         if out.finished:

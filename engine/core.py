@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from dataclasses import replace
 
 from .errors import InvalidRequestError
 from .kv_budget import kv_reservation
@@ -66,10 +67,13 @@ class EngineCore:
         ``prompt_checked=True`` skips the per-token vocabulary check of a prompt that an earlier
         ``resolve`` call already accepted (the server resolves once per prompt, not per choice).
         """
+        if params.infill_suffix and params.max_tokens is None:  # the gap fills the canvas up to the suffix
+            params = replace(params, max_tokens=max(1, self.canvas_length - len(params.infill_suffix)))
         resolved = params.resolve(self.defaults)
         if not prompt_checked:
             self.check_prompt(prompt_ids)
-        validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len, prompt_len=len(prompt_ids))
+        validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len, prompt_len=len(prompt_ids),
+                          canvas_length=self.canvas_length)
         reservation = kv_reservation(len(prompt_ids), resolved.max_tokens, self.canvas_length)
         if not self.scheduler.fits_alone(reservation):
             raise InvalidRequestError(

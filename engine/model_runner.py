@@ -19,6 +19,8 @@ from .memory import auto_sampling_tile_bytes, available_bytes
 from .rowwise_attention import BatchLayout, batch_layout
 from .rowwise_experts import MIN_ROWS
 from .sampling import Sampler, make_sampler
+from .sampling.constraints import pin_row
+from .sampling.logprobs import to_host
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
 
 logger = logging.getLogger("engine")
@@ -238,7 +240,7 @@ class ModelRunner:
         states = [self.rows[r] for r in ids]
         for w, st in zip(work, states):
             if w.new_canvas:
-                st.canvas = self.sampler.initial_canvas(w)
+                st.canvas = pin_row(self.sampler.initial_canvas(w), w)
                 st.soft_embeddings = None
         inputs, graphed = self._decoder_inputs(ids, states)
         # the sampler may draw while the forward runs (started once the inputs are built, so that a
@@ -257,15 +259,16 @@ class ModelRunner:
         draft = out.draft
         host = torch.cat([draft, out.confident[:, None].to(draft.dtype), out.usable[:, None].to(draft.dtype)],
                          dim=1).tolist()
+        logprobs = [None] * len(work) if out.logprobs is None else to_host(out.logprobs, work)
         results: list[DecodeResult] = []
-        for w, st, values, canvas, soft in zip(work, states, host, out.next_canvas, out.soft):
+        for w, st, values, canvas, soft, lp in zip(work, states, host, out.next_canvas, out.soft, logprobs):
             # a row with NaN or +inf logits (bad weights, overflow) fails alone; the others go on as usual
             if not values[C + 1]:
                 results.append(DecodeResult(w.request_id, (), False, error="the model produced non-finite logits"))
                 continue
             st.canvas = canvas
             st.soft_embeddings = soft
-            results.append(DecodeResult(w.request_id, tuple(values[:C]), bool(values[C])))
+            results.append(DecodeResult(w.request_id, tuple(values[:C]), bool(values[C]), logprobs=lp))
         return results
 
     def _decoder_geometry(self, ids: list[str], full_width: bool = False) -> "_DecoderGeometry":

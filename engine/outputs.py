@@ -22,6 +22,17 @@ class Draft:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A committed token's log-probability: under the temperature-scaled distribution of the
+    denoising step whose draft committed it, with the ``top`` alternatives (token id, log-probability)
+    of that distribution, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What changed for one request since its previous output.
 
@@ -34,6 +45,7 @@ class RequestOutput:
     token_ids: tuple[int, ...] = ()
     text: str = ""
     draft: Draft | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per ``token_ids`` entry, when the request asked
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None

@@ -27,6 +27,12 @@ class SamplingParams:
     stability_threshold: int | None = None
     confidence_threshold: float | None = None
     stream_drafts: bool = False
+    # top alternatives per committed token to report with its log-probability (``None``: no logprobs)
+    logprobs: int | None = None
+    # (token id, bias) pairs added to the soft-capped logits before the temperature (OpenAI's logit_bias)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # infill: tokens pinned right after the ``max_tokens`` free positions of the (single) canvas
+    infill_suffix: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     def resolve(self, defaults: "SamplingParams") -> "SamplingParams":
@@ -80,7 +86,12 @@ def _check_float(params: SamplingParams, name: str, *, positive: bool) -> None:
             f"computes in), got {value!r}", name)
 
 
-def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len: int, prompt_len: int) -> None:
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's chat limit)
+MAX_LOGIT_BIAS = 100.0  # |bias| at most, as in OpenAI's API
+
+
+def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len: int, prompt_len: int,
+                      canvas_length: int) -> None:
     """Raise ``InvalidRequestError`` for any parameter the engine cannot honour. Runs before any work."""
     if not _is_int(params.max_tokens) or params.max_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be a positive integer, got {params.max_tokens!r}", "max_tokens")
@@ -123,3 +134,32 @@ def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len:
     for s in params.stop:
         if not isinstance(s, str) or not s:
             raise InvalidRequestError("stop sequences must be non-empty strings", "stop")
+    _check_token_options(params, vocab_size, canvas_length)
+
+
+def _check_token_options(params: SamplingParams, vocab_size: int, canvas_length: int) -> None:
+    """logprobs, logit_bias and the infill suffix."""
+    if params.logprobs is not None and not (_is_int(params.logprobs) and 0 <= params.logprobs <= MAX_LOGPROBS):
+        raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {params.logprobs!r}",
+                                  "logprobs")
+    for token, bias in params.logit_bias:
+        if not _is_int(token) or not (0 <= token < vocab_size):
+            raise InvalidRequestError(
+                f"logit_bias token id {token!r} is outside the vocabulary [0, {vocab_size})", "logit_bias")
+        if not _is_number(bias) or abs(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r} for "
+                f"token {token}", "logit_bias")
+    if len({token for token, _ in params.logit_bias}) != len(params.logit_bias):
+        raise InvalidRequestError("logit_bias names a token more than once", "logit_bias")
+    suffix = params.infill_suffix
+    if suffix:
+        for token in suffix:
+            if not _is_int(token) or not (0 <= token < vocab_size):
+                raise InvalidRequestError(f"suffix token id {token!r} is outside the vocabulary [0, {vocab_size})",
+                                          "suffix")
+        if params.max_tokens + len(suffix) > canvas_length:
+            raise InvalidRequestError(
+                f"an infill (suffix) is written in one canvas of {canvas_length} tokens: max_tokens "
+                f"({params.max_tokens}) plus the suffix's {len(suffix)} tokens must be at most {canvas_length}",
+                "suffix")

@@ -10,10 +10,10 @@ import time
 from collections import deque
 
 from .kv_budget import kv_tokens_needed
-from .outputs import Draft, RequestOutput
+from .outputs import Draft, RequestOutput, TokenLogprob
 from .request import Request, RequestStatus
 from .stats import CanvasStats
-from .work import DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
+from .work import CanvasLogprobs, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult
 
 
 class Scheduler:
@@ -109,6 +109,10 @@ class Scheduler:
                     t_max=p.t_max,
                     entropy_bound=p.entropy_bound,
                     confidence_threshold=p.confidence_threshold,
+                    logprobs=p.logprobs,
+                    logit_bias=p.logit_bias,
+                    pinned_start=p.max_tokens if p.infill_suffix else 0,  # right after the gap (one canvas)
+                    pinned=p.infill_suffix,
                 )
             )
         if not plan.is_empty():
@@ -142,7 +146,8 @@ class Scheduler:
                     outputs.append(self.output_for(req, draft=draft))
                 continue
             new_tokens = self._commit(req, res.draft, now, canvases)
-            outputs.append(self.output_for(req, token_ids=new_tokens, draft=draft))
+            logprobs = None if res.logprobs is None else token_logprobs(new_tokens, res.logprobs)
+            outputs.append(self.output_for(req, token_ids=new_tokens, draft=draft, logprobs=logprobs))
         return outputs, canvases
 
     # -- internals -----------------------------------------------------------------------------
@@ -168,7 +173,8 @@ class Scheduler:
                     break
         req.output_ids.extend(kept)
         if finish is None and req.remaining_tokens <= 0:
-            finish = RequestStatus.FINISHED_LENGTH
+            # an infill's gap ends at its pinned suffix: filling it is the natural end
+            finish = RequestStatus.FINISHED_STOPPED if req.params.infill_suffix else RequestStatus.FINISHED_LENGTH
         if kept and req.first_token_time is None:
             req.first_token_time = now
         canvases.append(CanvasStats(req.step, len(kept), now - (req.canvas_start_time or now)))
@@ -190,12 +196,14 @@ class Scheduler:
             self._to_free.append(req.request_id)
 
     @staticmethod
-    def output_for(req: Request, token_ids: tuple[int, ...] = (), draft: Draft | None = None) -> RequestOutput:
+    def output_for(req: Request, token_ids: tuple[int, ...] = (), draft: Draft | None = None,
+                   logprobs: tuple[TokenLogprob, ...] | None = None) -> RequestOutput:
         """The ``RequestOutput`` describing ``req`` now, with this event's new tokens and draft."""
         return RequestOutput(
             request_id=req.request_id,
             token_ids=token_ids,
             draft=draft,
+            logprobs=logprobs,
             finished=req.status.finished,
             finish_reason=req.status.value if req.status.finished else None,
             error=req.error,
@@ -204,3 +212,8 @@ class Scheduler:
             num_denoising_steps=req.num_denoising_steps,
             num_canvases=req.canvas_index,
         )
+
+
+def token_logprobs(tokens: tuple[int, ...], canvas: CanvasLogprobs) -> tuple[TokenLogprob, ...]:
+    """The log-probabilities of a commit's tokens (the first ``len(tokens)`` positions of its canvas)."""
+    return tuple(TokenLogprob(t, canvas.chosen[i], canvas.top[i]) for i, t in enumerate(tokens))

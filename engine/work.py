@@ -35,6 +35,10 @@ class DecodeWork:
     t_max: float
     entropy_bound: float
     confidence_threshold: float
+    logprobs: int | None = None  # report the draft's log-probabilities with this many top alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the soft-capped logits
+    pinned_start: int = 0  # canvas position of the first pinned token
+    pinned: tuple[int, ...] = ()  # tokens fixed at pinned_start.. (an infill suffix): never renoised
 
 
 @dataclass
@@ -51,11 +55,21 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
+class CanvasLogprobs:
+    """Per position of a step's draft: the draft token's log-probability under the step's
+    temperature-scaled distribution, and the top alternatives as (token id, log-probability), best first."""
+
+    chosen: tuple[float, ...]
+    top: tuple[tuple[tuple[int, float], ...], ...]
+
+
+@dataclass(frozen=True)
 class DecodeResult:
     request_id: str
     draft: tuple[int, ...]  # argmax canvas after this step
     confident: bool  # mean entropy below the confidence threshold (the scheduler decides convergence)
     error: str | None = None  # this row failed (e.g. non-finite logits); the request ends with an error
+    logprobs: CanvasLogprobs | None = None  # when the row asked for them
 
 
 @dataclass

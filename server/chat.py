@@ -7,6 +7,7 @@ from fastapi import Request
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
+from .logprobs import chat_logprobs
 from .protocol import ChatCompletionRequest
 from .completions import TOKENIZE_IN_THREAD_CHARS
 from .request_limits import PromptLimit
@@ -23,14 +24,24 @@ class Chat:
 
     def check(self, req: ChatCompletionRequest) -> None:
         rf_type = (req.response_format or {}).get("type", "text")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise errors.bad_request("top_logprobs needs logprobs to be true.", "top_logprobs")
         unsupported(
-            logprobs=(bool(req.logprobs) or bool(req.top_logprobs), "logprobs are not supported by this server."),
             tools=(bool(req.tools), "tools (function calling) are not supported by this server."),
             response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
         )
 
     def num_prompts(self, req: ChatCompletionRequest) -> int:
         return 1
+
+    def logprobs(self, req: ChatCompletionRequest) -> int | None:
+        return (req.top_logprobs or 0) if req.logprobs else None
+
+    def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
+        return chat_logprobs(entries, tokenizer), offset
+
+    def text_start(self, spec: ChoiceSpec, prompts: Prompts) -> int:
+        return 0
 
     def max_tokens(self, req: ChatCompletionRequest) -> tuple[int | None, str]:
         if req.max_completion_tokens is not None:

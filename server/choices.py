@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from engine.outputs import Draft, RequestOutput
+from engine.outputs import Draft, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 from . import errors
@@ -43,6 +43,7 @@ class ChoiceResult:
     num_generated_tokens: int = 0
     num_denoising_steps: int = 0
     num_canvases: int = 0
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
     @property
     def text(self) -> str:
@@ -51,6 +52,10 @@ class ChoiceResult:
     def update(self, out: RequestOutput) -> None:
         if out.text:
             self.text_parts.append(out.text)
+        if out.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(out.logprobs)
         self.num_generated_tokens = out.num_generated_tokens
         self.num_denoising_steps = out.num_denoising_steps
         self.num_canvases = out.num_canvases

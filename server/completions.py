@@ -6,6 +6,7 @@ from fastapi import Request
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
+from .logprobs import completion_logprobs
 from .protocol import CompletionRequest
 from .request_limits import PromptLimit, where
 from .serving import EndpointNames, Prompts, off_loop, serve, unsupported
@@ -19,11 +20,16 @@ class Completions:
                           prompt_param="prompt")
 
     def check(self, req: CompletionRequest) -> None:
-        unsupported(
-            logprobs=(req.logprobs is not None and req.logprobs > 0, "logprobs are not supported by this server."),
-            suffix=(bool(req.suffix), "suffix is not supported by this server."),
-            best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."),
-        )
+        unsupported(best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."))
+
+    def logprobs(self, req: CompletionRequest) -> int | None:
+        return req.logprobs
+
+    def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
+        return completion_logprobs(entries, tokenizer, offset)
+
+    def text_start(self, spec: ChoiceSpec, prompts: Prompts) -> int:
+        return 0 if prompts.prefixes is None else len(prompts.prefixes[spec.prompt_index])
 
     def num_prompts(self, req: CompletionRequest) -> int:
         """Prompts in any of OpenAI's four shapes (a string, token ids, or a list of either)."""
@@ -66,11 +72,16 @@ class Completions:
                                              f"prompt[{i}]" if len(ids) > 1 else "prompt")
                 limit.check_tokens(len(p), "prompt", where(i, count))
             texts = [None] * len(ids)
+        suffix_ids = ()
+        if req.suffix:  # infill: bounded like a prompt, then the engine checks that it fits the canvas
+            limit.check_text(req.suffix, "suffix", "the suffix")
+            suffix_ids = tuple(tokenizer(req.suffix, add_special_tokens=False)["input_ids"])
+            limit.check_tokens(len(suffix_ids), "suffix", "the suffix")
         prefixes = None
         if req.echo:
             prefixes = [t if t is not None else tokenizer.decode(p) for t, p in zip(texts, ids)]
         log_text = " | ".join(t if t is not None else str(p) for t, p in zip(texts, ids))
-        return Prompts(ids, log_text, prefixes)
+        return Prompts(ids, log_text, prefixes, suffix_ids)
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
         return None if prompts.prefixes is None else self.chunk_choice(spec.index, prompts.prefixes[spec.prompt_index])

@@ -71,10 +71,31 @@ class CommonFields(DiffusionFields):
         None, description="Makes the request reproducible; choice i of a request uses `seed + i`.")
     stream: StrictBool | None = Field(False, description="Answer with server-sent events (see Streaming).")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream`: `{\"include_usage\": true}`.")
+    presence_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="Range-checked, then ignored: a canvas is written in parallel, so there "
+        "are no earlier tokens of it to penalise.")
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="Range-checked, then ignored (as `presence_penalty`).")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (a string key) -> bias in [-100, 100], added to the soft-capped logits before the "
+        "temperature; at most the setting `max_logit_bias` entries. -100 practically bans a token.")
     user: str | None = Field(None, description="Accepted and ignored.")
     ignore_eos: StrictBool | None = Field(False, description="Do not stop at eos (fixed-length outputs, for benchmarks).")
 
     _null_common = null_is_default("n", "stream", "ignore_eos")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v):
+        """Keys are token ids written as strings (JSON object keys): returned as ints."""
+        if v is None:
+            return v
+        out = {}
+        for key, bias in v.items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (integers, as strings), got {key!r}")
+            out[int(key)] = bias
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -97,8 +118,12 @@ PromptType = Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
 class CompletionRequest(CommonFields):
     prompt: PromptType = Field(description="A string, a list of token ids, or a list of either (one choice set each).")
     echo: StrictBool | None = Field(False, description="Start each choice's text with its prompt.")
-    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="Not supported: a value > 0 is a 400.")
-    suffix: str | None = Field(None, description="Not supported: a non-empty value is a 400.")
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=5, description="Return each committed token's log-probability and this many top alternatives "
+        "(see Log-probabilities).")
+    suffix: str | None = Field(
+        None, description="Infill: the text after the completion. Its tokens are pinned right after `max_tokens` free "
+        "positions of one canvas (see Infill).")
     best_of: StrictInt | None = Field(None, ge=1, description="Not supported: a value > 1 is a 400 (use `n`).")
 
     _null_echo = null_is_default("echo")
@@ -119,8 +144,11 @@ class ChatCompletionRequest(CommonFields):
     messages: list[ChatMessage] = Field(
         min_length=1, description="Rendered by the checkpoint's chat template; content is a string or text parts.")
     max_completion_tokens: StrictInt | None = Field(None, description="The same as `max_tokens`, and wins over it.")
-    logprobs: StrictBool | None = Field(None, description="Not supported: true is a 400.")
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="Not supported: a value > 0 is a 400.")
+    logprobs: StrictBool | None = Field(
+        None, description="Return each committed token's log-probability in `choices[].logprobs.content` (see "
+        "Log-probabilities).")
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, le=20, description="With `logprobs`: this many top alternatives per token.")
     tools: list[Any] | None = Field(None, description="Not supported: a non-empty list is a 400.")
     response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}`.")
     # vLLM-style chat template controls.

@@ -46,6 +46,11 @@ def check_request(settings, req: CommonFields, num_prompts: int, max_tokens: int
                 f"A stop sequence is {len(s)} characters long, the limit is {settings.max_stop_length} "
                 "(setting max_stop_length).", "stop",
             )
+    if req.logit_bias and len(req.logit_bias) > settings.max_logit_bias:
+        raise limit_error(
+            f"logit_bias has {len(req.logit_bias)} entries, the limit is {settings.max_logit_bias} "
+            "(setting max_logit_bias).", "logit_bias",
+        )
     if max_tokens is not None:
         _check_max_tokens(settings, max_tokens, max_tokens_param)
     if req.max_denoising_steps is not None:

@@ -41,6 +41,7 @@ class Prompts:
     ids: list[list[int]]
     log_text: str  # what ``--log-prompts`` writes
     prefixes: list[str] | None = None  # text each choice of prompt i starts with (completions' echo)
+    suffix_ids: tuple[int, ...] = ()  # completions' infill suffix, pinned in the canvas
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,16 @@ class Endpoint(Protocol):
 
     def max_tokens(self, req) -> tuple[int | None, str]:
         """The requested completion length and the field that asked for it."""
+
+    def logprobs(self, req) -> int | None:
+        """Top alternatives per token the request asks for with its log-probabilities (None: none)."""
+
+    def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
+        """The API's ``logprobs`` object for these committed tokens (``engine.outputs.TokenLogprob``),
+        the first starting ``offset`` characters into the choice's text; and the offset after them."""
+
+    def text_start(self, spec: ChoiceSpec, prompts: Prompts) -> int:
+        """Characters of a choice's text before its completion (completions' echo)."""
 
     async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore) -> Prompts:
         """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
@@ -108,7 +119,9 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate)
     if settings.log_prompts:
         log.prompt_text = prompts.log_text
-    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix)
+    options = dict(logprobs=api.logprobs(req), infill_suffix=prompts.suffix_ids,
+                   logit_bias=tuple((req.logit_bias or {}).items()))
+    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix, options)
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
 
@@ -118,7 +131,8 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         opening = [c for c in (api.opening(s, prompts) for s in specs) if c is not None]
-        frames = _stream(api, state, engine, choice_set, base, opening, include_usage, log)
+        offsets = {s.index: api.text_start(s, prompts) for s in specs}
+        frames = _stream(api, state, engine, choice_set, base, opening, offsets, include_usage, log)
         return sse.SSEResponse(frames, on_close=choice_set.cancel, ping_seconds=settings.sse_ping_seconds)
 
     try:
@@ -131,6 +145,10 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
         raise
     log.finish(200, specs, results)
     choices = [api.response_choice(s, results[s.index], prompts) for s in specs]
+    for spec, choice in zip(specs, choices):
+        entries = results[spec.index].logprobs
+        if entries is not None:
+            choice["logprobs"] = api.logprobs_object(entries, engine.tokenizer, api.text_start(spec, prompts))[0]
     return JSONResponse({**base, "object": names.object, "choices": choices, "usage": usage(specs, results)})
 
 
@@ -168,8 +186,9 @@ def _request_ids(request: Request, prefix: str) -> tuple[str, str]:
 
 
 def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFields, max_tokens: int | None,
-                  max_tokens_param: str, engine_prefix: str) -> list[ChoiceSpec]:
-    """One resolved engine request per choice. Choice ``i`` (prompt ``i // n``) gets ``seed + i``.
+                  max_tokens_param: str, engine_prefix: str, options: dict) -> list[ChoiceSpec]:
+    """One resolved engine request per choice. Choice ``i`` (prompt ``i // n``) gets ``seed + i``;
+    ``options``: the endpoint's other ``SamplingParams`` fields (logprobs, logit_bias, infill suffix).
 
     Raises a 400 for any parameter the engine refuses (context length included), before anything
     is submitted.
@@ -190,6 +209,7 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
                 t_max=req.t_max,
                 stability_threshold=req.stability_threshold,
                 confidence_threshold=req.confidence_threshold,
+                **options,
             )
             try:
                 # the prompt's tokens are checked once, not once per choice
@@ -216,8 +236,9 @@ def _draft_extension(draft: Draft, tokenizer) -> dict:
 
 
 async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: ChoiceSet, base: dict, opening: list[dict],
-                  include_usage: bool, log: RequestLog) -> AsyncIterator:
-    """The SSE frames of one streamed request: the opening choices, then drafts, text deltas and
+                  offsets: dict[int, int], include_usage: bool, log: RequestLog) -> AsyncIterator:
+    """The SSE frames of one streamed request: the opening choices, then drafts, text deltas (with the
+    committed tokens' log-probabilities when asked; ``offsets``: each choice's text so far) and
     finish chunks as the engine produces them, the usage chunk when asked, and ``[DONE]``; a
     failure becomes an error chunk before ``[DONE]``."""
     err: APIError | None = None
@@ -229,7 +250,10 @@ async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: Choice
             if out.draft is not None:
                 ext = _draft_extension(out.draft, engine.tokenizer)
                 yield sse.chunk({**base, "choices": [api.chunk_choice(index, "", diffusion=ext)]})
-            if out.text:
+            if out.logprobs:
+                logprobs, offsets[index] = api.logprobs_object(out.logprobs, engine.tokenizer, offsets[index])
+                yield sse.chunk({**base, "choices": [api.chunk_choice(index, out.text, logprobs=logprobs)]})
+            elif out.text:
                 yield sse.chunk({**base, "choices": [api.chunk_choice(index, out.text)]})
             if out.finished:
                 yield sse.chunk({**base, "choices": [api.chunk_choice(index, "", out.finish_reason)]})

@@ -92,6 +92,7 @@ class ServerSettings:
         262144, "Most completion tokens one request may ask for in all: prompts x n x max_tokens; more get 400.")
     max_stop_length: int = limit(
         256, "Longest stop string, in characters (at most 4 stop strings); longer ones get 400.")
+    max_logit_bias: int = limit(300, "Most entries in one request's logit_bias; more get 400.")
     max_json_depth: int = limit(32, "Deepest nesting of arrays and objects in a request body; deeper bodies get 400.")
     max_json_values: int = limit(
         65536, "Most strings (object keys included), objects and arrays in a request body, counted before it is "

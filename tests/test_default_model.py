@@ -67,3 +67,45 @@ def test_chat_takes_the_grid_as_nine_lines(default_server):
     assert answer == completion.json()["choices"][0]["text"]
     assert chat.json()["usage"]["prompt_tokens"] == completion.json()["usage"]["prompt_tokens"]
     assert generator.is_solved(answer[:81], puzzle)  # an easy puzzle: the grid was read, not noise
+
+
+def _infill(srv, puzzle: str, suffix: str, seed: int) -> dict:
+    r = httpx.post(srv.base_url + "/completions", timeout=300, json={
+        "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "suffix": suffix, "max_tokens": 81 - len(suffix), "seed": seed})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_suffix_infill_completes_easy_puzzles(default_server):
+    """Infill: the last 41 cells of the solution as the suffix, 40 free cells before it; the filled text
+    plus the suffix is the solution."""
+    puzzles = eval_set(20, seed=EVAL_SEED, buckets=[BUCKETS[0]])[BUCKETS[0][0]]
+    with ThreadPoolExecutor(4) as pool:
+        choices = list(pool.map(lambda k: _infill(default_server, puzzles[k][0], puzzles[k][1][40:], k), range(20)))
+    assert all(len(c["text"]) == 40 and c["finish_reason"] == "stop" for c in choices)
+    solved = sum(generator.is_solved(c["text"] + solution[40:], puzzle) for c, (puzzle, solution) in zip(choices, puzzles))
+    assert solved >= MIN_SOLVED, f"infilled {solved} of 20 easy puzzles"
+
+
+def test_suffix_decides_an_ambiguous_infill(default_server):
+    """Puzzles with 30 givens have many solutions: the model's own completions end differently from a
+    given solution, yet with that solution's last 41 cells pinned as the suffix its fill completes it."""
+    import random
+
+    rng = random.Random(5)
+    puzzles = [generator.make_puzzle(rng, 30) for _ in range(20)]
+    assert all(generator.count_solutions(p, 2) == 2 for p, _ in puzzles)
+
+    def run(k):
+        puzzle, solution = puzzles[k]
+        free = httpx.post(default_server.base_url + "/completions", timeout=300, json={
+            "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "max_tokens": 81, "seed": k}).json()["choices"][0]["text"]
+        filled = _infill(default_server, puzzle, solution[40:], k)["text"]
+        return free[40:81] != solution[40:], generator.is_solved(filled + solution[40:], puzzle)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(20)))
+    differs = sum(d for d, _ in results)
+    infilled = sum(ok for _, ok in results)
+    assert differs >= 15, f"only {differs} of 20 free completions differ from the given solution"
+    assert infilled >= 15, f"infilled {infilled} of 20 ambiguous puzzles"

@@ -34,9 +34,10 @@ for v0, width in ((0, 128), (256, 35)):  # a whole chunk, and the vocabulary's r
     temps = torch.rand(N, 1) + 0.4
     keys = torch.tensor([step_key(seed, 1, 3, GUMBEL) for seed in range(N)])
     counter0 = (torch.arange(N) * V)[:, None]
-    for softcap in (30.0, None):
-        want, want_e = block_stats(z, temps, keys, counter0, v0, V, blocks, block, softcap)
-        got, got_e = triton_block_stats(z, temps, keys, counter0, v0, V, blocks, block, softcap)
+    # two canvas rows of three positions, each row with its own logit bias
+    for softcap, bias in ((30.0, None), (None, None), (30.0, torch.randn(2, V) * 5)):
+        want, want_e = block_stats(z, temps, keys, counter0, v0, V, blocks, block, softcap, bias)
+        got, got_e = triton_block_stats(z, temps, keys, counter0, v0, V, blocks, block, softcap, bias)
         assert torch.equal(got.argmax_index, want.argmax_index)
         assert torch.equal(got.gumbel_index, want.gumbel_index)
         for a, b in ((got.m, want.m), (got.S, want.S), (got.B, want.B), (got.gumbel_value, want.gumbel_value),
@@ -47,6 +48,7 @@ for v0, width in ((0, 128), (256, 35)):  # a whole chunk, and the vocabulary's r
 path = build_tiny_checkpoint("$TMP", TinySpec(extra_vocab=30))
 model = load_model(EngineSettings(model=path.as_posix(), dtype="float32")).model
 rows = [DecodeWork(f"r{i}", False, 0, 6 - i, 8, 0.4, 0.8, 0.5, 0.5) for i in range(3)]
+rows[1] = DecodeWork("r1", False, 0, 5, 8, 0.4, 0.8, 0.5, 0.5, logprobs=3, logit_bias=((7, 40.0), (9, -100.0)))
 hidden = torch.randn(3, model.config.canvas_length, model.config.text_config.hidden_size) * 3
 outs = []
 for stats in (None, triton_block_stats):
@@ -58,6 +60,8 @@ for stats in (None, triton_block_stats):
         outs.append(s.sample(hidden, rows))
 assert torch.equal(outs[0].draft, outs[1].draft)
 assert torch.equal(outs[0].next_canvas, outs[1].next_canvas)
+assert torch.equal(outs[0].logprobs.top_ids, outs[1].logprobs.top_ids)
+torch.testing.assert_close(outs[0].logprobs.chosen, outs[1].logprobs.chosen, rtol=1e-5, atol=1e-5)
 torch.testing.assert_close(outs[0].soft, outs[1].soft, rtol=1e-5, atol=1e-5)
 print("ok")
 """

@@ -121,7 +121,12 @@ def test_400_not_json(live_server):
         ("/completions", {"prompt": [[5, 6, 999999]]}, "prompt", None),
         ("/completions", {"prompt": [-1]}, "prompt", None),
         ("/completions", {"prompt": []}, "prompt", None),
-        ("/completions", {"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
+        ("/completions", {"prompt": "hi", "logprobs": 6}, "logprobs", None),
+        ("/completions", {"prompt": "hi", "max_tokens": 10, "suffix": "abcdefgh"}, "suffix", "one canvas of 16"),
+        ("/completions", {"prompt": "hi", "logit_bias": {"5": 100.5}}, "logit_bias", "[-100, 100]"),
+        ("/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias", "vocabulary"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs",
+         "logprobs to be true"),
         ("/completions", {"prompt": "hi", "n": 40, "max_tokens": 2, "best_of": 3}, "best_of", None),
         ("/completions", {"prompt": ["a"] * 10, "n": 30}, "n", "choices"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
@@ -147,7 +152,7 @@ def test_unknown_fields_are_ignored(live_server):
     """Fields the server does not use are accepted and change nothing: the same seeded output."""
     plain = {"model": live_server.model_name, "prompt": "hi", "max_tokens": 20, "seed": 3}
     extra = {**plain, "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.1,
-             "logit_bias": {"5": 1}, "user": "u1", "some_future_field": {"nested": [1, 2]}, "best_of": 1,
+             "logit_bias": {"5": 0}, "user": "u1", "some_future_field": {"nested": [1, 2]}, "best_of": 1,
              "logprobs": None}
     r, base = post(live_server, "/completions", extra), post(live_server, "/completions", plain)
     assert r.status_code == 200 == base.status_code, r.text

@@ -140,6 +140,51 @@ A completion's `usage` has OpenAI's exact counts (`prompt_tokens` counts each pr
 large `n`; `completion_tokens` includes a final eos) and two extension counts, `denoising_steps`
 and `canvases`. `finish_reason` is `stop` (eos or a stop string), `length` (`max_tokens`).
 
+### Log-probabilities
+
+A committed token's log-probability is log softmax(s)[token] at its canvas position, where s are the
+logits of the denoising step whose argmax draft the canvas committed, soft-capped, biased
+(`logit_bias`) and divided by that step's temperature: s = (softcap(z) + bias) / T(step). The
+committed token is that step's argmax, so it is always the first of its top alternatives. They are
+computed on the device, for the rows that ask only; every step of such a row costs a top-k over the
+vocabulary and a transfer of [canvas, k] values.
+
+- Completions (`logprobs: k`, 0..5): `tokens`, `token_logprobs`, `top_logprobs` (per token a map of
+  up to k + 1 entries: the top k and the chosen token) and `text_offset` (the running sum of the
+  tokens' text lengths, from where the choice's text starts, after an `echo`).
+- Chat (`logprobs: true`, `top_logprobs: k`, 0..20): `logprobs.content[]` with `token`, `logprob`,
+  `bytes` and `top_logprobs[]`.
+
+A token whose text alone is not valid UTF-8 (a piece of a multi-byte character) shows as
+`bytes:\\xNN...` (its chat `bytes` are the raw bytes) and adds 0 to `text_offset`. A final eos is
+a committed token and has its entry. Streams carry each committed canvas's entries in the chunk
+with its text delta (a chunk may have entries and no text while a character or a possible stop
+string is held back); tokens cut by a stop string have none.
+
+### logit_bias and the penalties
+
+`logit_bias` maps token ids to a bias in [-100, 100], added to the soft-capped logits before the
+temperature, so the draft, the sample, the entropies and the self-conditioning all see the biased
+distribution (as a logits processor given to transformers' `generate`). The soft-capped logits lie
+within the checkpoint's `final_logit_softcapping` (30 for DiffusionGemma), so -100 makes a token
+practically impossible and +100 practically certain. `presence_penalty` and `frequency_penalty`
+are range-checked and ignored: every position of a canvas is written at once, so there are no
+earlier tokens of it to penalise.
+
+### Infill
+
+`suffix` (completions) writes the completion between the prompt and the suffix, in one canvas:
+the suffix's tokens are pinned right after `max_tokens` free positions, held in every draft and
+every canvas fed to the decoder (never renoised); their entropy counts 0 in the acceptance and they
+are left out of the mean entropy that decides confidence. The free positions are denoised around
+them; positions after the suffix are denoised too and dropped.
+
+- `max_tokens` is the gap's length; unset, the gap fills the canvas up to the suffix
+  (`canvas_length` minus the suffix's tokens). `max_tokens` plus the suffix's tokens must fit one
+  canvas, else 400 (`param: suffix`).
+- An eos inside the gap ends the completion there (`finish_reason: stop`); a filled gap also ends
+  with `stop`. The text returned is the gap only, without the suffix.
+
 ## Streaming
 
 With `"stream": true` the answer is `text/event-stream`, one `data: {{json chunk}}` frame per event:

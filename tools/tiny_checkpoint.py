@@ -55,8 +55,10 @@ def build_byte_tokenizer():
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
+    from engine.token_bytes import byte_of_char
+
     alphabet = ByteLevel.alphabet()
-    byte_chars = sorted(alphabet, key=lambda ch: _byte_of_char()[ch])
+    byte_chars = sorted(alphabet, key=lambda ch: byte_of_char()[ch])
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in byte_chars:
         vocab[ch] = len(vocab)
@@ -73,19 +75,6 @@ def build_byte_tokenizer():
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def _byte_of_char() -> dict[str, int]:
-    # GPT-2's byte <-> unicode table, as used by the ByteLevel pre-tokenizer.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 # vision_config=None would silently build the full Gemma 4 vision tower (~150M parameters): keep it tiny.

@@ -26,6 +26,7 @@ import torch
 
 from ..settings import SAMPLERS  # noqa: F401 - the names, where the settings validate them
 from ..work import DecodeWork
+from .logprobs import LogprobTensors
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SampleResult:
     confident: torch.Tensor  # [B] bool: mean entropy below the row's confidence threshold
     usable: torch.Tensor  # [B] bool: no NaN or +inf logit in the row (-inf is allowed)
     soft: torch.Tensor  # [B, C, hidden]: softmax(scaled logits) @ E * embed_scale, the next step's input
+    logprobs: "LogprobTensors | None" = None  # when a row asked (``logprobs.py``), for every row
 
 
 class Sampler(Protocol):

@@ -27,7 +27,9 @@ import torch
 
 from ..work import DecodeWork
 from . import SampleResult
+from .constraints import Pins, acceptance_entropy, add_bias, bias_matrix, pins
 from .counter_rng import GUMBEL, INITIAL_CANVAS, RENOISE, gumbel, step_key, uniform_tokens, values
+from .logprobs import LogprobTensors, concat, top_count
 from .schedule import step_temperature
 
 BLOCK_MAX = 1024  # tokens per statistics block (smaller vocabularies: the next power of two)
@@ -38,8 +40,8 @@ VOCAB_CHUNK = {"torch": 2048, "triton": 16384}
 # measures it): the PyTorch statistics' temporaries (logits, int64 counters and their mix, the noise's
 # terms, exponentials), about 11 alive at once, and what glibc's allocator keeps of the freed ones,
 # which varies from run to run; for the kernel, its input, exponentials and product weights by count
-# (not yet measured on a GPU)
-CHUNK_FP32_COPIES = {"torch": 36, "triton": 3}
+# and the scaled chunk a log-probabilities pass keeps (not yet measured on a GPU)
+CHUNK_FP32_COPIES = {"torch": 36, "triton": 4}
 
 _FMIN = torch.finfo(torch.float32).min
 
@@ -103,24 +105,31 @@ def tree_reduce(blocks: Partial) -> Partial:
     return blocks
 
 
+def scale_chunk(out: torch.Tensor, z: torch.Tensor, temps: torch.Tensor, softcap: float | None,
+                bias: torch.Tensor | None, v0: int) -> torch.Tensor:
+    """out [N, w] fp32 = (softcap(z) + bias) / T for a chunk of tokens v0 .. v0+w (``constraints``)."""
+    out.copy_(z)
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)  # == tanh(x / cap) * cap
+    return add_bias(out, bias, v0).div_(temps)
+
+
 def block_stats(z: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor, counter0: torch.Tensor, v0: int,
-                vocab_size: int, num_blocks: int, block: int, softcap: float | None) -> tuple[Partial, torch.Tensor]:
+                vocab_size: int, num_blocks: int, block: int, softcap: float | None,
+                bias: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor]:
     """Statistics of each block of one chunk, and the block-relative exponentials.
 
     z: [N, w] lm-head output for tokens v0 .. v0+w (w <= num_blocks * block; tokens past the
-    vocabulary are padding); temps: [N, 1] fp32; keys: [N, 2] int64 Gumbel keys of each row's step;
-    counter0: [N, 1] int64, the position's counter base (position * vocab).
+    vocabulary are padding) of n rows' N = n * C positions; temps: [N, 1] fp32; keys: [N, 2] int64
+    Gumbel keys of each row's step; counter0: [N, 1] int64, the position's counter base (position *
+    vocab); bias: [n, vocab] fp32 logit bias of each row, or None.
     Returns (Partial [N, num_blocks], e [N, num_blocks * block] fp32 = exp(s - m_block), 0 on padding).
     """
     N, w = z.shape
     width = num_blocks * block
     s = torch.empty((N, width), dtype=torch.float32, device=z.device)
     s[:, w:] = float("-inf")
-    valid = s[:, :w]
-    valid.copy_(z)
-    if softcap is not None:
-        valid.div_(softcap).tanh_().mul_(softcap)  # == tanh(x / cap) * cap
-    valid.div_(temps)
+    scale_chunk(s[:, :w], z, temps, softcap, bias, v0)
     tokens = torch.arange(v0, v0 + width, dtype=torch.int64, device=z.device)
     y = gumbel(values(counter0 + tokens, keys)).add_(s)  # s + g; -inf on padding
     s3 = s.view(N, num_blocks, block)
@@ -209,26 +218,32 @@ class FastSampler:
 
     def sample(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         self.sampling_seconds = 0.0
-        parts = [self.sample_tile(hidden[start:start + self.rows_per_tile], rows[start:start + self.rows_per_tile])
+        k = top_count(rows)  # log-probabilities for every row when one asks (each row reads its own)
+        parts = [self.sample_tile(hidden[start:start + self.rows_per_tile], rows[start:start + self.rows_per_tile], k)
                  for start in range(0, len(rows), self.rows_per_tile)]
         return SampleResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                              ("draft", "next_canvas", "confident", "usable", "soft")))
+                              ("draft", "next_canvas", "confident", "usable", "soft")),
+                            logprobs=concat([p.logprobs for p in parts], dim=0))
 
-    def sample_tile(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
-        """One step for a tile of rows: hidden [n, C, hidden]."""
-        stats = self.statistics(hidden, rows)
+    def sample_tile(self, hidden: torch.Tensor, rows: list[DecodeWork], k: int | None = None) -> SampleResult:
+        """One step for a tile of rows: hidden [n, C, hidden]; log-probabilities with ``k`` alternatives
+        for every row unless ``k`` is None."""
+        stats = self.statistics(hidden, rows, k)
         t0 = time.perf_counter()
         seeds = [self._seeds[r.request_id] for r in rows]
         noise = uniform_tokens(row_keys(seeds, rows, RENOISE, self.device), self.canvas_length, self.vocab_size)
         bounds = torch.tensor([[r.entropy_bound, r.confidence_threshold] for r in rows], dtype=torch.float32,
                               device=self.device)
-        next_canvas, confident, usable = accept(stats.entropy, stats.sampled, noise, bounds)
+        pinned = pins(rows, self.canvas_length, self.device)
+        next_canvas, confident, usable = accept(stats.entropy, stats.sampled, noise, bounds, pinned)
         self.sampling_seconds += time.perf_counter() - t0
-        return SampleResult(draft=stats.draft, next_canvas=next_canvas, confident=confident, usable=usable,
-                            soft=stats.soft)
+        draft = stats.draft if pinned is None else pinned.apply(stats.draft)
+        return SampleResult(draft=draft, next_canvas=next_canvas, confident=confident, usable=usable,
+                            soft=stats.soft, logprobs=stats.logprobs)
 
-    def statistics(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> "PositionStats":
-        """Every position's draft, sample, entropy and soft embedding for a tile: hidden [n, C, hidden]."""
+    def statistics(self, hidden: torch.Tensor, rows: list[DecodeWork], k: int | None = None) -> "PositionStats":
+        """Every position's draft, sample, entropy and soft embedding for a tile: hidden [n, C, hidden];
+        and the draft's log-probabilities with ``k`` alternatives unless ``k`` is None."""
         n, C, _ = hidden.shape
         V, device = self.vocab_size, self.device
         seeds = [self._seeds[r.request_id] for r in rows]
@@ -236,6 +251,8 @@ class FastSampler:
                              dtype=torch.float32, device=device).repeat_interleave(C)[:, None]  # [N, 1]
         keys = row_keys(seeds, rows, GUMBEL, device).repeat_interleave(C, dim=0)  # [N, 2]
         counter0 = (torch.arange(C, dtype=torch.int64, device=device) * V).repeat(n)[:, None]  # [N, 1]
+        bias = bias_matrix(rows, V, device)
+        top = None if k is None else TopTokens(n * C, k, device)
         h = hidden.reshape(n * C, -1)
         weight, bias = self.lm_head.weight, self.lm_head.bias
         E = self.embed.weight
@@ -248,7 +265,10 @@ class FastSampler:
             v1 = min(V, v0 + self.chunk)
             z = torch.nn.functional.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1])
             t0 = time.perf_counter()
-            blocks, e = self.block_stats(z, temps, keys, counter0, v0, V, num_blocks, self.block, self.softcap)
+            if top is not None:
+                top.add(scale_chunk(torch.empty(z.shape, dtype=torch.float32, device=device), z, temps,
+                                    self.softcap, bias, v0), v0)
+            blocks, e = self.block_stats(z, temps, keys, counter0, v0, V, num_blocks, self.block, self.softcap, bias)
             del z
             chunk = tree_reduce(blocks)
             stack.append((levels, chunk))
@@ -271,12 +291,18 @@ class FastSampler:
             total = combine(stack.pop()[1], total)
         S, B = total.S[:, 0], total.B[:, 0]
         soft = (soft / S[:, None]).mul_(self.embed.embed_scale.to(torch.float32)).to(E.dtype)
+        logprobs = None
+        if top is not None:  # log softmax(s) = s - m - log S; the draft (argmax) has s = m
+            log_S = S.log()
+            logprobs = LogprobTensors((-log_S).view(n, C), top.ids.view(n, C, -1),
+                                      (top.values - total.m - log_S[:, None]).view(n, C, -1))
         self.sampling_seconds += time.perf_counter() - t0
         return PositionStats(
             draft=total.argmax_index[:, 0].view(n, C),
             sampled=total.gumbel_index[:, 0].view(n, C),
             entropy=(S.log() - B / S).view(n, C),
             soft=soft.view(n, C, -1),
+            logprobs=logprobs,
         )
 
 
@@ -288,13 +314,37 @@ class PositionStats:
     sampled: torch.Tensor
     entropy: torch.Tensor
     soft: torch.Tensor
+    logprobs: LogprobTensors | None = None
 
 
-def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, bounds: torch.Tensor):
+class TopTokens:
+    """The running k largest scaled logits of each position over vocabulary chunks (best first)."""
+
+    def __init__(self, positions: int, k: int, device):
+        self.k = k
+        self.values = torch.empty((positions, 0), dtype=torch.float32, device=device)
+        self.ids = torch.empty((positions, 0), dtype=torch.int64, device=device)
+
+    def add(self, s: torch.Tensor, v0: int) -> None:
+        """Merge a chunk's scaled logits [positions, w] of tokens v0 .. v0+w."""
+        values, ids = s.topk(min(self.k, s.shape[1]), dim=-1)
+        values = torch.cat([self.values, values], dim=1)
+        ids = torch.cat([self.ids, ids + v0], dim=1)
+        self.values, order = values.topk(min(self.k, values.shape[1]), dim=-1)
+        self.ids = ids.gather(1, order)
+
+
+def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, bounds: torch.Tensor,
+           pinned: Pins | None = None):
     """The entropy-bounded acceptance and renoise over [n, C] (``bounds``: [n, 2] entropy bound and
-    confidence threshold): the reference's rule, with equal entropies ordered by position."""
+    confidence threshold): the reference's rule, with equal entropies ordered by position; ``pinned``
+    positions keep their tokens (``constraints``)."""
+    usable = torch.isfinite(entropy.mean(dim=-1))
+    entropy, mean_entropy = acceptance_entropy(entropy, pinned)
     sorted_entropy, order = torch.sort(entropy, dim=-1, stable=True)
     sorted_accept = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bounds[:, 0:1]
     accepted = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
-    mean_entropy = entropy.mean(dim=-1)
-    return torch.where(accepted, sampled, noise), mean_entropy < bounds[:, 1], torch.isfinite(mean_entropy)
+    next_canvas = torch.where(accepted, sampled, noise)
+    if pinned is not None:
+        next_canvas = pinned.apply(next_canvas)
+    return next_canvas, mean_entropy < bounds[:, 1], usable

@@ -21,7 +21,9 @@ import torch
 
 from ..work import DecodeWork
 from . import SampleResult
+from .constraints import Pins, acceptance_entropy, add_bias, bias_matrix, pins
 from .draws import DrawPrefetcher
+from .logprobs import concat, from_probs, top_count
 from .schedule import row_parameters
 
 # fp32 [rows, positions, vocab] copies the sampler keeps alive for one chunk of positions: the lm
@@ -95,9 +97,12 @@ def positions_entropy(scaled: torch.Tensor) -> torch.Tensor:
     return -p_log_p.sum(-1)
 
 
-def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, params: torch.Tensor) -> AcceptResult:
+def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, params: torch.Tensor,
+           pinned: Pins | None = None) -> AcceptResult:
     """The entropy-bounded acceptance over whole canvases ([n, C] each) and the renoise; ``params`` is
-    ``row_parameters`` of the same rows."""
+    ``row_parameters`` of the same rows; ``pinned`` positions keep their tokens (``constraints``)."""
+    usable = torch.isfinite(entropy.mean(dim=-1))
+    entropy, mean_entropy = acceptance_entropy(entropy, pinned)
     sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
     cumulative = torch.cumsum(sorted_entropy, dim=-1)
     # Accept the k lowest-entropy positions whose entropy sum minus the largest stays within the bound.
@@ -105,10 +110,11 @@ def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, pa
     accepted = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
     # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
     next_canvas = torch.where(accepted, sampled, noise)
-    mean_entropy = entropy.mean(dim=-1)
+    if pinned is not None:
+        next_canvas = pinned.apply(next_canvas)
     # A NaN or +inf logit makes its position's entropy NaN, hence the row mean: such a row's outputs are
     # garbage (the reference's multinomial would raise) and the caller fails it; rows never mix.
-    return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < params[:, 2], usable=torch.isfinite(mean_entropy))
+    return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < params[:, 2], usable=usable)
 
 
 def _usable_cpus() -> int:
@@ -178,26 +184,33 @@ class ReferenceSampler:
 
     def sample(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         self.sampling_seconds = 0.0
-        outputs = []  # per tile: (argmax [n, C], soft [n, C, hidden], AcceptResult)
+        k = top_count(rows)  # log-probabilities for every row when one asks (each row reads its own)
+        outputs = []  # per tile: (argmax [n, C], soft [n, C, hidden], AcceptResult, logprobs)
         for index, tile in enumerate(self._tiles):
             draws = self.draws.take(index)
             params = row_parameters(rows[tile], self.device)
             temps = params[:, 0].view(-1, 1, 1)
-            parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk],
+            bias = bias_matrix(rows[tile], self.vocab_size, self.device)
+            parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk], bias, k,
                                         next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
                      for chunk in self._position_chunks]
             t0 = time.perf_counter()
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
-            argmax, sampled, entropy, soft = parts[0] if len(parts) == 1 else (
+            argmax, sampled, entropy, soft = parts[0][:4] if len(parts) == 1 else (
                 torch.cat([p[i] for p in parts], dim=1) for i in range(4))
-            outputs.append((argmax, soft, accept(entropy, sampled, draws.noise, params)))
+            pinned = pins(rows[tile], self.canvas_length, self.device)
+            if pinned is not None:
+                argmax = pinned.apply(argmax)
+            outputs.append((argmax, soft, accept(entropy, sampled, draws.noise, params, pinned),
+                            concat([p[4] for p in parts], dim=1)))
             self.sampling_seconds += time.perf_counter() - t0
         return SampleResult(
-            draft=torch.cat([a for a, _, _ in outputs]),
-            next_canvas=torch.cat([o.next_canvas for _, _, o in outputs]),
-            confident=torch.cat([o.confident for _, _, o in outputs]),
-            usable=torch.cat([o.usable for _, _, o in outputs]),
-            soft=torch.cat([s for _, s, _ in outputs]),
+            draft=torch.cat([a for a, _, _, _ in outputs]),
+            next_canvas=torch.cat([o.next_canvas for _, _, o, _ in outputs]),
+            confident=torch.cat([o.confident for _, _, o, _ in outputs]),
+            usable=torch.cat([o.usable for _, _, o, _ in outputs]),
+            soft=torch.cat([s for _, s, _, _ in outputs]),
+            logprobs=concat([lp for _, _, _, lp in outputs], dim=0),
         )
 
     def end(self) -> None:
@@ -209,15 +222,17 @@ class ReferenceSampler:
             self._worker.shutdown(wait=True)
 
     def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor,
-                      next_tile: int | None):
-        """lm head, soft-capping and the per-position sampler over a chunk of positions of a tile's rows;
-        returns (argmax, sampled, entropy [n, c], soft embeddings [n, c, hidden]). The [n, c, V] copies
+                      bias: torch.Tensor | None, k: int | None, next_tile: int | None):
+        """lm head, soft-capping, the rows' ``bias`` ([n, V] or None) and the per-position sampler over a
+        chunk of positions of a tile's rows; returns (argmax, sampled, entropy [n, c], soft embeddings
+        [n, c, hidden], log-probabilities with ``k`` alternatives or None). The [n, c, V] copies
         are freed before the next chunk. On CPU the entropies are computed on the worker thread while
         this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them
         (given with the tile's last chunk, so that no chunk's entropies wait behind a whole tile's draws)."""
         logits = self.lm_head(hidden).to(torch.float32)
         if self.softcap is not None:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
+        add_bias(logits.view(-1, self.vocab_size), bias)
         t1 = time.perf_counter()
         scaled = logits.div_(temps)
         overlap = self.overlap_entropy and self._worker is not None
@@ -226,6 +241,7 @@ class ReferenceSampler:
             self.draws.prefetch(next_tile)
         drawn = draw_positions(scaled, exponentials)
         entropy = entropy.result() if entropy is not None else positions_entropy(scaled)
+        logprobs = None if k is None else from_probs(drawn.probs, drawn.argmax, k)
         self.sampling_seconds += time.perf_counter() - t1
         # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
         # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
@@ -235,4 +251,4 @@ class ReferenceSampler:
         else:
             probs = scaled.to(weight.dtype).softmax(dim=-1, dtype=torch.float32)
         soft = torch.matmul(probs.to(weight.dtype), weight) * self.embed.embed_scale.to(weight.dtype)
-        return drawn.argmax, drawn.sampled, entropy, soft
+        return drawn.argmax, drawn.sampled, entropy, soft, logprobs

@@ -32,9 +32,9 @@ def _mix32(x):
 
 
 @triton.jit
-def _block_stats_kernel(z_ptr, z_stride, width, t_ptr, keys_ptr, c0_ptr, v0, softcap,
-                        m_ptr, s_ptr, b_ptr, ai_ptr, gv_ptr, gi_ptr, e_ptr, num_blocks,
-                        HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+def _block_stats_kernel(z_ptr, z_stride, width, t_ptr, keys_ptr, c0_ptr, v0, softcap, bias_ptr, bias_stride,
+                        positions_per_row, m_ptr, s_ptr, b_ptr, ai_ptr, gv_ptr, gi_ptr, e_ptr, num_blocks,
+                        HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)  # token offsets within the chunk
@@ -43,6 +43,8 @@ def _block_stats_kernel(z_ptr, z_stride, width, t_ptr, keys_ptr, c0_ptr, v0, sof
     if HAS_SOFTCAP:
         x = z / softcap
         z = (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * softcap  # tanh(x) * cap
+    if HAS_BIAS:  # the canvas row's logit bias (constraints), shared by its positions
+        z += tl.load(bias_ptr + (row // positions_per_row) * bias_stride + v0 + offs, mask=valid, other=0.0)
     s = tl.where(valid, z / tl.load(t_ptr + row), float("-inf"))
     # counter-based Gumbel noise (counter_rng): two keyed rounds of the 32-bit mix, in uint32
     k0 = tl.load(keys_ptr + row * 2).to(tl.uint32)
@@ -74,9 +76,11 @@ def _block_stats_kernel(z_ptr, z_stride, width, t_ptr, keys_ptr, c0_ptr, v0, sof
 
 def triton_block_stats(z: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor, counter0: torch.Tensor, v0: int,
                        vocab_size: int, num_blocks: int, block: int,
-                       softcap: float | None) -> tuple[Partial, torch.Tensor]:
+                       softcap: float | None, bias: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor]:
     """``fast.block_stats`` by the kernel (see there for the arguments)."""
     N, width = z.shape
+    if bias is not None:
+        bias = bias.contiguous()
     z = z.contiguous()
     f32 = dict(dtype=torch.float32, device=z.device)
     m, S, B, gv = (torch.empty((N, num_blocks), **f32) for _ in range(4))
@@ -84,7 +88,8 @@ def triton_block_stats(z: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor,
     e = torch.empty((N, num_blocks * block), **f32)
     _block_stats_kernel[(N, num_blocks)](
         z, z.stride(0), width, temps.contiguous(), keys.contiguous(), counter0.contiguous(), v0,
-        float(softcap or 1.0), m, S, B, ai, gv, gi, e, num_blocks,
-        HAS_SOFTCAP=softcap is not None, BLOCK=block,
+        float(softcap or 1.0), z if bias is None else bias, 0 if bias is None else bias.stride(0),
+        1 if bias is None else N // bias.shape[0], m, S, B, ai, gv, gi, e, num_blocks,
+        HAS_SOFTCAP=softcap is not None, HAS_BIAS=bias is not None, BLOCK=block,
     )
     return Partial(m, S, B, m, ai, gv, gi), e

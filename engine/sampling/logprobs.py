@@ -1,0 +1,68 @@
+"""Log-probabilities of a step's draft, for the rows that ask (OpenAI's ``logprobs``).
+
+Definition: a committed token's log-probability is log softmax(s)[token] at its position, where s
+are the temperature-scaled (and biased) logits of the denoising step whose argmax draft was
+committed, s = (softcap(z) + bias) / T(step); the top alternatives are the k most probable tokens
+of the same distribution. Both samplers compute them on the device, per row only [C] and [C, k]
+values leave it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..work import CanvasLogprobs, DecodeWork
+
+
+@dataclass
+class LogprobTensors:
+    """A tile's log-probabilities, on the device."""
+
+    chosen: torch.Tensor  # [n, C] fp32: the draft token's
+    top_ids: torch.Tensor  # [n, C, k] long, best first
+    top_values: torch.Tensor  # [n, C, k] fp32
+
+
+def top_count(rows: list[DecodeWork]) -> int | None:
+    """The most alternatives any row asks for, or None when no row wants log-probabilities."""
+    wanted = [r.logprobs for r in rows if r.logprobs is not None]
+    return max(wanted) if wanted else None
+
+
+def from_probs(probs: torch.Tensor, draft: torch.Tensor, k: int) -> LogprobTensors:
+    """From the step's fp32 softmax [n, c, V] and the draft [n, c]: the top alternatives are the most
+    probable tokens, so the log of their probabilities keeps full relative precision."""
+    chosen = probs.gather(-1, draft[..., None]).squeeze(-1).log()
+    values, ids = probs.topk(k, dim=-1) if k else (probs.new_empty(*probs.shape[:-1], 0),
+                                                   draft.new_empty(*draft.shape, 0))
+    return LogprobTensors(chosen, ids, values.log())
+
+
+def concat(parts: list[LogprobTensors] | None, dim: int) -> LogprobTensors | None:
+    """Log-probabilities of position chunks (``dim`` 1) or of tiles (``dim`` 0) joined; None when the
+    pass computes none (every part has the same k: the pass's ``top_count``)."""
+    if not parts or parts[0] is None:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return LogprobTensors(*(torch.cat([getattr(p, f) for p in parts], dim=dim)
+                            for f in ("chosen", "top_ids", "top_values")))
+
+
+def to_host(tensors: LogprobTensors, rows: list[DecodeWork]) -> list[CanvasLogprobs | None]:
+    """Per row (None for rows that did not ask): its canvas's values, each row's own top k. One transfer."""
+    wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    if not wanted:
+        return [None] * len(rows)
+    index = torch.tensor(wanted, device=tensors.chosen.device)
+    chosen = tensors.chosen.index_select(0, index).tolist()
+    ids = tensors.top_ids.index_select(0, index).tolist()
+    values = tensors.top_values.index_select(0, index).tolist()
+    out: list[CanvasLogprobs | None] = [None] * len(rows)
+    for j, i in enumerate(wanted):
+        k = rows[i].logprobs
+        out[i] = CanvasLogprobs(tuple(chosen[j]), tuple(tuple(zip(ids_p[:k], vals_p[:k]))
+                                                        for ids_p, vals_p in zip(ids[j], values[j])))
+    return out

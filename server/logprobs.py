@@ -1,0 +1,51 @@
+"""OpenAI's ``logprobs`` objects from the engine's ``TokenLogprob``s (``engine.outputs``; docs/api.md,
+"Log-probabilities").
+
+A token is shown as its decoded text (special tokens included), or, when that text alone is not valid
+UTF-8 (a piece of a multi-byte character), as ``bytes:`` and its bytes escaped (``bytes:\\xe2\\x80``),
+as OpenAI does; chat tokens also carry their raw ``bytes``. Completions' ``text_offset`` is the
+running sum of the tokens' decoded text lengths from where the choice's text starts (the pieces of a
+split character count 0).
+"""
+
+from __future__ import annotations
+
+from engine.token_bytes import token_bytes
+
+
+def _token(tokenizer, token_id: int) -> tuple[str, bytes, int]:
+    """(how the token is shown, its bytes, the characters it adds to the text)."""
+    raw = token_bytes(tokenizer, token_id)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw, 0
+    return text, raw, len(text)
+
+
+def completion_logprobs(entries, tokenizer, offset: int) -> tuple[dict, int]:
+    """The legacy completions shape, and the offset after these tokens; ``offset``: where the first
+    one starts. Each ``top_logprobs`` entry holds the top alternatives and the chosen token (up to
+    ``logprobs`` + 1)."""
+    tokens, offsets, tops = [], [], []
+    for e in entries:
+        shown, _, chars = _token(tokenizer, e.token_id)
+        tokens.append(shown)
+        offsets.append(offset)
+        offset += chars
+        top = {_token(tokenizer, t)[0]: lp for t, lp in e.top}
+        top.setdefault(shown, e.logprob)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+            "text_offset": offsets}, offset
+
+
+def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
+    shown, raw, _ = _token(tokenizer, token_id)
+    return {"token": shown, "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(entries, tokenizer) -> dict:
+    """The chat shape: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}``."""
+    return {"content": [{**_chat_token(tokenizer, e.token_id, e.logprob),
+                         "top_logprobs": [_chat_token(tokenizer, t, lp) for t, lp in e.top]} for e in entries]}

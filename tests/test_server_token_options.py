@@ -1,0 +1,130 @@
+"""logprobs, logit_bias and the penalties over HTTP, with the official openai SDK and raw httpx, on
+the tiny random-weight server (the values themselves are checked against generate's logits in
+test_engine_logprobs_bias.py)."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import parse_sse_json
+
+MODEL = "tiny-diffusion"  # the live_server fixture's --served-model-name
+
+
+@pytest.fixture(scope="module")
+def client(live_server):
+    return openai.OpenAI(base_url=live_server.base_url, api_key=live_server.api_key, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.base_url + path, json={"model": MODEL, **body}, headers=server.headers, timeout=60)
+
+
+def shown_bytes(token: str) -> bytes:
+    """A token as logprobs show it: its text, or ``bytes:\\xNN...`` for a piece of a character."""
+    if token.startswith("bytes:"):
+        return bytes.fromhex(token[len("bytes:"):].replace("\\x", ""))
+    return token.encode()
+
+
+def test_completion_logprobs_shape(client):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=20, seed=5, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    lp = choice.logprobs
+    n = r.usage.completion_tokens
+    assert n == 20 and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    # the random model writes random bytes: pieces of characters show as bytes:..., and add no characters
+    assert b"".join(map(shown_bytes, lp.tokens)).decode(errors="replace") == choice.text
+    assert any(t.startswith("bytes:") for t in lp.tokens)
+    chars = [0 if t.startswith("bytes:") else len(t) for t in lp.tokens]
+    assert lp.text_offset == [sum(chars[:i]) for i in range(n)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and math.isfinite(logprob)
+        assert len(top) == 3 and top[token] == logprob  # the committed token is the step's argmax
+        assert max(top.values()) == logprob
+
+
+def test_completion_logprobs_zero_and_echo(client):
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=5, logprobs=0, echo=True,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("Hi")
+    assert [len(t) for t in lp.top_logprobs] == [1] * 8  # the chosen token only
+    assert lp.text_offset[0] == len("Hi")  # offsets count the echoed prompt
+
+
+def test_no_logprobs_unless_asked(client):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, seed=5)
+    assert r.choices[0].logprobs is None
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8, seed=5)
+    assert c.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_equal_the_response(live_server):
+    body = {"prompt": "Stream me", "max_tokens": 40, "seed": 9, "logprobs": 2, "ignore_eos": True}
+    whole = post(live_server, "/completions", body).json()["choices"][0]["logprobs"]
+    streamed = post(live_server, "/completions", {**body, "stream": True})
+    chunks = [c for c in parse_sse_json(streamed.content) if isinstance(c, dict) and c.get("choices")]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"] is not None]
+    assert len(parts) == 3  # one per committed canvas (16 + 16 + 8 tokens)
+    joined = {key: [v for p in parts for v in p[key]] for key in whole}
+    assert joined == whole
+
+
+def test_chat_logprobs_shape(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                       seed=2, logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 12
+    assert bytes(b for t in content for b in t.bytes).decode(errors="replace") == r.choices[0].message.content
+    for t in content:
+        assert t.bytes == list(shown_bytes(t.token))
+        assert len(t.top_logprobs) == 4 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == t.logprob
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                           seed=2, logprobs=True, extra_body={"ignore_eos": True})
+    assert [t.top_logprobs for t in plain.choices[0].logprobs.content] == [[]] * 12
+    assert plain.choices[0].message.content == r.choices[0].message.content  # logprobs change no token
+
+
+def test_chat_stream_carries_logprobs(client):
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20,
+                                            seed=2, logprobs=True, stream=True, extra_body={"ignore_eos": True})
+    raw, text, count = b"", "", 0
+    for chunk in stream:
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.logprobs is not None:
+                raw += bytes(b for t in c.logprobs.content for b in t.bytes)
+                count += len(c.logprobs.content)
+    assert count == 20 and raw.decode(errors="replace") == text
+
+
+def test_logit_bias_minus_100_removes_a_token(client):
+    from tools.tiny_checkpoint import build_byte_tokenizer  # the tiny checkpoint's tokenizer
+
+    def tokens(seed: int, bias=None) -> list[str]:
+        r = client.completions.create(model=MODEL, prompt="abc", max_tokens=48, seed=seed, logit_bias=bias, logprobs=0,
+                                      extra_body={"ignore_eos": True})
+        return r.choices[0].logprobs.tokens
+
+    plain = tokens(0)
+    common = max((t for t in plain if not t.startswith("bytes:")), key=plain.count)
+    [token_id] = build_byte_tokenizer()(common, add_special_tokens=False).input_ids
+    for seed in range(4):
+        assert common not in tokens(seed, {str(token_id): -100})
+
+
+def test_penalties_are_range_checked_and_ignored(live_server):
+    base = {"prompt": "p", "max_tokens": 10, "seed": 1}
+    plain = post(live_server, "/completions", base).json()["choices"][0]["text"]
+    with_penalties = post(live_server, "/completions", {**base, "presence_penalty": 1.5, "frequency_penalty": -2})
+    assert with_penalties.status_code == 200 and with_penalties.json()["choices"][0]["text"] == plain
+    r = post(live_server, "/completions", {**base, "frequency_penalty": 2.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "frequency_penalty"
