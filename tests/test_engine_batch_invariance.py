@@ -3,7 +3,7 @@ alone, whoever shares its passes, with each sampler.
 
 A random-weight model (near-flat distributions: a last-bit difference in a logit flips samples) with
 prompts of different lengths, staggered arrivals, canvases committed at different passes, several
-canvases per request and mixed diffusion parameters.
+canvases per request and mixed diffusion parameters, logprobs, logit biases and an infill suffix.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ def _requests():
         length = [3, 9, 17, 30, 41, 52, 64, 70][i]
         prompt = torch.randint(5, 261, (length,), generator=g).tolist()
         params = SamplingParams(
-            max_tokens=[16, 40, 24, 48, 16, 33, 20, 44][i], seed=100 + i, ignore_eos=i % 3 != 0,
+            max_tokens=[16, 40, 24, 48, 10, 33, 20, 44][i], seed=100 + i, ignore_eos=i % 3 != 0,
             max_denoising_steps=[6, 8, 5, 7, 9, 6, 8, 5][i], t_max=0.8 + 0.05 * (i % 4),
             entropy_bound=[0.1, 2.0, 0.5, 4.0, 1.0, 0.1, 3.0, 0.7][i],
             stability_threshold=i % 3, confidence_threshold=[0.005, 5.0, 0.5, 1.0, 0.005, 4.0, 0.2, 2.0][i],
+            logprobs={1: 3, 5: 0}.get(i), logit_bias={2: ((70, 5.0), (80, -100.0))}.get(i, ()),
+            infill_suffix=(71, 72, 73, 74) if i == 4 else (),
         )
         out.append((f"r{i}", prompt, params, [0, 0, 1, 2, 2, 3, 5, 6][i]))
     return out
@@ -45,7 +47,7 @@ def _run(core: EngineCore, requests, suffix: str = ""):
     after each of its denoising steps its self-conditioning input (the soft embeddings of the step's
     scaled logits: bitwise equal soft embeddings mean bitwise equal logits, which tokens can hide)."""
     pending = sorted(requests, key=lambda r: r[3])
-    out = {rid: dict(tokens=[], finish=None, finished_pass=None, soft=[]) for rid, *_ in requests}
+    out = {rid: dict(tokens=[], finish=None, finished_pass=None, soft=[], logprobs=[]) for rid, *_ in requests}
     passes = 0
     while pending or core.has_work():
         while pending and pending[0][3] <= passes:
@@ -60,6 +62,7 @@ def _run(core: EngineCore, requests, suffix: str = ""):
         for o in outputs:
             rid = o.request_id[: len(o.request_id) - len(suffix)] if suffix else o.request_id
             out[rid]["tokens"].extend(o.token_ids)
+            out[rid]["logprobs"].extend(o.logprobs or ())
             if o.finished:
                 out[rid]["finish"], out[rid]["finished_pass"] = o.finish_reason, passes
     return out
@@ -77,11 +80,13 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype):
     together = _run(core, requests)
     # the load really mixed: rows of different lengths shared passes and committed at different ones
     assert len({together[rid]["finished_pass"] for rid, *_ in requests}) >= 4
+    assert len(together["r1"]["logprobs"]) == len(together["r1"]["tokens"]) > 0
     for request in requests:
         rid = request[0]
         alone = _run(core, [(*request[:3], 0)], suffix="-alone")[rid]
         assert together[rid]["tokens"] == alone["tokens"], rid
         assert together[rid]["finish"] == alone["finish"], rid
+        assert together[rid]["logprobs"] == alone["logprobs"], rid
         assert len(together[rid]["soft"]) == len(alone["soft"]) > 0
         for step, (a, b) in enumerate(zip(together[rid]["soft"], alone["soft"])):
             assert torch.equal(a, b), (rid, step, (a - b).abs().max().item())

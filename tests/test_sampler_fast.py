@@ -46,12 +46,20 @@ def hidden_states(model, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def naive(model, hidden: torch.Tensor, rows: list[DecodeWork]):
-    """The formulas over whole [n, C, V] tensors."""
+    """The formulas over whole [n, C, V] tensors, with the rows' logit bias and pins."""
     text = model.config.text_config
     V, C = text.vocab_size, model.config.canvas_length
     logits = model.lm_head(hidden).to(torch.float32)
     cap = text.final_logit_softcapping
     logits = torch.tanh(logits / cap) * cap
+    pinned = torch.zeros(len(rows), C, dtype=torch.bool)
+    pin_tokens = torch.zeros(len(rows), C, dtype=torch.long)
+    for i, r in enumerate(rows):
+        for token, bias in r.logit_bias:
+            logits[i, :, token] += bias
+        span = slice(r.pinned_start, r.pinned_start + len(r.pinned))
+        pinned[i, span] = True
+        pin_tokens[i, span] = torch.tensor(r.pinned, dtype=torch.long)
     temps = torch.tensor([step_temperature(r.t_min, r.t_max, r.cur_step, r.max_steps, "cpu") for r in rows])
     s = logits / temps[:, None, None]
     keys = torch.tensor([step_key(seed, r.canvas_index, r.cur_step, GUMBEL) for seed, r in zip(SEEDS, rows)])
@@ -64,16 +72,21 @@ def naive(model, hidden: torch.Tensor, rows: list[DecodeWork]):
     sampled = (s + g).argmax(-1)
     noise = uniform_tokens(torch.tensor([step_key(seed, r.canvas_index, r.cur_step, RENOISE)
                                          for seed, r in zip(SEEDS, rows)]), C, V)
-    order = torch.sort(entropy, dim=-1, stable=True).indices
+    free_entropy = entropy.masked_fill(pinned, 0.0)  # pinned positions spend none of the bound
+    order = torch.sort(free_entropy, dim=-1, stable=True).indices
     accepted = torch.zeros_like(entropy, dtype=torch.bool)
     for i, r in enumerate(rows):  # accept the k lowest-entropy positions while sum - max <= bound
         total = 0.0
         for pos in order[i].tolist():
             if total <= r.entropy_bound:
                 accepted[i, pos] = True
-            total += entropy[i, pos].item()
-    return dict(draft=s.argmax(-1), sampled=sampled, entropy=entropy, soft=soft,
-                next_canvas=torch.where(accepted, sampled, noise))
+            total += free_entropy[i, pos].item()
+    mean = torch.stack([entropy[i][~pinned[i]].mean() for i in range(len(rows))])
+    log_p = torch.log_softmax(s, dim=-1)
+    return dict(draft=torch.where(pinned, pin_tokens, s.argmax(-1)), sampled=sampled, entropy=entropy, soft=soft,
+                next_canvas=torch.where(pinned, pin_tokens, torch.where(accepted, sampled, noise)),
+                confident=mean < torch.tensor([r.confidence_threshold for r in rows]),
+                chosen=log_p.max(-1).values, top=log_p.topk(5, dim=-1))
 
 
 @torch.inference_mode()
@@ -91,6 +104,27 @@ def test_fast_sampler_equals_the_naive_computation(model):
     assert torch.equal(out.next_canvas, want["next_canvas"])
     assert 0 < (out.next_canvas == out.draft).float().mean() < 1  # some positions accepted, some renoised
     assert out.usable.all()
+
+
+@torch.inference_mode()
+def test_bias_pins_and_logprobs_equal_the_naive_computation(model):
+    """A row with a logit bias, a row with pinned positions and a plain one, two asking for logprobs."""
+    from dataclasses import replace
+
+    hidden, batch = hidden_states(model, 3, seed=4), rows(3, bound=2.0)
+    batch[0] = replace(batch[0], logit_bias=((5, 30.0), (7, -100.0), (200, 3.5)), logprobs=5)
+    batch[2] = replace(batch[2], pinned_start=3, pinned=(10, 11, 12, 13), logprobs=0, confidence_threshold=4.0)
+    want = naive(model, hidden, batch)
+    out = sampler(model, chunk=64).sample(hidden, batch)
+    assert torch.equal(out.draft, want["draft"])
+    assert (out.draft[0] == 5).any() and not (out.draft[0] == 7).any()  # the bias decides
+    assert torch.equal(out.draft[2, 3:7], torch.tensor([10, 11, 12, 13]))
+    assert torch.equal(out.next_canvas, want["next_canvas"])
+    assert torch.equal(out.confident, want["confident"])
+    torch.testing.assert_close(out.logprobs.chosen, want["chosen"], rtol=1e-5, atol=1e-5)
+    values, ids = want["top"]
+    assert torch.equal(out.logprobs.top_ids, ids)
+    torch.testing.assert_close(out.logprobs.top_values, values, rtol=1e-5, atol=1e-5)
 
 
 @torch.inference_mode()

@@ -251,10 +251,10 @@ class FastSampler:
                              dtype=torch.float32, device=device).repeat_interleave(C)[:, None]  # [N, 1]
         keys = row_keys(seeds, rows, GUMBEL, device).repeat_interleave(C, dim=0)  # [N, 2]
         counter0 = (torch.arange(C, dtype=torch.int64, device=device) * V).repeat(n)[:, None]  # [N, 1]
-        bias = bias_matrix(rows, V, device)
+        logit_bias = bias_matrix(rows, V, device)  # [n, V] or None
         top = None if k is None else TopTokens(n * C, k, device)
         h = hidden.reshape(n * C, -1)
-        weight, bias = self.lm_head.weight, self.lm_head.bias
+        weight, head_bias = self.lm_head.weight, self.lm_head.bias
         E = self.embed.weight
         num_blocks = self.chunk // self.block
         levels = num_blocks.bit_length() - 1
@@ -263,12 +263,13 @@ class FastSampler:
         soft = torch.zeros((n * C, E.shape[1]), dtype=torch.float32, device=device)
         for v0 in range(0, V, self.chunk):
             v1 = min(V, v0 + self.chunk)
-            z = torch.nn.functional.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1])
+            z = torch.nn.functional.linear(h, weight[v0:v1], None if head_bias is None else head_bias[v0:v1])
             t0 = time.perf_counter()
             if top is not None:
                 top.add(scale_chunk(torch.empty(z.shape, dtype=torch.float32, device=device), z, temps,
-                                    self.softcap, bias, v0), v0)
-            blocks, e = self.block_stats(z, temps, keys, counter0, v0, V, num_blocks, self.block, self.softcap, bias)
+                                    self.softcap, logit_bias, v0), v0)
+            blocks, e = self.block_stats(z, temps, keys, counter0, v0, V, num_blocks, self.block, self.softcap,
+                                         logit_bias)
             del z
             chunk = tree_reduce(blocks)
             stack.append((levels, chunk))

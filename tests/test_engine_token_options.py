@@ -1,9 +1,11 @@
-"""logprobs and logit_bias against transformers' own ``generate``, in the default dtype (float32 on
-CPU) on a random-weight tiny model, with the default (reference) sampler.
+"""logprobs, logit_bias and the infill suffix, in the default dtype (float32 on CPU) on a random-weight
+tiny model, with the default (reference) sampler; logprobs and logit_bias against transformers' own
+``generate``.
 
 - logit_bias: the engine's tokens equal ``generate`` given a logits processor that adds the same
   bias (generate applies external processors before its temperature schedule: the bias is added to
   the soft-capped logits, as the engine does).
+- infill: the suffix's tokens hold their positions in every draft; the completion is the gap.
 - logprobs: a committed token's log-probability is log softmax of the temperature-scaled logits of
   the step whose draft committed it (docs/api.md); recorded from ``generate``'s own logits, step by
   step, and compared with what the engine returned.
@@ -17,6 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import LinearTemperatureScheduleLogitsProcessor
 
 from engine import EngineCore, EngineSettings, SamplingParams
+from engine.errors import InvalidRequestError
 from engine.loader import load_model
 from tests.engine_helpers import reference_run, run_to_completion
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
@@ -118,3 +121,22 @@ def test_logprobs_of_batched_rows_are_their_solo_ones(core, prompt):
         alone = run_to_completion(core, [("solo", prompt, p)])["solo"]
         assert together[f"r{i}"]["tokens"] == alone["tokens"]
         assert [o.logprobs for o in together[f"r{i}"]["outputs"]] == [o.logprobs for o in alone["outputs"]]
+
+
+def test_infill_suffix_is_pinned_in_every_draft(core, prompt):
+    suffix = (70, 71, 72, 73, 74)
+    got = run(core, prompt, 4, max_tokens=9, infill_suffix=suffix, ignore_eos=True, stream_drafts=True)
+    drafts = [out.draft.token_ids for out in got["outputs"] if out.draft is not None]
+    assert len(drafts) >= 2 and all(d[9:14] == suffix for d in drafts)
+    assert got["tokens"] == list(drafts[-1][:9])  # the gap, without the suffix
+    assert got["finish_reason"] == "stop"  # a filled gap ends at its suffix
+    free = run(core, prompt, 4, max_tokens=16, ignore_eos=True, stream_drafts=True)
+    assert all(out.draft.token_ids[9:14] != suffix for out in free["outputs"] if out.draft is not None)
+
+
+def test_infill_gap_defaults_to_the_rest_of_the_canvas(core, prompt):
+    resolved = core.resolve(prompt, SamplingParams(infill_suffix=(70, 71, 72)))
+    assert resolved.max_tokens == core.canvas_length - 3
+    with pytest.raises(InvalidRequestError) as info:
+        core.resolve(prompt, SamplingParams(max_tokens=14, infill_suffix=(70, 71, 72)))
+    assert info.value.param == "suffix" and "one canvas of 16 tokens" in str(info.value)
