@@ -257,6 +257,25 @@ def test_page_draws_every_refinement_step_and_the_final_text(live_server, browse
 
 
 @browser_required
+def test_page_opens_with_a_grid_the_embedded_model_solves(server_launcher, browser):
+    """The default server's page opens with an easy Sudoku grid in the prompt and its board shown;
+    Generate with the page as it opened (the checkpoint's defaults) solves it."""
+    from server.default_model import EMBEDDED_SERVED_NAME
+    from tools.sudoku import generator
+
+    server = server_launcher([], model_name=EMBEDDED_SERVED_NAME)
+    open_page(browser, server.url)
+    grid = browser.js("return document.getElementById('prompt').value")
+    assert len(grid) == 81 and set(grid) <= set("0123456789") and "0" in grid
+    assert browser.js("return document.getElementById('board-wrap').hidden") is False
+    browser.js("document.getElementById('run').click()")
+    browser.wait("return window.__ui.done", 120, "the run")
+    ui = browser.js("return window.__ui")
+    assert ui["error"] is None, ui["error"]
+    assert generator.is_solved(ui["text"][:81], grid)
+
+
+@browser_required
 def test_page_without_key_says_it_is_required(live_server, browser):
     browser.driver.get(live_server.url + "/")
     browser.js("localStorage.clear()")
