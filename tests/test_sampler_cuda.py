@@ -61,6 +61,9 @@ def test_fast_sampler_with_the_kernel_matches_the_pytorch_statistics_in_bf16(tmp
     model = load_model(EngineSettings(model=str(path), device="cuda")).model
     assert next(model.parameters()).dtype == torch.bfloat16
     rows = [DecodeWork(f"r{i}", False, 0, 6 - i, 8, 0.4, 0.8, 0.5, 0.5) for i in range(4)]
+    # a biased row asking for logprobs, and a row with pinned positions
+    rows[1] = DecodeWork("r1", False, 0, 5, 8, 0.4, 0.8, 0.5, 0.5, logprobs=3, logit_bias=((7, 40.0), (9, -100.0)))
+    rows[2] = DecodeWork("r2", False, 0, 4, 8, 0.4, 0.8, 0.5, 0.5, pinned_start=2, pinned=(20, 21, 22))
     g = torch.Generator(device=CUDA).manual_seed(1)
     hidden = (torch.randn(4, model.config.canvas_length, model.config.text_config.hidden_size, device=CUDA,
                           generator=g) * 3).to(torch.bfloat16)
@@ -73,3 +76,6 @@ def test_fast_sampler_with_the_kernel_matches_the_pytorch_statistics_in_bf16(tmp
             outs.append(s.sample(hidden, rows))
     assert torch.equal(outs[0].draft, outs[1].draft)
     assert (outs[0].next_canvas == outs[1].next_canvas).float().mean() > 0.99
+    assert (outs[1].draft[1] == 7).all() and torch.equal(outs[1].draft[2, 2:5].cpu(), torch.tensor([20, 21, 22]))
+    assert torch.equal(outs[0].logprobs.top_ids, outs[1].logprobs.top_ids)
+    torch.testing.assert_close(outs[0].logprobs.chosen, outs[1].logprobs.chosen, rtol=1e-4, atol=1e-4)
