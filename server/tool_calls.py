@@ -21,9 +21,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-CALL_OPEN = "<|tool_call>"
-CALL_CLOSE = "<tool_call|>"
-QUOTE = '<|"|>'
+from engine.detokenizer import FUNCTION_CALL_MARKERS
+
+# special tokens of Gemma 4's tokenizer, which the engine's detokenizer keeps in the text
+CALL_OPEN, CALL_CLOSE, QUOTE = FUNCTION_CALL_MARKERS
 CALL_PREFIX = "call:"
 # OpenAI's rule for function names; declared tools and parsed calls are held to it.
 NAME_PATTERN = r"[A-Za-z0-9_-]{1,64}"

@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from engine.detokenizer import FUNCTION_CALL_MARKERS, IncrementalDetokenizer
 from engine.outputs import RequestOutput
 from server.chat import CHAT, ChatPrompts
 from server.choices import ChoiceResult, ChoiceSpec
@@ -19,6 +20,7 @@ from server.default_model import EMBEDDED_SERVED_NAME
 from server.tool_calls import ToolCallStream, parse
 from tests.test_server_errors import assert_error
 from tools.sudoku.common import BUCKETS, EVAL_SEED, eval_set
+from tools.tiny_checkpoint import build_byte_tokenizer
 
 Q = '<|"|>'  # Gemma 4's string quote
 
@@ -125,6 +127,23 @@ def test_the_stream_holds_back_only_what_may_start_a_call():
     reader = ToolCallStream()
     assert reader.feed("a <|tool_call>call:f{a:1}") == ["a "]
     assert reader.finish() == ["<|tool_call>call:f{a:1}"]  # never closed: text
+
+
+def test_the_detokenizer_keeps_the_markers_of_a_gemma4_tokenizer():
+    """Gemma 4's tokenizer has the markers as special tokens: the engine's text keeps them (and skips
+    every other special token), so the calls can be read; other tokenizers decode as before."""
+    plain = build_byte_tokenizer()
+    assert IncrementalDetokenizer(plain).add(plain("a<eos>", add_special_tokens=False).input_ids) == "a"
+    tok = build_byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(FUNCTION_CALL_MARKERS)})
+    text = f"<bos>Sure.<|tool_call>call:f{{city:{Q}Paris{Q}}}<tool_call|><eos>"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert {tok.convert_tokens_to_ids(m) for m in FUNCTION_CALL_MARKERS} <= set(ids)  # one token each
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add(ids[:9]), detok.add(ids[9:12]), detok.add(ids[12:], final=True)]
+    content, calls, _ = streamed(pieces)
+    assert (content, calls_of(calls)) == ("Sure.", [("f", {"city": "Paris"})])
+    assert "".join(pieces) == text.removeprefix("<bos>").removesuffix("<eos>")
 
 
 # -- the chat endpoint's shapes -----------------------------------------------------------------
