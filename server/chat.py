@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -29,11 +30,12 @@ class Chat:
 
     def check(self, req: ChatCompletionRequest, settings) -> None:
         rf_type = (req.response_format or {}).get("type", "text")
-        choice = req.tool_choice if isinstance(req.tool_choice, str) or req.tool_choice is None else "a named function"
+        choice = req.tool_choice
+        forced = "naming a function" if isinstance(choice, dict) else repr(choice)
         unsupported(
             logprobs=(bool(req.logprobs) or bool(req.top_logprobs), "logprobs are not supported by this server."),
             tool_choice=(choice not in (None, "auto", "none"),
-                         f"tool_choice {choice!r} is not supported: this server cannot force the model to call a "
+                         f"tool_choice {forced} is not supported: this server cannot force the model to call a "
                          "tool; use 'auto' (or 'none')."),
             response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
         )
@@ -47,7 +49,10 @@ class Chat:
             return req.max_completion_tokens, "max_completion_tokens"
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate) -> Prompts:
+    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate) -> ChatPrompts:
+        if template_tools(req) and not template_reads_tools(tokenizer):
+            raise errors.bad_request("This model's chat template does not render tools (it never reads the 'tools' "
+                                     "variable), so the model would not see them.", "tools", "unsupported_parameter")
         messages = messages_as_dicts(req)
         # the template writes every message's content (and the tools) into the prompt: contents that
         # cannot fit are refused before anything is rendered
@@ -71,10 +76,10 @@ class Chat:
             delta = {"content": text} if text else {}
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra}
 
-    def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: Prompts) -> dict:
+    def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: ChatPrompts) -> dict:
         message = {"role": "assistant", "content": result.text}
         calls: list[ToolCall] = []
-        if getattr(prompts, "parse_tool_calls", False):
+        if prompts.parse_tool_calls:
             content, calls = parse(result.text)
             message["content"] = content or None
             if calls:
@@ -86,8 +91,8 @@ class Chat:
             "finish_reason": finish_reason(result.finish_reason, bool(calls)),
         }
 
-    def stream_choices(self, prompts: Prompts):
-        if not getattr(prompts, "parse_tool_calls", False):
+    def stream_choices(self, prompts: ChatPrompts):
+        if not prompts.parse_tool_calls:
             return plain_stream_choices(self)
         return ToolCallChoices(self).choices
 
@@ -198,6 +203,13 @@ def template_tools(req: ChatCompletionRequest) -> list[dict] | None:
     if not req.tools or req.tool_choice == "none":
         return None
     return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def template_reads_tools(tokenizer) -> bool:
+    """Whether the checkpoint's chat template (any of its named templates) uses the ``tools`` variable."""
+    template = getattr(tokenizer, "chat_template", None)
+    sources = template.values() if isinstance(template, dict) else [template]
+    return any(isinstance(t, str) and re.search(r"\btools\b", t) for t in sources)
 
 
 def rendered_tools_json(req: ChatCompletionRequest) -> str:

@@ -83,7 +83,7 @@ class Endpoint(Protocol):
     def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: Prompts) -> dict:
         """A (non-streamed) response's choice object."""
 
-    def stream_choices(self, prompts: Prompts) -> "StreamChoices":
+    def stream_choices(self, prompts: Prompts) -> StreamChoices:
         """The stream's choice objects for each committed output of a choice (``plain_stream_choices``
         unless the endpoint reshapes its text, as chat does with tool calls)."""
 

@@ -360,7 +360,7 @@ UNSUPPORTED_CHOICE = "is not supported: this server cannot force the model to ca
     ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice", "unsupported_parameter",
      "tool_choice 'required' " + UNSUPPORTED_CHOICE),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
-     "unsupported_parameter", "tool_choice 'a named function' " + UNSUPPORTED_CHOICE),
+     "unsupported_parameter", "tool_choice naming a function " + UNSUPPORTED_CHOICE),
     ({"tools": [tool("a"), tool("b"), tool("c")]}, "tools", "limit_exceeded",
      "Too many tools: 3, the limit is 2 (setting max_tools)."),
     ({"tools": [tool("a", "x" * 400)]}, "tools", "limit_exceeded",  # 400 x and 62 characters of JSON
@@ -406,6 +406,20 @@ def test_malformed_tool_choice(gemma4_style_server, choice, message):
     err = assert_error(post(gemma4_style_server, {"tools": [WEATHER], "tool_choice": choice}), 400,
                        param="tool_choice", type_="invalid_request_error")
     assert (err["code"], err["message"]) == (None, message)
+
+
+def test_a_template_without_tools_refuses_them(live_server):
+    """The tiny checkpoint's template never reads `tools`: declaring tools would change nothing the model
+    sees, so they are refused; tool_choice none (nothing to render) is answered."""
+    body = {"model": live_server.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "tools": [WEATHER]}
+    r = httpx.post(live_server.base_url + "/chat/completions", json=body, headers=live_server.headers, timeout=60)
+    err = assert_error(r, 400, code="unsupported_parameter", param="tools", type_="invalid_request_error")
+    assert err["message"] == ("This model's chat template does not render tools (it never reads the 'tools' "
+                              "variable), so the model would not see them.")
+    r = httpx.post(live_server.base_url + "/chat/completions", json={**body, "tool_choice": "none"},
+                   headers=live_server.headers, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_auto_and_none_are_answered(gemma4_style_server):
