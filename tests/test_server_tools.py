@@ -343,6 +343,80 @@ def test_history_with_tool_calls_and_results_renders(gemma4_style_server):
         "<|turn>system\n<|tool>declaration:get_weather{description:<|\"|>Weather now<|\"|>}<tool|><turn|>\n", ""))
 
 
+# Tokens that each decode to a phrase: whole calls, pieces of calls and plain words. A random model over a
+# vocabulary holding them writes tool calls, broken ones and text around them, through the real path.
+PHRASES = [
+    f"<|tool_call>call:get_weather{{city:{Q}Paris{Q}}}<tool_call|>",
+    f"<|tool_call>call:get_weather{{city:{Q}Lyon{Q},days:2}}<tool_call|>",
+    "<|tool_call>call:ping{}<tool_call|>",
+    "<|tool_call>call:add{a:1,b:[2,3]}<tool_call|>",
+    "<|tool_call>call:add{a:", "1}<tool_call|>", "<|tool_c", "all>", "<tool_call|>",
+    " sunny ", "Let me check. ",
+]
+
+
+def phrase_tokenizer():
+    """Characters one token each (prompts), plus one token per phrase of ``PHRASES``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tools.tiny_checkpoint import SPECIAL_TOKENS
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for piece in ["\n"] + [chr(c) for c in range(32, 127)] + PHRASES:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    fast.chat_template = GEMMA4_STYLE_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def phrase_server(server_launcher, tmp_path_factory):
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("phrase_model"), TinySpec(), tokenizer=phrase_tokenizer())
+    return server_launcher(["--model", str(path), "--served-model-name", "tiny-phrases"], model_name="tiny-phrases")
+
+
+def test_a_real_model_calls_tools_end_to_end(phrase_server):
+    """A random model whose tokens include whole calls writes real tool calls: the chat response (and
+    its stream) returns exactly the calls and content that the raw completion of the same prompt and
+    seed holds, with finish_reason tool_calls when it stopped after a call."""
+    srv = phrase_server
+    client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    prompt = phrase_tokenizer().apply_chat_template(messages, tools=[WEATHER], tokenize=False,
+                                                    add_generation_prompt=True)
+    seen = {"calls": 0, "tool_calls finish": 0, "text and calls": 0, "call markup kept as text": 0}
+    for seed in range(12):
+        raw = client.completions.create(model="tiny-phrases", prompt=prompt, max_tokens=48, seed=seed)
+        chat = client.chat.completions.create(model="tiny-phrases", messages=messages, tools=[WEATHER],
+                                              max_tokens=48, seed=seed)
+        assert chat.usage.prompt_tokens == raw.usage.prompt_tokens
+        content, calls = parse(raw.choices[0].text)
+        message = chat.choices[0].message
+        got_calls = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+        assert (message.content, got_calls) == (content or None, calls_of(calls)), seed
+        finish = raw.choices[0].finish_reason
+        assert chat.choices[0].finish_reason == ("tool_calls" if calls and finish == "stop" else finish)
+        chunks = list(client.chat.completions.create(model="tiny-phrases", messages=messages, tools=[WEATHER],
+                                                     max_tokens=48, seed=seed, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        streamed_calls = [(t.function.name, json.loads(t.function.arguments))
+                          for d in deltas for t in (d.tool_calls or [])]
+        assert ("".join(d.content or "" for d in deltas), streamed_calls) == (content, calls_of(calls)), seed
+        assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+        seen["calls"] += bool(calls)
+        seen["tool_calls finish"] += chat.choices[0].finish_reason == "tool_calls"
+        seen["text and calls"] += bool(calls and content)
+        seen["call markup kept as text"] += "<|tool_c" in content or "<tool_call|>" in content
+    assert all(seen.values()), seen  # each case happens for some of these seeds
+
+
 def post(srv, body: dict) -> httpx.Response:
     return httpx.post(srv.base_url + "/chat/completions", timeout=60,
                       json={"model": srv.model_name, "messages": [{"role": "user", "content": "hi"}],
