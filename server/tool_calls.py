@@ -29,6 +29,8 @@ CALL_PREFIX = "call:"
 # OpenAI's rule for function names; declared tools and parsed calls are held to it.
 NAME_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 _NAME = re.compile(NAME_PATTERN)
+# Deepest nesting of objects and arrays in a call's arguments; deeper is malformed (the reader recurses).
+MAX_ARGUMENT_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class _Reader:
 
     def __init__(self, text: str):
         self.text = text
+        self.depth = 0
 
     def _skip(self, i: int) -> int:
         while i < len(self.text) and self.text[i].isspace():
@@ -210,10 +213,13 @@ class _Reader:
     def value(self, i: int) -> tuple[Any, int]:
         if self.text.startswith(QUOTE, i):
             return self._string(i)
-        if self.text.startswith("{", i):
-            return self.object(i)
-        if self.text.startswith("[", i):
-            return self.array(i)
+        if self.text.startswith(("{", "["), i):
+            self.depth += 1
+            if self.depth > MAX_ARGUMENT_DEPTH:
+                raise Malformed("arguments nested too deep")
+            found = self.object(i) if self.text[i] == "{" else self.array(i)
+            self.depth -= 1
+            return found
         j = i
         while j < len(self.text) and self.text[j] not in ",}]" and not self.text.startswith(QUOTE, j):
             j += 1

@@ -73,11 +73,26 @@ def test_every_kind_of_value():
     "<|tool_call>call:f{a:1,,b:2}<tool_call|>",
     "<|tool_call>call:f{a:1} and more<tool_call|>",  # text after the arguments
     "<|tool_call>call:f{a:1}",  # never closed
+    "<|tool_call>call:f{a:" + "[" * 65 + "]" * 65 + "}<tool_call|>",  # nested deeper than MAX_ARGUMENT_DEPTH
+    "<|tool_call>call:f{a:" + "[" * 5000 + "<tool_call|>",  # far deeper than Python's recursion limit
 ])
 def test_a_malformed_call_stays_text(block):
     text = f"before {block} after"
     content, calls = parse(text)
     assert (content, calls) == (text, [])
+
+
+def test_arguments_nested_to_the_limit_are_read():
+    text = "<|tool_call>call:f{a:" + "[" * 64 + "]" * 64 + "}<tool_call|>"
+    content, calls = parse(text)
+    assert content == "" and json.loads(calls[0].arguments)["a"] == nested_list(63)
+
+
+def nested_list(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def test_a_malformed_call_does_not_hide_a_good_one():
