@@ -7,6 +7,23 @@ stop strings, while the tail could still grow into one (so no part of a stop str
 
 from __future__ import annotations
 
+import functools
+
+# Special tokens decoded as text rather than skipped: Gemma 4's function-call markers, from which the
+# chat endpoint reads tool calls (server/tool_calls.py, docs/tools.md). Every other special token is skipped.
+FUNCTION_CALL_MARKERS = ("<|tool_call>", "<tool_call|>", '<|"|>')
+
+
+@functools.lru_cache(maxsize=8)
+def skipped_special_ids(tokenizer) -> frozenset[int] | None:
+    """The special token ids a decode skips when the tokenizer has some of ``FUNCTION_CALL_MARKERS``
+    as special tokens; ``None`` when it has none (a plain ``skip_special_tokens`` decode)."""
+    added = {i: t for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if t.special}
+    kept = {i for i, t in added.items() if t.content in FUNCTION_CALL_MARKERS}
+    if not kept:
+        return None
+    return frozenset((set(added) | set(tokenizer.all_special_ids)) - kept)
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
@@ -16,9 +33,13 @@ class IncrementalDetokenizer:
         self.sent = ""  # text already handed out
         self.stopped = False
         self.num_tokens_at_stop: int | None = None
+        self._skipped = skipped_special_ids(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if self._skipped is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        ids = [i for i in ids if i not in self._skipped]
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def add(self, token_ids, final: bool = False) -> str:
         """Append committed tokens; return the new text delta. Sets ``stopped`` on a stop string."""

@@ -3,15 +3,22 @@
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
+
 from fastapi import Request
+
+from engine.outputs import RequestOutput
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
 from .logprobs import chat_logprobs
 from .protocol import ChatCompletionRequest
 from .completions import TOKENIZE_IN_THREAD_CHARS
-from .request_limits import PromptLimit
-from .serving import EndpointNames, Prompts, off_loop, serve, unsupported
+from .request_limits import PromptLimit, limit_error
+from .serving import EndpointNames, Prompts, off_loop, plain_stream_choices, serve, unsupported
+from .tool_calls import ToolCall, ToolCallStream, parse
 
 # Conversations with more messages than this, or more characters than TOKENIZE_IN_THREAD_CHARS, are
 # rendered and tokenized off the event loop.
@@ -22,14 +29,19 @@ class Chat:
     names = EndpointNames("chat", "chatcmpl", ChatCompletionRequest, "chat.completion", "chat.completion.chunk",
                           prompt_param="messages")
 
-    def check(self, req: ChatCompletionRequest) -> None:
+    def check(self, req: ChatCompletionRequest, settings) -> None:
         rf_type = (req.response_format or {}).get("type", "text")
         if req.top_logprobs is not None and not req.logprobs:
             raise errors.bad_request("top_logprobs needs logprobs to be true.", "top_logprobs")
+        choice = req.tool_choice
+        forced = "naming a function" if isinstance(choice, dict) else repr(choice)
         unsupported(
-            tools=(bool(req.tools), "tools (function calling) are not supported by this server."),
+            tool_choice=(choice not in (None, "auto", "none"),
+                         f"tool_choice {forced} is not supported: this server cannot force the model to call a "
+                         "tool; use 'auto' (or 'none')."),
             response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
         )
+        check_tools(req, settings)
 
     def num_prompts(self, req: ChatCompletionRequest) -> int:
         return 1
@@ -48,11 +60,14 @@ class Chat:
             return req.max_completion_tokens, "max_completion_tokens"
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate) -> Prompts:
+    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate) -> ChatPrompts:
+        if template_tools(req) and not template_reads_tools(tokenizer):
+            raise errors.bad_request("This model's chat template does not render tools (it never reads the 'tools' "
+                                     "variable), so the model would not see them.", "tools", "unsupported_parameter")
         messages = messages_as_dicts(req)
-        # the template writes every message's content into the prompt: contents that cannot fit are
-        # refused before anything is rendered
-        content = "".join(m["content"] for m in messages)
+        # the template writes every message's content (and the tools) into the prompt: contents that
+        # cannot fit are refused before anything is rendered
+        content = "".join(m["content"] for m in messages) + rendered_tools_json(req)
         limit.check_text(content, "messages", "the prompt")
         # rendering and tokenizing take a while on large bodies: those go off the event loop
         if len(messages) > RENDER_IN_THREAD_MESSAGES or len(content) > TOKENIZE_IN_THREAD_CHARS:
@@ -60,7 +75,7 @@ class Chat:
         else:
             ids, text = apply_template(tokenizer, req, messages)
         limit.check_tokens(len(ids), "messages", "the prompt")
-        return Prompts([ids], text)
+        return ChatPrompts([ids], text, parse_tool_calls=bool(template_tools(req)))
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
         return self.chunk_choice(spec.index, "", delta={"role": "assistant", "content": ""})
@@ -72,13 +87,64 @@ class Chat:
             delta = {"content": text} if text else {}
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **extra}
 
-    def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: Prompts) -> dict:
+    def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: ChatPrompts) -> dict:
+        message = {"role": "assistant", "content": result.text}
+        calls: list[ToolCall] = []
+        if prompts.parse_tool_calls:
+            content, calls = parse(result.text)
+            message["content"] = content or None
+            if calls:
+                message["tool_calls"] = [c.as_openai() for c in calls]
         return {
             "index": spec.index,
-            "message": {"role": "assistant", "content": result.text},
+            "message": message,
             "logprobs": None,
-            "finish_reason": result.finish_reason,
+            "finish_reason": finish_reason(result.finish_reason, bool(calls)),
         }
+
+    def stream_choices(self, prompts: ChatPrompts):
+        if not prompts.parse_tool_calls:
+            return plain_stream_choices(self)
+        return ToolCallChoices(self).choices
+
+
+@dataclass
+class ChatPrompts(Prompts):
+    parse_tool_calls: bool = False  # tools were declared: the output is read for tool calls
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    """OpenAI's ``tool_calls`` when the model stopped after calling a tool."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+class ToolCallChoices:
+    """The stream's choice objects with the text read for tool calls (``tool_calls.ToolCallStream``):
+    content deltas, one ``delta.tool_calls`` item per complete call (``index`` counts the choice's
+    calls), and ``finish_reason`` ``tool_calls`` after a call. Text that may begin a call is held
+    until it is settled."""
+
+    def __init__(self, chat: Chat):
+        self.chat = chat
+        self.readers: dict[int, ToolCallStream] = {}
+        self.calls: dict[int, int] = {}  # choice index -> calls sent
+
+    def choices(self, index: int, out: RequestOutput) -> list[dict]:
+        reader = self.readers.setdefault(index, ToolCallStream())
+        events = reader.feed(out.text) if out.text else []
+        if out.finished:
+            events += reader.finish()
+        found = []
+        for event in events:
+            if isinstance(event, str):
+                found.append(self.chat.chunk_choice(index, event))
+                continue
+            n = self.calls.get(index, 0)
+            self.calls[index] = n + 1
+            found.append(self.chat.chunk_choice(index, "", delta={"tool_calls": [{"index": n, **event.as_openai()}]}))
+        if out.finished:
+            found.append(self.chat.chunk_choice(index, "", finish_reason(out.finish_reason, index in self.calls)))
+        return found
 
 
 CHAT = Chat()
@@ -90,26 +156,92 @@ async def create_chat_completion(request: Request):
 
 
 def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
+    """The messages as the chat template takes them (transformers' conventions): ``content`` a string;
+    an assistant's ``tool_calls`` with ``function.arguments`` parsed into an object; a tool message
+    with its ``tool_call_id`` and ``name`` (the called function's, when the client left it out)."""
     out = []
+    called: dict[str, str] = {}  # tool call id -> function name, from the assistant messages so far
     for i, m in enumerate(req.messages):
-        if m.content is None:
-            content = ""
-        elif isinstance(m.content, str):
-            content = m.content
-        else:
-            pieces = []
-            for part in m.content:
-                if part.type != "text" or part.text is None:
-                    raise errors.bad_request(
-                        f"Only text content parts are supported, got type '{part.type}'.", f"messages[{i}].content"
-                    )
-                pieces.append(part.text)
-            content = "\n".join(pieces)
-        d = {"role": m.role, "content": content}
+        d = {"role": m.role, "content": _text_content(m.content, i)}
         if m.name:
             d["name"] = m.name
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise errors.bad_request("Only assistant messages may have tool_calls.", f"messages[{i}].tool_calls")
+            d["tool_calls"] = [_template_call(call, i, j) for j, call in enumerate(m.tool_calls)]
+            called.update((c["id"], c["function"]["name"]) for c in d["tool_calls"] if c["id"])
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise errors.bad_request("A tool message needs the tool_call_id of the call it answers.",
+                                         f"messages[{i}].tool_call_id")
+            d["tool_call_id"] = m.tool_call_id
+            if "name" not in d and m.tool_call_id in called:
+                d["name"] = called[m.tool_call_id]
         out.append(d)
     return out
+
+
+def _text_content(content, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise errors.bad_request(
+                f"Only text content parts are supported, got type '{part.type}'.", f"messages[{i}].content"
+            )
+        pieces.append(part.text)
+    return "\n".join(pieces)
+
+
+def _template_call(call, i: int, j: int) -> dict:
+    """One ``tool_calls`` item for the template: Gemma 4's (and most) templates write the arguments
+    from an object, so the JSON string is parsed; it must hold an object."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise errors.bad_request("function.arguments must be a JSON object (as a string).",
+                                 f"messages[{i}].tool_calls[{j}].function.arguments")
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+
+
+def template_tools(req: ChatCompletionRequest) -> list[dict] | None:
+    """The declarations the template renders: none with ``tool_choice: "none"``."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def template_reads_tools(tokenizer) -> bool:
+    """Whether the checkpoint's chat template (any of its named templates) uses the ``tools`` variable."""
+    template = getattr(tokenizer, "chat_template", None)
+    sources = template.values() if isinstance(template, dict) else [template]
+    return any(isinstance(t, str) and re.search(r"\btools\b", t) for t in sources)
+
+
+def rendered_tools_json(req: ChatCompletionRequest) -> str:
+    """The text of the declarations and of the history's call arguments, as compact JSON: about what a
+    template writes of them (the prompt's bound before rendering)."""
+    parts = [json.dumps(template_tools(req) or [], separators=(",", ":"))]
+    parts += [c.function.arguments for m in req.messages for c in (m.tool_calls or [])]
+    return "".join(parts)
+
+
+def check_tools(req: ChatCompletionRequest, settings) -> None:
+    """The settings ``max_tools`` and ``max_tools_chars``, before anything is rendered."""
+    if not req.tools:
+        return
+    if len(req.tools) > settings.max_tools:
+        raise limit_error(f"Too many tools: {len(req.tools)}, the limit is {settings.max_tools} (setting max_tools).",
+                          "tools")
+    chars = len(json.dumps([t.model_dump(exclude_none=True) for t in req.tools], separators=(",", ":")))
+    if chars > settings.max_tools_chars:
+        raise limit_error(f"The tools are {chars} characters long as JSON, the limit is {settings.max_tools_chars} "
+                          "(setting max_tools_chars).", "tools")
 
 
 # Keys of apply_chat_template that would let a client swap the template (arbitrary Jinja: a CPU and
@@ -143,6 +275,7 @@ def apply_template(tokenizer, req: ChatCompletionRequest, messages: list[dict] |
     try:
         text = tokenizer.apply_chat_template(
             messages,
+            tools=template_tools(req),
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message,

@@ -9,7 +9,7 @@ from .choices import ChoiceResult, ChoiceSpec
 from .logprobs import completion_logprobs
 from .protocol import CompletionRequest
 from .request_limits import PromptLimit, where
-from .serving import EndpointNames, Prompts, off_loop, serve, unsupported
+from .serving import EndpointNames, Prompts, off_loop, plain_stream_choices, serve, unsupported
 
 # Prompts longer than this (in characters, all together) are tokenized off the event loop.
 TOKENIZE_IN_THREAD_CHARS = 20000
@@ -19,7 +19,7 @@ class Completions:
     names = EndpointNames("completions", "cmpl", CompletionRequest, "text_completion", "text_completion",
                           prompt_param="prompt")
 
-    def check(self, req: CompletionRequest) -> None:
+    def check(self, req: CompletionRequest, settings) -> None:
         unsupported(best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."))
 
     def logprobs(self, req: CompletionRequest) -> int | None:
@@ -92,6 +92,9 @@ class Completions:
     def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: Prompts) -> dict:
         echo = "" if prompts.prefixes is None else prompts.prefixes[spec.prompt_index]
         return self.chunk_choice(spec.index, echo + result.text, result.finish_reason)
+
+    def stream_choices(self, prompts: Prompts):
+        return plain_stream_choices(self)
 
 
 COMPLETIONS = Completions()

@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
+from .tool_calls import NAME_PATTERN
+
 # OpenAI's limit on stop sequences. The other request limits are settings (``settings.py``), checked
 # in ``request_limits.py``; ``n`` has only its lower bound here.
 MAX_STOP = 4
@@ -134,22 +136,53 @@ class TextPart(_Lenient):
     text: str | None = None
 
 
+class FunctionDeclaration(_Lenient):
+    name: str = Field(pattern=f"^{NAME_PATTERN}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema object, passed to the template as it is
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDeclaration
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCallItem(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
 
 
 class ChatCompletionRequest(CommonFields):
     messages: list[ChatMessage] = Field(
-        min_length=1, description="Rendered by the checkpoint's chat template; content is a string or text parts.")
+        min_length=1, description="Rendered by the checkpoint's chat template; content is a string or text parts. "
+        "Assistant messages may carry `tool_calls` (content null), `tool` messages a `tool_call_id`.")
     max_completion_tokens: StrictInt | None = Field(None, description="The same as `max_tokens`, and wins over it.")
     logprobs: StrictBool | None = Field(
         None, description="Return each committed token's log-probability in `choices[].logprobs.content` (see "
         "Log-probabilities).")
     top_logprobs: StrictInt | None = Field(
         None, ge=0, le=20, description="With `logprobs`: this many top alternatives per token.")
-    tools: list[Any] | None = Field(None, description="Not supported: a non-empty list is a 400.")
+    tools: list[Tool] | None = Field(
+        None, description="Function declarations `{\"type\": \"function\", \"function\": {\"name\", \"description\", "
+        "\"parameters\"}}`, rendered into the prompt by the chat template; the model's calls come back as "
+        "`message.tool_calls` (docs/tools.md). At most the setting `max_tools`, `max_tools_chars` characters in all.")
+    tool_choice: Union[str, dict[str, Any], None] = Field(
+        None, description="`auto` (the default with tools) or `none` (the declarations are left out of the prompt and "
+        "the output is plain text). `required` and a named function are a 400: nothing forces the model to call.")
     response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}`.")
     # vLLM-style chat template controls.
     add_generation_prompt: StrictBool = Field(True, description="End the prompt with the assistant turn's header.")
@@ -157,3 +190,14 @@ class ChatCompletionRequest(CommonFields):
         False, description="Continue the last (assistant) message instead of starting a new turn.")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extra scalar variables for the chat template (not the template itself).")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, v):
+        """OpenAI's shapes: "none", "auto", "required", or {"type": "function", "function": {"name": ...}}."""
+        if isinstance(v, str) and v not in ("none", "auto", "required"):
+            raise ValueError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        if isinstance(v, dict) and not (v.get("type") == "function" and isinstance(v.get("function"), dict)
+                                        and isinstance(v["function"].get("name"), str)):
+            raise ValueError("a named tool choice is {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        return v

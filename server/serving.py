@@ -19,7 +19,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from engine.errors import InvalidRequestError
-from engine.outputs import Draft
+from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
 
 from . import errors, sse
@@ -61,8 +61,9 @@ class Endpoint(Protocol):
 
     names: EndpointNames
 
-    def check(self, req) -> None:
-        """Refuse fields this server does not support (a 400 ``unsupported_parameter``)."""
+    def check(self, req, settings) -> None:
+        """Refuse fields this server does not support (a 400 ``unsupported_parameter``) and fields over
+        the endpoint's own limits in ``settings``."""
 
     def num_prompts(self, req) -> int:
         """How many prompts the request has, before any tokenization."""
@@ -93,6 +94,26 @@ class Endpoint(Protocol):
     def response_choice(self, spec: ChoiceSpec, result: ChoiceResult, prompts: Prompts) -> dict:
         """A (non-streamed) response's choice object."""
 
+    def stream_choices(self, prompts: Prompts) -> StreamChoices:
+        """The stream's choice objects for each committed output of a choice (``plain_stream_choices``
+        unless the endpoint reshapes its text, as chat does with tool calls)."""
+
+
+# (choice index, a committed output: text delta and/or finish) -> the stream's choice objects for it
+StreamChoices = Callable[[int, RequestOutput], list[dict]]
+
+
+def plain_stream_choices(api: Endpoint) -> StreamChoices:
+    """A choice object for the text delta, then one with the finish reason."""
+
+    def choices(index: int, out: RequestOutput) -> list[dict]:
+        found = [api.chunk_choice(index, out.text)] if out.text else []
+        if out.finished:
+            found.append(api.chunk_choice(index, "", out.finish_reason))
+        return found
+
+    return choices
+
 
 async def serve(request: Request, api: Endpoint) -> Response:
     """Answer one completion request of ``api``'s kind. Every failure is an ``APIError``."""
@@ -113,7 +134,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
                                          state.preprocess_gate)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
-    api.check(req)
+    api.check(req, settings)
     max_tokens, max_tokens_param = api.max_tokens(req)
     check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
     prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate)
@@ -132,7 +153,8 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         opening = [c for c in (api.opening(s, prompts) for s in specs) if c is not None]
         offsets = {s.index: api.text_start(s, prompts) for s in specs}
-        frames = _stream(api, state, engine, choice_set, base, opening, offsets, include_usage, log)
+        frames = _stream(api, state, engine, choice_set, base, opening, offsets, include_usage, log,
+                         api.stream_choices(prompts))
         return sse.SSEResponse(frames, on_close=choice_set.cancel, ping_seconds=settings.sse_ping_seconds)
 
     try:
@@ -236,9 +258,11 @@ def _draft_extension(draft: Draft, tokenizer) -> dict:
 
 
 async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: ChoiceSet, base: dict, opening: list[dict],
-                  offsets: dict[int, int], include_usage: bool, log: RequestLog) -> AsyncIterator:
-    """The SSE frames of one streamed request: the opening choices, then drafts, text deltas (with the
-    committed tokens' log-probabilities when asked; ``offsets``: each choice's text so far) and
+                  offsets: dict[int, int], include_usage: bool, log: RequestLog,
+                  stream_choices: StreamChoices) -> AsyncIterator:
+    """The SSE frames of one streamed request: the opening choices, then drafts, text deltas (shaped by
+    ``stream_choices``, with the committed tokens' log-probabilities when asked; ``offsets``: each
+    choice's text so far) and
     finish chunks as the engine produces them, the usage chunk when asked, and ``[DONE]``; a
     failure becomes an error chunk before ``[DONE]``."""
     err: APIError | None = None
@@ -250,13 +274,16 @@ async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: Choice
             if out.draft is not None:
                 ext = _draft_extension(out.draft, engine.tokenizer)
                 yield sse.chunk({**base, "choices": [api.chunk_choice(index, "", diffusion=ext)]})
+            found = stream_choices(index, out) if out.text or out.finished else []
             if out.logprobs:
                 logprobs, offsets[index] = api.logprobs_object(out.logprobs, engine.tokenizer, offsets[index])
-                yield sse.chunk({**base, "choices": [api.chunk_choice(index, out.text, logprobs=logprobs)]})
-            elif out.text:
-                yield sse.chunk({**base, "choices": [api.chunk_choice(index, out.text)]})
-            if out.finished:
-                yield sse.chunk({**base, "choices": [api.chunk_choice(index, "", out.finish_reason)]})
+                carrier = next((c for c in found if c.get("finish_reason") is None), None)
+                if carrier is None:  # no text to carry them (held back): a chunk of their own
+                    carrier = api.chunk_choice(index, "")
+                    found.insert(0, carrier)
+                carrier["logprobs"] = logprobs
+            for c in found:
+                yield sse.chunk({**base, "choices": [c]})
         if include_usage:
             yield sse.chunk({**base, "choices": [], "usage": usage(choice_set.specs, choice_set.results)})
         completed = True

@@ -97,6 +97,10 @@ class ServerSettings:
     max_json_values: int = limit(
         65536, "Most strings (object keys included), objects and arrays in a request body, counted before it is "
         "parsed; more get 400. Numbers are not counted: an array of token ids may be as long as a prompt may be.")
+    max_tools: int = limit(128, "Most function declarations in a chat request's tools; more get 400.")
+    max_tools_chars: int = limit(
+        262144, "Most characters a chat request's tools may have in all (as compact JSON), checked before the "
+        "template renders them; more get 400.")
     max_request_denoising_steps: int = limit(
         1024, "Largest max_denoising_steps a request may ask for (a canvas may take up to that many decoder "
         "passes); larger ones get 400.")

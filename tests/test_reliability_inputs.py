@@ -21,6 +21,7 @@ LIMIT_ARGS = [
     "--max-prompt-tokens", "64", "--max-completion-tokens", "128", "--max-n", "4",
     "--max-prompts-per-request", "4", "--max-request-tokens", "256", "--max-stop-length", "16",
     "--max-json-depth", "8", "--max-json-values", "20500", "--max-request-denoising-steps", "32",
+    "--max-tools", "2", "--max-tools-chars", "200",
     "--cors-allow-origin", ORIGIN,
     "--max-num-seqs", "4", "--no-ui",
 ]
@@ -47,6 +48,7 @@ def assert_error(r: httpx.Response, status: int, type_: str, param, code, needle
 
 C, CH = "/v1/completions", "/v1/chat/completions"
 MSG = [{"role": "user", "content": "x"}]
+TOOL = {"type": "function", "function": {"name": "f", "description": "d"}}
 IRE = "invalid_request_error"
 
 
@@ -145,13 +147,19 @@ CASES = [
      "logit_bias", "limit_exceeded", "setting max_logit_bias"),
     ("penalty-range", "POST", C, {"prompt": "hi", "presence_penalty": 2.5}, None, 400, IRE, "presence_penalty", None,
      None),
-    ("tools", "POST", CH, {"messages": MSG, "tools": [{"type": "function"}]}, None, 400, IRE, "tools",
-     "unsupported_parameter", None),
+    ("tools-no-function", "POST", CH, {"messages": MSG, "tools": [{"type": "function"}]}, None, 400, IRE,
+     "tools[0].function", None, "Field required"),
+    ("tool-choice-required", "POST", CH, {"messages": MSG, "tools": [TOOL], "tool_choice": "required"}, None, 400,
+     IRE, "tool_choice", "unsupported_parameter", "cannot force"),
     ("image-part", "POST", CH, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None, 400, IRE,
      "messages[0].content", None, "text content parts"),
     ("continue-final-user", "POST", CH, {"messages": MSG, "continue_final_message": True}, None, 400, IRE,
      "messages", None, "assistant"),
     # -- the limits (settings) --------------------------------------------------------------------
+    ("tools-over-max-tools", "POST", CH, {"messages": MSG, "tools": [TOOL] * 3}, None, 400, IRE, "tools",
+     "limit_exceeded", "max_tools"),
+    ("tools-over-max-tools-chars", "POST", CH, {"messages": MSG, "tools": [{**TOOL, "function": {
+        "name": "f", "description": "x" * 300}}]}, None, 400, IRE, "tools", "limit_exceeded", "max_tools_chars"),
     ("n-over-max-n", "POST", C, {"prompt": "hi", "n": 5}, None, 400, IRE, "n", "limit_exceeded", "max_n"),
     ("n-huge", "POST", C, {"prompt": "hi", "n": 10**30}, None, 400, IRE, "n", "limit_exceeded", "max_n"),
     ("n-over-max-n-chat", "POST", CH, {"messages": MSG, "n": 5}, None, 400, IRE, "n", "limit_exceeded", "max_n"),

@@ -130,7 +130,7 @@ def test_400_not_json(live_server):
         ("/completions", {"prompt": "hi", "n": 40, "max_tokens": 2, "best_of": 3}, "best_of", None),
         ("/completions", {"prompt": ["a"] * 10, "n": 30}, "n", "choices"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-         "tools", "not supported"),
+         "tools[0].function", "Field required"),
         ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages[0].content", "text"),
     ],

@@ -134,11 +134,15 @@ From the `openai` SDK, pass them in `extra_body`. "unset" takes the checkpoint's
 
 {_fields_table(ChatCompletionRequest, only[ChatCompletionRequest])}
 
+Tools (function calling): the format, the limits and what `tool_choice` does are in
+[tools.md](tools.md).
+
 ## Responses
 
 A completion's `usage` has OpenAI's exact counts (`prompt_tokens` counts each prompt once, however
 large `n`; `completion_tokens` includes a final eos) and two extension counts, `denoising_steps`
-and `canvases`. `finish_reason` is `stop` (eos or a stop string), `length` (`max_tokens`).
+and `canvases`. `finish_reason` is `stop` (eos or a stop string), `length` (`max_tokens`), or, in chat
+with tools, `tool_calls` (the model stopped after calling a tool: `message.tool_calls`).
 
 ### Log-probabilities
 
@@ -190,7 +194,9 @@ them; positions after the suffix are denoised too and dropped.
 With `"stream": true` the answer is `text/event-stream`, one `data: {{json chunk}}` frame per event:
 
 1. chat only: a first chunk per choice with `delta.role`; completions with `echo`: the prompt's text;
-2. the committed text as append-only deltas (one per committed canvas);
+2. the committed text as append-only deltas (one per committed canvas); in chat with tools, text
+   that may begin a tool call is held until it is settled, and each complete call arrives as one
+   `delta.tool_calls` item;
 3. a chunk with `finish_reason`;
 4. with `stream_options.include_usage`: a chunk with `choices: []` and `usage`;
 5. `data: [DONE]`.

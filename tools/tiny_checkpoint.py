@@ -170,13 +170,15 @@ def diffusion_generation_config(params: dict, *, eos_ids=(EOS_ID, END_OF_TURN_ID
     )
 
 
-def build_tiny_checkpoint(path: str | Path, spec: TinySpec = TinySpec(), generation: dict | None = None) -> Path:
-    """Write a random tiny DiffusionGemma checkpoint with tokenizer and generation config to ``path``."""
+def build_tiny_checkpoint(path: str | Path, spec: TinySpec = TinySpec(), generation: dict | None = None,
+                          tokenizer=None) -> Path:
+    """Write a random tiny DiffusionGemma checkpoint with tokenizer and generation config to ``path``.
+    ``tokenizer`` (the byte tokenizer by default) must have ``SPECIAL_TOKENS`` as its first ids."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_byte_tokenizer()
+    tokenizer = tokenizer or build_byte_tokenizer()
     vocab_size = len(tokenizer) + spec.extra_vocab
     torch.manual_seed(spec.seed)
     model = DiffusionGemmaForBlockDiffusion(tiny_config(spec, vocab_size)).to(spec.dtype)
