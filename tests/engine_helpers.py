@@ -68,10 +68,12 @@ def reference_tokens(model, prompt: list[int], seed: int, params: SamplingParams
     return reference_run(model, prompt, seed, params)[0]
 
 
-def reference_run(model, prompt: list[int], seed: int, params: SamplingParams) -> tuple[list[int], int | None]:
+def reference_run(model, prompt: list[int], seed: int, params: SamplingParams,
+                  **inputs) -> tuple[list[int], int | None]:
     """``reference_tokens`` and the number of decoder passes ``generate`` ran for the request (from its
-    ``tokens_per_forward``, generated non-pad tokens per pass; None when it generated only pads)."""
-    kwargs = dict(max_new_tokens=params.max_tokens)
+    ``tokens_per_forward``, generated non-pad tokens per pass; None when it generated only pads).
+    ``inputs``: more model inputs for ``generate`` (an image prompt's ``pixel_values`` and the like)."""
+    kwargs = dict(max_new_tokens=params.max_tokens, **inputs)
     for name in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
         if getattr(params, name) is not None:
             kwargs[name] = getattr(params, name)
