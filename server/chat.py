@@ -7,6 +7,7 @@ from fastapi import Request
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
+from .images import ImageReader
 from .protocol import ChatCompletionRequest
 from .completions import TOKENIZE_IN_THREAD_CHARS
 from .request_limits import PromptLimit
@@ -37,12 +38,16 @@ class Chat:
             return req.max_completion_tokens, "max_completion_tokens"
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate) -> Prompts:
+    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate,
+                      images: ImageReader | None = None) -> Prompts:
         messages = messages_as_dicts(req)
         # the template writes every message's content into the prompt: contents that cannot fit are
         # refused before anything is rendered
-        content = "".join(m["content"] for m in messages)
+        content = "".join(text_of(m["content"]) for m in messages)
         limit.check_text(content, "messages", "the prompt")
+        urls = image_urls(req)
+        if urls:
+            return await image_prompts(req, tokenizer, limit, gate, images, messages, urls)
         # rendering and tokenizing take a while on large bodies: those go off the event loop
         if len(messages) > RENDER_IN_THREAD_MESSAGES or len(content) > TOKENIZE_IN_THREAD_CHARS:
             ids, text = await off_loop(gate, lambda: apply_template(tokenizer, req, messages))
@@ -79,6 +84,9 @@ async def create_chat_completion(request: Request):
 
 
 def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
+    """The messages as the chat template takes them. A message of text parts has their texts joined by
+    newlines as its content; one with image parts keeps its parts, ``{"type": "text", "text": ...}``
+    and ``{"type": "image"}`` (the template writes the processor's image token for each)."""
     out = []
     for i, m in enumerate(req.messages):
         if m.content is None:
@@ -86,19 +94,60 @@ def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
         elif isinstance(m.content, str):
             content = m.content
         else:
-            pieces = []
-            for part in m.content:
-                if part.type != "text" or part.text is None:
-                    raise errors.bad_request(
-                        f"Only text content parts are supported, got type '{part.type}'.", f"messages[{i}].content"
-                    )
-                pieces.append(part.text)
-            content = "\n".join(pieces)
+            parts = []
+            for j, part in enumerate(m.content):
+                if part.type == "text" and part.text is not None:
+                    parts.append({"type": "text", "text": part.text})
+                elif part.type == "image_url" and part.image_url is not None:
+                    parts.append({"type": "image"})
+                elif part.type in ("text", "image_url"):
+                    raise errors.bad_request(f"This {part.type} content part has no '{part.type}' field.",
+                                             f"messages[{i}].content[{j}]")
+                else:
+                    raise errors.bad_request(f"Content parts must be text or image_url parts, got type '{part.type}'.",
+                                             f"messages[{i}].content[{j}]")
+            content = parts if any(p["type"] == "image" for p in parts) else "\n".join(p["text"] for p in parts)
         d = {"role": m.role, "content": content}
         if m.name:
             d["name"] = m.name
         out.append(d)
     return out
+
+
+def text_of(content: str | list[dict]) -> str:
+    """A message's text, without its images."""
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(url, param naming its part) of every image part, in the order the template meets them."""
+    return [(part.image_url.url, f"messages[{i}].content[{j}].image_url")
+            for i, m in enumerate(req.messages) if isinstance(m.content, list)
+            for j, part in enumerate(m.content) if part.type == "image_url" and part.image_url is not None]
+
+
+async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate, images: ImageReader | None,
+                        messages: list[dict], urls: list[tuple[str, str]]) -> Prompts:
+    """A conversation with images: their number checked first, then (off the event loop) each read and
+    decoded within the limits, the template rendered, and the text and images through the processor."""
+    if images is None:
+        raise errors.bad_request("image_url parts are not supported here.", "messages", "unsupported_parameter")
+    images.check_count(len(urls))
+
+    def work():
+        from engine.multimodal import process_images  # torch: loaded with the engine, not with the server
+
+        pictures = [images.read(url, param) for url, param in urls]
+        _, text = apply_template(tokenizer, req, messages)
+        try:
+            ids, inputs = process_images(images.processor, text, pictures)
+        except ValueError as exc:  # the template wrote another number of image tokens than there are images
+            raise errors.bad_request(f"The chat template and the images do not match: {exc}", "messages") from None
+        return ids, text, inputs
+
+    ids, text, inputs = await off_loop(gate, work)
+    limit.check_tokens(len(ids), "messages", "the prompt")
+    return Prompts([ids], text, images=[inputs])
 
 
 # Keys of apply_chat_template that would let a client swap the template (arbitrary Jinja: a CPU and

@@ -35,7 +35,7 @@ class Completions:
     def max_tokens(self, req: CompletionRequest) -> tuple[int | None, str]:
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: CompletionRequest, tokenizer, limit: PromptLimit, gate) -> Prompts:
+    async def prompts(self, req: CompletionRequest, tokenizer, limit: PromptLimit, gate, images=None) -> Prompts:
         prompt = req.prompt
         if isinstance(prompt, str):
             prompt = [prompt]

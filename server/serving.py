@@ -27,6 +27,7 @@ from .bodies import parse_body
 from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, collect, usage
 from .engine_client import EngineClient
 from .errors import APIError
+from .images import ImageReader
 from .protocol import CommonFields
 from .request_limits import PromptLimit, check_request, check_resolved
 from .request_log import RequestLog
@@ -41,6 +42,7 @@ class Prompts:
     ids: list[list[int]]
     log_text: str  # what ``--log-prompts`` writes
     prefixes: list[str] | None = None  # text each choice of prompt i starts with (completions' echo)
+    images: list | None = None  # prompt i's images (engine.multimodal.ImageInputs, or None), when any has some
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,11 @@ class Endpoint(Protocol):
     def max_tokens(self, req) -> tuple[int | None, str]:
         """The requested completion length and the field that asked for it."""
 
-    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore) -> Prompts:
+    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore,
+                      images: ImageReader | None = None) -> Prompts:
         """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
-        tokenized, its tokens right after. Large ones are tokenized in a worker thread (``off_loop``)."""
+        tokenized, its tokens right after. Large ones are tokenized in a worker thread (``off_loop``).
+        ``images`` reads the images of prompts that have some (chat's image_url parts)."""
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
         """The choice object a stream sends first for this choice, if any."""
@@ -105,10 +109,11 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     api.check(req)
     max_tokens, max_tokens_param = api.max_tokens(req)
     check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
-    prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate)
+    images = ImageReader.of(settings, engine.processor, model_name)
+    prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate, images)
     if settings.log_prompts:
         log.prompt_text = prompts.log_text
-    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix)
+    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix, prompts.images)
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
 
@@ -168,7 +173,7 @@ def _request_ids(request: Request, prefix: str) -> tuple[str, str]:
 
 
 def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFields, max_tokens: int | None,
-                  max_tokens_param: str, engine_prefix: str) -> list[ChoiceSpec]:
+                  max_tokens_param: str, engine_prefix: str, images: list | None = None) -> list[ChoiceSpec]:
     """One resolved engine request per choice. Choice ``i`` (prompt ``i // n``) gets ``seed + i``.
 
     Raises a 400 for any parameter the engine refuses (context length included), before anything
@@ -176,6 +181,7 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
     """
     specs = []
     for p, prompt_ids in enumerate(prompts):
+        image_inputs = images[p] if images else None
         for j in range(req.n):
             index = p * req.n + j
             params = SamplingParams(
@@ -193,13 +199,13 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
             )
             try:
                 # the prompt's tokens are checked once, not once per choice
-                resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0)
+                resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0, images=image_inputs)
             except InvalidRequestError as exc:
                 err = errors.from_engine(exc)
                 if err.param == "max_tokens":  # the field this request used
                     err.param = max_tokens_param
                 raise err from None
-            specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{engine_prefix}-{index}"))
+            specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{engine_prefix}-{index}", image_inputs))
     return specs
 
 

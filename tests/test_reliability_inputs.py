@@ -140,8 +140,8 @@ CASES = [
     ("suffix", "POST", C, {"prompt": "hi", "suffix": "x"}, None, 400, IRE, "suffix", "unsupported_parameter", None),
     ("tools", "POST", CH, {"messages": MSG, "tools": [{"type": "function"}]}, None, 400, IRE, "tools",
      "unsupported_parameter", None),
-    ("image-part", "POST", CH, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None, 400, IRE,
-     "messages[0].content", None, "text content parts"),
+    ("image-part-without-url", "POST", CH, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None,
+     400, IRE, "messages[0].content[0]", None, "has no 'image_url' field"),
     ("continue-final-user", "POST", CH, {"messages": MSG, "continue_final_message": True}, None, 400, IRE,
      "messages", None, "assistant"),
     # -- the limits (settings) --------------------------------------------------------------------
