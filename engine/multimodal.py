@@ -186,6 +186,10 @@ def process_images(processor, text: str, images: list) -> tuple[list[int], Image
     """A rendered prompt ``text`` whose image placeholders stand for ``images`` (PIL images, in order)
     through the processor: the expanded token ids and the images' inputs. ``ValueError`` when the
     text's placeholders do not match the images."""
+    found = text.count(processor.image_token)
+    if found != len(images):
+        raise ValueError(f"the rendered prompt has {found} image tokens ({processor.image_token}) for {len(images)} "
+                         "images (a text part may not hold the image token)")
     out = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")
     ids = out["input_ids"][0].tolist()
     return ids, ImageInputs(out["pixel_values"], out["image_position_ids"])

@@ -39,7 +39,7 @@ class Chat:
         return req.max_tokens, "max_tokens"
 
     async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate,
-                      images: ImageReader | None = None) -> Prompts:
+                      images: ImageReader) -> Prompts:
         messages = messages_as_dicts(req)
         # the template writes every message's content into the prompt: contents that cannot fit are
         # refused before anything is rendered
@@ -126,12 +126,10 @@ def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
             for j, part in enumerate(m.content) if part.type == "image_url" and part.image_url is not None]
 
 
-async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate, images: ImageReader | None,
+async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate, images: ImageReader,
                         messages: list[dict], urls: list[tuple[str, str]]) -> Prompts:
     """A conversation with images: their number checked first, then (off the event loop) each read and
     decoded within the limits, the template rendered, and the text and images through the processor."""
-    if images is None:
-        raise errors.bad_request("image_url parts are not supported here.", "messages", "unsupported_parameter")
     images.check_count(len(urls))
 
     def work():
@@ -141,8 +139,8 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
         _, text = apply_template(tokenizer, req, messages)
         try:
             ids, inputs = process_images(images.processor, text, pictures)
-        except ValueError as exc:  # the template wrote another number of image tokens than there are images
-            raise errors.bad_request(f"The chat template and the images do not match: {exc}", "messages") from None
+        except ValueError as exc:  # e.g. the text holds more image tokens than there are images
+            raise errors.bad_request(f"These messages cannot take their images: {exc}.", "messages") from None
         return ids, text, inputs
 
     ids, text, inputs = await off_loop(gate, work)

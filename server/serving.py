@@ -72,7 +72,7 @@ class Endpoint(Protocol):
         """The requested completion length and the field that asked for it."""
 
     async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore,
-                      images: ImageReader | None = None) -> Prompts:
+                      images: ImageReader) -> Prompts:
         """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
         tokenized, its tokens right after. Large ones are tokenized in a worker thread (``off_loop``).
         ``images`` reads the images of prompts that have some (chat's image_url parts)."""

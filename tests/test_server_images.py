@@ -159,6 +159,9 @@ def test_refusals(server):
     truncated = encoded(noise_image(30, 40, 2))[:300]
     assert refusal(server.url, image_message("a", data_url(truncated))) == error(
         "The image could not be decoded: its data is truncated or corrupt.", PART, "invalid_image")
+    assert refusal(server.url, image_message("look at <|image|> and ", small)) == error(
+        "These messages cannot take their images: the rendered prompt has 2 image tokens (<|image|>) for 1 images (a "
+        "text part may not hold the image token).", "messages", None)
     audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
     assert refusal(server.url, audio) == error(
         "Content parts must be text or image_url parts, got type 'input_audio'.", "messages[0].content[0]", None)
