@@ -178,8 +178,11 @@ class ModelRunner:
     def _image_features(self, group: list[EncodeWork]) -> dict[str, torch.Tensor]:
         """[placeholders, hidden]: the vision tower's features of each request's images, one call per
         request (as generate makes it, so a request's features do not depend on its group)."""
+        t0 = time.perf_counter()
         encoder = self.model.model.encoder
-        return {w.request_id: image_features(encoder, w.images, self.device) for w in group if w.images is not None}
+        features = {w.request_id: image_features(encoder, w.images, self.device) for w in group if w.images is not None}
+        self._forward_seconds += time.perf_counter() - t0
+        return features
 
     def _encoder_groups(self, work: list[EncodeWork]) -> list[list[EncodeWork]]:
         """Split encoder work so that rows x padded length stays within ``max_encoder_tokens``."""

@@ -66,8 +66,8 @@ def image_token_runs(token_ids, image_token_id: int) -> list[tuple[int, int]]:
 
 def check_images(images: ImageInputs, prompt_ids, config, *, max_images: int, max_encoder_tokens: int) -> None:
     """Refuse (``InvalidRequestError``, param ``messages``) image inputs this prompt and model cannot
-    take, before any work is done: too many images, malformed tensors, placeholders that do not match
-    the images, or an image longer than one encoder call."""
+    take, before any work is done: too many images, malformed tensors, images of more patches than
+    pool into one encoder call, or placeholders that do not match the images."""
     if getattr(config, "vision_config", None) is None or getattr(config, "image_token_id", None) is None:
         raise InvalidRequestError("this model does not take images", "messages")
     pv, pos = images.pixel_values, images.image_position_ids
@@ -82,22 +82,24 @@ def check_images(images: ImageInputs, prompt_ids, config, *, max_images: int, ma
         raise InvalidRequestError(
             f"pixel_values must be [images, patches, {patch_pixels}] floats and image_position_ids "
             "[images, patches, 2] integers, as the checkpoint's processor makes them", "messages")
+    # bounds the vision tower's work per image, and (pooled) its placeholders to one encoder call
+    most_patches = max_encoder_tokens * vision.pooling_kernel_size**2
+    if pv.shape[1] > most_patches:
+        raise InvalidRequestError(
+            f"the images have {pv.shape[1]} patches each, more than one encoder call's worth ({most_patches}: "
+            "max_encoder_tokens x pooling_kernel_size squared)", "messages")
     runs = image_token_runs(prompt_ids, config.image_token_id)
     counts = images.soft_tokens(vision.pooling_kernel_size)
     if [end - start for start, end in runs] != counts:
         raise InvalidRequestError(
             f"the prompt's image placeholders ({[end - start for start, end in runs]} tokens per image) do not "
             f"match its images ({counts} tokens each)", "messages")
-    longest = max(counts, default=0)
-    if longest > max_encoder_tokens:
-        raise InvalidRequestError(
-            f"an image takes {longest} tokens, more than one encoder call holds (max_encoder_tokens, "
-            f"{max_encoder_tokens})", "messages")
 
 
 def chunk_bounds(token_ids, limit: int, image_token_id: int | None) -> list[tuple[int, int]]:
     """Prefill chunks of at most ``limit`` tokens; a chunk that would end inside an image's run ends
-    before it instead (``check_images`` made every run at most ``limit`` long)."""
+    before it instead (``check_images`` made every run at most ``limit`` long: at most an image's
+    patches pooled)."""
     n = len(token_ids)
     runs = image_token_runs(token_ids, image_token_id) if image_token_id is not None else []
     bounds, start = [], 0

@@ -168,9 +168,11 @@ def test_refused_before_any_work(checkpoint, core):
     assert refusal(core, ids, ImageInputs(images.pixel_values[..., :10], images.image_position_ids)) == (
         "pixel_values must be [images, patches, 48] floats and image_position_ids [images, patches, 2] integers, "
         "as the checkpoint's processor makes them")
+    # an image's patches (the processor pads them to its budget, 70 x 3 x 3) must pool into one encoder call
     short_calls = make_core(checkpoint, max_num_seqs=1, max_encoder_tokens=32)
     assert refusal(short_calls, ids, images) == (
-        f"an image takes {n} tokens, more than one encoder call holds (max_encoder_tokens, 32)")
+        "the images have 630 patches each, more than one encoder call's worth (288: max_encoder_tokens x "
+        "pooling_kernel_size squared)")
 
 
 def test_text_only_checkpoint_has_no_processor(tmp_path):
