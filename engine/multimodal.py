@@ -43,8 +43,9 @@ class ImageInputs:
         return int(self.pixel_values.shape[0])
 
     def soft_tokens(self, pooling_kernel_size: int) -> list[int]:
-        """Placeholder tokens each image fills: its real patches pooled ``pooling_kernel_size``² to one."""
-        real = (self.image_position_ids >= 0).all(dim=-1).sum(dim=-1)
+        """Placeholder tokens each image fills: its real patches (the vision tower's rule: padding is
+        (-1, -1)) pooled ``pooling_kernel_size``² to one."""
+        real = (~(self.image_position_ids == -1).all(dim=-1)).sum(dim=-1)
         return [int(n) // pooling_kernel_size**2 for n in real]
 
 
@@ -129,6 +130,8 @@ def prompt_embeddings(encoder, input_ids: torch.Tensor, features: list[torch.Ten
     for b, f in enumerate(features):
         if f is not None:
             mask = (input_ids[b] == image_token_id).unsqueeze(-1)
+            if int(mask.sum()) != f.shape[0]:  # the vision tower pooled another count than check_images expected
+                raise ValueError(f"{f.shape[0]} image features for {int(mask.sum())} placeholders")
             embeds[b] = embeds[b].masked_scatter(mask, f.to(embeds.dtype))
     return embeds
 
