@@ -113,6 +113,16 @@ def test_image_chat_equals_generate(client, reference, fmt):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == answer
 
 
+def test_choices_share_the_image(client):
+    """n=2: each choice is its own engine request over the same image; choice i is the request seeded seed + i."""
+    messages = image_message("Name ", data_url(encoded(noise_image(30, 40, 4))), " twice.")
+    body = dict(model=MODEL, messages=messages, max_tokens=16, extra_body={"ignore_eos": True})
+    both = client.chat.completions.create(n=2, seed=20, **body)
+    alone = [client.chat.completions.create(seed=seed, **body).choices[0].message.content for seed in (20, 21)]
+    assert [c.message.content for c in both.choices] == alone and alone[0] != alone[1]
+    assert both.usage.prompt_tokens == client.chat.completions.create(seed=20, **body).usage.prompt_tokens
+
+
 def refusal(url: str, messages: list[dict], status: int = 400, headers: dict | None = None) -> dict:
     r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, headers=headers,
                    timeout=60)
