@@ -19,6 +19,7 @@ from .core import EngineCore
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineDeadError, QueueFullError
 from .loader import load_model
+from .multimodal import ImageInputs
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
@@ -40,6 +41,7 @@ class AsyncEngine:
         loaded = load_model(settings)
         self.core = EngineCore(loaded, settings, stats_sink)
         self.tokenizer = loaded.tokenizer
+        self.processor = loaded.processor  # None: the checkpoint takes no images
         self.model_name = model_name or settings.model
         self.max_model_len = self.core.max_model_len
         self.vocab_size = self.core.vocab_size
@@ -76,10 +78,12 @@ class AsyncEngine:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
 
     # -- requests ------------------------------------------------------------------------------
-    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False) -> SamplingParams:
+    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False,
+                images: ImageInputs | None = None) -> SamplingParams:
         """Fill defaults from the checkpoint and validate (raises ``InvalidRequestError``).
-        ``prompt_checked=True`` skips the per-token check of a prompt already accepted once."""
-        return self.core.resolve(prompt_ids, params, prompt_checked=prompt_checked)
+        ``prompt_checked=True`` skips the per-token check of a prompt already accepted once (and of
+        its ``images``)."""
+        return self.core.resolve(prompt_ids, params, prompt_checked=prompt_checked, images=images)
 
     def admit(self, count: int) -> "Admission":
         """Reserve room for ``count`` requests at once, all or none: the one place the queue bound
@@ -111,7 +115,8 @@ class AsyncEngine:
             self._unfinished -= count
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
-                 prompt_checked: bool = False, admission: "Admission | None" = None) -> "RequestStream":
+                 prompt_checked: bool = False, admission: "Admission | None" = None,
+                 images: ImageInputs | None = None) -> "RequestStream":
         """Submit one request and return its stream of ``RequestOutput`` events (``async for``); the
         last event has ``finished=True``.
 
@@ -121,9 +126,10 @@ class AsyncEngine:
         running. With ``admission`` (from ``admit``), the request takes one of its reserved places.
         Closing the stream early (``aclose()``, or dropping it: client gone, task cancelled) aborts the
         request and frees its slot. ``prompt_checked=True``: the prompt already passed ``resolve``
-        (skips its per-token check).
+        (skips its per-token check). ``images``: the prompt's images (``engine.multimodal.ImageInputs``,
+        from ``processor``), whose placeholders the prompt holds.
         """
-        params = self.resolve(prompt_ids, params, prompt_checked=prompt_checked)
+        params = self.resolve(prompt_ids, params, prompt_checked=prompt_checked, images=images)
         loop = asyncio.get_running_loop()
         own = admission is None
         if own:
@@ -140,7 +146,7 @@ class AsyncEngine:
         finally:
             if own:
                 admission.release()
-        self._inbox.put(("add", (request_id, list(prompt_ids), params)))
+        self._inbox.put(("add", (request_id, list(prompt_ids), params, images)))
         return RequestStream(self, request_id, queue_, IncrementalDetokenizer(self.tokenizer, params.stop))
 
     def _release(self, request_id: str, finished: bool) -> None:

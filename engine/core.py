@@ -12,6 +12,7 @@ from .kv_budget import kv_reservation
 from .loader import LoadedModel
 from .memory import derive_kv_budget, plan_memory
 from .model_runner import ModelRunner
+from .multimodal import ImageInputs, check_images
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams, validate_resolved
@@ -61,17 +62,23 @@ class EngineCore:
         self.runner.close()
 
     # -- requests ------------------------------------------------------------------------------
-    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False) -> SamplingParams:
+    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False,
+                images: ImageInputs | None = None) -> SamplingParams:
         """Fill defaults and validate; raises ``InvalidRequestError`` before any work is done.
 
         ``prompt_checked=True`` skips the per-token vocabulary check of a prompt that an earlier
         ``resolve`` call already accepted (the server resolves once per prompt, not per choice).
+        ``images``: the prompt's images (``engine.multimodal``), checked against its placeholders.
         """
         if params.infill_suffix and params.max_tokens is None:  # the gap fills the canvas up to the suffix
             params = replace(params, max_tokens=max(1, self.canvas_length - len(params.infill_suffix)))
         resolved = params.resolve(self.defaults)
         if not prompt_checked:
             self.check_prompt(prompt_ids)
+            if images is not None:
+                check_images(images, prompt_ids, self.loaded.model.config,
+                             max_images=self.settings.max_images_per_prompt,
+                             max_encoder_tokens=self.settings.max_encoder_tokens)
         validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len, prompt_len=len(prompt_ids),
                           canvas_length=self.canvas_length)
         reservation = kv_reservation(len(prompt_ids), resolved.max_tokens, self.canvas_length)
@@ -96,13 +103,14 @@ class EngineCore:
                 f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})", "prompt"
             )
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request; ``params`` must come from ``resolve``. The queue bound is the caller's
-        (``AsyncEngine.generate``): the core queues whatever it is given."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    images: ImageInputs | None = None) -> Request:
+        """Queue a request; ``params`` (and ``images``) must have passed ``resolve``. The queue bound is
+        the caller's (``AsyncEngine.generate``): the core queues whatever it is given."""
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        req = Request(request_id, tuple(prompt_ids), params, seed % 2**64, self.canvas_length)
+        req = Request(request_id, tuple(prompt_ids), params, seed % 2**64, self.canvas_length, images=images)
         self.scheduler.add(req)
         self._requests[request_id] = req
         return req

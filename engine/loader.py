@@ -1,4 +1,5 @@
-"""Load a DiffusionGemma checkpoint, its tokenizer and its generation defaults through transformers."""
+"""Load a DiffusionGemma checkpoint, its tokenizer, its generation defaults and (when it has one) its
+image processor through transformers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from . import rowwise_attention, rowwise_experts
 from .import_noise import quiet_torchao_import_noise
+from .multimodal import load_processor
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
 from .sampling_params import SamplingParams
 from .settings import BATCH_INVARIANT_CUDA, DTYPE_NAMES, EngineSettings
@@ -38,6 +40,7 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str = "none"  # engine.quantization method the weights were loaded with
     batch_invariant: bool = False  # rows computed independently of their batch (rowwise_attention, rowwise_experts)
+    processor: object | None = None  # images and text to model inputs (engine.multimodal); None: text only
 
     @property
     def dequantized_experts(self) -> bool:
@@ -137,5 +140,6 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     defaults = defaults_from_generation_config(model.generation_config, model.config.canvas_length)
+    processor = load_processor(settings.model, tokenizer, model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype,
-                       quantization=settings.quantization, batch_invariant=invariant)
+                       quantization=settings.quantization, batch_invariant=invariant, processor=processor)

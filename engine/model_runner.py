@@ -16,6 +16,7 @@ from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
+from .multimodal import chunk_bounds, image_features, prompt_embeddings, vision_blocks
 from .rowwise_attention import BatchLayout, batch_layout
 from .rowwise_experts import MIN_ROWS
 from .sampling import Sampler, make_sampler
@@ -68,6 +69,10 @@ class ModelRunner:
         self.max_encoder_tokens = max_encoder_tokens
         self.min_encoder_width = MIN_ROWS if loaded.batch_invariant else 1
         self.eager_masks = self.model.config._attn_implementation == "eager"
+        # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to
+        # each other in both directions
+        self.image_token_id = getattr(config, "image_token_id", None)
+        self.vision_bidirectional = getattr(self.text_config, "use_bidirectional_attention", None) == "vision"
         per_layer = self.text_config.per_layer_config
         template = [(per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))]
         self.kv = KVCacheManager(self.layer_types, self.sliding_window, template, max_num_seqs, self.device, self.dtype)
@@ -154,21 +159,32 @@ class ModelRunner:
         limit = self.max_encoder_tokens
         short = [w for w in work if len(w.token_ids) <= limit]
         # units that succeed or fail together: a group of short prompts, or every chunk of one long
-        # prompt (prefilled in order, each chunk attending to the ones before it)
+        # prompt (prefilled in order, each chunk attending to the ones before it; no image is cut)
         units = [[group] for group in self._encoder_groups(short)]
-        units += [[[EncodeWork(w.request_id, w.token_ids[start:start + limit])]
-                   for start in range(0, len(w.token_ids), limit)] for w in work if len(w.token_ids) > limit]
+        units += [[[EncodeWork(w.request_id, w.token_ids[start:end], w.images)]
+                   for start, end in chunk_bounds(w.token_ids, limit, None if w.images is None else self.image_token_id)]
+                  for w in work if len(w.token_ids) > limit]
         encoded, failed = 0, {}
         for unit in units:
             request_ids = [w.request_id for w in unit[0]]
             try:
+                features = self._image_features(unit[0])
                 for group in unit:
-                    self._encode_group(group)
+                    self._encode_group(group, features)
                     encoded += sum(len(w.token_ids) for w in group)
             except Exception as exc:
                 logger.exception("encoder work of %s failed", request_ids)
                 failed.update(dict.fromkeys(request_ids, pass_error(exc)))
         return encoded, failed
+
+    def _image_features(self, group: list[EncodeWork]) -> dict[str, torch.Tensor]:
+        """[placeholders, hidden]: the vision tower's features of each request's images, one call per
+        request (as generate makes it, so a request's features do not depend on its group)."""
+        t0 = time.perf_counter()
+        encoder = self.model.model.encoder
+        features = {w.request_id: image_features(encoder, w.images, self.device) for w in group if w.images is not None}
+        self._forward_seconds += time.perf_counter() - t0
+        return features
 
     def _encoder_groups(self, work: list[EncodeWork]) -> list[list[EncodeWork]]:
         """Split encoder work so that rows x padded length stays within ``max_encoder_tokens``."""
@@ -186,7 +202,9 @@ class ModelRunner:
             groups.append(current)
         return groups
 
-    def _encode_group(self, group: list[EncodeWork]) -> None:
+    def _encode_group(self, group: list[EncodeWork], features: dict[str, torch.Tensor]) -> None:
+        """Encode one batch of rows into their KV; ``features`` (``_image_features``) holds the image
+        features of the rows' requests still to be placed, and loses those this group places."""
         ids = [w.request_id for w in group]
         view = self.kv.view(ids)
         row_lengths = [len(w.token_ids) for w in group]
@@ -203,6 +221,11 @@ class ModelRunner:
         pad = self.text_config.pad_token_id or 0
         input_ids = torch.tensor([[pad] * (width - n) + list(w.token_ids) for w, n in zip(group, row_lengths)],
                                  dtype=torch.long, device=self.device)
+        images = any(w.images is not None for w in group)
+        blocks = None
+        if images and self.vision_bidirectional:
+            with_images = torch.tensor([w.images is not None for w in group], device=self.device)
+            blocks = torch.where(with_images[:, None], vision_blocks(input_ids, self.image_token_id), -1)
 
         masks, keys_valid = {}, {}
         for layer_type in set(self.layer_types):
@@ -211,6 +234,10 @@ class ModelRunner:
             allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
             if layer_type == "sliding_attention":
                 allowed &= q_pos[:, :, None] - k_pos[:, None, :] < self.sliding_window
+            if blocks is not None:  # an image's placeholders see each other (the cache holds no part of it)
+                past_blocks = torch.full_like(view.valid[layer_type], -1, dtype=blocks.dtype)
+                k_blocks = torch.cat([past_blocks, blocks], dim=1)
+                allowed |= (blocks[:, :, None] == k_blocks[:, None, :]) & (blocks[:, :, None] >= 0)
             if padded:  # padding queries attend to themselves only, so no softmax row is empty
                 past = view.valid[layer_type].shape[1]
                 own = torch.zeros_like(allowed)
@@ -221,9 +248,13 @@ class ModelRunner:
         # rows of different lengths: each attends over its own keys (rowwise_attention), as it would alone
         layout = BatchLayout(q_valid, keys_valid) if padded else None
         t0 = time.perf_counter()
+        inputs = dict(input_ids=input_ids)
+        if images:  # the images' features over their placeholders (the vision tower ran in _image_features)
+            rows = [self._take_features(features, w) for w in group]
+            inputs = dict(inputs_embeds=prompt_embeddings(self.model.model.encoder, input_ids, rows, self.image_token_id))
         with batch_layout(layout):
             self.model.model.encoder(
-                input_ids=input_ids,
+                **inputs,
                 attention_mask=masks,
                 position_ids=q_pos,
                 past_key_values=view,
@@ -231,6 +262,15 @@ class ModelRunner:
             )
         self._forward_seconds += time.perf_counter() - t0
         self.kv.append_from_view(ids, view, q_valid)
+
+    def _take_features(self, features: dict[str, torch.Tensor], work: EncodeWork) -> torch.Tensor | None:
+        """The first rows of ``work``'s request's image features, one per placeholder in ``work`` (each
+        chunk of a prompt takes its own images' rows, in order); None for a row without images."""
+        if work.images is None:
+            return None
+        n = sum(1 for t in work.token_ids if t == self.image_token_id)
+        rows, features[work.request_id] = features[work.request_id][:n], features[work.request_id][n:]
+        return rows
 
     # -- decoder -------------------------------------------------------------------------------
     def _decode(self, work: list[DecodeWork]) -> list[DecodeResult]:

@@ -1,13 +1,18 @@
-"""A request's CPU-side bookkeeping, with an explicit status. No tensors live here."""
+"""A request's CPU-side bookkeeping, with an explicit status. No tensors live here, but for a prompt's
+image inputs (CPU tensors), held only until its encode is scheduled."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .kv_budget import kv_reservation
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # no torch here
+    from .multimodal import ImageInputs
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +58,7 @@ class Request:
     first_draft_time: float | None = None
     first_token_time: float | None = None
     error: str | None = None
+    images: ImageInputs | None = None  # the prompt's images, until its encode is scheduled
 
     @property
     def kv_reservation(self) -> int:

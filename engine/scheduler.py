@@ -92,8 +92,9 @@ class Scheduler:
             plan.new.append(NewRow(req.request_id, req.seed, req.kv_reservation))
         for req in self.running:
             if req.status is RequestStatus.ENCODING:
-                plan.encode.append(EncodeWork(req.request_id, req.pending_encode))
+                plan.encode.append(EncodeWork(req.request_id, req.pending_encode, req.images))
                 req.pending_encode = ()
+                req.images = None  # only the prompt has images; the runner keeps none after its encode
                 req.status = RequestStatus.DENOISING
             p = req.params
             if req.step == 0:

@@ -70,6 +70,11 @@ class EngineSettings:
     max_encoder_tokens: int = setting(
         2048, "Padded tokens in one batched encoder call (prefill and commits): requests are grouped under it, "
         "and a longer prompt is prefilled in chunks of this size.", cli=False)
+    max_images_per_prompt: int = setting(
+        8, "Most images in one prompt (a request with more gets 400). The vision tower runs over a prompt's "
+        "images in one call when its prompt is encoded, so this bounds that call's memory: each image is at most "
+        "the checkpoint's image processor's patch budget, and its placeholder tokens count as prompt tokens "
+        "(context length, KV budget).")
     batch_invariant: bool | None = setting(
         None, "Make a row's logits bitwise the same whoever shares its pass (a seed then gives the same text "
         "under any load): attention over each row's own unpadded keys, MoE experts and short prompts on the "
@@ -127,6 +132,7 @@ class EngineSettings:
         positive = {
             "max_num_seqs": self.max_num_seqs,
             "max_encoder_tokens": self.max_encoder_tokens,
+            "max_images_per_prompt": self.max_images_per_prompt,
             "sampling_tile_bytes": self.sampling_tile_bytes,
             "max_model_len": self.max_model_len,
             "max_num_kv_tokens": self.max_num_kv_tokens,

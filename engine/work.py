@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the scheduler's side imports no torch
+    from .multimodal import ImageInputs
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class EncodeWork:
 
     request_id: str
     token_ids: tuple[int, ...]
+    images: ImageInputs | None = None  # the prompt's images, whose features fill its image placeholders
 
 
 @dataclass(frozen=True)

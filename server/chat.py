@@ -14,6 +14,7 @@ from engine.outputs import RequestOutput
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
 from .logprobs import chat_logprobs
+from .images import ImageReader
 from .protocol import ChatCompletionRequest
 from .completions import TOKENIZE_IN_THREAD_CHARS
 from .request_limits import PromptLimit, limit_error
@@ -60,15 +61,19 @@ class Chat:
             return req.max_completion_tokens, "max_completion_tokens"
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate) -> ChatPrompts:
+    async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate,
+                      images: ImageReader) -> ChatPrompts:
         if template_tools(req) and not template_reads_tools(tokenizer):
             raise errors.bad_request("This model's chat template does not render tools (it never reads the 'tools' "
                                      "variable), so the model would not see them.", "tools", "unsupported_parameter")
         messages = messages_as_dicts(req)
         # the template writes every message's content (and the tools) into the prompt: contents that
         # cannot fit are refused before anything is rendered
-        content = "".join(m["content"] for m in messages) + rendered_tools_json(req)
+        content = "".join(text_of(m["content"]) for m in messages) + rendered_tools_json(req)
         limit.check_text(content, "messages", "the prompt")
+        urls = image_urls(req)
+        if urls:
+            return await image_prompts(req, tokenizer, limit, gate, images, messages, urls)
         # rendering and tokenizing take a while on large bodies: those go off the event loop
         if len(messages) > RENDER_IN_THREAD_MESSAGES or len(content) > TOKENIZE_IN_THREAD_CHARS:
             ids, text = await off_loop(gate, lambda: apply_template(tokenizer, req, messages))
@@ -156,13 +161,33 @@ async def create_chat_completion(request: Request):
 
 
 def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
-    """The messages as the chat template takes them (transformers' conventions): ``content`` a string;
-    an assistant's ``tool_calls`` with ``function.arguments`` parsed into an object; a tool message
-    with its ``tool_call_id`` and ``name`` (the called function's, when the client left it out)."""
+    """The messages as the chat template takes them (transformers' conventions): ``content`` a string
+    (text parts joined by newlines), or, with image parts, the parts ``{"type": "text", "text": ...}``
+    and ``{"type": "image"}`` (the template writes the processor's image token for each); an
+    assistant's ``tool_calls`` with ``function.arguments`` parsed into an object; a tool message with
+    its ``tool_call_id`` and ``name`` (the called function's, when the client left it out)."""
     out = []
     called: dict[str, str] = {}  # tool call id -> function name, from the assistant messages so far
     for i, m in enumerate(req.messages):
-        d = {"role": m.role, "content": _text_content(m.content, i)}
+        if m.content is None:
+            content = ""
+        elif isinstance(m.content, str):
+            content = m.content
+        else:
+            parts = []
+            for j, part in enumerate(m.content):
+                if part.type == "text" and part.text is not None:
+                    parts.append({"type": "text", "text": part.text})
+                elif part.type == "image_url" and part.image_url is not None:
+                    parts.append({"type": "image"})
+                elif part.type in ("text", "image_url"):
+                    raise errors.bad_request(f"This {part.type} content part has no '{part.type}' field.",
+                                             f"messages[{i}].content[{j}]")
+                else:
+                    raise errors.bad_request(f"Content parts must be text or image_url parts, got type '{part.type}'.",
+                                             f"messages[{i}].content[{j}]")
+            content = parts if any(p["type"] == "image" for p in parts) else "\n".join(p["text"] for p in parts)
+        d = {"role": m.role, "content": content}
         if m.name:
             d["name"] = m.name
         if m.tool_calls:
@@ -179,21 +204,6 @@ def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
                 d["name"] = called[m.tool_call_id]
         out.append(d)
     return out
-
-
-def _text_content(content, i: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    pieces = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise errors.bad_request(
-                f"Only text content parts are supported, got type '{part.type}'.", f"messages[{i}].content"
-            )
-        pieces.append(part.text)
-    return "\n".join(pieces)
 
 
 def _template_call(call, i: int, j: int) -> dict:
@@ -242,6 +252,40 @@ def check_tools(req: ChatCompletionRequest, settings) -> None:
     if chars > settings.max_tools_chars:
         raise limit_error(f"The tools are {chars} characters long as JSON, the limit is {settings.max_tools_chars} "
                           "(setting max_tools_chars).", "tools")
+
+
+def text_of(content: str | list[dict]) -> str:
+    """A message's text, without its images."""
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+
+
+def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(url, param naming its part) of every image part, in the order the template meets them."""
+    return [(part.image_url.url, f"messages[{i}].content[{j}].image_url")
+            for i, m in enumerate(req.messages) if isinstance(m.content, list)
+            for j, part in enumerate(m.content) if part.type == "image_url" and part.image_url is not None]
+
+
+async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate, images: ImageReader,
+                        messages: list[dict], urls: list[tuple[str, str]]) -> Prompts:
+    """A conversation with images: their number checked first, then (off the event loop) each read and
+    decoded within the limits, the template rendered, and the text and images through the processor."""
+    images.check_count(len(urls))
+
+    def work():
+        from engine.multimodal import process_images  # torch: loaded with the engine, not with the server
+
+        pictures = [images.read(url, param) for url, param in urls]
+        _, text = apply_template(tokenizer, req, messages)
+        try:
+            ids, inputs = process_images(images.processor, text, pictures)
+        except ValueError as exc:  # e.g. the text holds more image tokens than there are images
+            raise errors.bad_request(f"These messages cannot take their images: {exc}.", "messages") from None
+        return ids, text, inputs
+
+    ids, text, inputs = await off_loop(gate, work)
+    limit.check_tokens(len(ids), "messages", "the prompt")
+    return ChatPrompts([ids], text, images=[inputs], parse_tool_calls=bool(template_tools(req)))
 
 
 # Keys of apply_chat_template that would let a client swap the template (arbitrary Jinja: a CPU and

@@ -31,6 +31,7 @@ class ChoiceSpec:
     prompt_ids: list[int]
     params: SamplingParams  # resolved
     request_id: str
+    images: object | None = None  # the prompt's engine.multimodal.ImageInputs, if it has images
 
 
 @dataclass
@@ -150,7 +151,7 @@ class ChoiceSet:
             with self.engine.admit(len(self.specs)) as admission:
                 for spec in self.specs:
                     streams.append(self.engine.generate(spec.prompt_ids, spec.params, spec.request_id,
-                                                        prompt_checked=True, admission=admission))
+                                                        prompt_checked=True, admission=admission, images=spec.images))
         except Exception as exc:  # noqa: BLE001 - the engine's refusal becomes the request's error
             for spec, stream in zip(self.specs, streams):  # only if the engine died between two choices
                 await stream.aclose()

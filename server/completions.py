@@ -41,7 +41,8 @@ class Completions:
     def max_tokens(self, req: CompletionRequest) -> tuple[int | None, str]:
         return req.max_tokens, "max_tokens"
 
-    async def prompts(self, req: CompletionRequest, tokenizer, limit: PromptLimit, gate) -> Prompts:
+    async def prompts(self, req: CompletionRequest, tokenizer, limit: PromptLimit, gate,
+                      images) -> Prompts:  # completion prompts have no images
         prompt = req.prompt
         if isinstance(prompt, str):
             prompt = [prompt]

@@ -27,6 +27,7 @@ class Admission(Protocol):
 
 class EngineClient(Protocol):
     tokenizer: object  # the checkpoint's transformers tokenizer
+    processor: object | None  # its image processor and tokenizer (engine.multimodal); None: text only
     model_name: str
     max_model_len: int  # prompt + max_tokens limit
     canvas_length: int
@@ -50,10 +51,12 @@ class EngineClient(Protocol):
     def shutdown(self) -> None:
         """Stop the step loop (blocking); in-flight requests finish with ``abort``."""
 
-    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False) -> SamplingParams:
+    def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False,
+                images=None) -> SamplingParams:
         """Fill the checkpoint's defaults into ``params`` and validate them against this prompt;
         raises ``engine.errors.InvalidRequestError``. ``prompt_checked`` skips the per-token check
-        of a prompt already accepted once."""
+        of a prompt already accepted once. ``images``: the prompt's ``engine.multimodal.ImageInputs``
+        (None: a text prompt)."""
 
     def admit(self, count: int) -> "Admission":
         """Reserve room in the queue for ``count`` requests, all or none (the engine's one queue bound).
@@ -61,7 +64,8 @@ class EngineClient(Protocol):
         manager: leaving it gives back the places that no ``generate`` took."""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
-                 prompt_checked: bool = False, admission: "Admission | None" = None) -> AsyncIterator[RequestOutput]:
+                 prompt_checked: bool = False, admission: "Admission | None" = None,
+                 images=None) -> AsyncIterator[RequestOutput]:
         """Submit one request and return its outputs; the last has ``finished=True``. Refuses at
         once, before returning, with ``InvalidRequestError``; without ``admission`` also with
         ``QueueFullError`` (the waiting queue is full) or ``EngineDeadError``. With ``admission``

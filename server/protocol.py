@@ -131,9 +131,19 @@ class CompletionRequest(CommonFields):
     _null_echo = null_is_default("echo")
 
 
-class TextPart(_Lenient):
-    type: str
-    text: str | None = None
+class ImageURL(_Lenient):
+    url: str = Field(description="A data URL (`data:image/png;base64,...`; PNG, JPEG, WEBP or GIF), or an "
+                     "http(s) URL when the server fetches them (setting `image_url_fetch`, off by default).")
+    detail: str | None = Field(None, description="Accepted and ignored: the checkpoint's processor sizes the image.")
+
+
+class ContentPart(_Lenient):
+    type: str = Field(description="`text` or `image_url`; any other type is a 400.")
+    text: str | None = Field(None, description="With `type: text`: the text.")
+    image_url: ImageURL | None = Field(
+        None, description="With `type: image_url`: an image, through the checkpoint's processor and vision tower "
+        "into the prompt (a text-only checkpoint answers 400; limits: `max_images_per_prompt`, `max_image_bytes`, "
+        "`max_image_pixels`).")
 
 
 class FunctionDeclaration(_Lenient):
@@ -160,7 +170,7 @@ class ToolCallItem(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_calls: list[ToolCallItem] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call they answer
@@ -168,8 +178,9 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(CommonFields):
     messages: list[ChatMessage] = Field(
-        min_length=1, description="Rendered by the checkpoint's chat template; content is a string or text parts. "
-        "Assistant messages may carry `tool_calls` (content null), `tool` messages a `tool_call_id`.")
+        min_length=1, description="Rendered by the checkpoint's chat template; content is a string or a list of "
+        "text and image_url parts. Assistant messages may carry `tool_calls` (content null), `tool` messages a "
+        "`tool_call_id`.")
     max_completion_tokens: StrictInt | None = Field(None, description="The same as `max_tokens`, and wins over it.")
     logprobs: StrictBool | None = Field(
         None, description="Return each committed token's log-probability in `choices[].logprobs.content` (see "

@@ -27,6 +27,7 @@ from .bodies import parse_body
 from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, collect, usage
 from .engine_client import EngineClient
 from .errors import APIError
+from .images import ImageReader
 from .protocol import CommonFields
 from .request_limits import PromptLimit, check_request, check_resolved
 from .request_log import RequestLog
@@ -42,6 +43,7 @@ class Prompts:
     log_text: str  # what ``--log-prompts`` writes
     prefixes: list[str] | None = None  # text each choice of prompt i starts with (completions' echo)
     suffix_ids: tuple[int, ...] = ()  # completions' infill suffix, pinned in the canvas
+    images: list | None = None  # prompt i's images (engine.multimodal.ImageInputs, or None), when any has some
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,11 @@ class Endpoint(Protocol):
     def text_start(self, spec: ChoiceSpec, prompts: Prompts) -> int:
         """Characters of a choice's text before its completion (completions' echo)."""
 
-    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore) -> Prompts:
+    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore,
+                      images: ImageReader) -> Prompts:
         """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
-        tokenized, its tokens right after. Large ones are tokenized in a worker thread (``off_loop``)."""
+        tokenized, its tokens right after. Large ones are tokenized in a worker thread (``off_loop``).
+        ``images`` reads the images of prompts that have some (chat's image_url parts)."""
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
         """The choice object a stream sends first for this choice, if any."""
@@ -137,12 +141,14 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     api.check(req, settings)
     max_tokens, max_tokens_param = api.max_tokens(req)
     check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
-    prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate)
+    images = ImageReader.of(settings, engine.processor, model_name)
+    prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate, images)
     if settings.log_prompts:
         log.prompt_text = prompts.log_text
     options = dict(logprobs=api.logprobs(req), infill_suffix=prompts.suffix_ids,
                    logit_bias=tuple((req.logit_bias or {}).items()))
-    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix, options)
+    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix, options,
+                          prompts.images)
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
 
@@ -208,7 +214,7 @@ def _request_ids(request: Request, prefix: str) -> tuple[str, str]:
 
 
 def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFields, max_tokens: int | None,
-                  max_tokens_param: str, engine_prefix: str, options: dict) -> list[ChoiceSpec]:
+                  max_tokens_param: str, engine_prefix: str, options: dict, images: list | None = None) -> list[ChoiceSpec]:
     """One resolved engine request per choice. Choice ``i`` (prompt ``i // n``) gets ``seed + i``;
     ``options``: the endpoint's other ``SamplingParams`` fields (logprobs, logit_bias, infill suffix).
 
@@ -217,6 +223,7 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
     """
     specs = []
     for p, prompt_ids in enumerate(prompts):
+        image_inputs = images[p] if images else None
         for j in range(req.n):
             index = p * req.n + j
             params = SamplingParams(
@@ -235,13 +242,13 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
             )
             try:
                 # the prompt's tokens are checked once, not once per choice
-                resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0)
+                resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0, images=image_inputs)
             except InvalidRequestError as exc:
                 err = errors.from_engine(exc)
                 if err.param == "max_tokens":  # the field this request used
                     err.param = max_tokens_param
                 raise err from None
-            specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{engine_prefix}-{index}"))
+            specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{engine_prefix}-{index}", image_inputs))
     return specs
 
 

@@ -77,6 +77,14 @@ class ServerSettings:
         [], "Allow cross-origin browser requests from this origin (e.g. https://app.example.com, or * for any). "
         "Repeat for several.", flag="--cors-allow-origin", metavar="ORIGIN",
         default_text="none (no CORS headers; browsers block cross-origin calls)")
+    image_url_fetch: bool = setting(
+        False, "Fetch image_url parts given as http(s) URLs (each within max-image-bytes and "
+        "image-fetch-timeout-seconds). Off: such a part gets 400 and images must come inline as data URLs. The "
+        "server then makes requests to any address a client names, its own network included: turn it on only "
+        "where that is acceptable.")
+    image_fetch_timeout_seconds: float = setting(
+        10.0, "With image-url-fetch: the longest one image's fetch may take, from connecting to its last byte; "
+        "past it the request gets 400.")
     engine: EngineSettings = field(default_factory=EngineSettings)
     max_request_body_bytes: int = limit(16 * 1024 * 1024, "Largest request body accepted, in bytes; larger ones get 413.")
     max_prompt_tokens: int | None = limit(
@@ -93,6 +101,12 @@ class ServerSettings:
     max_stop_length: int = limit(
         256, "Longest stop string, in characters (at most 4 stop strings); longer ones get 400.")
     max_logit_bias: int = limit(300, "Most entries in one request's logit_bias; more get 400.")
+    max_image_bytes: int = limit(
+        8 * 1024 * 1024, "Largest image in a chat message, in bytes as encoded (a data URL's decoded data, or "
+        "a fetched body); checked before it is decoded. Larger ones get 400.")
+    max_image_pixels: int = limit(
+        16_777_216, "Most pixels (width x height) in one image, read from its header before its pixels are "
+        "decoded; larger ones get 400.")
     max_json_depth: int = limit(32, "Deepest nesting of arrays and objects in a request body; deeper bodies get 400.")
     max_json_values: int = limit(
         65536, "Most strings (object keys included), objects and arrays in a request body, counted before it is "
@@ -148,6 +162,8 @@ class ServerSettings:
             if f.metadata.get("group") == "request limits" and value is not None and (
                     not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer (got {value!r})")
+        if not isinstance(self.image_fetch_timeout_seconds, (int, float)) or not self.image_fetch_timeout_seconds > 0:
+            raise ValueError(f"image_fetch_timeout_seconds must be a number > 0 (got {self.image_fetch_timeout_seconds!r})")
         for name in ("max_connections", "preprocess_concurrency"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -69,11 +69,12 @@ def reference_tokens(model, prompt: list[int], seed: int, params: SamplingParams
 
 
 def reference_run(model, prompt: list[int], seed: int, params: SamplingParams,
-                  logits_processor=None) -> tuple[list[int], int | None]:
+                  logits_processor=None, **inputs) -> tuple[list[int], int | None]:
     """``reference_tokens`` and the number of decoder passes ``generate`` ran for the request (from its
     ``tokens_per_forward``, generated non-pad tokens per pass; None when it generated only pads).
-    ``logits_processor``: a ``LogitsProcessorList`` generate applies before its temperature schedule."""
-    kwargs = dict(max_new_tokens=params.max_tokens, logits_processor=logits_processor)
+    ``logits_processor``: a ``LogitsProcessorList`` generate applies before its temperature schedule;
+    ``inputs``: more model inputs for ``generate`` (an image prompt's ``pixel_values`` and the like)."""
+    kwargs = dict(max_new_tokens=params.max_tokens, logits_processor=logits_processor, **inputs)
     for name in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
         if getattr(params, name) is not None:
             kwargs[name] = getattr(params, name)

@@ -151,8 +151,8 @@ CASES = [
      "tools[0].function", None, "Field required"),
     ("tool-choice-required", "POST", CH, {"messages": MSG, "tools": [TOOL], "tool_choice": "required"}, None, 400,
      IRE, "tool_choice", "unsupported_parameter", "cannot force"),
-    ("image-part", "POST", CH, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None, 400, IRE,
-     "messages[0].content", None, "text content parts"),
+    ("image-part-without-url", "POST", CH, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None,
+     400, IRE, "messages[0].content[0]", None, "has no 'image_url' field"),
     ("continue-final-user", "POST", CH, {"messages": MSG, "continue_final_message": True}, None, 400, IRE,
      "messages", None, "assistant"),
     # -- the limits (settings) --------------------------------------------------------------------

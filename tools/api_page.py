@@ -12,7 +12,7 @@ from tools.reference_docs import table_cell
 
 # The error codes the server sends, by status (a test finds each in server/).
 ERROR_CODES = {
-    400: ("invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter"),
+    400: ("invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter", "invalid_image"),
     401: ("invalid_api_key",),
     404: ("model_not_found", "not_found"),
     405: ("method_not_allowed",),
@@ -90,7 +90,7 @@ def _fields_table(model, names) -> str:
 def render(header: str) -> str:
     """The page, under ``header`` (the generated-page comment)."""
     from server.openapi import ERROR_STATUSES
-    from server.protocol import ChatCompletionRequest, CommonFields, CompletionRequest
+    from server.protocol import ChatCompletionRequest, CommonFields, CompletionRequest, ContentPart, ImageURL
 
     common = [n for n in CommonFields.model_fields if n not in EXTENSION_FIELDS]
     only = {m: [n for n in m.model_fields if n not in CommonFields.model_fields]
@@ -136,6 +136,25 @@ From the `openai` SDK, pass them in `extra_body`. "unset" takes the checkpoint's
 
 Tools (function calling): the format, the limits and what `tool_choice` does are in
 [tools.md](tools.md).
+
+### Content parts and images (chat)
+
+A message's `content` may be a list of parts:
+
+{_fields_table(ContentPart, list(ContentPart.model_fields))}
+
+and an `image_url` is:
+
+{_fields_table(ImageURL, list(ImageURL.model_fields))}
+
+A message with images reaches the chat template as its parts (`{{"type": "text", "text": ...}}` and
+`{{"type": "image"}}`, for which the template writes the processor's image token); the checkpoint's
+processor expands each image token into the image's placeholder tokens and makes its pixel patches,
+and the vision tower's features take the placeholders' place in the encoder prefill, as
+`generate(..., pixel_values=...)` does. The placeholders are prompt tokens (`usage.prompt_tokens`,
+context length, KV budget). Images are refused before they are decoded when there are too many
+(`max_images_per_prompt`), when their data is too large (`max_image_bytes`) or has too many pixels
+(`max_image_pixels`, read from the header); an unreadable image is a 400 `invalid_image`.
 
 ## Responses
 

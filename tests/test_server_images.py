@@ -1,0 +1,261 @@
+"""Images in chat requests, end to end: ``image_url`` parts (data URLs, or http(s) URLs when the server
+fetches them) through a real server, with the ``openai`` SDK and raw HTTP.
+
+The server's answer to an image request is what ``generate(..., pixel_values=...)`` makes of the same
+messages on the same checkpoint (seeded, float32, the reference sampler), and every refusal is an
+exact status and body, given before the work it would have caused.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from engine import EngineCore, EngineSettings, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import load_model
+from tests.engine_helpers import reference_run
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+MODEL = "tiny-vision"
+LIMITS = ["--max-images-per-prompt", "2", "--max-image-bytes", "20000", "--max-image-pixels", "40000"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("server_vision"), TinySpec(vision=True))
+
+
+@pytest.fixture(scope="module")
+def server(server_launcher, checkpoint):
+    return server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, *LIMITS], model_name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The checkpoint loaded in this process through the same path (its processor included)."""
+    settings = EngineSettings(model=str(checkpoint), max_num_seqs=1)
+    return EngineCore(load_model(settings), settings)
+
+
+def noise_image(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(*parts) -> list[dict]:
+    """One user message: strings are text parts, anything else an image_url part with that URL."""
+    content = [{"type": "text", "text": p} if not p.startswith(("data:", "http")) else
+               {"type": "image_url", "image_url": {"url": p}} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+def expected_answer(reference: EngineCore, parts: list, params: SamplingParams) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of generate over these message parts (strings, and PIL
+    images as the server decodes them), detokenized canvas by canvas as the engine streams it."""
+    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
+    images = [p for p in parts if not isinstance(p, str)]
+    tokenizer, processor = reference.loaded.tokenizer, reference.loaded.processor
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    resolved = reference.resolve(ids, params)
+    tokens, _ = reference_run(reference.loaded.model, ids, params.seed, resolved, pixel_values=inputs["pixel_values"],
+                              image_position_ids=inputs["image_position_ids"],
+                              mm_token_type_ids=inputs["mm_token_type_ids"])
+    detok = IncrementalDetokenizer(tokenizer)
+    canvas = reference.canvas_length
+    answer = "".join(detok.add(tokens[i:i + canvas], final=i + canvas >= len(tokens))
+                     for i in range(0, len(tokens), canvas))
+    return answer, len(ids), len(tokens)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_image_chat_equals_generate(client, reference, fmt):
+    image = noise_image(30, 40, 0)
+    data = encoded(image, fmt)
+    decoded = Image.open(io.BytesIO(data)).convert("RGB")  # a JPEG's pixels as the server decodes them
+    answer, prompt_tokens, completion_tokens = expected_answer(
+        reference, ["What is in ", decoded, "?"], SamplingParams(max_tokens=32, seed=7, ignore_eos=True))
+    messages = image_message("What is in ", data_url(data, f"image/{fmt.lower()}"), "?")
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, seed=7,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == answer
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert prompt_tokens > 20  # the image's placeholders are prompt tokens
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, seed=7, stream=True,
+                                            extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == answer
+
+
+def test_choices_share_the_image(client):
+    """n=2: each choice is its own engine request over the same image; choice i is the request seeded seed + i."""
+    messages = image_message("Name ", data_url(encoded(noise_image(30, 40, 4))), " twice.")
+    body = dict(model=MODEL, messages=messages, max_tokens=16, extra_body={"ignore_eos": True})
+    both = client.chat.completions.create(n=2, seed=20, **body)
+    alone = [client.chat.completions.create(seed=seed, **body).choices[0].message.content for seed in (20, 21)]
+    assert [c.message.content for c in both.choices] == alone and alone[0] != alone[1]
+    assert both.usage.prompt_tokens == client.chat.completions.create(seed=20, **body).usage.prompt_tokens
+
+
+def refusal(url: str, messages: list[dict], status: int = 400, headers: dict | None = None) -> dict:
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, headers=headers,
+                   timeout=60)
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+def error(message: str, param: str, code: str | None) -> dict:
+    return {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+
+
+PART = "messages[0].content[1].image_url"
+
+
+def test_text_only_checkpoint_names_the_model(live_server):
+    image = data_url(encoded(noise_image(8, 8, 0)))
+    assert refusal(live_server.url, image_message("see ", image), headers=live_server.headers) == error(
+        f"The model '{live_server.model_name}' does not take images: send text content only.", "messages",
+        "unsupported_parameter")
+
+
+def test_refusals(server):
+    small = data_url(encoded(noise_image(8, 8, 0)))
+    assert refusal(server.url, image_message("a", small, small, small)) == error(
+        "Too many images: 3 in one request, the limit is 2 (setting max_images_per_prompt).", "messages",
+        "limit_exceeded")
+    big = encoded(noise_image(100, 100, 1))
+    assert len(big) > 20000
+    assert refusal(server.url, image_message("a", data_url(big))) == error(
+        f"An image is {len(big)} bytes or more, the limit is 20000 (setting max_image_bytes).", PART,
+        "limit_exceeded")
+    wide = encoded(Image.new("RGB", (300, 200), (10, 20, 30)))  # few bytes, many pixels
+    assert refusal(server.url, image_message("a", data_url(wide))) == error(
+        "An image is 300x200 = 60000 pixels, the limit is 40000 (setting max_image_pixels).", PART, "limit_exceeded")
+    assert refusal(server.url, image_message("a", "http://127.0.0.1:9/cat.png")) == error(
+        "Image URLs are not fetched by this server (setting image_url_fetch is off): send the image inline as a data "
+        "URL (data:image/png;base64,...).", PART, "unsupported_parameter")
+    assert refusal(server.url, image_message("a", "data:text/plain;base64,aGVsbG8=")) == error(
+        "An image_url must be a data URL (data:image/<type>;base64,<data>) or an http(s) URL.", PART, "invalid_image")
+    assert refusal(server.url, image_message("a", "data:image/png;base64,not base64!")) == error(
+        "The image's data URL is not valid base64.", PART, "invalid_image")
+    assert refusal(server.url, image_message("a", data_url(b"GIF89a but not really an image"))) == error(
+        "The image could not be read: it must be one of PNG, JPEG, WEBP, GIF.", PART, "invalid_image")
+    truncated = encoded(noise_image(30, 40, 2))[:300]
+    assert refusal(server.url, image_message("a", data_url(truncated))) == error(
+        "The image could not be decoded: its data is truncated or corrupt.", PART, "invalid_image")
+    assert refusal(server.url, image_message("look at <|image|> and ", small)) == error(
+        "These messages cannot take their images: the rendered prompt has 2 image tokens (<|image|>) for 1 images (a "
+        "text part may not hold the image token).", "messages", None)
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
+    assert refusal(server.url, audio) == error(
+        "Content parts must be text or image_url parts, got type 'input_audio'.", "messages[0].content[0]", None)
+    assert refusal(server.url, [{"role": "user", "content": [{"type": "image_url"}]}]) == error(
+        "This image_url content part has no 'image_url' field.", "messages[0].content[0]", None)
+    # none of them took the server down or left work behind
+    ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": image_message("a", small), "max_tokens": 4},
+                    timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert server.wait_idle()
+
+
+# -- http(s) image URLs, on a server that fetches them ------------------------------------------------
+
+class _Images(BaseHTTPRequestHandler):
+    """A loopback web server: /ok.png (the test image), /big.png (over max_image_bytes, with its
+    Content-Length), /unsized.png (the same without), /slow.png (trickles for longer than the fetch
+    timeout), anything else 404."""
+
+    ok = encoded(noise_image(30, 40, 0))
+    big = encoded(noise_image(100, 100, 1))
+
+    def do_GET(self):
+        if self.path in ("/ok.png", "/big.png"):
+            data = self.ok if self.path == "/ok.png" else self.big
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif self.path in ("/unsized.png", "/slow.png"):
+            self.send_response(200)
+            self.end_headers()
+            if self.path == "/unsized.png":
+                self.wfile.write(self.big)
+                return
+            for byte in self.ok[:40]:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    host.protocol_version = "HTTP/1.0"
+    thread = threading.Thread(target=host.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{host.server_address[1]}"
+    host.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fetching_server(server_launcher, checkpoint):
+    return server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, *LIMITS, "--image-url-fetch",
+                            "--image-fetch-timeout-seconds", "1"], model_name=MODEL)
+
+
+def test_fetched_image_equals_inline_image(fetching_server, image_host, client):
+    body = dict(max_tokens=16, seed=3, extra_body={"ignore_eos": True})
+    fetched = openai.OpenAI(base_url=fetching_server.base_url, api_key="none", max_retries=0, timeout=60)
+    by_url = fetched.chat.completions.create(model=MODEL, messages=image_message("x", image_host + "/ok.png"), **body)
+    inline = client.chat.completions.create(model=MODEL, messages=image_message("x", data_url(_Images.ok)), **body)
+    assert by_url.choices[0].message.content == inline.choices[0].message.content
+    assert by_url.usage.prompt_tokens == inline.usage.prompt_tokens
+
+
+def test_fetch_limits(fetching_server, image_host):
+    too_big = "the limit is 20000 (setting max_image_bytes)."
+    assert refusal(fetching_server.url, image_message("x", image_host + "/big.png")) == error(
+        f"An image is {len(_Images.big)} bytes or more, {too_big}", PART, "limit_exceeded")
+    unsized = refusal(fetching_server.url, image_message("x", image_host + "/unsized.png"))  # counted as it arrives
+    assert unsized["code"] == "limit_exceeded" and unsized["message"].endswith(f"bytes or more, {too_big}")
+    assert refusal(fetching_server.url, image_message("x", image_host + "/slow.png")) == error(
+        f"The image at {image_host}/slow.png did not arrive within 1 seconds (setting image_fetch_timeout_seconds).",
+        PART, "invalid_image")
+    assert refusal(fetching_server.url, image_message("x", image_host + "/none.png")) == error(
+        f"The image at {image_host}/none.png could not be fetched: Not Found.", PART, "invalid_image")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/x.png"
+    message = refusal(fetching_server.url, image_message("x", closed))["message"]
+    assert message.startswith(f"The image at {closed} could not be fetched: ")
