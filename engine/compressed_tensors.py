@@ -210,18 +210,20 @@ class _Tensors:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{folder}: no .safetensors weight files")
+        self.folder = folder
         self._handles = [safe_open(str(folder / f), framework="pt") for f in files]
         self._where = {key: h for h in self._handles for key in h.keys()}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def keys(self):
-        return self._where.keys()
+    def missing(self, name: str) -> CheckpointError:
+        return CheckpointError(f"the checkpoint {self.folder} has no tensor {name}: "
+                               f"the model would run with it uninitialised")
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
-            raise CheckpointError(f"the checkpoint has no tensor {name}")
+            raise self.missing(name)
         return self._where[name].get_tensor(name)
 
 
@@ -373,7 +375,7 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device)
                 continue
         source = next((n for n in sorted(names, key=lambda n: ".decoder." not in n) if n in tensors), None)
         if source is None:
-            raise CheckpointError(f"the checkpoint has no tensor {names[0]}: it would load uninitialised")
+            raise tensors.missing(sorted(names, key=lambda n: ".decoder." not in n)[0])
         value = _check_shape(source, loader.get(source), meta.shape)
         _set(group, value.to(device=device, dtype=meta.dtype if meta.is_floating_point() else value.dtype))
     for name, buffer in model.named_buffers(remove_duplicate=False):
@@ -393,11 +395,25 @@ def _set(group, value: torch.Tensor) -> None:
         module._parameters[attr] = param
 
 
-# -- the checkpoint's sizes ---------------------------------------------------------------------
+# -- sizes --------------------------------------------------------------------------------------
 
-def expert_linear_names(layer_prefix: str, num_experts: int) -> list[str]:
-    """The per-expert linear layers of one layer as LLM Compressor names them."""
-    return [f"{layer_prefix}.experts.{e}.{proj}" for e in range(num_experts) for proj in ("gate_proj", "up_proj", "down_proj")]
+# The linear layers the published recipe quantizes besides the experts: each text layer's attention
+# projections and dense MLP (docs/quantized-checkpoints.md; the vision tower's are ignored)
+DENSE_TARGETS = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
-EXPERT_TENSOR = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.")
+def compressed_weight_bytes(model: torch.nn.Module, fmt: str, dtype_bytes: int) -> int:
+    """Weight bytes of ``model`` (e.g. on the meta device) once a checkpoint of ``fmt`` in the published
+    layout is loaded here: experts as stored (FP8: a byte a weight + an fp32 scale per row; NVFP4: half a
+    byte + an fp8 scale per 16 + an fp32 global divisor per row), FP8 dense targets as ``Fp8Linear``
+    (a byte + an fp32 scale per row), NVFP4 dense targets and everything else at ``dtype_bytes``."""
+    total = 0
+    for name, p in model.named_parameters():  # tied parameters are listed once
+        rows = p.numel() // p.shape[-1] if p.dim() else 1
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            total += p.numel() + rows * 4 if fmt == FORMAT_FP8 else p.numel() // 2 + p.numel() // NVFP4_GROUP + rows * 4
+        elif fmt == FORMAT_FP8 and DENSE_TARGETS.search(name):
+            total += p.numel() + rows * 4
+        else:
+            total += p.numel() * dtype_bytes
+    return total
