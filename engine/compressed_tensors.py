@@ -26,6 +26,7 @@ stops the load with a ``CheckpointError`` naming it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,8 @@ from pathlib import Path
 import torch
 
 from .quantization import dequantize_rows
+
+logger = logging.getLogger(__name__)
 
 COMPRESSED_TENSORS = "compressed-tensors"
 FP8_MAX = 448.0  # largest float8_e4m3fn
@@ -217,6 +220,9 @@ class _Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def keys(self):
+        return self._where.keys()
+
     def missing(self, name: str) -> CheckpointError:
         return CheckpointError(f"the checkpoint {self.folder} has no tensor {name}: "
                                f"the model would run with it uninitialised")
@@ -381,6 +387,9 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device)
     for name, buffer in model.named_buffers(remove_duplicate=False):
         if name in tensors:
             buffer.copy_(loader.get(name))
+    unused = sorted(set(tensors.keys()) - loader.used)
+    if unused:  # e.g. the encoder's copy of tied layers, zero points: the model has nothing to put them in
+        logger.info("%d checkpoint tensors not used (e.g. %s)", len(unused), ", ".join(unused[:3]))
     model.to(device)
     try:
         model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(folder)

@@ -69,6 +69,8 @@ def test_the_checkpoint_is_written_in_the_published_layout(checkpoints, scheme):
             assert f.get_tensor(f"{layer}.experts.3.down_proj.weight_packed").shape == (64, 32)
             assert f.get_tensor(f"{layer}.experts.3.down_proj.weight_scale").dtype == torch.float8_e4m3fn
             assert f.get_tensor(f"{layer}.experts.3.down_proj.weight_global_scale").shape == (1,)
+            assert f.get_tensor(f"{layer}.mlp.gate_proj.weight_packed").dtype == torch.uint8
+            assert f.get_tensor(f"{layer}.self_attn.q_proj.weight").dtype == torch.float32  # NVFP4 ignores self_attn
         assert f.get_tensor(f"{layer}.router.proj.weight").dtype == torch.float32  # ignored by the recipe
 
 

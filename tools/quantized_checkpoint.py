@@ -7,7 +7,8 @@ what ``oneshot(..., QuantizationModifier(targets="Linear", scheme=...))`` follow
 * every expert unfused into three linear layers, ``model.decoder.layers.{L}.experts.{e}.gate_proj``,
   ``up_proj`` and ``down_proj`` (gate is the first half of transformers' ``gate_up_proj[e]``), each
   quantized on its own;
-* the attention projections and the dense MLP of every layer quantized the same way;
+* the dense MLP of every layer quantized the same way, and for ``fp8`` its attention projections
+  too (the published NVFP4 recipe ignores ``self_attn``);
 * the embeddings, lm head, routers, self-conditioning MLP, vision tower and norms as stored;
 * ``quantization_config`` (quant_method ``compressed-tensors``) in config.json.
 
@@ -38,12 +39,16 @@ from engine.compressed_tensors import (
 )
 
 SCHEMES = ("fp8", "nvfp4")
-# The recipe's targets: the attention projections and the dense MLP of each text layer (experts apart)
-DENSE_TARGET = re.compile(r"^model\.decoder\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+# The recipes' targets besides the experts: each text layer's dense MLP, and for FP8 its attention projections
+DENSE_TARGETS = {
+    "fp8": re.compile(r"^model\.decoder\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"),
+    "nvfp4": re.compile(r"^model\.decoder\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"),
+}
 EXPERTS = re.compile(r"^(model\.decoder\.layers\.\d+\.experts)\.(gate_up_proj|down_proj)$")
-# Linear layers the published recipe leaves alone (its ignore list: lm_head, embeddings, routers,
-# vision tower, self-conditioning)
-IGNORED_LINEAR = re.compile(r"(router\.proj|self_conditioning\.\w+_proj|vision_tower\..*|embed_vision\..*)\.weight$")
+# Linear layers the published recipes leave alone (their ignore lists: lm_head, embeddings, routers,
+# vision tower, self-conditioning; NVFP4 also self_attn)
+IGNORED_LINEAR = re.compile(r"(router\.proj|self_conditioning\.\w+_proj|self_attn\.[qkvo]_proj|vision_tower\..*"
+                            r"|embed_vision\..*)\.weight$")
 
 
 def quantization_config(scheme: str, ignore: list[str]) -> dict:
@@ -151,7 +156,7 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
                     rows.append(back)
                 parts.append(torch.cat(rows))
             dequantized[name] = torch.stack(parts)
-        elif DENSE_TARGET.match(name):
+        elif DENSE_TARGETS[scheme].match(name):
             tensors, back = _quantize(scheme, tensor)
             layer = name.removesuffix(".weight")
             quantized.update({f"{layer}.{k}": v for k, v in tensors.items()})
