@@ -97,17 +97,18 @@ def fp8_to_float(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., K/2] -> float32 [..., K]: the low nibble is the even column, bit 3 the sign."""
     table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).long()
-    return table[codes]
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).to(torch.int32)
+    return table.index_select(0, codes.flatten()).reshape(codes.shape)
 
 
 def nvfp4_to_float(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """NVFP4 weights [..., N, K/2] -> float32 [..., N, K]: each E2M1 value times its group's scale
-    (float8, one per 16 columns) divided by the tensor's global scale (compressed-tensors' order)."""
+    (float8, one per 16 columns) divided by the tensor's global scale (compressed-tensors' order).
+    Temporaries: int32 codes and the float32 result, about two float32 copies of the result."""
     values = unpack_e2m1(packed)
-    groups = values.unflatten(-1, (-1, NVFP4_GROUP))
     effective = scale.to(torch.float32) / global_scale.to(torch.float32)
-    return (groups * effective.unsqueeze(-1)).flatten(-2)
+    values.unflatten(-1, (-1, NVFP4_GROUP)).mul_(effective.unsqueeze(-1))
+    return values
 
 
 def dequantize_experts_tensor(experts: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -157,7 +158,8 @@ def _compressed_experts_class():
         def forward(self, hidden_states, top_k_index, top_k_weights):
             from . import fp8_compute
 
-            if self.gate_up_proj.dtype == torch.float8_e4m3fn and fp8_compute.unsupported_reason(hidden_states.device) is None:
+            if (self.gate_up_proj.dtype == torch.float8_e4m3fn and fp8_compute.aligned(self.hidden_dim, self.intermediate_dim)
+                    and fp8_compute.unsupported_reason(hidden_states.device) is None):
                 return fp8_compute.fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
             view = _DequantizedView(self, hidden_states.dtype)
             return DiffusionGemmaTextExperts.forward(view, hidden_states, top_k_index, top_k_weights)
@@ -190,7 +192,7 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import fp8_compute
 
-        if fp8_compute.unsupported_reason(x.device) is None:
+        if fp8_compute.aligned(self.in_features, self.out_features) and fp8_compute.unsupported_reason(x.device) is None:
             return fp8_compute.fp8_linear(x, self.weight, self.weight_scale)
         return torch.nn.functional.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype))
 

@@ -36,6 +36,11 @@ def unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
+def aligned(*dims: int) -> bool:
+    """Whether FP8 GEMM kernels take these matrix sizes: rows of 16-byte multiples (16 float8 values)."""
+    return all(d % 16 == 0 for d in dims)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token quantization: x [T, K] -> (float8 [T, K], float32 scale [T, 1]),
     x ~= q * scale, with each row's largest magnitude mapped to 448."""

@@ -74,6 +74,17 @@ def test_the_checkpoint_is_written_in_the_published_layout(checkpoints, scheme):
         assert f.get_tensor(f"{layer}.router.proj.weight").dtype == torch.float32  # ignored by the recipe
 
 
+def test_nvfp4_decoding_is_compressed_tensors_own():
+    """Pinned to compressed-tensors' definition (its fp4 compressor and dequantization): the even column
+    in the low nibble, bit 3 the sign, magnitudes 0 .5 1 1.5 2 3 4 6; weight = e2m1 * scale / global."""
+    from engine.compressed_tensors import nvfp4_to_float, unpack_e2m1
+
+    assert unpack_e2m1(torch.tensor([[0xB2, 0x7F]], dtype=torch.uint8)).tolist() == [[1.0, -1.5, -6.0, 6.0]]
+    packed = torch.full((1, 8), 0xB2, dtype=torch.uint8)  # 16 columns: one group
+    scale = torch.tensor([[2.0]]).to(torch.float8_e4m3fn)
+    assert nvfp4_to_float(packed, scale, torch.tensor([4.0])).tolist() == [[0.5, -0.75] * 8]
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_experts_load_stacked_and_quantized_and_weights_stay_tied(checkpoints, scheme):
     from transformers import DiffusionGemmaForBlockDiffusion
