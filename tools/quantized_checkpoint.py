@@ -113,13 +113,13 @@ def nvfp4_global_scale(*weights: torch.Tensor) -> torch.Tensor:
     return torch.tensor(FP8_MAX * FP4_MAX / max(amax, 1e-12), dtype=torch.float32)
 
 
-def _quantize(scheme: str, weight: torch.Tensor, global_scale: torch.Tensor | None = None):
-    """(checkpoint tensors of the quantized layer, the weight they dequantize to in float32)."""
+def _quantize(scheme: str, weight: torch.Tensor, global_scale: torch.Tensor | None = None, dequantize: bool = True):
+    """(checkpoint tensors of the quantized layer, the weight they dequantize to in float32 or None)."""
     if scheme == "fp8":
         t = quantize_fp8(weight)
-        return t, fp8_to_float(t["weight"], t["weight_scale"])
+        return t, fp8_to_float(t["weight"], t["weight_scale"]) if dequantize else None
     t = quantize_nvfp4(weight, nvfp4_global_scale(weight) if global_scale is None else global_scale)
-    return t, nvfp4_to_float(t["weight_packed"], t["weight_scale"], t["weight_global_scale"])
+    return t, nvfp4_to_float(t["weight_packed"], t["weight_scale"], t["weight_global_scale"]) if dequantize else None
 
 
 def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "fp8", *,
@@ -137,6 +137,7 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
     ignore = ["lm_head"]
+    keep = reference is not None  # the dequantized model is only built for a reference checkpoint
     for name, tensor in state.items():
         experts = EXPERTS.match(name)
         if experts:
@@ -151,21 +152,24 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
                     shared, pieces = None, (("down_proj", tensor[e]),)
                 rows = []
                 for proj, weight in pieces:
-                    tensors, back = _quantize(scheme, weight, shared)
+                    tensors, back = _quantize(scheme, weight, shared, keep)
                     quantized.update({f"{prefix}.{e}.{proj}.{k}": v for k, v in tensors.items()})
                     rows.append(back)
-                parts.append(torch.cat(rows))
-            dequantized[name] = torch.stack(parts)
+                parts.append(torch.cat(rows) if keep else None)
+            if keep:
+                dequantized[name] = torch.stack(parts)
         elif DENSE_TARGETS[scheme].match(name):
-            tensors, back = _quantize(scheme, tensor)
+            tensors, back = _quantize(scheme, tensor, dequantize=keep)
             layer = name.removesuffix(".weight")
             quantized.update({f"{layer}.{k}": v for k, v in tensors.items()})
-            dequantized[name] = back
+            if keep:
+                dequantized[name] = back
         else:
             if IGNORED_LINEAR.search(name):
                 ignore.append(name.removesuffix(".weight"))
             quantized[name] = tensor
-            dequantized[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+            if keep:
+                dequantized[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
     for name in drop:
         quantized.pop(name)
     config = json.loads((src / "config.json").read_text())
