@@ -344,8 +344,7 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device)
     fmt = checkpoint_format(qc)
     folder = _local_folder(path)
     tensors = _Tensors(folder)
-    config.quantization_config = None  # transformers' own quantizer must not touch the model
-    del config.quantization_config
+    del config.quantization_config  # transformers' own quantizer must not touch the model
     with init_empty_weights(include_buffers=False):
         model = DiffusionGemmaForBlockDiffusion._from_config(config, **kwargs)
     model.tie_weights()
@@ -373,6 +372,8 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device)
             prefix = loader.source_prefix(prefixes, "weight_scale" if fmt == FORMAT_FP8 else "weight_packed")
             dense = loader.dense(prefix, meta)
             if isinstance(dense, dict):  # FP8: one Fp8Linear for every (tied) place the layer appears
+                if module.bias is not None:
+                    raise CheckpointError(f"{names[0]}: FP8 linear layers with a bias are not supported")
                 layer = fp8_linears.setdefault(id(meta), Fp8Linear(dense["weight"].to(device), dense["scale"].to(device)))
                 for _, _, full in group:
                     parent_name, _, child = full.rsplit(".", 1)[0].rpartition(".")
@@ -408,8 +409,9 @@ def _set(group, value: torch.Tensor) -> None:
 
 # -- sizes --------------------------------------------------------------------------------------
 
-# The linear layers the published recipe quantizes besides the experts: each text layer's attention
-# projections and dense MLP (docs/quantized-checkpoints.md; the vision tower's are ignored)
+# The linear layers the published FP8 recipe quantizes besides the experts: each text layer's attention
+# projections and dense MLP (docs/quantized-checkpoints.md; the vision tower's are ignored). NVFP4's
+# (the dense MLP) are dequantized at load, so they count at the load dtype either way.
 DENSE_TARGETS = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
