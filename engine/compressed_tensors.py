@@ -225,6 +225,10 @@ class _Tensors:
     def keys(self):
         return self._where.keys()
 
+    def dtype(self, name: str) -> str | None:
+        """The safetensors dtype of ``name`` ("F8_E4M3", "BF16", ...) without reading it; None if absent."""
+        return self._where[name].get_slice(name).get_dtype() if name in self._where else None
+
     def missing(self, name: str) -> CheckpointError:
         return CheckpointError(f"the checkpoint {self.folder} has no tensor {name}: "
                                f"the model would run with it uninitialised")
@@ -323,8 +327,9 @@ class _Loader:
         """A linear weight the checkpoint stores quantized: ``Fp8Linear`` tensors (FP8) or the weight
         dequantized to the load dtype (NVFP4). None when it is stored plain."""
         rows, cols = meta.shape
-        if self.fmt == FORMAT_FP8 and f"{prefix}.weight_scale" in self.tensors:
-            return self.linear(prefix, rows, cols)
+        fp8_weight = self.tensors.dtype(f"{prefix}.weight") == "F8_E4M3"
+        if self.fmt == FORMAT_FP8 and (fp8_weight or f"{prefix}.weight_scale" in self.tensors):
+            return self.linear(prefix, rows, cols)  # an FP8 weight without its scale is refused there
         if self.fmt == FORMAT_NVFP4 and f"{prefix}.weight_packed" in self.tensors:
             t = self.linear(prefix, rows, cols)
             return nvfp4_to_float(t["weight"], t["scale"], t["global"]).to(self.dtype)
@@ -386,10 +391,16 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device)
         if source is None:
             raise tensors.missing(sorted(names, key=lambda n: ".decoder." not in n)[0])
         value = _check_shape(source, loader.get(source), meta.shape)
+        if meta.is_floating_point() and not value.is_floating_point() or value.dtype == torch.float8_e4m3fn:
+            raise CheckpointError(f"the checkpoint's {source} is {str(value.dtype).removeprefix('torch.')} "
+                                  f"with no scales: it cannot be read as a weight")
         _set(group, value.to(device=device, dtype=meta.dtype if meta.is_floating_point() else value.dtype))
+    persistent = set(model.state_dict().keys())  # buffers saved with the model (layer scalars), not computed
     for name, buffer in model.named_buffers(remove_duplicate=False):
         if name in tensors:
             buffer.copy_(loader.get(name))
+        elif name in persistent:
+            raise tensors.missing(name)
     unused = sorted(set(tensors.keys()) - loader.used)
     if unused:  # e.g. the encoder's copy of tied layers, zero points: the model has nothing to put them in
         logger.info("%d checkpoint tensors not used (e.g. %s)", len(unused), ", ".join(unused[:3]))

@@ -125,6 +125,24 @@ def test_tokens_equal_the_dequantized_plain_checkpoints(checkpoints, scheme):
     assert all(len(tokens) > 0 for tokens in got.values())
 
 
+@pytest.mark.parametrize("layers", ["encoder", "both"])
+def test_the_encoders_copy_of_the_tied_layers_loads_too(source, tmp_path, layers):
+    """vLLM reads either copy of the tied text layers (both prefixes map to one parameter); so does this."""
+    ref = tmp_path / "reference"
+    folder = write_quantized_checkpoint(source, tmp_path / "q", "fp8", reference=ref, layers=layers)
+    requests = [("r", [2] + [5 + b for b in b"tied layers"], SamplingParams(max_tokens=24, seed=5))]
+    assert _tokens(folder, requests) == _tokens(ref, requests)
+
+
+@pytest.mark.parametrize("missing", [MISSING, "model.decoder.layers.0.experts.3.gate_proj.weight",
+                                     "model.decoder.layers.1.mlp.down_proj.weight_scale",
+                                     "model.decoder.layers.1.layer_scalar"])
+def test_any_missing_tensor_is_refused_naming_it(source, tmp_path, missing):
+    folder = write_quantized_checkpoint(source, tmp_path / "q", "fp8", drop=(missing,))
+    with pytest.raises(CheckpointError, match=f"has no tensor {missing}: "):
+        load_model(EngineSettings(model=str(folder)))
+
+
 def test_a_missing_expert_tensor_is_refused_naming_it(source, tmp_path):
     folder = write_quantized_checkpoint(source, tmp_path / "q", "fp8", drop=(MISSING,))
     with pytest.raises(CheckpointError) as info:

@@ -122,12 +122,19 @@ def _quantize(scheme: str, weight: torch.Tensor, global_scale: torch.Tensor | No
     return t, nvfp4_to_float(t["weight_packed"], t["weight_scale"], t["weight_global_scale"]) if dequantize else None
 
 
+DECODER_LAYERS, ENCODER_LAYERS = "model.decoder.layers.", "model.encoder.language_model.layers."
+LAYER_COPIES = ("decoder", "encoder", "both")
+
+
 def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "fp8", *,
-                               reference: str | Path | None = None, drop: tuple[str, ...] = ()) -> Path:
+                               reference: str | Path | None = None, drop: tuple[str, ...] = (),
+                               layers: str = "decoder") -> Path:
     """Write ``src`` (a plain DiffusionGemma checkpoint folder) quantized with ``scheme`` to ``out``.
 
     ``reference``: also write the dequantized model (float32) there as a plain checkpoint.
-    ``drop``: tensor names left out of the written checkpoint (to test refusals)."""
+    ``drop``: tensor names left out of the written checkpoint (to test refusals).
+    ``layers``: which copy of the tied text layers' weights the file holds: the decoder's (as
+    ``save_pretrained`` writes a plain checkpoint), the encoder's, or both."""
     from safetensors.torch import load_file, save_file
 
     if scheme not in SCHEMES:
@@ -170,6 +177,13 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
             quantized[name] = tensor
             if keep:
                 dequantized[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+    if layers not in LAYER_COPIES:
+        raise ValueError(f"layers must be one of {', '.join(LAYER_COPIES)} (got {layers!r})")
+    if layers != "decoder":  # the layers' weights under the encoder's names (its layer scalars are its own)
+        tied = [k for k in quantized if k.startswith(DECODER_LAYERS) and not k.endswith(".layer_scalar")]
+        for key in tied:
+            value = quantized.pop(key) if layers == "encoder" else quantized[key].clone()
+            quantized[ENCODER_LAYERS + key.removeprefix(DECODER_LAYERS)] = value
     for name in drop:
         quantized.pop(name)
     config = json.loads((src / "config.json").read_text())
