@@ -214,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--scheme", choices=SCHEMES, default="fp8")
     parser.add_argument("--reference", help="also write the dequantized float32 model here")
+    parser.add_argument("--layers", choices=LAYER_COPIES, default="decoder",
+                        help="which copy of the tied text layers the file holds")
     args = parser.parse_args(argv)
-    print(write_quantized_checkpoint(args.src, args.out, args.scheme, reference=args.reference))
+    print(write_quantized_checkpoint(args.src, args.out, args.scheme, reference=args.reference, layers=args.layers))
 
 
 if __name__ == "__main__":
