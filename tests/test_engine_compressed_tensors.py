@@ -125,11 +125,13 @@ def test_tokens_equal_the_dequantized_plain_checkpoints(checkpoints, scheme):
     assert all(len(tokens) > 0 for tokens in got.values())
 
 
-@pytest.mark.parametrize("layers", ["encoder", "both"])
-def test_the_encoders_copy_of_the_tied_layers_loads_too(source, tmp_path, layers):
-    """vLLM reads either copy of the tied text layers (both prefixes map to one parameter); so does this."""
+@pytest.mark.parametrize("layers,shards", [("encoder", 1), ("both", 1), ("decoder", 3)])
+def test_other_layouts_load_too(source, tmp_path, layers, shards):
+    """vLLM reads either copy of the tied text layers (both prefixes map to one parameter), so does this;
+    and weights split over several files with an index, as on the hub."""
     ref = tmp_path / "reference"
-    folder = write_quantized_checkpoint(source, tmp_path / "q", "fp8", reference=ref, layers=layers)
+    folder = write_quantized_checkpoint(source, tmp_path / "q", "fp8", reference=ref, layers=layers, shards=shards)
+    assert len(list(folder.glob("*.safetensors"))) == shards
     requests = [("r", [2] + [5 + b for b in b"tied layers"], SamplingParams(max_tokens=24, seed=5))]
     assert _tokens(folder, requests) == _tokens(ref, requests)
 

@@ -128,13 +128,14 @@ LAYER_COPIES = ("decoder", "encoder", "both")
 
 def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "fp8", *,
                                reference: str | Path | None = None, drop: tuple[str, ...] = (),
-                               layers: str = "decoder") -> Path:
+                               layers: str = "decoder", shards: int = 1) -> Path:
     """Write ``src`` (a plain DiffusionGemma checkpoint folder) quantized with ``scheme`` to ``out``.
 
     ``reference``: also write the dequantized model (float32) there as a plain checkpoint.
     ``drop``: tensor names left out of the written checkpoint (to test refusals).
     ``layers``: which copy of the tied text layers' weights the file holds: the decoder's (as
-    ``save_pretrained`` writes a plain checkpoint), the encoder's, or both."""
+    ``save_pretrained`` writes a plain checkpoint), the encoder's, or both.
+    ``shards``: files to split the weights over (``model-0000i-of-0000n.safetensors`` and an index)."""
     from safetensors.torch import load_file, save_file
 
     if scheme not in SCHEMES:
@@ -188,7 +189,7 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
         quantized.pop(name)
     config = json.loads((src / "config.json").read_text())
     _copy_folder(src, out)
-    save_file({k: v.contiguous() for k, v in quantized.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_shards({k: v.contiguous() for k, v in quantized.items()}, out, shards)
     (out / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config(scheme, ignore)},
                                                 indent=2))
     if reference is not None:
@@ -198,6 +199,23 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
                   metadata={"format": "pt"})
         (reference / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2))
     return out
+
+
+def _save_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
+    """``model.safetensors``, or ``shards`` files and ``model.safetensors.index.json`` as hub checkpoints have."""
+    from safetensors.torch import save_file
+
+    if shards == 1:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    keys = list(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
+        save_file({k: state[k] for k in part}, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
 def _copy_folder(src: Path, dst: Path) -> None:
@@ -216,8 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", help="also write the dequantized float32 model here")
     parser.add_argument("--layers", choices=LAYER_COPIES, default="decoder",
                         help="which copy of the tied text layers the file holds")
+    parser.add_argument("--shards", type=int, default=1, help="split the weights over this many files")
     args = parser.parse_args(argv)
-    print(write_quantized_checkpoint(args.src, args.out, args.scheme, reference=args.reference, layers=args.layers))
+    print(write_quantized_checkpoint(args.src, args.out, args.scheme, reference=args.reference, layers=args.layers,
+                                     shards=args.shards))
 
 
 if __name__ == "__main__":
