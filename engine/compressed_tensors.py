@@ -25,6 +25,7 @@ stops the load with a ``CheckpointError`` naming it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -129,17 +130,18 @@ def dequantize_experts_tensor(experts: torch.nn.Module, name: str, dtype: torch.
 # -- the experts module -------------------------------------------------------------------------
 
 class _DequantizedView:
-    """An experts module seen with its stacked quantized weights dequantized (once each per read)."""
+    """An experts module seen with its stacked quantized weights dequantized: each on first read, then
+    kept for the rest of the call (the per-expert loops index them once per expert)."""
 
     def __init__(self, experts: torch.nn.Module, dtype: torch.dtype):
         self._experts = experts
         self._dtype = dtype
 
-    @property
+    @functools.cached_property
     def gate_up_proj(self) -> torch.Tensor:
         return dequantize_experts_tensor(self._experts, "gate_up_proj", self._dtype)
 
-    @property
+    @functools.cached_property
     def down_proj(self) -> torch.Tensor:
         return dequantize_experts_tensor(self._experts, "down_proj", self._dtype)
 
