@@ -191,3 +191,55 @@ def test_server_exits_at_start_up_on_a_missing_tensor(source, tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     message = f"CheckpointError: the checkpoint {folder} has no tensor {MISSING}: the model would run with it uninitialised"
     assert any(line.endswith(message) for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+
+
+def _scaled_grouped_mm_definition(a, b, scale_a, scale_b, offs=None, out_dtype=None):
+    """torch._scaled_grouped_mm (2-D x 3-D) by its definition, with the layout checks its CUDA kernel
+    makes: rows of ``a`` grouped by ``offs``, group g times ``b[g]``, row-wise scales on both sides."""
+    assert a.dtype == b.dtype == torch.float8_e4m3fn and scale_a.dtype == scale_b.dtype == torch.float32
+    assert a.stride(-1) == 1 and b.stride(-2) == 1, "a row-major, b column-major"
+    assert scale_a.shape == (a.shape[0],) and scale_b.shape == (b.shape[0], b.shape[-1])
+    assert offs.dtype == torch.int32 and offs.shape == (b.shape[0],)
+    out, start = torch.empty(a.shape[0], b.shape[-1]), 0
+    for g, end in enumerate(offs.tolist()):
+        out[start:end] = (a[start:end].float() * scale_a[start:end, None]) @ (b[g].float() * scale_b[g])
+        start = end
+    return out.to(out_dtype)
+
+
+def test_fp8_experts_forward_routes_and_scales_like_the_reference(checkpoints, monkeypatch):
+    """The GPU FP8 experts path on CPU, with torch's grouped FP8 GEMM replaced by its definition: the
+    sorting by expert, offsets, per-token activation scales, gate/up split and routing weights give the
+    dequantized reference's result up to FP8 activation rounding. (tests/test_compressed_tensors_cuda.py
+    runs the real kernel on a GPU.)"""
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+
+    from engine.compressed_tensors import _DequantizedView
+    from engine.fp8_compute import fp8_experts_forward
+
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _scaled_grouped_mm_definition, raising=False)
+    experts = load_model(EngineSettings(model=str(checkpoints["fp8"][0]))).model.model.decoder.layers[0].experts
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(50, experts.hidden_dim, generator=gen)
+    index = torch.stack([torch.randperm(experts.num_experts, generator=gen)[:2] for _ in range(50)])
+    index[index == 3] = 2  # an expert no token picks: an empty group
+    weights = torch.softmax(torch.randn(50, 2, generator=gen), dim=-1)
+    with torch.no_grad():
+        got = fp8_experts_forward(experts, hidden, index, weights)
+        want = DiffusionGemmaTextExperts.forward(_DequantizedView(experts, torch.float32), hidden, index, weights)
+    assert float((got - want).norm() / want.norm()) < 0.08
+
+
+def test_fp8_linear_matches_the_dequantized_reference():
+    """The dense FP8 product (torch._scaled_mm over per-token FP8 activations and per-row FP8 weights,
+    which torch also runs on CPU) against the dequantized float32 product: FP8 activation rounding only."""
+    from engine.fp8_compute import fp8_linear
+    from tools.quantized_checkpoint import quantize_fp8
+
+    gen = torch.Generator().manual_seed(3)
+    t = quantize_fp8(torch.randn(96, 128, generator=gen) / 128**0.5)
+    x = torch.randn(3, 7, 128, generator=gen)
+    got = fp8_linear(x, t["weight"], t["weight_scale"])
+    want = x @ (t["weight"].float() * t["weight_scale"]).t()
+    assert got.shape == (3, 7, 96) and got.dtype == torch.float32
+    assert float((got - want).norm() / want.norm()) < 0.05
