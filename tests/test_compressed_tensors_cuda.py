@@ -63,9 +63,10 @@ def test_grouped_fp8_experts_match_the_dequantized_reference(tmp_path):
     gen = torch.Generator().manual_seed(1)
     tokens = 300
     hidden = torch.randn(tokens, experts.hidden_dim, generator=gen).to(torch.bfloat16).cuda()
-    index = torch.stack([torch.randperm(experts.num_experts, generator=gen)[:2] for _ in range(tokens)]).cuda()
+    index = torch.stack([torch.randperm(experts.num_experts, generator=gen)[:2] for _ in range(tokens)])
     index[:40] = torch.tensor([0, 1])  # uneven groups, and an expert no token picks
     index[index == 7] = 6
+    index = index.cuda()
     weights = torch.softmax(torch.randn(tokens, 2, generator=gen), dim=-1).to(torch.bfloat16).cuda()
     with torch.inference_mode():
         got = fp8_experts_forward(experts, hidden, index, weights)
