@@ -9,6 +9,10 @@
 # Sampler steps (issue: the fast sampler): sampler-tests, samplers (4-layer shape), samplers-full (the
 # full 30-layer shape from its config alone, --load-format dummy: no 50 GB written), sampler-profile.
 #
+# Quantized checkpoints (issue 22): ct-fp8 runs tests/test_compressed_tensors_cuda.py, the FP8 grouped GEMM
+# and _scaled_mm against the dequantized reference on random inputs (stated tolerance), and the engine
+# over a tiny FP8-dynamic checkpoint in the published compressed-tensors layout.
+#
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
 # CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it).
 set -uo pipefail
@@ -82,6 +86,9 @@ for step in "${steps[@]}"; do
             run 420 "$PY" -m bench.run "${bench_args[@]}" --model "$FULL_DIR" --load-format dummy \
               --concurrency "${CONCURRENCY:-1,16,32}" --sampler reference --sampler fast --no-baselines \
               --check-outputs 0 --out "$OUT/samplers-full" 2>&1 | tee "$OUT/bench-samplers-full.log" | tail -12 ;;
+    # compressed-tensors FP8 on the GPU: the FP8 GEMMs against the dequantized reference (issue 22)
+    ct-fp8) run 150 "$PY" -m pytest -q -rs tests/test_compressed_tensors_cuda.py 2>&1 | tail -10 \
+              | tee "$OUT/compressed-tensors-cuda.txt" ;;
     # kernel time per pass with each sampler (decoder, lm head and sampler split by the top operators)
     sampler-profile)
             for sampler in reference fast; do

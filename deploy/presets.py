@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from engine.compressed_tensors import FORMAT_FP8, METHOD_NAMES, compressed_weight_bytes
 from engine.memory import auto_sampling_tile_bytes
 from engine.quantization import expert_dequant_bytes, quantized_weight_bytes
 
@@ -55,6 +56,8 @@ class Preset:
     model_config: str | None  # JSON of the model shape; None: the embedded model (or the tiny fallback)
     overhead_gib: float = CUDA_CONTEXT_GIB
     note: str = ""
+    # the served checkpoint's compressed-tensors format (engine.compressed_tensors), None for a plain one
+    checkpoint_format: str | None = None
 
     @property
     def path(self) -> Path:
@@ -66,9 +69,11 @@ PRESETS: tuple[Preset, ...] = (
     Preset("h100-80gb", "NVIDIA H100 80 GB (nvidia-smi total 81,559 MiB)", 81559 / 1024, MODEL_SHAPE_26B),
     Preset(
         "rtx5090-32gb", "NVIDIA RTX 5090 32 GB (nvidia-smi total 32,607 MiB)", 32607 / 1024, MODEL_SHAPE_26B,
-        note="--quantization fp8-experts (torchao): loading, exactness against generate and these byte counts are "
-             "tested on CPU with a tiny model; on an H200 (4-layer model) the former per-expert loop ran 5-11x slower "
-             "than eager bf16, and the dequantized grouped_mm that replaced it is not yet measured on a GPU",
+        checkpoint_format=FORMAT_FP8,
+        note="the published FP8-dynamic checkpoint (compressed-tensors, loaded by --model alone): loading, tokens "
+             "equal to its dequantized twin and these byte counts are tested on CPU with a tiny checkpoint in the "
+             "same layout; nothing is measured on a GPU yet. The RTX 5090 (compute capability 12.0) has no FP8 "
+             "grouped GEMM in torch: its experts are dequantized a layer at a time (the transient above)",
     ),
 )
 
@@ -148,7 +153,10 @@ def compute(p: Preset) -> dict:
     meta = _meta_model(p.model_config)
     weights_in_dtype_gib = sum(q.numel() for q in meta.parameters()) * _DTYPE_BYTES[dtype] / 2**30
     weights_gib = weights_in_dtype_gib
-    if quantization != "none":  # the bytes torchao stores (tests/test_engine_quantization.py checks the formula)
+    if p.checkpoint_format is not None:  # as engine.compressed_tensors holds it (its tests check the formula)
+        quantization = METHOD_NAMES[p.checkpoint_format]
+        weights_gib = compressed_weight_bytes(meta, p.checkpoint_format, _DTYPE_BYTES[dtype]) / 2**30
+    elif quantization != "none":  # the bytes torchao stores (tests/test_engine_quantization.py checks the formula)
         weights_gib = quantized_weight_bytes(meta, quantization, _DTYPE_BYTES[dtype]) / 2**30
     free_after_weights = p.memory_gib - p.overhead_gib - weights_gib
     # the engine's default tile budget depends on the memory free after the weights (engine.memory)
@@ -158,7 +166,8 @@ def compute(p: Preset) -> dict:
                draws_in_flight=2 if settings.device == "cpu" else 1)
     r["weights_gib"] = weights_gib
     sampling_gib = r["sampling_transient_gib"]  # tiles never hold more rows than the batch (engine.memory)
-    # quantized experts are dequantized one layer at a time (engine.quantization.DEQUANTIZED_EXPERTS)
+    # quantized experts are dequantized one layer at a time (engine.quantization.DEQUANTIZED_EXPERTS,
+    # engine.compressed_tensors where the GPU has no FP8 grouped GEMM)
     dequant_gib = 0.0 if quantization == "none" else expert_dequant_bytes(text, _DTYPE_BYTES[dtype]) / 2**30
     transients_gib = sampling_gib + r["decoder_transient_gib"] + dequant_gib
     request_gib = r["request_mib_at_context"] / 1024
@@ -244,6 +253,10 @@ def markdown(plans: list[dict] | None = None) -> str:
         ]
         if plan["quantization"] == "none":
             lines.append(f"| weights ({plan['dtype']}) | {_size(plan['weights_gib'])} |")
+        elif plan["quantization"] == METHOD_NAMES[FORMAT_FP8]:
+            lines += [f"| weights (FP8 checkpoint: experts and attention/MLP linears float8 with a scale per row, "
+                      f"the rest {plan['dtype']}) | {_size(plan['weights_gib'])} |",
+                      f"| weights unquantized ({plan['dtype']}) | {_size(plan['weights_in_dtype_gib'])} |"]
         else:
             lines += [f"| weights (experts `{plan['quantization']}`, the rest {plan['dtype']}) | {_size(plan['weights_gib'])} |",
                       f"| weights unquantized ({plan['dtype']}) | {_size(plan['weights_in_dtype_gib'])} |"]

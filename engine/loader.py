@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import rowwise_attention, rowwise_experts
+from . import compressed_tensors, rowwise_attention, rowwise_experts
 from .import_noise import quiet_torchao_import_noise
 from .multimodal import load_processor
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
@@ -46,6 +46,8 @@ class LoadedModel:
     def dequantized_experts(self) -> bool:
         """Whether 8-bit experts run ``DEQUANTIZED_EXPERTS`` (each layer's dequantized whole per call)
         rather than transformers' eager loop over torchao's tensors."""
+        if self.quantization in compressed_tensors.METHOD_NAMES.values():
+            return True  # compressed-tensors experts: dequantized per layer and call off the FP8 GPU path
         return self.quantization != "none" and \
             self.model.config.get_text_config()._experts_implementation == DEQUANTIZED_EXPERTS
 
@@ -129,8 +131,12 @@ def load_model(settings: EngineSettings) -> LoadedModel:
         kwargs["quantization_config"] = quantization
     if experts is not None:
         kwargs["experts_implementation"] = experts
+    method = settings.quantization
+    compressed = None if settings.load_format == "dummy" else _compressed_config(settings)
     if settings.load_format == "dummy":
         model = _dummy_model(settings.model, device, kwargs)
+    elif compressed is not None:  # a checkpoint quantized by LLM Compressor (engine.compressed_tensors)
+        model, method = compressed_tensors.load_compressed_model(settings.model, compressed, kwargs, device)
     else:
         if device.type != "cpu":
             kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy
@@ -142,4 +148,17 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     defaults = defaults_from_generation_config(model.generation_config, model.config.canvas_length)
     processor = load_processor(settings.model, tokenizer, model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype,
-                       quantization=settings.quantization, batch_invariant=invariant, processor=processor)
+                       quantization=method, batch_invariant=invariant, processor=processor)
+
+
+def _compressed_config(settings: EngineSettings):
+    """The checkpoint's config when it is quantized in the compressed-tensors format, else None."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(settings.model)
+    if compressed_tensors.compressed_config(config) is None:
+        return None
+    if settings.quantization != "none":
+        raise compressed_tensors.CheckpointError(
+            f"{settings.model} is already quantized (compressed-tensors): drop --quantization {settings.quantization}")
+    return config

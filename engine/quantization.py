@@ -107,11 +107,17 @@ def _dequantized(weight: torch.Tensor) -> torch.Tensor:
     rows = qdata.shape[:-1] + (1,)
     if weight.scale.numel() != qdata.numel() // qdata.shape[-1]:  # not a scale per row: torchao's own way
         return weight.dequantize()
-    scale = weight.scale.reshape(rows)  # [E, N, 1] fp32
     zero_point = getattr(weight, "zero_point", None)  # int8: [E, N, 1]
-    if zero_point is not None:
-        zero_point = zero_point.reshape(rows)
-    out = torch.empty(qdata.shape, dtype=weight.dtype, device=qdata.device)
+    return dequantize_rows(qdata, weight.scale.reshape(rows), weight.dtype,
+                           None if zero_point is None else zero_point.reshape(rows))
+
+
+def dequantize_rows(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                    zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """8-bit weights [..., N, K] with an fp32 scale (and optionally a zero point) per row [..., N, 1]
+    as ``dtype``: (q - zero_point) * scale computed in fp32 and rounded once, a chunk of the leading
+    dimension at a time, in place (at about the result's size)."""
+    out = torch.empty(qdata.shape, dtype=dtype, device=qdata.device)
     step = max(1, -(-qdata.shape[0] // DEQUANT_CHUNKS))
     for start in range(0, qdata.shape[0], step):
         chunk = out[start:start + step]

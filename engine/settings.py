@@ -116,7 +116,9 @@ class EngineSettings:
         "none", "Weight-only quantization of the MoE experts (most of DiffusionGemma's weights) at load time, "
         "through torchao: none, fp8-experts (float8 e4m3 + a scale per row) or int8-experts (int8 + a scale and "
         "zero point per row); see engine.quantization. Other weights stay in --dtype (bfloat16 or float32). "
-        "Needs torchao (the 'quant' extra).")
+        "Needs torchao (the 'quant' extra). Leave it none for a checkpoint already quantized in the "
+        "compressed-tensors format (e.g. RedHatAI's FP8-dynamic and NVFP4 DiffusionGemma): it loads as stored "
+        "(docs/quantized-checkpoints.md).")
     experts_implementation: str | None = setting(
         None, "transformers' experts_implementation for the MoE layers.",
         default_text="grouped_mm (eager for float64; the dequantized grouped_mm for quantized experts)", cli=False)

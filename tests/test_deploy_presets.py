@@ -78,14 +78,17 @@ def test_memory_is_computed_from_the_model_config(plans):
     assert h100["weights_gib"] == pytest.approx(r["weights_gib"])
     assert h100["request_mib"] == pytest.approx(r["request_mib_at_context"])
     assert (h100["max_num_seqs"], h100["max_model_len"]) == (settings.max_num_seqs, settings.max_model_len)
-    # fp8 experts: one byte a parameter plus an fp32 scale per row; the other weights stay bf16
+    # the FP8 checkpoint: experts and each text layer's attention/MLP linears at one byte a parameter plus
+    # an fp32 scale per row (engine.compressed_tensors), every other weight in bf16
     rtx = plans["rtx5090-32gb"]
-    rows = 0
+    fp8 = rows = 0
     for name, p in presets._meta_model(presets.MODEL_SHAPE_26B).named_parameters():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) or (
+                ".language_model.layers." in name and name.endswith(("_proj.weight")) and "router" not in name):
+            fp8 += p.numel()
             rows += p.numel() // p.shape[-1]
-    experts = rtx["expert_parameters"]
-    assert rtx["weights_gib"] * 2**30 == pytest.approx(experts + 4 * rows + 2 * (r["parameters"] - experts))
+    assert fp8 > rtx["expert_parameters"]
+    assert rtx["weights_gib"] * 2**30 == fp8 + 4 * rows + 2 * (r["parameters"] - fp8)
 
 
 @pytest.mark.parametrize("name", [p.name for p in presets.PRESETS])
@@ -100,12 +103,14 @@ def test_preset_fits_its_card(plans, name):
 
 
 def test_rtx5090_fits_only_with_its_quantization(plans):
-    """The 32 GB preset quantizes the experts: unquantized, in bf16, the weights alone exceed the card."""
+    """The 32 GB preset serves the published FP8 checkpoint: unquantized, in bf16, the weights alone exceed
+    the card. The checkpoint carries its quantization, so the preset sets no --quantization."""
     plan = plans["rtx5090-32gb"]
-    assert plan["quantization"] == "fp8-experts" and plan["dtype"] == "bfloat16"
+    assert plan["quantization"] == "compressed-tensors-fp8" and plan["dtype"] == "bfloat16"
     assert plan["weights_in_dtype_gib"] > plan["memory_gib"] > plan["weights_gib"]
-    assert plan["expert_share"] > 0.8  # most weights live in fused expert tensors, not nn.Linear
-    assert settings_from_args(["--config", str(REPO / "configs/rtx5090-32gb.yaml")]).engine.quantization == "fp8-experts"
+    assert plan["expert_share"] > 0.8  # most weights are MoE experts
+    settings = settings_from_args(["--config", str(REPO / "configs/rtx5090-32gb.yaml")])
+    assert (settings.model, settings.engine.quantization) == ("RedHatAI/diffusiongemma-26B-A4B-it-FP8-dynamic", "none")
 
 
 def test_docs_tables_are_the_generated_output(plans):
