@@ -25,6 +25,16 @@ def skipped_special_ids(tokenizer) -> frozenset[int] | None:
     return frozenset((set(added) | set(tokenizer.all_special_ids)) - kept)
 
 
+def decode_text(tokenizer, ids) -> str:
+    """The text of ``ids`` as responses show it: special tokens skipped, but for the function-call
+    markers (``skipped_special_ids``)."""
+    skipped = skipped_special_ids(tokenizer)
+    if skipped is None:
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return tokenizer.decode([i for i in ids if i not in skipped], skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
@@ -33,13 +43,9 @@ class IncrementalDetokenizer:
         self.sent = ""  # text already handed out
         self.stopped = False
         self.num_tokens_at_stop: int | None = None
-        self._skipped = skipped_special_ids(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
-        if self._skipped is None:
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        ids = [i for i in ids if i not in self._skipped]
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return decode_text(self.tokenizer, ids)
 
     def add(self, token_ids, final: bool = False) -> str:
         """Append committed tokens; return the new text delta. Sets ``stopped`` on a stop string."""

@@ -20,16 +20,18 @@ class Completions:
                           prompt_param="prompt")
 
     def check(self, req: CompletionRequest, settings) -> None:
-        unsupported(best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."))
+        unsupported(
+            best_of=(req.best_of is not None and req.best_of > 1, "best_of > 1 is not supported; use n."),
+            # OpenAI's echo gives the prompt's tokens log-probabilities too; a diffusion model has none for them
+            logprobs=(req.logprobs is not None and bool(req.echo),
+                      "logprobs with echo is not supported: this model gives no log-probabilities for prompt tokens."),
+        )
 
     def logprobs(self, req: CompletionRequest) -> int | None:
         return req.logprobs
 
     def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
         return completion_logprobs(entries, tokenizer, offset)
-
-    def text_start(self, spec: ChoiceSpec, prompts: Prompts) -> int:
-        return 0 if prompts.prefixes is None else len(prompts.prefixes[spec.prompt_index])
 
     def num_prompts(self, req: CompletionRequest) -> int:
         """Prompts in any of OpenAI's four shapes (a string, token ids, or a list of either)."""

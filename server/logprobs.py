@@ -3,18 +3,30 @@
 
 A token is shown as its decoded text (special tokens included), or, when that text alone is not valid
 UTF-8 (a piece of a multi-byte character), as ``bytes:`` and its bytes escaped (``bytes:\\xe2\\x80``),
-as OpenAI does; chat tokens also carry their raw ``bytes``. Completions' ``text_offset`` is the
-running sum of the tokens' decoded text lengths from where the choice's text starts (the pieces of a
-split character count 0).
+as OpenAI does; chat tokens also carry their raw ``bytes``. A special token the text skips (eos, pad)
+shows as itself with no bytes. Completions' ``text_offset`` is the running sum of the characters the
+tokens add to the text from where the choice's text starts (0 for a piece of a split character or a
+skipped special token).
 """
 
 from __future__ import annotations
 
+from engine.detokenizer import decode_text
 from engine.token_bytes import token_bytes
 
 
+# A log-probability too small for a float (a token whose logit is -inf) is shown as OpenAI does.
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def _token(tokenizer, token_id: int) -> tuple[str, bytes, int]:
-    """(how the token is shown, its bytes, the characters it adds to the text)."""
+    """(how the token is shown, its bytes in the text, the characters it adds to the text)."""
+    if not decode_text(tokenizer, [token_id]):  # a special token the text skips (eos, pad, ...)
+        return tokenizer.decode([token_id], skip_special_tokens=False), b"", 0
     raw = token_bytes(tokenizer, token_id)
     try:
         text = raw.decode("utf-8")
@@ -33,16 +45,16 @@ def completion_logprobs(entries, tokenizer, offset: int) -> tuple[dict, int]:
         tokens.append(shown)
         offsets.append(offset)
         offset += chars
-        top = {_token(tokenizer, t)[0]: lp for t, lp in e.top}
-        top.setdefault(shown, e.logprob)
+        top = {_token(tokenizer, t)[0]: _finite(lp) for t, lp in e.top}
+        top[shown] = _finite(e.logprob)  # the chosen token's own value, should another id show as the same text
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,
             "text_offset": offsets}, offset
 
 
 def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
     shown, raw, _ = _token(tokenizer, token_id)
-    return {"token": shown, "logprob": logprob, "bytes": list(raw)}
+    return {"token": shown, "logprob": _finite(logprob), "bytes": list(raw)}
 
 
 def chat_logprobs(entries, tokenizer) -> dict:

@@ -80,9 +80,6 @@ class Endpoint(Protocol):
         """The API's ``logprobs`` object for these committed tokens (``engine.outputs.TokenLogprob``),
         the first starting ``offset`` characters into the choice's text; and the offset after them."""
 
-    def text_start(self, spec: ChoiceSpec, prompts: Prompts) -> int:
-        """Characters of a choice's text before its completion (completions' echo)."""
-
     async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore,
                       images: ImageReader) -> Prompts:
         """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
@@ -158,7 +155,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         opening = [c for c in (api.opening(s, prompts) for s in specs) if c is not None]
-        offsets = {s.index: api.text_start(s, prompts) for s in specs}
+        offsets = dict.fromkeys((s.index for s in specs), 0)
         frames = _stream(api, state, engine, choice_set, base, opening, offsets, include_usage, log,
                          api.stream_choices(prompts))
         return sse.SSEResponse(frames, on_close=choice_set.cancel, ping_seconds=settings.sse_ping_seconds)
@@ -176,7 +173,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     for spec, choice in zip(specs, choices):
         entries = results[spec.index].logprobs
         if entries is not None:
-            choice["logprobs"] = api.logprobs_object(entries, engine.tokenizer, api.text_start(spec, prompts))[0]
+            choice["logprobs"] = api.logprobs_object(entries, engine.tokenizer, 0)[0]
     return JSONResponse({**base, "object": names.object, "choices": choices, "usage": usage(specs, results)})
 
 

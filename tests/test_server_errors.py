@@ -122,6 +122,7 @@ def test_400_not_json(live_server):
         ("/completions", {"prompt": [-1]}, "prompt", None),
         ("/completions", {"prompt": []}, "prompt", None),
         ("/completions", {"prompt": "hi", "logprobs": 6}, "logprobs", None),
+        ("/completions", {"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs", "prompt tokens"),
         ("/completions", {"prompt": "hi", "max_tokens": 10, "suffix": "abcdefgh"}, "suffix", "one canvas of 16"),
         ("/completions", {"prompt": "hi", "logit_bias": {"5": 100.5}}, "logit_bias", "[-100, 100]"),
         ("/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias", "vocabulary"),

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import parse_sse_json
+from tools.tiny_checkpoint import SPECIAL_TOKENS
 
 MODEL = "tiny-diffusion"  # the live_server fixture's --served-model-name
 
@@ -25,7 +26,10 @@ def post(server, path: str, body: dict) -> httpx.Response:
 
 
 def shown_bytes(token: str) -> bytes:
-    """A token as logprobs show it: its text, or ``bytes:\\xNN...`` for a piece of a character."""
+    """The bytes a token as logprobs show it adds to the text: its text, ``bytes:\\xNN...`` for a piece of
+    a character, none for a special token the text skips."""
+    if token in SPECIAL_TOKENS:
+        return b""
     if token.startswith("bytes:"):
         return bytes.fromhex(token[len("bytes:"):].replace("\\x", ""))
     return token.encode()
@@ -41,7 +45,7 @@ def test_completion_logprobs_shape(client):
     # the random model writes random bytes: pieces of characters show as bytes:..., and add no characters
     assert b"".join(map(shown_bytes, lp.tokens)).decode(errors="replace") == choice.text
     assert any(t.startswith("bytes:") for t in lp.tokens)
-    chars = [0 if t.startswith("bytes:") else len(t) for t in lp.tokens]
+    chars = [0 if t.startswith("bytes:") or t in SPECIAL_TOKENS else len(t) for t in lp.tokens]
     assert lp.text_offset == [sum(chars[:i]) for i in range(n)]
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert logprob <= 0 and math.isfinite(logprob)
@@ -49,13 +53,12 @@ def test_completion_logprobs_shape(client):
         assert max(top.values()) == logprob
 
 
-def test_completion_logprobs_zero_and_echo(client):
-    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=5, logprobs=0, echo=True,
+def test_completion_logprobs_zero(client):
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=5, logprobs=0,
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
-    assert r.choices[0].text.startswith("Hi")
     assert [len(t) for t in lp.top_logprobs] == [1] * 8  # the chosen token only
-    assert lp.text_offset[0] == len("Hi")  # offsets count the echoed prompt
+    assert [top[t] for top, t in zip(lp.top_logprobs, lp.tokens)] == lp.token_logprobs
 
 
 def test_no_logprobs_unless_asked(client):
@@ -128,3 +131,36 @@ def test_penalties_are_range_checked_and_ignored(live_server):
     assert with_penalties.status_code == 200 and with_penalties.json()["choices"][0]["text"] == plain
     r = post(live_server, "/completions", {**base, "frequency_penalty": 2.5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "frequency_penalty"
+
+
+def test_logprobs_stay_finite_under_a_large_bias(live_server, client):
+    """logit_bias +100 puts every other token's probability below float32's range; their
+    log-probabilities stay finite numbers (JSON has no -Infinity), streamed or not."""
+    body = {"prompt": "Hello", "max_tokens": 8, "seed": 1, "logprobs": 5, "logit_bias": {"100": 100}}
+    r = post(live_server, "/completions", body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert all(math.isfinite(v) for top in lp["top_logprobs"] for v in top.values())
+    assert min(v for top in lp["top_logprobs"] for v in top.values()) < -100  # far below, and still a number
+    streamed = post(live_server, "/completions", {**body, "stream": True})
+    assert b"Infinity" not in streamed.content and b"NaN" not in streamed.content
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                          seed=1, logprobs=True, top_logprobs=3, logit_bias={"100": 100})
+    assert all(math.isfinite(a.logprob) for t in chat.choices[0].logprobs.content for a in t.top_logprobs)
+
+
+def test_special_tokens_add_nothing_to_the_text(client):
+    """A committed special token the text skips (here <pad>, made near-certain by a bias) is listed with
+    its log-probability but adds no characters to text_offset and no bytes."""
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, seed=1, logprobs=0,
+                                  logit_bias={"0": 30}, extra_body={"ignore_eos": True, "t_min": 1, "t_max": 2})
+    lp = r.choices[0].logprobs
+    assert "<pad>" in lp.tokens
+    chars = [0 if t.startswith("bytes:") or t in SPECIAL_TOKENS else len(t) for t in lp.tokens]
+    assert lp.text_offset == [sum(chars[:i]) for i in range(len(chars))]
+    assert b"".join(map(shown_bytes, lp.tokens)).decode(errors="replace") == r.choices[0].text
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=6, seed=1,
+                                       logprobs=True, logit_bias={"0": 30},
+                                       extra_body={"ignore_eos": True, "t_min": 1, "t_max": 2})
+    pads = [t for t in c.choices[0].logprobs.content if t.token == "<pad>"]
+    assert pads and all(t.bytes == [] for t in pads)

@@ -20,16 +20,37 @@ import torch
 from ..work import DecodeWork
 
 
-def bias_matrix(rows: list[DecodeWork], vocab_size: int, device) -> torch.Tensor | None:
-    """[n, V] fp32 additive logit bias of each row, or None when no row has one."""
-    if not any(r.logit_bias for r in rows):
-        return None
-    bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        if r.logit_bias:
+class BiasRows:
+    """Each biased request's [V] fp32 logit bias on the device, built at its first step and kept until
+    it is freed: a step stacks its tile's rows (zeros for rows without a bias) without a host copy."""
+
+    def __init__(self, vocab_size: int, device):
+        self.vocab_size = vocab_size
+        self.device = device
+        self._rows: dict[str, torch.Tensor] = {}
+        self._zero: torch.Tensor | None = None
+
+    def matrix(self, rows: list[DecodeWork]) -> torch.Tensor | None:
+        """[n, V] additive bias of the tile's rows, or None when no row has one."""
+        if not any(r.logit_bias for r in rows):
+            return None
+        return torch.stack([self._row(r) for r in rows])
+
+    def _row(self, r: DecodeWork) -> torch.Tensor:
+        if not r.logit_bias:
+            if self._zero is None:
+                self._zero = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+            return self._zero
+        row = self._rows.get(r.request_id)
+        if row is None:
             ids, values = zip(*r.logit_bias)
-            bias[i, list(ids)] = torch.tensor(values, dtype=torch.float32)
-    return bias.to(device)
+            row = torch.zeros(self.vocab_size, dtype=torch.float32)
+            row[list(ids)] = torch.tensor(values, dtype=torch.float32)
+            row = self._rows[r.request_id] = row.to(self.device)
+        return row
+
+    def free(self, request_id: str) -> None:
+        self._rows.pop(request_id, None)
 
 
 def add_bias(logits: torch.Tensor, bias: torch.Tensor | None, v0: int = 0) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from ..work import DecodeWork
 from . import SampleResult
-from .constraints import Pins, acceptance_entropy, add_bias, bias_matrix, pins
+from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
 from .counter_rng import GUMBEL, INITIAL_CANVAS, RENOISE, gumbel, step_key, uniform_tokens, values
 from .logprobs import LogprobTensors, concat, top_count
 from .schedule import step_temperature
@@ -182,6 +182,7 @@ class FastSampler:
         per_row = self._row_bytes()
         self.rows_per_tile = max(1, min(max_num_seqs, tile_bytes // per_row))
         self._seeds: dict[str, int] = {}
+        self.biases = BiasRows(self.vocab_size, device)
         self.sampling_seconds = 0.0
 
     def _row_bytes(self) -> int:
@@ -195,6 +196,7 @@ class FastSampler:
 
     def free(self, request_id: str) -> None:
         self._seeds.pop(request_id, None)
+        self.biases.free(request_id)
 
     def num_live_states(self) -> int:
         return len(self._seeds)
@@ -251,8 +253,8 @@ class FastSampler:
                              dtype=torch.float32, device=device).repeat_interleave(C)[:, None]  # [N, 1]
         keys = row_keys(seeds, rows, GUMBEL, device).repeat_interleave(C, dim=0)  # [N, 2]
         counter0 = (torch.arange(C, dtype=torch.int64, device=device) * V).repeat(n)[:, None]  # [N, 1]
-        logit_bias = bias_matrix(rows, V, device)  # [n, V] or None
-        top = None if k is None else TopTokens(n * C, k, device)
+        logit_bias = self.biases.matrix(rows)  # [n, V] or None
+        top = None if k is None else TopTokens(n * C, max(k, 1), device)  # the best one gives the draft's value
         h = hidden.reshape(n * C, -1)
         weight, head_bias = self.lm_head.weight, self.lm_head.bias
         E = self.embed.weight
@@ -293,10 +295,14 @@ class FastSampler:
         S, B = total.S[:, 0], total.B[:, 0]
         soft = (soft / S[:, None]).mul_(self.embed.embed_scale.to(torch.float32)).to(E.dtype)
         logprobs = None
-        if top is not None:  # log softmax(s) = s - m - log S; the draft (argmax) has s = m
-            log_S = S.log()
-            logprobs = LogprobTensors((-log_S).view(n, C), top.ids.view(n, C, -1),
-                                      (top.values - total.m - log_S[:, None]).view(n, C, -1))
+        if top is not None:  # log softmax(s) = s - m - log S
+            values = top.values - total.m - S.log()[:, None]
+            draft = total.argmax_index[:, 0]
+            # the draft is the argmax: the best alternative's value (the same bits as in the list), or, should
+            # the statistics' max (a kernel's own rounding) and the list disagree on a near-tie, s = m
+            chosen = torch.where(top.ids[:, 0] == draft, values[:, 0], -S.log())
+            logprobs = LogprobTensors(chosen.view(n, C), top.ids[:, :k].reshape(n, C, -1),
+                                      values[:, :k].reshape(n, C, -1))
         self.sampling_seconds += time.perf_counter() - t0
         return PositionStats(
             draft=total.argmax_index[:, 0].view(n, C),

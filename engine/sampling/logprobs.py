@@ -31,13 +31,17 @@ def top_count(rows: list[DecodeWork]) -> int | None:
     return max(wanted) if wanted else None
 
 
-def from_probs(probs: torch.Tensor, draft: torch.Tensor, k: int) -> LogprobTensors:
-    """From the step's fp32 softmax [n, c, V] and the draft [n, c]: the top alternatives are the most
-    probable tokens, so the log of their probabilities keeps full relative precision."""
-    chosen = probs.gather(-1, draft[..., None]).squeeze(-1).log()
-    values, ids = probs.topk(k, dim=-1) if k else (probs.new_empty(*probs.shape[:-1], 0),
-                                                   draft.new_empty(*draft.shape, 0))
-    return LogprobTensors(chosen, ids, values.log())
+def from_probs(probs: torch.Tensor, scaled: torch.Tensor, draft: torch.Tensor, k: int) -> LogprobTensors:
+    """From the step's scaled logits s [n, c, V], their fp32 softmax and the draft [n, c]: log softmax(s)_v
+    = s_v - m + log p_max, where m is the largest s and p_max its probability (at least 1/V, so its log
+    is finite and precise), for the draft and the k largest s. Finite whatever the spread of s (the
+    log of a probability that underflows to 0 would not be)."""
+    m, top = scaled.max(dim=-1, keepdim=True)
+    shift = probs.gather(-1, top).log() - m  # [n, c, 1]
+    chosen = (scaled.gather(-1, draft[..., None]) + shift).squeeze(-1)
+    values, ids = scaled.topk(k, dim=-1) if k else (scaled.new_empty(*scaled.shape[:-1], 0),
+                                                    draft.new_empty(*draft.shape, 0))
+    return LogprobTensors(chosen, ids, values + shift)
 
 
 def concat(parts: list[LogprobTensors] | None, dim: int) -> LogprobTensors | None:

@@ -21,7 +21,7 @@ import torch
 
 from ..work import DecodeWork
 from . import SampleResult
-from .constraints import Pins, acceptance_entropy, add_bias, bias_matrix, pins
+from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
 from .draws import DrawPrefetcher
 from .logprobs import concat, from_probs, top_count
 from .schedule import row_parameters
@@ -150,6 +150,7 @@ class ReferenceSampler:
         # in every other pass: a same-run baseline.)
         self.overlap_entropy = threaded and torch.get_num_threads() == 1 and _usable_cpus() > 1
         self._generators: dict[str, torch.Generator] = {}
+        self.biases = BiasRows(self.vocab_size, device)
         self._tiles: list[slice] = []
         self.sampling_seconds = 0.0  # the sampler's own math and draws in the last ``sample`` (not the lm head)
 
@@ -161,6 +162,7 @@ class ReferenceSampler:
 
     def free(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self.biases.free(request_id)
 
     def num_live_states(self) -> int:
         return len(self._generators)
@@ -190,7 +192,7 @@ class ReferenceSampler:
             draws = self.draws.take(index)
             params = row_parameters(rows[tile], self.device)
             temps = params[:, 0].view(-1, 1, 1)
-            bias = bias_matrix(rows[tile], self.vocab_size, self.device)
+            bias = self.biases.matrix(rows[tile])
             parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk], bias, k,
                                         next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
                      for chunk in self._position_chunks]
@@ -241,7 +243,7 @@ class ReferenceSampler:
             self.draws.prefetch(next_tile)
         drawn = draw_positions(scaled, exponentials)
         entropy = entropy.result() if entropy is not None else positions_entropy(scaled)
-        logprobs = None if k is None else from_probs(drawn.probs, drawn.argmax, k)
+        logprobs = None if k is None else from_probs(drawn.probs, scaled, drawn.argmax, k)
         self.sampling_seconds += time.perf_counter() - t1
         # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
         # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
