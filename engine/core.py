@@ -71,7 +71,11 @@ class EngineCore:
         ``images``: the prompt's images (``engine.multimodal``), checked against its placeholders.
         """
         if params.infill_suffix and params.max_tokens is None:  # the gap fills the canvas up to the suffix
-            params = replace(params, max_tokens=max(1, self.canvas_length - len(params.infill_suffix)))
+            if len(params.infill_suffix) >= self.canvas_length:
+                raise InvalidRequestError(
+                    f"the suffix has {len(params.infill_suffix)} tokens: an infill is written in one canvas of "
+                    f"{self.canvas_length} tokens and needs at least one free position before its suffix", "suffix")
+            params = replace(params, max_tokens=self.canvas_length - len(params.infill_suffix))
         resolved = params.resolve(self.defaults)
         if not prompt_checked:
             self.check_prompt(prompt_ids)

@@ -53,9 +53,6 @@ class Chat:
     def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
         return chat_logprobs(entries, tokenizer), offset
 
-    def text_start(self, spec: ChoiceSpec, prompts: Prompts) -> int:
-        return 0
-
     def max_tokens(self, req: ChatCompletionRequest) -> tuple[int | None, str]:
         if req.max_completion_tokens is not None:
             return req.max_completion_tokens, "max_completion_tokens"
@@ -211,7 +208,7 @@ def _template_call(call, i: int, j: int) -> dict:
     from an object, so the JSON string is parsed; it must hold an object."""
     try:
         arguments = json.loads(call.function.arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's recursion limit
         arguments = None
     if not isinstance(arguments, dict):
         raise errors.bad_request("function.arguments must be a JSON object (as a string).",
@@ -275,7 +272,8 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
     def work():
         from engine.multimodal import process_images  # torch: loaded with the engine, not with the server
 
-        pictures = [images.read(url, param) for url, param in urls]
+        deadline = images.fetch_deadline()  # one for all the request's fetches
+        pictures = [images.read(url, param, deadline) for url, param in urls]
         _, text = apply_template(tokenizer, req, messages)
         try:
             ids, inputs = process_images(images.processor, text, pictures)

@@ -27,6 +27,12 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}", re.ASCII)
 _FETCH_CHUNK = 64 * 1024
+# http(s) only, redirects included (the default opener would follow a redirect to ftp: or file:)
+_HTTP_ONLY = urllib.request.OpenerDirector()
+for _handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                 urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                 urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
+    _HTTP_ONLY.add_handler(_handler)
 
 
 def invalid_image(message: str, param: str) -> errors.APIError:
@@ -60,14 +66,19 @@ class ImageReader:
             raise limit_error(f"Too many images: {count} in one request, the limit is {self.max_images} "
                               "(setting max_images_per_prompt).", "messages")
 
-    def read(self, url: str, param: str):
-        """The picture at ``url`` (a data URL, or http(s) when fetching is on), decoded to RGB."""
+    def fetch_deadline(self) -> float:
+        """When the fetches of a request that starts reading its images now must be over."""
+        return time.monotonic() + self.fetch_timeout
+
+    def read(self, url: str, param: str, deadline: float):
+        """The picture at ``url`` (a data URL, or http(s) when fetching is on, done by ``deadline``, a
+        ``time.monotonic`` value shared by the request's images), decoded to RGB."""
         if url.startswith(("http://", "https://")):
             if not self.fetch:
                 raise errors.bad_request(
                     "Image URLs are not fetched by this server (setting image_url_fetch is off): send the image "
                     "inline as a data URL (data:image/png;base64,...).", param, "unsupported_parameter")
-            data = self._fetch(url, param)
+            data = self._fetch(url, param, deadline)
         else:
             data = self._decode_data_url(url, param)
         return self._picture(data, param)
@@ -87,10 +98,12 @@ class ImageReader:
         except binascii.Error:
             raise invalid_image("The image's data URL is not valid base64.", param) from None
 
-    def _fetch(self, url: str, param: str) -> bytes:
-        deadline = time.monotonic() + self.fetch_timeout
+    def _fetch(self, url: str, param: str, deadline: float) -> bytes:
         try:
-            with urllib.request.urlopen(url, timeout=self.fetch_timeout) as response:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            with _HTTP_ONLY.open(url, timeout=left) as response:
                 declared = response.headers.get("Content-Length")
                 if declared is not None and declared.isdigit():
                     self._check_bytes(int(declared), param)
@@ -104,8 +117,8 @@ class ImageReader:
         except errors.APIError:
             raise
         except TimeoutError:
-            raise invalid_image(f"The image at {url} did not arrive within {self.fetch_timeout:g} seconds (setting "
-                                "image_fetch_timeout_seconds).", param) from None
+            raise invalid_image(f"The image at {url} did not arrive within {self.fetch_timeout:g} seconds of the "
+                                "request's first fetch (setting image_fetch_timeout_seconds).", param) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise invalid_image(f"The image at {url} could not be fetched: {reason}.", param) from None

@@ -78,13 +78,13 @@ class ServerSettings:
         "Repeat for several.", flag="--cors-allow-origin", metavar="ORIGIN",
         default_text="none (no CORS headers; browsers block cross-origin calls)")
     image_url_fetch: bool = setting(
-        False, "Fetch image_url parts given as http(s) URLs (each within max-image-bytes and "
-        "image-fetch-timeout-seconds). Off: such a part gets 400 and images must come inline as data URLs. The "
+        False, "Fetch image_url parts given as http(s) URLs (each within max-image-bytes, all of a request's "
+        "within image-fetch-timeout-seconds; redirects to other schemes are refused). Off: such a part gets 400 and images must come inline as data URLs. The "
         "server then makes requests to any address a client names, its own network included: turn it on only "
         "where that is acceptable.")
     image_fetch_timeout_seconds: float = setting(
-        10.0, "With image-url-fetch: the longest one image's fetch may take, from connecting to its last byte; "
-        "past it the request gets 400.")
+        10.0, "With image-url-fetch: the longest all the image fetches of one request may take together, from "
+        "the first connection to the last byte; past it the request gets 400.")
     engine: EngineSettings = field(default_factory=EngineSettings)
     max_request_body_bytes: int = limit(16 * 1024 * 1024, "Largest request body accepted, in bytes; larger ones get 413.")
     max_prompt_tokens: int | None = limit(

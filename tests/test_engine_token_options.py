@@ -140,3 +140,7 @@ def test_infill_gap_defaults_to_the_rest_of_the_canvas(core, prompt):
     with pytest.raises(InvalidRequestError) as info:
         core.resolve(prompt, SamplingParams(max_tokens=14, infill_suffix=(70, 71, 72)))
     assert info.value.param == "suffix" and "one canvas of 16 tokens" in str(info.value)
+    with pytest.raises(InvalidRequestError) as info:
+        core.resolve(prompt, SamplingParams(infill_suffix=tuple(range(70, 86))))  # 16 tokens, no max_tokens
+    assert str(info.value) == ("the suffix has 16 tokens: an infill is written in one canvas of 16 tokens and needs "
+                               "at least one free position before its suffix")

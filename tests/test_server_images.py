@@ -189,7 +189,7 @@ def test_refusals(server):
 class _Images(BaseHTTPRequestHandler):
     """A loopback web server: /ok.png (the test image), /big.png (over max_image_bytes, with its
     Content-Length), /unsized.png (the same without), /slow.png (trickles for longer than the fetch
-    timeout), anything else 404."""
+    timeout), /half.png (after 0.6 s), /to-ftp.png (a redirect to ftp:), anything else 404."""
 
     ok = encoded(noise_image(30, 40, 0))
     big = encoded(noise_image(100, 100, 1))
@@ -211,6 +211,16 @@ class _Images(BaseHTTPRequestHandler):
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(0.1)
+        elif self.path == "/half.png":  # arrives after 0.6 s: one fits the 1 s fetch time, two do not
+            time.sleep(0.6)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.ok)))
+            self.end_headers()
+            self.wfile.write(self.ok)
+        elif self.path == "/to-ftp.png":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/x.png")
+            self.end_headers()
         else:
             self.send_error(404)
 
@@ -250,7 +260,7 @@ def test_fetch_limits(fetching_server, image_host):
     unsized = refusal(fetching_server.url, image_message("x", image_host + "/unsized.png"))  # counted as it arrives
     assert unsized["code"] == "limit_exceeded" and unsized["message"].endswith(f"bytes or more, {too_big}")
     assert refusal(fetching_server.url, image_message("x", image_host + "/slow.png")) == error(
-        f"The image at {image_host}/slow.png did not arrive within 1 seconds (setting image_fetch_timeout_seconds).",
+        f"The image at {image_host}/slow.png did not arrive within 1 seconds of the request's first fetch (setting image_fetch_timeout_seconds).",
         PART, "invalid_image")
     assert refusal(fetching_server.url, image_message("x", image_host + "/none.png")) == error(
         f"The image at {image_host}/none.png could not be fetched: Not Found.", PART, "invalid_image")
@@ -259,3 +269,14 @@ def test_fetch_limits(fetching_server, image_host):
         closed = f"http://127.0.0.1:{s.getsockname()[1]}/x.png"
     message = refusal(fetching_server.url, image_message("x", closed))["message"]
     assert message.startswith(f"The image at {closed} could not be fetched: ")
+    # a redirect to another scheme is not followed
+    assert refusal(fetching_server.url, image_message("x", image_host + "/to-ftp.png")) == error(
+        f"The image at {image_host}/to-ftp.png could not be fetched: unknown url type: ftp.", PART,
+        "invalid_image")
+    # the fetch time is the request's: each image alone fits it, the second one no longer does
+    one = httpx.post(fetching_server.url + "/v1/chat/completions", timeout=60,
+                     json={"messages": image_message("x", image_host + "/half.png"), "max_tokens": 4})
+    assert one.status_code == 200, one.text
+    assert refusal(fetching_server.url, image_message("x", image_host + "/half.png", image_host + "/half.png")) == error(
+        f"The image at {image_host}/half.png did not arrive within 1 seconds of the request's first fetch (setting "
+        "image_fetch_timeout_seconds).", "messages[0].content[2].image_url", "invalid_image")

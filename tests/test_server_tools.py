@@ -432,6 +432,26 @@ def test_a_real_model_calls_tools_end_to_end(phrase_server):
     assert all(seen.values()), seen  # each case happens for some of these seeds
 
 
+def test_tool_call_streams_carry_every_logprob(phrase_server):
+    """With tools and logprobs, the stream (which holds back text that may start a call) still carries
+    each committed token's entry once, in order: the same entries as the response, for seeds whose
+    output holds calls."""
+    client = openai.OpenAI(base_url=phrase_server.base_url, api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with_calls = 0
+    for seed in range(6):
+        kwargs = dict(model="tiny-phrases", messages=messages, tools=[WEATHER], max_tokens=48, seed=seed,
+                      logprobs=True, top_logprobs=2)
+        whole = client.chat.completions.create(**kwargs)
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        entries = whole.choices[0].logprobs.content
+        assert len(entries) == whole.usage.completion_tokens
+        assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in entries], seed
+        with_calls += bool(whole.choices[0].message.tool_calls)
+    assert with_calls  # some of these seeds call a tool
+
+
 def post(srv, body: dict) -> httpx.Response:
     return httpx.post(srv.base_url + "/chat/completions", timeout=60,
                       json={"model": srv.model_name, "messages": [{"role": "user", "content": "hi"}],
@@ -459,6 +479,10 @@ UNSUPPORTED_CHOICE = "is not supported: this server cannot force the model to ca
      "messages[1].tool_calls[0].function.arguments", None, "function.arguments must be a JSON object (as a string)."),
     ({"messages": HISTORY[:1] + [{**HISTORY[1], "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+     "messages[1].tool_calls[0].function.arguments", None, "function.arguments must be a JSON object (as a string)."),
+    # nested past json's recursion limit (the body's own depth limit does not see inside a string)
+    ({"messages": HISTORY[:1] + [{**HISTORY[1], "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]}]},
      "messages[1].tool_calls[0].function.arguments", None, "function.arguments must be a JSON object (as a string)."),
     ({"messages": HISTORY[:2] + [{"role": "tool", "content": "18C"}]}, "messages[2].tool_call_id", None,
      "A tool message needs the tool_call_id of the call it answers."),
