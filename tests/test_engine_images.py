@@ -19,7 +19,7 @@ from PIL import Image
 from engine import EngineCore, EngineSettings, InvalidRequestError, SamplingParams
 from engine.loader import load_model
 from engine.multimodal import ImageInputs, image_token_runs, process_images
-from tests.engine_helpers import reference_run, run_to_completion
+from tests.engine_helpers import reference_run
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 
