@@ -41,6 +41,10 @@ class Chat:
                          f"tool_choice {forced} is not supported: this server cannot force the model to call a "
                          "tool; use 'auto' (or 'none')."),
             response_format=(rf_type != "text", f"response_format type '{rf_type}' is not supported; only 'text'."),
+            # the deprecated function-calling fields: never ignored, since the client expects calls
+            functions=(bool(req.functions), "functions is deprecated and not supported: declare them in tools."),
+            function_call=(req.function_call is not None,
+                           "function_call is deprecated and not supported: use tool_choice with tools."),
         )
         check_tools(req, settings)
 

@@ -194,6 +194,10 @@ class ChatCompletionRequest(CommonFields):
     tool_choice: Union[str, dict[str, Any], None] = Field(
         None, description="`auto` (the default with tools) or `none` (the declarations are left out of the prompt and "
         "the output is plain text). `required` and a named function are a 400: nothing forces the model to call.")
+    functions: list[Any] | None = Field(
+        None, description="OpenAI's deprecated form of `tools`: a non-empty list is a 400 that says to use `tools`.")
+    function_call: Union[str, dict[str, Any], None] = Field(
+        None, description="OpenAI's deprecated form of `tool_choice`: refused like `functions`.")
     response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}`.")
     # vLLM-style chat template controls.
     add_generation_prompt: StrictBool = Field(True, description="End the prompt with the assistant turn's header.")
