@@ -8,8 +8,8 @@ schedule), s = z / T:
 - entropy H = log S - B / S, where S = sum exp(s - m), B = sum exp(s - m) (s - m), m = max s;
 - soft embedding: sum_v softmax(s)_v E_v * embed_scale (attention over the vocabulary, with the tied
   embedding as keys and values), accumulated with online rescaling;
-- acceptance, renoising and confidence as in the reference (``reference.accept``), with ties of
-  equal entropy broken by position (a stable sort).
+- acceptance, renoising and confidence by the reference's ``reference.accept``, with ties of equal
+  entropy broken by position (a stable sort).
 
 The statistics are reduced over fixed blocks of ``block`` tokens (aligned to the vocabulary) and then
 combined in a fixed binary tree over the blocks, so max, S and B, hence the entropies and the
@@ -27,9 +27,10 @@ import torch
 
 from ..work import DecodeWork
 from . import SampleResult
-from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
+from .constraints import BiasRows, add_bias, pins
 from .counter_rng import GUMBEL, INITIAL_CANVAS, RENOISE, gumbel, step_key, uniform_tokens, values
 from .logprobs import LogprobTensors, concat, top_count
+from .reference import accept
 from .schedule import step_temperature
 
 BLOCK_MAX = 1024  # tokens per statistics block (smaller vocabularies: the next power of two)
@@ -237,11 +238,11 @@ class FastSampler:
         bounds = torch.tensor([[r.entropy_bound, r.confidence_threshold] for r in rows], dtype=torch.float32,
                               device=self.device)
         pinned = pins(rows, self.canvas_length, self.device)
-        next_canvas, confident, usable = accept(stats.entropy, stats.sampled, noise, bounds, pinned)
+        accepted = accept(stats.entropy, stats.sampled, noise, bounds[:, 0:1], bounds[:, 1], pinned, stable=True)
         self.sampling_seconds += time.perf_counter() - t0
         draft = stats.draft if pinned is None else pinned.apply(stats.draft)
-        return SampleResult(draft=draft, next_canvas=next_canvas, confident=confident, usable=usable,
-                            soft=stats.soft, logprobs=stats.logprobs)
+        return SampleResult(draft=draft, next_canvas=accepted.next_canvas, confident=accepted.confident,
+                            usable=accepted.usable, soft=stats.soft, logprobs=stats.logprobs)
 
     def statistics(self, hidden: torch.Tensor, rows: list[DecodeWork], k: int | None = None) -> "PositionStats":
         """Every position's draft, sample, entropy and soft embedding for a tile: hidden [n, C, hidden];
@@ -339,19 +340,3 @@ class TopTokens:
         ids = torch.cat([self.ids, ids + v0], dim=1)
         self.values, order = values.topk(min(self.k, values.shape[1]), dim=-1)
         self.ids = ids.gather(1, order)
-
-
-def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, bounds: torch.Tensor,
-           pinned: Pins | None = None):
-    """The entropy-bounded acceptance and renoise over [n, C] (``bounds``: [n, 2] entropy bound and
-    confidence threshold): the reference's rule, with equal entropies ordered by position; ``pinned``
-    positions keep their tokens (``constraints``)."""
-    usable = torch.isfinite(entropy.mean(dim=-1))
-    entropy, mean_entropy = acceptance_entropy(entropy, pinned)
-    sorted_entropy, order = torch.sort(entropy, dim=-1, stable=True)
-    sorted_accept = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bounds[:, 0:1]
-    accepted = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
-    next_canvas = torch.where(accepted, sampled, noise)
-    if pinned is not None:
-        next_canvas = pinned.apply(next_canvas)
-    return next_canvas, mean_entropy < bounds[:, 1], usable

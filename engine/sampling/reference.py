@@ -97,16 +97,18 @@ def positions_entropy(scaled: torch.Tensor) -> torch.Tensor:
     return -p_log_p.sum(-1)
 
 
-def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, params: torch.Tensor,
-           pinned: Pins | None = None) -> AcceptResult:
-    """The entropy-bounded acceptance over whole canvases ([n, C] each) and the renoise; ``params`` is
-    ``row_parameters`` of the same rows; ``pinned`` positions keep their tokens (``constraints``)."""
+def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, bound: torch.Tensor,
+           threshold: torch.Tensor, pinned: Pins | None = None, stable: bool = False) -> AcceptResult:
+    """The entropy-bounded acceptance over whole canvases ([n, C] each) and the renoise, for both
+    samplers: ``bound`` [n, 1] entropy bounds, ``threshold`` [n] confidence thresholds (fp32, as
+    ``row_parameters``); ``pinned`` positions keep their tokens (``constraints``); ``stable`` orders
+    equal entropies by position (the fast sampler; the reference sorts as transformers does)."""
     usable = torch.isfinite(entropy.mean(dim=-1))
     entropy, mean_entropy = acceptance_entropy(entropy, pinned)
-    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+    sorted_entropy, order = torch.sort(entropy, dim=-1, stable=stable)
     cumulative = torch.cumsum(sorted_entropy, dim=-1)
     # Accept the k lowest-entropy positions whose entropy sum minus the largest stays within the bound.
-    sorted_accept = cumulative - sorted_entropy <= params[:, 1:2]
+    sorted_accept = cumulative - sorted_entropy <= bound
     accepted = torch.scatter(torch.zeros_like(sorted_accept), dim=-1, index=order, src=sorted_accept)
     # every position is re-decided each step: accepted positions take the sample, the rest fresh noise
     next_canvas = torch.where(accepted, sampled, noise)
@@ -114,7 +116,7 @@ def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, pa
         next_canvas = pinned.apply(next_canvas)
     # A NaN or +inf logit makes its position's entropy NaN, hence the row mean: such a row's outputs are
     # garbage (the reference's multinomial would raise) and the caller fails it; rows never mix.
-    return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < params[:, 2], usable=usable)
+    return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < threshold, usable=usable)
 
 
 def _usable_cpus() -> int:
@@ -203,7 +205,7 @@ class ReferenceSampler:
             pinned = pins(rows[tile], self.canvas_length, self.device)
             if pinned is not None:
                 argmax = pinned.apply(argmax)
-            outputs.append((argmax, soft, accept(entropy, sampled, draws.noise, params, pinned),
+            outputs.append((argmax, soft, accept(entropy, sampled, draws.noise, params[:, 1:2], params[:, 2], pinned),
                             concat([p[4] for p in parts], dim=1)))
             self.sampling_seconds += time.perf_counter() - t0
         return SampleResult(
