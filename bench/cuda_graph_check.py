@@ -3,7 +3,7 @@
     python -m bench.cuda_graph_check --model /tmp/dg-shape --batches 1,4,16
 
 For each batch size B, an engine is filled with B requests and stepped until every row is
-denoising; then the same decoder pass (``ModelRunner._decoder_inputs`` and ``_decoder_hidden``: embeddings,
+denoising; then the same decoder pass (``ModelRunner._decoder_pass_inputs`` and ``_decoder_hidden``: embeddings,
 self-conditioning, the decoder layers against each row's cached prefix, final norm) is timed with
 CUDA events, eagerly and replayed from a ``torch.cuda.CUDAGraph`` captured over the same tensors.
 The replay's output is compared with the eager output. Only the decoder pass is captured: the lm
@@ -69,7 +69,7 @@ def check(core: EngineCore, repeats: int) -> dict:
     cuda = runner.device.type == "cuda"
 
     def decoder_pass():
-        return runner._decoder_hidden(*runner._decoder_inputs(ids, states))
+        return runner._decoder_hidden(runner._decoder_pass_inputs(ids, states))
 
     with torch.inference_mode():
         eager_out = decoder_pass().clone()

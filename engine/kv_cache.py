@@ -43,7 +43,7 @@ class _LayerView:
 
 
 class _GatheredLayers:
-    """The layers of a view over rows that are not slots 0..n-1: each layer's rows are copied out of the
+    """The layers of a view over rows that are not consecutive slots: each layer's rows are copied out of the
     buffers only when attention asks for it, so at most one layer's copy is alive at a time."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], index: torch.Tensor, widths: list[int]):
@@ -195,17 +195,18 @@ class KVCacheManager:
 
     # -- views -------------------------------------------------------------------------------
     def view(self, request_ids: list[str], full_width: bool = False) -> BatchKVView:
-        """The requests' KV as one batch. When ``request_ids`` are slots 0..n-1 in order (the decoder's
-        batch) the layers are slices of the buffers, with no copy; otherwise (encoder groups) each
-        layer's rows are gathered when the encoder's attention reaches that layer.
+        """The requests' KV as one batch. When ``request_ids`` are consecutive slots in order (the decoder's
+        batch, or a group of its rows) the layers are slices of the buffers, with no copy; otherwise
+        (encoder groups) each layer's rows are gathered when the encoder's attention reaches that layer.
 
         ``full_width`` (slots 0..n-1 only): every layer spans its buffer's whole capacity, not the
         longest row, so the view's tensors stay the same until the buffers are reallocated (what a
         captured CUDA graph needs); the padding is marked invalid as usual."""
         caches = [self._caches[rid] for rid in request_ids]
         slots = [kv.slot for kv in caches]
-        in_place = slots == list(range(len(slots)))
-        if full_width and not in_place:
+        first = slots[0] if slots else 0
+        in_place = slots == list(range(first, first + len(slots)))
+        if full_width and not (in_place and first == 0):
             raise ValueError("a full-width view needs the requests of slots 0..n-1, in order")
         valid: dict[str, torch.Tensor] = {}
         positions: dict[str, torch.Tensor] = {}
@@ -220,7 +221,7 @@ class KVCacheManager:
             positions[layer_type] = starts[:, None] + slot[None, :]
         widths = [padded[t] for t in self.layer_types]
         if in_place:  # slices of the buffers, no copy
-            layers = [_LayerView(k[: len(slots), :, :w], v[: len(slots), :, :w])
+            layers = [_LayerView(k[first: first + len(slots), :, :w], v[first: first + len(slots), :, :w])
                       for k, v, w in zip(self._keys, self._values, widths)]
         else:
             layers = _GatheredLayers(self._keys, self._values, torch.tensor(slots, device=self.device), widths)

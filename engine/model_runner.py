@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from .cpu_threads import default_forward_threads
 from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph_max_batch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
@@ -29,12 +32,21 @@ logger = logging.getLogger("engine")
 
 @dataclass
 class _DecoderGeometry:
-    key: tuple  # (buffer generation, token count of each row)
+    key: tuple  # (buffer generation, full width, (slot, token count) of each row)
     view: BatchKVView  # slices of the KV buffers (read at forward time, so always current)
     positions: torch.Tensor  # [B, C] int32
     masks: dict  # per layer type: None (no padding) or the padding mask
     rotary: dict  # per layer type: (cos, sin), each [B, C, head_dim]
     layout: BatchLayout | None  # which keys of each row are real, when rows are padded (rowwise_attention)
+
+
+@dataclass
+class _PassInputs:
+    """One row group's decoder inputs, whether a CUDA graph runs it, and its row-wise attention layout."""
+
+    inputs: DecoderInputs
+    graphed: bool
+    layout: BatchLayout | None
 
 
 @dataclass
@@ -50,7 +62,8 @@ class ModelRunner:
     their defaults are written), so they have no defaults here."""
 
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int, sampling_tile_bytes: int | None,
-                 max_encoder_tokens: int, cuda_graph_max_batch: int | None, sampler: str):
+                 max_encoder_tokens: int, cuda_graph_max_batch: int | None, sampler: str,
+                 forward_threads: int | None = None):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -67,6 +80,18 @@ class ModelRunner:
         self.sampler: Sampler = make_sampler(sampler, self.model, self.device, tile_bytes=sampling_tile_bytes,
                                              threaded=self.device.type == "cpu", max_num_seqs=max_num_seqs)
         self.max_encoder_tokens = max_encoder_tokens
+        # CPU: the decoder pass's rows split into groups that run side by side, one thread each (see
+        # EngineSettings.forward_threads); a row's result does not depend on its group (batch invariance)
+        threads = torch.get_num_threads()
+        if self.device.type != "cpu":
+            forward_threads = 1
+        elif forward_threads is None:
+            forward_threads = default_forward_threads(threads)
+        self.forward_threads = forward_threads
+        self._pool = None
+        if forward_threads > 1:
+            self._pool = ThreadPoolExecutor(forward_threads - 1, thread_name_prefix="decoder-rows",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
         self.min_encoder_width = MIN_ROWS if loaded.batch_invariant else 1
         self.eager_masks = self.model.config._attn_implementation == "eager"
         # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to
@@ -77,7 +102,8 @@ class ModelRunner:
         template = [(per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))]
         self.kv = KVCacheManager(self.layer_types, self.sliding_window, template, max_num_seqs, self.device, self.dtype)
         self.rows: dict[str, RowState] = {}
-        self._geometry: _DecoderGeometry | None = None
+        # per row group of the decoder pass (``_row_parts``): the last geometry, reused between commits
+        self._geometries: dict[int, _DecoderGeometry] = {}
         # CUDA: small decoder batches replay captured graphs (launch-bound otherwise); see graph_max_batch
         blocker = capture_blocker(self.model, self.dtype, loaded.quantization, self.device)
         max_graph_batch, warning = graph_max_batch(cuda_graph_max_batch, max_num_seqs, blocker)
@@ -113,8 +139,10 @@ class ModelRunner:
             self.kv.free(request_id)
 
     def close(self) -> None:
-        """Stop the sampler's worker thread."""
+        """Stop the sampler's worker thread and the decoder's row-group threads."""
         self.sampler.close()
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def execute(self, plan: StepPlan) -> StepResult:
         with self._no_grad():
@@ -128,7 +156,7 @@ class ModelRunner:
         for row in plan.new:
             self._add(row)
         if self.kv.needs_reallocation():  # views of the old buffers would keep them alive through sync
-            self._geometry = None
+            self._geometries.clear()
             if self.graphs is not None:
                 self.graphs.clear()
         self.kv.sync()
@@ -282,11 +310,11 @@ class ModelRunner:
             if w.new_canvas:
                 st.canvas = pin_row(self.sampler.initial_canvas(w), w)
                 st.soft_embeddings = None
-        inputs, graphed = self._decoder_inputs(ids, states)
+        inputs = self._decoder_pass_inputs(ids, states)
         # the sampler may draw while the forward runs (started once the inputs are built, so that a
         # CPU worker's draw loop shares the GIL with the forward only)
         self.sampler.begin(work)
-        hidden = self._decoder_hidden(inputs, graphed)  # [B, C, hidden]
+        hidden = self._decoder_hidden(inputs)  # [B, C, hidden]
         t0 = time.perf_counter()
         out = self.sampler.sample(hidden, work)
         sampling = self.sampler.sampling_seconds
@@ -311,17 +339,19 @@ class ModelRunner:
             results.append(DecodeResult(w.request_id, tuple(values[:C]), bool(values[C]), logprobs=lp))
         return results
 
-    def _decoder_geometry(self, ids: list[str], full_width: bool = False) -> "_DecoderGeometry":
-        """The batch's KV view, canvas positions, attention masks and rotary embeddings. They depend only
+    def _decoder_geometry(self, ids: list[str], full_width: bool = False, group: int = 0) -> "_DecoderGeometry":
+        """The rows' KV view, canvas positions, attention masks and rotary embeddings. They depend only
         on each row's token count and on the buffers (which a reallocation replaces), so between commits
-        (most passes) the previous pass's are reused. ``full_width``: the view a CUDA graph reads
-        (``KVCacheManager.view``), always with masks."""
-        key = (self.kv.reallocations, full_width, tuple(self.kv.get(r).total_len for r in ids))
-        if self._geometry is not None and self._geometry.key == key:
-            return self._geometry
+        (most passes) the previous pass's are reused, one per row group. ``full_width``: the view a CUDA
+        graph reads (``KVCacheManager.view``), always with masks."""
+        rows = [self.kv.get(r) for r in ids]
+        key = (self.kv.reallocations, full_width, tuple((kv.slot, kv.total_len) for kv in rows))
+        cached = self._geometries.get(group)
+        if cached is not None and cached.key == key:
+            return cached
         view: BatchKVView = self.kv.view(ids, full_width=full_width)
         C = self.canvas_length
-        totals = torch.tensor(key[2], device=self.device)
+        totals = torch.tensor([kv.total_len for kv in rows], device=self.device)
         positions = (totals[:, None] + torch.arange(C, device=self.device)[None, :]).to(torch.int32)
         masks, keys_valid = {}, {}
         for layer_type in set(self.layer_types):
@@ -342,14 +372,27 @@ class ModelRunner:
             all_valid = torch.ones(len(ids), 1, dtype=torch.bool, device=self.device)
             layout = BatchLayout(None, {lt: keys_valid.get(lt, all_valid.expand(-1, view.valid[lt].shape[1] + C))
                                         for lt in masks})
-        self._geometry = _DecoderGeometry(key, view, positions, masks, rotary, layout)
-        return self._geometry
+        geometry = self._geometries[group] = _DecoderGeometry(key, view, positions, masks, rotary, layout)
+        return geometry
 
-    def _decoder_inputs(self, ids: list[str], states: list[RowState]) -> tuple[DecoderInputs, bool]:
-        """The decoder's inputs for these rows, and whether a captured CUDA graph runs them (a small
-        batch, ``DecoderGraphs``; its view spans the buffers' full width)."""
+    def _decoder_pass_inputs(self, ids: list[str], states: list[RowState]) -> list["_PassInputs"]:
+        """The decoder pass's inputs, one per row group: a small batch replays a captured CUDA graph
+        (``DecoderGraphs``) as one group; on CPU the rows run in groups side by side (``_row_parts``)."""
         graphed = self.graphs is not None and self.graphs.covers(len(ids))
-        geometry = self._decoder_geometry(ids, full_width=graphed)
+        parts = [slice(None)] if graphed else self._row_parts(len(ids))
+        return [self._decoder_inputs(ids[p], states[p], graphed, i) for i, p in enumerate(parts)]
+
+    def _row_parts(self, batch: int) -> list[slice]:
+        """The decoder pass's row groups: one, or on CPU up to ``forward_threads`` runs of consecutive
+        rows (slot order) that run side by side (``_decoder_hidden``)."""
+        groups = min(self.forward_threads, batch)
+        bounds = [batch * i // groups for i in range(groups + 1)]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    def _decoder_inputs(self, ids: list[str], states: list[RowState], graphed: bool, group: int) -> "_PassInputs":
+        """The decoder's inputs for these rows (row group ``group``); ``graphed``: a captured CUDA graph
+        runs them, and their view spans the buffers' full width."""
+        geometry = self._decoder_geometry(ids, full_width=graphed, group=group)
         canvas = torch.stack([s.canvas for s in states])  # [B, C]
         zeros = None
         soft_rows = []
@@ -358,19 +401,25 @@ class ModelRunner:
                 zeros = torch.zeros(self.canvas_length, self.text_config.hidden_size, dtype=self.dtype, device=self.device)
             soft_rows.append(s.soft_embeddings if s.soft_embeddings is not None else zeros)
         soft = torch.stack(soft_rows)  # [B, C, hidden]
-        return DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view), graphed
+        inputs = DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view)
+        return _PassInputs(inputs, graphed, geometry.layout)
 
-    def _decoder_hidden(self, inputs: DecoderInputs, graphed: bool) -> torch.Tensor:
+    def _decoder_hidden(self, parts: list["_PassInputs"]) -> torch.Tensor:
         """Run the bidirectional decoder over every row's canvas against its cached prefix: eagerly, or
-        as a captured CUDA graph."""
+        as a captured CUDA graph; several row groups run side by side, the first on this thread.
+        Returns [B, C, hidden], the groups' rows in order."""
         t0 = time.perf_counter()
-        if graphed:
-            hidden = self.graphs.run(self.kv.reallocations, inputs)
-        else:
-            with batch_layout(self._geometry.layout):
-                hidden = self._decoder_forward(inputs)
+        pending = [self._pool.submit(self._run_group, p) for p in parts[1:]]
+        first = self._run_group(parts[0], on_pool=False)
+        hidden = first if not pending else torch.cat([first, *(f.result() for f in pending)])
         self._forward_seconds += time.perf_counter() - t0
         return hidden
+
+    def _run_group(self, part: "_PassInputs", on_pool: bool = True) -> torch.Tensor:
+        if part.graphed:
+            return self.graphs.run(self.kv.reallocations, part.inputs)
+        with (self._no_grad() if on_pool else nullcontext()), batch_layout(part.layout):
+            return self._decoder_forward(part.inputs)
 
     def _decoder_forward(self, inputs: DecoderInputs) -> torch.Tensor:
         """The decoder's modules over ``inputs``: [B, C, hidden] after the final norm. Changes no state

@@ -112,6 +112,12 @@ class EngineSettings:
     num_threads: int | None = setting(
         None, "torch intra-op threads on CPU. OpenMP threads spin-waiting on a shared machine slow every pass "
         "down; raise it on an idle many-core host.", default_text="1 on CPU")
+    forward_threads: int | None = setting(
+        None, "On CPU, a decoder pass splits its canvases into up to this many groups of rows that run side by "
+        "side, one thread each (with --num-threads intra-op threads inside each). A canvas's tokens do not "
+        "depend on its group. Unlike OpenMP threads inside one operator, these threads do not spin-wait on "
+        "each other, so a busy process beside the server slows it down in proportion. Ignored on CUDA.",
+        default_text="the CPUs the process may use, divided by --num-threads")
     quantization: str = setting(
         "none", "Weight-only quantization of the MoE experts (most of DiffusionGemma's weights) at load time, "
         "through torchao: none, fp8-experts (float8 e4m3 + a scale per row) or int8-experts (int8 + a scale and "
@@ -139,6 +145,7 @@ class EngineSettings:
             "max_model_len": self.max_model_len,
             "max_num_kv_tokens": self.max_num_kv_tokens,
             "num_threads": self.num_threads,
+            "forward_threads": self.forward_threads,
         }
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -3,7 +3,8 @@ alone, whoever shares its passes, with each sampler.
 
 A random-weight model (near-flat distributions: a last-bit difference in a logit flips samples) with
 prompts of different lengths, staggered arrivals, canvases committed at different passes, several
-canvases per request and mixed diffusion parameters, logprobs, logit biases and an infill suffix.
+canvases per request and mixed diffusion parameters, logprobs, logit biases and an infill suffix; and
+with the decoder pass's rows run in one group or in several side by side (``forward_threads``).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def _run(core: EngineCore, requests, suffix: str = ""):
 
 @pytest.mark.parametrize("sampler", ["reference", "fast"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype):
-    settings = EngineSettings(model=str(checkpoint), sampler=sampler, max_num_seqs=8,
+@pytest.mark.parametrize("forward_threads", [1, 3])
+def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads):
+    settings = EngineSettings(model=str(checkpoint), sampler=sampler, max_num_seqs=8, forward_threads=forward_threads,
                               dtype="auto" if dtype == "float32" else dtype)
     loaded = load_model(settings)
     assert str(loaded.dtype) == f"torch.{dtype}"  # float32: the default CPU dtype
@@ -91,3 +93,29 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype):
         for step, (a, b) in enumerate(zip(together[rid]["soft"], alone["soft"])):
             assert torch.equal(a, b), (rid, step, (a - b).abs().max().item())
     assert core.num_live_states() == 0
+    core.close()
+
+
+@pytest.mark.parametrize("forward_threads", [2, 3])
+def test_row_groups_follow_their_rows(checkpoint, forward_threads):
+    """The decoder pass runs its rows in groups side by side (``forward_threads``). One canvas after
+    prompts of one length gives every row the same token count, so when a request finishes and the
+    groups' bounds move, a group holds other rows with the same counts: it must read its own rows' KV.
+    Requests arrive at different passes and finish at different ones; each gets its solo tokens."""
+    settings = EngineSettings(model=str(checkpoint), max_num_seqs=8, forward_threads=forward_threads)
+    core = EngineCore(load_model(settings), settings)
+    assert core.runner.forward_threads == forward_threads
+    g = torch.Generator().manual_seed(9)
+    requests = [(f"e{i}", torch.randint(5, 261, (12,), generator=g).tolist(),
+                 SamplingParams(max_tokens=16, seed=300 + i, ignore_eos=True,
+                                max_denoising_steps=[3, 7, 4, 9, 5, 2, 8][i]), [0, 0, 0, 1, 1, 4, 6][i])
+                for i in range(7)]
+    together = _run(core, requests)
+    assert len({together[rid]["finished_pass"] for rid, *_ in requests}) >= 4
+    for request in requests:
+        alone = _run(core, [(*request[:3], 0)], suffix="-alone")[request[0]]
+        assert together[request[0]]["tokens"] == alone["tokens"], request[0]
+        assert len(together[request[0]]["soft"]) == len(alone["soft"])
+        for a, b in zip(together[request[0]]["soft"], alone["soft"]):
+            assert torch.equal(a, b), request[0]
+    core.close()

@@ -111,11 +111,12 @@ def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
         core.runner.sampler.overlap_entropy = default
 
 
-def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads_or_one_core(core):
+def test_cpu_thread_defaults_follow_the_cores(core):
     """On CPU with one intra-op thread (the server's default) and two cores the worker computes the
     entropies. With --num-threads above 1 it would run its own parallel kernels beside the engine
     thread's and oversubscribe the cores, and on one core the two would only take turns: there the
-    entropies are computed after the draw instead."""
+    entropies are computed after the draw instead. The decoder's row groups default to the usable
+    CPUs divided by the intra-op threads."""
     import os
 
     from engine.model_runner import ModelRunner
@@ -131,9 +132,9 @@ def test_entropies_stay_on_the_engine_thread_with_several_intra_op_threads_or_on
             runner = ModelRunner(core.loaded, max_num_seqs=2, sampling_tile_bytes=None,
                                  max_encoder_tokens=core.settings.max_encoder_tokens, cuda_graph_max_batch=None,
                                  sampler="reference")
-            placements[n_threads, n_cpus] = runner.sampler.overlap_entropy
+            placements[n_threads, n_cpus] = runner.sampler.overlap_entropy, runner.forward_threads
             runner.close()
     finally:
         torch.set_num_threads(threads)
         os.sched_setaffinity(0, cpus)
-    assert placements == {(1, 2): True, (2, 2): False, (1, 1): False}
+    assert placements == {(1, 2): (True, 2), (2, 2): (False, 1), (1, 1): (False, 1)}

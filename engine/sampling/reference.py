@@ -12,13 +12,13 @@ row in chunks of positions when a whole row does not fit the budget.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from ..cpu_threads import usable_cpus
 from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
@@ -119,13 +119,6 @@ def accept(entropy: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor, bo
     return AcceptResult(next_canvas=next_canvas, confident=mean_entropy < threshold, usable=usable)
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity where the OS has one, as on Linux)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 class ReferenceSampler:
     """transformers' sampler, tiled (see the module docstring). ``threaded`` (CPU): a worker thread
     draws the next tile's random numbers while this one is sampled, and with one intra-op thread and
@@ -150,7 +143,7 @@ class ReferenceSampler:
         # With more intra-op threads both threads' parallel kernels would oversubscribe the cores; with
         # one core they would only take turns. (bench.profile_engine --compare-sequential turns it off
         # in every other pass: a same-run baseline.)
-        self.overlap_entropy = threaded and torch.get_num_threads() == 1 and _usable_cpus() > 1
+        self.overlap_entropy = threaded and torch.get_num_threads() == 1 and usable_cpus() > 1
         self._generators: dict[str, torch.Generator] = {}
         self.biases = BiasRows(self.vocab_size, device)
         self._tiles: list[slice] = []
