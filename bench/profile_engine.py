@@ -33,7 +33,7 @@ from engine.request import RequestStatus
 from engine.loader import load_model
 
 from .run import BENCH_SPEC, build_bench_model
-from .workload import make_workload
+from .workload import make_workload, sudoku_workload
 
 
 class _PassTimer:
@@ -63,14 +63,15 @@ class _PassTimer:
 def run(model: str, concurrency: int, requests: int, steps: int, threads: int, profile: bool,
         compare_sequential: bool = False, device_profile: bool = False, warmup: int = 0,
         cuda_graph_max_batch: int | None = None, quantization: str = "none",
-        experts_implementation: str | None = None, sampler: str | None = None, load_format: str = "auto") -> dict:
+        experts_implementation: str | None = None, sampler: str | None = None, load_format: str = "auto",
+        workload: str = "random", forward_threads: int | None = None, min_group_work: int | None = None) -> dict:
     """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
     (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
     see the same mix of batches, encoder work and machine state; the throughput covers both)."""
     torch.set_num_threads(threads)
     settings = EngineSettings(model=model, max_num_seqs=concurrency, cuda_graph_max_batch=cuda_graph_max_batch,
                               quantization=quantization, experts_implementation=experts_implementation,
-                              sampler=sampler, load_format=load_format)
+                              sampler=sampler, load_format=load_format, forward_threads=forward_threads)
     if device_profile and torch.cuda.is_available():
         # graphs captured before the profiler starts and replayed under it need this first (torch#100441)
         from torch.profiler._utils import _init_for_cuda_graphs
@@ -78,16 +79,24 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         _init_for_cuda_graphs()
     timer = _PassTimer()
     core = EngineCore(load_model(settings), settings, timer)
+    if min_group_work is not None:  # engine.cpu_threads.MIN_GROUP_WORK, for this run
+        core.runner.min_group_work = min_group_work
     # False where there is no worker thread (CUDA), and for the fast sampler (nothing to overlap)
     overlap = getattr(core.runner.sampler, "overlap_entropy", False)
     cfg = core.loaded.model.config
-    items = make_workload(requests, seed=1, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
-                          max_denoising_steps=steps)
+
+    def items_for(n: int, seed: int):
+        if workload == "sudoku":  # the embedded model's held-out puzzles, one canvas each
+            return sudoku_workload(n, seed=seed - 1, tokenizer=core.loaded.tokenizer, max_tokens=cfg.canvas_length,
+                                   max_denoising_steps=steps)
+        return make_workload(n, seed=seed, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
+                             max_denoising_steps=steps)
+
+    items = items_for(requests, 1)
     warmup_s = None
     if warmup:  # untimed requests first (CUDA's first kernels and allocations take seconds)
         t0 = time.perf_counter()
-        _drive(core, make_workload(warmup, seed=2, vocab_low=5, vocab_high=260, canvas_length=cfg.canvas_length,
-                                   max_denoising_steps=steps), concurrency, timer, overlap, False, prefix="warmup")
+        _drive(core, items_for(warmup, 2), concurrency, timer, overlap, False, prefix="warmup")
         warmup_s = time.perf_counter() - t0
         timer.totals.clear()
     prof = cProfile.Profile() if profile and not device_profile else None
@@ -208,12 +217,18 @@ def main(argv=None) -> int:
                     help="transformers' MoE experts implementation (eager, grouped_mm, ...; default: the engine's)")
     ap.add_argument("--sampler", default=None, choices=["reference", "fast"], help="the engine setting")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="the engine setting")
+    ap.add_argument("--forward-threads", type=int, default=None, help="the engine setting (default: the engine's)")
+    ap.add_argument("--workload", default="random", choices=["random", "sudoku"],
+                    help="random prompts (the bench model), or held-out puzzles for the embedded Sudoku model")
+    ap.add_argument("--min-group-work", type=int, default=None,
+                    help="the least work of a decoder row group on CPU (default: engine.cpu_threads.MIN_GROUP_WORK)")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
         res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
                   args.compare_sequential, args.device_profile, args.warmup, args.cuda_graph_max_batch, args.quantization,
-                  args.experts_implementation, args.sampler, args.load_format)
+                  args.experts_implementation, args.sampler, args.load_format, args.workload, args.forward_threads,
+                  args.min_group_work)
         _print(res, model, args.model is None)
     return 0
 

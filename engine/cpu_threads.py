@@ -4,6 +4,11 @@ A pass's decoder rows are split into groups that run side by side, one Python th
 torch's intra-op threads (``--num-threads``, 1 by default) inside it. Threads that each own a
 whole piece of work never spin-wait on each other the way OpenMP threads inside one operator do,
 so a busy neighbour process slows such a server in proportion instead of collapsing it.
+
+Only one thread at a time dispatches an operator (Python's GIL); the operator's own work runs
+without it. Small operators are mostly dispatch, so two groups of them run no faster than one, and
+in practice slower. A group is therefore formed only for ``MIN_GROUP_WORK`` of work: canvas tokens
+times the hidden size squared, the shape of its matrix products.
 """
 
 from __future__ import annotations
@@ -16,6 +21,18 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+# Least work (canvas tokens x hidden size^2) that makes a row group of its own (see the module docstring).
+MIN_GROUP_WORK = 4 * 1024 * 1024
+
+
+def row_groups(rows: int, canvas_length: int, hidden_size: int, forward_threads: int,
+               min_work: int = MIN_GROUP_WORK) -> int:
+    """How many groups a decoder pass of ``rows`` canvases runs in: at most ``forward_threads``, one
+    per row at most, and each with at least ``min_work``."""
+    work = rows * canvas_length * hidden_size * hidden_size
+    return max(1, min(forward_threads, rows, work // max(1, min_work)))
 
 
 def default_forward_threads(intra_op_threads: int) -> int:

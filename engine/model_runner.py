@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_threads import default_forward_threads
+from .cpu_threads import MIN_GROUP_WORK, default_forward_threads, row_groups
 from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph_max_batch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
@@ -88,6 +88,8 @@ class ModelRunner:
         elif forward_threads is None:
             forward_threads = default_forward_threads(threads)
         self.forward_threads = forward_threads
+        self.min_group_work = MIN_GROUP_WORK
+        self.grouped_passes = 0  # decoder passes that ran in more than one group
         self._pool = None
         if forward_threads > 1:
             self._pool = ThreadPoolExecutor(forward_threads - 1, thread_name_prefix="decoder-rows",
@@ -384,8 +386,11 @@ class ModelRunner:
 
     def _row_parts(self, batch: int) -> list[slice]:
         """The decoder pass's row groups: one, or on CPU up to ``forward_threads`` runs of consecutive
-        rows (slot order) that run side by side (``_decoder_hidden``)."""
-        groups = min(self.forward_threads, batch)
+        rows (slot order) that run side by side (``_decoder_hidden``) when the pass has the work for
+        them (``cpu_threads.row_groups``)."""
+        groups = row_groups(batch, self.canvas_length, self.text_config.hidden_size, self.forward_threads,
+                            self.min_group_work)
+        self.grouped_passes += groups > 1
         bounds = [batch * i // groups for i in range(groups + 1)]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 

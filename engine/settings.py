@@ -114,9 +114,11 @@ class EngineSettings:
         "down; raise it on an idle many-core host.", default_text="1 on CPU")
     forward_threads: int | None = setting(
         None, "On CPU, a decoder pass splits its canvases into up to this many groups of rows that run side by "
-        "side, one thread each (with --num-threads intra-op threads inside each). A canvas's tokens do not "
-        "depend on its group. Unlike OpenMP threads inside one operator, these threads do not spin-wait on "
-        "each other, so a busy process beside the server slows it down in proportion. Ignored on CUDA.",
+        "side, one thread each (with --num-threads intra-op threads inside each), where each group gets "
+        "enough work (engine.cpu_threads.MIN_GROUP_WORK canvas tokens x hidden size squared; smaller operators "
+        "are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its group. Unlike "
+        "OpenMP threads inside one operator, these threads do not spin-wait on each other, so a busy process "
+        "beside the server slows it down in proportion. Ignored on CUDA.",
         default_text="the CPUs the process may use, divided by --num-threads")
     quantization: str = setting(
         "none", "Weight-only quantization of the MoE experts (most of DiffusionGemma's weights) at load time, "

@@ -58,7 +58,8 @@ def create_app(
     app.state.metrics = metrics
     errors.install_error_handlers(app, on_error=metrics.count_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
-                       timeout_seconds=settings.request_body_timeout_seconds, on_reject=metrics.count_error)
+                       timeout_seconds=settings.request_body_timeout_seconds, on_reject=metrics.count_error,
+                       max_json_values=settings.max_json_values)
     app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys, on_reject=metrics.count_error)
     app.add_middleware(InFlightMiddleware, inflight=inflight)
     if settings.cors_allow_origins:  # closed unless configured: no CORS headers at all

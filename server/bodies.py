@@ -25,6 +25,8 @@ from pydantic import BaseModel, ValidationError
 
 from . import errors
 
+# The request state's key for the body's ``MarkCounts``, taken as it arrived (limits.BodyLimitMiddleware).
+BODY_MARKS = "body_marks"
 # Bodies larger than this are scanned, parsed and checked in a worker thread (the event loop stays free).
 PARSE_IN_THREAD_BYTES = 64 * 1024
 # The exact scan works through the body in slices of this size, so that no single call holds the GIL long.
@@ -139,20 +141,47 @@ def skeleton(raw: bytes, slice_bytes: int = SCAN_SLICE_BYTES) -> tuple[int, byte
     return quotes // 2, b"".join(pieces)
 
 
-def scan(raw: bytes, limits: BodyLimits) -> None:
+class MarkCounts:
+    """Running counts of the bytes that ``scan`` decides most bodies by (quotes, backslashes, braces,
+    brackets, commas), fed a body's chunks as they arrive (``limits.BodyLimitMiddleware``) or a whole
+    body at once. Counts do not care where the chunks were cut."""
+
+    def __init__(self):
+        self.quotes = self.backslashes = self.braces = self.brackets = self.commas = 0
+
+    def feed(self, data: bytes) -> None:
+        marks = data.translate(None, _NOT_MARKS)
+        self.quotes += marks.count(b'"')
+        self.backslashes += marks.count(b"\\")
+        self.braces += marks.count(b"{")
+        self.brackets += marks.count(b"[")
+        self.commas += marks.count(b",")
+
+    @property
+    def strings_at_least(self) -> int:
+        return (self.quotes - self.backslashes) // 2  # each backslash escapes at most one quote
+
+    @property
+    def values_at_most(self) -> int:
+        return self.quotes // 2 + self.braces + self.brackets
+
+    def too_many_values(self, max_values: int) -> bool:
+        """Whether the body has, for certain, more values than ``max_values``."""
+        return self.strings_at_least > max_values
+
+
+def scan(raw: bytes, limits: BodyLimits, counts: MarkCounts | None = None) -> None:
     """Refuse, before parsing, a body with more values than ``limits.max_values`` or an array of
-    numbers longer than ``limits.max_array`` (each a 400). One pass keeps only the bytes that matter
-    (quotes, backslashes, commas, brackets, braces); counting those decides most bodies, and the exact
-    skeleton is built only when the counts cannot."""
-    marks = raw.translate(None, _NOT_MARKS)
-    quotes = marks.count(b'"')
-    strings_at_least = (quotes - marks.count(b"\\")) // 2  # each backslash escapes at most one quote
-    if strings_at_least > limits.max_values:
-        raise _too_many_values(strings_at_least, True, limits.max_values)
-    values_at_most = quotes // 2 + marks.count(b"{") + marks.count(b"[")
-    array_bound_holds = limits.max_array is None or marks.count(b",") < limits.max_array
-    del marks
-    if values_at_most <= limits.max_values and array_bound_holds:
+    numbers longer than ``limits.max_array`` (each a 400). The counts of the bytes that matter
+    (``MarkCounts``: given, or taken here in one pass) decide most bodies, and the exact skeleton is
+    built only when they cannot."""
+    if counts is None:
+        counts = MarkCounts()
+        counts.feed(raw)
+    if counts.too_many_values(limits.max_values):
+        raise _too_many_values(counts.strings_at_least, True, limits.max_values)
+    array_bound_holds = limits.max_array is None or counts.commas < limits.max_array
+    if counts.values_at_most <= limits.max_values and array_bound_holds:
         return
     strings, structure = skeleton(raw)
     values = strings + structure.count(b"{") + structure.count(b"[")
@@ -211,11 +240,17 @@ def _validate(data, model: type[BaseModel]):
 async def read_json(request: Request, limits: BodyLimits, gate: asyncio.Semaphore, model: type[BaseModel] | None = None,
                     require_object: bool = True):
     """The body, scanned (``scan``), parsed and, with ``model``, validated into it. A body larger than
-    ``PARSE_IN_THREAD_BYTES`` is handled in a worker thread once ``gate`` lets it in."""
+    ``PARSE_IN_THREAD_BYTES`` is handled in a worker thread once ``gate`` lets it in.
+
+    ``BodyLimitMiddleware`` counts the body's marks as it arrives (``BODY_MARKS`` in the request's
+    state) and drops a body that has too many values for certain: that refusal needs no body."""
+    counts: MarkCounts | None = (request.scope.get("state") or {}).get(BODY_MARKS)
+    if counts is not None and counts.too_many_values(limits.max_values):
+        raise _too_many_values(counts.strings_at_least, True, limits.max_values)
     raw = await request.body()
 
     def work():
-        scan(raw, limits)
+        scan(raw, limits, counts)
         data = load_json(raw, limits.max_depth, require_object)
         return data if model is None else _validate(data, model)
 

@@ -3,6 +3,9 @@ arrived ``request_body_timeout_seconds`` after the head get 408 (both close the 
 
 The body is read here (it would be read anyway) and replayed to the app. A body over the limit
 is drained without being stored, so the client gets a 413 response rather than a broken pipe.
+Each chunk's JSON marks are counted as it arrives (``bodies.MarkCounts``, left in the request's
+state for ``bodies.read_json``): a body with more than ``max_json_values`` values for certain is
+drained without being stored too, and the endpoint refuses it from the counts alone.
 
 After a request with a large body the C allocator is asked to return its free memory to the system
 (``trim_memory``): the body, its parsed form and a refused prompt's text are megabytes each, and
@@ -16,6 +19,7 @@ import ctypes
 import ctypes.util
 from typing import Callable
 
+from .bodies import BODY_MARKS, MarkCounts
 from .errors import body_timeout, body_too_large, error_response
 
 # Past this many bytes of an oversized body, stop draining and answer at once.
@@ -50,9 +54,10 @@ async def trim_memory() -> None:
 
 class BodyLimitMiddleware:
     def __init__(self, app, max_bytes: int, timeout_seconds: float = 0.0,
-                 on_reject: Callable[[int], None] | None = None):
+                 on_reject: Callable[[int], None] | None = None, max_json_values: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_json_values = max_json_values  # None: no marks are counted
         self.timeout = timeout_seconds  # 0: no timeout
         self.on_reject = on_reject
 
@@ -77,6 +82,8 @@ class BodyLimitMiddleware:
         too_large = declared is not None and declared > self.max_bytes
         chunks: list[bytes] = []
         total = 0
+        counts = MarkCounts() if self.max_json_values is not None else None
+        dropped = False  # too many JSON values for certain: the endpoint refuses it from ``counts``
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout if self.timeout > 0 else None
         while True:
@@ -92,7 +99,12 @@ class BodyLimitMiddleware:
             total += len(body)
             if total > self.max_bytes:
                 too_large = True
-            if not too_large:
+            if counts is not None and not too_large:
+                counts.feed(body)
+                if not dropped and counts.too_many_values(self.max_json_values):
+                    dropped = True
+                    chunks.clear()
+            if not too_large and not dropped:
                 chunks.append(body)
             if not message.get("more_body", False) or total > DRAIN_LIMIT:
                 break
@@ -105,6 +117,8 @@ class BodyLimitMiddleware:
 
         body = [b"".join(chunks)]
         chunks.clear()
+        if counts is not None:
+            scope.setdefault("state", {})[BODY_MARKS] = counts
 
         async def replay():
             if body:

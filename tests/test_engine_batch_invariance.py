@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
+from engine.cpu_threads import row_groups
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
@@ -78,8 +79,10 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads)
     loaded = load_model(settings)
     assert str(loaded.dtype) == f"torch.{dtype}"  # float32: the default CPU dtype
     core = EngineCore(loaded, settings)
+    core.runner.min_group_work = 0  # this tiny model's passes are too small to be split by default
     requests = _requests()
     together = _run(core, requests)
+    assert (core.runner.grouped_passes > 0) == (forward_threads > 1)
     # the load really mixed: rows of different lengths shared passes and committed at different ones
     assert len({together[rid]["finished_pass"] for rid, *_ in requests}) >= 4
     assert len(together["r1"]["logprobs"]) == len(together["r1"]["tokens"]) > 0
@@ -105,6 +108,7 @@ def test_row_groups_follow_their_rows(checkpoint, forward_threads):
     settings = EngineSettings(model=str(checkpoint), max_num_seqs=8, forward_threads=forward_threads)
     core = EngineCore(load_model(settings), settings)
     assert core.runner.forward_threads == forward_threads
+    core.runner.min_group_work = 0  # this tiny model's passes are too small to be split by default
     g = torch.Generator().manual_seed(9)
     requests = [(f"e{i}", torch.randint(5, 261, (12,), generator=g).tolist(),
                  SamplingParams(max_tokens=16, seed=300 + i, ignore_eos=True,
@@ -112,6 +116,7 @@ def test_row_groups_follow_their_rows(checkpoint, forward_threads):
                 for i in range(7)]
     together = _run(core, requests)
     assert len({together[rid]["finished_pass"] for rid, *_ in requests}) >= 4
+    assert core.runner.grouped_passes > 5
     for request in requests:
         alone = _run(core, [(*request[:3], 0)], suffix="-alone")[request[0]]
         assert together[request[0]]["tokens"] == alone["tokens"], request[0]
@@ -119,3 +124,15 @@ def test_row_groups_follow_their_rows(checkpoint, forward_threads):
         for a, b in zip(together[request[0]]["soft"], alone["soft"]):
             assert torch.equal(a, b), request[0]
     core.close()
+
+
+def test_small_passes_stay_in_one_group():
+    """A group is formed only for enough work (canvas tokens x hidden^2): the bench model's passes
+    (hidden 64, canvas 32) stay whole, the embedded Sudoku model's (hidden 128, canvas 82) split at
+    about a dozen canvases, DiffusionGemma's (hidden 2816, canvas 256) at two."""
+    assert row_groups(32, 32, 64, forward_threads=2) == 1
+    assert row_groups(4, 82, 128, forward_threads=2) == 1
+    assert row_groups(12, 82, 128, forward_threads=2) == 2
+    assert row_groups(12, 82, 128, forward_threads=8) == 3
+    assert row_groups(2, 256, 2816, forward_threads=8) == 2
+    assert row_groups(16, 256, 2816, forward_threads=1) == 1
