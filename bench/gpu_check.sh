@@ -13,6 +13,10 @@
 # and _scaled_mm against the dequantized reference on random inputs (stated tolerance), and the engine
 # over a tiny FP8-dynamic checkpoint in the published compressed-tensors layout.
 #
+# Batch invariance on CUDA (issue 19): batch-invariant runs tests/test_batch_invariant_cuda.py (the kernels in
+# bfloat16, an engine's rows against their solo runs) and the 4-layer shape's pass with and without
+# --batch-invariant at concurrency 1 and 16 (run "model" first).
+#
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
 # CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it).
 set -uo pipefail
@@ -96,6 +100,17 @@ for step in "${steps[@]}"; do
                 run 100 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency $c --requests $((c * 3)) \
                   --steps 12 --warmup 2 --threads 4 --device-profile --sampler $sampler 2>&1 \
                   | grep -v "Loading weights" | tee "$OUT/profile-$sampler-c$c.txt" | sed -n 1,14p
+              done
+            done ;;
+    # --batch-invariant on CUDA: its tests, then what it costs per pass against the default engine
+    batch-invariant)
+            run 150 "$PY" -m pytest -q -rs tests/test_batch_invariant_cuda.py 2>&1 | tail -10 \
+              | tee "$OUT/batch-invariant-tests.txt"
+            for c in 1 16; do
+              for mode in no-batch-invariant batch-invariant; do
+                run 100 "$PY" -m bench.profile_engine --model "$MODEL_DIR" --concurrency $c --requests $((c * 3)) \
+                  --steps 12 --warmup 2 --threads 4 --no-profile --$mode 2>&1 | grep -v "Loading weights" \
+                  | tee "$OUT/profile-$mode-c$c.txt" | tail -4
               done
             done ;;
     *)      echo "unknown step: $step"; exit 2 ;;

@@ -64,14 +64,16 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         compare_sequential: bool = False, device_profile: bool = False, warmup: int = 0,
         cuda_graph_max_batch: int | None = None, quantization: str = "none",
         experts_implementation: str | None = None, sampler: str | None = None, load_format: str = "auto",
-        workload: str = "random", forward_threads: int | None = None, min_group_work: int | None = None) -> dict:
+        workload: str = "random", forward_threads: int | None = None, min_group_work: int | None = None,
+        batch_invariant: bool | None = None) -> dict:
     """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
     (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
     see the same mix of batches, encoder work and machine state; the throughput covers both)."""
     torch.set_num_threads(threads)
     settings = EngineSettings(model=model, max_num_seqs=concurrency, cuda_graph_max_batch=cuda_graph_max_batch,
                               quantization=quantization, experts_implementation=experts_implementation,
-                              sampler=sampler, load_format=load_format, forward_threads=forward_threads)
+                              sampler=sampler, load_format=load_format, forward_threads=forward_threads,
+                              batch_invariant=batch_invariant)
     if device_profile and torch.cuda.is_available():
         # graphs captured before the profiler starts and replayed under it need this first (torch#100441)
         from torch.profiler._utils import _init_for_cuda_graphs
@@ -222,13 +224,15 @@ def main(argv=None) -> int:
                     help="random prompts (the bench model), or held-out puzzles for the embedded Sudoku model")
     ap.add_argument("--min-group-work", type=int, default=None,
                     help="the least work of a decoder row group on CPU (default: engine.cpu_threads.MIN_GROUP_WORK)")
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                    help="the engine setting (default: the engine's, on on CPU and off on CUDA)")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
         res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
                   args.compare_sequential, args.device_profile, args.warmup, args.cuda_graph_max_batch, args.quantization,
                   args.experts_implementation, args.sampler, args.load_format, args.workload, args.forward_threads,
-                  args.min_group_work)
+                  args.min_group_work, args.batch_invariant)
         _print(res, model, args.model is None)
     return 0
 

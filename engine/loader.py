@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import compressed_tensors, rowwise_attention, rowwise_experts
+from . import batch_invariant_ops, compressed_tensors, rowwise_attention, rowwise_experts
 from .import_noise import quiet_torchao_import_noise
 from .multimodal import load_processor
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
 from .sampling_params import SamplingParams
-from .settings import BATCH_INVARIANT_CUDA, DTYPE_NAMES, EngineSettings
+from .settings import DTYPE_NAMES, EngineSettings
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -106,8 +106,9 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     invariant = settings.batch_invariant
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
-    if invariant and device.type != "cpu":
-        raise ValueError(BATCH_INVARIANT_CUDA)
+    if invariant and device.type == "cuda":
+        # fixed-order matrix products and means in place of cuBLAS's and torch's (engine.batch_invariant_ops)
+        batch_invariant_ops.enable("CUDA")
     experts = settings.experts_implementation
     if experts is None and invariant:
         # a token's result must not depend on how many tokens share its expert (rowwise_experts);

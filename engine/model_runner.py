@@ -95,6 +95,9 @@ class ModelRunner:
             self._pool = ThreadPoolExecutor(forward_threads - 1, thread_name_prefix="decoder-rows",
                                             initializer=torch.set_num_threads, initargs=(threads,))
         self.min_encoder_width = MIN_ROWS if loaded.batch_invariant else 1
+        # CUDA's batched attention kernels split work by batch size: with batch invariance every row's
+        # attention runs as it would alone, padded or not (rowwise_attention)
+        self.rowwise_always = loaded.batch_invariant and self.device.type == "cuda"
         self.eager_masks = self.model.config._attn_implementation == "eager"
         # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to
         # each other in both directions
@@ -276,7 +279,7 @@ class ModelRunner:
             masks[layer_type] = self._finish_mask(allowed)
 
         # rows of different lengths: each attends over its own keys (rowwise_attention), as it would alone
-        layout = BatchLayout(q_valid, keys_valid) if padded else None
+        layout = BatchLayout(q_valid if padded else None, keys_valid) if padded or self.rowwise_always else None
         t0 = time.perf_counter()
         inputs = dict(input_ids=input_ids)
         if images:  # the images' features over their placeholders (the vision tower ran in _image_features)
@@ -370,7 +373,7 @@ class ModelRunner:
         # padded rows attend over their own keys (rowwise_attention); a CUDA graph's full-width view keeps
         # the batched masks (the row-wise attention is not capturable)
         layout = None
-        if keys_valid and not full_width:
+        if (keys_valid or self.rowwise_always) and not full_width:
             all_valid = torch.ones(len(ids), 1, dtype=torch.bool, device=self.device)
             layout = BatchLayout(None, {lt: keys_valid.get(lt, all_valid.expand(-1, view.valid[lt].shape[1] + C))
                                         for lt in masks})

@@ -14,7 +14,6 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATION_METHODS = ("none", "fp8-experts", "int8-experts")
 SAMPLERS = ("reference", "fast")  # engine.sampling
 LOAD_FORMATS = ("auto", "dummy")  # engine.loader
-BATCH_INVARIANT_CUDA = "batch_invariant is not implemented on CUDA yet (leave it unset or false there)"
 
 
 def setting(default, help: str, *, default_text: str | None = None, flag: str | None = None,
@@ -78,8 +77,10 @@ class EngineSettings:
     batch_invariant: bool | None = setting(
         None, "Make a row's logits bitwise the same whoever shares its pass (a seed then gives the same text "
         "under any load): attention over each row's own unpadded keys, MoE experts and short prompts on the "
-        "many-row matrix kernel. Implemented on CPU; on CUDA it is refused for now.",
-        default_text="on on CPU with unquantized experts, off elsewhere")
+        "many-row matrix kernel. On CUDA (opt-in) the matrix products and means run fixed-order Triton kernels "
+        "instead of cuBLAS and torch's reductions, each row's attention runs as alone, and CUDA graphs are off: "
+        "slower (engine.batch_invariant_ops).",
+        default_text="on on CPU with unquantized experts, off on CUDA")
     load_format: str = setting(
         "auto", "How the weights load: auto (the checkpoint's weight files) or dummy (random weights built "
         "directly on the device from the folder's config.json, for benchmarks of a model's shape without "
@@ -152,8 +153,6 @@ class EngineSettings:
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
-        if self.batch_invariant and self.device.startswith("cuda"):
-            raise ValueError(BATCH_INVARIANT_CUDA)
         if self.batch_invariant and self.quantization != "none":
             raise ValueError("batch_invariant needs unquantized experts (quantized ones run grouped_mm)")
         if self.load_format not in LOAD_FORMATS:
