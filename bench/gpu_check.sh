@@ -11,7 +11,9 @@
 #
 # Quantized checkpoints (issue 22): ct-fp8 runs tests/test_compressed_tensors_cuda.py, the FP8 grouped GEMM
 # and _scaled_mm against the dequantized reference on random inputs (stated tolerance), and the engine
-# over a tiny FP8-dynamic checkpoint in the published compressed-tensors layout.
+# over a tiny FP8-dynamic checkpoint in the published compressed-tensors layout. fp8-full serves the
+# full 30-layer shape in bf16 and as the FP8-dynamic layout (both --load-format dummy: random weights
+# built on the GPU from the config alone) at concurrency 1, 4 and 8, one server after the other.
 #
 # Batch invariance on CUDA (issue 19): batch-invariant runs tests/test_batch_invariant_cuda.py (the kernels in
 # bfloat16, an engine's rows against their solo runs) and the 4-layer shape's pass with and without
@@ -93,6 +95,16 @@ for step in "${steps[@]}"; do
     # compressed-tensors FP8 on the GPU: the FP8 GEMMs against the dequantized reference (issue 22)
     ct-fp8) run 150 "$PY" -m pytest -q -rs tests/test_compressed_tensors_cuda.py 2>&1 | tail -10 \
               | tee "$OUT/compressed-tensors-cuda.txt" ;;
+    # issue 22: the full-depth shape in bf16 against its FP8-dynamic layout (tok/s, server GPU memory)
+    fp8-full)
+            run 60 "$PY" -m bench.make_random_model --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
+            run 60 "$PY" -m bench.make_random_model --out "$FULL_DIR-fp8" --layers 30 --dtype bfloat16 --config-only \
+              --scheme fp8
+            for model in "$FULL_DIR" "$FULL_DIR-fp8"; do
+              run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$model" --load-format dummy --concurrency 1,4,8 \
+                --no-baselines --check-outputs 0 --out "$OUT/full-$(basename "$model")" 2>&1 \
+                | tee "$OUT/bench-full-$(basename "$model").log" | tail -8
+            done ;;
     # kernel time per pass with each sampler (decoder, lm head and sampler split by the top operators)
     sampler-profile)
             for sampler in reference fast; do

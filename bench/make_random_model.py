@@ -30,7 +30,12 @@ def main(argv=None) -> int:
     ap.add_argument("--config-only", action="store_true",
                     help="write the config, generation config and tokenizer but no weights: serve the folder "
                          "with --load-format dummy (random weights built on the device at start-up)")
+    ap.add_argument("--scheme", choices=["fp8", "nvfp4"], default=None,
+                    help="with --config-only: a compressed-tensors quantization_config as the published checkpoints "
+                         "have, so --load-format dummy builds FP8 (or NVFP4) experts and dense layers")
     args = ap.parse_args(argv)
+    if args.scheme and not args.config_only:
+        ap.error("--scheme needs --config-only (quantize real weights with python -m tools.quantized_checkpoint)")
 
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
@@ -59,8 +64,16 @@ def main(argv=None) -> int:
     if args.config_only:
         config.dtype = dtype
         config.save_pretrained(out)
+        if args.scheme:
+            from tools.quantized_checkpoint import quantization_config
+
+            path = out / "config.json"
+            data = json.loads(path.read_text())
+            data["quantization_config"] = quantization_config(args.scheme, ["lm_head"])
+            path.write_text(json.dumps(data, indent=2))
         generation.save_pretrained(out)
-        print(f"wrote {out}: config only ({args.layers} layers, {args.dtype}); serve it with --load-format dummy")
+        print(f"wrote {out}: config only ({args.layers} layers, {args.dtype}{', ' + args.scheme if args.scheme else ''}); "
+              "serve it with --load-format dummy")
         return 0
     torch.manual_seed(0)
     with torch.device(args.device):

@@ -50,6 +50,14 @@ SUPPORTED_FORMATS = (FORMAT_FP8, FORMAT_NVFP4)
 # LoadedModel.quantization for each format
 METHOD_NAMES = {FORMAT_FP8: "compressed-tensors-fp8", FORMAT_NVFP4: "compressed-tensors-nvfp4"}
 DEQUANT_CHUNKS = 16  # experts dequantized a chunk at a time (see engine.quantization.DEQUANT_CHUNKS)
+# The published layout (docs/quantized-checkpoints.md): each decoder layer's fused experts, stored as
+# per-expert linears, and the recipes' other targets, each text layer's dense MLP and for FP8 its
+# attention projections too (tied encoder copies match as well; the checkpoint stores the decoder's).
+PUBLISHED_EXPERTS = re.compile(r"^(model\.decoder\.layers\.\d+\.experts)\.(gate_up_proj|down_proj)$")
+DENSE_TARGETS = {
+    FORMAT_FP8: re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"),
+    FORMAT_NVFP4: re.compile(r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"),
+}
 
 
 class CheckpointError(ValueError):
@@ -241,6 +249,85 @@ class _Tensors:
         return self._where[name].get_tensor(name)
 
 
+class _RandomTensors:
+    """``load_format=dummy`` for a compressed-tensors config: the tensors a checkpoint in the published
+    layout would hold (``_Tensors``' interface), made up on ``device`` as they are asked for, so the
+    real loading path builds the model (FP8 or NVFP4 experts and dense targets) without weight files.
+    Quantized weights are random codes with scales that give weights of about ``std``; other matrices
+    are normal(0, ``std``), vectors ones (norm weights, router scales; a clipping bound keeps its
+    infinity) and persistent buffers keep the model's own values. Outputs are noise: for benchmarks."""
+
+    def __init__(self, model: torch.nn.Module, fmt: str, dtype: torch.dtype, device: torch.device, folder: Path,
+                 std: float):
+        self.folder, self.fmt, self.load_dtype, self.device, self.std = folder, fmt, dtype, device, std
+        self._shapes: dict[str, tuple[tuple, str]] = {}  # name -> (shape, kind)
+        self._buffers = dict(model.named_buffers(remove_duplicate=False))
+        for name, p in model.named_parameters(remove_duplicate=False):
+            experts = PUBLISHED_EXPERTS.match(name)
+            if experts:
+                E, rows, cols = p.shape
+                projs = ("gate_proj", "up_proj") if experts.group(2) == "gate_up_proj" else ("down_proj",)
+                for e in range(E):
+                    for proj in projs:
+                        self._quantized(f"{experts.group(1)}.{e}.{proj}", rows // len(projs), cols)
+            elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                continue  # the encoder's tied copies: the checkpoint stores the decoder's
+            elif name.startswith("model.decoder.") and DENSE_TARGETS[fmt].search(name):
+                self._quantized(name.removesuffix(".weight"), *p.shape)
+            else:
+                self._shapes[name] = (tuple(p.shape), "plain")
+        for name in model.state_dict().keys():
+            if name in self._buffers:
+                self._shapes[name] = (tuple(self._buffers[name].shape), "buffer")
+
+    def _quantized(self, prefix: str, rows: int, cols: int) -> None:
+        if self.fmt == FORMAT_NVFP4:
+            self._shapes[f"{prefix}.weight_packed"] = ((rows, cols // 2), "packed")
+            self._shapes[f"{prefix}.weight_scale"] = ((rows, cols // NVFP4_GROUP), "fp8_scale")
+            self._shapes[f"{prefix}.weight_global_scale"] = ((1,), "global")
+        else:
+            self._shapes[f"{prefix}.weight"] = ((rows, cols), "fp8")
+            self._shapes[f"{prefix}.weight_scale"] = ((rows, 1), "scale")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def keys(self):
+        return ()  # nothing is stored, so nothing is left unused
+
+    def dtype(self, name: str) -> str | None:
+        if name not in self._shapes:
+            return None
+        return "F8_E4M3" if self._shapes[name][1] == "fp8" else "BF16"
+
+    def missing(self, name: str) -> CheckpointError:
+        return CheckpointError(f"the dummy weights for {self.folder} have no tensor {name}")
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._shapes:
+            raise self.missing(name)
+        shape, kind = self._shapes[name]
+        dev = self.device
+        if kind == "buffer":
+            return self._buffers[name].detach().clone()
+        if kind == "fp8":  # codes of about N(0, 1); with the scale below, weights of about N(0, std)
+            return torch.randn(shape, device=dev).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if kind == "scale":
+            return torch.full(shape, self.std, dtype=self.load_dtype, device=dev)
+        if kind == "packed":  # random E2M1 code pairs
+            return torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
+        if kind == "fp8_scale":  # E2M1 codes reach 6: group scales that give weights of about std
+            return torch.full(shape, self.std / 2, device=dev).to(torch.float8_e4m3fn)
+        if kind == "global":
+            return torch.ones(shape, dtype=torch.float32, device=dev)
+        if len(shape) >= 2:
+            return torch.randn(shape, dtype=self.load_dtype, device=dev) * self.std
+        bound = name.rsplit(".", 1)[-1]
+        fill = {"input_min": -float("inf"), "output_min": -float("inf"),
+                "input_max": float("inf"), "output_max": float("inf")}.get(bound, 1.0)
+        return torch.full(shape, fill, dtype=self.load_dtype, device=dev)
+
+
 def _local_folder(model: str) -> Path:
     if os.path.isdir(model):
         return Path(model)
@@ -338,10 +425,12 @@ class _Loader:
         return None
 
 
-def load_compressed_model(path: str, config, kwargs: dict, device: torch.device):
+def load_compressed_model(path: str, config, kwargs: dict, device: torch.device, dummy: bool = False):
     """Build DiffusionGemma from ``config`` (whose ``quantization_config`` is compressed-tensors) with
-    ``kwargs`` (dtype, attention and experts implementation) and fill it from the checkpoint at ``path``.
-    Returns ``(model, method)`` where ``method`` names the format for ``LoadedModel.quantization``."""
+    ``kwargs`` (dtype, attention and experts implementation) and fill it from the checkpoint at ``path``
+    (``dummy``: from random tensors in the published layout, ``_RandomTensors``; ``path`` then needs
+    only its config). Returns ``(model, method)`` where ``method`` names the format for
+    ``LoadedModel.quantization``."""
     from accelerate import init_empty_weights
     from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
@@ -349,13 +438,14 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device)
 
     qc = compressed_config(config)
     fmt = checkpoint_format(qc)
-    folder = _local_folder(path)
-    tensors = _Tensors(folder)
+    folder = Path(path) if dummy else _local_folder(path)
     del config.quantization_config  # transformers' own quantizer must not touch the model
     with init_empty_weights(include_buffers=False):
         model = DiffusionGemmaForBlockDiffusion._from_config(config, **kwargs)
     model.tie_weights()
     dtype = kwargs["dtype"]
+    std = config.get_text_config().initializer_range
+    tensors = _RandomTensors(model, fmt, dtype, device, folder, std) if dummy else _Tensors(folder)
     loader = _Loader(tensors, fmt, dtype, device)
     experts_class = compressed_experts_class()
     fp8_linears: dict[int, Fp8Linear] = {}
@@ -422,11 +512,6 @@ def _set(group, value: torch.Tensor) -> None:
 
 # -- sizes --------------------------------------------------------------------------------------
 
-# The linear layers the published FP8 recipe quantizes besides the experts: each text layer's attention
-# projections and dense MLP (docs/quantized-checkpoints.md; the vision tower's are ignored). NVFP4's
-# (the dense MLP) are dequantized at load, so they count at the load dtype either way.
-DENSE_TARGETS = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-
 
 def compressed_weight_bytes(model: torch.nn.Module, fmt: str, dtype_bytes: int) -> int:
     """Weight bytes of ``model`` (e.g. on the meta device) once a checkpoint of ``fmt`` in the published
@@ -438,7 +523,7 @@ def compressed_weight_bytes(model: torch.nn.Module, fmt: str, dtype_bytes: int) 
         rows = p.numel() // p.shape[-1] if p.dim() else 1
         if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             total += p.numel() + rows * 4 if fmt == FORMAT_FP8 else p.numel() // 2 + p.numel() // NVFP4_GROUP + rows * 4
-        elif fmt == FORMAT_FP8 and DENSE_TARGETS.search(name):
+        elif fmt == FORMAT_FP8 and DENSE_TARGETS[fmt].search(name):  # NVFP4's are dequantized at load
             total += p.numel() + rows * 4
         else:
             total += p.numel() * dtype_bytes

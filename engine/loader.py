@@ -133,11 +133,12 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     if experts is not None:
         kwargs["experts_implementation"] = experts
     method = settings.quantization
-    compressed = None if settings.load_format == "dummy" else _compressed_config(settings)
-    if settings.load_format == "dummy":
+    compressed = _compressed_config(settings)
+    dummy = settings.load_format == "dummy"
+    if compressed is not None:  # a checkpoint quantized by LLM Compressor (engine.compressed_tensors)
+        model, method = compressed_tensors.load_compressed_model(settings.model, compressed, kwargs, device, dummy)
+    elif dummy:
         model = _dummy_model(settings.model, device, kwargs)
-    elif compressed is not None:  # a checkpoint quantized by LLM Compressor (engine.compressed_tensors)
-        model, method = compressed_tensors.load_compressed_model(settings.model, compressed, kwargs, device)
     else:
         if device.type != "cpu":
             kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy

@@ -84,7 +84,8 @@ class EngineSettings:
     load_format: str = setting(
         "auto", "How the weights load: auto (the checkpoint's weight files) or dummy (random weights built "
         "directly on the device from the folder's config.json, for benchmarks of a model's shape without "
-        "its weights; outputs are noise).")
+        "its weights; outputs are noise). A compressed-tensors config gets its published layout: FP8 or "
+        "NVFP4 experts and dense layers.")
     # engine.sampling: the default is engine.sampling.default_sampler
     sampler: str | None = setting(
         None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "

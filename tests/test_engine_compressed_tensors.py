@@ -116,6 +116,31 @@ def test_experts_load_stacked_and_quantized_and_weights_stay_tied(checkpoints, s
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_dummy_load_format_builds_the_published_layout_from_the_config(checkpoints, scheme, tmp_path):
+    """--load-format dummy on a compressed-tensors config (no weight files): the same model, tensor for
+    tensor in shape and dtype, as loading the real checkpoint, with random values; it generates."""
+    import shutil
+
+    folder, _ = checkpoints[scheme]
+    config_only = tmp_path / "config-only"
+    shutil.copytree(folder, config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    real = load_model(EngineSettings(model=str(folder))).model
+    settings = EngineSettings(model=str(config_only), load_format="dummy")
+    loaded = load_model(settings)
+    assert loaded.quantization == f"compressed-tensors-{scheme}"
+    shapes = {n: (p.shape, p.dtype) for n, p in real.named_parameters(remove_duplicate=False)}
+    assert {n: (p.shape, p.dtype) for n, p in loaded.model.named_parameters(remove_duplicate=False)} == shapes
+    experts = loaded.model.model.decoder.layers[1].experts
+    assert type(experts) is compressed_experts_class()
+    assert experts.gate_up_proj.float().std() > 0  # random codes, not zeros
+    assert loaded.model.model.encoder.language_model.layers[1].experts.gate_up_proj is experts.gate_up_proj
+    core = EngineCore(loaded, settings)
+    out = run_to_completion(core, [("a", [5, 6, 7], SamplingParams(max_tokens=16, seed=1, ignore_eos=True))])
+    assert len(out["a"]["tokens"]) == 16 and out["a"]["finish_reason"] == "length"
+    core.close()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_tokens_equal_the_dequantized_plain_checkpoints(checkpoints, scheme):
     folder, reference = checkpoints[scheme]
     requests = [(f"r{seed}", [2] + [5 + b for b in text.encode()], SamplingParams(max_tokens=40, seed=seed))

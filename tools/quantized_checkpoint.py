@@ -35,16 +35,12 @@ from pathlib import Path
 import torch
 
 from engine.compressed_tensors import (
-    E2M1_VALUES, FORMAT_FP8, FORMAT_NVFP4, FP4_MAX, FP8_MAX, NVFP4_GROUP, fp8_to_float, nvfp4_to_float,
+    DENSE_TARGETS, E2M1_VALUES, FORMAT_FP8, FORMAT_NVFP4, FP4_MAX, FP8_MAX, NVFP4_GROUP, PUBLISHED_EXPERTS, fp8_to_float,
+    nvfp4_to_float,
 )
 
 SCHEMES = ("fp8", "nvfp4")
-# The recipes' targets besides the experts: each text layer's dense MLP, and for FP8 its attention projections
-DENSE_TARGETS = {
-    "fp8": re.compile(r"^model\.decoder\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"),
-    "nvfp4": re.compile(r"^model\.decoder\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"),
-}
-EXPERTS = re.compile(r"^(model\.decoder\.layers\.\d+\.experts)\.(gate_up_proj|down_proj)$")
+FORMATS = {"fp8": FORMAT_FP8, "nvfp4": FORMAT_NVFP4}
 # Linear layers the published recipes leave alone (their ignore lists: lm_head, embeddings, routers,
 # vision tower, self-conditioning; NVFP4 also self_attn)
 IGNORED_LINEAR = re.compile(r"(router\.proj|self_conditioning\.\w+_proj|self_attn\.[qkvo]_proj|vision_tower\..*"
@@ -147,7 +143,7 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
     ignore = ["lm_head"]
     keep = reference is not None  # the dequantized model is only built for a reference checkpoint
     for name, tensor in state.items():
-        experts = EXPERTS.match(name)
+        experts = PUBLISHED_EXPERTS.match(name)
         if experts:
             prefix, which = experts.groups()
             parts = []
@@ -166,7 +162,7 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
                 parts.append(torch.cat(rows) if keep else None)
             if keep:
                 dequantized[name] = torch.stack(parts)
-        elif DENSE_TARGETS[scheme].match(name):
+        elif name.startswith("model.decoder.") and DENSE_TARGETS[FORMATS[scheme]].search(name):
             tensors, back = _quantize(scheme, tensor, dequantize=keep)
             layer = name.removesuffix(".weight")
             quantized.update({f"{layer}.{k}": v for k, v in tensors.items()})
