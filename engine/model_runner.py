@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -63,7 +63,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int, sampling_tile_bytes: int | None,
                  max_encoder_tokens: int, cuda_graph_max_batch: int | None, sampler: str,
-                 forward_threads: int | None = None):
+                 forward_threads: int | None):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -418,12 +418,16 @@ class ModelRunner:
         Returns [B, C, hidden], the groups' rows in order."""
         t0 = time.perf_counter()
         pending = [self._pool.submit(self._run_group, p) for p in parts[1:]]
-        first = self._run_group(parts[0], on_pool=False)
+        try:
+            first = self._run_group(parts[0], on_pool=False)
+        finally:  # no group may still read the KV or the rows once the pass is over, even a failed one
+            wait(pending)
         hidden = first if not pending else torch.cat([first, *(f.result() for f in pending)])
         self._forward_seconds += time.perf_counter() - t0
         return hidden
 
     def _run_group(self, part: "_PassInputs", on_pool: bool = True) -> torch.Tensor:
+        """One row group's decoder pass; ``on_pool``: in a pool thread, which needs the pass's grad mode."""
         if part.graphed:
             return self.graphs.run(self.kv.reallocations, part.inputs)
         with (self._no_grad() if on_pool else nullcontext()), batch_layout(part.layout):
