@@ -168,13 +168,21 @@ def _compressed_experts_class():
         def forward(self, hidden_states, top_k_index, top_k_weights):
             from . import fp8_compute
 
-            if (self.gate_up_proj.dtype == torch.float8_e4m3fn and fp8_compute.aligned(self.hidden_dim, self.intermediate_dim)
-                    and fp8_compute.unsupported_reason(hidden_states.device) is None):
+            if runs_fp8_gemm(self, hidden_states.device):
                 return fp8_compute.fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
             view = _DequantizedView(self, hidden_states.dtype)
             return DiffusionGemmaTextExperts.forward(view, hidden_states, top_k_index, top_k_weights)
 
     return CompressedExperts
+
+
+def runs_fp8_gemm(experts, device: torch.device) -> bool:
+    """Whether compressed experts run the FP8 grouped GEMM on ``device``; otherwise each call dequantizes
+    the layer's experts whole (a transient the memory plan reserves)."""
+    from . import fp8_compute
+
+    return (experts.gate_up_proj.dtype == torch.float8_e4m3fn and fp8_compute.aligned(experts.hidden_dim, experts.intermediate_dim)
+            and fp8_compute.unsupported_reason(device) is None)
 
 
 _EXPERTS_CLASS = None

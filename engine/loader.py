@@ -44,10 +44,12 @@ class LoadedModel:
 
     @property
     def dequantized_experts(self) -> bool:
-        """Whether 8-bit experts run ``DEQUANTIZED_EXPERTS`` (each layer's dequantized whole per call)
-        rather than transformers' eager loop over torchao's tensors."""
-        if self.quantization in compressed_tensors.METHOD_NAMES.values():
-            return True  # compressed-tensors experts: dequantized per layer and call off the FP8 GPU path
+        """Whether quantized experts are dequantized a layer at a time on each call (a transient the
+        memory plan reserves): torchao's 8-bit experts under ``DEQUANTIZED_EXPERTS`` (not transformers'
+        eager loop over their tensors), and compressed-tensors experts off the FP8 GPU path."""
+        if self.quantization in compressed_tensors.METHOD_NAMES.values():  # off the FP8 GPU path
+            experts = [m for m in self.model.modules() if isinstance(m, compressed_tensors.compressed_experts_class())]
+            return not all(compressed_tensors.runs_fp8_gemm(e, self.device) for e in experts)
         return self.quantization != "none" and \
             self.model.config.get_text_config()._experts_implementation == DEQUANTIZED_EXPERTS
 

@@ -25,6 +25,7 @@ from .rowwise_experts import MIN_ROWS
 from .sampling import Sampler, make_sampler
 from .sampling.constraints import pin_row
 from .sampling.logprobs import to_host
+from .settings import QUANTIZATION_METHODS
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
 
 logger = logging.getLogger("engine")
@@ -122,7 +123,8 @@ class ModelRunner:
             logger.info("decoder batches of up to %d canvases replay CUDA graphs", max_graph_batch)
         # transformers' eager loop indexes torchao's tensors, which inference mode forbids (version counters);
         # the dequantized path only slices their plain inner tensors
-        eager_quantized = loaded.quantization != "none" and not loaded.dequantized_experts
+        torchao = loaded.quantization in QUANTIZATION_METHODS and loaded.quantization != "none"  # not compressed-tensors
+        eager_quantized = torchao and not loaded.dequantized_experts
         self._no_grad = torch.no_grad if eager_quantized else torch.inference_mode
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0

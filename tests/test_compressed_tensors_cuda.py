@@ -86,6 +86,8 @@ def test_engine_serves_an_fp8_checkpoint_on_the_gpu(tmp_path):
     settings = EngineSettings(model=str(folder), device="cuda", dtype="bfloat16", max_num_seqs=4)
     core = EngineCore(load_model(settings), settings)
     assert core.loaded.quantization == "compressed-tensors-fp8"
+    # the experts run the FP8 grouped GEMM: the memory plan reserves no layer dequantized whole
+    assert not core.loaded.dequantized_experts
     requests = [(f"r{i}", [2] + [5 + b for b in f"prompt {i}".encode()],
                  SamplingParams(max_tokens=32, seed=i, ignore_eos=True)) for i in range(4)]
     first = run_to_completion(core, requests)
