@@ -23,6 +23,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def limit_memory(device: torch.device, limit_gib: float | None) -> None:
+    """Cap this process's memory on a CUDA ``device`` at ``limit_gib`` before anything is loaded
+    (``device_memory_limit_gib``; the plan reads the cap back in ``memory.available_bytes``)."""
+    if limit_gib is None:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"device_memory_limit_gib applies to CUDA devices (the device is {device.type})")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib * 2**30 / total), device)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,6 +114,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     quiet_torchao_import_noise()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    limit_memory(device, settings.device_memory_limit_gib)
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     invariant = settings.batch_invariant

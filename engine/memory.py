@@ -66,9 +66,14 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling
 
 
 def available_bytes(device: torch.device) -> int:
+    """Memory this process may still allocate on ``device``: the GPU's free memory, within the process's
+    cap where one is set (``device_memory_limit_gib``); on CPU the host's available memory."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+        if fraction < 1:  # what is left under the cap, the allocator's cache counted as used
+            free = min(free, int(total * fraction) - torch.cuda.memory_reserved(device))
+        return max(0, int(free))
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -66,6 +66,12 @@ class EngineSettings:
         None, "KV-cache tokens reserved by all running requests together.",
         default_text="derived from the memory free at start-up (memory-fraction of it)")
     memory_fraction: float = setting(0.8, "Fraction of free accelerator memory the engine may budget at start-up.")
+    device_memory_limit_gib: float | None = setting(
+        None, "On CUDA, the most GPU memory this process may use, in GiB (weights, KV, transients, the "
+        "allocator's cache): allocations past it fail, and the KV budget and sampling tile are planned within "
+        "it, as on a GPU of that size (torch.cuda.set_per_process_memory_fraction). For sharing a GPU, or "
+        "trying a smaller card's plan on a larger one. Refused on CPU.",
+        default_text="the whole GPU")
     max_encoder_tokens: int = setting(
         2048, "Padded tokens in one batched encoder call (prefill and commits): requests are grouped under it, "
         "and a longer prompt is prefilled in chunks of this size.", cli=False)
@@ -173,5 +179,10 @@ class EngineSettings:
                              f"(got {self.cuda_graph_max_batch!r})")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"max_waiting must be an integer >= 0 (got {self.max_waiting!r})")
+        limit = self.device_memory_limit_gib
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf")):
+            raise ValueError(f"device_memory_limit_gib must be a positive number of GiB (got {limit!r})")
+        if limit is not None and self.device == "cpu":
+            raise ValueError("device_memory_limit_gib applies to CUDA devices (the device is cpu)")
         if not (isinstance(self.memory_fraction, (int, float)) and 0 < self.memory_fraction <= 1):
             raise ValueError(f"memory_fraction must be in (0, 1] (got {self.memory_fraction!r})")

@@ -154,3 +154,22 @@ def test_cuda_dequantized_experts_stay_within_the_planned_transient(method):
         torch.cuda.synchronize()
     assert out.shape == (8, 1024) and torch.isfinite(out).all()
     assert torch.cuda.max_memory_allocated() - base <= expert_dequant_bytes(config, 2) + 8 * 2**20
+
+
+def test_a_device_memory_limit_caps_the_process_and_the_plan(checkpoint):
+    """--device-memory-limit-gib: the plan sees no more than the cap, and allocations past it fail."""
+    from engine.memory import available_bytes
+
+    device = torch.device("cuda")
+    try:
+        loaded = load_model(EngineSettings(model=str(checkpoint), device="cuda", device_memory_limit_gib=1.0))
+        assert available_bytes(device) <= 2**30 - torch.cuda.memory_reserved(device)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2**31, dtype=torch.uint8, device=device)
+        core = EngineCore(loaded, EngineSettings(model=str(checkpoint), device="cuda", device_memory_limit_gib=1.0))
+        out = run_to_completion(core, [("a", [5, 6, 7], SamplingParams(max_tokens=16, seed=1, ignore_eos=True))])
+        assert len(out["a"]["tokens"]) == 16
+        core.close()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()

@@ -105,3 +105,19 @@ def test_a_roomy_engine_runs_every_row_at_the_longest_length_at_once(tiny_path):
     assert core.kv_usage == pytest.approx(4 * 248 / (4 * 256))
     core.drain()
     assert core.num_live_states() == 0
+
+
+@pytest.mark.parametrize("limit", [0, -1.0, float("inf"), float("nan"), True, "32"])
+def test_a_device_memory_limit_must_be_a_positive_number(limit):
+    with pytest.raises(ValueError, match="device_memory_limit_gib must be a positive number of GiB"):
+        EngineSettings(model="x", device="cuda", device_memory_limit_gib=limit).validate()
+
+
+def test_a_device_memory_limit_is_refused_on_cpu(tiny_path):
+    """The cap is torch's per-process CUDA memory fraction: on CPU it would silently do nothing."""
+    with pytest.raises(ValueError, match="device_memory_limit_gib applies to CUDA devices"):
+        EngineSettings(model=str(tiny_path), device="cpu", device_memory_limit_gib=4).validate()
+    if __import__("torch").cuda.is_available():
+        return  # "auto" resolves to the GPU there
+    with pytest.raises(ValueError, match=r"applies to CUDA devices \(the device is cpu\)"):
+        load_model(EngineSettings(model=str(tiny_path), device="auto", device_memory_limit_gib=4))
