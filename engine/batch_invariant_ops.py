@@ -21,9 +21,13 @@ Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+
 import torch
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 64  # fixed for every shape: the point of the kernels
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32 accumulation: no float64
 MEAN_BLOCK = 1024
 
 _library = None
@@ -83,8 +87,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({tuple(a.shape)} and {tuple(b.shape)})")
     if a.dtype != b.dtype or (bias is not None and bias.dtype != a.dtype):
         raise RuntimeError(f"expected mat1 and mat2 to have the same dtype, but got: {a.dtype} != {b.dtype}")
-    if not a.dtype.is_floating_point:
-        raise RuntimeError(f"batch-invariant mm supports floating-point matrices, not {a.dtype}")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"batch-invariant mm supports {', '.join(map(str, SUPPORTED_DTYPES))}, not {a.dtype}")
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
@@ -94,11 +98,19 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -
         return c.zero_() if bias is None else c.copy_(bias.expand(M, N))
     mm_kernel, _ = _get_kernels()
     grid = (-(-M // BLOCK_M), -(-N // BLOCK_N))
-    mm_kernel[grid](a, b, c, bias if bias is not None else c, M, N, K, a.stride(0), a.stride(1), b.stride(0),
-                    b.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
-                    IEEE=a.dtype in (torch.float32, torch.float64), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-                    num_warps=8, num_stages=3)
+    with _on_device(a):
+        # float32 tiles take twice the shared memory: two stages where 16-bit ones take three (one
+        # configuration per dtype, so a dtype's results stay invariant)
+        mm_kernel[grid](a, b, c, bias if bias is not None else c, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+                        b.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
+                        IEEE=a.dtype == torch.float32, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+                        num_warps=8, num_stages=2 if a.dtype == torch.float32 else 3)
     return c
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device's stream: make it the tensor's (``cuda:N``)."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,23 +131,30 @@ def _addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=
 def _mean_dim(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype=None) -> torch.Tensor:
     if dtype is not None:
         x = x.to(dtype)
-    if not x.dtype.is_floating_point:
-        raise RuntimeError(f"mean(): could not infer output dtype. Input dtype must be floating point, got {x.dtype}")
-    dims = list(range(x.dim())) if dim is None or len(dim) == 0 else sorted({d % max(1, x.dim()) for d in dim})
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"batch-invariant mean supports {', '.join(map(str, SUPPORTED_DTYPES))}, not {x.dtype}")
+    ndim = max(1, x.dim())
+    given = list(range(x.dim())) if dim is None or len(dim) == 0 else list(dim)
+    for d in given:
+        if not -ndim <= d < ndim:
+            raise IndexError(f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], but got {d})")
+    dims = sorted({d % ndim for d in given})
+    if len(dims) != len(given):
+        raise RuntimeError("dim appears multiple times in the list of dims")
     if x.dim() == 0:
         return x.clone()
     kept = [d for d in range(x.dim()) if d not in dims]
     rows_shape = [x.shape[d] for d in kept]
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    flat = x.permute(*kept, *dims).contiguous().reshape(-1, n)  # the reduced dims last, one row per output
-    out = torch.empty(flat.shape[0], dtype=x.dtype, device=x.device)
-    if flat.shape[0] and n:
+    rows = math.prod(rows_shape)
+    n = math.prod(x.shape[d] for d in dims)
+    out = torch.empty(rows, dtype=x.dtype, device=x.device)
+    if rows and n:
+        flat = x.permute(*kept, *dims).contiguous().reshape(rows, n)  # the reduced dims last, one row per output
         _, row_mean_kernel = _get_kernels()
-        row_mean_kernel[(flat.shape[0],)](flat, out, n, flat.stride(0), BLOCK=MEAN_BLOCK)
-    elif flat.shape[0]:
-        out.fill_(float("nan"))
+        with _on_device(x):
+            row_mean_kernel[(rows,)](flat, out, n, flat.stride(0), BLOCK=MEAN_BLOCK)
+    elif rows:
+        out.fill_(float("nan"))  # the mean of nothing, as torch gives it
     out = out.reshape(rows_shape)
     if keepdim:
         for d in dims:

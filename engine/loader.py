@@ -23,15 +23,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_limited_devices: set[torch.device] = set()
+
+
 def limit_memory(device: torch.device, limit_gib: float | None) -> None:
     """Cap this process's memory on a CUDA ``device`` at ``limit_gib`` before anything is loaded
-    (``device_memory_limit_gib``; the plan reads the cap back in ``memory.available_bytes``)."""
+    (``device_memory_limit_gib``; the plan reads the cap back in ``memory.available_bytes``). The cap
+    is torch's, for the whole process: a later load without a limit lifts the one set here."""
     if limit_gib is None:
+        if device in _limited_devices:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            _limited_devices.discard(device)
         return
     if device.type != "cuda":
         raise ValueError(f"device_memory_limit_gib applies to CUDA devices (the device is {device.type})")
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gib * 2**30 / total), device)
+    _limited_devices.add(device)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -121,6 +129,11 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
     if invariant and device.type == "cuda":
+        if dtype not in batch_invariant_ops.SUPPORTED_DTYPES:
+            raise ValueError(f"batch_invariant on CUDA runs bfloat16, float16 or float32, not {dtype}")
+        if _compressed_config(settings) is not None:
+            raise ValueError("batch_invariant on CUDA needs unquantized weights: this checkpoint is compressed-tensors "
+                             "(its FP8 products do not go through the batch-invariant kernels)")
         # fixed-order matrix products and means in place of cuBLAS's and torch's (engine.batch_invariant_ops)
         batch_invariant_ops.enable("CUDA")
     experts = settings.experts_implementation

@@ -99,6 +99,10 @@ class ModelRunner:
         # CUDA's batched attention kernels split work by batch size: with batch invariance every row's
         # attention runs as it would alone, padded or not (rowwise_attention)
         self.rowwise_always = loaded.batch_invariant and self.device.type == "cuda"
+        if self.rowwise_always and self.sampler.name != "fast":
+            self.sampler.close()
+            raise ValueError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
+                             "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
         self.eager_masks = self.model.config._attn_implementation == "eager"
         # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to
         # each other in both directions
@@ -396,6 +400,8 @@ class ModelRunner:
         groups = row_groups(batch, self.canvas_length, self.text_config.hidden_size, self.forward_threads,
                             self.min_group_work)
         self.grouped_passes += groups > 1
+        for unused in [g for g in self._geometries if g >= groups]:  # views, masks and rotary of a larger split
+            del self._geometries[unused]
         bounds = [batch * i // groups for i in range(groups + 1)]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -419,8 +425,9 @@ class ModelRunner:
         as a captured CUDA graph; several row groups run side by side, the first on this thread.
         Returns [B, C, hidden], the groups' rows in order."""
         t0 = time.perf_counter()
-        pending = [self._pool.submit(self._run_group, p) for p in parts[1:]]
+        pending = []
         try:
+            pending.extend(self._pool.submit(self._run_group, p) for p in parts[1:])
             first = self._run_group(parts[0], on_pool=False)
         finally:  # no group may still read the KV or the rows once the pass is over, even a failed one
             wait(pending)

@@ -67,10 +67,11 @@ class EngineSettings:
         default_text="derived from the memory free at start-up (memory-fraction of it)")
     memory_fraction: float = setting(0.8, "Fraction of free accelerator memory the engine may budget at start-up.")
     device_memory_limit_gib: float | None = setting(
-        None, "On CUDA, the most GPU memory this process may use, in GiB (weights, KV, transients, the "
-        "allocator's cache): allocations past it fail, and the KV budget and sampling tile are planned within "
-        "it, as on a GPU of that size (torch.cuda.set_per_process_memory_fraction). For sharing a GPU, or "
-        "trying a smaller card's plan on a larger one. Refused on CPU.",
+        None, "On CUDA, the most GPU memory torch may allocate for this process, in GiB (weights, KV, "
+        "transients and the allocator's cache; the CUDA context and libraries' own workspaces come on top): "
+        "allocations past it fail, and the KV budget and sampling tile are planned within it, as on a GPU of "
+        "that size (torch.cuda.set_per_process_memory_fraction). For sharing a GPU, or trying a smaller "
+        "card's plan on a larger one. Refused on CPU.",
         default_text="the whole GPU")
     max_encoder_tokens: int = setting(
         2048, "Padded tokens in one batched encoder call (prefill and commits): requests are grouped under it, "

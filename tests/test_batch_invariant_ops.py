@@ -50,8 +50,17 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     assert m.shape == (37, 5, 1) and torch.equal(bi._mean_dim(x[:3, 2:], [-1], True), m[:3, 2:])
     torch.testing.assert_close(m.double(), x.double().mean(-1, keepdim=True), rtol=tol, atol=tol)
     torch.testing.assert_close(bi._mean_dim(x, [0, 2]).double(), x.double().mean((0, 2)), rtol=tol, atol=tol)
-    assert bi._mean_dim(x[:2, :, :3], [1], dtype=torch.float64).dtype == torch.float64  # one program per output
+    assert bi._mean_dim(x[:2, :, :3], [1], dtype=torch.float32).dtype == torch.float32  # one program per output
+    assert torch.isnan(bi._mean_dim(x[:, :, :0], [-1])).all()  # the mean of nothing, as torch gives it
 assert bi.matmul(torch.randn(0, 4), torch.randn(4, 3)).shape == (0, 3)
+for bad in (lambda: bi.matmul(torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)),
+            lambda: bi._mean_dim(torch.randn(2, 3), [2]), lambda: bi._mean_dim(torch.randn(2, 3), [1, -1])):
+    try:
+        bad()
+    except (RuntimeError, IndexError):
+        pass
+    else:
+        raise AssertionError("accepted")
 assert torch.equal(bi.matmul(torch.randn(2, 0), torch.randn(0, 3), torch.ones(3)), torch.ones(2, 3))
 
 # routed in for a dispatch key: linear layers (3-D inputs, with and without a bias) and means land here
