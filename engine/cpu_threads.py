@@ -13,14 +13,31 @@ times the hidden size squared, the shape of its matrix products.
 
 from __future__ import annotations
 
+import math
 import os
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def cgroup_cpu_limit(path: str = CGROUP_CPU_MAX) -> int | None:
+    """The CPUs a cgroup v2 quota allows (``docker run --cpus 2`` -> 2, rounded up), or None without one."""
+    try:
+        with open(path) as fh:
+            quota, period = fh.read().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity where the OS has one, as on Linux)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """CPUs this process may run on: its affinity where the OS has one (as on Linux), within a
+    container's CPU quota (which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return cpus if limit is None else min(cpus, limit)
 
 
 # Least work (canvas tokens x hidden size^2) that makes a row group of its own (see the module docstring).

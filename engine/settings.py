@@ -128,7 +128,8 @@ class EngineSettings:
         "are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its group. Unlike "
         "OpenMP threads inside one operator, these threads do not spin-wait on each other, so a busy process "
         "beside the server slows it down in proportion. Ignored on CUDA.",
-        default_text="the CPUs the process may use, divided by --num-threads")
+        default_text="the CPUs the process may use (its affinity, within a container's CPU quota), divided by "
+                     "--num-threads")
     quantization: str = setting(
         "none", "Weight-only quantization of the MoE experts (most of DiffusionGemma's weights) at load time, "
         "through torchao: none, fp8-experts (float8 e4m3 + a scale per row) or int8-experts (int8 + a scale and "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.cpu_threads import row_groups
+from engine.cpu_threads import cgroup_cpu_limit, row_groups
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
@@ -136,3 +136,14 @@ def test_small_passes_stay_in_one_group():
     assert row_groups(12, 82, 128, forward_threads=8) == 3
     assert row_groups(2, 256, 2816, forward_threads=8) == 2
     assert row_groups(16, 256, 2816, forward_threads=1) == 1
+
+
+@pytest.mark.parametrize("content, cpus", [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2),
+                                           ("50000 100000", 1), ("garbage", None), (None, None)])
+def test_a_container_cpu_quota_bounds_the_cpus(tmp_path, content, cpus):
+    """``docker run --cpus N`` sets a cgroup v2 quota that the CPU affinity does not show: the row
+    groups (and the sampler's worker) count the quota's CPUs, rounded up."""
+    path = tmp_path / "cpu.max"
+    if content is not None:
+        path.write_text(content)
+    assert cgroup_cpu_limit(str(path)) == cpus
