@@ -147,3 +147,21 @@ def test_a_container_cpu_quota_bounds_the_cpus(tmp_path, content, cpus):
     if content is not None:
         path.write_text(content)
     assert cgroup_cpu_limit(str(path)) == cpus
+
+
+def test_the_embedded_model_splits_by_default_and_rows_equal_their_solo_runs():
+    """The embedded Sudoku model's passes are large enough to split with the default
+    ``MIN_GROUP_WORK``: twelve puzzles at once run in two groups, and each gets its solo tokens."""
+    from server.default_model import embedded_model_dir
+    from tools.sudoku.common import eval_set
+
+    settings = EngineSettings(model=str(embedded_model_dir()), max_num_seqs=12, forward_threads=2)
+    core = EngineCore(load_model(settings), settings)
+    tok = core.loaded.tokenizer
+    puzzles = [p for bucket in eval_set(3).values() for p, _ in bucket][:12]
+    requests = [(f"s{i}", tok(p).input_ids, SamplingParams(max_tokens=82, seed=i), 0) for i, p in enumerate(puzzles)]
+    together = _run(core, requests)
+    assert core.runner.grouped_passes > 5
+    for request in requests[::3]:
+        assert _run(core, [request], suffix="-alone")[request[0]]["tokens"] == together[request[0]]["tokens"]
+    core.close()
