@@ -21,6 +21,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from contextlib import nullcontext
 
@@ -168,10 +169,8 @@ def enable(dispatch_key: str = "CUDA") -> None:
     global _library
     if _library is not None:
         return
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        raise ValueError("batch_invariant on CUDA needs Triton (it comes with PyTorch's CUDA wheels)") from exc
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("batch_invariant on CUDA needs Triton (it comes with PyTorch's CUDA wheels)")
     library = torch.library.Library("aten", "IMPL")
     library.impl("mm", _mm, dispatch_key)
     library.impl("addmm", _addmm, dispatch_key)

@@ -10,6 +10,7 @@ import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.loader import load_model
+from tests.engine_helpers import run_to_completion
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -38,29 +39,16 @@ def checkpoint(tmp_path_factory):
 
 
 def _requests():
+    """(requests, arrival passes): prompts of 3-70 tokens, 1-3 canvases, mixed step counts and bounds."""
     g = torch.Generator().manual_seed(5)
-    out = []
+    requests = []
     for i in range(6):
         prompt = torch.randint(5, 261, ([3, 17, 30, 41, 64, 70][i],), generator=g).tolist()
         params = SamplingParams(max_tokens=[16, 40, 24, 48, 10, 33][i], seed=100 + i, ignore_eos=i % 2 == 0,
                                 max_denoising_steps=[6, 8, 5, 7, 9, 6][i], t_max=0.8 + 0.05 * (i % 4),
                                 entropy_bound=[0.1, 2.0, 0.5, 4.0, 1.0, 0.1][i])
-        out.append((f"r{i}", prompt, params, [0, 0, 1, 2, 2, 4][i]))
-    return out
-
-
-def _run(core: EngineCore, requests) -> dict[str, list[int]]:
-    pending = sorted(requests, key=lambda r: r[3])
-    out = {r[0]: [] for r in requests}
-    passes = 0
-    while pending or core.has_work():
-        while pending and pending[0][3] <= passes:
-            rid, prompt, params, _ = pending.pop(0)
-            core.add_request(rid, prompt, core.resolve(prompt, params))
-        for o in core.step():
-            out[o.request_id].extend(o.token_ids)
-        passes += 1
-    return out
+        requests.append((f"r{i}", prompt, params))
+    return requests, {"r2": 1, "r3": 2, "r4": 2, "r5": 4}
 
 
 def test_rows_equal_their_solo_runs_on_cuda(checkpoint):
@@ -69,10 +57,10 @@ def test_rows_equal_their_solo_runs_on_cuda(checkpoint):
     assert loaded.dtype == torch.bfloat16 and loaded.batch_invariant
     core = EngineCore(loaded, settings)
     assert core.runner.graphs is None and core.runner.rowwise_always
-    requests = _requests()
-    together = _run(core, requests)
+    requests, arrivals = _requests()
+    together = run_to_completion(core, requests, arrivals)
     for request in requests:
-        assert _run(core, [(*request[:3], 0)])[request[0]] == together[request[0]], request[0]
+        assert run_to_completion(core, [request])[request[0]]["tokens"] == together[request[0]]["tokens"], request[0]
     core.close()
 
 

@@ -80,6 +80,7 @@ _ENGINE = r"""
 import torch
 from engine import EngineCore, EngineSettings, SamplingParams, batch_invariant_ops
 from engine.loader import load_model
+from tests.engine_helpers import run_to_completion
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 path = build_tiny_checkpoint("$TMP", TinySpec(num_layers=2, canvas_length=16))
@@ -90,17 +91,6 @@ g = torch.Generator().manual_seed(3)
 requests = [(f"r{i}", torch.randint(5, 261, (n,), generator=g).tolist(),
              SamplingParams(max_tokens=[16, 32, 24][i], seed=40 + i, ignore_eos=True, max_denoising_steps=3))
             for i, n in enumerate((3, 20, 31))]
-
-def run(batch, arrivals):
-    out, pending, passes = {}, sorted(zip(arrivals, batch), key=lambda x: x[0]), 0
-    while pending or core.has_work():
-        while pending and pending[0][0] <= passes:
-            _, (rid, prompt, params) = pending.pop(0)
-            core.add_request(rid, prompt, core.resolve(prompt, params))
-        for o in core.step():
-            out.setdefault(o.request_id, []).extend(o.token_ids)
-        passes += 1
-    return out
 
 def first_soft(rid, prompt, params):
     # the self-conditioning input after the first step: softmax(scaled logits) @ E
@@ -117,10 +107,10 @@ batch_invariant_ops.enable("CPU")
 # the kernels compute the model's function: the same logits to float32 rounding
 torch.testing.assert_close(first_soft(*requests[1]), plain, rtol=1e-4, atol=1e-5)
 assert batch_invariant_ops.launches > 50  # the engine's products and norms ran the kernels
-together = run(requests, [0, 1, 2])
-for rid, prompt, params in requests:
-    assert run([(rid, prompt, params)], [0])[rid] == together[rid], rid
-assert all(len(together[r[0]]) == r[2].max_tokens for r in requests)
+together = run_to_completion(core, requests, {"r1": 1, "r2": 2})
+for request in requests:
+    assert run_to_completion(core, [request])[request[0]]["tokens"] == together[request[0]]["tokens"], request[0]
+assert all(len(together[r[0]]["tokens"]) == r[2].max_tokens for r in requests)
 print("ok")
 """
 
