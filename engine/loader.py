@@ -125,13 +125,14 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     limit_memory(device, settings.device_memory_limit_gib)
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
+    compressed = _compressed_config(settings)  # a checkpoint quantized by LLM Compressor, or None
     invariant = settings.batch_invariant
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
     if invariant and device.type == "cuda":
         if dtype not in batch_invariant_ops.SUPPORTED_DTYPES:
             raise ValueError(f"batch_invariant on CUDA runs bfloat16, float16 or float32, not {dtype}")
-        if _compressed_config(settings) is not None:
+        if compressed is not None:
             raise ValueError("batch_invariant on CUDA needs unquantized weights: this checkpoint is compressed-tensors "
                              "(its FP8 products do not go through the batch-invariant kernels)")
         # fixed-order matrix products and means in place of cuBLAS's and torch's (engine.batch_invariant_ops)
@@ -160,7 +161,6 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     if experts is not None:
         kwargs["experts_implementation"] = experts
     method = settings.quantization
-    compressed = _compressed_config(settings)
     dummy = settings.load_format == "dummy"
     if compressed is not None:  # a checkpoint quantized by LLM Compressor (engine.compressed_tensors)
         model, method = compressed_tensors.load_compressed_model(settings.model, compressed, kwargs, device, dummy)
