@@ -38,6 +38,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import error_body
+from .middleware import REQUEST_ID_HEADER, new_request_id
 
 logger = logging.getLogger("server")
 
@@ -141,11 +142,13 @@ class StrictConnection(h11.Connection):
 
 
 def error_response_bytes(status: int, message: str, code: str, extra_headers: str = "") -> bytes:
-    """A complete HTTP/1.1 error response with OpenAI's error body and ``Connection: close``."""
+    """A complete HTTP/1.1 error response with OpenAI's error body, a new X-Request-Id (the request's
+    head may be unreadable, so a client's id is not echoed) and ``Connection: close``."""
     type_ = "invalid_request_error" if status < 500 else "server_error"
     body = json.dumps(error_body(message, type_, None, code)).encode()
     head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n{extra_headers}\r\n")
+            f"content-length: {len(body)}\r\n{REQUEST_ID_HEADER.decode()}: {new_request_id()}\r\n"
+            f"connection: close\r\n{extra_headers}\r\n")
     return head.encode("latin-1") + body
 
 

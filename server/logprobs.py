@@ -4,9 +4,9 @@
 A token is shown as its decoded text (special tokens included), or, when that text alone is not valid
 UTF-8 (a piece of a multi-byte character), as ``bytes:`` and its bytes escaped (``bytes:\\xe2\\x80``),
 as OpenAI does; chat tokens also carry their raw ``bytes``. A special token the text skips (eos, pad)
-shows as itself with no bytes. Completions' ``text_offset`` is the running sum of the characters the
-tokens add to the text from where the choice's text starts (0 for a piece of a split character or a
-skipped special token).
+shows as itself with no bytes (in chat ``"bytes": null``, as OpenAI). Completions' ``text_offset`` is
+the running sum of the characters the tokens add to the text from where the choice's text starts (0
+for a piece of a split character or a skipped special token).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ def _finite(logprob: float) -> float:
     return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-def _token(tokenizer, token_id: int) -> tuple[str, bytes, int]:
-    """(how the token is shown, its bytes in the text, the characters it adds to the text)."""
+def _token(tokenizer, token_id: int) -> tuple[str, bytes | None, int]:
+    """(how the token is shown, its bytes in the text (None: none, a special token), the characters
+    it adds to the text)."""
     if not decode_text(tokenizer, [token_id]):  # a special token the text skips (eos, pad, ...)
-        return tokenizer.decode([token_id], skip_special_tokens=False), b"", 0
+        return tokenizer.decode([token_id], skip_special_tokens=False), None, 0
     raw = token_bytes(tokenizer, token_id)
     try:
         text = raw.decode("utf-8")
@@ -54,7 +55,7 @@ def completion_logprobs(entries, tokenizer, offset: int) -> tuple[dict, int]:
 
 def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
     shown, raw, _ = _token(tokenizer, token_id)
-    return {"token": shown, "logprob": _finite(logprob), "bytes": list(raw)}
+    return {"token": shown, "logprob": _finite(logprob), "bytes": None if raw is None else list(raw)}
 
 
 def chat_logprobs(entries, tokenizer) -> dict:

@@ -54,7 +54,7 @@ METRIC_DOCS = [
     ("kv_cache_usage_perc", "gauge", "Fraction (0-1) of the engine's KV token budget the running requests' slot buffers take (vLLM's name)."),
     ("engine_live_states", "gauge", "Per-request state objects the engine holds (requests, runner rows, KV entries); 0 when idle. A leak check."),
     ("http_requests_in_flight", "gauge", "HTTP requests to /v1 inside the server (a stream counts until its last byte)."),
-    ("http_errors_total", "counter", "Error responses sent, by HTTP status code (400, 401, 404, 413, 429, 500, 503)."),
+    ("http_errors_total", "counter", "Error responses sent, by HTTP status code (docs/api.md#errors lists them)."),
 ]
 
 

@@ -30,6 +30,11 @@ def client_request_id(headers) -> str | None:
     return None
 
 
+def new_request_id(prefix: str = "req") -> str:
+    """A server-made request id (``<prefix>-<32 hex digits>``)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
 class RequestIdMiddleware:
     def __init__(self, app):
         self.app = app
@@ -43,7 +48,7 @@ class RequestIdMiddleware:
         if client_id is not None:
             response_id, header = f"{prefix}-{client_id}", client_id
         else:
-            response_id = header = f"{prefix}-{uuid.uuid4().hex}"
+            response_id = header = new_request_id(prefix)
         state = scope.setdefault("state", {})
         state["request_id"] = response_id
         state["request_id_from_client"] = client_id is not None

@@ -33,13 +33,16 @@ ERROR_SCHEMA = {
 }
 
 ERROR_STATUSES = {
-    "400": "Invalid request (schema, parameter or limit).",
+    "400": "Invalid request (schema, parameter or limit), or a malformed HTTP request.",
     "401": "Missing or wrong API key.",
-    "404": "Unknown model.",
+    "404": "Unknown model or route.",
+    "405": "A route called with the wrong method.",
+    "408": "The request's head or body arrived too slowly.",
     "413": "Request body too large.",
     "429": "The waiting queue is full (Retry-After).",
+    "431": "The request line and headers are too large.",
     "500": "Internal fault (no stack trace).",
-    "503": "Loading, draining or a dead engine (Retry-After).",
+    "503": "Loading, draining, a dead engine, or every connection busy (Retry-After).",
 }
 
 COMPLETION_RESPONSE = {

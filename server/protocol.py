@@ -70,7 +70,8 @@ class CommonFields(DiffusionFields):
     stop: Union[str, list[str], None] = Field(
         None, description=f"Up to {MAX_STOP} strings; the text ends before the first one found (`finish_reason: stop`).")
     seed: StrictInt | None = Field(
-        None, description="Makes the request reproducible; choice i of a request uses `seed + i`.")
+        None, description="Makes the request reproducible; choice i of a request uses `seed + i` "
+                                "(past 2^64 - 1 it wraps to 0).")
     stream: StrictBool | None = Field(False, description="Answer with server-sent events (see Streaming).")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream`: `{\"include_usage\": true}`.")
     presence_penalty: float | None = Field(
@@ -119,7 +120,8 @@ PromptType = Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
 
 class CompletionRequest(CommonFields):
     prompt: PromptType = Field(description="A string, a list of token ids, or a list of either (one choice set each).")
-    echo: StrictBool | None = Field(False, description="Start each choice's text with its prompt.")
+    echo: StrictBool | None = Field(False, description="Start each choice's text with its prompt (a prompt of "
+                                                        "token ids as their decoded text, special tokens included).")
     logprobs: StrictInt | None = Field(
         None, ge=0, le=5, description="Return each committed token's log-probability and this many top alternatives "
         "(see Log-probabilities).")

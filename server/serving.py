@@ -154,6 +154,8 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     base = {"id": request_id, "object": names.chunk_object, "created": int(time.time()), "model": model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if include_usage:  # as OpenAI: every chunk has the key, null until the usage chunk
+            base = {**base, "usage": None}
         opening = [c for c in (api.opening(s, prompts) for s in specs) if c is not None]
         offsets = dict.fromkeys((s.index for s in specs), 0)
         frames = _stream(api, state, engine, choice_set, base, opening, offsets, include_usage, log,
@@ -227,7 +229,7 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
                 max_tokens=max_tokens,
                 stop=req.stop_tuple(),
                 ignore_eos=req.ignore_eos,
-                seed=None if req.seed is None else req.seed + index,
+                seed=None if req.seed is None else choice_seed(req.seed, index),
                 stream_drafts=bool(req.stream_drafts and req.stream),
                 max_denoising_steps=req.max_denoising_steps,
                 entropy_bound=req.entropy_bound,
@@ -244,9 +246,16 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
                 err = errors.from_engine(exc)
                 if err.param == "max_tokens":  # the field this request used
                     err.param = max_tokens_param
+                    err.message = err.message.replace("max_tokens", max_tokens_param)
                 raise err from None
             specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{engine_prefix}-{index}", image_inputs))
     return specs
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Choice ``index``'s seed: ``seed + index``, wrapping past 2**64 - 1 to 0 (a seed is 64 bits)."""
+    seed += index
+    return seed - 2**64 if seed >= 2**64 else seed
 
 
 def _draft_extension(draft: Draft, tokenizer) -> dict:

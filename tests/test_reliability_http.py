@@ -7,6 +7,7 @@ redirect, a client that half-closes, and a stream whose client never reads (docs
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import time
@@ -196,6 +197,7 @@ def test_malformed_requests_get_openai_errors(http_server, request_bytes, status
         sock.sendall(request_bytes)
         got, headers, payload, rest = read_response(sock)
         assert got == status and headers["content-type"] == "application/json" and headers["connection"] == "close"
+        assert re.fullmatch(r"req-[0-9a-f]{32}", headers["x-request-id"])  # every response carries one
         assert_openai_error(payload, code)
         assert rest + read_to_eof(sock) == b""  # a clean close after the answer, not a reset
 

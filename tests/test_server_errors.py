@@ -112,7 +112,9 @@ def test_400_not_json(live_server):
         ("/completions", {"prompt": "hi", "max_tokens": 5000}, "max_tokens", "context length"),
         ("/completions", {"prompt": "x" * 4000, "max_tokens": 100}, "max_tokens", "context length"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5000},
-         "max_completion_tokens", "context length"),
+         "max_completion_tokens", "max_completion_tokens is 5000"),  # the message names the field sent
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+         "max_completion_tokens", "max_completion_tokens must be"),
         ("/completions", {"prompt": "hi", "t_min": 0.9, "t_max": 0.5}, "t_max", "t_max"),
         ("/completions", {"prompt": "hi", "max_denoising_steps": 0}, "max_denoising_steps", "max_denoising_steps"),
         ("/completions", {"prompt": "hi", "entropy_bound": -1}, "entropy_bound", "entropy_bound"),
@@ -417,7 +419,8 @@ def test_error_after_stream_started(faulty, server_sse, path, body, mode):
     assert err["error"]["code"] == "internal_error" and err["error"]["type"] == "server_error"
     assert "secret internal detail" not in r.text
     assert len(frames) >= 3  # something was streamed before the error
-    assert all("usage" not in f and f["choices"][0]["finish_reason"] is None for f in frames[:-2])
+    # no usage chunk and no finish before the error (with include_usage every chunk has "usage": null)
+    assert all(f["usage"] is None and f["choices"][0]["finish_reason"] is None for f in frames[:-2])
     # the official SDK raises on the error chunk
     client = openai.OpenAI(base_url=faulty.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIError):

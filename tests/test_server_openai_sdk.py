@@ -102,6 +102,15 @@ def test_completion_n2_and_prompt_list(client):
     assert alone3.choices[0].text == full.choices[3].text
 
 
+def test_choice_seeds_wrap_past_the_largest_seed(client):
+    """seed + i wraps past 2**64 - 1 to 0: the largest seed with n=2 is valid, and its second choice is
+    the request seeded 0."""
+    kwargs = dict(model=SERVER_MODEL_NAME, prompt="abc", max_tokens=12, extra_body={"ignore_eos": True})
+    both = client.completions.create(n=2, seed=2**64 - 1, **kwargs)
+    assert both.choices[0].text == client.completions.create(seed=2**64 - 1, **kwargs).choices[0].text
+    assert both.choices[1].text == client.completions.create(seed=0, **kwargs).choices[0].text
+
+
 def test_completion_token_id_prompts_and_echo(client):
     ids = list(b"Hi!")
     by_text = client.completions.create(model=SERVER_MODEL_NAME, prompt="Hi!", max_tokens=8, seed=5)

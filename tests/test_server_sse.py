@@ -34,6 +34,7 @@ def test_completion_default_stream_frames(live_server, server_sse):
     assert r.headers["x-request-id"] == frames[0]["id"]  # the id in the server's log line
     for c in frames[:-1]:
         assert c["object"] == "text_completion" and c["model"] == live_server.model_name
+    assert all(c["usage"] is None for c in frames[:-2])  # OpenAI: null in every chunk before the usage chunk
     assert chunks, "no text chunks"
     for c in chunks:
         (choice,) = c["choices"]

@@ -12,15 +12,18 @@ from tools.reference_docs import table_cell
 
 # The error codes the server sends, by status (a test finds each in server/).
 ERROR_CODES = {
-    400: ("invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter", "invalid_image"),
+    400: ("invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter", "invalid_image",
+          "invalid_http_request"),
     401: ("invalid_api_key",),
     404: ("model_not_found", "not_found"),
     405: ("method_not_allowed",),
     408: ("request_timeout",),
     413: ("request_too_large",),
     429: ("queue_full",),
+    431: ("request_header_too_large",),
     500: ("internal_error",),
-    503: ("server_loading", "server_draining", "engine_unavailable", "engine_dead", "request_aborted"),
+    503: ("server_loading", "server_draining", "engine_unavailable", "engine_dead", "request_aborted",
+          "too_many_connections"),
 }
 
 # Fields both endpoints take that are not OpenAI's own (the diffusion sampler and benchmarks).
