@@ -21,13 +21,19 @@
 # --batch-invariant at concurrency 1 and 16 (run "model" first).
 #
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
-# CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it).
+# CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it),
+# SHAPE (the model config the random models take their shape from; default DiffusionGemma's).
+#
+# Rehearsal on a CPU (every step's commands and flags, in minutes; CUDA tests skip, GPU-only flags fail):
+#   SHAPE=configs/models/diffusiongemma-tiny-shape.json PYTHON=.venv/bin/python OUT=/tmp/rehearsal \
+#     bash bench/gpu_check.sh tests model bench ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results-gpu}"
 PY="${PYTHON:-python}"
 MODEL_DIR="${MODEL_DIR:-/tmp/dg-shape}"
 FULL_DIR="${FULL_DIR:-/tmp/dg-shape-full}"  # config only: served with --load-format dummy
+SHAPE="${SHAPE:-configs/models/diffusiongemma-26b-a4b-shape.json}"
 DEADLINE="${DEADLINE:-$(( $(date +%s) + 86400 ))}"
 mkdir -p "$OUT"
 
@@ -35,15 +41,16 @@ mkdir -p "$OUT"
 "$PY" -c "import engine, server.app, fastapi, sse_starlette, transformers.models.diffusion_gemma" 2>/dev/null \
   || "$PY" -m pip install -q -e ".[test]" matplotlib >/dev/null
 
+exec 3>&2  # the steps' headers and failures: a step's own pipe (2>&1 | tail) would cut them
 # run LIMIT_S CMD...: at most LIMIT_S seconds and never past DEADLINE; a failure is reported, not fatal
 run() {
   local limit=$1; shift
   local left=$(( DEADLINE - $(date +%s) ))
   (( left < limit )) && limit=$left
-  if (( limit < 10 )); then echo "!! skipped (deadline): $*"; return 0; fi
-  echo "== $(date +%T) ($limit s): $*"
+  if (( limit < 10 )); then echo "!! skipped (deadline): $*" >&3; return 0; fi
+  echo "== $(date +%T) ($limit s): $*" >&3
   timeout "$limit" "$@"; local rc=$?
-  (( rc != 0 )) && echo "!! exit $rc: $*"
+  (( rc != 0 )) && echo "!! exit $rc: $*" >&3
   return 0
 }
 
@@ -56,7 +63,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests)  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
             run 150 "$PY" -m pytest -q tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT/cuda-tests.txt" ;;
-    model)  run 120 "$PY" -m bench.make_random_model --out "$MODEL_DIR" --layers "${LAYERS:-4}" --dtype bfloat16 \
+    model)  run 120 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$MODEL_DIR" --layers "${LAYERS:-4}" --dtype bfloat16 \
               | tee "$OUT/model.txt" ;;
     bench)  run 240 "$PY" -m bench.run "${bench_args[@]}" --out "$OUT/bf16" 2>&1 | tee "$OUT/bench-bf16.log" | tail -25 ;;
     graphs) run 120 "$PY" -m bench.cuda_graph_check --model "$MODEL_DIR" --batches 1,4,16 \
@@ -89,7 +96,7 @@ for step in "${steps[@]}"; do
               | tee "$OUT/bench-samplers.log" | tail -14 ;;
     # the full-depth shape (30 layers, bf16, about 52 GB of random weights built on the GPU)
     samplers-full)
-            run 60 "$PY" -m bench.make_random_model --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
+            run 60 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
             run 420 "$PY" -m bench.run "${bench_args[@]}" --model "$FULL_DIR" --load-format dummy \
               --concurrency "${CONCURRENCY:-1,16,32}" --sampler reference --sampler fast --no-baselines \
               --check-outputs 0 --out "$OUT/samplers-full" 2>&1 | tee "$OUT/bench-samplers-full.log" | tail -12 ;;
@@ -98,8 +105,8 @@ for step in "${steps[@]}"; do
               | tee "$OUT/compressed-tensors-cuda.txt" ;;
     # issue 22: the full-depth shape in bf16 against its FP8-dynamic layout (tok/s, server GPU memory)
     fp8-full)
-            run 60 "$PY" -m bench.make_random_model --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
-            run 60 "$PY" -m bench.make_random_model --out "$FULL_DIR-fp8" --layers 30 --dtype bfloat16 --config-only \
+            run 60 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
+            run 60 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$FULL_DIR-fp8" --layers 30 --dtype bfloat16 --config-only \
               --scheme fp8
             for model in "$FULL_DIR" "$FULL_DIR-fp8"; do
               run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$model" --load-format dummy --concurrency 1,4,8 \

@@ -32,12 +32,12 @@ def markdown(result: dict) -> str:
         ("|---" if variants else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for run in result["runs"]:
-        def fmt(x, spec=".2f"):
-            return "—" if x is None else format(x, spec)
+        def fmt(x, spec=".2f", unit=""):
+            return "—" if x is None else format(x, spec) + unit
         lines.append(
             (f"| {_variant(run) or 'default'} " if variants else "") +
             f"| {run['concurrency']} | {run['requests_ok']}/{run['requests']} | {run['tokens_per_s']:.0f} | "
-            f"{fmt(run.get('ratio_vs_one_at_a_time'))}x | {fmt(run.get('ratio_vs_static_batch'))}x | "
+            f"{fmt(run.get('ratio_vs_one_at_a_time'), unit='x')} | {fmt(run.get('ratio_vs_static_batch'), unit='x')} | "
             f"{run['requests_per_s']:.2f} | {fmt(_ttfd(run), '.3f')} | {fmt(run['ttft_p50'], '.3f')} | "
             f"{fmt(run['latency_p50'])} / {fmt(run['latency_p90'])} / {fmt(run['latency_p99'])} | "
             f"{fmt(run['steps_per_canvas'])} | {fmt(run['tokens_per_step'])} | {fmt(run['decoder_batch_mean'])} | "
