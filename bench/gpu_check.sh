@@ -20,6 +20,9 @@
 # bfloat16, an engine's rows against their solo runs) and the 4-layer shape's pass with and without
 # --batch-invariant at concurrency 1 and 16 (run "model" first).
 #
+# Every benchmark step also writes roofline.md beside its bench.json: the passes' share of the GPU's memory
+# bandwidth and matrix throughput (python -m bench.roofline).
+#
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
 # CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it),
 # SHAPE (the model config the random models take their shape from; default DiffusionGemma's).
@@ -54,6 +57,11 @@ run() {
   return 0
 }
 
+# roofline DIR MODEL: the memory and compute shares of DIR/bench.json's passes (bench.roofline)
+roofline() {
+  run 60 "$PY" -m bench.roofline --bench "$1/bench.json" --model "$2" --out "$1/roofline.md" 2>&1 | grep -v "^$" | tail -6
+}
+
 # 3 requests per client, not the default 8: the time limits below were measured with 3
 bench_args=(--model "$MODEL_DIR" --concurrency "${CONCURRENCY:-1,4,16}" --steps 12 --canvases 1,2
             --prompt-len 64,256 --threads 4 --requests-per-slot 3)
@@ -65,7 +73,8 @@ for step in "${steps[@]}"; do
             run 150 "$PY" -m pytest -q tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT/cuda-tests.txt" ;;
     model)  run 120 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$MODEL_DIR" --layers "${LAYERS:-4}" --dtype bfloat16 \
               | tee "$OUT/model.txt" ;;
-    bench)  run 240 "$PY" -m bench.run "${bench_args[@]}" --out "$OUT/bf16" 2>&1 | tee "$OUT/bench-bf16.log" | tail -25 ;;
+    bench)  run 240 "$PY" -m bench.run "${bench_args[@]}" --out "$OUT/bf16" 2>&1 | tee "$OUT/bench-bf16.log" | tail -25
+            roofline "$OUT/bf16" "$MODEL_DIR" ;;
     graphs) run 120 "$PY" -m bench.cuda_graph_check --model "$MODEL_DIR" --batches 1,4,16 \
               --out "$OUT/cuda-graphs.json" 2>&1 | grep -v "Loading weights" ;;
     # where a pass goes on the GPU: kernel time against wall time at concurrency 16 and 1, the top kernels
@@ -93,13 +102,15 @@ for step in "${steps[@]}"; do
     samplers)
             run 300 "$PY" -m bench.run "${bench_args[@]}" --concurrency "${CONCURRENCY:-1,4,16,32}" \
               --sampler reference --sampler fast --no-baselines --out "$OUT/samplers" 2>&1 \
-              | tee "$OUT/bench-samplers.log" | tail -14 ;;
+              | tee "$OUT/bench-samplers.log" | tail -14
+            roofline "$OUT/samplers" "$MODEL_DIR" ;;
     # the full-depth shape (30 layers, bf16, about 52 GB of random weights built on the GPU)
     samplers-full)
             run 60 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
             run 420 "$PY" -m bench.run "${bench_args[@]}" --model "$FULL_DIR" --load-format dummy \
               --concurrency "${CONCURRENCY:-1,16,32}" --sampler reference --sampler fast --no-baselines \
-              --check-outputs 0 --out "$OUT/samplers-full" 2>&1 | tee "$OUT/bench-samplers-full.log" | tail -12 ;;
+              --check-outputs 0 --out "$OUT/samplers-full" 2>&1 | tee "$OUT/bench-samplers-full.log" | tail -12
+            roofline "$OUT/samplers-full" "$FULL_DIR" ;;
     # compressed-tensors FP8 on the GPU: the FP8 GEMMs against the dequantized reference (issue 22)
     ct-fp8) run 150 "$PY" -m pytest -q -rs tests/test_compressed_tensors_cuda.py 2>&1 | tail -10 \
               | tee "$OUT/compressed-tensors-cuda.txt" ;;
@@ -112,13 +123,15 @@ for step in "${steps[@]}"; do
               run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$model" --load-format dummy --concurrency 1,4,8 \
                 --no-baselines --check-outputs 0 --out "$OUT/full-$(basename "$model")" 2>&1 \
                 | tee "$OUT/bench-full-$(basename "$model").log" | tail -8
+              roofline "$OUT/full-$(basename "$model")" "$model"
             done
             # the RTX 5090 preset (its flags, its 4 sequences over the bench's; the model is the FP8 shape) under the card's 31.8 GiB
             # (nvidia-smi total 32,607 MiB) as a cap on this GPU
             run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$FULL_DIR-fp8" --load-format dummy \
               --concurrency 1,4,8 --no-baselines --check-outputs 0 --server-arg=--config=configs/rtx5090-32gb.yaml \
               --server-arg=--max-num-seqs=4 --server-arg=--device-memory-limit-gib=31.8 \
-              --out "$OUT/full-fp8-capped-31.8gib" 2>&1 | tee "$OUT/bench-full-fp8-capped.log" | tail -8 ;;
+              --out "$OUT/full-fp8-capped-31.8gib" 2>&1 | tee "$OUT/bench-full-fp8-capped.log" | tail -8
+            roofline "$OUT/full-fp8-capped-31.8gib" "$FULL_DIR-fp8" ;;
     # kernel time per pass with each sampler (decoder, lm head and sampler split by the top operators)
     sampler-profile)
             for sampler in reference fast; do

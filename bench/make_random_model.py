@@ -20,6 +20,22 @@ import torch
 from tools.tiny_checkpoint import BOS_ID, EOS_ID, PAD_ID, build_byte_tokenizer
 
 
+def shape_config(path: str, layers: int):
+    """The DiffusionGemma config of shape file ``path`` with ``layers`` decoder layers (the 5:1
+    sliding/full pattern, the last layer full) and the test tokenizer's special ids."""
+    from transformers import DiffusionGemmaConfig
+
+    data = json.loads(Path(path).read_text())
+    data.pop("_comment", None)
+    data.pop("model_type", None)
+    text = data["text_config"]
+    text["num_hidden_layers"] = layers
+    text["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
+                           for i in range(layers)]
+    text.update(pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
+    return DiffusionGemmaConfig(**data)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/models/diffusiongemma-26b-a4b-shape.json")
@@ -37,22 +53,13 @@ def main(argv=None) -> int:
     if args.scheme and not args.config_only:
         ap.error("--scheme needs --config-only (quantize real weights with python -m tools.quantized_checkpoint)")
 
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
         DiffusionGemmaGenerationConfig,
         EntropyBoundSamplerConfig,
     )
 
-    data = json.loads(Path(args.config).read_text())
-    data.pop("_comment", None)
-    data.pop("model_type", None)
-    text = data["text_config"]
-    text["num_hidden_layers"] = args.layers
-    text["layer_types"] = [
-        "full_attention" if (i + 1) % 6 == 0 or i == args.layers - 1 else "sliding_attention" for i in range(args.layers)
-    ]
-    text.update(pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
-    config = DiffusionGemmaConfig(**data)
+    config = shape_config(args.config, args.layers)
     dtype = getattr(torch, args.dtype)
     generation = DiffusionGemmaGenerationConfig(
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1), max_denoising_steps=48, t_min=0.4, t_max=0.8,

@@ -521,18 +521,21 @@ def _set(group, value: torch.Tensor) -> None:
 # -- sizes --------------------------------------------------------------------------------------
 
 
+def parameter_bytes(name: str, p: torch.Tensor, fmt: str | None, dtype_bytes: int) -> int:
+    """Bytes of parameter ``name`` once a checkpoint of ``fmt`` in the published layout is loaded here
+    (``fmt`` None: unquantized): experts as stored (FP8: a byte a weight + an fp32 scale per row; NVFP4:
+    half a byte + an fp8 scale per 16 + an fp32 global divisor per row), FP8 dense targets as
+    ``Fp8Linear`` (a byte + an fp32 scale per row), NVFP4 dense targets and everything else at
+    ``dtype_bytes``."""
+    rows = p.numel() // p.shape[-1] if p.dim() else 1
+    if fmt is not None and name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+        return p.numel() + rows * 4 if fmt == FORMAT_FP8 else p.numel() // 2 + p.numel() // NVFP4_GROUP + rows * 4
+    if fmt == FORMAT_FP8 and DENSE_TARGETS[fmt].search(name):  # NVFP4's are dequantized at load
+        return p.numel() + rows * 4
+    return p.numel() * dtype_bytes
+
+
 def compressed_weight_bytes(model: torch.nn.Module, fmt: str, dtype_bytes: int) -> int:
-    """Weight bytes of ``model`` (e.g. on the meta device) once a checkpoint of ``fmt`` in the published
-    layout is loaded here: experts as stored (FP8: a byte a weight + an fp32 scale per row; NVFP4: half a
-    byte + an fp8 scale per 16 + an fp32 global divisor per row), FP8 dense targets as ``Fp8Linear``
-    (a byte + an fp32 scale per row), NVFP4 dense targets and everything else at ``dtype_bytes``."""
-    total = 0
-    for name, p in model.named_parameters():  # tied parameters are listed once
-        rows = p.numel() // p.shape[-1] if p.dim() else 1
-        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            total += p.numel() + rows * 4 if fmt == FORMAT_FP8 else p.numel() // 2 + p.numel() // NVFP4_GROUP + rows * 4
-        elif fmt == FORMAT_FP8 and DENSE_TARGETS[fmt].search(name):  # NVFP4's are dequantized at load
-            total += p.numel() + rows * 4
-        else:
-            total += p.numel() * dtype_bytes
-    return total
+    """Weight bytes of ``model`` (e.g. on the meta device) once a checkpoint of ``fmt`` is loaded here
+    (``parameter_bytes``); tied parameters count once."""
+    return sum(parameter_bytes(name, p, fmt, dtype_bytes) for name, p in model.named_parameters())
