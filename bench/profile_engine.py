@@ -9,8 +9,9 @@ sampling, bookkeeping) is overhead. Prints the split, the top functions by own t
 engine's own functions by cumulative time.
 
 ``--device-profile`` takes torch's profiler instead of cProfile: on CUDA, where the forward's wall
-time only measures kernel launches, it reports how much of each pass the GPU spends in kernels and
-which kernels those are.
+time only measures kernel launches, it reports how much of each pass the GPU spends in kernels,
+how that kernel time splits over the pass's stages (``engine.pass_stages``: encoder, decoder, lm
+head, the rest of the sampler; on CPU the stages' wall time) and which kernels those are.
 
 ``--compare-sequential`` alternates, pass by pass, between the CPU worker computing the entropies
 beside the draw (the default) and the entropies computed after the draw on the engine's thread
@@ -191,9 +192,32 @@ def _device_report(tprof, pass_seconds: float, passes: int) -> str:
         lines.append(f"device: {busy_ms / per:.2f} ms of kernels per pass against {1000 * pass_seconds / per:.2f} ms "
                      f"wall per pass ({busy_ms / (1000 * pass_seconds):.1%} busy), {launches / per:.0f} kernels per "
                      f"pass, {passes} passes (under the profiler, whose recording slows the host)")
+    lines.append(_stage_split(tprof.events(), bool(kernels), busy_ms * 1000 if kernels else 1e6 * pass_seconds,
+                              max(1, passes)))
     sort = "self_device_time_total" if kernels else "self_cpu_time_total"
     lines.append(averages.table(sort_by=sort, row_limit=25, max_name_column_width=60))
     return "\n".join(lines)
+
+
+def _stage_split(events, on_device: bool, total_us: float, passes: int) -> str:
+    """Time per pass in each of ``engine.pass_stages``: the kernels launched inside the range on a GPU
+    (``on_device``), the range's wall time on a CPU; the sampler without its lm head. ``total_us``: all
+    kernel time (GPU) or all pass time (CPU), for the shares."""
+    from torch.autograd import DeviceType
+
+    from engine.pass_stages import DECODER, ENCODER, LM_HEAD, SAMPLER
+
+    us = dict.fromkeys((ENCODER, DECODER, LM_HEAD, SAMPLER), 0.0)
+    for e in events:
+        if e.name in us and e.device_type == DeviceType.CPU:  # the host-side range (a GPU-side twin spans gaps)
+            us[e.name] += e.device_time_total if on_device else e.cpu_time_total
+    us[SAMPLER] -= us[LM_HEAD]
+    us["other"] = max(0.0, total_us - sum(us.values()))
+    what = "kernel time" if on_device else "pass time"
+    parts = ", ".join(f"{name.removeprefix('engine.')} {v / 1000 / passes:.2f} ms ({v / max(total_us, 1e-9):.1%})"
+                      for name, v in us.items())
+    head = (us[LM_HEAD] + us[SAMPLER]) / max(total_us, 1e-9)
+    return f"stages per pass ({what}): {parts}; lm head + sampler: {head:.1%}"
 
 
 def main(argv=None) -> int:

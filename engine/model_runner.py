@@ -20,6 +20,7 @@ from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
 from .multimodal import chunk_bounds, image_features, prompt_embeddings, vision_blocks
+from .pass_stages import DECODER, ENCODER, SAMPLER, stage
 from .rowwise_attention import BatchLayout, batch_layout
 from .rowwise_experts import MIN_ROWS
 from .sampling import Sampler, make_sampler
@@ -171,7 +172,8 @@ class ModelRunner:
             if self.graphs is not None:
                 self.graphs.clear()
         self.kv.sync()
-        encoder_tokens, failed = self._encode(plan.encode) if plan.encode else (0, {})
+        with stage(ENCODER):
+            encoder_tokens, failed = self._encode(plan.encode) if plan.encode else (0, {})
         work = [w for w in plan.decode if w.request_id not in failed]
         try:
             decode = self._decode(work) if work else []
@@ -325,9 +327,11 @@ class ModelRunner:
         # the sampler may draw while the forward runs (started once the inputs are built, so that a
         # CPU worker's draw loop shares the GIL with the forward only)
         self.sampler.begin(work)
-        hidden = self._decoder_hidden(inputs)  # [B, C, hidden]
+        with stage(DECODER):
+            hidden = self._decoder_hidden(inputs)  # [B, C, hidden]
         t0 = time.perf_counter()
-        out = self.sampler.sample(hidden, work)
+        with stage(SAMPLER):
+            out = self.sampler.sample(hidden, work)
         sampling = self.sampler.sampling_seconds
         self._sampling_seconds += sampling
         self._forward_seconds += time.perf_counter() - t0 - sampling  # the lm head and the soft embeddings

@@ -124,3 +124,10 @@ def test_profile_engine_device_profile_reports_operators_after_warmup(tmp_path, 
     assert "warm-up: 3 requests in " in out and "warm-up" not in plain
     assert "aten::mm" in out and "Self CPU time total" in out
     assert "device:" not in out and "(_decode)" not in out  # no cProfile report, no kernels on CPU
+    # the pass split by engine.pass_stages: each stage took time, and the shares with "other" add up to the pass
+    (stages,) = [line for line in out.splitlines() if line.startswith("stages per pass (pass time): ")]
+    shares = {part.split()[0]: float(part.rsplit("(", 1)[1].rstrip("%)")) for part in
+              stages.split(": ", 1)[1].split("; ")[0].split(", ")}
+    assert set(shares) == {"encoder", "decoder", "lm_head", "sampler", "other"}
+    assert all(shares[s] > 0 for s in ("encoder", "decoder", "lm_head", "sampler"))
+    assert abs(sum(shares.values()) - 100) < 0.5

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..pass_stages import LM_HEAD, stage
 from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, add_bias, pins
@@ -266,7 +267,8 @@ class FastSampler:
         soft = torch.zeros((n * C, E.shape[1]), dtype=torch.float32, device=device)
         for v0 in range(0, V, self.chunk):
             v1 = min(V, v0 + self.chunk)
-            z = torch.nn.functional.linear(h, weight[v0:v1], None if head_bias is None else head_bias[v0:v1])
+            with stage(LM_HEAD):
+                z = torch.nn.functional.linear(h, weight[v0:v1], None if head_bias is None else head_bias[v0:v1])
             t0 = time.perf_counter()
             if top is not None:
                 top.add(scale_chunk(torch.empty(z.shape, dtype=torch.float32, device=device), z, temps,

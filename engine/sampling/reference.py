@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cpu_threads import usable_cpus
+from ..pass_stages import LM_HEAD, stage
 from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
@@ -226,7 +227,8 @@ class ReferenceSampler:
         are freed before the next chunk. On CPU the entropies are computed on the worker thread while
         this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them
         (given with the tile's last chunk, so that no chunk's entropies wait behind a whole tile's draws)."""
-        logits = self.lm_head(hidden).to(torch.float32)
+        with stage(LM_HEAD):
+            logits = self.lm_head(hidden).to(torch.float32)
         if self.softcap is not None:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
         add_bias(logits.view(-1, self.vocab_size), bias)
