@@ -7,7 +7,8 @@
 #   bash bench/gpu_check.sh tests model bench    # some steps, in this order
 #
 # Sampler steps (issue: the fast sampler): sampler-tests, samplers (4-layer shape), samplers-full (the
-# full 30-layer shape from its config alone, --load-format dummy: no 50 GB written), sampler-profile.
+# full 30-layer shape from its config alone, --load-format dummy: no 50 GB written), sampler-profile,
+# sampler-profile-full (kernel time by stage at full depth, batch 1).
 #
 # Quantized checkpoints (issue 22): ct-fp8 runs tests/test_compressed_tensors_cuda.py, the FP8 grouped GEMM
 # and _scaled_mm against the dequantized reference on random inputs (stated tolerance), and the engine
@@ -140,6 +141,15 @@ for step in "${steps[@]}"; do
                   --steps 12 --warmup 2 --threads 4 --device-profile --sampler $sampler 2>&1 \
                   | grep -v "Loading weights" | tee "$OUT/profile-$sampler-c$c.txt" | sed -n 1,14p
               done
+            done ;;
+    # the same at full depth and batch 1 (the lm head's share at 4 layers overstates it): issue 18's target,
+    # lm head + sampler under 15% of a batch-1 pass's kernel time
+    sampler-profile-full)
+            run 60 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
+            for sampler in reference fast; do
+              run 150 "$PY" -m bench.profile_engine --model "$FULL_DIR" --load-format dummy --concurrency 1 --requests 1 \
+                --steps 12 --warmup 1 --threads 4 --device-profile --sampler $sampler 2>&1 \
+                | grep -v "Loading weights" | tee "$OUT/profile-full-$sampler-c1.txt" | sed -n 1,14p
             done ;;
     # --batch-invariant on CUDA: its tests, then what it costs per pass against the default engine
     batch-invariant)
