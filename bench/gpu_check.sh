@@ -21,8 +21,9 @@
 # bfloat16, an engine's rows against their solo runs) and the 4-layer shape's pass with and without
 # --batch-invariant at concurrency 1 and 16 (run "model" first).
 #
-# Every benchmark step also writes roofline.md beside its bench.json: the passes' share of the GPU's memory
-# bandwidth and matrix throughput (python -m bench.roofline).
+# The benchmark steps that serve a checkpoint as stored (bench, eager-bench, samplers, samplers-full, fp8-full)
+# also write roofline.md beside their bench.json: the passes' share of the GPU's memory bandwidth and matrix
+# throughput (python -m bench.roofline; not fp8, which quantizes at load time).
 #
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
 # CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it),
@@ -94,7 +95,8 @@ for step in "${steps[@]}"; do
     # the engine with every decoder pass eager (against "bench", where batches of up to 4 replay CUDA graphs)
     eager-bench)
             run 200 "$PY" -m bench.run "${bench_args[@]}" --no-baselines \
-              --server-arg=--cuda-graph-max-batch=0 --out "$OUT/bf16-eager" 2>&1 | tee "$OUT/bench-eager.log" | tail -12 ;;
+              --server-arg=--cuda-graph-max-batch=0 --out "$OUT/bf16-eager" 2>&1 | tee "$OUT/bench-eager.log" | tail -12
+            roofline "$OUT/bf16-eager" "$MODEL_DIR" ;;
     # the fast sampler's CUDA tests: the Triton kernel against its PyTorch spec, rows independent of the batch
     sampler-tests)
             run 120 "$PY" -m pytest -q tests/test_sampler_cuda.py tests/test_sampler_fast.py 2>&1 | tail -8 \

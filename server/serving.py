@@ -253,9 +253,10 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
 
 
 def choice_seed(seed: int, index: int) -> int:
-    """Choice ``index``'s seed: ``seed + index``, wrapping past 2**64 - 1 to 0 (a seed is 64 bits)."""
-    seed += index
-    return seed - 2**64 if seed >= 2**64 else seed
+    """Choice ``index``'s seed: ``seed + index``, wrapping past 2**64 - 1 to 0 (a seed is 64 bits). A
+    seed out of range stays as it is, for the engine to refuse."""
+    shifted = seed + index
+    return shifted - 2**64 if seed < 2**64 <= shifted else shifted
 
 
 def _draft_extension(draft: Draft, tokenizer) -> dict:

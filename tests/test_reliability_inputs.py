@@ -119,6 +119,8 @@ CASES = [
     ("context-length", "POST", C, {"prompt": [7] * 60, "max_tokens": 120}, None, 400, IRE, "max_tokens", None,
      "maximum context length is 160"),
     ("seed-huge", "POST", C, {"prompt": "hi", "seed": 2**70}, None, 400, IRE, "seed", None, "64-bit"),
+    ("seed-2**64-n2", "POST", C, {"prompt": "hi", "seed": 2**64, "n": 2}, None, 400, IRE, "seed", None,
+     "got 18446744073709551616"),  # out of range before choice seeds wrap
     ("stop-empty", "POST", C, {"prompt": "hi", "stop": [""]}, None, 400, IRE, "stop", None, "non-empty"),
     ("token-negative", "POST", C, {"prompt": [5, -1]}, None, 400, IRE, "prompt", None, "outside the vocabulary"),
     ("token-oov", "POST", C, {"prompt": [5, 10**6]}, None, 400, IRE, "prompt", None, "outside the vocabulary"),

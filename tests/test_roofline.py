@@ -56,6 +56,30 @@ def test_fp8_bytes_are_the_loaded_checkpoints():
     assert held < 0.6 * pass_cost(model, 1, 0).weight_bytes  # the experts and dense layers halve
 
 
+def test_kv_bytes_are_the_engines_cache():
+    """A prefix longer than the window: the full layers' K and V of every cached token, the sliding
+    layers' of their last window - 1 (engine.memory's plan, which sizes the engine's KV cache)."""
+    from engine.memory import plan_memory
+
+    config = shape_config(REAL, 6)  # 5 sliding layers and a full one
+    plan = plan_memory(config.text_config, config.canvas_length, torch.bfloat16, sampling_transient_bytes=0,
+                       max_num_seqs=1)
+    per_canvas = 3000 * plan.kv_bytes_per_token + plan.sliding_kv_bytes_per_request
+    assert pass_cost(shape_model(config), 2, 3000).kv_bytes == 2 * per_canvas
+
+
+def test_fp8_products_count_at_the_fp8_peak():
+    """An FP8 checkpoint computes its experts and dense layers in FP8; the lm head, the self-conditioning
+    product and MLP, the router and the attention stay bf16."""
+    model = shape_model(shape_config(REAL, 4))
+    plain, fp8 = pass_cost(model, 1, 0), pass_cost(model, 1, 0, FORMAT_FP8)
+    assert fp8.flops == plain.flops and plain.fp8_flops == 0
+    V, H, C = 262144, 2816, 256
+    assert 0 < fp8.fp8_flops < fp8.flops - 4 * V * H * C  # the vocabulary products are not FP8
+    assert fp8.compute_seconds(989, 1979) == pytest.approx(
+        (fp8.flops - fp8.fp8_flops) / 989e12 + fp8.fp8_flops / 1979e12)
+
+
 def test_pass_time_and_shares_from_a_benchmark():
     """1000 committed tok/s at 10 tokens a canvas-step and 2 canvases a pass: 50 passes/s, 20 ms."""
     model = shape_model(shape_config(REAL, 4))
@@ -65,7 +89,7 @@ def test_pass_time_and_shares_from_a_benchmark():
     assert row["pass_ms"] == pytest.approx(20.0)
     cost = pass_cost(model, 2.0, 160)
     assert row["memory_share"] == pytest.approx(cost.bytes / 4800e9 / 0.02)
-    assert row["compute_share"] == pytest.approx(cost.flops / 989e12 / 0.02)
+    assert row["compute_share"] == pytest.approx(cost.flops / 989e12 / 0.02)  # bf16: all at the bf16 peak
 
 
 def test_cli_on_the_committed_h200_run(tmp_path, capsys):

@@ -222,7 +222,7 @@ With `"stream": true` the answer is `text/event-stream`, one `data: {{json chunk
    that may begin a tool call is held until it is settled, and each complete call arrives as one
    `delta.tool_calls` item;
 3. a chunk with `finish_reason`;
-4. with `stream_options.include_usage`: a chunk with `choices: []` and `usage`;
+4. with `stream_options.include_usage`: a chunk with `choices: []` and `usage` (every chunk before it has `"usage": null`, as OpenAI sends);
 5. `data: [DONE]`.
 
 Idle streams get `: ping` comments (setting `sse_ping_seconds`). An error after the stream started
