@@ -1,0 +1,53 @@
+"""bench/gpu_check.sh, the one script a lent GPU runs: it parses, every step the docs name exists, and
+a step rehearses on this CPU with the tiny shape (device time is too scarce to find a typo there)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench/gpu_check.sh"
+
+
+def _steps() -> set[str]:
+    return set(re.findall(r"^ {4}([a-z0-9-]+)\)", SCRIPT.read_text(), flags=re.M))
+
+
+def test_script_parses_and_the_documented_steps_exist():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    steps = _steps()
+    assert {"tests", "model", "bench", "samplers-full", "fp8-full", "batch-invariant"} <= steps
+    defaults = re.search(r"steps=\(([a-z0-9 -]+)\)", SCRIPT.read_text()).group(1).split()
+    assert set(defaults) <= steps
+    docs = (REPO / "docs/gpu.md").read_text()
+    listed = set(re.findall(r"^\d+\. `([a-z0-9-]+)`", docs, flags=re.M))  # the numbered list of steps
+    listed |= set(re.findall(r"`(samplers?(?:-[a-z]+)*)`", docs))  # the sampler steps' paragraph
+    for command in re.findall(r"gpu_check\.sh ([a-z0-9 -]+)`", docs):  # the commands quoted
+        listed |= set(command.split())
+    assert len(listed) >= 12 and listed <= steps, listed - steps
+
+
+def test_an_unknown_step_is_refused(tmp_path):
+    r = subprocess.run(["bash", str(SCRIPT), "no-such-step"], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert r.returncode == 2 and "unknown step: no-such-step" in r.stdout
+
+
+def test_the_model_step_rehearses_on_cpu(tmp_path):
+    """SHAPE=the tiny config: the model step writes a loadable DiffusionGemma-shaped checkpoint, and the
+    step's header reaches the script's stderr."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "MODEL_DIR": str(tmp_path / "m"),
+           "SHAPE": "configs/models/diffusiongemma-tiny-shape.json", "LAYERS": "2"}
+    r = subprocess.run(["bash", str(SCRIPT), "model"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^== \d\d:\d\d:\d\d \(\d+ s\): .*make_random_model", r.stderr, flags=re.M)
+    assert "!!" not in r.stderr
+    assert (tmp_path / "out/model.txt").read_text().startswith(f"wrote {tmp_path / 'm'}")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tmp_path / "m")
+    assert config.text_config.num_hidden_layers == 2 and config.text_config.num_experts == 8
