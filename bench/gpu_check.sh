@@ -26,7 +26,7 @@
 # throughput (python -m bench.roofline; not fp8, which quantizes at load time).
 #
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
-# CONCURRENCY (default 1,4,16), DEADLINE (epoch seconds; no step starts after it and each is cut at it),
+# CONCURRENCY (default 1,4,16; fp8-full 1,4,8; samplers 1,4,16,32; samplers-full 1,16,32), DEADLINE (epoch seconds; no step starts after it and each is cut at it),
 # SHAPE (the model config the random models take their shape from; default DiffusionGemma's).
 #
 # Rehearsal on a CPU (every step's commands and flags, in minutes; CUDA tests skip, GPU-only flags fail):
@@ -123,7 +123,7 @@ for step in "${steps[@]}"; do
             run 60 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$FULL_DIR-fp8" --layers 30 --dtype bfloat16 --config-only \
               --scheme fp8
             for model in "$FULL_DIR" "$FULL_DIR-fp8"; do
-              run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$model" --load-format dummy --concurrency 1,4,8 \
+              run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$model" --load-format dummy --concurrency "${CONCURRENCY:-1,4,8}" \
                 --no-baselines --check-outputs 0 --out "$OUT/full-$(basename "$model")" 2>&1 \
                 | tee "$OUT/bench-full-$(basename "$model").log" | tail -8
               roofline "$OUT/full-$(basename "$model")" "$model"
@@ -131,7 +131,7 @@ for step in "${steps[@]}"; do
             # the RTX 5090 preset (its flags, its 4 sequences over the bench's; the model is the FP8 shape) under the card's 31.8 GiB
             # (nvidia-smi total 32,607 MiB) as a cap on this GPU
             run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$FULL_DIR-fp8" --load-format dummy \
-              --concurrency 1,4,8 --no-baselines --check-outputs 0 --server-arg=--config=configs/rtx5090-32gb.yaml \
+              --concurrency "${CONCURRENCY:-1,4,8}" --no-baselines --check-outputs 0 --server-arg=--config=configs/rtx5090-32gb.yaml \
               --server-arg=--max-num-seqs=4 --server-arg=--device-memory-limit-gib=31.8 \
               --out "$OUT/full-fp8-capped-31.8gib" 2>&1 | tee "$OUT/bench-full-fp8-capped.log" | tail -8
             roofline "$OUT/full-fp8-capped-31.8gib" "$FULL_DIR-fp8" ;;
