@@ -26,7 +26,8 @@
 # throughput (python -m bench.roofline; not fp8, which quantizes at load time).
 #
 # Environment: PYTHON (default python), LAYERS (decoder layers of the random model, default 4),
-# CONCURRENCY (default 1,4,16; fp8-full 1,4,8; samplers 1,4,16,32; samplers-full 1,16,32), DEADLINE (epoch seconds; no step starts after it and each is cut at it),
+# CONCURRENCY (default 1,4,16; fp8-full 1,4,8; samplers 1,4,16,32; samplers-full 1,16,32),
+# DEADLINE (epoch seconds; no step starts after it and each is cut at it),
 # SHAPE (the model config the random models take their shape from; default DiffusionGemma's).
 #
 # Rehearsal on a CPU (every step's commands and flags, in minutes; CUDA tests skip, GPU-only flags fail):
