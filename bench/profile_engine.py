@@ -205,9 +205,9 @@ def _stage_split(events, on_device: bool, total_us: float, passes: int) -> str:
     kernel time (GPU) or all pass time (CPU), for the shares."""
     from torch.autograd import DeviceType
 
-    from engine.pass_stages import DECODER, ENCODER, LM_HEAD, SAMPLER
+    from engine.pass_stages import LM_HEAD, SAMPLER, STAGES
 
-    us = dict.fromkeys((ENCODER, DECODER, LM_HEAD, SAMPLER), 0.0)
+    us = dict.fromkeys(STAGES, 0.0)
     for e in events:
         if e.name in us and e.device_type == DeviceType.CPU:  # the host-side range (a GPU-side twin spans gaps)
             us[e.name] += e.device_time_total if on_device else e.cpu_time_total

@@ -32,6 +32,10 @@ from pathlib import Path
 
 import torch
 
+from engine.compressed_tensors import (DENSE_TARGETS, FORMAT_FP8, FORMAT_NVFP4, checkpoint_format,
+                                       parameter_bytes)
+
+from .make_random_model import shape_config
 from .report import _variant
 
 # Peak figures (dense, no sparsity) from NVIDIA's data sheets: HBM GB/s, bf16 and FP8 tensor TFLOPS.
@@ -73,8 +77,6 @@ def shape_model(config):
 def pass_cost(model, canvases: float, prefix: float, fmt: str | None = None, dtype_bytes: int = 2) -> PassCost:
     """The cost of a decoder pass over ``canvases`` canvases, each after ``prefix`` cached tokens.
     ``fmt``: the compressed-tensors format of the weights (None: all at ``dtype_bytes``)."""
-    from engine.compressed_tensors import DENSE_TARGETS, FORMAT_FP8, parameter_bytes
-
     config = model.config
     text = config.text_config
     C, V, H = config.canvas_length, text.vocab_size, text.hidden_size
@@ -157,8 +159,6 @@ def _percent(share: float | None) -> str:
 
 def _format(path: str) -> str | None:
     """The compressed-tensors format of a checkpoint folder's config, or None."""
-    from engine.compressed_tensors import checkpoint_format
-
     qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
     return checkpoint_format(qc) if qc and qc.get("quant_method") == "compressed-tensors" else None
 
@@ -186,17 +186,11 @@ def main(argv=None) -> int:
         config = AutoConfig.from_pretrained(args.model)
         fmt = _format(args.model)
     else:
-        from engine.compressed_tensors import FORMAT_FP8, FORMAT_NVFP4
-
-        from .make_random_model import shape_config
-
         config = shape_config(args.config, args.layers)
         fmt = {"fp8": FORMAT_FP8, "nvfp4": FORMAT_NVFP4, None: None}[args.scheme]
     gpu = args.gpu or (bench.get("machine") or {}).get("gpu") or ""
     peaks = gpu_peaks(gpu)
     hbm = args.hbm_gbs or (peaks and peaks[0])
-    from engine.compressed_tensors import FORMAT_FP8
-
     tflops = args.tflops or (peaks and peaks[1])
     fp8 = fmt == FORMAT_FP8
     fp8_tflops = (args.fp8_tflops or (peaks and peaks[2])) if fp8 else None
@@ -204,7 +198,7 @@ def main(argv=None) -> int:
     peak = (f"{hbm:g} GB/s, " if hbm else "memory bandwidth unknown, ") + \
         (f"{tflops:g} dense bf16 TFLOPS" if tflops else "peak TFLOPS unknown") + \
         (f", {fp8_tflops:g} FP8 for the FP8 products" if fp8 and fp8_tflops else "")
-    hint = "" if hbm and tflops and (fp8_tflops or not fp8) else "; --hbm-gbs and --tflops give the shares"
+    hint = "" if hbm and tflops and (fp8_tflops or not fp8) else "; --hbm-gbs, --tflops, --fp8-tflops give the shares"
     lines = [f"Roofline of `{args.bench}` on {gpu or 'an unnamed device'} ({peak}{hint}); "
              "`python -m bench.roofline` (its docstring has the model).", "",
              "| variant | concurrency | committed tok/s | decoder batch | pass (ms) | GB a pass | memory share | "
