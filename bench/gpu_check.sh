@@ -136,7 +136,7 @@ for step in "${steps[@]}"; do
               --server-arg=--max-num-seqs=4 --server-arg=--device-memory-limit-gib=31.8 \
               --out "$OUT/full-fp8-capped-31.8gib" 2>&1 | tee "$OUT/bench-full-fp8-capped.log" | tail -8
             roofline "$OUT/full-fp8-capped-31.8gib" "$FULL_DIR-fp8" ;;
-    # kernel time per pass with each sampler (decoder, lm head and sampler split by the top operators)
+    # kernel time per pass with each sampler, split by stage (encoder, decoder, lm head, sampler) and by kernel
     sampler-profile)
             for sampler in reference fast; do
               for c in 1 16; do
