@@ -150,7 +150,7 @@ for step in "${steps[@]}"; do
     sampler-profile-full)
             run 60 "$PY" -m bench.make_random_model --config "$SHAPE" --out "$FULL_DIR" --layers 30 --dtype bfloat16 --config-only
             for sampler in reference fast; do
-              run 150 "$PY" -m bench.profile_engine --model "$FULL_DIR" --load-format dummy --concurrency 1 --requests 1 \
+              run 200 "$PY" -m bench.profile_engine --model "$FULL_DIR" --load-format dummy --concurrency 1 --requests 1 \
                 --steps 12 --warmup 1 --threads 4 --device-profile --sampler $sampler 2>&1 \
                 | grep -v "Loading weights" | tee "$OUT/profile-full-$sampler-c1.txt" | sed -n 1,14p
             done ;;
