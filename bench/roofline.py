@@ -10,8 +10,8 @@ The cost of one decoder pass comes from the model's shape (a meta-device instant
 - **bytes**: every decoder weight once (the layers, the self-conditioning MLP, the tied embedding
   as the lm head), the experts that the pass's tokens reach (uniform routing: a fraction
   ``1 - (1 - k/E)^tokens`` of them, which is all of them for one 256-token canvas of DiffusionGemma),
-  and each canvas's cached keys and values (a sliding layer's last ``window - 1`` tokens). Quantized checkpoints count their stored bytes
-  (``engine.compressed_tensors.parameter_bytes``). The self-conditioning product reads the embedding
+  and each canvas's cached keys and values (a sliding layer's last ``window - 1`` tokens).
+  Quantized checkpoints count their stored bytes (``engine.compressed_tensors.parameter_bytes``). The self-conditioning product reads the embedding
   a second time; a fused kernel need not, so it is left out: the bound is the smallest traffic.
 - **FLOPs**: 2 per weight per token for the dense products, ``k`` experts per token, the attention's
   ``4 x keys x query width`` per token and layer, and the lm head and the self-conditioning product
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from engine.compressed_tensors import (DENSE_TARGETS, FORMAT_FP8, FORMAT_NVFP4, checkpoint_format,
-                                       parameter_bytes)
+                                       compressed_config, parameter_bytes)
 
 from .make_random_model import shape_config
 from .report import _variant
@@ -157,12 +157,6 @@ def _percent(share: float | None) -> str:
     return "—" if share is None else f"{100 * share:.1f}%"
 
 
-def _format(path: str) -> str | None:
-    """The compressed-tensors format of a checkpoint folder's config, or None."""
-    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
-    return checkpoint_format(qc) if qc and qc.get("quant_method") == "compressed-tensors" else None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", required=True, help="a bench.json of python -m bench.run")
@@ -184,7 +178,8 @@ def main(argv=None) -> int:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(args.model)
-        fmt = _format(args.model)
+        qc = compressed_config(config)
+        fmt = checkpoint_format(qc) if qc else None
     else:
         config = shape_config(args.config, args.layers)
         fmt = {"fp8": FORMAT_FP8, "nvfp4": FORMAT_NVFP4, None: None}[args.scheme]

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import DiffusionGemmaForBlockDiffusion
 
 from bench.make_random_model import shape_config
 from bench.roofline import main, pass_cost, shape_model, shares
@@ -25,7 +26,7 @@ def test_flops_equal_torchs_count_of_the_forward():
     config._attn_implementation = config.text_config._attn_implementation = "eager"
     config._experts_implementation = config.text_config._experts_implementation = "eager"
     torch.manual_seed(0)
-    model = type(shape_model(config))(config).eval()
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
     C, V, H = config.canvas_length, config.text_config.vocab_size, config.text_config.hidden_size
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model.model.encoder(input_ids=torch.randint(10, V, (1, C)))
