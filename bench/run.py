@@ -91,14 +91,29 @@ def start_server(model: str, port: int, threads: int, max_num_seqs: int, extra: 
 
 
 def rss_peak_mib(pid: int) -> float | None:
+    """The server's peak resident memory: each of its processes' peak (VmHWM), the engine replicas'
+    (``--data-parallel-size``) included, summed; None where /proc cannot tell."""
+    total = None
+    for proc in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{proc}/status") as fh:
+                peak = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), None)
+        except OSError:
+            continue
+        if peak is not None:
+            total = (total or 0) + peak / 1024
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
     try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found += [int(c) for c in fh.read().split()]
     except OSError:
-        return None
-    return None
+        return []
+    return found + [d for c in found for d in _descendants(c)]
 
 
 def gpu_memory_mib(pid: int) -> float | None:

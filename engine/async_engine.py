@@ -21,6 +21,7 @@ from .errors import EngineDeadError, QueueFullError
 from .loader import load_model
 from .multimodal import ImageInputs
 from .outputs import RequestOutput
+from .request_rules import RequestRules
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
 from .stats import StatsSink
@@ -37,29 +38,39 @@ class AsyncEngine:
         settings.validate()
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        self.settings = settings
         loaded = load_model(settings)
         self.core = EngineCore(loaded, settings, stats_sink)
-        self.tokenizer = loaded.tokenizer
-        self.processor = loaded.processor  # None: the checkpoint takes no images
-        self.model_name = model_name or settings.model
-        self.max_model_len = self.core.max_model_len
-        self.vocab_size = self.core.vocab_size
-        self.canvas_length = self.core.canvas_length
-        self.default_params = self.core.defaults
+        self._init_front(settings, loaded.tokenizer, loaded.processor, self.core.rules, model_name)
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.RLock()  # re-entrant: a stream's __del__ may run inside a locked block
-        self._closed = False  # set by the step loop when it exits; no stream is accepted after it
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    def _init_front(self, settings: EngineSettings, tokenizer, processor, rules: RequestRules,
+                    model_name: str | None) -> None:
+        """The request-facing state, whatever runs the passes (this step loop, or ``engine.replicas``)."""
+        self.settings = settings
+        self.rules = rules
+        self.tokenizer = tokenizer
+        self.processor = processor  # None: the checkpoint takes no images
+        self.model_name = model_name or settings.model
+        self.max_model_len = rules.max_model_len
+        self.vocab_size = rules.vocab_size
+        self.canvas_length = rules.canvas_length
+        self.default_params = rules.defaults
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.RLock()  # re-entrant: a stream's __del__ may run inside a locked block
+        self._closed = False  # set when the passes stop for good; no stream is accepted after it
         self._dead: str | None = None
-        # gauges: plain values the step loop publishes after each pass (other threads only read them)
+        # gauges: plain values published after each pass (other threads only read them)
         self.num_running = 0
         self.num_waiting = 0
         self.kv_usage = 0.0  # fraction of the KV token budget the running requests take (0..1)
         self._num_live_states = 0
         self._unfinished = 0  # admitted and not yet released; guarded by _lock (bound checked in admit only)
+
+    def queue_bound(self) -> int:
+        """Unfinished requests the engine takes at most (``admit``): running ones and ``max_waiting`` more."""
+        return self.settings.max_num_seqs + self.settings.max_waiting
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,11 +94,11 @@ class AsyncEngine:
         """Fill defaults from the checkpoint and validate (raises ``InvalidRequestError``).
         ``prompt_checked=True`` skips the per-token check of a prompt already accepted once (and of
         its ``images``)."""
-        return self.core.resolve(prompt_ids, params, prompt_checked=prompt_checked, images=images)
+        return self.rules.resolve(prompt_ids, params, prompt_checked=prompt_checked, images=images)
 
     def admit(self, count: int) -> "Admission":
         """Reserve room for ``count`` requests at once, all or none: the one place the queue bound
-        (``max_num_seqs + max_waiting`` unfinished requests) is checked.
+        (``queue_bound()`` unfinished requests) is checked.
 
         Raises ``QueueFullError`` when the room is not there, ``EngineDeadError`` when the step loop
         is not running; nothing is queued either way. Each ``generate(..., admission=a)`` takes one
@@ -97,7 +108,7 @@ class AsyncEngine:
             raise ValueError(f"count must be positive, got {count}")
         if not self.healthy:
             raise EngineDeadError("the engine is not running")
-        bound = self.settings.max_num_seqs + self.settings.max_waiting
+        bound = self.queue_bound()
         with self._lock:
             if self._closed:
                 raise EngineDeadError("the engine is not running")
@@ -106,7 +117,7 @@ class AsyncEngine:
                     raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
                 raise QueueFullError(
                     f"the waiting queue has no room for {count} requests ({bound - self._unfinished} free places; "
-                    f"max_num_seqs + max_waiting is {bound})")
+                    f"the engine takes {bound} unfinished requests)")
             self._unfinished += count
         return Admission(self, count)
 
@@ -146,8 +157,13 @@ class AsyncEngine:
         finally:
             if own:
                 admission.release()
-        self._inbox.put(("add", (request_id, list(prompt_ids), params, images)))
+        self._submit(request_id, list(prompt_ids), params, images)
         return RequestStream(self, request_id, queue_, IncrementalDetokenizer(self.tokenizer, params.stop))
+
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                images: ImageInputs | None) -> None:
+        """Hand an admitted request to whatever runs the passes."""
+        self._inbox.put(("add", (request_id, prompt_ids, params, images)))
 
     def _release(self, request_id: str, finished: bool) -> None:
         with self._lock:
@@ -215,15 +231,19 @@ class AsyncEngine:
             self._dead = f"{type(exc).__name__}: {exc}"
         finally:
             self.core.close()
-            with self._lock:
-                self._closed = True
-                pending = list(self._streams)
-            for rid in pending:
-                self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
-                                            error=self._dead or "the engine shut down"))
-            # nothing runs any more: the gauges say so (the core's bookkeeping is abandoned, not served)
-            self.num_running = self.num_waiting = self._num_live_states = 0
-            self.kv_usage = 0.0
+            self._close_streams()
+
+    def _close_streams(self) -> None:
+        """No pass runs any more: accept no stream, end each open one with ``abort`` (and the reason the
+        engine died, if it did), and zero the gauges (the bookkeeping is abandoned, not served)."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._streams)
+        for rid in pending:
+            self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
+                                        error=self._dead or "the engine shut down"))
+        self.num_running = self.num_waiting = self._num_live_states = 0
+        self.kv_usage = 0.0
 
 
 class Admission:

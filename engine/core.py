@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import replace
 
-from .errors import InvalidRequestError
 from .kv_budget import kv_reservation
 from .loader import LoadedModel
 from .memory import derive_kv_budget, plan_memory
 from .model_runner import ModelRunner
-from .multimodal import ImageInputs, check_images
+from .multimodal import ImageInputs
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
-from .sampling_params import SamplingParams, validate_resolved
+from .request_rules import RequestRules
+from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .settings import EngineSettings
 from .stats import NullStatsSink, PassStats, RequestStats, StatsSink
@@ -55,6 +54,11 @@ class EngineCore:
                 "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"
             )
         self.scheduler = Scheduler(max_num_seqs=settings.max_num_seqs, max_num_kv_tokens=self.max_num_kv_tokens)
+        self.rules = RequestRules(
+            canvas_length=self.canvas_length, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+            defaults=self.defaults, model_config=config, max_images_per_prompt=settings.max_images_per_prompt,
+            max_encoder_tokens=settings.max_encoder_tokens, max_num_seqs=settings.max_num_seqs,
+            max_num_kv_tokens=self.max_num_kv_tokens)
         self._requests: dict[str, Request] = {}
 
     def close(self) -> None:
@@ -64,48 +68,8 @@ class EngineCore:
     # -- requests ------------------------------------------------------------------------------
     def resolve(self, prompt_ids: list[int], params: SamplingParams, *, prompt_checked: bool = False,
                 images: ImageInputs | None = None) -> SamplingParams:
-        """Fill defaults and validate; raises ``InvalidRequestError`` before any work is done.
-
-        ``prompt_checked=True`` skips the per-token vocabulary check of a prompt that an earlier
-        ``resolve`` call already accepted (the server resolves once per prompt, not per choice).
-        ``images``: the prompt's images (``engine.multimodal``), checked against its placeholders.
-        """
-        if params.infill_suffix and params.max_tokens is None:  # the gap fills the canvas up to the suffix
-            if len(params.infill_suffix) >= self.canvas_length:
-                raise InvalidRequestError(
-                    f"the suffix has {len(params.infill_suffix)} tokens: an infill is written in one canvas of "
-                    f"{self.canvas_length} tokens and needs at least one free position before its suffix", "suffix")
-            params = replace(params, max_tokens=self.canvas_length - len(params.infill_suffix))
-        resolved = params.resolve(self.defaults)
-        if not prompt_checked:
-            self.check_prompt(prompt_ids)
-            if images is not None:
-                check_images(images, prompt_ids, self.loaded.model.config,
-                             max_images=self.settings.max_images_per_prompt,
-                             max_encoder_tokens=self.settings.max_encoder_tokens)
-        validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len, prompt_len=len(prompt_ids),
-                          canvas_length=self.canvas_length)
-        reservation = kv_reservation(len(prompt_ids), resolved.max_tokens, self.canvas_length)
-        if not self.scheduler.fits_alone(reservation):
-            raise InvalidRequestError(
-                f"the prompt and max_tokens need {reservation} KV tokens (the prompt and every canvas of "
-                f"{self.canvas_length} but the last), "
-                f"more than this server's KV budget allows for one request ({self.scheduler.max_single_reservation()} "
-                "tokens)",
-                "max_tokens",
-            )
-        return resolved
-
-    def check_prompt(self, prompt_ids) -> None:
-        """Every prompt token must be an int in [0, vocab). C-speed min/max after a type check."""
-        if any(type(t) is not int for t in prompt_ids):
-            bad = next(t for t in prompt_ids if type(t) is not int)
-            raise InvalidRequestError(f"prompt token id {bad!r} is not an integer", "prompt")
-        if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size):
-            bad = min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)
-            raise InvalidRequestError(
-                f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})", "prompt"
-            )
+        """``RequestRules.resolve``: fill defaults and validate (raises ``InvalidRequestError``)."""
+        return self.rules.resolve(prompt_ids, params, prompt_checked=prompt_checked, images=images)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     images: ImageInputs | None = None) -> Request:

@@ -123,7 +123,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     limit_memory(device, settings.device_memory_limit_gib)
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion
 
     compressed = _compressed_config(settings)  # a checkpoint quantized by LLM Compressor, or None
     invariant = settings.batch_invariant
@@ -173,11 +173,18 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     model.to(device)  # a no-op when device_map already placed it
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    tokenizer, processor = load_tokenizer(settings.model, model.config)
     defaults = defaults_from_generation_config(model.generation_config, model.config.canvas_length)
-    processor = load_processor(settings.model, tokenizer, model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype,
                        quantization=method, batch_invariant=invariant, processor=processor)
+
+
+def load_tokenizer(path: str, config) -> tuple[object, object | None]:
+    """The checkpoint's tokenizer, and its image processor (None: the checkpoint takes no images)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return tokenizer, load_processor(path, tokenizer, config)
 
 
 def _compressed_config(settings: EngineSettings):

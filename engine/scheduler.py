@@ -70,9 +70,6 @@ class Scheduler:
     def fits_alone(self, reservation: int) -> bool:
         return kv_tokens_needed([reservation], self.max_num_seqs) <= self.max_num_kv_tokens
 
-    def max_single_reservation(self) -> int:
-        return self.max_num_kv_tokens
-
     # -- one pass ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan(free=self._to_free)

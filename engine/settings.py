@@ -130,6 +130,12 @@ class EngineSettings:
         "beside the server slows it down in proportion. Ignored on CUDA.",
         default_text="the CPUs the process may use (its affinity, within a container's CPU quota), divided by "
                      "--num-threads")
+    data_parallel_size: int = setting(
+        1, "On CPU, copies of the engine, each in a process of its own with its own copy of the weights, "
+        "decoder batch (--max-num-seqs each) and share of --memory-fraction; each request goes to the copy "
+        "with the fewest unfinished requests, and the waiting queue (--max-waiting) is shared. Unlike "
+        "--forward-threads row groups, processes do not take turns at Python's GIL between operators. A "
+        "request's tokens do not depend on its copy (batch invariance). Refused on CUDA.")
     quantization: str = setting(
         "none", "Weight-only quantization of the MoE experts (most of DiffusionGemma's weights) at load time, "
         "through torchao: none, fp8-experts (float8 e4m3 + a scale per row) or int8-experts (int8 + a scale and "
@@ -158,6 +164,7 @@ class EngineSettings:
             "max_num_kv_tokens": self.max_num_kv_tokens,
             "num_threads": self.num_threads,
             "forward_threads": self.forward_threads,
+            "data_parallel_size": self.data_parallel_size,
         }
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -34,8 +34,11 @@ ABORT_GRACE_SECONDS = 5.0
 def default_engine_factory(settings: ServerSettings, stats_sink) -> EngineClient:
     """Build the engine (slow: loads the model). Runs in a worker thread."""
     from engine import AsyncEngine
+    from engine.replicas import ReplicatedEngine
 
-    return AsyncEngine(settings.engine_settings(), stats_sink=stats_sink)
+    engine_settings = settings.engine_settings()
+    kind = ReplicatedEngine if engine_settings.data_parallel_size > 1 else AsyncEngine
+    return kind(engine_settings, stats_sink=stats_sink)
 
 
 def _token_bound(tokenizer) -> TokenBound | None:

@@ -1,0 +1,293 @@
+"""ReplicatedEngine: several copies of the engine, each in a process of its own, behind one front.
+
+On CPU a forward through transformers' modules holds Python's GIL between operators, so decoder row
+groups in threads of one process (``--forward-threads``) cannot use two cores fully. Processes share
+no GIL: each replica here is a whole engine (its own model copy, ``EngineCore``, scheduler, batch
+and KV budget, one intra-op thread by default) in a process started with ``spawn``, and this front
+(an ``AsyncEngine`` without a step loop of its own) validates each request against the replicas'
+``RequestRules``, hands it to the replica with the fewest unfinished requests, and relays outputs,
+statistics and gauges back. On CPU a row's tokens do not depend on what shares its batch (batch
+invariance), so which replica serves a request does not change its text.
+
+Messages are pickled over one pipe per replica:
+
+    front -> replica   ("add", (request_id, prompt_ids, params, images)), ("abort", (request_id, reason)),
+                       ("stop", None)
+    replica -> front   ("ready", RequestRules) or ("failed", exception) once, then after each pass
+                       ("pass", (outputs, stats events, gauges)); ("dead", reason) if its loop breaks
+
+A replica that dies (its loop broke, or the process was killed) takes the engine down as a dead step
+loop does: every open stream ends with the reason, ``healthy`` turns False. A replica whose front is
+gone (the pipe closed) exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import signal
+import threading
+from dataclasses import dataclass, replace
+
+from .async_engine import AsyncEngine
+from .cpu_threads import usable_cpus
+from .loader import load_tokenizer, resolve_device
+from .multimodal import ImageInputs
+from .request_rules import RequestRules
+from .sampling_params import SamplingParams
+from .settings import EngineSettings
+from .stats import NullStatsSink, StatsSink
+
+logger = logging.getLogger("engine")
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """A replica's counts after its last pass."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_live_states: int = 0
+
+
+def replica_settings(settings: EngineSettings) -> EngineSettings:
+    """One replica's settings: a share of the memory, and of the CPUs for its decoder row groups."""
+    replicas = settings.data_parallel_size
+    threads = settings.num_threads or 1
+    forward = settings.forward_threads or max(1, usable_cpus() // (threads * replicas))
+    return replace(settings, data_parallel_size=1, forward_threads=forward,
+                   memory_fraction=settings.memory_fraction / replicas)
+
+
+class ReplicatedEngine(AsyncEngine):
+    """``settings.data_parallel_size`` engine processes behind the ``AsyncEngine`` interface (CPU only)."""
+
+    def __init__(self, settings: EngineSettings, stats_sink: StatsSink | None = None, model_name: str | None = None):
+        settings.validate()
+        if settings.data_parallel_size < 2:
+            raise ValueError("ReplicatedEngine needs data_parallel_size 2 or more (AsyncEngine serves one)")
+        if resolve_device(settings.device).type != "cpu":
+            raise ValueError("data_parallel_size applies to CPU serving (a GPU runs one engine)")
+        self._stats = stats_sink or NullStatsSink()
+        context = multiprocessing.get_context("spawn")  # fork would copy the server's threads' locks
+        child_settings = replica_settings(settings)
+        self._conns, self._procs = [], []
+        for index in range(settings.data_parallel_size):
+            ours, theirs = context.Pipe()
+            proc = context.Process(target=replica_main, args=(child_settings, theirs), daemon=True,
+                                   name=f"engine-replica-{index}")
+            proc.start()
+            theirs.close()
+            self._conns.append(ours)
+            self._procs.append(proc)
+        try:
+            rules = [self._wait_ready(i) for i in range(len(self._procs))]
+        except BaseException:
+            self._terminate()
+            raise
+        rule = min(rules, key=lambda r: r.max_num_kv_tokens)  # a request that fits it fits every replica
+        tokenizer, processor = load_tokenizer(settings.model, rule.model_config)
+        self._init_front(settings, tokenizer, processor, rule, model_name)
+        self._send_locks = [threading.Lock() for _ in self._procs]
+        self._gauges = [Gauges() for _ in self._procs]
+        self._replica_of: dict[str, int] = {}  # unfinished request -> its replica; guarded by _lock
+        self._load = [0] * len(self._procs)  # unfinished requests per replica; guarded by _lock
+        self._readers: list[threading.Thread] = []
+        self._stopping = False
+
+    def _wait_ready(self, index: int) -> RequestRules:
+        try:
+            kind, payload = pickle.loads(self._conns[index].recv_bytes())
+        except (EOFError, OSError):
+            self._procs[index].join(5)
+            raise RuntimeError(f"engine replica {index} exited while loading the model "
+                               f"(exit code {self._procs[index].exitcode})") from None
+        if kind == "failed":
+            raise payload
+        return payload
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._readers:
+            for index, conn in enumerate(self._conns):
+                reader = threading.Thread(target=self._read, args=(index, conn), daemon=True,
+                                          name=f"engine-replica-{index}-reader")
+                reader.start()
+                self._readers.append(reader)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        for index in range(len(self._procs)):
+            self._send(index, ("stop", None))
+        for proc in self._procs:
+            proc.join(timeout)
+        self._terminate()
+        for reader in self._readers:
+            reader.join(timeout)
+        self._close_streams()
+
+    def _terminate(self) -> None:
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+    @property
+    def healthy(self) -> bool:
+        return (self._dead is None and not self._stopping and bool(self._readers)
+                and all(p.is_alive() for p in self._procs))
+
+    def queue_bound(self) -> int:
+        """Every replica's running requests and ``max_waiting`` more."""
+        return len(self._procs) * self.settings.max_num_seqs + self.settings.max_waiting
+
+    # -- requests ------------------------------------------------------------------------------
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                images: ImageInputs | None) -> None:
+        with self._lock:
+            index = min(range(len(self._load)), key=self._load.__getitem__)
+            self._replica_of[request_id] = index
+            self._load[index] += 1
+        self._send(index, ("add", (request_id, prompt_ids, params, images)))
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        super()._release(request_id, finished)  # aborts through _replica_of when unfinished
+        with self._lock:
+            index = self._replica_of.pop(request_id, None)
+            if index is not None:
+                self._load[index] -= 1
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        with self._lock:
+            index = self._replica_of.get(request_id)
+        if index is not None:
+            self._send(index, ("abort", (request_id, reason)))
+
+    def num_live_states(self) -> int:
+        """The replicas' request and tensor states, and the requests this front still routes."""
+        with self._lock:
+            routed = len(self._replica_of)
+        return routed + sum(g.num_live_states for g in self._gauges)
+
+    def _send(self, index: int, message) -> None:
+        data = pickle.dumps(message)
+        with self._send_locks[index]:
+            try:
+                self._conns[index].send_bytes(data)
+            except OSError:  # the replica is gone: its reader reports it
+                pass
+
+    # -- one reader thread per replica ---------------------------------------------------------
+    def _read(self, index: int, conn) -> None:
+        reason = None
+        try:
+            while True:
+                kind, payload = pickle.loads(conn.recv_bytes())
+                if kind == "dead":
+                    reason = payload
+                    break
+                outputs, events, gauges = payload
+                self._gauges[index] = gauges
+                self._publish_gauges()
+                for method, stats in events:
+                    getattr(self._stats, method)(stats)
+                for out in outputs:
+                    self._deliver(out)
+        except (EOFError, OSError):
+            self._procs[index].join(1)
+            reason = f"engine replica {index} exited (exit code {self._procs[index].exitcode})"
+        if self._stopping:
+            return
+        logger.error("engine replica %d died: %s", index, reason)
+        with self._lock:
+            first = self._dead is None
+            if first:
+                self._dead = reason
+        if first:
+            self._stopping = True
+            self._terminate()
+            self._close_streams()
+
+    def _publish_gauges(self) -> None:
+        gauges = self._gauges
+        self.num_running = sum(g.num_running for g in gauges)
+        self.num_waiting = sum(g.num_waiting for g in gauges)
+        self.kv_usage = sum(g.kv_usage for g in gauges) / len(gauges)  # equal budgets (replica_settings)
+        self._num_live_states = sum(g.num_live_states for g in gauges)
+
+
+class _CollectingSink:
+    """A replica's statistics, kept until its next message to the front."""
+
+    def __init__(self):
+        self.events: list[tuple[str, object]] = []
+
+    def on_pass(self, stats) -> None:
+        self.events.append(("on_pass", stats))
+
+    def on_canvas(self, stats) -> None:
+        self.events.append(("on_canvas", stats))
+
+    def on_request_finished(self, stats) -> None:
+        self.events.append(("on_request_finished", stats))
+
+    def take(self) -> list[tuple[str, object]]:
+        events, self.events = self.events, []
+        return events
+
+
+def replica_main(settings: EngineSettings, conn) -> None:
+    """A replica process: load the model, say ready, then run passes and answer the front's messages."""
+    import torch
+
+    from .core import EngineCore
+    from .loader import load_model
+
+    def send(message) -> None:
+        conn.send_bytes(pickle.dumps(message))
+
+    # Ctrl-C reaches the whole process group: the front drains and then stops the replicas itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        sink = _CollectingSink()
+        core = EngineCore(load_model(settings), settings, sink)
+    except BaseException as exc:  # noqa: BLE001 - the front re-raises it
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - an exception that does not travel: its type and message do
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        send(("failed", exc))
+        return
+    send(("ready", core.rules))
+    try:
+        while True:
+            outputs = []
+            timeout = 0 if core.has_work() else None  # idle: sleep until the front writes
+            while conn.poll(timeout):
+                kind, payload = pickle.loads(conn.recv_bytes())  # EOFError: the front is gone
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    core.add_request(*payload)
+                else:
+                    out = core.abort_request(*payload)
+                    if out is not None:
+                        outputs.append(out)
+                timeout = 0
+            outputs.extend(core.step())
+            gauges = Gauges(core.num_running, core.num_waiting, core.kv_usage, core.num_live_states())
+            send(("pass", (outputs, sink.take(), gauges)))
+    except (EOFError, BrokenPipeError):
+        return
+    except BaseException as exc:  # the loop itself broke: the front fails every request
+        logger.exception("engine replica loop died")
+        try:
+            send(("dead", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+    finally:
+        core.close()

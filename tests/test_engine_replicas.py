@@ -1,0 +1,192 @@
+"""Engine replicas in processes of their own (``--data-parallel-size``, CPU): same tokens as one
+engine, requests spread over the replicas, one shared queue bound, and a replica's death or the
+front's exit handled (no request left hanging, no process left behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from engine import AsyncEngine, EngineDeadError, EngineSettings, QueueFullError, SamplingParams
+from engine.replicas import ReplicatedEngine
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+PARAMS = dict(max_tokens=40, max_denoising_steps=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # random weights in float32, the CPU default: near-flat distributions expose any last-bit difference
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny32"), TinySpec(dtype=torch.float32, seed=5))
+
+
+@pytest.fixture(scope="module")
+def replicated(checkpoint):
+    eng = ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, max_num_seqs=4, max_waiting=2,
+                                          num_threads=1))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    texts = ["a", "hello there", "the quick brown fox jumps", "0123456789 " * 3, "zz", "replicas"]
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def _params(i: int) -> SamplingParams:
+    """Mixed parameters: temperatures, logprobs, a logit bias, drafts."""
+    return SamplingParams(seed=100 + i, t_max=0.8 if i % 2 else None, logprobs=2 if i == 2 else None,
+                          logit_bias=((70, 2.0),) if i == 3 else (), stream_drafts=i == 4, **PARAMS)
+
+
+async def _run_all(engine, prompts: list[tuple[int, list[int]]], tag: str) -> dict[str, tuple[int, ...]]:
+    async def one(i, prompt):
+        outs = [o async for o in engine.generate(prompt, _params(i), f"{tag}{i}")]
+        assert outs[-1].finish_reason == "length", outs[-1]
+        return (tuple(t for o in outs for t in o.token_ids), tuple(lp for o in outs for lp in o.logprobs or ()),
+                len([o for o in outs if o.draft is not None]))
+
+    results = await asyncio.gather(*(one(i, p) for i, p in prompts))
+    return {f"r{i}": r for (i, _), r in zip(prompts, results)}
+
+
+def test_replicas_give_the_tokens_of_one_engine_alone(checkpoint, replicated):
+    """Six seeded requests of different lengths and parameters at once over two replicas: each gets
+    exactly the tokens, log-probabilities and drafts it gets alone from an in-process engine
+    (float32, random weights)."""
+    prompts = list(enumerate(_prompts(replicated.tokenizer)))
+    together = asyncio.run(_run_all(replicated, prompts, "together"))
+    single = AsyncEngine(EngineSettings(model=str(checkpoint), max_num_seqs=1, num_threads=1))
+    single.start()
+    try:
+        alone = {}
+        for indexed in prompts:
+            alone.update(asyncio.run(_run_all(single, [indexed], "alone")))
+    finally:
+        single.shutdown()
+    assert together == alone
+    assert replicated.num_live_states() == 0 and replicated.num_running == 0
+
+
+def test_requests_go_to_the_replica_with_fewest_unfinished(replicated):
+    """Four requests in a row alternate between the two replicas; the queue bound counts both
+    replicas' batches (2 x max_num_seqs 4) and max_waiting (2): 10 unfinished at most."""
+    async def main():
+        prompt = replicated.tokenizer("x").input_ids
+        long = SamplingParams(max_tokens=400, max_denoising_steps=6, ignore_eos=True, seed=1)
+        streams = [replicated.generate(prompt, long, f"spread{i}") for i in range(4)]
+        assert sorted(replicated._replica_of[f"spread{i}"] for i in range(4)) == [0, 0, 1, 1]
+        assert replicated.queue_bound() == 10
+        more = [replicated.generate(prompt, long, f"more{i}") for i in range(6)]
+        with pytest.raises(QueueFullError):
+            replicated.generate(prompt, long, "one too many")
+        for s in streams + more:
+            await s.aclose()
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 60
+    while replicated.num_live_states() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert replicated.num_live_states() == 0
+
+
+def test_a_killed_replica_fails_open_requests_and_the_engine(checkpoint):
+    """SIGKILL on one replica (as the OOM killer would): the request it was serving ends with an
+    error naming it, the engine reports unhealthy and refuses new work, and the other replica stops."""
+    eng = ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, num_threads=1))
+    eng.start()
+    try:
+        async def main():
+            prompt = eng.tokenizer("doomed").input_ids
+            stream = eng.generate(prompt, SamplingParams(max_tokens=4000, max_denoising_steps=6, ignore_eos=True), "d")
+            first = await stream.__anext__()  # it runs
+            assert not first.finished
+            os.kill(eng._procs[eng._replica_of["d"]].pid, signal.SIGKILL)
+            return [o async for o in stream]
+
+        outs = asyncio.run(main())
+        assert outs[-1].finished and outs[-1].finish_reason == "abort"
+        assert "engine replica" in outs[-1].error and "exited" in outs[-1].error
+        assert not eng.healthy
+        with pytest.raises(EngineDeadError):
+            eng.admit(1)
+        for proc in eng._procs:
+            proc.join(10)
+            assert not proc.is_alive()
+    finally:
+        eng.shutdown()
+
+
+def test_a_replica_that_cannot_load_raises_its_error(tmp_path):
+    """A checkpoint the replicas cannot load: the front raises the replicas' own error, and no
+    replica process is left."""
+    (tmp_path / "config.json").write_text("{}")
+    before = set(_children(os.getpid()))
+    with pytest.raises(ValueError):
+        ReplicatedEngine(EngineSettings(model=str(tmp_path), data_parallel_size=2))
+    time.sleep(0.5)
+    assert set(_children(os.getpid())) <= before
+
+
+def test_replicas_are_refused_on_cuda(checkpoint):
+    with pytest.raises(ValueError, match="data_parallel_size applies to CPU serving"):
+        ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, device="cuda"))
+
+
+def _children(pid: int) -> list[int]:
+    """The replica processes ``pid`` started (not multiprocessing's resource tracker)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(c) for c in fh.read().split()]
+    return [c for c in found if _cmdline(c).find("spawn_main") >= 0]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_server_with_replicas_serves_and_leaves_no_process_behind(server_launcher, server_tiny_checkpoint):
+    """``--data-parallel-size 2`` over HTTP: a completion equals the one-engine server's, the
+    metrics count both replicas' work; after SIGKILL of the server, its replicas exit on their own."""
+    body = {"prompt": "replicated", "max_tokens": 24, "seed": 9, "ignore_eos": True}
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--data-parallel-size", "2"])
+    one = server_launcher(["--model", str(server_tiny_checkpoint), "--data-parallel-size", "1"])
+    replicas = _children(srv.proc.pid)
+    assert len(replicas) == 2 and not _children(one.proc.pid)
+    texts = [httpx.post(s.base_url + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
+             for s in (srv, one)]
+    assert texts[0] == texts[1]
+    # the replicas' statistics reach the front's metrics: the same counts as the one-engine server's
+    counted = [("diffusion_server:request_success_total", frozenset({("finished_reason", "length")})),
+               ("diffusion_server:denoising_steps_total", frozenset()), ("diffusion_server:canvases_total", frozenset()),
+               ("diffusion_server:engine_live_states", frozenset())]
+    m, m1 = srv.wait_idle(), one.wait_idle()
+    assert [m[k] for k in counted] == [m1[k] for k in counted] and m[counted[0]] == 1 and m[counted[1]] > 0
+    srv.proc.kill()
+    srv.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{p}") and _alive(p) for p in replicas):
+        assert time.monotonic() < deadline, "a replica outlived its server"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
