@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import pickle
+import queue
 import signal
 import threading
 from dataclasses import dataclass, replace
@@ -90,11 +91,12 @@ class ReplicatedEngine(AsyncEngine):
         rule = min(rules, key=lambda r: r.max_num_kv_tokens)  # a request that fits it fits every replica
         tokenizer, processor = load_tokenizer(settings.model, rule.model_config)
         self._init_front(settings, tokenizer, processor, rule, model_name)
-        self._send_locks = [threading.Lock() for _ in self._procs]
+        # one sender thread per replica: a large prompt or image never blocks the event loop on a full pipe
+        self._outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self._procs]
         self._gauges = [Gauges() for _ in self._procs]
         self._replica_of: dict[str, int] = {}  # unfinished request -> its replica; guarded by _lock
         self._load = [0] * len(self._procs)  # unfinished requests per replica; guarded by _lock
-        self._readers: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # a reader and a sender per replica
         self._stopping = False
 
     def _wait_ready(self, index: int) -> RequestRules:
@@ -110,22 +112,25 @@ class ReplicatedEngine(AsyncEngine):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        if not self._readers:
+        if not self._threads:
             for index, conn in enumerate(self._conns):
-                reader = threading.Thread(target=self._read, args=(index, conn), daemon=True,
-                                          name=f"engine-replica-{index}-reader")
-                reader.start()
-                self._readers.append(reader)
+                for role, target in (("reader", self._read), ("sender", self._write)):
+                    thread = threading.Thread(target=target, args=(index, conn), daemon=True,
+                                              name=f"engine-replica-{index}-{role}")
+                    thread.start()
+                    self._threads.append(thread)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
         for index in range(len(self._procs)):
             self._send(index, ("stop", None))
-        for proc in self._procs:
-            proc.join(timeout)
+            self._outboxes[index].put(None)  # then the sender ends
+        if self._threads:  # started: the replicas read their "stop"
+            for proc in self._procs:
+                proc.join(timeout)
         self._terminate()
-        for reader in self._readers:
-            reader.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
         self._close_streams()
 
     def _terminate(self) -> None:
@@ -136,7 +141,7 @@ class ReplicatedEngine(AsyncEngine):
 
     @property
     def healthy(self) -> bool:
-        return (self._dead is None and not self._stopping and bool(self._readers)
+        return (self._dead is None and not self._stopping and bool(self._threads)
                 and all(p.is_alive() for p in self._procs))
 
     def queue_bound(self) -> int:
@@ -172,12 +177,16 @@ class ReplicatedEngine(AsyncEngine):
         return routed + sum(g.num_live_states for g in self._gauges)
 
     def _send(self, index: int, message) -> None:
-        data = pickle.dumps(message)
-        with self._send_locks[index]:
+        self._outboxes[index].put(message)
+
+    def _write(self, index: int, conn) -> None:
+        """The sender thread of one replica: its messages, in order, until ``None``."""
+        outbox = self._outboxes[index]
+        while (message := outbox.get()) is not None:
             try:
-                self._conns[index].send_bytes(data)
+                conn.send_bytes(pickle.dumps(message))
             except OSError:  # the replica is gone: its reader reports it
-                pass
+                return
 
     # -- one reader thread per replica ---------------------------------------------------------
     def _read(self, index: int, conn) -> None:
@@ -208,6 +217,8 @@ class ReplicatedEngine(AsyncEngine):
         if first:
             self._stopping = True
             self._terminate()
+            for outbox in self._outboxes:
+                outbox.put(None)
             self._close_streams()
 
     def _publish_gauges(self) -> None:

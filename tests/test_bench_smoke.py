@@ -141,3 +141,15 @@ def test_thread_scaling_reports_products_and_forward(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["matrix products", "model forward"]
     assert all("two halves side by side" in line for line in lines)
+
+
+def test_replicas_bench_reports_both_setups(capsys):
+    """bench.replicas runs the Sudoku puzzles through one engine and through two replicas, and
+    reports each replica's CPU time beside the front's."""
+    from bench import replicas
+
+    assert replicas.main(["--replicas", "2", "--requests", "4", "--concurrency", "2", "--steps", "4", "--rounds", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("replicas ")]
+    assert [line.split(",")[0] for line in lines] == ["replicas 1", "replicas 2"]
+    assert [len(line.split("per process ")[1].split(", ")) for line in lines] == [1, 3]
+    assert all(" committed tok/s in " in line for line in lines)
