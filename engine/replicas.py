@@ -11,20 +11,25 @@ invariance), so which replica serves a request does not change its text.
 
 Messages are pickled over one pipe per replica:
 
-    front -> replica   ("add", (request_id, prompt_ids, params, images)), ("abort", (request_id, reason)),
-                       ("stop", None)
-    replica -> front   ("ready", RequestRules) or ("failed", exception) once, then after each pass
-                       ("pass", (outputs, stats events, gauges)); ("dead", reason) if its loop breaks
+    front -> replica   ("plan", None) once, then ("add", (request_id, prompt_ids, params, images)),
+                       ("abort", (request_id, reason)), ("stop", None)
+    replica -> front   ("loaded", None), then ("ready", RequestRules), or ("failed", exception) instead;
+                       then after each pass ("pass", (outputs, stats events, gauges)), and ("dead", reason)
+                       if its loop breaks
 
-A replica that dies (its loop broke, or the process was killed) takes the engine down as a dead step
-loop does: every open stream ends with the reason, ``healthy`` turns False. A replica whose front is
-gone (the pipe closed) exits.
+Every replica loads its weights before any plans its KV budget ("plan"), so the budgets, planned from
+the memory then free, fit beside all the copies. A replica that dies (its loop broke, or the process
+was killed) takes the engine down as a dead step loop does: every open stream ends with the reason,
+``healthy`` turns False. A replica ignores SIGINT and SIGTERM (the front drains first, then stops it)
+and exits when its pipe closes, so it never outlives the front.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
+import multiprocessing.connection
 import pickle
 import queue
 import signal
@@ -35,6 +40,7 @@ from .async_engine import AsyncEngine
 from .cpu_threads import usable_cpus
 from .loader import load_tokenizer, resolve_device
 from .multimodal import ImageInputs
+from .outputs import RequestOutput
 from .request_rules import RequestRules
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
@@ -49,16 +55,21 @@ class Gauges:
 
     num_running: int = 0
     num_waiting: int = 0
-    kv_usage: float = 0.0
+    kv_reserved_tokens: int = 0  # the running requests' slot buffers ...
+    kv_budget_tokens: int = 0  # ... and the replica's KV budget
     num_live_states: int = 0
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [replica {index}]: %(message)s"
+
+
 def replica_settings(settings: EngineSettings) -> EngineSettings:
-    """One replica's settings: a share of the memory, and of the CPUs for its decoder row groups."""
+    """One replica's settings: one intra-op thread unless set, a share of the memory, and of the CPUs
+    for its decoder row groups."""
     replicas = settings.data_parallel_size
     threads = settings.num_threads or 1
     forward = settings.forward_threads or max(1, usable_cpus() // (threads * replicas))
-    return replace(settings, data_parallel_size=1, forward_threads=forward,
+    return replace(settings, data_parallel_size=1, num_threads=threads, forward_threads=forward,
                    memory_fraction=settings.memory_fraction / replicas)
 
 
@@ -74,41 +85,58 @@ class ReplicatedEngine(AsyncEngine):
         self._stats = stats_sink or NullStatsSink()
         context = multiprocessing.get_context("spawn")  # fork would copy the server's threads' locks
         child_settings = replica_settings(settings)
+        log_level = logging.getLogger().getEffectiveLevel()
         self._conns, self._procs = [], []
-        for index in range(settings.data_parallel_size):
-            ours, theirs = context.Pipe()
-            proc = context.Process(target=replica_main, args=(child_settings, theirs), daemon=True,
-                                   name=f"engine-replica-{index}")
-            proc.start()
-            theirs.close()
-            self._conns.append(ours)
-            self._procs.append(proc)
+        # replicas ignore SIGTERM: at exit, kill them before multiprocessing's own handler would wait on them
+        atexit.register(self._terminate)
         try:
-            rules = [self._wait_ready(i) for i in range(len(self._procs))]
+            for index in range(settings.data_parallel_size):
+                ours, theirs = context.Pipe()
+                proc = context.Process(target=replica_main, args=(child_settings, theirs, index, log_level),
+                                       daemon=True, name=f"engine-replica-{index}")
+                proc.start()
+                theirs.close()
+                self._conns.append(ours)
+                self._procs.append(proc)
+            # every replica loads its weights before any plans its KV budget from the memory then free,
+            # so that the budgets together fit beside all the copies
+            self._await_all("loaded")
+            for conn in self._conns:
+                conn.send_bytes(pickle.dumps(("plan", None)))
+            rules = self._await_all("ready")
+            rule = min(rules, key=lambda r: r.max_num_kv_tokens)  # a request that fits it fits every replica
+            tokenizer, processor = load_tokenizer(settings.model, rule.model_config)
         except BaseException:
             self._terminate()
             raise
-        rule = min(rules, key=lambda r: r.max_num_kv_tokens)  # a request that fits it fits every replica
-        tokenizer, processor = load_tokenizer(settings.model, rule.model_config)
         self._init_front(settings, tokenizer, processor, rule, model_name)
         # one sender thread per replica: a large prompt or image never blocks the event loop on a full pipe
         self._outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self._procs]
-        self._gauges = [Gauges() for _ in self._procs]
+        self._gauges = [Gauges() for _ in self._procs]  # guarded by _lock
         self._replica_of: dict[str, int] = {}  # unfinished request -> its replica; guarded by _lock
         self._load = [0] * len(self._procs)  # unfinished requests per replica; guarded by _lock
         self._threads: list[threading.Thread] = []  # a reader and a sender per replica
         self._stopping = False
 
-    def _wait_ready(self, index: int) -> RequestRules:
-        try:
-            kind, payload = pickle.loads(self._conns[index].recv_bytes())
-        except (EOFError, OSError):
-            self._procs[index].join(5)
-            raise RuntimeError(f"engine replica {index} exited while loading the model "
-                               f"(exit code {self._procs[index].exitcode})") from None
-        if kind == "failed":
-            raise payload
-        return payload
+    def _await_all(self, kind: str) -> list:
+        """Each replica's next message, which must be ``kind``; the first failure raises at once."""
+        payloads: dict[int, object] = {}
+        pending = dict(enumerate(self._conns))
+        while pending:
+            for conn in multiprocessing.connection.wait(list(pending.values())):
+                index = next(i for i, c in pending.items() if c is conn)
+                del pending[index]
+                try:
+                    got, payload = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    self._procs[index].join(5)
+                    raise RuntimeError(f"engine replica {index} exited while loading the model "
+                                       f"(exit code {self._procs[index].exitcode})") from None
+                if got == "failed":
+                    raise payload
+                assert got == kind, (got, kind)
+                payloads[index] = payload
+        return [payloads[i] for i in range(len(self._conns))]
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,15 +162,18 @@ class ReplicatedEngine(AsyncEngine):
         self._close_streams()
 
     def _terminate(self) -> None:
+        """Kill and reap the replicas still running; close the pipes."""
         for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
-                proc.join(5)
+            proc.join(5)
+        for conn in self._conns:
+            conn.close()
 
     @property
     def healthy(self) -> bool:
         return (self._dead is None and not self._stopping and bool(self._threads)
-                and all(p.is_alive() for p in self._procs))
+                and all(p.is_alive() for p in self._procs) and all(t.is_alive() for t in self._threads))
 
     def queue_bound(self) -> int:
         """Every replica's running requests and ``max_waiting`` more."""
@@ -155,7 +186,7 @@ class ReplicatedEngine(AsyncEngine):
             index = min(range(len(self._load)), key=self._load.__getitem__)
             self._replica_of[request_id] = index
             self._load[index] += 1
-        self._send(index, ("add", (request_id, prompt_ids, params, images)))
+            self._send(index, ("add", (request_id, prompt_ids, params, images)))
 
     def _release(self, request_id: str, finished: bool) -> None:
         super()._release(request_id, finished)  # aborts through _replica_of when unfinished
@@ -173,24 +204,31 @@ class ReplicatedEngine(AsyncEngine):
     def num_live_states(self) -> int:
         """The replicas' request and tensor states, and the requests this front still routes."""
         with self._lock:
-            routed = len(self._replica_of)
-        return routed + sum(g.num_live_states for g in self._gauges)
+            return len(self._replica_of) + self._num_live_states
 
     def _send(self, index: int, message) -> None:
         self._outboxes[index].put(message)
 
+    # -- a sender and a reader thread per replica ----------------------------------------------
     def _write(self, index: int, conn) -> None:
-        """The sender thread of one replica: its messages, in order, until ``None``."""
+        """A replica's messages, in order, until ``None``."""
         outbox = self._outboxes[index]
         while (message := outbox.get()) is not None:
             try:
-                conn.send_bytes(pickle.dumps(message))
+                data = pickle.dumps(message)
+            except Exception as exc:  # noqa: BLE001 - a request that does not pickle fails alone
+                kind, payload = message
+                if kind == "add":
+                    self._deliver(RequestOutput(payload[0], finished=True, finish_reason="error",
+                                                error=f"the request cannot reach an engine replica: {exc}"))
+                continue
+            try:
+                conn.send_bytes(data)
             except OSError:  # the replica is gone: its reader reports it
                 return
 
-    # -- one reader thread per replica ---------------------------------------------------------
     def _read(self, index: int, conn) -> None:
-        reason = None
+        """A replica's passes: gauges, statistics, then outputs; its death ends the engine."""
         try:
             while True:
                 kind, payload = pickle.loads(conn.recv_bytes())
@@ -198,8 +236,7 @@ class ReplicatedEngine(AsyncEngine):
                     reason = payload
                     break
                 outputs, events, gauges = payload
-                self._gauges[index] = gauges
-                self._publish_gauges()
+                self._publish(index, gauges)
                 for method, stats in events:
                     getattr(self._stats, method)(stats)
                 for out in outputs:
@@ -207,6 +244,9 @@ class ReplicatedEngine(AsyncEngine):
         except (EOFError, OSError):
             self._procs[index].join(1)
             reason = f"engine replica {index} exited (exit code {self._procs[index].exitcode})"
+        except BaseException as exc:  # noqa: BLE001 - this thread's own fault: no output may be lost silently
+            logger.exception("engine replica %d: reading its messages failed", index)
+            reason = f"engine replica {index}: {type(exc).__name__}: {exc}"
         if self._stopping:
             return
         logger.error("engine replica %d died: %s", index, reason)
@@ -221,12 +261,16 @@ class ReplicatedEngine(AsyncEngine):
                 outbox.put(None)
             self._close_streams()
 
-    def _publish_gauges(self) -> None:
-        gauges = self._gauges
-        self.num_running = sum(g.num_running for g in gauges)
-        self.num_waiting = sum(g.num_waiting for g in gauges)
-        self.kv_usage = sum(g.kv_usage for g in gauges) / len(gauges)  # equal budgets (replica_settings)
-        self._num_live_states = sum(g.num_live_states for g in gauges)
+    def _publish(self, index: int, gauges: Gauges) -> None:
+        with self._lock:
+            if self._closed:  # the engine is down: its gauges stay zero
+                return
+            self._gauges[index] = gauges
+            all_ = self._gauges
+            self.num_running = sum(g.num_running for g in all_)
+            self.num_waiting = sum(g.num_waiting for g in all_)
+            self.kv_usage = sum(g.kv_reserved_tokens for g in all_) / max(1, sum(g.kv_budget_tokens for g in all_))
+            self._num_live_states = sum(g.num_live_states for g in all_)
 
 
 class _CollectingSink:
@@ -249,8 +293,14 @@ class _CollectingSink:
         return events
 
 
-def replica_main(settings: EngineSettings, conn) -> None:
-    """A replica process: load the model, say ready, then run passes and answer the front's messages."""
+def replica_main(settings: EngineSettings, conn, index: int = 0, log_level: int = logging.WARNING) -> None:
+    """A replica process: load the weights, wait for the others ("plan"), plan its memory and say
+    ready, then run passes and answer the front's messages until "stop" or until the front is gone."""
+    # The front owns this process's lifetime ("stop", the pipe's end, or SIGKILL): Ctrl-C reaches the
+    # whole process group and a service manager may SIGTERM every process, while the front drains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=LOG_FORMAT.format(index=index))
     import torch
 
     from .core import EngineCore
@@ -259,21 +309,29 @@ def replica_main(settings: EngineSettings, conn) -> None:
     def send(message) -> None:
         conn.send_bytes(pickle.dumps(message))
 
-    # Ctrl-C reaches the whole process group: the front drains and then stops the replicas itself
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
-        sink = _CollectingSink()
-        core = EngineCore(load_model(settings), settings, sink)
-    except BaseException as exc:  # noqa: BLE001 - the front re-raises it
         try:
-            pickle.loads(pickle.dumps(exc))
-        except Exception:  # noqa: BLE001 - an exception that does not travel: its type and message do
-            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        send(("failed", exc))
+            if settings.num_threads:
+                torch.set_num_threads(settings.num_threads)
+            loaded = load_model(settings)
+            send(("loaded", None))
+            if pickle.loads(conn.recv_bytes())[0] != "plan":
+                return
+            sink = _CollectingSink()
+            core = EngineCore(loaded, settings, sink)
+        except (EOFError, OSError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the front re-raises it
+            logger.exception("engine replica %d could not load the model", index)
+            try:
+                pickle.loads(pickle.dumps(exc))
+            except Exception:  # noqa: BLE001 - an exception that does not travel: its type and message do
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            send(("failed", exc))
+            return
+        send(("ready", core.rules))
+    except (EOFError, OSError):  # the front is gone
         return
-    send(("ready", core.rules))
     try:
         while True:
             outputs = []
@@ -290,9 +348,10 @@ def replica_main(settings: EngineSettings, conn) -> None:
                         outputs.append(out)
                 timeout = 0
             outputs.extend(core.step())
-            gauges = Gauges(core.num_running, core.num_waiting, core.kv_usage, core.num_live_states())
+            gauges = Gauges(core.num_running, core.num_waiting, core.scheduler.reserved_kv_tokens,
+                            core.max_num_kv_tokens, core.num_live_states())
             send(("pass", (outputs, sink.take(), gauges)))
-    except (EOFError, BrokenPipeError):
+    except (EOFError, OSError):  # the front is gone
         return
     except BaseException as exc:  # the loop itself broke: the front fails every request
         logger.exception("engine replica loop died")

@@ -41,18 +41,20 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [tokenizer(t).input_ids for t in texts]
 
 
-def _params(i: int) -> SamplingParams:
-    """Mixed parameters: temperatures, logprobs, a logit bias, drafts."""
+def _params(i: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+    """Mixed parameters: temperatures, logprobs, a logit bias, drafts; ``stop`` for request 5."""
     return SamplingParams(seed=100 + i, t_max=0.8 if i % 2 else None, logprobs=2 if i == 2 else None,
-                          logit_bias=((70, 2.0),) if i == 3 else (), stream_drafts=i == 4, **PARAMS)
+                          logit_bias=((70, 2.0),) if i == 3 else (), stream_drafts=i == 4,
+                          stop=stop if i == 5 else (), **PARAMS)
 
 
-async def _run_all(engine, prompts: list[tuple[int, list[int]]], tag: str) -> dict[str, tuple[int, ...]]:
+async def _run_all(engine, prompts: list[tuple[int, list[int]]], tag: str,
+                   stop: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
     async def one(i, prompt):
-        outs = [o async for o in engine.generate(prompt, _params(i), f"{tag}{i}")]
-        assert outs[-1].finish_reason == "length", outs[-1]
+        outs = [o async for o in engine.generate(prompt, _params(i, stop), f"{tag}{i}")]
+        assert outs[-1].finished and outs[-1].error is None, outs[-1]
         return (tuple(t for o in outs for t in o.token_ids), tuple(lp for o in outs for lp in o.logprobs or ()),
-                len([o for o in outs if o.draft is not None]))
+                len([o for o in outs if o.draft is not None]), "".join(o.text for o in outs), outs[-1].finish_reason)
 
     results = await asyncio.gather(*(one(i, p) for i, p in prompts))
     return {f"r{i}": r for (i, _), r in zip(prompts, results)}
@@ -60,20 +62,33 @@ async def _run_all(engine, prompts: list[tuple[int, list[int]]], tag: str) -> di
 
 def test_replicas_give_the_tokens_of_one_engine_alone(checkpoint, replicated):
     """Six seeded requests of different lengths and parameters at once over two replicas: each gets
-    exactly the tokens, log-probabilities and drafts it gets alone from an in-process engine
-    (float32, random weights)."""
+    exactly the tokens, log-probabilities, drafts, text and finish reason (one stops at a string) it
+    gets alone from an in-process engine (float32, random weights)."""
     prompts = list(enumerate(_prompts(replicated.tokenizer)))
-    together = asyncio.run(_run_all(replicated, prompts, "together"))
     single = AsyncEngine(EngineSettings(model=str(checkpoint), max_num_seqs=1, num_threads=1))
     single.start()
     try:
+        # request 5 stops at a string its text holds (a stop string cuts text the replica produced)
+        text = asyncio.run(_run_all(single, [prompts[5]], "probe"))["r5"][3]
+        stop = (text[20:22],)
         alone = {}
         for indexed in prompts:
-            alone.update(asyncio.run(_run_all(single, [indexed], "alone")))
+            alone.update(asyncio.run(_run_all(single, [indexed], "alone", stop)))
     finally:
         single.shutdown()
+    together = asyncio.run(_run_all(replicated, prompts, "together", stop))
     assert together == alone
-    assert replicated.num_live_states() == 0 and replicated.num_running == 0
+    assert alone["r5"][4] == "stop" and len(alone["r5"][3]) < len(text)
+    _wait_idle(replicated)  # the stop string's abort reaches its replica at that replica's next pass
+
+
+def _wait_idle(engine, timeout: float = 60.0) -> None:
+    """Until the engine holds no state (polls: aborts are freed at a replica's next pass; the timeout
+    only bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while engine.num_live_states() or engine.num_running or engine.num_waiting:
+        assert time.monotonic() < deadline, (engine.num_live_states(), engine.num_running, engine.num_waiting)
+        time.sleep(0.02)
 
 
 def test_requests_go_to_the_replica_with_fewest_unfinished(replicated):
@@ -92,10 +107,7 @@ def test_requests_go_to_the_replica_with_fewest_unfinished(replicated):
             await s.aclose()
 
     asyncio.run(main())
-    deadline = time.monotonic() + 60
-    while replicated.num_live_states() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert replicated.num_live_states() == 0
+    _wait_idle(replicated)
 
 
 def test_a_killed_replica_fails_open_requests_and_the_engine(checkpoint):
@@ -121,8 +133,56 @@ def test_a_killed_replica_fails_open_requests_and_the_engine(checkpoint):
         for proc in eng._procs:
             proc.join(10)
             assert not proc.is_alive()
+        # nothing runs any more, and the gauges say so
+        assert (eng.num_running, eng.num_waiting, eng.kv_usage, eng.num_live_states()) == (0, 0, 0.0, 0)
     finally:
         eng.shutdown()
+
+
+def test_shutdown_ends_open_streams_and_stops_every_replica(checkpoint):
+    eng = ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, num_threads=1))
+    eng.start()
+
+    async def main():
+        prompt = eng.tokenizer("long").input_ids
+        stream = eng.generate(prompt, SamplingParams(max_tokens=4000, max_denoising_steps=6, ignore_eos=True), "s")
+        assert not (await stream.__anext__()).finished
+        eng.shutdown()
+        return [o async for o in stream]
+
+    outs = asyncio.run(main())
+    assert outs[-1].finish_reason == "abort" and outs[-1].error == "the engine shut down"
+    assert not any(p.is_alive() for p in eng._procs) and not eng.healthy
+    assert eng.num_live_states() == 0
+
+
+def test_a_request_that_does_not_pickle_fails_alone(replicated):
+    """A library caller's SamplingParams that cannot cross to a replica: that request ends with an
+    error, and the engine serves the next one."""
+    async def main():
+        prompt = replicated.tokenizer("x").input_ids
+        bad = SamplingParams(max_tokens=8, extra={"callback": lambda: None})
+        outs = [o async for o in replicated.generate(prompt, bad, "unpicklable")]
+        good = [o async for o in replicated.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True), "fine")]
+        return outs, good
+
+    outs, good = asyncio.run(main())
+    assert outs[-1].finish_reason == "error" and "cannot reach an engine replica" in outs[-1].error
+    assert good[-1].finish_reason == "length" and replicated.healthy
+
+
+def test_replicas_ignore_sigterm_so_the_front_can_drain(replicated):
+    """A service manager may SIGTERM every process of the service: the replicas keep serving until
+    the front stops them."""
+    for proc in replicated._procs:
+        os.kill(proc.pid, signal.SIGTERM)
+
+    async def main():
+        prompt = replicated.tokenizer("still here").input_ids
+        return [o async for o in replicated.generate(prompt, SamplingParams(max_tokens=20, ignore_eos=True), "term")]
+
+    assert asyncio.run(main())[-1].finish_reason == "length"
+    assert replicated.healthy and all(p.is_alive() for p in replicated._procs)
 
 
 def test_a_replica_that_cannot_load_raises_its_error(tmp_path):
