@@ -39,3 +39,8 @@ def kv_tokens_needed(reservations: Iterable[int], max_rows: int) -> int:
     """KV token slots a running set with these reservations takes from the budget: the slot buffers."""
     rows, longest = slot_buffer_shape(reservations, max_rows)
     return rows * longest
+
+
+def fits_alone(reservation: int, max_rows: int, budget: int) -> bool:
+    """Whether a request reserving ``reservation`` KV tokens fits ``budget`` with nothing else running."""
+    return kv_tokens_needed([reservation], max_rows) <= budget

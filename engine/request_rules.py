@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import InvalidRequestError
-from .kv_budget import kv_reservation, kv_tokens_needed
+from .kv_budget import fits_alone, kv_reservation
 from .multimodal import ImageInputs, check_images
 from .sampling_params import SamplingParams, validate_resolved
 
@@ -51,7 +51,7 @@ class RequestRules:
         validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                           prompt_len=len(prompt_ids), canvas_length=self.canvas_length)
         reservation = kv_reservation(len(prompt_ids), resolved.max_tokens, self.canvas_length)
-        if not self.fits_alone(reservation):
+        if not fits_alone(reservation, self.max_num_seqs, self.max_num_kv_tokens):
             raise InvalidRequestError(
                 f"the prompt and max_tokens need {reservation} KV tokens (the prompt and every canvas of "
                 f"{self.canvas_length} but the last), "
@@ -59,10 +59,6 @@ class RequestRules:
                 "max_tokens",
             )
         return resolved
-
-    def fits_alone(self, reservation: int) -> bool:
-        """Whether a request reserving this many KV tokens fits the budget with nothing else running."""
-        return kv_tokens_needed([reservation], self.max_num_seqs) <= self.max_num_kv_tokens
 
     def check_prompt(self, prompt_ids) -> None:
         """Every prompt token must be an int in [0, vocab). C-speed min/max after a type check."""

@@ -67,9 +67,6 @@ class Scheduler:
         """KV token slots the running set takes from the budget (the slot buffers' size)."""
         return kv_tokens_needed((r.kv_reservation for r in self.running), self.max_num_seqs)
 
-    def fits_alone(self, reservation: int) -> bool:
-        return kv_tokens_needed([reservation], self.max_num_seqs) <= self.max_num_kv_tokens
-
     # -- one pass ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan(free=self._to_free)

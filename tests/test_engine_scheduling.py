@@ -182,6 +182,7 @@ def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(tmp_path_factor
 
 def test_admission_counts_the_slot_buffers(core):
     """Budget = the slot buffers: slot_rows(n) rows (next power of two) of the longest reservation."""
+    from engine.kv_budget import fits_alone
     from engine.request import Request
     from engine.scheduler import Scheduler
 
@@ -189,7 +190,7 @@ def test_admission_counts_the_slot_buffers(core):
     params = core.resolve([5], SamplingParams(max_tokens=32))  # two canvases of 16: the first enters the KV
     long_req = Request("long", tuple([5] * 284), params, 0, 16)  # reserves 284 + 16 = 300
     assert long_req.kv_reservation == 300
-    assert sched.fits_alone(1000) and not sched.fits_alone(1001) and sched.fits_alone(long_req.kv_reservation)
+    assert [fits_alone(n, 8, 1000) for n in (1000, 1001, long_req.kv_reservation)] == [True, False, True]
     sched.add(long_req)
     for i in range(3):
         sched.add(Request(f"s{i}", (5,), params, 0, 16))  # reserve 17 each
