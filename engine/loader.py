@@ -101,6 +101,9 @@ def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
     )
 
 
+DUMMY_SEED = 0  # load_format=dummy: the random weights' seed
+
+
 def _dummy_model(path: str, device: torch.device, kwargs: dict):
     """``load_format=dummy``: the folder's config with random weights, initialised on ``device``
     (no weight file is read or needed), and its generation config when it has one."""
@@ -108,8 +111,12 @@ def _dummy_model(path: str, device: torch.device, kwargs: dict):
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
     config = AutoConfig.from_pretrained(path)
-    with torch.device(device):
-        model = DiffusionGemmaForBlockDiffusion._from_config(config, **kwargs)
+    # the same weights in every process (engine replicas, a benchmark's baselines), without moving
+    # the caller's random state
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(DUMMY_SEED)
+        with torch.device(device):
+            model = DiffusionGemmaForBlockDiffusion._from_config(config, **kwargs)
     try:
         model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(path)
     except OSError:

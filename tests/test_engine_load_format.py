@@ -34,6 +34,18 @@ def test_dummy_load_format_builds_the_shape_without_weight_files(config_only):
     assert len(out["tokens"]) == 16 and out["finish_reason"] == "length"
 
 
+def test_dummy_weights_are_the_same_in_every_load(config_only):
+    """Engine replicas each build the dummy model: they must hold the same weights (and a load must
+    not move the caller's random state)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_model(EngineSettings(model=str(config_only), load_format="dummy")).model.state_dict()
+    assert torch.equal(torch.rand(3), expected)
+    second = load_model(EngineSettings(model=str(config_only), load_format="dummy")).model.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_dummy_load_format_refuses_quantization():
     with pytest.raises(ValueError, match="load_format dummy"):
         EngineSettings(model="x", load_format="dummy", quantization="int8-experts").validate()
