@@ -34,6 +34,7 @@ import pickle
 import queue
 import signal
 import threading
+import weakref
 from dataclasses import dataclass, replace
 
 from .async_engine import AsyncEngine
@@ -87,8 +88,9 @@ class ReplicatedEngine(AsyncEngine):
         child_settings = replica_settings(settings)
         log_level = logging.getLogger().getEffectiveLevel()
         self._conns, self._procs = [], []
-        # replicas ignore SIGTERM: at exit, kill them before multiprocessing's own handler would wait on them
-        atexit.register(self._terminate)
+        self._stopping = False
+        self._terminated = threading.Lock()  # held for good by the first _terminate
+        _LIVE.add(self)
         try:
             for index in range(settings.data_parallel_size):
                 ours, theirs = context.Pipe()
@@ -101,22 +103,28 @@ class ReplicatedEngine(AsyncEngine):
             # every replica loads its weights before any plans its KV budget from the memory then free,
             # so that the budgets together fit beside all the copies
             self._await_all("loaded")
-            for conn in self._conns:
-                conn.send_bytes(pickle.dumps(("plan", None)))
+            for index, conn in enumerate(self._conns):
+                try:
+                    conn.send_bytes(pickle.dumps(("plan", None)))
+                except OSError:
+                    raise self._exited_while_loading(index) from None
             rules = self._await_all("ready")
             rule = min(rules, key=lambda r: r.max_num_kv_tokens)  # a request that fits it fits every replica
             tokenizer, processor = load_tokenizer(settings.model, rule.model_config)
         except BaseException:
+            self._stopping = True
             self._terminate()
+            for conn in self._conns:
+                conn.close()
             raise
         self._init_front(settings, tokenizer, processor, rule, model_name)
         # one sender thread per replica: a large prompt or image never blocks the event loop on a full pipe
         self._outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self._procs]
-        self._gauges = [Gauges() for _ in self._procs]  # guarded by _lock
+        # until a replica's first pass, its budget still counts towards kv_usage
+        self._gauges = [Gauges(kv_budget_tokens=r.max_num_kv_tokens) for r in rules]  # guarded by _lock
         self._replica_of: dict[str, int] = {}  # unfinished request -> its replica; guarded by _lock
         self._load = [0] * len(self._procs)  # unfinished requests per replica; guarded by _lock
         self._threads: list[threading.Thread] = []  # a reader and a sender per replica
-        self._stopping = False
 
     def _await_all(self, kind: str) -> list:
         """Each replica's next message, which must be ``kind``; the first failure raises at once."""
@@ -129,14 +137,17 @@ class ReplicatedEngine(AsyncEngine):
                 try:
                     got, payload = pickle.loads(conn.recv_bytes())
                 except (EOFError, OSError):
-                    self._procs[index].join(5)
-                    raise RuntimeError(f"engine replica {index} exited while loading the model "
-                                       f"(exit code {self._procs[index].exitcode})") from None
+                    raise self._exited_while_loading(index) from None
                 if got == "failed":
                     raise payload
                 assert got == kind, (got, kind)
                 payloads[index] = payload
         return [payloads[i] for i in range(len(self._conns))]
+
+    def _exited_while_loading(self, index: int) -> RuntimeError:
+        self._procs[index].join(5)
+        return RuntimeError(f"engine replica {index} exited while loading the model "
+                            f"(exit code {self._procs[index].exitcode})")
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,16 +170,20 @@ class ReplicatedEngine(AsyncEngine):
         self._terminate()
         for thread in self._threads:
             thread.join(timeout)
+        for conn in self._conns:  # no thread uses them any more
+            conn.close()
         self._close_streams()
+        _LIVE.discard(self)
 
     def _terminate(self) -> None:
-        """Kill and reap the replicas still running; close the pipes."""
+        """Kill and reap the replicas still running (once, whoever calls first: shutdown, a replica's
+        death, the exit hook)."""
+        if not self._terminated.acquire(blocking=False):
+            return
         for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
             proc.join(5)
-        for conn in self._conns:
-            conn.close()
 
     @property
     def healthy(self) -> bool:
@@ -186,7 +201,7 @@ class ReplicatedEngine(AsyncEngine):
             index = min(range(len(self._load)), key=self._load.__getitem__)
             self._replica_of[request_id] = index
             self._load[index] += 1
-            self._send(index, ("add", (request_id, prompt_ids, params, images)))
+            self._send(index, ("add", (request_id, (prompt_ids, params, images))))
 
     def _release(self, request_id: str, finished: bool) -> None:
         super()._release(request_id, finished)  # aborts through _replica_of when unfinished
@@ -214,13 +229,15 @@ class ReplicatedEngine(AsyncEngine):
         """A replica's messages, in order, until ``None``."""
         outbox = self._outboxes[index]
         while (message := outbox.get()) is not None:
+            kind, payload = message
             try:
-                data = pickle.dumps(message)
+                if kind == "add":  # the request apart: a replica that cannot unpickle it fails it alone
+                    payload = (payload[0], pickle.dumps(payload[1]))
+                data = pickle.dumps((kind, payload))
             except Exception as exc:  # noqa: BLE001 - a request that does not pickle fails alone
-                kind, payload = message
-                if kind == "add":
-                    self._deliver(RequestOutput(payload[0], finished=True, finish_reason="error",
-                                                error=f"the request cannot reach an engine replica: {exc}"))
+                if kind != "add":
+                    raise
+                self._deliver(_failed(payload[0], exc))
                 continue
             try:
                 conn.send_bytes(data)
@@ -247,15 +264,13 @@ class ReplicatedEngine(AsyncEngine):
         except BaseException as exc:  # noqa: BLE001 - this thread's own fault: no output may be lost silently
             logger.exception("engine replica %d: reading its messages failed", index)
             reason = f"engine replica {index}: {type(exc).__name__}: {exc}"
-        if self._stopping:
-            return
-        logger.error("engine replica %d died: %s", index, reason)
         with self._lock:
-            first = self._dead is None
+            first = self._dead is None and not self._stopping
             if first:
                 self._dead = reason
+                self._stopping = True
         if first:
-            self._stopping = True
+            logger.error("engine replica %d died: %s", index, reason)
             self._terminate()
             for outbox in self._outboxes:
                 outbox.put(None)
@@ -271,6 +286,23 @@ class ReplicatedEngine(AsyncEngine):
             self.num_waiting = sum(g.num_waiting for g in all_)
             self.kv_usage = sum(g.kv_reserved_tokens for g in all_) / max(1, sum(g.kv_budget_tokens for g in all_))
             self._num_live_states = sum(g.num_live_states for g in all_)
+
+
+def _failed(request_id: str, exc: BaseException) -> RequestOutput:
+    return RequestOutput(request_id, finished=True, finish_reason="error",
+                         error=f"the request cannot reach an engine replica: {type(exc).__name__}: {exc}")
+
+
+# Engines with replicas still to stop at exit: replicas ignore SIGTERM, and multiprocessing's own exit
+# handler (registered at import, so it runs after this one) would terminate() and wait on them.
+_LIVE: "weakref.WeakSet[ReplicatedEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    for engine in list(_LIVE):
+        engine._stopping = True
+        engine._terminate()
 
 
 class _CollectingSink:
@@ -293,6 +325,48 @@ class _CollectingSink:
         return events
 
 
+class _FrontGone(Exception):
+    """The pipe to the front closed: the front exited or was killed."""
+
+
+class _Pipe:
+    """A replica's end of its pipe, whose own failures (and only those) say the front is gone."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def send(self, message) -> None:
+        data = pickle.dumps(message)
+        try:
+            self._conn.send_bytes(data)
+        except (EOFError, OSError) as exc:
+            raise _FrontGone from exc
+
+    def recv(self):
+        try:
+            data = self._conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            raise _FrontGone from exc
+        return pickle.loads(data)
+
+    def poll(self, timeout: float | None) -> bool:
+        try:
+            return self._conn.poll(timeout)
+        except (EOFError, OSError) as exc:
+            raise _FrontGone from exc
+
+
+def _travels(exc: BaseException) -> Exception:
+    """``exc`` if it pickles and is an ``Exception``; else a RuntimeError with its type and message."""
+    if isinstance(exc, Exception):
+        try:
+            pickle.loads(pickle.dumps(exc))
+            return exc
+        except Exception:  # noqa: BLE001
+            pass
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
 def replica_main(settings: EngineSettings, conn, index: int = 0, log_level: int = logging.WARNING) -> None:
     """A replica process: load the weights, wait for the others ("plan"), plan its memory and say
     ready, then run passes and answer the front's messages until "stop" or until the front is gone."""
@@ -300,48 +374,63 @@ def replica_main(settings: EngineSettings, conn, index: int = 0, log_level: int 
     # whole process group and a service manager may SIGTERM every process, while the front drains.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=LOG_FORMAT.format(index=index))
+    logging.basicConfig(level=log_level, format=LOG_FORMAT.format(index=index), force=True)
+    pipe = _Pipe(conn)
+    try:
+        core = _load(settings, pipe, index)
+        if core is not None:
+            try:
+                _serve(core, pipe)
+            finally:
+                core.close()
+    except _FrontGone:
+        return
+
+
+def _load(settings: EngineSettings, pipe: _Pipe, index: int):
+    """The replica's EngineCore once every replica has loaded (None: it could not; the front knows)."""
     import torch
 
     from .core import EngineCore
     from .loader import load_model
 
-    def send(message) -> None:
-        conn.send_bytes(pickle.dumps(message))
-
     try:
-        try:
-            if settings.num_threads:
-                torch.set_num_threads(settings.num_threads)
-            loaded = load_model(settings)
-            send(("loaded", None))
-            if pickle.loads(conn.recv_bytes())[0] != "plan":
-                return
-            sink = _CollectingSink()
-            core = EngineCore(loaded, settings, sink)
-        except (EOFError, OSError):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - the front re-raises it
-            logger.exception("engine replica %d could not load the model", index)
-            try:
-                pickle.loads(pickle.dumps(exc))
-            except Exception:  # noqa: BLE001 - an exception that does not travel: its type and message do
-                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-            send(("failed", exc))
-            return
-        send(("ready", core.rules))
-    except (EOFError, OSError):  # the front is gone
-        return
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        loaded = load_model(settings)
+        pipe.send(("loaded", None))
+        if pipe.recv()[0] != "plan":
+            return None
+        core = EngineCore(loaded, settings, _CollectingSink())
+    except _FrontGone:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the front raises it
+        logger.exception("engine replica %d could not load the model", index)
+        pipe.send(("failed", _travels(exc)))
+        return None
+    pipe.send(("ready", core.rules))
+    return core
+
+
+def _serve(core, pipe: _Pipe) -> None:
+    """Passes and the front's messages until "stop"."""
+    sink = core.stats
     try:
         while True:
             outputs = []
             timeout = 0 if core.has_work() else None  # idle: sleep until the front writes
-            while conn.poll(timeout):
-                kind, payload = pickle.loads(conn.recv_bytes())  # EOFError: the front is gone
+            while pipe.poll(timeout):
+                kind, payload = pipe.recv()
                 if kind == "stop":
                     return
                 if kind == "add":
-                    core.add_request(*payload)
+                    request_id, request = payload
+                    try:
+                        prompt_ids, params, images = pickle.loads(request)
+                    except Exception as exc:  # noqa: BLE001 - this request alone cannot be read here
+                        outputs.append(_failed(request_id, exc))
+                    else:
+                        core.add_request(request_id, prompt_ids, params, images)
                 else:
                     out = core.abort_request(*payload)
                     if out is not None:
@@ -350,14 +439,9 @@ def replica_main(settings: EngineSettings, conn, index: int = 0, log_level: int 
             outputs.extend(core.step())
             gauges = Gauges(core.num_running, core.num_waiting, core.scheduler.reserved_kv_tokens,
                             core.max_num_kv_tokens, core.num_live_states())
-            send(("pass", (outputs, sink.take(), gauges)))
-    except (EOFError, OSError):  # the front is gone
-        return
+            pipe.send(("pass", (outputs, sink.take(), gauges)))
+    except _FrontGone:
+        raise
     except BaseException as exc:  # the loop itself broke: the front fails every request
         logger.exception("engine replica loop died")
-        try:
-            send(("dead", f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
-    finally:
-        core.close()
+        pipe.send(("dead", f"{type(exc).__name__}: {exc}"))

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from engine import AsyncEngine, EngineDeadError, EngineSettings, QueueFullError,
 from engine.replicas import ReplicatedEngine
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS = dict(max_tokens=40, max_denoising_steps=6, ignore_eos=True)
 
 
@@ -171,6 +174,25 @@ def test_a_request_that_does_not_pickle_fails_alone(replicated):
     assert good[-1].finish_reason == "length" and replicated.healthy
 
 
+def test_a_request_a_replica_cannot_read_fails_alone(replicated, tmp_path, monkeypatch):
+    """An object in SamplingParams.extra whose module exists only in the front (a notebook, a plugin):
+    the replica fails that request alone and serves the next one."""
+    (tmp_path / "front_only.py").write_text("class Marker:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import front_only
+
+    async def main():
+        prompt = replicated.tokenizer("x").input_ids
+        odd = SamplingParams(max_tokens=8, extra={"marker": front_only.Marker()})
+        outs = [o async for o in replicated.generate(prompt, odd, "front-only")]
+        good = [o async for o in replicated.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True), "after")]
+        return outs, good
+
+    outs, good = asyncio.run(main())
+    assert outs[-1].finish_reason == "error" and "ModuleNotFoundError" in outs[-1].error
+    assert good[-1].finish_reason == "length" and replicated.healthy
+
+
 def test_replicas_ignore_sigterm_so_the_front_can_drain(replicated):
     """A service manager may SIGTERM every process of the service: the replicas keep serving until
     the front stops them."""
@@ -194,6 +216,39 @@ def test_a_replica_that_cannot_load_raises_its_error(tmp_path):
         ReplicatedEngine(EngineSettings(model=str(tmp_path), data_parallel_size=2))
     time.sleep(0.5)
     assert set(_children(os.getpid())) <= before
+
+
+def test_a_missing_checkpoint_raises_the_loaders_own_error(tmp_path):
+    """transformers' OSError for a folder that does not exist reaches the caller as it is (not as a
+    replica that went away)."""
+    with pytest.raises(OSError, match="nowhere"):
+        ReplicatedEngine(EngineSettings(model=str(tmp_path / "nowhere"), data_parallel_size=2))
+
+
+EXIT_WITHOUT_SHUTDOWN = """
+import sys
+from engine import EngineSettings
+from engine.replicas import ReplicatedEngine
+
+if __name__ == "__main__":
+    engine = ReplicatedEngine(EngineSettings(model=sys.argv[1], data_parallel_size=2, num_threads=1))
+    engine.start()
+    print(" ".join(str(p.pid) for p in engine._procs), flush=True)
+"""
+
+
+def test_a_script_that_exits_without_shutdown_leaves_no_replica(checkpoint, tmp_path):
+    """A library script that never calls shutdown(): its exit stops the replicas (which ignore
+    SIGTERM) without reporting them dead and without hanging."""
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_WITHOUT_SHUTDOWN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, str(script), str(checkpoint)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "died" not in proc.stderr and "Bad file descriptor" not in proc.stderr, proc.stderr[-3000:]
+    for pid in map(int, proc.stdout.split()):
+        assert not _alive(pid)
 
 
 def test_replicas_are_refused_on_cuda(checkpoint):
