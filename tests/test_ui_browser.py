@@ -216,11 +216,13 @@ def test_page_draws_every_refinement_step_and_the_final_text(live_server, browse
     snapshots = browser.js("return window.__domSnapshots")
     output = browser.js("return document.getElementById('output').textContent")
 
-    # one history entry per draft; steps count up within each canvas; ids tracked per position
+    # one history entry per draft; steps count up within each canvas; ids tracked per position. A
+    # step may be skipped: the server merges a draft its event loop has not yet sent into the next one
+    # (docs/reliability.md), which a loaded machine (the whole suite on two cores) sometimes shows
     assert {h["canvas"] for h in history} == {0, 1, 2}
     for canvas in (0, 1, 2):
         steps = [h["step"] for h in history if h["canvas"] == canvas]
-        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3, steps
+        assert steps == sorted(set(steps)) and steps[0] >= 1 and len(steps) >= 3, steps
     intermediate = {tuple(h["ids"]) for h in history if h["step"] < h["max_steps"]}
     assert len(intermediate) >= 3
     assert all(None not in h["ids"] and len(h["ids"]) == 16 for h in history)
