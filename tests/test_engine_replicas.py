@@ -159,38 +159,27 @@ def test_shutdown_ends_open_streams_and_stops_every_replica(checkpoint):
     assert eng.num_live_states() == 0
 
 
-def test_a_request_that_does_not_pickle_fails_alone(replicated):
-    """A library caller's SamplingParams that cannot cross to a replica: that request ends with an
-    error, and the engine serves the next one."""
-    async def main():
-        prompt = replicated.tokenizer("x").input_ids
-        bad = SamplingParams(max_tokens=8, extra={"callback": lambda: None})
-        outs = [o async for o in replicated.generate(prompt, bad, "unpicklable")]
-        good = [o async for o in replicated.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True), "fine")]
-        return outs, good
-
-    outs, good = asyncio.run(main())
-    assert outs[-1].finish_reason == "error" and "cannot reach an engine replica" in outs[-1].error
-    assert good[-1].finish_reason == "length" and replicated.healthy
-
-
-def test_a_request_a_replica_cannot_read_fails_alone(replicated, tmp_path, monkeypatch):
-    """An object in SamplingParams.extra whose module exists only in the front (a notebook, a plugin):
-    the replica fails that request alone and serves the next one."""
+def test_requests_that_cannot_cross_to_a_replica_fail_alone(replicated, tmp_path, monkeypatch):
+    """A library caller's SamplingParams.extra that does not pickle (a lambda), or whose class exists
+    only in the front (a notebook, a plugin): each such request ends with an error, and the engine
+    serves the next one."""
     (tmp_path / "front_only.py").write_text("class Marker:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import front_only
 
     async def main():
         prompt = replicated.tokenizer("x").input_ids
-        odd = SamplingParams(max_tokens=8, extra={"marker": front_only.Marker()})
-        outs = [o async for o in replicated.generate(prompt, odd, "front-only")]
-        good = [o async for o in replicated.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True), "after")]
-        return outs, good
+        last = {}
+        for name, extra in (("unpicklable", {"callback": lambda: None}), ("front-only", {"marker": front_only.Marker()}),
+                            ("after", {})):
+            params = SamplingParams(max_tokens=8, ignore_eos=True, extra=extra)
+            last[name] = [o async for o in replicated.generate(prompt, params, name)][-1]
+        return last
 
-    outs, good = asyncio.run(main())
-    assert outs[-1].finish_reason == "error" and "ModuleNotFoundError" in outs[-1].error
-    assert good[-1].finish_reason == "length" and replicated.healthy
+    last = asyncio.run(main())
+    assert last["unpicklable"].finish_reason == "error" and "cannot reach an engine replica" in last["unpicklable"].error
+    assert last["front-only"].finish_reason == "error" and "ModuleNotFoundError" in last["front-only"].error
+    assert last["after"].finish_reason == "length" and replicated.healthy
 
 
 def test_replicas_ignore_sigterm_so_the_front_can_drain(replicated):
