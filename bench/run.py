@@ -94,7 +94,7 @@ def rss_peak_mib(pid: int) -> float | None:
     """The server's peak resident memory: each of its processes' peak (VmHWM), the engine replicas'
     (``--data-parallel-size``) included, summed; None where /proc cannot tell."""
     total = None
-    for proc in [pid, *_descendants(pid)]:
+    for proc in [pid, *descendants(pid)]:
         try:
             with open(f"/proc/{proc}/status") as fh:
                 peak = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), None)
@@ -105,7 +105,8 @@ def rss_peak_mib(pid: int) -> float | None:
     return total
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (Linux /proc; [] where it cannot tell)."""
     found = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -113,7 +114,7 @@ def _descendants(pid: int) -> list[int]:
                 found += [int(c) for c in fh.read().split()]
     except OSError:
         return []
-    return found + [d for c in found for d in _descendants(c)]
+    return found + [d for c in found for d in descendants(c)]
 
 
 def gpu_memory_mib(pid: int) -> float | None:

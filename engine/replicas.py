@@ -38,7 +38,7 @@ import weakref
 from dataclasses import dataclass, replace
 
 from .async_engine import AsyncEngine
-from .cpu_threads import usable_cpus
+from .cpu_threads import default_forward_threads
 from .loader import load_tokenizer, resolve_device
 from .multimodal import ImageInputs
 from .outputs import RequestOutput
@@ -69,7 +69,7 @@ def replica_settings(settings: EngineSettings) -> EngineSettings:
     for its decoder row groups."""
     replicas = settings.data_parallel_size
     threads = settings.num_threads or 1
-    forward = settings.forward_threads or max(1, usable_cpus() // (threads * replicas))
+    forward = settings.forward_threads or default_forward_threads(threads * replicas)
     return replace(settings, data_parallel_size=1, num_threads=threads, forward_threads=forward,
                    memory_fraction=settings.memory_fraction / replicas)
 

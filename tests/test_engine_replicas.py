@@ -247,11 +247,9 @@ def test_replicas_are_refused_on_cuda(checkpoint):
 
 def _children(pid: int) -> list[int]:
     """The replica processes ``pid`` started (not multiprocessing's resource tracker)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            found += [int(c) for c in fh.read().split()]
-    return [c for c in found if _cmdline(c).find("spawn_main") >= 0]
+    from bench.run import descendants
+
+    return [c for c in descendants(pid) if "spawn_main" in _cmdline(c)]
 
 
 def _cmdline(pid: int) -> str:
