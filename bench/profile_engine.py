@@ -66,7 +66,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         cuda_graph_max_batch: int | None = None, quantization: str = "none",
         experts_implementation: str | None = None, sampler: str | None = None, load_format: str = "auto",
         workload: str = "random", forward_threads: int | None = None, min_group_work: int | None = None,
-        batch_invariant: bool | None = None) -> dict:
+        batch_invariant: bool | None = None, trace_decoder: bool | None = None) -> dict:
     """One closed-loop run: its wall time and throughput, and a pass split per entropy placement
     (``placements``: two when ``compare_sequential``, where passes alternate between them so that both
     see the same mix of batches, encoder work and machine state; the throughput covers both)."""
@@ -74,7 +74,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     settings = EngineSettings(model=model, max_num_seqs=concurrency, cuda_graph_max_batch=cuda_graph_max_batch,
                               quantization=quantization, experts_implementation=experts_implementation,
                               sampler=sampler, load_format=load_format, forward_threads=forward_threads,
-                              batch_invariant=batch_invariant)
+                              batch_invariant=batch_invariant, trace_decoder=trace_decoder)
     if device_profile and torch.cuda.is_available():
         # graphs captured before the profiler starts and replayed under it need this first (torch#100441)
         from torch.profiler._utils import _init_for_cuda_graphs
@@ -250,13 +250,15 @@ def main(argv=None) -> int:
                     help="the least work of a decoder row group on CPU (default: engine.cpu_threads.MIN_GROUP_WORK)")
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                     help="the engine setting (default: the engine's, on on CPU and off on CUDA)")
+    ap.add_argument("--trace-decoder", action=argparse.BooleanOptionalAction, default=None,
+                    help="the engine setting (default: the engine's, on on CPU with batch invariance)")
     args = ap.parse_args(argv)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
     for _ in range(args.rounds):
         res = run(model, args.concurrency, args.requests, args.steps, args.threads, not args.no_profile,
                   args.compare_sequential, args.device_profile, args.warmup, args.cuda_graph_max_batch, args.quantization,
                   args.experts_implementation, args.sampler, args.load_format, args.workload, args.forward_threads,
-                  args.min_group_work, args.batch_invariant)
+                  args.min_group_work, args.batch_invariant, args.trace_decoder)
         _print(res, model, args.model is None)
     return 0
 

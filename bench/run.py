@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     prompt_len = tuple(int(x) for x in args.prompt_len.split(","))
 
     tokenizer_vocab, canvas_length, pad_id = 261, 32, 0
-    if not args.no_baselines or args.url is None:
+    if args.model is not None or args.url is None:  # a local checkpoint: the requests take its shape
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(model)

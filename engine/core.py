@@ -38,7 +38,7 @@ class EngineCore:
         self.runner = ModelRunner(
             loaded, max_num_seqs=settings.max_num_seqs, sampling_tile_bytes=settings.sampling_tile_bytes,
             max_encoder_tokens=settings.max_encoder_tokens, cuda_graph_max_batch=settings.cuda_graph_max_batch,
-            sampler=settings.sampler, forward_threads=settings.forward_threads,
+            sampler=settings.sampler, forward_threads=settings.forward_threads, trace_decoder=settings.trace_decoder,
         )
         self.max_num_kv_tokens = settings.max_num_kv_tokens
         if self.max_num_kv_tokens is None:  # derived from the memory free now, after the weights

@@ -22,11 +22,12 @@ from .memory import auto_sampling_tile_bytes, available_bytes
 from .multimodal import chunk_bounds, image_features, prompt_embeddings, vision_blocks
 from .pass_stages import DECODER, ENCODER, SAMPLER, stage
 from .rowwise_attention import BatchLayout, batch_layout
-from .rowwise_experts import MIN_ROWS
+from .rowwise_experts import MIN_ROWS, ROWWISE_EXPERTS
 from .sampling import Sampler, make_sampler
 from .sampling.constraints import pin_row
 from .sampling.logprobs import to_host
 from .settings import QUANTIZATION_METHODS
+from .traced_decoder import TracedDecoder
 from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
 
 logger = logging.getLogger("engine")
@@ -65,7 +66,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, *, max_num_seqs: int, sampling_tile_bytes: int | None,
                  max_encoder_tokens: int, cuda_graph_max_batch: int | None, sampler: str,
-                 forward_threads: int | None):
+                 forward_threads: int | None, trace_decoder: bool | None):
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -104,6 +105,7 @@ class ModelRunner:
             self.sampler.close()
             raise ValueError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
                              "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
+        self.traced = self._traced_decoder(loaded, trace_decoder)
         self.eager_masks = self.model.config._attn_implementation == "eager"
         # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to
         # each other in both directions
@@ -133,6 +135,21 @@ class ModelRunner:
         self._no_grad = torch.no_grad if eager_quantized else torch.inference_mode
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
+
+    def _traced_decoder(self, loaded: LoadedModel, wanted: bool | None) -> TracedDecoder | None:
+        """The decoder pass's TorchScript traces (``engine.traced_decoder``): on by default on CPU where the
+        pass's operators do not depend on the data (batch invariance's row-wise attention and experts)."""
+        experts = self.text_config._experts_implementation
+        traceable = loaded.batch_invariant and experts == ROWWISE_EXPERTS
+        if wanted and self.device.type != "cpu":
+            raise ValueError("trace_decoder is for CPU (CUDA replays captured graphs: cuda_graph_max_batch)")
+        if wanted and not traceable:
+            raise ValueError("trace_decoder needs batch invariance with its row-wise experts (experts "
+                             f"implementation {experts!r}): other experts branch on the routing, which a trace "
+                             "would freeze")
+        if wanted is False or self.device.type != "cpu" or not traceable:
+            return None
+        return TracedDecoder(self._decoder_forward, self.layer_types[: self.num_layers])
 
     # -- lifecycle -----------------------------------------------------------------------------
     def num_live_states(self) -> int:
@@ -443,8 +460,11 @@ class ModelRunner:
         """One row group's decoder pass; ``on_pool``: in a pool thread, which needs the pass's grad mode."""
         if part.graphed:
             return self.graphs.run(self.kv.reallocations, part.inputs)
-        with (self._no_grad() if on_pool else nullcontext()), batch_layout(part.layout):
-            return self._decoder_forward(part.inputs)
+        with self._no_grad() if on_pool else nullcontext():
+            if self.traced is not None and self.traced.covers(part.inputs):
+                return self.traced.run(part.inputs, part.layout)
+            with batch_layout(part.layout):
+                return self._decoder_forward(part.inputs)
 
     def _decoder_forward(self, inputs: DecoderInputs) -> torch.Tensor:
         """The decoder's modules over ``inputs``: [B, C, hidden] after the final norm. Changes no state

@@ -1,13 +1,16 @@
 """Batch-invariant MoE experts for CPU: transformers' per-expert loop with every expert's token group
-padded to at least ``MIN_ROWS`` rows.
+padded with ``MIN_ROWS`` zero rows.
 
 On CPU a linear layer's row is bitwise the same for any number of rows from a few up, but not for
 one to three rows (a different kernel): so a token that an expert sees alone in one batch and with
-others in another would come out different in the last bits. Padding each group with zero rows to
-``MIN_ROWS`` keeps every token on the many-row kernel (``tests/test_engine_batch_invariance.py``
-checks the premise on this machine). grouped_mm's result for a token also depends on its group.
-Everything else is transformers' eager forward: the same gate/up split, activation, routing weights
-and accumulation order.
+others in another would come out different in the last bits. Appending ``MIN_ROWS`` zero rows keeps
+every token on the many-row kernel (``tests/test_engine_batch_invariance.py`` checks the premise on
+this machine). grouped_mm's result for a token also depends on its group. Everything else is
+transformers' eager forward: the same gate/up split, activation, routing weights and accumulation
+order.
+
+The loop visits every expert and always pads, so its operators do not depend on the routing: a
+TorchScript trace of the decoder (``engine.traced_decoder``) replays it for any batch.
 """
 
 from __future__ import annotations
@@ -22,18 +25,14 @@ def rowwise_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
     final = torch.zeros_like(hidden_states)
+    padding = hidden_states.new_zeros(MIN_ROWS, hidden_states.shape[1])
     with torch.no_grad():
         expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert in expert_hit[:, 0].tolist():
-        if expert == self.num_experts:
-            continue
+    for expert in range(self.num_experts):  # an expert without tokens adds nothing
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         rows = hidden_states[token_idx]  # [n, H]
         n = rows.shape[0]
-        if n < MIN_ROWS:
-            rows = torch.cat([rows, rows.new_zeros(MIN_ROWS - n, rows.shape[1])])
-        gate, up = torch.nn.functional.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        gate, up = torch.nn.functional.linear(torch.cat([rows, padding]), self.gate_up_proj[expert]).chunk(2, dim=-1)
         out = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])[:n]
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))

@@ -130,6 +130,14 @@ class EngineSettings:
         "beside the server slows it down in proportion. Ignored on CUDA.",
         default_text="the CPUs the process may use (its affinity, within a container's CPU quota), divided by "
                      "--num-threads")
+    # engine.traced_decoder: where a trace is exact, and why it is faster
+    trace_decoder: bool | None = setting(
+        None, "On CPU, run the decoder pass as a TorchScript trace of the eager modules' own operators: the "
+        "same arithmetic (bitwise the same logits), without Python and its GIL between operators, so "
+        "--forward-threads row groups run side by side without taking turns. Needs batch invariance (its "
+        "row-wise attention and experts keep the traced operators independent of the data); a graph is "
+        "traced on first use for each combination of padded rows and masked layer types.",
+        default_text="on on CPU with batch invariance")
     data_parallel_size: int = setting(
         1, "On CPU, copies of the engine, each in a process of its own with its own copy of the weights, "
         "decoder batch (--max-num-seqs each) and share of --memory-fraction; each request goes to the copy "

@@ -131,7 +131,7 @@ def test_cpu_thread_defaults_follow_the_cores(core):
             os.sched_setaffinity(0, sorted(cpus)[:n_cpus])
             runner = ModelRunner(core.loaded, max_num_seqs=2, sampling_tile_bytes=None,
                                  max_encoder_tokens=core.settings.max_encoder_tokens, cuda_graph_max_batch=None,
-                                 sampler="reference", forward_threads=None)
+                                 sampler="reference", forward_threads=None, trace_decoder=None)
             placements[n_threads, n_cpus] = runner.sampler.overlap_entropy, runner.forward_threads
             runner.close()
     finally:
