@@ -82,7 +82,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         _init_for_cuda_graphs()
     timer = _PassTimer()
     core = EngineCore(load_model(settings), settings, timer)
-    if min_group_work is not None:  # engine.cpu_threads.MIN_GROUP_WORK, for this run
+    if min_group_work is not None:  # engine.cpu_threads.min_group_work, for this run
         core.runner.min_group_work = min_group_work
     # False where there is no worker thread (CUDA), and for the fast sampler (nothing to overlap)
     overlap = getattr(core.runner.sampler, "overlap_entropy", False)
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", default="random", choices=["random", "sudoku"],
                     help="random prompts (the bench model), or held-out puzzles for the embedded Sudoku model")
     ap.add_argument("--min-group-work", type=int, default=None,
-                    help="the least work of a decoder row group on CPU (default: engine.cpu_threads.MIN_GROUP_WORK)")
+                    help="the least work of a decoder row group on CPU (default: engine.cpu_threads.min_group_work)")
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                     help="the engine setting (default: the engine's, on on CPU and off on CUDA)")
     ap.add_argument("--trace-decoder", action=argparse.BooleanOptionalAction, default=None,

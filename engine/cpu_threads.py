@@ -5,10 +5,12 @@ torch's intra-op threads (``--num-threads``, 1 by default) inside it. Threads th
 whole piece of work never spin-wait on each other the way OpenMP threads inside one operator do,
 so a busy neighbour process slows such a server in proportion instead of collapsing it.
 
-Only one thread at a time dispatches an operator (Python's GIL); the operator's own work runs
-without it. Small operators are mostly dispatch, so two groups of them run no faster than one, and
-in practice slower. A group is therefore formed only for ``MIN_GROUP_WORK`` of work: canvas tokens
-times the hidden size squared, the shape of its matrix products.
+A traced pass (``engine.traced_decoder``, the CPU default) runs its operators without Python's
+GIL, so its groups never wait for each other, and any pass of two canvases or more splits. In an
+eager pass only one thread at a time dispatches an operator (the GIL); the operator's own work runs
+without it. Small operators are mostly dispatch, so two groups of them run no faster than one, and in
+practice slower: an eager group is formed only for ``MIN_GROUP_WORK`` of work, canvas tokens times
+the hidden size squared, the shape of its matrix products.
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ def usable_cpus() -> int:
     return cpus if limit is None else min(cpus, limit)
 
 
-# Least work (canvas tokens x hidden size^2) that makes a row group of its own (see the module docstring).
+# Least work (canvas tokens x hidden size^2) that makes an eager row group of its own (see the module docstring).
 MIN_GROUP_WORK = 4 * 1024 * 1024
+
+
+def min_group_work(traced: bool) -> int:
+    """The least work of a row group: none for a traced pass, ``MIN_GROUP_WORK`` for an eager one."""
+    return 0 if traced else MIN_GROUP_WORK
 
 
 def row_groups(rows: int, canvas_length: int, hidden_size: int, forward_threads: int,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_threads import MIN_GROUP_WORK, default_forward_threads, row_groups
+from .cpu_threads import default_forward_threads, min_group_work, row_groups
 from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph_max_batch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
@@ -91,7 +91,6 @@ class ModelRunner:
         elif forward_threads is None:
             forward_threads = default_forward_threads(threads)
         self.forward_threads = forward_threads
-        self.min_group_work = MIN_GROUP_WORK
         self.grouped_passes = 0  # decoder passes that ran in more than one group
         self._pool = None
         if forward_threads > 1:
@@ -106,6 +105,7 @@ class ModelRunner:
             raise ValueError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
                              "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
         self.traced = self._traced_decoder(loaded, trace_decoder)
+        self.min_group_work = min_group_work(self.traced is not None)
         self.eager_masks = self.model.config._attn_implementation == "eager"
         # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to
         # each other in both directions

@@ -123,9 +123,10 @@ class EngineSettings:
         "down; raise it on an idle many-core host.", default_text="1 on CPU")
     forward_threads: int | None = setting(
         None, "On CPU, a decoder pass splits its canvases into up to this many groups of rows that run side by "
-        "side, one thread each (with --num-threads intra-op threads inside each), where each group gets "
-        "enough work (engine.cpu_threads.MIN_GROUP_WORK canvas tokens x hidden size squared; smaller operators "
-        "are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its group. Unlike "
+        "side, one thread each (with --num-threads intra-op threads inside each): any pass of two canvases or "
+        "more when the pass is traced (--trace-decoder), and with --no-trace-decoder only where each group gets "
+        "enough work (engine.cpu_threads.MIN_GROUP_WORK canvas tokens x hidden size squared; smaller eager "
+        "operators are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its group. Unlike "
         "OpenMP threads inside one operator, these threads do not spin-wait on each other, so a busy process "
         "beside the server slows it down in proportion. Ignored on CUDA.",
         default_text="the CPUs the process may use (its affinity, within a container's CPU quota), divided by "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.cpu_threads import cgroup_cpu_limit, row_groups
+from engine.cpu_threads import MIN_GROUP_WORK, cgroup_cpu_limit, row_groups
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
@@ -79,7 +79,7 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads)
     loaded = load_model(settings)
     assert str(loaded.dtype) == f"torch.{dtype}"  # float32: the default CPU dtype
     core = EngineCore(loaded, settings)
-    core.runner.min_group_work = 0  # this tiny model's passes are too small to be split by default
+    assert core.runner.traced is not None and core.runner.min_group_work == 0  # the CPU default: traced, split
     requests = _requests()
     together = _run(core, requests)
     assert (core.runner.grouped_passes > 0) == (forward_threads > 1)
@@ -99,16 +99,20 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads)
     core.close()
 
 
+@pytest.mark.parametrize("trace_decoder", [True, False], ids=["traced", "eager"])
 @pytest.mark.parametrize("forward_threads", [2, 3])
-def test_row_groups_follow_their_rows(checkpoint, forward_threads):
+def test_row_groups_follow_their_rows(checkpoint, forward_threads, trace_decoder):
     """The decoder pass runs its rows in groups side by side (``forward_threads``). One canvas after
     prompts of one length gives every row the same token count, so when a request finishes and the
     groups' bounds move, a group holds other rows with the same counts: it must read its own rows' KV.
     Requests arrive at different passes and finish at different ones; each gets its solo tokens."""
-    settings = EngineSettings(model=str(checkpoint), max_num_seqs=8, forward_threads=forward_threads)
+    settings = EngineSettings(model=str(checkpoint), max_num_seqs=8, forward_threads=forward_threads,
+                              trace_decoder=trace_decoder)
     core = EngineCore(load_model(settings), settings)
     assert core.runner.forward_threads == forward_threads
-    core.runner.min_group_work = 0  # this tiny model's passes are too small to be split by default
+    # traced passes split from two canvases; eager ones of this tiny model would stay whole
+    assert core.runner.min_group_work == (0 if trace_decoder else MIN_GROUP_WORK)
+    core.runner.min_group_work = 0
     g = torch.Generator().manual_seed(9)
     requests = [(f"e{i}", torch.randint(5, 261, (12,), generator=g).tolist(),
                  SamplingParams(max_tokens=16, seed=300 + i, ignore_eos=True,
@@ -126,8 +130,8 @@ def test_row_groups_follow_their_rows(checkpoint, forward_threads):
     core.close()
 
 
-def test_small_passes_stay_in_one_group():
-    """A group is formed only for enough work (canvas tokens x hidden^2): the bench model's passes
+def test_small_eager_passes_stay_in_one_group():
+    """An eager group is formed only for enough work (canvas tokens x hidden^2): the bench model's passes
     (hidden 64, canvas 32) stay whole, the embedded Sudoku model's (hidden 128, canvas 82) split at
     about a dozen canvases, DiffusionGemma's (hidden 2816, canvas 256) at two."""
     assert row_groups(32, 32, 64, forward_threads=2) == 1
@@ -150,8 +154,8 @@ def test_a_container_cpu_quota_bounds_the_cpus(tmp_path, content, cpus):
 
 
 def test_the_embedded_model_splits_by_default_and_rows_equal_their_solo_runs():
-    """The embedded Sudoku model's passes are large enough to split with the default
-    ``MIN_GROUP_WORK``: twelve puzzles at once run in two groups, and each gets its solo tokens."""
+    """The embedded Sudoku model's passes split by default: twelve puzzles at once run in two groups,
+    and each gets its solo tokens."""
     from server.default_model import embedded_model_dir
     from tools.sudoku.common import eval_set
 
