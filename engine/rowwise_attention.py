@@ -10,17 +10,20 @@ same mask or none), and its output is written back in place.
 The model runs with the attention implementation ``ROWWISE_SDPA`` (registered by ``register``). The
 runner says which queries and keys of its batch are real with ``batch_layout`` whenever rows are
 padded; outside one (rows without padding, ``model.generate``) the call is transformers' SDPA unchanged.
-The per-row loop is one operator, ``torch.ops.diffusion_engine.rowwise_sdpa``, so that a TorchScript
-trace of the decoder (``engine.traced_decoder``) records the call, not one batch's rows and masks.
+The per-row loop is a TorchScript function (``engine.rowwise_sdpa``), so that a trace of the decoder
+(``engine.traced_decoder``) records the loop, not one batch's rows and masks, and runs it without the GIL.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .rowwise_sdpa import rowwise_sdpa
 
 ROWWISE_SDPA = "engine_rowwise_sdpa"
 
@@ -56,52 +59,12 @@ def rowwise_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
     layout: BatchLayout | None = getattr(_local, "layout", None)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out = torch.ops.diffusion_engine.rowwise_sdpa(
-        query, key, value, attention_mask, layout.keys[module.layer_type], layout.queries,
-        getattr(module, "num_key_value_groups", 1), kwargs.get("scaling"), bool(kwargs.get("is_causal", getattr(module, "is_causal", True))))
+    is_causal = kwargs.get("is_causal")
+    out = rowwise_sdpa(query, key, value, attention_mask, layout.keys[module.layer_type], layout.queries,
+                       getattr(module, "num_key_value_groups", 1), kwargs.get("scaling"),
+                       bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
+                       os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1")
     return out, None
-
-
-@dataclass(frozen=True)
-class _Heads:
-    """What transformers' SDPA function reads from the attention module."""
-
-    num_key_value_groups: int
-
-
-@torch.library.custom_op("diffusion_engine::rowwise_sdpa", mutates_args=())
-def rowwise_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-                 keys_valid: torch.Tensor, queries_valid: torch.Tensor | None, num_key_value_groups: int,
-                 scaling: float | None, is_causal: bool) -> torch.Tensor:
-    """Each row of the batch through transformers' SDPA function over its own valid queries
-    (``queries_valid`` [B, Q], None: all) and keys (``keys_valid`` [B, K]), as in a batch of one.
-    Returns [B, Q, H, D]; padding queries get zeros (nothing reads them)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    module = _Heads(num_key_value_groups)
-    B, H, Q, D = query.shape
-    out = query.new_zeros((B, Q, H, D))
-    rows = query.transpose(1, 2)  # [B, Q, H, D], the layout the layer made its queries in
-    for b in range(B):
-        q_index = None if queries_valid is None else queries_valid[b].nonzero().squeeze(1)
-        k_index = keys_valid[b].nonzero().squeeze(1)
-        q = rows[b:b + 1] if q_index is None else rows[b:b + 1, q_index]
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[b:b + 1]
-            if q_index is not None:
-                mask = mask[:, :, q_index]
-            mask = mask[:, :, :, k_index]
-            if bool(mask.all()):
-                mask = None  # what a batch of one without padding passes
-        row_out, _ = sdpa_attention_forward(module, q.transpose(1, 2), key[b:b + 1, :, k_index],
-                                            value[b:b + 1, :, k_index], mask, dropout=0.0, scaling=scaling,
-                                            is_causal=is_causal)
-        if q_index is None:
-            out[b] = row_out[0]
-        else:
-            out[b, q_index] = row_out[0]
-    return out
 
 
 def register() -> None:
