@@ -5,7 +5,9 @@ each run alone and as two halves side by side (one intra-op thread each, as the 
 
 A product releases Python's GIL for its whole run, so two of them side by side scale with the cores.
 A forward through transformers' modules holds the GIL between its operators (module calls, hooks,
-shape checks), and two forwards side by side take turns there. The medians of ``--repeat`` runs:
+shape checks), and two forwards side by side take turns there. The engine's decoder pass is timed
+both ways: eager through the modules, and as its TorchScript trace (``engine.traced_decoder``, the
+CPU default), which runs the same operators without the GIL. The medians of ``--repeat`` runs:
 ``one``: all rows in one call; ``two``: two halves side by side; ``half``: one half alone.
 """
 
@@ -44,6 +46,35 @@ def scaling(work, repeat: int) -> dict:
     return {"one_ms": one_ms, "two_ms": two_ms, "half_ms": half_ms, "speedup": one_ms / two_ms}
 
 
+def decoder_passes(model: str, rows: int, parts: dict[str, slice]):
+    """The engine's decoder pass over ``rows`` denoising canvases (prompts of one canvas length), eager and
+    traced: ``work(part)`` functions for ``scaling``."""
+    from engine import EngineSettings
+    from engine.loader import load_model
+    from engine.rowwise_attention import batch_layout
+
+    from .cuda_graph_check import filled_engine
+
+    settings = EngineSettings(model=model, max_num_seqs=rows, forward_threads=1, cuda_graph_max_batch=0)
+    loaded = load_model(settings)
+    core = filled_engine(loaded, settings, rows, loaded.model.config.canvas_length,
+                         min(260, loaded.model.config.text_config.vocab_size - 1))
+    runner = core.runner
+    ids = sorted(runner.rows, key=lambda r: runner.kv.get(r).slot)
+    inputs = {name: runner._decoder_inputs(ids[p], [runner.rows[r] for r in ids[p]], False, group=i)
+              for i, (name, p) in enumerate(parts.items())}
+
+    def eager(part):
+        with torch.inference_mode(), batch_layout(inputs[part].layout):
+            runner._decoder_forward(inputs[part].inputs)
+
+    def traced(part):
+        with torch.inference_mode():
+            runner.traced.run(inputs[part].inputs, inputs[part].layout)
+
+    return eager, traced
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="engine/default_model")
@@ -73,7 +104,9 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             model.model.encoder(input_ids=ids[parts[part]])
 
-    for name, work in (("matrix products", product), ("model forward", forward)):
+    eager, traced = decoder_passes(args.model, args.rows, parts)
+    for name, work in (("matrix products", product), ("model forward", forward),
+                       ("decoder pass, eager", eager), ("decoder pass, traced", traced)):
         r = scaling(work, args.repeat)
         print(f"{name}: {args.rows} rows in one thread {r['one_ms']:.1f} ms, two halves side by side "
               f"{r['two_ms']:.1f} ms ({r['speedup']:.2f}x), one half alone {r['half_ms']:.1f} ms")

@@ -1,16 +1,17 @@
 """Batch-invariant MoE experts for CPU: transformers' per-expert loop with every expert's token group
-padded with ``MIN_ROWS`` zero rows.
+padded to at least ``MIN_ROWS`` rows.
 
 On CPU a linear layer's row is bitwise the same for any number of rows from a few up, but not for
 one to three rows (a different kernel): so a token that an expert sees alone in one batch and with
-others in another would come out different in the last bits. Appending ``MIN_ROWS`` zero rows keeps
-every token on the many-row kernel (``tests/test_engine_batch_invariance.py`` checks the premise on
+others in another would come out different in the last bits. Padding each group with zero rows to
+``MIN_ROWS`` keeps every token on the many-row kernel (``tests/test_engine_batch_invariance.py`` checks the premise on
 this machine). grouped_mm's result for a token also depends on its group. Everything else is
 transformers' eager forward: the same gate/up split, activation, routing weights and accumulation
 order.
 
-The loop visits every expert and always pads, so its operators do not depend on the routing: a
-TorchScript trace of the decoder (``engine.traced_decoder``) replays it for any batch.
+The loop visits every expert, and the padding is a slice of ``MIN_ROWS`` zero rows from the group's
+size on (no branch), so its operators do not depend on the routing: a TorchScript trace of the decoder
+(``engine.traced_decoder``) records the sizes as values and replays the loop for any batch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def rowwise_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         rows = hidden_states[token_idx]  # [n, H]
         n = rows.shape[0]
-        gate, up = torch.nn.functional.linear(torch.cat([rows, padding]), self.gate_up_proj[expert]).chunk(2, dim=-1)
+        rows = torch.cat([rows, padding[n:]])  # at least MIN_ROWS: the zero rows missing, none from MIN_ROWS up
+        gate, up = torch.nn.functional.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
         out = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])[:n]
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
