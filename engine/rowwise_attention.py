@@ -4,8 +4,8 @@ A batched call of ``scaled_dot_product_attention`` over rows padded to a common 
 reduce a row in the order it would alone: the padding changes the blocking, and the row's outputs
 move in the last bits. Over a near-flat distribution that flips samples, so a seeded request's text
 would depend on who shared its passes. Here each row is cut to its valid queries and keys and goes
-through transformers' own SDPA function exactly as it would in a batch of one (the same shapes, the
-same mask or none), and its output is written back in place.
+through what transformers' SDPA function does for a batch of one (the same shapes, the same mask or
+none, the same call), and its output is written back in place.
 
 The model runs with the attention implementation ``ROWWISE_SDPA`` (registered by ``register``). The
 runner says which queries and keys of its batch are real with ``batch_layout`` whenever rows are
