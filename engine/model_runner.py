@@ -77,6 +77,7 @@ class ModelRunner:
         self.layer_types = list(self.text_config.layer_types)
         self.num_layers = self.text_config.num_hidden_layers
         self.sliding_window = self.text_config.sliding_window
+        self.traced = self._traced_decoder(loaded, trace_decoder)  # refused settings raise before any thread starts
         if sampling_tile_bytes is None:  # from the memory free now, after the weights
             sampling_tile_bytes = auto_sampling_tile_bytes(available_bytes(self.device))
         self.sampling_tile_bytes = sampling_tile_bytes
@@ -104,7 +105,6 @@ class ModelRunner:
             self.sampler.close()
             raise ValueError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
                              "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
-        self.traced = self._traced_decoder(loaded, trace_decoder)
         self.min_group_work = min_group_work(self.traced is not None)
         self.eager_masks = self.model.config._attn_implementation == "eager"
         # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to
@@ -461,7 +461,7 @@ class ModelRunner:
         if part.graphed:
             return self.graphs.run(self.kv.reallocations, part.inputs)
         with self._no_grad() if on_pool else nullcontext():
-            if self.traced is not None and self.traced.covers(part.inputs):
+            if self.traced is not None and self.traced.covers(part.inputs, part.layout):
                 return self.traced.run(part.inputs, part.layout)
             with batch_layout(part.layout):
                 return self._decoder_forward(part.inputs)

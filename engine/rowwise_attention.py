@@ -60,10 +60,11 @@ def rowwise_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     is_causal = kwargs.get("is_causal")
-    out = rowwise_sdpa(query, key, value, attention_mask, layout.keys[module.layer_type], layout.queries,
-                       getattr(module, "num_key_value_groups", 1), kwargs.get("scaling"),
-                       bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
-                       os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1")
+    with torch.jit.optimized_execution(False):  # the recorded operators, eagerly as in a trace (thread-local)
+        out = rowwise_sdpa(query, key, value, attention_mask, layout.keys[module.layer_type], layout.queries,
+                           getattr(module, "num_key_value_groups", 1), kwargs.get("scaling"),
+                           bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
+                           os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1")
     return out, None
 
 

@@ -9,9 +9,9 @@ this machine). grouped_mm's result for a token also depends on its group. Everyt
 transformers' eager forward: the same gate/up split, activation, routing weights and accumulation
 order.
 
-The loop visits every expert, and the padding is a slice of ``MIN_ROWS`` zero rows from the group's
-size on (no branch), so its operators do not depend on the routing: a TorchScript trace of the decoder
-(``engine.traced_decoder``) records the sizes as values and replays the loop for any batch.
+While a TorchScript trace of the decoder records it (``engine.traced_decoder``), the loop visits every
+expert, and the padding is always a slice of ``MIN_ROWS`` zero rows from the group's size on (no
+branch): the trace records the sizes as values and replays the loop for any routing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ def rowwise_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     padding = hidden_states.new_zeros(MIN_ROWS, hidden_states.shape[1])
     with torch.no_grad():
         expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-    for expert in range(self.num_experts):  # an expert without tokens adds nothing
+        # the experts with tokens; a trace visits every expert, so that its loop fits any routing (an
+        # expert without tokens adds nothing)
+        hit = range(self.num_experts) if torch.jit.is_tracing() else \
+            torch.greater(expert_mask[: self.num_experts].sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+    for expert in hit:
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         rows = hidden_states[token_idx]  # [n, H]
         n = rows.shape[0]

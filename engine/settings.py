@@ -124,7 +124,7 @@ class EngineSettings:
     forward_threads: int | None = setting(
         None, "On CPU, a decoder pass splits its canvases into up to this many groups of rows that run side by "
         "side, one thread each (with --num-threads intra-op threads inside each): any pass of two canvases or "
-        "more when the pass is traced (--trace-decoder), and with --no-trace-decoder only where each group gets "
+        "more when the decoder is traced (--trace-decoder), and otherwise only where each group gets "
         "enough work (engine.cpu_threads.MIN_GROUP_WORK canvas tokens x hidden size squared; smaller eager "
         "operators are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its group. Unlike "
         "OpenMP threads inside one operator, these threads do not spin-wait on each other, so a busy process "
@@ -135,10 +135,11 @@ class EngineSettings:
     trace_decoder: bool | None = setting(
         None, "On CPU, run the decoder pass as a TorchScript trace of the eager modules' own operators: the "
         "same arithmetic (bitwise the same logits), without Python and its GIL between operators, so "
-        "--forward-threads row groups run side by side without taking turns. Needs batch invariance (its "
-        "row-wise attention and experts keep the traced operators independent of the data); a graph is "
-        "traced on first use for each combination of padded rows and masked layer types.",
-        default_text="on on CPU with batch invariance")
+        "--forward-threads row groups run side by side without taking turns. Needs batch invariance with its "
+        "row-wise experts (they keep the traced operators independent of the data); set explicitly, it is "
+        "refused on CUDA and without them. A graph is traced on first use for each combination of padded rows "
+        "and masked layer types; a pass that cannot be traced runs eagerly, with a warning.",
+        default_text="on on CPU with batch invariance and its row-wise experts")
     data_parallel_size: int = setting(
         1, "On CPU, copies of the engine, each in a process of its own with its own copy of the weights, "
         "decoder batch (--max-num-seqs each) and share of --memory-fraction; each request goes to the copy "

@@ -134,12 +134,14 @@ def test_profile_engine_device_profile_reports_operators_after_warmup(tmp_path, 
 
 
 def test_thread_scaling_reports_products_and_forward(capsys):
-    """bench.thread_scaling runs on the embedded model and reports both workloads."""
+    """bench.thread_scaling runs on the embedded model and reports the products, the model's forward and
+    the engine's decoder pass, eager and traced."""
     from bench import thread_scaling
 
     assert thread_scaling.main(["--rows", "2", "--repeat", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["matrix products", "model forward"]
+    assert [line.split(":")[0] for line in lines] == ["matrix products", "model forward", "decoder pass, eager",
+                                                      "decoder pass, traced"]
     assert all("two halves side by side" in line for line in lines)
 
 

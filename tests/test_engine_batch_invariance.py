@@ -83,6 +83,7 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads)
     requests = _requests()
     together = _run(core, requests)
     assert (core.runner.grouped_passes > 0) == (forward_threads > 1)
+    assert core.runner.traced.keys and not core.runner.traced.failed_keys  # the passes replayed traces
     # the load really mixed: rows of different lengths shared passes and committed at different ones
     assert len({together[rid]["finished_pass"] for rid, *_ in requests}) >= 4
     assert len(together["r1"]["logprobs"]) == len(together["r1"]["tokens"]) > 0
