@@ -7,11 +7,10 @@ so a busy neighbour process slows such a server in proportion instead of collaps
 
 A traced pass (``engine.traced_decoder``, the CPU default) runs its operators without Python's
 GIL, so its groups never wait for each other: with the decoder traced, any pass of two canvases or
-more splits. In an
-eager pass only one thread at a time dispatches an operator (the GIL); the operator's own work runs
-without it. Small operators are mostly dispatch, so two groups of them run no faster than one, and in
-practice slower: an eager group is formed only for ``MIN_GROUP_WORK`` of work, canvas tokens times
-the hidden size squared, the shape of its matrix products.
+more splits. In an eager pass only one thread at a time dispatches an operator (the GIL); the
+operator's own work runs without it. Small operators are mostly dispatch, so two groups of them run
+no faster than one, and in practice slower: an eager group is formed only for ``MIN_GROUP_WORK`` of
+work, canvas tokens times the hidden size squared, the shape of its matrix products.
 """
 
 from __future__ import annotations
