@@ -47,6 +47,29 @@ def test_exception_in_a_pass_fails_that_pass_and_the_engine_goes_on(poisoned_cor
     assert after["finish_reason"] == "length" and len(after["tokens"]) == 16
 
 
+def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_path_factory):
+    """The same on the default CPU path, where the decoder pass replays a TorchScript trace (which no
+    longer calls the layers' Python forward): a weight of the wrong shape makes the replay raise."""
+    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned-traced")), max_num_seqs=4)
+    assert core.runner.traced is not None
+    tok = core.loaded.tokenizer
+    params = SamplingParams(max_tokens=16, seed=1, ignore_eos=True)
+    for rid in ("a", "b"):
+        core.add_request(rid, tok(rid).input_ids, core.resolve(tok(rid).input_ids, params))
+    core.step()
+    assert core.runner.traced.keys  # the first pass traced the decoder
+    weight = core.loaded.model.model.decoder.layers[0].mlp.down_proj.weight
+    good = weight.data
+    weight.data = good[:, :-1].clone()  # the trace reads the parameter it recorded: its next replay raises
+    outs = core.step()
+    weight.data = good
+    assert sorted((o.request_id, o.finish_reason) for o in outs) == [("a", "error"), ("b", "error")]
+    assert all(o.error == "internal error in the model pass: RuntimeError" for o in outs)
+    assert core.num_live_states() == 0
+    after = run_to_completion(core, [("next", tok("next").input_ids, params)])["next"]
+    assert after["finish_reason"] == "length" and len(after["tokens"]) == 16
+
+
 BOOM = [201] * 6  # a prompt tail that makes the encoder raise below (as an out-of-memory error would)
 
 
