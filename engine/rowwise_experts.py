@@ -4,10 +4,10 @@ padded to at least ``MIN_ROWS`` rows.
 On CPU a linear layer's row is bitwise the same for any number of rows from a few up, but not for
 one to three rows (a different kernel): so a token that an expert sees alone in one batch and with
 others in another would come out different in the last bits. Padding each group with zero rows to
-``MIN_ROWS`` keeps every token on the many-row kernel (``tests/test_engine_batch_invariance.py`` checks the premise on
-this machine). grouped_mm's result for a token also depends on its group. Everything else is
-transformers' eager forward: the same gate/up split, activation, routing weights and accumulation
-order.
+``MIN_ROWS`` keeps every token on the many-row kernel (``tests/test_engine_batch_invariance.py``
+checks the premise on this machine). grouped_mm's result for a token also depends on its group.
+Everything else is transformers' eager forward: the same gate/up split, activation, routing weights
+and accumulation order.
 
 While a TorchScript trace of the decoder records it (``engine.traced_decoder``), the loop visits every
 expert, and the padding is always a slice of ``MIN_ROWS`` zero rows from the group's size on (no
@@ -37,7 +37,8 @@ def rowwise_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         rows = hidden_states[token_idx]  # [n, H]
         n = rows.shape[0]
-        rows = torch.cat([rows, padding[n:]])  # at least MIN_ROWS: the zero rows missing, none from MIN_ROWS up
+        if torch.jit.is_tracing() or n < MIN_ROWS:  # traced: always, as a slice that is empty from MIN_ROWS up
+            rows = torch.cat([rows, padding[n:]])  # at least MIN_ROWS rows
         gate, up = torch.nn.functional.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
         out = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])[:n]
         out = out * top_k_weights[token_idx, top_k_pos, None]

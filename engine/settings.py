@@ -126,9 +126,9 @@ class EngineSettings:
         "side, one thread each (with --num-threads intra-op threads inside each): any pass of two canvases or "
         "more when the decoder is traced (--trace-decoder), and otherwise only where each group gets "
         "enough work (engine.cpu_threads.MIN_GROUP_WORK canvas tokens x hidden size squared; smaller eager "
-        "operators are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its group. Unlike "
-        "OpenMP threads inside one operator, these threads do not spin-wait on each other, so a busy process "
-        "beside the server slows it down in proportion. Ignored on CUDA.",
+        "operators are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its "
+        "group. Unlike OpenMP threads inside one operator, these threads do not spin-wait on each other, so a "
+        "busy process beside the server slows it down in proportion. Ignored on CUDA.",
         default_text="the CPUs the process may use (its affinity, within a container's CPU quota), divided by "
                      "--num-threads")
     # engine.traced_decoder: where a trace is exact, and why it is faster
