@@ -1,5 +1,7 @@
 """Peak memory of one sampler step for one canvas row, at DiffusionGemma's vocabulary (262,144) and
 hidden size (2816), measured on CPU as the growth of the process's peak RSS over the step.
+On Linux the peak is reset to the current RSS just before the step (``/proc/self/clear_refs``), so
+neither an earlier transient nor pages the kernel reclaimed since can hide the step's own growth.
 
 Each sampler runs in a fresh process: the lm head's weights (float32, tied with the embedding) are
 allocated and touched first, so the growth is the step's transient alone.
@@ -37,6 +39,31 @@ def _model(canvas: int):
                            model=SimpleNamespace(decoder=SimpleNamespace(embed_tokens=embed)))
 
 
+def _reset_peak_rss() -> int:
+    """Reset the peak RSS to the current RSS where Linux allows it; returns the baseline in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return _peak_rss()
+
+
+def _peak_rss() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def measure(sampler: str, canvas: int) -> dict:
     """Run one step of ``sampler`` over one row in this process; returns the peak RSS growth."""
     import torch
@@ -50,14 +77,14 @@ def measure(sampler: str, canvas: int) -> dict:
     row = [DecodeWork("row", False, 0, 10, 32, 0.4, 0.8, 0.1, 0.005)]
     hidden = torch.randn(1, canvas, HIDDEN)
     s.initial_canvas(row[0])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _reset_peak_rss()
     t0 = time.perf_counter()
     with torch.inference_mode():
         s.begin(row)
         s.sample(hidden, row)
         s.end()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     s.close()
     return {"sampler": sampler, "canvas": canvas, "vocab": VOCAB, "hidden": HIDDEN,
             "peak_bytes": peak - before, "planned_bytes": s.transient_bytes(1), "seconds": seconds}
