@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.rss import proc_status, reset_peak
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,21 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid``, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def reset_peak(pid: int) -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0; needs the same user)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 class Server:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from bench.rss import proc_status, reset_peak
+
 VOCAB, HIDDEN = 262144, 2816
 
 
@@ -42,26 +44,17 @@ def _model(canvas: int):
 def _reset_peak_rss() -> int:
     """Reset the peak RSS to the current RSS where Linux allows it; returns the baseline in bytes."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmRSS")
+        reset_peak()
+        return proc_status()["VmRSS"]
     except OSError:
         return _peak_rss()
 
 
 def _peak_rss() -> int:
     try:
-        return _status_bytes("VmHWM")
+        return proc_status()["VmHWM"]
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
 
 
 def measure(sampler: str, canvas: int) -> dict:
