@@ -11,6 +11,10 @@ more splits. In an eager pass only one thread at a time dispatches an operator (
 operator's own work runs without it. Small operators are mostly dispatch, so two groups of them run
 no faster than one, and in practice slower: an eager group is formed only for ``MIN_GROUP_WORK`` of
 work, canvas tokens times the hidden size squared, the shape of its matrix products.
+
+The encoder (prompts and commits into the KV) runs eagerly on the engine's thread. In a traced pass
+the decoder rows that do not wait for it start first, in the other threads, and the encoder runs
+beside them (``rows_beside_encoder``): a pass with prompts to encode then keeps every core busy.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ def row_groups(rows: int, canvas_length: int, hidden_size: int, forward_threads:
     per row at most, and each with at least ``min_work``."""
     work = rows * canvas_length * hidden_size * hidden_size
     return max(1, min(forward_threads, rows, work // max(1, min_work)))
+
+
+# An encoder call's cost beyond its tokens, in canvases: what rows_beside_encoder adds to its token count
+ENCODER_CALL_CANVASES = 1
+
+
+def rows_beside_encoder(rows: int, independent: int, encoder_tokens: int, canvas_length: int,
+                        forward_threads: int) -> int:
+    """How many of a traced pass's ``rows`` decoder canvases (slot order) start in the other threads
+    before the encoder runs on the engine's thread: the first ``independent`` of them do not wait for
+    it. The engine's thread then runs the encoder and the remaining rows, and every thread gets about
+    the same work, the encoder's counted as ``encoder_tokens / canvas_length + ENCODER_CALL_CANVASES``
+    canvases. 0: no row starts early (one thread, or no row to spare)."""
+    if forward_threads < 2 or encoder_tokens == 0:
+        return 0
+    encoder = encoder_tokens / canvas_length + ENCODER_CALL_CANVASES
+    own = max(0, round((rows + encoder) / forward_threads - encoder))  # rows left to the engine's thread
+    return max(0, min(independent, rows - own))
 
 
 def default_forward_threads(intra_op_threads: int) -> int:

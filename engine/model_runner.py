@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from .cpu_threads import default_forward_threads, min_group_work, row_groups
+from .cpu_threads import default_forward_threads, min_group_work, row_groups, rows_beside_encoder
 from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph_max_batch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
@@ -50,6 +50,15 @@ class _PassInputs:
     inputs: DecoderInputs
     graphed: bool
     layout: BatchLayout | None
+
+
+@dataclass
+class _EarlyRows:
+    """Decoder rows of a pass that started before its encoder ran: the first rows in slot order, in row
+    groups running on the pool (``ModelRunner._start_early_rows``)."""
+
+    work: list[DecodeWork]
+    groups: list[Future]  # each group's [rows, C, hidden], in order
 
 
 @dataclass
@@ -93,6 +102,7 @@ class ModelRunner:
             forward_threads = default_forward_threads(threads)
         self.forward_threads = forward_threads
         self.grouped_passes = 0  # decoder passes that ran in more than one group
+        self.early_passes = 0  # passes whose encoder ran beside decoder rows started before it
         self._pool = None
         if forward_threads > 1:
             self._pool = ThreadPoolExecutor(forward_threads - 1, thread_name_prefix="decoder-rows",
@@ -189,12 +199,15 @@ class ModelRunner:
             if self.graphs is not None:
                 self.graphs.clear()
         self.kv.sync()
-        with stage(ENCODER):
-            encoder_tokens, failed = self._encode(plan.encode) if plan.encode else (0, {})
-        work = [w for w in plan.decode if w.request_id not in failed]
+        early = self._start_early_rows(plan)
         try:
-            decode = self._decode(work) if work else []
+            with stage(ENCODER):
+                encoder_tokens, failed = self._encode(plan.encode) if plan.encode else (0, {})
+            work = [w for w in plan.decode if w.request_id not in failed]
+            decode = self._decode(work, early) if work else []
         finally:
+            if early is not None:  # no group may still read the KV or the rows once the pass is over
+                wait(early.groups)
             self.sampler.end()  # no draw may still be using a generator when the pass ends
         decode += [DecodeResult(rid, (), False, error=error) for rid, error in failed.items()]
         return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds,
@@ -331,21 +344,56 @@ class ModelRunner:
         return rows
 
     # -- decoder -------------------------------------------------------------------------------
-    def _decode(self, work: list[DecodeWork]) -> list[DecodeResult]:
-        # in slot order, the batch's KV is a slice of the slot buffers (no copy)
-        work = sorted(work, key=lambda w: self.kv.get(w.request_id).slot)
-        ids = [w.request_id for w in work]
-        states = [self.rows[r] for r in ids]
+    def _slot_order(self, work: list[DecodeWork]) -> list[DecodeWork]:
+        """In slot order, the batch's KV (or a run of its rows') is a slice of the slot buffers (no copy)."""
+        return sorted(work, key=lambda w: self.kv.get(w.request_id).slot)
+
+    def _start_canvases(self, work: list[DecodeWork]) -> list[RowState]:
+        """The rows' states, a new canvas drawn for each row that starts one."""
+        states = [self.rows[w.request_id] for w in work]
         for w, st in zip(work, states):
             if w.new_canvas:
                 st.canvas = pin_row(self.sampler.initial_canvas(w), w)
                 st.soft_embeddings = None
-        inputs = self._decoder_pass_inputs(ids, states)
+        return states
+
+    def _start_early_rows(self, plan: StepPlan) -> _EarlyRows | None:
+        """CPU, traced passes with encoder work: start the first decoder rows (slot order) that do not
+        wait for this pass's encoder in the pool's threads, so that the encoder runs beside them
+        (``cpu_threads.rows_beside_encoder`` picks how many). None when no row starts early."""
+        if self.traced is None or self._pool is None or not plan.encode or not plan.decode:
+            return None
+        order = self._slot_order(plan.decode)
+        encoding = {w.request_id for w in plan.encode}
+        independent = next((i for i, w in enumerate(order) if w.request_id in encoding), len(order))
+        count = rows_beside_encoder(len(order), independent, sum(len(w.token_ids) for w in plan.encode),
+                                    self.canvas_length, self.forward_threads)
+        if count == 0:
+            return None
+        work = order[:count]
+        ids, states = [w.request_id for w in work], self._start_canvases(work)
+        parts = self._row_parts(count, self.forward_threads - 1)  # the engine's thread runs the encoder
+        inputs = [self._decoder_inputs(ids[p], states[p], False, i) for i, p in enumerate(parts)]
+        self.early_passes += 1
+        return _EarlyRows(work, [self._pool.submit(self._run_group, part) for part in inputs])
+
+    def _decode(self, work: list[DecodeWork], early: _EarlyRows | None = None) -> list[DecodeResult]:
+        """One denoising step of ``work``; ``early``: its first rows, already running (after the encoder,
+        which never fails them: they encode nothing this pass)."""
+        work = self._slot_order(work)
+        ids = [w.request_id for w in work]
+        done = 0 if early is None else len(early.work)
+        assert work[:done] == (early.work if early else []), "early rows lead the pass's rows"
+        states = [self.rows[r] for r in ids[:done]] + self._start_canvases(work[done:])
+        if early is None:
+            inputs = self._decoder_pass_inputs(ids, states)
+        else:  # the rows after the early ones: one group, on this thread (the pool's are busy)
+            inputs = [self._decoder_inputs(ids[done:], states[done:], False, len(early.groups))] if work[done:] else []
         # the sampler may draw while the forward runs (started once the inputs are built, so that a
         # CPU worker's draw loop shares the GIL with the forward only)
         self.sampler.begin(work)
         with stage(DECODER):
-            hidden = self._decoder_hidden(inputs)  # [B, C, hidden]
+            hidden = self._decoder_hidden(inputs, early.groups if early else [])  # [B, C, hidden]
         t0 = time.perf_counter()
         with stage(SAMPLER):
             out = self.sampler.sample(hidden, work)
@@ -411,15 +459,14 @@ class ModelRunner:
         """The decoder pass's inputs, one per row group: a small batch replays a captured CUDA graph
         (``DecoderGraphs``) as one group; on CPU the rows run in groups side by side (``_row_parts``)."""
         graphed = self.graphs is not None and self.graphs.covers(len(ids))
-        parts = [slice(None)] if graphed else self._row_parts(len(ids))
+        parts = [slice(None)] if graphed else self._row_parts(len(ids), self.forward_threads)
         return [self._decoder_inputs(ids[p], states[p], graphed, i) for i, p in enumerate(parts)]
 
-    def _row_parts(self, batch: int) -> list[slice]:
-        """The decoder pass's row groups: one, or on CPU up to ``forward_threads`` runs of consecutive
-        rows (slot order) that run side by side (``_decoder_hidden``) when the pass has the work for
-        them (``cpu_threads.row_groups``)."""
-        groups = row_groups(batch, self.canvas_length, self.text_config.hidden_size, self.forward_threads,
-                            self.min_group_work)
+    def _row_parts(self, batch: int, threads: int) -> list[slice]:
+        """The decoder pass's row groups: one, or on CPU up to ``threads`` runs of consecutive rows (slot
+        order) that run side by side (``_decoder_hidden``) when the pass has the work for them
+        (``cpu_threads.row_groups``)."""
+        groups = row_groups(batch, self.canvas_length, self.text_config.hidden_size, threads, self.min_group_work)
         self.grouped_passes += groups > 1
         for unused in [g for g in self._geometries if g >= groups]:  # views, masks and rotary of a larger split
             del self._geometries[unused]
@@ -441,18 +488,20 @@ class ModelRunner:
         inputs = DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view)
         return _PassInputs(inputs, graphed, geometry.layout)
 
-    def _decoder_hidden(self, parts: list["_PassInputs"]) -> torch.Tensor:
+    def _decoder_hidden(self, parts: list["_PassInputs"], started: list[Future] = ()) -> torch.Tensor:
         """Run the bidirectional decoder over every row's canvas against its cached prefix: eagerly, or
         as a captured CUDA graph; several row groups run side by side, the first on this thread.
+        ``started``: groups of the rows before ``parts``' already running on the pool.
         Returns [B, C, hidden], the groups' rows in order."""
         t0 = time.perf_counter()
         pending = []
         try:
             pending.extend(self._pool.submit(self._run_group, p) for p in parts[1:])
-            first = self._run_group(parts[0], on_pool=False)
+            first = [self._run_group(parts[0], on_pool=False)] if parts else []
         finally:  # no group may still read the KV or the rows once the pass is over, even a failed one
-            wait(pending)
-        hidden = first if not pending else torch.cat([first, *(f.result() for f in pending)])
+            wait([*started, *pending])
+        groups = [f.result() for f in started] + first + [f.result() for f in pending]
+        hidden = groups[0] if len(groups) == 1 else torch.cat(groups)
         self._forward_seconds += time.perf_counter() - t0
         return hidden
 

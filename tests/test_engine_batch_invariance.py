@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.cpu_threads import MIN_GROUP_WORK, cgroup_cpu_limit, row_groups
+from engine.cpu_threads import MIN_GROUP_WORK, cgroup_cpu_limit, row_groups, rows_beside_encoder
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
@@ -83,6 +83,8 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads)
     requests = _requests()
     together = _run(core, requests)
     assert (core.runner.grouped_passes > 0) == (forward_threads > 1)
+    # with threads to spare, passes with prompts or commits to encode ran them beside earlier rows
+    assert (core.runner.early_passes > 0) == (forward_threads > 1)
     assert core.runner.traced.keys and not core.runner.traced.failed_keys  # the passes replayed traces
     # the load really mixed: rows of different lengths shared passes and committed at different ones
     assert len({together[rid]["finished_pass"] for rid, *_ in requests}) >= 4
@@ -122,6 +124,7 @@ def test_row_groups_follow_their_rows(checkpoint, forward_threads, trace_decoder
     together = _run(core, requests)
     assert len({together[rid]["finished_pass"] for rid, *_ in requests}) >= 4
     assert core.runner.grouped_passes > 5
+    assert (core.runner.early_passes > 0) == trace_decoder  # eager passes take turns on the GIL anyway
     for request in requests:
         alone = _run(core, [(*request[:3], 0)], suffix="-alone")[request[0]]
         assert together[request[0]]["tokens"] == alone["tokens"], request[0]
@@ -141,6 +144,19 @@ def test_small_eager_passes_stay_in_one_group():
     assert row_groups(12, 82, 128, forward_threads=8) == 3
     assert row_groups(2, 256, 2816, forward_threads=8) == 2
     assert row_groups(16, 256, 2816, forward_threads=1) == 1
+
+
+def test_rows_start_beside_the_encoder_for_an_even_share():
+    """A traced pass with prompts to encode starts the rows that do not wait for them in the other
+    threads, so that each thread gets about the same work (a prompt of 81 tokens costs two canvases of
+    82)."""
+    assert rows_beside_encoder(12, 12, 81, 82, forward_threads=2) == 7  # 7 rows | encoder + 5 rows
+    assert rows_beside_encoder(12, 4, 81, 82, forward_threads=2) == 4  # only the first 4 do not wait
+    assert rows_beside_encoder(12, 12, 81, 82, forward_threads=3) == 9  # 2 groups | encoder + 3 rows
+    assert rows_beside_encoder(4, 4, 16 * 81, 82, forward_threads=2) == 4  # the encoder alone outweighs them
+    assert rows_beside_encoder(12, 0, 81, 82, forward_threads=2) == 0  # every row waits for the encoder
+    assert rows_beside_encoder(12, 12, 81, 82, forward_threads=1) == 0
+    assert rows_beside_encoder(12, 12, 0, 82, forward_threads=2) == 0
 
 
 @pytest.mark.parametrize("content, cpus", [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2),

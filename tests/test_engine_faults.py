@@ -47,10 +47,13 @@ def test_exception_in_a_pass_fails_that_pass_and_the_engine_goes_on(poisoned_cor
     assert after["finish_reason"] == "length" and len(after["tokens"]) == 16
 
 
-def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_path_factory):
+@pytest.mark.parametrize("arriving", [False, True], ids=["decoder-only", "beside-the-encoder"])
+def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_path_factory, arriving):
     """The same on the default CPU path, where the decoder pass replays a TorchScript trace (which no
-    longer calls the layers' Python forward): a weight of the wrong shape makes the replay raise."""
-    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned-traced")), max_num_seqs=4)
+    longer calls the layers' Python forward): a weight of the wrong shape makes the replay raise. With a
+    request arriving, the running rows' replay raises on the pool while the encoder runs."""
+    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned-traced")), max_num_seqs=4,
+                     forward_threads=2)
     assert core.runner.traced is not None
     tok = core.loaded.tokenizer
     params = SamplingParams(max_tokens=16, seed=1, ignore_eos=True)
@@ -58,12 +61,17 @@ def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_p
         core.add_request(rid, tok(rid).input_ids, core.resolve(tok(rid).input_ids, params))
     core.step()
     assert core.runner.traced.keys  # the first pass traced the decoder
+    if arriving:
+        core.add_request("c", tok("c").input_ids, core.resolve(tok("c").input_ids, params))
+    early = core.runner.early_passes
     weight = core.loaded.model.model.decoder.layers[0].mlp.down_proj.weight
     good = weight.data
     weight.data = good[:, :-1].clone()  # the trace reads the parameter it recorded: its next replay raises
     outs = core.step()
     weight.data = good
-    assert sorted((o.request_id, o.finish_reason) for o in outs) == [("a", "error"), ("b", "error")]
+    assert core.runner.early_passes == early + arriving
+    expected = ["a", "b", "c"] if arriving else ["a", "b"]
+    assert sorted((o.request_id, o.finish_reason) for o in outs) == [(rid, "error") for rid in expected]
     assert all(o.error == "internal error in the model pass: RuntimeError" for o in outs)
     assert core.num_live_states() == 0
     after = run_to_completion(core, [("next", tok("next").input_ids, params)])["next"]
@@ -79,11 +87,12 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
                                                                  neighbour_fails):
     """A new request whose encoder work raises fails with the pass error, and so does a request
     encoded in the same group; a request already denoising in that pass, and one encoded in another
-    group (here: beside a long prompt prefilled in chunks), go on with the tokens they get alone."""
+    group (here: beside a long prompt prefilled in chunks), go on with the tokens they get alone. The
+    denoising request's row starts before the encoder runs, in a second thread (``forward_threads``)."""
     from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-encoder-fault"), TinySpec())
-    core = make_core(path, max_num_seqs=4, max_encoder_tokens=max_encoder_tokens)
+    core = make_core(path, max_num_seqs=4, max_encoder_tokens=max_encoder_tokens, forward_threads=2)
     tok = core.loaded.tokenizer
     params = SamplingParams(max_tokens=40, seed=1, ignore_eos=True)
     prompts = {"running": tok("fine").input_ids, "neighbour": [7] * 9,
@@ -103,6 +112,7 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
     # "running" is denoising when the other two arrive together, one pass later
     res = run_to_completion(core, [(rid, prompts[rid], params) for rid in ("running", "neighbour", "bad")],
                             arrivals={"neighbour": 1, "bad": 1})
+    assert core.runner.early_passes > 0
     failed = ["bad", "neighbour"] if neighbour_fails else ["bad"]
     for rid in failed:
         assert res[rid]["finish_reason"] == "error"
