@@ -24,6 +24,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import time
 from pathlib import Path
 
@@ -46,8 +47,9 @@ class _PassTimer:
 
     def on_pass(self, s):
         t = self.totals.setdefault(self.mode, dict(passes=0, seconds=0.0, forward=0.0, sampling=0.0, batch=0,
-                                                             encoder_passes=0))
+                                                             encoder_passes=0, by_encoder={True: [], False: []}))
         t["passes"] += 1
+        t["by_encoder"][s.encoder_tokens > 0].append(s.seconds)
         t["encoder_passes"] += s.encoder_tokens > 0
         t["seconds"] += s.seconds
         t["forward"] += s.forward_seconds
@@ -129,6 +131,9 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
             "encoder_passes": int(t["encoder_passes"]),
             "mean_decoder_batch": t["batch"] / max(1, t["passes"]),
             "pass_ms": 1000 * t["seconds"] / max(1, t["passes"]),
+            # median pass, with and without encoder work (prompts, commits)
+            "median_pass_ms": {kind: 1000 * statistics.median(v) if v else None for kind, v in
+                               (("with_encoder", t["by_encoder"][True]), ("without_encoder", t["by_encoder"][False]))},
             "forward_ms": 1000 * t["forward"] / max(1, t["passes"]),
             "sampling_ms": 1000 * t["sampling"] / max(1, t["passes"]),
             "overhead_fraction": 1 - t["forward"] / max(1e-9, t["seconds"]),
@@ -278,6 +283,8 @@ def _print(res: dict, model: str, bench_model: bool) -> None:
               f"+ engine bookkeeping {book:.2f} ms")
         print(f"outside forward: {p['overhead_fraction']:.1%} of the pass; bookkeeping alone: "
               f"{p['bookkeeping_fraction']:.1%}")
+        median = {k: "-" if v is None else f"{v:.2f} ms" for k, v in p["median_pass_ms"].items()}
+        print(f"median pass: {median['with_encoder']} with encoder work, {median['without_encoder']} without")
     both = " (both placements together)" if len(res["placements"]) > 1 else ""
     print(f"run: {res['tokens_per_s']:.0f} committed tok/s in {res['wall_s']:.2f} s{both}")
     if "profile" in res:
