@@ -13,8 +13,9 @@ no faster than one, and in practice slower: an eager group is formed only for ``
 work, canvas tokens times the hidden size squared, the shape of its matrix products.
 
 The encoder (prompts and commits into the KV) runs eagerly on the engine's thread. In a traced pass
-the decoder rows that do not wait for it start first, in the other threads, and the encoder runs
-beside them (``rows_beside_encoder``): a pass with prompts to encode then keeps every core busy.
+the leading decoder rows (slot order) that do not wait for it start first, in the other threads, and
+the encoder runs beside them (``rows_beside_encoder``); the rows left after it are shared out so that
+the threads finish about together (``rows_after_encoder``).
 """
 
 from __future__ import annotations
@@ -63,22 +64,37 @@ def row_groups(rows: int, canvas_length: int, hidden_size: int, forward_threads:
     return max(1, min(forward_threads, rows, work // max(1, min_work)))
 
 
-# An encoder call's cost beyond its tokens, in canvases: what rows_beside_encoder adds to its token count
+# An encoder call's cost beyond its tokens, in canvases (see encoder_canvases)
 ENCODER_CALL_CANVASES = 1
 
 
-def rows_beside_encoder(rows: int, independent: int, encoder_tokens: int, canvas_length: int,
-                        forward_threads: int) -> int:
+def encoder_canvases(encoder_tokens: int, canvas_length: int) -> float:
+    """A pass's encoder work in canvases of decoder work: its tokens plus one call's fixed cost (an
+    estimate: it leaves out the vision tower and the extra calls of prompts prefilled in chunks)."""
+    return encoder_tokens / canvas_length + ENCODER_CALL_CANVASES if encoder_tokens else 0.0
+
+
+def rows_beside_encoder(rows: int, independent: int, encoder: float, forward_threads: int) -> int:
     """How many of a traced pass's ``rows`` decoder canvases (slot order) start in the other threads
-    before the encoder runs on the engine's thread: the first ``independent`` of them do not wait for
-    it. The engine's thread then runs the encoder and the remaining rows, and every thread gets about
-    the same work, the encoder's counted as ``encoder_tokens / canvas_length + ENCODER_CALL_CANVASES``
-    canvases. 0: no row starts early (one thread, or no row to spare)."""
-    if forward_threads < 2 or encoder_tokens == 0:
+    before the encoder (``encoder`` canvases of work, ``encoder_canvases``) runs on the engine's thread:
+    the engine's thread keeps a fair share of the whole pass, and only the first ``independent`` rows,
+    which do not wait for the encoder, may start. 0: none starts early (one thread, no encoder work,
+    or the first row waits for the encoder)."""
+    if forward_threads < 2 or encoder <= 0:
         return 0
-    encoder = encoder_tokens / canvas_length + ENCODER_CALL_CANVASES
-    own = max(0, round((rows + encoder) / forward_threads - encoder))  # rows left to the engine's thread
+    own = max(0, round((rows + encoder) / forward_threads - encoder))  # rows the engine's thread keeps
     return max(0, min(independent, rows - own))
+
+
+def rows_after_encoder(early: int, rest: int, encoder: float, forward_threads: int) -> int:
+    """Of the ``rest`` rows that run after the encoder, how many the engine's thread takes (the others
+    go to the other threads, behind the ``early`` rows they already run), so that both sides finish
+    about together. At least one while rows remain: the engine's thread is free after the encoder."""
+    if rest == 0:
+        return 0
+    others = forward_threads - 1
+    free_at = max(early / others, encoder)  # when the other threads can take more rows
+    return max(1, min(rest, round(((free_at - encoder) * others + rest) / forward_threads)))
 
 
 def default_forward_threads(intra_op_threads: int) -> int:

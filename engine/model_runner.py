@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from .cpu_threads import default_forward_threads, min_group_work, row_groups, rows_beside_encoder
+from .cpu_threads import (default_forward_threads, encoder_canvases, min_group_work, row_groups, rows_after_encoder,
+                          rows_beside_encoder)
 from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph_max_batch
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
@@ -59,6 +61,7 @@ class _EarlyRows:
 
     work: list[DecodeWork]
     groups: list[Future]  # each group's [rows, C, hidden], in order
+    encoder: float  # the pass's encoder work, in canvases (cpu_threads.encoder_canvases)
 
 
 @dataclass
@@ -125,7 +128,7 @@ class ModelRunner:
         template = [(per_layer[i].num_key_value_heads, per_layer[i].head_dim) for i in range(len(self.layer_types))]
         self.kv = KVCacheManager(self.layer_types, self.sliding_window, template, max_num_seqs, self.device, self.dtype)
         self.rows: dict[str, RowState] = {}
-        # per row group of the decoder pass (``_row_parts``): the last geometry, reused between commits
+        # per row group of the decoder pass (``_split_rows``): the last geometry, reused between commits
         self._geometries: dict[int, _DecoderGeometry] = {}
         # CUDA: small decoder batches replay captured graphs (launch-bound otherwise); see graph_max_batch
         blocker = capture_blocker(self.model, self.dtype, loaded.quantization, self.device)
@@ -199,15 +202,15 @@ class ModelRunner:
             if self.graphs is not None:
                 self.graphs.clear()
         self.kv.sync()
-        early = self._start_early_rows(plan)
+        started: list[Future] = []  # decoder row groups started before the encoder
         try:
+            early = self._start_early_rows(plan, started)
             with stage(ENCODER):
                 encoder_tokens, failed = self._encode(plan.encode) if plan.encode else (0, {})
             work = [w for w in plan.decode if w.request_id not in failed]
             decode = self._decode(work, early) if work else []
         finally:
-            if early is not None:  # no group may still read the KV or the rows once the pass is over
-                wait(early.groups)
+            wait(started)  # no group may still read the KV or the rows once the pass is over, even a failed one
             self.sampler.end()  # no draw may still be using a generator when the pass ends
         decode += [DecodeResult(rid, (), False, error=error) for rid, error in failed.items()]
         return StepResult(decode=decode, encoder_tokens=encoder_tokens, forward_seconds=self._forward_seconds,
@@ -357,38 +360,49 @@ class ModelRunner:
                 st.soft_embeddings = None
         return states
 
-    def _start_early_rows(self, plan: StepPlan) -> _EarlyRows | None:
-        """CPU, traced passes with encoder work: start the first decoder rows (slot order) that do not
-        wait for this pass's encoder in the pool's threads, so that the encoder runs beside them
-        (``cpu_threads.rows_beside_encoder`` picks how many). None when no row starts early."""
-        if self.traced is None or self._pool is None or not plan.encode or not plan.decode:
+    def _start_early_rows(self, plan: StepPlan, started: list[Future]) -> _EarlyRows | None:
+        """On a traced CPU runner, in a pass with encoder work: start the leading decoder rows (slot order)
+        whose requests encode nothing this pass in the pool's threads, appending their groups to
+        ``started``, so that the encoder runs beside them (``cpu_threads.rows_beside_encoder`` picks how
+        many). None when no row starts early."""
+        if self.traced is None or self._pool is None or self.graphs is not None or not plan.encode or not plan.decode:
             return None
         order = self._slot_order(plan.decode)
         encoding = {w.request_id for w in plan.encode}
         independent = next((i for i, w in enumerate(order) if w.request_id in encoding), len(order))
-        count = rows_beside_encoder(len(order), independent, sum(len(w.token_ids) for w in plan.encode),
-                                    self.canvas_length, self.forward_threads)
+        encoder = encoder_canvases(sum(len(w.token_ids) for w in plan.encode), self.canvas_length)
+        count = rows_beside_encoder(len(order), independent, encoder, self.forward_threads)
         if count == 0:
             return None
         work = order[:count]
         ids, states = [w.request_id for w in work], self._start_canvases(work)
-        parts = self._row_parts(count, self.forward_threads - 1)  # the engine's thread runs the encoder
+        parts = self._split_rows(count, self.forward_threads - 1)  # the engine's thread runs the encoder
         inputs = [self._decoder_inputs(ids[p], states[p], False, i) for i, p in enumerate(parts)]
+        for part in inputs:
+            started.append(self._pool.submit(self._run_group, part))
         self.early_passes += 1
-        return _EarlyRows(work, [self._pool.submit(self._run_group, part) for part in inputs])
+        return _EarlyRows(work, started, encoder)
 
     def _decode(self, work: list[DecodeWork], early: _EarlyRows | None = None) -> list[DecodeResult]:
-        """One denoising step of ``work``; ``early``: its first rows, already running (after the encoder,
-        which never fails them: they encode nothing this pass)."""
+        """One denoising step of ``work``. ``early``: its first rows in slot order, started on the pool
+        before the encoder ran (the encoder never fails them: their requests encode nothing this pass)."""
         work = self._slot_order(work)
         ids = [w.request_id for w in work]
         done = 0 if early is None else len(early.work)
-        assert work[:done] == (early.work if early else []), "early rows lead the pass's rows"
+        if early is not None and work[:done] != early.work:
+            raise RuntimeError("the rows started before the encoder must lead the pass's rows")
         states = [self.rows[r] for r in ids[:done]] + self._start_canvases(work[done:])
         if early is None:
             inputs = self._decoder_pass_inputs(ids, states)
-        else:  # the rows after the early ones: one group, on this thread (the pool's are busy)
-            inputs = [self._decoder_inputs(ids[done:], states[done:], False, len(early.groups))] if work[done:] else []
+        else:  # the rest: the engine's thread takes the first rows, the pool the others behind the early groups
+            rest = len(work) - done
+            own = rows_after_encoder(done, rest, early.encoder, self.forward_threads)
+            parts = [slice(done, done + own)] if own else []
+            parts += [slice(done + own + p.start, done + own + p.stop)
+                      for p in self._split_rows(rest - own, self.forward_threads - 1)] if rest > own else []
+            first = len(early.groups)  # the group index of the first part (each group caches its geometry)
+            inputs = [self._decoder_inputs(ids[p], states[p], False, first + i) for i, p in enumerate(parts)]
+        self._keep_geometries(len(inputs) + (len(early.groups) if early else 0))
         # the sampler may draw while the forward runs (started once the inputs are built, so that a
         # CPU worker's draw loop shares the GIL with the forward only)
         self.sampler.begin(work)
@@ -457,21 +471,24 @@ class ModelRunner:
 
     def _decoder_pass_inputs(self, ids: list[str], states: list[RowState]) -> list["_PassInputs"]:
         """The decoder pass's inputs, one per row group: a small batch replays a captured CUDA graph
-        (``DecoderGraphs``) as one group; on CPU the rows run in groups side by side (``_row_parts``)."""
+        (``DecoderGraphs``) as one group; on CPU the rows run in groups side by side (``_split_rows``)."""
         graphed = self.graphs is not None and self.graphs.covers(len(ids))
-        parts = [slice(None)] if graphed else self._row_parts(len(ids), self.forward_threads)
+        parts = [slice(None)] if graphed else self._split_rows(len(ids), self.forward_threads)
         return [self._decoder_inputs(ids[p], states[p], graphed, i) for i, p in enumerate(parts)]
 
-    def _row_parts(self, batch: int, threads: int) -> list[slice]:
-        """The decoder pass's row groups: one, or on CPU up to ``threads`` runs of consecutive rows (slot
-        order) that run side by side (``_decoder_hidden``) when the pass has the work for them
+    def _split_rows(self, batch: int, threads: int) -> list[slice]:
+        """Row groups of ``batch`` rows: one, or on CPU up to ``threads`` runs of consecutive rows (slot
+        order) that run side by side (``_decoder_hidden``) when they have the work for it
         (``cpu_threads.row_groups``)."""
         groups = row_groups(batch, self.canvas_length, self.text_config.hidden_size, threads, self.min_group_work)
-        self.grouped_passes += groups > 1
-        for unused in [g for g in self._geometries if g >= groups]:  # views, masks and rotary of a larger split
-            del self._geometries[unused]
         bounds = [batch * i // groups for i in range(groups + 1)]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    def _keep_geometries(self, groups: int) -> None:
+        """Drop the cached geometries of row groups this pass does not have (views, masks and rotary of a
+        larger split)."""
+        for unused in [g for g in self._geometries if g >= groups]:
+            del self._geometries[unused]
 
     def _decoder_inputs(self, ids: list[str], states: list[RowState], graphed: bool, group: int) -> "_PassInputs":
         """The decoder's inputs for these rows (row group ``group``); ``graphed``: a captured CUDA graph
@@ -488,12 +505,13 @@ class ModelRunner:
         inputs = DecoderInputs(canvas, soft, geometry.positions, geometry.rotary, geometry.masks, geometry.view)
         return _PassInputs(inputs, graphed, geometry.layout)
 
-    def _decoder_hidden(self, parts: list["_PassInputs"], started: list[Future] = ()) -> torch.Tensor:
+    def _decoder_hidden(self, parts: list["_PassInputs"], started: Sequence[Future] = ()) -> torch.Tensor:
         """Run the bidirectional decoder over every row's canvas against its cached prefix: eagerly, or
-        as a captured CUDA graph; several row groups run side by side, the first on this thread.
-        ``started``: groups of the rows before ``parts``' already running on the pool.
-        Returns [B, C, hidden], the groups' rows in order."""
+        as a captured CUDA graph; several row groups run side by side, the first of ``parts`` on this
+        thread. ``started``: futures of the row groups before ``parts`` in slot order, already running on
+        the pool. Returns [B, C, hidden], the groups' rows in order."""
         t0 = time.perf_counter()
+        self.grouped_passes += len(started) + len(parts) > 1
         pending = []
         try:
             pending.extend(self._pool.submit(self._run_group, p) for p in parts[1:])

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.cpu_threads import MIN_GROUP_WORK, cgroup_cpu_limit, row_groups, rows_beside_encoder
+from engine.cpu_threads import (MIN_GROUP_WORK, cgroup_cpu_limit, encoder_canvases, row_groups, rows_after_encoder,
+                                rows_beside_encoder)
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
@@ -147,16 +148,27 @@ def test_small_eager_passes_stay_in_one_group():
 
 
 def test_rows_start_beside_the_encoder_for_an_even_share():
-    """A traced pass with prompts to encode starts the rows that do not wait for them in the other
-    threads, so that each thread gets about the same work (a prompt of 81 tokens costs two canvases of
-    82)."""
-    assert rows_beside_encoder(12, 12, 81, 82, forward_threads=2) == 7  # 7 rows | encoder + 5 rows
-    assert rows_beside_encoder(12, 4, 81, 82, forward_threads=2) == 4  # only the first 4 do not wait
-    assert rows_beside_encoder(12, 12, 81, 82, forward_threads=3) == 9  # 2 groups | encoder + 3 rows
-    assert rows_beside_encoder(4, 4, 16 * 81, 82, forward_threads=2) == 4  # the encoder alone outweighs them
-    assert rows_beside_encoder(12, 0, 81, 82, forward_threads=2) == 0  # every row waits for the encoder
-    assert rows_beside_encoder(12, 12, 81, 82, forward_threads=1) == 0
-    assert rows_beside_encoder(12, 12, 0, 82, forward_threads=2) == 0
+    """A traced pass with prompts or commits to encode starts the leading rows that do not wait for them
+    in the other threads, and shares out the rows left after the encoder, so that the threads finish
+    about together (a prompt of 81 tokens costs about two canvases of 82)."""
+    encoder = encoder_canvases(81, 82)
+    assert encoder == pytest.approx(1.99, abs=0.01) and encoder_canvases(0, 82) == 0
+    # 7 rows | the encoder, then the 5 rows left
+    assert rows_beside_encoder(12, 12, encoder, forward_threads=2) == 7
+    assert rows_after_encoder(7, 5, encoder, forward_threads=2) == 5
+    # only the first 4 rows do not wait: 4 rows and then 3 more | the encoder and then 5 rows
+    assert rows_beside_encoder(12, 4, encoder, forward_threads=2) == 4
+    assert rows_after_encoder(4, 8, encoder, forward_threads=2) == 5
+    # three threads: 2 groups | the encoder and 3 rows
+    assert rows_beside_encoder(12, 12, encoder, forward_threads=3) == 9
+    assert rows_after_encoder(9, 3, encoder, forward_threads=3) == 3
+    # the encoder alone outweighs the rows: all of them start early, but a row left after it stays here
+    assert rows_beside_encoder(4, 4, encoder_canvases(16 * 81, 82), forward_threads=2) == 4
+    assert rows_after_encoder(4, 1, encoder_canvases(16 * 81, 82), forward_threads=2) == 1
+    assert rows_after_encoder(4, 0, encoder, forward_threads=2) == 0
+    assert rows_beside_encoder(12, 0, encoder, forward_threads=2) == 0  # the first row waits for the encoder
+    assert rows_beside_encoder(12, 12, encoder, forward_threads=1) == 0
+    assert rows_beside_encoder(12, 12, 0.0, forward_threads=2) == 0
 
 
 @pytest.mark.parametrize("content, cpus", [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2),

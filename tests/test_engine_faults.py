@@ -47,11 +47,12 @@ def test_exception_in_a_pass_fails_that_pass_and_the_engine_goes_on(poisoned_cor
     assert after["finish_reason"] == "length" and len(after["tokens"]) == 16
 
 
-@pytest.mark.parametrize("arriving", [False, True], ids=["decoder-only", "beside-the-encoder"])
-def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_path_factory, arriving):
+@pytest.mark.parametrize("arriving", [False, True], ids=["decoder-only", "on-the-pool-beside-the-encoder"])
+def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_path_factory, monkeypatch, arriving):
     """The same on the default CPU path, where the decoder pass replays a TorchScript trace (which no
     longer calls the layers' Python forward): a weight of the wrong shape makes the replay raise. With a
-    request arriving, the running rows' replay raises on the pool while the encoder runs."""
+    request arriving whose encoder work raises too, the running rows' replay is the pass's only decoder
+    work, and it runs on the pool, started before the encoder: its error still fails their requests."""
     core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned-traced")), max_num_seqs=4,
                      forward_threads=2)
     assert core.runner.traced is not None
@@ -62,6 +63,8 @@ def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_p
     core.step()
     assert core.runner.traced.keys  # the first pass traced the decoder
     if arriving:
+        encoder = core.loaded.model.model.encoder
+        monkeypatch.setattr(encoder, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
         core.add_request("c", tok("c").input_ids, core.resolve(tok("c").input_ids, params))
     early = core.runner.early_passes
     weight = core.loaded.model.model.decoder.layers[0].mlp.down_proj.weight
@@ -69,6 +72,7 @@ def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_p
     weight.data = good[:, :-1].clone()  # the trace reads the parameter it recorded: its next replay raises
     outs = core.step()
     weight.data = good
+    monkeypatch.undo()
     assert core.runner.early_passes == early + arriving
     expected = ["a", "b", "c"] if arriving else ["a", "b"]
     assert sorted((o.request_id, o.finish_reason) for o in outs) == [(rid, "error") for rid in expected]
