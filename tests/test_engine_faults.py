@@ -91,8 +91,8 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
                                                                  neighbour_fails):
     """A new request whose encoder work raises fails with the pass error, and so does a request
     encoded in the same group; a request already denoising in that pass, and one encoded in another
-    group (here: beside a long prompt prefilled in chunks), go on with the tokens they get alone. The
-    denoising request's row starts before the encoder runs, in a second thread (``forward_threads``)."""
+    group (here: beside a long prompt prefilled in chunks), go on with the tokens they get alone. With a
+    second thread (``forward_threads``), passes with encoder work start the denoising rows before it."""
     from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-encoder-fault"), TinySpec())
