@@ -23,6 +23,9 @@ def markdown(result: dict) -> str:
         where = f"server: {result['server_url']} · load generated on: {m['description']}"
     else:
         where = f"machine: {m['description']} · server threads: {result['server_threads']}"
+    rounds = result.get("rounds", 1)
+    if rounds > 1:
+        where += f" · each measurement the fastest of {rounds} rounds"
     lines = [
         f"Model: `{result['model']}` · {where} · command: `{result['command']}`",
         "",

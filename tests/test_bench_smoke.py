@@ -17,7 +17,7 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "bench.run", "--model", str(tmp_path / "model"), "--concurrency", "1,2",
            "--requests-per-level", "3", "--steps", "2", "--canvases", "1,2", "--prompt-len", "4,8",
-           "--warmup", "1", "--out", str(out)]
+           "--warmup", "1", "--rounds", "2", "--out", str(out)]
     from bench.run import build_bench_model
 
     build_bench_model(tmp_path / "model")
@@ -41,8 +41,11 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
         level = str(run["concurrency"])
         static = static_batch.get(level, alone[level])  # at concurrency 1 a static batch is one at a time
         assert (alone[level]["requests"], alone[level]["tokens"], static["tokens"]) == (3, run["tokens"], run["tokens"])
-        # every throughput is its own measured tokens over its own measured wall time ...
+        # every throughput is its own measured tokens over its own measured wall time, the fastest of
+        # its two rounds ...
         for measured in (run, alone[level], static):
+            assert len(measured["rounds_tokens_per_s"]) == 2
+            assert measured["tokens_per_s"] == max(measured["rounds_tokens_per_s"])
             assert measured["seconds"] > 0
             assert measured["tokens_per_s"] == pytest.approx(measured["tokens"] / measured["seconds"], rel=1e-9)
         # ... and each ratio is this run's throughput over its baseline's, for the same requests
@@ -54,8 +57,9 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
                 f"{run['ratio_vs_static_batch']:.2f}x |") in md
     assert result["runs"][0]["ratio_vs_static_batch"] == result["runs"][0]["ratio_vs_one_at_a_time"]
     # the server's log goes to a file (an unread pipe filled up after ~340 requests and hung the server)
-    # (1 warm-up + 3 + 3 at the two levels + 3 sent again alone)
-    assert (out / "server.log").read_text().count("completions status=200") == 1 + 3 + 3 + 3
+    # (1 warm-up + two rounds of 3 at each of the two levels + 3 sent again alone)
+    assert (out / "server.log").read_text().count("completions status=200") == 1 + 2 * 3 + 2 * 3 + 3
+    assert result["rounds"] == 2 and "each measurement the fastest of 2 rounds" in md
     # the first 3 requests of concurrency 2, sent again one at a time, get the same text
     check = result["outputs_alone"]
     assert (check["concurrency"], check["checked"], check["identical"]) == (2, 3, 3)
