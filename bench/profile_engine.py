@@ -47,10 +47,9 @@ class _PassTimer:
 
     def on_pass(self, s):
         t = self.totals.setdefault(self.mode, dict(passes=0, seconds=0.0, forward=0.0, sampling=0.0, batch=0,
-                                                             encoder_passes=0, by_encoder={True: [], False: []}))
+                                                             by_encoder={True: [], False: []}))
         t["passes"] += 1
         t["by_encoder"][s.encoder_tokens > 0].append(s.seconds)
-        t["encoder_passes"] += s.encoder_tokens > 0
         t["seconds"] += s.seconds
         t["forward"] += s.forward_seconds
         t["sampling"] += s.sampling_seconds
@@ -128,7 +127,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         out["placements"].append({
             "overlap_entropy": mode,
             "passes": int(t["passes"]),
-            "encoder_passes": int(t["encoder_passes"]),
+            "encoder_passes": len(t["by_encoder"][True]),
             "mean_decoder_batch": t["batch"] / max(1, t["passes"]),
             "pass_ms": 1000 * t["seconds"] / max(1, t["passes"]),
             # median pass, with and without encoder work (prompts, commits)

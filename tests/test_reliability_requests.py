@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from bench.rss import proc_status, reset_peak
 from tests.test_reliability_http import assert_openai_error, read_response
 
 SLOW = {"max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64, "stability_threshold": 1000}
@@ -23,12 +23,7 @@ WAITING = ("diffusion_server:num_requests_waiting", frozenset())
 
 def memory(pid: int) -> dict[str, int]:
     """The server's resident memory now (VmRSS) and at its peak (VmHWM), in MiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) // 1024
-    return out
+    return {key: value // 2**20 for key, value in proc_status(pid).items()}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def test_prompt_that_cannot_fit_costs_no_memory(default_server, case, body, para
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     payload = json.dumps(body, separators=(",", ":")).encode()
     pid = default_server.proc.pid
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to the current size
+    reset_peak(pid)  # the peak, to the current size
     before = memory(pid)
     r = httpx.post(default_server.url + path, content=payload, headers={"Content-Type": "application/json"}, timeout=120)
     after = memory(pid)
@@ -89,7 +84,7 @@ def test_a_body_with_too_many_values_is_not_kept(default_server):
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}] * 300_000}).encode()
     pid = default_server.proc.pid
     httpx.post(default_server.url + "/v1/chat/completions", content=body, timeout=120)  # first-use allocations
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to the current size
+    reset_peak(pid)  # the peak, to the current size
     before = memory(pid)
     r = httpx.post(default_server.url + "/v1/chat/completions", content=body, timeout=120,
                    headers={"Content-Type": "application/json"})
