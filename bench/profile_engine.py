@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.request import RequestStatus
+from engine.cpu_threads import usable_cpus
 from engine.loader import load_model
+from engine.request import RequestStatus
 
 from .run import BENCH_SPEC, build_bench_model
+from .thread_cpu import busy_shares, describe, thread_cpu_seconds
 from .workload import make_workload, sudoku_workload
 
 
@@ -105,6 +107,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
         timer.totals.clear()
     prof = cProfile.Profile() if profile and not device_profile else None
     tprof = _torch_profiler(core.runner.device) if device_profile else None
+    cpu_before = thread_cpu_seconds()
     t0 = time.perf_counter()
     if prof:
         prof.enable()
@@ -114,6 +117,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     if core.runner.device.type == "cuda":
         torch.cuda.synchronize(core.runner.device)
     wall = time.perf_counter() - t0  # before the profilers' own processing
+    threads_busy = busy_shares(cpu_before, thread_cpu_seconds(), wall)
     if tprof:
         tprof.stop()
     if prof:
@@ -121,6 +125,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     core.close()
     tokens = sum(it.max_tokens for it in items)
     out = {"concurrency": concurrency, "wall_s": wall, "tokens_per_s": tokens / wall, "placements": [],
+           "threads_busy": threads_busy, "cores": usable_cpus(),
            "warmup": {"requests": warmup, "seconds": warmup_s} if warmup else None,
            "cuda_graph_max_batch": core.runner.graphs.max_batch if core.runner.graphs else 0}
     for mode, t in sorted(timer.totals.items(), reverse=True):
@@ -286,6 +291,8 @@ def _print(res: dict, model: str, bench_model: bool) -> None:
         print(f"median pass: {median['with_encoder']} with encoder work, {median['without_encoder']} without")
     both = " (both placements together)" if len(res["placements"]) > 1 else ""
     print(f"run: {res['tokens_per_s']:.0f} committed tok/s in {res['wall_s']:.2f} s{both}")
+    if res["threads_busy"]:  # the engine steps on the main thread here
+        print(f"threads busy (CPU time / wall time): {describe(res['threads_busy'], res['cores'])}")
     if "profile" in res:
         print(res["profile"])
 

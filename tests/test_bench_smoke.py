@@ -108,6 +108,10 @@ def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
         assert len(parts) == 3 and all(p >= 0 for p in parts) and abs(sum(parts) - total) < 0.02
     assert len([line for line in out.splitlines() if line.startswith("run: ")]) == 1
     assert "model_runner.py" in out and "(_decode)" in out
+    # the threads' CPU time over the run, as shares of its wall time: the engine steps on the main thread
+    (busy,) = [line for line in out.splitlines() if line.startswith("threads busy (CPU time / wall time): ")]
+    shares = dict(part.rsplit(" ", 1) for part in busy.split(": ", 1)[1].split("; ")[0].split(", "))
+    assert float(shares["MainThread"].rstrip("%")) > 0
 
 
 def test_profile_engine_device_profile_reports_operators_after_warmup(tmp_path, capsys):
