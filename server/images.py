@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,12 +30,84 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}", re.ASCII)
 _FETCH_CHUNK = 64 * 1024
-# http(s) only, redirects included (the default opener would follow a redirect to ftp: or file:)
-_HTTP_ONLY = urllib.request.OpenerDirector()
-for _handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
-                 urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                 urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
-    _HTTP_ONLY.add_handler(_handler)
+
+
+class _Watchdog:
+    """Ends one fetch at its deadline wherever it is blocked (waiting for the response's head or body,
+    or for a redirect's): when the deadline passes it shuts down every socket the fetch opened. A
+    socket's own timeout bounds only each read, and a host that trickles its head would otherwise hold
+    the fetch far past it. (Name resolution is the system resolver's, bounded by its own timeouts.)"""
+
+    def __init__(self, deadline: float):
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def connect(self, *args, **kwargs) -> socket.socket:
+        """``socket.create_connection``, the socket watched (``http.client``'s connections call this)."""
+        sock = socket.create_connection(*args, **kwargs)
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a blocked read returns at once; the owner closes the socket
+    except OSError:
+        pass
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watchdog: _Watchdog):
+        super().__init__()
+        self._watchdog = watchdog
+
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection, self._watchdog), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watchdog: _Watchdog):
+        super().__init__()
+        self._watchdog = watchdog
+
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection, self._watchdog), req, context=self._context)
+
+
+def _watched(connection: type, watchdog: _Watchdog):
+    def make(*args, **kwargs):
+        conn = connection(*args, **kwargs)
+        conn._create_connection = watchdog.connect  # what connect() opens its socket with
+        return conn
+
+    return make
+
+
+def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+    """http(s) only, redirects included (the default opener would follow a redirect to ftp: or file:),
+    every connection watched by ``watchdog``."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), _WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog),
+                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
+        opener.add_handler(handler)
+    return opener
 
 
 def invalid_image(message: str, param: str) -> errors.APIError:
@@ -99,11 +174,12 @@ class ImageReader:
             raise invalid_image("The image's data URL is not valid base64.", param) from None
 
     def _fetch(self, url: str, param: str, deadline: float) -> bytes:
+        left = deadline - time.monotonic()
+        watchdog = _Watchdog(deadline) if left > 0 else None
         try:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if watchdog is None:
                 raise TimeoutError
-            with _HTTP_ONLY.open(url, timeout=left) as response:
+            with _opener(watchdog).open(url, timeout=left) as response:
                 declared = response.headers.get("Content-Length")
                 if declared is not None and declared.isdigit():
                     self._check_bytes(int(declared), param)
@@ -113,15 +189,21 @@ class ImageReader:
                     self._check_bytes(len(data), param)
                     if time.monotonic() > deadline:
                         raise TimeoutError
+                if watchdog.expired:  # shut down mid-body: what came is cut short
+                    raise TimeoutError
                 return bytes(data)
         except errors.APIError:
             raise
-        except TimeoutError:
-            raise invalid_image(f"The image at {url} did not arrive within {self.fetch_timeout:g} seconds of the "
-                                "request's first fetch (setting image_fetch_timeout_seconds).", param) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            timed_out = isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+            if timed_out or (watchdog is not None and watchdog.expired):
+                raise invalid_image(f"The image at {url} did not arrive within {self.fetch_timeout:g} seconds of "
+                                    "the request's first fetch (setting image_fetch_timeout_seconds).", param) from None
             reason = getattr(exc, "reason", None) or exc
             raise invalid_image(f"The image at {url} could not be fetched: {reason}.", param) from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
     def _check_bytes(self, size: int, param: str) -> None:
         if size > self.max_bytes:

@@ -189,7 +189,8 @@ def test_refusals(server):
 class _Images(BaseHTTPRequestHandler):
     """A loopback web server: /ok.png (the test image), /big.png (over max_image_bytes, with its
     Content-Length), /unsized.png (the same without), /slow.png (trickles for longer than the fetch
-    timeout), /half.png (after 0.6 s), /to-ftp.png (a redirect to ftp:), anything else 404."""
+    timeout), /slow-head.png (trickles its status line and headers, each byte within a socket timeout,
+    for 12 s), /half.png (after 0.6 s), /to-ftp.png (a redirect to ftp:), anything else 404."""
 
     ok = encoded(noise_image(30, 40, 0))
     big = encoded(noise_image(100, 100, 1))
@@ -211,6 +212,16 @@ class _Images(BaseHTTPRequestHandler):
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(0.1)
+        elif self.path == "/slow-head.png":
+            head = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n"
+            try:
+                for byte in head:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(12 / len(head))
+                self.wfile.write(self.ok)
+            except OSError:  # the fetch gave up
+                pass
         elif self.path == "/half.png":  # arrives after 0.6 s: one fits the 1 s fetch time, two do not
             time.sleep(0.6)
             self.send_response(200)
@@ -262,6 +273,12 @@ def test_fetch_limits(fetching_server, image_host):
     assert refusal(fetching_server.url, image_message("x", image_host + "/slow.png")) == error(
         f"The image at {image_host}/slow.png did not arrive within 1 seconds of the request's first fetch (setting image_fetch_timeout_seconds).",
         PART, "invalid_image")
+    # the fetch time bounds the response's head too, not only each read of it
+    started = time.monotonic()
+    assert refusal(fetching_server.url, image_message("x", image_host + "/slow-head.png")) == error(
+        f"The image at {image_host}/slow-head.png did not arrive within 1 seconds of the request's first fetch "
+        "(setting image_fetch_timeout_seconds).", PART, "invalid_image")
+    assert time.monotonic() - started < 6  # the head alone takes 12 s to arrive
     assert refusal(fetching_server.url, image_message("x", image_host + "/none.png")) == error(
         f"The image at {image_host}/none.png could not be fetched: Not Found.", PART, "invalid_image")
     with socket.socket() as s:  # a port nobody listens on
