@@ -12,6 +12,7 @@ import json
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 DONE = "[DONE]"
+NO_PING_SECONDS = 365 * 24 * 3600.0  # the ping interval that stands for "no keep-alive comments"
 
 
 def json_text(obj: dict) -> str:
@@ -37,7 +38,9 @@ class SSEResponse(EventSourceResponse):
     """
 
     def __init__(self, content, on_close, ping_seconds: float = 15.0, **kwargs):
-        super().__init__(content, sep="\n", ping=ping_seconds, **kwargs)
+        # 0 disables the comments: a ping task that never wakes (sse-starlette releases before the fix
+        # of sysid/sse-starlette#206 take an interval of 0 literally and flood the stream)
+        super().__init__(content, sep="\n", ping=ping_seconds or NO_PING_SECONDS, **kwargs)
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:

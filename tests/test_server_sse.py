@@ -246,3 +246,32 @@ def test_keep_alive_pings_on_an_idle_stream(server_variant, server_sse):
     data = server_sse.parse(raw.decode())  # the comments are skipped; every other block is one data frame
     assert len(data) == len(blocks) - len(pings) >= 1
     assert all(json.loads(d)["object"] == "text_completion" for d in data)
+
+
+@pytest.mark.parametrize("ping_seconds, pings", [(0.05, True), (0, False)])
+def test_ping_interval_zero_sends_no_keep_alive_comments(ping_seconds, pings):
+    """``--sse-ping-seconds 0`` turns the keep-alive comments off (they never come, however long the
+    stream is idle); any other interval sends them while it is."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from server import sse
+
+    closed = []
+
+    async def frames():
+        await asyncio.sleep(0.3)  # idle: six intervals of 50 ms
+        yield sse.chunk({"object": "text_completion"})
+        yield sse.done()
+
+    async def endpoint(request):
+        return sse.SSEResponse(frames(), on_close=lambda: closed.append(True), ping_seconds=ping_seconds)
+
+    with TestClient(Starlette(routes=[Route("/", endpoint)])) as client:
+        body = client.get("/").text
+    assert body.endswith('data: {"object":"text_completion"}\n\ndata: [DONE]\n\n')
+    assert (": ping" in body) == pings, body
+    assert closed == [True]
