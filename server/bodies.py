@@ -247,7 +247,9 @@ async def read_json(request: Request, limits: BodyLimits, gate: asyncio.Semaphor
     counts: MarkCounts | None = (request.scope.get("state") or {}).get(BODY_MARKS)
     if counts is not None and counts.too_many_values(limits.max_values):
         raise _too_many_values(counts.strings_at_least, True, limits.max_values)
-    raw = await request.body()
+    # read without Starlette's cache (request.body() keeps the bytes on the request, which lives until
+    # the response ends): a queued or streaming request holds its parsed fields, not its raw body
+    raw = b"".join([chunk async for chunk in request.stream()])
 
     def work():
         scan(raw, limits, counts)
