@@ -69,7 +69,7 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(settings.cors_allow_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_headers=["*"],  # the openai JS SDK sends its own (X-Stainless-*, OpenAI-*) from browsers too
             expose_headers=["X-Request-Id", "Retry-After"],
             allow_credentials=False,
             max_age=600,

@@ -47,6 +47,7 @@ class Chat:
                            "function_call is deprecated and not supported: use tool_choice with tools."),
         )
         check_tools(req, settings)
+        template_kwargs(req.chat_template_kwargs, settings.max_template_kwarg_chars)  # before any tokenizing
 
     def num_prompts(self, req: ChatCompletionRequest) -> int:
         return 1
@@ -299,16 +300,20 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 })
 
 
-def template_kwargs(raw: dict | None) -> dict:
-    """Extra variables for the checkpoint's own chat template: plain scalars only, no reserved keys."""
+def template_kwargs(raw: dict | None, max_chars: int | None = None) -> dict:
+    """Extra variables for the checkpoint's own chat template: plain scalars only, no reserved keys, and
+    strings of at most ``max_chars`` (``max_template_kwarg_chars``; checked with the other limits)."""
     kwargs = dict(raw or {})
     for key, value in kwargs.items():
         if key in RESERVED_TEMPLATE_KWARGS:
             raise errors.bad_request(f"chat_template_kwargs may not set '{key}'.", "chat_template_kwargs")
-        if not (value is None or isinstance(value, (str, int, float, bool))) or (isinstance(value, str) and len(value) > 1024):
-            raise errors.bad_request(
-                f"chat_template_kwargs['{key}'] must be a string (at most 1024 characters), number, boolean or null.",
-                "chat_template_kwargs",
+        if not (value is None or isinstance(value, (str, int, float, bool))):
+            raise errors.bad_request(f"chat_template_kwargs['{key}'] must be a string, number, boolean or null.",
+                                     "chat_template_kwargs")
+        if max_chars is not None and isinstance(value, str) and len(value) > max_chars:
+            raise limit_error(
+                f"chat_template_kwargs['{key}'] is {len(value)} characters long, the limit is {max_chars} "
+                "(setting max_template_kwarg_chars).", "chat_template_kwargs",
             )
     return kwargs
 

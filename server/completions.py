@@ -80,9 +80,7 @@ class Completions:
             limit.check_text(req.suffix, "suffix", "the suffix")
             suffix_ids = tuple(tokenizer(req.suffix, add_special_tokens=False)["input_ids"])
             limit.check_tokens(len(suffix_ids), "suffix", "the suffix")
-        prefixes = None
-        if req.echo:
-            prefixes = [t if t is not None else tokenizer.decode(p) for t, p in zip(texts, ids)]
+        prefixes = list(texts) if req.echo else None  # token prompts' text once the engine checked their ids
         log_text = " | ".join(t if t is not None else str(p) for t, p in zip(texts, ids))
         return Prompts(ids, log_text, prefixes, suffix_ids)
 

@@ -206,7 +206,8 @@ class ChatCompletionRequest(CommonFields):
     continue_final_message: StrictBool = Field(
         False, description="Continue the last (assistant) message instead of starting a new turn.")
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="Extra scalar variables for the chat template (not the template itself).")
+        None, description="Extra scalar variables for the chat template (not the template itself); strings of at "
+        "most max_template_kwarg_chars.")
 
     @field_validator("tool_choice")
     @classmethod

@@ -17,10 +17,6 @@ from . import errors
 from .prompt_bounds import TokenBound
 from .protocol import CommonFields
 
-# A request's choices (prompts x n), each one engine request.
-MAX_CHOICES = 256
-
-
 def limit_error(message: str, param: str | None) -> errors.APIError:
     return errors.bad_request(message, param, "limit_exceeded")
 
@@ -36,9 +32,10 @@ def check_request(settings, req: CommonFields, num_prompts: int, max_tokens: int
             f"Too many prompts: {num_prompts} in one request, the limit is {settings.max_prompts_per_request} "
             "(setting max_prompts_per_request).", "prompt",
         )
-    if num_prompts * req.n > MAX_CHOICES:
-        raise errors.bad_request(
-            f"Too many choices: {num_prompts} prompts x n={req.n} is over the limit of {MAX_CHOICES}.", "n"
+    if num_prompts * req.n > settings.max_choices_per_request:
+        raise limit_error(
+            f"Too many choices: {num_prompts} prompts x n={req.n} is over the limit of "
+            f"{settings.max_choices_per_request} (setting max_choices_per_request).", "n",
         )
     for s in req.stop_tuple():
         if len(s) > settings.max_stop_length:

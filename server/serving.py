@@ -41,9 +41,16 @@ class Prompts:
 
     ids: list[list[int]]
     log_text: str  # what ``--log-prompts`` writes
-    prefixes: list[str] | None = None  # text each choice of prompt i starts with (completions' echo)
+    # text each choice of prompt i starts with (completions' echo); None for a token prompt until
+    # ``decode_prefixes``, which waits for the engine to check its ids (the tokenizer fails on some)
+    prefixes: list[str | None] | None = None
     suffix_ids: tuple[int, ...] = ()  # completions' infill suffix, pinned in the canvas
     images: list | None = None  # prompt i's images (engine.multimodal.ImageInputs, or None), when any has some
+
+    def decode_prefixes(self, tokenizer) -> None:
+        """Fill in the echo prefixes of token prompts (call once their ids are checked)."""
+        if self.prefixes is not None:
+            self.prefixes = [t if t is not None else tokenizer.decode(p) for t, p in zip(self.prefixes, self.ids)]
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,11 @@ async def serve(request: Request, api: Endpoint) -> Response:
     except APIError as exc:
         log.finish(exc.status, note=exc.code or exc.type)
         raise
+    except Exception as exc:  # a bug: answered inside the middleware (request id, CORS) and logged
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        err = errors.internal_error()
+        log.finish(err.status, note=err.code or err.type)
+        raise err from exc
 
 
 async def _serve(request: Request, api: Endpoint, state, request_id: str, engine_prefix: str, log: RequestLog):
@@ -148,6 +160,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
                           prompts.images)
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
+    prompts.decode_prefixes(engine.tokenizer)
 
     choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished, state.live_choice_sets)
     await choice_set.start()

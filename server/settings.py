@@ -96,6 +96,8 @@ class ServerSettings:
     max_n: int = limit(64, "Largest n (choices per prompt); larger ones get 400.")
     max_prompts_per_request: int = limit(
         256, "Most prompts in one /v1/completions request (a list of strings or of token lists); more get 400.")
+    max_choices_per_request: int = limit(
+        256, "Most choices in one request: prompts x n, each one engine request; more get 400.")
     max_request_tokens: int = limit(
         262144, "Most completion tokens one request may ask for in all: prompts x n x max_tokens; more get 400.")
     max_stop_length: int = limit(
@@ -115,6 +117,8 @@ class ServerSettings:
     max_tools_chars: int = limit(
         262144, "Most characters a chat request's tools may have in all (as compact JSON), checked before the "
         "template renders them; more get 400.")
+    max_template_kwarg_chars: int = limit(
+        1024, "Longest string value in a chat request's chat_template_kwargs, in characters; longer ones get 400.")
     max_request_denoising_steps: int = limit(
         1024, "Largest max_denoising_steps a request may ask for (a canvas may take up to that many decoder "
         "passes); larger ones get 400.")

@@ -21,7 +21,8 @@ LIMIT_ARGS = [
     "--max-prompt-tokens", "64", "--max-completion-tokens", "128", "--max-n", "4",
     "--max-prompts-per-request", "4", "--max-request-tokens", "256", "--max-stop-length", "16",
     "--max-json-depth", "8", "--max-json-values", "20500", "--max-request-denoising-steps", "32",
-    "--max-tools", "2", "--max-tools-chars", "200",
+    "--max-tools", "2", "--max-tools-chars", "200", "--max-choices-per-request", "8",
+    "--max-template-kwarg-chars", "16",
     "--cors-allow-origin", ORIGIN,
     "--max-num-seqs", "4", "--no-ui",
 ]
@@ -127,6 +128,11 @@ CASES = [
     ("token-oov-second-prompt", "POST", C, {"prompt": [[5, 6], [300000]]}, None, 400, IRE, "prompt", None,
      "outside the vocabulary"),
     ("token-huge", "POST", C, {"prompt": [10**30]}, None, 400, IRE, "prompt", None, "outside the vocabulary"),
+    # echo decodes the prompt's ids, which the tokenizer cannot do for these: checked first
+    ("echo-token-negative", "POST", C, {"prompt": [5, -1], "echo": True}, None, 400, IRE, "prompt", None,
+     "outside the vocabulary"),
+    ("echo-token-2**32", "POST", C, {"prompt": [[5], [2**32]], "echo": True, "stream": True}, None, 400, IRE, "prompt",
+     None, "outside the vocabulary"),
     ("prompt-empty-list", "POST", C, {"prompt": []}, None, 400, IRE, "prompt", None, "must not be empty"),
     ("prompt-empty-token-list", "POST", C, {"prompt": [[]]}, None, 400, IRE, "prompt", None, "must not be empty"),
     ("prompt-empty-string", "POST", C, {"prompt": ""}, None, 400, IRE, "prompt", None, "at least one token"),
@@ -167,6 +173,10 @@ CASES = [
     ("n-over-max-n-chat", "POST", CH, {"messages": MSG, "n": 5}, None, 400, IRE, "n", "limit_exceeded", "max_n"),
     ("too-many-prompts", "POST", C, {"prompt": ["a", "b", "c", "d", "e"]}, None, 400, IRE, "prompt",
      "limit_exceeded", "max_prompts_per_request"),
+    ("choices-over-max-choices", "POST", C, {"prompt": ["a", "b", "c"], "n": 3}, None, 400, IRE, "n",
+     "limit_exceeded", "3 prompts x n=3 is over the limit of 8 (setting max_choices_per_request)"),
+    ("template-kwarg-too-long", "POST", CH, {"messages": MSG, "chat_template_kwargs": {"note": "y" * 17}}, None, 400,
+     IRE, "chat_template_kwargs", "limit_exceeded", "17 characters long, the limit is 16 (setting max_template_kwarg_chars)"),
     ("prompt-too-long-ids", "POST", C, {"prompt": [7] * 65}, None, 400, IRE, "prompt", "limit_exceeded",
      "max_prompt_tokens"),
     ("prompt-too-long-text", "POST", C, {"prompt": ["ok", "y" * 70]}, None, 400, IRE, "prompt", "limit_exceeded",
@@ -325,6 +335,11 @@ def test_cors_allowed_origin_only(limits_server):
     assert r.headers["access-control-allow-origin"] == ORIGIN
     assert "POST" in r.headers["access-control-allow-methods"]
     assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    # the openai JS SDK's own headers, which it sends from a browser too
+    sdk = "authorization,content-type,x-stainless-lang,x-stainless-os,x-stainless-retry-count,openai-organization"
+    r = httpx.options(url, headers={**pre, "Access-Control-Request-Headers": sdk}, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert set(r.headers["access-control-allow-headers"].lower().replace(" ", "").split(",")) >= set(sdk.split(","))
     r = httpx.options(url, headers={**pre, "Origin": "https://evil.example"}, timeout=10)
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
     r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"},

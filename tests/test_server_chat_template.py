@@ -15,7 +15,7 @@ BOMB = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% 
     ({"tokenize": True}, "may not set 'tokenize'"),
     ({"add_generation_prompt": False}, "may not set 'add_generation_prompt'"),
     ({"custom": {"nested": [1, 2]}}, "must be a string"),
-    ({"custom": "y" * 2000}, "must be a string (at most 1024 characters)"),
+    ({"custom": "y" * 2000}, "the limit is 1024 (setting max_template_kwarg_chars)"),
 ])
 def test_template_replacement_and_odd_values_are_rejected(live_server, kwargs, fragment):
     body = {"model": live_server.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,

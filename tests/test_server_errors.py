@@ -395,6 +395,7 @@ def test_500_internal_fault(faulty, mode):
     r = httpx.post(faulty.url + "/v1/completions", json={"prompt": "hi", **LONG}, timeout=60)
     err = assert_error(r, 500, code="internal_error", type_="server_error")
     assert "secret internal detail" not in r.text
+    assert r.headers["x-request-id"]  # answered inside the middleware, whatever raised
     r = httpx.post(faulty.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], **LONG},
                    timeout=60)
     assert_error(r, 500, code="internal_error")
