@@ -194,6 +194,10 @@ class KVCacheManager:
             self._unzeroed.clear()
 
     # -- views -------------------------------------------------------------------------------
+    def leads(self, request_ids: list[str]) -> bool:
+        """Whether the requests hold slots 0..n-1, in order (what a full-width view needs)."""
+        return [self._caches[rid].slot for rid in request_ids] == list(range(len(request_ids)))
+
     def view(self, request_ids: list[str], full_width: bool = False) -> BatchKVView:
         """The requests' KV as one batch. When ``request_ids`` are consecutive slots in order (the decoder's
         batch, or a group of its rows) the layers are slices of the buffers, with no copy; otherwise

@@ -472,7 +472,8 @@ class ModelRunner:
     def _decoder_pass_inputs(self, ids: list[str], states: list[RowState]) -> list["_PassInputs"]:
         """The decoder pass's inputs, one per row group: a small batch replays a captured CUDA graph
         (``DecoderGraphs``) as one group; on CPU the rows run in groups side by side (``_split_rows``)."""
-        graphed = self.graphs is not None and self.graphs.covers(len(ids))
+        # a graph reads slots 0..n-1: after a request failed its encoder work, the others may not hold them
+        graphed = self.graphs is not None and self.graphs.covers(len(ids)) and self.kv.leads(ids)
         parts = [slice(None)] if graphed else self._split_rows(len(ids), self.forward_threads)
         return [self._decoder_inputs(ids[p], states[p], graphed, i) for i, p in enumerate(parts)]
 

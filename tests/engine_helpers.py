@@ -12,6 +12,23 @@ from engine.loader import load_model
 POISON = 200  # a byte token whose *encoder* embedding row is NaN in a poisoned checkpoint
 
 
+BOOM = [201] * 6  # a prompt tail that makes the encoder raise under ``fail_encoder_on_boom``
+
+
+def fail_encoder_on_boom(core: EngineCore, monkeypatch) -> None:
+    """Make ``core``'s encoder raise (as an out-of-memory error would) on any call whose input holds
+    ``BOOM``: the encoder work of a prompt ending in it, prefilled in chunks or not, fails."""
+    encoder = core.loaded.model.model.encoder
+    forward = encoder.forward
+
+    def failing_forward(*args, input_ids=None, **kwargs):
+        if input_ids is not None and bool(((input_ids == BOOM[0]).sum(dim=-1) >= len(BOOM)).any()):
+            raise RuntimeError("out of memory")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", failing_forward)
+
+
 def untie_weights(model) -> None:
     """Give every tied weight its own tensor (the lm head and the decoder's embedding, the encoder's
     layers and the decoder's) and mark the config untied, so that one side can be changed alone.

@@ -10,7 +10,7 @@ from engine import EngineCore, EngineSettings, SamplingParams
 from engine.decoder_graphs import DecoderGraphs, capture_blocker, graph_max_batch
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-from tests.engine_helpers import make_core, reference_tokens, run_to_completion
+from tests.engine_helpers import BOOM, fail_encoder_on_boom, make_core, reference_tokens, run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,27 @@ def test_capture_blocker_rejects_quantized_experts(checkpoint):
 def test_cuda_graph_max_batch_is_validated(value):
     with pytest.raises(ValueError, match=r"cuda_graph_max_batch must be an integer from 0 to max_num_seqs \(16\)"):
         EngineSettings(model="m", cuda_graph_max_batch=value).validate()
+
+
+def test_an_encoder_failure_in_a_middle_slot_fails_that_request_alone(tmp_path, monkeypatch):
+    """On the graph path, a request whose encoder work raises (as a CUDA out-of-memory error would) fails
+    alone even when it holds a middle slot: the pass's other rows then hold slots 0 and 2, which a graph's
+    full-width view cannot read, so they run eagerly and get the tokens they get alone."""
+    core = make_core(build_tiny_checkpoint(tmp_path / "tiny", TinySpec()), max_num_seqs=4, max_encoder_tokens=12)
+    graphs = _static_path(core, max_batch=4)
+    tok = core.loaded.tokenizer
+    params = SamplingParams(max_tokens=40, seed=1, ignore_eos=True)
+    prompts = {"running": tok("fine").input_ids, "bad": tok("a longer prompt").input_ids + BOOM,
+               "neighbour": [7] * 9}
+    alone = {rid: run_to_completion(core, [(rid, prompts[rid], params)])[rid]["tokens"] for rid in ("running", "neighbour")}
+    fail_encoder_on_boom(core, monkeypatch)
+    before = graphs.passes
+    # "bad" takes slot 1 and "neighbour" slot 2, one pass after "running" took slot 0
+    res = run_to_completion(core, [(rid, prompts[rid], params) for rid in ("running", "bad", "neighbour")],
+                            arrivals={"bad": 1, "neighbour": 1})
+    assert res["bad"]["finish_reason"] == "error"
+    assert res["bad"]["outputs"][-1].error == "internal error in the model pass: RuntimeError"
+    for rid in ("running", "neighbour"):
+        assert (res[rid]["finish_reason"], res[rid]["tokens"]) == ("length", alone[rid])
+    assert graphs.passes > before  # the other passes still took the graph path
+    assert core.num_live_states() == 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from engine import SamplingParams
-from tests.engine_helpers import POISON, build_poisoned_checkpoint, make_core, run_to_completion
+from tests.engine_helpers import (BOOM, POISON, build_poisoned_checkpoint, fail_encoder_on_boom, make_core,
+                                  run_to_completion)
 
 @pytest.fixture(scope="module")
 def poisoned_core(tmp_path_factory):
@@ -82,9 +83,6 @@ def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_p
     assert after["finish_reason"] == "length" and len(after["tokens"]) == 16
 
 
-BOOM = [201] * 6  # a prompt tail that makes the encoder raise below (as an out-of-memory error would)
-
-
 @pytest.mark.parametrize("max_encoder_tokens, neighbour_fails", [(64, True), (12, False)],
                          ids=["same-group", "prefilled-in-chunks"])
 def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory, monkeypatch, max_encoder_tokens,
@@ -104,15 +102,7 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
     assert len(prompts["bad"]) > 12 >= len(prompts["neighbour"])
     alone = {rid: run_to_completion(core, [(rid, prompts[rid], params)])[rid]["tokens"] for rid in ("running", "neighbour")}
 
-    encoder = core.loaded.model.model.encoder
-    forward = encoder.forward
-
-    def failing_forward(*args, input_ids=None, **kwargs):
-        if input_ids is not None and bool(((input_ids == BOOM[0]).sum(dim=-1) >= len(BOOM)).any()):
-            raise RuntimeError("out of memory")
-        return forward(*args, input_ids=input_ids, **kwargs)
-
-    monkeypatch.setattr(encoder, "forward", failing_forward)
+    fail_encoder_on_boom(core, monkeypatch)
     # "running" is denoising when the other two arrive together, one pass later
     res = run_to_completion(core, [(rid, prompts[rid], params) for rid in ("running", "neighbour", "bad")],
                             arrivals={"neighbour": 1, "bad": 1})
