@@ -29,6 +29,8 @@ from .stats import StatsSink
 logger = logging.getLogger("engine")
 
 _IDLE_WAIT_S = 0.05
+# the finish reasons an abort may record: a client that left, or a stop string found in the text
+ABORT_REASONS = ("abort", "stop")
 
 
 class AsyncEngine:
@@ -67,6 +69,9 @@ class AsyncEngine:
         self.kv_usage = 0.0  # fraction of the KV token budget the running requests take (0..1)
         self._num_live_states = 0
         self._unfinished = 0  # admitted and not yet released; guarded by _lock (bound checked in admit only)
+        # aborted ids whose abort the passes have not taken yet: not reused until then, so that a new
+        # request with the id never gets the old one's outputs; guarded by _lock
+        self._retiring: set[str] = set()
 
     def queue_bound(self) -> int:
         """Unfinished requests the engine takes at most (``admit``): running ones and ``max_waiting`` more."""
@@ -152,6 +157,9 @@ class AsyncEngine:
                     raise EngineDeadError("the engine is not running")
                 if request_id in self._streams:
                     raise ValueError(f"duplicate request id {request_id!r}")
+                if request_id in self._retiring:
+                    raise ValueError(f"duplicate request id {request_id!r}: the request aborted under it is "
+                                     "still being dropped")
                 admission._take()
                 self._streams[request_id] = (loop, queue_)
         finally:
@@ -174,9 +182,25 @@ class AsyncEngine:
             self.abort(request_id)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
-        """Abort a request (thread-safe, idempotent); it is freed within one pass. ``reason`` is the
-        finish reason recorded in the engine's stats ("abort", or "stop" for a stop string)."""
+        """Abort a request (thread-safe, idempotent); it is freed within one pass, and its id is not
+        taken again until then. ``reason`` is the finish reason recorded in the engine's stats: one of
+        ``ABORT_REASONS`` ("abort", or "stop" for a stop string); another raises ``ValueError``."""
+        if reason not in ABORT_REASONS:
+            raise ValueError(f"abort reason must be one of {', '.join(ABORT_REASONS)} (got {reason!r})")
+        with self._lock:
+            self._retiring.add(request_id)
+        if not self._post_abort(request_id, reason):
+            self._settled([request_id])
+
+    def _post_abort(self, request_id: str, reason: str) -> bool:
+        """Hand an abort to whatever runs the passes; False where nothing runs the request."""
         self._inbox.put(("abort", (request_id, reason)))
+        return True
+
+    def _settled(self, request_ids) -> None:
+        """The passes took these aborts: their ids may be used again."""
+        with self._lock:
+            self._retiring.difference_update(request_ids)
 
     def num_live_states(self) -> int:
         """Per-request states the core and the runner held after the last pass (0 when idle)."""
@@ -206,6 +230,7 @@ class AsyncEngine:
                 out = self.core.abort_request(*payload)
                 if out is not None:
                     self._deliver(out)
+                self._settled([payload[0]])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

@@ -14,7 +14,7 @@ Messages are pickled over one pipe per replica:
     front -> replica   ("plan", None) once, then ("add", (request_id, prompt_ids, params, images)),
                        ("abort", (request_id, reason)), ("stop", None)
     replica -> front   ("loaded", None), then ("ready", RequestRules), or ("failed", exception) instead;
-                       then after each pass ("pass", (outputs, stats events, gauges)), and ("dead", reason)
+                       then after each pass ("pass", (outputs, stats events, gauges, aborted ids)), and ("dead", reason)
                        if its loop breaks
 
 Every replica loads its weights before any plans its KV budget ("plan"), so the budgets, planned from
@@ -210,11 +210,13 @@ class ReplicatedEngine(AsyncEngine):
             if index is not None:
                 self._load[index] -= 1
 
-    def abort(self, request_id: str, reason: str = "abort") -> None:
+    def _post_abort(self, request_id: str, reason: str) -> bool:
         with self._lock:
             index = self._replica_of.get(request_id)
-        if index is not None:
-            self._send(index, ("abort", (request_id, reason)))
+        if index is None:
+            return False
+        self._send(index, ("abort", (request_id, reason)))
+        return True
 
     def num_live_states(self) -> int:
         """The replicas' request and tensor states, and the requests this front still routes."""
@@ -252,12 +254,13 @@ class ReplicatedEngine(AsyncEngine):
                 if kind == "dead":
                     reason = payload
                     break
-                outputs, events, gauges = payload
+                outputs, events, gauges, aborted = payload
                 self._publish(index, gauges)
                 for method, stats in events:
                     getattr(self._stats, method)(stats)
                 for out in outputs:
                     self._deliver(out)
+                self._settled(aborted)
         except (EOFError, OSError):
             self._procs[index].join(1)
             reason = f"engine replica {index} exited (exit code {self._procs[index].exitcode})"
@@ -418,6 +421,7 @@ def _serve(core, pipe: _Pipe) -> None:
     try:
         while True:
             outputs = []
+            aborted = []  # ids whose abort this replica took (the front may then reuse them)
             timeout = 0 if core.has_work() else None  # idle: sleep until the front writes
             while pipe.poll(timeout):
                 kind, payload = pipe.recv()
@@ -435,11 +439,12 @@ def _serve(core, pipe: _Pipe) -> None:
                     out = core.abort_request(*payload)
                     if out is not None:
                         outputs.append(out)
+                    aborted.append(payload[0])
                 timeout = 0
             outputs.extend(core.step())
             gauges = Gauges(core.num_running, core.num_waiting, core.scheduler.reserved_kv_tokens,
                             core.max_num_kv_tokens, core.num_live_states())
-            pipe.send(("pass", (outputs, sink.take(), gauges)))
+            pipe.send(("pass", (outputs, sink.take(), gauges, aborted)))
     except _FrontGone:
         raise
     except BaseException as exc:  # the loop itself broke: the front fails every request

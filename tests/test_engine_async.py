@@ -148,3 +148,40 @@ def test_after_shutdown_generate_refuses_and_nothing_hangs(tmp_path):
     first, rest = asyncio.run(scenario())
     assert not eng.healthy
     assert rest and rest[-1].finished and rest[-1].finish_reason == "abort"
+
+
+def test_an_id_is_not_reused_before_its_abort_is_taken(engine):
+    """A stream closed early aborts its request; the id is refused until the passes have dropped that
+    request, so a new request under the same id never gets the old one's outputs and is not orphaned."""
+    tok = engine.tokenizer
+    old = SamplingParams(max_tokens=160, seed=1, max_denoising_steps=8, ignore_eos=True, stream_drafts=True)
+    new = SamplingParams(max_tokens=24, seed=2, max_denoising_steps=4, ignore_eos=True)
+    prompt = tok("reused").input_ids
+
+    async def scenario():
+        alone = [out async for out in engine.generate(prompt, new, "alone")]
+        gen = engine.generate(prompt, old, "reused")
+        await gen.__anext__()
+        await gen.aclose()  # the abort is queued; the old request is still in the engine until a pass takes it
+        while True:
+            try:
+                stream = engine.generate(prompt, new, "reused")
+                break
+            except ValueError as exc:
+                assert "duplicate request id 'reused'" in str(exc)
+                await asyncio.sleep(0.001)
+        outs = [out async for out in stream]
+        return alone, outs
+
+    alone, outs = asyncio.run(scenario())
+    assert outs[-1].finish_reason == "length"
+    assert [t for o in outs for t in o.token_ids] == [t for o in alone for t in o.token_ids]
+    asyncio.run(eventually(lambda: engine.num_live_states() == 0, "every request to be freed"))
+
+
+def test_an_unknown_abort_reason_is_refused_and_the_engine_goes_on(engine):
+    with pytest.raises(ValueError, match="abort reason must be one of abort, stop"):
+        engine.abort("anything", "cancelled")
+    tok = engine.tokenizer
+    outs = asyncio.run(_collect(engine, tok("after").input_ids, SamplingParams(max_tokens=8, seed=1), "after"))
+    assert outs[-1].finished and engine.healthy
