@@ -41,11 +41,13 @@ class EngineCore:
             sampler=settings.sampler, forward_threads=settings.forward_threads, trace_decoder=settings.trace_decoder,
         )
         self.max_num_kv_tokens = settings.max_num_kv_tokens
+        self.memory_plan = None  # what the derived KV budget set aside (None with max_num_kv_tokens given)
         if self.max_num_kv_tokens is None:  # derived from the memory free now, after the weights
-            plan = plan_memory(config.text_config, self.canvas_length, loaded.dtype,
-                               sampling_transient_bytes=self.runner.sampler.transient_bytes(settings.max_num_seqs),
-                               max_num_seqs=settings.max_num_seqs,
-                               dequantized_experts=loaded.dequantized_experts)
+            plan = self.memory_plan = plan_memory(
+                config.text_config, self.canvas_length, loaded.dtype,
+                sampling_transient_bytes=self.runner.sampler.transient_bytes(settings.max_num_seqs),
+                max_num_seqs=settings.max_num_seqs, dequantized_experts=loaded.dequantized_experts,
+                expert_copies=self.runner.forward_threads)
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
         if self.max_num_kv_tokens < kv_reservation(1, 1, self.canvas_length):

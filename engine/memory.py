@@ -47,7 +47,9 @@ class MemoryPlan:
 
 
 def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling_transient_bytes: int, max_num_seqs: int,
-                stability_threshold: int = 1, dequantized_experts: bool = False) -> MemoryPlan:
+                stability_threshold: int = 1, dequantized_experts: bool = False, expert_copies: int = 1) -> MemoryPlan:
+    """``expert_copies``: how many forwards may hold a layer's dequantized experts at once (on CPU, one
+    per row group running side by side: ``ModelRunner.forward_threads``)."""
     elem = torch.finfo(dtype).bits // 8
     full = sliding = largest = 0
     for i, layer_type in enumerate(text_config.layer_types):
@@ -61,7 +63,7 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling
     hidden = text_config.hidden_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
     activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
-    dequant = expert_dequant_bytes(text_config, elem) if dequantized_experts else 0
+    dequant = expert_copies * expert_dequant_bytes(text_config, elem) if dequantized_experts else 0
     return MemoryPlan(full, largest, sliding, state, sampling_transient_bytes, activations, dequant)
 
 

@@ -80,6 +80,22 @@ def test_engine_matches_generate_on_the_quantized_model(checkpoints, method, dty
         assert got == expected and len(expected) > 0
 
 
+def test_row_groups_each_get_room_for_a_layer_of_dequantized_experts(checkpoints):
+    """On CPU each row group running side by side dequantizes the current layer's experts for itself:
+    the KV budget sets aside one copy per group."""
+    from engine.memory import plan_memory
+
+    settings = EngineSettings(model=str(checkpoints["float32"]), dtype="float32", quantization="int8-experts",
+                              max_num_seqs=4, forward_threads=3)
+    core = EngineCore(load_model(settings), settings)
+    text = core.loaded.model.config.get_text_config()
+    one = plan_memory(text, core.canvas_length, torch.float32, sampling_transient_bytes=0, max_num_seqs=4,
+                      dequantized_experts=True).expert_dequant_bytes
+    assert core.loaded.dequantized_experts and core.runner.forward_threads == 3
+    assert one > 0 and core.memory_plan.expert_dequant_bytes == 3 * one
+    core.close()
+
+
 @pytest.mark.parametrize("overrides,fragment", [
     ({"quantization": "int4"}, "quantization must be one of none, fp8-experts, int8-experts"),
     ({"quantization": "fp8-experts", "dtype": "float64"}, "needs dtype auto, bfloat16 or float32"),
