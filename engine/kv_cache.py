@@ -173,16 +173,23 @@ class KVCacheManager:
         if (rows, caps) != self._shape:
             # layer by layer, dropping each old buffer before the next layer's new one: the peak is
             # the buffers plus one layer, not two full sets
-            for idx, layer_type in enumerate(self.layer_types):
-                heads, dim = self.template[idx]
-                shape = (rows, heads, caps.get(layer_type, 0), dim)
-                for bufs in (self._keys, self._values):
-                    new = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                    for kv in self._caches.values():
-                        length = kv.stored[layer_type]
-                        if length and kv.slot < old_rows:
-                            new[kv.slot, :, :length] = bufs[idx][kv.slot, :, :length]
-                    bufs[idx] = new
+            try:
+                for idx, layer_type in enumerate(self.layer_types):
+                    heads, dim = self.template[idx]
+                    shape = (rows, heads, caps.get(layer_type, 0), dim)
+                    for bufs in (self._keys, self._values):
+                        new = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                        for kv in self._caches.values():
+                            length = kv.stored[layer_type]
+                            if length and kv.slot < old_rows:
+                                new[kv.slot, :, :length] = bufs[idx][kv.slot, :, :length]
+                        bufs[idx] = new
+            except BaseException:
+                # some layers have the new shape and some the old: the next sync replaces every layer,
+                # keeping no row (the pass fails, and with it every request that had one)
+                self._shape = (-1, {})
+                self.reallocations += 1
+                raise
             self._shape = (rows, caps)
             self.reallocations += 1
         # new requests' rows start clean (a freed slot may hold old values)

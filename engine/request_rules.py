@@ -55,7 +55,8 @@ class RequestRules:
             raise InvalidRequestError(
                 f"the prompt and max_tokens need {reservation} KV tokens (the prompt and every canvas of "
                 f"{self.canvas_length} but the last), "
-                f"more than this server's KV budget allows for one request ({self.max_num_kv_tokens} tokens)",
+                f"more than this server's KV budget allows for one request ({self.max_num_kv_tokens} tokens; "
+                "settings max_num_kv_tokens and memory_fraction)",
                 "max_tokens",
             )
         return resolved

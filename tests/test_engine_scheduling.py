@@ -252,6 +252,7 @@ def test_the_last_canvas_needs_no_kv(tmp_path_factory):
         tight.resolve(prompt, SamplingParams(max_tokens=2 * C + 1))
     assert info.value.param == "max_tokens"
     assert f"need {len(prompt) + 2 * C} KV tokens" in info.value.message
+    assert "settings max_num_kv_tokens and memory_fraction" in info.value.message
 
 
 def test_slot_buffers_are_reused_in_place(core):
@@ -317,3 +318,41 @@ def test_sampling_in_tiles_of_one_row_gives_the_same_tokens(core, tmp_path_facto
     requests = _requests(core.loaded.tokenizer)
     together = run_to_completion(tiled, requests, arrivals={"a": 0, "b": 1, "c": 1, "d": 3})
     assert {rid: r["tokens"] for rid, r in together.items()} == _alone(core, requests)
+
+
+def test_a_failed_reallocation_is_redone_in_full(monkeypatch):
+    """Running out of memory halfway through a reallocation leaves some layers with the new shape: the
+    next sync replaces them all, even when the running set then needs the shape recorded before."""
+    from engine.kv_cache import KVCacheManager
+
+    kv = KVCacheManager(["sliding_attention", "full_attention"], 8, [(1, 4), (1, 4)], max_rows=8,
+                        device=torch.device("cpu"), dtype=torch.float32)
+
+    def shapes():
+        return [tuple(t.shape) for t in (*kv._keys, *kv._values)]
+
+    for i in range(4):
+        kv.allocate(f"r{i}", 40)
+    kv.sync()
+    before = shapes()
+    assert {s[0] for s in before} == {4}
+    for i in range(1, 4):  # three finish: the next sync shrinks to one row, and fails at its second layer
+        kv.free(f"r{i}")
+    real, calls = torch.zeros, []
+
+    def failing_zeros(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", failing_zeros)
+    with pytest.raises(torch.OutOfMemoryError):
+        kv.sync()
+    monkeypatch.undo()
+    kv.free("r0")  # the pass failed: its request is freed
+    for i in range(4):  # the same running set as before the failure
+        kv.allocate(f"n{i}", 40)
+    kv.sync()
+    assert shapes() == before
+    kv.view([f"n{i}" for i in range(4)])  # every row of every layer is there
