@@ -84,7 +84,8 @@ class ServerSettings:
         "where that is acceptable.")
     image_fetch_timeout_seconds: float = setting(
         10.0, "With image-url-fetch: the longest all the image fetches of one request may take together, from "
-        "the first connection to the last byte; past it the request gets 400.")
+        "the first connection to the last byte, redirects included (name lookups are bounded by the system "
+        "resolver's own timeouts); past it the request gets 400.")
     engine: EngineSettings = field(default_factory=EngineSettings)
     max_request_body_bytes: int = limit(16 * 1024 * 1024, "Largest request body accepted, in bytes; larger ones get 413.")
     max_prompt_tokens: int | None = limit(
