@@ -33,43 +33,70 @@ _FETCH_CHUNK = 64 * 1024
 
 
 class _Watchdog:
-    """Ends one fetch at its deadline wherever it is blocked (waiting for the response's head or body,
-    or for a redirect's): when the deadline passes it shuts down every socket the fetch opened. A
-    socket's own timeout bounds only each read, and a host that trickles its head would otherwise hold
-    the fetch far past it. (Name resolution is the system resolver's, bounded by its own timeouts.)"""
+    """Ends one fetch at its deadline wherever it is blocked: connecting (each address of each
+    connection, redirects included, within what is left), in a TLS handshake, or waiting for a
+    response's head or body. A socket's own timeout bounds only each operation, and a host that trickles
+    its head would otherwise hold the fetch far past the deadline. When the deadline passes, the
+    connections' sockets are shut down through duplicates of them (the same socket after TLS wraps it,
+    and a descriptor no other thread can be given before ``cancel`` closes it). Name lookups keep the
+    system resolver's own timeouts."""
 
     def __init__(self, deadline: float):
+        self.deadline = deadline
         self.expired = False
-        self._sockets: list[socket.socket] = []
+        self._done = False
+        self._watched: list[socket.socket] = []  # a duplicate of each connection's socket
         self._lock = threading.Lock()
         self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
         self._timer.daemon = True
         self._timer.start()
 
-    def connect(self, *args, **kwargs) -> socket.socket:
-        """``socket.create_connection``, the socket watched (``http.client``'s connections call this)."""
-        sock = socket.create_connection(*args, **kwargs)
-        with self._lock:
-            self._sockets.append(sock)
-            if self.expired:
-                _shut(sock)
-        return sock
+    def connect(self, address, timeout=None, source_address=None) -> socket.socket:
+        """``socket.create_connection`` for ``http.client``: each address within what is left of the
+        deadline, and the connected socket watched."""
+        host, port = address
+        error: OSError | None = None
+        for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            left = self.deadline - time.monotonic()
+            if left <= 0 or self.expired:
+                raise TimeoutError("past the fetch's deadline")
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(min(timeout, left) if isinstance(timeout, (int, float)) else left)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(where)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            with self._lock:
+                if self.expired or self._done:
+                    sock.close()
+                    raise TimeoutError("past the fetch's deadline")
+                self._watched.append(sock.dup())
+            return sock
+        raise error or OSError(f"no address found for {host}")
 
     def _expire(self) -> None:
         with self._lock:
+            if self._done:
+                return
             self.expired = True
-            for sock in self._sockets:
-                _shut(sock)
+            for sock in self._watched:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # a blocked read or handshake returns at once
+                except OSError:
+                    pass
 
     def cancel(self) -> None:
+        """Stop watching (the fetch is over): no socket is shut down after this returns."""
+        with self._lock:
+            self._done = True
+            for sock in self._watched:
+                sock.close()
+            self._watched.clear()
         self._timer.cancel()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)  # a blocked read returns at once; the owner closes the socket
-    except OSError:
-        pass
 
 
 class _WatchedHTTPHandler(urllib.request.HTTPHandler):
@@ -99,12 +126,23 @@ def _watched(connection: type, watchdog: _Watchdog):
     return make
 
 
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """The standard redirects, without reading the redirect response's own body first (nothing would
+    bound its size): the response is closed unread."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        fp.read = lambda *args: b""
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
 def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     """http(s) only, redirects included (the default opener would follow a redirect to ftp: or file:),
     every connection watched by ``watchdog``."""
     opener = urllib.request.OpenerDirector()
     for handler in (urllib.request.ProxyHandler(), _WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    _RedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
         opener.add_handler(handler)
     return opener
@@ -176,22 +214,23 @@ class ImageReader:
     def _fetch(self, url: str, param: str, deadline: float) -> bytes:
         left = deadline - time.monotonic()
         watchdog = _Watchdog(deadline) if left > 0 else None
+        response = None
         try:
             if watchdog is None:
                 raise TimeoutError
-            with _opener(watchdog).open(url, timeout=left) as response:
-                declared = response.headers.get("Content-Length")
-                if declared is not None and declared.isdigit():
-                    self._check_bytes(int(declared), param)
-                data = bytearray()
-                while chunk := response.read1(_FETCH_CHUNK):  # what has arrived: the deadline holds
-                    data += chunk
-                    self._check_bytes(len(data), param)
-                    if time.monotonic() > deadline:
-                        raise TimeoutError
-                if watchdog.expired:  # shut down mid-body: what came is cut short
+            response = _opener(watchdog).open(url, timeout=left)
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit():
+                self._check_bytes(int(declared), param)
+            data = bytearray()
+            while chunk := response.read1(_FETCH_CHUNK):  # what has arrived: the deadline holds
+                data += chunk
+                self._check_bytes(len(data), param)
+                if time.monotonic() > deadline:
                     raise TimeoutError
-                return bytes(data)
+            if watchdog.expired:  # shut down mid-body: what came is cut short
+                raise TimeoutError
+            return bytes(data)
         except errors.APIError:
             raise
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
@@ -203,7 +242,9 @@ class ImageReader:
             raise invalid_image(f"The image at {url} could not be fetched: {reason}.", param) from None
         finally:
             if watchdog is not None:
-                watchdog.cancel()
+                watchdog.cancel()  # first: the watchdog never shuts a socket that is being closed
+            if response is not None:
+                response.close()
 
     def _check_bytes(self, size: int, param: str) -> None:
         if size > self.max_bytes:

@@ -24,6 +24,8 @@ from PIL import Image
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_model
+from server import errors
+from server.images import ImageReader
 from tests.engine_helpers import reference_run
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
@@ -190,7 +192,10 @@ class _Images(BaseHTTPRequestHandler):
     """A loopback web server: /ok.png (the test image), /big.png (over max_image_bytes, with its
     Content-Length), /unsized.png (the same without), /slow.png (trickles for longer than the fetch
     timeout), /slow-head.png (trickles its status line and headers, each byte within a socket timeout,
-    for 12 s), /half.png (after 0.6 s), /to-ftp.png (a redirect to ftp:), anything else 404."""
+    for 12 s), /half.png (after 0.6 s), /to-ftp.png (a redirect to ftp:), /big-redirect.png (a redirect
+    to /ok.png with a 64 MiB body, the bytes it could send kept in ``redirect_sent``), anything else 404."""
+
+    redirect_sent: list[int] = []
 
     ok = encoded(noise_image(30, 40, 0))
     big = encoded(noise_image(100, 100, 1))
@@ -228,6 +233,20 @@ class _Images(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(self.ok)))
             self.end_headers()
             self.wfile.write(self.ok)
+        elif self.path == "/big-redirect.png":
+            total, chunk, sent = 64 * 2**20, bytes(2**20), 0
+            self.send_response(302)
+            self.send_header("Location", "/ok.png")
+            self.send_header("Content-Length", str(total))
+            self.end_headers()
+            try:
+                while sent < total:
+                    self.wfile.write(chunk)
+                    sent += len(chunk)
+            except OSError:  # the client closed it unread
+                pass
+            finally:
+                _Images.redirect_sent.append(sent)
         elif self.path == "/to-ftp.png":
             self.send_response(302)
             self.send_header("Location", "ftp://127.0.0.1/x.png")
@@ -297,3 +316,52 @@ def test_fetch_limits(fetching_server, image_host):
     assert refusal(fetching_server.url, image_message("x", image_host + "/half.png", image_host + "/half.png")) == error(
         f"The image at {image_host}/half.png did not arrive within 1 seconds of the request's first fetch (setting "
         "image_fetch_timeout_seconds).", "messages[0].content[2].image_url", "invalid_image")
+
+
+def _reader(timeout: float) -> ImageReader:
+    return ImageReader(processor=None, model=MODEL, max_images=1, max_bytes=20000, max_pixels=10**6, fetch=True,
+                       fetch_timeout=timeout)
+
+
+def test_a_redirect_body_is_not_read(image_host):
+    """A redirect's own body is closed unread (nothing would bound it): the host cannot send its 64 MiB,
+    and the image it points to arrives."""
+    picture = _reader(10).read(image_host + "/big-redirect.png", PART, _reader(10).fetch_deadline())
+    assert picture.size == (40, 30)
+    deadline = time.monotonic() + 30
+    while not _Images.redirect_sent:  # the host's handler ends once its writes fail
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _Images.redirect_sent[-1] < 64 * 2**20
+
+
+def test_an_https_fetch_ends_at_its_deadline(tmp_path, monkeypatch):
+    """Over TLS too, a host that trickles its head is cut off at the fetch's deadline (the watchdog
+    shuts the socket that TLS reads from), not when the head has arrived 12 s later."""
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    host = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    host.protocol_version = "HTTP/1.0"
+    host.socket = server_side.wrap_socket(host.socket, server_side=True)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    # the fetch trusts the test's certificate (urllib's https connections take this default context)
+    monkeypatch.setattr(ssl, "_create_default_https_context", lambda: ssl.create_default_context(cafile=str(cert)))
+    url = f"https://127.0.0.1:{host.server_address[1]}"
+    reader = _reader(1)
+    try:
+        assert reader.read(url + "/ok.png", PART, reader.fetch_deadline()).size == (40, 30)  # TLS works
+        started = time.monotonic()
+        with pytest.raises(errors.APIError) as info:
+            reader.read(url + "/slow-head.png", PART, reader.fetch_deadline())
+        assert time.monotonic() - started < 6
+        assert info.value.message == (f"The image at {url}/slow-head.png did not arrive within 1 seconds of the "
+                                      "request's first fetch (setting image_fetch_timeout_seconds).")
+    finally:
+        host.shutdown()
