@@ -174,12 +174,18 @@ class AsyncEngine:
         self._inbox.put(("add", (request_id, prompt_ids, params, images)))
 
     def _release(self, request_id: str, finished: bool) -> None:
+        # one critical section: a new request under this id is refused (aborted ids are held until the
+        # passes take the abort) or finds nothing of this one left
         with self._lock:
             if self._streams.pop(request_id, None) is None:
                 return
             self._unfinished -= 1
-        if not finished:
-            self.abort(request_id)
+            if not finished:
+                self.abort(request_id)
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """Drop what the front keeps of a released request, beside its stream (nothing here)."""
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Abort a request (thread-safe, idempotent); it is freed within one pass, and its id is not

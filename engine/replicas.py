@@ -203,12 +203,11 @@ class ReplicatedEngine(AsyncEngine):
             self._load[index] += 1
             self._send(index, ("add", (request_id, (prompt_ids, params, images))))
 
-    def _release(self, request_id: str, finished: bool) -> None:
-        super()._release(request_id, finished)  # aborts through _replica_of when unfinished
-        with self._lock:
-            index = self._replica_of.pop(request_id, None)
-            if index is not None:
-                self._load[index] -= 1
+    def _forget(self, request_id: str) -> None:
+        # under the lock, after an unfinished request's abort was routed through _replica_of
+        index = self._replica_of.pop(request_id, None)
+        if index is not None:
+            self._load[index] -= 1
 
     def _post_abort(self, request_id: str, reason: str) -> bool:
         with self._lock:
