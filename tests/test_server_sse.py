@@ -275,3 +275,6 @@ def test_ping_interval_zero_sends_no_keep_alive_comments(ping_seconds, pings):
     assert body.endswith('data: {"object":"text_completion"}\n\ndata: [DONE]\n\n')
     assert (": ping" in body) == pings, body
     assert closed == [True]
+    # 0 becomes an interval that never elapses, whatever the installed sse-starlette makes of 0
+    response = sse.SSEResponse(frames(), on_close=lambda: None, ping_seconds=ping_seconds)
+    assert response.ping_interval == (ping_seconds or sse.NO_PING_SECONDS)
