@@ -179,6 +179,9 @@ class EngineSettings:
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        if self.trace_decoder and (self.device.startswith("cuda") or self.quantization != "none"):
+            raise ValueError("trace_decoder is for CPU serving of unquantized experts (CUDA replays captured graphs; "
+                             "quantized experts run grouped_mm)")
         if self.batch_invariant and self.quantization != "none":
             raise ValueError("batch_invariant needs unquantized experts (quantized ones run grouped_mm)")
         if self.load_format not in LOAD_FORMATS:

@@ -62,9 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _coerce(kind: str, key: str, value):
+def _coerce(option, key: str, value):
+    """A YAML value as ``option``'s kind; an empty one (``key:``) only where None is a value of its own."""
+    kind = option.kind
     if value is None:
-        return None
+        if option.optional:
+            return None
+        raise SystemExit(f"config: '{key}' has no value: give {'an' if kind == 'int' else 'a'} {kind} or leave the "
+                         "key out")
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -113,7 +118,7 @@ def load_config(path: str) -> dict:
         if key not in by_key:
             known = sorted(o.key for o in settings)
             raise SystemExit(f"config {path}: unknown key '{key}'. Known keys: {', '.join(known)}")
-        out[by_key[key].name] = _coerce(by_key[key].kind, key, value)
+        out[by_key[key].name] = _coerce(by_key[key], key, value)
     return out
 
 

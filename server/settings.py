@@ -167,8 +167,9 @@ class ServerSettings:
             if f.metadata.get("group") == "request limits" and value is not None and (
                     not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer (got {value!r})")
-        if not isinstance(self.image_fetch_timeout_seconds, (int, float)) or not self.image_fetch_timeout_seconds > 0:
-            raise ValueError(f"image_fetch_timeout_seconds must be a number > 0 (got {self.image_fetch_timeout_seconds!r})")
+        timeout = self.image_fetch_timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"image_fetch_timeout_seconds must be a finite number > 0 (got {timeout!r})")
         for name in ("max_connections", "preprocess_concurrency"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -215,6 +216,7 @@ class Option:
     group: str  # one of GROUPS
     metavar: str | None = None
     engine: bool = False  # a field of ServerSettings.engine
+    optional: bool = False  # None is a value of its own (``int | None``...), not only "no value given"
 
     @property
     def env(self) -> str:
@@ -251,7 +253,7 @@ def _option(f: Field, engine: bool) -> Option:
         raise TypeError(f"setting {f.name}: no command-line kind for {f.type}")
     m = f.metadata
     return Option(f.name, m["flag"] or "--" + f.name.replace("_", "-"), kind, m["help"], format_default(f),
-                  m["group"] or ("engine" if engine else "server"), m["metavar"], engine)
+                  m["group"] or ("engine" if engine else "server"), m["metavar"], engine, f.type.endswith(" | None"))
 
 
 def options() -> list[Option]:

@@ -24,6 +24,12 @@ BAD = [
      "invalid setting: quantization must be one of none, fp8-experts, int8-experts (got 'int4')"),
     (["--quantization", "fp8-experts", "--dtype", "float16"],
      "invalid setting: quantization fp8-experts needs dtype auto, bfloat16 or float32 (got 'float16')"),
+    (["--image-fetch-timeout-seconds", "inf"],
+     "invalid setting: image_fetch_timeout_seconds must be a finite number > 0 (got inf)"),
+    (["--trace-decoder", "--device", "cuda"], "invalid setting: trace_decoder is for CPU serving of unquantized "
+     "experts (CUDA replays captured graphs; quantized experts run grouped_mm)"),
+    (["--trace-decoder", "--quantization", "int8-experts"], "invalid setting: trace_decoder is for CPU serving of "
+     "unquantized experts (CUDA replays captured graphs; quantized experts run grouped_mm)"),
 ]
 
 
@@ -40,6 +46,26 @@ def test_bad_values_in_a_config_file(tmp_path):
     with pytest.raises(SystemExit) as info:
         settings_from_args(["--config", str(cfg)])
     assert str(info.value) == "invalid setting: memory_fraction must be in (0, 1] (got 0.0)"
+
+
+@pytest.mark.parametrize("key,kind", [("max-n", "int"), ("host", "str"), ("api-key", "list"), ("log-level", "str"),
+                                      ("ui", "bool"), ("max-json-values", "int"), ("device", "str")])
+def test_a_config_key_without_a_value_is_refused(tmp_path, key, kind):
+    """``key:`` with nothing after it is YAML's null: not a value of these settings (it used to pass
+    unchecked, to crash later or, for host, to listen on every interface)."""
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text(f"{key}:\n")
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--config", str(cfg)])
+    article = "an" if kind == "int" else "a"
+    assert str(info.value) == f"config: '{key}' has no value: give {article} {kind} or leave the key out"
+
+
+def test_an_empty_value_keeps_its_meaning_where_none_is_one(tmp_path):
+    cfg = tmp_path / "none.yaml"
+    cfg.write_text("max-prompt-tokens:\nforward-threads:\n")
+    s = settings_from_args(["--config", str(cfg)])
+    assert s.max_prompt_tokens is None and s.engine.forward_threads is None
 
 
 def test_missing_and_malformed_config_files(tmp_path):
