@@ -19,10 +19,12 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${CUDA_IMAGE} AS base-gpu
 ARG TORCH_VERSION=2.13.0
 ENV DEBIAN_FRONTEND=noninteractive
-# The distribution's python3 follows its security updates: not pinned to a version.
+# The distribution's python3 follows its security updates: not pinned to a version. gcc, libc6-dev
+# and python3-dev: Triton (the fast sampler's kernel, the CUDA default, and --batch-invariant's
+# matmuls) compiles its launcher with the host's C compiler against Python.h at first use.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -11,15 +11,30 @@ PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-STAMP="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+NEW_ENOUGH='import sys; assert sys.version_info >= (3, 11)'
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then BUILD=cuda; else BUILD=cpu; fi
+STAMP="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)-$BUILD"
 
+# a .venv left half made (no pip: python3-venv was missing) or made by an older Python is made again
+if [ -e "$VENV" ] && ! "$VENV/bin/python" -c "$NEW_ENOUGH; import pip" >/dev/null 2>&1; then
+    echo "bootstrap: $VENV has no pip or a Python older than 3.11: making it again" >&2
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$PYTHON" -c "$NEW_ENOUGH" >/dev/null 2>&1; then
+        echo "bootstrap: needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1) (set PYTHON=...)" >&2
+        exit 1
+    fi
     "$PYTHON" -m venv "$VENV"
 fi
 if [ ! -f "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-        if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    # the pinned torch, built for this machine (a CUDA build where nvidia-smi works); another one is replaced
+    if ! "$VENV/bin/python" -c "import sys, torch
+sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION' or (torch.version.cuda is not None) != ('$BUILD' == 'cuda'))" \
+            >/dev/null 2>&1; then
+        "$VENV/bin/python" -m pip uninstall --quiet -y torch >/dev/null 2>&1 || true
+        if [ "$BUILD" = cuda ]; then
             "$VENV/bin/python" -m pip install --quiet "torch==${TORCH_VERSION}"
         else
             # the CPU build: from the configured package sources if they carry it (a local wheel

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 import uvicorn
 from fastapi import FastAPI
@@ -79,8 +80,32 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(drain_then_exit())
 
 
+def cannot_listen(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be listened on now (None when it can, and for port 0). Checked before
+    anything starts: uvicorn binds only after the app's start-up, which begins loading the model, and
+    the process could not exit before that load ended (minutes for a large checkpoint)."""
+    if port == 0:
+        return None
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's listener does
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as exc:
+        return exc
+    return None
+
+
 def run(settings: ServerSettings) -> int:
-    """Serve until shut down. Returns the exit status: 0, or 1 when the model could not be loaded."""
+    """Serve until shut down. Returns the exit status: 0, or 1 when the address cannot be listened on or
+    the model could not be loaded."""
+    problem = cannot_listen(settings.host, settings.port)
+    if problem is not None:
+        logger.error("exiting: cannot listen on %s:%d: %s", settings.host, settings.port, problem)
+        return 1
     failed: list[BaseException] = []
     server: DrainingServer | None = None
 

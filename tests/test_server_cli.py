@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -130,6 +131,22 @@ def test_unloadable_model_exits_nonzero(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "could not be loaded" in out.stderr
+
+
+def test_a_port_in_use_exits_before_loading(tmp_path):
+    """A port someone else listens on stops the server at once, before the model starts loading (it
+    would otherwise load to the end first: minutes for a large checkpoint)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "never-read"), "--host",
+                              "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"exiting: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in out.stderr
+    assert "could not be loaded" not in out.stderr and "application startup" not in out.stderr
 
 
 def test_request_log_lines(live_server):
