@@ -335,7 +335,7 @@ class RequestStream:
             self._engine.abort(self.request_id, reason="stop")
             self._close(finished=True)
             prior = len(detok.token_ids) - len(out.token_ids)
-            kept = detok.num_tokens_at_stop - prior
+            kept = detok.num_tokens_at_stop - prior  # at least 1: the stop was not in the earlier text
             return dataclasses.replace(
                 out, text=text, finished=True, finish_reason="stop",
                 token_ids=out.token_ids[:kept],

@@ -51,16 +51,19 @@ class IncrementalDetokenizer:
         """Append committed tokens; return the new text delta. Sets ``stopped`` on a stop string."""
         if self.stopped:
             return ""
+        before = len(self.token_ids)
         self.token_ids.extend(token_ids)
         text = self._decode(self.token_ids)
         if self.stop:
             start = max(0, len(self.sent) - max(len(s) for s in self.stop) + 1)
             hits = [(text.find(s, start), s) for s in self.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
+            hits = [(i + len(s), i) for i, s in hits if i >= 0]
             if hits:
-                index, stop = min(hits)
+                # the stop string that ends first, as a token-by-token decode would meet it (so the
+                # result does not depend on where commits split), the longest of those ending together
+                end, index = min(hits)
                 self.stopped = True
-                self.num_tokens_at_stop = self._tokens_covering(index + len(stop))
+                self.num_tokens_at_stop = self._tokens_covering(text[:end], before)
                 delta = text[:index][len(self.sent):]
                 self.sent += delta
                 return delta
@@ -75,12 +78,15 @@ class IncrementalDetokenizer:
         self.sent += delta
         return delta
 
-    def _tokens_covering(self, chars: int) -> int:
-        """Fewest tokens whose text reaches ``chars`` characters (the tokens that produced the stop)."""
-        lo, hi = 1, len(self.token_ids)
+    def _tokens_covering(self, prefix: str, before: int) -> int:
+        """Fewest tokens whose text starts with ``prefix`` (the text up to the end of the stop string):
+        the tokens that produced the stop. More than ``before``, the tokens of earlier commits, whose
+        text did not hold the stop. A length test would not do: a token that ends part-way through a
+        character decodes to replacement characters, so text length does not grow with the tokens."""
+        lo, hi = before + 1, len(self.token_ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(self._decode(self.token_ids[:mid])) >= chars:
+            if self._decode(self.token_ids[:mid]).startswith(prefix):
                 hi = mid
             else:
                 lo = mid + 1

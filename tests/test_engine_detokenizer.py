@@ -42,3 +42,33 @@ def test_held_back_tail_is_released_when_no_stop_follows(tok):
     assert out == "abcE"  # the last len("END!") - 1 characters wait
     out += d.add([], final=True)
     assert out == "abcENDx" and not d.stopped
+
+
+@pytest.mark.parametrize("commits, stop, text, tokens", [
+    (["a€b"], "€", "a", "a€"),  # the stop is a character of three byte tokens
+    (["xy€"[:2], "€zzz"], "€", "xy", "xy€"),
+    (["中", "\nyzab"], "\n", "中", "中\n"),  # an ASCII stop after a character of three byte tokens
+    (["中\nyzab"], "\n", "中", "中\n"),
+])
+def test_stop_after_a_multibyte_character_counts_its_tokens(tok, commits, stop, text, tokens):
+    """The tokens up to the end of the stop string are counted exactly, also where a token ends
+    part-way through a character (its text is then a replacement character, so the text does not grow
+    with every token)."""
+    d = IncrementalDetokenizer(tok, stop=(stop,))
+    out = "".join(d.add(ids(tok, c)) for c in commits)
+    assert (out, d.stopped, d.num_tokens_at_stop) == (text, True, len(ids(tok, tokens)))
+
+
+def test_a_stop_split_inside_a_character_across_commits(tok):
+    d = IncrementalDetokenizer(tok, stop=("€",))
+    euro = ids(tok, "€")
+    out = d.add(ids(tok, "xy") + euro[:2]) + d.add(euro[2:] + ids(tok, "zzz"))
+    assert (out, d.num_tokens_at_stop) == ("xy", len(ids(tok, "xy€")))
+
+
+@pytest.mark.parametrize("commits", [["axyzb"], ["axy", "zb"], ["ax", "yzb"]])
+def test_overlapping_stops_end_where_the_first_one_ends(tok, commits):
+    """Of stop strings "xyz" and "y", "y" is complete first: the text is "ax" however the commits split."""
+    d = IncrementalDetokenizer(tok, stop=("xyz", "y"))
+    out = "".join(d.add(ids(tok, c)) for c in commits)
+    assert (out, d.num_tokens_at_stop) == ("ax", 3)
