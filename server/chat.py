@@ -13,7 +13,7 @@ from engine.outputs import RequestOutput
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
-from .logprobs import chat_logprobs
+from .logprobs import TextPosition, chat_logprobs
 from .images import ImageReader
 from .protocol import ChatCompletionRequest
 from .completions import TOKENIZE_IN_THREAD_CHARS
@@ -55,8 +55,8 @@ class Chat:
     def logprobs(self, req: ChatCompletionRequest) -> int | None:
         return (req.top_logprobs or 0) if req.logprobs else None
 
-    def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
-        return chat_logprobs(entries, tokenizer), offset
+    def logprobs_object(self, entries, tokenizer, position: TextPosition) -> tuple[dict, TextPosition]:
+        return chat_logprobs(entries, tokenizer), position
 
     def max_tokens(self, req: ChatCompletionRequest) -> tuple[int | None, str]:
         if req.max_completion_tokens is not None:

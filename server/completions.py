@@ -6,7 +6,7 @@ from fastapi import Request
 
 from . import errors
 from .choices import ChoiceResult, ChoiceSpec
-from .logprobs import completion_logprobs
+from .logprobs import TextPosition, completion_logprobs
 from .protocol import CompletionRequest
 from .request_limits import PromptLimit, where
 from .serving import EndpointNames, Prompts, off_loop, plain_stream_choices, serve, unsupported
@@ -30,8 +30,8 @@ class Completions:
     def logprobs(self, req: CompletionRequest) -> int | None:
         return req.logprobs
 
-    def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
-        return completion_logprobs(entries, tokenizer, offset)
+    def logprobs_object(self, entries, tokenizer, position: TextPosition) -> tuple[dict, TextPosition]:
+        return completion_logprobs(entries, tokenizer, position)
 
     def num_prompts(self, req: CompletionRequest) -> int:
         """Prompts in any of OpenAI's four shapes (a string, token ids, or a list of either)."""

@@ -5,11 +5,14 @@ A token is shown as its decoded text (special tokens included), or, when that te
 UTF-8 (a piece of a multi-byte character), as ``bytes:`` and its bytes escaped (``bytes:\\xe2\\x80``),
 as OpenAI does; chat tokens also carry their raw ``bytes``. A special token the text skips (eos, pad)
 shows as itself with no bytes (in chat ``"bytes": null``, as OpenAI). Completions' ``text_offset`` is
-the running sum of the characters the tokens add to the text from where the choice's text starts (0
-for a piece of a split character or a skipped special token).
+where each token's text starts in the choice's text (``TextPosition``): the pieces of a character
+split over tokens all start where the character does, and a skipped special token adds nothing.
 """
 
 from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
 
 from engine.detokenizer import decode_text
 from engine.token_bytes import token_bytes
@@ -23,38 +26,54 @@ def _finite(logprob: float) -> float:
     return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-def _token(tokenizer, token_id: int) -> tuple[str, bytes | None, int]:
-    """(how the token is shown, its bytes in the text (None: none, a special token), the characters
-    it adds to the text)."""
+def _token(tokenizer, token_id: int) -> tuple[str, bytes | None]:
+    """(how the token is shown, its bytes in the text (None: none, a special token))."""
     if not decode_text(tokenizer, [token_id]):  # a special token the text skips (eos, pad, ...)
-        return tokenizer.decode([token_id], skip_special_tokens=False), None, 0
+        return tokenizer.decode([token_id], skip_special_tokens=False), None
     raw = token_bytes(tokenizer, token_id)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8"), raw
     except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw, 0
-    return text, raw, len(text)
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
-def completion_logprobs(entries, tokenizer, offset: int) -> tuple[dict, int]:
-    """The legacy completions shape, and the offset after these tokens; ``offset``: where the first
-    one starts. Each ``top_logprobs`` entry holds the top alternatives and the chosen token (up to
+@dataclass(frozen=True)
+class TextPosition:
+    """Where the next token's text starts in a choice's text: the characters complete so far, and the
+    bytes of one that the tokens so far have only begun."""
+
+    chars: int = 0
+    pending: bytes = b""
+
+    def after(self, raw: bytes) -> "TextPosition":
+        """The position after ``raw`` (bytes that can be invalid UTF-8: each bad sequence is one
+        replacement character, as in the text)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.setstate((self.pending, 0))
+        chars = self.chars + len(decoder.decode(raw))
+        return TextPosition(chars, decoder.getstate()[0])
+
+
+def completion_logprobs(entries, tokenizer, position: TextPosition) -> tuple[dict, TextPosition]:
+    """The legacy completions shape, and the text position after these tokens; ``position``: where the
+    first one starts. Each ``top_logprobs`` entry holds the top alternatives and the chosen token (up to
     ``logprobs`` + 1)."""
     tokens, offsets, tops = [], [], []
     for e in entries:
-        shown, _, chars = _token(tokenizer, e.token_id)
+        shown, raw = _token(tokenizer, e.token_id)
         tokens.append(shown)
-        offsets.append(offset)
-        offset += chars
+        offsets.append(position.chars)
+        if raw:
+            position = position.after(raw)
         top = {_token(tokenizer, t)[0]: _finite(lp) for t, lp in e.top}
         top[shown] = _finite(e.logprob)  # the chosen token's own value, should another id show as the same text
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,
-            "text_offset": offsets}, offset
+            "text_offset": offsets}, position
 
 
 def _chat_token(tokenizer, token_id: int, logprob: float) -> dict:
-    shown, raw, _ = _token(tokenizer, token_id)
+    shown, raw = _token(tokenizer, token_id)
     return {"token": shown, "logprob": _finite(logprob), "bytes": None if raw is None else list(raw)}
 
 

@@ -28,6 +28,7 @@ from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, co
 from .engine_client import EngineClient
 from .errors import APIError
 from .images import ImageReader
+from .logprobs import TextPosition
 from .protocol import CommonFields
 from .request_limits import PromptLimit, check_request, check_resolved
 from .request_log import RequestLog
@@ -83,9 +84,9 @@ class Endpoint(Protocol):
     def logprobs(self, req) -> int | None:
         """Top alternatives per token the request asks for with its log-probabilities (None: none)."""
 
-    def logprobs_object(self, entries, tokenizer, offset: int) -> tuple[dict, int]:
+    def logprobs_object(self, entries, tokenizer, position: TextPosition) -> tuple[dict, TextPosition]:
         """The API's ``logprobs`` object for these committed tokens (``engine.outputs.TokenLogprob``),
-        the first starting ``offset`` characters into the choice's text; and the offset after them."""
+        the first starting at ``position`` in the choice's text; and the position after them."""
 
     async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore,
                       images: ImageReader) -> Prompts:
@@ -170,7 +171,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
         if include_usage:  # as OpenAI: every chunk has the key, null until the usage chunk
             base = {**base, "usage": None}
         opening = [c for c in (api.opening(s, prompts) for s in specs) if c is not None]
-        offsets = dict.fromkeys((s.index for s in specs), 0)
+        offsets = {s.index: TextPosition() for s in specs}
         frames = _stream(api, state, engine, choice_set, base, opening, offsets, include_usage, log,
                          api.stream_choices(prompts))
         return sse.SSEResponse(frames, on_close=choice_set.cancel, ping_seconds=settings.sse_ping_seconds)
@@ -188,7 +189,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     for spec, choice in zip(specs, choices):
         entries = results[spec.index].logprobs
         if entries is not None:
-            choice["logprobs"] = api.logprobs_object(entries, engine.tokenizer, 0)[0]
+            choice["logprobs"] = api.logprobs_object(entries, engine.tokenizer, TextPosition())[0]
     return JSONResponse({**base, "object": names.object, "choices": choices, "usage": usage(specs, results)})
 
 
@@ -285,7 +286,7 @@ def _draft_extension(draft: Draft, tokenizer) -> dict:
 
 
 async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: ChoiceSet, base: dict, opening: list[dict],
-                  offsets: dict[int, int], include_usage: bool, log: RequestLog,
+                  offsets: dict[int, TextPosition], include_usage: bool, log: RequestLog,
                   stream_choices: StreamChoices) -> AsyncIterator:
     """The SSE frames of one streamed request: the opening choices, then drafts, text deltas (shaped by
     ``stream_choices``, with the committed tokens' log-probabilities when asked; ``offsets``: each

@@ -42,11 +42,17 @@ def test_completion_logprobs_shape(client):
     lp = choice.logprobs
     n = r.usage.completion_tokens
     assert n == 20 and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
-    # the random model writes random bytes: pieces of characters show as bytes:..., and add no characters
+    # the random model writes random bytes: pieces of characters show as bytes:...
     assert b"".join(map(shown_bytes, lp.tokens)).decode(errors="replace") == choice.text
     assert any(t.startswith("bytes:") for t in lp.tokens)
-    chars = [0 if t.startswith("bytes:") or t in SPECIAL_TOKENS else len(t) for t in lp.tokens]
-    assert lp.text_offset == [sum(chars[:i]) for i in range(n)]
+    # text_offset: where each token's text starts in the choice's text (the pieces of a character all
+    # start where it does): every token shown as text is found there
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    whole = [(t, o) for t, o in zip(lp.tokens, lp.text_offset)
+             if not t.startswith("bytes:") and t not in SPECIAL_TOKENS]
+    assert any(o > 0 for _, o in whole) and any(t.startswith("bytes:") for t in lp.tokens[:-1])
+    for token, offset in whole:
+        assert choice.text[offset:offset + len(token)] == token, (token, offset)
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert logprob <= 0 and math.isfinite(logprob)
         assert len(top) == 3 and top[token] == logprob  # the committed token is the step's argmax

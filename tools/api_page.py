@@ -176,15 +176,16 @@ device, for the rows that ask only; every step of such a row costs a top-k over 
 a transfer of [canvas, k] values. A value too small for a float shows as -9999.0.
 
 - Completions (`logprobs: k`, 0..5): `tokens`, `token_logprobs`, `top_logprobs` (per token a map of
-  up to k + 1 entries: the top k and the chosen token) and `text_offset` (the running sum of the
-  characters the tokens add to the choice's text). The prompt's tokens have none (the model gives
+  up to k + 1 entries: the top k and the chosen token) and `text_offset` (where each token's text
+  starts in the choice's text). The prompt's tokens have none (the model gives
   no distribution over them), so `logprobs` with `echo` is refused (400 `unsupported_parameter`).
 - Chat (`logprobs: true`, `top_logprobs: k`, 0..20): `logprobs.content[]` with `token`, `logprob`,
   `bytes` and `top_logprobs[]`.
 
 A token whose text alone is not valid UTF-8 (a piece of a multi-byte character) shows as
-`bytes:\\xNN...` (its chat `bytes` are the raw bytes) and adds 0 to `text_offset`; a special token
-the text skips (eos, pad) shows as itself, with no `bytes`, and adds 0. A final eos is a committed
+`bytes:\\xNN...` (its chat `bytes` are the raw bytes), and its `text_offset` is where that character
+starts; a special token the text skips (eos, pad) shows as itself, with no `bytes`, and adds no
+characters. A final eos is a committed
 token and has its entry. Streams carry each committed canvas's entries in the chunk
 with its text delta (a chunk may have entries and no text while a character or a possible stop
 string is held back); tokens cut by a stop string have none.
