@@ -115,10 +115,14 @@ def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len:
         raise InvalidRequestError(
             f"t_max must be greater than t_min, got t_max={params.t_max} and t_min={params.t_min}", "t_max"
         )
-    if params.t_min < MIN_TEMPERATURE:
+    # the schedule's temperatures run from t_max down to t_min + (t_max - t_min) / N at the last step
+    # (N..1 steps remaining, as transformers counts them): t_min itself is never reached
+    lowest = params.t_min + (params.t_max - params.t_min) / params.max_denoising_steps
+    if lowest < MIN_TEMPERATURE:
         raise InvalidRequestError(
-            f"t_min must be at least {MIN_TEMPERATURE}: the last step divides the logits by it "
-            "(smaller values are already greedy and overflow to inf)",
+            f"the last step's temperature, t_min + (t_max - t_min) / max_denoising_steps = {lowest:g}, must be at "
+            f"least {MIN_TEMPERATURE}: the step divides the logits by it (smaller ones are already greedy and "
+            "overflow to inf)",
             "t_min",
         )
     if not _is_int(params.stability_threshold) or params.stability_threshold < 0:

@@ -44,9 +44,11 @@ class DiffusionFields(_Lenient):
     max_denoising_steps: StrictInt | None = Field(None, description="Denoising steps N per canvas, at most.")
     entropy_bound: float | None = Field(
         None, description="Each step accepts the k lowest-entropy positions while sum(H) - max(H) <= this bound.")
-    t_min: float | None = Field(None, description="Temperature of the last step (`t_max` > `t_min` >= 1e-6).")
+    t_min: float | None = Field(
+        None, description="Where the temperature schedule falls towards: the last step's is `t_min + (t_max - t_min) "
+        "/ max_denoising_steps`, which must be at least 1e-6 (`t_max` > `t_min` >= 0).")
     t_max: float | None = Field(
-        None, description="Temperature of the first step; the schedule falls linearly to `t_min`.")
+        None, description="Temperature of the first step; the schedule falls linearly towards `t_min`.")
     stability_threshold: StrictInt | None = Field(
         None, description="k: a canvas stops when k+1 successive argmax drafts are equal and ...")
     confidence_threshold: float | None = Field(None, description="... its mean entropy is below this.")

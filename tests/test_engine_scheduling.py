@@ -119,8 +119,8 @@ BAD = [
     (dict(t_min=0.9, t_max=0.5), "t_max"),
     (dict(t_min=0.5, t_max=0.5), "t_max"),
     (dict(t_min=-0.1), "t_min"),
-    (dict(t_min=0.0), "t_min"),
-    (dict(t_min=1e-40), "t_min"),
+    (dict(t_min=0.0, t_max=1e-9), "t_min"),  # the last step's temperature, 1e-9 / N, is below 1e-6
+    (dict(t_min=1e-40, t_max=2e-40), "t_min"),
     (dict(entropy_bound=0.0), "entropy_bound"),
     (dict(entropy_bound=-1.0), "entropy_bound"),
     (dict(entropy_bound=float("nan")), "entropy_bound"),

@@ -138,7 +138,9 @@ CASES = [
     ("prompt-empty-string", "POST", C, {"prompt": ""}, None, 400, IRE, "prompt", None, "at least one token"),
     ("t-min-above-t-max", "POST", C, {"prompt": "hi", "t_min": 0.9, "t_max": 0.5}, None, 400, IRE, "t_max", None,
      "greater than t_min"),
-    ("t-min-zero", "POST", C, {"prompt": "hi", "t_min": 0}, None, 400, IRE, "t_min", None, "at least"),
+    ("last-step-temperature-tiny", "POST", C, {"prompt": "hi", "t_min": 0, "t_max": 1e-9}, None, 400, IRE, "t_min",
+     None, "the last step's temperature, t_min + (t_max - t_min) / max_denoising_steps = "),
+    ("t-min-negative", "POST", C, {"prompt": "hi", "t_min": -0.1}, None, 400, IRE, "t_min", None, ">= 0"),
     ("entropy-negative", "POST", C, {"prompt": "hi", "entropy_bound": -1}, None, 400, IRE, "entropy_bound", None, None),
     ("steps-zero", "POST", C, {"prompt": "hi", "max_denoising_steps": 0}, None, 400, IRE, "max_denoising_steps", None,
      "positive integer"),
@@ -321,6 +323,14 @@ def test_request_id_echoed_or_generated(limits_server):
     log = limits_server.log()
     assert "cmpl-stream-7 completions status=200" in log
     assert "cmpl-err-9 completions status=400" in log
+
+
+def test_t_min_zero_is_accepted(limits_server):
+    """t_min 0 is transformers' own lower bound: the schedule's last step still divides by
+    t_max / max_denoising_steps, never by t_min."""
+    r = httpx.post(limits_server.base_url + "/completions", json={"prompt": "hi", "max_tokens": 2, "t_min": 0},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 # -- CORS --------------------------------------------------------------------------------------
