@@ -65,9 +65,9 @@ class ChoiceResult:
 
 
 def usage(specs: list[ChoiceSpec], results: dict[int, ChoiceResult]) -> dict:
-    """Exact counts: each prompt once (however large ``n``), every choice's committed tokens, plus
-    the diffusion extension counts."""
-    prompt = sum({s.prompt_index: len(s.prompt_ids) for s in specs}.values())
+    """Exact counts: each prompt once (however large ``n``) with its infill suffix (model input too, read
+    at every step), every choice's committed tokens, plus the diffusion extension counts."""
+    prompt = sum({s.prompt_index: len(s.prompt_ids) + len(s.params.infill_suffix or ()) for s in specs}.values())
     completion = sum(r.num_generated_tokens for r in results.values())
     return {
         "prompt_tokens": prompt,

@@ -87,6 +87,23 @@ def test_suffix_infill_completes_easy_puzzles(default_server):
     assert solved >= MIN_SOLVED, f"infilled {solved} of 20 easy puzzles"
 
 
+def test_infill_usage_counts_the_suffix_as_prompt(default_server):
+    """The suffix is model input (pinned in the canvas, read at every step): usage counts it with the
+    prompt, as OpenAI does."""
+    puzzle, solution = eval_set(1, seed=EVAL_SEED, buckets=[BUCKETS[0]])[BUCKETS[0][0]][0]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    suffix = solution[40:]
+    plain = httpx.post(default_server.base_url + "/completions", timeout=300, json={
+        "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "max_tokens": 40, "seed": 1}).json()["usage"]
+    infill = httpx.post(default_server.base_url + "/completions", timeout=300, json={
+        "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "suffix": suffix, "max_tokens": 40, "seed": 1}).json()["usage"]
+    suffix_tokens = len(tokenizer(suffix, add_special_tokens=False).input_ids)
+    assert suffix_tokens > 0 and infill["prompt_tokens"] == plain["prompt_tokens"] + suffix_tokens
+    assert infill["total_tokens"] == infill["prompt_tokens"] + infill["completion_tokens"]
+
+
 def test_suffix_decides_an_ambiguous_infill(default_server):
     """Puzzles with 30 givens have many solutions: the model's own completions end differently from a
     given solution, yet with that solution's last 41 cells pinned as the suffix its fill completes it."""
