@@ -162,7 +162,7 @@ context length, KV budget). Images are refused before they are decoded when ther
 ## Responses
 
 A completion's `usage` has OpenAI's exact counts (`prompt_tokens` counts each prompt once, however
-large `n`; `completion_tokens` includes a final eos) and two extension counts, `denoising_steps`
+large `n`, with an infill `suffix`; `completion_tokens` includes a final eos) and two extension counts, `denoising_steps`
 and `canvases`. `finish_reason` is `stop` (eos or a stop string), `length` (`max_tokens`), or, in chat
 with tools, `tool_calls` (the model stopped after calling a tool: `message.tool_calls`).
 
