@@ -82,13 +82,24 @@ def parse(text: str) -> tuple[str, list[ToolCall]]:
             content.append(text[pos:])
             return "".join(content), calls
         content.append(text[pos:start])
-        block_end = end + len(CALL_CLOSE)
-        call = parse_block(text[start + len(CALL_OPEN):end])
-        if call is None:
-            content.append(text[start:block_end])
-        else:
-            calls.append(call)
-        pos = block_end
+        for item in _settle_block(text, start, end):
+            (content if isinstance(item, str) else calls).append(item)
+        pos = end + len(CALL_CLOSE)
+
+
+def _settle_block(text: str, start: int, end: int) -> list[str | ToolCall]:
+    """The block from the ``CALL_OPEN`` at ``start`` to the ``CALL_CLOSE`` at ``end``: its call, or the
+    block as text when it is malformed. A malformed block that holds another ``CALL_OPEN`` (a call the
+    model abandoned before starting the next) is text up to the last one, and a call from there."""
+    call = parse_block(text[start + len(CALL_OPEN):end])
+    if call is not None:
+        return [call]
+    inner = text.rfind(CALL_OPEN, start + len(CALL_OPEN), end)
+    if inner >= 0:
+        call = parse_block(text[inner + len(CALL_OPEN):end])
+        if call is not None:
+            return [text[start:inner], call]
+    return [text[start:end + len(CALL_CLOSE)]]
 
 
 class ToolCallStream:
@@ -116,13 +127,12 @@ class ToolCallStream:
             if end < 0:
                 self._pending = buf[start:]
                 return out
-            block_end = end + len(CALL_CLOSE)
-            call = parse_block(buf[start + len(CALL_OPEN):end])
-            if call is None:
-                _add_text(out, buf[start:block_end])
-            else:
-                out.append(call)
-            pos = block_end
+            for item in _settle_block(buf, start, end):
+                if isinstance(item, str):
+                    _add_text(out, item)
+                else:
+                    out.append(item)
+            pos = end + len(CALL_CLOSE)
 
     def finish(self) -> list[str | ToolCall]:
         out: list[str | ToolCall] = []

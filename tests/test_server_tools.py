@@ -102,6 +102,18 @@ def test_a_malformed_call_does_not_hide_a_good_one():
     assert calls_of(calls) == [("g", {"b": 2})]
 
 
+def test_an_abandoned_call_does_not_hide_the_next_one():
+    """A call the model leaves unclosed before starting the next: the abandoned part stays text, and
+    the next call is read, whole or streamed in any pieces."""
+    abandoned = f"<|tool_call>call:get_weather{{city:{Q}Paris{Q}"
+    text = f"{abandoned}<|tool_call>call:get_time{{tz:{Q}UTC{Q}}}<tool_call|> ok"
+    content, calls = parse(text)
+    assert (content, calls_of(calls)) == (abandoned + " ok", [("get_time", {"tz": "UTC"})])
+    for cut in range(1, len(text)):
+        got, got_calls, _ = streamed([text[:cut], text[cut:]])
+        assert (got, calls_of(got_calls)) == (content, calls_of(calls)), cut
+
+
 SAMPLE = (f"Checking. <|tool_call>call:get_weather{{city:{Q}Paris, {{FR}}{Q},days:2,opts:{{metric:true}}}}<tool_call|>"
           f" and <|tool_call>call:bad name{{}}<tool_call|><|tool_call>call:ping{{}}<tool_call|> done <|tool")
 
