@@ -8,6 +8,7 @@ While draining the server keeps listening, so load balancers and clients see /he
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -93,7 +94,11 @@ def cannot_listen(host: str, port: int) -> OSError | None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's listener does
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    if exc.errno != errno.EADDRNOTAVAIL:  # that family is off here: asyncio skips it too
+                        raise
     except OSError as exc:
         return exc
     return None
