@@ -1,4 +1,8 @@
-"""Container health check: exit 0 when ``GET /health`` answers 200 (503 while loading or draining)."""
+"""Container health check: exit 0 when ``GET /health`` answers 200 (503 while loading or draining).
+
+It asks the port the server listens on, found as the server finds it: from the server's own arguments
+(the entrypoint execs it as process 1, so container arguments such as ``--port 9000`` are there), the
+``DIFFUSION_SERVER_*`` variables and the config file they name."""
 
 from __future__ import annotations
 
@@ -7,9 +11,25 @@ import sys
 import urllib.error
 import urllib.request
 
+DEFAULT_PORT = 8000
+
+
+def server_port(cmdline: bytes, environ) -> int:
+    """The port of the server whose command line (``/proc/<pid>/cmdline``: NUL-separated) is ``cmdline``."""
+    args = [a for a in cmdline.decode(errors="replace").split("\0") if a]
+    if "server" in args:
+        from server.cli import settings_from_args
+
+        return settings_from_args(args[args.index("server") + 1:], environ=environ).port
+    return int(environ.get("DIFFUSION_SERVER_PORT", "").strip() or DEFAULT_PORT)
+
 
 def main() -> int:
-    port = os.environ.get("DIFFUSION_SERVER_PORT", "").strip() or "8000"
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            port = server_port(f.read(), os.environ)
+    except (OSError, ValueError, SystemExit):  # no /proc, or settings the server would not have started with
+        port = int(os.environ.get("DIFFUSION_SERVER_PORT", "").strip() or DEFAULT_PORT)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
             return 0 if resp.status == 200 else 1

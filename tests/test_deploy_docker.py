@@ -132,6 +132,22 @@ def test_variables_become_settings(tmp_path):
     assert s.api_keys == ["k"]
 
 
+def test_the_health_check_asks_the_port_the_server_uses(tmp_path):
+    """Container arguments are the server's flags (the entrypoint execs it as process 1): the health check
+    reads them, then the variables and the config file, as the server does."""
+    from deploy import healthcheck
+
+    def cmdline(*flags):
+        return "\0".join(["/opt/venv/bin/python", "-m", "server", *flags, ""]).encode()
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: 7000\n")
+    assert healthcheck.server_port(cmdline("--port", "9000"), {"DIFFUSION_SERVER_PORT": "8000"}) == 9000
+    assert healthcheck.server_port(cmdline(), {"DIFFUSION_SERVER_PORT": "8000"}) == 8000
+    assert healthcheck.server_port(cmdline("--config", str(cfg)), {}) == 7000
+    assert healthcheck.server_port(b"/usr/bin/python3\0other.py\0", {}) == healthcheck.DEFAULT_PORT
+
+
 def test_bad_values_are_clear_errors(tmp_path, capsys):
     from server.cli import settings_from_args
 
