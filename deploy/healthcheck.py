@@ -14,6 +14,10 @@ import urllib.request
 DEFAULT_PORT = 8000
 
 
+def _port_variable(environ) -> int:
+    return int(environ.get("DIFFUSION_SERVER_PORT", "").strip() or DEFAULT_PORT)
+
+
 def server_port(cmdline: bytes, environ) -> int:
     """The port of the server whose command line (``/proc/<pid>/cmdline``: NUL-separated) is ``cmdline``."""
     args = [a for a in cmdline.decode(errors="replace").split("\0") if a]
@@ -21,7 +25,7 @@ def server_port(cmdline: bytes, environ) -> int:
         from server.cli import settings_from_args
 
         return settings_from_args(args[args.index("server") + 1:], environ=environ).port
-    return int(environ.get("DIFFUSION_SERVER_PORT", "").strip() or DEFAULT_PORT)
+    return _port_variable(environ)
 
 
 def main() -> int:
@@ -29,7 +33,7 @@ def main() -> int:
         with open("/proc/1/cmdline", "rb") as f:
             port = server_port(f.read(), os.environ)
     except (OSError, ValueError, SystemExit):  # no /proc, or settings the server would not have started with
-        port = int(os.environ.get("DIFFUSION_SERVER_PORT", "").strip() or DEFAULT_PORT)
+        port = _port_variable(os.environ)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
             return 0 if resp.status == 200 else 1

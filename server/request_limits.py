@@ -17,6 +17,7 @@ from . import errors
 from .prompt_bounds import TokenBound
 from .protocol import CommonFields
 
+
 def limit_error(message: str, param: str | None) -> errors.APIError:
     return errors.bad_request(message, param, "limit_exceeded")
 
