@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401  (re-exported: raised by this module's loaders)
 from .quantization import dequantize_rows
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,6 @@ DENSE_TARGETS = {
     FORMAT_FP8: re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"),
     FORMAT_NVFP4: re.compile(r"layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"),
 }
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded as it is (a missing tensor, an unsupported format): one line."""
 
 
 # -- the format ---------------------------------------------------------------------------------

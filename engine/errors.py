@@ -18,3 +18,7 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The step loop is not running (shut down, or died): no request can be served."""
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded as it is (a missing tensor, an unsupported format): one line."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import batch_invariant_ops, compressed_tensors, rowwise_attention, rowwise_experts
+from .errors import CheckpointError
 from .import_noise import quiet_torchao_import_noise
 from .multimodal import load_processor
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
@@ -176,7 +177,9 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     else:
         if device.type != "cpu":
             kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.model, **kwargs)
+        model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.model, output_loading_info=True,
+                                                                      **kwargs)
+        refuse_incomplete(settings.model, info)
     model.to(device)  # a no-op when device_map already placed it
     model.eval()
     model.requires_grad_(False)
@@ -184,6 +187,19 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     defaults = defaults_from_generation_config(model.generation_config, model.config.canvas_length)
     return LoadedModel(model=model, tokenizer=tokenizer, defaults=defaults, device=device, dtype=dtype,
                        quantization=method, batch_invariant=invariant, processor=processor)
+
+
+def refuse_incomplete(folder: str, info: dict) -> None:
+    """Raise ``CheckpointError`` where transformers' load left a weight uninitialised: it fills a tensor the
+    checkpoint lacks (or holds in another shape) with random values, and only warns."""
+    problems = [f"has no tensor {name}" for name in sorted(info.get("missing_keys") or ())]
+    problems += [f"holds {name} as {tuple(found)}, not {tuple(expected)}"
+                 for name, found, expected in sorted(info.get("mismatched_keys") or ())]
+    problems += [f"could not convert {name}: {error}"
+                 for name, error in sorted((info.get("conversion_errors") or {}).items())]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"the checkpoint {folder} {problems[0]}{more}: the model would run with it uninitialised")
 
 
 def load_tokenizer(path: str, config) -> tuple[object, object | None]:
@@ -194,12 +210,28 @@ def load_tokenizer(path: str, config) -> tuple[object, object | None]:
     return tokenizer, load_processor(path, tokenizer, config)
 
 
+def refuse_unknown_quantization(folder: str, config) -> None:
+    """Raise ``CheckpointError`` for a ``quantization_config`` that transformers does not know: it would skip
+    the quantization with a warning and load the quantized tensors as if they were plain weights."""
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    if method not in AUTO_QUANTIZER_MAPPING:
+        raise CheckpointError(f"the checkpoint {folder} is quantized with {method!r}, which neither this server "
+                              f"(compressed-tensors) nor transformers can load")
+
+
 def _compressed_config(settings: EngineSettings):
     """The checkpoint's config when it is quantized in the compressed-tensors format, else None."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(settings.model)
     if compressed_tensors.compressed_config(config) is None:
+        refuse_unknown_quantization(settings.model, config)
         return None
     if settings.quantization != "none":
         raise compressed_tensors.CheckpointError(

@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Callable
 
+from engine.errors import CheckpointError
+
 from . import errors
 from .bodies import BodyLimits
 from .engine_client import EngineClient
@@ -80,7 +82,10 @@ class ServerState:
             engine = await asyncio.to_thread(self.engine_factory, self.settings, self.metrics)
             token_bound = await asyncio.to_thread(_token_bound, engine.tokenizer)
         except Exception as exc:  # noqa: BLE001
-            logger.exception("failed to load the model %s", self.settings.model)
+            if isinstance(exc, CheckpointError):  # a refusal that names its reason: no traceback
+                logger.error("failed to load the model %s: %s", self.settings.model, exc)
+            else:
+                logger.exception("failed to load the model %s", self.settings.model)
             self.status = "failed"
             self.load_error = str(exc)
             if self.on_load_failure is not None:

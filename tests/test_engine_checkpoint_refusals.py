@@ -1,0 +1,88 @@
+"""A plain checkpoint that cannot be loaded as it is stops the start-up with one line naming why, where
+transformers alone would warn and serve a model with randomly initialised weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine import EngineSettings
+from engine.errors import CheckpointError
+from engine.loader import load_model
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DROPPED = "model.decoder.layers.0.experts.gate_up_proj"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("plain"), TinySpec(canvas_length=8))
+
+
+def _copy(source, folder, change_tensors=None, change_config=None):
+    folder.mkdir()
+    for item in source.iterdir():
+        if item.suffix == ".safetensors" and change_tensors is not None:
+            tensors = load_file(item)
+            change_tensors(tensors)
+            save_file(tensors, folder / item.name, metadata={"format": "pt"})
+        elif item.name == "config.json" and change_config is not None:
+            config = json.loads(item.read_text())
+            change_config(config)
+            (folder / item.name).write_text(json.dumps(config))
+        else:
+            (folder / item.name).symlink_to(item)
+    return folder
+
+
+def test_the_intact_checkpoint_loads(source):
+    assert load_model(EngineSettings(model=str(source))).quantization == "none"
+
+
+@pytest.mark.parametrize("dropped", [DROPPED, "model.decoder.layers.1.post_feedforward_layernorm.weight"])
+def test_a_missing_tensor_is_refused_naming_it(source, tmp_path, dropped):
+    folder = _copy(source, tmp_path / "m", change_tensors=lambda t: t.pop(dropped))
+    with pytest.raises(CheckpointError) as info:
+        load_model(EngineSettings(model=str(folder)))
+    # the encoder's tied copy of the layer is missing with it
+    assert str(info.value) == (f"the checkpoint {folder} has no tensor {dropped} (and 1 more): the model would run "
+                               f"with it uninitialised")
+
+
+def test_several_missing_tensors_are_counted(source, tmp_path):
+    def drop_layer_norms(tensors):
+        for name in [n for n in tensors if n.endswith("post_feedforward_layernorm.weight")]:
+            del tensors[name]
+
+    folder = _copy(source, tmp_path / "m", change_tensors=drop_layer_norms)
+    with pytest.raises(CheckpointError, match=r"has no tensor model\.decoder\.layers\.0\.post_feedforward_layernorm"
+                                              r"\.weight \(and \d+ more\): "):
+        load_model(EngineSettings(model=str(folder)))
+
+
+@pytest.mark.parametrize("method", ["modelopt", "whatever"])
+def test_a_quantization_method_nobody_here_knows_is_refused(source, tmp_path, method):
+    folder = _copy(source, tmp_path / "q", change_config=lambda c: c.update(quantization_config={"quant_method": method}))
+    with pytest.raises(CheckpointError) as info:
+        load_model(EngineSettings(model=str(folder)))
+    assert str(info.value) == (f"the checkpoint {folder} is quantized with {method!r}, which neither this server "
+                               f"(compressed-tensors) nor transformers can load")
+
+
+def test_the_server_exits_with_one_line_and_no_traceback(source, tmp_path):
+    folder = _copy(source, tmp_path / "m", change_tensors=lambda t: t.pop(DROPPED))
+    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(folder), "--host", "127.0.0.1", "--port", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    reason = f"the checkpoint {folder} has no tensor {DROPPED} (and 1 more): the model would run with it uninitialised"
+    assert any(line.endswith(f"failed to load the model {folder}: {reason}") for line in proc.stderr.splitlines()), \
+        proc.stderr[-3000:]
+    assert any(line.endswith(f"exiting: the model could not be loaded: {reason}") for line in proc.stderr.splitlines())
+    assert "Traceback" not in proc.stderr
