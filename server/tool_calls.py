@@ -252,4 +252,14 @@ def _scalar(token: str) -> Any:
         return token
     if isinstance(value, float) and not math.isfinite(value):
         return token  # too large for a JSON number
+    if isinstance(value, str) and not _is_unicode(value):
+        return token  # an escaped half of a surrogate pair ("\ud800") has no UTF-8 form
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

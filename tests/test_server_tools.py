@@ -60,6 +60,13 @@ def test_every_kind_of_value():
         "list": [], "odd key": 1, "big": "1e999"})]
 
 
+def test_an_escaped_half_surrogate_stays_the_text_it_was():
+    """``"\\ud800"`` decodes to half a surrogate pair, which no UTF-8 response can carry: the value is its text."""
+    content, calls = parse('<|tool_call>call:f{a:"\\ud800",b:"\\ud83d\\ude00"}<tool_call|>')
+    assert calls_of(calls) == [("f", {"a": '"\\ud800"', "b": "\U0001f600"})]
+    calls[0].arguments.encode("utf-8")
+
+
 @pytest.mark.parametrize("block", [
     "<|tool_call>get_weather{city:1}<tool_call|>",  # no call: prefix
     "<|tool_call>call:bad name{}<tool_call|>",  # a name OpenAI would not accept
