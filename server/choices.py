@@ -33,6 +33,11 @@ class ChoiceSpec:
     request_id: str
     images: object | None = None  # the prompt's engine.multimodal.ImageInputs, if it has images
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The model's input read at every step: the prompt and its infill suffix."""
+        return len(self.prompt_ids) + len(self.params.infill_suffix or ())
+
 
 @dataclass
 class ChoiceResult:
@@ -67,7 +72,7 @@ class ChoiceResult:
 def usage(specs: list[ChoiceSpec], results: dict[int, ChoiceResult]) -> dict:
     """Exact counts: each prompt once (however large ``n``) with its infill suffix (model input too, read
     at every step), every choice's committed tokens, plus the diffusion extension counts."""
-    prompt = sum({s.prompt_index: len(s.prompt_ids) + len(s.params.infill_suffix or ()) for s in specs}.values())
+    prompt = sum({s.prompt_index: s.num_prompt_tokens for s in specs}.values())
     completion = sum(r.num_generated_tokens for r in results.values())
     return {
         "prompt_tokens": prompt,
@@ -155,7 +160,7 @@ class ChoiceSet:
         except Exception as exc:  # noqa: BLE001 - the engine's refusal becomes the request's error
             for spec, stream in zip(self.specs, streams):  # only if the engine died between two choices
                 await stream.aclose()
-                self.on_choice_finished("abort", len(spec.prompt_ids), 0)
+                self.on_choice_finished("abort", spec.num_prompt_tokens, 0)
             raise errors.from_engine(exc) from None
         self.live.add(self)
         for spec, stream in zip(self.specs, streams):
@@ -179,7 +184,7 @@ class ChoiceSet:
             self._queue.put(spec.index, None, exc)
         finally:
             await stream.aclose()
-            self.on_choice_finished(reason, len(spec.prompt_ids), generated)
+            self.on_choice_finished(reason, spec.num_prompt_tokens, generated)
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield ``(choice index, output)`` until every choice finished; raise the ``APIError`` of

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from server.default_model import EMBEDDED_SERVED_NAME, embedded_model_dir
+from tests.test_server_metrics import wait_for
 from tools.sudoku import generator
 from tools.sudoku.common import BUCKETS, EVAL_SEED, eval_set
 
@@ -97,11 +98,17 @@ def test_infill_usage_counts_the_suffix_as_prompt(default_server):
     suffix = solution[40:]
     plain = httpx.post(default_server.base_url + "/completions", timeout=300, json={
         "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "max_tokens": 40, "seed": 1}).json()["usage"]
+    before = default_server.wait_idle()
     infill = httpx.post(default_server.base_url + "/completions", timeout=300, json={
         "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "suffix": suffix, "max_tokens": 40, "seed": 1}).json()["usage"]
     suffix_tokens = len(tokenizer(suffix, add_special_tokens=False).input_ids)
     assert suffix_tokens > 0 and infill["prompt_tokens"] == plain["prompt_tokens"] + suffix_tokens
     assert infill["total_tokens"] == infill["prompt_tokens"] + infill["completion_tokens"]
+    # the metrics count the same prompt tokens as usage, once the choice's count has arrived
+    count = ("diffusion_server:request_prompt_tokens_count", frozenset())
+    after = wait_for(default_server, count, before[count] + 1)
+    for name in ("diffusion_server:prompt_tokens_total", "diffusion_server:request_prompt_tokens_sum"):
+        assert after[(name, frozenset())] - before[(name, frozenset())] == infill["prompt_tokens"], name
 
 
 def test_suffix_decides_an_ambiguous_infill(default_server):
