@@ -25,6 +25,7 @@ from .request_rules import RequestRules
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
 from .stats import StatsSink
+from .work import fault_name
 
 logger = logging.getLogger("engine")
 
@@ -259,7 +260,7 @@ class AsyncEngine:
                 self._publish_gauges()
         except BaseException as exc:  # the loop itself broke: report and fail everyone
             logger.exception("engine step loop died")
-            self._dead = f"{type(exc).__name__}: {exc}"
+            self._dead = f"the engine's step loop died ({fault_name(exc)})"
         finally:
             self.core.close()
             self._close_streams()

@@ -42,10 +42,10 @@ from .cpu_threads import default_forward_threads
 from .loader import load_tokenizer, resolve_device
 from .multimodal import ImageInputs
 from .outputs import RequestOutput
-from .request_rules import RequestRules
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
 from .stats import NullStatsSink, StatsSink
+from .work import fault_name
 
 logger = logging.getLogger("engine")
 
@@ -238,6 +238,7 @@ class ReplicatedEngine(AsyncEngine):
             except Exception as exc:  # noqa: BLE001 - a request that does not pickle fails alone
                 if kind != "add":
                     raise
+                logger.error("request %s cannot be sent to engine replica %d: %r", payload[0], index, exc)
                 self._deliver(_failed(payload[0], exc))
                 continue
             try:
@@ -265,7 +266,7 @@ class ReplicatedEngine(AsyncEngine):
             reason = f"engine replica {index} exited (exit code {self._procs[index].exitcode})"
         except BaseException as exc:  # noqa: BLE001 - this thread's own fault: no output may be lost silently
             logger.exception("engine replica %d: reading its messages failed", index)
-            reason = f"engine replica {index}: {type(exc).__name__}: {exc}"
+            reason = f"engine replica {index}: its messages could not be read ({fault_name(exc)})"
         with self._lock:
             first = self._dead is None and not self._stopping
             if first:
@@ -292,7 +293,7 @@ class ReplicatedEngine(AsyncEngine):
 
 def _failed(request_id: str, exc: BaseException) -> RequestOutput:
     return RequestOutput(request_id, finished=True, finish_reason="error",
-                         error=f"the request cannot reach an engine replica: {type(exc).__name__}: {exc}")
+                         error=f"the request cannot reach an engine replica: {fault_name(exc)}")
 
 
 # Engines with replicas still to stop at exit: replicas ignore SIGTERM, and multiprocessing's own exit
@@ -448,4 +449,4 @@ def _serve(core, pipe: _Pipe) -> None:
         raise
     except BaseException as exc:  # the loop itself broke: the front fails every request
         logger.exception("engine replica loop died")
-        pipe.send(("dead", f"{type(exc).__name__}: {exc}"))
+        pipe.send(("dead", f"engine replica loop died ({fault_name(exc)})"))

@@ -85,7 +85,12 @@ class StepResult:
     sampling_seconds: float = 0.0  # the sampler's own math and random draws (generate() does the same)
 
 
+def fault_name(exc: BaseException) -> str:
+    """What a client is told of an internal exception: its type only (its text may carry tensor shapes,
+    paths or another request's data, and goes to the log instead)."""
+    return type(exc).__name__
+
+
 def pass_error(exc: BaseException) -> str:
-    """The error a request is failed with when the model pass (or its encoder group) raised: the
-    exception's type only (its text may carry tensor shapes or paths, and goes to the log instead)."""
-    return f"internal error in the model pass: {type(exc).__name__}"
+    """The error a request is failed with when the model pass (or its encoder group) raised."""
+    return f"internal error in the model pass: {fault_name(exc)}"
