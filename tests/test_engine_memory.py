@@ -121,3 +121,34 @@ def test_a_device_memory_limit_is_refused_on_cpu(tiny_path):
         return  # "auto" resolves to the GPU there
     with pytest.raises(ValueError, match=r"applies to CUDA devices \(the device is cpu\)"):
         load_model(EngineSettings(model=str(tiny_path), device="auto", device_memory_limit_gib=4))
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("files, available", [
+    # cgroup v2 (docker run --memory 8g): the limit less the working set (usage less inactive file pages)
+    ({"memory.max": "8589934592\n", "memory.current": str(3 * GiB), "memory.stat": f"anon 1\ninactive_file {GiB}\n"},
+     6 * GiB),
+    ({"memory.max": "max\n", "memory.current": str(3 * GiB)}, None),  # no limit
+    ({"memory.max": str(2 * GiB), "memory.current": str(5 * GiB)}, 0),  # over it already
+    # cgroup v1
+    ({"memory/memory.limit_in_bytes": str(4 * GiB), "memory/memory.usage_in_bytes": str(GiB),
+      "memory/memory.stat": f"inactive_file 0\ntotal_inactive_file {GiB // 2}\n"}, 3 * GiB + GiB // 2),
+    ({"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": str(GiB)}, None),
+    ({}, None),  # no cgroup files
+])
+def test_a_container_memory_limit_bounds_the_cpu_budget(tmp_path, files, available):
+    """On CPU the KV budget and the sampling tile come from the memory free: in a container that is
+    what its cgroup limit leaves, which the host's /proc/meminfo does not show."""
+    import torch
+
+    from engine.memory import available_bytes, cgroup_memory_available
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_memory_available(str(tmp_path)) == available
+    host = available_bytes(torch.device("cpu"), cgroup_root=str(tmp_path / "none"))
+    expected = host if available is None else min(host, available)
+    assert available_bytes(torch.device("cpu"), cgroup_root=str(tmp_path)) == expected
