@@ -79,6 +79,26 @@ def make_core(path, **overrides) -> EngineCore:
     return EngineCore(load_model(settings), settings)
 
 
+_STOCK_MODELS: dict[tuple, object] = {}
+
+
+def reference_model(core: EngineCore):
+    """The core's checkpoint as transformers alone loads it, in the core's dtype and on its device: its own
+    attention and experts, not the engine's row-wise modules (registered into transformers), so that
+    ``generate`` on it is a reference independent of the code under test."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    loaded = core.loaded
+    key = (core.settings.model, loaded.dtype, str(loaded.device))
+    if key not in _STOCK_MODELS:
+        kwargs = {"experts_implementation": "eager"} if loaded.dtype == torch.float64 else {}  # no float64 grouped_mm
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(core.settings.model, dtype=loaded.dtype, **kwargs)
+        assert model.config._experts_implementation in ("grouped_mm", "eager"), model.config._experts_implementation
+        assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+        _STOCK_MODELS[key] = model.to(loaded.device).eval()
+    return _STOCK_MODELS[key]
+
+
 def reference_tokens(model, prompt: list[int], seed: int, params: SamplingParams) -> list[int]:
     """What ``model.generate`` gives at batch 1 after ``torch.manual_seed(seed)``, trimmed like the server:
     the first ``max_tokens`` tokens, cut after the first eos (the reference pads after it)."""

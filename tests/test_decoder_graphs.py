@@ -10,7 +10,7 @@ from engine import EngineCore, EngineSettings, SamplingParams
 from engine.decoder_graphs import DecoderGraphs, capture_blocker, graph_max_batch
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-from tests.engine_helpers import BOOM, fail_encoder_on_boom, make_core, reference_tokens, run_to_completion
+from tests.engine_helpers import BOOM, fail_encoder_on_boom, make_core, reference_model, reference_tokens, run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_static_decoder_path_matches_generate_at_batch_one(checkpoint):
     tok = core.loaded.tokenizer
     prompt = tok("a prompt longer than the sliding window of the tiny model").input_ids
     params = SamplingParams(max_tokens=48, seed=7)
-    expected = reference_tokens(core.loaded.model, prompt, 7, core.resolve(prompt, params))
+    expected = reference_tokens(reference_model(core), prompt, 7, core.resolve(prompt, params))
     got = run_to_completion(core, [("r", prompt, params)])["r"]["tokens"]
     assert got == expected and graphs.passes > 0
 

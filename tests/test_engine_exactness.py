@@ -7,7 +7,7 @@ import torch
 
 from engine import SamplingParams
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-from tests.engine_helpers import make_core, reference_tokens, run_to_completion
+from tests.engine_helpers import make_core, reference_model, reference_tokens, run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ PARAMS = [
 @pytest.mark.parametrize("seed", [0, 7])
 def test_matches_generate_at_batch_one(core, tok, prompt, params, seed):
     prompt_ids = tok(prompt).input_ids
-    expected = reference_tokens(core.loaded.model, prompt_ids, seed, core.resolve(prompt_ids, params))
+    expected = reference_tokens(reference_model(core), prompt_ids, seed, core.resolve(prompt_ids, params))
     got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
     assert got["tokens"] == expected
     assert got["finish_reason"] == ("stop" if len(expected) < params.max_tokens else "length")
@@ -69,11 +69,11 @@ def test_eos_inside_a_canvas(core, tok):
     """Pick a token the reference emits mid-way through the second canvas and make it the eos."""
     prompt_ids = tok("hello world").input_ids
     base = SamplingParams(max_tokens=48, eos_token_ids=(1,), seed=3)
-    free_run = reference_tokens(core.loaded.model, prompt_ids, 3, core.resolve(prompt_ids, base))
+    free_run = reference_tokens(reference_model(core), prompt_ids, 3, core.resolve(prompt_ids, base))
     assert len(free_run) == 48
     position = next(i for i in range(20, 28) if free_run[i] not in free_run[:i])
     params = SamplingParams(max_tokens=48, eos_token_ids=(free_run[position],), seed=3)
-    expected = reference_tokens(core.loaded.model, prompt_ids, 3, core.resolve(prompt_ids, params))
+    expected = reference_tokens(reference_model(core), prompt_ids, 3, core.resolve(prompt_ids, params))
     assert len(expected) == position + 1
     got = run_to_completion(core, [("r", prompt_ids, params)])["r"]
     assert got["tokens"] == expected
@@ -104,7 +104,7 @@ def test_entropies_match_generate_on_either_thread(core, tok, params, overlap):
     try:
         prompt_ids = tok(PROMPTS[2]).input_ids
         for seed in (0, 7):
-            expected = reference_tokens(core.loaded.model, prompt_ids, seed, core.resolve(prompt_ids, params))
+            expected = reference_tokens(reference_model(core), prompt_ids, seed, core.resolve(prompt_ids, params))
             got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
             assert got["tokens"] == expected
     finally:

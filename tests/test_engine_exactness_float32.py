@@ -20,7 +20,7 @@ import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.loader import load_model
-from tests.engine_helpers import reference_run, run_to_completion
+from tests.engine_helpers import reference_model, reference_run, run_to_completion
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 SHARPNESS = 40.0
@@ -39,7 +39,7 @@ def make_default_core(path, **overrides) -> EngineCore:
 def check_against_generate(core, prompt, params: SamplingParams, seed: int) -> dict:
     """The engine's tokens and decoder passes for one request equal generate's; returns the engine's result."""
     resolved = core.resolve(prompt, params)
-    expected, passes = reference_run(core.loaded.model, prompt, seed, resolved)
+    expected, passes = reference_run(reference_model(core), prompt, seed, resolved)
     got = run_to_completion(core, [("r", prompt, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
     assert got["tokens"] == expected
     assert got["outputs"][-1].num_denoising_steps == passes
@@ -87,7 +87,7 @@ def test_sharp_model_matches_generate(sharp_core, name, prompt, seed):
 
 def _generate(core, params: SamplingParams, seed: int):
     prompt = core.loaded.tokenizer(PROMPTS["short"]).input_ids
-    tokens, passes = reference_run(core.loaded.model, prompt, seed, core.resolve(prompt, params))
+    tokens, passes = reference_run(reference_model(core), prompt, seed, core.resolve(prompt, params))
     return tokens, passes
 
 

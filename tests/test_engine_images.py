@@ -19,7 +19,7 @@ from PIL import Image
 from engine import EngineCore, EngineSettings, InvalidRequestError, SamplingParams
 from engine.loader import load_model
 from engine.multimodal import ImageInputs, image_token_runs, process_images
-from tests.engine_helpers import reference_run
+from tests.engine_helpers import reference_model, reference_run
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 
@@ -80,7 +80,7 @@ def test_image_prompt_equals_generate_with_pixel_values(core):
     processed, ids, images = image_prompt(core, ["What is in ", noise_image(30, 40, 0), "? Say it."])
     assert images.num_images == 1 and 20 <= ids.count(core.loaded.model.config.image_token_id) <= 70
     resolved = core.resolve(ids, PARAMS, images=images)
-    expected, _ = reference_run(core.loaded.model, ids, 11, resolved, **generate_inputs(processed))
+    expected, _ = reference_run(reference_model(core), ids, 11, resolved, **generate_inputs(processed))
     assert engine_tokens(core, [("img", ids, PARAMS, images)])["img"] == expected
     # the prompt's KV after the prefill (one encoder call) is generate's, bitwise
     core.add_request("kv", ids, resolved, images=images)
@@ -90,8 +90,8 @@ def test_image_prompt_equals_generate_with_pixel_values(core):
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     core.drain()
     # what is being matched depends on the image's features and on the placeholders' bidirectional block
-    without_image, _ = reference_run(core.loaded.model, ids, 11, resolved)
-    causal_only, _ = reference_run(core.loaded.model, ids, 11, resolved, pixel_values=processed["pixel_values"],
+    without_image, _ = reference_run(reference_model(core), ids, 11, resolved)
+    causal_only, _ = reference_run(reference_model(core), ids, 11, resolved, pixel_values=processed["pixel_values"],
                                    image_position_ids=processed["image_position_ids"])
     assert expected != without_image and expected != causal_only
 
@@ -130,7 +130,7 @@ def test_two_images_prefilled_in_chunks_equal_generate(checkpoint):
     assert torch.allclose(keys, expected_keys, rtol=0, atol=1e-5)
     assert torch.allclose(values, expected_values, rtol=0, atol=1e-5)
     core.drain()
-    expected, _ = reference_run(core.loaded.model, ids, 11, resolved, **generate_inputs(processed))
+    expected, _ = reference_run(reference_model(core), ids, 11, resolved, **generate_inputs(processed))
     assert engine_tokens(core, [("two", ids, PARAMS, images)])["two"] == expected
 
 

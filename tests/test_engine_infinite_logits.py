@@ -18,7 +18,7 @@ import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.loader import load_model
-from tests.engine_helpers import reference_tokens, run_to_completion, save_untied, untie_weights
+from tests.engine_helpers import reference_model, reference_tokens, run_to_completion, save_untied, untie_weights
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 PLUS, MINUS, TARGET, DIM = 100, 101, 102, 3
@@ -91,13 +91,13 @@ def test_soft_capping_turns_infinite_raw_logits_into_generates_tokens(tmp_path):
     met = {}
     for seed in SEEDS:
         res, met[seed] = watch.solo(core, seed)
-        expected = reference_tokens(core.loaded.model, PROMPT, seed, core.resolve(PROMPT, PARAMS))
+        expected = reference_tokens(reference_model(core), PROMPT, seed, core.resolve(PROMPT, PARAMS))
         assert (res["finish_reason"], res["tokens"]) == ("stop" if len(expected) < 32 else "length", expected), seed
     assert any("+inf" in m for m in met.values()) and any(m == {"-inf"} for m in met.values()), met
     assert watch.finite_target_logits == {0.0}  # the infinities came only from the markers
     batch = together(core)
     for seed in SEEDS:
-        assert batch[f"s{seed}"]["tokens"] == reference_tokens(core.loaded.model, PROMPT, seed,
+        assert batch[f"s{seed}"]["tokens"] == reference_tokens(reference_model(core), PROMPT, seed,
                                                               core.resolve(PROMPT, PARAMS))
     assert core.num_live_states() == 0
 

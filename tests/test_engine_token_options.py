@@ -21,7 +21,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Linea
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.errors import InvalidRequestError
 from engine.loader import load_model
-from tests.engine_helpers import reference_run, run_to_completion
+from tests.engine_helpers import reference_model, reference_run, run_to_completion
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 PARAMS = SamplingParams(max_tokens=40, max_denoising_steps=6, t_min=0.4, t_max=1.2)  # three canvases of 16
@@ -73,7 +73,7 @@ def test_logit_bias_equals_generate_with_the_same_bias(core, prompt, seed):
     plain = run(core, prompt, seed)["tokens"]
     favoured, banned = 77, plain[0]  # a token the unbiased run commits first
     bias = {favoured: 4.0, banned: -100.0}
-    expected, _ = reference_run(core.loaded.model, prompt, seed, core.resolve(prompt, PARAMS),
+    expected, _ = reference_run(reference_model(core), prompt, seed, core.resolve(prompt, PARAMS),
                                 LogitsProcessorList([AddBias(bias)]))
     got = run(core, prompt, seed, logit_bias=tuple(bias.items()))["tokens"]
     assert got == expected
@@ -92,7 +92,7 @@ def test_logit_bias_minus_100_removes_a_token_from_every_output(core, prompt):
 def test_logprobs_are_those_of_the_committing_step(core, prompt, top):
     seed = 11
     record = Record(PARAMS)
-    expected, _ = reference_run(core.loaded.model, prompt, seed, core.resolve(prompt, PARAMS),
+    expected, _ = reference_run(reference_model(core), prompt, seed, core.resolve(prompt, PARAMS),
                                 LogitsProcessorList([record]))
     got = run(core, prompt, seed, logprobs=top)
     assert got["tokens"] == expected

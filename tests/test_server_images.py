@@ -26,7 +26,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_model
 from server import errors
 from server.images import ImageReader
-from tests.engine_helpers import reference_run
+from tests.engine_helpers import reference_model, reference_run
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 MODEL = "tiny-vision"
@@ -87,7 +87,7 @@ def expected_answer(reference: EngineCore, parts: list, params: SamplingParams) 
     inputs = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     resolved = reference.resolve(ids, params)
-    tokens, _ = reference_run(reference.loaded.model, ids, params.seed, resolved, pixel_values=inputs["pixel_values"],
+    tokens, _ = reference_run(reference_model(reference), ids, params.seed, resolved, pixel_values=inputs["pixel_values"],
                               image_position_ids=inputs["image_position_ids"],
                               mm_token_type_ids=inputs["mm_token_type_ids"])
     detok = IncrementalDetokenizer(tokenizer)
