@@ -65,7 +65,9 @@ class EngineSettings:
     max_num_kv_tokens: int | None = setting(
         None, "KV-cache tokens reserved by all running requests together.",
         default_text="derived from the memory free at start-up (memory-fraction of it)")
-    memory_fraction: float = setting(0.8, "Fraction of free accelerator memory the engine may budget at start-up.")
+    memory_fraction: float = setting(
+        0.8, "Fraction of the memory free at start-up that the engine may budget: the GPU's, or on CPU the host's "
+        "available memory within the container's memory limit (cgroup) where one is set.")
     device_memory_limit_gib: float | None = setting(
         None, "On CUDA, the most GPU memory torch may allocate for this process, in GiB (weights, KV, "
         "transients and the allocator's cache; the CUDA context and libraries' own workspaces come on top): "
@@ -105,8 +107,8 @@ class EngineSettings:
         None, "Bound on the sampling step's memory: canvases go through the lm head and the sampler in tiles of "
         "as many rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each "
         "chunk re-reads the lm head).",
-        default_text="10% of the memory free after the weights (the GPU's, or the host's on CPU), "
-                     "between 512 MiB and 8 GiB")
+        default_text="10% of the memory free after the weights (the GPU's, or on CPU the host's within a "
+                     "container's memory limit), between 512 MiB and 8 GiB")
     # engine.decoder_graphs: one graph per batch size, recaptured when the KV buffers are reallocated;
     # capture_blocker says why capture cannot work; AUTO_CUDA_GRAPH_MAX_BATCH is the default.
     cuda_graph_max_batch: int | None = setting(
