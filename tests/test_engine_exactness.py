@@ -55,7 +55,7 @@ def test_matches_generate_at_batch_one(core, tok, prompt, params, seed):
 def test_early_stopping_really_happens(core, tok):
     """The early-stopping parameter sets above do stop canvases early (so the exactness test covers it)."""
     prompt_ids = tok("hello world").input_ids
-    for params in (PARAMS[3], PARAMS[5]):
+    for params in (PARAMS[3], PARAMS[4], PARAMS[5]):
         got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": 0, "ignore_eos": True}))])["r"]
         last = got["outputs"][-1]
         canvases = -(-params.max_tokens // 16)

@@ -131,6 +131,7 @@ def test_infill_suffix_is_pinned_in_every_draft(core, prompt):
     assert got["tokens"] == list(drafts[-1][:9])  # the gap, without the suffix
     assert got["finish_reason"] == "stop"  # a filled gap ends at its suffix
     free = run(core, prompt, 4, max_tokens=16, ignore_eos=True, stream_drafts=True)
+    assert any(out.draft is not None for out in free["outputs"])
     assert all(out.draft.token_ids[9:14] != suffix for out in free["outputs"] if out.draft is not None)
 
 

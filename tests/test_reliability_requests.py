@@ -14,6 +14,7 @@ import pytest
 
 from bench.rss import proc_status, reset_peak
 from tests.test_reliability_http import assert_openai_error, read_response
+from tests.test_server_metrics import wait_for
 
 SLOW = {"max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64, "stability_threshold": 1000}
 ABORT = ("diffusion_server:request_success_total", frozenset({("finished_reason", "abort")}))
@@ -183,7 +184,7 @@ def test_refused_multi_choice_request_queues_and_aborts_nothing(small_queue):
             with httpx.Client(timeout=60) as other:
                 with other.stream("POST", url, json={"prompt": "x", "n": 3, "max_tokens": 2, "stream": True}) as r3:
                     assert r3.status_code == 200
-                    assert small_queue.metrics()[WAITING] == 3
+                    wait_for(small_queue, WAITING, 3)  # the gauge is published after the engine's next pass
     after = small_queue.wait_idle()
     assert after[ABORT] == before.get(ABORT, 0) + 4  # the two streams closed above, nothing else
     r = httpx.post(url, json={"prompt": "x", "n": 4, "max_tokens": 2}, timeout=60)  # all four fit now

@@ -192,7 +192,7 @@ class _Images(BaseHTTPRequestHandler):
     """A loopback web server: /ok.png (the test image), /big.png (over max_image_bytes, with its
     Content-Length), /unsized.png (the same without), /slow.png (trickles for longer than the fetch
     timeout), /slow-head.png (trickles its status line and headers, each byte within a socket timeout,
-    for 12 s), /half.png (after 0.6 s), /to-ftp.png (a redirect to ftp:), /big-redirect.png (a redirect
+    for 12 s), /half.png (after 2 s), /to-ftp.png (a redirect to ftp:), /big-redirect.png (a redirect
     to /ok.png with a 64 MiB body, the bytes it could send kept in ``redirect_sent``), anything else 404."""
 
     redirect_sent: list[int] = []
@@ -213,7 +213,7 @@ class _Images(BaseHTTPRequestHandler):
             if self.path == "/unsized.png":
                 self.wfile.write(self.big)
                 return
-            for byte in self.ok[:40]:
+            for byte in self.ok[:80]:
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(0.1)
@@ -227,8 +227,8 @@ class _Images(BaseHTTPRequestHandler):
                 self.wfile.write(self.ok)
             except OSError:  # the fetch gave up
                 pass
-        elif self.path == "/half.png":  # arrives after 0.6 s: one fits the 1 s fetch time, two do not
-            time.sleep(0.6)
+        elif self.path == "/half.png":  # arrives after 2 s: one fits the 3 s fetch time, two do not
+            time.sleep(2.0)
             self.send_response(200)
             self.send_header("Content-Length", str(len(self.ok)))
             self.end_headers()
@@ -271,7 +271,7 @@ def image_host():
 @pytest.fixture(scope="module")
 def fetching_server(server_launcher, checkpoint):
     return server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, *LIMITS, "--image-url-fetch",
-                            "--image-fetch-timeout-seconds", "1"], model_name=MODEL)
+                            "--image-fetch-timeout-seconds", "3"], model_name=MODEL)
 
 
 def test_fetched_image_equals_inline_image(fetching_server, image_host, client):
@@ -290,14 +290,14 @@ def test_fetch_limits(fetching_server, image_host):
     unsized = refusal(fetching_server.url, image_message("x", image_host + "/unsized.png"))  # counted as it arrives
     assert unsized["code"] == "limit_exceeded" and unsized["message"].endswith(f"bytes or more, {too_big}")
     assert refusal(fetching_server.url, image_message("x", image_host + "/slow.png")) == error(
-        f"The image at {image_host}/slow.png did not arrive within 1 seconds of the request's first fetch (setting image_fetch_timeout_seconds).",
+        f"The image at {image_host}/slow.png did not arrive within 3 seconds of the request's first fetch (setting image_fetch_timeout_seconds).",
         PART, "invalid_image")
     # the fetch time bounds the response's head too, not only each read of it
     started = time.monotonic()
     assert refusal(fetching_server.url, image_message("x", image_host + "/slow-head.png")) == error(
-        f"The image at {image_host}/slow-head.png did not arrive within 1 seconds of the request's first fetch "
+        f"The image at {image_host}/slow-head.png did not arrive within 3 seconds of the request's first fetch "
         "(setting image_fetch_timeout_seconds).", PART, "invalid_image")
-    assert time.monotonic() - started < 6  # the head alone takes 12 s to arrive
+    assert time.monotonic() - started < 9  # the head alone takes 12 s to arrive
     assert refusal(fetching_server.url, image_message("x", image_host + "/none.png")) == error(
         f"The image at {image_host}/none.png could not be fetched: Not Found.", PART, "invalid_image")
     with socket.socket() as s:  # a port nobody listens on
@@ -314,7 +314,7 @@ def test_fetch_limits(fetching_server, image_host):
                      json={"messages": image_message("x", image_host + "/half.png"), "max_tokens": 4})
     assert one.status_code == 200, one.text
     assert refusal(fetching_server.url, image_message("x", image_host + "/half.png", image_host + "/half.png")) == error(
-        f"The image at {image_host}/half.png did not arrive within 1 seconds of the request's first fetch (setting "
+        f"The image at {image_host}/half.png did not arrive within 3 seconds of the request's first fetch (setting "
         "image_fetch_timeout_seconds).", "messages[0].content[2].image_url", "invalid_image")
 
 

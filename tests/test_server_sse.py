@@ -155,6 +155,7 @@ def test_draft_chunk_draft_text_is_the_canvas(live_server, server_sse):
             "stream_drafts": True, "ignore_eos": True}
     frames = server_sse.parse_json(post_stream(live_server, "/completions", body).content)
     exts = [c["choices"][0]["diffusion"] for c in frames[:-1] if "diffusion" in c["choices"][0]]
+    assert exts, "no draft chunk"
     tokens = [None] * CANVAS
     for e in exts:
         for pos, tok in zip(e["changed"], e["changed_token_ids"]):

@@ -1,6 +1,6 @@
 """logprobs, logit_bias and the penalties over HTTP, with the official openai SDK and raw httpx, on
 the tiny random-weight server (the values themselves are checked against generate's logits in
-test_engine_logprobs_bias.py)."""
+test_engine_token_options.py)."""
 
 from __future__ import annotations
 
