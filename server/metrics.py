@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine.stats import CanvasStats, PassStats, RequestStats
@@ -56,6 +56,11 @@ METRIC_DOCS = [
     ("http_requests_in_flight", "gauge", "HTTP requests to /v1 inside the server (a stream counts until its last byte)."),
     ("http_errors_total", "counter", "Error responses sent, by HTTP status code (docs/api.md#errors lists them)."),
 ]
+
+
+# No `_created` timestamp series beside each counter and histogram: vLLM exports none, and they are not
+# in docs/metrics.md. The switch is prometheus_client's, for the whole process.
+disable_created_metrics()
 
 
 class ServerMetrics:
