@@ -180,7 +180,13 @@ class ServerState:
             return names[0]
         raise errors.model_not_found(model, names[:1])
 
+    @property
+    def live_status(self) -> str:
+        """``status``, or "dead" where the server is ready but its engine has stopped."""
+        if self.status == "ready" and not self.engine.healthy:
+            return "dead"
+        return self.status
+
     def health(self) -> tuple[int, str]:
-        if self.status == "ready":
-            return (200, "ok") if self.engine.healthy else (503, "dead")
-        return 503, self.status
+        status = self.live_status
+        return (200, "ok") if status == "ready" else (503, status)

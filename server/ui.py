@@ -65,7 +65,7 @@ async def ui_config(request: Request):
     return JSONResponse({
         "auth_required": auth_required,
         "authorized": True,
-        "status": state.status,
+        "status": state.live_status,
         "model": state.model_names()[0],
         "canvas_length": engine.canvas_length if engine else None,
         "max_model_len": engine.max_model_len if engine else None,

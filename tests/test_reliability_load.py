@@ -407,6 +407,7 @@ def test_a_dead_step_loop_is_reported_and_new_requests_get_503(dead_server):
     srv, _, _ = dead_server
     health = httpx.get(srv.url + "/health", timeout=10)
     assert health.status_code == 503 and health.json() == {"status": "dead"} and health.headers["retry-after"]
+    assert httpx.get(srv.url + "/ui/config", timeout=10).json()["status"] == "dead"  # the page says so too
     r = httpx.post(srv.base_url + "/completions", json={"prompt": "late", "max_tokens": 4}, timeout=10)
     assert r.status_code == 503 and r.headers["retry-after"]
     assert r.json()["error"]["code"] == "engine_dead" and r.json()["error"]["type"] == "server_error"
