@@ -47,7 +47,8 @@ class ServerSettings:
     log_level: str = setting("info", "Logging level: debug, info, warning, error.")
     access_log: bool = setting(False, "Also write uvicorn's access log (one line per HTTP request).")
     sse_ping_seconds: float = setting(
-        15.0, "Interval of SSE keep-alive comments (': ping') on idle streams; 0 disables them.")
+        15.0, "Interval of SSE keep-alive comments (': ping'), sent on every open stream whether or not "
+        "frames are flowing; 0 disables them.")
     graceful_shutdown_seconds: float = setting(
         30.0, "On SIGTERM/SIGINT: /health answers 503 at once and new requests get 503 (server_draining) with "
         "Retry-After while the server keeps listening; in-flight requests and streams get up to this long to "

@@ -1,7 +1,7 @@
 """Server-sent events with OpenAI's framing: ``data: {json}\\n\\n`` frames, then ``data: [DONE]``.
 
 Every byte of a stream goes through here: ``chunk`` frames a JSON object, ``done`` ends the stream,
-and ``SSEResponse`` sends them (with keep-alive comments on idle streams) and always runs its
+and ``SSEResponse`` sends them (with keep-alive comments at a fixed interval) and always runs its
 cleanup, however the stream ends.
 """
 

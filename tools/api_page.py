@@ -226,7 +226,7 @@ With `"stream": true` the answer is `text/event-stream`, one `data: {{json chunk
 4. with `stream_options.include_usage`: a chunk with `choices: []` and `usage` (every chunk before it has `"usage": null`, as OpenAI sends);
 5. `data: [DONE]`.
 
-Idle streams get `: ping` comments (setting `sse_ping_seconds`). An error after the stream started
+Every open stream gets a `: ping` comment every `sse_ping_seconds` (keep-alive, whether or not frames flow). An error after the stream started
 is a `data: {{"error": {{...}}}}` frame followed by `data: [DONE]`.
 
 ### Draft stream
