@@ -76,7 +76,13 @@ def compressed_config(config) -> dict | None:
 def checkpoint_format(qc: dict) -> str:
     """The one format of a compressed-tensors config (``float-quantized`` FP8 or ``nvfp4-pack-quantized``).
     Raises ``CheckpointError`` for anything else (int4 packing, sparse formats, mixed formats)."""
-    formats = {group.get("format") or qc.get("format") for group in (qc.get("config_groups") or {}).values()}
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+        raise CheckpointError(f"the compressed-tensors config_groups must map group names to schemes, got {groups!r}")
+    if qc.get("transform_config"):
+        raise CheckpointError("compressed-tensors transforms (transform_config: rotations applied at run time) are "
+                              "not supported")
+    formats = {group.get("format") or qc.get("format") for group in groups.values()}
     formats.discard(None)
     if not formats and qc.get("format"):
         formats = {qc["format"]}
@@ -84,12 +90,18 @@ def checkpoint_format(qc: dict) -> str:
         raise CheckpointError(f"compressed-tensors format {sorted(formats) or qc.get('format')!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_FORMATS)})")
     fmt = next(iter(formats))
-    if fmt == FORMAT_FP8:
-        for name, group in qc["config_groups"].items():
-            weights = group.get("weights") or {}
-            if weights.get("num_bits") != 8 or weights.get("type") != "float" or weights.get("strategy") != "channel":
-                raise CheckpointError(f"compressed-tensors group {name}: only FP8 weights with a scale per output "
-                                      f"channel (strategy channel) are supported, got {weights!r}")
+    for name, group in groups.items():
+        weights = group.get("weights") or {}
+        if weights.get("symmetric") is False:
+            raise CheckpointError(f"compressed-tensors group {name}: asymmetric weights (zero points) are not supported")
+        activations = group.get("input_activations") or {}
+        if fmt == FORMAT_FP8 and activations and activations.get("dynamic") is False:
+            raise CheckpointError(f"compressed-tensors group {name}: static activation scales are not supported "
+                                  f"(only dynamic FP8 activations)")
+        if fmt == FORMAT_FP8 and (weights.get("num_bits") != 8 or weights.get("type") != "float"
+                                  or weights.get("strategy") != "channel"):
+            raise CheckpointError(f"compressed-tensors group {name}: only FP8 weights with a scale per output "
+                                  f"channel (strategy channel) are supported, got {weights!r}")
     return fmt
 
 
@@ -231,8 +243,16 @@ class _Tensors:
         if not files:
             raise CheckpointError(f"{folder}: no .safetensors weight files")
         self.folder = folder
-        self._handles = [safe_open(str(folder / f), framework="pt") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}
+        self._where = {}
+        for file in files:
+            try:
+                handle = safe_open(str(folder / file), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors' own errors do not name the file
+                raise CheckpointError(f"{folder / file} cannot be read as safetensors: {exc}") from None
+            for key in handle.keys():
+                if key in self._where:
+                    raise CheckpointError(f"the checkpoint {folder} holds {key} twice (in {file} and another file)")
+                self._where[key] = handle
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -363,6 +383,15 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dty
     return tensor
 
 
+def _plain(name: str, value: torch.Tensor, floating: bool = True) -> torch.Tensor:
+    """``value`` where a plain weight is expected; ``CheckpointError`` for quantized codes (any 8-bit float, or
+    integers where a float is expected), which would be read as numbers without their scales."""
+    if floating and not value.is_floating_point() or value.is_floating_point() and value.element_size() == 1:
+        raise CheckpointError(f"the checkpoint's {name} is {str(value.dtype).removeprefix('torch.')} with no "
+                              f"scales: it cannot be read as a weight")
+    return value
+
+
 class _Loader:
     def __init__(self, tensors: _Tensors, fmt: str, dtype: torch.dtype, device: torch.device):
         self.tensors, self.fmt, self.dtype, self.device = tensors, fmt, dtype, device
@@ -387,7 +416,8 @@ class _Loader:
         fused = [n for n in names if n in self.tensors]
         if fused:  # experts left unquantized (in the recipe's ignore list): the fused tensors as stored
             prefix = self.source_prefix(prefixes, "gate_up_proj")
-            return {attr: _check_shape(f"{prefix}.{attr}", self.get(f"{prefix}.{attr}"), shape).to(self.dtype)
+            return {attr: _plain(f"{prefix}.{attr}", _check_shape(f"{prefix}.{attr}", self.get(f"{prefix}.{attr}"),
+                                                                  shape)).to(self.dtype)
                     for attr, shape in (("gate_up_proj", (experts, 2 * inter, hidden)),
                                         ("down_proj", (experts, hidden, inter)))}
         stored = "weight_packed" if self.fmt == FORMAT_NVFP4 else "weight"
@@ -487,10 +517,7 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device,
         source = next((n for n in sorted(names, key=lambda n: ".decoder." not in n) if n in tensors), None)
         if source is None:
             raise tensors.missing(sorted(names, key=lambda n: ".decoder." not in n)[0])
-        value = _check_shape(source, loader.get(source), meta.shape)
-        if meta.is_floating_point() and not value.is_floating_point() or value.dtype == torch.float8_e4m3fn:
-            raise CheckpointError(f"the checkpoint's {source} is {str(value.dtype).removeprefix('torch.')} "
-                                  f"with no scales: it cannot be read as a weight")
+        value = _plain(source, _check_shape(source, loader.get(source), meta.shape), meta.is_floating_point())
         _set(group, value.to(device=device, dtype=meta.dtype if meta.is_floating_point() else value.dtype))
     persistent = set(model.state_dict().keys())  # buffers saved with the model (layer scalars), not computed
     for name, buffer in model.named_buffers(remove_duplicate=False):
@@ -499,8 +526,8 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device,
         elif name in persistent:
             raise tensors.missing(name)
     unused = sorted(set(tensors.keys()) - loader.used)
-    if unused:  # e.g. the encoder's copy of tied layers, zero points: the model has nothing to put them in
-        logger.info("%d checkpoint tensors not used (e.g. %s)", len(unused), ", ".join(unused[:3]))
+    if unused:  # e.g. the encoder's copy of tied layers, activation scales: the model has nothing to put them in
+        logger.warning("%d checkpoint tensors not used (e.g. %s)", len(unused), ", ".join(unused[:3]))
     model.to(device)
     try:
         model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(folder)

@@ -89,7 +89,7 @@ class EngineSettings:
         "many-row matrix kernel. On CUDA (opt-in) the matrix products and means run fixed-order Triton kernels "
         "instead of cuBLAS and torch's reductions, each row's attention runs as alone, and CUDA graphs are off: "
         "slower (engine.batch_invariant_ops).",
-        default_text="on on CPU with unquantized experts, off on CUDA")
+        default_text="on on CPU (unless --quantization is set), off on CUDA")
     load_format: str = setting(
         "auto", "How the weights load: auto (the checkpoint's weight files) or dummy (random weights built "
         "directly on the device from the folder's config.json, for benchmarks of a model's shape without "

@@ -5,6 +5,7 @@ dequantized to float32 and loaded as a plain checkpoint. One that lacks a tensor
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -194,6 +195,80 @@ def test_an_unsupported_format_is_refused(source, tmp_path):
         load_model(EngineSettings(model=str(folder)))
     assert str(info.value) == ("compressed-tensors format ['pack-quantized'] is not supported "
                                "(supported: float-quantized, nvfp4-pack-quantized)")
+
+
+def _edit_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _group(qc):
+    return qc["config_groups"]["group_0"]
+
+
+@pytest.mark.parametrize("scheme, change, message", [
+    ("fp8", lambda qc: qc.pop("config_groups"), "the compressed-tensors config_groups must map group names to "
+                                                "schemes, got None"),
+    ("fp8", lambda qc: qc.update(config_groups=[{"format": "float-quantized"}]),
+     "the compressed-tensors config_groups must map group names to schemes, got [{'format': 'float-quantized'}]"),
+    ("fp8", lambda qc: qc.update(transform_config={"config_groups": {"R1": {"type": "hadamard"}}}),
+     "compressed-tensors transforms (transform_config: rotations applied at run time) are not supported"),
+    ("fp8", lambda qc: _group(qc)["weights"].update(symmetric=False),
+     "compressed-tensors group group_0: asymmetric weights (zero points) are not supported"),
+    ("nvfp4", lambda qc: _group(qc)["weights"].update(symmetric=False),
+     "compressed-tensors group group_0: asymmetric weights (zero points) are not supported"),
+    ("fp8", lambda qc: _group(qc)["input_activations"].update(dynamic=False),
+     "compressed-tensors group group_0: static activation scales are not supported (only dynamic FP8 activations)"),
+])
+def test_a_scheme_the_arithmetic_does_not_follow_is_refused(source, tmp_path, scheme, change, message):
+    """Settings that change what the stored numbers mean (zero points, rotations, static scales) are refused,
+    not dropped: the model would load and compute something else."""
+    folder = write_quantized_checkpoint(source, tmp_path / "q", scheme)
+    _edit_config(folder, change)
+    with pytest.raises(CheckpointError) as info:
+        load_model(EngineSettings(model=str(folder)))
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("name, dtype", [("model.decoder.layers.0.input_layernorm.weight", torch.float8_e5m2),
+                                         ("model.decoder.layers.0.input_layernorm.weight", torch.float8_e4m3fn),
+                                         ("model.decoder.layers.1.experts.gate_up_proj", torch.float8_e4m3fn)])
+def test_quantized_codes_where_a_plain_weight_is_expected_are_refused(source, tmp_path, name, dtype):
+    """An 8-bit float tensor with no scales (a plain weight, or experts stored fused as the recipe's ignore
+    list leaves them) would be read as its codes' values."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_quantized_checkpoint(source, tmp_path / "q", "fp8")
+    tensors = load_file(folder / "model.safetensors")
+    if name.endswith("experts.gate_up_proj"):  # these experts stored fused instead of as per-expert linears
+        plain = load_file(next(source.glob("*.safetensors")))
+        for key in [k for k in tensors if k.startswith("model.decoder.layers.1.experts.")]:
+            del tensors[key]
+        for key in ("gate_up_proj", "down_proj"):
+            tensors[f"model.decoder.layers.1.experts.{key}"] = plain[f"model.decoder.layers.1.experts.{key}"]
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        load_model(EngineSettings(model=str(folder)))
+    assert str(info.value) == (f"the checkpoint's {name} is {str(dtype).removeprefix('torch.')} with no scales: "
+                               f"it cannot be read as a weight")
+
+
+def test_unreadable_or_doubled_weight_files_are_refused_naming_them(source, tmp_path):
+    folder = write_quantized_checkpoint(source, tmp_path / "q", "fp8", shards=2)
+    first, second = sorted(folder.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    doubled = load_file(first)
+    key = sorted(doubled)[0]
+    save_file({**load_file(second), key: doubled[key]}, second, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        load_model(EngineSettings(model=str(folder)))
+    assert str(info.value) == f"the checkpoint {folder} holds {key} twice (in {second.name} and another file)"
+    first.write_bytes(b"\xff" * 64)  # a corrupt header
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(first))} cannot be read as safetensors: "):
+        load_model(EngineSettings(model=str(folder)))
 
 
 def test_server_serves_it_with_no_extra_flag(server_launcher, checkpoints):
