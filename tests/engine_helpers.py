@@ -1,4 +1,4 @@
-"""Helpers shared by the engine tests: a float64 tiny checkpoint, the transformers reference, a driver."""
+"""Helpers shared by the engine tests: tiny checkpoints (a poisoned one), the transformers reference, a driver."""
 
 from __future__ import annotations
 
@@ -57,25 +57,27 @@ def save_untied(model, path, dtype) -> None:
     assert not any(info.values()), info
 
 
-def build_poisoned_checkpoint(path):
-    """A real float64 tiny checkpoint with untied embeddings and one NaN row (``POISON``) in the
-    encoder's table: any prompt containing that token fills its own KV with NaN and gets non-finite
-    logits; nothing else is affected."""
+def build_poisoned_checkpoint(path, dtype: torch.dtype = torch.float32):
+    """A real tiny checkpoint (float32 by default, as users run) with untied embeddings and one NaN row
+    (``POISON``) in the encoder's table: any prompt containing that token fills its own KV with NaN and
+    gets non-finite logits; nothing else is affected."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(path, TinySpec(dtype=torch.float64))
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
+    path = build_tiny_checkpoint(path, TinySpec(dtype=dtype))
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, experts_implementation="eager")
     untie_weights(model)
     with torch.no_grad():
         model.model.encoder.language_model.embed_tokens.weight[POISON] = float("nan")
-    save_untied(model, path, torch.float64)
+    save_untied(model, path, dtype)
     return path
 
 
-def make_core(path, **overrides) -> EngineCore:
-    settings = EngineSettings(model=str(path), dtype="float64", **overrides)
+def make_core(path, dtype: str = "float64", **overrides) -> EngineCore:
+    """An engine over ``path``, in float64 unless ``dtype`` says otherwise ("auto": float32 on CPU, as users
+    run): float64 where a test compares with generate on the near-flat random model's logits."""
+    settings = EngineSettings(model=str(path), dtype=dtype, **overrides)
     return EngineCore(load_model(settings), settings)
 
 

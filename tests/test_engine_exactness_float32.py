@@ -132,8 +132,33 @@ def test_random_tiny_model_in_float32_matches_generate(tiny32_core, params):
 
 
 @pytest.fixture(scope="module")
-def tiny32_core(tmp_path_factory):
-    return make_default_core(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny32"), TinySpec()))
+def tiny32_path(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny32"), TinySpec())
+
+
+@pytest.fixture(scope="module")
+def tiny32_core(tiny32_path):
+    return make_default_core(tiny32_path)
+
+
+@pytest.mark.parametrize("overrides, inline_entropy", [
+    (dict(sampling_tile_bytes=1), False),  # DiffusionGemma's own path on CPU: its vocabulary takes a row per tile
+    (dict(max_encoder_tokens=16), False),  # a prompt past max_encoder_tokens, prefilled in chunks
+    ({}, True),  # entropies on the engine's thread, as with --num-threads above 1 or one usable CPU
+], ids=["tiles-of-one-position", "chunked-prefill", "entropy-inline"])
+def test_other_cpu_paths_in_float32_match_generate(tiny32_path, overrides, inline_entropy):
+    """The ways a CPU pass is cut up other than the tiny model's defaults, in the default dtype: each still
+    gives generate's tokens and passes."""
+    core = make_default_core(tiny32_path, **overrides)
+    if "sampling_tile_bytes" in overrides:
+        assert (core.runner.sampler.tiles.rows, core.runner.sampler.tiles.positions) == (1, 1)
+    core.runner.sampler.overlap_entropy = core.runner.sampler.overlap_entropy and not inline_entropy
+    prompt = core.loaded.tokenizer(PROMPTS["long"] * 3).input_ids
+    assert len(prompt) > 3 * 16
+    for params in (SamplingParams(max_tokens=40),
+                   SamplingParams(max_tokens=53, max_denoising_steps=5, entropy_bound=0.5, t_min=0.2, t_max=1.5)):
+        for seed in (0, 7):
+            check_against_generate(core, prompt, params, seed)
 
 
 # -- the embedded Sudoku model ----------------------------------------------------------------------

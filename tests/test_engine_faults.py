@@ -12,7 +12,8 @@ from tests.engine_helpers import (BOOM, POISON, build_poisoned_checkpoint, fail_
 @pytest.fixture(scope="module")
 def poisoned_core(tmp_path_factory):
     # eager decoder passes: a fault below is injected into a layer's Python forward, which a trace does not call
-    return make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned")), max_num_seqs=4, trace_decoder=False)
+    return make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned")), dtype="auto", max_num_seqs=4,
+                     trace_decoder=False)
 
 
 def test_non_finite_row_fails_alone(poisoned_core):
@@ -54,8 +55,8 @@ def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_p
     longer calls the layers' Python forward): a weight of the wrong shape makes the replay raise. With a
     request arriving whose encoder work raises too, the running rows' replay is the pass's only decoder
     work, and it runs on the pool, started before the encoder: its error still fails their requests."""
-    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned-traced")), max_num_seqs=4,
-                     forward_threads=2)
+    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned-traced")), dtype="auto",
+                     max_num_seqs=4, forward_threads=2)
     assert core.runner.traced is not None
     tok = core.loaded.tokenizer
     params = SamplingParams(max_tokens=16, seed=1, ignore_eos=True)
@@ -94,7 +95,7 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
     from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-encoder-fault"), TinySpec())
-    core = make_core(path, max_num_seqs=4, max_encoder_tokens=max_encoder_tokens, forward_threads=2)
+    core = make_core(path, dtype="auto", max_num_seqs=4, max_encoder_tokens=max_encoder_tokens, forward_threads=2)
     tok = core.loaded.tokenizer
     params = SamplingParams(max_tokens=40, seed=1, ignore_eos=True)
     prompts = {"running": tok("fine").input_ids, "neighbour": [7] * 9,

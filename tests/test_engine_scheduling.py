@@ -274,7 +274,7 @@ def test_a_freed_slot_does_not_leak_into_the_next_request(tmp_path_factory):
     and so do the others."""
     from tests.engine_helpers import POISON, build_poisoned_checkpoint
 
-    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poison_slot")), max_num_seqs=4)
+    core = make_core(build_poisoned_checkpoint(tmp_path_factory.mktemp("poison_slot")), dtype="auto", max_num_seqs=4)
     tok = core.loaded.tokenizer
     keepers = [(f"k{i}", tok(f"keeper number {i}").input_ids, SamplingParams(max_tokens=96, seed=i, ignore_eos=True))
                for i in range(3)]  # their reservation stays the longest, and four rows stay allocated

@@ -306,7 +306,7 @@ def poisoned_server(server_launcher, tmp_path_factory):
     """The poisoned checkpoint of tests/engine_helpers.py: a prompt containing POISON gets non-finite
     logits; others are unaffected."""
     path = build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned_http"))
-    return server_launcher(["--model", str(path), "--dtype", "float64", "--max-num-seqs", "4"], model_name=str(path))
+    return server_launcher(["--model", str(path), "--max-num-seqs", "4"], model_name=str(path))
 
 
 def test_engine_fault_fails_only_its_request(poisoned_server):
