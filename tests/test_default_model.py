@@ -19,10 +19,24 @@ from tools.sudoku.common import BUCKETS, EVAL_SEED, eval_set
 MIN_SOLVED = 18  # 20 of 20 measured with the shipped checkpoint (30,871 steps, 32-step cap)
 
 
-def test_the_embedded_model_ships_with_the_package():
-    assert (embedded_model_dir() / "config.json").is_file()
-    assert (embedded_model_dir() / "model.safetensors").is_file()
-    assert (embedded_model_dir() / "tokenizer.json").is_file()
+def test_the_embedded_model_ships_with_the_package(tmp_path):
+    """The embedded model and the page's assets are package data: a wheel holds them, so a non-editable
+    ``pip install .`` finds them too (README)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (embedded_model_dir() / name).is_file(), name
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--quiet", "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    model = {f"engine/default_model/{p.name}" for p in embedded_model_dir().iterdir() if p.is_file()}
+    static = {f"server/static/{p.name}" for p in (root / "server" / "static").iterdir() if p.is_file()}
+    assert model and static and (model | static) <= names, sorted((model | static) - names)
 
 
 @pytest.fixture(scope="module")

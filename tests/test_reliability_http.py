@@ -146,6 +146,39 @@ def test_idle_sockets_past_the_file_limit_leave_health_answering(file_limited):
     assert "Traceback" not in log and "cannot accept" not in log and "out of system resource" not in log
 
 
+def test_a_connection_past_the_cap_when_all_are_busy_gets_503(server_launcher, server_tiny_checkpoint):
+    """Every connection has a request in progress: the next one is answered 503 too_many_connections with
+    Retry-After: 1 and closed, and the server answers again once the busy ones are gone."""
+    server = server_launcher(["--model", str(server_tiny_checkpoint), "--max-connections", "4"])
+    body = json.dumps({"prompt": "busy", "stream": True, **SLOW}).encode()
+    busy = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
+    try:
+        for sock in busy:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for sock in busy:  # its stream has started: the request is in progress
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as extra:
+            status, headers, answer, rest = read_response(extra)
+            assert status == 503 and headers["retry-after"] == "1"
+            err = assert_openai_error(answer, "too_many_connections")
+            assert err["message"] == ("The server has 4 open connections, all busy (setting max_connections). "
+                                      "Retry later.")
+            assert rest + read_to_eof(extra) == b""
+    finally:
+        for sock in busy:
+            sock.close()
+    deadline = time.monotonic() + 60  # only bounds a hang: the closed streams release their connections
+    while True:
+        try:
+            if httpx.get(server.url + "/health", timeout=10).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_accept_failures_are_logged_once_per_interval(file_limited):
     """With the cap set above the file limit, accept() does run out of descriptors: the log gets one
     line per interval with a count (not a traceback per failed call), and the server recovers once

@@ -135,6 +135,34 @@ def test_models_show_the_served_name_only(default_server, server_tiny_checkpoint
     assert str(server_tiny_checkpoint) not in r.text.replace(str(server_tiny_checkpoint).lstrip("/"), "")
 
 
+# -- what a request that leaves things out gets, as the docs say ----------------------------------------
+
+
+def test_documented_defaults(default_server):
+    """max_tokens defaults to one canvas, not the rest of the context (README); ``tools: []`` means no tools
+    (docs/tools.md); /v1/models shows max_model_len (docs/api.md); and without --log-prompts the request's
+    log line carries neither its prompt nor its text (docs/configuration.md)."""
+    marker = "secret-marker-8c1f"
+    r = httpx.post(default_server.url + "/v1/completions", json={"prompt": marker, "ignore_eos": True, "seed": 1},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert (usage["completion_tokens"], usage["canvases"]) == (16, 1)  # the tiny checkpoint's canvas
+    request_id = r.headers["x-request-id"]
+    chat = httpx.post(default_server.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": marker}], "tools": [], "ignore_eos": True, "seed": 1})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["completion_tokens"] == 16 and "tool_calls" not in chat.json()["choices"][0]["message"]
+    card = httpx.get(default_server.url + "/v1/models", timeout=10).json()["data"][0]
+    assert card["max_model_len"] == 4096
+    log = default_server.log()
+    line = next(line for line in log.splitlines() if request_id in line and "status=200" in line)
+    assert "completion_tokens=16" in line
+    assert marker not in log
+    text = r.json()["choices"][0]["text"]
+    assert len(text) < 8 or text not in log
+
+
 # -- item 7: null is "unset" where OpenAI's schema allows it -----------------------------------------
 
 

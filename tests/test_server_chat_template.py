@@ -43,3 +43,26 @@ def test_template_variables_reach_the_template(server_variant):
     assert f"[note: {note}][thinking]<start_of_turn>user" in line  # --log-prompts: the rendered prompt
     off = httpx.post(url, json={**base, "chat_template_kwargs": {"note": "", "enable_thinking": False}}, timeout=30)
     assert off.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+
+
+def test_generation_prompt_and_continued_final_message(server_variant):
+    """add_generation_prompt false renders no opening of the model's turn; continue_final_message renders
+    the last (assistant) message open, for the model to go on with it (docs/api.md)."""
+    import ast
+
+    url = server_variant.base_url + "/chat/completions"
+    base = {"model": server_variant.model_name, "max_tokens": 4, "seed": 1}
+    user = [{"role": "user", "content": "hi"}]
+
+    def rendered(body) -> str:  # the prompt as the request's log line shows it (--log-prompts)
+        r = httpx.post(url, json={**base, **body}, timeout=30)
+        assert r.status_code == 200, r.text
+        line = next(ln for ln in server_variant.log().splitlines() if r.json()["id"] in ln)
+        return ast.literal_eval(line.split(" prompt=", 1)[1].split(" outputs=", 1)[0])
+
+    turn = "<bos><start_of_turn>user\nhi<end_of_turn>\n"
+    assert rendered({"messages": user}) == turn + "<start_of_turn>model\n"
+    assert rendered({"messages": user, "add_generation_prompt": False}) == turn
+    started = [*user, {"role": "assistant", "content": "The answer is"}]
+    assert rendered({"messages": started, "continue_final_message": True,
+                     "add_generation_prompt": False}) == turn + "<start_of_turn>model\nThe answer is"
