@@ -36,7 +36,7 @@ class MemoryPlan:
     sliding_kv_bytes_per_request: int  # sliding layers hold at most window-1 tokens
     state_bytes_per_request: int  # canvas, soft embeddings, argmax history
     sampling_transient_bytes: int  # largest transient of one sampling tile
-    decoder_transient_bytes: int  # activations of one full decoder batch (rough upper bound)
+    decoder_transient_bytes: int  # one layer's activations over the largest batch, decoder or encoder (upper bound)
     expert_dequant_bytes: int = 0  # one layer's 8-bit experts dequantized (engine.quantization), 0 unquantized
 
     def per_request_bytes(self, tokens: int) -> int:
@@ -47,10 +47,23 @@ class MemoryPlan:
                 + 2 * self.sliding_kv_bytes_per_request + self.state_bytes_per_request)
 
 
+def activation_bytes_per_token(text_config, elem: int) -> int:
+    """The most activation memory one token holds inside a layer: the dense MLP's (gate, up, their product
+    and the output), or the MoE block's, which keeps for each of the token's ``top_k`` experts its gathered
+    input and its output in the weights' dtype and, weighted by the float32 routing weights, two float32
+    copies (transformers' grouped_mm experts)."""
+    hidden = text_config.hidden_size
+    dense = 4 * max(text_config.intermediate_size, hidden) * elem
+    top_k = getattr(text_config, "top_k_experts", None) or 0
+    return max(dense, top_k * hidden * (2 * elem + 2 * 4))
+
+
 def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling_transient_bytes: int, max_num_seqs: int,
-                stability_threshold: int = 1, dequantized_experts: bool = False, expert_copies: int = 1) -> MemoryPlan:
+                stability_threshold: int = 1, dequantized_experts: bool = False, expert_copies: int = 1,
+                max_encoder_tokens: int = 0) -> MemoryPlan:
     """``expert_copies``: how many forwards may hold a layer's dequantized experts at once (on CPU, one
-    per row group running side by side: ``ModelRunner.forward_threads``)."""
+    per row group running side by side: ``ModelRunner.forward_threads``). The activations are one layer's
+    over the larger of a full decoder batch and an encoder call (``max_encoder_tokens``)."""
     elem = torch.finfo(dtype).bits // 8
     full = sliding = largest = 0
     for i, layer_type in enumerate(text_config.layer_types):
@@ -63,7 +76,7 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling
             largest = max(largest, per_token)
     hidden = text_config.hidden_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
-    activations = max_num_seqs * canvas_length * max(text_config.intermediate_size, hidden) * elem * 4
+    activations = max(max_num_seqs * canvas_length, max_encoder_tokens) * activation_bytes_per_token(text_config, elem)
     dequant = expert_copies * expert_dequant_bytes(text_config, elem) if dequantized_experts else 0
     return MemoryPlan(full, largest, sliding, state, sampling_transient_bytes, activations, dequant)
 

@@ -209,3 +209,45 @@ def test_dequantized_experts_stay_within_the_planned_transient(method, dtype):
     # dequantized weights the forward allocates only activations of 8 tokens (under 1 MiB at hidden
     # 1024, 64 experts, top 4) and malloc's page rounding.
     assert grew <= planned + 8 * 2**20
+
+
+_ACTIVATIONS_SCRIPT = r"""
+import sys, torch
+from transformers import DiffusionGemmaTextConfig
+from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+from engine.memory import activation_bytes_per_token
+
+dtype, tokens = getattr(torch, sys.argv[1]), 2048
+config = DiffusionGemmaTextConfig(hidden_size=1024, moe_intermediate_size=512, num_experts=64, top_k_experts=8)
+config._experts_implementation = "grouped_mm"
+experts = DiffusionGemmaTextExperts(config).to(dtype)
+hidden = torch.randn(tokens, 1024, dtype=dtype)
+index = torch.stack([torch.randperm(64)[:8] for _ in range(tokens)])
+routing = torch.full((tokens, 8), 0.125)  # float32, as the router's softmax gives them
+
+def kib(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+
+with torch.no_grad():
+    experts(hidden, index, routing)  # first call: allocator and kernel set-up
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set, to now
+    base = kib("VmRSS")
+    experts(hidden, index, routing)
+    peak = kib("VmHWM")
+print((peak - base) * 1024, tokens * activation_bytes_per_token(config, torch.finfo(dtype).bits // 8))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_moe_layer_stays_within_the_planned_activations(dtype):
+    """The memory plan's activations per token cover transformers' grouped_mm experts over a batch: the
+    peak of one call (a fresh process, the peak resident set reset before it) over 2048 tokens at top 8,
+    where each token holds its experts' inputs and outputs and two float32 weighted copies."""
+    proc = subprocess.run([sys.executable, "-c", _ACTIVATIONS_SCRIPT, dtype], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grew, planned = (int(x) for x in proc.stdout.split()[-2:])
+    # the same slack as the dequantized experts' test: malloc's page rounding, no timing involved
+    assert 0.5 * planned < grew <= planned + 8 * 2**20, (grew, planned)
