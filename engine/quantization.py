@@ -146,7 +146,9 @@ def register_dequantized_experts() -> None:
 def expert_dequant_bytes(text_config, dtype_bytes: int) -> int:
     """The transient of ``DEQUANTIZED_EXPERTS``: one layer's gate_up [E, 2I, H] and down [E, H, I]
     in the load dtype (transformers' forward still holds the dequantized gate_up when it reads
-    down_proj), plus, below fp32, two fp32 copies of the largest chunk (``_dequantized``)."""
+    down_proj), plus two 4-byte temporaries of the largest chunk, whatever the load dtype: the fp32
+    copies of a chunk below fp32 (``_dequantized``), NVFP4's int32 codes and fp32 values
+    (``engine.compressed_tensors.unpack_e2m1``)."""
     experts, inter, hidden = text_config.num_experts, text_config.moe_intermediate_size, text_config.hidden_size
     chunk = -(-experts // DEQUANT_CHUNKS) * 2 * inter * hidden  # elements of a gate_up chunk
-    return experts * 3 * inter * hidden * dtype_bytes + (2 * 4 * chunk if dtype_bytes < 4 else 0)
+    return experts * 3 * inter * hidden * dtype_bytes + 2 * 4 * chunk

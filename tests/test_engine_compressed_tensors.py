@@ -5,8 +5,8 @@ dequantized to float32 and loaded as a plain checkpoint. One that lacks a tensor
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -345,3 +345,60 @@ def test_fp8_linear_matches_the_dequantized_reference():
     want = x @ (t["weight"].float() * t["weight_scale"]).t()
     assert got.shape == (3, 7, 96) and got.dtype == torch.float32
     assert float((got - want).norm() / want.norm()) < 0.05
+
+
+_PEAK_SCRIPT = r"""
+import sys, torch
+from transformers import DiffusionGemmaTextConfig
+from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
+from engine.compressed_tensors import compressed_experts_class
+from engine.quantization import expert_dequant_bytes
+
+scheme, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+E, I, H = 64, 512, 1024
+config = DiffusionGemmaTextConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, top_k_experts=4)
+config._experts_implementation = "grouped_mm"
+with torch.device("meta"):
+    experts = DiffusionGemmaTextExperts(config)
+for name, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):  # the stacked layout the loader builds
+    if scheme == "nvfp4":
+        stored = {name: torch.randint(0, 256, (E, rows, cols // 2), dtype=torch.uint8),
+                  name + "_scale": torch.full((E, rows, cols // 16), 0.01).to(torch.float8_e4m3fn),
+                  name + "_global": torch.ones(E, rows, 1)}
+    else:
+        stored = {name: torch.randn(E, rows, cols).to(torch.float8_e4m3fn), name + "_scale": torch.full((E, rows, 1), 0.01)}
+    for key, value in stored.items():
+        experts._parameters[key] = torch.nn.Parameter(value, requires_grad=False)
+experts.__class__ = compressed_experts_class()
+tokens = torch.randn(8, H, dtype=dtype)
+index = torch.stack([torch.randperm(E)[:4] for _ in range(8)])
+routing = torch.full((8, 4), 0.25, dtype=dtype)
+
+def kib(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+
+with torch.no_grad():
+    experts(tokens, index, routing)  # first call: allocator and kernel set-up
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set, to now
+    base = kib("VmRSS")
+    experts(tokens, index, routing)
+    peak = kib("VmHWM")
+print((peak - base) * 1024, expert_dequant_bytes(config, torch.finfo(dtype).bits // 8))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.parametrize("scheme", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dequantized_compressed_experts_stay_within_the_planned_transient(scheme, dtype):
+    """Where there is no FP8 grouped GEMM (CPU, the RTX 5090) a layer's compressed experts are dequantized
+    whole for each call: the peak of one call (a fresh process, the peak resident set reset before it) stays
+    within the plan's expert_dequant_bytes, NVFP4's int32 codes and float32 values included."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, scheme, dtype], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grew, planned = (int(x) for x in proc.stdout.split()[-2:])
+    dequantized = 64 * 3 * 512 * 1024 * torch.finfo(getattr(torch, dtype)).bits // 8
+    assert dequantized <= planned < 1.2 * dequantized
+    assert grew <= planned + 4 * 2**20, (grew, planned)  # malloc's page rounding; no timing involved
