@@ -157,8 +157,8 @@ def settings_from_args(argv: list[str] | None = None, environ=None) -> ServerSet
     flags = vars(parser.parse_args(argv))
     try:
         env = values_from_env(os.environ if environ is None else environ)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # as argparse reports a bad flag, without the usage: the command line was fine
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     env_config = env.pop("config", None)
     config = flags.pop("config", None) or env_config
     values = load_config(config) if config else {}
