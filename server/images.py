@@ -234,6 +234,8 @@ class ImageReader:
         except errors.APIError:
             raise
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                exc.close()  # a 4xx/5xx answer holds its connection until closed
             timed_out = isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
             if timed_out or (watchdog is not None and watchdog.expired):
                 raise invalid_image(f"The image at {url} did not arrive within {self.fetch_timeout:g} seconds of "
