@@ -234,6 +234,6 @@ def _compressed_config(settings: EngineSettings):
         refuse_unknown_quantization(settings.model, config)
         return None
     if settings.quantization != "none":
-        raise compressed_tensors.CheckpointError(
+        raise CheckpointError(
             f"{settings.model} is already quantized (compressed-tensors): drop --quantization {settings.quantization}")
     return config
