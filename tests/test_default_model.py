@@ -147,3 +147,22 @@ def test_suffix_decides_an_ambiguous_infill(default_server):
     infilled = sum(ok for _, ok in results)
     assert differs >= 15, f"only {differs} of 20 free completions differ from the given solution"
     assert infilled >= 15, f"infilled {infilled} of 20 ambiguous puzzles"
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_the_http_evaluator_reads_the_real_server(default_server, chat):
+    """tools/sudoku/evaluate_http, which makes the README's quality table over HTTP, against the embedded
+    server itself: every bucket's puzzle is answered and scored, with the server's steps per canvas."""
+    import asyncio
+
+    from tools.sudoku import evaluate_http
+
+    args = evaluate_http.parse_args(["--base-url", default_server.url, "--per-bucket", "1", "--concurrency", "4",
+                                     *(["--chat"] if chat else [])])
+    stats, model = asyncio.run(evaluate_http.run(args))
+    assert model == EMBEDDED_SERVED_NAME and list(stats) == [b[0] for b in BUCKETS]
+    for name, s in stats.items():
+        assert (s.n, s.errors, s.canvases) == (1, 0, [1]), name
+        assert len(s.steps) == 1 and 1 <= s.steps[0] <= 32, name
+        assert s.cells_total > 0 and s.cells_right > 0, name
+    assert stats[BUCKETS[0][0]].solved == 1  # the easiest bucket's puzzle

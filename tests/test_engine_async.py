@@ -162,7 +162,10 @@ def test_an_id_is_not_reused_before_its_abort_is_taken(engine):
         alone = [out async for out in engine.generate(prompt, new, "alone")]
         gen = engine.generate(prompt, old, "reused")
         await gen.__anext__()
-        await gen.aclose()  # the abort is queued; the old request is still in the engine until a pass takes it
+        with engine._lock:  # holds the step loop back from settling the abort, so the refusal is seen for sure
+            await gen.aclose()  # the abort is queued; the old request is still in the engine until a pass takes it
+            with pytest.raises(ValueError, match="duplicate request id 'reused'"):
+                engine.generate(prompt, new, "reused")
         while True:
             try:
                 stream = engine.generate(prompt, new, "reused")

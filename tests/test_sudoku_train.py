@@ -122,7 +122,9 @@ def test_export_loads_with_from_pretrained(trained, tmp_path):
     assert stats["30-35"].n == 1 and stats["30-35"].steps[0] <= 2
 
 
-def test_http_evaluator_reads_the_completions_api():
+def test_http_evaluator_takes_a_server_without_the_extension_fields():
+    """The evaluator also scores other OpenAI-compatible servers (vLLM): a stand-in for one whose usage may
+    lack the diffusion fields. Against this project's own server it runs in test_default_model.py."""
     answers = {p: s for pairs in eval_set(2).values() for p, s in pairs}
     seen = []
 
