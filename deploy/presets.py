@@ -238,7 +238,7 @@ def markdown(plans: list[dict] | None = None) -> str:
         "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with two "
         "layers' worth more for attention's per-layer copies (encoder gather and concatenation, decoder concatenation). "
         "The decoder transient is one layer's activations over the larger of a full decoder batch and an encoder "
-        "call (`max-encoder-tokens`): for a MoE layer, each token's top-k experts' inputs and outputs and two "
+        "call (the engine setting `max_encoder_tokens`): for a MoE layer, each token's top-k experts' inputs and outputs and two "
         "float32 weighted copies (`engine.memory.activation_bytes_per_token`).",
         "",
     ]

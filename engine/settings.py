@@ -157,7 +157,8 @@ class EngineSettings:
         "(docs/quantized-checkpoints.md).")
     experts_implementation: str | None = setting(
         None, "transformers' experts_implementation for the MoE layers.",
-        default_text="grouped_mm (eager for float64; the dequantized grouped_mm for quantized experts)", cli=False)
+        default_text="row-wise with batch invariance (the CPU default), else grouped_mm (eager for float64; the "
+                     "dequantized grouped_mm for quantized experts)", cli=False)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any setting the engine cannot use."""
