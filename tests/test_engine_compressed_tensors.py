@@ -20,6 +20,7 @@ from engine.compressed_tensors import (
 )
 from engine.core import EngineCore
 from engine.loader import load_model
+from tests import peak_rss
 from tests.conftest import REPO_ROOT
 from tests.engine_helpers import run_to_completion
 from tools.quantized_checkpoint import write_quantized_checkpoint
@@ -373,32 +374,18 @@ experts.__class__ = compressed_experts_class()
 tokens = torch.randn(8, H, dtype=dtype)
 index = torch.stack([torch.randperm(E)[:4] for _ in range(8)])
 routing = torch.full((8, 4), 0.25, dtype=dtype)
-
-def kib(field):
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
-
-with torch.no_grad():
-    experts(tokens, index, routing)  # first call: allocator and kernel set-up
-    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set, to now
-    base = kib("VmRSS")
-    experts(tokens, index, routing)
-    peak = kib("VmHWM")
-print((peak - base) * 1024, expert_dequant_bytes(config, torch.finfo(dtype).bits // 8))
+print(peak_growth(lambda: experts(tokens, index, routing)), expert_dequant_bytes(config, torch.finfo(dtype).bits // 8))
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.skipif(not peak_rss.SUPPORTED, reason="needs Linux's peak-RSS reset")
 @pytest.mark.parametrize("scheme", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_dequantized_compressed_experts_stay_within_the_planned_transient(scheme, dtype):
     """Where there is no FP8 grouped GEMM (CPU, the RTX 5090) a layer's compressed experts are dequantized
     whole for each call: the peak of one call (a fresh process, the peak resident set reset before it) stays
     within the plan's expert_dequant_bytes, NVFP4's int32 codes and float32 values included."""
-    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, scheme, dtype], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    grew, planned = (int(x) for x in proc.stdout.split()[-2:])
+    grew, planned = peak_rss.growth_and_plan(_PEAK_SCRIPT, scheme, dtype)
     dequantized = 64 * 3 * 512 * 1024 * torch.finfo(getattr(torch, dtype)).bits // 8
     assert dequantized <= planned < 1.2 * dequantized
     assert grew <= planned + 4 * 2**20, (grew, planned)  # malloc's page rounding; no timing involved

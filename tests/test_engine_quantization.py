@@ -3,10 +3,6 @@ matches the loaded model, and the engine still gives exactly what generate gives
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -14,9 +10,9 @@ from engine import EngineSettings, SamplingParams
 from engine.core import EngineCore
 from engine.loader import load_model
 from engine.quantization import quantized_weight_bytes
-from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-from tests.conftest import REPO_ROOT
+from tests import peak_rss
 from tests.engine_helpers import reference_tokens, run_to_completion
+from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 pytest.importorskip("torchao")
 
@@ -174,33 +170,18 @@ quantize_(experts, FqnToConfig({"gate_up_proj": weights, "down_proj": weights}),
 tokens = torch.randn(8, 1024, dtype=dtype)
 index = torch.stack([torch.randperm(64)[:4] for _ in range(8)])
 routing = torch.full((8, 4), 0.25, dtype=dtype)
-
-def kib(field):
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
-
-with torch.no_grad():
-    dequantized_experts_forward(experts, tokens, index, routing)  # first call: allocator and kernel set-up
-    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set, to now
-    base = kib("VmRSS")
-    dequantized_experts_forward(experts, tokens, index, routing)
-    peak = kib("VmHWM")
-print((peak - base) * 1024, expert_dequant_bytes(config, torch.finfo(dtype).bits // 8))
+grew = peak_growth(lambda: dequantized_experts_forward(experts, tokens, index, routing))
+print(grew, expert_dequant_bytes(config, torch.finfo(dtype).bits // 8))
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.skipif(not peak_rss.SUPPORTED, reason="needs Linux's peak-RSS reset")
 @pytest.mark.parametrize("method,dtype", [("fp8-experts", "bfloat16"), ("int8-experts", "float32")])
 def test_dequantized_experts_stay_within_the_planned_transient(method, dtype):
     """The memory plan reserves expert_dequant_bytes for one layer's dequantized experts; a forward's
     peak (a fresh process, the peak resident set reset before it) stays within it. torchao's own
     dequantize() of the same weights peaks at about 5x the result in bf16, 2x in fp32."""
-    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, method, dtype], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          # every large block mapped on its own: glibc's dynamic mmap threshold would
-                          # otherwise serve the measured forward from a heap whose growth varies
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    grew, planned = (int(x) for x in proc.stdout.split()[-2:])
+    grew, planned = peak_rss.growth_and_plan(_PEAK_SCRIPT, method, dtype)
     dequantized = 64 * 3 * 512 * 1024 * torch.finfo(getattr(torch, dtype)).bits // 8
     assert dequantized <= planned < 1.2 * dequantized
     # Why the 8 MiB slack is safe on a loaded machine: the peak is the subprocess's own resident set
@@ -224,30 +205,17 @@ experts = DiffusionGemmaTextExperts(config).to(dtype)
 hidden = torch.randn(tokens, 1024, dtype=dtype)
 index = torch.stack([torch.randperm(64)[:8] for _ in range(tokens)])
 routing = torch.full((tokens, 8), 0.125)  # float32, as the router's softmax gives them
-
-def kib(field):
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
-
-with torch.no_grad():
-    experts(hidden, index, routing)  # first call: allocator and kernel set-up
-    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident set, to now
-    base = kib("VmRSS")
-    experts(hidden, index, routing)
-    peak = kib("VmHWM")
-print((peak - base) * 1024, tokens * activation_bytes_per_token(config, torch.finfo(dtype).bits // 8))
+grew = peak_growth(lambda: experts(hidden, index, routing))
+print(grew, tokens * activation_bytes_per_token(config, torch.finfo(dtype).bits // 8))
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.skipif(not peak_rss.SUPPORTED, reason="needs Linux's peak-RSS reset")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_moe_layer_stays_within_the_planned_activations(dtype):
     """The memory plan's activations per token cover transformers' grouped_mm experts over a batch: the
     peak of one call (a fresh process, the peak resident set reset before it) over 2048 tokens at top 8,
     where each token holds its experts' inputs and outputs and two float32 weighted copies."""
-    proc = subprocess.run([sys.executable, "-c", _ACTIVATIONS_SCRIPT, dtype], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    grew, planned = (int(x) for x in proc.stdout.split()[-2:])
+    grew, planned = peak_rss.growth_and_plan(_ACTIVATIONS_SCRIPT, dtype)
     # the same slack as the dequantized experts' test: malloc's page rounding, no timing involved
     assert 0.5 * planned < grew <= planned + 8 * 2**20, (grew, planned)
