@@ -115,3 +115,21 @@ def test_readme_starts_with_the_two_commands():
     ]
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "bash scripts/bootstrap.sh test" in ci
+
+
+def test_the_limits_table_of_reliability_md_matches_the_settings():
+    """docs/reliability.md's table of limits restates flags, YAML keys and defaults next to its own
+    explanations: each row must name a real flag, a key the config file takes for it, and its default."""
+    from server.settings import options
+
+    by_flag = {o.flag: o for o in options()}
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in (REPO / "docs/reliability.md").read_text().splitlines() if line.startswith("| `--")]
+    assert len(rows) >= 30
+    for flag, key, default, _ in rows:
+        option = by_flag.get(flag.strip("`"))
+        assert option is not None, flag
+        key = key.split("`")[1]
+        assert key in {option.key, option.key.replace("-", "_"), option.name}, (flag, key)
+        if default.isdigit() or default in ("off", "on"):  # a default copied as it is (others are described)
+            assert option.default == default, (flag, default, option.default)
