@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 
 class InvalidRequestError(ValueError):
     """A request parameter is invalid. ``param`` names the offending field (OpenAI error shape)."""
@@ -22,3 +24,12 @@ class EngineDeadError(RuntimeError):
 
 class CheckpointError(ValueError):
     """The checkpoint cannot be loaded as it is (a missing tensor, an unsupported format): one line."""
+
+
+def log_load_failure(log: logging.Logger, exc: BaseException, message: str, *args) -> None:
+    """Log why a model did not load, from inside the ``except`` block: a ``CheckpointError`` as one line (its
+    message names the reason), anything else with its traceback."""
+    if isinstance(exc, CheckpointError):
+        log.error(message + ": %s", *args, exc)
+    else:
+        log.exception(message, *args)

@@ -177,8 +177,9 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     else:
         if device.type != "cpu":
             kwargs["device_map"] = str(device)  # load straight onto the accelerator (via accelerate), no host copy
-        model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(settings.model, output_loading_info=True,
-                                                                      **kwargs)
+        # mismatched shapes come back in the loading info (refused below) rather than as a bare RuntimeError
+        model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            settings.model, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         refuse_incomplete(settings.model, info)
     model.to(device)  # a no-op when device_map already placed it
     model.eval()
@@ -193,10 +194,8 @@ def refuse_incomplete(folder: str, info: dict) -> None:
     """Raise ``CheckpointError`` where transformers' load left a weight uninitialised: it fills a tensor the
     checkpoint lacks (or holds in another shape) with random values, and only warns."""
     problems = [f"has no tensor {name}" for name in sorted(info.get("missing_keys") or ())]
-    problems += [f"holds {name} as {tuple(found)}, not {tuple(expected)}"
+    problems += [f"holds {name} in shape {list(found)}, expected {list(expected)}"
                  for name, found, expected in sorted(info.get("mismatched_keys") or ())]
-    problems += [f"could not convert {name}: {error}"
-                 for name, error in sorted((info.get("conversion_errors") or {}).items())]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"the checkpoint {folder} {problems[0]}{more}: the model would run with it uninitialised")
@@ -212,15 +211,22 @@ def load_tokenizer(path: str, config) -> tuple[object, object | None]:
 
 def refuse_unknown_quantization(folder: str, config) -> None:
     """Raise ``CheckpointError`` for a ``quantization_config`` that transformers does not know: it would skip
-    the quantization with a warning and load the quantized tensors as if they were plain weights."""
-    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    the quantization with a warning and load the quantized tensors as if they were plain weights. Known or
+    not is transformers' own test (bitsandbytes, for one, is named by its load_in_4bit / load_in_8bit)."""
+    from transformers.quantizers.auto import AutoHfQuantizer
 
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    method = qc.get("quant_method")
     method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
-    if method not in AUTO_QUANTIZER_MAPPING:
+    try:
+        known = AutoHfQuantizer.supports_quant_method(qc)
+    except ValueError:  # no quant_method at all
+        known = False
+    if not known:
         raise CheckpointError(f"the checkpoint {folder} is quantized with {method!r}, which neither this server "
                               f"(compressed-tensors) nor transformers can load")
 

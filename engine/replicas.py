@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 from .async_engine import AsyncEngine
 from .cpu_threads import default_forward_threads
+from .errors import log_load_failure
 from .loader import load_tokenizer, resolve_device
 from .multimodal import ImageInputs
 from .outputs import RequestOutput
@@ -408,7 +409,7 @@ def _load(settings: EngineSettings, pipe: _Pipe, index: int):
     except _FrontGone:
         raise
     except BaseException as exc:  # noqa: BLE001 - the front raises it
-        logger.exception("engine replica %d could not load the model", index)
+        log_load_failure(logger, exc, "engine replica %d could not load the model", index)
         pipe.send(("failed", _travels(exc)))
         return None
     pipe.send(("ready", core.rules))

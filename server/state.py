@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Callable
 
-from engine.errors import CheckpointError
+from engine.errors import log_load_failure
 
 from . import errors
 from .bodies import BodyLimits
@@ -82,10 +82,7 @@ class ServerState:
             engine = await asyncio.to_thread(self.engine_factory, self.settings, self.metrics)
             token_bound = await asyncio.to_thread(_token_bound, engine.tokenizer)
         except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, CheckpointError):  # a refusal that names its reason: no traceback
-                logger.error("failed to load the model %s: %s", self.settings.model, exc)
-            else:
-                logger.exception("failed to load the model %s", self.settings.model)
+            log_load_failure(logger, exc, "failed to load the model %s", self.settings.model)
             self.status = "failed"
             self.load_error = str(exc)
             if self.on_load_failure is not None:

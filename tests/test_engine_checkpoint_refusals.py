@@ -75,9 +75,36 @@ def test_a_quantization_method_nobody_here_knows_is_refused(source, tmp_path, me
                                f"(compressed-tensors) nor transformers can load")
 
 
-def test_the_server_exits_with_one_line_and_no_traceback(source, tmp_path):
+def test_a_tensor_in_another_shape_is_refused_naming_both_shapes(source, tmp_path):
+    name = "model.decoder.layers.1.post_feedforward_layernorm.weight"
+    folder = _copy(source, tmp_path / "m", change_tensors=lambda t: t.update({name: t[name][:-1].clone()}))
+    with pytest.raises(CheckpointError) as info:
+        load_model(EngineSettings(model=str(folder)))
+    hidden = TinySpec().hidden_size
+    assert str(info.value).startswith(f"the checkpoint {folder} holds {name} in shape [{hidden - 1}], expected "
+                                      f"[{hidden}]")
+
+
+@pytest.mark.parametrize("config", [{"quant_method": "bitsandbytes", "load_in_4bit": True},
+                                    {"quant_method": "bitsandbytes", "load_in_8bit": True},
+                                    {"quant_method": "fp8", "weight_block_size": [128, 128]}])
+def test_a_quantization_method_transformers_knows_goes_to_it(config):
+    """Only the unknown ones are refused: transformers' own methods go to its loader (bitsandbytes is named
+    by load_in_4bit / load_in_8bit, not by its quant_method alone)."""
+    from types import SimpleNamespace
+
+    from engine.loader import refuse_unknown_quantization
+
+    refuse_unknown_quantization("DIR", SimpleNamespace(quantization_config=config))
+    with pytest.raises(CheckpointError):
+        refuse_unknown_quantization("DIR", SimpleNamespace(quantization_config={"load_in_2bit": True}))
+
+
+@pytest.mark.parametrize("replicas", ["1", "2"])
+def test_the_server_exits_with_one_line_and_no_traceback(source, tmp_path, replicas):
     folder = _copy(source, tmp_path / "m", change_tensors=lambda t: t.pop(DROPPED))
-    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(folder), "--host", "127.0.0.1", "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(folder), "--host", "127.0.0.1", "--port", "0",
+                           "--data-parallel-size", replicas],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 1, proc.stderr[-3000:]
