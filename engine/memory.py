@@ -3,11 +3,11 @@ and the KV token budget derived from free memory at start-up."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from . import cgroups
 from .kv_budget import kv_tokens_needed
 from .quantization import expert_dequant_bytes
 
@@ -81,13 +81,15 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling
     return MemoryPlan(full, largest, sliding, state, sampling_transient_bytes, activations, dequant)
 
 
-CGROUP_ROOT = "/sys/fs/cgroup"
+MEMINFO = "/proc/meminfo"
 
 
-def available_bytes(device: torch.device, cgroup_root: str = CGROUP_ROOT) -> int:
+def available_bytes(device: torch.device, *, meminfo: str = MEMINFO, cgroup_root: str = cgroups.CGROUP_ROOT,
+                    proc_cgroup: str = cgroups.PROC_CGROUP) -> int:
     """Memory this process may still allocate on ``device``: the GPU's free memory, within the process's
-    cap where one is set (``device_memory_limit_gib``); on CPU the host's available memory, within the
-    container's memory limit where one is set (the host's figure does not show it)."""
+    cap where one is set (``device_memory_limit_gib``); on CPU the host's available memory, within its
+    cgroups' memory limit where one is set (``engine.cgroups``: a container's, which the host's figure does
+    not show)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         fraction = torch.cuda.get_per_process_memory_fraction(device)
@@ -96,38 +98,12 @@ def available_bytes(device: torch.device, cgroup_root: str = CGROUP_ROOT) -> int
         return max(0, int(free))
     host = 8 * 2**30
     try:
-        with open("/proc/meminfo") as fh:
+        with open(meminfo) as fh:
             host = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         pass
-    limited = cgroup_memory_available(cgroup_root)
+    limited = cgroups.memory_available(cgroup_root, proc_cgroup)
     return host if limited is None else min(host, limited)
-
-
-def cgroup_memory_available(root: str = CGROUP_ROOT) -> int | None:
-    """What the process's cgroup may still use before its memory limit (``docker run --memory``), or None
-    without a limit. Used memory is the cgroup's count less its inactive file pages, which the kernel
-    reclaims before it kills (the working set, as docker and the kubelet count it). cgroup v2, else v1."""
-    for limit_file, usage_file, inactive_key in (("memory.max", "memory.current", "inactive_file"),
-                                                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
-                                                  "total_inactive_file")):
-        try:
-            with open(f"{root}/{limit_file}") as fh:
-                limit = fh.read().strip()
-            with open(f"{root}/{usage_file}") as fh:
-                used = int(fh.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or not limit.isdigit() or int(limit) >= 2**62:  # v1 writes "no limit" as a huge number
-            return None
-        stat = os.path.join(root, os.path.dirname(usage_file), "memory.stat")
-        try:
-            with open(stat) as fh:
-                inactive = next((int(line.split()[1]) for line in fh if line.split()[0] == inactive_key), 0)
-        except (OSError, ValueError, IndexError):
-            inactive = 0
-        return max(0, int(limit) - max(0, used - inactive))
-    return None
 
 
 def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float, max_num_seqs: int,

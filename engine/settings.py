@@ -67,7 +67,8 @@ class EngineSettings:
         default_text="derived from the memory free at start-up (memory-fraction of it)")
     memory_fraction: float = setting(
         0.8, "Fraction of the memory free at start-up that the engine may budget: the GPU's, or on CPU the host's "
-        "available memory within the container's memory limit (cgroup) where one is set.")
+        "available memory within the process's nearest cgroup memory limit (a container's, a systemd unit's) "
+        "where one is set.")
     device_memory_limit_gib: float | None = setting(
         None, "On CUDA, the most GPU memory torch may allocate for this process, in GiB (weights, KV, "
         "transients and the allocator's cache; the CUDA context and libraries' own workspaces come on top): "
@@ -108,7 +109,7 @@ class EngineSettings:
         "as many rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each "
         "chunk re-reads the lm head).",
         default_text="10% of the memory free after the weights (the GPU's, or on CPU the host's within a "
-                     "container's memory limit), between 512 MiB and 8 GiB")
+                     "cgroup memory limit), between 512 MiB and 8 GiB")
     # engine.decoder_graphs: one graph per batch size, recaptured when the KV buffers are reallocated;
     # capture_blocker says why capture cannot work; AUTO_CUDA_GRAPH_MAX_BATCH is the default.
     cuda_graph_max_batch: int | None = setting(

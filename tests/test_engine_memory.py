@@ -126,29 +126,54 @@ def test_a_device_memory_limit_is_refused_on_cpu(tiny_path):
 GiB = 2**30
 
 
-@pytest.mark.parametrize("files, available", [
-    # cgroup v2 (docker run --memory 8g): the limit less the working set (usage less inactive file pages)
-    ({"memory.max": "8589934592\n", "memory.current": str(3 * GiB), "memory.stat": f"anon 1\ninactive_file {GiB}\n"},
-     6 * GiB),
-    ({"memory.max": "max\n", "memory.current": str(3 * GiB)}, None),  # no limit
-    ({"memory.max": str(2 * GiB), "memory.current": str(5 * GiB)}, 0),  # over it already
-    # cgroup v1
-    ({"memory/memory.limit_in_bytes": str(4 * GiB), "memory/memory.usage_in_bytes": str(GiB),
-      "memory/memory.stat": f"inactive_file 0\ntotal_inactive_file {GiB // 2}\n"}, 3 * GiB + GiB // 2),
-    ({"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": str(GiB)}, None),
-    ({}, None),  # no cgroup files
+def _tree(root, files: dict) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+V2_PROC = "0::/system.slice/app.service\n"
+V1_PROC = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+
+
+@pytest.mark.parametrize("proc, files, available", [
+    # a container with its own cgroup namespace (docker run --memory 8g): the mount's root is its cgroup;
+    # the limit less the working set (usage less inactive file pages)
+    ("0::/\n", {"memory.max": "8589934592\n", "memory.current": str(3 * GiB),
+                "memory.stat": f"anon 1\ninactive_file {GiB}\n"}, 6 * GiB),
+    ("0::/\n", {"memory.max": "max\n", "memory.current": str(3 * GiB)}, None),  # no limit
+    ("0::/\n", {"memory.max": str(2 * GiB), "memory.current": str(5 * GiB)}, 0),  # over it already
+    # a systemd unit's MemoryMax on the host (v2): the process's own cgroup, below the root
+    (V2_PROC, {"system.slice/app.service/memory.max": str(4 * GiB),
+               "system.slice/app.service/memory.current": str(GiB)}, 3 * GiB),
+    # a limit on a parent (a pod's) is nearer than none on the process's own cgroup
+    (V2_PROC, {"system.slice/app.service/memory.max": "max", "system.slice/app.service/memory.current": str(GiB),
+               "system.slice/memory.max": str(2 * GiB), "system.slice/memory.current": str(GiB + GiB // 2)},
+     GiB // 2),
+    # cgroup v1 (and hybrid hosts): the memory hierarchy, the process's path in it
+    (V1_PROC, {"memory/docker/abc/memory.limit_in_bytes": str(4 * GiB),
+               "memory/docker/abc/memory.usage_in_bytes": str(GiB),
+               "memory/docker/abc/memory.stat": f"inactive_file 0\ntotal_inactive_file {GiB // 2}\n",
+               "memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": str(GiB)},
+     3 * GiB + GiB // 2),
+    (V1_PROC, {"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": str(GiB)},
+     None),  # v1's stand-in for no limit, and the process's folder not mounted: the root is read
+    ("", {}, None),  # no cgroup files at all
 ])
-def test_a_container_memory_limit_bounds_the_cpu_budget(tmp_path, files, available):
-    """On CPU the KV budget and the sampling tile come from the memory free: in a container that is
-    what its cgroup limit leaves, which the host's /proc/meminfo does not show."""
+def test_a_cgroup_memory_limit_bounds_the_cpu_budget(tmp_path, proc, files, available):
+    """On CPU the KV budget and the sampling tile come from the memory free: under a cgroup limit that is
+    what the nearest limit leaves, which the host's /proc/meminfo does not show."""
     import torch
 
-    from engine.memory import available_bytes, cgroup_memory_available
+    from engine.cgroups import memory_available
+    from engine.memory import available_bytes
 
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cgroup_memory_available(str(tmp_path)) == available
-    host = available_bytes(torch.device("cpu"), cgroup_root=str(tmp_path / "none"))
-    expected = host if available is None else min(host, available)
-    assert available_bytes(torch.device("cpu"), cgroup_root=str(tmp_path)) == expected
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    _tree(root, files)
+    (tmp_path / "proc").write_text(proc)
+    (tmp_path / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {5 * GiB // 1024} kB\n")
+    assert memory_available(str(root), str(tmp_path / "proc")) == available
+    got = available_bytes(torch.device("cpu"), meminfo=str(tmp_path / "meminfo"), cgroup_root=str(root),
+                          proc_cgroup=str(tmp_path / "proc"))
+    assert got == (5 * GiB if available is None else min(5 * GiB, available))
