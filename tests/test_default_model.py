@@ -22,17 +22,33 @@ MIN_SOLVED = 18  # 20 of 20 measured with the shipped checkpoint (30,871 steps, 
 def test_the_embedded_model_ships_with_the_package(tmp_path):
     """The embedded model and the page's assets are package data: a wheel holds them, so a non-editable
     ``pip install .`` finds them too (README)."""
+    import shutil
     import subprocess
     import sys
     import zipfile
+    from importlib.metadata import PackageNotFoundError, version
     from pathlib import Path
 
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert (embedded_model_dir() / name).is_file(), name
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--quiet", "-w", str(tmp_path)],
+    # a clean copy of what the build reads: a build/ or *.egg-info left in the tree would be reused
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for package in ("engine", "server", "tools"):
+        shutil.copytree(root / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    # the installed setuptools where it meets pyproject's requirement (no index needed), else pip's
+    # isolated build, which fetches one
+    try:
+        recent = int(version("setuptools").split(".")[0]) >= 77
+    except PackageNotFoundError:
+        recent = False
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--quiet",
+                    *(["--no-build-isolation"] if recent else []), "-w", str(tmp_path / "dist")],
                    check=True, capture_output=True, timeout=600)
-    (wheel,) = tmp_path.glob("*.whl")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     model = {f"engine/default_model/{p.name}" for p in embedded_model_dir().iterdir() if p.is_file()}
     static = {f"server/static/{p.name}" for p in (root / "server" / "static").iterdir() if p.is_file()}
