@@ -42,7 +42,8 @@ def count_parameters(config) -> tuple[int, int]:
 
 
 def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context: int, max_num_seqs: int,
-           tile_budget_mib: int | None, draws_in_flight: int = 1, max_encoder_tokens: int = 0) -> dict:
+           tile_budget_mib: int | None, draws_in_flight: int = 1, max_encoder_tokens: int = 0,
+           encoder_beside_decoder: bool = False) -> dict:
     """``draws_in_flight``: 1 on CUDA, 2 on CPU (where the next tile's draws are taken ahead).
     ``tile_budget_mib=None``: the engine's default from the memory left beside the weights."""
     text = config.text_config
@@ -55,7 +56,7 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
     tiles = SamplingTiles(min(tiles.rows, max_num_seqs), tiles.positions, tiles.draws_in_flight)  # a batch's tiles
     plan = plan_memory(text, config.canvas_length, kv_torch, max_num_seqs=max_num_seqs,
                        sampling_transient_bytes=tiles.transient_bytes(config.canvas_length, text.vocab_size),
-                       max_encoder_tokens=max_encoder_tokens)
+                       max_encoder_tokens=max_encoder_tokens, encoder_beside_decoder=encoder_beside_decoder)
     # KV + state, plus its share of attention's per-layer copies (see engine.memory)
     per_request = plan.per_request_bytes(context)
     free = gpu_gib * 2**30 - weight_bytes - plan.sampling_transient_bytes - plan.decoder_transient_bytes

@@ -163,7 +163,8 @@ def compute(p: Preset) -> dict:
     tile_bytes = settings.sampling_tile_bytes or auto_sampling_tile_bytes(int(free_after_weights * 2**30))
     r = report(config, weight_dtype=dtype, kv_dtype=dtype, gpu_gib=p.memory_gib - p.overhead_gib, context=max_len,
                max_num_seqs=seqs, tile_budget_mib=tile_bytes // 2**20,
-               draws_in_flight=2 if settings.device == "cpu" else 1, max_encoder_tokens=settings.max_encoder_tokens)
+               draws_in_flight=2 if settings.device == "cpu" else 1, max_encoder_tokens=settings.max_encoder_tokens,
+               encoder_beside_decoder=settings.device == "cpu")  # a traced CPU pass runs rows beside the encoder
     r["weights_gib"] = weights_gib
     sampling_gib = r["sampling_transient_gib"]  # tiles never hold more rows than the batch (engine.memory)
     # quantized experts are dequantized one layer at a time (engine.quantization.DEQUANTIZED_EXPERTS,
@@ -238,8 +239,9 @@ def markdown(plans: list[dict] | None = None) -> str:
         "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with two "
         "layers' worth more for attention's per-layer copies (encoder gather and concatenation, decoder concatenation). "
         "The decoder transient is one layer's activations over the larger of a full decoder batch and an encoder "
-        "call (the engine setting `max_encoder_tokens`): for a MoE layer, each token's top-k experts' inputs and outputs and two "
-        "float32 weighted copies (`engine.memory.activation_bytes_per_token`).",
+        "call (the engine setting `max_encoder_tokens`), over both on CPU where decoder rows run beside the "
+        "encoder: for a MoE layer, each token's top-k experts' inputs and outputs, two float32 weighted copies "
+        "and four hidden vectors (`engine.memory.activation_bytes_per_token`).",
         "",
     ]
     for plan in plans:

@@ -47,7 +47,8 @@ class EngineCore:
                 config.text_config, self.canvas_length, loaded.dtype,
                 sampling_transient_bytes=self.runner.sampler.transient_bytes(settings.max_num_seqs),
                 max_num_seqs=settings.max_num_seqs, dequantized_experts=loaded.dequantized_experts,
-                expert_copies=self.runner.forward_threads, max_encoder_tokens=settings.max_encoder_tokens)
+                expert_copies=self.runner.forward_threads, max_encoder_tokens=settings.max_encoder_tokens,
+                encoder_beside_decoder=self.runner.runs_rows_beside_encoder)
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
         if self.max_num_kv_tokens < kv_reservation(1, 1, self.canvas_length):

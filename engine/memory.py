@@ -55,15 +55,19 @@ def activation_bytes_per_token(text_config, elem: int) -> int:
     hidden = text_config.hidden_size
     dense = 4 * max(text_config.intermediate_size, hidden) * elem
     top_k = getattr(text_config, "top_k_experts", None) or 0
-    return max(dense, top_k * hidden * (2 * elem + 2 * 4))
+    # beside the experts the layer holds the dense MLP's output, its normed copy, the residual and the
+    # experts' normed input: four more hidden vectors
+    moe = top_k * hidden * (2 * elem + 2 * 4) + 4 * hidden * elem if top_k else 0
+    return max(dense, moe)
 
 
 def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling_transient_bytes: int, max_num_seqs: int,
                 stability_threshold: int = 1, dequantized_experts: bool = False, expert_copies: int = 1,
-                max_encoder_tokens: int = 0) -> MemoryPlan:
+                max_encoder_tokens: int = 0, encoder_beside_decoder: bool = False) -> MemoryPlan:
     """``expert_copies``: how many forwards may hold a layer's dequantized experts at once (on CPU, one
     per row group running side by side: ``ModelRunner.forward_threads``). The activations are one layer's
-    over the larger of a full decoder batch and an encoder call (``max_encoder_tokens``)."""
+    over the larger of a full decoder batch and an encoder call (``max_encoder_tokens``), or over both
+    where decoder rows run beside the encoder (``encoder_beside_decoder``: a traced CPU pass)."""
     elem = torch.finfo(dtype).bits // 8
     full = sliding = largest = 0
     for i, layer_type in enumerate(text_config.layer_types):
@@ -76,7 +80,9 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling
             largest = max(largest, per_token)
     hidden = text_config.hidden_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
-    activations = max(max_num_seqs * canvas_length, max_encoder_tokens) * activation_bytes_per_token(text_config, elem)
+    decoder = max_num_seqs * canvas_length
+    tokens = decoder + max_encoder_tokens if encoder_beside_decoder else max(decoder, max_encoder_tokens)
+    activations = tokens * activation_bytes_per_token(text_config, elem)
     dequant = expert_copies * expert_dequant_bytes(text_config, elem) if dequantized_experts else 0
     return MemoryPlan(full, largest, sliding, state, sampling_transient_bytes, activations, dequant)
 

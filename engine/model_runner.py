@@ -360,12 +360,18 @@ class ModelRunner:
                 st.soft_embeddings = None
         return states
 
+    @property
+    def runs_rows_beside_encoder(self) -> bool:
+        """Whether decoder rows may run beside the encoder (``_start_early_rows``): their activations and
+        the encoder's are then alive at once."""
+        return self.traced is not None and self._pool is not None and self.graphs is None
+
     def _start_early_rows(self, plan: StepPlan, started: list[Future]) -> _EarlyRows | None:
         """On a traced CPU runner, in a pass with encoder work: start the leading decoder rows (slot order)
         whose requests encode nothing this pass in the pool's threads, appending their groups to
         ``started``, so that the encoder runs beside them (``cpu_threads.rows_beside_encoder`` picks how
         many). None when no row starts early."""
-        if self.traced is None or self._pool is None or self.graphs is not None or not plan.encode or not plan.decode:
+        if not self.runs_rows_beside_encoder or not plan.encode or not plan.decode:
             return None
         order = self._slot_order(plan.decode)
         encoding = {w.request_id for w in plan.encode}
