@@ -36,7 +36,7 @@ class MemoryPlan:
     sliding_kv_bytes_per_request: int  # sliding layers hold at most window-1 tokens
     state_bytes_per_request: int  # canvas, soft embeddings, argmax history
     sampling_transient_bytes: int  # largest transient of one sampling tile
-    decoder_transient_bytes: int  # one layer's activations over the largest batch, decoder or encoder (upper bound)
+    decoder_transient_bytes: int  # one layer's activations: decoder batch or encoder call, or both (plan_memory)
     expert_dequant_bytes: int = 0  # one layer's 8-bit experts dequantized (engine.quantization), 0 unquantized
 
     def per_request_bytes(self, tokens: int) -> int:
