@@ -20,30 +20,16 @@ the threads finish about together (``rows_after_encoder``).
 
 from __future__ import annotations
 
-import math
 import os
 
-
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
-
-
-def cgroup_cpu_limit(path: str = CGROUP_CPU_MAX) -> int | None:
-    """The CPUs a cgroup v2 quota allows (``docker run --cpus 2`` -> 2, rounded up), or None without one."""
-    try:
-        with open(path) as fh:
-            quota, period = fh.read().split()[:2]
-        if quota == "max":
-            return None
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        return None
+from . import cgroups
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity where the OS has one (as on Linux), within a
-    container's CPU quota (which the affinity does not show)."""
+    """CPUs this process may run on: its affinity where the OS has one (as on Linux), within its cgroups'
+    CPU quota (a container's, a systemd unit's: ``engine.cgroups``; the affinity does not show it)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
+    limit = cgroups.cpu_limit()
     return cpus if limit is None else min(cpus, limit)
 
 

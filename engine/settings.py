@@ -132,7 +132,7 @@ class EngineSettings:
         "operators are bound by Python's one-at-a-time dispatch). A canvas's tokens do not depend on its "
         "group. Unlike OpenMP threads inside one operator, these threads do not spin-wait on each other, so a "
         "busy process beside the server slows it down in proportion. Ignored on CUDA.",
-        default_text="the CPUs the process may use (its affinity, within a container's CPU quota), divided by "
+        default_text="the CPUs the process may use (its affinity, within its cgroups' CPU quota), divided by "
                      "--num-threads")
     # engine.traced_decoder: where a trace is exact, and why it is faster
     trace_decoder: bool | None = setting(

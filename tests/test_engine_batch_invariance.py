@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
-from engine.cpu_threads import (MIN_GROUP_WORK, cgroup_cpu_limit, encoder_canvases, row_groups, rows_after_encoder,
+from engine.cpu_threads import (MIN_GROUP_WORK, encoder_canvases, row_groups, rows_after_encoder,
                                 rows_beside_encoder)
 from engine.loader import load_model
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
@@ -169,17 +169,6 @@ def test_rows_start_beside_the_encoder_for_an_even_share():
     assert rows_beside_encoder(12, 0, encoder, forward_threads=2) == 0  # the first row waits for the encoder
     assert rows_beside_encoder(12, 12, encoder, forward_threads=1) == 0
     assert rows_beside_encoder(12, 12, 0.0, forward_threads=2) == 0
-
-
-@pytest.mark.parametrize("content, cpus", [("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2),
-                                           ("50000 100000", 1), ("garbage", None), (None, None)])
-def test_a_container_cpu_quota_bounds_the_cpus(tmp_path, content, cpus):
-    """``docker run --cpus N`` sets a cgroup v2 quota that the CPU affinity does not show: the row
-    groups (and the sampler's worker) count the quota's CPUs, rounded up."""
-    path = tmp_path / "cpu.max"
-    if content is not None:
-        path.write_text(content)
-    assert cgroup_cpu_limit(str(path)) == cpus
 
 
 def test_the_embedded_model_splits_by_default_and_rows_equal_their_solo_runs():
