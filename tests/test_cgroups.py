@@ -1,6 +1,5 @@
 """What the process's cgroups allow it, read as the engine does (``engine.cgroups``), from fake cgroup trees:
-the CPU quota bounds the row groups and the sampler's worker; the memory limit is tested with the budget
-in test_engine_memory.py."""
+the CPU quota bounds the row groups and the sampler's worker, the memory limit the CPU memory budget."""
 
 from __future__ import annotations
 
@@ -53,3 +52,53 @@ def test_the_process_cgroup_is_found_under_the_mount(tmp_path):
     (root / "x" / "y").mkdir(parents=True)
     assert own_cgroup_dirs("cpu", str(root), str(tmp_path / "proc")) == ([str(root / "x" / "y"), str(root / "x"),
                                                                          str(root)], False)
+
+
+GiB = 2**30
+
+
+V2_PROC = "0::/system.slice/app.service\n"
+V1_PROC = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+
+
+@pytest.mark.parametrize("proc, files, available", [
+    # a container with its own cgroup namespace (docker run --memory 8g): the mount's root is its cgroup;
+    # the limit less the working set (usage less inactive file pages)
+    ("0::/\n", {"memory.max": "8589934592\n", "memory.current": str(3 * GiB),
+                "memory.stat": f"anon 1\ninactive_file {GiB}\n"}, 6 * GiB),
+    ("0::/\n", {"memory.max": "max\n", "memory.current": str(3 * GiB)}, None),  # no limit
+    ("0::/\n", {"memory.max": str(2 * GiB), "memory.current": str(5 * GiB)}, 0),  # over it already
+    # a systemd unit's MemoryMax on the host (v2): the process's own cgroup, below the root
+    (V2_PROC, {"system.slice/app.service/memory.max": str(4 * GiB),
+               "system.slice/app.service/memory.current": str(GiB)}, 3 * GiB),
+    # a limit on a parent (a pod's) is nearer than none on the process's own cgroup
+    (V2_PROC, {"system.slice/app.service/memory.max": "max", "system.slice/app.service/memory.current": str(GiB),
+               "system.slice/memory.max": str(2 * GiB), "system.slice/memory.current": str(GiB + GiB // 2)},
+     GiB // 2),
+    # cgroup v1 (and hybrid hosts): the memory hierarchy, the process's path in it
+    (V1_PROC, {"memory/docker/abc/memory.limit_in_bytes": str(4 * GiB),
+               "memory/docker/abc/memory.usage_in_bytes": str(GiB),
+               "memory/docker/abc/memory.stat": f"inactive_file 0\ntotal_inactive_file {GiB // 2}\n",
+               "memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": str(GiB)},
+     3 * GiB + GiB // 2),
+    (V1_PROC, {"memory/memory.limit_in_bytes": "9223372036854771712", "memory/memory.usage_in_bytes": str(GiB)},
+     None),  # v1's stand-in for no limit, and the process's folder not mounted: the root is read
+    ("", {}, None),  # no cgroup files at all
+])
+def test_a_cgroup_memory_limit_bounds_the_cpu_budget(tmp_path, proc, files, available):
+    """On CPU the KV budget and the sampling tile come from the memory free: under a cgroup limit that is
+    what the nearest limit leaves, which the host's /proc/meminfo does not show."""
+    import torch
+
+    from engine.cgroups import memory_available
+    from engine.memory import available_bytes
+
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    _tree(root, files)
+    (tmp_path / "proc").write_text(proc)
+    (tmp_path / "meminfo").write_text(f"MemTotal: 99999999 kB\nMemAvailable: {5 * GiB // 1024} kB\n")
+    assert memory_available(str(root), str(tmp_path / "proc")) == available
+    got = available_bytes(torch.device("cpu"), meminfo=str(tmp_path / "meminfo"), cgroup_root=str(root),
+                          proc_cgroup=str(tmp_path / "proc"))
+    assert got == (5 * GiB if available is None else min(5 * GiB, available))
