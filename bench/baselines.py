@@ -9,6 +9,23 @@ import torch
 from .workload import WorkItem
 
 
+def load_baseline_model(path: str, load_format: str = "auto"):
+    """The checkpoint as transformers alone loads it (its own attention and experts, not the engine's
+    row-wise modules), in the server's dtype and on its device: bf16 on CUDA, fp32 on CPU. With
+    ``load_format`` "dummy" (no weight files) the engine's loader builds the same random weights the
+    server serves."""
+    from engine import EngineSettings
+    from engine.loader import load_model, resolve_device, resolve_dtype
+
+    if load_format == "dummy":
+        return load_model(EngineSettings(model=path, load_format=load_format)).model
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    device = resolve_device("auto")
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=resolve_dtype("auto", device))
+    return model.to(device).eval()
+
+
 def _generate(model, batch: list[WorkItem], pad_id: int) -> None:
     width = max(len(it.prompt_ids) for it in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

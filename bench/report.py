@@ -22,7 +22,7 @@ def markdown(result: dict) -> str:
     if result.get("server_url"):  # someone else's server: only the load generator's machine is known
         where = f"server: {result['server_url']} · load generated on: {m['description']}"
     else:
-        where = f"machine: {m['description']} · server threads: {result['server_threads']}"
+        where = f"machine: {m['description']} · server threads: {result['server_threads']} (unless a variant sets them)"
     rounds = result.get("rounds", 1)
     if rounds > 1:
         where += f" · each measurement the fastest of {rounds} rounds"
@@ -49,14 +49,21 @@ def markdown(result: dict) -> str:
         )
     base = result.get("baselines", {})
     if base:
-        lines += ["", "Baselines (transformers `generate`, same model, each level's own requests, same process "
-                      "count):", ""]
+        counts = result.get("baseline_threads")
+        threads = f", the fastest at {' and '.join(map(str, counts))} torch threads" if counts else ""
+        lines += ["", f"Baselines (transformers `generate` on the checkpoint as transformers loads it, each level's "
+                      f"own requests{threads}):", ""]
         lines.append("| concurrency | requests | one at a time (tok/s) | static batch of that size (tok/s) |")
         lines.append("|---|---|---|---|")
+
+        def cell(r: dict) -> str:
+            if "threads" not in r:
+                return f"{r['tokens_per_s']:.0f}"
+            return f"{r['tokens_per_s']:.0f} ({r['threads']} thread{'' if r['threads'] == 1 else 's'})"
+
         for level, alone in sorted(base.get("one_at_a_time", {}).items(), key=lambda kv: int(kv[0])):
             static = base.get("static_batch", {}).get(level)
-            lines.append(f"| {level} | {alone['requests']} | {alone['tokens_per_s']:.0f} | "
-                         f"{'—' if static is None else format(static['tokens_per_s'], '.0f')} |")
+            lines.append(f"| {level} | {alone['requests']} | {cell(alone)} | {'—' if static is None else cell(static)} |")
     checks = dict(result.get("outputs_alone_by_variant") or result.get("outputs_alone_by_sampler") or {})
     if result.get("outputs_alone"):
         checks[None] = result["outputs_alone"]

@@ -8,7 +8,9 @@ Writes ``<out>/bench.json``, ``<out>/bench.md`` and ``<out>/bench.png``.
 
 ``--rounds N`` runs every measurement (each level against each server, each baseline) N times in a
 row and keeps the fastest: on a shared machine noise only slows a run, and the static baseline with
-several OpenMP threads collapses when anything else takes a core.
+several OpenMP threads collapses when anything else takes a core. The baselines are transformers'
+``generate`` on the checkpoint as transformers loads it, timed at each ``--baseline-threads`` count
+(by default 1 and every usable CPU, as the server uses them all) and keeping the fastest.
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def build_bench_model(path: Path) -> Path:
     if not (path / "config.json").exists():
         build_tiny_checkpoint(path, TinySpec(**BENCH_SPEC))
     return path
+
+
+def baseline_thread_counts(spec: str | None) -> list[int]:
+    """The torch thread counts generate is timed with: ``spec`` ("1,2"), or 1 and the usable CPUs."""
+    if spec:
+        counts = [int(x) for x in spec.split(",")]
+    else:
+        from engine.cpu_threads import usable_cpus
+
+        counts = [1, usable_cpus()]
+    return sorted(set(counts))
 
 
 def free_port() -> int:
@@ -293,7 +306,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="max_denoising_steps of every request")
     ap.add_argument("--canvases", default="1,4", help="min,max output canvases per request")
     ap.add_argument("--prompt-len", default="8,64", help="min,max prompt tokens")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the baselines")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads of the started server (its --num-threads; 1 is its CPU default)")
+    ap.add_argument("--baseline-threads", default=None, metavar="N,M",
+                    help="torch threads generate is timed with, comma-separated: each baseline keeps its fastest "
+                         "(default: 1 and the usable CPUs, so generate has the whole machine as the server does)")
     ap.add_argument("--drafts", action="store_true",
                     help="ask for draft chunks (measures time to first draft client-side; costs server CPU)")
     ap.add_argument("--no-baselines", action="store_true")
@@ -321,6 +338,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",")]
+    baseline_threads = baseline_thread_counts(args.baseline_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model or str(build_bench_model(Path("runs/bench-model")))
@@ -360,6 +378,7 @@ def main(argv=None) -> int:
         "machine": machine_description(),  # where this command runs (the server's machine unless --url)
         "server_url": args.url,
         "server_threads": None if args.url else args.threads,
+        "baseline_threads": baseline_threads,
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": {"kind": args.workload, "steps": args.steps, "canvases": canvases, "prompt_len": prompt_len,
                      "seed": args.seed,
@@ -387,26 +406,27 @@ def main(argv=None) -> int:
     if not args.no_baselines:
         import torch
 
-        from engine import EngineSettings
-        from engine.loader import load_model
+        from .baselines import load_baseline_model, one_at_a_time, static_batches
 
-        from .baselines import one_at_a_time, static_batches
-
-        torch.set_num_threads(args.threads)
-        # same loading path, dtype and device as the server (bf16 on CUDA, fp32 on CPU)
-        baseline_model = load_model(EngineSettings(model=model, load_format=args.load_format)).model
-        if warm:
-            one_at_a_time(baseline_model, warm, pad_id)
-            static_batches(baseline_model, warm, len(warm), pad_id)
+        baseline_model = load_baseline_model(model, args.load_format)
+        for threads in baseline_threads:
+            torch.set_num_threads(threads)
+            if warm:
+                one_at_a_time(baseline_model, warm, pad_id)
+                static_batches(baseline_model, warm, len(warm), pad_id)
         # each level's ratios compare the same requests: its own workload run by generate, one request
         # at a time and in static batches of the level's size (at concurrency 1 the two are the same)
         baselines["one_at_a_time"] = {}
         baselines["static_batch"] = {}
 
-        def fastest(measure, *args_):  # the fastest of --rounds runs (see the module docstring)
-            rounds = [measure(baseline_model, *args_) for _ in range(args.rounds)]
+        def fastest(measure, *args_):  # the fastest of --rounds runs at each thread count (module docstring)
+            rounds = []
+            for threads in baseline_threads:
+                torch.set_num_threads(threads)
+                rounds += [dict(measure(baseline_model, *args_), threads=threads) for _ in range(args.rounds)]
             best = max(rounds, key=lambda r: r["tokens_per_s"])
-            return dict(best, rounds_tokens_per_s=[r["tokens_per_s"] for r in rounds])
+            return dict(best, rounds_tokens_per_s=[r["tokens_per_s"] for r in rounds],
+                        rounds_threads=[r["threads"] for r in rounds])
 
         for level in levels:
             alone = fastest(one_at_a_time, workloads[level], pad_id)

@@ -42,9 +42,13 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
         static = static_batch.get(level, alone[level])  # at concurrency 1 a static batch is one at a time
         assert (alone[level]["requests"], alone[level]["tokens"], static["tokens"]) == (3, run["tokens"], run["tokens"])
         # every throughput is its own measured tokens over its own measured wall time, the fastest of
-        # its two rounds ...
+        # its two rounds (a baseline's: of two rounds at each thread count, 1 and the usable CPUs) ...
+        assert len(run["rounds_tokens_per_s"]) == 2
+        for baseline in (alone[level], static):
+            assert baseline["rounds_threads"] == [t for t in result["baseline_threads"] for _ in range(2)]
+            assert baseline["threads"] == baseline["rounds_threads"][
+                baseline["rounds_tokens_per_s"].index(baseline["tokens_per_s"])]
         for measured in (run, alone[level], static):
-            assert len(measured["rounds_tokens_per_s"]) == 2
             assert measured["tokens_per_s"] == max(measured["rounds_tokens_per_s"])
             assert measured["seconds"] > 0
             assert measured["tokens_per_s"] == pytest.approx(measured["tokens"] / measured["seconds"], rel=1e-9)
@@ -66,7 +70,11 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
     assert check["characters"] > 0  # real texts were compared, not empty strings
     assert "| 2 | 3/3 |" in md
     # baselines: concurrency, requests, one at a time, static batch (none at concurrency 1)
-    assert re.search(r"^\| 1 \| 3 \| \d+ \| — \|$", md, re.M) and re.search(r"^\| 2 \| 3 \| \d+ \| \d+ \|$", md, re.M)
+    cell = r"\d+ \(\d+ threads?\)"
+    assert re.search(rf"^\| 1 \| 3 \| {cell} \| — \|$", md, re.M) and re.search(rf"^\| 2 \| 3 \| {cell} \| {cell} \|$", md, re.M)
+    from engine.cpu_threads import usable_cpus
+
+    assert result["baseline_threads"] == sorted({1, usable_cpus()})
     assert "Outputs at concurrency 2 identical to the same requests sent alone (same seeds, one at a time): 3/3." in md
 
 
