@@ -78,20 +78,14 @@ def memory_available(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) ->
     limit_file, usage_file, inactive_key = V1_FILES if v1 else V2_FILES
     left = None
     for folder in dirs:
-        limit = _read(folder, limit_file)
+        limit, used = _read(folder, limit_file) or "", _read(folder, usage_file) or ""
+        if not limit.isdigit() or not used.isdigit() or int(limit) >= _NO_LIMIT:  # "max" (v2), v1's stand-in
+            continue
+        stat = (line.split() for line in (_read(folder, "memory.stat") or "").splitlines())
         try:
-            used = int(_read(folder, usage_file) or "")
-        except ValueError:
-            continue
-        if limit is None:
-            continue
-        if not limit.isdigit() or int(limit) >= _NO_LIMIT:  # "max" (v2) or the v1 stand-in for none
-            continue
-        try:
-            with open(os.path.join(folder, "memory.stat")) as fh:
-                inactive = next((int(line.split()[1]) for line in fh if line.split()[:1] == [inactive_key]), 0)
-        except (OSError, ValueError, IndexError):
+            inactive = next((int(fields[1]) for fields in stat if fields[:1] == [inactive_key]), 0)
+        except (ValueError, IndexError):
             inactive = 0
-        here = max(0, int(limit) - max(0, used - inactive))
+        here = max(0, int(limit) - max(0, int(used) - inactive))
         left = here if left is None else min(left, here)
     return left

@@ -63,11 +63,17 @@ DENSE_TARGETS = {
 
 # -- the format ---------------------------------------------------------------------------------
 
-def compressed_config(config) -> dict | None:
-    """The checkpoint's compressed-tensors ``quantization_config`` (a dict), or None when it has none."""
+def quantization_config_dict(config) -> dict | None:
+    """The checkpoint's ``quantization_config`` as a dict (transformers may hold it as an object), or None."""
     qc = getattr(config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    return qc
+
+
+def compressed_config(config) -> dict | None:
+    """The checkpoint's compressed-tensors ``quantization_config`` (a dict), or None when it has none."""
+    qc = quantization_config_dict(config)
     if not qc or qc.get("quant_method") != COMPRESSED_TENSORS:
         return None
     return qc

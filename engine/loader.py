@@ -215,11 +215,9 @@ def refuse_unknown_quantization(folder: str, config) -> None:
     not is transformers' own test (bitsandbytes, for one, is named by its load_in_4bit / load_in_8bit)."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    qc = getattr(config, "quantization_config", None)
+    qc = compressed_tensors.quantization_config_dict(config)
     if qc is None:
         return
-    if not isinstance(qc, dict):
-        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
     method = qc.get("quant_method")
     method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
     try:
