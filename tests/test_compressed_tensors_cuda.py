@@ -94,3 +94,40 @@ def test_engine_serves_an_fp8_checkpoint_on_the_gpu(tmp_path):
     second = run_to_completion(core, requests)
     assert all(len(r["tokens"]) == 32 for r in first.values())
     assert {k: v["tokens"] for k, v in first.items()} == {k: v["tokens"] for k, v in second.items()}
+
+
+def test_fp8_experts_stay_within_the_planned_activations():
+    """The FP8 experts' transients (the gathered rows, the float32 copies of per-token quantization, the
+    grouped GEMMs' outputs) at DiffusionGemma 26B's per-token sizes peak within the activations the
+    memory plan sets aside for a MoE layer's tokens (``engine.memory.activation_bytes_per_token``)."""
+    from types import SimpleNamespace
+
+    from transformers import DiffusionGemmaTextConfig
+
+    from engine.fp8_compute import FP8, fp8_experts_forward
+    from engine.memory import activation_bytes_per_token
+
+    config = DiffusionGemmaTextConfig(hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704,
+                                      num_experts=16, top_k_experts=8)
+    hidden, inter, n, tokens = config.hidden_size, config.moe_intermediate_size, config.num_experts, 512
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def fp8_weight(*shape):
+        return (torch.randn(*shape, generator=gen, device="cuda") * 0.1).to(FP8)
+
+    experts = SimpleNamespace(
+        num_experts=n, act_fn=torch.nn.functional.gelu,
+        gate_up_proj=fp8_weight(n, 2 * inter, hidden), gate_up_proj_scale=torch.full((n, 2 * inter, 1), 0.01, device="cuda"),
+        down_proj=fp8_weight(n, hidden, inter), down_proj_scale=torch.full((n, hidden, 1), 0.01, device="cuda"))
+    states = torch.randn(tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    index = torch.stack([torch.randperm(n, generator=gen, device="cuda")[:8] for _ in range(tokens)])
+    routing = torch.full((tokens, 8), 1 / 8, dtype=torch.bfloat16, device="cuda")
+    with torch.inference_mode():
+        fp8_experts_forward(experts, states, index, routing)  # kernels and workspaces loaded
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fp8_experts_forward(experts, states, index, routing)
+        torch.cuda.synchronize()
+    assert out.shape == (tokens, hidden) and torch.isfinite(out).all()
+    assert torch.cuda.max_memory_allocated() - base <= tokens * activation_bytes_per_token(config, 2)
