@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import re
 from dataclasses import dataclass
@@ -270,23 +272,31 @@ def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
 
 async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate, images: ImageReader,
                         messages: list[dict], urls: list[tuple[str, str]]) -> Prompts:
-    """A conversation with images: their number checked first, then (off the event loop) each read and
-    decoded within the limits, the template rendered, and the text and images through the processor."""
+    """A conversation with images: their number checked first, then the http(s) ones fetched (in a fetch
+    turn, ``ImageFetches``), then (in a preprocessing turn, off the event loop) each decoded within the
+    limits, the template rendered, and the text and images through the processor."""
     images.check_count(len(urls))
+    remote = [i for i, (url, param) in enumerate(urls) if images.is_remote(url, param)]
+    async with images.fetches.turn() if remote else contextlib.nullcontext():
+        def fetch() -> dict[int, bytes]:
+            deadline = images.fetch_deadline()  # one for all the request's fetches
+            return {i: images.fetch_bytes(*urls[i], deadline) for i in remote}
 
-    def work():
-        from engine.multimodal import process_images  # torch: loaded with the engine, not with the server
+        fetched = await images.fetches.run(fetch) if remote else {}
 
-        deadline = images.fetch_deadline()  # one for all the request's fetches
-        pictures = [images.read(url, param, deadline) for url, param in urls]
-        _, text = apply_template(tokenizer, req, messages)
-        try:
-            ids, inputs = process_images(images.processor, text, pictures)
-        except ValueError as exc:  # e.g. the text holds more image tokens than there are images
-            raise errors.bad_request(f"These messages cannot take their images: {exc}.", "messages") from None
-        return ids, text, inputs
+        def work():
+            from engine.multimodal import process_images  # torch: loaded with the engine, not with the server
 
-    ids, text, inputs = await off_loop(gate, work)
+            pictures = [images.picture(fetched[i] if i in fetched else images.data_url_bytes(url, param), param)
+                        for i, (url, param) in enumerate(urls)]
+            _, text = apply_template(tokenizer, req, messages)
+            try:
+                ids, inputs = process_images(images.processor, text, pictures)
+            except ValueError as exc:  # e.g. the text holds more image tokens than there are images
+                raise errors.bad_request(f"These messages cannot take their images: {exc}.", "messages") from None
+            return ids, text, inputs
+
+        ids, text, inputs = await off_loop(gate, work)
     limit.check_tokens(len(ids), "messages", "the prompt")
     return ChatPrompts([ids], text, images=[inputs], parse_tool_calls=bool(template_tools(req)))
 

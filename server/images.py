@@ -5,11 +5,13 @@ once (naming the model), and so does a request with more images than ``max_image
 before any is decoded; a data URL's decoded size (``max_image_bytes``) is known from its length
 before it is decoded, and its pixel count (``max_image_pixels``) from its header before its pixels
 are. ``http(s)`` URLs are fetched only when ``image_url_fetch`` is on, within ``max_image_bytes`` and
-``image_fetch_timeout_seconds``; otherwise they are a 400 that says to send the image inline.
+``image_fetch_timeout_seconds``; otherwise they are a 400 that says to send the image inline. Fetches
+take turns of their own (``ImageFetches``), not the preprocessing turns that decode and render.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import http.client
@@ -20,6 +22,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from . import errors
@@ -148,6 +152,26 @@ def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     return opener
 
 
+class ImageFetches:
+    """Turns for requests that fetch http(s) images: ``concurrency`` at once (``image_fetch_concurrency``),
+    their fetches in a thread pool of that size, apart from the preprocessing turns and the event loop's
+    default executor, so that hosts that answer slowly hold up only other fetches. A request keeps its
+    turn until its pictures are decoded: at most ``concurrency`` requests' fetched bytes are held."""
+
+    def __init__(self, concurrency: int):
+        self._turns = asyncio.Semaphore(concurrency)
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="image-fetch")  # threads start on use
+
+    @asynccontextmanager
+    async def turn(self):
+        async with self._turns:
+            yield
+
+    async def run(self, work):
+        """``work()`` in one of the pool's threads (call it within a ``turn``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+
 def invalid_image(message: str, param: str) -> errors.APIError:
     return errors.bad_request(message, param, "invalid_image")
 
@@ -164,11 +188,13 @@ class ImageReader:
     max_pixels: int
     fetch: bool
     fetch_timeout: float
+    fetches: ImageFetches | None = None  # the server's fetch turns (``chat.image_prompts`` needs them)
 
     @classmethod
-    def of(cls, settings, processor, model: str) -> "ImageReader":
+    def of(cls, settings, processor, model: str, fetches: ImageFetches) -> "ImageReader":
         return cls(processor, model, settings.engine.max_images_per_prompt, settings.max_image_bytes,
-                   settings.max_image_pixels, settings.image_url_fetch, settings.image_fetch_timeout_seconds)
+                   settings.max_image_pixels, settings.image_url_fetch, settings.image_fetch_timeout_seconds,
+                   fetches)
 
     def check_count(self, count: int) -> None:
         """Before anything is read: the model takes images, and no more than the setting allows."""
@@ -183,20 +209,24 @@ class ImageReader:
         """When the fetches of a request that starts reading its images now must be over."""
         return time.monotonic() + self.fetch_timeout
 
+    def is_remote(self, url: str, param: str) -> bool:
+        """Whether ``url`` is to be fetched (http(s)); such a URL is a 400 when fetching is off."""
+        if not url.startswith(("http://", "https://")):
+            return False
+        if not self.fetch:
+            raise errors.bad_request(
+                "Image URLs are not fetched by this server (setting image_url_fetch is off): send the image "
+                "inline as a data URL (data:image/png;base64,...).", param, "unsupported_parameter")
+        return True
+
     def read(self, url: str, param: str, deadline: float):
         """The picture at ``url`` (a data URL, or http(s) when fetching is on, done by ``deadline``, a
         ``time.monotonic`` value shared by the request's images), decoded to RGB."""
-        if url.startswith(("http://", "https://")):
-            if not self.fetch:
-                raise errors.bad_request(
-                    "Image URLs are not fetched by this server (setting image_url_fetch is off): send the image "
-                    "inline as a data URL (data:image/png;base64,...).", param, "unsupported_parameter")
-            data = self._fetch(url, param, deadline)
-        else:
-            data = self._decode_data_url(url, param)
-        return self._picture(data, param)
+        return self.picture(self.fetch_bytes(url, param, deadline) if self.is_remote(url, param)
+                            else self.data_url_bytes(url, param), param)
 
-    def _decode_data_url(self, url: str, param: str) -> bytes:
+    def data_url_bytes(self, url: str, param: str) -> bytes:
+        """A data URL's image data, its size checked before it is decoded."""
         head = _DATA_URL.match(url)
         if head is None:
             raise invalid_image("An image_url must be a data URL (data:image/<type>;base64,<data>) or an http(s) "
@@ -211,7 +241,8 @@ class ImageReader:
         except binascii.Error:
             raise invalid_image("The image's data URL is not valid base64.", param) from None
 
-    def _fetch(self, url: str, param: str, deadline: float) -> bytes:
+    def fetch_bytes(self, url: str, param: str, deadline: float) -> bytes:
+        """The body at an http(s) ``url``, within ``max_image_bytes`` and done by ``deadline``."""
         left = deadline - time.monotonic()
         watchdog = _Watchdog(deadline) if left > 0 else None
         response = None
@@ -253,7 +284,8 @@ class ImageReader:
             raise limit_error(f"An image is {size} bytes or more, the limit is {self.max_bytes} (setting "
                               "max_image_bytes).", param)
 
-    def _picture(self, data: bytes, param: str):
+    def picture(self, data: bytes, param: str):
+        """Image ``data`` decoded to RGB, its format and pixel count checked from its header first."""
         from PIL import Image
 
         try:

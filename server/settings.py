@@ -83,6 +83,11 @@ class ServerSettings:
         "within image-fetch-timeout-seconds; redirects to other schemes are refused). Off: such a part gets 400 and images must come inline as data URLs. The "
         "server then makes requests to any address a client names, its own network included: turn it on only "
         "where that is acceptable.")
+    image_fetch_concurrency: int = setting(
+        4, "With image-url-fetch: requests whose http(s) images are fetched at the same time, each in a worker "
+        "thread of its own; the others wait their turn. A request keeps its turn until its images are decoded, "
+        "which bounds the fetched bytes held. Fetches do not take preprocess-concurrency's turns: a slow image "
+        "host delays only requests that fetch.")
     image_fetch_timeout_seconds: float = setting(
         10.0, "With image-url-fetch: the longest all the image fetches of one request may take together, from "
         "the first connection to the last byte, redirects included (name lookups are bounded by the system "
@@ -171,7 +176,7 @@ class ServerSettings:
         timeout = self.image_fetch_timeout_seconds
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"image_fetch_timeout_seconds must be a finite number > 0 (got {timeout!r})")
-        for name in ("max_connections", "preprocess_concurrency"):
+        for name in ("max_connections", "preprocess_concurrency", "image_fetch_concurrency"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")

@@ -17,6 +17,7 @@ from engine.errors import log_load_failure
 from . import errors
 from .bodies import BodyLimits
 from .engine_client import EngineClient
+from .images import ImageFetches
 from .metrics import ServerMetrics
 from .middleware import InFlight
 from .prompt_bounds import TokenBound
@@ -69,6 +70,7 @@ class ServerState:
         self._load_task: asyncio.Task | None = None
         # large bodies parsed, prompts tokenized, chat templates rendered: this many at once, in worker threads
         self.preprocess_gate = asyncio.Semaphore(settings.preprocess_concurrency)
+        self.image_fetches = ImageFetches(settings.image_fetch_concurrency)  # http(s) images: turns of their own
         self.token_bound: TokenBound | None = None  # from the tokenizer, once loaded
 
     # lifecycle

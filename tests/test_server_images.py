@@ -192,10 +192,12 @@ class _Images(BaseHTTPRequestHandler):
     """A loopback web server: /ok.png (the test image), /big.png (over max_image_bytes, with its
     Content-Length), /unsized.png (the same without), /slow.png (trickles for longer than the fetch
     timeout), /slow-head.png (trickles its status line and headers, each byte within a socket timeout,
-    for 12 s), /half.png (after 2 s), /to-ftp.png (a redirect to ftp:), /big-redirect.png (a redirect
+    for 12 s), /half.png (after 2 s), /stall.png (when ``stall_release`` is set), /to-ftp.png (a redirect to ftp:), /big-redirect.png (a redirect
     to /ok.png with a 64 MiB body, the bytes it could send kept in ``redirect_sent``), anything else 404."""
 
     redirect_sent: list[int] = []
+    stall_entered = threading.Event()  # /stall.png: its fetch has begun
+    stall_release = threading.Event()  # /stall.png: send the image now
 
     ok = encoded(noise_image(30, 40, 0))
     big = encoded(noise_image(100, 100, 1))
@@ -227,8 +229,12 @@ class _Images(BaseHTTPRequestHandler):
                 self.wfile.write(self.ok)
             except OSError:  # the fetch gave up
                 pass
-        elif self.path == "/half.png":  # arrives after 2 s: one fits the 3 s fetch time, two do not
-            time.sleep(2.0)
+        elif self.path in ("/half.png", "/stall.png"):  # /half.png: one fits the 3 s fetch time, two do not
+            if self.path == "/stall.png":
+                _Images.stall_entered.set()
+                _Images.stall_release.wait(60)
+            else:
+                time.sleep(2.0)
             self.send_response(200)
             self.send_header("Content-Length", str(len(self.ok)))
             self.end_headers()
@@ -316,6 +322,38 @@ def test_fetch_limits(fetching_server, image_host):
     assert refusal(fetching_server.url, image_message("x", image_host + "/half.png", image_host + "/half.png")) == error(
         f"The image at {image_host}/half.png did not arrive within 3 seconds of the request's first fetch (setting "
         "image_fetch_timeout_seconds).", "messages[0].content[2].image_url", "invalid_image")
+
+
+def test_a_slow_image_host_holds_up_only_image_fetches(server_launcher, checkpoint, image_host):
+    """A fetch takes a turn of its own (image_fetch_concurrency), not a preprocessing turn: while a host
+    withholds its image, requests that need preprocessing turns (here the only one) are served, and a
+    second request to fetch waits for the only fetch turn."""
+    server = server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, *LIMITS, "--image-url-fetch",
+                              "--image-fetch-timeout-seconds", "60", "--preprocess-concurrency", "1",
+                              "--image-fetch-concurrency", "1"], model_name=MODEL)
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, url: str) -> None:
+        answers[name] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": image_message("x", url), "max_tokens": 4, "seed": 0})
+
+    stalled = threading.Thread(target=send, args=("stalled", image_host + "/stall.png"))
+    stalled.start()
+    try:
+        assert _Images.stall_entered.wait(60)
+        queued = threading.Thread(target=send, args=("queued", image_host + "/ok.png"))
+        queued.start()
+        # more messages than are rendered on the event loop: rendered in the preprocessing turn
+        many = [{"role": "user", "content": "hi"}] * 40
+        rendered = httpx.post(server.url + "/v1/chat/completions", timeout=20,
+                              json={"model": MODEL, "messages": many, "max_tokens": 4, "seed": 0})
+        assert rendered.status_code == 200
+        assert stalled.is_alive() and queued.is_alive() and not answers
+    finally:
+        _Images.stall_release.set()
+    stalled.join(60)
+    queued.join(60)
+    assert answers["stalled"].status_code == 200 and answers["queued"].status_code == 200
 
 
 def _reader(timeout: float) -> ImageReader:

@@ -24,6 +24,8 @@ BAD = [
      "invalid setting: quantization must be one of none, fp8-experts, int8-experts (got 'int4')"),
     (["--quantization", "fp8-experts", "--dtype", "float16"],
      "invalid setting: quantization fp8-experts needs dtype auto, bfloat16 or float32 (got 'float16')"),
+    (["--preprocess-concurrency", "0"], "invalid setting: preprocess_concurrency must be a positive integer (got 0)"),
+    (["--image-fetch-concurrency", "0"], "invalid setting: image_fetch_concurrency must be a positive integer (got 0)"),
     (["--image-fetch-timeout-seconds", "inf"],
      "invalid setting: image_fetch_timeout_seconds must be a finite number > 0 (got inf)"),
     (["--trace-decoder", "--device", "cuda"], "invalid setting: trace_decoder is for CPU serving of unquantized "
