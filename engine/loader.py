@@ -3,6 +3,8 @@ image processor through transformers."""
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +18,29 @@ from .sampling_params import SamplingParams
 from .settings import DTYPE_NAMES, EngineSettings
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present where an NVIDIA kernel driver is loaded
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def unused_gpu_note(driver_file: str) -> str | None:
+    """Why ``device auto`` chose the CPU of a machine with an NVIDIA driver (``driver_file`` exists), or
+    None (no driver, or torch can use the GPU): a CPU build of torch, or a CUDA build the driver is too
+    old for."""
+    if not os.path.exists(driver_file) or torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return (f"this machine has an NVIDIA driver, but torch {torch.__version__} is a CPU build: install the "
+                "CUDA build to serve on the GPU (docs/gpu.md), or pass --device cpu")
+    return (f"this machine has an NVIDIA driver, but torch {torch.__version__} (CUDA {torch.version.cuda}) finds "
+            f"no GPU it can use: the driver must support CUDA {torch.version.cuda} (nvidia-smi shows the newest "
+            "CUDA version it supports); or pass --device cpu")
 
 
 _limited_devices: set[torch.device] = set()
@@ -129,6 +148,9 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
     quiet_torchao_import_noise()
     device = resolve_device(settings.device)
+    note = unused_gpu_note(NVIDIA_DRIVER) if settings.device == "auto" and device.type == "cpu" else None
+    if note is not None:
+        logger.warning("serving on the CPU: %s", note)
     dtype = resolve_dtype(settings.dtype, device)
     limit_memory(device, settings.device_memory_limit_gib)
     from transformers import DiffusionGemmaForBlockDiffusion
