@@ -17,7 +17,7 @@ import torch
 
 from .core import EngineCore
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineDeadError, QueueFullError
+from .errors import EngineDeadError, InvalidRequestError, QueueFullError
 from .loader import load_model
 from .multimodal import ImageInputs
 from .outputs import RequestOutput
@@ -106,8 +106,9 @@ class AsyncEngine:
         """Reserve room for ``count`` requests at once, all or none: the one place the queue bound
         (``queue_bound()`` unfinished requests) is checked.
 
-        Raises ``QueueFullError`` when the room is not there, ``EngineDeadError`` when the step loop
-        is not running; nothing is queued either way. Each ``generate(..., admission=a)`` takes one
+        Raises ``InvalidRequestError`` when ``count`` is over the bound itself (no room could ever be
+        made), ``QueueFullError`` when the room is not there now, ``EngineDeadError`` when the step loop
+        is not running; nothing is queued in any case. Each ``generate(..., admission=a)`` takes one
         reserved place; ``a.release()`` (or leaving ``with a:``) gives back the places not taken.
         """
         if count < 1:
@@ -115,6 +116,10 @@ class AsyncEngine:
         if not self.healthy:
             raise EngineDeadError("the engine is not running")
         bound = self.queue_bound()
+        if count > bound:
+            raise InvalidRequestError(
+                f"This request has {count} choices (prompts x n), more than the {bound} requests this server holds "
+                "at once (settings max_num_seqs and max_waiting): send fewer in one request.", "n", "limit_exceeded")
         with self._lock:
             if self._closed:
                 raise EngineDeadError("the engine is not running")

@@ -6,12 +6,14 @@ import logging
 
 
 class InvalidRequestError(ValueError):
-    """A request parameter is invalid. ``param`` names the offending field (OpenAI error shape)."""
+    """A request parameter is invalid. ``param`` names the offending field, ``code`` the kind of error where
+    it has one (``limit_exceeded``: over a setting), as in OpenAI's error shape."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 class QueueFullError(RuntimeError):

@@ -153,7 +153,7 @@ def from_engine(failure) -> APIError | None:
     if isinstance(failure, EngineDeadError):
         return unavailable("The engine has stopped; the server needs a restart.", "engine_dead")
     if isinstance(failure, InvalidRequestError):
-        return bad_request(failure.message, failure.param)
+        return bad_request(failure.message, failure.param, failure.code)
     logger.error("engine failure: %r", failure)
     return internal_error()
 

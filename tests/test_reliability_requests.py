@@ -217,3 +217,17 @@ def test_refused_multi_choice_request_queues_and_aborts_nothing(small_queue):
     assert after[ABORT] == before.get(ABORT, 0) + 4  # the two streams closed above, nothing else
     r = httpx.post(url, json={"prompt": "x", "n": 4, "max_tokens": 2}, timeout=60)  # all four fit now
     assert r.status_code == 200 and len(r.json()["choices"]) == 4
+
+
+@pytest.mark.parametrize("body", [{"prompt": "x", "n": 5}, {"prompt": ["x", "y", "z"], "n": 2}])
+def test_more_choices_than_the_server_holds_are_a_400_not_a_retry(small_queue, body):
+    """A request no room could ever be made for (choices over max_num_seqs + max_waiting) is refused as
+    a limit, on an idle server too, not answered 429 with Retry-After as if waiting would help."""
+    small_queue.wait_idle()
+    r = httpx.post(small_queue.url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=60)
+    choices = 5 if body["n"] == 5 else 6
+    assert (r.status_code, r.headers.get("retry-after")) == (400, None)
+    assert r.json() == {"error": {
+        "message": f"This request has {choices} choices (prompts x n), more than the 4 requests this server holds at "
+                   "once (settings max_num_seqs and max_waiting): send fewer in one request.",
+        "type": "invalid_request_error", "param": "n", "code": "limit_exceeded"}}
