@@ -1,8 +1,11 @@
 """Incremental detokenization with stop strings, per request.
 
-Text deltas are the difference between successive decodes of all committed tokens, held back
+Text deltas are the difference between successive texts of all committed tokens, held back
 while the tail is an incomplete UTF-8 sequence (so a multi-byte character is never split) and, with
 stop strings, while the tail could still grow into one (so no part of a stop string leaks out).
+Each text is the one before and what decoding the newest tokens adds, the last commit's tokens before
+them decoded too for context, so a request's work grows with its length, not with its square; a
+tokenizer whose text of later tokens is not a continuation gets one full decode instead.
 """
 
 from __future__ import annotations
@@ -43,9 +46,20 @@ class IncrementalDetokenizer:
         self.sent = ""  # text already handed out
         self.stopped = False
         self.num_tokens_at_stop: int | None = None
+        # the text of token_ids[:_read] is _read_text; newer tokens decode from _prefix (<= _read) on
+        self._prefix = self._read = 0
+        self._read_text = ""
 
     def _decode(self, ids: list[int]) -> str:
         return decode_text(self.tokenizer, ids)
+
+    def _text_of(self, n: int) -> str:
+        """The text of ``token_ids[:n]`` (``n >= _read``), decoding only ``token_ids[_prefix:n]``."""
+        head = self._decode(self.token_ids[self._prefix:self._read])
+        window = self._decode(self.token_ids[self._prefix:n])
+        if window.startswith(head):
+            return self._read_text + window[len(head):]
+        return self._decode(self.token_ids[:n])
 
     def add(self, token_ids, final: bool = False) -> str:
         """Append committed tokens; return the new text delta. Sets ``stopped`` on a stop string."""
@@ -53,7 +67,7 @@ class IncrementalDetokenizer:
             return ""
         before = len(self.token_ids)
         self.token_ids.extend(token_ids)
-        text = self._decode(self.token_ids)
+        text = self._text_of(len(self.token_ids))
         if self.stop:
             start = max(0, len(self.sent) - max(len(s) for s in self.stop) + 1)
             hits = [(text.find(s, start), s) for s in self.stop]
@@ -67,6 +81,9 @@ class IncrementalDetokenizer:
                 delta = text[:index][len(self.sent):]
                 self.sent += delta
                 return delta
+        # whole characters so far: later tokens decode after this commit's, which give them context
+        if len(self.token_ids) > self._read and not text.endswith("\ufffd"):
+            self._prefix, self._read, self._read_text = self._read, len(self.token_ids), text
         if not final:
             if text.endswith("\ufffd"):
                 text = text.rstrip("\ufffd")  # wait for the rest of the character
@@ -86,7 +103,7 @@ class IncrementalDetokenizer:
         lo, hi = before + 1, len(self.token_ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._decode(self.token_ids[:mid]).startswith(prefix):
+            if self._text_of(mid).startswith(prefix):
                 hi = mid
             else:
                 lo = mid + 1

@@ -72,3 +72,73 @@ def test_overlapping_stops_end_where_the_first_one_ends(tok, commits):
     d = IncrementalDetokenizer(tok, stop=("xyz", "y"))
     out = "".join(d.add(ids(tok, c)) for c in commits)
     assert (out, d.num_tokens_at_stop) == ("ax", 3)
+
+
+def _metaspace_tokenizer():
+    """A word-level tokenizer whose decode drops the space a text's first word is stored with, as
+    SentencePiece-style tokenizers do: the text of later tokens alone is not a suffix of the whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>"] + [f"\u2581{w}" for w in ("hello", "world", "a", "b", "\u20ac", "\u4e2d")] + ["x", "y"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
+def _tokenizers():
+    from transformers import AutoTokenizer
+
+    from tests.conftest import REPO_ROOT
+
+    return {"bytes": build_byte_tokenizer(), "metaspace": _metaspace_tokenizer(),
+            "embedded": AutoTokenizer.from_pretrained(REPO_ROOT / "engine/default_model")}
+
+
+@pytest.mark.parametrize("name", ["bytes", "metaspace", "embedded"])
+def test_deltas_add_up_to_the_decode_of_all_tokens(name):
+    """However the commits split the tokens, the deltas add up to one decode of them all, on tokenizers
+    whose text of later tokens alone differs from their part of the whole (metaspace), and on
+    multi-byte characters cut by commits (bytes)."""
+    import random
+
+    from engine.detokenizer import decode_text
+
+    tokenizer = _tokenizers()[name]
+    rng = random.Random(0)
+    vocab = sorted(set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids))
+    for trial in range(30):
+        tokens = [rng.choice(vocab) for _ in range(rng.randint(1, 120))]
+        if name == "bytes":  # whole characters, some of several bytes
+            tokens = ids(tokenizer, "".join(rng.choice("ab \u20ac\u4e2d\n") for _ in range(60)))
+        d, out, at = IncrementalDetokenizer(tokenizer), "", 0
+        while at < len(tokens):
+            step = rng.randint(0, 9)
+            out += d.add(tokens[at:at + step])
+            at += step
+        out += d.add([], final=True)
+        assert out == decode_text(tokenizer, tokens), (name, trial)
+
+
+def test_work_grows_with_the_length_not_its_square(tok):
+    """A long output in commits of 32 tokens decodes each token a few times, not once per later commit."""
+
+    class Counting:  # the tokenizer, counting the tokens it is asked to decode
+        def __init__(self, inner):
+            self.inner, self.decoded = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def decode(self, token_ids, **kwargs):
+            self.decoded += len(token_ids)
+            return self.inner.decode(token_ids, **kwargs)
+
+    counting = Counting(tok)
+    text = "".join("ab\u20ac "[i % 4] for i in range(4096))
+    tokens = ids(tok, text)
+    d = IncrementalDetokenizer(counting, stop=("never here",))
+    out = "".join(d.add(tokens[at:at + 32]) for at in range(0, len(tokens), 32)) + d.add([], final=True)
+    assert out == text
+    assert counting.decoded <= 4 * len(tokens)  # a decode of everything at every commit: about len/64 times that
