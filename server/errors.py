@@ -121,6 +121,14 @@ def queue_full() -> APIError:
     )
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def request_aborted(detail: str = SHUTTING_DOWN) -> APIError:
+    """A request ended by the server, not by its client (503 ``request_aborted``)."""
+    return unavailable(f"The request was aborted: {detail}.", "request_aborted")
+
+
 def unavailable(message: str, code: str) -> APIError:
     return APIError(503, message, "server_error", None, code, {"Retry-After": str(RETRY_AFTER_UNAVAILABLE)})
 
@@ -143,8 +151,7 @@ def from_engine(failure) -> APIError | None:
             detail = f": {failure.error}" if failure.error else ""
             return internal_error(f"The engine failed while generating{detail}")
         if failure.finish_reason == "abort":  # not by this request's client: the engine shut down or stopped
-            detail = failure.error or "the server is shutting down"
-            return unavailable(f"The request was aborted: {detail}.", "request_aborted")
+            return request_aborted(failure.error or SHUTTING_DOWN)
         return None
     if isinstance(failure, APIError):
         return failure

@@ -163,6 +163,8 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
     prompts.decode_prefixes(engine.tokenizer)
 
+    if state.aborting:  # prepared after the drain aborted the requests in flight
+        raise errors.request_aborted()
     choice_set = ChoiceSet(engine, specs, state.metrics.on_choice_finished, state.live_choice_sets)
     await choice_set.start()
     base = {"id": request_id, "object": names.chunk_object, "created": int(time.time()), "model": model_name}

@@ -65,6 +65,7 @@ class ServerState:
         self.on_load_failure = on_load_failure
         self.engine: EngineClient | None = None
         self.status = "loading"
+        self.aborting = False  # the drain's time is up: requests still being prepared are not started
         self.load_error: str | None = None
         self.created = int(time.time())
         self._load_task: asyncio.Task | None = None
@@ -107,7 +108,8 @@ class ServerState:
     async def drain(self, timeout: float) -> None:
         """Shut down gracefully: /health and new requests answer 503 at once; in-flight requests and
         streams get ``timeout`` seconds to finish; whatever is left is then aborted in the engine, so
-        its client gets a clear end (a 503 ``request_aborted``, or that error chunk and ``[DONE]``).
+        its client gets a clear end (a 503 ``request_aborted``, or that error chunk and ``[DONE]``); so does
+        one still being prepared (tokenized, its images fetched), when it would start (``aborting``).
         Returns when nothing is in flight any more (or the abort grace has passed)."""
         self.status = "draining"
         loop = asyncio.get_running_loop()
@@ -116,6 +118,7 @@ class ServerState:
             await asyncio.sleep(0.05)
         if self.inflight.count > 0:
             logger.warning("drain timeout (%.0fs): aborting %d in-flight request(s)", timeout, self.inflight.count)
+            self.aborting = True
             for choice_set in list(self.live_choice_sets):
                 choice_set.abort_in_engine()
             grace = loop.time() + ABORT_GRACE_SECONDS

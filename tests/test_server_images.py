@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import signal
 import socket
 import threading
 import time
@@ -332,6 +333,8 @@ def test_a_slow_image_host_holds_up_only_image_fetches(server_launcher, checkpoi
                               "--image-fetch-timeout-seconds", "60", "--preprocess-concurrency", "1",
                               "--image-fetch-concurrency", "1"], model_name=MODEL)
     answers: dict[str, httpx.Response] = {}
+    _Images.stall_entered.clear()
+    _Images.stall_release.clear()
 
     def send(name: str, url: str) -> None:
         answers[name] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
@@ -354,6 +357,39 @@ def test_a_slow_image_host_holds_up_only_image_fetches(server_launcher, checkpoi
     stalled.join(60)
     queued.join(60)
     assert answers["stalled"].status_code == 200 and answers["queued"].status_code == 200
+
+
+def test_a_request_still_fetching_when_the_drain_ends_is_aborted(server_launcher, checkpoint, image_host):
+    """SIGTERM with a request still fetching its image past the drain's time: once the drain has aborted
+    what was in flight, that request is not started when its image arrives; it gets the 503
+    request_aborted that every aborted request gets, and the server exits 0."""
+    server = server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, *LIMITS, "--image-url-fetch",
+                              "--image-fetch-timeout-seconds", "60", "--graceful-shutdown-seconds", "1"],
+                             model_name=MODEL)
+    _Images.stall_entered.clear()
+    _Images.stall_release.clear()
+    answer: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        answer["r"] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": image_message("x", image_host + "/stall.png"), "max_tokens": 4})
+
+    fetching = threading.Thread(target=send)
+    fetching.start()
+    try:
+        assert _Images.stall_entered.wait(60)
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "drain timeout" not in server.log():  # the drain's second is over: it aborts what is in flight
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        _Images.stall_release.set()
+    fetching.join(60)
+    assert answer["r"].status_code == 503
+    assert answer["r"].json() == {"error": {"message": "The request was aborted: the server is shutting down.",
+                                            "type": "server_error", "param": None, "code": "request_aborted"}}
+    assert server.proc.wait(60) == 0
 
 
 def _reader(timeout: float) -> ImageReader:
