@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .errors import InvalidRequestError  # raised here; server code also imports it from this module
+from .errors import ContextLengthError, InvalidRequestError  # raised here; server code also imports it from this module
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,7 @@ def validate_resolved(params: SamplingParams, *, vocab_size: int, max_model_len:
     if prompt_len < 1:
         raise InvalidRequestError("the prompt must contain at least one token", "prompt")
     if prompt_len + params.max_tokens > max_model_len:
-        raise InvalidRequestError(
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} "
-            f"tokens and max_tokens is {params.max_tokens} ({prompt_len + params.max_tokens} in total); "
-            "reduce the prompt or max_tokens",
-            "max_tokens",
-        )
+        raise ContextLengthError(prompt_len, params.max_tokens, max_model_len)
     if not _is_int(params.max_denoising_steps) or params.max_denoising_steps < 1:
         raise InvalidRequestError(
             f"max_denoising_steps must be a positive integer, got {params.max_denoising_steps!r}", "max_denoising_steps"

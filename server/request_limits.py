@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.errors import ContextLengthError
 from engine.sampling_params import SamplingParams
 
 from . import errors
 from .prompt_bounds import TokenBound
 from .protocol import CommonFields
+
+
+CONTEXT_LENGTH_EXCEEDED = ContextLengthError.CODE
 
 
 def limit_error(message: str, param: str | None) -> errors.APIError:
@@ -78,10 +82,13 @@ class PromptLimit:
         """What sets the limit, ending a refusal's sentence."""
         if self.from_setting:
             return f"the limit is {self.tokens} (setting max_prompt_tokens)"
-        return f"this model's maximum context length is {self.max_model_len} tokens, so a prompt may have at most {self.tokens}"
+        return (f"this model's maximum context length is {self.max_model_len} tokens, prompt and completion together, "
+                f"so a prompt may have at most {self.tokens}")
 
     def _error(self, message: str, param: str) -> errors.APIError:
-        return limit_error(message, param) if self.from_setting else errors.bad_request(message, param)
+        if self.from_setting:
+            return limit_error(message, param)
+        return errors.bad_request(message, param, CONTEXT_LENGTH_EXCEEDED)
 
     def check_text(self, text: str, param: str, where: str) -> None:
         """Before tokenizing: refuse a text whose characters alone prove it has too many tokens."""
@@ -95,6 +102,21 @@ class PromptLimit:
         """A tokenized (or token-id) prompt's length."""
         if count > self.tokens:
             raise self._error(f"{where} has {count} tokens; {self.why()}.", param)
+
+
+def context_length_error(exc: ContextLengthError, max_tokens_param: str, max_tokens_given: bool,
+                         prompt_param: str) -> errors.APIError:
+    """The engine's context-length refusal, worded for what the request sent: the field it set, or the
+    default a request that set none got (the refusal then names the prompt, as OpenAI's does)."""
+    total = exc.prompt_len + exc.max_tokens
+    head = f"This model's maximum context length is {exc.max_model_len} tokens, but the prompt has {exc.prompt_len} tokens"
+    if max_tokens_given:
+        return errors.bad_request(f"{head} and {max_tokens_param} is {exc.max_tokens} ({total} in total); reduce the "
+                                  f"prompt or {max_tokens_param}.", max_tokens_param, CONTEXT_LENGTH_EXCEEDED)
+    return errors.bad_request(
+        f"{head} and {max_tokens_param}, which this request does not set, defaults to {exc.max_tokens} ({total} in "
+        f"total); set {max_tokens_param} to at most {exc.max_model_len - exc.prompt_len}, or shorten the prompt.",
+        prompt_param, CONTEXT_LENGTH_EXCEEDED)
 
 
 def where(index: int, count: int) -> str:

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable, Protocol, TypeVar
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
-from engine.errors import InvalidRequestError
+from engine.errors import ContextLengthError, InvalidRequestError
 from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -30,7 +30,7 @@ from .errors import APIError
 from .images import ImageReader
 from .logprobs import TextPosition
 from .protocol import CommonFields
-from .request_limits import PromptLimit, check_request, check_resolved
+from .request_limits import PromptLimit, check_request, check_resolved, context_length_error
 from .request_log import RequestLog
 
 logger = logging.getLogger("server")
@@ -157,8 +157,8 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
         log.prompt_text = prompts.log_text
     options = dict(logprobs=api.logprobs(req), infill_suffix=prompts.suffix_ids,
                    logit_bias=tuple((req.logit_bias or {}).items()))
-    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, engine_prefix, options,
-                          prompts.images)
+    specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, names.prompt_param, engine_prefix,
+                          options, prompts.images)
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
     prompts.decode_prefixes(engine.tokenizer)
@@ -229,7 +229,8 @@ def _request_ids(request: Request, prefix: str) -> tuple[str, str]:
 
 
 def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFields, max_tokens: int | None,
-                  max_tokens_param: str, engine_prefix: str, options: dict, images: list | None = None) -> list[ChoiceSpec]:
+                  max_tokens_param: str, prompt_param: str, engine_prefix: str, options: dict,
+                  images: list | None = None) -> list[ChoiceSpec]:
     """One resolved engine request per choice. Choice ``i`` (prompt ``i // n``) gets ``seed + i``;
     ``options``: the endpoint's other ``SamplingParams`` fields (logprobs, logit_bias, infill suffix).
 
@@ -258,6 +259,8 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
             try:
                 # the prompt's tokens are checked once, not once per choice
                 resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0, images=image_inputs)
+            except ContextLengthError as exc:
+                raise context_length_error(exc, max_tokens_param, max_tokens is not None, prompt_param) from None
             except InvalidRequestError as exc:
                 err = errors.from_engine(exc)
                 if err.param == "max_tokens":  # the field this request used

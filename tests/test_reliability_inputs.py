@@ -117,8 +117,9 @@ CASES = [
      "positive integer"),
     ("max-tokens-zero", "POST", C, {"prompt": "hi", "max_tokens": 0}, None, 400, IRE, "max_tokens", None,
      "positive integer"),
-    ("context-length", "POST", C, {"prompt": [7] * 60, "max_tokens": 120}, None, 400, IRE, "max_tokens", None,
-     "maximum context length is 160"),
+    ("context-length", "POST", C, {"prompt": [7] * 60, "max_tokens": 120}, None, 400, IRE, "max_tokens",
+     "context_length_exceeded", "This model's maximum context length is 160 tokens, but the prompt has 60 tokens and "
+     "max_tokens is 120 (180 in total); reduce the prompt or max_tokens."),
     ("seed-huge", "POST", C, {"prompt": "hi", "seed": 2**70}, None, 400, IRE, "seed", None, "64-bit"),
     ("seed-2**64-n2", "POST", C, {"prompt": "hi", "seed": 2**64, "n": 2}, None, 400, IRE, "seed", None,
      "got 18446744073709551616"),  # out of range before choice seeds wrap

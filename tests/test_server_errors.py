@@ -99,6 +99,30 @@ def test_400_schema_errors(live_server, path, body, param):
     assert_error(post(live_server, path, body), 400, param=param, type_="invalid_request_error")
 
 
+def test_context_length_refusals_name_what_the_request_sent(live_server):
+    """Prompt and max_tokens over the context (4096 tokens) are a 400 with OpenAI's code
+    context_length_exceeded. With no max_tokens sent, the refusal says which default it got and names
+    the prompt, not a field the client never sent."""
+    cases = [
+        ({"prompt": [7] * 4000, "max_tokens": 100}, "max_tokens",
+         "This model's maximum context length is 4096 tokens, but the prompt has 4000 tokens and max_tokens is 100 "
+         "(4100 in total); reduce the prompt or max_tokens."),
+        ({"prompt": [7] * 4090}, "prompt",
+         "This model's maximum context length is 4096 tokens, but the prompt has 4090 tokens and max_tokens, which "
+         "this request does not set, defaults to 16 (4106 in total); set max_tokens to at most 6, or shorten the "
+         "prompt."),
+        ({"prompt": "x" * 5000}, "prompt", "this model's maximum context length is 4096 tokens, prompt and completion "
+         "together, so a prompt may have at most 4095."),
+    ]
+    for body, param, message in cases:
+        err = assert_error(post(live_server, "/completions", body), 400, code="context_length_exceeded", param=param)
+        assert message in err["message"], err
+    chat = {"messages": [{"role": "user", "content": "x" * 4070}]}
+    err = assert_error(post(live_server, "/chat/completions", chat), 400, code="context_length_exceeded",
+                       param="messages")
+    assert "and max_tokens, which this request does not set, defaults to 16" in err["message"], err
+
+
 def test_400_not_json(live_server):
     h = {**live_server.headers, "Content-Type": "application/json"}
     for raw in (b"{not json", b"[1, 2]", b"", "\"text\"".encode()):
