@@ -20,13 +20,11 @@ class ContextLengthError(InvalidRequestError):
     """A request's prompt and ``max_tokens`` together are over the context length (each kept, for the
     server to word the refusal for what the client sent)."""
 
-    CODE = "context_length_exceeded"  # OpenAI's
-
     def __init__(self, prompt_len: int, max_tokens: int, max_model_len: int):
         super().__init__(
             f"this model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} tokens "
             f"and max_tokens is {max_tokens} ({prompt_len + max_tokens} in total); reduce the prompt or max_tokens",
-            "max_tokens", self.CODE)
+            "max_tokens")
         self.prompt_len, self.max_tokens, self.max_model_len = prompt_len, max_tokens, max_model_len
 
 

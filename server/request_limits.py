@@ -19,11 +19,12 @@ from .prompt_bounds import TokenBound
 from .protocol import CommonFields
 
 
-CONTEXT_LENGTH_EXCEEDED = ContextLengthError.CODE
+LIMIT_EXCEEDED = "limit_exceeded"  # a request over one of the settings
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code: prompt and max_tokens over the context
 
 
 def limit_error(message: str, param: str | None) -> errors.APIError:
-    return errors.bad_request(message, param, "limit_exceeded")
+    return errors.bad_request(message, param, LIMIT_EXCEEDED)
 
 
 def check_request(settings, req: CommonFields, num_prompts: int, max_tokens: int | None, max_tokens_param: str) -> None:
@@ -85,10 +86,13 @@ class PromptLimit:
         return (f"this model's maximum context length is {self.max_model_len} tokens, prompt and completion together, "
                 f"so a prompt may have at most {self.tokens}")
 
+    @property
+    def code(self) -> str:
+        """The error code of a prompt over this limit."""
+        return LIMIT_EXCEEDED if self.from_setting else CONTEXT_LENGTH_EXCEEDED
+
     def _error(self, message: str, param: str) -> errors.APIError:
-        if self.from_setting:
-            return limit_error(message, param)
-        return errors.bad_request(message, param, CONTEXT_LENGTH_EXCEEDED)
+        return errors.bad_request(message, param, self.code)
 
     def check_text(self, text: str, param: str, where: str) -> None:
         """Before tokenizing: refuse a text whose characters alone prove it has too many tokens."""

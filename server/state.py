@@ -170,7 +170,7 @@ class ServerState:
         limit = self.prompt_limit(self.engine)
         return BodyLimits(s.max_json_depth, s.max_json_values, limit.tokens,
                           f"longer than any this server accepts: {limit.why()}.", array_param,
-                          "limit_exceeded" if limit.from_setting else None)
+                          limit.code)
 
     def model_names(self) -> list[str]:
         engine_name = self.engine.model_name if self.engine is not None else None

@@ -54,14 +54,19 @@ def test_every_metric_is_in_the_metrics_page():
 
 
 def _error_codes_in_server() -> set[str]:
-    """The literal ``code`` of every error the server constructs (server/*.py, read as code)."""
+    """The ``code`` of every error the server constructs (server/*.py, read as code): a string literal, or
+    a module-level name bound to one in the same file."""
     import ast
 
     code_position = {"bad_request": 2, "limit_error": None, "unavailable": 1, "APIError": 4,
                      "error_response_bytes": 2, "_reject": 2}  # the last two: the connection layer's own answers
     found = set()
     for path in (REPO / "server").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        constants = {node.targets[0].id: node.value.value for node in tree.body
+                     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                     and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+        for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
             name = getattr(node.func, "attr", getattr(node.func, "id", None))
@@ -72,6 +77,8 @@ def _error_codes_in_server() -> set[str]:
             value = args.get("code", node.args[position] if position is not None and len(node.args) > position else None)
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 found.add(value.value)
+            elif isinstance(value, ast.Name) and value.id in constants:
+                found.add(constants[value.id])
     return found
 
 

@@ -54,7 +54,7 @@ def test_prompt_that_cannot_fit_costs_no_memory(default_server, case, body, para
     r = httpx.post(default_server.url + path, content=payload, headers={"Content-Type": "application/json"}, timeout=120)
     after = memory(pid)
     assert r.status_code == 400, r.text[:300]
-    err = assert_openai_error(r.content, None)
+    err = assert_openai_error(r.content, "context_length_exceeded")
     assert err["param"] == param and needle in err["message"], err
     assert "context length is 4096" in err["message"], err
     # the body itself is parsed once (tens of MiB at the peak); no tokenizer output, and all of it returned

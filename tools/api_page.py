@@ -12,8 +12,8 @@ from tools.reference_docs import table_cell
 
 # The error codes the server sends, by status (a test finds each in server/).
 ERROR_CODES = {
-    400: ("invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter", "invalid_image",
-          "invalid_http_request"),
+    400: ("context_length_exceeded", "invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter",
+          "invalid_image", "invalid_http_request"),
     401: ("invalid_api_key",),
     404: ("model_not_found", "not_found"),
     405: ("method_not_allowed",),
@@ -246,6 +246,9 @@ Every error is `{{"error": {{"message", "type", "param", "code"}}}}`; `param` na
 |---|---|
 {errors}
 
-`code` by status ({codes}). A `limit_exceeded` names its setting (docs/configuration.md).
+`code` by status ({codes}). A `limit_exceeded` names its setting (docs/configuration.md). A
+`context_length_exceeded` (the prompt and `max_tokens` over the context length) names `max_tokens` (or
+`max_completion_tokens`) when the request set it; when it did not, it names the prompt (`prompt` or
+`messages`) and says which default `max_tokens` got (one canvas) and the most it may be.
 429 and 503 carry `Retry-After`.
 """
