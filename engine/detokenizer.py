@@ -81,8 +81,9 @@ class IncrementalDetokenizer:
                 delta = text[:index][len(self.sent):]
                 self.sent += delta
                 return delta
-        # whole characters so far: later tokens decode after this commit's, which give them context
-        if len(self.token_ids) > self._read and not text.endswith("\ufffd"):
+        # new text of whole characters: later tokens decode after this commit's, which give them context
+        # (a commit of skipped special tokens only would give none)
+        if len(text) > len(self._read_text) and not text.endswith("\ufffd"):
             self._prefix, self._read, self._read_text = self._read, len(self.token_ids), text
         if not final:
             if text.endswith("\ufffd"):

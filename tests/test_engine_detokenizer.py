@@ -99,19 +99,25 @@ def _tokenizers():
 @pytest.mark.parametrize("name", ["bytes", "metaspace", "embedded"])
 def test_deltas_add_up_to_the_decode_of_all_tokens(name):
     """However the commits split the tokens, the deltas add up to one decode of them all, on tokenizers
-    whose text of later tokens alone differs from their part of the whole (metaspace), and on
-    multi-byte characters cut by commits (bytes)."""
+    whose text of later tokens alone differs from their part of the whole (metaspace), on multi-byte
+    characters cut by commits (bytes), and with special tokens (skipped) anywhere, whole commits of them
+    included."""
     import random
 
     from engine.detokenizer import decode_text
 
     tokenizer = _tokenizers()[name]
     rng = random.Random(0)
-    vocab = sorted(set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids))
-    for trial in range(30):
+    special = sorted(tokenizer.all_special_ids)
+    vocab = sorted(set(tokenizer.get_vocab().values()) - set(special))
+    assert special
+    for trial in range(40):
         tokens = [rng.choice(vocab) for _ in range(rng.randint(1, 120))]
         if name == "bytes":  # whole characters, some of several bytes
             tokens = ids(tokenizer, "".join(rng.choice("ab \u20ac\u4e2d\n") for _ in range(60)))
+        for _ in range(rng.randint(0, 6)):  # special tokens, alone or in runs
+            at = rng.randint(0, len(tokens))
+            tokens[at:at] = [rng.choice(special)] * rng.randint(1, 12)
         d, out, at = IncrementalDetokenizer(tokenizer), "", 0
         while at < len(tokens):
             step = rng.randint(0, 9)
@@ -119,6 +125,15 @@ def test_deltas_add_up_to_the_decode_of_all_tokens(name):
             at += step
         out += d.add([], final=True)
         assert out == decode_text(tokenizer, tokens), (name, trial)
+
+
+def test_a_commit_of_skipped_tokens_keeps_the_context_of_the_next():
+    """A commit whose tokens are all skipped special tokens adds no text: the next one still decodes
+    after the last word, so its space is kept."""
+    tokenizer = _metaspace_tokenizer()
+    hello, world, unk = (tokenizer.convert_tokens_to_ids(t) for t in ("\u2581hello", "\u2581world", "<unk>"))
+    d = IncrementalDetokenizer(tokenizer)
+    assert d.add([hello]) + d.add([unk]) + d.add([world]) + d.add([], final=True) == "hello world"
 
 
 def test_work_grows_with_the_length_not_its_square(tok):
