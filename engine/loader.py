@@ -31,16 +31,16 @@ def resolve_device(name: str) -> torch.device:
 
 def unused_gpu_note(driver_file: str) -> str | None:
     """Why ``device auto`` chose the CPU of a machine with an NVIDIA driver (``driver_file`` exists), or
-    None (no driver, or torch can use the GPU): a CPU build of torch, or a CUDA build the driver is too
-    old for."""
+    None (no driver, or torch can use the GPU): a CPU build of torch, or a CUDA build that sees no GPU."""
     if not os.path.exists(driver_file) or torch.cuda.is_available():
         return None
     if torch.version.cuda is None:
         return (f"this machine has an NVIDIA driver, but torch {torch.__version__} is a CPU build: install the "
                 "CUDA build to serve on the GPU (docs/gpu.md), or pass --device cpu")
     return (f"this machine has an NVIDIA driver, but torch {torch.__version__} (CUDA {torch.version.cuda}) finds "
-            f"no GPU it can use: the driver must support CUDA {torch.version.cuda} (nvidia-smi shows the newest "
-            "CUDA version it supports); or pass --device cpu")
+            "no GPU it can use: CUDA_VISIBLE_DEVICES may hide them, the container may lack access to them, or the "
+            f"driver may not support CUDA {torch.version.cuda} (nvidia-smi shows the newest CUDA version it "
+            "supports); or pass --device cpu")
 
 
 _limited_devices: set[torch.device] = set()

@@ -36,8 +36,8 @@ def test_a_cuda_build_the_driver_cannot_run(driver_file, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")  # as a CUDA wheel reports it; no GPU is usable here
     assert loader.unused_gpu_note(str(driver_file)) == (
         f"this machine has an NVIDIA driver, but torch {torch.__version__} (CUDA 13.0) finds no GPU it can use: "
-        "the driver must support CUDA 13.0 (nvidia-smi shows the newest CUDA version it supports); or pass "
-        "--device cpu")
+        "CUDA_VISIBLE_DEVICES may hide them, the container may lack access to them, or the driver may not support "
+        "CUDA 13.0 (nvidia-smi shows the newest CUDA version it supports); or pass --device cpu")
 
 
 @pytest.mark.parametrize("device,warned", [("auto", True), ("cpu", False)])
