@@ -109,17 +109,18 @@ class PromptLimit:
 
 
 def context_length_error(exc: ContextLengthError, max_tokens_param: str, max_tokens_given: bool,
-                         prompt_param: str) -> errors.APIError:
-    """The engine's context-length refusal, worded for what the request sent: the field it set, or the
-    default a request that set none got (the refusal then names the prompt, as OpenAI's does)."""
+                         prompt_param: str, which: str, longest: int) -> errors.APIError:
+    """The engine's context-length refusal of prompt ``which`` (``where``), worded for what the request
+    sent: the field it set, or the default a request that set none got (the refusal then names the
+    prompt, as OpenAI's does, and the most max_tokens may be beside the ``longest`` of its prompts)."""
     total = exc.prompt_len + exc.max_tokens
-    head = f"This model's maximum context length is {exc.max_model_len} tokens, but the prompt has {exc.prompt_len} tokens"
+    head = f"This model's maximum context length is {exc.max_model_len} tokens, but {which} has {exc.prompt_len} tokens"
     if max_tokens_given:
         return errors.bad_request(f"{head} and {max_tokens_param} is {exc.max_tokens} ({total} in total); reduce the "
                                   f"prompt or {max_tokens_param}.", max_tokens_param, CONTEXT_LENGTH_EXCEEDED)
     return errors.bad_request(
         f"{head} and {max_tokens_param}, which this request does not set, defaults to {exc.max_tokens} ({total} in "
-        f"total); set {max_tokens_param} to at most {exc.max_model_len - exc.prompt_len}, or shorten the prompt.",
+        f"total); set {max_tokens_param} to at most {exc.max_model_len - longest}, or shorten the prompt.",
         prompt_param, CONTEXT_LENGTH_EXCEEDED)
 
 

@@ -30,7 +30,7 @@ from .errors import APIError
 from .images import ImageReader
 from .logprobs import TextPosition
 from .protocol import CommonFields
-from .request_limits import PromptLimit, check_request, check_resolved, context_length_error
+from .request_limits import PromptLimit, check_request, check_resolved, context_length_error, where
 from .request_log import RequestLog
 
 logger = logging.getLogger("server")
@@ -260,7 +260,8 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
                 # the prompt's tokens are checked once, not once per choice
                 resolved = engine.resolve(prompt_ids, params, prompt_checked=j > 0, images=image_inputs)
             except ContextLengthError as exc:
-                raise context_length_error(exc, max_tokens_param, max_tokens is not None, prompt_param) from None
+                raise context_length_error(exc, max_tokens_param, max_tokens is not None, prompt_param,
+                                           where(p, len(prompts)), max(map(len, prompts))) from None
             except InvalidRequestError as exc:
                 err = errors.from_engine(exc)
                 if err.param == "max_tokens":  # the field this request used

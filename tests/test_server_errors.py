@@ -113,6 +113,11 @@ def test_context_length_refusals_name_what_the_request_sent(live_server):
          "prompt."),
         ({"prompt": "x" * 5000}, "prompt", "this model's maximum context length is 4096 tokens, prompt and completion "
          "together, so a prompt may have at most 4095."),
+        # several prompts: the one refused is named, and the most max_tokens may be fits the longest
+        ({"prompt": [[7] * 10, [7] * 4085, [7] * 4088]}, "prompt",
+         "This model's maximum context length is 4096 tokens, but prompt 1 has 4085 tokens and max_tokens, which "
+         "this request does not set, defaults to 16 (4101 in total); set max_tokens to at most 8, or shorten the "
+         "prompt."),
     ]
     for body, param, message in cases:
         err = assert_error(post(live_server, "/completions", body), 400, code="context_length_exceeded", param=param)
