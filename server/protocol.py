@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo, field_validator
 
 from .tool_calls import NAME_PATTERN
 
@@ -42,16 +42,16 @@ class DiffusionFields(_Lenient):
     """Extension fields shared by both endpoints. ``None`` takes the checkpoint's generation config."""
 
     max_denoising_steps: StrictInt | None = Field(None, description="Denoising steps N per canvas, at most.")
-    entropy_bound: float | None = Field(
+    entropy_bound: StrictFloat | None = Field(
         None, description="Each step accepts the k lowest-entropy positions while sum(H) - max(H) <= this bound.")
-    t_min: float | None = Field(
+    t_min: StrictFloat | None = Field(
         None, description="Where the temperature schedule falls towards: the last step's is `t_min + (t_max - t_min) "
         "/ max_denoising_steps`, which must be at least 1e-6 (`t_max` > `t_min` >= 0).")
-    t_max: float | None = Field(
+    t_max: StrictFloat | None = Field(
         None, description="Temperature of the first step; the schedule falls linearly towards `t_min`.")
     stability_threshold: StrictInt | None = Field(
         None, description="k: a canvas stops when k+1 successive argmax drafts are equal and ...")
-    confidence_threshold: float | None = Field(None, description="... its mean entropy is below this.")
+    confidence_threshold: StrictFloat | None = Field(None, description="... its mean entropy is below this.")
     stream_drafts: StrictBool | None = Field(
         False, description="With `stream`: also send every refinement step as a draft chunk (see Draft stream).")
 
@@ -65,9 +65,9 @@ class CommonFields(DiffusionFields):
         "checkpoint's `max_new_tokens` (one canvas).")
     # Accepted for compatibility. A diffusion model samples with the linear temperature schedule
     # t_max -> t_min over the denoising steps; ``temperature`` and ``top_p`` do not change it.
-    temperature: float | None = Field(
+    temperature: StrictFloat | None = Field(
         default=None, ge=0, le=2, description="Range-checked, then ignored: the `t_max` -> `t_min` schedule governs sampling.")
-    top_p: float | None = Field(default=None, ge=0, le=1, description="Range-checked, then ignored.")
+    top_p: StrictFloat | None = Field(default=None, ge=0, le=1, description="Range-checked, then ignored.")
     n: StrictInt | None = Field(default=1, ge=1, description="Choices per prompt (at most the setting `max_n`).")
     stop: Union[str, list[str], None] = Field(
         None, description=f"Up to {MAX_STOP} strings; the text ends before the first one found (`finish_reason: stop`).")
@@ -76,12 +76,12 @@ class CommonFields(DiffusionFields):
                                 "(past 2^64 - 1 it wraps to 0).")
     stream: StrictBool | None = Field(False, description="Answer with server-sent events (see Streaming).")
     stream_options: StreamOptions | None = Field(None, description="Only with `stream`: `{\"include_usage\": true}`.")
-    presence_penalty: float | None = Field(
+    presence_penalty: StrictFloat | None = Field(
         default=None, ge=-2, le=2, description="Range-checked, then ignored: a canvas is written in parallel, so there "
         "are no earlier tokens of it to penalise.")
-    frequency_penalty: float | None = Field(
+    frequency_penalty: StrictFloat | None = Field(
         default=None, ge=-2, le=2, description="Range-checked, then ignored (as `presence_penalty`).")
-    logit_bias: dict[str, float] | None = Field(
+    logit_bias: dict[str, StrictFloat] | None = Field(
         None, description="Token id (a string key) -> bias in [-100, 100], added to the soft-capped logits before the "
         "temperature; at most the setting `max_logit_bias` entries. -100 practically bans a token.")
     user: str | None = Field(None, description="Accepted and ignored.")

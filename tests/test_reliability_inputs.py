@@ -93,6 +93,13 @@ CASES = [
     ("n-zero", "POST", C, {"prompt": "hi", "n": 0}, None, 400, IRE, "n", None, "greater than or equal to 1"),
     ("temperature-negative", "POST", C, {"prompt": "hi", "temperature": -1}, None, 400, IRE, "temperature", None, None),
     ("temperature-string", "POST", C, {"prompt": "hi", "temperature": "hot"}, None, 400, IRE, "temperature", None, None),
+    # numbers only, as OpenAI's API: a numeric string is not a number either
+    ("temperature-numeric-string", "POST", C, {"prompt": "hi", "temperature": "0.5"}, None, 400, IRE, "temperature",
+     None, "valid number"),
+    ("entropy-bound-numeric-string", "POST", CH, {"messages": MSG, "entropy_bound": "0.1"}, None, 400, IRE,
+     "entropy_bound", None, "valid number"),
+    ("logit-bias-numeric-string", "POST", C, {"prompt": "hi", "logit_bias": {"5": "1"}}, None, 400, IRE,
+     "logit_bias[5]", None, "valid number"),
     ("top-p-2", "POST", C, {"prompt": "hi", "top_p": 2}, None, 400, IRE, "top_p", None, None),
     ("stream-string", "POST", C, {"prompt": "hi", "stream": "yes"}, None, 400, IRE, "stream", None, None),
     ("stop-five", "POST", C, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, None, 400, IRE, "stop", None,
