@@ -56,7 +56,8 @@ class EngineSettings:
     max_waiting: int = setting(
         256, "Most requests queued beyond the running ones; past it requests get 429 with Retry-After: 1 at once "
         "(the engine raises QueueFullError), rather than waiting unboundedly. A request with several choices "
-        "needs room for all of them.")
+        "needs room for all of them; one with more choices than max_num_seqs + max_waiting gets 400 "
+        "limit_exceeded instead (no wait would make room).")
     max_model_len: int | None = setting(
         None, "Context limit for prompt + max_tokens; longer requests get 400.",
         default_text="the model's max_position_embeddings")

@@ -60,7 +60,8 @@ class EngineClient(Protocol):
 
     def admit(self, count: int) -> "Admission":
         """Reserve room in the queue for ``count`` requests, all or none (the engine's one queue bound).
-        Raises ``QueueFullError`` or ``EngineDeadError`` with nothing queued. The result is a context
+        Raises ``InvalidRequestError`` (``count`` over the bound itself), ``QueueFullError`` or
+        ``EngineDeadError`` with nothing queued. The result is a context
         manager: leaving it gives back the places that no ``generate`` took."""
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, *,
