@@ -17,7 +17,7 @@ TOKENIZE_IN_THREAD_CHARS = 20000
 
 class Completions:
     names = EndpointNames("completions", "cmpl", CompletionRequest, "text_completion", "text_completion",
-                          prompt_param="prompt")
+                          prompt_param="prompt", token_prompts=True)
 
     def check(self, req: CompletionRequest, settings) -> None:
         unsupported(

@@ -64,6 +64,7 @@ class EndpointNames:
     object: str  # a response's "object"
     chunk_object: str  # a stream chunk's "object"
     prompt_param: str  # the field named by errors about the prompt
+    token_prompts: bool = False  # prompts may come as token ids (an array of numbers is then a prompt)
 
 
 class Endpoint(Protocol):
@@ -144,7 +145,7 @@ async def serve(request: Request, api: Endpoint) -> Response:
 async def _serve(request: Request, api: Endpoint, state, request_id: str, engine_prefix: str, log: RequestLog):
     settings = state.settings
     names = api.names
-    req: CommonFields = await parse_body(request, names.request_model, state.body_limits(names.prompt_param),
+    req: CommonFields = await parse_body(request, names.request_model, state.body_limits(names.prompt_param if names.token_prompts else None),
                                          state.preprocess_gate)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)

@@ -163,14 +163,16 @@ class ServerState:
 
     def body_limits(self, array_param: str | None) -> BodyLimits:
         """What a /v1 body may hold before it is parsed: ``max_json_depth``, ``max_json_values``, and no
-        array of numbers longer than a prompt may be (once the model has loaded)."""
+        array of numbers longer than a prompt may be (once the model has loaded). ``array_param``: the
+        field such an array is a prompt of (None: the endpoint takes no token ids, and the refusal names
+        no field)."""
         s = self.settings
         if self.engine is None:
             return BodyLimits(s.max_json_depth, s.max_json_values)
         limit = self.prompt_limit(self.engine)
+        why = limit.why() if array_param else f"no array of numbers may be longer than a prompt, and {limit.why()}"
         return BodyLimits(s.max_json_depth, s.max_json_values, limit.tokens,
-                          f"longer than any this server accepts: {limit.why()}.", array_param,
-                          limit.code)
+                          f"longer than any this server accepts: {why}.", array_param, limit.code)
 
     def model_names(self) -> list[str]:
         engine_name = self.engine.model_name if self.engine is not None else None

@@ -63,6 +63,21 @@ def test_prompt_that_cannot_fit_costs_no_memory(default_server, case, body, para
     assert httpx.get(default_server.url + "/health", timeout=10).status_code == 200
 
 
+def test_a_long_number_array_in_a_chat_names_no_prompt_field(default_server):
+    """Chat takes no token ids, so a long array of numbers (here a tool's enum) is refused before parsing
+    without naming messages as the field at fault."""
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "enum": list(range(5000))}}}}}
+    r = httpx.post(default_server.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "tools": [tool]})
+    assert r.status_code == 400
+    err = assert_openai_error(r.content, "context_length_exceeded")
+    assert err["param"] is None and err["message"] == (
+        "The request body has an array of 5000 numbers, longer than any this server accepts: no array of numbers "
+        "may be longer than a prompt, and this model's maximum context length is 4096 tokens, prompt and completion "
+        "together, so a prompt may have at most 4095."), err
+
+
 # -- item 3: bodies with very many values are refused before they are parsed -------------------------
 
 
