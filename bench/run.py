@@ -38,15 +38,23 @@ BENCH_SPEC = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, hea
                   sliding_window=64)
 
 
+# The widest vector instructions a CPU has, by its /proc/cpuinfo flag: they pick the kernels (oneDNN's,
+# OpenBLAS's) and so the speed, for CPUs of the same name
+SIMD_FLAGS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+
+
 def machine_description() -> dict:
-    cpu = platform.processor() or "cpu"
+    cpu, simd = platform.processor() or "cpu", None
     try:
         with open("/proc/cpuinfo") as fh:
-            names = re.findall(r"model name\s*:\s*(.*)", fh.read())
-            cpu = names[0] if names else cpu
-    except OSError:
+            info = fh.read()
+        names = re.findall(r"model name\s*:\s*(.*)", info)
+        cpu = names[0] if names else cpu
+        flags = set(re.findall(r"^flags\s*:\s*(.*)$", info, re.M)[0].split()) if "flags" in info else set()
+        simd = next((name for flag, name in SIMD_FLAGS if flag in flags), None)
+    except (OSError, IndexError):
         pass
-    desc = f"{os.cpu_count()} x {cpu}"
+    desc = f"{os.cpu_count()} x {cpu}" + (f" ({simd})" if simd else "")
     gpu = None
     try:
         import torch
