@@ -65,7 +65,7 @@ def report(config, *, weight_dtype: str, kv_dtype: str, gpu_gib: float, context:
         "text_parameters": text_params,
         "weights_gib": weight_bytes / 2**30,
         "kv_bytes_per_token_full_layers": plan.kv_bytes_per_token,
-        "layer_kv_bytes_per_token": plan.layer_kv_bytes_per_token,
+        "attention_bytes_per_token": plan.attention_bytes_per_token,
         "sliding_kv_mib_per_request": plan.sliding_kv_bytes_per_request / 2**20,
         "state_kib_per_request": plan.state_bytes_per_request / 2**10,
         "state_if_logits_were_kept_mib": config.canvas_length * text.vocab_size * 4 / 2**20,
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
           f"(an untiled fp32 logits copy at batch 8 alone is {r['one_fp32_logits_copy_batch8_gib']:.1f} GiB)")
     print(f"decoder activations bound at batch {args.max_num_seqs}: {r['decoder_transient_gib']:.2f} GiB")
     print(f"left for KV: {r['free_for_kv_gib']:.1f} GiB -> {r['requests_that_fit']} requests of {r['context']} tokens "
-          f"({r['request_mib_at_context']:.0f} MiB each, KV, state and two layers' worth of attention's per-layer copies)")
+          f"({r['request_mib_at_context']:.0f} MiB each, KV, state and attention's copies of one layer)")
     return 0
 
 

@@ -17,7 +17,7 @@ engine does at start-up (``engine.memory.derive_kv_budget``):
     fits      = needed <= budget
 
 where request(L) counts L tokens of full-attention KV, the sliding-window KV, the request's state,
-and two layers' worth more for attention's per-layer copies (engine.memory).
+and the copies of one layer attention holds beside it (engine.memory.attention_copies).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def compute(p: Preset) -> dict:
     # engine.memory.derive_kv_budget: the KV tokens the engine reserves for all running requests
     usable = budget_gib * 2**30 - transients_gib * 2**30
     usable -= 2 * seqs * r["sliding_kv_mib_per_request"] * 2**20 + seqs * r["state_kib_per_request"] * 2**10
-    per_token = r["kv_bytes_per_token_full_layers"] + 2 * r["layer_kv_bytes_per_token"]
+    per_token = r["kv_bytes_per_token_full_layers"] + r["attention_bytes_per_token"]
     kv_tokens = int(max(0, min(usable // per_token, max_len * seqs)))
     out = {
         "preset": p.name,

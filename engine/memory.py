@@ -32,7 +32,7 @@ def auto_sampling_tile_bytes(free_bytes: int) -> int:
 @dataclass(frozen=True)
 class MemoryPlan:
     kv_bytes_per_token: int  # full-attention layers, per committed token
-    layer_kv_bytes_per_token: int  # the largest single full-attention layer, per token
+    attention_bytes_per_token: int  # beside the KV, the most one full-attention layer's attention holds (plan_memory)
     sliding_kv_bytes_per_request: int  # sliding layers hold at most window-1 tokens
     state_bytes_per_request: int  # canvas, soft embeddings, argmax history
     sampling_transient_bytes: int  # largest transient of one sampling tile
@@ -41,9 +41,8 @@ class MemoryPlan:
 
     def per_request_bytes(self, tokens: int) -> int:
         """KV and state of one request of ``tokens`` tokens, plus its share of the per-layer transients
-        of attention: the encoder gathers a group's rows of one layer and concatenates [KV ; new], the
-        decoder concatenates [KV ; canvas]; either way at most two layers' worth at a time."""
-        return (tokens * (self.kv_bytes_per_token + 2 * self.layer_kv_bytes_per_token)
+        of attention (``attention_bytes_per_token``)."""
+        return (tokens * (self.kv_bytes_per_token + self.attention_bytes_per_token)
                 + 2 * self.sliding_kv_bytes_per_request + self.state_bytes_per_request)
 
 
@@ -61,15 +60,26 @@ def activation_bytes_per_token(text_config, elem: int) -> int:
     return max(dense, moe)
 
 
+def attention_copies(num_attention_heads: int, num_key_value_heads: int) -> int:
+    """Copies of one layer's K and V that its attention holds beside the cache, per token slot: the
+    encoder's gathered rows and the [KV ; new] (decoder: [KV ; canvas]) concatenation, and, where query
+    heads share KV heads, K and V repeated to every query head (transformers' sdpa does that whenever a
+    mask is given or the head is wider than 256, as DiffusionGemma's full-attention layers are)."""
+    groups = num_attention_heads // num_key_value_heads
+    return 2 + (groups if groups > 1 else 0)
+
+
 def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling_transient_bytes: int, max_num_seqs: int,
                 stability_threshold: int = 1, dequantized_experts: bool = False, expert_copies: int = 1,
                 max_encoder_tokens: int = 0, encoder_beside_decoder: bool = False) -> MemoryPlan:
     """``expert_copies``: how many forwards may hold a layer's dequantized experts at once (on CPU, one
     per row group running side by side: ``ModelRunner.forward_threads``). The activations are one layer's
     over the larger of a full decoder batch and an encoder call (``max_encoder_tokens``), or over both
-    where decoder rows run beside the encoder (``encoder_beside_decoder``: a traced CPU pass)."""
+    where decoder rows run beside the encoder (``encoder_beside_decoder``: a traced CPU pass). Attention
+    works on one layer at a time: each token slot is counted with the most ``attention_copies`` of a
+    full-attention layer; sliding-window layers with twice their KV per row."""
     elem = torch.finfo(dtype).bits // 8
-    full = sliding = largest = 0
+    full = sliding = attention = 0
     for i, layer_type in enumerate(text_config.layer_types):
         cfg = text_config.per_layer_config[i]
         per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # K and V
@@ -77,14 +87,14 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling
             sliding += per_token * (text_config.sliding_window - 1)
         else:
             full += per_token
-            largest = max(largest, per_token)
+            attention = max(attention, per_token * attention_copies(cfg.num_attention_heads, cfg.num_key_value_heads))
     hidden = text_config.hidden_size
     state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
     decoder = max_num_seqs * canvas_length
     tokens = decoder + max_encoder_tokens if encoder_beside_decoder else max(decoder, max_encoder_tokens)
     activations = tokens * activation_bytes_per_token(text_config, elem)
     dequant = expert_copies * expert_dequant_bytes(text_config, elem) if dequantized_experts else 0
-    return MemoryPlan(full, largest, sliding, state, sampling_transient_bytes, activations, dequant)
+    return MemoryPlan(full, attention, sliding, state, sampling_transient_bytes, activations, dequant)
 
 
 MEMINFO = "/proc/meminfo"
@@ -118,12 +128,12 @@ def derive_kv_budget(plan: MemoryPlan, device: torch.device, *, fraction: float,
 
     The scheduler spends them on the runner's slot buffers (``engine.kv_budget``: the next power of
     two of the running count, times the longest reservation), which the decoder reads in place.
-    Besides the buffers, attention works one layer at a time on a copy (the encoder's gathered rows
-    and [KV ; new], the decoder's [KV ; canvas]), so every token slot is counted with two more layers'
-    worth; sliding-window layers count twice. Reallocating the buffers swaps them layer by layer."""
+    Besides the buffers, attention works one layer at a time on copies of it (``attention_copies``), so
+    every token slot is counted with ``attention_bytes_per_token`` more; sliding-window layers count
+    twice. Reallocating the buffers swaps them layer by layer."""
     usable = int(available_bytes(device) * fraction)
     usable -= plan.sampling_transient_bytes + plan.decoder_transient_bytes + plan.expert_dequant_bytes
     usable -= 2 * max_num_seqs * plan.sliding_kv_bytes_per_request + max_num_seqs * plan.state_bytes_per_request
-    tokens = usable // max(1, plan.kv_bytes_per_token + 2 * plan.layer_kv_bytes_per_token)
+    tokens = usable // max(1, plan.kv_bytes_per_token + plan.attention_bytes_per_token)
     most = kv_tokens_needed([max_model_len] * max_num_seqs, max_num_seqs)  # every row at the longest
     return int(max(0, min(tokens, most)))

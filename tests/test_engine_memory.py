@@ -32,7 +32,7 @@ def budget_within(plan: MemoryPlan, fraction: float, max_num_seqs: int, max_mode
     ``fixed_bytes``, fit in ``fraction`` of it. Other processes on a shared machine allocate and free
     memory meanwhile; 64 MiB of slack either side covers that (each token here costs 1 MiB or more, so
     the slack is a few dozen tokens out of thousands)."""
-    per_token = plan.kv_bytes_per_token + 2 * plan.layer_kv_bytes_per_token
+    per_token = plan.kv_bytes_per_token + plan.attention_bytes_per_token
     before = mem_available()
     budget = derive_kv_budget(plan, CPU, fraction=fraction, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
     after = mem_available()
@@ -41,7 +41,7 @@ def budget_within(plan: MemoryPlan, fraction: float, max_num_seqs: int, max_mode
     return budget, lowest, highest
 
 
-PLAN = MemoryPlan(kv_bytes_per_token=MIB, layer_kv_bytes_per_token=0, sliding_kv_bytes_per_request=0,
+PLAN = MemoryPlan(kv_bytes_per_token=MIB, attention_bytes_per_token=0, sliding_kv_bytes_per_request=0,
                   state_bytes_per_request=0, sampling_transient_bytes=0, decoder_transient_bytes=0)
 UNCAPPED = dict(max_num_seqs=4, max_model_len=10**9)
 
@@ -55,9 +55,9 @@ def test_budget_is_the_token_slots_that_fit_in_the_memory_fraction():
 
 
 def test_the_transients_and_the_per_request_state_come_off_first():
-    """Two more layers' worth per token slot (attention works on a copy of one layer), the sampling,
+    """Attention's copies of one layer per token slot (attention_bytes_per_token), the sampling,
     decoder and dequantization transients once, sliding-window KV twice and the state once per row."""
-    plan = MemoryPlan(kv_bytes_per_token=MIB, layer_kv_bytes_per_token=MIB // 4, sliding_kv_bytes_per_request=3 * MIB,
+    plan = MemoryPlan(kv_bytes_per_token=MIB, attention_bytes_per_token=MIB // 2, sliding_kv_bytes_per_request=3 * MIB,
                       state_bytes_per_request=5 * MIB, sampling_transient_bytes=100 * MIB,
                       decoder_transient_bytes=50 * MIB, expert_dequant_bytes=7 * MIB)
     fixed = 100 * MIB + 50 * MIB + 7 * MIB + 4 * (2 * 3 * MIB + 5 * MIB)
@@ -69,12 +69,12 @@ def test_the_transients_and_the_per_request_state_come_off_first():
 
 
 def test_the_budget_is_capped_at_every_row_at_the_longest_length_and_never_negative():
-    tiny = MemoryPlan(kv_bytes_per_token=1, layer_kv_bytes_per_token=0, sliding_kv_bytes_per_request=0,
+    tiny = MemoryPlan(kv_bytes_per_token=1, attention_bytes_per_token=0, sliding_kv_bytes_per_request=0,
                       state_bytes_per_request=0, sampling_transient_bytes=0, decoder_transient_bytes=0)
     # 3 rows: the slot buffers hold 3 rows (the next power of two, capped at max_num_seqs) of 256 tokens
     assert derive_kv_budget(tiny, CPU, fraction=1.0, max_num_seqs=3, max_model_len=256) == 3 * 256
     assert derive_kv_budget(tiny, CPU, fraction=1.0, max_num_seqs=8, max_model_len=100) == 8 * 100
-    huge = MemoryPlan(kv_bytes_per_token=MIB, layer_kv_bytes_per_token=0, sliding_kv_bytes_per_request=0,
+    huge = MemoryPlan(kv_bytes_per_token=MIB, attention_bytes_per_token=0, sliding_kv_bytes_per_request=0,
                       state_bytes_per_request=0, sampling_transient_bytes=2**62, decoder_transient_bytes=0)
     assert derive_kv_budget(huge, CPU, fraction=1.0, max_num_seqs=4, max_model_len=4096) == 0
 
@@ -121,3 +121,33 @@ def test_a_device_memory_limit_is_refused_on_cpu(tiny_path):
         return  # "auto" resolves to the GPU there
     with pytest.raises(ValueError, match=r"applies to CUDA devices \(the device is cpu\)"):
         load_model(EngineSettings(model=str(tiny_path), device="auto", device_memory_limit_gib=4))
+
+
+def test_attention_copies_of_a_layer_are_in_the_plan(tmp_path, monkeypatch):
+    """Where query heads share KV heads, transformers' SDPA repeats K and V to every query head (it does
+    whenever a mask is given, as for rows of different lengths, or the head is wider than 256, as the
+    real model's full-attention layers are). Per token slot, those copies, the gathered rows and the
+    concatenation with the new tokens stay within the plan's ``attention_bytes_per_token``."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from tests.engine_helpers import make_core, run_to_completion
+
+    path = build_tiny_checkpoint(tmp_path / "gqa", TinySpec(num_heads=8, num_kv_heads=1))
+    core = make_core(path, dtype="float32", max_num_seqs=4, batch_invariant=False)  # batched SDPA, as on CUDA
+    repeated = []  # bytes per token slot of each repeat of K or V
+    stock = sdpa.repeat_kv
+
+    def recording(states, n_rep):
+        out = stock(states, n_rep)
+        if n_rep > 1:
+            repeated.append(out.numel() * out.element_size() // (out.shape[0] * out.shape[2]))
+        return out
+
+    monkeypatch.setattr(sdpa, "repeat_kv", recording)
+    run_to_completion(core, [(f"r{n}", list(range(10, 10 + n)), SamplingParams(max_tokens=32, seed=n, ignore_eos=True,
+                                                                               max_denoising_steps=3)) for n in (30, 7)])
+    assert repeated  # rows of different lengths: a mask, so SDPA repeated the heads
+    text = core.loaded.model.config.text_config
+    layer_kv = max(2 * text.per_layer_config[i].num_key_value_heads * text.per_layer_config[i].head_dim * 4
+                   for i, kind in enumerate(text.layer_types) if kind != "sliding_attention")
+    assert 2 * layer_kv + 2 * max(repeated) <= core.memory_plan.attention_bytes_per_token
