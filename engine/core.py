@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 
-from .kv_budget import kv_reservation
+from .kv_budget import kv_reservation, kv_tokens_needed
 from .loader import LoadedModel
 from .memory import derive_kv_budget, plan_memory
 from .model_runner import ModelRunner
@@ -56,6 +56,7 @@ class EngineCore:
                 f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even a one-token prompt; "
                 "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"
             )
+        self._log_kv_budget(settings.max_num_seqs)
         self.scheduler = Scheduler(max_num_seqs=settings.max_num_seqs, max_num_kv_tokens=self.max_num_kv_tokens)
         self.rules = RequestRules(
             canvas_length=self.canvas_length, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
@@ -63,6 +64,20 @@ class EngineCore:
             max_encoder_tokens=settings.max_encoder_tokens, max_num_seqs=settings.max_num_seqs,
             max_num_kv_tokens=self.max_num_kv_tokens)
         self._requests: dict[str, Request] = {}
+
+    def _log_kv_budget(self, max_num_seqs: int) -> None:
+        """Say at start-up what the KV budget holds: how many requests at the full context run at once,
+        or, when not one does, how much of the context one request may reserve (more is a 400)."""
+        budget, context = self.max_num_kv_tokens, self.max_model_len
+        source = "derived from free memory" if self.memory_plan is not None else "set by max_num_kv_tokens"
+        at_once = max((n for n in range(1, max_num_seqs + 1) if kv_tokens_needed([context] * n, max_num_seqs) <= budget),
+                      default=0)
+        if at_once:
+            logger.info("KV budget: %d token slots (%s), %d of max_num_seqs %d requests at the full context of %d "
+                        "tokens at once", budget, source, at_once, max_num_seqs, context)
+        else:
+            logger.warning("KV budget: %d token slots (%s), less than the context of %d tokens: one request's prompt "
+                           "and max_tokens may reserve at most %d (more is refused)", budget, source, context, budget)
 
     def close(self) -> None:
         """Release the runner's worker thread; the core takes no more steps after this."""

@@ -151,3 +151,21 @@ def test_attention_copies_of_a_layer_are_in_the_plan(tmp_path, monkeypatch):
     layer_kv = max(2 * text.per_layer_config[i].num_key_value_heads * text.per_layer_config[i].head_dim * 4
                    for i, kind in enumerate(text.layer_types) if kind != "sliding_attention")
     assert 2 * layer_kv + 2 * max(repeated) <= core.memory_plan.attention_bytes_per_token
+
+
+@pytest.mark.parametrize("kv_tokens,level,message", [
+    (4 * 4096, "INFO", "KV budget: 16384 token slots (set by max_num_kv_tokens), 4 of max_num_seqs 4 requests at the "
+                       "full context of 4096 tokens at once"),
+    (1000, "WARNING", "KV budget: 1000 token slots (set by max_num_kv_tokens), less than the context of 4096 tokens: "
+                      "one request's prompt and max_tokens may reserve at most 1000 (more is refused)"),
+])
+def test_the_start_up_log_says_what_the_kv_budget_holds(tmp_path, caplog, kv_tokens, level, message):
+    import logging
+
+    from tests.engine_helpers import make_core
+
+    path = build_tiny_checkpoint(tmp_path / "tiny", TinySpec())
+    with caplog.at_level(logging.INFO, logger="engine"):
+        make_core(path, max_num_seqs=4, max_num_kv_tokens=kv_tokens)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("KV budget")] == [
+        (level, message)]
