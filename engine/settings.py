@@ -64,7 +64,10 @@ class EngineSettings:
     # The KV slot buffers hold slot_rows(n) rows (the next power of two of the running count, at most
     # max_num_seqs) of the longest reservation (prompt + every canvas but the last).
     max_num_kv_tokens: int | None = setting(
-        None, "KV-cache tokens reserved by all running requests together.",
+        None, "KV-cache tokens reserved by all running requests together. The running set takes the next power of "
+        "two of its size (at most max-num-seqs) rows of its longest reservation (a request's prompt and every "
+        "canvas but the last): one long request makes every row cost as much, and waiting requests start in "
+        "arrival order.",
         default_text="derived from the memory free at start-up (memory-fraction of it)")
     memory_fraction: float = setting(
         0.8, "Fraction of the memory free at start-up that the engine may budget: the GPU's, or on CPU the host's "
