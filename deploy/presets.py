@@ -236,8 +236,10 @@ def markdown(plans: list[dict] | None = None) -> str:
         "",
         f"Computed by `python -m deploy.presets --markdown` from the model config; CUDA context and allocator "
         f"slack assumed {CUDA_CONTEXT_GIB:g} GiB per GPU. Budget = (memory - context - weights) x memory-fraction, "
-        "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with two "
-        "layers' worth more for attention's per-layer copies (encoder gather and concatenation, decoder concatenation). "
+        "the memory the engine plans with at start-up; a request is counted at max-model-len tokens, with the "
+        "copies of one layer that attention holds beside the KV (engine.memory.attention_copies: the concatenation "
+        "with the new tokens, K and V repeated to every query head, and one more layer's worth for the encoder's "
+        "gathered rows, the new tokens' columns and the mask). "
         "The decoder transient is one layer's activations over the larger of a full decoder batch and an encoder "
         "call (the engine setting `max_encoder_tokens`), over both on CPU where decoder rows run beside the "
         "encoder: for a MoE layer, each token's top-k experts' inputs and outputs, two float32 weighted copies "

@@ -69,15 +69,17 @@ class EngineCore:
         """Say at start-up what the KV budget holds: how many requests at the full context run at once,
         or, when not one does, how much of the context one request may reserve (more is a 400)."""
         budget, context = self.max_num_kv_tokens, self.max_model_len
-        source = "derived from free memory" if self.memory_plan is not None else "set by max_num_kv_tokens"
+        source = "derived from free memory" if self.memory_plan is not None else "set by --max-num-kv-tokens"
         at_once = max((n for n in range(1, max_num_seqs + 1) if kv_tokens_needed([context] * n, max_num_seqs) <= budget),
                       default=0)
         if at_once:
             logger.info("KV budget: %d token slots (%s), %d of max_num_seqs %d requests at the full context of %d "
                         "tokens at once", budget, source, at_once, max_num_seqs, context)
         else:
-            logger.warning("KV budget: %d token slots (%s), less than the context of %d tokens: one request's prompt "
-                           "and max_tokens may reserve at most %d (more is refused)", budget, source, context, budget)
+            logger.warning("KV budget: %d token slots (%s), less than the context of %d tokens: one request may "
+                           "reserve at most %d KV tokens (its prompt and every canvas of %d but the last; more is "
+                           "refused): raise --max-num-kv-tokens or --memory-fraction, or free memory", budget, source,
+                           context, budget, self.canvas_length)
 
     def close(self) -> None:
         """Release the runner's worker thread; the core takes no more steps after this."""

@@ -61,10 +61,12 @@ def activation_bytes_per_token(text_config, elem: int) -> int:
 
 
 def attention_copies(num_attention_heads: int, num_key_value_heads: int) -> int:
-    """Copies of one layer's K and V that its attention holds beside the cache, per token slot: the
-    encoder's gathered rows and the [KV ; new] (decoder: [KV ; canvas]) concatenation, and, where query
-    heads share KV heads, K and V repeated to every query head (transformers' sdpa does that whenever a
-    mask is given or the head is wider than 256, as DiffusionGemma's full-attention layers are)."""
+    """Copies of one layer's K and V that its attention holds beside the cache, per token slot, as an
+    upper bound: the [KV ; new] (decoder: [KV ; canvas]) concatenation; where query heads share KV heads,
+    K and V repeated to every query head (transformers' sdpa does that whenever a mask is given or the
+    head is wider than 256, as DiffusionGemma's full-attention layers are); and one more layer's worth
+    for what sits beside them at some point (the encoder's gathered rows, the new tokens' columns, the
+    mask)."""
     groups = num_attention_heads // num_key_value_heads
     return 2 + (groups if groups > 1 else 0)
 

@@ -154,10 +154,11 @@ def test_attention_copies_of_a_layer_are_in_the_plan(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kv_tokens,level,message", [
-    (4 * 4096, "INFO", "KV budget: 16384 token slots (set by max_num_kv_tokens), 4 of max_num_seqs 4 requests at the "
-                       "full context of 4096 tokens at once"),
-    (1000, "WARNING", "KV budget: 1000 token slots (set by max_num_kv_tokens), less than the context of 4096 tokens: "
-                      "one request's prompt and max_tokens may reserve at most 1000 (more is refused)"),
+    (4 * 4096, "INFO", "KV budget: 16384 token slots (set by --max-num-kv-tokens), 4 of max_num_seqs 4 requests at "
+                       "the full context of 4096 tokens at once"),
+    (1000, "WARNING", "KV budget: 1000 token slots (set by --max-num-kv-tokens), less than the context of 4096 tokens: "
+                      "one request may reserve at most 1000 KV tokens (its prompt and every canvas of 16 but the last; "
+                      "more is refused): raise --max-num-kv-tokens or --memory-fraction, or free memory"),
 ])
 def test_the_start_up_log_says_what_the_kv_budget_holds(tmp_path, caplog, kv_tokens, level, message):
     import logging
