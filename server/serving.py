@@ -145,8 +145,8 @@ async def serve(request: Request, api: Endpoint) -> Response:
 async def _serve(request: Request, api: Endpoint, state, request_id: str, engine_prefix: str, log: RequestLog):
     settings = state.settings
     names = api.names
-    req: CommonFields = await parse_body(request, names.request_model, state.body_limits(names.prompt_param if names.token_prompts else None),
-                                         state.preprocess_gate)
+    limits = state.body_limits(names.prompt_param if names.token_prompts else None)
+    req: CommonFields = await parse_body(request, names.request_model, limits, state.preprocess_gate)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
     api.check(req, settings)
