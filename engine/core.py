@@ -57,7 +57,8 @@ class EngineCore:
                 "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"
             )
         self._log_kv_budget(settings.max_num_seqs)
-        self.scheduler = Scheduler(max_num_seqs=settings.max_num_seqs, max_num_kv_tokens=self.max_num_kv_tokens)
+        self.scheduler = Scheduler(max_num_seqs=settings.max_num_seqs, max_num_kv_tokens=self.max_num_kv_tokens,
+                                   max_encoder_tokens=settings.max_encoder_tokens)
         self.rules = RequestRules(
             canvas_length=self.canvas_length, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
             defaults=self.defaults, model_config=config, max_images_per_prompt=settings.max_images_per_prompt,

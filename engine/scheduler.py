@@ -20,9 +20,13 @@ class Scheduler:
     """The waiting queue and the running set: admission under the decoder batch and KV budget, one
     ``StepPlan`` per pass, and the runner's results turned into outputs."""
 
-    def __init__(self, *, max_num_seqs: int, max_num_kv_tokens: int):
+    def __init__(self, *, max_num_seqs: int, max_num_kv_tokens: int, max_encoder_tokens: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_num_kv_tokens = max_num_kv_tokens
+        # a longer text prompt is prefilled a chunk of this many tokens a pass, so that the passes of the
+        # running requests go on meanwhile (a prompt with images is encoded in one pass: its features are
+        # computed once); None: whole prompts
+        self.max_encoder_tokens = max_encoder_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._to_free: list[str] = []
@@ -86,9 +90,14 @@ class Scheduler:
             plan.new.append(NewRow(req.request_id, req.seed, req.kv_reservation))
         for req in self.running:
             if req.status is RequestStatus.ENCODING:
-                plan.encode.append(EncodeWork(req.request_id, req.pending_encode, req.images))
-                req.pending_encode = ()
+                chunk = req.pending_encode
+                if req.images is None and self.max_encoder_tokens is not None:
+                    chunk = chunk[:self.max_encoder_tokens]
+                plan.encode.append(EncodeWork(req.request_id, chunk, req.images))
+                req.pending_encode = req.pending_encode[len(chunk):]
                 req.images = None  # only the prompt has images; the runner keeps none after its encode
+                if req.pending_encode:  # still prefilling: its first denoising step comes after the last chunk
+                    continue
                 req.status = RequestStatus.DENOISING
             p = req.params
             if req.step == 0:

@@ -180,6 +180,40 @@ def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(tmp_path_factor
     assert a == b and len(a) > 0
 
 
+def test_a_long_prompt_is_prefilled_a_chunk_a_pass_while_others_denoise(tmp_path_factory):
+    """A text prompt longer than max_encoder_tokens is encoded one chunk a pass, and a running request
+    takes its denoising step in every one of those passes (the whole prompt in one pass would stall it);
+    the long request still gets its solo tokens (float32, random weights)."""
+    from engine.request import RequestStatus
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("prefill"), TinySpec())
+    core = make_core(path, dtype="float32", max_encoder_tokens=16, max_num_seqs=4)
+    tok = core.loaded.tokenizer
+    prompt = tok("a prompt of about seventy tokens, far past the sixteen-token chunks").input_ids
+    chunks = -(-len(prompt) // 16)
+    assert chunks >= 4
+    params = SamplingParams(max_tokens=32, seed=9, ignore_eos=True)
+    solo = run_to_completion(core, [("long", prompt, params)])["long"]["tokens"]
+    # never converges early (no mean entropy is that low): 8 steps for each of its 4 canvases
+    busy = SamplingParams(max_tokens=64, seed=1, ignore_eos=True, max_denoising_steps=8, confidence_threshold=1e-30)
+    core.add_request("busy", tok("hi").input_ids, core.resolve(tok("hi").input_ids, busy))
+    core.step()
+    core.add_request("long", prompt, core.resolve(prompt, params))
+    running = {r.request_id: r for r in core.scheduler.running}
+    steps, tokens, passes = running["busy"].num_denoising_steps, [], 0
+    while passes == 0 or long_request.status is RequestStatus.ENCODING:
+        left = len(prompt) if passes == 0 else len(long_request.pending_encode)
+        tokens += [t for out in core.step() if out.request_id == "long" for t in out.token_ids]
+        passes += 1
+        long_request = next(r for r in core.scheduler.running if r.request_id == "long")
+        assert left - len(long_request.pending_encode) == min(16, left)  # one chunk this pass
+        assert running["busy"].num_denoising_steps == steps + passes  # and the busy request's step
+    assert passes == chunks
+    while core.has_work():
+        tokens += [t for out in core.step() if out.request_id == "long" for t in out.token_ids]
+    assert tokens == solo and len(solo) == 32
+
+
 def test_admission_counts_the_slot_buffers(core):
     """Budget = the slot buffers: slot_rows(n) rows (next power of two) of the longest reservation."""
     from engine.kv_budget import fits_alone
