@@ -219,12 +219,6 @@ class ImageReader:
                 "inline as a data URL (data:image/png;base64,...).", param, "unsupported_parameter")
         return True
 
-    def read(self, url: str, param: str, deadline: float):
-        """The picture at ``url`` (a data URL, or http(s) when fetching is on, done by ``deadline``, a
-        ``time.monotonic`` value shared by the request's images), decoded to RGB."""
-        return self.picture(self.fetch_bytes(url, param, deadline) if self.is_remote(url, param)
-                            else self.data_url_bytes(url, param), param)
-
     def data_url_bytes(self, url: str, param: str) -> bytes:
         """A data URL's image data, its size checked before it is decoded."""
         head = _DATA_URL.match(url)
@@ -242,7 +236,8 @@ class ImageReader:
             raise invalid_image("The image's data URL is not valid base64.", param) from None
 
     def fetch_bytes(self, url: str, param: str, deadline: float) -> bytes:
-        """The body at an http(s) ``url``, within ``max_image_bytes`` and done by ``deadline``."""
+        """The body at an http(s) ``url``, within ``max_image_bytes`` and done by ``deadline`` (a
+        ``time.monotonic`` value shared by the request's fetches, ``fetch_deadline``)."""
         left = deadline - time.monotonic()
         watchdog = _Watchdog(deadline) if left > 0 else None
         response = None

@@ -400,7 +400,8 @@ def _reader(timeout: float) -> ImageReader:
 def test_a_redirect_body_is_not_read(image_host):
     """A redirect's own body is closed unread (nothing would bound it): the host cannot send its 64 MiB,
     and the image it points to arrives."""
-    picture = _reader(10).read(image_host + "/big-redirect.png", PART, _reader(10).fetch_deadline())
+    reader = _reader(10)
+    picture = reader.picture(reader.fetch_bytes(image_host + "/big-redirect.png", PART, reader.fetch_deadline()), PART)
     assert picture.size == (40, 30)
     deadline = time.monotonic() + 30
     while not _Images.redirect_sent:  # the host's handler ends once its writes fail
@@ -430,10 +431,11 @@ def test_an_https_fetch_ends_at_its_deadline(tmp_path, monkeypatch):
     url = f"https://127.0.0.1:{host.server_address[1]}"
     reader = _reader(1)
     try:
-        assert reader.read(url + "/ok.png", PART, reader.fetch_deadline()).size == (40, 30)  # TLS works
+        ok = reader.fetch_bytes(url + "/ok.png", PART, reader.fetch_deadline())
+        assert reader.picture(ok, PART).size == (40, 30)  # TLS works
         started = time.monotonic()
         with pytest.raises(errors.APIError) as info:
-            reader.read(url + "/slow-head.png", PART, reader.fetch_deadline())
+            reader.fetch_bytes(url + "/slow-head.png", PART, reader.fetch_deadline())
         assert time.monotonic() - started < 6
         assert info.value.message == (f"The image at {url}/slow-head.png did not arrive within 1 seconds of the "
                                       "request's first fetch (setting image_fetch_timeout_seconds).")
