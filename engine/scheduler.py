@@ -23,9 +23,10 @@ class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_kv_tokens: int, max_encoder_tokens: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_num_kv_tokens = max_num_kv_tokens
-        # a longer text prompt is prefilled a chunk of this many tokens a pass, so that the passes of the
-        # running requests go on meanwhile (a prompt with images is encoded in one pass: its features are
-        # computed once); None: whole prompts
+        # prompt tokens encoded in one pass, over all requests (oldest first): a longer text prompt is
+        # prefilled a chunk a pass, so that the running requests' steps go on meanwhile; a prompt with
+        # images is encoded whole in one pass (its features are computed once), alone if it is longer.
+        # Commits are not counted: at most one canvas per running request. None: whole prompts
         self.max_encoder_tokens = max_encoder_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -88,11 +89,15 @@ class Scheduler:
             req.scheduled_time = now
             self.running.append(req)
             plan.new.append(NewRow(req.request_id, req.seed, req.kv_reservation))
+        prompt_tokens = 0  # encoded this pass
         for req in self.running:
             if req.status is RequestStatus.ENCODING:
                 chunk = req.pending_encode
-                if req.images is None and self.max_encoder_tokens is not None:
-                    chunk = chunk[:self.max_encoder_tokens]
+                if req.canvas_index == 0 and self.max_encoder_tokens is not None:  # its prompt, not a commit
+                    chunk = self._prompt_chunk(req, self.max_encoder_tokens - prompt_tokens, first=not prompt_tokens)
+                    if req.pending_encode and not chunk:  # the pass's prompt tokens are spent: a later pass
+                        continue
+                    prompt_tokens += len(chunk)
                 plan.encode.append(EncodeWork(req.request_id, chunk, req.images))
                 req.pending_encode = req.pending_encode[len(chunk):]
                 req.images = None  # only the prompt has images; the runner keeps none after its encode
@@ -155,6 +160,14 @@ class Scheduler:
         return outputs, canvases
 
     # -- internals -----------------------------------------------------------------------------
+    @staticmethod
+    def _prompt_chunk(req: Request, budget: int, *, first: bool) -> tuple[int, ...]:
+        """The part of ``req``'s prompt to encode this pass, within ``budget`` prompt tokens: a text
+        prompt's next tokens; a prompt with images whole, if it fits or comes first in the pass."""
+        if req.images is None:
+            return req.pending_encode[:max(budget, 0)]
+        return req.pending_encode if first or len(req.pending_encode) <= budget else ()
+
     def _draft(self, req: Request, tokens: tuple[int, ...]) -> Draft:
         prev = req.last_draft
         if prev is None:

@@ -81,9 +81,11 @@ class EngineSettings:
         "card's plan on a larger one. Refused on CPU.",
         default_text="the whole GPU")
     max_encoder_tokens: int = setting(
-        2048, "Padded tokens in one batched encoder call (prefill and commits): requests are grouped under it, "
-        "and a longer prompt is prefilled in chunks of this size, one chunk a pass, so that running requests "
-        "take their steps meanwhile (a prompt with images: every chunk in one pass).", cli=False)
+        2048, "Prompt tokens prefilled in one pass, over all requests, and padded tokens in one batched encoder "
+        "call (prefill and commits). Prompts are prefilled oldest first, a longer one in chunks over several "
+        "passes, so that running requests take their steps meanwhile; a prompt with images is prefilled whole "
+        "in one pass (alone if it is longer). Commits, a canvas per running request at most, are not held back.",
+        cli=False)
     max_images_per_prompt: int = setting(
         8, "Most images in one prompt (a request with more gets 400). The vision tower runs over a prompt's "
         "images in one call when its prompt is encoded, so this bounds that call's memory: each image is at most "

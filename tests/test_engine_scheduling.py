@@ -214,6 +214,66 @@ def test_a_long_prompt_is_prefilled_a_chunk_a_pass_while_others_denoise(tmp_path
     assert tokens == solo and len(solo) == 32
 
 
+def test_several_long_prompts_share_one_pass_budget_of_prompt_tokens(tmp_path_factory):
+    """Two long prompts admitted together are prefilled oldest first within max_encoder_tokens prompt
+    tokens a pass (the older one's last chunk and the newer one's first share a pass), a running request
+    steps in every pass, and each long request gets its solo tokens (float32, random weights): a chunk's
+    bounds depend on the other prompts, not its tokens."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("budget"), TinySpec())
+    core = make_core(path, dtype="float32", max_encoder_tokens=16, max_num_seqs=4)
+    tok = core.loaded.tokenizer
+    prompts = {"older": tok("a prompt of about seventy tokens, far past the sixteen-token chunks").input_ids,
+               "newer": tok("another long prompt, of a different length, also cut up").input_ids}
+    assert all(len(p) > 2 * 16 for p in prompts.values()) and sum(map(len, prompts.values())) % 16
+    params = SamplingParams(max_tokens=32, seed=9, ignore_eos=True)
+    solo = {rid: run_to_completion(core, [(rid, p, params)])[rid]["tokens"] for rid, p in prompts.items()}
+    busy = SamplingParams(max_tokens=64, seed=1, ignore_eos=True, max_denoising_steps=8, confidence_threshold=1e-30)
+    core.add_request("busy", tok("hi").input_ids, core.resolve(tok("hi").input_ids, busy))
+    core.step()
+    for rid, p in prompts.items():
+        core.add_request(rid, p, core.resolve(p, params))
+    running = {r.request_id: r for r in [*core.scheduler.running, *core.scheduler.waiting]}
+    steps, tokens, shared = running["busy"].num_denoising_steps, {rid: [] for rid in prompts}, 0
+    left = {rid: len(p) for rid, p in prompts.items()}
+    for passes in range(1, 100):
+        for out in core.step():
+            tokens.get(out.request_id, []).extend(out.token_ids)
+        encoded = {rid: left[rid] - len(running[rid].pending_encode) for rid in prompts}
+        assert sum(encoded.values()) == min(16, sum(left.values()))  # the whole budget, no more
+        assert encoded["newer"] == 0 or left["older"] == encoded["older"]  # oldest first
+        shared += all(encoded.values())
+        assert running["busy"].num_denoising_steps == steps + passes  # and the busy request's step
+        left = {rid: len(running[rid].pending_encode) for rid in prompts}
+        if not any(left.values()):
+            break
+    assert passes == -(-sum(map(len, prompts.values())) // 16) and shared == 1
+    while core.has_work():
+        for out in core.step():
+            tokens.get(out.request_id, []).extend(out.token_ids)
+    assert tokens == solo and all(len(t) == 32 for t in solo.values())
+
+
+def test_a_prompt_with_images_is_encoded_whole_when_it_fits_the_pass_or_comes_first(core):
+    """The pass's prompt budget (max_encoder_tokens) over text and image prompts, in the scheduler alone:
+    text is cut to what is left, a prompt with images waits for a pass with room or goes first (alone if
+    longer), and an empty prompt is not held back by a spent budget."""
+    from engine.request import Request, RequestStatus
+    from engine.scheduler import Scheduler
+
+    sched = Scheduler(max_num_seqs=8, max_num_kv_tokens=10**6, max_encoder_tokens=16)
+    params = core.resolve([5], SamplingParams(max_tokens=16))
+    for rid, length, images in (("text", 20, None), ("image", 10, "pixels"), ("large-image", 30, "pixels"),
+                                ("empty", 0, None)):
+        req = Request(rid, (5,) * length, params, 0, 16)
+        req.images = images
+        sched.add(req)
+    plans = [[(w.request_id, len(w.token_ids), w.images) for w in sched.schedule().encode] for _ in range(3)]
+    assert plans == [[("text", 16, None), ("empty", 0, None)],
+                     [("text", 4, None), ("image", 10, "pixels")],
+                     [("large-image", 30, "pixels")]]
+    assert all(r.status is RequestStatus.DENOISING for r in sched.running)
+
+
 def test_admission_counts_the_slot_buffers(core):
     """Budget = the slot buffers: slot_rows(n) rows (next power of two) of the longest reservation."""
     from engine.kv_budget import fits_alone
