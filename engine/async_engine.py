@@ -271,16 +271,17 @@ class AsyncEngine:
             self._close_streams()
 
     def _close_streams(self) -> None:
-        """No pass runs any more: accept no stream, end each open one with ``abort`` (and the reason the
-        engine died, if it did), and zero the gauges (the bookkeeping is abandoned, not served)."""
+        """No pass runs any more: accept no stream, zero the gauges (the bookkeeping is abandoned, not
+        served), then end each open one with ``abort`` (and the reason the engine died, if it did): a
+        client that sees its stream end reads gauges that say so."""
         with self._lock:
             self._closed = True
             pending = list(self._streams)
+            self.num_running = self.num_waiting = self._num_live_states = 0
+            self.kv_usage = 0.0
         for rid in pending:
             self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
                                         error=self._dead or "the engine shut down"))
-        self.num_running = self.num_waiting = self._num_live_states = 0
-        self.kv_usage = 0.0
 
 
 class Admission:

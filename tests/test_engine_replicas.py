@@ -117,6 +117,14 @@ def test_a_killed_replica_fails_open_requests_and_the_engine(checkpoint):
     """SIGKILL on one replica (as the OOM killer would): the request it was serving ends with an
     error naming it, the engine reports unhealthy and refuses new work, and the other replica stops."""
     eng = ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, num_threads=1))
+    deliver = eng._deliver
+
+    def late_closer(out):  # the closing thread falls behind the client it just ended, as under load
+        deliver(out)
+        if out.finished and out.error:
+            time.sleep(0.3)
+
+    eng._deliver = late_closer
     eng.start()
     try:
         async def main():
@@ -130,6 +138,8 @@ def test_a_killed_replica_fails_open_requests_and_the_engine(checkpoint):
         outs = asyncio.run(main())
         assert outs[-1].finished and outs[-1].finish_reason == "abort"
         assert "engine replica" in outs[-1].error and "exited" in outs[-1].error
+        # as soon as the stream has ended, the gauges no longer count it
+        assert (eng.num_running, eng.num_waiting, eng.kv_usage, eng.num_live_states()) == (0, 0, 0.0, 0)
         assert not eng.healthy
         with pytest.raises(EngineDeadError):
             eng.admit(1)
