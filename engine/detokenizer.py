@@ -4,8 +4,11 @@ Text deltas are the difference between successive texts of all committed tokens,
 while the tail is an incomplete UTF-8 sequence (so a multi-byte character is never split) and, with
 stop strings, while the tail could still grow into one (so no part of a stop string leaks out).
 Each text is the one before and what decoding the newest tokens adds, the last commit's tokens before
-them decoded too for context, so a request's work grows with its length, not with its square; a
-tokenizer whose text of later tokens is not a continuation gets one full decode instead.
+them decoded too for context, so a request's work grows with its length, not with its square. Text
+already read is never decoded again: where a tokenizer's text of the context and the newest tokens is
+not a continuation of the context's (a byte-fallback tokenizer decodes a run of byte tokens together,
+and a run made invalid by a later byte turns the characters before it into replacement characters
+too), the newest tokens are decoded alone and follow the text already read.
 """
 
 from __future__ import annotations
@@ -53,13 +56,15 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return decode_text(self.tokenizer, ids)
 
-    def _text_of(self, n: int) -> str:
-        """The text of ``token_ids[:n]`` (``n >= _read``), decoding only ``token_ids[_prefix:n]``."""
-        head = self._decode(self.token_ids[self._prefix:self._read])
+    def _text_of(self, n: int, head: str | None = None) -> str:
+        """The text of ``token_ids[:n]`` (``n >= _read``): the text read so far and what the tokens after it
+        add, decoded after the last commit's as context (``head``: that context's text, if known)."""
+        if head is None:
+            head = self._decode(self.token_ids[self._prefix:self._read])
         window = self._decode(self.token_ids[self._prefix:n])
         if window.startswith(head):
             return self._read_text + window[len(head):]
-        return self._decode(self.token_ids[:n])
+        return self._read_text + self._decode(self.token_ids[self._read:n])
 
     def add(self, token_ids, final: bool = False) -> str:
         """Append committed tokens; return the new text delta. Sets ``stopped`` on a stop string."""
@@ -92,20 +97,20 @@ class IncrementalDetokenizer:
                 # hold back what could be the start of a stop string finished by the next tokens
                 hold = max(len(s) for s in self.stop) - 1
                 text = text[: max(len(self.sent), len(text) - hold)]
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        # past what was sent (by length: where a decode changed text already sent, the rest still comes)
+        delta = text[len(self.sent):]
         self.sent += delta
         return delta
 
     def _tokens_covering(self, prefix: str, before: int) -> int:
         """Fewest tokens whose text starts with ``prefix`` (the text up to the end of the stop string):
         the tokens that produced the stop. More than ``before``, the tokens of earlier commits, whose
-        text did not hold the stop. A length test would not do: a token that ends part-way through a
-        character decodes to replacement characters, so text length does not grow with the tokens."""
-        lo, hi = before + 1, len(self.token_ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._text_of(mid).startswith(prefix):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        text did not hold the stop. Neither a length test nor a bisection would do: a token that ends
+        part-way through a character decodes to replacement characters (with byte fallback, a whole run
+        of bytes does), so the text neither grows with the tokens nor keeps a prefix it once had. At
+        most one commit's tokens are tried, once per request."""
+        head = self._decode(self.token_ids[self._prefix:self._read])
+        for n in range(before + 1, len(self.token_ids)):
+            if self._text_of(n, head).startswith(prefix):
+                return n
+        return len(self.token_ids)

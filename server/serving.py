@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable, Protocol, TypeVar
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
+from engine.detokenizer import decode_text
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -286,7 +287,7 @@ def _draft_extension(draft: Draft, tokenizer) -> dict:
         "canvas": draft.canvas,
         "step": draft.step,
         "max_steps": draft.max_steps,
-        "draft": tokenizer.decode(list(draft.token_ids), skip_special_tokens=True),
+        "draft": decode_text(tokenizer, list(draft.token_ids)),  # as the committed text: tool-call markers kept
         "changed": list(draft.changed),
         "changed_token_ids": [draft.token_ids[p] for p in draft.changed],
     }

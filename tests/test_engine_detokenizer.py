@@ -87,16 +87,33 @@ def _metaspace_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
 
 
+def _byte_fallback_tokenizer():
+    """SentencePiece-style, as Gemma's: characters outside the vocabulary (here any but a few letters)
+    are written as <0xNN> byte tokens, and the decoder (Replace, ByteFallback, Fuse) decodes a run of
+    them together, one replacement character per byte when the run is not valid UTF-8."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>"]
+    pieces = special + [f"<0x{b:02X}>" for b in range(256)] + list("abehilnorst\u2581") + ["\u2581the", "\u2581Paris"]
+    tokenizer = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens(special)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
 def _tokenizers():
     from transformers import AutoTokenizer
 
     from tests.conftest import REPO_ROOT
 
     return {"bytes": build_byte_tokenizer(), "metaspace": _metaspace_tokenizer(),
+            "byte-fallback": _byte_fallback_tokenizer(),
             "embedded": AutoTokenizer.from_pretrained(REPO_ROOT / "engine/default_model")}
 
 
-@pytest.mark.parametrize("name", ["bytes", "metaspace", "embedded"])
+@pytest.mark.parametrize("name", ["bytes", "metaspace", "byte-fallback", "embedded"])
 def test_deltas_add_up_to_the_decode_of_all_tokens(name):
     """However the commits split the tokens, the deltas add up to one decode of them all, on tokenizers
     whose text of later tokens alone differs from their part of the whole (metaspace), on multi-byte
@@ -113,8 +130,8 @@ def test_deltas_add_up_to_the_decode_of_all_tokens(name):
     assert special
     for trial in range(40):
         tokens = [rng.choice(vocab) for _ in range(rng.randint(1, 120))]
-        if name == "bytes":  # whole characters, some of several bytes
-            tokens = ids(tokenizer, "".join(rng.choice("ab \u20ac\u4e2d\n") for _ in range(60)))
+        if name in ("bytes", "byte-fallback"):  # whole characters, some of several bytes
+            tokens = ids(tokenizer, "".join(rng.choice("ab \u20ac\u4e2d\n\u00e9") for _ in range(60)))
         for _ in range(rng.randint(0, 6)):  # special tokens, alone or in runs
             at = rng.randint(0, len(tokens))
             tokens[at:at] = [rng.choice(special)] * rng.randint(1, 12)
@@ -125,6 +142,33 @@ def test_deltas_add_up_to_the_decode_of_all_tokens(name):
             at += step
         out += d.add([], final=True)
         assert out == decode_text(tokenizer, tokens), (name, trial)
+
+
+def test_a_stray_byte_after_a_sent_character_loses_no_later_text():
+    """Byte fallback: a commit that starts with a byte which makes the run before it invalid UTF-8 (a
+    whole decode turns the already sent euro sign into four replacement characters) does not stop the
+    text: the sent text stays as it was, the byte is a replacement character, and the rest follows."""
+    tokenizer = _byte_fallback_tokenizer()
+    stray = tokenizer.convert_tokens_to_ids("<0xE2>")
+    commits = [ids(tokenizer, "the \u20ac"), [stray] + ids(tokenizer, " the Paris"), ids(tokenizer, " its last")]
+    assert "\u20ac" not in tokenizer.decode(sum(commits, []))  # what a whole decode makes of it
+    d = IncrementalDetokenizer(tokenizer)
+    deltas = [d.add(c) for c in commits] + [d.add([], final=True)]
+    assert deltas[0] == "the \u20ac" and "".join(deltas) == "the \u20ac\ufffd the Paris its last"
+    stopped = IncrementalDetokenizer(tokenizer, ("Paris",))
+    assert "".join(stopped.add(c) for c in commits) == "the \u20ac\ufffd the " and stopped.stopped
+
+
+def test_a_stop_counts_the_tokens_up_to_its_first_occurrence_with_byte_fallback():
+    """The tokens kept at a stop string are the fewest whose text holds it, though with byte fallback a
+    text can lose that prefix as later bytes join a run and hold it again once the run is whole."""
+    tokenizer = _byte_fallback_tokenizer()
+    tokens = ids(tokenizer, ". \u00e9\U0001f600\u00e9")
+    first = next(n for n in range(len(tokens) + 1) if tokenizer.decode(tokens[:n]).startswith(". \u00e9"))
+    later = [n for n in range(first, len(tokens) + 1) if not tokenizer.decode(tokens[:n]).startswith(". \u00e9")]
+    assert later  # the premise: the prefix is lost and found again
+    d = IncrementalDetokenizer(tokenizer, ("\u00e9",))
+    assert d.add(tokens) == ". " and d.num_tokens_at_stop == first == 4
 
 
 def test_a_commit_of_skipped_tokens_keeps_the_context_of_the_next():

@@ -180,6 +180,20 @@ def test_the_detokenizer_keeps_the_markers_of_a_gemma4_tokenizer():
     assert "".join(pieces) == text.removeprefix("<bos>").removesuffix("<eos>")
 
 
+def test_a_draft_shows_the_markers_its_canvas_commits():
+    """A draft chunk's text is the canvas's text as committed, tool-call markers included (else a page
+    showing drafts then the committed text would see the call jump)."""
+    from engine.outputs import Draft
+    from server.serving import _draft_extension
+
+    tok = build_byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(FUNCTION_CALL_MARKERS)})
+    text = f"Sure.<|tool_call>call:f{{city:{Q}Paris{Q}}}<tool_call|><eos>"
+    ids = tuple(tok(text, add_special_tokens=False).input_ids)
+    draft = _draft_extension(Draft(0, 3, 8, ids, tuple(range(len(ids)))), tok)["draft"]
+    assert draft == IncrementalDetokenizer(tok).add(list(ids), final=True) == text.removesuffix("<eos>")
+
+
 # -- the chat endpoint's shapes -----------------------------------------------------------------
 
 
