@@ -224,3 +224,99 @@ def test_nginx_accepts_its_config(tmp_path):
                           capture_output=True, text=True, timeout=60)
     # "syntax is ok" comes before nginx tries to create its temp folders, which may need root
     assert "syntax is ok" in proc.stderr, proc.stderr
+
+
+def _nginx() -> str:
+    import shutil
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("nginx not installed (Debian package nginx)")
+    return nginx
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_nginx_passes_back_pressure_and_large_bodies_through(tmp_path):
+    """The shipped nginx.conf in front of two stand-in replicas: while both answer 429 (queue full),
+    every client gets that JSON 429 and its Retry-After, never nginx's 502, and the first request once
+    they have room succeeds; a body past the server's limit reaches the server, whose JSON 413 comes back."""
+    import json
+    import os
+    import subprocess
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    full = threading.Event()
+    full.set()
+
+    class Replica(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            length = int(self.headers["Content-Length"])
+            self.rfile.read(length)
+            status, headers, body = 200, {}, {"ok": True}
+            if length > 16 * 1024 * 1024:
+                status, body = 413, {"error": {"message": "too large", "type": "invalid_request_error",
+                                               "param": None, "code": "request_too_large"}}
+            elif full.is_set():
+                status, headers = 429, {"Retry-After": "1"}
+                body = {"error": {"message": "queue full", "type": "rate_limit_error", "param": None, "code": None}}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    replicas = [ThreadingHTTPServer(("127.0.0.1", 0), Replica) for _ in range(2)]
+    for replica in replicas:
+        threading.Thread(target=replica.serve_forever, daemon=True).start()
+    ports = iter(r.server_address[1] for r in replicas)
+    conf = (REPO / "deploy/nginx/nginx.conf").read_text()
+    conf = re.sub(r"(^\s*server\s+)[\w.-]+:\d+", lambda m: f"{m.group(1)}127.0.0.1:{next(ports)}", conf, flags=re.M)
+    port = _free_port()
+    conf = re.sub(r"listen\s+\d+;", f"listen 127.0.0.1:{port};", conf)
+    temp = "".join(f"{name}_temp_path {tmp_path}/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = conf.replace("http {", f"http {{ access_log off; {temp}", 1)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "nginx.conf").write_text(conf)
+    user = "user root;" if os.geteuid() == 0 else ""  # root's workers would be nobody, shut out of tmp_path
+    proc = subprocess.Popen([_nginx(), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g",
+                             f"daemon off; {user} pid {tmp_path}/nginx.pid; error_log {tmp_path}/logs/error.log;"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        for _ in range(100):  # until it listens
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        for _ in range(8):
+            r = httpx.post(url, json={"prompt": "hi"}, timeout=10)
+            assert (r.status_code, r.headers.get("retry-after")) == (429, "1"), r.text
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        full.clear()
+        assert httpx.post(url, json={"prompt": "hi"}, timeout=10).json() == {"ok": True}
+        r = httpx.post(url, content=b"x" * (16 * 1024 * 1024 + 1), headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for replica in replicas:
+            replica.shutdown()
