@@ -9,7 +9,7 @@
 # Container Toolkit. CPU: python slim plus torch==2.13.0+cpu from the PyTorch CPU index.
 # Both: the project installed without the test extra, a non-root user, HF_HOME and the server's
 # cache on the /data volume, a HEALTHCHECK on /health, and deploy/entrypoint.py as entrypoint,
-# which maps DIFFUSION_SERVER_* variables to flags.
+# which checks that DIFFUSION_SERVER_CONFIG names a file (the server reads the variables itself).
 
 ARG VARIANT=gpu
 ARG CUDA_IMAGE=nvidia/cuda:12.9.1-base-ubuntu24.04
@@ -70,10 +70,13 @@ RUN if id -u 1000 >/dev/null 2>&1; then userdel "$(id -nu 1000)"; fi \
 # HF_HOME: hub downloads (the 26B checkpoint is about 50 GB): keep them on a volume.
 # DIFFUSION_SERVER_CACHE: where the tiny fallback model is built when no model is embedded.
 # OMP_NUM_THREADS=1: see docs/performance.md, "CPU threads" (raise it with --num-threads on an idle host).
+# DIFFUSION_SERVER_EXIT_ON_ENGINE_DEATH: a dead engine ends the container (status 3), for the restart
+# policy to act on (Docker does not restart an unhealthy container).
 ENV HF_HOME=/data/huggingface \
     DIFFUSION_SERVER_CACHE=/data/diffusion-server \
     DIFFUSION_SERVER_HOST=0.0.0.0 \
     DIFFUSION_SERVER_PORT=8000 \
+    DIFFUSION_SERVER_EXIT_ON_ENGINE_DEATH=true \
     OMP_NUM_THREADS=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -31,6 +31,7 @@ def create_app(
     settings: ServerSettings,
     engine_factory: EngineFactory | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    on_engine_death: Callable[[], None] | None = None,
 ) -> FastAPI:
     metrics = ServerMetrics()
     inflight = InFlight()
@@ -38,7 +39,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = ServerState(settings, metrics, engine_factory or default_engine_factory, on_load_failure, inflight)
+        state = ServerState(settings, metrics, engine_factory or default_engine_factory, on_load_failure, inflight,
+                            on_engine_death)
         app.state.server = state
         state.start_loading()
         try:

@@ -104,9 +104,13 @@ def cannot_listen(host: str, port: int) -> OSError | None:
     return None
 
 
+# The exit status after the engine died, with --exit-on-engine-death (1: the server could not start).
+ENGINE_DIED_EXIT_STATUS = 3
+
+
 def run(settings: ServerSettings) -> int:
-    """Serve until shut down. Returns the exit status: 0, or 1 when the address cannot be listened on or
-    the model could not be loaded."""
+    """Serve until shut down. Returns the exit status: 0; 1 when the address cannot be listened on or the
+    model could not be loaded; ``ENGINE_DIED_EXIT_STATUS`` when the engine died (``exit_on_engine_death``)."""
     problem = cannot_listen(settings.host, settings.port)
     if problem is not None:
         logger.error("exiting: cannot listen on %s:%d: %s", settings.host, settings.port, problem)
@@ -119,7 +123,15 @@ def run(settings: ServerSettings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_load_failure=on_load_failure)
+    died: list[bool] = []
+
+    def on_engine_death() -> None:  # on the loop: drain as on SIGTERM, then exit
+        died.append(True)
+        if server is not None:
+            server.handle_exit(signal.SIGTERM, None)
+
+    app = create_app(settings, on_load_failure=on_load_failure,
+                     on_engine_death=on_engine_death if settings.exit_on_engine_death else None)
     file_limit = raise_file_limit()
     max_connections = connection_cap(settings.max_connections, file_limit)
     guard = ConnectionGuard(settings.request_head_timeout_seconds, settings.write_timeout_seconds, max_connections,
@@ -150,4 +162,7 @@ def run(settings: ServerSettings) -> int:
     if failed:
         logger.error("exiting: the model could not be loaded: %s", failed[0])
         return 1
+    if died:
+        logger.error("exiting with status %d: the engine died", ENGINE_DIED_EXIT_STATUS)
+        return ENGINE_DIED_EXIT_STATUS
     return 0

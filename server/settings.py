@@ -54,6 +54,12 @@ class ServerSettings:
         "Retry-After while the server keeps listening; in-flight requests and streams get up to this long to "
         "finish, then the rest are aborted (a 503 request_aborted, or that error chunk and [DONE] on a stream) "
         "and the process exits 0. A second SIGINT exits at once.")
+    exit_on_engine_death: bool = setting(
+        False, "When the engine dies (its step loop broke, or a replica process exited), drain as on SIGTERM (the "
+        "requests in flight have already failed) and exit with status 3, so that a supervisor restarts the "
+        "server: Docker's and Compose's restart policies act on an exit, not on a failing health check. Off, the "
+        "server stays up: /health answers 503 dead and new requests 503 engine_dead until it is restarted. On "
+        "in the container images.")
     request_head_timeout_seconds: float = setting(
         10.0, "Close a connection that has not sent a complete request head (request line and headers) this long "
         "after it opened or after its previous response: silently if it sent nothing, with a 408 if it sent part "

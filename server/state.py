@@ -33,6 +33,10 @@ EngineFactory = Callable[[ServerSettings, object], EngineClient]
 # last bytes (the 503 or the error chunk and [DONE]) before the server closes.
 ABORT_GRACE_SECONDS = 5.0
 
+# How often a ready server checks that its engine is still alive (to log its death, and to exit with
+# --exit-on-engine-death).
+ENGINE_WATCH_SECONDS = 0.5
+
 
 def default_engine_factory(settings: ServerSettings, stats_sink) -> EngineClient:
     """Build the engine (slow: loads the model). Runs in a worker thread."""
@@ -56,19 +60,22 @@ class ServerState:
     """Lifecycle of the engine behind the app: loading -> ready -> draining (or failed)."""
 
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics, engine_factory: EngineFactory,
-                 on_load_failure: Callable[[BaseException], None] | None = None, inflight: InFlight | None = None):
+                 on_load_failure: Callable[[BaseException], None] | None = None, inflight: InFlight | None = None,
+                 on_engine_death: Callable[[], None] | None = None):
         self.settings = settings
         self.inflight = inflight or InFlight()
         self.live_choice_sets: set = set()  # ChoiceSets with engine requests (see choices.ChoiceSet)
         self.metrics = metrics
         self.engine_factory = engine_factory
         self.on_load_failure = on_load_failure
+        self.on_engine_death = on_engine_death  # called once, on the loop, if the engine dies while ready
         self.engine: EngineClient | None = None
         self.status = "loading"
         self.aborting = False  # the drain's time is up: requests still being prepared are not started
         self.load_error: str | None = None
         self.created = int(time.time())
         self._load_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         # large bodies parsed, prompts tokenized, chat templates rendered: this many at once, in worker threads
         self.preprocess_gate = asyncio.Semaphore(settings.preprocess_concurrency)
         self.image_fetches = ImageFetches(settings.image_fetch_concurrency)  # http(s) images: turns of their own
@@ -104,6 +111,17 @@ class ServerState:
             self.settings.model, self.model_names()[0], engine.max_model_len, engine.canvas_length,
             time.monotonic() - t0,
         )
+        self._watch_task = asyncio.create_task(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        """Wait for the engine to die while the server is ready; then log it and call ``on_engine_death``."""
+        while self.status == "ready" and self.engine.healthy:
+            await asyncio.sleep(ENGINE_WATCH_SECONDS)
+        if self.status == "ready":
+            logger.error("the engine has stopped: new requests get 503 engine_dead%s",
+                         "; exiting (--exit-on-engine-death)" if self.on_engine_death else " until the server is restarted")
+            if self.on_engine_death is not None:
+                self.on_engine_death()
 
     async def drain(self, timeout: float) -> None:
         """Shut down gracefully: /health and new requests answer 503 at once; in-flight requests and
@@ -128,8 +146,9 @@ class ServerState:
 
     async def close(self) -> None:
         self.status = "draining"
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
+        for task in (self._load_task, self._watch_task):
+            if task is not None and not task.done():
+                task.cancel()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
 

@@ -417,6 +417,21 @@ def test_a_dead_step_loop_is_reported_and_new_requests_get_503(dead_server):
     assert srv.proc.poll() is None
 
 
+def test_with_exit_on_engine_death_a_dead_step_loop_ends_the_process_with_status_3(server_launcher,
+                                                                                    server_tiny_checkpoint):
+    """--exit-on-engine-death (on in the container images): the requests in flight get their errors as
+    without it, then the server drains and exits 3, for a restart policy to act on."""
+    import sys
+
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--exit-on-engine-death"],
+                          command=[sys.executable, "-c", CRASHABLE_SERVER])
+    out, plain = _signal_while_two_requests_run(srv, signal.SIGUSR1, "doomed", "doomed too")
+    assert out[0] == 200 and out[1][-1] == "[DONE]" and "StepLoopKilled" in out[1][-2]["error"]["message"]
+    assert plain["r"].status_code == 503 and "StepLoopKilled" in plain["r"].json()["error"]["message"]
+    assert srv.proc.wait(60) == 3
+    assert "the engine has stopped" in srv.log() and "exiting with status 3: the engine died" in srv.log()
+
+
 def test_a_dead_step_loop_leaves_no_running_requests_in_the_metrics(dead_server):
     srv, _, _ = dead_server
     m = srv.metrics()
