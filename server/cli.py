@@ -4,12 +4,14 @@ config; all derived from ``server.settings.options``), run uvicorn."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
-from .settings import GROUPS, Option, ServerSettings, options
+from .settings import ENV_PREFIX, GROUPS, Option, ServerSettings, options
 
 logger = logging.getLogger("server")
 
@@ -147,6 +149,25 @@ def values_from_env(environ) -> dict:
     return out
 
 
+# DIFFUSION_SERVER_ variables that are not settings: read by server.default_model, by the Compose
+# override (on the host), and Kubernetes' service links for a Service named diffusion-server[-...]
+_OTHER_VARIABLES = re.compile(r"CACHE|CPU_CONFIG|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)\w*)?)")
+
+
+def unknown_variables(environ) -> list[str]:
+    """A warning for each ``DIFFUSION_SERVER_`` variable that names no setting (a misspelt one is
+    otherwise ignored without a word: ``..._API_KEYS`` would leave authentication off)."""
+    known = {o.env.removeprefix(ENV_PREFIX) for o in options()}
+    warnings = []
+    for name in sorted(environ):
+        rest = name.removeprefix(ENV_PREFIX)
+        if name.startswith(ENV_PREFIX) and rest not in known and not _OTHER_VARIABLES.fullmatch(rest):
+            close = difflib.get_close_matches(rest, known, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a setting{hint}: ignored")
+    return warnings
+
+
 def settings_from_args(argv: list[str] | None = None, environ=None) -> ServerSettings:
     """Settings from the flags, the environment (``os.environ`` unless given) and the YAML config.
 
@@ -185,6 +206,8 @@ def configure_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     configure_logging(settings.log_level)
+    for warning in unknown_variables(os.environ):
+        logger.warning(warning)
     if settings.model is None:
         from .default_model import default_served_name, resolve_default_model
 

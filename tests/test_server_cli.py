@@ -127,11 +127,13 @@ def test_default_model_is_built_once(tmp_path, monkeypatch):
 
 
 def test_unloadable_model_exits_nonzero(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFUSION_SERVER_API_KEYS="sk-1")
     out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port", "0"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "could not be loaded" in out.stderr
+    # and a misspelt variable is named before anything starts (see test_a_misspelt_variable_is_named_at_start_up)
+    assert "DIFFUSION_SERVER_API_KEYS is not a setting (did you mean DIFFUSION_SERVER_API_KEY?)" in out.stderr
 
 
 def test_a_port_in_use_exits_before_loading(tmp_path):
@@ -221,3 +223,22 @@ def test_second_sigint_exits_at_once(server_launcher, server_tiny_checkpoint):
     assert status == 0
     assert "data: [DONE]" not in after_second  # cut, not finished
     assert "second SIGINT: exiting without waiting for in-flight requests" in srv.log()
+
+
+def test_a_misspelt_variable_is_named_at_start_up():
+    """A DIFFUSION_SERVER_ variable that names no setting gets a warning naming the likely one (it is
+    ignored, so a misspelt key variable would leave authentication off); the variables read elsewhere
+    and Kubernetes' service links for a Service named diffusion-server get none."""
+    from server.cli import unknown_variables
+
+    environ = {"DIFFUSION_SERVER_API_KEYS": "sk-1", "DIFFUSION_SERVER_MAX_NUM_SEQ": "2", "DIFFUSION_SERVER_BOGUS": "1",
+               "DIFFUSION_SERVER_API_KEY": "sk-2", "DIFFUSION_SERVER_CACHE": "/data", "DIFFUSION_SERVER_PORT": "8000",
+               "DIFFUSION_SERVER_SERVICE_HOST": "10.0.0.1", "DIFFUSION_SERVER_SERVICE_PORT": "8000",
+               "DIFFUSION_SERVER_SERVICE_PORT_HTTP": "8000", "DIFFUSION_SERVER_PORT_8000_TCP": "tcp://10.0.0.1:8000",
+               "DIFFUSION_SERVER_PORT_8000_TCP_ADDR": "10.0.0.1", "DIFFUSION_SERVER_METRICS_SERVICE_HOST": "10.0.0.2",
+               "OTHER_API_KEYS": "x"}
+    assert unknown_variables(environ) == [
+        "DIFFUSION_SERVER_API_KEYS is not a setting (did you mean DIFFUSION_SERVER_API_KEY?): ignored",
+        "DIFFUSION_SERVER_BOGUS is not a setting: ignored",
+        "DIFFUSION_SERVER_MAX_NUM_SEQ is not a setting (did you mean DIFFUSION_SERVER_MAX_NUM_SEQS?): ignored",
+    ]
