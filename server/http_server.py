@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
+import sys
 
 import uvicorn
 from fastapi import FastAPI
@@ -79,6 +81,15 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
 
         self._drain_task = asyncio.ensure_future(drain_then_exit())
+
+
+def exit_now(status: int) -> None:
+    """End the process at once with ``status``, logs flushed, without interpreter shutdown (which could
+    meet the model load's thread inside torch or a download)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def cannot_listen(host: str, port: int) -> OSError | None:
@@ -159,6 +170,10 @@ def run(settings: ServerSettings) -> int:
         settings.host, settings.port, settings.model, "on" if settings.api_keys else "off", max_connections,
     )
     server.run()
+    state = getattr(app.state, "server", None)
+    if state is not None and state.loading:  # stopped before the model was in: the load is not waited for
+        logger.warning("exiting while the model was still loading")
+        exit_now(0)
     if failed:
         logger.error("exiting: the model could not be loaded: %s", failed[0])
         return 1

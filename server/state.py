@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 from engine.errors import log_load_failure
 
@@ -25,6 +26,7 @@ from .request_limits import PromptLimit
 from .settings import ServerSettings
 
 logger = logging.getLogger("server")
+T = TypeVar("T")
 
 # (settings, stats sink) -> a started-or-not engine; slow (loads the model), runs in a worker thread.
 EngineFactory = Callable[[ServerSettings, object], EngineClient]
@@ -46,6 +48,31 @@ def default_engine_factory(settings: ServerSettings, stats_sink) -> EngineClient
     engine_settings = settings.engine_settings()
     kind = ReplicatedEngine if engine_settings.data_parallel_size > 1 else AsyncEngine
     return kind(engine_settings, stats_sink=stats_sink)
+
+
+async def in_daemon_thread(work: Callable[[], T]) -> T:
+    """``work()`` in a thread of its own that nothing waits for at exit (``asyncio.to_thread``'s executor
+    is joined when the loop closes: a shutdown would wait out a model load of many minutes)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result, exc) -> None:
+        if not done.done():
+            done.set_exception(exc) if exc is not None else done.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: the server stopped while this ran
+            pass
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return await done
 
 
 def _token_bound(tokenizer) -> TokenBound | None:
@@ -71,6 +98,7 @@ class ServerState:
         self.on_engine_death = on_engine_death  # called once, on the loop, if the engine dies while ready
         self.engine: EngineClient | None = None
         self.status = "loading"
+        self.loading = False  # the model load's thread is running (a shutdown does not wait for it)
         self.aborting = False  # the drain's time is up: requests still being prepared are not started
         self.load_error: str | None = None
         self.created = int(time.time())
@@ -88,8 +116,15 @@ class ServerState:
 
     async def _load(self) -> None:
         t0 = time.monotonic()
+        def load() -> EngineClient:
+            try:
+                return self.engine_factory(self.settings, self.metrics)
+            finally:
+                self.loading = False
+
+        self.loading = True
         try:
-            engine = await asyncio.to_thread(self.engine_factory, self.settings, self.metrics)
+            engine = await in_daemon_thread(load)
             token_bound = await asyncio.to_thread(_token_bound, engine.tokenizer)
         except Exception as exc:  # noqa: BLE001
             log_load_failure(logger, exc, "failed to load the model %s", self.settings.model)

@@ -136,6 +136,45 @@ def test_unloadable_model_exits_nonzero(tmp_path):
     assert "DIFFUSION_SERVER_API_KEYS is not a setting (did you mean DIFFUSION_SERVER_API_KEY?)" in out.stderr
 
 
+# The server, with a model load that does not end by itself (a stand-in for a long hub download).
+NEVER_LOADING_SERVER = r"""
+import sys, time
+import server.app
+
+def never(settings, sink):
+    while True:
+        time.sleep(0.1)
+
+server.app.default_engine_factory = never
+from server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT", "SIGINT"]])
+def test_a_stop_during_the_model_load_exits_at_once(tmp_path, signals):
+    """SIGTERM (docker stop) or Ctrl-C while the model loads ends the process with status 0 without
+    waiting for the load, which can take many minutes."""
+    import signal
+
+    from tests.conftest import wait_for_port
+
+    log = tmp_path / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", NEVER_LOADING_SERVER, "--host", "127.0.0.1", "--port", "0"],
+                                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = wait_for_port(proc, log, 120)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "loading"}
+        for name in signals:
+            proc.send_signal(getattr(signal, name))
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        proc.kill()
+    assert "exiting while the model was still loading" in log.read_text()
+
+
 def test_a_port_in_use_exits_before_loading(tmp_path):
     """A port someone else listens on stops the server at once, before the model starts loading (it
     would otherwise load to the end first: minutes for a large checkpoint)."""
