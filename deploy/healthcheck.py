@@ -19,12 +19,15 @@ def _port_variable(environ) -> int:
 
 
 def server_port(cmdline: bytes, environ) -> int:
-    """The port of the server whose command line (``/proc/<pid>/cmdline``: NUL-separated) is ``cmdline``."""
+    """The port of the server whose command line (``/proc/<pid>/cmdline``: NUL-separated) is ``cmdline``:
+    the server's own (``python -m server FLAGS``), or under ``docker run --init`` the init's, which still
+    shows the entrypoint's (``docker-init -- python .../entrypoint.py FLAGS``)."""
     args = [a for a in cmdline.decode(errors="replace").split("\0") if a]
-    if "server" in args:
+    start = next((i + 1 for i, a in enumerate(args) if a == "server" or a.endswith("/entrypoint.py")), None)
+    if start is not None:
         from server.cli import settings_from_args
 
-        return settings_from_args(args[args.index("server") + 1:], environ=environ).port
+        return settings_from_args(args[start:], environ=environ).port
     return _port_variable(environ)
 
 

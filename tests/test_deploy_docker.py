@@ -146,6 +146,9 @@ def test_the_health_check_asks_the_port_the_server_uses(tmp_path):
     assert healthcheck.server_port(cmdline(), {"DIFFUSION_SERVER_PORT": "8000"}) == 8000
     assert healthcheck.server_port(cmdline("--config", str(cfg)), {}) == 7000
     assert healthcheck.server_port(b"/usr/bin/python3\0other.py\0", {}) == healthcheck.DEFAULT_PORT
+    # docker run --init: process 1 is the init, whose command line is still the entrypoint's
+    init = b"/sbin/docker-init\0--\0python\0/opt/diffusion-server/entrypoint.py\0--port\09000\0"
+    assert healthcheck.server_port(init, {"DIFFUSION_SERVER_PORT": "8000"}) == 9000
 
 
 def test_bad_values_are_clear_errors(tmp_path, capsys):
