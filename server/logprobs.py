@@ -45,6 +45,15 @@ class TextPosition:
     chars: int = 0
     pending: bytes = b""
 
+    def start(self, raw: bytes) -> int:
+        """Where a token of bytes ``raw`` starts: where the character it continues starts, or after the
+        replacement character of the pending bytes, if its first byte cannot continue them."""
+        if not self.pending or not raw:
+            return self.chars
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.setstate((self.pending, 0))
+        return self.chars + 1 if decoder.decode(raw[:1]).startswith("\ufffd") else self.chars
+
     def after(self, raw: bytes) -> "TextPosition":
         """The position after ``raw`` (bytes that can be invalid UTF-8: each bad sequence is one
         replacement character, as in the text)."""
@@ -62,7 +71,7 @@ def completion_logprobs(entries, tokenizer, position: TextPosition) -> tuple[dic
     for e in entries:
         shown, raw = _token(tokenizer, e.token_id)
         tokens.append(shown)
-        offsets.append(position.chars)
+        offsets.append(position.start(raw or b""))
         if raw:
             position = position.after(raw)
         top = {_token(tokenizer, t)[0]: _finite(lp) for t, lp in e.top}

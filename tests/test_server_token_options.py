@@ -59,6 +59,25 @@ def test_completion_logprobs_shape(client):
         assert max(top.values()) == logprob
 
 
+def test_text_offset_after_an_unfinished_character():
+    """A token after the first byte of a character it does not finish starts after that byte's
+    replacement character; one that finishes it starts where the character does."""
+    from engine.outputs import TokenLogprob
+    from server.logprobs import TextPosition, completion_logprobs
+    from tools.tiny_checkpoint import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    lead, cont = (tok.convert_tokens_to_ids(t) for t in tok.convert_ids_to_tokens(tok("\u00e9").input_ids[-2:]))
+    p, q = tok("p", add_special_tokens=False).input_ids + tok("q", add_special_tokens=False).input_ids
+    for ids, offsets in (([p, lead, q, lead, cont, p], [0, 1, 2, 3, 3, 4]),  # "p\ufffdqép"
+                         ([lead, lead, cont], [0, 1, 1])):  # "\ufffdé"
+        text = tok.decode(ids)
+        lp, _ = completion_logprobs([TokenLogprob(i, -1.0) for i in ids], tok, TextPosition())
+        assert lp["text_offset"] == offsets, (text, lp["tokens"])
+        assert [text[o] for o, t in zip(offsets, lp["tokens"]) if not t.startswith("bytes:")] == \
+            [t[0] for t in lp["tokens"] if not t.startswith("bytes:")]
+
+
 def test_completion_logprobs_zero(client):
     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=5, logprobs=0,
                                   extra_body={"ignore_eos": True})
