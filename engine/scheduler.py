@@ -23,10 +23,11 @@ class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_kv_tokens: int, max_encoder_tokens: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_num_kv_tokens = max_num_kv_tokens
-        # prompt tokens encoded in one pass, over all requests (oldest first): a longer text prompt is
-        # prefilled a chunk a pass, so that the running requests' steps go on meanwhile; a prompt with
-        # images is encoded whole in one pass (its features are computed once), alone if it is longer.
-        # Commits are not counted: at most one canvas per running request. None: whole prompts
+        # prompt tokens encoded in one pass, over all requests (oldest first, each a whole chunk or none):
+        # a longer text prompt is prefilled a chunk of this many tokens a pass, so that the running
+        # requests' steps go on meanwhile; a prompt with images is encoded whole in one pass (its features
+        # are computed once), alone if it is longer. Commits are not counted: at most one canvas per
+        # running request. None: whole prompts
         self.max_encoder_tokens = max_encoder_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -160,13 +161,13 @@ class Scheduler:
         return outputs, canvases
 
     # -- internals -----------------------------------------------------------------------------
-    @staticmethod
-    def _prompt_chunk(req: Request, budget: int, *, first: bool) -> tuple[int, ...]:
-        """The part of ``req``'s prompt to encode this pass, within ``budget`` prompt tokens: a text
-        prompt's next tokens; a prompt with images whole, if it fits or comes first in the pass."""
-        if req.images is None:
-            return req.pending_encode[:max(budget, 0)]
-        return req.pending_encode if first or len(req.pending_encode) <= budget else ()
+    def _prompt_chunk(self, req: Request, budget: int, *, first: bool) -> tuple[int, ...]:
+        """The part of ``req``'s prompt to encode this pass, within ``budget`` prompt tokens, if it fits or
+        comes first in the pass (else none): a text prompt's next chunk of ``max_encoder_tokens``, a
+        prompt with images whole. A chunk's bounds never depend on the other prompts: they change the
+        last bits of the logits."""
+        chunk = req.pending_encode if req.images is not None else req.pending_encode[:self.max_encoder_tokens]
+        return chunk if first or len(chunk) <= budget else ()
 
     def _draft(self, req: Request, tokens: tuple[int, ...]) -> Draft:
         prev = req.last_draft
