@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -85,7 +86,10 @@ class DrainingServer(uvicorn.Server):
 
 def exit_now(status: int) -> None:
     """End the process at once with ``status``, logs flushed, without interpreter shutdown (which could
-    meet the model load's thread inside torch or a download)."""
+    meet the model load's thread inside torch or a download). Engine replicas still loading are killed
+    first (their own exit handler does not run)."""
+    for child in multiprocessing.active_children():
+        child.kill()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -175,6 +175,59 @@ def test_a_stop_during_the_model_load_exits_at_once(tmp_path, signals):
     assert "exiting while the model was still loading" in log.read_text()
 
 
+# A server whose engine replicas never finish loading: spawn imports the parent's main script in each
+# replica, under the name __mp_main__, before the replica's own work.
+SLOW_REPLICAS_SERVER = """
+import sys, time
+if __name__ == "__mp_main__":
+    time.sleep(600)
+elif __name__ == "__main__":
+    from server.cli import main
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for t in Path(f"/proc/{pid}/task").iterdir() for p in (t / "children").read_text().split()]
+
+
+def test_a_stop_during_the_replicas_load_stops_them_too(tmp_path):
+    """--data-parallel-size: a stop while the replicas load also ends them (they would load to the end
+    otherwise: replicas ignore SIGTERM, and the exit skips their usual exit handler)."""
+    import signal
+
+    from tests.conftest import wait_for_port
+
+    script, log = tmp_path / "server_main.py", tmp_path / "server.log"
+    script.write_text(SLOW_REPLICAS_SERVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO_ROOT))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(script), "--data-parallel-size", "2", "--host", "127.0.0.1",
+                                 "--port", "0"], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    replicas: list[int] = []
+    try:
+        port = wait_for_port(proc, log, 120)
+        deadline = time.monotonic() + 60
+        while len(replicas) < 2:  # the replica processes (multiprocessing's resource tracker is not one)
+            assert time.monotonic() < deadline, log.read_text()
+            replicas = [c for c in _children(proc.pid) if "--multiprocessing-fork" in Path(f"/proc/{c}/cmdline").read_text()]
+            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "loading"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{r}").exists() and "zombie" not in Path(f"/proc/{r}/status").read_text() for r in replicas):
+            assert time.monotonic() < deadline, "a replica outlived the server"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        for r in replicas:
+            try:
+                os.kill(r, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_port_in_use_exits_before_loading(tmp_path):
     """A port someone else listens on stops the server at once, before the model starts loading (it
     would otherwise load to the end first: minutes for a large checkpoint)."""
