@@ -246,7 +246,8 @@ def _free_port() -> int:
 def test_nginx_passes_back_pressure_and_large_bodies_through(tmp_path):
     """The shipped nginx.conf in front of two stand-in replicas: while both answer 429 (queue full),
     every client gets that JSON 429 and its Retry-After, never nginx's 502, and the first request once
-    they have room succeeds; a body past the server's limit reaches the server, whose JSON 413 comes back."""
+    they have room succeeds; a body past the server's limit reaches the server, whose JSON 413 comes back;
+    with one replica down, the other answers."""
     import json
     import os
     import subprocess
@@ -315,6 +316,9 @@ def test_nginx_passes_back_pressure_and_large_bodies_through(tmp_path):
         assert httpx.post(url, json={"prompt": "hi"}, timeout=10).json() == {"ok": True}
         r = httpx.post(url, content=b"x" * (16 * 1024 * 1024 + 1), headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        replicas[0].shutdown()  # one replica down (its port refuses): the other answers every request
+        replicas[0].server_close()
+        assert all(httpx.post(url, json={"prompt": "hi"}, timeout=10).json() == {"ok": True} for _ in range(4))
     finally:
         proc.terminate()
         proc.wait(10)
