@@ -154,18 +154,27 @@ def values_from_env(environ) -> dict:
 _OTHER_VARIABLES = re.compile(r"CACHE|CPU_CONFIG|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)\w*)?)")
 
 
-def unknown_variables(environ) -> list[str]:
-    """A warning for each ``DIFFUSION_SERVER_`` variable that names no setting (a misspelt one is
-    otherwise ignored without a word: ``..._API_KEYS`` would leave authentication off)."""
+def unknown_variables(environ) -> dict[str, str | None]:
+    """Each ``DIFFUSION_SERVER_`` variable that names no setting, with the setting's variable it is
+    closest to (None: none is close). Such a variable would be ignored without a word:
+    ``..._API_KEYS`` would leave authentication off."""
     known = {o.env.removeprefix(ENV_PREFIX) for o in options()}
-    warnings = []
+    unknown = {}
     for name in sorted(environ):
         rest = name.removeprefix(ENV_PREFIX)
         if name.startswith(ENV_PREFIX) and rest not in known and not _OTHER_VARIABLES.fullmatch(rest):
             close = difflib.get_close_matches(rest, known, n=1)
-            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
-            warnings.append(f"{name} is not a setting{hint}: ignored")
-    return warnings
+            unknown[name] = ENV_PREFIX + close[0] if close else None
+    return unknown
+
+
+def misspelt_variable(environ) -> str | None:
+    """Why the server must not start: a variable that looks like a misspelt setting's (as an unknown
+    YAML key stops it), or None."""
+    for name, close in unknown_variables(environ).items():
+        if close is not None:
+            return f"{name} is not a setting (did you mean {close}?)"
+    return None
 
 
 def settings_from_args(argv: list[str] | None = None, environ=None) -> ServerSettings:
@@ -176,10 +185,14 @@ def settings_from_args(argv: list[str] | None = None, environ=None) -> ServerSet
     """
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
+    environ = os.environ if environ is None else environ
     try:
-        env = values_from_env(os.environ if environ is None else environ)
+        env = values_from_env(environ)
     except ValueError as exc:  # as argparse reports a bad flag, without the usage: the command line was fine
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    misspelt = misspelt_variable(environ)
+    if misspelt is not None:
+        parser.exit(2, f"{parser.prog}: error: {misspelt}\n")
     env_config = env.pop("config", None)
     config = flags.pop("config", None) or env_config
     values = load_config(config) if config else {}
@@ -206,8 +219,8 @@ def configure_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     configure_logging(settings.log_level)
-    for warning in unknown_variables(os.environ):
-        logger.warning(warning)
+    for name in unknown_variables(os.environ):  # none close to a setting's (those stop it): logged, ignored
+        logger.warning("%s is not a setting: ignored", name)
     if settings.model is None:
         from .default_model import default_served_name, resolve_default_model
 

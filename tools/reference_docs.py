@@ -50,9 +50,10 @@ def configuration_page() -> str:
         "added to either. Empty variables are ignored.",
         "",
         "An unknown YAML key, a value of the wrong type or a value the server cannot use stops it at start-up, "
-        "before the model loads, with a one-line message. A `DIFFUSION_SERVER_` variable that names no setting "
-        "(a misspelt one, say `DIFFUSION_SERVER_API_KEYS`) is ignored with a warning at start-up, but for "
-        "`DIFFUSION_SERVER_CACHE` (where the tiny fallback model is built) and Kubernetes' service links. "
+        "before the model loads, with a one-line message; so does a `DIFFUSION_SERVER_` variable close to a "
+        "setting's (a misspelt one, say `DIFFUSION_SERVER_API_KEYS`, which would leave authentication off). "
+        "Any other `DIFFUSION_SERVER_` variable that names no setting is ignored with a warning at start-up, but "
+        "for `DIFFUSION_SERVER_CACHE` (where the tiny fallback model is built) and Kubernetes' service links. "
         "`diffusion-server --help` shows the same settings.",
         "",
         "In Python, `server.settings.ServerSettings` holds the server's settings and, in `engine`, an "
