@@ -457,3 +457,74 @@ def test_error_after_stream_started(faulty, server_sse, path, body, mode):
         for _ in client.completions.create(model="faulty", prompt="hi", stream=True, max_tokens=40,
                                            extra_body={"ignore_eos": True, "stream_drafts": True}):
             pass
+
+
+# -- preprocessing turns -----------------------------------------------------------------------------
+
+class GatedTemplates:
+    """The engine's tokenizer, whose rendering of long chats waits for ``release`` and counts how many
+    run at once (short chats render at once, on the event loop: they are not held)."""
+
+    def __init__(self, inner):
+        self.inner, self.running, self.most = inner, 0, 0
+        self.lock, self.release = threading.Lock(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def apply_chat_template(self, messages, *args, **kwargs):
+        if len(messages) <= 32:
+            return self.inner.apply_chat_template(messages, *args, **kwargs)
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.release.wait(60)
+            return self.inner.apply_chat_template(messages, *args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_long_chats_are_rendered_preprocess_concurrency_at_a_time(server_tiny_checkpoint, concurrency):
+    """--preprocess-concurrency: of three long chats (rendered in worker threads), that many render at
+    once and the others wait their turn, while a short chat is answered meanwhile; all three then finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.chat import RENDER_IN_THREAD_MESSAGES
+
+    holder = {}
+
+    def factory(settings, sink):
+        engine = default_engine_factory(settings, sink)
+        engine.tokenizer = holder["tokenizer"] = GatedTemplates(engine.tokenizer)
+        return engine
+
+    srv = InProcessServer(ServerSettings(model=str(server_tiny_checkpoint), preprocess_concurrency=concurrency), factory)
+    try:
+        srv.wait_ready()
+        gated = holder["tokenizer"]
+        user = {"role": "user", "content": "hi"}
+        long_chat = [user, {"role": "assistant", "content": "ok"}] * 20 + [user]
+        assert RENDER_IN_THREAD_MESSAGES < len(long_chat)
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(httpx.post, srv.url + "/v1/chat/completions", timeout=60,
+                                   json={"messages": long_chat, "max_tokens": 4}) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while gated.running < concurrency:  # the turns are taken
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            short = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [user], "max_tokens": 4}, timeout=30)
+            assert short.status_code == 200, short.text
+            time.sleep(0.3)  # room for a request past the turns to start rendering (it must not)
+            assert gated.running == concurrency and not any(f.done() for f in futures)
+            gated.release.set()
+            assert [f.result().status_code for f in futures] == [200] * 3
+        assert gated.most == concurrency
+    finally:
+        holder.get("tokenizer") and holder["tokenizer"].release.set()
+        srv.stop()
