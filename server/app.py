@@ -19,6 +19,7 @@ from .completions import create_completion
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
 from .middleware import InFlight, InFlightMiddleware, RequestIdMiddleware
+from .origins import OriginGuardMiddleware
 from .openapi import install_openapi
 from .settings import ServerSettings
 from .state import EngineFactory, ServerState, default_engine_factory
@@ -64,6 +65,9 @@ def create_app(
                        max_json_values=settings.max_json_values)
     app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys, on_reject=metrics.count_error)
     app.add_middleware(InFlightMiddleware, inflight=inflight)
+    # a POST from a web page of another site (any site the user visits could send one) is refused
+    app.add_middleware(OriginGuardMiddleware, allowed_origins=list(settings.cors_allow_origins),
+                       on_reject=metrics.count_error)
     if settings.cors_allow_origins:  # closed unless configured: no CORS headers at all
         from starlette.middleware.cors import CORSMiddleware
 

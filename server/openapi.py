@@ -35,6 +35,7 @@ ERROR_SCHEMA = {
 ERROR_STATUSES = {
     "400": "Invalid request (schema, parameter or limit), or a malformed HTTP request.",
     "401": "Missing or wrong API key.",
+    "403": "Sent by a web page of an origin the server does not allow (setting cors_allow_origins).",
     "404": "Unknown model or route.",
     "405": "A route called with the wrong method.",
     "408": "The request's head or body arrived too slowly.",
@@ -94,7 +95,7 @@ def install_openapi(app: FastAPI) -> None:
                     "content": {"application/json": {"schema": COMPLETION_RESPONSE},
                                 "text/event-stream": {"schema": SSE_EVENT}},
                 },
-                **_error_responses(["400", "401", "404", "413", "429", "500", "503"]),
+                **_error_responses(["400", "401", "403", "404", "413", "429", "500", "503"]),
             }
         for path, statuses in (("/v1/models", ["401"]), ("/v1/models/{model_id}", ["401", "404"])):
             op = paths.get(path, {}).get("get")

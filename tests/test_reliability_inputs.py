@@ -9,6 +9,8 @@ import json
 import httpx
 import pytest
 
+PROMPT_TOKENS = ("diffusion_server:prompt_tokens_total", frozenset())
+
 KEY = "rel-key-1"
 OTHER_KEY = "rel-key-2"
 MODEL = "rel-tiny"
@@ -368,16 +370,33 @@ def test_cors_allowed_origin_only(limits_server):
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
     r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2},
                    headers={"Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in r.headers
 
 
 def test_cors_closed_by_default(live_server):
+    """Without --cors-allow-origin no page of another site may send work, though CORS alone would only keep
+    it from reading the answer: a "simple" text/plain POST needs no preflight. The server's own page,
+    and clients that are not browsers (no Origin), are served."""
     url = live_server.base_url + "/completions"
     r = httpx.options(url, headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}, timeout=10)
     assert "access-control-allow-origin" not in r.headers
-    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2},
-                   headers={**live_server.headers, "Origin": "https://a.example"}, timeout=60)
-    assert r.status_code == 200 and not any(k.startswith("access-control-") for k in r.headers)
+    before = live_server.metrics()
+    for headers in ({"Origin": "https://a.example"}, {"Origin": "https://a.example", "Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "null"}, {"Origin": f"http://localhost:{live_server.port}", "Sec-Fetch-Site": "same-site"}):
+        r = httpx.post(url, content=json.dumps({"prompt": "hi", "max_tokens": 2}),
+                       headers={**live_server.headers, **headers, "Content-Type": "text/plain"}, timeout=60)
+        assert r.status_code == 403 and not any(k.startswith("access-control-") for k in r.headers), headers
+        assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "invalid_request_error",
+                                     "param": None, "code": "origin_not_allowed"}
+        assert "cors_allow_origins" in r.json()["error"]["message"]
+    after = live_server.metrics()
+    assert after[PROMPT_TOKENS] == before[PROMPT_TOKENS]  # none reached the engine
+    own = live_server.url.removeprefix("http://")
+    for headers in ({}, {"Origin": live_server.url}, {"Origin": "http://elsewhere.example", "Sec-Fetch-Site": "same-origin"},
+                    {"Origin": live_server.url.replace("127.0.0.1", "localhost"), "Host": own.replace("127.0.0.1", "localhost")}):
+        r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={**live_server.headers, **headers}, timeout=60)
+        assert r.status_code == 200, (headers, r.text)
 
 
 # -- schemathesis against the server's own OpenAPI document -----------------------------------

@@ -15,6 +15,7 @@ ERROR_CODES = {
     400: ("context_length_exceeded", "invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter",
           "invalid_image", "invalid_http_request"),
     401: ("invalid_api_key",),
+    403: ("origin_not_allowed",),
     404: ("model_not_found", "not_found"),
     405: ("method_not_allowed",),
     408: ("request_timeout",),

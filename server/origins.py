@@ -1,0 +1,69 @@
+"""Requests that web pages send: refused unless the page is the server's own or an allowed origin.
+
+CORS only decides whether a page may *read* an answer. A page on any site can still *send* a "simple"
+cross-origin POST (a text/plain body needs no preflight), and the server parses any body as JSON, so
+without this check every site a user visits could run completions on a server without an API key on
+their machine or network. A browser marks such a request with ``Origin`` (and ``Sec-Fetch-Site``);
+curl and the SDKs send neither, so they are not affected.
+
+``OriginGuardMiddleware`` lets a request through when it is a GET, HEAD or OPTIONS (no work; a
+preflight is CORS's), has no ``Origin``, comes from an origin in ``cors_allow_origins`` (``*``: any),
+or comes from the server's own page (``Sec-Fetch-Site: same-origin``, or where a browser does not send
+that header, an ``Origin`` whose host and port are the request's ``Host``). Others get 403
+``origin_not_allowed``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+from urllib.parse import urlsplit
+
+from .errors import APIError, error_response
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def origin_not_allowed(origin: str) -> APIError:
+    return APIError(
+        403,
+        f"Requests from web pages at {origin} are refused: a browser sends them for whatever site it shows. "
+        "List the origins allowed with the setting cors_allow_origins (--cors-allow-origin).",
+        "invalid_request_error",
+        None,
+        "origin_not_allowed",
+    )
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def same_origin(origin: str, host: str | None, fetch_site: str | None) -> bool:
+    """Whether a request with these headers comes from a page the server itself served."""
+    if fetch_site is not None:
+        return fetch_site == "same-origin"
+    parts = urlsplit(origin)
+    return bool(host) and parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
+
+
+class OriginGuardMiddleware:
+    def __init__(self, app, allowed_origins: list[str], on_reject: Callable[[int], None] | None = None):
+        self.app = app
+        self.allowed = {o.rstrip("/") for o in allowed_origins}
+        self.on_reject = on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or "*" in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        origin = _header(scope, b"origin")
+        if origin is None or origin in self.allowed or same_origin(
+                origin, _header(scope, b"host"), _header(scope, b"sec-fetch-site")):
+            await self.app(scope, receive, send)
+            return
+        if self.on_reject is not None:
+            self.on_reject(403)
+        await error_response(origin_not_allowed(origin))(scope, receive, send)
