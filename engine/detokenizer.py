@@ -41,6 +41,12 @@ def decode_text(tokenizer, ids) -> str:
                             clean_up_tokenization_spaces=False)
 
 
+# A text that keeps ending in replacement characters is read up to this many tokens before its end. An
+# unfinished character's bytes are in its last three tokens with bytes; a byte-fallback tokenizer decodes
+# a whole run of byte tokens together, so a longer run still unfinished could change before this point.
+UNSETTLED_TOKENS = 64
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
@@ -90,9 +96,11 @@ class IncrementalDetokenizer:
         # (a commit of skipped special tokens only would give none)
         if len(text) > len(self._read_text) and not text.endswith("\ufffd"):
             self._prefix, self._read, self._read_text = self._read, len(self.token_ids), text
+        elif text.endswith("\ufffd"):
+            self._settle(text)
         if not final:
-            if text.endswith("\ufffd"):
-                text = text.rstrip("\ufffd")  # wait for the rest of the character
+            if text.endswith("\ufffd"):  # wait for the rest of the character (what is settled goes out)
+                text = text[:max(len(text.rstrip("\ufffd")), len(self._read_text))]
             if self.stop:
                 # hold back what could be the start of a stop string finished by the next tokens
                 hold = max(len(s) for s in self.stop) - 1
@@ -101,6 +109,18 @@ class IncrementalDetokenizer:
         delta = text[len(self.sent):]
         self.sent += delta
         return delta
+
+    def _settle(self, text: str) -> None:
+        """``text`` ends in replacement characters: read the text before the last ``UNSETTLED_TOKENS``
+        tokens if the tokens after it left it unchanged, so that output that keeps ending in bytes no
+        character takes (a logit bias can make every commit end in one) is neither decoded again at
+        every commit nor held back to the end."""
+        n = len(self.token_ids) - UNSETTLED_TOKENS
+        if n <= self._read:
+            return
+        settled = self._text_of(n)
+        if len(settled) > len(self._read_text) and text.startswith(settled):
+            self._prefix, self._read, self._read_text = self._read, n, settled
 
     def _tokens_covering(self, prefix: str, before: int) -> int:
         """Fewest tokens whose text starts with ``prefix`` (the text up to the end of the stop string):

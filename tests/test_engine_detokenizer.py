@@ -180,24 +180,43 @@ def test_a_commit_of_skipped_tokens_keeps_the_context_of_the_next():
     assert d.add([hello]) + d.add([unk]) + d.add([world]) + d.add([], final=True) == "hello world"
 
 
+class _Counting:
+    """A tokenizer, counting the tokens it is asked to decode."""
+
+    def __init__(self, inner):
+        self.inner, self.decoded = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, token_ids, **kwargs):
+        self.decoded += len(token_ids)
+        return self.inner.decode(token_ids, **kwargs)
+
+
 def test_work_grows_with_the_length_not_its_square(tok):
     """A long output in commits of 32 tokens decodes each token a few times, not once per later commit."""
-
-    class Counting:  # the tokenizer, counting the tokens it is asked to decode
-        def __init__(self, inner):
-            self.inner, self.decoded = inner, 0
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def decode(self, token_ids, **kwargs):
-            self.decoded += len(token_ids)
-            return self.inner.decode(token_ids, **kwargs)
-
-    counting = Counting(tok)
+    counting = _Counting(tok)
     text = "".join("ab\u20ac "[i % 4] for i in range(4096))
     tokens = ids(tok, text)
     d = IncrementalDetokenizer(counting, stop=("never here",))
     out = "".join(d.add(tokens[at:at + 32]) for at in range(0, len(tokens), 32)) + d.add([], final=True)
     assert out == text
     assert counting.decoded <= 4 * len(tokens)  # a decode of everything at every commit: about len/64 times that
+
+
+def test_output_that_keeps_ending_in_a_stray_byte_streams_and_stays_linear(tok):
+    """Every token a lone continuation byte (a logit bias can force it): each commit's text ends in a
+    replacement character, yet the text streams commit by commit instead of at the end, each token is
+    decoded a few times rather than once per later commit, and the whole equals one decode."""
+    from engine.detokenizer import decode_text
+    from engine.token_bytes import byte_of_char
+
+    stray = tok.convert_tokens_to_ids(next(ch for ch, b in byte_of_char().items() if b == 0x80))
+    counting = _Counting(tok)
+    tokens = [stray] * 4096
+    d = IncrementalDetokenizer(counting)
+    deltas = [d.add(tokens[at:at + 32]) for at in range(0, len(tokens), 32)] + [d.add([], final=True)]
+    assert "".join(deltas) == decode_text(tok, tokens) == "\ufffd" * 4096
+    assert all(deltas[4:-1])  # text every commit, but while the first window fills
+    assert counting.decoded <= 8 * len(tokens)
