@@ -12,6 +12,7 @@ split over tokens all start where the character does, and a skipped special toke
 from __future__ import annotations
 
 import codecs
+import functools
 from dataclasses import dataclass
 
 from engine.detokenizer import decode_text
@@ -26,8 +27,10 @@ def _finite(logprob: float) -> float:
     return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
+@functools.lru_cache(maxsize=65536)
 def _token(tokenizer, token_id: int) -> tuple[str, bytes | None]:
-    """(how the token is shown, its bytes in the text (None: none, a special token))."""
+    """(how the token is shown, its bytes in the text (None: none, a special token)); a token's is
+    looked up once (a response may list it many times, as the chosen token and as an alternative)."""
     if not decode_text(tokenizer, [token_id]):  # a special token the text skips (eos, pad, ...)
         return tokenizer.decode([token_id], skip_special_tokens=False), None
     raw = token_bytes(tokenizer, token_id)

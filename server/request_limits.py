@@ -143,6 +143,12 @@ def check_resolved(settings, params: SamplingParams, *, num_prompts: int, n: int
             f"{max_tokens_param}={params.max_tokens}); the limit is {settings.max_request_tokens} "
             "(setting max_request_tokens).", param,
         )
+    if params.logprobs is not None and total * (1 + params.logprobs) > settings.max_logprob_entries:
+        raise limit_error(
+            f"This request asks for up to {total * (1 + params.logprobs)} log-probability entries ({total} completion "
+            f"tokens x {1 + params.logprobs}: each token and {params.logprobs} alternatives); the limit is "
+            f"{settings.max_logprob_entries} (setting max_logprob_entries).", "logprobs",
+        )
 
 
 def _check_max_tokens(settings, max_tokens: int, param: str) -> None:

@@ -190,10 +190,13 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
         raise
     log.finish(200, specs, results)
     choices = [api.response_choice(s, results[s.index], prompts) for s in specs]
-    for spec, choice in zip(specs, choices):
-        entries = results[spec.index].logprobs
-        if entries is not None:
-            choice["logprobs"] = api.logprobs_object(entries, engine.tokenizer, TextPosition())[0]
+    logprobs = {s.index: results[s.index].logprobs for s in specs if results[s.index].logprobs is not None}
+    if logprobs:  # up to max_logprob_entries of them: formatted in a worker thread, in a preprocessing turn
+        objects = await off_loop(state.preprocess_gate, lambda: {
+            i: api.logprobs_object(entries, engine.tokenizer, TextPosition())[0] for i, entries in logprobs.items()})
+        for spec, choice in zip(specs, choices):
+            if spec.index in objects:
+                choice["logprobs"] = objects[spec.index]
     return JSONResponse({**base, "object": names.object, "choices": choices, "usage": usage(specs, results)})
 
 

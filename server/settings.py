@@ -113,6 +113,10 @@ class ServerSettings:
         256, "Most choices in one request: prompts x n, each one engine request; more get 400.")
     max_request_tokens: int = limit(
         262144, "Most completion tokens one request may ask for in all: prompts x n x max_tokens; more get 400.")
+    max_logprob_entries: int = limit(
+        524288, "Most log-probability entries one request may ask for in all, when it asks for them: prompts x n x "
+        "max_tokens x (1 + the alternatives asked, logprobs or top_logprobs); more get 400. Each entry is kept and "
+        "formatted until the response is sent.")
     max_stop_length: int = limit(
         256, "Longest stop string, in characters (at most 4 stop strings); longer ones get 400.")
     max_logit_bias: int = limit(300, "Most entries in one request's logit_bias; more get 400.")
