@@ -104,7 +104,17 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 
+class RevalidatedFiles(StaticFiles):
+    """The page's assets, revalidated at every load (their ETag makes that a 304): after an upgrade a
+    browser never runs an old app.js against the new page."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def install_ui(app: FastAPI) -> None:
     """Add the page, its assets and the two JSON endpoints to ``app``."""
     app.include_router(router)
-    app.mount("/ui/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="ui-static")
+    app.mount("/ui/static", RevalidatedFiles(directory=STATIC_DIR, check_dir=False), name="ui-static")

@@ -293,6 +293,35 @@ def test_page_without_key_says_it_is_required(live_server, browser):
 
 
 @browser_required
+def test_page_names_a_key_no_header_can_carry_and_a_busy_server(live_server, browser):
+    """A key pasted with a zero-width space is named as the problem (it was "server unreachable", for
+    good: it was kept for the next visit), and is not kept; an error from /ui/config is shown as such
+    and retried (it was "API key required")."""
+    browser.driver.get(live_server.url + "/")
+    browser.js("localStorage.clear()")
+    browser.driver.get(live_server.url + "/")
+    set_value(browser, "api-key", live_server.api_key + "\u200b")
+    browser.wait("return document.getElementById('server-status').textContent.includes('printable ASCII')", 30,
+                 "the key's problem")
+    assert browser.js("return localStorage.length") == 0
+    set_value(browser, "api-key", live_server.api_key)
+    browser.wait("return document.getElementById('server-status').textContent.startsWith('ready')", 30, "ready")
+    # /ui/config answers 503 twice (the connection cap's answer), then the server's own answer again
+    browser.js("""
+        const real = window.fetch, body = JSON.stringify({error: {message: "Too many open connections.",
+            type: "server_error", param: null, code: "too_many_connections"}});
+        let refusals = 2;
+        window.fetch = (url, opts) => String(url).endsWith("/ui/config") && refusals-- > 0
+            ? Promise.resolve(new Response(body, {status: 503, headers: {"Content-Type": "application/json"}}))
+            : real(url, opts);""")
+    browser.js("document.getElementById('api-key').dispatchEvent(new Event('change'))")
+    browser.wait("return document.getElementById('server-status').textContent.startsWith('server error 503')", 30,
+                 "the server's error")
+    assert "Too many open connections" in browser.js("return document.getElementById('server-status').textContent")
+    browser.wait("return document.getElementById('server-status').textContent.startsWith('ready')", 30, "ready again")
+
+
+@browser_required
 def test_chat_mode_and_sudoku_board(server_launcher, server_tiny_checkpoint, browser):
     """Chat mode streams deltas; an 81-character grid prompt shows the 9x9 board with bold givens."""
     server = server_launcher(["--model", str(server_tiny_checkpoint)])

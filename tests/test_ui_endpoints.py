@@ -57,6 +57,10 @@ def test_page_and_assets_are_served(live_server):
     for name, ctype in (("app.js", "javascript"), ("style.css", "text/css")):
         r = httpx.get(f"{live_server.url}/ui/static/{name}", timeout=10)
         assert r.status_code == 200 and ctype in r.headers["content-type"], name
+        # revalidated at every load, so that an upgraded server's page never runs an old app.js
+        assert r.headers["cache-control"] == "no-cache" and r.headers["etag"], name
+        again = httpx.get(f"{live_server.url}/ui/static/{name}", headers={"If-None-Match": r.headers["etag"]}, timeout=10)
+        assert again.status_code == 304, name
     assert httpx.get(live_server.url + "/ui/static/../ui.py", timeout=10).status_code == 404
 
 

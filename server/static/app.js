@@ -32,16 +32,33 @@
   window.__ui = { running: false, done: false, text: "", usage: null, finishReason: null, error: null };
 
   // ---------------------------------------------------------------- config, key, defaults
+  // A header carries printable ASCII only: a key pasted with anything else (a zero-width space, a
+  // typographic quote) would make every request fail before it is sent.
+  function keyProblem(key) {
+    return /^[\x21-\x7e]*$/.test(key) ? null : "the API key has a character a key cannot have (printable ASCII only)";
+  }
+
   function authHeaders() {
     const key = $("api-key").value.trim();
-    return key ? { Authorization: "Bearer " + key } : {};
+    return key && !keyProblem(key) ? { Authorization: "Bearer " + key } : {};
   }
 
   async function loadConfig() {
+    const problem = keyProblem($("api-key").value.trim());
+    if (problem) {
+      setStatus(problem, "bad");
+      return;
+    }
     let cfg;
     try {
       const r = await fetch("/ui/config", { headers: authHeaders(), cache: "no-store" });
       cfg = await r.json();
+      if (!r.ok && typeof cfg.authorized !== "boolean") {  // the server is busy or failing: say so, retry
+        const detail = cfg.error && cfg.error.message ? ": " + cfg.error.message : "";
+        setStatus("server error " + r.status + detail, "bad");
+        setTimeout(loadConfig, 3000);
+        return;
+      }
     } catch (e) {
       setStatus("server unreachable", "bad");
       setTimeout(loadConfig, 2000);
@@ -451,7 +468,7 @@
     if (saved) $("api-key").value = saved;
     $("api-key").addEventListener("change", () => {
       const key = $("api-key").value.trim();
-      if (key) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
+      if (key && !keyProblem(key)) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
       loadConfig();
     });
     $("form").addEventListener("submit", start);
