@@ -13,7 +13,10 @@ too), the newest tokens are decoded alone and follow the text already read.
 
 from __future__ import annotations
 
+import codecs
 import functools
+
+from .token_bytes import token_bytes
 
 # Special tokens decoded as text rather than skipped: Gemma 4's function-call markers, from which the
 # chat endpoint reads tool calls (server/tool_calls.py, docs/tools.md). Every other special token is skipped.
@@ -111,13 +114,19 @@ class IncrementalDetokenizer:
         return delta
 
     def _settle(self, text: str) -> None:
-        """``text`` ends in replacement characters: read the text before the last ``UNSETTLED_TOKENS``
-        tokens if the tokens after it left it unchanged, so that output that keeps ending in bytes no
-        character takes (a logit bias can make every commit end in one) is neither decoded again at
-        every commit nor held back to the end."""
+        """``text`` ends in replacement characters: where the unread tokens hold bytes no character takes
+        (a logit bias can make every commit end in one), read the text before the last
+        ``UNSETTLED_TOKENS`` tokens if the tokens after it left it unchanged, so that such output is
+        neither decoded again at every commit nor held back to the end."""
         n = len(self.token_ids) - UNSETTLED_TOKENS
         if n <= self._read:
             return
+        try:  # bytes that merely end in an unfinished character may still become valid text: wait
+            codecs.getincrementaldecoder("utf-8")().decode(
+                b"".join(token_bytes(self.tokenizer, t) for t in self.token_ids[self._read:]), final=False)
+            return
+        except UnicodeDecodeError:  # bytes no character takes: the text before n is final
+            pass
         settled = self._text_of(n)
         if len(settled) > len(self._read_text) and text.startswith(settled):
             self._prefix, self._read, self._read_text = self._read, n, settled

@@ -219,4 +219,19 @@ def test_output_that_keeps_ending_in_a_stray_byte_streams_and_stays_linear(tok):
     deltas = [d.add(tokens[at:at + 32]) for at in range(0, len(tokens), 32)] + [d.add([], final=True)]
     assert "".join(deltas) == decode_text(tok, tokens) == "\ufffd" * 4096
     assert all(deltas[4:-1])  # text every commit, but while the first window fills
-    assert counting.decoded <= 8 * len(tokens)
+    assert counting.decoded <= 16 * len(tokens)  # a decode of everything at every commit: about 4 times that
+
+
+def test_a_long_run_of_byte_tokens_cut_inside_a_character_is_not_settled_early():
+    """Byte fallback: sixty characters outside the vocabulary are a run of 180 byte tokens, which
+    commits of 48 cut inside characters (the whole run then decodes as replacement characters until
+    it is finished); the text that comes out is still the whole decode, stop strings in it found."""
+    from engine.detokenizer import decode_text
+
+    tokenizer = _byte_fallback_tokenizer()
+    tokens = ids(tokenizer, "a" + "\u4e2d" * 60 + " the")
+    d = IncrementalDetokenizer(tokenizer)
+    out = "".join(d.add(tokens[at:at + 48]) for at in range(0, len(tokens), 48)) + d.add([], final=True)
+    assert out == decode_text(tokenizer, tokens) == "a" + "\u4e2d" * 60 + " the"
+    stopped = IncrementalDetokenizer(tokenizer, ("\u4e2d\u4e2d the",))
+    assert "".join(stopped.add(tokens[at:at + 48]) for at in range(0, len(tokens), 48)) == "a" + "\u4e2d" * 58
