@@ -8,9 +8,10 @@ curl and the SDKs send neither, so they are not affected.
 
 ``OriginGuardMiddleware`` lets a request through when it is a GET, HEAD or OPTIONS (no work; a
 preflight is CORS's), has no ``Origin``, comes from an origin in ``cors_allow_origins`` (``*``: any),
-or comes from the server's own page (``Sec-Fetch-Site: same-origin``, or where a browser does not send
-that header, an ``Origin`` whose host and port are the request's ``Host``). Others get 403
-``origin_not_allowed``.
+carries an ``Authorization`` header (which a page can send to another origin only after a preflight
+that origin's CORS allowed; the key is then checked as usual), or comes from the server's own page
+(``Sec-Fetch-Site: same-origin``, or where a browser does not send that header, an ``Origin`` whose
+host and port are the request's ``Host``, default ports included). Others get 403 ``origin_not_allowed``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,22 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def same_origin(origin: str, host: str | None, fetch_site: str | None) -> bool:
     """Whether a request with these headers comes from a page the server itself served."""
     if fetch_site is not None:
         return fetch_site == "same-origin"
-    parts = urlsplit(origin)
-    return bool(host) and parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
+    page = urlsplit(origin)
+    if not host or page.scheme not in DEFAULT_PORTS:
+        return False
+    server = urlsplit(f"{page.scheme}://{host}")
+    try:
+        default = DEFAULT_PORTS[page.scheme]
+        return (page.hostname, page.port or default) == (server.hostname, server.port or default)
+    except ValueError:  # a port that is not a number
+        return False
 
 
 class OriginGuardMiddleware:
@@ -60,7 +71,9 @@ class OriginGuardMiddleware:
             await self.app(scope, receive, send)
             return
         origin = _header(scope, b"origin")
-        if origin is None or origin in self.allowed or same_origin(
+        # a page can send an Authorization header to another origin only after a CORS preflight that
+        # origin allowed: such a request (an extension, an app's webview) goes on to the key check
+        if origin is None or origin in self.allowed or _header(scope, b"authorization") is not None or same_origin(
                 origin, _header(scope, b"host"), _header(scope, b"sec-fetch-site")):
             await self.app(scope, receive, send)
             return

@@ -372,8 +372,7 @@ def test_cors_allowed_origin_only(limits_server):
     assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
     r = httpx.post(url, json={"prompt": "hi"}, headers={"Origin": ORIGIN}, timeout=60)  # errors too
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
-    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2},
-                   headers={"Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"}, timeout=60)
+    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={"Origin": "https://evil.example"}, timeout=60)
     assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in r.headers
 
@@ -387,9 +386,10 @@ def test_cors_closed_by_default(live_server):
     assert "access-control-allow-origin" not in r.headers
     before = live_server.metrics()
     for headers in ({"Origin": "https://a.example"}, {"Origin": "https://a.example", "Sec-Fetch-Site": "cross-site"},
-                    {"Origin": "null"}, {"Origin": f"http://localhost:{live_server.port}", "Sec-Fetch-Site": "same-site"}):
+                    {"Origin": "null"}, {"Origin": f"http://localhost:{live_server.port}", "Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://a.example", "Host": "a.example:8080"}, {"Origin": "https://a.example", "Host": "a.example:80"}):
         r = httpx.post(url, content=json.dumps({"prompt": "hi", "max_tokens": 2}),
-                       headers={**live_server.headers, **headers, "Content-Type": "text/plain"}, timeout=60)
+                       headers={**headers, "Content-Type": "text/plain"}, timeout=60)
         assert r.status_code == 403 and not any(k.startswith("access-control-") for k in r.headers), headers
         assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "invalid_request_error",
                                      "param": None, "code": "origin_not_allowed"}
@@ -398,9 +398,17 @@ def test_cors_closed_by_default(live_server):
     assert after[PROMPT_TOKENS] == before[PROMPT_TOKENS]  # none reached the engine
     own = live_server.url.removeprefix("http://")
     for headers in ({}, {"Origin": live_server.url}, {"Origin": "http://elsewhere.example", "Sec-Fetch-Site": "same-origin"},
-                    {"Origin": live_server.url.replace("127.0.0.1", "localhost"), "Host": own.replace("127.0.0.1", "localhost")}):
+                    {"Origin": live_server.url.replace("127.0.0.1", "localhost"), "Host": own.replace("127.0.0.1", "localhost")},
+                    {"Origin": "http://a.example", "Host": "a.example:80"}, {"Origin": "https://A.example:443", "Host": "a.example"}):
         r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={**live_server.headers, **headers}, timeout=60)
         assert r.status_code == 200, (headers, r.text)
+    # a client that is not a page but sends an Origin (an extension, an app's webview) with its key: the key decides
+    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, timeout=60,
+                   headers={"Origin": "chrome-extension://abc", "Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={**live_server.headers, "Origin": "chrome-extension://abc"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
 
 
 # -- schemathesis against the server's own OpenAPI document -----------------------------------
