@@ -83,8 +83,9 @@ class EngineSettings:
     max_encoder_tokens: int = setting(
         2048, "Prompt tokens prefilled in one pass, over all requests, and padded tokens in one batched encoder "
         "call (prefill and commits). Prompts are prefilled oldest first, a longer one in chunks of this size over "
-        "several passes (a chunk waits for a pass with room), so that running requests take their steps meanwhile; a prompt with images is prefilled whole "
-        "in one pass (alone if it is longer). Commits, a canvas per running request at most, are not held back.",
+        "several passes (a chunk waits for a pass with room), so that running requests take their steps "
+        "meanwhile; a prompt with images is prefilled whole in one pass (alone if it is longer). Commits, a "
+        "canvas per running request at most, are not held back.",
         cli=False)
     max_images_per_prompt: int = setting(
         8, "Most images in one prompt (a request with more gets 400). The vision tower runs over a prompt's "

@@ -151,7 +151,8 @@ def values_from_env(environ) -> dict:
 
 # DIFFUSION_SERVER_ variables that are not settings: read by server.default_model, by the Compose
 # override (on the host), and Kubernetes' service links for a Service named diffusion-server[-...]
-_OTHER_VARIABLES = re.compile(r"CACHE|CPU_CONFIG|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)\w*)?)")
+_OTHER_VARIABLES = re.compile(
+    r"CACHE|CPU_CONFIG|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)\w*)?)")
 
 
 def unknown_variables(environ) -> dict[str, str | None]:

@@ -153,8 +153,8 @@ class ServerState:
         while self.status == "ready" and self.engine.healthy:
             await asyncio.sleep(ENGINE_WATCH_SECONDS)
         if self.status == "ready":
-            logger.error("the engine has stopped: new requests get 503 engine_dead%s",
-                         "; exiting (--exit-on-engine-death)" if self.on_engine_death else " until the server is restarted")
+            then = "; exiting (--exit-on-engine-death)" if self.on_engine_death else " until the server is restarted"
+            logger.error("the engine has stopped: new requests get 503 engine_dead%s", then)
             if self.on_engine_death is not None:
                 self.on_engine_death()
 
