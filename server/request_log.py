@@ -14,6 +14,7 @@ from .choices import usage
 logger = logging.getLogger("server.requests")
 
 LOG_TEXT_LIMIT = 2000
+CLIENT_GONE = "client_gone"  # the status of a request whose client disconnected before its answer
 
 
 class RequestLog:
@@ -33,7 +34,9 @@ class RequestLog:
         self._done = True
         results = results or {}
         u = usage(list(specs), results) if specs else {}
-        reasons = sorted({r.finish_reason or "-" for r in results.values()}) or ["-"]
+        # a client that left ends its unfinished choices with abort (as request_success_total counts them)
+        unfinished = "abort" if status == CLIENT_GONE else "-"
+        reasons = sorted({r.finish_reason or unfinished for r in results.values()}) or ["-"]
         line = (
             f"{self.request_id} {self.endpoint} status={status} choices={len(results)} "
             f"prompt_tokens={u.get('prompt_tokens', 0)} completion_tokens={u.get('completion_tokens', 0)} "

@@ -32,7 +32,7 @@ from .images import ImageReader
 from .logprobs import TextPosition
 from .protocol import CommonFields
 from .request_limits import PromptLimit, check_request, check_resolved, context_length_error, where
-from .request_log import RequestLog
+from .request_log import CLIENT_GONE, RequestLog
 
 logger = logging.getLogger("server")
 
@@ -183,7 +183,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     try:
         results = await collect(choice_set, request.receive)
     except ClientDisconnected:
-        log.finish("client_gone", specs, choice_set.results, "client disconnected")
+        log.finish(CLIENT_GONE, specs, choice_set.results, "client disconnected")
         return Response(status_code=499)
     except APIError as exc:
         log.finish(exc.status, specs, choice_set.results, exc.code or "")
@@ -338,7 +338,7 @@ async def _stream(api: Endpoint, state, engine: EngineClient, choice_set: Choice
         elif completed:
             log.finish(200, choice_set.specs, choice_set.results)
         else:
-            log.finish("client_gone", choice_set.specs, choice_set.results, "client disconnected")
+            log.finish(CLIENT_GONE, choice_set.specs, choice_set.results, "client disconnected")
     if err is not None:
         state.metrics.count_error(err.status)
         yield sse.chunk(err.body())

@@ -261,6 +261,21 @@ def test_request_log_lines(live_server):
     assert any("status=404" in ln and "model_not_found" in ln for ln in log.splitlines())
 
 
+def test_request_log_line_of_a_client_that_left(live_server):
+    """A client that leaves before its answer: the line says so, and its choice ended with abort (as
+    request_success_total counts it)."""
+    rid = "left-before-the-answer"
+    body = {"prompt": "slow", "max_tokens": 2000, "ignore_eos": True, "max_denoising_steps": 64}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live_server.base_url + "/completions", json=body, timeout=httpx.Timeout(10, read=0.5),
+                   headers={**live_server.headers, "X-Request-Id": rid})
+    deadline = time.monotonic() + 60
+    while not (lines := [ln for ln in live_server.log().splitlines() if f"cmpl-{rid}" in ln and "status=" in ln]):
+        assert time.monotonic() < deadline, "no log line"
+        time.sleep(0.1)
+    assert "status=client_gone" in lines[0] and "finish=abort" in lines[0] and "note=client disconnected" in lines[0]
+
+
 def test_sigterm_drains_in_flight_streams(server_launcher, server_tiny_checkpoint, server_sse):
     """SIGTERM lets a running stream finish (with [DONE]), then the process exits cleanly."""
     import signal
