@@ -245,17 +245,22 @@ class KVCacheManager:
             new_values=[None] * len(self.layer_types),
         )
 
-    def append_from_view(self, request_ids: list[str], view: BatchKVView, new_valid: torch.Tensor) -> None:
+    def append_from_view(self, request_ids: list[str], view: BatchKVView, new_valid: torch.Tensor,
+                         rows: list[int] | None = None) -> None:
         """Store the K/V the encoder wrote into ``view``. ``new_valid`` [rows, width] marks each row's
-        real new tokens, which are its last positions (the encoder pads on the left).
+        real new tokens, which are its last positions (the encoder pads on the left). ``rows``: the view's
+        row of each request (default: in order); a request may take another's row, as a copy.
 
         Per layer type, every row keeps the last ``capacity`` tokens of [stored ; new]: the tokens it
         keeps move to the front of its slot (only when a sliding window overflows) and the new ones
         follow. Both moves are one indexed copy per layer for all rows together."""
-        counts = new_valid.sum(dim=1).tolist()
+        rows = list(range(len(request_ids))) if rows is None else rows
+        per_row = new_valid.sum(dim=1).tolist()
+        counts = [per_row[r] for r in rows]
         width = new_valid.shape[1]
         caches = [self._caches[rid] for rid in request_ids]
         slots = torch.tensor([kv.slot for kv in caches], device=self.device)
+        view_rows = torch.tensor(rows, device=self.device)
         for layer_type in set(self.layer_types):
             layers = [i for i, t in enumerate(self.layer_types) if t == layer_type]
             capacity = self._keys[layers[0]].shape[2]
@@ -266,7 +271,7 @@ class KVCacheManager:
             row, within = _flat_ranges(written, self.device)
             src_pos = torch.tensor([width - w for w in written], device=self.device)[row] + within
             dst_pos = torch.tensor(kept, device=self.device)[row] + within
-            new_src, new_dst = (row, slice(None), src_pos), (slots[row], slice(None), dst_pos)
+            new_src, new_dst = (view_rows[row], slice(None), src_pos), (slots[row], slice(None), dst_pos)
             # sliding-window overflow: the kept tokens move from the end of the stored ones to the front
             moved = [r for r in range(len(caches)) if 0 < kept[r] < stored[r]]
             shift = None

@@ -231,6 +231,11 @@ class ModelRunner:
         raised (request id -> error): such a group (say, out of memory on a long prompt) fails its own
         requests only, since it wrote no other request's KV, and the rest of the pass goes on."""
         limit = self.max_encoder_tokens
+        copies: dict[str, list[str]] = {}  # request -> the requests of this pass that copy its K/V
+        for w in work:
+            if w.same_as is not None:
+                copies.setdefault(w.same_as, []).append(w.request_id)
+        work = [w for w in work if w.same_as is None]
         short = [w for w in work if len(w.token_ids) <= limit]
         # units that succeed or fail together: a group of short prompts, or every chunk of one long
         # prompt (prefilled in order, each chunk attending to the ones before it; no image is cut)
@@ -244,11 +249,12 @@ class ModelRunner:
             try:
                 features = self._image_features(unit[0])
                 for group in unit:
-                    self._encode_group(group, features)
+                    self._encode_group(group, features, copies)
                     encoded += sum(len(w.token_ids) for w in group)
             except Exception as exc:
                 logger.exception("encoder work of %s failed", request_ids)
-                failed.update(dict.fromkeys(request_ids, pass_error(exc)))
+                failed.update(dict.fromkeys(request_ids + [c for r in request_ids for c in copies.get(r, ())],
+                                            pass_error(exc)))
         return encoded, failed
 
     def _image_features(self, group: list[EncodeWork]) -> dict[str, torch.Tensor]:
@@ -276,9 +282,11 @@ class ModelRunner:
             groups.append(current)
         return groups
 
-    def _encode_group(self, group: list[EncodeWork], features: dict[str, torch.Tensor]) -> None:
+    def _encode_group(self, group: list[EncodeWork], features: dict[str, torch.Tensor],
+                      copies: dict[str, list[str]] | None = None) -> None:
         """Encode one batch of rows into their KV; ``features`` (``_image_features``) holds the image
-        features of the rows' requests still to be placed, and loses those this group places."""
+        features of the rows' requests still to be placed, and loses those this group places; ``copies``:
+        the requests that take a row's new K/V as theirs (``EncodeWork.same_as``)."""
         ids = [w.request_id for w in group]
         view = self.kv.view(ids)
         row_lengths = [len(w.token_ids) for w in group]
@@ -335,7 +343,9 @@ class ModelRunner:
                 use_cache=True,
             )
         self._forward_seconds += time.perf_counter() - t0
-        self.kv.append_from_view(ids, view, q_valid)
+        twins = [(copy, row) for row, rid in enumerate(ids) for copy in (copies or {}).get(rid, ())]
+        self.kv.append_from_view(ids + [copy for copy, _ in twins], view, q_valid,
+                                 rows=list(range(len(ids))) + [row for _, row in twins])
 
     def _take_features(self, features: dict[str, torch.Tensor], work: EncodeWork) -> torch.Tensor | None:
         """The first rows of ``work``'s request's image features, one per placeholder in ``work`` (each
@@ -376,7 +386,7 @@ class ModelRunner:
         order = self._slot_order(plan.decode)
         encoding = {w.request_id for w in plan.encode}
         independent = next((i for i, w in enumerate(order) if w.request_id in encoding), len(order))
-        encoder = encoder_canvases(sum(len(w.token_ids) for w in plan.encode), self.canvas_length)
+        encoder = encoder_canvases(sum(len(w.token_ids) for w in plan.encode if w.same_as is None), self.canvas_length)
         count = rows_beside_encoder(len(order), independent, encoder, self.forward_threads)
         if count == 0:
             return None

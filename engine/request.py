@@ -4,6 +4,7 @@ image inputs (CPU tensors), held only until its encode is scheduled."""
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -59,6 +60,11 @@ class Request:
     first_token_time: float | None = None
     error: str | None = None
     images: ImageInputs | None = None  # the prompt's images, until its encode is scheduled
+
+    @functools.cached_property
+    def prompt_hash(self) -> int:
+        """``hash(prompt_ids)``, computed once (the scheduler groups the choices of one prompt by it)."""
+        return hash(self.prompt_ids)
 
     @property
     def kv_reservation(self) -> int:

@@ -91,15 +91,25 @@ class Scheduler:
             self.running.append(req)
             plan.new.append(NewRow(req.request_id, req.seed, req.kv_reservation))
         prompt_tokens = 0  # encoded this pass
+        # text prompt chunks of this pass by (prompt hash, tokens left): another choice of the same prompt,
+        # as far along, copies its K/V (no cost to the budget)
+        chunks: dict[tuple[int, int], tuple[Request, tuple[int, ...]]] = {}
         for req in self.running:
             if req.status is RequestStatus.ENCODING:
-                chunk = req.pending_encode
-                if req.canvas_index == 0 and self.max_encoder_tokens is not None:  # its prompt, not a commit
+                chunk, same_as = req.pending_encode, None
+                text_prompt = req.canvas_index == 0 and req.images is None
+                key = (req.prompt_hash, len(req.pending_encode)) if text_prompt else None
+                twin = chunks.get(key) if text_prompt else None
+                if twin is not None and twin[0].prompt_ids == req.prompt_ids:
+                    chunk, same_as = twin[1], twin[0].request_id
+                elif req.canvas_index == 0 and self.max_encoder_tokens is not None:  # its prompt, not a commit
                     chunk = self._prompt_chunk(req, self.max_encoder_tokens - prompt_tokens, first=not prompt_tokens)
                     if req.pending_encode and not chunk:  # the pass's prompt tokens are spent: a later pass
                         continue
                     prompt_tokens += len(chunk)
-                plan.encode.append(EncodeWork(req.request_id, chunk, req.images))
+                if text_prompt and same_as is None:
+                    chunks.setdefault(key, (req, chunk))
+                plan.encode.append(EncodeWork(req.request_id, chunk, req.images, same_as))
                 req.pending_encode = req.pending_encode[len(chunk):]
                 req.images = None  # only the prompt has images; the runner keeps none after its encode
                 if req.pending_encode:  # still prefilling: its first denoising step comes after the last chunk

@@ -25,6 +25,9 @@ class EncodeWork:
     request_id: str
     token_ids: tuple[int, ...]
     images: ImageInputs | None = None  # the prompt's images, whose features fill its image placeholders
+    # another request of this pass whose tokens before and in this chunk are the same (a choice of the
+    # same prompt): its K/V is copied, not computed again (a row's K/V depends on its own tokens only)
+    same_as: str | None = None
 
 
 @dataclass(frozen=True)

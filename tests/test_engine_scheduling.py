@@ -262,6 +262,61 @@ def test_prompts_share_one_pass_budget_of_prompt_tokens_in_whole_chunks(tmp_path
     assert got == solo and all(len(v) == 32 for v in solo.values())
 
 
+def test_choices_of_one_prompt_share_its_prefill(tmp_path_factory):
+    """Three requests with the same long prompt admitted together (the choices of n=3) are prefilled as
+    one: a chunk a pass for all three, the budget spent once, the other two copying the first one's K/V;
+    one that arrives a pass later prefills on its own. Each gets its solo tokens and log-probabilities,
+    bit for bit (float32, random weights)."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("choices"), TinySpec())
+    core = make_core(path, dtype="float32", max_encoder_tokens=16, max_num_seqs=8)
+    tok = core.loaded.tokenizer
+    prompt = tok("a prompt of about seventy tokens, far past the sixteen-token chunks").input_ids
+    chunks = -(-len(prompt) // 16)
+    seeds = {"c0": 1, "c1": 2, "c2": 3, "late": 4}
+
+    def params(rid):
+        return SamplingParams(max_tokens=32, seed=seeds[rid], ignore_eos=True, logprobs=2)
+
+    def entries(outputs):
+        return [(t.token_id, t.logprob, t.top) for o in outputs for t in (o.logprobs or ())]
+
+    solo = {rid: entries(run_to_completion(core, [(rid, prompt, params(rid))])[rid]["outputs"]) for rid in seeds}
+
+    class Passes:  # the engine's statistics sink, keeping each pass's encoder tokens
+        def __init__(self):
+            self.encoder_tokens: list[int] = []
+
+        def on_pass(self, stats):
+            self.encoder_tokens.append(stats.encoder_tokens)
+
+        def on_canvas(self, stats):
+            pass
+
+        def on_request_finished(self, stats):
+            pass
+
+    core.stats = sink = Passes()
+    for rid in ("c0", "c1", "c2"):
+        core.add_request(rid, prompt, core.resolve(prompt, params(rid)))
+    requests = {r.request_id: r for r in core.scheduler.waiting}
+    got = {rid: [] for rid in seeds}
+    for passes in range(1, chunks + 1):
+        for out in core.step():
+            got[out.request_id] += entries([out])
+        if passes == 1:
+            core.add_request("late", prompt, core.resolve(prompt, params("late")))
+            requests["late"] = core.scheduler.waiting[0]
+        left = {len(requests[rid].pending_encode) for rid in ("c0", "c1", "c2")}
+        assert left == {max(0, len(prompt) - 16 * passes)}  # the three together, a chunk a pass
+    assert len(requests["late"].pending_encode) > 0  # behind, on its own
+    # the encoder ran each chunk once (the other two copied it), and nothing else while the three prefilled
+    assert sink.encoder_tokens[:chunks] == [min(16, len(prompt) - 16 * i) for i in range(chunks)]
+    while core.has_work():
+        for out in core.step():
+            got[out.request_id] += entries([out])
+    assert got == solo and all(len(v) == 32 for v in solo.values())
+
+
 def test_a_prompt_with_images_is_encoded_whole_when_it_fits_the_pass_or_comes_first(core):
     """The pass's prompt budget (max_encoder_tokens) over text and image prompts, in the scheduler alone:
     text is cut to what is left, a prompt with images waits for a pass with room or goes first (alone if
