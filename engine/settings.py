@@ -85,7 +85,8 @@ class EngineSettings:
         "call (prefill and commits). Prompts are prefilled oldest first, a longer one in chunks of this size over "
         "several passes (a chunk waits for a pass with room), so that running requests take their steps "
         "meanwhile; a prompt with images is prefilled whole in one pass (alone if it is longer). Commits, a "
-        "canvas per running request at most, are not held back.",
+        "canvas per running request at most, are not held back, and a chunk that another request with the same "
+        "prompt encodes in the same pass is copied, not counted.",
         cli=False)
     max_images_per_prompt: int = setting(
         8, "Most images in one prompt (a request with more gets 400). The vision tower runs over a prompt's "

@@ -26,7 +26,8 @@ class EncodeWork:
     token_ids: tuple[int, ...]
     images: ImageInputs | None = None  # the prompt's images, whose features fill its image placeholders
     # another request of this pass whose tokens before and in this chunk are the same (a choice of the
-    # same prompt): its K/V is copied, not computed again (a row's K/V depends on its own tokens only)
+    # same prompt): its K/V is copied, not computed again (batch-invariant, a row's K/V depends on its own
+    # tokens only; otherwise the copy is one of the last-bit variants the row could get)
     same_as: str | None = None
 
 

@@ -117,3 +117,26 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
         if rid not in failed:
             assert (res[rid]["finish_reason"], res[rid]["tokens"]) == ("length", alone[rid])
     assert core.num_live_states() == 0
+
+
+def test_an_encoder_exception_fails_the_requests_that_copy_its_prefill(tmp_path_factory, monkeypatch):
+    """Two choices of one prompt admitted together share its prefill (the second copies the first's K/V):
+    when the encoder raises on it, both fail (the copy holds no K/V of that chunk), and a request already
+    denoising goes on with the tokens it gets alone."""
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-shared-fault"), TinySpec())
+    core = make_core(path, dtype="auto", max_num_seqs=4, max_encoder_tokens=12)
+    tok = core.loaded.tokenizer
+    params = SamplingParams(max_tokens=40, seed=1, ignore_eos=True)
+    shared = tok("a longer prompt").input_ids + BOOM
+    running = tok("fine").input_ids
+    alone = run_to_completion(core, [("running", running, params)])["running"]["tokens"]
+    fail_encoder_on_boom(core, monkeypatch)
+    res = run_to_completion(core, [("running", running, params), ("c0", shared, params), ("c1", shared, params)],
+                            arrivals={"c0": 1, "c1": 1})
+    for rid in ("c0", "c1"):
+        assert (res[rid]["finish_reason"], res[rid]["tokens"]) == ("error", [])
+        assert res[rid]["outputs"][-1].error == "internal error in the model pass: RuntimeError"
+    assert (res["running"]["finish_reason"], res["running"]["tokens"]) == ("length", alone)
+    assert core.num_live_states() == 0
