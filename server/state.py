@@ -57,8 +57,12 @@ async def in_daemon_thread(work: Callable[[], T]) -> T:
     done: asyncio.Future = loop.create_future()
 
     def settle(result, exc) -> None:
-        if not done.done():
-            done.set_exception(exc) if exc is not None else done.set_result(result)
+        if done.done():  # the awaiting task was cancelled
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)
 
     def run() -> None:
         result, error = None, None
