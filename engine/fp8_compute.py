@@ -83,4 +83,13 @@ def fp8_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch
     q, scale = quantize_rows(experts.act_fn(gate) * up)
     out = _grouped(q, scale, experts.down_proj, experts.down_proj_scale, offsets)
     out = out.to(hidden_states.dtype) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
-    return torch.zeros_like(hidden_states).index_add_(0, token_of, out)
+    return sum_over_slots(out, order, tokens, top_k)
+
+
+def sum_over_slots(out: torch.Tensor, order: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    """Each token's ``top_k`` expert outputs summed in one fixed order: ``out`` [T*k, H], its rows in
+    ``order`` (grouped by expert) -> [T, H] (the reduction accumulates in float32). ``index_add_`` would
+    add them with CUDA atomics, in an order that changes from run to run."""
+    slots = torch.empty_like(out)
+    slots[order] = out  # back to (token, slot) order
+    return slots.view(tokens, top_k, -1).sum(dim=1)

@@ -32,10 +32,11 @@ def test_engine_runs_on_cuda_and_is_reproducible(checkpoint, dtype):
 
 
 def test_cuda_float32_matches_generate_at_batch_one(checkpoint):
-    """On CUDA in fp32 the engine alone should still draw what generate draws (same ops, same generator)."""
+    """On CUDA in fp32 the engine alone should still draw what generate draws (same ops, same generator):
+    with the reference sampler (CUDA's default, the fast one, draws its own random numbers)."""
     from tests.engine_helpers import reference_tokens
 
-    settings = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32")
+    settings = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", sampler="reference")
     core = EngineCore(load_model(settings), settings)
     tok = core.loaded.tokenizer
     prompt = tok("hello world").input_ids
@@ -49,8 +50,9 @@ def test_cuda_float32_matches_generate_at_batch_one(checkpoint):
 
 def test_cuda_chunked_sampling_gives_the_same_tokens(checkpoint):
     """Tiles of one row in chunks of one position (CUDA draws inline) give the tokens of whole tiles."""
-    whole = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4)
-    tiny = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4, sampling_tile_bytes=1)
+    whole = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4, sampler="reference")
+    tiny = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4, sampler="reference",
+                          sampling_tile_bytes=1)
     results = []
     for settings in (whole, tiny):
         core = EngineCore(load_model(settings), settings)
@@ -67,7 +69,7 @@ def test_cuda_quantized_experts_match_generate_at_batch_one(tmp_path_factory, me
     from tests.engine_helpers import reference_tokens
 
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bf16"), TinySpec(dtype=torch.bfloat16, hidden_size=64))
-    settings = EngineSettings(model=str(path), device="cuda", dtype="bfloat16", quantization=method)
+    settings = EngineSettings(model=str(path), device="cuda", dtype="bfloat16", quantization=method, sampler="reference")
     core = EngineCore(load_model(settings), settings)
     assert type(core.loaded.model.model.decoder.layers[0].experts.gate_up_proj).__name__ in ("Float8Tensor", "Int8Tensor")
     tok = core.loaded.tokenizer

@@ -219,3 +219,19 @@ def test_a_moe_layer_stays_within_the_planned_activations(dtype):
     grew, planned = peak_rss.growth_and_plan(_ACTIVATIONS_SCRIPT, dtype)
     # the same slack as the dequantized experts' test: malloc's page rounding, no timing involved
     assert 0.5 * planned < grew <= planned + 8 * 2**20, (grew, planned)
+
+
+def test_fp8_experts_sum_each_tokens_outputs_in_token_order():
+    """The FP8 experts' last step (engine.fp8_compute.sum_over_slots, CUDA-only around it): outputs that
+    come grouped by expert go back to their (token, slot) places and each token's are summed, one fixed
+    order (CUDA's index_add_ adds with atomics). Small integers make every sum exact in bfloat16."""
+    from engine.fp8_compute import sum_over_slots
+
+    tokens, top_k, hidden = 5, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    experts = torch.randint(0, 4, (tokens, top_k), generator=gen)
+    per_slot = torch.randint(0, 8, (tokens * top_k, hidden), generator=gen).to(torch.bfloat16)  # (token, slot) order
+    order = torch.argsort(experts.reshape(-1), stable=True)  # as fp8_experts_forward groups them
+    got = sum_over_slots(per_slot[order], order, tokens, top_k)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, per_slot.view(tokens, top_k, hidden).float().sum(dim=1).to(torch.bfloat16))

@@ -9,6 +9,8 @@ imported), which is how the tests compare it with the specification.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -86,10 +88,12 @@ def triton_block_stats(z: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor,
     m, S, B, gv = (torch.empty((N, num_blocks), **f32) for _ in range(4))
     ai, gi = (torch.empty((N, num_blocks), dtype=torch.int64, device=z.device) for _ in range(2))
     e = torch.empty((N, num_blocks * block), **f32)
-    _block_stats_kernel[(N, num_blocks)](
-        z, z.stride(0), width, temps.contiguous(), keys.contiguous(), counter0.contiguous(), v0,
-        float(softcap or 1.0), z if bias is None else bias, 0 if bias is None else bias.stride(0),
-        1 if bias is None else N // bias.shape[0], m, S, B, ai, gv, gi, e, num_blocks,
-        HAS_SOFTCAP=softcap is not None, HAS_BIAS=bias is not None, BLOCK=block,
-    )
+    # a kernel launches on the current CUDA device: make it z's (--device cuda:1)
+    with torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext():
+        _block_stats_kernel[(N, num_blocks)](
+            z, z.stride(0), width, temps.contiguous(), keys.contiguous(), counter0.contiguous(), v0,
+            float(softcap or 1.0), z if bias is None else bias, 0 if bias is None else bias.stride(0),
+            1 if bias is None else N // bias.shape[0], m, S, B, ai, gv, gi, e, num_blocks,
+            HAS_SOFTCAP=softcap is not None, HAS_BIAS=bias is not None, BLOCK=block,
+        )
     return Partial(m, S, B, m, ai, gv, gi), e
