@@ -99,7 +99,7 @@ class Scheduler:
                 chunk, same_as = req.pending_encode, None
                 text_prompt = req.canvas_index == 0 and req.images is None
                 key = (req.prompt_hash, len(req.pending_encode)) if text_prompt else None
-                twin = chunks.get(key) if text_prompt else None
+                twin = chunks.get(key)
                 if twin is not None and twin[0].prompt_ids == req.prompt_ids:
                     chunk, same_as = twin[1], twin[0].request_id
                 elif req.canvas_index == 0 and self.max_encoder_tokens is not None:  # its prompt, not a commit

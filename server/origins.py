@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Callable
 from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
+
 from .errors import APIError, error_response
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -33,13 +35,6 @@ def origin_not_allowed(origin: str) -> APIError:
         None,
         "origin_not_allowed",
     )
-
-
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -70,11 +65,12 @@ class OriginGuardMiddleware:
         if scope["type"] != "http" or scope["method"] in SAFE_METHODS or "*" in self.allowed:
             await self.app(scope, receive, send)
             return
-        origin = _header(scope, b"origin")
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
         # a page can send an Authorization header to another origin only after a CORS preflight that
         # origin allowed: such a request (an extension, an app's webview) goes on to the key check
-        if origin is None or origin in self.allowed or _header(scope, b"authorization") is not None or same_origin(
-                origin, _header(scope, b"host"), _header(scope, b"sec-fetch-site")):
+        if origin is None or origin in self.allowed or "authorization" in headers or same_origin(
+                origin, headers.get("host"), headers.get("sec-fetch-site")):
             await self.app(scope, receive, send)
             return
         if self.on_reject is not None:
