@@ -8,8 +8,11 @@
 sampling, bookkeeping) is overhead. Prints the split, the top functions by own time and the
 engine's own functions by cumulative time.
 
-``--device-profile`` takes torch's profiler instead of cProfile: on CUDA, where the forward's wall
-time only measures kernel launches, it reports how much of each pass the GPU spends in kernels,
+On CUDA the stage times wait for their kernels (``engine.pass_stages.sync_stage_clock``), so the
+forward and the sampler include the GPU's time; the waits keep the host from running ahead, so a
+pass here takes longer than served.
+
+``--device-profile`` takes torch's profiler instead of cProfile: it reports how much of each pass the GPU spends in kernels,
 how that kernel time splits over the pass's stages (``engine.pass_stages``: encoder, decoder, lm
 head, the rest of the sampler; on CPU the stages' wall time) and which kernels those are.
 
@@ -33,6 +36,7 @@ import torch
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.cpu_threads import usable_cpus
 from engine.loader import load_model
+from engine.pass_stages import sync_stage_clock
 from engine.request import RequestStatus
 
 from .run import BENCH_SPEC, build_bench_model
@@ -87,6 +91,8 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     core = EngineCore(load_model(settings), settings, timer)
     if min_group_work is not None:  # engine.cpu_threads.min_group_work, for this run
         core.runner.min_group_work = min_group_work
+    # on CUDA each stage's time waits for its kernels, or the GPU's time would count as bookkeeping
+    sync_stage_clock(core.runner.device)
     # False where there is no worker thread (CUDA), and for the fast sampler (nothing to overlap)
     overlap = getattr(core.runner.sampler, "overlap_entropy", False)
     cfg = core.loaded.model.config
@@ -123,6 +129,7 @@ def run(model: str, concurrency: int, requests: int, steps: int, threads: int, p
     if prof:
         prof.disable()
     core.close()
+    sync_stage_clock(None)
     tokens = sum(it.max_tokens for it in items)
     out = {"concurrency": concurrency, "wall_s": wall, "tokens_per_s": tokens / wall, "placements": [],
            "threads_busy": threads_busy, "cores": usable_cpus(),

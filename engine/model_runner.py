@@ -7,7 +7,6 @@ and returns plain ``StepResult`` data.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
 from .multimodal import chunk_bounds, image_features, prompt_embeddings, vision_blocks
-from .pass_stages import DECODER, ENCODER, SAMPLER, stage
+from .pass_stages import DECODER, ENCODER, SAMPLER, clock, stage
 from .rowwise_attention import BatchLayout, batch_layout
 from .rowwise_experts import MIN_ROWS, ROWWISE_EXPERTS
 from .sampling import Sampler, make_sampler
@@ -260,10 +259,10 @@ class ModelRunner:
     def _image_features(self, group: list[EncodeWork]) -> dict[str, torch.Tensor]:
         """[placeholders, hidden]: the vision tower's features of each request's images, one call per
         request (as generate makes it, so a request's features do not depend on its group)."""
-        t0 = time.perf_counter()
+        t0 = clock()
         encoder = self.model.model.encoder
         features = {w.request_id: image_features(encoder, w.images, self.device) for w in group if w.images is not None}
-        self._forward_seconds += time.perf_counter() - t0
+        self._forward_seconds += clock() - t0
         return features
 
     def _encoder_groups(self, work: list[EncodeWork]) -> list[list[EncodeWork]]:
@@ -329,7 +328,7 @@ class ModelRunner:
 
         # rows of different lengths: each attends over its own keys (rowwise_attention), as it would alone
         layout = BatchLayout(q_valid if padded else None, keys_valid) if padded or self.rowwise_always else None
-        t0 = time.perf_counter()
+        t0 = clock()
         inputs = dict(input_ids=input_ids)
         if images:  # the images' features over their placeholders (the vision tower ran in _image_features)
             rows = [self._take_features(features, w) for w in group]
@@ -342,7 +341,7 @@ class ModelRunner:
                 past_key_values=view,
                 use_cache=True,
             )
-        self._forward_seconds += time.perf_counter() - t0
+        self._forward_seconds += clock() - t0
         twins = [(copy, row) for row, rid in enumerate(ids) for copy in (copies or {}).get(rid, ())]
         self.kv.append_from_view(ids + [copy for copy, _ in twins], view, q_valid,
                                  rows=list(range(len(ids))) + [row for _, row in twins])
@@ -424,12 +423,12 @@ class ModelRunner:
         self.sampler.begin(work)
         with stage(DECODER):
             hidden = self._decoder_hidden(inputs, early.groups if early else [])  # [B, C, hidden]
-        t0 = time.perf_counter()
+        t0 = clock()
         with stage(SAMPLER):
             out = self.sampler.sample(hidden, work)
         sampling = self.sampler.sampling_seconds
         self._sampling_seconds += sampling
-        self._forward_seconds += time.perf_counter() - t0 - sampling  # the lm head and the soft embeddings
+        self._forward_seconds += clock() - t0 - sampling  # the lm head and the soft embeddings
 
         # One device-to-host transfer for the whole pass (on CUDA a transfer per row would leave the GPU
         # idle while the host walks the rows): [B, C + 2] = draft, confident, usable
@@ -527,7 +526,7 @@ class ModelRunner:
         as a captured CUDA graph; several row groups run side by side, the first of ``parts`` on this
         thread. ``started``: futures of the row groups before ``parts`` in slot order, already running on
         the pool. Returns [B, C, hidden], the groups' rows in order."""
-        t0 = time.perf_counter()
+        t0 = clock()
         self.grouped_passes += len(started) + len(parts) > 1
         pending = []
         try:
@@ -537,7 +536,7 @@ class ModelRunner:
             wait([*started, *pending])
         groups = [f.result() for f in started] + first + [f.result() for f in pending]
         hidden = groups[0] if len(groups) == 1 else torch.cat(groups)
-        self._forward_seconds += time.perf_counter() - t0
+        self._forward_seconds += clock() - t0
         return hidden
 
     def _run_group(self, part: "_PassInputs", on_pool: bool = True) -> torch.Tensor:

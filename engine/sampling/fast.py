@@ -20,12 +20,11 @@ this file is its specification.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from ..pass_stages import LM_HEAD, stage
+from ..pass_stages import LM_HEAD, clock, stage
 from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, add_bias, pins
@@ -233,14 +232,14 @@ class FastSampler:
         """One step for a tile of rows: hidden [n, C, hidden]; log-probabilities with ``k`` alternatives
         for every row unless ``k`` is None."""
         stats = self.statistics(hidden, rows, k)
-        t0 = time.perf_counter()
+        t0 = clock()
         seeds = [self._seeds[r.request_id] for r in rows]
         noise = uniform_tokens(row_keys(seeds, rows, RENOISE, self.device), self.canvas_length, self.vocab_size)
         bounds = torch.tensor([[r.entropy_bound, r.confidence_threshold] for r in rows], dtype=torch.float32,
                               device=self.device)
         pinned = pins(rows, self.canvas_length, self.device)
         accepted = accept(stats.entropy, stats.sampled, noise, bounds[:, 0:1], bounds[:, 1], pinned, stable=True)
-        self.sampling_seconds += time.perf_counter() - t0
+        self.sampling_seconds += clock() - t0
         draft = stats.draft if pinned is None else pinned.apply(stats.draft)
         return SampleResult(draft=draft, next_canvas=accepted.next_canvas, confident=accepted.confident,
                             usable=accepted.usable, soft=stats.soft, logprobs=stats.logprobs)
@@ -269,7 +268,7 @@ class FastSampler:
             v1 = min(V, v0 + self.chunk)
             with stage(LM_HEAD):
                 z = torch.nn.functional.linear(h, weight[v0:v1], None if head_bias is None else head_bias[v0:v1])
-            t0 = time.perf_counter()
+            t0 = clock()
             if top is not None:
                 top.add(scale_chunk(torch.empty(z.shape, dtype=torch.float32, device=device), z, temps,
                                     self.softcap, logit_bias, v0), v0)
@@ -281,7 +280,7 @@ class FastSampler:
             while len(stack) > 1 and stack[-1][0] == stack[-2][0]:
                 (level, left), (_, right) = stack.pop(-2), stack.pop()
                 stack.append((level + 1, combine(left, right)))
-            self.sampling_seconds += time.perf_counter() - t0
+            self.sampling_seconds += clock() - t0
             # soft embeddings: rescale the accumulator to the running max, add this chunk's weights @ E
             new_max = torch.maximum(soft_max, chunk.m[:, 0])
             ref = torch.where(new_max == float("-inf"), 0.0, new_max)
@@ -291,7 +290,7 @@ class FastSampler:
             soft += torch.matmul(weights.to(E.dtype), E[v0:v1]).to(torch.float32)
             soft_max = new_max
             del e, weights
-        t0 = time.perf_counter()
+        t0 = clock()
         total = stack.pop()[1]
         while stack:
             total = combine(stack.pop()[1], total)
@@ -306,7 +305,7 @@ class FastSampler:
             chosen = torch.where(top.ids[:, 0] == draft, values[:, 0], -S.log())
             logprobs = LogprobTensors(chosen.view(n, C), top.ids[:, :k].reshape(n, C, -1),
                                       values[:, :k].reshape(n, C, -1))
-        self.sampling_seconds += time.perf_counter() - t0
+        self.sampling_seconds += clock() - t0
         return PositionStats(
             draft=total.argmax_index[:, 0].view(n, C),
             sampled=total.gumbel_index[:, 0].view(n, C),

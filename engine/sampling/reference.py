@@ -12,14 +12,13 @@ row in chunks of positions when a whole row does not fit the budget.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from ..cpu_threads import usable_cpus
-from ..pass_stages import LM_HEAD, stage
+from ..pass_stages import LM_HEAD, clock, stage
 from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
@@ -192,7 +191,7 @@ class ReferenceSampler:
             parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk], bias, k,
                                         next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
                      for chunk in self._position_chunks]
-            t0 = time.perf_counter()
+            t0 = clock()
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
             argmax, sampled, entropy, soft = parts[0][:4] if len(parts) == 1 else (
                 torch.cat([p[i] for p in parts], dim=1) for i in range(4))
@@ -201,7 +200,7 @@ class ReferenceSampler:
                 argmax = pinned.apply(argmax)
             outputs.append((argmax, soft, accept(entropy, sampled, draws.noise, params[:, 1:2], params[:, 2], pinned),
                             concat([p[4] for p in parts], dim=1)))
-            self.sampling_seconds += time.perf_counter() - t0
+            self.sampling_seconds += clock() - t0
         return SampleResult(
             draft=torch.cat([a for a, _, _, _ in outputs]),
             next_canvas=torch.cat([o.next_canvas for _, _, o, _ in outputs]),
@@ -232,7 +231,7 @@ class ReferenceSampler:
         if self.softcap is not None:
             logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)  # == tanh(x / cap) * cap
         add_bias(logits.view(-1, self.vocab_size), bias)
-        t1 = time.perf_counter()
+        t1 = clock()
         scaled = logits.div_(temps)
         overlap = self.overlap_entropy and self._worker is not None
         entropy = self._worker.submit(positions_entropy, scaled) if overlap else None
@@ -241,7 +240,7 @@ class ReferenceSampler:
         drawn = draw_positions(scaled, exponentials)
         entropy = entropy.result() if entropy is not None else positions_entropy(scaled)
         logprobs = None if k is None else from_probs(drawn.probs, scaled, drawn.argmax, k)
-        self.sampling_seconds += time.perf_counter() - t1
+        self.sampling_seconds += clock() - t1
         # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
         # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
         weight = self.embed.weight
