@@ -21,6 +21,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from contextlib import nullcontext
@@ -100,13 +101,33 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -
     mm_kernel, _ = _get_kernels()
     grid = (-(-M // BLOCK_M), -(-N // BLOCK_N))
     with _on_device(a):
-        # float32 tiles take twice the shared memory: two stages where 16-bit ones take three (one
-        # configuration per dtype, so a dtype's results stay invariant)
+        stages = pipeline_stages(a.dtype, _shared_memory_per_block(a.device) if a.is_cuda else None)
         mm_kernel[grid](a, b, c, bias if bias is not None else c, M, N, K, a.stride(0), a.stride(1), b.stride(0),
                         b.stride(1), c.stride(0), c.stride(1), HAS_BIAS=bias is not None,
                         IEEE=a.dtype == torch.float32, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-                        num_warps=8, num_stages=2 if a.dtype == torch.float32 else 3)
+                        num_warps=8, num_stages=stages)
     return c
+
+
+def pipeline_stages(dtype: torch.dtype, shared_memory: int | None) -> int:
+    """Software-pipelining stages of the mm kernel: three for 16-bit tiles and two for float32 (twice the
+    bytes), fewer where one block's shared memory (``shared_memory`` bytes; ``None``: no limit) holds fewer
+    stages' A and B tiles, as on consumer GPUs in float32. The stages change the speed only: the tiles and
+    the order of the reduction stay the same, so the results do not depend on the GPU's shared memory."""
+    most = 2 if dtype == torch.float32 else 3
+    if shared_memory is None:
+        return most
+    per_stage = (BLOCK_M * BLOCK_K + BLOCK_K * BLOCK_N) * dtype.itemsize
+    return max(1, min(most, shared_memory // per_stage))
+
+
+@functools.cache
+def _shared_memory_per_block(device: torch.device) -> int:
+    """The shared memory one block may use on ``device`` (Triton's own limit for its kernels)."""
+    import triton
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def _on_device(t: torch.Tensor):

@@ -21,6 +21,10 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is part of the test extra (pip install -e '.[test]')")
 
+import torch  # noqa: E402
+
+from engine import batch_invariant_ops  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 _KERNELS = r"""
@@ -134,3 +138,14 @@ def test_kernels_are_row_invariant_and_agree_with_torch(tmp_path):
 
 def test_engine_rows_equal_their_solo_runs_with_the_kernels(tmp_path):
     _run(_ENGINE, tmp_path)
+
+
+@pytest.mark.parametrize("dtype, shared_memory, stages", [
+    (torch.float32, None, 2), (torch.bfloat16, None, 3),
+    (torch.float32, 232448, 2), (torch.bfloat16, 232448, 3),  # H100/H200 (227 KiB a block)
+    (torch.float32, 101376, 1), (torch.bfloat16, 101376, 3),  # RTX 4090/5090, L4, L40S (99 KiB)
+    (torch.float32, 49152, 1), (torch.bfloat16, 49152, 1),  # 48 KiB: one stage, never none
+])
+def test_mm_pipeline_stages_fit_the_gpus_shared_memory(dtype, shared_memory, stages):
+    # float32 tiles with two stages need 128 KiB, more than a consumer GPU's block may take
+    assert batch_invariant_ops.pipeline_stages(dtype, shared_memory) == stages

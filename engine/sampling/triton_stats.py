@@ -37,7 +37,7 @@ def _mix32(x):
 def _block_stats_kernel(z_ptr, z_stride, width, t_ptr, keys_ptr, c0_ptr, v0, softcap, bias_ptr, bias_stride,
                         positions_per_row, m_ptr, s_ptr, b_ptr, ai_ptr, gv_ptr, gi_ptr, e_ptr, num_blocks,
                         HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * z_stride passes 2**31 in a large tile
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)  # token offsets within the chunk
     valid = offs < width
