@@ -15,7 +15,8 @@
 # over a tiny FP8-dynamic checkpoint in the published compressed-tensors layout. fp8-full serves the
 # full 30-layer shape in bf16 and as the FP8-dynamic layout (both --load-format dummy: random weights
 # built on the GPU from the config alone) at concurrency 1, 4 and 8, one server after the other, then
-# the FP8 one again with the RTX 5090 preset's flags, capped at that card's memory (--device-memory-limit-gib 31.8).
+# the FP8 one again with the RTX 5090 preset's flags, capped at that card's memory (--device-memory-limit-gib 31.8)
+# and dequantized as on that card (--no-fp8-gemm).
 #
 # Batch invariance on CUDA (issue 19): batch-invariant runs tests/test_batch_invariant_cuda.py (the kernels in
 # bfloat16, an engine's rows against their solo runs) and the 4-layer shape's pass with and without
@@ -130,10 +131,10 @@ for step in "${steps[@]}"; do
               roofline "$OUT/full-$(basename "$model")" "$model"
             done
             # the RTX 5090 preset (its flags, its 4 sequences over the bench's; the model is the FP8 shape) under the card's 31.8 GiB
-            # (nvidia-smi total 32,607 MiB) as a cap on this GPU
+            # (nvidia-smi total 32,607 MiB) as a cap on this GPU, without FP8 GEMMs as on that card (each layer dequantized)
             run 300 "$PY" -m bench.run "${bench_args[@]}" --model "$FULL_DIR-fp8" --load-format dummy \
               --concurrency "${CONCURRENCY:-1,4,8}" --no-baselines --check-outputs 0 --server-arg=--config=configs/rtx5090-32gb.yaml \
-              --server-arg=--max-num-seqs=4 --server-arg=--device-memory-limit-gib=31.8 \
+              --server-arg=--max-num-seqs=4 --server-arg=--device-memory-limit-gib=31.8 --server-arg=--no-fp8-gemm \
               --out "$OUT/full-fp8-capped-31.8gib" 2>&1 | tee "$OUT/bench-full-fp8-capped.log" | tail -8
             roofline "$OUT/full-fp8-capped-31.8gib" "$FULL_DIR-fp8" ;;
     # kernel time per pass with each sampler, split by stage (encoder, decoder, lm head, sampler) and by kernel

@@ -180,6 +180,8 @@ def _compressed_experts_class():
         where the GPU has it (``engine.fp8_compute``); otherwise the layer's experts are dequantized whole
         and run the configured experts implementation (the reference path)."""
 
+        fp8_gemm = True  # EngineSettings.fp8_gemm: False dequantizes even where the GPU has FP8 GEMMs
+
         def forward(self, hidden_states, top_k_index, top_k_weights):
             from . import fp8_compute
 
@@ -196,7 +198,8 @@ def runs_fp8_gemm(experts, device: torch.device) -> bool:
     the layer's experts whole (a transient the memory plan reserves)."""
     from . import fp8_compute
 
-    return (experts.gate_up_proj.dtype == torch.float8_e4m3fn and fp8_compute.aligned(experts.hidden_dim, experts.intermediate_dim)
+    return (experts.fp8_gemm and experts.gate_up_proj.dtype == torch.float8_e4m3fn
+            and fp8_compute.aligned(experts.hidden_dim, experts.intermediate_dim)
             and fp8_compute.unsupported_reason(device) is None)
 
 
@@ -214,10 +217,11 @@ def compressed_experts_class():
 class Fp8Linear(torch.nn.Module):
     """A bias-free linear layer over FP8 weights [out, in] and a float32 scale per output row:
     ``torch._scaled_mm`` with per-token FP8 activations where the GPU has it (``engine.fp8_compute``),
-    the weight dequantized to the input's dtype per call elsewhere."""
+    the weight dequantized to the input's dtype per call elsewhere (and where ``fp8_gemm`` is False)."""
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, fp8_gemm: bool = True):
         super().__init__()
+        self.fp8_gemm = fp8_gemm
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.weight_scale = torch.nn.Parameter(weight_scale.to(torch.float32), requires_grad=False)
         self.out_features, self.in_features = weight.shape
@@ -225,7 +229,8 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import fp8_compute
 
-        if fp8_compute.aligned(self.in_features, self.out_features) and fp8_compute.unsupported_reason(x.device) is None:
+        if (self.fp8_gemm and fp8_compute.aligned(self.in_features, self.out_features)
+                and fp8_compute.unsupported_reason(x.device) is None):
             return fp8_compute.fp8_linear(x, self.weight, self.weight_scale)
         return torch.nn.functional.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype))
 
@@ -466,11 +471,13 @@ class _Loader:
         return None
 
 
-def load_compressed_model(path: str, config, kwargs: dict, device: torch.device, dummy: bool = False):
+def load_compressed_model(path: str, config, kwargs: dict, device: torch.device, dummy: bool = False,
+                          fp8_gemm: bool = True):
     """Build DiffusionGemma from ``config`` (whose ``quantization_config`` is compressed-tensors) with
     ``kwargs`` (dtype, attention and experts implementation) and fill it from the checkpoint at ``path``
     (``dummy``: from random tensors in the published layout, ``_RandomTensors``; ``path`` then needs
-    only its config). Returns ``(model, method)`` where ``method`` names the format for
+    only its config; ``fp8_gemm=False``: FP8 weights are dequantized per call even on a GPU with FP8
+    GEMMs, as on one without). Returns ``(model, method)`` where ``method`` names the format for
     ``LoadedModel.quantization``."""
     from accelerate import init_empty_weights
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -504,6 +511,7 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device,
                     experts._parameters[key] = param
                 if len(stacked) > 2:  # quantized: dequantized per call
                     experts.__class__ = experts_class
+                    experts.fp8_gemm = fp8_gemm
             continue
         meta = module._parameters[attr]
         if attr == "weight" and isinstance(module, torch.nn.Linear):
@@ -512,7 +520,8 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device,
             if isinstance(dense, dict):  # FP8: one Fp8Linear for every (tied) place the layer appears
                 if module.bias is not None:
                     raise CheckpointError(f"{names[0]}: FP8 linear layers with a bias are not supported")
-                layer = fp8_linears.setdefault(id(meta), Fp8Linear(dense["weight"].to(device), dense["scale"].to(device)))
+                layer = fp8_linears.setdefault(id(meta), Fp8Linear(dense["weight"].to(device), dense["scale"].to(device),
+                                                                          fp8_gemm))
                 for _, _, full in group:
                     parent_name, _, child = full.rsplit(".", 1)[0].rpartition(".")
                     setattr(model.get_submodule(parent_name), child, layer)

@@ -193,7 +193,8 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     method = settings.quantization
     dummy = settings.load_format == "dummy"
     if compressed is not None:  # a checkpoint quantized by LLM Compressor (engine.compressed_tensors)
-        model, method = compressed_tensors.load_compressed_model(settings.model, compressed, kwargs, device, dummy)
+        model, method = compressed_tensors.load_compressed_model(settings.model, compressed, kwargs, device, dummy,
+                                                                 settings.fp8_gemm)
     elif dummy:
         model = _dummy_model(settings.model, device, kwargs)
     else:

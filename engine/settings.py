@@ -105,6 +105,10 @@ class EngineSettings:
         "directly on the device from the folder's config.json, for benchmarks of a model's shape without "
         "its weights; outputs are noise). A compressed-tensors config gets its published layout: FP8 or "
         "NVFP4 experts and dense layers.")
+    fp8_gemm: bool = setting(
+        True, "Run an FP8 checkpoint's products as FP8 GEMMs where the GPU has them (compute capability 9.0 or "
+        "10.x). --no-fp8-gemm dequantizes the weights a layer at a time instead, as on every other device: to try "
+        "a card without FP8 GEMMs (an RTX 5090's memory plan under --device-memory-limit-gib) on an H100.")
     # engine.sampling: the default is engine.sampling.default_sampler
     sampler: str | None = setting(
         None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "

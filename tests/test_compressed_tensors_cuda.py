@@ -96,6 +96,26 @@ def test_engine_serves_an_fp8_checkpoint_on_the_gpu(tmp_path):
     assert {k: v["tokens"] for k, v in first.items()} == {k: v["tokens"] for k, v in second.items()}
 
 
+def test_no_fp8_gemm_dequantizes_and_plans_for_it(tmp_path):
+    """--no-fp8-gemm on an FP8 GPU runs (and plans memory for) the path of a GPU without FP8 GEMMs."""
+    from tools.quantized_checkpoint import write_quantized_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    src = build_tiny_checkpoint(tmp_path / "plain", TinySpec(hidden_size=64))
+    folder = write_quantized_checkpoint(src, tmp_path / "fp8", "fp8")
+    cores = {}
+    for fp8_gemm in (True, False):
+        settings = EngineSettings(model=str(folder), device="cuda", dtype="bfloat16", max_num_seqs=4,
+                                  fp8_gemm=fp8_gemm)
+        cores[fp8_gemm] = EngineCore(load_model(settings), settings)
+        assert cores[fp8_gemm].loaded.dequantized_experts is not fp8_gemm
+    requests = [(f"r{i}", [2] + [5 + b for b in f"prompt {i}".encode()],
+                 SamplingParams(max_tokens=32, seed=i, ignore_eos=True)) for i in range(4)]
+    assert all(len(r["tokens"]) == 32 for r in run_to_completion(cores[False], requests).values())
+    # the layer dequantized whole is planned beside the KV
+    assert cores[True].memory_plan.expert_dequant_bytes == 0 < cores[False].memory_plan.expert_dequant_bytes
+
+
 def test_fp8_experts_stay_within_the_planned_activations():
     """The FP8 experts' transients (the gathered rows, the float32 copies of per-token quantization, the
     grouped GEMMs' outputs) at DiffusionGemma 26B's per-token sizes peak within the activations the

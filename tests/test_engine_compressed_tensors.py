@@ -117,6 +117,17 @@ def test_experts_load_stacked_and_quantized_and_weights_stay_tied(checkpoints, s
     assert held < sum(p.numel() * 4 for p in meta.parameters())
 
 
+def test_no_fp8_gemm_reaches_every_fp8_layer(checkpoints):
+    # --no-fp8-gemm: an H100 runs the dequantized path of a GPU without FP8 GEMMs (the CUDA test checks the
+    # plan); here every FP8 layer must carry the setting, the experts and the dense layers alike
+    folder, _ = checkpoints["fp8"]
+    for fp8_gemm in (True, False):
+        model = load_model(EngineSettings(model=str(folder), fp8_gemm=fp8_gemm)).model
+        layers = [m for m in model.modules() if isinstance(m, (Fp8Linear, compressed_experts_class()))]
+        assert {type(m) for m in layers} == {Fp8Linear, compressed_experts_class()}
+        assert {m.fp8_gemm for m in layers} == {fp8_gemm}
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_dummy_load_format_builds_the_published_layout_from_the_config(checkpoints, scheme, tmp_path):
     """--load-format dummy on a compressed-tensors config (no weight files): the same model, tensor for
