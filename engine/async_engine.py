@@ -200,6 +200,8 @@ class AsyncEngine:
         if reason not in ABORT_REASONS:
             raise ValueError(f"abort reason must be one of {', '.join(ABORT_REASONS)} (got {reason!r})")
         with self._lock:
+            if request_id in self._retiring:  # its abort is on its way: the id stays held until it lands
+                return
             self._retiring.add(request_id)
         if not self._post_abort(request_id, reason):
             self._settled([request_id])

@@ -93,13 +93,16 @@ class EngineCore:
         return self.rules.resolve(prompt_ids, params, prompt_checked=prompt_checked, images=images)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    images: ImageInputs | None = None) -> Request:
+                    images: ImageInputs | None = None, arrival_time: float | None = None) -> Request:
         """Queue a request; ``params`` (and ``images``) must have passed ``resolve``. The queue bound is
-        the caller's (``AsyncEngine.generate``): the core queues whatever it is given."""
+        the caller's (``AsyncEngine.generate``): the core queues whatever it is given. ``arrival_time``
+        (``time.monotonic()``): when it arrived, if earlier than now (in a replicated engine's front)."""
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         req = Request(request_id, tuple(prompt_ids), params, seed % 2**64, self.canvas_length, images=images)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
         self.scheduler.add(req)
         self._requests[request_id] = req
         return req

@@ -5,13 +5,14 @@ groups in threads of one process (``--forward-threads``) cannot use two cores fu
 no GIL: each replica here is a whole engine (its own model copy, ``EngineCore``, scheduler, batch
 and KV budget, one intra-op thread by default) in a process started with ``spawn``, and this front
 (an ``AsyncEngine`` without a step loop of its own) validates each request against the replicas'
-``RequestRules``, hands it to the replica with the fewest unfinished requests, and relays outputs,
-statistics and gauges back. On CPU a row's tokens do not depend on what shares its batch (batch
+``RequestRules``, keeps the one waiting queue, hands its oldest request to the replica with the fewest
+unfinished requests whenever one has room (fewer than ``max_num_seqs``, none waiting for KV room), and
+relays outputs, statistics and gauges back. On CPU a row's tokens do not depend on what shares its batch (batch
 invariance), so which replica serves a request does not change its text.
 
 Messages are pickled over one pipe per replica:
 
-    front -> replica   ("plan", None) once, then ("add", (request_id, prompt_ids, params, images)),
+    front -> replica   ("plan", None) once, then ("add", (request_id, (prompt_ids, params, images, arrival_time))),
                        ("abort", (request_id, reason)), ("stop", None)
     replica -> front   ("loaded", None), then ("ready", RequestRules), or ("failed", exception) instead;
                        then after each pass ("pass", (outputs, stats events, gauges, aborted ids)), and ("dead", reason)
@@ -21,21 +22,28 @@ Every replica loads its weights before any plans its KV budget ("plan"), so the 
 the memory then free, fit beside all the copies. A replica that dies (its loop broke, or the process
 was killed) takes the engine down as a dead step loop does: every open stream ends with the reason,
 ``healthy`` turns False. A replica ignores SIGINT and SIGTERM (the front drains first, then stops it)
-and exits when its pipe closes, so it never outlives the front.
+and exits when its pipe closes, or on Linux at once when the front's process ends (a parent-death
+signal), so it never outlives the front.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import signal
+import sys
 import threading
+import time
 import weakref
-from dataclasses import dataclass, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 
 from .async_engine import AsyncEngine
 from .cpu_threads import default_forward_threads
@@ -45,7 +53,7 @@ from .multimodal import ImageInputs
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .settings import EngineSettings
-from .stats import NullStatsSink, StatsSink
+from .stats import NullStatsSink, RequestStats, StatsSink
 from .work import fault_name
 
 logger = logging.getLogger("engine")
@@ -62,7 +70,49 @@ class Gauges:
     num_live_states: int = 0
 
 
+@dataclass
+class _Waiting:
+    """A request in the front's waiting queue, not yet handed to a replica."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    images: ImageInputs | None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [replica {index}]: %(message)s"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class _Spawner:
+    """A thread that starts the replica processes and lives until they are reaped. A replica asks Linux for
+    SIGKILL when its parent goes (``_die_with_front``), and Linux counts the *thread* that started it as the
+    parent: the model-load thread that builds the engine ends long before the replicas should."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="engine-replica-spawner")
+        self._thread.start()
+
+    def start(self, proc) -> None:
+        done: Future = Future()
+        self._jobs.put((proc, done))
+        done.result()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            proc, done = job
+            try:
+                proc.start()
+                done.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller
+                done.set_exception(exc)
+
+    def close(self) -> None:
+        """End the thread (the replicas are reaped: their parent-death signal has nothing left to do)."""
+        self._jobs.put(None)
+        self._thread.join(5)
 
 
 def replica_settings(settings: EngineSettings) -> EngineSettings:
@@ -89,15 +139,16 @@ class ReplicatedEngine(AsyncEngine):
         child_settings = replica_settings(settings)
         log_level = logging.getLogger().getEffectiveLevel()
         self._conns, self._procs = [], []
+        self._spawner = _Spawner()
         self._stopping = False
         self._terminated = threading.Lock()  # held for good by the first _terminate
         _LIVE.add(self)
         try:
             for index in range(settings.data_parallel_size):
                 ours, theirs = context.Pipe()
-                proc = context.Process(target=replica_main, args=(child_settings, theirs, index, log_level),
-                                       daemon=True, name=f"engine-replica-{index}")
-                proc.start()
+                proc = context.Process(target=replica_main, daemon=True, name=f"engine-replica-{index}",
+                                       args=(child_settings, theirs, index, log_level, os.getpid()))
+                self._spawner.start(proc)
                 theirs.close()
                 self._conns.append(ours)
                 self._procs.append(proc)
@@ -123,6 +174,7 @@ class ReplicatedEngine(AsyncEngine):
         self._outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self._procs]
         # until a replica's first pass, its budget still counts towards kv_usage
         self._gauges = [Gauges(kv_budget_tokens=r.max_num_kv_tokens) for r in rules]  # guarded by _lock
+        self._waiting: collections.deque[_Waiting] = collections.deque()  # not yet sent; guarded by _lock
         self._replica_of: dict[str, int] = {}  # unfinished request -> its replica; guarded by _lock
         self._load = [0] * len(self._procs)  # unfinished requests per replica; guarded by _lock
         self._threads: list[threading.Thread] = []  # a reader and a sender per replica
@@ -174,6 +226,8 @@ class ReplicatedEngine(AsyncEngine):
         for conn in self._conns:  # no thread uses them any more
             conn.close()
         self._close_streams()
+        with self._lock:
+            self._waiting.clear()
         _LIVE.discard(self)
 
     def _terminate(self) -> None:
@@ -185,6 +239,7 @@ class ReplicatedEngine(AsyncEngine):
             if proc.is_alive():
                 proc.kill()
             proc.join(5)
+        self._spawner.close()
 
     @property
     def healthy(self) -> bool:
@@ -199,29 +254,60 @@ class ReplicatedEngine(AsyncEngine):
     def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 images: ImageInputs | None) -> None:
         with self._lock:
-            index = min(range(len(self._load)), key=self._load.__getitem__)
-            self._replica_of[request_id] = index
+            self._waiting.append(_Waiting(request_id, prompt_ids, params, images))
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Under the lock: hand the oldest waiting requests to replicas with room, the least loaded first
+        (the lowest index among equals). A replica has room while it holds fewer than ``max_num_seqs``
+        unfinished requests and, at its last pass, none waited for KV room: a request waits here, for
+        whichever replica frees a place first, rather than in a replica's own queue."""
+        while self._waiting and not self._stopping:
+            free = [i for i, load in enumerate(self._load)
+                    if load < self.settings.max_num_seqs and not self._gauges[i].num_waiting]
+            if not free:
+                break
+            index = min(free, key=self._load.__getitem__)
+            w = self._waiting.popleft()
+            self._replica_of[w.request_id] = index
             self._load[index] += 1
-            self._send(index, ("add", (request_id, (prompt_ids, params, images))))
+            self._send(index, ("add", (w.request_id, (w.prompt_ids, w.params, w.images, w.arrival_time))))
+        self._count_waiting()
+
+    def _count_waiting(self) -> None:
+        """Under the lock: the waiting gauge, the front's queue and the replicas' own."""
+        if not self._closed:
+            self.num_waiting = len(self._waiting) + sum(g.num_waiting for g in self._gauges)
 
     def _forget(self, request_id: str) -> None:
         # under the lock, after an unfinished request's abort was routed through _replica_of
         index = self._replica_of.pop(request_id, None)
         if index is not None:
             self._load[index] -= 1
+            self._dispatch()
 
     def _post_abort(self, request_id: str, reason: str) -> bool:
         with self._lock:
             index = self._replica_of.get(request_id)
+            waiting = next((w for w in self._waiting if w.request_id == request_id), None) if index is None else None
+            if waiting is not None:
+                self._waiting.remove(waiting)
+                self._count_waiting()
+        if waiting is not None:  # never sent: it finishes here, as a replica's queue would finish it
+            self._stats.on_request_finished(RequestStats(
+                request_id, waiting.arrival_time, None, None, None, time.monotonic(), len(waiting.prompt_ids),
+                0, 0, 0, reason))
+            self._deliver(RequestOutput(request_id, finished=True, finish_reason=reason,
+                                        num_prompt_tokens=len(waiting.prompt_ids)))
         if index is None:
             return False
         self._send(index, ("abort", (request_id, reason)))
         return True
 
     def num_live_states(self) -> int:
-        """The replicas' request and tensor states, and the requests this front still routes."""
+        """The replicas' request and tensor states, and the requests this front still routes or holds."""
         with self._lock:
-            return len(self._replica_of) + self._num_live_states
+            return len(self._replica_of) + len(self._waiting) + self._num_live_states
 
     def _send(self, index: int, message) -> None:
         self._outboxes[index].put(message)
@@ -253,7 +339,7 @@ class ReplicatedEngine(AsyncEngine):
             while True:
                 kind, payload = pickle.loads(conn.recv_bytes())
                 if kind == "dead":
-                    reason = payload
+                    reason = f"engine replica {index}: {payload}"
                     break
                 outputs, events, gauges, aborted = payload
                 self._publish(index, gauges)
@@ -279,6 +365,8 @@ class ReplicatedEngine(AsyncEngine):
             for outbox in self._outboxes:
                 outbox.put(None)
             self._close_streams()
+            with self._lock:
+                self._waiting.clear()  # their streams ended with the reason
 
     def _publish(self, index: int, gauges: Gauges) -> None:
         with self._lock:
@@ -287,9 +375,9 @@ class ReplicatedEngine(AsyncEngine):
             self._gauges[index] = gauges
             all_ = self._gauges
             self.num_running = sum(g.num_running for g in all_)
-            self.num_waiting = sum(g.num_waiting for g in all_)
             self.kv_usage = sum(g.kv_reserved_tokens for g in all_) / max(1, sum(g.kv_budget_tokens for g in all_))
             self._num_live_states = sum(g.num_live_states for g in all_)
+            self._dispatch()  # a replica may have room again (its KV queue emptied)
 
 
 def _failed(request_id: str, exc: BaseException) -> RequestOutput:
@@ -371,9 +459,13 @@ def _travels(exc: BaseException) -> Exception:
     return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def replica_main(settings: EngineSettings, conn, index: int = 0, log_level: int = logging.WARNING) -> None:
+def replica_main(settings: EngineSettings, conn, index: int = 0, log_level: int = logging.WARNING,
+                 front: int | None = None) -> None:
     """A replica process: load the weights, wait for the others ("plan"), plan its memory and say
-    ready, then run passes and answer the front's messages until "stop" or until the front is gone."""
+    ready, then run passes and answer the front's messages until "stop" or until the front is gone.
+    ``front``: the front's pid, whose end ends this process at once (``_die_with_front``)."""
+    if front is not None:
+        _die_with_front(front)
     # The front owns this process's lifetime ("stop", the pipe's end, or SIGKILL): Ctrl-C reaches the
     # whole process group and a service manager may SIGTERM every process, while the front drains.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -389,6 +481,17 @@ def replica_main(settings: EngineSettings, conn, index: int = 0, log_level: int 
                 core.close()
     except _FrontGone:
         return
+
+
+def _die_with_front(front: int) -> None:
+    """On Linux, have the kernel SIGKILL this process when the front's thread that started it ends (the
+    front's end, ``_Spawner``): killed outright, the front's pipe tells a replica only at the pipe's next
+    use, which a model load may put off for minutes (in code that never lets a Python thread look), with
+    a whole copy of the weights held. Elsewhere the pipe is all there is."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != front:  # the front went before the signal was armed
+        os._exit(0)
 
 
 def _load(settings: EngineSettings, pipe: _Pipe, index: int):
@@ -431,11 +534,11 @@ def _serve(core, pipe: _Pipe) -> None:
                 if kind == "add":
                     request_id, request = payload
                     try:
-                        prompt_ids, params, images = pickle.loads(request)
+                        prompt_ids, params, images, arrival_time = pickle.loads(request)
                     except Exception as exc:  # noqa: BLE001 - this request alone cannot be read here
                         outputs.append(_failed(request_id, exc))
-                    else:
-                        core.add_request(request_id, prompt_ids, params, images)
+                    else:  # arrived at the front: its queue time counts from there (one monotonic clock)
+                        core.add_request(request_id, prompt_ids, params, images, arrival_time=arrival_time)
                 else:
                     out = core.abort_request(*payload)
                     if out is not None:
@@ -450,4 +553,4 @@ def _serve(core, pipe: _Pipe) -> None:
         raise
     except BaseException as exc:  # the loop itself broke: the front fails every request
         logger.exception("engine replica loop died")
-        pipe.send(("dead", f"engine replica loop died ({fault_name(exc)})"))
+        pipe.send(("dead", f"its step loop died ({fault_name(exc)})"))

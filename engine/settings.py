@@ -64,7 +64,8 @@ class EngineSettings:
     # The KV slot buffers hold slot_rows(n) rows (the next power of two of the running count, at most
     # max_num_seqs) of the longest reservation (prompt + every canvas but the last).
     max_num_kv_tokens: int | None = setting(
-        None, "KV-cache tokens reserved by all running requests together. The running set takes the next power of "
+        None, "KV-cache tokens reserved by all running requests together (in each engine replica, with "
+        "--data-parallel-size). The running set takes the next power of "
         "two of its size (at most max-num-seqs) rows of its longest reservation (a request's prompt and every "
         "canvas but the last): one long request makes every row cost as much, and waiting requests start in "
         "arrival order.",
@@ -158,8 +159,9 @@ class EngineSettings:
         default_text="on on CPU with batch invariance and its row-wise experts")
     data_parallel_size: int = setting(
         1, "On CPU, copies of the engine, each in a process of its own with its own copy of the weights, "
-        "decoder batch (--max-num-seqs each) and share of --memory-fraction; each request goes to the copy "
-        "with the fewest unfinished requests, and the waiting queue (--max-waiting) is shared. Unlike "
+        "decoder batch (--max-num-seqs each), KV budget (--max-num-kv-tokens each) and share of --memory-fraction. "
+        "One waiting queue (--max-waiting) feeds them: its oldest request goes to the copy with the fewest "
+        "unfinished requests as soon as one has room. Unlike "
         "--forward-threads row groups, processes do not take turns at Python's GIL between operators. A "
         "request's tokens do not depend on its copy (batch invariance). Refused on CUDA.")
     quantization: str = setting(

@@ -113,6 +113,72 @@ def test_requests_go_to_the_replica_with_fewest_unfinished(replicated):
     _wait_idle(replicated)
 
 
+def test_a_request_waits_for_whichever_replica_frees_a_place_first(checkpoint):
+    """One waiting queue: with a place per replica, a long request on replica 0 and a short one on
+    replica 1, a third request waits in the front and goes to replica 1 once the short one is done; in a
+    replica's own queue it would wait for the long one. A request aborted while it waits there ends at
+    once (counted as aborted), and an id aborted twice stays held until its replica dropped it."""
+    sink = _Finished()
+    eng = ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, max_num_seqs=1,
+                                          num_threads=1), stats_sink=sink)
+    finished: list[str] = []
+    eng.start()
+    try:
+        async def main():
+            prompt = eng.tokenizer("x").input_ids
+            short = SamplingParams(max_tokens=8, max_denoising_steps=2, ignore_eos=True)
+            endless = SamplingParams(max_tokens=4000, max_denoising_steps=6, ignore_eos=True)
+
+            async def run(rid, params):
+                outs = [o async for o in eng.generate(prompt, params, rid)]
+                finished.append(rid)
+                return outs[-1]
+
+            long = asyncio.create_task(run("long", endless))
+            await asyncio.sleep(0)
+            first = asyncio.create_task(run("short1", short))
+            await asyncio.sleep(0)
+            assert (eng._replica_of, eng.num_waiting) == ({"long": 0, "short1": 1}, 0)
+            gone = eng.generate(prompt, short, "gone")  # waits in the front: no replica has a place
+            second = asyncio.create_task(run("short2", short))
+            await asyncio.sleep(0)
+            assert eng.num_waiting == 2
+            await gone.aclose()  # its client left while it waited
+            assert sink.reasons.get("gone") == "abort" and "gone" not in eng._replica_of
+            assert (await second).finish_reason == "length" and (await first).finish_reason == "length"
+            assert eng._replica_of == {"long": 0}  # short2 ran on replica 1, beside the long request
+            stream = eng.generate(prompt, endless, "twice")
+            assert not (await stream.__anext__()).finished
+            await stream.aclose()
+            eng.abort("twice")  # a second abort while the first is on its way: the id stays held
+            with pytest.raises(ValueError, match="still being dropped"):
+                eng.generate(prompt, short, "twice")
+            long.cancel()
+            await asyncio.gather(long, return_exceptions=True)
+
+        asyncio.run(main())
+        assert finished == ["short1", "short2"]
+        _wait_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+class _Finished:
+    """The finish reason of each request the engine reported finished, by id."""
+
+    def __init__(self):
+        self.reasons: dict[str, str] = {}
+
+    def on_pass(self, stats):
+        pass
+
+    def on_canvas(self, stats):
+        pass
+
+    def on_request_finished(self, stats):
+        self.reasons[stats.request_id] = stats.finish_reason
+
+
 def test_a_killed_replica_fails_open_requests_and_the_engine(checkpoint):
     """SIGKILL on one replica (as the OOM killer would): the request it was serving ends with an
     error naming it, the engine reports unhealthy and refuses new work, and the other replica stops."""
@@ -248,6 +314,63 @@ def test_a_script_that_exits_without_shutdown_leaves_no_replica(checkpoint, tmp_
     assert "died" not in proc.stderr and "Bad file descriptor" not in proc.stderr, proc.stderr[-3000:]
     for pid in map(int, proc.stdout.split()):
         assert not _alive(pid)
+
+
+CONSTRUCT_ONLY = """
+import sys
+from engine import EngineSettings
+from engine.replicas import ReplicatedEngine
+
+if __name__ == "__main__":
+    ReplicatedEngine(EngineSettings(model=sys.argv[1], data_parallel_size=2, num_threads=1))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_replicas_exit_when_the_front_is_killed_while_they_load(tmp_path):
+    """SIGKILL on the front while its replicas load (storage that never answers: the weights file is a
+    FIFO no one writes): the replicas exit within seconds, not after a load that could take minutes."""
+    from tools.quantized_checkpoint import write_quantized_checkpoint
+
+    # the compressed-tensors loader opens the weights itself (a FIFO's open waits for a writer)
+    folder = write_quantized_checkpoint(build_tiny_checkpoint(tmp_path / "plain", TinySpec(hidden_size=64)),
+                                        tmp_path / "fp8", "fp8")
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    script = tmp_path / "front.py"
+    script.write_text(CONSTRUCT_ONLY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen([sys.executable, str(script), str(folder)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    replicas: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        # both replicas are in the load, waiting on the FIFO, and nothing else
+        while len(replicas) < 2 or not all(_opening_fifo(r) for r in replicas):
+            assert time.monotonic() < deadline and proc.poll() is None, replicas
+            replicas = _children(proc.pid)
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_alive(r) for r in replicas):
+            assert time.monotonic() < deadline, "a replica outlived its front"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        for r in replicas:
+            try:
+                os.kill(r, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _opening_fifo(pid: int) -> bool:
+    """Whether a thread of ``pid`` waits in open(2) for a FIFO's writer."""
+    try:
+        return any((t / "wchan").read_text() == "wait_for_partner" for t in Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return False
 
 
 def test_replicas_are_refused_on_cuda(checkpoint):
