@@ -70,11 +70,11 @@ class Chat:
         if template_tools(req) and not template_reads_tools(tokenizer):
             raise errors.bad_request("This model's chat template does not render tools (it never reads the 'tools' "
                                      "variable), so the model would not see them.", "tools", "unsupported_parameter")
-        messages = messages_as_dicts(req)
-        # the template writes every message's content (and the tools) into the prompt: contents that
-        # cannot fit are refused before anything is rendered
-        content = "".join(text_of(m["content"]) for m in messages) + rendered_tools_json(req)
+        # what the template may write into the prompt: a request whose strings cannot fit is refused before
+        # anything is parsed or rendered
+        content = template_text(req)
         limit.check_text(content, "messages", "the prompt")
+        messages = messages_as_dicts(req)
         urls = image_urls(req)
         if urls:
             return await image_prompts(req, tokenizer, limit, gate, images, messages, urls)
@@ -180,11 +180,12 @@ def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
         else:
             parts = []
             for j, part in enumerate(m.content):
-                if part.type == "text" and part.text is not None:
-                    parts.append({"type": "text", "text": part.text})
+                text = part_text(part, m.role)
+                if text is not None:
+                    parts.append({"type": "text", "text": text})
                 elif part.type == "image_url" and part.image_url is not None:
                     parts.append({"type": "image"})
-                elif part.type in ("text", "image_url"):
+                elif part.type in ("text", "image_url") or (part.type == "refusal" and m.role == "assistant"):
                     raise errors.bad_request(f"This {part.type} content part has no '{part.type}' field.",
                                              f"messages[{i}].content[{j}]")
                 else:
@@ -208,6 +209,16 @@ def messages_as_dicts(req: ChatCompletionRequest) -> list[dict]:
                 d["name"] = called[m.tool_call_id]
         out.append(d)
     return out
+
+
+def part_text(part, role: str) -> str | None:
+    """A content part's text: a text part's, or a refusal part's in an assistant message (OpenAI's own
+    answers carry them; read as text, as vLLM does); None for any other part."""
+    if part.type == "text":
+        return part.text
+    if part.type == "refusal" and role == "assistant":
+        return part.refusal
+    return None
 
 
 def _template_call(call, i: int, j: int) -> dict:
@@ -237,11 +248,20 @@ def template_reads_tools(tokenizer) -> bool:
     return any(isinstance(t, str) and re.search(r"\btools\b", t) for t in sources)
 
 
-def rendered_tools_json(req: ChatCompletionRequest) -> str:
-    """The text of the declarations and of the history's call arguments, as compact JSON: about what a
-    template writes of them (the prompt's bound before rendering)."""
+def template_text(req: ChatCompletionRequest) -> str:
+    """Every string of the request that the chat template may write into the prompt, joined: the messages'
+    text, names and call ids, the history's calls (a call's name twice: the tool message that answers it
+    takes it too, ``messages_as_dicts``) and the declarations as compact JSON. Its length bounds the
+    prompt's before anything is rendered."""
     parts = [json.dumps(template_tools(req) or [], separators=(",", ":"))]
-    parts += [c.function.arguments for m in req.messages for c in (m.tool_calls or [])]
+    for m in req.messages:
+        if isinstance(m.content, str):
+            parts.append(m.content)
+        elif m.content:
+            parts += [text for p in m.content if (text := part_text(p, m.role)) is not None]
+        parts += [m.name or "", m.tool_call_id or ""]
+        for call in m.tool_calls or ():
+            parts += [call.id or "", call.function.name, call.function.name, call.function.arguments]
     return "".join(parts)
 
 
@@ -256,11 +276,6 @@ def check_tools(req: ChatCompletionRequest, settings) -> None:
     if chars > settings.max_tools_chars:
         raise limit_error(f"The tools are {chars} characters long as JSON, the limit is {settings.max_tools_chars} "
                           "(setting max_tools_chars).", "tools")
-
-
-def text_of(content: str | list[dict]) -> str:
-    """A message's text, without its images."""
-    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:

@@ -189,12 +189,13 @@ class ImageReader:
     fetch: bool
     fetch_timeout: float
     fetches: ImageFetches | None = None  # the server's fetch turns (``chat.image_prompts`` needs them)
+    max_jpeg_scans: int = 64
 
     @classmethod
     def of(cls, settings, processor, model: str, fetches: ImageFetches) -> "ImageReader":
         return cls(processor, model, settings.engine.max_images_per_prompt, settings.max_image_bytes,
                    settings.max_image_pixels, settings.image_url_fetch, settings.image_fetch_timeout_seconds,
-                   fetches)
+                   fetches, settings.max_jpeg_scans)
 
     def check_count(self, count: int) -> None:
         """Before anything is read: the model takes images, and no more than the setting allows."""
@@ -280,14 +281,12 @@ class ImageReader:
                               "max_image_bytes).", param)
 
     def picture(self, data: bytes, param: str):
-        """Image ``data`` decoded to RGB, its format and pixel count checked from its header first."""
+        """Image ``data`` decoded to RGB, its format, pixel count and JPEG scans checked first."""
         from PIL import Image
 
+        Image.MAX_IMAGE_PIXELS = None  # Pillow's own bound would override max_image_pixels, checked below
         try:
             picture = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-        except Image.DecompressionBombError:
-            raise limit_error(f"An image has more pixels than the limit of {self.max_pixels} (setting "
-                              "max_image_pixels).", param) from None
         except Exception:  # noqa: BLE001 - PIL raises several kinds for data it cannot read
             raise invalid_image(f"The image could not be read: it must be one of {', '.join(FORMATS)}.",
                                 param) from None
@@ -295,6 +294,12 @@ class ImageReader:
         if width * height > self.max_pixels:
             raise limit_error(f"An image is {width}x{height} = {width * height} pixels, the limit is "
                               f"{self.max_pixels} (setting max_image_pixels).", param)
+        if picture.format == "JPEG":
+            # start-of-scan markers: entropy-coded data stuffs every 0xFF, so this is at least the scan count
+            scans = data.count(b"\xff\xda")
+            if scans > self.max_jpeg_scans:
+                raise limit_error(f"A JPEG image has {scans} scans, the limit is {self.max_jpeg_scans} (setting "
+                                  "max_jpeg_scans).", param)
         try:
             return picture.convert("RGB")  # decodes the pixels
         except Exception:  # noqa: BLE001 - truncated or corrupt data

@@ -142,8 +142,11 @@ class ImageURL(_Lenient):
 
 
 class ContentPart(_Lenient):
-    type: str = Field(description="`text` or `image_url`; any other type is a 400.")
+    type: str = Field(description="`text` or `image_url` (and in assistant messages `refusal`); any other type "
+                      "is a 400.")
     text: str | None = Field(None, description="With `type: text`: the text.")
+    refusal: str | None = Field(None, description="With `type: refusal`, in an assistant message (as OpenAI "
+                                "returns one): read as its text.")
     image_url: ImageURL | None = Field(
         None, description="With `type: image_url`: an image, through the checkpoint's processor and vision tower "
         "into the prompt (a text-only checkpoint answers 400; limits: `max_images_per_prompt`, `max_image_bytes`, "
@@ -162,7 +165,7 @@ class Tool(_Lenient):
 
 
 class FunctionCall(_Lenient):
-    name: str
+    name: str = Field(pattern=f"^{NAME_PATTERN}$")  # as declared: the server never answers another
     arguments: str  # a JSON object, as OpenAI sends it
 
 

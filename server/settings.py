@@ -126,6 +126,9 @@ class ServerSettings:
     max_image_pixels: int = limit(
         16_777_216, "Most pixels (width x height) in one image, read from its header before its pixels are "
         "decoded; larger ones get 400.")
+    max_jpeg_scans: int = limit(
+        64, "Most scans in one progressive JPEG image, counted from its markers before it is decoded; more get 400. "
+        "Each scan walks the whole image again, so a small file of many empty scans would decode for minutes.")
     max_json_depth: int = limit(32, "Deepest nesting of arrays and objects in a request body; deeper bodies get 400.")
     max_json_values: int = limit(
         65536, "Most strings (object keys included), objects and arrays in a request body, counted before it is "

@@ -37,11 +37,21 @@ def default_server(server_launcher, server_tiny_checkpoint):
 # -- item 1: prompts that cannot fit are refused before they are tokenized ---------------------------
 
 
+def _answered_call(call_id: str = "c1", name: str | None = None) -> list[dict]:
+    """A user message, an assistant's tool call and the tool message that answers it."""
+    call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    tool = {"role": "tool", "tool_call_id": call_id, "content": "ok", **({"name": name} if name else {})}
+    return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}, tool]
+
+
 @pytest.mark.parametrize("case,body,param,needle", [
     ("15M-characters", {"prompt": "x" * 15_000_000}, "prompt", "at least"),
     ("256-prompts-of-60KB", {"prompt": ["y" * 60_000] * 256}, "prompt", "prompt 0 has at least"),
     ("chat-14M-characters", {"messages": [{"role": "user", "content": "z" * 7_000_000}] * 2}, "messages", "at least"),
     ("7M-token-ids", {"prompt": [1] * 7_000_000}, "prompt", "array of 7000000 numbers"),
+    # strings the template writes beside the contents: a tool message's name, the call id it answers
+    ("chat-5M-tool-name", {"messages": _answered_call(name="n" * 5_000_000)}, "messages", "at least"),
+    ("chat-5M-call-id", {"messages": _answered_call(call_id="i" * 5_000_000)}, "messages", "at least"),
 ])
 def test_prompt_that_cannot_fit_costs_no_memory(default_server, case, body, param, needle):
     """Today's code tokenized such a prompt first: 30 s and 6 GB for 15M characters. Now the refusal

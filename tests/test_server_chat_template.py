@@ -66,3 +66,20 @@ def test_generation_prompt_and_continued_final_message(server_variant):
     started = [*user, {"role": "assistant", "content": "The answer is"}]
     assert rendered({"messages": started, "continue_final_message": True,
                      "add_generation_prompt": False}) == turn + "<start_of_turn>model\nThe answer is"
+
+
+def test_an_assistant_refusal_part_reads_as_its_text(server_variant):
+    """OpenAI's answers may carry refusal parts: replayed in an assistant message they render as that
+    text; in another role they are a 400."""
+    url = server_variant.base_url + "/chat/completions"
+    base = {"model": server_variant.model_name, "max_tokens": 4, "seed": 1}
+    said = {"role": "assistant", "content": "I can't help with that."}
+    refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}
+    user = {"role": "user", "content": "hi"}
+    as_text, as_refusal = (httpx.post(url, json={**base, "messages": [user, m, user]}, timeout=30) for m in (said, refused))
+    assert as_refusal.status_code == 200, as_refusal.text
+    assert as_refusal.json()["choices"] == as_text.json()["choices"]
+    assert as_refusal.json()["usage"] == as_text.json()["usage"]
+    r = httpx.post(url, json={**base, "messages": [{"role": "user", "content": refused["content"]}]}, timeout=30)
+    err = assert_error(r, 400, param="messages[0].content[0]")
+    assert err["message"] == "Content parts must be text or image_url parts, got type 'refusal'."

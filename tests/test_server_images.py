@@ -169,6 +169,16 @@ def test_refusals(server):
         "The image's data URL is not valid base64.", PART, "invalid_image")
     assert refusal(server.url, image_message("a", data_url(b"GIF89a but not really an image"))) == error(
         "The image could not be read: it must be one of PNG, JPEG, WEBP, GIF.", PART, "invalid_image")
+    # a progressive JPEG's last scan repeated: each scan decodes the whole image again
+    buffer = io.BytesIO()
+    noise_image(16, 16, 3).save(buffer, "JPEG", progressive=True)
+    progressive = buffer.getvalue()
+    last = progressive.rindex(b"\xff\xda")
+    many_scans = progressive[:-2] + progressive[last:-2] * 100 + progressive[-2:]
+    scans = many_scans.count(b"\xff\xda")
+    assert scans > 100 and len(many_scans) < 20000
+    assert refusal(server.url, image_message("a", data_url(many_scans, "image/jpeg"))) == error(
+        f"A JPEG image has {scans} scans, the limit is 64 (setting max_jpeg_scans).", PART, "limit_exceeded")
     truncated = encoded(noise_image(30, 40, 2))[:300]
     assert refusal(server.url, image_message("a", data_url(truncated))) == error(
         "The image could not be decoded: its data is truncated or corrupt.", PART, "invalid_image")
@@ -181,9 +191,10 @@ def test_refusals(server):
     assert refusal(server.url, [{"role": "user", "content": [{"type": "image_url"}]}]) == error(
         "This image_url content part has no 'image_url' field.", "messages[0].content[0]", None)
     # none of them took the server down or left work behind
-    ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": image_message("a", small), "max_tokens": 4},
-                    timeout=60)
-    assert ok.status_code == 200, ok.text
+    for image in (small, data_url(progressive, "image/jpeg")):  # an ordinary progressive JPEG passes
+        ok = httpx.post(server.url + "/v1/chat/completions",
+                        json={"messages": image_message("a", image), "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200, ok.text
     assert server.wait_idle()
 
 

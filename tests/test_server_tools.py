@@ -515,7 +515,7 @@ UNSUPPORTED_CHOICE = "is not supported: this server cannot force the model to ca
      "messages[1].tool_calls[0].function.arguments", None, "function.arguments must be a JSON object (as a string)."),
     # nested past json's recursion limit (the body's own depth limit does not see inside a string)
     ({"messages": HISTORY[:1] + [{**HISTORY[1], "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]}]},
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 3000}}]}]},
      "messages[1].tool_calls[0].function.arguments", None, "function.arguments must be a JSON object (as a string)."),
     ({"messages": HISTORY[:2] + [{"role": "tool", "content": "18C"}]}, "messages[2].tool_call_id", None,
      "A tool message needs the tool_call_id of the call it answers."),
@@ -537,6 +537,17 @@ def test_refusals(gemma4_style_server, body, param, code, message):
 ])
 def test_malformed_tools_are_schema_errors(gemma4_style_server, tools, param):
     err = assert_error(post(gemma4_style_server, {"tools": tools}), 400, param=param, type_="invalid_request_error")
+    assert err["message"].startswith("Invalid request: " + param)
+
+
+@pytest.mark.parametrize("name", ["has space", "x" * 65, "n" * 5_000_000])
+def test_a_called_name_in_the_history_is_held_to_the_declarations_rule(gemma4_style_server, name):
+    # the template writes it into the prompt, twice with its answer: a 5 MB one was tokenized on the event loop
+    history = [HISTORY[0], {**HISTORY[1], "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": name, "arguments": "{}"}}]}]
+    param = "messages[1].tool_calls[0].function.name"
+    err = assert_error(post(gemma4_style_server, {"messages": history}), 400, param=param,
+                       type_="invalid_request_error")
     assert err["message"].startswith("Invalid request: " + param)
 
 
