@@ -312,6 +312,7 @@ def poisoned_server(server_launcher, tmp_path_factory):
 def test_engine_fault_fails_only_its_request(poisoned_server):
     srv = poisoned_server
     url = srv.base_url + "/completions"
+    before = wait_clean(srv)
     # one canvas (16 steps): a good request's own committed canvases are never encoded, so the
     # poisoned token can reach the encoder only through a prompt (a sampled 200 in an earlier
     # canvas would poison a good request too, which made this test flaky)
@@ -348,9 +349,28 @@ def test_engine_fault_fails_only_its_request(poisoned_server):
     assert out["good1"][0] == 200 and json.loads(out["good1"][1])["choices"][0]["text"] == alone
     assert out["good_stream"][0] == 200 and stream_text(parse_sse_json(out["good_stream"][1])) == alone
     m = wait_clean(srv)
-    assert m[reason("error")] == 2
+    assert m[reason("error")] - before[reason("error")] == 2
     assert httpx.get(srv.url + "/health", timeout=10).json() == {"status": "ok"}  # the engine recovered
     assert httpx.post(url, json=good, timeout=60).json()["choices"][0]["text"] == alone
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_choice_ends_its_siblings(poisoned_server, stream):
+    """A request whose one choice fails is answered with the error at once, and its other choices,
+    which would run for minutes, are aborted: they free their places and count as aborted."""
+    srv = poisoned_server
+    wait_clean(srv)
+    before = srv.metrics()
+    body = {"prompt": [[10, 11, POISON], [10, 11, 12]], "seed": 4, "stream": stream, **SLOW}
+    r = httpx.post(srv.base_url + "/completions", json=body, timeout=120)
+    if stream:
+        frames = parse_sse_json(r.content)
+        assert r.status_code == 200 and frames[-1] == "[DONE]" and frames[-2]["error"]["code"] == "internal_error"
+    else:
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    m = wait_clean(srv)  # the sibling would hold its place for minutes
+    assert m[reason("error")] - before[reason("error")] == 1
+    assert m[reason("abort")] - before[reason("abort")] == 1
 
 
 # -- the step loop dies ------------------------------------------------------------------------------
