@@ -182,6 +182,45 @@ def test_n2_stream_interleaves_valid_choices(live_server, server_sse):
     assert [c["text"] for c in full["choices"]] == [texts[0], texts[1]]
 
 
+def choice_streams(frames: list) -> dict[int, list[dict]]:
+    """Each choice index's chunk entries, in order (the usage chunk and [DONE] left out)."""
+    per: dict[int, list[dict]] = {}
+    for frame in frames[:-1]:
+        for choice in frame["choices"]:
+            per.setdefault(choice["index"], []).append(choice)
+    return per
+
+
+def test_echoed_prompts_stream_as_they_answer(live_server, server_sse):
+    """Two prompts, two choices each, with echo: each of the four streamed choices carries its own prompt
+    and text, as the plain response does."""
+    body = {"model": live_server.model_name, "prompt": ["abc", "xyz"], "n": 2, "echo": True, "max_tokens": 20,
+            "seed": 7, "ignore_eos": True, "stream": True}
+    per = choice_streams(server_sse.parse_json(post_stream(live_server, "/completions", body).content))
+    full = httpx.post(live_server.base_url + "/completions", json={**body, "stream": False},
+                      headers=live_server.headers, timeout=60).json()
+    assert sorted(per) == [0, 1, 2, 3]
+    assert ["".join(c["text"] for c in per[i]) for i in range(4)] == [c["text"] for c in full["choices"]]
+    assert [full["choices"][i]["text"][:3] for i in range(4)] == ["abc", "abc", "xyz", "xyz"]
+
+
+def test_chat_choices_stream_as_they_answer(live_server, server_sse):
+    """Chat with n=3: each choice opens with its own role chunk, then its content, then its finish reason;
+    together they are the plain response's messages."""
+    body = {"model": live_server.model_name, "messages": [{"role": "user", "content": "hi"}], "n": 3,
+            "max_tokens": 24, "seed": 5, "stream": True}
+    per = choice_streams(server_sse.parse_json(post_stream(live_server, "/chat/completions", body).content))
+    full = httpx.post(live_server.base_url + "/chat/completions", json={**body, "stream": False},
+                      headers=live_server.headers, timeout=60).json()
+    assert sorted(per) == [0, 1, 2]
+    for i, choice in enumerate(full["choices"]):
+        first, *rest = per[i]
+        assert first["delta"] == {"role": "assistant", "content": ""}
+        assert all("role" not in c["delta"] for c in rest)
+        assert "".join(c["delta"].get("content", "") for c in rest) == choice["message"]["content"]
+        assert [c["finish_reason"] for c in rest if c["finish_reason"]] == [choice["finish_reason"]]
+
+
 def curl_examples(live_server) -> list[tuple[list[str], str]]:
     """The README's curl examples, pointed at the live server: (argv, kind)."""
     auth = ["-H", f"Authorization: Bearer {live_server.api_key}"]

@@ -465,6 +465,25 @@ def test_a_real_model_calls_tools_end_to_end(phrase_server):
     assert all(seen.values()), seen  # each case happens for some of these seeds
 
 
+def test_each_choice_streams_its_own_calls(phrase_server):
+    """n=2 with tools: each choice's stream holds exactly its plain response's content and calls (each
+    choice reads its own text for calls), for seeds whose choices call tools."""
+    client = openai.OpenAI(base_url=phrase_server.base_url, api_key="none", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with_calls = 0
+    for seed in range(6):
+        kwargs = dict(model="tiny-phrases", messages=messages, tools=[WEATHER], max_tokens=48, seed=seed, n=2)
+        whole = client.chat.completions.create(**kwargs)
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        for choice in whole.choices:
+            deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].index == choice.index]
+            calls = [(t.function.name, json.loads(t.function.arguments)) for d in deltas for t in (d.tool_calls or [])]
+            expected = [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls or []]
+            assert ("".join(d.content or "" for d in deltas) or None, calls) == (choice.message.content, expected), seed
+            with_calls += bool(expected)
+    assert with_calls  # some of these choices call a tool
+
+
 def test_tool_call_streams_carry_every_logprob(phrase_server):
     """With tools and logprobs, the stream (which holds back text that may start a call) still carries
     each committed token's entry once, in order: the same entries as the response, for seeds whose
