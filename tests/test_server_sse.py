@@ -60,6 +60,7 @@ def test_chat_default_stream_frames_without_usage(live_server, server_sse):
     assert done == "[DONE]"
     assert role["object"] == "chat.completion.chunk"
     assert role["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+    assert chunks, "no content chunks"
     for c in chunks:
         (choice,) = c["choices"]
         assert set(choice["delta"]) == {"content"} and choice["delta"]["content"] and choice["finish_reason"] is None
