@@ -24,10 +24,15 @@ LIMIT_ARGS = [
     "--max-prompts-per-request", "4", "--max-request-tokens", "256", "--max-stop-length", "16",
     "--max-json-depth", "8", "--max-json-values", "20500", "--max-request-denoising-steps", "32",
     "--max-tools", "2", "--max-tools-chars", "200", "--max-choices-per-request", "8",
-    "--max-template-kwarg-chars", "16", "--max-logprob-entries", "600",
+    "--max-template-kwarg-chars", "16", "--max-logprob-entries", "600", "--max-logit-bias", "200",
     "--cors-allow-origin", ORIGIN,
     "--max-num-seqs", "4", "--no-ui",
 ]
+
+
+def limit_flag(flag: str) -> int:
+    """The value LIMIT_ARGS gives ``flag``."""
+    return int(LIMIT_ARGS[LIMIT_ARGS.index(flag) + 1])
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +168,9 @@ CASES = [
     ("logit-bias-key", "POST", C, {"prompt": "hi", "logit_bias": {"a": 1}}, None, 400, IRE, "logit_bias", None, None),
     ("logit-bias-value", "POST", C, {"prompt": "hi", "logit_bias": {"5": -101}}, None, 400, IRE, "logit_bias", None,
      "[-100, 100]"),
-    ("logit-bias-entries", "POST", C, {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, None, 400, IRE,
-     "logit_bias", "limit_exceeded", "setting max_logit_bias"),
+    ("logit-bias-entries", "POST", C, {"prompt": "hi", "logit_bias": {
+        str(i): 1 for i in range(limit_flag("--max-logit-bias") + 1)}}, None, 400, IRE, "logit_bias", "limit_exceeded",
+     "setting max_logit_bias"),
     ("penalty-range", "POST", C, {"prompt": "hi", "presence_penalty": 2.5}, None, 400, IRE, "presence_penalty", None,
      None),
     ("tools-no-function", "POST", CH, {"messages": MSG, "tools": [{"type": "function"}]}, None, 400, IRE,
@@ -345,6 +351,102 @@ def test_t_min_zero_is_accepted(limits_server):
     r = httpx.post(limits_server.base_url + "/completions", json={"prompt": "hi", "max_tokens": 2, "t_min": 0},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+# -- at the limit --------------------------------------------------------------------------------
+# Each setting the table above refuses one past, met exactly. The context-length prompt bound
+# (max_model_len - 1) is out of reach here: max_prompt_tokens is below it.
+
+MAX_N = limit_flag("--max-n")
+MAX_PROMPTS = limit_flag("--max-prompts-per-request")
+MAX_CHOICES = limit_flag("--max-choices-per-request")
+MAX_TOKENS = limit_flag("--max-completion-tokens")
+MAX_REQUEST_TOKENS = limit_flag("--max-request-tokens")
+MAX_PROMPT = limit_flag("--max-prompt-tokens")
+CONTEXT = limit_flag("--max-model-len")
+MAX_STEPS = limit_flag("--max-request-denoising-steps")
+MAX_STOP = limit_flag("--max-stop-length")
+MAX_KWARG = limit_flag("--max-template-kwarg-chars")
+MAX_TOOLS = limit_flag("--max-tools")
+MAX_TOOLS_CHARS = limit_flag("--max-tools-chars")
+MAX_LOGIT_BIAS = limit_flag("--max-logit-bias")
+MAX_LOGPROBS = limit_flag("--max-logprob-entries")
+TOP_LOGPROBS = max(k for k in range(21) if MAX_LOGPROBS % (1 + k) == 0)  # chat's top_logprobs, at most 20
+
+
+def tool_of_chars(chars: int) -> dict:
+    """One tool whose compact JSON, as the server measures the tools, is ``chars`` characters long."""
+    bare = len(json.dumps([{**TOOL, "function": {"name": "f", "description": ""}}], separators=(",", ":")))
+    return {**TOOL, "function": {"name": "f", "description": "x" * (chars - bare)}}
+
+
+# (id, path, body, what the response shows: choices, usage.prompt_tokens / completion_tokens, and
+# how many tokens of each choice carry log-probabilities)
+ONE = {"max_tokens": 1, "ignore_eos": True}
+NO_TOOL = {"tool_choice": "none"}  # the tiny template renders no tools: the limits are checked all the same
+AT_LIMIT = [
+    ("n-at-max-n", C, {"prompt": "hi", "n": MAX_N, **ONE}, {"choices": MAX_N, "completion_tokens": MAX_N}),
+    ("n-at-max-n-chat", CH, {"messages": MSG, "n": MAX_N, **ONE}, {"choices": MAX_N, "completion_tokens": MAX_N}),
+    ("prompts-at-max-prompts", C, {"prompt": ["a"] * MAX_PROMPTS, **ONE},
+     {"choices": MAX_PROMPTS, "completion_tokens": MAX_PROMPTS}),
+    ("choices-at-max-choices", C, {"prompt": ["a"] * (MAX_CHOICES // MAX_N), "n": MAX_N, **ONE},
+     {"choices": MAX_CHOICES, "completion_tokens": MAX_CHOICES}),
+    ("max-tokens-at-limit", C, {"prompt": "hi", "max_tokens": MAX_TOKENS, "ignore_eos": True},
+     {"completion_tokens": MAX_TOKENS}),
+    ("max-completion-tokens-at-limit", CH, {"messages": MSG, "max_completion_tokens": MAX_TOKENS, "ignore_eos": True},
+     {"completion_tokens": MAX_TOKENS}),
+    ("request-tokens-at-limit", C, {"prompt": ["a", "b"], "n": 2, "max_tokens": MAX_REQUEST_TOKENS // 4,
+                                    "ignore_eos": True}, {"choices": 4, "completion_tokens": MAX_REQUEST_TOKENS}),
+    ("prompt-at-max-prompt-tokens-ids", C, {"prompt": [7] * MAX_PROMPT, **ONE}, {"prompt_tokens": MAX_PROMPT}),
+    ("prompt-at-max-prompt-tokens-text", C, {"prompt": ["ok", "y" * MAX_PROMPT], **ONE},
+     {"choices": 2, "prompt_tokens": 2 + MAX_PROMPT}),
+    ("context-at-limit", C, {"prompt": [7] * (MAX_PROMPT - 1), "max_tokens": CONTEXT - (MAX_PROMPT - 1),
+                             "ignore_eos": True},
+     {"prompt_tokens": MAX_PROMPT - 1, "completion_tokens": CONTEXT - (MAX_PROMPT - 1)}),
+    ("steps-at-limit", C, {"prompt": "hi", "max_denoising_steps": MAX_STEPS, **ONE}, {"completion_tokens": 1}),
+    ("stop-at-max-length", C, {"prompt": "hi", "stop": "x" * MAX_STOP, **ONE}, {}),
+    ("template-kwarg-at-limit", CH, {"messages": MSG, "chat_template_kwargs": {"note": "y" * MAX_KWARG}, **ONE}, {}),
+    ("tools-at-max-tools", CH, {"messages": MSG, "tools": [TOOL] * MAX_TOOLS, **NO_TOOL, **ONE}, {}),
+    ("tools-at-max-tools-chars", CH, {"messages": MSG, "tools": [tool_of_chars(MAX_TOOLS_CHARS)], **NO_TOOL, **ONE},
+     {}),
+    ("logit-bias-at-limit", C, {"prompt": "hi", "logit_bias": {str(i): 0.0 for i in range(MAX_LOGIT_BIAS)}, **ONE},
+     {"completion_tokens": 1}),
+    ("logprob-entries-at-limit", C, {"prompt": "hi", "logprobs": 5, "max_tokens": MAX_LOGPROBS // 6,
+                                     "ignore_eos": True}, {"logprob_tokens": MAX_LOGPROBS // 6}),
+    ("logprob-entries-at-limit-chat", CH, {"messages": MSG, "logprobs": True, "top_logprobs": TOP_LOGPROBS,
+                                           "max_tokens": MAX_LOGPROBS // (1 + TOP_LOGPROBS), "ignore_eos": True},
+     {"logprob_tokens": MAX_LOGPROBS // (1 + TOP_LOGPROBS)}),
+]
+
+
+def test_at_limit_rows_sit_on_their_limits():
+    """The arithmetic the rows rely on: each lands exactly on its own limit and under the others."""
+    assert MAX_CHOICES // MAX_N * MAX_N == MAX_CHOICES and MAX_CHOICES // MAX_N <= MAX_PROMPTS
+    assert MAX_REQUEST_TOKENS % 4 == 0 and MAX_REQUEST_TOKENS // 4 < MAX_TOKENS  # 2 prompts x n=2, under the rest
+    assert 2 < min(MAX_N, MAX_PROMPTS) and 4 < MAX_CHOICES
+    assert MAX_PROMPT < CONTEXT - 1 and CONTEXT - (MAX_PROMPT - 1) <= MAX_TOKENS
+    assert MAX_LOGPROBS % 6 == 0 and MAX_LOGPROBS // 6 <= MAX_TOKENS
+    assert MAX_LOGPROBS // (1 + TOP_LOGPROBS) <= MAX_TOKENS
+    assert len(json.dumps([tool_of_chars(MAX_TOOLS_CHARS)], separators=(",", ":"))) == MAX_TOOLS_CHARS
+    assert len(json.dumps([TOOL] * MAX_TOOLS, separators=(",", ":"))) <= MAX_TOOLS_CHARS
+    assert len({c[0] for c in AT_LIMIT}) == len(AT_LIMIT)
+
+
+@pytest.mark.parametrize("case", AT_LIMIT, ids=[c[0] for c in AT_LIMIT])
+def test_at_the_limit_accepted(limits_server, case):
+    """A request exactly at a limit is served, and as asked: a limit refuses only what is over it."""
+    _, path, body, expect = case
+    r = httpx.post(limits_server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["choices"]) == expect.get("choices", 1), out
+    for key in ("prompt_tokens", "completion_tokens"):
+        if key in expect:
+            assert out["usage"][key] == expect[key], out["usage"]
+    if "logprob_tokens" in expect:
+        for choice in out["choices"]:
+            entries = choice["logprobs"]["content"] if path == CH else choice["logprobs"]["tokens"]
+            assert len(entries) == expect["logprob_tokens"], choice["logprobs"]
 
 
 # -- CORS --------------------------------------------------------------------------------------
