@@ -14,7 +14,6 @@ parsed. Large bodies are scanned, parsed and validated in a worker thread, at mo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from . import errors
+from .preprocess import PreprocessGate
 
 # The request state's key for the body's ``MarkCounts``, taken as it arrived (limits.BodyLimitMiddleware).
 BODY_MARKS = "body_marks"
@@ -237,7 +237,7 @@ def _validate(data, model: type[BaseModel]):
         raise errors.validation_error(RequestValidationError(exc.errors())) from None
 
 
-async def read_json(request: Request, limits: BodyLimits, gate: asyncio.Semaphore, model: type[BaseModel] | None = None,
+async def read_json(request: Request, limits: BodyLimits, gate: PreprocessGate, model: type[BaseModel] | None = None,
                     require_object: bool = True):
     """The body, scanned (``scan``), parsed and, with ``model``, validated into it. A body larger than
     ``PARSE_IN_THREAD_BYTES`` is handled in a worker thread once ``gate`` lets it in.
@@ -258,10 +258,9 @@ async def read_json(request: Request, limits: BodyLimits, gate: asyncio.Semaphor
 
     if len(raw) <= PARSE_IN_THREAD_BYTES:
         return work()
-    async with gate:
-        return await asyncio.to_thread(work)
+    return await gate.run(work)
 
 
-async def parse_body(request: Request, model: type[BaseModel], limits: BodyLimits, gate: asyncio.Semaphore):
+async def parse_body(request: Request, model: type[BaseModel], limits: BodyLimits, gate: PreprocessGate):
     """The body as an instance of ``model`` (see ``read_json``)."""
     return await read_json(request, limits, gate, model)

@@ -20,7 +20,7 @@ from .images import ImageReader
 from .protocol import ChatCompletionRequest
 from .completions import TOKENIZE_IN_THREAD_CHARS
 from .request_limits import PromptLimit, limit_error
-from .serving import EndpointNames, Prompts, off_loop, plain_stream_choices, serve, unsupported
+from .serving import EndpointNames, Prompts, plain_stream_choices, serve, unsupported
 from .tool_calls import ToolCall, ToolCallStream, parse
 
 # Conversations with more messages than this, or more characters than TOKENIZE_IN_THREAD_CHARS, are
@@ -80,7 +80,7 @@ class Chat:
             return await image_prompts(req, tokenizer, limit, gate, images, messages, urls)
         # rendering and tokenizing take a while on large bodies: those go off the event loop
         if len(messages) > RENDER_IN_THREAD_MESSAGES or len(content) > TOKENIZE_IN_THREAD_CHARS:
-            ids, text = await off_loop(gate, lambda: apply_template(tokenizer, req, messages))
+            ids, text = await gate.run(lambda: apply_template(tokenizer, req, messages))
         else:
             ids, text = apply_template(tokenizer, req, messages)
         limit.check_tokens(len(ids), "messages", "the prompt")
@@ -311,7 +311,7 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
                 raise errors.bad_request(f"These messages cannot take their images: {exc}.", "messages") from None
             return ids, text, inputs
 
-        ids, text, inputs = await off_loop(gate, work)
+        ids, text, inputs = await gate.run(work)
     limit.check_tokens(len(ids), "messages", "the prompt")
     return ChatPrompts([ids], text, images=[inputs], parse_tool_calls=bool(template_tools(req)))
 

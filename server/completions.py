@@ -9,7 +9,7 @@ from .choices import ChoiceResult, ChoiceSpec
 from .logprobs import TextPosition, completion_logprobs
 from .protocol import CompletionRequest
 from .request_limits import PromptLimit, where
-from .serving import EndpointNames, Prompts, off_loop, plain_stream_choices, serve, unsupported
+from .serving import EndpointNames, Prompts, plain_stream_choices, serve, unsupported
 
 # Prompts longer than this (in characters, all together) are tokenized off the event loop.
 TOKENIZE_IN_THREAD_CHARS = 20000
@@ -66,7 +66,7 @@ class Completions:
                     out.append(ids_i)
                 return out
 
-            ids = await off_loop(gate, encode) if sum(map(len, texts)) > TOKENIZE_IN_THREAD_CHARS else encode()
+            ids = await gate.run(encode) if sum(map(len, texts)) > TOKENIZE_IN_THREAD_CHARS else encode()
         else:
             ids = [list(p) for p in prompt]
             for i, p in enumerate(ids):

@@ -8,12 +8,11 @@ the shape of a choice) is an ``Endpoint``: ``completions.py`` and ``chat.py`` on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol, TypeVar
+from typing import AsyncIterator, Callable, Protocol
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
@@ -25,6 +24,7 @@ from engine.sampling_params import SamplingParams
 
 from . import errors, sse
 from .bodies import parse_body
+from .preprocess import PreprocessGate
 from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, collect, usage
 from .engine_client import EngineClient
 from .errors import APIError
@@ -90,10 +90,10 @@ class Endpoint(Protocol):
         """The API's ``logprobs`` object for these committed tokens (``engine.outputs.TokenLogprob``),
         the first starting at ``position`` in the choice's text; and the position after them."""
 
-    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: asyncio.Semaphore,
+    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: PreprocessGate,
                       images: ImageReader) -> Prompts:
         """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
-        tokenized, its tokens right after. Large ones are tokenized in a worker thread (``off_loop``).
+        tokenized, its tokens right after. Large ones are tokenized in a worker thread (``gate.run``).
         ``images`` reads the images of prompts that have some (chat's image_url parts)."""
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
@@ -192,21 +192,12 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     choices = [api.response_choice(s, results[s.index], prompts) for s in specs]
     logprobs = {s.index: results[s.index].logprobs for s in specs if results[s.index].logprobs is not None}
     if logprobs:  # up to max_logprob_entries of them: formatted in a worker thread, in a preprocessing turn
-        objects = await off_loop(state.preprocess_gate, lambda: {
+        objects = await state.preprocess_gate.run(lambda: {
             i: api.logprobs_object(entries, engine.tokenizer, TextPosition())[0] for i, entries in logprobs.items()})
         for spec, choice in zip(specs, choices):
             if spec.index in objects:
                 choice["logprobs"] = objects[spec.index]
     return JSONResponse({**base, "object": names.object, "choices": choices, "usage": usage(specs, results)})
-
-
-T = TypeVar("T")
-
-
-async def off_loop(gate: asyncio.Semaphore, work: Callable[[], T]) -> T:
-    """Run ``work`` in a worker thread once ``gate`` (``preprocess_concurrency``) lets it in."""
-    async with gate:
-        return await asyncio.to_thread(work)
 
 
 def unsupported(**fields: tuple[bool, str]) -> None:

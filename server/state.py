@@ -21,6 +21,7 @@ from .engine_client import EngineClient
 from .images import ImageFetches
 from .metrics import ServerMetrics
 from .middleware import InFlight
+from .preprocess import PreprocessGate
 from .prompt_bounds import TokenBound
 from .request_limits import PromptLimit
 from .settings import ServerSettings
@@ -109,7 +110,7 @@ class ServerState:
         self._load_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         # large bodies parsed, prompts tokenized, chat templates rendered: this many at once, in worker threads
-        self.preprocess_gate = asyncio.Semaphore(settings.preprocess_concurrency)
+        self.preprocess_gate = PreprocessGate(settings.preprocess_concurrency)
         self.image_fetches = ImageFetches(settings.image_fetch_concurrency)  # http(s) images: turns of their own
         self.token_bound: TokenBound | None = None  # from the tokenizer, once loaded
 
@@ -176,6 +177,7 @@ class ServerState:
         if self.inflight.count > 0:
             logger.warning("drain timeout (%.0fs): aborting %d in-flight request(s)", timeout, self.inflight.count)
             self.aborting = True
+            self.preprocess_gate.abort()
             for choice_set in list(self.live_choice_sets):
                 choice_set.abort_in_engine()
             grace = loop.time() + ABORT_GRACE_SECONDS

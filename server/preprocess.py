@@ -1,0 +1,46 @@
+"""The turns of the work a request needs before the engine sees it, in worker threads: parsing a large
+body, rendering and tokenizing a large prompt, decoding images, formatting a large response's
+log-probabilities (setting ``preprocess_concurrency``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from . import errors
+
+T = TypeVar("T")
+
+
+class PreprocessGate:
+    """At most ``concurrency`` jobs at once; the others wait for a turn. Once the drain's time is up
+    (``abort``), a request that waits for its turn or its job is answered at once (503
+    ``request_aborted``, as every request the drain aborts); the job itself runs on to its end in its
+    thread, which no one can stop."""
+
+    def __init__(self, concurrency: int):
+        self._turns = asyncio.Semaphore(concurrency)
+        self._aborted = asyncio.Event()
+
+    def abort(self) -> None:
+        self._aborted.set()
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """``work()`` in a worker thread once a turn is free."""
+        if self._aborted.is_set():
+            raise errors.request_aborted()
+        job = asyncio.ensure_future(self._in_turn(work))
+        aborted = asyncio.ensure_future(self._aborted.wait())
+        try:
+            await asyncio.wait({job, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():
+                raise errors.request_aborted()
+            return job.result()
+        finally:
+            aborted.cancel()
+            job.cancel()  # nothing when done; else (aborted, or this request cancelled) its turn comes back now
+
+    async def _in_turn(self, work: Callable[[], T]) -> T:
+        async with self._turns:
+            return await asyncio.to_thread(work)
