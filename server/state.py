@@ -167,7 +167,8 @@ class ServerState:
         """Shut down gracefully: /health and new requests answer 503 at once; in-flight requests and
         streams get ``timeout`` seconds to finish; whatever is left is then aborted in the engine, so
         its client gets a clear end (a 503 ``request_aborted``, or that error chunk and ``[DONE]``); so does
-        one still being prepared (tokenized, its images fetched), when it would start (``aborting``).
+        one still being prepared: at once if it waits for a preprocessing turn or job (``PreprocessGate``),
+        otherwise when it would start (``aborting``).
         Returns when nothing is in flight any more (or the abort grace has passed)."""
         self.status = "draining"
         loop = asyncio.get_running_loop()
