@@ -243,16 +243,47 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _start_nginx(prefix: Path, conf: str, tries: int = 5):
+    """``nginx -p prefix`` in the foreground with ``conf`` listening on a free loopback port, returned
+    as (process, port) once it listens there.
+
+    A port that was free when it was picked may be taken by another process before nginx binds it:
+    nginx then says "Address already in use" and exits, and it is started again on another port. nginx
+    writes its pid file only after it has bound its ports, so the file names the process that listens."""
+    import os
+    import subprocess
+    import time
+
+    user = "user root;" if os.geteuid() == 0 else ""  # root's workers would be nobody, shut out of prefix
+    pid_file = prefix / "nginx.pid"
+    outputs = []
+    for _ in range(tries):
+        port = _free_port()
+        (prefix / "nginx.conf").write_text(re.sub(r"listen\s+\d+;", f"listen 127.0.0.1:{port};", conf))
+        proc = subprocess.Popen([_nginx(), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g",
+                                 f"daemon off; {user} pid {pid_file}; error_log {prefix}/logs/error.log;"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60  # bounds a hang only
+        while proc.poll() is None:
+            if pid_file.is_file() and pid_file.read_text().strip() == str(proc.pid):
+                return proc, port
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(10)
+                pytest.fail(f"nginx did not bind 127.0.0.1:{port} within 60 s: {proc.stdout.read()}")
+            time.sleep(0.05)
+        outputs.append(proc.stdout.read())
+        assert "Address already in use" in outputs[-1], outputs[-1]
+    pytest.fail(f"nginx found no free port in {tries} tries: {outputs}")
+
+
 def test_nginx_passes_back_pressure_and_large_bodies_through(tmp_path):
     """The shipped nginx.conf in front of two stand-in replicas: while both answer 429 (queue full),
     every client gets that JSON 429 and its Retry-After, never nginx's 502, and the first request once
     they have room succeeds; a body past the server's limit reaches the server, whose JSON 413 comes back;
     with one replica down, the other answers."""
     import json
-    import os
-    import subprocess
     import threading
-    import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import httpx
@@ -289,25 +320,12 @@ def test_nginx_passes_back_pressure_and_large_bodies_through(tmp_path):
     ports = iter(r.server_address[1] for r in replicas)
     conf = (REPO / "deploy/nginx/nginx.conf").read_text()
     conf = re.sub(r"(^\s*server\s+)[\w.-]+:\d+", lambda m: f"{m.group(1)}127.0.0.1:{next(ports)}", conf, flags=re.M)
-    port = _free_port()
-    conf = re.sub(r"listen\s+\d+;", f"listen 127.0.0.1:{port};", conf)
     temp = "".join(f"{name}_temp_path {tmp_path}/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     conf = conf.replace("http {", f"http {{ access_log off; {temp}", 1)
     (tmp_path / "logs").mkdir()
-    (tmp_path / "nginx.conf").write_text(conf)
-    user = "user root;" if os.geteuid() == 0 else ""  # root's workers would be nobody, shut out of tmp_path
-    proc = subprocess.Popen([_nginx(), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g",
-                             f"daemon off; {user} pid {tmp_path}/nginx.pid; error_log {tmp_path}/logs/error.log;"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port = _start_nginx(tmp_path, conf)  # it listens: connections wait in its backlog for a worker
     try:
         url = f"http://127.0.0.1:{port}/v1/completions"
-        for _ in range(100):  # until it listens
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.1)
         for _ in range(8):
             r = httpx.post(url, json={"prompt": "hi"}, timeout=10)
             assert (r.status_code, r.headers.get("retry-after")) == (429, "1"), r.text

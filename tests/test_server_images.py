@@ -28,10 +28,19 @@ from engine.loader import load_model
 from server import errors
 from server.images import ImageReader
 from tests.engine_helpers import reference_model, reference_run
+from tests.test_server_metrics import wait_for
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 MODEL = "tiny-vision"
 LIMITS = ["--max-images-per-prompt", "2", "--max-image-bytes", "20000", "--max-image-pixels", "40000"]
+# fetching_server's image_fetch_timeout_seconds, and /half.png's delay: one /half.png fits the fetch time
+# with seconds to spare on a loaded machine, two in a row do not
+FETCH_SECONDS = 6
+HALF_SECONDS = 4
+# /slow-head.png's head takes this long to arrive: a fetch cut off at the fetch time is answered with
+# FETCH_SECONDS to spare before SLOW_HEAD_SECONDS - 3, and one that waits for the whole head is not
+SLOW_HEAD_SECONDS = 2 * FETCH_SECONDS + 3
+IN_FLIGHT = ("diffusion_server:http_requests_in_flight", frozenset())
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +213,13 @@ class _Images(BaseHTTPRequestHandler):
     """A loopback web server: /ok.png (the test image), /big.png (over max_image_bytes, with its
     Content-Length), /unsized.png (the same without), /slow.png (trickles for longer than the fetch
     timeout), /slow-head.png (trickles its status line and headers, each byte within a socket timeout,
-    for 12 s), /half.png (after 2 s), /stall.png (when ``stall_release`` is set), /to-ftp.png (a redirect to ftp:), /big-redirect.png (a redirect
-    to /ok.png with a 64 MiB body, the bytes it could send kept in ``redirect_sent``), anything else 404."""
+    for SLOW_HEAD_SECONDS), /half.png (after HALF_SECONDS), /stall.png (when ``stall_release`` is set),
+    /to-ftp.png (a redirect to ftp:), /big-redirect.png (a redirect to /ok.png with a 64 MiB body, the
+    bytes it could send kept in ``redirect_sent``), anything else 404. Every request's path is kept in
+    ``requested``, with whether ``stall_release`` was set when it came."""
 
     redirect_sent: list[int] = []
+    requested: list[tuple[str, bool]] = []
     stall_entered = threading.Event()  # /stall.png: its fetch has begun
     stall_release = threading.Event()  # /stall.png: send the image now
 
@@ -215,6 +227,7 @@ class _Images(BaseHTTPRequestHandler):
     big = encoded(noise_image(100, 100, 1))
 
     def do_GET(self):
+        _Images.requested.append((self.path, _Images.stall_release.is_set()))
         if self.path in ("/ok.png", "/big.png"):
             data = self.ok if self.path == "/ok.png" else self.big
             self.send_response(200)
@@ -227,26 +240,26 @@ class _Images(BaseHTTPRequestHandler):
             if self.path == "/unsized.png":
                 self.wfile.write(self.big)
                 return
-            for byte in self.ok[:80]:
+            for byte in self.ok[:80]:  # 80 bytes, one every FETCH_SECONDS / 40
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
-                time.sleep(0.1)
+                time.sleep(FETCH_SECONDS / 40)
         elif self.path == "/slow-head.png":
             head = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n"
             try:
                 for byte in head:
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
-                    time.sleep(12 / len(head))
+                    time.sleep(SLOW_HEAD_SECONDS / len(head))
                 self.wfile.write(self.ok)
             except OSError:  # the fetch gave up
                 pass
-        elif self.path in ("/half.png", "/stall.png"):  # /half.png: one fits the 3 s fetch time, two do not
+        elif self.path in ("/half.png", "/stall.png"):
             if self.path == "/stall.png":
                 _Images.stall_entered.set()
                 _Images.stall_release.wait(60)
             else:
-                time.sleep(2.0)
+                time.sleep(HALF_SECONDS)
             self.send_response(200)
             self.send_header("Content-Length", str(len(self.ok)))
             self.end_headers()
@@ -289,7 +302,7 @@ def image_host():
 @pytest.fixture(scope="module")
 def fetching_server(server_launcher, checkpoint):
     return server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, *LIMITS, "--image-url-fetch",
-                            "--image-fetch-timeout-seconds", "3"], model_name=MODEL)
+                            "--image-fetch-timeout-seconds", str(FETCH_SECONDS)], model_name=MODEL)
 
 
 def test_fetched_image_equals_inline_image(fetching_server, image_host, client):
@@ -308,20 +321,20 @@ def test_fetch_limits(fetching_server, image_host):
     unsized = refusal(fetching_server.url, image_message("x", image_host + "/unsized.png"))  # counted as it arrives
     assert unsized["code"] == "limit_exceeded" and unsized["message"].endswith(f"bytes or more, {too_big}")
     assert refusal(fetching_server.url, image_message("x", image_host + "/slow.png")) == error(
-        f"The image at {image_host}/slow.png did not arrive within 3 seconds of the request's first fetch (setting image_fetch_timeout_seconds).",
-        PART, "invalid_image")
+        f"The image at {image_host}/slow.png did not arrive within {FETCH_SECONDS} seconds of the request's first "
+        "fetch (setting image_fetch_timeout_seconds).", PART, "invalid_image")
     # the fetch time bounds the response's head too, not only each read of it
     started = time.monotonic()
     assert refusal(fetching_server.url, image_message("x", image_host + "/slow-head.png")) == error(
-        f"The image at {image_host}/slow-head.png did not arrive within 3 seconds of the request's first fetch "
-        "(setting image_fetch_timeout_seconds).", PART, "invalid_image")
-    assert time.monotonic() - started < 9  # the head alone takes 12 s to arrive
+        f"The image at {image_host}/slow-head.png did not arrive within {FETCH_SECONDS} seconds of the request's "
+        "first fetch (setting image_fetch_timeout_seconds).", PART, "invalid_image")
+    assert time.monotonic() - started < SLOW_HEAD_SECONDS - 3  # not waited for the whole head
     assert refusal(fetching_server.url, image_message("x", image_host + "/none.png")) == error(
         f"The image at {image_host}/none.png could not be fetched: Not Found.", PART, "invalid_image")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}/x.png"
-    message = refusal(fetching_server.url, image_message("x", closed))["message"]
+    with socket.socket() as bound:  # bound and never listening: connections to its port are refused
+        bound.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{bound.getsockname()[1]}/x.png"
+        message = refusal(fetching_server.url, image_message("x", closed))["message"]
     assert message.startswith(f"The image at {closed} could not be fetched: ")
     # a redirect to another scheme is not followed
     assert refusal(fetching_server.url, image_message("x", image_host + "/to-ftp.png")) == error(
@@ -331,21 +344,24 @@ def test_fetch_limits(fetching_server, image_host):
     one = httpx.post(fetching_server.url + "/v1/chat/completions", timeout=60,
                      json={"messages": image_message("x", image_host + "/half.png"), "max_tokens": 4})
     assert one.status_code == 200, one.text
-    assert refusal(fetching_server.url, image_message("x", image_host + "/half.png", image_host + "/half.png")) == error(
-        f"The image at {image_host}/half.png did not arrive within 3 seconds of the request's first fetch (setting "
-        "image_fetch_timeout_seconds).", "messages[0].content[2].image_url", "invalid_image")
+    two = image_message("x", image_host + "/half.png", image_host + "/half.png")
+    assert refusal(fetching_server.url, two) == error(
+        f"The image at {image_host}/half.png did not arrive within {FETCH_SECONDS} seconds of the request's first "
+        "fetch (setting image_fetch_timeout_seconds).", "messages[0].content[2].image_url", "invalid_image")
 
 
 def test_a_slow_image_host_holds_up_only_image_fetches(server_launcher, checkpoint, image_host):
     """A fetch takes a turn of its own (image_fetch_concurrency), not a preprocessing turn: while a host
     withholds its image, requests that need preprocessing turns (here the only one) are served, and a
-    second request to fetch waits for the only fetch turn."""
+    second request to fetch waits for the only fetch turn: its image is asked for only once the first
+    request's image has been sent."""
     server = server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, *LIMITS, "--image-url-fetch",
                               "--image-fetch-timeout-seconds", "60", "--preprocess-concurrency", "1",
                               "--image-fetch-concurrency", "1"], model_name=MODEL)
     answers: dict[str, httpx.Response] = {}
     _Images.stall_entered.clear()
     _Images.stall_release.clear()
+    _Images.requested.clear()
 
     def send(name: str, url: str) -> None:
         answers[name] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
@@ -357,17 +373,22 @@ def test_a_slow_image_host_holds_up_only_image_fetches(server_launcher, checkpoi
         assert _Images.stall_entered.wait(60)
         queued = threading.Thread(target=send, args=("queued", image_host + "/ok.png"))
         queued.start()
-        # more messages than are rendered on the event loop: rendered in the preprocessing turn
+        wait_for(server, IN_FLIGHT, 2)  # the queued request is in the server, on its way to a fetch turn
+        # more messages than are rendered on the event loop: rendered in the preprocessing turn (and then
+        # run by the engine: time in which a queued request given a fetch turn would have asked for its image)
         many = [{"role": "user", "content": "hi"}] * 40
         rendered = httpx.post(server.url + "/v1/chat/completions", timeout=20,
                               json={"model": MODEL, "messages": many, "max_tokens": 4, "seed": 0})
         assert rendered.status_code == 200
         assert stalled.is_alive() and queued.is_alive() and not answers
+        assert _Images.requested == [("/stall.png", False)], "the queued request fetched during the stall"
     finally:
         _Images.stall_release.set()
     stalled.join(60)
     queued.join(60)
     assert answers["stalled"].status_code == 200 and answers["queued"].status_code == 200
+    # the queued image was asked for once, and only after /stall.png was let go
+    assert _Images.requested == [("/stall.png", False), ("/ok.png", True)]
 
 
 def test_a_request_still_fetching_when_the_drain_ends_is_aborted(server_launcher, checkpoint, image_host):
@@ -423,7 +444,7 @@ def test_a_redirect_body_is_not_read(image_host):
 
 def test_an_https_fetch_ends_at_its_deadline(tmp_path, monkeypatch):
     """Over TLS too, a host that trickles its head is cut off at the fetch's deadline (the watchdog
-    shuts the socket that TLS reads from), not when the head has arrived 12 s later."""
+    shuts the socket that TLS reads from), not when the head has arrived SLOW_HEAD_SECONDS later."""
     import ssl
     import subprocess
 
