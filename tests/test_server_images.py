@@ -424,6 +424,37 @@ def test_a_request_still_fetching_when_the_drain_ends_is_aborted(server_launcher
     assert server.proc.wait(60) == 0
 
 
+def test_a_request_still_decoding_when_the_drain_ends_is_answered_at_once(server_launcher, checkpoint):
+    """SIGTERM with a request whose image takes far longer to decode than the drain and its abort grace
+    (a progressive JPEG of many scans, let through by a raised max_jpeg_scans): once the drain's second is
+    over, the request gets its 503 request_aborted, not whatever the server's close would leave it."""
+    server = server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, "--max-jpeg-scans", "100000",
+                              "--graceful-shutdown-seconds", "1"], model_name=MODEL)
+    buffer = io.BytesIO()
+    Image.new("L", (4096, 4096), 128).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    slow = data[:-2] + data[last:-2] * 1000 + data[-2:]  # each scan decodes all 16M pixels again
+    answer: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        answer["r"] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": image_message("x", data_url(slow, "image/jpeg")), "max_tokens": 4})
+
+    decoding = threading.Thread(target=send)
+    decoding.start()
+    try:
+        wait_for(server, IN_FLIGHT, 1)
+        time.sleep(0.5)  # into its preprocessing (the outcome is the same if it still waits for its turn)
+        server.proc.send_signal(signal.SIGTERM)
+        decoding.join(60)
+        assert answer["r"].status_code == 503
+        assert answer["r"].json() == {"error": {"message": "The request was aborted: the server is shutting down.",
+                                                "type": "server_error", "param": None, "code": "request_aborted"}}
+    finally:
+        server.proc.kill()  # the decode runs on in its thread: the process would exit after it
+
+
 def _reader(timeout: float) -> ImageReader:
     return ImageReader(processor=None, model=MODEL, max_images=1, max_bytes=20000, max_pixels=10**6, fetch=True,
                        fetch_timeout=timeout)
