@@ -34,6 +34,10 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}", re.ASCII)
 _FETCH_CHUNK = 64 * 1024
+_JPEG_START = b"\xff\xd8"
+# the next marker after entropy-coded data: 0xFF (fill bytes repeat it) and a byte that is not a stuffed
+# zero, a restart marker (RST0-7) or more fill
+_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
 
 
 class _Watchdog:
@@ -176,6 +180,30 @@ def invalid_image(message: str, param: str) -> errors.APIError:
     return errors.bad_request(message, param, "invalid_image")
 
 
+def jpeg_scans(data: bytes) -> int:
+    """The scans of the first image in JPEG ``data``: its segments walked from its start to its end-of-image
+    marker (what follows, such as a motion photo's video, is not its), counting start-of-scan segments.
+    Data that is not well formed stops the count; the decoder then refuses it."""
+    scans, i = 0, len(_JPEG_START)
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+        elif marker == 0xD9:  # end of image
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xDA:  # a scan: its header, then entropy-coded data up to the next marker
+                scans += 1
+                found = _NEXT_MARKER.search(data, i)
+                if found is None:
+                    break
+                i = found.end() - 2
+    return scans
+
+
 @dataclass(frozen=True)
 class ImageReader:
     """What one server allows of images and what it reads them with: the checkpoint's ``processor``
@@ -294,9 +322,8 @@ class ImageReader:
         if width * height > self.max_pixels:
             raise limit_error(f"An image is {width}x{height} = {width * height} pixels, the limit is "
                               f"{self.max_pixels} (setting max_image_pixels).", param)
-        if picture.format == "JPEG":
-            # start-of-scan markers: entropy-coded data stuffs every 0xFF, so this is at least the scan count
-            scans = data.count(b"\xff\xda")
+        if data.startswith(_JPEG_START):  # whatever Pillow names it (a JPEG with an MPF segment opens as MPO)
+            scans = jpeg_scans(data)
             if scans > self.max_jpeg_scans:
                 raise limit_error(f"A JPEG image has {scans} scans, the limit is {self.max_jpeg_scans} (setting "
                                   "max_jpeg_scans).", param)

@@ -26,8 +26,11 @@ class PreprocessGate:
     def abort(self) -> None:
         self._aborted.set()
 
-    async def run(self, work: Callable[[], T]) -> T:
-        """``work()`` in a worker thread once a turn is free."""
+    async def run(self, work: Callable[[], T], abortable: bool = True) -> T:
+        """``work()`` in a worker thread once a turn is free. ``abortable=False``: the drain's abort does not
+        answer this request (its answer is ready but for this work)."""
+        if not abortable:
+            return await self._in_turn(work)
         if self._aborted.is_set():
             raise errors.request_aborted()
         job = asyncio.ensure_future(self._in_turn(work))

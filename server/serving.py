@@ -192,8 +192,9 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     choices = [api.response_choice(s, results[s.index], prompts) for s in specs]
     logprobs = {s.index: results[s.index].logprobs for s in specs if results[s.index].logprobs is not None}
     if logprobs:  # up to max_logprob_entries of them: formatted in a worker thread, in a preprocessing turn
-        objects = await state.preprocess_gate.run(lambda: {
-            i: api.logprobs_object(entries, engine.tokenizer, TextPosition())[0] for i, entries in logprobs.items()})
+        objects = await state.preprocess_gate.run(lambda: {  # the answer is there: the drain does not abort it
+            i: api.logprobs_object(entries, engine.tokenizer, TextPosition())[0] for i, entries in logprobs.items()},
+            abortable=False)
         for spec, choice in zip(specs, choices):
             if spec.index in objects:
                 choice["logprobs"] = objects[spec.index]

@@ -424,6 +424,41 @@ def test_a_request_still_fetching_when_the_drain_ends_is_aborted(server_launcher
     assert server.proc.wait(60) == 0
 
 
+def test_jpeg_scans_are_counted_in_the_first_image_only():
+    """``max_jpeg_scans`` counts the scans of the image the decoder reads: not metadata, not what follows the
+    image (a motion photo's video), and whatever Pillow names the file (an MPF segment makes it MPO)."""
+    from server.images import jpeg_scans
+
+    def saved(image: Image.Image, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", **options)
+        return buffer.getvalue()
+
+    photo = noise_image(64, 64, 5)
+    baseline, progressive = saved(photo), saved(photo, progressive=True)
+    payload = b"note \xff\xda\xff\xda"  # an application segment whose data holds a start-of-scan marker's bytes
+    described = baseline[:2] + b"\xff\xef" + (2 + len(payload)).to_bytes(2, "big") + payload + baseline[2:]
+    last = progressive.rindex(b"\xff\xda")
+    many = progressive[:-2] + progressive[last:-2] * 100 + progressive[-2:]
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    mpo = buffer.getvalue()
+    start = mpo.index(b"\xff\xe2")  # its MPF segment, in front of the many scans
+    mpf = mpo[start:start + 2 + int.from_bytes(mpo[start + 2:start + 4], "big")]
+    with_mpf = many[:2] + mpf + many[2:]
+    assert Image.open(io.BytesIO(with_mpf)).format == "MPO"
+    tail = b"\xff\xda" * 64 + bytes(range(256))  # after the end of the image: data that is not its
+    assert [jpeg_scans(d) for d in (baseline, progressive, described, many, with_mpf, baseline + tail,
+                                     progressive + tail)] == [1, 10, 1, 110, 110, 1, 10]
+    assert described.count(b"\xff\xda") == 3 and (baseline + tail).count(b"\xff\xda") == 65
+    assert Image.open(io.BytesIO(described)).convert("RGB").size == (64, 64)
+    reader = ImageReader(processor=None, model=MODEL, max_images=1, max_bytes=10**6, max_pixels=10**6, fetch=False,
+                         fetch_timeout=1, max_jpeg_scans=64)
+    with pytest.raises(errors.APIError, match="A JPEG image has 110 scans, the limit is 64"):
+        reader.picture(with_mpf, "p")
+    assert reader.picture(progressive + tail, "p").size == (64, 64)
+
+
 def test_a_request_still_decoding_when_the_drain_ends_is_answered_at_once(server_launcher, checkpoint):
     """SIGTERM with a request whose image takes far longer to decode than the drain and its abort grace
     (a progressive JPEG of many scans, let through by a raised max_jpeg_scans): once the drain's second is

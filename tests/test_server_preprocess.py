@@ -61,3 +61,24 @@ def test_a_turn_comes_back_when_its_request_goes_away():
         release.set()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_work_for_a_ready_answer_is_not_aborted():
+    """Formatting a finished request's answer (abortable=False) goes on through the drain's abort."""
+    release = threading.Event()
+
+    def formatting():
+        release.wait(30)
+        return "answer"
+
+    async def main():
+        gate = PreprocessGate(1)
+        answer = asyncio.create_task(gate.run(formatting, abortable=False))
+        await asyncio.sleep(0.05)
+        gate.abort()
+        await asyncio.sleep(0.05)
+        assert not answer.done()
+        release.set()
+        assert await answer == "answer"
+
+    asyncio.run(asyncio.wait_for(main(), 30))
