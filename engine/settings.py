@@ -59,7 +59,8 @@ class EngineSettings:
         "needs room for all of them; one with more choices than max_num_seqs + max_waiting gets 400 "
         "limit_exceeded instead (no wait would make room).")
     max_model_len: int | None = setting(
-        None, "Context limit for prompt + max_tokens; longer requests get 400.",
+        None, "Context limit for prompt + max_tokens; longer requests get 400. At most the model's "
+        "max_position_embeddings (more is refused at load: positions past it were never trained).",
         default_text="the model's max_position_embeddings")
     # The KV slot buffers hold slot_rows(n) rows (the next power of two of the running count, at most
     # max_num_seqs) of the longest reservation (prompt + every canvas but the last).
@@ -201,6 +202,11 @@ class EngineSettings:
         if self.trace_decoder and (self.device.startswith("cuda") or self.quantization != "none"):
             raise ValueError("trace_decoder is for CPU serving of unquantized experts (CUDA replays captured graphs; "
                              "quantized experts run grouped_mm)")
+        if self.trace_decoder and self.batch_invariant is False:
+            raise ValueError("trace_decoder needs batch invariance (its row-wise attention and experts): other "
+                             "experts branch on the routing, which a trace would freeze")
+        if self.data_parallel_size > 1 and self.device.startswith("cuda"):
+            raise ValueError("data_parallel_size applies to CPU serving (a GPU runs one engine)")
         if self.batch_invariant and self.quantization != "none":
             raise ValueError("batch_invariant needs unquantized experts (quantized ones run grouped_mm)")
         if self.load_format not in LOAD_FORMATS:

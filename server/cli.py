@@ -150,9 +150,11 @@ def values_from_env(environ) -> dict:
 
 
 # DIFFUSION_SERVER_ variables that are not settings: read by server.default_model, by the Compose
-# override (on the host), and Kubernetes' service links for a Service named diffusion-server[-...]
-_OTHER_VARIABLES = re.compile(
-    r"CACHE|CPU_CONFIG|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)\w*)?)")
+# override (on the host), and Kubernetes' service links for a Service named diffusion-server[-...]; a
+# link's bare ..._PORT holds the service's address (tcp://10.0.0.1:8000), which tells it from a setting
+_OTHER_VARIABLES = re.compile(r"CACHE|CPU_CONFIG|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)\w*)")
+_LINK_PORT = re.compile(r"(\w+_)?PORT")
+_LINK_ADDRESS = re.compile(r"(tcp|udp|sctp)://")
 
 
 def unknown_variables(environ) -> dict[str, str | None]:
@@ -163,7 +165,8 @@ def unknown_variables(environ) -> dict[str, str | None]:
     unknown = {}
     for name in sorted(environ):
         rest = name.removeprefix(ENV_PREFIX)
-        if name.startswith(ENV_PREFIX) and rest not in known and not _OTHER_VARIABLES.fullmatch(rest):
+        link = _LINK_PORT.fullmatch(rest) and _LINK_ADDRESS.match(environ[name])
+        if name.startswith(ENV_PREFIX) and rest not in known and not _OTHER_VARIABLES.fullmatch(rest) and not link:
             close = difflib.get_close_matches(rest, known, n=1)
             unknown[name] = ENV_PREFIX + close[0] if close else None
     return unknown

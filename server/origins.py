@@ -40,6 +40,31 @@ def origin_not_allowed(origin: str) -> APIError:
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def normalized_origins(origins: list[str]) -> list[str]:
+    """``cors_allow_origins`` as browsers write an ``Origin``: ``scheme://host[:port]`` in lower case, without
+    a default port or a trailing slash (``*`` as it is); the origin guard and CORS both take this list.
+    ``ValueError`` for a value no browser would send."""
+    out = []
+    for origin in origins:
+        if origin == "*":
+            out.append(origin)
+            continue
+        parts = urlsplit(origin.strip().rstrip("/"))
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname or port == -1 or parts.path
+                or parts.query or parts.fragment or parts.username or parts.password):
+            raise ValueError(f"cors_allow_origins: {origin!r} is not an origin (scheme://host[:port], e.g. "
+                             "https://app.example.com) or *")
+        scheme = parts.scheme.lower()
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        shown = "" if port is None or port == DEFAULT_PORTS[scheme] else f":{port}"
+        out.append(f"{scheme}://{host}{shown}")
+    return out
+
+
 def same_origin(origin: str, host: str | None, fetch_site: str | None) -> bool:
     """Whether a request with these headers comes from a page the server itself served."""
     if fetch_site is not None:
@@ -58,7 +83,7 @@ def same_origin(origin: str, host: str | None, fetch_site: str | None) -> bool:
 class OriginGuardMiddleware:
     def __init__(self, app, allowed_origins: list[str], on_reject: Callable[[int], None] | None = None):
         self.app = app
-        self.allowed = {o.rstrip("/") for o in allowed_origins}
+        self.allowed = set(allowed_origins)  # normalized_origins
         self.on_reject = on_reject
 
     async def __call__(self, scope, receive, send):

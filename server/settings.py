@@ -12,6 +12,8 @@ from dataclasses import Field, dataclass, field, fields, replace
 
 from engine.settings import EngineSettings, default_of, is_setting, setting
 
+from .origins import normalized_origins
+
 ENV_PREFIX = "DIFFUSION_SERVER_"
 GROUPS = {"server": "Server settings", "engine": "Engine settings", "request limits": "Request limits"}  # name: title
 KINDS = ("str", "int", "float", "bool", "list")  # "bool" is a switch, "list" a repeatable flag
@@ -195,8 +197,12 @@ class ServerSettings:
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
         if any(not k for k in self.api_keys):
             raise ValueError("api keys must not be empty")
+        normalized_origins(self.cors_allow_origins)
         # the engine's own settings (dtype, device, budgets), with the model still unresolved
-        replace(self.engine, model=self.model or "<default model>").validate()
+        engine = replace(self.engine, model="<default model>" if self.model is None else self.model)
+        engine.validate()
+        if engine.device == "auto":  # the checks that depend on the device, for the one auto picks here
+            replace(engine, device="cpu" if resolves_to_cpu("auto") else "cuda").validate()
 
     def engine_settings(self) -> EngineSettings:
         """The engine's settings: ``engine`` with the model filled in and, on CPU, one thread by default."""

@@ -58,6 +58,9 @@ def test_deployment_gpu_probes_and_scraping():
     assert ports == {"http": 8000}
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["DIFFUSION_SERVER_PORT"] == "8000"
+    # the API key is required: a missing secret stops the pod rather than serving without authentication
+    key = next(e for e in container["env"] if e["name"] == "DIFFUSION_SERVER_API_KEY")["valueFrom"]["secretKeyRef"]
+    assert key["optional"] is False and key["key"] == "api-key"
     config = env["DIFFUSION_SERVER_CONFIG"]
     assert config.startswith("/etc/diffusion-server/")
     assert (K8S.parent.parent / "configs" / Path(config).name).is_file(), "presets are baked into the image from configs/"

@@ -167,6 +167,13 @@ def test_bad_engine_settings_fail_before_loading(overrides, fragment):
     assert fragment in str(info.value)
 
 
+def test_a_context_longer_than_the_model_was_trained_for_is_refused(tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("context"), TinySpec(max_position_embeddings=512))
+    assert make_core(path, max_model_len=512).max_model_len == 512
+    with pytest.raises(ValueError, match="max_model_len 513 is over the model's context of 512 tokens"):
+        make_core(path, max_model_len=513)
+
+
 def test_long_prompt_is_prefilled_in_chunks_with_the_same_result(tmp_path_factory):
     """A prompt longer than max_encoder_tokens is encoded chunk by chunk; the tokens do not change."""
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("chunks"), TinySpec(dtype=torch.float64))

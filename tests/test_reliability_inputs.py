@@ -15,7 +15,8 @@ KEY = "rel-key-1"
 OTHER_KEY = "rel-key-2"
 MODEL = "rel-tiny"
 BODY_LIMIT = 65536
-ORIGIN = "https://allowed.example"
+ORIGIN = "https://allowed.example"  # as a browser sends it; configured as people paste it:
+CONFIGURED_ORIGIN = "HTTPS://Allowed.Example:443/"
 
 LIMIT_ARGS = [
     "--served-model-name", MODEL, "--api-key", KEY, "--api-key", OTHER_KEY,
@@ -25,7 +26,7 @@ LIMIT_ARGS = [
     "--max-json-depth", "8", "--max-json-values", "20500", "--max-request-denoising-steps", "32",
     "--max-tools", "2", "--max-tools-chars", "200", "--max-choices-per-request", "8",
     "--max-template-kwarg-chars", "16", "--max-logprob-entries", "600", "--max-logit-bias", "200",
-    "--cors-allow-origin", ORIGIN,
+    "--cors-allow-origin", CONFIGURED_ORIGIN,
     "--max-num-seqs", "4", "--no-ui",
 ]
 

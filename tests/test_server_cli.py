@@ -344,9 +344,12 @@ def test_a_misspelt_variable_stops_the_server_and_an_unknown_one_is_named():
                "DIFFUSION_SERVER_SERVICE_HOST": "10.0.0.1", "DIFFUSION_SERVER_SERVICE_PORT": "8000",
                "DIFFUSION_SERVER_SERVICE_PORT_HTTP": "8000", "DIFFUSION_SERVER_PORT_8000_TCP": "tcp://10.0.0.1:8000",
                "DIFFUSION_SERVER_PORT_8000_TCP_ADDR": "10.0.0.1", "DIFFUSION_SERVER_METRICS_SERVICE_HOST": "10.0.0.2",
+               "DIFFUSION_SERVER_METRICS_PORT": "tcp://10.0.0.2:9000",  # a link's bare _PORT: an address
+               "DIFFUSION_SERVER_HTTP_PORT": "9000",  # a port number: a misspelt setting, not a link
                "OTHER_API_KEYS": "x"}
     assert unknown_variables(environ) == {"DIFFUSION_SERVER_API_KEYS": "DIFFUSION_SERVER_API_KEY",
                                           "DIFFUSION_SERVER_BOGUS": None,
+                                          "DIFFUSION_SERVER_HTTP_PORT": "DIFFUSION_SERVER_PORT",
                                           "DIFFUSION_SERVER_MAX_NUM_SEQ": "DIFFUSION_SERVER_MAX_NUM_SEQS"}
     with pytest.raises(SystemExit) as stop:
         settings_from_args([], environ={"DIFFUSION_SERVER_API_KEYS": "sk-1"})

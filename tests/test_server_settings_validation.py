@@ -32,7 +32,26 @@ BAD = [
      "experts (CUDA replays captured graphs; quantized experts run grouped_mm)"),
     (["--trace-decoder", "--quantization", "int8-experts"], "invalid setting: trace_decoder is for CPU serving of "
      "unquantized experts (CUDA replays captured graphs; quantized experts run grouped_mm)"),
+    # combinations the model load used to refuse, after the server was up (or, the first, after the weights)
+    (["--device", "cpu", "--trace-decoder", "--no-batch-invariant"], "invalid setting: trace_decoder needs batch "
+     "invariance (its row-wise attention and experts): other experts branch on the routing, which a trace would freeze"),
+    (["--device", "cuda", "--data-parallel-size", "2"],
+     "invalid setting: data_parallel_size applies to CPU serving (a GPU runs one engine)"),
+    (["--model", ""], "invalid setting: model must be a local folder or a hub id"),
+    (["--cors-allow-origin", "app.example.com"], "invalid setting: cors_allow_origins: 'app.example.com' is not an "
+     "origin (scheme://host[:port], e.g. https://app.example.com) or *"),
 ]
+
+needs_cpu_host = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="device auto picks CUDA here")
+
+
+@needs_cpu_host
+def test_device_auto_is_checked_as_the_device_it_picks():
+    # on a machine without CUDA, auto is the CPU: a GPU memory cap cannot apply
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--model", "/some/model", "--device-memory-limit-gib", "10"])
+    assert str(info.value) == "invalid setting: device_memory_limit_gib applies to CUDA devices (the device is cpu)"
+
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[a[0] for a, _ in BAD])

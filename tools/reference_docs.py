@@ -53,7 +53,9 @@ def configuration_page() -> str:
         "before the model loads, with a one-line message; so does a `DIFFUSION_SERVER_` variable close to a "
         "setting's (a misspelt one, say `DIFFUSION_SERVER_API_KEYS`, which would leave authentication off). "
         "Any other `DIFFUSION_SERVER_` variable that names no setting is ignored with a warning at start-up, but "
-        "for `DIFFUSION_SERVER_CACHE` (where the tiny fallback model is built) and Kubernetes' service links. "
+        "for `DIFFUSION_SERVER_CACHE` (where the tiny fallback model is built), `DIFFUSION_SERVER_CPU_CONFIG` (the "
+        "Compose override's, read on the host) and Kubernetes' service links (a bare `..._PORT` one holds the "
+        "service's `tcp://` address). "
         "`diffusion-server --help` shows the same settings.",
         "",
         "In Python, `server.settings.ServerSettings` holds the server's settings and, in `engine`, an "
