@@ -33,6 +33,7 @@ from pathlib import Path
 from engine.compressed_tensors import FORMAT_FP8, METHOD_NAMES, compressed_weight_bytes
 from engine.memory import auto_sampling_tile_bytes
 from engine.quantization import expert_dequant_bytes, quantized_weight_bytes
+from engine.sampling.fast import planned_transient_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -167,6 +168,9 @@ def compute(p: Preset) -> dict:
                encoder_beside_decoder=settings.device == "cpu")  # a traced CPU pass runs rows beside the encoder
     r["weights_gib"] = weights_gib
     sampling_gib = r["sampling_transient_gib"]  # tiles never hold more rows than the batch (engine.memory)
+    if (settings.sampler or ("reference" if settings.device == "cpu" else "fast")) == "fast":  # CUDA's default
+        sampling_gib = planned_transient_bytes(seqs, tile_bytes, config.canvas_length, text.vocab_size,
+                                               text.hidden_size) / 2**30
     # quantized experts are dequantized one layer at a time (engine.quantization.DEQUANTIZED_EXPERTS,
     # engine.compressed_tensors where the GPU has no FP8 grouped GEMM)
     dequant_gib = 0.0 if quantization == "none" else expert_dequant_bytes(text, _DTYPE_BYTES[dtype]) / 2**30

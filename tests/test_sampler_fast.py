@@ -222,3 +222,16 @@ def test_fast_sampler_memory_per_row_at_the_real_vocabulary():
     assert 0 < r["peak_bytes"] <= r["planned_bytes"], r
     canvas_row = 4 * 256 * (CHUNK_FP32_COPIES["torch"] * VOCAB_CHUNK["torch"] + 2 * 2816)
     assert canvas_row < 100 * 2**20
+
+
+@pytest.mark.parametrize("tile_bytes", [1, 3 * 2**20, 1 << 30])
+def test_a_plan_from_the_shape_alone_is_the_samplers_own(model, tile_bytes):
+    """deploy.presets plans the fast sampler's memory without a model: from the model's shape it gets the
+    transient the sampler itself reports (and the engine's KV budget sets aside), for any rows and tile."""
+    from engine.sampling.fast import planned_transient_bytes
+
+    s = FastSampler(model, torch.device("cpu"), tile_bytes=tile_bytes, max_num_seqs=16)
+    text = model.config.text_config
+    for n in (1, 3, 16):
+        assert planned_transient_bytes(n, tile_bytes, model.config.canvas_length, text.vocab_size, text.hidden_size,
+                                       kind=s.kind) == s.transient_bytes(n)

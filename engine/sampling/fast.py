@@ -153,6 +153,21 @@ def row_keys(seeds: list[int], rows: list[DecodeWork], purpose: int, device) -> 
                         dtype=torch.int64, device=device)
 
 
+def row_transient_bytes(canvas_length: int, hidden_size: int, chunk: int, kind: str) -> int:
+    """One canvas row's memory in the fast sampler: ``CHUNK_FP32_COPIES[kind]`` float32 copies of a vocabulary
+    chunk per position, and the soft embeddings' accumulator and its update."""
+    return 4 * canvas_length * (CHUNK_FP32_COPIES[kind] * chunk + 2 * hidden_size)
+
+
+def planned_transient_bytes(rows: int, tile_bytes: int, canvas_length: int, vocab_size: int, hidden_size: int,
+                            kind: str = "triton") -> int:
+    """What ``FastSampler.transient_bytes(rows)`` plans with its default chunks, from the model's shape alone
+    (memory plans made without a model: ``deploy.presets``)."""
+    per_row = row_transient_bytes(canvas_length, hidden_size,
+                                  chunk_width(vocab_size, VOCAB_CHUNK[kind], block_width(vocab_size)), kind)
+    return min(rows, max(1, tile_bytes // per_row)) * per_row
+
+
 class FastSampler:
     """The fast sampler over ``model``'s lm head and tied embedding (see the module docstring).
 
@@ -187,9 +202,7 @@ class FastSampler:
         self.sampling_seconds = 0.0
 
     def _row_bytes(self) -> int:
-        C = self.canvas_length
-        # + the soft accumulator and its update
-        return 4 * C * (CHUNK_FP32_COPIES[self.kind] * self.chunk + 2 * self.hidden_size)
+        return row_transient_bytes(self.canvas_length, self.hidden_size, self.chunk, self.kind)
 
     # -- per-request random state ------------------------------------------------------------------
     def add(self, request_id: str, seed: int) -> None:
