@@ -64,13 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_ERROR_STATUS = 2  # as argparse's for a bad flag: every configuration error exits with it
+
+
+class ConfigError(SystemExit):
+    """A configuration the server cannot use (a config file, a value, a combination): its message is one
+    line. ``main`` prints it and exits with ``CONFIG_ERROR_STATUS``, as for a bad flag."""
+
+
 def _coerce(option, key: str, value):
     """A YAML value as ``option``'s kind; an empty one (``key:``) only where None is a value of its own."""
     kind = option.kind
     if value is None:
         if option.optional:
             return None
-        raise SystemExit(f"config: '{key}' has no value: give {'an' if kind == 'int' else 'a'} {kind} or leave the "
+        raise ConfigError(f"config: '{key}' has no value: give {'an' if kind == 'int' else 'a'} {kind} or leave the "
                          "key out")
     try:
         if kind == "bool":
@@ -93,7 +101,7 @@ def _coerce(option, key: str, value):
             return float(value)
         return str(value)
     except ValueError:
-        raise SystemExit(f"config: '{key}' must be a {kind}, got {value!r}") from None
+        raise ConfigError(f"config: '{key}' must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}") from None
 
 
 def load_config(path: str) -> dict:
@@ -103,13 +111,13 @@ def load_config(path: str) -> dict:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise SystemExit(f"config {path}: cannot read it ({exc.strerror or exc})") from None
+        raise ConfigError(f"config {path}: cannot read it ({exc.strerror or exc})") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise SystemExit(f"config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"config {path}: expected a mapping of flag names to values")
+        raise ConfigError(f"config {path}: expected a mapping of flag names to values")
     settings = [o for o in options() if o.name != "config"]
     by_key = {}
     for o in settings:
@@ -119,7 +127,7 @@ def load_config(path: str) -> dict:
     for key, value in data.items():
         if key not in by_key:
             known = sorted(o.key for o in settings)
-            raise SystemExit(f"config {path}: unknown key '{key}'. Known keys: {', '.join(known)}")
+            raise ConfigError(f"config {path}: unknown key '{key}'. Known keys: {', '.join(known)}")
         out[by_key[key].name] = _coerce(by_key[key], key, value)
     return out
 
@@ -209,7 +217,7 @@ def settings_from_args(argv: list[str] | None = None, environ=None) -> ServerSet
         settings = ServerSettings.from_flat(**values)
         settings.validate()
     except ValueError as exc:
-        raise SystemExit(f"invalid setting: {exc}") from None
+        raise ConfigError(f"invalid setting: {exc}") from None
     return settings
 
 
@@ -221,7 +229,11 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from_args(argv)
+    try:
+        settings = settings_from_args(argv)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return CONFIG_ERROR_STATUS
     configure_logging(settings.log_level)
     for name in unknown_variables(os.environ):  # none close to a setting's (those stop it): logged, ignored
         logger.warning("%s is not a setting: ignored", name)

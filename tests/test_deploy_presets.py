@@ -53,7 +53,7 @@ def test_config_loader_rejects_unknown_keys_and_wrong_types(tmp_path):
         settings_from_args(["--config", str(bad_key)])
     bad_type = tmp_path / "bad-type.yaml"
     bad_type.write_text("max-num-seqs: eight\n")
-    with pytest.raises(SystemExit, match="'max-num-seqs' must be a int"):
+    with pytest.raises(SystemExit, match="'max-num-seqs' must be an int"):
         settings_from_args(["--config", str(bad_type)])
     not_mapping = tmp_path / "list.yaml"
     not_mapping.write_text("- model\n")

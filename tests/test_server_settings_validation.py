@@ -103,3 +103,25 @@ def test_missing_and_malformed_config_files(tmp_path):
 def test_good_values_pass():
     s = settings_from_args(["--model", "/m", "--dtype", "bfloat16", "--device", "cuda:1", "--port", "0", "--max-waiting", "0"])
     assert (s.engine.dtype, s.engine.device, s.port, s.engine.max_waiting) == ("bfloat16", "cuda:1", 0, 0)
+
+
+@pytest.mark.parametrize("args,config,line", [
+    (["--max-num-seqs", "0"], None, "invalid setting: max_num_seqs must be a positive integer (got 0)"),
+    ([], "max-num-seqs: abc\n", "config: 'max-num-seqs' must be an int, got 'abc'"),
+    (["--cors-allow-origin", "app.example.com"], None, "invalid setting: cors_allow_origins: 'app.example.com' is not "
+     "an origin (scheme://host[:port], e.g. https://app.example.com) or *"),
+])
+def test_a_configuration_error_exits_with_status_2_and_one_line(tmp_path, args, config, line):
+    """As a bad flag does (argparse's status): a supervisor tells "fix the configuration" from a model that
+    failed to load (status 1)."""
+    import os
+    import subprocess
+    import sys
+
+    if config is not None:
+        (tmp_path / "c.yaml").write_text(config)
+        args = ["--config", str(tmp_path / "c.yaml"), *args]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "server", "--model", "/some/model", *args], capture_output=True,
+                          text=True, timeout=120, cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, line), proc.stderr[-2000:]

@@ -50,7 +50,8 @@ def configuration_page() -> str:
         "added to either. Empty variables are ignored.",
         "",
         "An unknown YAML key, a value of the wrong type or a value the server cannot use stops it at start-up, "
-        "before the model loads, with a one-line message; so does a `DIFFUSION_SERVER_` variable close to a "
+        "before the model loads, with a one-line message and exit status 2 (a model that cannot load exits with 1); "
+        "so does a `DIFFUSION_SERVER_` variable close to a "
         "setting's (a misspelt one, say `DIFFUSION_SERVER_API_KEYS`, which would leave authentication off). "
         "Any other `DIFFUSION_SERVER_` variable that names no setting is ignored with a warning at start-up, but "
         "for `DIFFUSION_SERVER_CACHE` (where the tiny fallback model is built), `DIFFUSION_SERVER_CPU_CONFIG` (the "
