@@ -33,11 +33,7 @@ class EngineCore:
         config = loaded.model.config
         self.canvas_length = config.canvas_length
         self.vocab_size = config.text_config.vocab_size
-        trained = config.text_config.max_position_embeddings
-        if settings.max_model_len is not None and settings.max_model_len > trained:
-            raise ValueError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} "
-                             "tokens (max_position_embeddings): positions past it were never trained")
-        self.max_model_len = settings.max_model_len or trained
+        self.max_model_len = settings.max_model_len or config.text_config.max_position_embeddings
         self.defaults = loaded.defaults
         self.runner = ModelRunner(
             loaded, max_num_seqs=settings.max_num_seqs, sampling_tile_bytes=settings.sampling_tile_bytes,

@@ -155,7 +155,14 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     limit_memory(device, settings.device_memory_limit_gib)
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    compressed = _compressed_config(settings)  # a checkpoint quantized by LLM Compressor, or None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(settings.model)  # before any weight is read: what it refuses costs nothing
+    trained = config.get_text_config().max_position_embeddings
+    if settings.max_model_len is not None and settings.max_model_len > trained:
+        raise ValueError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} tokens "
+                         "(max_position_embeddings): positions past it were never trained")
+    compressed = _compressed_config(settings, config)  # a checkpoint quantized by LLM Compressor, or None
     invariant = settings.batch_invariant
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
@@ -252,11 +259,8 @@ def refuse_unknown_quantization(folder: str, config) -> None:
                               f"(compressed-tensors) nor transformers can load")
 
 
-def _compressed_config(settings: EngineSettings):
-    """The checkpoint's config when it is quantized in the compressed-tensors format, else None."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(settings.model)
+def _compressed_config(settings: EngineSettings, config):
+    """The checkpoint's ``config`` when it is quantized in the compressed-tensors format, else None."""
     if compressed_tensors.compressed_config(config) is None:
         refuse_unknown_quantization(settings.model, config)
         return None

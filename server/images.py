@@ -35,9 +35,9 @@ _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}", re.ASCII)
 _FETCH_CHUNK = 64 * 1024
 _JPEG_START = b"\xff\xd8"
-# the next marker after entropy-coded data: 0xFF (fill bytes repeat it) and a byte that is not a stuffed
-# zero, a restart marker (RST0-7) or more fill
-_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# a marker as libjpeg finds one: 0xFF (after any other bytes, and fill 0xFF) and a byte that is not a stuffed
+# zero or a restart marker (RST0-7, inside a scan's entropy-coded data)
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 class _Watchdog:
@@ -181,26 +181,21 @@ def invalid_image(message: str, param: str) -> errors.APIError:
 
 
 def jpeg_scans(data: bytes) -> int:
-    """The scans of the first image in JPEG ``data``: its segments walked from its start to its end-of-image
-    marker (what follows, such as a motion photo's video, is not its), counting start-of-scan segments.
-    Data that is not well formed stops the count; the decoder then refuses it."""
+    """The scans of the first image in JPEG ``data``, as libjpeg reads it: from marker to marker (bytes between
+    segments and a scan's entropy-coded data are passed over, as libjpeg passes them), each segment's
+    payload skipped by its length, up to the end-of-image marker (what follows, such as a motion photo's
+    video, is not the image's); the start-of-scan segments counted. Linear in the data's length."""
     scans, i = 0, len(_JPEG_START)
-    while i + 4 <= len(data) and data[i] == 0xFF:
+    while (found := _JPEG_MARKER.search(data, i)) is not None:
+        i = found.start()
         marker = data[i + 1]
-        if marker == 0xFF:  # a fill byte
-            i += 1
-        elif marker == 0xD9:  # end of image
+        if marker == 0xD9:  # end of image
             break
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+        if marker == 0x01:  # TEM: no length
             i += 2
-        else:
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-            if marker == 0xDA:  # a scan: its header, then entropy-coded data up to the next marker
-                scans += 1
-                found = _NEXT_MARKER.search(data, i)
-                if found is None:
-                    break
-                i = found.end() - 2
+            continue
+        scans += marker == 0xDA
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")  # its payload, not searched (metadata may hold FF DA)
     return scans
 
 

@@ -41,15 +41,18 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def normalized_origins(origins: list[str]) -> list[str]:
-    """``cors_allow_origins`` as browsers write an ``Origin``: ``scheme://host[:port]`` in lower case, without
-    a default port or a trailing slash (``*`` as it is); the origin guard and CORS both take this list.
-    ``ValueError`` for a value no browser would send."""
+    """``cors_allow_origins`` as browsers write an ``Origin``: an http(s) one as ``scheme://host[:port]`` in
+    lower case, without a default port or a trailing slash; another scheme's (an extension's or an app
+    webview's page: ``chrome-extension://ID``, ``tauri://localhost``), ``null`` and ``*`` as given. The origin
+    guard and CORS both take this list. ``ValueError`` for a value no browser would send."""
     out = []
     for origin in origins:
-        if origin == "*":
-            out.append(origin)
+        origin = origin.strip()
+        scheme = origin.partition("://")[0].lower() if "://" in origin else ""
+        if origin in ("*", "null") or (scheme and scheme not in DEFAULT_PORTS and origin.partition("://")[2]):
+            out.append(origin.rstrip("/") if scheme else origin)
             continue
-        parts = urlsplit(origin.strip().rstrip("/"))
+        parts = urlsplit(origin.rstrip("/"))
         try:
             port = parts.port
         except ValueError:

@@ -201,7 +201,10 @@ class ServerSettings:
         # the engine's own settings (dtype, device, budgets), with the model still unresolved
         engine = replace(self.engine, model="<default model>" if self.model is None else self.model)
         engine.validate()
-        if engine.device == "auto":  # the checks that depend on the device, for the one auto picks here
+        # the checks that depend on the device, for the one auto picks here (only where a setting needs
+        # them: resolving auto imports torch, which the container's health check should not wait for)
+        bound = engine.device_memory_limit_gib is not None or engine.trace_decoder or engine.data_parallel_size > 1
+        if engine.device == "auto" and bound:
             replace(engine, device="cpu" if resolves_to_cpu("auto") else "cuda").validate()
 
     def engine_settings(self) -> EngineSettings:

@@ -125,3 +125,32 @@ def test_a_configuration_error_exits_with_status_2_and_one_line(tmp_path, args, 
     proc = subprocess.run([sys.executable, "-m", "server", "--model", "/some/model", *args], capture_output=True,
                           text=True, timeout=120, cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
     assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, line), proc.stderr[-2000:]
+
+
+def test_cors_origins_are_written_as_browsers_send_them():
+    """http(s) origins are normalized (the guard and CORS compare them with a browser's Origin exactly); an
+    extension's or app webview's origin, null and * are kept as given; anything else stops start-up."""
+    from server.origins import normalized_origins
+
+    given = ["HTTPS://App.Example.com:443/", "http://127.0.0.1:8080", "http://[::1]:80", "chrome-extension://abcdef",
+             "tauri://localhost", "null", "*"]
+    assert normalized_origins(given) == ["https://app.example.com", "http://127.0.0.1:8080", "http://[::1]",
+                                         "chrome-extension://abcdef", "tauri://localhost", "null", "*"]
+    for bad in ("app.example.com", "https://app.example.com/path", "https://x:port", "https://"):
+        with pytest.raises(ValueError, match="is not an origin"):
+            normalized_origins([bad])
+
+
+def test_validating_default_settings_imports_no_torch():
+    """The container's health check reads the settings every 15 s: with the defaults (device auto) that must
+    not import torch (seconds and hundreds of MB) just to learn which device auto means."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from server.cli import settings_from_args; settings_from_args(['--model', '/m']); "
+            "print('torch' in sys.modules)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=repo))
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
