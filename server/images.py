@@ -191,7 +191,7 @@ def jpeg_scans(data: bytes) -> int:
         marker = data[i + 1]
         if marker == 0xD9:  # end of image
             break
-        if marker == 0x01:  # TEM: no length
+        if marker < 0xC0:  # TEM and reserved markers have no length: libjpeg passes over them, as over junk
             i += 2
             continue
         scans += marker == 0xDA

@@ -42,15 +42,20 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def normalized_origins(origins: list[str]) -> list[str]:
     """``cors_allow_origins`` as browsers write an ``Origin``: an http(s) one as ``scheme://host[:port]`` in
-    lower case, without a default port or a trailing slash; another scheme's (an extension's or an app
-    webview's page: ``chrome-extension://ID``, ``tauri://localhost``), ``null`` and ``*`` as given. The origin
+    lower case, its host name in punycode, without a default port or a trailing slash; another scheme's (an
+    extension's or an app webview's page: ``chrome-extension://ID``, ``tauri://localhost``) with its scheme in
+    lower case; ``null`` and ``*`` as given. The origin
     guard and CORS both take this list. ``ValueError`` for a value no browser would send."""
     out = []
     for origin in origins:
         origin = origin.strip()
-        scheme = origin.partition("://")[0].lower() if "://" in origin else ""
-        if origin in ("*", "null") or (scheme and scheme not in DEFAULT_PORTS and origin.partition("://")[2]):
-            out.append(origin.rstrip("/") if scheme else origin)
+        if origin in ("*", "null"):
+            out.append(origin)
+            continue
+        scheme, _, rest = origin.rstrip("/").partition("://")
+        scheme = scheme.lower()
+        if scheme and scheme not in DEFAULT_PORTS and rest and "/" not in rest:
+            out.append(f"{scheme}://{rest}")
             continue
         parts = urlsplit(origin.rstrip("/"))
         try:
@@ -62,7 +67,11 @@ def normalized_origins(origins: list[str]) -> list[str]:
             raise ValueError(f"cors_allow_origins: {origin!r} is not an origin (scheme://host[:port], e.g. "
                              "https://app.example.com) or *")
         scheme = parts.scheme.lower()
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        try:  # an internationalized name as browsers send it (punycode)
+            hostname = parts.hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"cors_allow_origins: {origin!r} has a host name that is not valid") from None
+        host = f"[{hostname}]" if ":" in hostname else hostname
         shown = "" if port is None or port == DEFAULT_PORTS[scheme] else f":{port}"
         out.append(f"{scheme}://{host}{shown}")
     return out

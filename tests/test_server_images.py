@@ -450,8 +450,11 @@ def test_jpeg_scans_are_counted_in_the_first_image_only():
     tail = b"\xff\xda" * 64 + bytes(range(256))  # after the end of the image: data that is not its
     app0 = 4 + int.from_bytes(many[4:6], "big")  # junk after a segment, which libjpeg passes over to the next
     junk = [many[:app0] + extra + many[app0:] for extra in (b"\x00", b"\xff\x00\xff\xff")]
+    # a reserved marker (0x02-0xBF) has no length, whatever bytes follow it: what comes next is read
+    hidden = many[:app0] + b"\xff\x02" + (4096).to_bytes(2, "big") + many[app0:]
+    junk.append(hidden)
     assert [jpeg_scans(d) for d in (baseline, progressive, described, many, with_mpf, *junk, baseline + tail,
-                                     progressive + tail)] == [1, 10, 1, 110, 110, 110, 110, 1, 10]
+                                     progressive + tail)] == [1, 10, 1, 110, 110, 110, 110, 110, 1, 10]
     assert described.count(b"\xff\xda") == 3 and (baseline + tail).count(b"\xff\xda") == 65
     assert Image.open(io.BytesIO(described)).convert("RGB").size == (64, 64)
     reader = ImageReader(processor=None, model=MODEL, max_images=1, max_bytes=10**6, max_pixels=10**6, fetch=False,

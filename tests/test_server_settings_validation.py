@@ -132,11 +132,13 @@ def test_cors_origins_are_written_as_browsers_send_them():
     extension's or app webview's origin, null and * are kept as given; anything else stops start-up."""
     from server.origins import normalized_origins
 
-    given = ["HTTPS://App.Example.com:443/", "http://127.0.0.1:8080", "http://[::1]:80", "chrome-extension://abcdef",
-             "tauri://localhost", "null", "*"]
+    given = ["HTTPS://App.Example.com:443/", "http://127.0.0.1:8080", "http://[::1]:80", "https://bücher.example",
+             "CHROME-EXTENSION://abcdef", "tauri://localhost", "null", "*"]
     assert normalized_origins(given) == ["https://app.example.com", "http://127.0.0.1:8080", "http://[::1]",
-                                         "chrome-extension://abcdef", "tauri://localhost", "null", "*"]
-    for bad in ("app.example.com", "https://app.example.com/path", "https://x:port", "https://"):
+                                         "https://xn--bcher-kva.example", "chrome-extension://abcdef",
+                                         "tauri://localhost", "null", "*"]
+    for bad in ("app.example.com", "https://app.example.com/path", "https://x:port", "https://",
+                "chrome-extension://abcdef/page.html"):
         with pytest.raises(ValueError, match="is not an origin"):
             normalized_origins([bad])
 
