@@ -209,16 +209,16 @@ class ImageReader:
     max_images: int  # engine setting max_images_per_prompt
     max_bytes: int
     max_pixels: int
+    max_jpeg_scans: int
     fetch: bool
     fetch_timeout: float
     fetches: ImageFetches | None = None  # the server's fetch turns (``chat.image_prompts`` needs them)
-    max_jpeg_scans: int = 64
 
     @classmethod
     def of(cls, settings, processor, model: str, fetches: ImageFetches) -> "ImageReader":
         return cls(processor, model, settings.engine.max_images_per_prompt, settings.max_image_bytes,
-                   settings.max_image_pixels, settings.image_url_fetch, settings.image_fetch_timeout_seconds,
-                   fetches, settings.max_jpeg_scans)
+                   settings.max_image_pixels, settings.max_jpeg_scans, settings.image_url_fetch,
+                   settings.image_fetch_timeout_seconds, fetches)
 
     def check_count(self, count: int) -> None:
         """Before anything is read: the model takes images, and no more than the setting allows."""

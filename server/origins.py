@@ -44,8 +44,8 @@ def normalized_origins(origins: list[str]) -> list[str]:
     """``cors_allow_origins`` as browsers write an ``Origin``: an http(s) one as ``scheme://host[:port]`` in
     lower case, its host name in punycode, without a default port or a trailing slash; another scheme's (an
     extension's or an app webview's page: ``chrome-extension://ID``, ``tauri://localhost``) with its scheme in
-    lower case; ``null`` and ``*`` as given. The origin
-    guard and CORS both take this list. ``ValueError`` for a value no browser would send."""
+    lower case; ``null`` and ``*`` as given. The origin guard and CORS both take this list. ``ValueError`` for
+    a value no browser would send."""
     out = []
     for origin in origins:
         origin = origin.strip()

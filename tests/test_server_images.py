@@ -496,8 +496,8 @@ def test_a_request_still_decoding_when_the_drain_ends_is_answered_at_once(server
 
 
 def _reader(timeout: float) -> ImageReader:
-    return ImageReader(processor=None, model=MODEL, max_images=1, max_bytes=20000, max_pixels=10**6, fetch=True,
-                       fetch_timeout=timeout)
+    return ImageReader(processor=None, model=MODEL, max_images=1, max_bytes=20000, max_pixels=10**6,
+                       max_jpeg_scans=64, fetch=True, fetch_timeout=timeout)
 
 
 def test_a_redirect_body_is_not_read(image_host):
