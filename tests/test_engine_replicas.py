@@ -18,6 +18,7 @@ import torch
 
 from engine import AsyncEngine, EngineDeadError, EngineSettings, QueueFullError, SamplingParams
 from engine.replicas import ReplicatedEngine
+from tests.processes import alive, kill_all, wait_gone
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +314,7 @@ def test_a_script_that_exits_without_shutdown_leaves_no_replica(checkpoint, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "died" not in proc.stderr and "Bad file descriptor" not in proc.stderr, proc.stderr[-3000:]
     for pid in map(int, proc.stdout.split()):
-        assert not _alive(pid)
+        assert not alive(pid)
 
 
 CONSTRUCT_ONLY = """
@@ -352,17 +353,10 @@ def test_replicas_exit_when_the_front_is_killed_while_they_load(tmp_path):
             time.sleep(0.1)
         proc.kill()
         proc.wait(10)
-        deadline = time.monotonic() + 15
-        while any(_alive(r) for r in replicas):
-            assert time.monotonic() < deadline, "a replica outlived its front"
-            time.sleep(0.1)
+        wait_gone(replicas, 15, "a replica outlived its front")
     finally:
         proc.kill()
-        for r in replicas:
-            try:
-                os.kill(r, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(replicas)
 
 
 def _opening_fifo(pid: int) -> bool:
@@ -413,15 +407,4 @@ def test_server_with_replicas_serves_and_leaves_no_process_behind(server_launche
     assert [m[k] for k in counted] == [m1[k] for k in counted] and m[counted[0]] == 1 and m[counted[1]] > 0
     srv.proc.kill()
     srv.proc.wait(10)
-    deadline = time.monotonic() + 30
-    while any(os.path.exists(f"/proc/{p}") and _alive(p) for p in replicas):
-        assert time.monotonic() < deadline, "a replica outlived its server"
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_gone(replicas, 30, "a replica outlived its server")

@@ -197,6 +197,7 @@ def test_a_stop_during_the_replicas_load_stops_them_too(tmp_path):
     import signal
 
     from tests.conftest import wait_for_port
+    from tests.processes import kill_all, wait_gone
 
     script, log = tmp_path / "server_main.py", tmp_path / "server.log"
     script.write_text(SLOW_REPLICAS_SERVER)
@@ -215,17 +216,10 @@ def test_a_stop_during_the_replicas_load_stops_them_too(tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "loading"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{r}").exists() and "zombie" not in Path(f"/proc/{r}/status").read_text() for r in replicas):
-            assert time.monotonic() < deadline, "a replica outlived the server"
-            time.sleep(0.1)
+        wait_gone(replicas, 10, "a replica outlived the server")
     finally:
         proc.kill()
-        for r in replicas:
-            try:
-                os.kill(r, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(replicas)
 
 
 def test_a_port_in_use_exits_before_loading(tmp_path):
