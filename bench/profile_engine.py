@@ -12,9 +12,10 @@ On CUDA the stage times wait for their kernels (``engine.pass_stages.sync_stage_
 forward and the sampler include the GPU's time; the waits keep the host from running ahead, so a
 pass here takes longer than served.
 
-``--device-profile`` takes torch's profiler instead of cProfile: it reports how much of each pass the GPU spends in kernels,
-how that kernel time splits over the pass's stages (``engine.pass_stages``: encoder, decoder, lm
-head, the rest of the sampler; on CPU the stages' wall time) and which kernels those are.
+``--device-profile`` takes torch's profiler instead of cProfile: it reports how much of each pass the
+GPU spends in kernels, how that kernel time splits over the pass's stages (``engine.pass_stages``:
+encoder, decoder, lm head, the rest of the sampler; on CPU the stages' wall time) and which kernels
+those are.
 
 ``--compare-sequential`` alternates, pass by pass, between the CPU worker computing the entropies
 beside the draw (the default) and the entropies computed after the draw on the engine's thread

@@ -520,8 +520,8 @@ def load_compressed_model(path: str, config, kwargs: dict, device: torch.device,
             if isinstance(dense, dict):  # FP8: one Fp8Linear for every (tied) place the layer appears
                 if module.bias is not None:
                     raise CheckpointError(f"{names[0]}: FP8 linear layers with a bias are not supported")
-                layer = fp8_linears.setdefault(id(meta), Fp8Linear(dense["weight"].to(device), dense["scale"].to(device),
-                                                                          fp8_gemm))
+                fp8 = Fp8Linear(dense["weight"].to(device), dense["scale"].to(device), fp8_gemm)
+                layer = fp8_linears.setdefault(id(meta), fp8)
                 for _, _, full in group:
                     parent_name, _, child = full.rsplit(".", 1)[0].rpartition(".")
                     setattr(model.get_submodule(parent_name), child, layer)

@@ -7,8 +7,8 @@ and KV budget, one intra-op thread by default) in a process started with ``spawn
 (an ``AsyncEngine`` without a step loop of its own) validates each request against the replicas'
 ``RequestRules``, keeps the one waiting queue, hands its oldest request to the replica with the fewest
 unfinished requests whenever one has room (fewer than ``max_num_seqs``, none waiting for KV room), and
-relays outputs, statistics and gauges back. On CPU a row's tokens do not depend on what shares its batch (batch
-invariance), so which replica serves a request does not change its text.
+relays outputs, statistics and gauges back. On CPU a row's tokens do not depend on what shares its
+batch (batch invariance), so which replica serves a request does not change its text.
 
 Messages are pickled over one pipe per replica:
 

@@ -76,7 +76,8 @@ def test_an_assistant_refusal_part_reads_as_its_text(server_variant):
     said = {"role": "assistant", "content": "I can't help with that."}
     refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}
     user = {"role": "user", "content": "hi"}
-    as_text, as_refusal = (httpx.post(url, json={**base, "messages": [user, m, user]}, timeout=30) for m in (said, refused))
+    as_text, as_refusal = (httpx.post(url, json={**base, "messages": [user, m, user]}, timeout=30)
+                           for m in (said, refused))
     assert as_refusal.status_code == 200, as_refusal.text
     assert as_refusal.json()["choices"] == as_text.json()["choices"]
     assert as_refusal.json()["usage"] == as_text.json()["usage"]

@@ -34,7 +34,8 @@ BAD = [
      "unquantized experts (CUDA replays captured graphs; quantized experts run grouped_mm)"),
     # combinations the model load used to refuse, after the server was up (or, the first, after the weights)
     (["--device", "cpu", "--trace-decoder", "--no-batch-invariant"], "invalid setting: trace_decoder needs batch "
-     "invariance (its row-wise attention and experts): other experts branch on the routing, which a trace would freeze"),
+     "invariance (its row-wise attention and experts): other experts branch on the routing, which a trace would "
+     "freeze"),
     (["--device", "cuda", "--data-parallel-size", "2"],
      "invalid setting: data_parallel_size applies to CPU serving (a GPU runs one engine)"),
     (["--model", ""], "invalid setting: model must be a local folder or a hub id"),
