@@ -114,7 +114,8 @@ class EngineSettings:
     # engine.sampling: the default is engine.sampling.default_sampler
     sampler: str | None = setting(
         None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "
-        "model.generate at batch 1) or fast (Gumbel-max with counter-based random numbers, one pass over "
+        "model.generate at batch 1 in float32 and float64; in bfloat16, generate with transformers' eager experts, "
+        "as its grouped_mm rounds otherwise) or fast (Gumbel-max with counter-based random numbers, one pass over "
         "vocabulary chunks: far less memory, and a row's result independent of its batch).",
         default_text="fast on CUDA, reference on CPU")
     # engine.sampling.reference.sampling_tiles: a row's whole-row exponential draws must fit, plus one

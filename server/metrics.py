@@ -36,7 +36,7 @@ METRIC_DOCS = [
     ("num_requests_waiting", "gauge", "Requests queued, waiting for a slot in the running batch."),
     ("prompt_tokens_total", "counter", "Prompt tokens of finished engine requests (each choice counts its prompt)."),
     ("generation_tokens_total", "counter", "Completion tokens of finished engine requests, as usage.completion_tokens counts them (eos included; for a request whose client left, what it had committed)."),
-    ("request_success_total", "counter", "Finished engine requests (one per choice) by finished_reason: stop, length, abort (client gone, shutdown, or a sibling choice failed), error."),
+    ("request_success_total", "counter", "Finished engine requests (one per choice), by the label finished_reason: stop, length, abort (client gone, shutdown, or a sibling choice failed), error."),
     ("denoising_steps_total", "counter", "Decoder steps run, summed over requests."),
     ("canvases_total", "counter", "Canvases that left the decoder batch (committed)."),
     ("time_to_first_token_seconds", "histogram", "Arrival to first committed token."),
@@ -54,7 +54,7 @@ METRIC_DOCS = [
     ("kv_cache_usage_perc", "gauge", "Fraction (0-1) of the engine's KV token budget the running requests' slot buffers take (vLLM's name)."),
     ("engine_live_states", "gauge", "Per-request state objects the engine holds (requests, runner rows, KV entries); 0 when idle. A leak check."),
     ("http_requests_in_flight", "gauge", "HTTP requests to /v1 inside the server (a stream counts until its last byte)."),
-    ("http_errors_total", "counter", "Error responses sent, by HTTP status code (docs/api.md#errors lists them); an error chunk that ends a stream counts under the status its error has."),
+    ("http_errors_total", "counter", "Error responses sent, by the label code (the HTTP status as a string, such as \"429\"; docs/api.md#errors lists them); an error chunk that ends a stream counts under the status its error has."),
 ]
 
 

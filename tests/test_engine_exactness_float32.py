@@ -131,6 +131,20 @@ def test_random_tiny_model_in_float32_matches_generate(tiny32_core, params):
         check_against_generate(tiny32_core, tiny32_core.loaded.tokenizer(PROMPTS["long"]).input_ids, params, seed)
 
 
+def test_random_tiny_model_in_bfloat16_matches_generate_with_eager_experts(tiny32_path):
+    """``--dtype bfloat16`` on CPU: generate's tokens, against transformers' ``eager`` experts (its default
+    ``grouped_mm`` rounds a bfloat16 product otherwise; docs/configuration.md, ``--sampler``)."""
+    settings = EngineSettings(model=str(tiny32_path), dtype="bfloat16")
+    core = EngineCore(load_model(settings), settings)
+    assert core.loaded.dtype == torch.bfloat16 and core.runner.sampler.name == "reference"
+    assert reference_model(core).config._experts_implementation == "eager"
+    prompt = core.loaded.tokenizer(PROMPTS["long"]).input_ids
+    for params in (SamplingParams(max_tokens=16),
+                   SamplingParams(max_tokens=40, max_denoising_steps=5, entropy_bound=0.5, t_min=0.2, t_max=1.5)):
+        for seed in (0, 1, 2):
+            check_against_generate(core, prompt, params, seed)
+
+
 @pytest.fixture(scope="module")
 def tiny32_path(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny32"), TinySpec())

@@ -173,8 +173,8 @@ A committed token's log-probability is log softmax(s)[token] at its canvas posit
 logits of the denoising step whose argmax draft the canvas committed, soft-capped, biased
 (`logit_bias`) and divided by that step's temperature: s = (softcap(z) + bias) / T(step). The
 committed token is that step's argmax, so it is its own best alternative. They are computed on the
-device, for the rows that ask only; every step of such a row costs a top-k over the vocabulary and
-a transfer of [canvas, k] values. A value too small for a float shows as -9999.0.
+device: while any row of a decoder pass asks, every step of the pass costs a top-k over the
+vocabulary for all its rows, and the rows that asked transfer their [canvas, k] values. A value too small for a float shows as -9999.0.
 
 - Completions (`logprobs: k`, 0..5): `tokens`, `token_logprobs`, `top_logprobs` (per token a map of
   up to k + 1 entries: the top k and the chosen token) and `text_offset` (where each token's text
@@ -237,7 +237,10 @@ with empty text (completions) or an empty delta (chat), plus an extension object
 `canvas` (0-based), `step` (1-based), `max_steps`, `draft` (the text of the whole argmax canvas),
 `changed` (positions that differ from the previous draft of that canvas; all at step 1) and
 `changed_token_ids` (their new token ids). The last draft of a canvas is what it commits, before
-the eos and length trims. The `openai` SDK reads it as `choice.model_extra["diffusion"]`.
+the eos and length trims. A client that reads more slowly than the steps come gets merged drafts:
+`step` may skip, and `changed` covers every position changed since the last draft it received, so
+applying the drafts in order still rebuilds the canvas. The `openai` SDK reads it as
+`choice.model_extra["diffusion"]`.
 
 ## Errors
 
