@@ -87,7 +87,9 @@ class Chat:
         return ChatPrompts([ids], text, parse_tool_calls=bool(template_tools(req)))
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
-        return self.chunk_choice(spec.index, "", delta={"role": "assistant", "content": ""})
+        # with tools the answer may be calls alone, whose content is null (as in response_choice)
+        content = None if prompts.parse_tool_calls else ""
+        return self.chunk_choice(spec.index, "", delta={"role": "assistant", "content": content})
 
     def chunk_choice(self, index: int, text: str, finish_reason: str | None = None, delta: dict | None = None,
                      **extra) -> dict:

@@ -10,6 +10,7 @@ import shutil
 import httpx
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from engine.detokenizer import FUNCTION_CALL_MARKERS, IncrementalDetokenizer
@@ -266,6 +267,21 @@ def test_stream_sends_content_then_whole_calls_then_tool_calls_finish():
     assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == calls_of(expected_calls)
     assert all(t.type == "function" and t.id.startswith("call_") for t in calls)
     assert deltas[0].content == "Checking. "  # text before a call is not held
+
+
+@pytest.mark.parametrize("text", ["<|tool_call>call:a{}<tool_call|>", "Sure.<|tool_call>call:a{}<tool_call|>",
+                                  "no call here"], ids=["calls-alone", "text-and-calls", "text"])
+def test_the_sdk_accumulates_a_stream_into_the_response_message(text):
+    """The openai SDK's accumulator over the opening chunk and the stream gives the response's content:
+    null for calls alone (not an empty string), the text otherwise."""
+    prompts = ChatPrompts([[1]], "", parse_tool_calls=True)
+    opening = ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0,
+                                                  "model": "m", "choices": [CHAT.opening(spec(), prompts)]})
+    state = ChatCompletionStreamState()
+    for chunk in [opening, *stream_chunks([text], "stop")]:
+        state.handle_chunk(chunk)
+    expected = CHAT.response_choice(spec(), result(text, "stop"), prompts)["message"]["content"]
+    assert state.current_completion_snapshot.choices[0].message.content == expected
 
 
 def test_stream_without_calls_is_plain_text():
