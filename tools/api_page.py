@@ -173,8 +173,8 @@ A committed token's log-probability is log softmax(s)[token] at its canvas posit
 logits of the denoising step whose argmax draft the canvas committed, soft-capped, biased
 (`logit_bias`) and divided by that step's temperature: s = (softcap(z) + bias) / T(step). The
 committed token is that step's argmax, so it is its own best alternative. They are computed on the
-device: while any row of a decoder pass asks, every step of the pass costs a top-k over the
-vocabulary for all its rows, and the rows that asked transfer their [canvas, k] values. A value too
+device, for the rows that ask only; every step of such a row costs a top-k over the vocabulary and
+a transfer of [canvas, k] values. A value too
 small for a float shows as -9999.0.
 
 - Completions (`logprobs: k`, 0..5): `tokens`, `token_logprobs`, `top_logprobs` (per token a map of

@@ -29,7 +29,7 @@ from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, add_bias, pins
 from .counter_rng import GUMBEL, INITIAL_CANVAS, RENOISE, gumbel, step_key, uniform_tokens, values
-from .logprobs import LogprobTensors, concat, top_count
+from .logprobs import LogprobTensors, asking, concat, spread, top_count
 from .reference import accept
 from .schedule import step_temperature
 
@@ -234,7 +234,7 @@ class FastSampler:
 
     def sample(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         self.sampling_seconds = 0.0
-        k = top_count(rows)  # log-probabilities for every row when one asks (each row reads its own)
+        k = top_count(rows)  # the largest k any row asks for: only the asking rows compute it
         parts = [self.sample_tile(hidden[start:start + self.rows_per_tile], rows[start:start + self.rows_per_tile], k)
                  for start in range(0, len(rows), self.rows_per_tile)]
         return SampleResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
@@ -243,7 +243,7 @@ class FastSampler:
 
     def sample_tile(self, hidden: torch.Tensor, rows: list[DecodeWork], k: int | None = None) -> SampleResult:
         """One step for a tile of rows: hidden [n, C, hidden]; log-probabilities with ``k`` alternatives
-        for every row unless ``k`` is None."""
+        for the rows that ask, unless ``k`` is None."""
         stats = self.statistics(hidden, rows, k)
         t0 = clock()
         seeds = [self._seeds[r.request_id] for r in rows]
@@ -259,7 +259,8 @@ class FastSampler:
 
     def statistics(self, hidden: torch.Tensor, rows: list[DecodeWork], k: int | None = None) -> "PositionStats":
         """Every position's draft, sample, entropy and soft embedding for a tile: hidden [n, C, hidden];
-        and the draft's log-probabilities with ``k`` alternatives unless ``k`` is None."""
+        and the draft's log-probabilities with ``k`` alternatives for the rows that ask, unless ``k`` is None
+        (the others' are zeros)."""
         n, C, _ = hidden.shape
         V, device = self.vocab_size, self.device
         seeds = [self._seeds[r.request_id] for r in rows]
@@ -268,7 +269,13 @@ class FastSampler:
         keys = row_keys(seeds, rows, GUMBEL, device).repeat_interleave(C, dim=0)  # [N, 2]
         counter0 = (torch.arange(C, dtype=torch.int64, device=device) * V).repeat(n)[:, None]  # [N, 1]
         logit_bias = self.biases.matrix(rows)  # [n, V] or None
-        top = None if k is None else TopTokens(n * C, max(k, 1), device)  # the best one gives the draft's value
+        wanted = asking(rows) if k is not None else []
+        # the asking rows' positions; the best one gives the draft's value
+        top = TopTokens(len(wanted) * C, max(k, 1), device) if wanted else None
+        top_temps = top_bias = None
+        if top is not None and len(wanted) < n:
+            top_temps = temps.view(n, C, 1)[wanted].view(-1, 1)
+            top_bias = None if logit_bias is None else logit_bias[wanted]
         h = hidden.reshape(n * C, -1)
         weight, head_bias = self.lm_head.weight, self.lm_head.bias
         E = self.embed.weight
@@ -282,9 +289,14 @@ class FastSampler:
             with stage(LM_HEAD):
                 z = torch.nn.functional.linear(h, weight[v0:v1], None if head_bias is None else head_bias[v0:v1])
             t0 = clock()
-            if top is not None:
+            if top is not None and len(wanted) == n:
                 top.add(scale_chunk(torch.empty(z.shape, dtype=torch.float32, device=device), z, temps,
                                     self.softcap, logit_bias, v0), v0)
+            elif top is not None:  # the asking rows' positions only (each row's are consecutive in z)
+                picked = torch.empty((len(wanted) * C, v1 - v0), dtype=torch.float32, device=device)
+                for j, i in enumerate(wanted):
+                    picked[j * C:(j + 1) * C].copy_(z[i * C:(i + 1) * C])
+                top.add(scale_chunk(picked, picked, top_temps, self.softcap, top_bias, v0), v0)
             blocks, e = self.block_stats(z, temps, keys, counter0, v0, V, num_blocks, self.block, self.softcap,
                                          logit_bias)
             del z
@@ -310,14 +322,19 @@ class FastSampler:
         S, B = total.S[:, 0], total.B[:, 0]
         soft = (soft / S[:, None]).mul_(self.embed.embed_scale.to(torch.float32)).to(E.dtype)
         logprobs = None
-        if top is not None:  # log softmax(s) = s - m - log S
-            values = top.values - total.m - S.log()[:, None]
-            draft = total.argmax_index[:, 0]
+        if top is not None:  # log softmax(s) = s - m - log S, at the asking rows' positions
+            at = slice(None) if len(wanted) == n else (
+                torch.tensor(wanted, device=device)[:, None] * C + torch.arange(C, device=device)).view(-1)
+            m, log_S, draft = total.m[at], S[at].log(), total.argmax_index[at, 0]
+            values = top.values - m - log_S[:, None]
             # the draft is the argmax: the best alternative's value (the same bits as in the list), or, should
             # the statistics' max (a kernel's own rounding) and the list disagree on a near-tie, s = m
-            chosen = torch.where(top.ids[:, 0] == draft, values[:, 0], -S.log())
-            logprobs = LogprobTensors(chosen.view(n, C), top.ids[:, :k].reshape(n, C, -1),
-                                      values[:, :k].reshape(n, C, -1))
+            chosen = torch.where(top.ids[:, 0] == draft, values[:, 0], -log_S)
+            a = len(wanted)
+            logprobs = spread(LogprobTensors(chosen.view(a, C), top.ids[:, :k].reshape(a, C, k),
+                                             values[:, :k].reshape(a, C, k)), wanted, n, C, k, device)
+        elif k is not None:
+            logprobs = spread(None, [], n, C, k, device)
         self.sampling_seconds += clock() - t0
         return PositionStats(
             draft=total.argmax_index[:, 0].view(n, C),

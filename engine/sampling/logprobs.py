@@ -31,6 +31,38 @@ def top_count(rows: list[DecodeWork]) -> int | None:
     return max(wanted) if wanted else None
 
 
+def asking(rows: list[DecodeWork]) -> list[int]:
+    """The indices of the rows that want log-probabilities: only theirs are computed."""
+    return [i for i, r in enumerate(rows) if r.logprobs is not None]
+
+
+def spread(part: LogprobTensors | None, rows: list[int], n: int, positions: int, k: int,
+           device) -> LogprobTensors:
+    """A tile's log-probabilities, [n, positions, ...], from ``part``, those of its asking ``rows`` (None when
+    none asks); the other rows' values are zeros, which ``to_host`` never reads."""
+    if part is not None and len(rows) == n:
+        return part
+    out = LogprobTensors(torch.zeros((n, positions), dtype=torch.float32, device=device),
+                         torch.zeros((n, positions, k), dtype=torch.int64, device=device),
+                         torch.zeros((n, positions, k), dtype=torch.float32, device=device))
+    if part is not None:
+        index = torch.tensor(rows, device=device)
+        for name in ("chosen", "top_ids", "top_values"):
+            getattr(out, name).index_copy_(0, index, getattr(part, name))
+    return out
+
+
+def rows_from_probs(rows: list[int], probs: torch.Tensor, scaled: torch.Tensor, draft: torch.Tensor,
+                    k: int) -> LogprobTensors:
+    """``from_probs`` of the asking ``rows`` of a chunk (each row's own top-k, over a view: no copy of the
+    [n, c, V] tensors), spread over the chunk's rows."""
+    n, c = draft.shape
+    if len(rows) == n:
+        return from_probs(probs, scaled, draft, k)
+    parts = [from_probs(probs[i:i + 1], scaled[i:i + 1], draft[i:i + 1], k) for i in rows]
+    return spread(concat(parts, dim=0), rows, n, c, k, draft.device)
+
+
 def from_probs(probs: torch.Tensor, scaled: torch.Tensor, draft: torch.Tensor, k: int) -> LogprobTensors:
     """From the step's scaled logits s [n, c, V], their fp32 softmax and the draft [n, c]: log softmax(s)_v
     = s_v - m + log p_max, where m is the largest s and p_max its probability (at least 1/V, so its log

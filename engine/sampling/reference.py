@@ -23,7 +23,7 @@ from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
 from .draws import DrawPrefetcher
-from .logprobs import concat, from_probs, top_count
+from .logprobs import asking, concat, rows_from_probs, top_count
 from .schedule import row_parameters
 
 # fp32 [rows, positions, vocab] copies the sampler keeps alive for one chunk of positions: the lm
@@ -181,14 +181,15 @@ class ReferenceSampler:
 
     def sample(self, hidden: torch.Tensor, rows: list[DecodeWork]) -> SampleResult:
         self.sampling_seconds = 0.0
-        k = top_count(rows)  # log-probabilities for every row when one asks (each row reads its own)
+        k = top_count(rows)  # the largest k any row asks for: only the asking rows compute it
         outputs = []  # per tile: (argmax [n, C], soft [n, C, hidden], AcceptResult, logprobs)
         for index, tile in enumerate(self._tiles):
             draws = self.draws.take(index)
             params = row_parameters(rows[tile], self.device)
             temps = params[:, 0].view(-1, 1, 1)
             bias = self.biases.matrix(rows[tile])
-            parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk], bias, k,
+            wanted = asking(rows[tile])
+            parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk], bias, k, wanted,
                                         next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
                      for chunk in self._position_chunks]
             t0 = clock()
@@ -219,10 +220,10 @@ class ReferenceSampler:
             self._worker.shutdown(wait=True)
 
     def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor,
-                      bias: torch.Tensor | None, k: int | None, next_tile: int | None):
+                      bias: torch.Tensor | None, k: int | None, wanted: list[int], next_tile: int | None):
         """lm head, soft-capping, the rows' ``bias`` ([n, V] or None) and the per-position sampler over a
         chunk of positions of a tile's rows; returns (argmax, sampled, entropy [n, c], soft embeddings
-        [n, c, hidden], log-probabilities with ``k`` alternatives or None). The [n, c, V] copies
+        [n, c, hidden], log-probabilities with ``k`` alternatives of the ``wanted`` rows, or None). The [n, c, V] copies
         are freed before the next chunk. On CPU the entropies are computed on the worker thread while
         this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them
         (given with the tile's last chunk, so that no chunk's entropies wait behind a whole tile's draws)."""
@@ -239,7 +240,7 @@ class ReferenceSampler:
             self.draws.prefetch(next_tile)
         drawn = draw_positions(scaled, exponentials)
         entropy = entropy.result() if entropy is not None else positions_entropy(scaled)
-        logprobs = None if k is None else from_probs(drawn.probs, scaled, drawn.argmax, k)
+        logprobs = None if k is None else rows_from_probs(wanted, drawn.probs, scaled, drawn.argmax, k)
         self.sampling_seconds += clock() - t1
         # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
         # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
