@@ -293,7 +293,9 @@ class ModelRunner:
         # CPU: at least MIN_ROWS tokens, so that a short prompt's linear layers run the many-row kernel
         # whether it is encoded alone or with others (rowwise_experts)
         width = max(max(row_lengths), self.min_encoder_width)
-        padded = min(row_lengths) < width  # rows of one length (canvases) have no padding
+        # padded new tokens, or cached K/V of different lengths (a commit beside a longer request's): either
+        # way each row attends over its own keys (rowwise_attention), as it would alone
+        padded = min(row_lengths) < width or not all(bool(v.all()) for v in view.valid.values())
         slot = torch.arange(width, device=self.device)
         offset = slot[None, :] - (width - lengths)[:, None]  # left padding
         q_valid = offset >= 0

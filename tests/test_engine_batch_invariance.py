@@ -103,6 +103,26 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads)
     core.close()
 
 
+def test_commits_beside_a_longer_cache_equal_their_solo_runs(checkpoint):
+    """Two canvases committed in one encoder call have new tokens of one length (the canvas) but cached
+    prompts of 4 and 200 tokens: the short row must attend over its own keys, not over keys padded to
+    the long row's, or its later canvases' logits differ from its solo run."""
+    settings = EngineSettings(model=str(checkpoint), max_num_seqs=4)
+    core = EngineCore(load_model(settings), settings)
+    g = torch.Generator().manual_seed(7)
+    params = SamplingParams(max_tokens=32, max_denoising_steps=3, ignore_eos=True, seed=1)
+    short, long_ = (("short", torch.randint(5, 261, (4,), generator=g).tolist(), params, 0),
+                    ("long", torch.randint(5, 261, (200,), generator=g).tolist(), params, 0))
+    together = _run(core, [short, long_])
+    assert together["short"]["finished_pass"] == together["long"]["finished_pass"]  # committed side by side
+    alone = _run(core, [short], suffix="-alone")["short"]
+    assert together["short"]["tokens"] == alone["tokens"]
+    assert len(together["short"]["soft"]) == len(alone["soft"]) == 6  # two canvases of three steps
+    for step, (a, b) in enumerate(zip(together["short"]["soft"], alone["soft"])):
+        assert torch.equal(a, b), (step, (a - b).abs().max().item())
+    core.close()
+
+
 @pytest.mark.parametrize("trace_decoder", [True, False], ids=["traced", "eager"])
 @pytest.mark.parametrize("forward_threads", [2, 3])
 def test_row_groups_follow_their_rows(checkpoint, forward_threads, trace_decoder):
