@@ -155,8 +155,8 @@ class EngineSettings:
         None, "On CPU, run the decoder pass as a TorchScript trace of the eager modules' own operators: the "
         "same arithmetic (bitwise the same logits), without Python and its GIL between operators, so "
         "--forward-threads row groups run side by side without taking turns. Needs batch invariance with its "
-        "row-wise experts (they keep the traced operators independent of the data); set explicitly, it is "
-        "refused on CUDA and without them. A graph is traced on first use for each combination of padded rows "
+        "row-wise experts (they keep the traced operators independent of the data), so a quantized checkpoint "
+        "(compressed-tensors) runs eagerly; set explicitly, it is refused on CUDA and without them. A graph is traced on first use for each combination of padded rows "
         "and masked layer types; a pass that cannot be traced runs eagerly, with a warning.",
         default_text="on on CPU with batch invariance and its row-wise experts")
     data_parallel_size: int = setting(

@@ -163,6 +163,24 @@ def test_tokens_equal_the_dequantized_plain_checkpoints(checkpoints, scheme):
     assert all(len(tokens) > 0 for tokens in got.values())
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_default_settings_do_not_try_to_trace_the_dequantizing_experts(checkpoints, scheme, caplog):
+    """The decoder trace (a CPU default) cannot record the per-call dequantization loops: a compressed
+    checkpoint runs its passes eagerly from the start, without failed traces and their warnings; asking
+    for the trace is refused."""
+    folder, _ = checkpoints[scheme]
+    settings = EngineSettings(model=str(folder), max_num_seqs=4)
+    core = EngineCore(load_model(settings), settings)
+    assert core.runner.traced is None
+    with caplog.at_level("WARNING", logger="engine.traced_decoder"):
+        run_to_completion(core, [("r", [2, 9, 10, 11], SamplingParams(max_tokens=20, seed=1)),
+                                 ("s", [2] + [5] * 30, SamplingParams(max_tokens=20, seed=2))])
+    assert not [r for r in caplog.records if "tracing the decoder pass failed" in r.getMessage()]
+    loaded = load_model(EngineSettings(model=str(folder)))
+    with pytest.raises(ValueError, match="quantized experts"):
+        EngineCore(loaded, EngineSettings(model=str(folder), trace_decoder=True))
+
+
 @pytest.mark.parametrize("layers,shards", [("encoder", 1), ("both", 1), ("decoder", 3)])
 def test_other_layouts_load_too(source, tmp_path, layers, shards):
     """vLLM reads either copy of the tied text layers (both prefixes map to one parameter), so does this;
