@@ -163,6 +163,9 @@ def load_model(settings: EngineSettings) -> LoadedModel:
         raise ValueError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} tokens "
                          "(max_position_embeddings): positions past it were never trained")
     compressed = _compressed_config(settings, config)  # a checkpoint quantized by LLM Compressor, or None
+    if compressed is not None and settings.trace_decoder:
+        raise ValueError("trace_decoder cannot record this checkpoint's quantized experts (compressed-tensors): "
+                         "they dequantize in loops over their sizes on every call")
     invariant = settings.batch_invariant
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
