@@ -23,7 +23,7 @@ from .memory import auto_sampling_tile_bytes, available_bytes
 from .multimodal import chunk_bounds, image_features, prompt_embeddings, vision_blocks
 from .pass_stages import DECODER, ENCODER, SAMPLER, clock, stage
 from .rowwise_attention import BatchLayout, batch_layout
-from .rowwise_experts import MIN_ROWS, ROWWISE_EXPERTS
+from .rowwise_experts import ALONE_BELOW, MIN_ROWS, ROWWISE_EXPERTS, request_rows
 from .sampling import Sampler, make_sampler
 from .sampling.constraints import pin_row
 from .sampling.logprobs import to_host
@@ -273,6 +273,9 @@ class ModelRunner:
         longest = 0
         for item in sorted(work, key=lambda w: len(w.token_ids)):
             n = len(item.token_ids)
+            if self._encodes_alone(item):
+                groups.append([item])
+                continue
             if current and (len(current) + 1) * max(longest, n) > self.max_encoder_tokens:
                 groups.append(current)
                 current, longest = [], 0
@@ -281,6 +284,13 @@ class ModelRunner:
         if current:
             groups.append(current)
         return groups
+
+    def _encodes_alone(self, work: EncodeWork) -> bool:
+        """Whether ``work`` is a whole prompt too short for the many-row kernel (fewer than ``ALONE_BELOW``
+        tokens, nothing cached before it), which the batch-invariant CPU runner encodes alone and unpadded, on
+        exactly its rows as generate does (a chunk remainder or a commit is padded to ``min_encoder_width``)."""
+        return (self.min_encoder_width > 1 and len(work.token_ids) < ALONE_BELOW
+                and self.kv.get(work.request_id).total_len == 0)
 
     def _encode_group(self, group: list[EncodeWork], features: dict[str, torch.Tensor],
                       copies: dict[str, list[str]] | None = None) -> None:
@@ -291,9 +301,12 @@ class ModelRunner:
         view = self.kv.view(ids)
         row_lengths = [len(w.token_ids) for w in group]
         lengths = torch.tensor(row_lengths, device=self.device)
-        # CPU: at least MIN_ROWS tokens, so that a short prompt's linear layers run the many-row kernel
-        # whether it is encoded alone or with others (rowwise_experts)
-        width = max(max(row_lengths), self.min_encoder_width)
+        # CPU: at least MIN_ROWS tokens, so that a short chunk's linear layers run the many-row kernel
+        # whether it is encoded alone or with others (rowwise_experts); a whole prompt of 1-3 tokens runs
+        # alone on exactly its rows, as in generate
+        width = max(row_lengths)
+        if not (len(group) == 1 and self._encodes_alone(group[0])):
+            width = max(width, self.min_encoder_width)
         # padded new tokens, or cached K/V of different lengths (a commit beside a longer request's): either
         # way each row attends over its own keys (rowwise_attention), as it would alone
         padded = min(row_lengths) < width or not all(bool(v.all()) for v in view.valid.values())
@@ -336,7 +349,9 @@ class ModelRunner:
         if images:  # the images' features over their placeholders (the vision tower ran in _image_features)
             rows = [self._take_features(features, w) for w in group]
             inputs = dict(inputs_embeds=prompt_embeddings(self.model.model.encoder, input_ids, rows, self.image_token_id))
-        with batch_layout(layout):
+        # the experts' requests: each row's real tokens (rowwise_experts; padding belongs to none)
+        owners = torch.where(q_valid, torch.arange(len(group), device=self.device)[:, None], -1).reshape(-1)
+        with batch_layout(layout), request_rows(owners):
             self.model.model.encoder(
                 **inputs,
                 attention_mask=masks,
@@ -557,13 +572,14 @@ class ModelRunner:
         outside its output (``DecoderGraphs`` captures it)."""
         decoder = self.model.model.decoder
         hidden = decoder.self_conditioning(decoder.embed_tokens(inputs.canvas), inputs.soft)
-        for i, layer in enumerate(decoder.layers[: self.num_layers]):
-            lt = self.layer_types[i]
-            hidden = layer(
-                hidden,
-                position_embeddings=inputs.rotary[lt],
-                attention_mask=inputs.masks[lt],
-                position_ids=inputs.positions,
-                past_key_values=inputs.view,
-            )
+        with request_rows(self.canvas_length):  # the experts' requests: a canvas each (rowwise_experts)
+            for i, layer in enumerate(decoder.layers[: self.num_layers]):
+                lt = self.layer_types[i]
+                hidden = layer(
+                    hidden,
+                    position_embeddings=inputs.rotary[lt],
+                    attention_mask=inputs.masks[lt],
+                    position_ids=inputs.positions,
+                    past_key_values=inputs.view,
+                )
         return decoder.norm(hidden)
