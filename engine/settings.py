@@ -98,7 +98,8 @@ class EngineSettings:
     batch_invariant: bool | None = setting(
         None, "Make a row's logits bitwise the same whoever shares its pass (a seed then gives the same text "
         "under any load): attention over each row's own unpadded keys, each request's MoE expert groups "
-        "and prompt computed as alone (the many-row matrix kernel, or exactly its rows for 1-3 tokens). On CUDA (opt-in) the matrix products and means run fixed-order Triton kernels "
+        "and prompt computed as alone (the many-row matrix kernel, or exactly its rows for 1-3 tokens). "
+        "On CUDA (opt-in) the matrix products and means run fixed-order Triton kernels "
         "instead of cuBLAS and torch's reductions, each row's attention runs as alone, and CUDA graphs are off: "
         "slower (engine.batch_invariant_ops).",
         default_text="on on CPU (unless --quantization is set), off on CUDA")
@@ -115,8 +116,8 @@ class EngineSettings:
     sampler: str | None = setting(
         None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "
         "model.generate at batch 1 in float32 and float64; in bfloat16 with batch invariance, generate with "
-        "transformers' eager experts, as its grouped_mm rounds otherwise) or fast (Gumbel-max with counter-based random numbers, one pass over "
-        "vocabulary chunks: far less memory, and a row's result independent of its batch).",
+        "transformers' eager experts, as its grouped_mm rounds otherwise) or fast (Gumbel-max with "
+        "counter-based random numbers, one pass over vocabulary chunks: far less memory, and a row's result independent of its batch).",
         default_text="fast on CUDA, reference on CPU")
     # engine.sampling.reference.sampling_tiles: a row's whole-row exponential draws must fit, plus one
     # position; the default is engine.memory.auto_sampling_tile_bytes.
