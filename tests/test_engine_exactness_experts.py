@@ -75,3 +75,30 @@ def test_batched_requests_keep_their_solo_tokens(core):
     alone = {rid: run_to_completion(core, [(rid, p, sp)])[rid]["tokens"] for rid, p, sp in requests}
     together = run_to_completion(core, requests, arrivals={"r3": 1})
     assert {rid: r["tokens"] for rid, r in together.items()} == alone
+
+
+@pytest.fixture(scope="module")
+def real_structure_core(tmp_path_factory):
+    """DiffusionGemma's layer structure in small: full-attention layers with wider heads and fewer KV heads
+    than the sliding ones (and keys as values, no v_proj), 16 experts routed top-8."""
+    spec = TinySpec(num_layers=3, num_heads=4, num_kv_heads=2, global_head_dim=32, num_global_kv_heads=1,
+                    num_experts=16, top_k_experts=8)
+    settings = EngineSettings(model=str(build_tiny_checkpoint(tmp_path_factory.mktemp("real"), spec)), max_num_seqs=4)
+    core = EngineCore(load_model(settings), settings)
+    full = core.loaded.model.model.decoder.layers[-1].self_attn
+    assert (full.head_dim, full.v_proj) == (32, None)  # the structure is really there
+    yield core
+    core.close()
+
+
+def test_the_real_layer_structure_matches_generate_pass_by_pass(real_structure_core):
+    core = real_structure_core
+    for length, seed in ((2, 0), (30, 1)):  # a prompt encoded alone, and one past the sliding window
+        got, expected, got_hidden, expected_hidden = _passes(core, _prompt(length, seed), seed)
+        assert got == expected
+        differing = [i for i, (a, b) in enumerate(zip(got_hidden, expected_hidden)) if not torch.equal(a, b)]
+        assert len(got_hidden) == len(expected_hidden) and not differing, (length, differing)
+    requests = [(f"r{n}", _prompt(n, n), SamplingParams(**{**PARAMS.__dict__, "seed": n})) for n in (2, 9, 30)]
+    alone = {rid: run_to_completion(core, [(rid, p, sp)])[rid]["tokens"] for rid, p, sp in requests}
+    together = run_to_completion(core, requests, arrivals={"r9": 1})
+    assert {rid: r["tokens"] for rid, r in together.items()} == alone

@@ -56,6 +56,8 @@ class TinySpec:
     num_heads: int = 2
     num_kv_heads: int = 1
     head_dim: int = 16
+    global_head_dim: int | None = None  # the full-attention layers' head size (None: head_dim; the real model: 512)
+    num_global_kv_heads: int | None = None  # their KV heads (None: num_kv_heads; the real model: 2 of 8)
     num_experts: int = 4
     top_k_experts: int = 2
     sliding_window: int = 24
@@ -126,9 +128,11 @@ def small_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, m
                  num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, num_experts: int,
                  top_k_experts: int, sliding_window: int, max_position_embeddings: int, canvas_length: int,
                  reserved_token_id: int, pad_id: int = PAD_ID, eos_id: int = EOS_ID, bos_id: int = BOS_ID,
-                 image_token_ids: tuple[int, int, int] | None = None):
+                 image_token_ids: tuple[int, int, int] | None = None, global_head_dim: int | None = None,
+                 num_global_kv_heads: int | None = None):
     """A small ``DiffusionGemmaConfig``: all sliding layers but the last (full, as in the real model),
-    one head size for both layer kinds, a tiny vision tower, image tokens mapped to ``reserved_token_id``;
+    one head size and KV-head count for both layer kinds unless ``global_head_dim`` or
+    ``num_global_kv_heads`` set the full-attention layers' own, a tiny vision tower, image tokens mapped to ``reserved_token_id``;
     or, with ``image_token_ids`` (begin, image, end), to those tokens, with image placeholders attending
     to each other in both directions (``use_bidirectional_attention="vision"``, as larger Gemma 4 models)."""
     from transformers import DiffusionGemmaConfig
@@ -142,7 +146,7 @@ def small_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, m
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
-        global_head_dim=head_dim,
+        global_head_dim=global_head_dim or head_dim,
         num_experts=num_experts,
         top_k_experts=top_k_experts,
         sliding_window=sliding_window,
@@ -152,6 +156,8 @@ def small_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, m
         eos_token_id=eos_id,
         bos_token_id=bos_id,
     )
+    if num_global_kv_heads is not None:
+        text_config["num_global_key_value_heads"] = num_global_kv_heads
     boi, image, eoi = (reserved_token_id,) * 3 if image_token_ids is None else image_token_ids
     vision_config = dict(TINY_VISION_CONFIG)
     if image_token_ids is not None:
@@ -187,6 +193,8 @@ def tiny_config(spec: TinySpec, vocab_size: int, image_token_ids: tuple[int, int
         canvas_length=spec.canvas_length,
         reserved_token_id=vocab_size - 1,
         image_token_ids=image_token_ids,
+        global_head_dim=spec.global_head_dim,
+        num_global_kv_heads=spec.num_global_kv_heads,
     )
 
 
