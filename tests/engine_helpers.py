@@ -137,6 +137,40 @@ def reference_run(model, prompt: list[int], seed: int, params: SamplingParams,
     return out, passes
 
 
+class DecoderOutputs:
+    """Records, while active, the final hidden states of every decoder pass (the sampler's input) of the
+    engine ``core`` and of ``generate`` on ``reference`` (the decoder norm's output), to compare them
+    bitwise: equal tokens can hide last-bit differences on near-flat models, equal hidden states cannot."""
+
+    def __init__(self, core: EngineCore, reference):
+        self.core, self.reference = core, reference
+        self.engine: list[torch.Tensor] = []
+        self.generate: list[torch.Tensor] = []
+
+    def __enter__(self) -> "DecoderOutputs":
+        sampler = self.core.runner.sampler
+        sample = sampler.sample
+
+        def spy(hidden, work):
+            self.engine.append(hidden.detach().clone())
+            return sample(hidden, work)
+
+        sampler.sample = spy
+        self._hook = self.reference.model.decoder.norm.register_forward_hook(
+            lambda module, inputs, output: self.generate.append(output.detach().clone()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hook.remove()
+        del self.core.runner.sampler.sample  # the class's method again
+
+    def differing_passes(self) -> list[int]:
+        """The passes whose hidden states differ (every pass when the counts differ)."""
+        if len(self.engine) != len(self.generate):
+            return list(range(max(len(self.engine), len(self.generate))))
+        return [i for i, (a, b) in enumerate(zip(self.engine, self.generate)) if not torch.equal(a, b)]
+
+
 def run_to_completion(core: EngineCore, requests, arrivals: dict | None = None):
     """Drive ``core`` pass by pass. ``requests``: [(request_id, prompt, SamplingParams)].
     ``arrivals`` maps request_id -> pass index at which it is submitted (default 0).

@@ -14,7 +14,7 @@ import torch
 
 from engine import EngineCore, EngineSettings, SamplingParams
 from engine.loader import load_model
-from tests.engine_helpers import reference_model, reference_run, run_to_completion
+from tests.engine_helpers import DecoderOutputs, reference_model, reference_run, run_to_completion
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 PARAMS = SamplingParams(max_tokens=32, max_denoising_steps=4)
@@ -35,37 +35,23 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 
 def _passes(core, prompt: list[int], seed: int):
-    """(engine tokens, generate tokens, the engine's and generate's decoder outputs per pass)."""
+    """(engine tokens, generate tokens, the passes whose decoder outputs differ)."""
     ref = reference_model(core)
-    expected_hidden, got_hidden = [], []
-    hook = ref.model.decoder.norm.register_forward_hook(lambda m, i, o: expected_hidden.append(o.detach().clone()))
-    sampler = core.runner.sampler
-    sample = sampler.sample
-
-    def spy(hidden, work):
-        got_hidden.append(hidden.detach().clone())
-        return sample(hidden, work)
-
-    sampler.sample = spy
-    try:
-        params = SamplingParams(**{**PARAMS.__dict__, "seed": seed})
+    params = SamplingParams(**{**PARAMS.__dict__, "seed": seed})
+    with DecoderOutputs(core, ref) as outputs:
         expected, _ = reference_run(ref, prompt, seed, core.resolve(prompt, params))
         got = run_to_completion(core, [("r", prompt, params)])["r"]["tokens"]
-    finally:
-        hook.remove()
-        del sampler.sample
-    return got, expected, got_hidden, expected_hidden
+    assert outputs.engine  # passes were recorded
+    return got, expected, outputs.differing_passes()
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 12])
 def test_every_decoder_pass_is_generates_bitwise(core, length):
     for seed in (0, 1):
         prompt = _prompt(length, seed)
-        got, expected, got_hidden, expected_hidden = _passes(core, prompt, seed)
+        got, expected, differing = _passes(core, prompt, seed)
         assert got == expected
-        assert len(got_hidden) == len(expected_hidden)
-        differing = [i for i, (a, b) in enumerate(zip(got_hidden, expected_hidden)) if not torch.equal(a, b)]
-        assert not differing, f"prompt of {length}, seed {seed}: passes {differing} of {len(got_hidden)} differ"
+        assert not differing, f"prompt of {length}, seed {seed}: passes {differing} differ"
 
 
 def test_batched_requests_keep_their_solo_tokens(core):
@@ -94,10 +80,8 @@ def real_structure_core(tmp_path_factory):
 def test_the_real_layer_structure_matches_generate_pass_by_pass(real_structure_core):
     core = real_structure_core
     for length, seed in ((2, 0), (30, 1)):  # a prompt encoded alone, and one past the sliding window
-        got, expected, got_hidden, expected_hidden = _passes(core, _prompt(length, seed), seed)
-        assert got == expected
-        differing = [i for i, (a, b) in enumerate(zip(got_hidden, expected_hidden)) if not torch.equal(a, b)]
-        assert len(got_hidden) == len(expected_hidden) and not differing, (length, differing)
+        got, expected, differing = _passes(core, _prompt(length, seed), seed)
+        assert got == expected and not differing, (length, differing)
     requests = [(f"r{n}", _prompt(n, n), SamplingParams(**{**PARAMS.__dict__, "seed": n})) for n in (2, 9, 30)]
     alone = {rid: run_to_completion(core, [(rid, p, sp)])[rid]["tokens"] for rid, p, sp in requests}
     together = run_to_completion(core, requests, arrivals={"r9": 1})

@@ -14,16 +14,19 @@ MIB = 2**20
     # many whole rows: a row of 32 positions over 261 tokens holds 2 canvases of draws and 5 fp32 copies
     # per position, 4 * 261 * (2 * 32 + 5 * 32) = 233,856 bytes, and 512 MiB holds 2,295 of them
     (512 * MIB, 32, 261, 2, (2295, 32)),
-    (512 * MIB, 256, 262144, 1, (1, 51)),  # DiffusionGemma on CUDA: one row, 51-position chunks
-    (512 * MIB, 256, 262144, 2, (1, 1)),  # the same on CPU: two rows of draws fill the budget, one position at a time
-    (1, 16, 261, 2, (1, 1)),
+    # DiffusionGemma on CUDA: one row, 50-position chunks (51 would leave a last chunk of 1, joined to the one
+    # before it: 52 positions, over the budget)
+    (512 * MIB, 256, 262144, 1, (1, 50)),
+    # the same on CPU: two rows of draws fill the budget, four positions at a time (never fewer: ALONE_BELOW)
+    (512 * MIB, 256, 262144, 2, (1, 4)),
+    (1, 16, 261, 2, (1, 4)),
 ])
 def test_tiles_fit_the_budget(budget, canvas, vocab, in_flight, expected):
     tiles = sampling_tiles(budget, canvas, vocab, in_flight)
     assert (tiles.rows, tiles.positions) == expected
-    smallest = 4 * vocab * (in_flight * canvas + CHUNK_FP32_COPIES)  # one position of one row and its draws
+    smallest = 4 * vocab * (in_flight * canvas + CHUNK_FP32_COPIES * 4)  # four positions of one row, its draws
     assert tiles.transient_bytes(canvas, vocab) <= max(budget, smallest)
-    if tiles.positions < canvas:  # one more position would not fit
+    if 4 < tiles.positions < canvas:  # one more position would not fit
         bigger = type(tiles)(1, tiles.positions + 1, in_flight)
         assert bigger.transient_bytes(canvas, vocab) > budget
     else:  # whole rows: one more row would not fit
@@ -32,6 +35,20 @@ def test_tiles_fit_the_budget(budget, canvas, vocab, in_flight, expected):
 
 
 GIB = 2**30
+
+
+@pytest.mark.parametrize("canvas,positions,chunks", [
+    (16, 4, [4, 4, 4, 4]), (17, 4, [4, 4, 4, 5]), (19, 4, [4, 4, 4, 7]), (20, 4, [4, 4, 4, 4, 4]),
+    (256, 51, [51, 51, 51, 51, 52]), (256, 50, [50, 50, 50, 50, 50, 6]), (16, 16, [16]),
+])
+def test_no_position_chunk_has_fewer_than_four_rows(canvas, positions, chunks):
+    """The lm head and the self-conditioning product run on 1-3 rows with another CPU kernel than generate's
+    whole-canvas call: a remainder that short joins the chunk before it."""
+    from engine.sampling.reference import SamplingTiles
+
+    got = SamplingTiles(1, positions, 1).chunks(canvas)
+    assert [c.stop - c.start for c in got] == chunks
+    assert got[0].start == 0 and got[-1].stop == canvas and all(a.stop == b.start for a, b in zip(got, got[1:]))
 
 
 @pytest.mark.parametrize("free,expected", [

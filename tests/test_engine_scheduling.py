@@ -475,11 +475,11 @@ def test_a_freed_slot_does_not_leak_into_the_next_request(tmp_path_factory):
 
 def test_sampling_in_tiles_of_one_row_gives_the_same_tokens(core, tmp_path_factory):
     """With a tile budget below one row, every pass samples several tiles of one row, each with draws
-    prefetched one tile ahead on the worker thread, and each row one canvas position at a time (lm head,
+    prefetched one tile ahead on the worker thread, and each row four canvas positions at a time (lm head,
     sampler, self-conditioning); every request still gets its solo tokens."""
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiles"), TinySpec(dtype=torch.float64))
     tiled = make_core(path, max_num_seqs=6, sampling_tile_bytes=1)
-    assert (tiled.runner.sampler.tiles.rows, tiled.runner.sampler.tiles.positions) == (1, 1)
+    assert (tiled.runner.sampler.tiles.rows, tiled.runner.sampler.tiles.positions) == (1, 4)
     requests = _requests(core.loaded.tokenizer)
     together = run_to_completion(tiled, requests, arrivals={"a": 0, "b": 1, "c": 1, "d": 3})
     assert {rid: r["tokens"] for rid, r in together.items()} == _alone(core, requests)

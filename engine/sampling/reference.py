@@ -19,6 +19,7 @@ import torch
 
 from ..cpu_threads import usable_cpus
 from ..pass_stages import LM_HEAD, clock, stage
+from ..rowwise_experts import ALONE_BELOW
 from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, Pins, acceptance_entropy, add_bias, pins
@@ -43,19 +44,35 @@ class SamplingTiles:
     positions: int
     draws_in_flight: int
 
+    def chunks(self, canvas_length: int) -> list[slice]:
+        """The position chunks of a canvas: ``positions`` each, a last remainder of fewer than
+        ``ALONE_BELOW`` positions joined to the chunk before it, so that the lm head and the
+        self-conditioning product never run on 1-3 rows (another matrix kernel than generate's
+        whole-canvas call, whose rows' bits hold from ``ALONE_BELOW`` rows up)."""
+        starts = list(range(0, canvas_length, self.positions))
+        if len(starts) > 1 and canvas_length - starts[-1] < ALONE_BELOW:
+            starts.pop()
+        return [slice(a, b) for a, b in zip(starts, starts[1:] + [canvas_length])]
+
     def transient_bytes(self, canvas_length: int, vocab_size: int) -> int:
-        return 4 * vocab_size * self.rows * (self.draws_in_flight * canvas_length + CHUNK_FP32_COPIES * self.positions)
+        largest = max(c.stop - c.start for c in self.chunks(canvas_length))
+        return 4 * vocab_size * self.rows * (self.draws_in_flight * canvas_length + CHUNK_FP32_COPIES * largest)
 
 
 def sampling_tiles(budget_bytes: int, canvas_length: int, vocab_size: int, draws_in_flight: int) -> SamplingTiles:
-    """The largest tiles whose fp32 transient stays within ``budget_bytes`` (at least one position of
-    one row, plus that row's draws)."""
+    """The largest tiles whose fp32 transient stays within ``budget_bytes`` (at least ``ALONE_BELOW``
+    positions of one row, or the whole canvas if shorter, plus that row's draws)."""
     per_row = SamplingTiles(1, canvas_length, draws_in_flight).transient_bytes(canvas_length, vocab_size)
     if budget_bytes >= per_row:
         return SamplingTiles(budget_bytes // per_row, canvas_length, draws_in_flight)
     spare = budget_bytes - 4 * vocab_size * draws_in_flight * canvas_length
-    positions = max(1, spare // (4 * vocab_size * CHUNK_FP32_COPIES))
-    return SamplingTiles(1, min(canvas_length, positions), draws_in_flight)
+    fit = max(ALONE_BELOW, spare // (4 * vocab_size * CHUNK_FP32_COPIES))
+    positions = min(canvas_length, fit)
+    # a remainder joined to the last chunk must still fit
+    while positions > ALONE_BELOW and max(c.stop - c.start for c in
+                                          SamplingTiles(1, positions, 1).chunks(canvas_length)) > fit:
+        positions -= 1
+    return SamplingTiles(1, positions, draws_in_flight)
 
 
 @dataclass
@@ -136,8 +153,7 @@ class ReferenceSampler:
         self.embed = model.model.decoder.embed_tokens
         self.tiles = sampling_tiles(tile_bytes, self.canvas_length, self.vocab_size,
                                     draws_in_flight=2 if threaded else 1)
-        step = self.tiles.positions
-        self._position_chunks = [slice(p, p + step) for p in range(0, self.canvas_length, step)]
+        self._position_chunks = self.tiles.chunks(self.canvas_length)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine-worker") if threaded else None
         self.draws = DrawPrefetcher(self.canvas_length, self.vocab_size, device, self._worker)
         # With more intra-op threads both threads' parallel kernels would oversubscribe the cores; with
