@@ -7,7 +7,7 @@ import torch
 
 from engine import SamplingParams
 from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-from tests.engine_helpers import make_core, reference_model, reference_tokens, run_to_completion
+from tests.engine_helpers import DecoderOutputs, make_core, reference_model, reference_tokens, run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,11 @@ PARAMS = [
 @pytest.mark.parametrize("seed", [0, 7])
 def test_matches_generate_at_batch_one(core, tok, prompt, params, seed):
     prompt_ids = tok(prompt).input_ids
-    expected = reference_tokens(reference_model(core), prompt_ids, seed, core.resolve(prompt_ids, params))
-    got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
+    with DecoderOutputs(core, reference_model(core)) as outputs:  # and every decoder pass's output, bitwise
+        expected = reference_tokens(reference_model(core), prompt_ids, seed, core.resolve(prompt_ids, params))
+        got = run_to_completion(core, [("r", prompt_ids, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
     assert got["tokens"] == expected
+    assert not outputs.differing_passes(), outputs.differing_passes()
     assert got["finish_reason"] == ("stop" if len(expected) < params.max_tokens else "length")
 
 
