@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     print(f"one request at {r['context']} tokens: {r['request_mib_at_context']:.1f} MiB")
     print(f"largest transient: sampling tile ({r['sampling_tile_bytes'] / 2**30:.2f} GiB budget) of "
           f"{r['sampling_tile_rows']} canvas row(s) in chunks of "
-          f"{r['sampling_chunk_positions']} positions = {r['sampling_transient_gib']:.2f} GiB "
+          f"{r['sampling_chunk_positions']} positions (a remainder of 1-3 joins the last) = "
+          f"{r['sampling_transient_gib']:.2f} GiB "
           f"(an untiled fp32 logits copy at batch 8 alone is {r['one_fp32_logits_copy_batch8_gib']:.1f} GiB)")
     print(f"decoder activations bound at batch {args.max_num_seqs}: {r['decoder_transient_gib']:.2f} GiB")
     print(f"left for KV: {r['free_for_kv_gib']:.1f} GiB -> {r['requests_that_fit']} requests of {r['context']} tokens "

@@ -289,7 +289,7 @@ class ModelRunner:
         """Whether ``work`` is a whole prompt too short for the many-row kernel (fewer than ``ALONE_BELOW``
         tokens, nothing cached before it), which the batch-invariant CPU runner encodes alone and unpadded, on
         exactly its rows as generate does (a chunk remainder or a commit is padded to ``min_encoder_width``)."""
-        return (self.min_encoder_width > 1 and len(work.token_ids) < ALONE_BELOW
+        return (self.device.type == "cpu" and self.min_encoder_width > 1 and len(work.token_ids) < ALONE_BELOW
                 and self.kv.get(work.request_id).total_len == 0)
 
     def _encode_group(self, group: list[EncodeWork], features: dict[str, torch.Tensor],

@@ -1,6 +1,6 @@
 """Batch-invariant MoE experts for CPU that give transformers' own experts' bits for a request run alone.
 
-What it guarantees, per token (``tests/test_rowwise_experts.py``, ``tests/test_engine_exactness_float32.py``):
+What it guarantees, per token (``tests/test_rowwise_experts.py``, ``tests/test_engine_exactness_experts.py``):
 
 - Batch invariance: a token's output depends only on its own request's tokens, never on the other
   requests of the call. On CPU a linear layer's row is bitwise the same for any number of rows from
@@ -15,17 +15,18 @@ What it guarantees, per token (``tests/test_rowwise_experts.py``, ``tests/test_e
   otherwise), in expert order with ``index_add_``, as the eager loop does. For top-k <= 2 the two orders agree.
 
 Which request a token belongs to comes from ``request_rows`` (the runner sets it around its encoder and
-decoder calls); outside one the whole call is one request, as in ``generate``.
+decoder calls); outside one the whole call is one request, as in ``generate``. On CUDA (``--batch-invariant``)
+every group is pooled: the batch-invariant products give a row the same bits for any number of rows.
 
 While a TorchScript trace of the decoder records it (``engine.traced_decoder``), the loop visits every
-expert, and the data-dependent grouping is TorchScript functions (``_alone``, ``_grouped_linear``), recorded with
-its branches and loop: the trace replays the experts for any routing and any number of canvases.
+expert, and the data-dependent grouping is TorchScript functions (``_alone``, ``_grouped_linear``),
+recorded with its branches and loop: the trace replays the experts for any routing and any number of canvases.
 No ``from __future__ import annotations`` here: TorchScript reads the annotations.
 """
 
 import threading
 from contextlib import contextmanager
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,15 @@ def _alone(requests: torch.Tensor, top_k_index: torch.Tensor, num_experts: int, 
 
 
 @torch.jit.script
+def _pooled_linear(x: torch.Tensor, weight: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """``F.linear(x, weight)`` over [n, in] rows padded with zero rows to at least ``min_rows``. -> [n, out]."""
+    n = x.shape[0]
+    if n < min_rows:
+        x = torch.cat([x, x.new_zeros((min_rows - n, x.shape[1]))])
+    return F.linear(x, weight)[:n]
+
+
+@torch.jit.script
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, requests: torch.Tensor, alone: torch.Tensor,
                     min_rows: int) -> torch.Tensor:
     """``F.linear(x, weight)`` for the [n, in] rows one expert sees, whose requests are ``requests`` [n]:
@@ -78,17 +88,11 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, requests: torch.Tenso
     padded with zero rows to at least ``min_rows``. -> [n, out]."""
     n = x.shape[0]
     if not bool(alone.any()):  # the usual case: one pooled group
-        if n < min_rows:
-            x = torch.cat([x, x.new_zeros((min_rows - n, x.shape[1]))])
-        return F.linear(x, weight)[:n]
+        return _pooled_linear(x, weight, min_rows)
     out = torch.empty((n, weight.shape[0]), dtype=x.dtype, device=x.device)
     pooled = (~alone).nonzero().squeeze(1)
-    m = pooled.shape[0]
-    if m > 0:
-        rows = x[pooled]
-        if m < min_rows:
-            rows = torch.cat([rows, x.new_zeros((min_rows - m, x.shape[1]))])
-        out[pooled] = F.linear(rows, weight)[:m]
+    if pooled.shape[0] > 0:
+        out[pooled] = _pooled_linear(x[pooled], weight, min_rows)
     owners = torch.unique(requests[alone])
     for j in range(owners.shape[0]):
         own = (alone & (requests == owners[j])).nonzero().squeeze(1)
@@ -119,13 +123,20 @@ def rowwise_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
         # expert without tokens adds nothing)
         hit = range(self.num_experts) if torch.jit.is_tracing() else \
             torch.greater(expert_mask[: self.num_experts].sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
-    alone = _alone(requests, top_k_index, self.num_experts, ALONE_BELOW)
+    # CPU only: CUDA's batch-invariant products give a row the same bits for any row count (and a split
+    # would cost host synchronisations)
+    alone = _alone(requests, top_k_index, self.num_experts, ALONE_BELOW) if hidden_states.device.type == "cpu" \
+        else None
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, token_idx: torch.Tensor, top_k_pos: torch.Tensor):
+        if alone is None:
+            return _pooled_linear(x, weight, MIN_ROWS)
+        return _grouped_linear(x, weight, requests[token_idx], alone[token_idx, top_k_pos], MIN_ROWS)
+
     for expert in hit:
         top_k_pos, token_idx = torch.where(expert_mask[expert])
-        owners, own_rows = requests[token_idx], alone[token_idx, top_k_pos]
-        gate, up = _grouped_linear(hidden_states[token_idx], self.gate_up_proj[expert], owners, own_rows,
-                                   MIN_ROWS).chunk(2, dim=-1)
-        out = _grouped_linear(self.act_fn(gate) * up, self.down_proj[expert], owners, own_rows, MIN_ROWS)
+        gate, up = linear(hidden_states[token_idx], self.gate_up_proj[expert], token_idx, top_k_pos).chunk(2, dim=-1)
+        out = linear(self.act_fn(gate) * up, self.down_proj[expert], token_idx, top_k_pos)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         if eager_order:
             final.index_add_(0, token_idx, out.to(final.dtype))

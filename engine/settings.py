@@ -117,14 +117,16 @@ class EngineSettings:
         None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "
         "model.generate at batch 1 in float32 and float64; in bfloat16 with batch invariance, generate with "
         "transformers' eager experts, as its grouped_mm rounds otherwise) or fast (Gumbel-max with "
-        "counter-based random numbers, one pass over vocabulary chunks: far less memory, and a row's result independent of its batch).",
+        "counter-based random numbers, one pass over vocabulary chunks: far less memory, and a row's result "
+        "independent of its batch).",
         default_text="fast on CUDA, reference on CPU")
-    # engine.sampling.reference.sampling_tiles: a row's whole-row exponential draws must fit, plus one
-    # position; the default is engine.memory.auto_sampling_tile_bytes.
+    # engine.sampling.reference.sampling_tiles: a row's whole-row exponential draws must fit, plus four
+    # positions; the default is engine.memory.auto_sampling_tile_bytes.
     sampling_tile_bytes: int | None = setting(
         None, "Bound on the sampling step's memory: canvases go through the lm head and the sampler in tiles of "
         "as many rows as fit, and a row in chunks of positions when one row does not (smaller is slower: each "
-        "chunk re-reads the lm head).",
+        "chunk re-reads the lm head). Never less than one row's draws and four of its positions (fewer rows "
+        "would run another matrix kernel than generate's), which the memory plan counts.",
         default_text="10% of the memory free after the weights (the GPU's, or on CPU the host's within a "
                      "cgroup memory limit), between 512 MiB and 8 GiB")
     # engine.decoder_graphs: one graph per batch size, recaptured when the KV buffers are reallocated;

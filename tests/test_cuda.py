@@ -49,7 +49,7 @@ def test_cuda_float32_matches_generate_at_batch_one(checkpoint):
 
 
 def test_cuda_chunked_sampling_gives_the_same_tokens(checkpoint):
-    """Tiles of one row in chunks of one position (CUDA draws inline) give the tokens of whole tiles."""
+    """Tiles of one row in chunks of four positions (CUDA draws inline) give the tokens of whole tiles."""
     whole = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4, sampler="reference")
     tiny = EngineSettings(model=str(checkpoint), device="cuda", dtype="float32", max_num_seqs=4, sampler="reference",
                           sampling_tile_bytes=1)

@@ -36,7 +36,8 @@ CHUNK_FP32_COPIES = 5
 @dataclass(frozen=True)
 class SamplingTiles:
     """How the lm head and the sampler walk a decoder batch: tiles of ``rows`` canvases, each in
-    chunks of ``positions`` canvas positions (all of them unless one row alone exceeds the budget).
+    chunks of ``positions`` canvas positions (all of them unless one row alone exceeds the budget; a
+    remainder of 1-3 positions joins the last chunk, ``chunks``).
     Each row's exponential draws are whole [canvas, vocab] tensors (the reference draws them in one
     call), ``draws_in_flight`` tiles at a time (2 on CPU, where the next tile is drawn ahead)."""
 
