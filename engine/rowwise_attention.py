@@ -17,17 +17,14 @@ The per-row loop is a TorchScript function (``engine.rowwise_sdpa``), so that a 
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .rowwise_sdpa import rowwise_sdpa
+from .thread_value import ThreadValue
 
 ROWWISE_SDPA = "engine_rowwise_sdpa"
-
-_local = threading.local()
 
 
 @dataclass(frozen=True)
@@ -39,15 +36,12 @@ class BatchLayout:
     keys: dict[str, torch.Tensor]
 
 
-@contextmanager
+_LAYOUT: ThreadValue[BatchLayout] = ThreadValue()
+
+
 def batch_layout(layout: BatchLayout | None):
     """Run the enclosed forward with ``layout`` (None: every row is attended whole, as given)."""
-    previous = getattr(_local, "layout", None)
-    _local.layout = layout
-    try:
-        yield
-    finally:
-        _local.layout = previous
+    return _LAYOUT.set(layout)
 
 
 def rowwise_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -56,7 +50,7 @@ def rowwise_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: 
     [B, 1, Q, K] or None; returns ([B, Q, H, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    layout: BatchLayout | None = getattr(_local, "layout", None)
+    layout = _LAYOUT.get()
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     is_causal = kwargs.get("is_causal")

@@ -24,33 +24,27 @@ recorded with its branches and loop: the trace replays the experts for any routi
 No ``from __future__ import annotations`` here: TorchScript reads the annotations.
 """
 
-import threading
-from contextlib import contextmanager
 from typing import Union
 
 import torch
 import torch.nn.functional as F
+
+from .thread_value import ThreadValue
 
 ROWWISE_EXPERTS = "engine_rowwise_experts"
 MIN_ROWS = 16
 # a linear layer's row has the many-row kernel's bits from this many rows up
 ALONE_BELOW = 4
 
-_local = threading.local()
+_REQUESTS: ThreadValue[Union[int, torch.Tensor]] = ThreadValue()
 
 
-@contextmanager
 def request_rows(rows: Union[int, torch.Tensor, None]):
     """Within, say which request each token of an experts call belongs to: an int ``n`` (every ``n``
     consecutive tokens are one request: the decoder's canvases), or a ``[T]`` long tensor of request
     indices with -1 for padding tokens (which belong to no request: the encoder's left-padded rows).
     None: the whole call is one request."""
-    previous = getattr(_local, "rows", None)
-    _local.rows = rows
-    try:
-        yield
-    finally:
-        _local.rows = previous
+    return _REQUESTS.set(rows)
 
 
 @torch.jit.script
@@ -103,7 +97,7 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, requests: torch.Tenso
 def rowwise_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts interface: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
-    rows = getattr(_local, "rows", None)
+    rows = _REQUESTS.get()
     if rows is None:
         requests = _consecutive(hidden_states, 0)
     elif isinstance(rows, int):
