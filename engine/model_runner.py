@@ -152,10 +152,10 @@ class ModelRunner:
         """The decoder pass's TorchScript traces (``engine.traced_decoder``): on by default on CPU where the
         pass's operators do not depend on the data (batch invariance's row-wise attention and experts)."""
         experts = self.text_config._experts_implementation
-        traceable = loaded.batch_invariant and experts == ROWWISE_EXPERTS
+        # quantized experts dequantize in loops a trace cannot record (load_model refuses the explicit wish)
+        traceable = loaded.batch_invariant and experts == ROWWISE_EXPERTS and loaded.quantization == "none"
         if wanted and self.device.type != "cpu":
             raise ValueError("trace_decoder is for CPU (CUDA replays captured graphs: cuda_graph_max_batch)")
-        traceable = traceable and loaded.quantization == "none"  # quantized experts: load_model refuses the wish
         if wanted and not traceable:
             raise ValueError("trace_decoder needs batch invariance with its row-wise experts (experts "
                              f"implementation {experts!r}): other experts branch on the routing, which a trace "
