@@ -13,12 +13,12 @@ def load_baseline_model(path: str, load_format: str = "auto"):
     """The checkpoint as transformers alone loads it (its own attention and experts, not the engine's
     row-wise modules), in the server's dtype and on its device: bf16 on CUDA, fp32 on CPU. With
     ``load_format`` "dummy" (no weight files) the engine's loader builds the same random weights the
-    server serves."""
+    server serves, with transformers' attention and experts (batch invariance off)."""
     from engine import EngineSettings
     from engine.loader import load_model, resolve_device, resolve_dtype
 
     if load_format == "dummy":
-        return load_model(EngineSettings(model=path, load_format=load_format)).model
+        return load_model(EngineSettings(model=path, load_format=load_format, batch_invariant=False)).model
     from transformers import DiffusionGemmaForBlockDiffusion
 
     device = resolve_device("auto")

@@ -29,10 +29,17 @@ class RequestResult:
     error: str | None = None
     seed: int | None = None  # the work item's seed (unique per item): which request this was
     text: str = ""  # the completion's text, as streamed
+    tokens: list[str] | None = None  # with logprobs asked for: each committed token, as the server shows it
+
+
+def _failed(t0: float, error: str, ttft: float | None = None, ttfd: float | None = None) -> RequestResult:
+    return RequestResult(False, time.perf_counter() - t0, ttft, ttfd, 0, None, None, error)
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, headers: dict,
-               drafts: bool) -> RequestResult:
+               drafts: bool, logprobs: bool = False, t0: float | None = None) -> RequestResult:
+    """One streamed completion. Its clock starts at ``t0`` (a Poisson arrival's scheduled time), else now.
+    A stream counts as a success only when it ends with ``[DONE]`` after its usage chunk."""
     body = {
         "model": model,
         "prompt": list(item.prompt_ids),
@@ -44,24 +51,29 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, 
         "max_denoising_steps": item.max_denoising_steps,
         "stream_drafts": drafts,
     }
-    t0 = time.perf_counter()
+    if logprobs:
+        body["logprobs"] = 0
+    t0 = time.perf_counter() if t0 is None else t0
     ttft = ttfd = None
     usage = None
+    done = False
     pieces: list[str] = []
+    tokens: list[str] = []
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
-                return RequestResult(False, time.perf_counter() - t0, None, None, 0, None, None, f"{resp.status_code} {text[:200]}")
+                return _failed(t0, f"{resp.status_code} {text[:200]}")
             async for line in resp.aiter_lines():
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    return RequestResult(False, time.perf_counter() - t0, ttft, ttfd, 0, None, None, str(chunk["error"]))
+                    return _failed(t0, str(chunk["error"]), ttft, ttfd)
                 now = time.perf_counter() - t0
                 if chunk.get("usage"):
                     usage = chunk["usage"]
@@ -72,19 +84,32 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, 
                         pieces.append(choice["text"])
                         ttft = now if ttft is None else ttft
                         ttfd = now if ttfd is None else ttfd
-    except httpx.HTTPError as exc:
-        return RequestResult(False, time.perf_counter() - t0, ttft, ttfd, 0, None, None, repr(exc))
+                    if choice.get("logprobs"):
+                        tokens.extend(choice["logprobs"].get("tokens") or [])
+    except Exception as exc:  # a refused connection, a broken or malformed stream: this request failed
+        return _failed(t0, repr(exc), ttft, ttfd)
+    if not done or usage is None:
+        return _failed(t0, "the stream ended before [DONE]" if not done else "the stream carried no usage",
+                       ttft, ttfd)
     latency = time.perf_counter() - t0
-    usage = usage or {}
-    return RequestResult(True, latency, ttft, ttfd, int(usage.get("completion_tokens", 0)),
-                         usage.get("denoising_steps"), usage.get("canvases"), seed=item.seed, text="".join(pieces))
+    try:
+        completion_tokens = int(usage["completion_tokens"])
+    except (KeyError, TypeError, ValueError):
+        return _failed(t0, f"usage without a completion token count: {usage!r}"[:200], ttft, ttfd)
+    return RequestResult(True, latency, ttft, ttfd, completion_tokens, usage.get("denoising_steps"),
+                         usage.get("canvases"), seed=item.seed, text="".join(pieces),
+                         tokens=tokens if logprobs else None)
 
 
 async def run_load(base_url: str, model: str, items: list[WorkItem], *, concurrency: int,
                    request_rate: float | None = None, api_key: str | None = None, seed: int = 0,
-                   timeout: float = 600.0, drafts: bool = False) -> tuple[list[RequestResult], float]:
+                   timeout: float = 600.0, drafts: bool = False,
+                   logprobs_for: frozenset[int] = frozenset()) -> tuple[list[RequestResult], float]:
     """Send every item; closed loop with ``concurrency`` workers, or Poisson arrivals at
-    ``request_rate`` requests/s (still capped at ``concurrency`` in flight). Returns results and wall time."""
+    ``request_rate`` requests/s (still capped at ``concurrency`` in flight: a request's latency counts
+    from its scheduled arrival, time spent waiting for the cap included). The items whose seed is in
+    ``logprobs_for`` ask for log-probabilities (their results carry ``tokens``). Returns results and wall
+    time."""
     url = base_url.rstrip("/") + "/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     queue: asyncio.Queue = asyncio.Queue()
@@ -100,16 +125,20 @@ async def run_load(base_url: str, model: str, items: list[WorkItem], *, concurre
             async def worker():
                 while not queue.empty():
                     item = queue.get_nowait()
-                    results.append(await _one(client, url, model, item, headers, drafts))
+                    results.append(await _one(client, url, model, item, headers, drafts,
+                                              item.seed in logprobs_for))
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
             async def send(item):
+                arrival = time.perf_counter()
                 async with gate:
-                    results.append(await _one(client, url, model, item, headers, drafts))
+                    results.append(await _one(client, url, model, item, headers, drafts,
+                                              item.seed in logprobs_for, t0=arrival))
             tasks = []
-            for item in items:
+            for i, item in enumerate(items):
                 tasks.append(asyncio.create_task(send(item)))
-                await asyncio.sleep(rng.expovariate(request_rate))
+                if i + 1 < len(items):  # no gap after the last arrival
+                    await asyncio.sleep(rng.expovariate(request_rate))
             await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
     return results, wall

@@ -10,6 +10,11 @@ def _ttfd(run: dict):
     return run["ttfd_p50"] if run.get("ttfd_p50") is not None else run.get("ttfd_server_mean")
 
 
+def _gap(value: float | None) -> float:
+    """A value to plot: a missing one (no request succeeded, no draft measured) leaves a gap, not a zero."""
+    return float("nan") if value is None else value
+
+
 def _variant(run: dict) -> str | None:
     """The server variant a run measured (``bench.run --sampler / --variant``), if any."""
     return run.get("variant") or (f"{run['sampler']} sampler" if run.get("sampler") else None)
@@ -69,8 +74,8 @@ def markdown(result: dict) -> str:
         checks[None] = result["outputs_alone"]
     for variant, check in checks.items():
         which = f" ({variant})" if variant else ""
-        lines += ["", f"Outputs at concurrency {check['concurrency']}{which} identical to the same requests sent "
-                      f"alone (same seeds, one at a time): {check['identical']}/{check['checked']}."]
+        lines += ["", f"Outputs at concurrency {check['concurrency']}{which} identical (tokens and text) to the same "
+                      f"requests sent alone (same seeds, one at a time): {check['identical']}/{check['checked']}."]
     lines += ["", "first draft: client-side p50 with `--drafts`, otherwise the server's mean from "
               "`diffusion_server:time_to_first_draft_seconds`. steps/canvas and tok/step come from the usage "
               "extension fields; decoder batch from `diffusion_server:decoder_batch_size`."]
@@ -110,9 +115,9 @@ def plot(result: dict, path: Path) -> bool:
     for variant, runs in groups.items():
         conc = [r["concurrency"] for r in runs]
         suffix = f" ({variant})" if variant else ""
-        ax2.plot(conc, [r["latency_p50"] for r in runs], "o-", label="e2e p50" + suffix)
-        ax2.plot(conc, [r["latency_p90"] for r in runs], "o--", label="e2e p90" + suffix)
-        ax2.plot(conc, [_ttfd(r) or 0 for r in runs], "^-", label="first draft" + suffix)
+        ax2.plot(conc, [_gap(r["latency_p50"]) for r in runs], "o-", label="e2e p50" + suffix)
+        ax2.plot(conc, [_gap(r["latency_p90"]) for r in runs], "o--", label="e2e p90" + suffix)
+        ax2.plot(conc, [_gap(_ttfd(r)) for r in runs], "^-", label="first draft" + suffix)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("concurrency")
     ax2.set_ylabel("seconds")

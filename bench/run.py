@@ -43,6 +43,10 @@ BENCH_SPEC = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, hea
 SIMD_FLAGS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
 
 
+# server flags the generate baselines do not follow (they run the default dtype on the default device)
+ARITHMETIC_FLAGS = ("--dtype", "--quantization", "--device")
+
+
 def machine_description() -> dict:
     cpu, simd = platform.processor() or "cpu", None
     try:
@@ -217,17 +221,35 @@ def summarize(results, wall, before, after, concurrency, server_pid) -> dict:
     }
 
 
-def check_outputs_alone(base_url: str, model_name: str, args, level: int, items, results) -> dict:
-    """Send the first ``args.check_outputs`` requests of ``level`` again, one at a time, and compare
-    each text with what the same request (same seed) got under load: on CPU the engine is
-    batch-invariant, so every pair should match; on CUDA the matrix kernels are not, so some differ."""
-    under_load = {r.seed: r.text for r in results if r.ok}
-    sample = [it for it in items if it.seed in under_load][: args.check_outputs]
+def kept_round(rounds: list[dict]) -> dict:
+    """The round of a level that the report shows (``summarize``'s dicts): the fastest in which every
+    request succeeded, else the fastest, with every round's tok/s and failed requests and the first
+    errors of all rounds (a failure in a round not kept still counts)."""
+    clean = [r for r in rounds if r["requests_ok"] == r["requests"]] or rounds
+    return dict(max(clean, key=lambda r: r["tokens_per_s"]),
+                rounds_tokens_per_s=[r["tokens_per_s"] for r in rounds],
+                rounds_failed=[r["requests"] - r["requests_ok"] for r in rounds],
+                errors=[e for r in rounds for e in r["errors"]][:5])
+
+
+def check_outputs_alone(base_url: str, model_name: str, args, level: int, items) -> dict:
+    """Run ``level``'s requests again (untimed), the first ``args.check_outputs`` of them asking for
+    log-probabilities, then send those again one at a time and compare each one's tokens (as the server
+    shows them: a byte or a special token by itself, where the text may not tell them apart) and text
+    with what it got under load: on CPU the engine is batch-invariant, so every pair should match; on
+    CUDA the matrix kernels are not, so some differ."""
+    sample = items[: args.check_outputs]
+    seeds = frozenset(it.seed for it in sample)
+    loaded, _ = asyncio.run(run_load(base_url, model_name, items, concurrency=level, api_key=args.api_key,
+                                     seed=args.seed, drafts=args.drafts, logprobs_for=seeds))
     alone, _ = asyncio.run(run_load(base_url, model_name, sample, concurrency=1, api_key=args.api_key,
-                                    seed=args.seed, drafts=args.drafts))
-    identical = sum(r.ok and r.text == under_load[r.seed] for r in alone)
+                                    seed=args.seed, drafts=args.drafts, logprobs_for=seeds))
+    under_load = {r.seed: r for r in loaded if r.ok and r.seed in seeds}
+    identical = sum(r.ok and r.seed in under_load and (r.tokens, r.text) ==
+                    (under_load[r.seed].tokens, under_load[r.seed].text) for r in alone)
     return {"concurrency": level, "checked": len(sample), "identical": identical,
-            "characters": sum(len(under_load[it.seed]) for it in sample)}
+            "tokens": sum(len(r.tokens or ()) for r in under_load.values()),
+            "failed": len(items) - sum(r.ok for r in loaded) + sum(not r.ok for r in alone)}
 
 
 def serve_levels(args, levels, model, model_name, out, workload, warm, workloads, runs, result, save,
@@ -245,7 +267,6 @@ def serve_levels(args, levels, model, model_name, out, workload, warm, workloads
         server_args += [f"--load-format={args.load_format}"] if args.load_format != "auto" else []
         proc = start_server(model, port, args.threads, max(levels), server_args, out / f"server{suffix}.log")
         base_url = f"http://127.0.0.1:{port}/v1"
-    level_results = {}
     label = f" ({name})" if name else ""
     try:
         if warm:
@@ -263,22 +284,20 @@ def serve_levels(args, levels, model, model_name, out, workload, warm, workloads
                                                      request_rate=args.request_rate, api_key=args.api_key,
                                                      seed=args.seed, drafts=args.drafts))
                 after = scrape(base_url)
-                rounds.append((summarize(results, wall, before, after, level, proc.pid if proc else None), results))
-            run, results = max(rounds, key=lambda r: r[0]["tokens_per_s"])
-            run["rounds_tokens_per_s"] = [r["tokens_per_s"] for r, _ in rounds]
+                rounds.append(summarize(results, wall, before, after, level, proc.pid if proc else None))
+            run = kept_round(rounds)
             if name:
                 run["variant"] = name
             runs.append(run)
             save()
             p50 = "n/a" if run["latency_p50"] is None else f"{run['latency_p50']:.2f}s"
+            failed_rounds = f", failures in the rounds: {run['rounds_failed']}" if any(run["rounds_failed"]) else ""
             print(f"concurrency {level}{label}: {run['tokens_per_s']:.0f} tok/s, {run['requests_ok']}/{run['requests']} "
-                  f"ok, p50 {p50}", flush=True)
+                  f"ok, p50 {p50}{failed_rounds}", flush=True)
             for error in dict.fromkeys(run["errors"]):  # the first failures, once each
                 print(f"  failed: {error}", flush=True)
-            level_results[level] = results
         if args.check_outputs and any(level > 1 for level in levels):
-            check = check_outputs_alone(base_url, model_name, args, max(levels), workloads[max(levels)],
-                                        level_results[max(levels)])
+            check = check_outputs_alone(base_url, model_name, args, max(levels), workloads[max(levels)])
             if name:
                 result.setdefault("outputs_alone_by_variant", {})[name] = check
             else:
@@ -286,6 +305,8 @@ def serve_levels(args, levels, model, model_name, out, workload, warm, workloads
             save()
             print(f"outputs at concurrency {check['concurrency']}{label} identical to the same requests sent alone: "
                   f"{check['identical']}/{check['checked']}", flush=True)
+            if check["failed"]:
+                print(f"  {check['failed']} requests of that check failed", flush=True)
     finally:
         if proc is not None:
             proc.terminate()
@@ -344,6 +365,17 @@ def main(argv=None) -> int:
                          "outputs that are identical to the ones they got under load (0: skip)")
     ap.add_argument("--out", default="bench/results", help="output folder")
     args = ap.parse_args(argv)
+    if args.url and args.model is None:  # nothing local to take the shape, the name or the baselines from
+        if not args.model_name:
+            ap.error("--url needs --model-name (the model the server serves), or --model (its checkpoint here)")
+        if not args.no_baselines:
+            ap.error("--url without --model has no checkpoint for the generate baselines: add --no-baselines, or "
+                     "--model with the served checkpoint")
+    server_flags = args.server_arg + [f for spec in args.variant for f in spec.partition("=")[2].split(",")]
+    changed = sorted({f.split("=")[0] for f in server_flags if f.split("=")[0] in ARITHMETIC_FLAGS})
+    if changed and not args.no_baselines:
+        ap.error(f"{', '.join(changed)} change the server's arithmetic, which the generate baselines would not "
+                 "share (default dtype and device): add --no-baselines")
 
     levels = [int(x) for x in args.concurrency.split(",")]
     baseline_threads = baseline_thread_counts(args.baseline_threads)
@@ -457,11 +489,16 @@ def main(argv=None) -> int:
     print(markdown(result))
     if not plotted:
         print("(matplotlib not installed: no plot written)")
-    failed = sum(run["requests"] - run["requests_ok"] for run in runs)
+    # every round's failures count, and the outputs check's
+    sent = sum(run["requests"] * len(run["rounds_failed"]) for run in runs)
+    failed = sum(sum(run["rounds_failed"]) for run in runs)
+    checks = [result["outputs_alone"]] if "outputs_alone" in result else []
+    check_failed = sum(check["failed"] for check in checks + list(result.get("outputs_alone_by_variant", {}).values()))
     if failed:
-        print(f"{failed} of {sum(run['requests'] for run in runs)} requests failed", file=sys.stderr)
-        return 1
-    return 0
+        print(f"{failed} of {sent} requests failed", file=sys.stderr)
+    if check_failed:
+        print(f"{check_failed} requests of the outputs check failed", file=sys.stderr)
+    return 1 if failed or check_failed else 0
 
 
 if __name__ == "__main__":

@@ -61,13 +61,14 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
                 f"{run['ratio_vs_static_batch']:.2f}x |") in md
     assert result["runs"][0]["ratio_vs_static_batch"] == result["runs"][0]["ratio_vs_one_at_a_time"]
     # the server's log goes to a file (an unread pipe filled up after ~340 requests and hung the server)
-    # (1 warm-up + two rounds of 3 at each of the two levels + 3 sent again alone)
-    assert (out / "server.log").read_text().count("completions status=200") == 1 + 2 * 3 + 2 * 3 + 3
+    # (1 warm-up + two rounds of 3 at each of the two levels + the check's run of concurrency 2 + 3 sent again alone)
+    assert (out / "server.log").read_text().count("completions status=200") == 1 + 2 * 3 + 2 * 3 + 3 + 3
     assert result["rounds"] == 2 and "each measurement the fastest of 2 rounds" in md
-    # the first 3 requests of concurrency 2, sent again one at a time, get the same text
+    # the first 3 requests of concurrency 2, sent again one at a time, get the same tokens and text
     check = result["outputs_alone"]
-    assert (check["concurrency"], check["checked"], check["identical"]) == (2, 3, 3)
-    assert check["characters"] > 0  # real texts were compared, not empty strings
+    assert (check["concurrency"], check["checked"], check["identical"], check["failed"]) == (2, 3, 3, 0)
+    # every committed token of the 3 was compared (the same requests as the level's: the same count)
+    assert check["tokens"] == result["runs"][1]["tokens"]
     assert "| 2 | 3/3 |" in md
     # baselines: concurrency, requests, one at a time, static batch (none at concurrency 1)
     cell = r"\d+ \(\d+ threads?\)"
@@ -75,7 +76,8 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
     from engine.cpu_threads import usable_cpus
 
     assert result["baseline_threads"] == sorted({1, usable_cpus()})
-    assert "Outputs at concurrency 2 identical to the same requests sent alone (same seeds, one at a time): 3/3." in md
+    assert ("Outputs at concurrency 2 identical (tokens and text) to the same requests sent alone (same seeds, one "
+            "at a time): 3/3.") in md
 
 
 
@@ -85,7 +87,7 @@ def test_bench_against_a_dead_url_reports_the_failures(tmp_path):
     with socket.socket() as bound:  # bound and never listening: every connection is refused
         bound.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{bound.getsockname()[1]}/v1"
-        cmd = [sys.executable, "-m", "bench.run", "--url", url, "--no-baselines",
+        cmd = [sys.executable, "-m", "bench.run", "--url", url, "--model-name", "m", "--no-baselines",
                "--concurrency", "2", "--requests-per-level", "3", "--warmup", "0", "--out", str(tmp_path / "bench")]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -94,6 +96,63 @@ def test_bench_against_a_dead_url_reports_the_failures(tmp_path):
     assert "3 of 3 requests failed" in proc.stderr
     assert f"· server: {url} · load generated on: " in proc.stdout  # not this machine's threads
     assert json.loads((tmp_path / "bench" / "bench.json").read_text())["runs"][0]["requests_ok"] == 0
+
+def _round(tokens_per_s: float, ok: int, errors=()) -> dict:
+    return dict(requests=4, requests_ok=ok, tokens_per_s=tokens_per_s, errors=list(errors))
+
+
+def test_a_level_keeps_its_fastest_clean_round_and_reports_every_failure():
+    """--rounds: a round with failures is not kept while a clean one exists (failing requests free their
+    slots early and can make a round look fast), and failures of any round stay in the report."""
+    from bench.run import kept_round
+
+    run = kept_round([_round(90.0, 4), _round(120.0, 3, ["503 full"]), _round(100.0, 4)])
+    assert (run["tokens_per_s"], run["requests_ok"]) == (100.0, 4)
+    assert run["rounds_tokens_per_s"] == [90.0, 120.0, 100.0] and run["rounds_failed"] == [0, 1, 0]
+    assert run["errors"] == ["503 full"]
+    # no clean round: the fastest, with its failures
+    run = kept_round([_round(90.0, 2, ["a", "b"]), _round(120.0, 3, ["c"])])
+    assert (run["tokens_per_s"], run["rounds_failed"], run["errors"]) == (120.0, [2, 1], ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--url", "http://127.0.0.1:9/v1", "--no-baselines"], "--url needs --model-name"),
+    (["--url", "http://127.0.0.1:9/v1", "--model-name", "m"], "has no checkpoint for the generate baselines"),
+    (["--server-arg=--dtype=float64"], "--dtype change the server's arithmetic"),
+    (["--variant", "q=--num-threads=1,--quantization=fp8-experts"], "--quantization change the server's arithmetic"),
+])
+def test_bench_refuses_baselines_that_would_not_compare(argv, message, capsys):
+    """Ratios against a model or arithmetic the server does not run are refused before anything starts."""
+    from bench import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(argv + ["--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, error", [
+    ('data: {"choices": [{"text": "ab"}]}\n\n', "the stream ended before [DONE]"),
+    ('data: {"choices": [{"text": "ab"}]}\n\ndata: [DONE]\n\n', "the stream carried no usage"),
+    ('data: {"choices": [{"text": "ab"}\n\n', "JSONDecodeError"),
+])
+def test_load_generator_counts_a_broken_stream_as_failed(body, error):
+    """A foreign server's stream that stops early, leaves out its usage or sends a malformed event is one
+    failed request, not a success with no tokens nor a traceback that ends the level."""
+    import asyncio
+
+    import httpx
+
+    from bench.load import _one
+    from bench.workload import WorkItem
+
+    async def one():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await _one(client, "http://server/v1/completions", "m", WorkItem((5, 6), 32, 7, 2), {}, False)
+
+    result = asyncio.run(one())
+    assert not result.ok and error in result.error and result.completion_tokens == 0
+
 
 def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
     """The in-process overhead profile: with --compare-sequential, one report per entropy placement,
