@@ -19,7 +19,7 @@ from .completions import create_completion
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
 from .middleware import InFlight, InFlightMiddleware, RequestIdMiddleware
-from .origins import OriginGuardMiddleware, normalized_origins
+from .origins import CORSErrorMiddleware, OriginGuardMiddleware, normalized_origins
 from .openapi import install_openapi
 from .settings import ServerSettings
 from .state import EngineFactory, ServerState, default_engine_factory
@@ -67,12 +67,11 @@ def create_app(
     app.add_middleware(InFlightMiddleware, inflight=inflight)
     # a POST from a web page of another site (any site the user visits could send one) is refused
     origins = normalized_origins(settings.cors_allow_origins)  # one list for both: as browsers write them
-    app.add_middleware(OriginGuardMiddleware, allowed_origins=origins, on_reject=metrics.count_error)
+    app.add_middleware(OriginGuardMiddleware, allowed_origins=origins, bind_host=settings.host,
+                       on_reject=metrics.count_error)
     if origins:  # closed unless configured: no CORS headers at all
-        from starlette.middleware.cors import CORSMiddleware
-
         app.add_middleware(
-            CORSMiddleware,
+            CORSErrorMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],  # the openai JS SDK sends its own (X-Stainless-*, OpenAI-*) from browsers too

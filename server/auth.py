@@ -1,7 +1,9 @@
-"""Optional bearer-key authentication for /v1/* (pure ASGI, so streaming is untouched).
+"""Optional bearer-key authentication (pure ASGI, so streaming is untouched): every request to /v1/*, and
+every request elsewhere that is not a read (GET, HEAD, OPTIONS), so that a client without a key cannot
+make the server read a body (the body limits' buffering) on any path.
 
 Keys are compared in constant time (``hmac.compare_digest``) against every configured key.
-/health and /metrics stay open.
+/health, /metrics, the page and ``/ui/config`` (which answers ``authorized: false`` itself) stay open.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hmac
 from typing import Callable
 
 from .errors import error_response, unauthorized
+from .middleware import READ_METHODS
 
 PROTECTED_PREFIX = "/v1"
 
@@ -42,7 +45,8 @@ class APIKeyMiddleware:
         self.on_reject = on_reject
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.keys or not scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] != "http" or not self.keys or (
+                scope["method"] in READ_METHODS and not scope["path"].startswith(PROTECTED_PREFIX)):
             await self.app(scope, receive, send)
             return
         if key_matches(bearer_token(scope.get("headers", [])), self.keys):

@@ -21,6 +21,7 @@ from typing import Callable
 
 from .bodies import BODY_MARKS, MarkCounts
 from .errors import body_timeout, body_too_large, error_response
+from .middleware import READ_METHODS
 
 # Past this many bytes of an oversized body, stop draining and answer at once.
 DRAIN_LIMIT = 256 * 1024 * 1024
@@ -69,7 +70,7 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http" or scope["method"] in READ_METHODS:
             await self.app(scope, receive, send)
             return
         declared = None

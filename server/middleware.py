@@ -14,6 +14,10 @@ from __future__ import annotations
 import re
 import uuid
 
+# requests that only read (no body, no work): the origin guard, the body limits and the key check on paths
+# outside /v1 let them through
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 REQUEST_ID_HEADER = b"x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,%d}" % MAX_REQUEST_ID_LENGTH)

@@ -11,19 +11,28 @@ preflight is CORS's), has no ``Origin``, comes from an origin in ``cors_allow_or
 carries an ``Authorization`` header (which a page can send to another origin only after a preflight
 that origin's CORS allowed; the key is then checked as usual), or comes from the server's own page
 (``Sec-Fetch-Site: same-origin``, or where a browser does not send that header, an ``Origin`` whose
-host and port are the request's ``Host``, default ports included). Others get 403 ``origin_not_allowed``.
+host and port are the request's ``Host``, default ports included) under a name no other site can take over
+(``trusted_host``). Others get 403 ``origin_not_allowed``.
+
+The last condition stops DNS rebinding: a page of ``evil.example`` whose name the attacker then points at
+this server is, to the browser, the server's own page (same origin, and it may read the answers). Its
+requests name ``evil.example`` in ``Host``, so the server's own page counts as such only where the
+``Host`` is an IP address, ``localhost`` (or a name under it) or the ``host`` setting: a page served
+under another DNS name (a proxy's, a machine's name on the network) works once its origin is listed in
+``cors_allow_origins`` (or with an API key, which the page sends).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Callable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 
 from .errors import APIError, error_response
-
-SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+from .middleware import READ_METHODS
 
 
 def origin_not_allowed(origin: str) -> APIError:
@@ -35,6 +44,27 @@ def origin_not_allowed(origin: str) -> APIError:
         None,
         "origin_not_allowed",
     )
+
+
+def preflight_refused(reason: str) -> APIError:
+    return APIError(
+        400,
+        f"CORS preflight refused ({reason}): the origins allowed are the setting cors_allow_origins "
+        "(--cors-allow-origin); the methods GET, POST and OPTIONS.",
+        "invalid_request_error",
+        None,
+        "cors_preflight_refused",
+    )
+
+
+class CORSErrorMiddleware(CORSMiddleware):
+    """Starlette's CORS, a refused preflight answered with an OpenAI error (Starlette's is plain text)."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        return error_response(preflight_refused(bytes(response.body).decode("utf-8", "replace")))
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -77,29 +107,57 @@ def normalized_origins(origins: list[str]) -> list[str]:
     return out
 
 
-def same_origin(origin: str, host: str | None, fetch_site: str | None) -> bool:
-    """Whether a request with these headers comes from a page the server itself served."""
+def _hostname(url: str) -> str | None:
+    """The host name of ``url`` in lower case, without brackets; None where it has none or is malformed."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:  # an unbalanced "[" (an IPv6 literal cut short)
+        return None
+
+
+def trusted_host(host: str | None, bind_host: str) -> bool:
+    """Whether a ``Host`` header names this server by a name a rebound DNS name cannot be: an IP address,
+    ``localhost`` or a name under it, or ``bind_host`` (the ``host`` setting)."""
+    hostname = _hostname(f"http://{host}") if host else None
+    if hostname is None:
+        return False
+    if hostname == "localhost" or hostname.endswith(".localhost") or hostname == _hostname(f"http://{bind_host}"):
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+def same_origin(origin: str, host: str | None, fetch_site: str | None, bind_host: str) -> bool:
+    """Whether a request with these headers comes from a page the server itself served, under a trusted
+    ``Host`` (``trusted_host``)."""
+    if not trusted_host(host, bind_host):
+        return False
     if fetch_site is not None:
         return fetch_site == "same-origin"
-    page = urlsplit(origin)
-    if not host or page.scheme not in DEFAULT_PORTS:
-        return False
-    server = urlsplit(f"{page.scheme}://{host}")
     try:
+        page = urlsplit(origin)
+        if page.scheme not in DEFAULT_PORTS:
+            return False
+        server = urlsplit(f"{page.scheme}://{host}")
         default = DEFAULT_PORTS[page.scheme]
         return (page.hostname, page.port or default) == (server.hostname, server.port or default)
-    except ValueError:  # a port that is not a number
+    except ValueError:  # a malformed origin or host, or a port that is not a number
         return False
 
 
 class OriginGuardMiddleware:
-    def __init__(self, app, allowed_origins: list[str], on_reject: Callable[[int], None] | None = None):
+    def __init__(self, app, allowed_origins: list[str], bind_host: str,
+                 on_reject: Callable[[int], None] | None = None):
         self.app = app
         self.allowed = set(allowed_origins)  # normalized_origins
+        self.bind_host = bind_host  # the host setting: a name trusted_host accepts
         self.on_reject = on_reject
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or "*" in self.allowed:
+        if scope["type"] != "http" or scope["method"] in READ_METHODS or "*" in self.allowed:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -107,7 +165,7 @@ class OriginGuardMiddleware:
         # a page can send an Authorization header to another origin only after a CORS preflight that
         # origin allowed: such a request (an extension, an app's webview) goes on to the key check
         if origin is None or origin in self.allowed or "authorization" in headers or same_origin(
-                origin, headers.get("host"), headers.get("sec-fetch-site")):
+                origin, headers.get("host"), headers.get("sec-fetch-site"), self.bind_host):
             await self.app(scope, receive, send)
             return
         if self.on_reject is not None:

@@ -8,6 +8,8 @@ Each setting is a dataclass field made by ``engine.settings.setting``; ``options
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import Field, dataclass, field, fields, replace
 
 from engine.settings import EngineSettings, default_of, is_setting, setting
@@ -43,8 +45,9 @@ class ServerSettings:
     host: str = setting("127.0.0.1", "Address to listen on (0.0.0.0 for all interfaces).")
     port: int = setting(8000, "TCP port to listen on.")
     api_keys: list[str] = setting(
-        [], "Require 'Authorization: Bearer KEY' on /v1/*; /health and /metrics stay open. Repeat for several "
-        "keys.", flag="--api-key", metavar="KEY", default_text="none (no authentication)")
+        [], "Require 'Authorization: Bearer KEY' on /v1/* and on every request that is not a read (GET, HEAD, "
+        "OPTIONS); /health, /metrics and the page stay open. Printable ASCII without spaces. Repeat for several keys.",
+        flag="--api-key", metavar="KEY", default_text="none (no authentication)")
     log_prompts: bool = setting(False, "Include prompts and generated text in the per-request log lines.")
     log_level: str = setting("info", "Logging level: debug, info, warning, error.")
     access_log: bool = setting(False, "Also write uvicorn's access log (one line per HTTP request).")
@@ -197,6 +200,10 @@ class ServerSettings:
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
         if any(not k for k in self.api_keys):
             raise ValueError("api keys must not be empty")
+        if any(not re.fullmatch(r"[\x21-\x7e]+", k) for k in self.api_keys):
+            # an HTTP client sends a header in ASCII, and the server strips the token's white space
+            raise ValueError("api keys must be printable ASCII without spaces (a key with another character "
+                             "could never be sent in an Authorization header)")
         normalized_origins(self.cors_allow_origins)
         # the engine's own settings (dtype, device, budgets), with the model still unresolved
         engine = replace(self.engine, model="<default model>" if self.model is None else self.model)

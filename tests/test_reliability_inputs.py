@@ -5,6 +5,7 @@ server's own OpenAPI document."""
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -468,7 +469,10 @@ def test_cors_allowed_origin_only(limits_server):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
     assert set(r.headers["access-control-allow-headers"].lower().replace(" ", "").split(",")) >= set(sdk.split(","))
     r = httpx.options(url, headers={**pre, "Origin": "https://evil.example"}, timeout=10)
-    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    assert "access-control-allow-origin" not in r.headers
+    assert_error(r, 400, "invalid_request_error", None, "cors_preflight_refused", "Disallowed CORS origin")
+    r = httpx.options(url, headers={**pre, "Access-Control-Request-Method": "DELETE"}, timeout=10)
+    assert_error(r, 400, "invalid_request_error", None, "cors_preflight_refused", "Disallowed CORS method")
     r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"},
                    timeout=60)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
@@ -488,21 +492,30 @@ def test_cors_closed_by_default(live_server):
     r = httpx.options(url, headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"}, timeout=10)
     assert "access-control-allow-origin" not in r.headers
     before = live_server.metrics()
+    port = live_server.port
+    rebound = f"evil.example:{port}"  # a site's DNS name pointed at the server: to the browser, the server's own page
     for headers in ({"Origin": "https://a.example"}, {"Origin": "https://a.example", "Sec-Fetch-Site": "cross-site"},
-                    {"Origin": "null"}, {"Origin": f"http://localhost:{live_server.port}", "Sec-Fetch-Site": "same-site"},
-                    {"Origin": "http://a.example", "Host": "a.example:8080"}, {"Origin": "https://a.example", "Host": "a.example:80"}):
+                    {"Origin": "null"}, {"Origin": f"http://localhost:{port}", "Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://a.example", "Host": "a.example:8080"}, {"Origin": "https://a.example", "Host": "a.example:80"},
+                    {"Origin": f"http://{rebound}", "Host": rebound, "Sec-Fetch-Site": "same-origin"},
+                    {"Origin": f"http://{rebound}", "Host": rebound}, {"Origin": "http://a.example", "Host": "a.example:80"},
+                    {"Origin": "http://["}, {"Origin": "http://a.example", "Host": "[oops"}):  # malformed: no 500
         r = httpx.post(url, content=json.dumps({"prompt": "hi", "max_tokens": 2}),
                        headers={**headers, "Content-Type": "text/plain"}, timeout=60)
         assert r.status_code == 403 and not any(k.startswith("access-control-") for k in r.headers), headers
+        assert r.headers["x-request-id"], headers
         assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "invalid_request_error",
                                      "param": None, "code": "origin_not_allowed"}
         assert "cors_allow_origins" in r.json()["error"]["message"]
     after = live_server.metrics()
     assert after[PROMPT_TOKENS] == before[PROMPT_TOKENS]  # none reached the engine
     own = live_server.url.removeprefix("http://")
+    # the server's own page under a name no other site can take over: an IP address, localhost or a name under it
     for headers in ({}, {"Origin": live_server.url}, {"Origin": "http://elsewhere.example", "Sec-Fetch-Site": "same-origin"},
                     {"Origin": live_server.url.replace("127.0.0.1", "localhost"), "Host": own.replace("127.0.0.1", "localhost")},
-                    {"Origin": "http://a.example", "Host": "a.example:80"}, {"Origin": "https://A.example:443", "Host": "a.example"}):
+                    {"Origin": "http://localhost", "Host": "localhost:80"}, {"Origin": "https://LOCALHOST:443", "Host": "localhost"},
+                    {"Origin": "http://app.localhost:81", "Host": "app.localhost:81", "Sec-Fetch-Site": "same-origin"},
+                    {"Origin": "http://[::1]:8080", "Host": "[::1]:8080"}):
         r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={**live_server.headers, **headers}, timeout=60)
         assert r.status_code == 200, (headers, r.text)
     # a client that is not a page but sends an Origin (an extension, an app's webview) with its key: the key decides
@@ -512,6 +525,41 @@ def test_cors_closed_by_default(live_server):
     r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2}, headers={**live_server.headers, "Origin": "chrome-extension://abc"},
                    timeout=60)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("host, bind_host, trusted", [
+    ("127.0.0.1:8000", "127.0.0.1", True), ("[::1]", "127.0.0.1", True), ("localhost", "0.0.0.0", True),
+    ("gpu-box:8000", "gpu-box", True), ("GPU-Box:8000", "gpu-box", True),  # the --host value, any case
+    ("gpu-box:8000", "0.0.0.0", False), ("localhost.evil.example", "127.0.0.1", False), ("[oops", "127.0.0.1", False),
+    (None, "127.0.0.1", False),
+])
+def test_a_page_counts_as_the_servers_own_only_under_a_trusted_host(host, bind_host, trusted):
+    """DNS rebinding: a page whose site's name now points at the server is the server's own to the browser;
+    only the Host header tells it apart, so a name other than these must be a listed origin."""
+    from server.origins import same_origin
+
+    origin = "http://" + (host or "x")
+    assert same_origin(origin, host, "same-origin", bind_host) is trusted
+    assert same_origin(origin, host, None, bind_host) is trusted
+
+
+def test_with_keys_a_keyless_client_cannot_make_the_server_read_a_body(limits_server):
+    """Every request that is not a read needs the key, on any path: a 401 at once, the body unread, where an
+    unknown path used to buffer up to the body limit before its 404."""
+    host, port = limits_server.url.removeprefix("http://").split(":")
+    for path in ("/nope", "/ui/detokenize", "/health"):
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 60000\r\n\r\n".encode())
+            answer = b""
+            while b"invalid_api_key" not in answer:  # within the timeout: the server did not wait for the body
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 ") and b"invalid_api_key" in answer, (path, answer[:300])
+    r = httpx.post(limits_server.url + "/nope", json={}, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 404  # with the key: on to the router
+    assert httpx.get(limits_server.url + "/health", timeout=10).status_code == 200  # reads stay open
 
 
 # -- schemathesis against the server's own OpenAPI document -----------------------------------

@@ -13,7 +13,7 @@ from tools.reference_docs import table_cell
 # The error codes the server sends, by status (a test finds each in server/).
 ERROR_CODES = {
     400: ("context_length_exceeded", "invalid_json", "json_too_deep", "limit_exceeded", "unsupported_parameter",
-          "invalid_image", "invalid_http_request"),
+          "invalid_image", "invalid_http_request", "cors_preflight_refused"),
     401: ("invalid_api_key",),
     403: ("origin_not_allowed",),
     404: ("model_not_found", "not_found"),
