@@ -15,6 +15,13 @@ def _gap(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
+def _requests(run: dict) -> str:
+    """"ok/sent" of the round shown, and the failures of the rounds not shown (``bench.run.kept_round``)."""
+    shown = f"{run['requests_ok']}/{run['requests']}"
+    other = sum(run.get("rounds_failed", ())) - (run["requests"] - run["requests_ok"])
+    return shown + (f" ({other} failed in other rounds)" if other else "")
+
+
 def _variant(run: dict) -> str | None:
     """The server variant a run measured (``bench.run --sampler / --variant``), if any."""
     return run.get("variant") or (f"{run['sampler']} sampler" if run.get("sampler") else None)
@@ -44,7 +51,7 @@ def markdown(result: dict) -> str:
             return "—" if x is None else format(x, spec) + unit
         lines.append(
             (f"| {_variant(run) or 'default'} " if variants else "") +
-            f"| {run['concurrency']} | {run['requests_ok']}/{run['requests']} | {run['tokens_per_s']:.0f} | "
+            f"| {run['concurrency']} | {_requests(run)} | {run['tokens_per_s']:.0f} | "
             f"{fmt(run.get('ratio_vs_one_at_a_time'), unit='x')} | {fmt(run.get('ratio_vs_static_batch'), unit='x')} | "
             f"{run['requests_per_s']:.2f} | {fmt(_ttfd(run), '.3f')} | {fmt(run['ttft_p50'], '.3f')} | "
             f"{fmt(run['latency_p50'])} / {fmt(run['latency_p90'])} / {fmt(run['latency_p99'])} | "
@@ -76,6 +83,8 @@ def markdown(result: dict) -> str:
         which = f" ({variant})" if variant else ""
         lines += ["", f"Outputs at concurrency {check['concurrency']}{which} identical (tokens and text) to the same "
                       f"requests sent alone (same seeds, one at a time): {check['identical']}/{check['checked']}."]
+        if check.get("failed"):
+            lines.append(f"{check['failed']} requests of that check failed.")
     lines += ["", "first draft: client-side p50 with `--drafts`, otherwise the server's mean from "
               "`diffusion_server:time_to_first_draft_seconds`. steps/canvas and tok/step come from the usage "
               "extension fields; decoder batch from `diffusion_server:decoder_batch_size`."]

@@ -68,7 +68,7 @@ def create_app(
     # a POST from a web page of another site (any site the user visits could send one) is refused
     origins = normalized_origins(settings.cors_allow_origins)  # one list for both: as browsers write them
     app.add_middleware(OriginGuardMiddleware, allowed_origins=origins, bind_host=settings.host,
-                       on_reject=metrics.count_error)
+                       keys=bool(settings.api_keys), on_reject=metrics.count_error)
     if origins:  # closed unless configured: no CORS headers at all
         app.add_middleware(
             CORSErrorMiddleware,

@@ -8,18 +8,20 @@ curl and the SDKs send neither, so they are not affected.
 
 ``OriginGuardMiddleware`` lets a request through when it is a GET, HEAD or OPTIONS (no work; a
 preflight is CORS's), has no ``Origin``, comes from an origin in ``cors_allow_origins`` (``*``: any),
-carries an ``Authorization`` header (which a page can send to another origin only after a preflight
-that origin's CORS allowed; the key is then checked as usual), or comes from the server's own page
-(``Sec-Fetch-Site: same-origin``, or where a browser does not send that header, an ``Origin`` whose
-host and port are the request's ``Host``, default ports included) under a name no other site can take over
-(``trusted_host``). Others get 403 ``origin_not_allowed``.
+carries an ``Authorization`` header on a server with API keys (a page can send one to another origin
+only after a preflight that origin's CORS allowed; the key is then checked as usual), or comes from the
+server's own page (``Sec-Fetch-Site: same-origin``, or where a browser does not send that header, an
+``Origin`` whose host and port are the request's ``Host``, default ports included) under a name no
+other site can take over (``trusted_host``). Others get 403 ``origin_not_allowed``.
 
-The last condition stops DNS rebinding: a page of ``evil.example`` whose name the attacker then points at
-this server is, to the browser, the server's own page (same origin, and it may read the answers). Its
-requests name ``evil.example`` in ``Host``, so the server's own page counts as such only where the
-``Host`` is an IP address, ``localhost`` (or a name under it) or the ``host`` setting: a page served
-under another DNS name (a proxy's, a machine's name on the network) works once its origin is listed in
-``cors_allow_origins`` (or with an API key, which the page sends).
+The last two conditions keep out DNS rebinding: a page of ``evil.example`` whose name the attacker then
+points at this server is, to the browser, the server's own page (same origin: it may send any header
+and read the answers). Its requests name ``evil.example`` in ``Host``, so the server's own page counts
+as such only where the ``Host`` is an IP address, ``localhost`` (or a name under it) or the ``host``
+setting, and an ``Authorization`` header lets a page through only where a key is then checked. A page
+served under another DNS name (a proxy's, a machine's name on the network) works once its origin is
+listed in ``cors_allow_origins``, or with an API key, which the page sends. Reads stay open to pages as
+to any client (the model list, the page's ``/ui/config``, ``/metrics``: no prompts, no outputs).
 """
 
 from __future__ import annotations
@@ -149,11 +151,12 @@ def same_origin(origin: str, host: str | None, fetch_site: str | None, bind_host
 
 
 class OriginGuardMiddleware:
-    def __init__(self, app, allowed_origins: list[str], bind_host: str,
+    def __init__(self, app, allowed_origins: list[str], bind_host: str, keys: bool,
                  on_reject: Callable[[int], None] | None = None):
         self.app = app
         self.allowed = set(allowed_origins)  # normalized_origins
         self.bind_host = bind_host  # the host setting: a name trusted_host accepts
+        self.keys = keys  # whether the server checks API keys
         self.on_reject = on_reject
 
     async def __call__(self, scope, receive, send):
@@ -163,8 +166,10 @@ class OriginGuardMiddleware:
         headers = Headers(scope=scope)
         origin = headers.get("origin")
         # a page can send an Authorization header to another origin only after a CORS preflight that
-        # origin allowed: such a request (an extension, an app's webview) goes on to the key check
-        if origin is None or origin in self.allowed or "authorization" in headers or same_origin(
+        # origin allowed: such a request (an extension, an app's webview) goes on to the key check, where
+        # there is one (a rebound page is not cross-origin to the browser: it sends any header unasked)
+        authorized = self.keys and "authorization" in headers
+        if origin is None or origin in self.allowed or authorized or same_origin(
                 origin, headers.get("host"), headers.get("sec-fetch-site"), self.bind_host):
             await self.app(scope, receive, send)
             return

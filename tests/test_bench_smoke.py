@@ -104,15 +104,20 @@ def _round(tokens_per_s: float, ok: int, errors=()) -> dict:
 def test_a_level_keeps_its_fastest_clean_round_and_reports_every_failure():
     """--rounds: a round with failures is not kept while a clean one exists (failing requests free their
     slots early and can make a round look fast), and failures of any round stay in the report."""
+    from bench.report import _requests
     from bench.run import kept_round
 
     run = kept_round([_round(90.0, 4), _round(120.0, 3, ["503 full"]), _round(100.0, 4)])
     assert (run["tokens_per_s"], run["requests_ok"]) == (100.0, 4)
     assert run["rounds_tokens_per_s"] == [90.0, 120.0, 100.0] and run["rounds_failed"] == [0, 1, 0]
     assert run["errors"] == ["503 full"]
+    # the report shows the round kept and the failures of the others
+    assert _requests(run) == "4/4 (1 failed in other rounds)"
+    assert _requests(kept_round([_round(90.0, 4)])) == "4/4"
     # no clean round: the fastest, with its failures
     run = kept_round([_round(90.0, 2, ["a", "b"]), _round(120.0, 3, ["c"])])
     assert (run["tokens_per_s"], run["rounds_failed"], run["errors"]) == (120.0, [2, 1], ["a", "b", "c"])
+    assert _requests(run) == "3/4 (2 failed in other rounds)"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -527,6 +527,23 @@ def test_cors_closed_by_default(live_server):
     assert r.status_code == 200, r.text
 
 
+def test_on_a_server_without_keys_an_authorization_header_opens_no_door(server_launcher, server_tiny_checkpoint):
+    """Without keys nothing checks an Authorization header, and a rebound page (the server's own to the browser)
+    may send one unasked: it lets no page through. The server's own page still gets in with one."""
+    server = server_launcher(["--model", str(server_tiny_checkpoint), "--no-ui"])
+    url = server.base_url + "/completions"
+    port = server.port
+    body = {"prompt": "hi", "max_tokens": 2}
+    for headers in ({"Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}", "Sec-Fetch-Site": "same-origin"},
+                    {"Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}"},
+                    {"Origin": "chrome-extension://abc"}):
+        r = httpx.post(url, json=body, headers={**headers, "Authorization": "Bearer anything"}, timeout=60)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", (headers, r.text)
+    for headers in ({"Origin": server.url, "Sec-Fetch-Site": "same-origin"}, {}):
+        r = httpx.post(url, json=body, headers={**headers, "Authorization": "Bearer anything"}, timeout=60)
+        assert r.status_code == 200, (headers, r.text)
+
+
 @pytest.mark.parametrize("host, bind_host, trusted", [
     ("127.0.0.1:8000", "127.0.0.1", True), ("[::1]", "127.0.0.1", True), ("localhost", "0.0.0.0", True),
     ("gpu-box:8000", "gpu-box", True), ("GPU-Box:8000", "gpu-box", True),  # the --host value, any case

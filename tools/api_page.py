@@ -112,7 +112,8 @@ def render(header: str) -> str:
 |---|---|---|
 {routes}
 
-With API keys configured (`--api-key`), every `/v1/` route wants `Authorization: Bearer <key>`.
+With API keys configured (`--api-key`), every `/v1/` route, and every request elsewhere that is not a read
+(GET, HEAD, OPTIONS), wants `Authorization: Bearer <key>`.
 Every response carries `X-Request-Id` (the client's own, when it sent a sane one).
 
 ## Request fields
