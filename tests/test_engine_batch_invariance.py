@@ -103,6 +103,44 @@ def test_rows_equal_their_solo_runs(checkpoint, sampler, dtype, forward_threads)
     core.close()
 
 
+@pytest.fixture(scope="module")
+def twin_checkpoint(tmp_path_factory):
+    """Every byte token has a twin with the same embedding row (tied lm head): their logits are bitwise
+    equal, as those of duplicated or untrained vocabulary rows are, so every top-k meets ties."""
+    from safetensors.torch import load_file, save_file
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("twins"), TinySpec(num_layers=2, canvas_length=16))
+    weights = load_file(path / "model.safetensors")
+    embed = weights["model.decoder.embed_tokens.weight"]
+    embed[6:261:2] = embed[5:260:2]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("sampler", ["reference", "fast"])
+def test_top_alternatives_do_not_depend_on_what_others_ask_for(twin_checkpoint, sampler):
+    """Which of several equally probable tokens a top-k lists depends on k: each row's alternatives come
+    from its own k, so a request lists the same ones beside requests asking for more, fewer or none."""
+    settings = EngineSettings(model=str(twin_checkpoint), sampler=sampler, max_num_seqs=5)
+    core = EngineCore(load_model(settings), settings)
+    g = torch.Generator().manual_seed(11)
+    # the last asks for none and finishes first: then every row asks, the counts out of row order
+    requests = [(f"r{i}", torch.randint(5, 261, (6 + 5 * i,), generator=g).tolist(),
+                 SamplingParams(max_tokens=16, max_denoising_steps=2 if count is None else 4, ignore_eos=True,
+                                seed=20 + i, logprobs=count), 0)
+                for i, count in enumerate([2, 5, 2, 1, None])]
+    together = _run(core, requests)
+    tied = 0
+    for request in requests:
+        rid = request[0]
+        alone = _run(core, [request], suffix="-alone")[rid]
+        assert together[rid]["tokens"] == alone["tokens"], rid
+        assert together[rid]["logprobs"] == alone["logprobs"], rid
+        tied += sum(len({v for _, v in entry.top}) < len(entry.top) for entry in alone["logprobs"])
+    assert tied > 0  # the lists did meet equal probabilities
+    core.close()
+
+
 def test_commits_beside_a_longer_cache_equal_their_solo_runs(checkpoint):
     """Two canvases committed in one encoder call have new tokens of one length (the canvas) but cached
     prompts of 4 and 200 tokens: the short row must attend over its own keys, not over keys padded to

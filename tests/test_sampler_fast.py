@@ -123,9 +123,11 @@ def test_bias_pins_and_logprobs_equal_the_naive_computation(model):
     assert torch.equal(out.confident, want["confident"])
     asking = [0, 2]  # only the rows that ask compute log-probabilities
     torch.testing.assert_close(out.logprobs.chosen[asking], want["chosen"][asking], rtol=1e-5, atol=1e-5)
+    # row 0 asks for 5 alternatives; row 2 for none: only the best, which gives the draft's value, then padding
     values, ids = want["top"]
-    assert torch.equal(out.logprobs.top_ids[asking], ids[asking])
-    torch.testing.assert_close(out.logprobs.top_values[asking], values[asking], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.logprobs.top_ids[0], ids[0]) and torch.equal(out.logprobs.top_ids[2, :, :1], ids[2, :, :1])
+    torch.testing.assert_close(out.logprobs.top_values[0], values[0], rtol=1e-5, atol=1e-5)
+    assert not out.logprobs.top_ids[2, :, 1:].any() and not out.logprobs.top_values[2, :, 1:].any()
     assert not out.logprobs.chosen[1].any() and not out.logprobs.top_values[1].any()  # row 1 paid for none
 
 

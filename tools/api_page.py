@@ -175,7 +175,8 @@ logits of the denoising step whose argmax draft the canvas committed, soft-cappe
 (`logit_bias`) and divided by that step's temperature: s = (softcap(z) + bias) / T(step). The
 committed token is that step's argmax, so it is its own best alternative. They are computed on the
 device, for the rows that ask only; every step of such a row costs a top-k over the vocabulary and
-a transfer of [canvas, k] values. A value too
+a transfer of [canvas, k] values. Among tokens of equal probability, which ones a top-k lists depends
+on k; each request's comes from its own k, so what others ask for never changes its list. A value too
 small for a float shows as -9999.0.
 
 - Completions (`logprobs: k`, 0..5): `tokens`, `token_logprobs`, `top_logprobs` (per token a map of

@@ -29,7 +29,7 @@ from ..work import DecodeWork
 from . import SampleResult
 from .constraints import BiasRows, add_bias, pins
 from .counter_rng import GUMBEL, INITIAL_CANVAS, RENOISE, gumbel, step_key, uniform_tokens, values
-from .logprobs import LogprobTensors, asking, concat, spread, top_count
+from .logprobs import LogprobTensors, asking, by_count, concat, fit, spread, top_count
 from .reference import accept
 from .schedule import step_temperature
 
@@ -270,12 +270,10 @@ class FastSampler:
         counter0 = (torch.arange(C, dtype=torch.int64, device=device) * V).repeat(n)[:, None]  # [N, 1]
         logit_bias = self.biases.matrix(rows)  # [n, V] or None
         wanted = asking(rows) if k is not None else []
-        # the asking rows' positions; the best one gives the draft's value
-        top = TopTokens(len(wanted) * C, max(k, 1), device) if wanted else None
-        top_temps = top_bias = None
-        if top is not None and len(wanted) < n:
-            top_temps = temps.view(n, C, 1)[wanted].view(-1, 1)
-            top_bias = None if logit_bias is None else logit_bias[wanted]
+        # the asking rows' positions, a running top-k for each number of alternatives rows ask for (a row's
+        # own k: logprobs.py); the best one gives the draft's value
+        tops = [_RowsTop(group, count, n, C, temps, logit_bias, device)
+                for count, group in by_count(rows, wanted).items()]
         h = hidden.reshape(n * C, -1)
         weight, head_bias = self.lm_head.weight, self.lm_head.bias
         E = self.embed.weight
@@ -289,14 +287,8 @@ class FastSampler:
             with stage(LM_HEAD):
                 z = torch.nn.functional.linear(h, weight[v0:v1], None if head_bias is None else head_bias[v0:v1])
             t0 = clock()
-            if top is not None and len(wanted) == n:
-                top.add(scale_chunk(torch.empty(z.shape, dtype=torch.float32, device=device), z, temps,
-                                    self.softcap, logit_bias, v0), v0)
-            elif top is not None:  # the asking rows' positions only (each row's are consecutive in z)
-                picked = torch.empty((len(wanted) * C, v1 - v0), dtype=torch.float32, device=device)
-                for j, i in enumerate(wanted):
-                    picked[j * C:(j + 1) * C].copy_(z[i * C:(i + 1) * C])
-                top.add(scale_chunk(picked, picked, top_temps, self.softcap, top_bias, v0), v0)
+            for top in tops:
+                top.add(z, self.softcap, v0)
             blocks, e = self.block_stats(z, temps, keys, counter0, v0, V, num_blocks, self.block, self.softcap,
                                          logit_bias)
             del z
@@ -322,17 +314,10 @@ class FastSampler:
         S, B = total.S[:, 0], total.B[:, 0]
         soft = (soft / S[:, None]).mul_(self.embed.embed_scale.to(torch.float32)).to(E.dtype)
         logprobs = None
-        if top is not None:  # log softmax(s) = s - m - log S, at the asking rows' positions
-            at = slice(None) if len(wanted) == n else (
-                torch.tensor(wanted, device=device)[:, None] * C + torch.arange(C, device=device)).view(-1)
-            m, log_S, draft = total.m[at], S[at].log(), total.argmax_index[at, 0]
-            values = top.values - m - log_S[:, None]
-            # the draft is the argmax: the best alternative's value (the same bits as in the list), or, should
-            # the statistics' max (a kernel's own rounding) and the list disagree on a near-tie, s = m
-            chosen = torch.where(top.ids[:, 0] == draft, values[:, 0], -log_S)
-            a = len(wanted)
-            logprobs = spread(LogprobTensors(chosen.view(a, C), top.ids[:, :k].reshape(a, C, k),
-                                             values[:, :k].reshape(a, C, k)), wanted, n, C, k, device)
+        if tops:  # log softmax(s) = s - m - log S, at the asking rows' positions
+            parts = [fit(top.logprobs(total.m, S, total.argmax_index[:, 0]), k) for top in tops]
+            order = [i for top in tops for i in top.rows]
+            logprobs = spread(concat(parts, dim=0), order, n, C, k, device)
         elif k is not None:
             logprobs = spread(None, [], n, C, k, device)
         self.sampling_seconds += clock() - t0
@@ -354,6 +339,46 @@ class PositionStats:
     entropy: torch.Tensor
     soft: torch.Tensor
     logprobs: LogprobTensors | None = None
+
+
+class _RowsTop:
+    """The running top-k of some rows' positions over the vocabulary chunks, with the rows' own k."""
+
+    def __init__(self, rows: list[int], k: int, n: int, C: int, temps: torch.Tensor, bias: torch.Tensor | None,
+                 device):
+        """``rows``: indices among the tile's ``n`` rows of ``C`` positions; ``temps`` [n * C, 1] and ``bias``
+        ([n, V] or None) are the tile's."""
+        self.rows, self.k, self.C = rows, k, C
+        self.top = TopTokens(len(rows) * C, k, device)
+        # the rows' positions in the tile's [n * C] ones (each row's are consecutive)
+        self.at = None if len(rows) == n else (
+            torch.tensor(rows, device=device)[:, None] * C + torch.arange(C, device=device)).view(-1)
+        self.temps = temps if self.at is None else temps[self.at]
+        self.bias = bias if bias is None or self.at is None else bias[rows]
+
+    def add(self, z: torch.Tensor, softcap: float | None, v0: int) -> None:
+        """Merge a chunk of the tile's lm-head output z [n * C, w] (tokens v0 .. v0+w)."""
+        picked = torch.empty((self.top.values.shape[0], z.shape[1]), dtype=torch.float32, device=z.device)
+        if self.at is None:
+            scale_chunk(picked, z, self.temps, softcap, self.bias, v0)
+        else:
+            C = self.C
+            for j, i in enumerate(self.rows):
+                picked[j * C:(j + 1) * C].copy_(z[i * C:(i + 1) * C])
+            scale_chunk(picked, picked, self.temps, softcap, self.bias, v0)
+        self.top.add(picked, v0)
+
+    def logprobs(self, m: torch.Tensor, S: torch.Tensor, draft: torch.Tensor) -> LogprobTensors:
+        """The rows' log-probabilities [rows, C, k] from the tile's statistics over all its positions: the
+        max scaled logit m [n * C, 1], the sum S [n * C] of exp(s - m), the draft [n * C]."""
+        at = slice(None) if self.at is None else self.at
+        m, log_S, draft = m[at], S[at].log(), draft[at]
+        values = self.top.values - m - log_S[:, None]
+        # the draft is the argmax: the best alternative's value (the same bits as in the list), or, should
+        # the statistics' max (a kernel's own rounding) and the list disagree on a near-tie, s = m
+        chosen = torch.where(self.top.ids[:, 0] == draft, values[:, 0], -log_S)
+        a, C, k = len(self.rows), self.C, self.k
+        return LogprobTensors(chosen.view(a, C), self.top.ids.reshape(a, C, k), values.reshape(a, C, k))
 
 
 class TopTokens:

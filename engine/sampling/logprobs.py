@@ -4,7 +4,9 @@ Definition: a committed token's log-probability is log softmax(s)[token] at its 
 are the temperature-scaled (and biased) logits of the denoising step whose argmax draft was
 committed, s = (softcap(z) + bias) / T(step); the top alternatives are the k most probable tokens
 of the same distribution. Both samplers compute them on the device, per row only [C] and [C, k]
-values leave it.
+values leave it. A row's alternatives come from a top-k with its own k, never another row's: which of
+several tokens of equal probability a top-k lists depends on k, and a request's answer must not depend
+on what the others of its pass ask for.
 """
 
 from __future__ import annotations
@@ -36,11 +38,30 @@ def asking(rows: list[DecodeWork]) -> list[int]:
     return [i for i, r in enumerate(rows) if r.logprobs is not None]
 
 
+def by_count(rows: list[DecodeWork], wanted: list[int]) -> dict[int, list[int]]:
+    """The asking rows (``wanted``) by the number of alternatives each computes, its own k (at least one: the
+    best gives the draft's value), in row order."""
+    groups: dict[int, list[int]] = {}
+    for i in wanted:
+        groups.setdefault(max(rows[i].logprobs, 1), []).append(i)
+    return groups
+
+
+def fit(t: LogprobTensors, k: int) -> LogprobTensors:
+    """``t`` with its alternatives cut or padded with zeros to ``k`` (the pass's largest: every part of a
+    pass has the same shape; ``to_host`` reads only each row's own)."""
+    have = t.top_ids.shape[-1]
+    if have >= k:
+        return LogprobTensors(t.chosen, t.top_ids[..., :k], t.top_values[..., :k])
+    pad = (0, k - have)
+    return LogprobTensors(t.chosen, torch.nn.functional.pad(t.top_ids, pad), torch.nn.functional.pad(t.top_values, pad))
+
+
 def spread(part: LogprobTensors | None, rows: list[int], n: int, positions: int, k: int,
            device) -> LogprobTensors:
-    """A tile's log-probabilities, [n, positions, ...], from ``part``, those of its asking ``rows`` (None when
-    none asks); the other rows' values are zeros, which ``to_host`` never reads."""
-    if part is not None and len(rows) == n:
+    """A tile's log-probabilities, [n, positions, ...], from ``part``, those of its asking ``rows`` in that
+    order (None when none asks); the other rows' values are zeros, which ``to_host`` never reads."""
+    if part is not None and rows == list(range(n)):
         return part
     out = LogprobTensors(torch.zeros((n, positions), dtype=torch.float32, device=device),
                          torch.zeros((n, positions, k), dtype=torch.int64, device=device),
@@ -52,14 +73,15 @@ def spread(part: LogprobTensors | None, rows: list[int], n: int, positions: int,
     return out
 
 
-def rows_from_probs(rows: list[int], probs: torch.Tensor, scaled: torch.Tensor, draft: torch.Tensor,
-                    k: int) -> LogprobTensors:
-    """``from_probs`` of the asking ``rows`` of a chunk (each row's own top-k, over a view: no copy of the
-    [n, c, V] tensors), spread over the chunk's rows."""
+def rows_from_probs(rows: list[int], counts: list[int], probs: torch.Tensor, scaled: torch.Tensor,
+                    draft: torch.Tensor, k: int) -> LogprobTensors:
+    """``from_probs`` of the asking ``rows`` of a chunk, each with its own number of alternatives ``counts``
+    (over a view of the row: no copy of the [n, c, V] tensors), spread over the chunk's rows with ``k``
+    (the largest) alternatives each."""
     n, c = draft.shape
-    if len(rows) == n:
+    if len(rows) == n and len(set(counts)) == 1:
         return from_probs(probs, scaled, draft, k)
-    parts = [from_probs(probs[i:i + 1], scaled[i:i + 1], draft[i:i + 1], k) for i in rows]
+    parts = [fit(from_probs(probs[i:i + 1], scaled[i:i + 1], draft[i:i + 1], own), k) for i, own in zip(rows, counts)]
     return spread(concat(parts, dim=0), rows, n, c, k, draft.device)
 
 

@@ -206,8 +206,9 @@ class ReferenceSampler:
             temps = params[:, 0].view(-1, 1, 1)
             bias = self.biases.matrix(rows[tile])
             wanted = asking(rows[tile])
+            counts = [rows[tile][i].logprobs for i in wanted]  # each asking row's own number of alternatives
             parts = [self._sample_chunk(hidden[tile, chunk], temps, draws.exponentials[:, chunk], bias, k, wanted,
-                                        next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
+                                        counts, next_tile=index + 1 if chunk is self._position_chunks[-1] else None)
                      for chunk in self._position_chunks]
             t0 = clock()
             # over the whole canvas: argmax [n, C], sampled [n, C], entropy [n, C], soft embeddings [n, C, hidden]
@@ -237,10 +238,12 @@ class ReferenceSampler:
             self._worker.shutdown(wait=True)
 
     def _sample_chunk(self, hidden: torch.Tensor, temps: torch.Tensor, exponentials: torch.Tensor,
-                      bias: torch.Tensor | None, k: int | None, wanted: list[int], next_tile: int | None):
+                      bias: torch.Tensor | None, k: int | None, wanted: list[int], counts: list[int],
+                      next_tile: int | None):
         """lm head, soft-capping, the rows' ``bias`` ([n, V] or None) and the per-position sampler over a
         chunk of positions of a tile's rows; returns (argmax, sampled, entropy [n, c], soft embeddings
-        [n, c, hidden], log-probabilities with ``k`` alternatives of the ``wanted`` rows, or None). The [n, c, V] copies
+        [n, c, hidden], log-probabilities of the ``wanted`` rows, each with its own ``counts`` alternatives
+        padded to ``k``, or None). The [n, c, V] copies
         are freed before the next chunk. On CPU the entropies are computed on the worker thread while
         this one draws (both only read the scaled logits); ``next_tile``'s draws are queued behind them
         (given with the tile's last chunk, so that no chunk's entropies wait behind a whole tile's draws)."""
@@ -257,7 +260,7 @@ class ReferenceSampler:
             self.draws.prefetch(next_tile)
         drawn = draw_positions(scaled, exponentials)
         entropy = entropy.result() if entropy is not None else positions_entropy(scaled)
-        logprobs = None if k is None else rows_from_probs(wanted, drawn.probs, scaled, drawn.argmax, k)
+        logprobs = None if k is None else rows_from_probs(wanted, counts, drawn.probs, scaled, drawn.argmax, k)
         self.sampling_seconds += clock() - t1
         # Self-conditioning input of the next step, softmax(scaled logits) @ E * embed_scale, [n, c, hidden]
         # (not [n, c, V] logits); transformers computes the same product inside the decoder's forward.
