@@ -117,12 +117,32 @@ def twin_checkpoint(tmp_path_factory):
     return path
 
 
+def _one_row_tiles(sampler: str, canvas: int, hidden: int, vocab: int) -> int:
+    """A sampling tile budget of one row and a half: every row is a tile of its own."""
+    if sampler == "reference":
+        from engine.sampling.reference import SamplingTiles
+
+        per_row = SamplingTiles(1, canvas, 2).transient_bytes(canvas, vocab)
+    else:
+        from engine.sampling.fast import VOCAB_CHUNK, block_width, chunk_width, row_transient_bytes
+
+        per_row = row_transient_bytes(canvas, hidden, chunk_width(vocab, VOCAB_CHUNK["torch"], block_width(vocab)),
+                                      "torch")
+    return per_row + per_row // 2
+
+
+@pytest.mark.parametrize("tiles", ["one tile", "a tile a row"])
 @pytest.mark.parametrize("sampler", ["reference", "fast"])
-def test_top_alternatives_do_not_depend_on_what_others_ask_for(twin_checkpoint, sampler):
+def test_top_alternatives_do_not_depend_on_what_others_ask_for(twin_checkpoint, sampler, tiles):
     """Which of several equally probable tokens a top-k lists depends on k: each row's alternatives come
-    from its own k, so a request lists the same ones beside requests asking for more, fewer or none."""
-    settings = EngineSettings(model=str(twin_checkpoint), sampler=sampler, max_num_seqs=5)
+    from its own k, so a request lists the same ones beside requests asking for more, fewer or none,
+    whether a pass samples its rows together or a tile at a time."""
+    config = TinySpec(num_layers=2, canvas_length=16)
+    budget = None if tiles == "one tile" else _one_row_tiles(sampler, 16, config.hidden_size, 261)
+    settings = EngineSettings(model=str(twin_checkpoint), sampler=sampler, max_num_seqs=5, sampling_tile_bytes=budget)
     core = EngineCore(load_model(settings), settings)
+    rows_per_tile = core.runner.sampler.tiles.rows if sampler == "reference" else core.runner.sampler.rows_per_tile
+    assert rows_per_tile >= 5 if budget is None else rows_per_tile == 1
     g = torch.Generator().manual_seed(11)
     # the last asks for none and finishes first: then every row asks, the counts out of row order
     requests = [(f"r{i}", torch.randint(5, 261, (6 + 5 * i,), generator=g).tolist(),

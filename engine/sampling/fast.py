@@ -270,10 +270,12 @@ class FastSampler:
         counter0 = (torch.arange(C, dtype=torch.int64, device=device) * V).repeat(n)[:, None]  # [N, 1]
         logit_bias = self.biases.matrix(rows)  # [n, V] or None
         wanted = asking(rows) if k is not None else []
-        # the asking rows' positions, a running top-k for each number of alternatives rows ask for (a row's
-        # own k: logprobs.py); the best one gives the draft's value
-        tops = [_RowsTop(group, count, n, C, temps, logit_bias, device)
-                for count, group in by_count(rows, wanted).items()]
+        # the asking rows' positions, scaled once per chunk, and a running top-k for each number of
+        # alternatives rows ask for (a row's own k: logprobs.py); the best one gives the draft's value
+        tops = [_RowsTop(group, count, C, wanted, device) for count, group in by_count(rows, wanted).items()]
+        asking_at = None if len(wanted) in (0, n) else _positions(wanted, C, device)
+        top_temps = temps if asking_at is None else temps[asking_at]
+        top_bias = logit_bias if logit_bias is None or asking_at is None else logit_bias[wanted]
         h = hidden.reshape(n * C, -1)
         weight, head_bias = self.lm_head.weight, self.lm_head.bias
         E = self.embed.weight
@@ -287,8 +289,13 @@ class FastSampler:
             with stage(LM_HEAD):
                 z = torch.nn.functional.linear(h, weight[v0:v1], None if head_bias is None else head_bias[v0:v1])
             t0 = clock()
-            for top in tops:
-                top.add(z, self.softcap, v0)
+            if tops:
+                picked = torch.empty(z.shape, dtype=torch.float32, device=device) if asking_at is None else \
+                    z.index_select(0, asking_at)
+                scaled = scale_chunk(picked, z if asking_at is None else picked, top_temps, self.softcap, top_bias, v0)
+                for top in tops:
+                    top.add(scaled, v0)
+                del picked, scaled
             blocks, e = self.block_stats(z, temps, keys, counter0, v0, V, num_blocks, self.block, self.softcap,
                                          logit_bias)
             del z
@@ -341,38 +348,31 @@ class PositionStats:
     logprobs: LogprobTensors | None = None
 
 
+def _positions(rows: list[int], C: int, device) -> torch.Tensor:
+    """The positions of ``rows`` (each of ``C`` consecutive ones) in a tile's [n * C]."""
+    return (torch.tensor(rows, dtype=torch.int64, device=device)[:, None] * C
+            + torch.arange(C, device=device)).view(-1)
+
+
 class _RowsTop:
     """The running top-k of some rows' positions over the vocabulary chunks, with the rows' own k."""
 
-    def __init__(self, rows: list[int], k: int, n: int, C: int, temps: torch.Tensor, bias: torch.Tensor | None,
-                 device):
-        """``rows``: indices among the tile's ``n`` rows of ``C`` positions; ``temps`` [n * C, 1] and ``bias``
-        ([n, V] or None) are the tile's."""
+    def __init__(self, rows: list[int], k: int, C: int, asking_rows: list[int], device):
+        """``rows``: indices among a tile's rows of ``C`` positions, some of its ``asking_rows``."""
         self.rows, self.k, self.C = rows, k, C
         self.top = TopTokens(len(rows) * C, k, device)
-        # the rows' positions in the tile's [n * C] ones (each row's are consecutive)
-        self.at = None if len(rows) == n else (
-            torch.tensor(rows, device=device)[:, None] * C + torch.arange(C, device=device)).view(-1)
-        self.temps = temps if self.at is None else temps[self.at]
-        self.bias = bias if bias is None or self.at is None else bias[rows]
+        self.at = _positions(rows, C, device)  # among the tile's positions
+        # among the asking rows' positions (None: all of them)
+        self.sub = None if rows == asking_rows else _positions([asking_rows.index(i) for i in rows], C, device)
 
-    def add(self, z: torch.Tensor, softcap: float | None, v0: int) -> None:
-        """Merge a chunk of the tile's lm-head output z [n * C, w] (tokens v0 .. v0+w)."""
-        picked = torch.empty((self.top.values.shape[0], z.shape[1]), dtype=torch.float32, device=z.device)
-        if self.at is None:
-            scale_chunk(picked, z, self.temps, softcap, self.bias, v0)
-        else:
-            C = self.C
-            for j, i in enumerate(self.rows):
-                picked[j * C:(j + 1) * C].copy_(z[i * C:(i + 1) * C])
-            scale_chunk(picked, picked, self.temps, softcap, self.bias, v0)
-        self.top.add(picked, v0)
+    def add(self, scaled: torch.Tensor, v0: int) -> None:
+        """Merge a chunk of the asking rows' scaled logits [positions, w] (tokens v0 .. v0+w)."""
+        self.top.add(scaled if self.sub is None else scaled.index_select(0, self.sub), v0)
 
     def logprobs(self, m: torch.Tensor, S: torch.Tensor, draft: torch.Tensor) -> LogprobTensors:
         """The rows' log-probabilities [rows, C, k] from the tile's statistics over all its positions: the
         max scaled logit m [n * C, 1], the sum S [n * C] of exp(s - m), the draft [n * C]."""
-        at = slice(None) if self.at is None else self.at
-        m, log_S, draft = m[at], S[at].log(), draft[at]
+        m, log_S, draft = m[self.at], S[self.at].log(), draft[self.at]
         values = self.top.values - m - log_S[:, None]
         # the draft is the argmax: the best alternative's value (the same bits as in the list), or, should
         # the statistics' max (a kernel's own rounding) and the list disagree on a near-tie, s = m

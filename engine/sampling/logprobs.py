@@ -79,8 +79,8 @@ def rows_from_probs(rows: list[int], counts: list[int], probs: torch.Tensor, sca
     (over a view of the row: no copy of the [n, c, V] tensors), spread over the chunk's rows with ``k``
     (the largest) alternatives each."""
     n, c = draft.shape
-    if len(rows) == n and len(set(counts)) == 1:
-        return from_probs(probs, scaled, draft, k)
+    if len(rows) == n and len(set(counts)) == 1:  # one top-k with the rows' own k (a tile's may be below k)
+        return fit(from_probs(probs, scaled, draft, counts[0]), k)
     parts = [fit(from_probs(probs[i:i + 1], scaled[i:i + 1], draft[i:i + 1], own), k) for i, own in zip(rows, counts)]
     return spread(concat(parts, dim=0), rows, n, c, k, draft.device)
 
