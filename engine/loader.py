@@ -144,6 +144,20 @@ def _dummy_model(path: str, device: torch.device, kwargs: dict):
     return model
 
 
+def check_local_folder(model: str) -> None:
+    """Refuse, in one line, a ``model`` that names a local folder (an absolute path, one starting with ``./``,
+    ``../`` or ``~``, or one that exists) without a checkpoint there; transformers would read it as a hub id
+    and answer with a hub id's rules."""
+    path = os.path.expanduser(model)
+    if not (model.startswith(("/", "./", "../", "~")) or os.path.exists(path)):
+        return  # a hub id
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{model}: no such folder (a local checkpoint folder, or a hub id such as org/name)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{model}: no config.json in this folder (a checkpoint folder holds config.json and "
+                              "the weights)")
+
+
 def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
     quiet_torchao_import_noise()
@@ -157,6 +171,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
 
     from transformers import AutoConfig
 
+    check_local_folder(settings.model)
     config = AutoConfig.from_pretrained(settings.model)  # before any weight is read: what it refuses costs nothing
     trained = config.get_text_config().max_position_embeddings
     if settings.max_model_len is not None and settings.max_model_len > trained:

@@ -141,7 +141,7 @@ def values_from_env(environ) -> dict:
     out = {}
     for o in options():
         value = environ.get(o.env, "").strip()
-        if not value:
+        if not value or _service_link(o.env, value):
             continue
         if o.kind == "bool":
             if value.lower() not in _TRUE | _FALSE:
@@ -165,6 +165,12 @@ _LINK_PORT = re.compile(r"(\w+_)?PORT")
 _LINK_ADDRESS = re.compile(r"(tcp|udp|sctp)://")
 
 
+def _service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is a Kubernetes service link's bare ``..._PORT`` (``tcp://10.0.0.1:8000``): a
+    Service named diffusion-server sets ``DIFFUSION_SERVER_PORT`` so, which is not a port to listen on."""
+    return bool(_LINK_PORT.fullmatch(name.removeprefix(ENV_PREFIX)) and _LINK_ADDRESS.match(value))
+
+
 def unknown_variables(environ) -> dict[str, str | None]:
     """Each ``DIFFUSION_SERVER_`` variable that names no setting, with the setting's variable it is
     closest to (None: none is close). Such a variable would be ignored without a word:
@@ -173,8 +179,8 @@ def unknown_variables(environ) -> dict[str, str | None]:
     unknown = {}
     for name in sorted(environ):
         rest = name.removeprefix(ENV_PREFIX)
-        link = _LINK_PORT.fullmatch(rest) and _LINK_ADDRESS.match(environ[name])
-        if name.startswith(ENV_PREFIX) and rest not in known and not _OTHER_VARIABLES.fullmatch(rest) and not link:
+        if (name.startswith(ENV_PREFIX) and rest not in known and not _OTHER_VARIABLES.fullmatch(rest)
+                and not _service_link(name, environ[name])):
             close = difflib.get_close_matches(rest, known, n=1)
             unknown[name] = ENV_PREFIX + close[0] if close else None
     return unknown

@@ -126,12 +126,29 @@ def test_default_model_is_built_once(tmp_path, monkeypatch):
     assert default_model.default_served_name(str(path)) == "tiny-random-diffusiongemma-v1"
 
 
+@pytest.mark.parametrize("model, message", [
+    ("./no-such-model", "./no-such-model: no such folder"),
+    ("~/no-such-model", "~/no-such-model: no such folder"),
+    ("{tmp}", "{tmp}: no config.json in this folder"),
+])
+def test_a_local_folder_without_a_checkpoint_is_named_in_one_line(tmp_path, model, message):
+    from engine.errors import CheckpointError
+    from engine.loader import check_local_folder
+
+    with pytest.raises(CheckpointError) as info:
+        check_local_folder(model.format(tmp=tmp_path))
+    assert str(info.value).startswith(message.format(tmp=tmp_path))
+    check_local_folder("google/diffusiongemma")  # a hub id: not a folder's to check
+
+
 def test_unloadable_model_exits_nonzero(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DIFFUSION_SERVER_BOGUS="1")
     out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port", "0"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 1, out.stderr[-2000:]
-    assert "could not be loaded" in out.stderr
+    # one line that says the folder is not there (not a hub id's rules, not a traceback)
+    assert f"could not be loaded: {tmp_path / 'missing'}: no such folder" in out.stderr
+    assert "Traceback" not in out.stderr
     # and an unknown variable is named before anything starts (see test_a_misspelt_variable_stops_the_server...)
     assert "DIFFUSION_SERVER_BOGUS is not a setting: ignored" in out.stderr
 
@@ -349,3 +366,6 @@ def test_a_misspelt_variable_stops_the_server_and_an_unknown_one_is_named():
         settings_from_args([], environ={"DIFFUSION_SERVER_API_KEYS": "sk-1"})
     assert stop.value.code == 2
     assert settings_from_args([], environ={"DIFFUSION_SERVER_BOGUS": "1"}).api_keys == []  # only logged
+    # a Service named diffusion-server sets DIFFUSION_SERVER_PORT itself to its address: not a port to listen on
+    assert settings_from_args([], environ={"DIFFUSION_SERVER_PORT": "tcp://10.0.0.1:8000"}).port == 8000
+    assert settings_from_args([], environ={"DIFFUSION_SERVER_PORT": "9001"}).port == 9001

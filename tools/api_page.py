@@ -95,6 +95,7 @@ def render(header: str) -> str:
     """The page, under ``header`` (the generated-page comment)."""
     from server.openapi import ERROR_STATUSES
     from server.protocol import ChatCompletionRequest, CommonFields, CompletionRequest, ContentPart, ImageURL
+    from server.ui import MAX_DETOKENIZE_IDS
 
     common = [n for n in CommonFields.model_fields if n not in EXTENSION_FIELDS]
     only = {m: [n for n in m.model_fields if n not in CommonFields.model_fields]
@@ -112,8 +113,15 @@ def render(header: str) -> str:
 |---|---|---|
 {routes}
 
+`GET /openapi.json` is the OpenAPI document of these routes. The live canvas page (README, "Live canvas
+page"; `--no-ui` leaves it out) adds `GET /` and `/ui/static/*` (its files), `GET /ui/config` (the
+model's name, canvas and context length and default diffusion parameters, and whether a key is needed)
+and `POST /ui/detokenize` (`{{"ids": [...]}}` to `{{"texts": [...], "special": [...]}}`, each id decoded
+on its own, at most {MAX_DETOKENIZE_IDS} ids; an id outside the vocabulary decodes to `""`).
+
 With API keys configured (`--api-key`), every `/v1/` route, and every request elsewhere that is not a read
-(GET, HEAD, OPTIONS), wants `Authorization: Bearer <key>`.
+(GET, HEAD, OPTIONS), wants `Authorization: Bearer <key>`; `GET /ui/config` without it answers only
+`{{"auth_required": true, "authorized": false}}`.
 Every response carries `X-Request-Id` (the client's own, when it sent a sane one).
 
 ## Request fields

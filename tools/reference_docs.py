@@ -56,7 +56,8 @@ def configuration_page() -> str:
         "Any other `DIFFUSION_SERVER_` variable that names no setting is ignored with a warning at start-up, but "
         "for `DIFFUSION_SERVER_CACHE` (where the tiny fallback model is built), `DIFFUSION_SERVER_CPU_CONFIG` (the "
         "Compose override's, read on the host) and Kubernetes' service links (a bare `..._PORT` one holds the "
-        "service's `tcp://` address). "
+        "service's `tcp://` address; a Service named `diffusion-server` sets `DIFFUSION_SERVER_PORT` so, which "
+        "then sets no port). "
         "`diffusion-server --help` shows the same settings.",
         "",
         "In Python, `server.settings.ServerSettings` holds the server's settings and, in `engine`, an "
