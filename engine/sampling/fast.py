@@ -291,7 +291,7 @@ class FastSampler:
             t0 = clock()
             if tops:
                 picked = torch.empty(z.shape, dtype=torch.float32, device=device) if asking_at is None else \
-                    z.index_select(0, asking_at)
+                    z.index_select(0, asking_at).to(torch.float32)  # scaled in fp32, as every position is
                 scaled = scale_chunk(picked, z if asking_at is None else picked, top_temps, self.softcap, top_bias, v0)
                 for top in tops:
                     top.add(scaled, v0)
