@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -160,6 +160,8 @@ def check_local_folder(model: str) -> None:
 
 def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
+    if settings.model.startswith("~"):  # a folder in a home directory, which transformers would read as a hub id
+        settings = replace(settings, model=os.path.expanduser(settings.model))
     quiet_torchao_import_noise()
     device = resolve_device(settings.device)
     note = unused_gpu_note(NVIDIA_DRIVER) if settings.device == "auto" and device.type == "cpu" else None

@@ -141,6 +141,18 @@ def test_a_local_folder_without_a_checkpoint_is_named_in_one_line(tmp_path, mode
     check_local_folder("google/diffusiongemma")  # a hub id: not a folder's to check
 
 
+def test_a_folder_under_the_home_directory_loads(tmp_path, monkeypatch):
+    """``~/...`` is a local folder (transformers would read the string as a hub id and refuse it)."""
+    from engine import EngineSettings
+    from engine.loader import load_model
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    build_tiny_checkpoint(tmp_path / "models" / "tiny", TinySpec(num_layers=1))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded = load_model(EngineSettings(model="~/models/tiny", device="cpu"))
+    assert loaded.model.config.text_config.num_hidden_layers == 1
+
+
 def test_unloadable_model_exits_nonzero(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DIFFUSION_SERVER_BOGUS="1")
     out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port", "0"],
