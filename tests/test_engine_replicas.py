@@ -285,9 +285,11 @@ def test_a_replica_that_cannot_load_raises_its_error(tmp_path):
 
 
 def test_a_missing_checkpoint_raises_the_loaders_own_error(tmp_path):
-    """transformers' OSError for a folder that does not exist reaches the caller as it is (not as a
-    replica that went away)."""
-    with pytest.raises(OSError, match="nowhere"):
+    """The loader's error for a folder that does not exist reaches the caller as it is (not as a replica
+    that went away)."""
+    from engine.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="nowhere: no such folder"):
         ReplicatedEngine(EngineSettings(model=str(tmp_path / "nowhere"), data_parallel_size=2))
 
 
