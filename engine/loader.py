@@ -144,24 +144,25 @@ def _dummy_model(path: str, device: torch.device, kwargs: dict):
     return model
 
 
-def check_local_folder(model: str) -> None:
-    """Refuse, in one line, a ``model`` that names a local folder (an absolute path, one starting with ``./``,
-    ``../`` or ``~``, or one that exists) without a checkpoint there; transformers would read it as a hub id
-    and answer with a hub id's rules."""
+def local_folder(model: str) -> str:
+    """``model`` as transformers must be given it: a folder in a home directory (``~/...``) expanded, which it
+    would read as a hub id. Refuses, in one line, a ``model`` that names a local folder (an absolute path, one
+    starting with ``./``, ``../`` or ``~``, or one that exists) without a checkpoint there, which transformers
+    would answer with a hub id's rules."""
     path = os.path.expanduser(model)
     if not (model.startswith(("/", "./", "../", "~")) or os.path.exists(path)):
-        return  # a hub id
+        return model  # a hub id
     if not os.path.isdir(path):
         raise CheckpointError(f"{model}: no such folder (a local checkpoint folder, or a hub id such as org/name)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{model}: no config.json in this folder (a checkpoint folder holds config.json and "
                               "the weights)")
+    return path
 
 
 def load_model(settings: EngineSettings) -> LoadedModel:
     """Load model + tokenizer with transformers' ``from_pretrained`` (local folder or hub id)."""
-    if settings.model.startswith("~"):  # a folder in a home directory, which transformers would read as a hub id
-        settings = replace(settings, model=os.path.expanduser(settings.model))
+    settings = replace(settings, model=local_folder(settings.model))  # before any other work: a bad path is one line
     quiet_torchao_import_noise()
     device = resolve_device(settings.device)
     note = unused_gpu_note(NVIDIA_DRIVER) if settings.device == "auto" and device.type == "cpu" else None
@@ -173,7 +174,6 @@ def load_model(settings: EngineSettings) -> LoadedModel:
 
     from transformers import AutoConfig
 
-    check_local_folder(settings.model)
     config = AutoConfig.from_pretrained(settings.model)  # before any weight is read: what it refuses costs nothing
     trained = config.get_text_config().max_position_embeddings
     if settings.max_model_len is not None and settings.max_model_len > trained:

@@ -160,7 +160,8 @@ class EngineSettings:
         "--forward-threads row groups run side by side without taking turns. Needs batch invariance with its "
         "row-wise experts (they keep the traced operators independent of the data), so a quantized checkpoint "
         "(compressed-tensors) runs eagerly; set explicitly, it is refused on CUDA and without them. A graph is "
-        "traced on first use for each combination of padded rows and masked layer types; a pass that cannot be traced runs eagerly, with a warning.",
+        "traced on first use for each combination of padded rows and masked layer types; a pass that cannot be "
+        "traced runs eagerly, with a warning.",
         default_text="on on CPU with batch invariance and its row-wise experts")
     data_parallel_size: int = setting(
         1, "On CPU, copies of the engine, each in a process of its own with its own copy of the weights, "

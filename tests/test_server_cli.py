@@ -133,12 +133,12 @@ def test_default_model_is_built_once(tmp_path, monkeypatch):
 ])
 def test_a_local_folder_without_a_checkpoint_is_named_in_one_line(tmp_path, model, message):
     from engine.errors import CheckpointError
-    from engine.loader import check_local_folder
+    from engine.loader import local_folder
 
     with pytest.raises(CheckpointError) as info:
-        check_local_folder(model.format(tmp=tmp_path))
+        local_folder(model.format(tmp=tmp_path))
     assert str(info.value).startswith(message.format(tmp=tmp_path))
-    check_local_folder("google/diffusiongemma")  # a hub id: not a folder's to check
+    assert local_folder("google/diffusiongemma") == "google/diffusiongemma"  # a hub id, as given
 
 
 def test_a_folder_under_the_home_directory_loads(tmp_path, monkeypatch):

@@ -37,10 +37,10 @@ BAD = [
      "invariance (its row-wise attention and experts): other experts branch on the routing, which a trace would "
      "freeze"),
     # keys no client could send (a header is ASCII; the server strips the token's white space): every request a 401
-    (["--api-key", "clé-secrète"], "invalid setting: api keys must be printable ASCII without spaces (a key with another character could "
-     "never be sent in an Authorization header)"),
-    (["--api-key", " sk-x"], "invalid setting: api keys must be printable ASCII without spaces (a key with another character could "
-     "never be sent in an Authorization header)"),
+    (["--api-key", "clé-secrète"], "invalid setting: api keys must be printable ASCII without spaces (a key with "
+     "another character could never be sent in an Authorization header)"),
+    (["--api-key", " sk-x"], "invalid setting: api keys must be printable ASCII without spaces (a key with "
+     "another character could never be sent in an Authorization header)"),
     (["--device", "cuda", "--data-parallel-size", "2"],
      "invalid setting: data_parallel_size applies to CPU serving (a GPU runs one engine)"),
     (["--model", ""], "invalid setting: model must be a local folder or a hub id"),

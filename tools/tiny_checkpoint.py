@@ -133,8 +133,9 @@ def small_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, m
     """A small ``DiffusionGemmaConfig``: all sliding layers but the last (full, as in the real model),
     one head size and KV-head count for both layer kinds unless ``global_head_dim`` or
     ``num_global_kv_heads`` set the full-attention layers' own, a tiny vision tower, image tokens mapped to
-    ``reserved_token_id``; or, with ``image_token_ids`` (begin, image, end), to those tokens, with image placeholders attending
-    to each other in both directions (``use_bidirectional_attention="vision"``, as larger Gemma 4 models)."""
+    ``reserved_token_id``; or, with ``image_token_ids`` (begin, image, end), to those tokens, with image
+    placeholders attending to each other in both directions (``use_bidirectional_attention="vision"``, as larger
+    Gemma 4 models)."""
     from transformers import DiffusionGemmaConfig
 
     text_config = dict(
