@@ -27,6 +27,13 @@ def _variant(run: dict) -> str | None:
     return run.get("variant") or (f"{run['sampler']} sampler" if run.get("sampler") else None)
 
 
+def _padding(static: dict | None, alone: dict) -> str:
+    """A static batch's canvas steps over those its requests take one at a time (``bench.baselines``)."""
+    if static is None or not static.get("canvas_steps") or not alone.get("canvas_steps"):
+        return "—"
+    return f"{static['canvas_steps'] / alone['canvas_steps']:.2f}x"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     gpu = any(run.get("server_gpu_mib") is not None for run in result["runs"])
@@ -65,8 +72,9 @@ def markdown(result: dict) -> str:
         threads = f", the fastest at {' and '.join(map(str, counts))} torch threads" if counts else ""
         lines += ["", f"Baselines (transformers `generate` on the checkpoint as transformers loads it, each level's "
                       f"own requests{threads}):", ""]
-        lines.append("| concurrency | requests | one at a time (tok/s) | static batch of that size (tok/s) |")
-        lines.append("|---|---|---|---|")
+        lines.append("| concurrency | requests | one at a time (tok/s) | static batch of that size (tok/s) | "
+                     "static batch: canvas steps computed per step needed |")
+        lines.append("|---|---|---|---|---|")
 
         def cell(r: dict) -> str:
             if "threads" not in r:
@@ -75,7 +83,12 @@ def markdown(result: dict) -> str:
 
         for level, alone in sorted(base.get("one_at_a_time", {}).items(), key=lambda kv: int(kv[0])):
             static = base.get("static_batch", {}).get(level)
-            lines.append(f"| {level} | {alone['requests']} | {cell(alone)} | {'—' if static is None else cell(static)} |")
+            lines.append(f"| {level} | {alone['requests']} | {cell(alone)} | {'—' if static is None else cell(static)} | "
+                         f"{_padding(static, alone)} |")
+        lines += ["", "A static batch computes every row until its slowest row has converged, and as many canvases "
+                      "as its longest request asked for; the last column is those canvas steps over the steps its "
+                      "requests take alone. At `generate`'s cost per canvas step, a server that computed no "
+                      "other step would reach that ratio against the static batch."]
     checks = dict(result.get("outputs_alone_by_variant") or result.get("outputs_alone_by_sampler") or {})
     if result.get("outputs_alone"):
         checks[None] = result["outputs_alone"]

@@ -213,6 +213,7 @@ def summarize(results, wall, before, after, concurrency, server_pid) -> dict:
         "latency_p50": pct([r.latency for r in ok], 0.5),
         "latency_p90": pct([r.latency for r in ok], 0.9),
         "latency_p99": pct([r.latency for r in ok], 0.99),
+        "canvas_steps": sum(steps) if steps else None,  # the denoising steps of every canvas, summed
         "steps_per_canvas": (sum(steps) / sum(canvases)) if steps and canvases else None,
         "tokens_per_step": (tokens / sum(steps)) if steps else None,
         "decoder_batch_mean": (batch_sum / batch_cnt) if batch_cnt else None,

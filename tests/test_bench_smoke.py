@@ -60,6 +60,19 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
         assert (f"| {run['concurrency']} | 3/3 | {run['tokens_per_s']:.0f} | {run['ratio_vs_one_at_a_time']:.2f}x | "
                 f"{run['ratio_vs_static_batch']:.2f}x |") in md
     assert result["runs"][0]["ratio_vs_static_batch"] == result["runs"][0]["ratio_vs_one_at_a_time"]
+    # canvas steps: the server takes generate's steps for each request, as generate does alone; a static
+    # batch computes each of its rows for as many canvases as its longest request and, on this random
+    # model (whose canvases never converge early), for every one of their 2 steps
+    from bench.workload import make_workload
+
+    for run in result["runs"]:
+        level = run["concurrency"]
+        items = make_workload(3, seed=level, vocab_low=5, vocab_high=260, canvas_length=32, prompt_len=(4, 8),
+                              canvases=(1, 2), max_denoising_steps=2)
+        assert run["canvas_steps"] == alone[str(level)]["canvas_steps"] == sum(2 * it.max_tokens // 32 for it in items)
+    batches = [items[:2], items[2:]]
+    assert static_batch["2"]["canvas_steps"] == sum(2 * len(b) * max(it.max_tokens for it in b) // 32 for b in batches)
+    padding = static_batch["2"]["canvas_steps"] / alone["2"]["canvas_steps"]
     # the server's log goes to a file (an unread pipe filled up after ~340 requests and hung the server)
     # (1 warm-up + two rounds of 3 at each of the two levels + the check's run of concurrency 2 + 3 sent again alone)
     assert (out / "server.log").read_text().count("completions status=200") == 1 + 2 * 3 + 2 * 3 + 3 + 3
@@ -72,7 +85,8 @@ def test_bench_run_writes_results_with_ratios(tmp_path):
     assert "| 2 | 3/3 |" in md
     # baselines: concurrency, requests, one at a time, static batch (none at concurrency 1)
     cell = r"\d+ \(\d+ threads?\)"
-    assert re.search(rf"^\| 1 \| 3 \| {cell} \| — \|$", md, re.M) and re.search(rf"^\| 2 \| 3 \| {cell} \| {cell} \|$", md, re.M)
+    assert re.search(rf"^\| 1 \| 3 \| {cell} \| — \| — \|$", md, re.M)
+    assert re.search(rf"^\| 2 \| 3 \| {cell} \| {cell} \| {padding:.2f}x \|$", md, re.M)
     from engine.cpu_threads import usable_cpus
 
     assert result["baseline_threads"] == sorted({1, usable_cpus()})
