@@ -170,7 +170,8 @@ class ChoiceSet:
         reason, generated = "abort", 0
         try:
             async for out in stream:
-                generated = out.num_generated_tokens
+                # an engine's death ends the stream with an output that counts none: keep what was committed
+                generated = max(generated, out.num_generated_tokens)
                 self._queue.put(spec.index, out)
                 if out.finished:
                     reason = out.finish_reason or "stop"

@@ -36,7 +36,7 @@ METRIC_DOCS = [
     ("num_requests_waiting", "gauge", "Requests queued, waiting for a slot in the running batch."),
     ("prompt_tokens_total", "counter", "Prompt tokens of finished engine requests (each choice counts its prompt)."),
     ("generation_tokens_total", "counter", "Completion tokens of finished engine requests, as usage.completion_tokens counts them (eos included; for a request whose client left, what it had committed)."),
-    ("request_success_total", "counter", "Finished engine requests (one per choice), by the label finished_reason: stop, length, abort (client gone, shutdown, or a sibling choice failed), error."),
+    ("request_success_total", "counter", "Finished engine requests (one per choice), by the label finished_reason: stop, length, abort (client gone, shutdown, the engine died, or a sibling choice failed), error."),
     ("denoising_steps_total", "counter", "Decoder steps run, summed over requests."),
     ("canvases_total", "counter", "Canvases that left the decoder batch (committed)."),
     ("time_to_first_token_seconds", "histogram", "Arrival to first committed token."),

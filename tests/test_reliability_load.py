@@ -5,6 +5,7 @@ own request."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -435,6 +436,32 @@ def test_a_dead_step_loop_is_reported_and_new_requests_get_503(dead_server):
                       json={"messages": [{"role": "user", "content": "late"}], "max_tokens": 4, "stream": True}) as r:
         assert r.status_code == 503 and json.loads(r.read())["error"]["code"] == "engine_dead"
     assert srv.proc.poll() is None
+
+
+def test_a_dead_step_loop_keeps_what_its_requests_committed_in_the_metrics(server_launcher, server_tiny_checkpoint):
+    """The tokens a stream had committed when the step loop died count in generation_tokens_total, as the
+    request log counts them (the engine's last output for it, the abort, carries none)."""
+    import sys
+
+    srv = server_launcher(["--model", str(server_tiny_checkpoint)], command=[sys.executable, "-c", CRASHABLE_SERVER])
+    generated = ("diffusion_server:generation_tokens_total", frozenset())
+    before = srv.metrics()
+    body = {"prompt": "doomed", "stream": True, **MEDIUM, "max_tokens": 4000}
+    with httpx.stream("POST", srv.base_url + "/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        for line in lines:  # until the first canvas is committed
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                break
+        srv.proc.send_signal(signal.SIGUSR1)
+        frames = [line for line in lines if line.startswith("data: ")]
+    error = json.loads(frames[-2][6:])["error"]
+    assert frames[-1] == "data: [DONE]" and error["code"] in ("request_aborted", "engine_dead")
+    deadline = time.monotonic() + 60
+    while not re.search(r"completion_tokens=(\d+)", srv.log()):  # the request's log line comes at its end
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    committed = int(re.search(r"completion_tokens=(\d+)", srv.log()).group(1))
+    assert committed > 0 and srv.metrics()[generated] - before[generated] == committed
 
 
 def test_with_exit_on_engine_death_a_dead_step_loop_ends_the_process_with_status_3(server_launcher,

@@ -106,6 +106,13 @@ def metrics_page() -> str:
         "|---|---|---|",
     ]
     out += [f"| `{PREFIX}{name}` | {kind} | {table_cell(text)} |" for name, kind, text in METRIC_DOCS]
+    out += ["", "When the engine dies (its step loop, or a replica's process), the requests it held count as "
+                "`abort`, with the prompt and completion tokens they had, in the series the HTTP front keeps "
+                "(`request_success_total`, the token counters and histograms, `http_errors_total`). The series "
+                "the engine reports as a request finishes (the latency, queue, inference, first-token and "
+                "first-draft histograms, `denoising_steps_total`) do not observe them, while the per-canvas and "
+                "per-pass series counted their steps as they ran. `/health` then answers 503 "
+                "`{\"status\": \"dead\"}` ([reliability.md](reliability.md))."]
     return "\n".join(out) + "\n"
 
 
