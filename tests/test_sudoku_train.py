@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import REPO_ROOT
 from tools.sudoku import evaluate_http, evaluate_local, train
 from tools.sudoku.common import eval_set
 from tools.sudoku.model import BOS_ID, CANVAS_LENGTH, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
@@ -114,6 +115,10 @@ def test_export_loads_with_from_pretrained(trained, tmp_path):
     torch.manual_seed(0)
     out_ids = model.generate(torch.tensor([ids]), max_denoising_steps=2)
     assert out_ids.sequences.shape == (1, 81 + CANVAS_LENGTH)
+    # the export's tokenizer, chat template and generation defaults are the shipped model's, byte for byte
+    shipped = REPO_ROOT / "engine" / "default_model"
+    for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (shipped / name).read_bytes(), name
 
     # the local evaluator runs end to end on the export
     args = evaluate_local.parse_args(["--model", str(out), "--per-bucket", "1", "--buckets", "30-35",
@@ -146,3 +151,24 @@ def test_http_evaluator_takes_a_server_without_the_extension_fields():
     stats, model = asyncio.run(evaluate_http.run(args, transport=httpx.MockTransport(handler)))
     assert model == "sudoku" and len(seen) == 8
     assert all(s.solved == 2 and s.steps == [6.0] for s in stats.values())
+    # one bucket alone is sent with the seeds it has in the full table, so its row can be rerun by itself
+    full = {body["prompt"]: body["seed"] for body in seen}
+    seen.clear()
+    args = evaluate_http.parse_args(["--per-bucket", "2", "--buckets", "30-35"])
+    asyncio.run(evaluate_http.run(args, transport=httpx.MockTransport(handler)))
+    assert len(seen) == 2 and all(full[body["prompt"]] == body["seed"] for body in seen)
+    assert sorted(body["seed"] for body in seen) == [4, 5]  # the third bucket's, as in the full table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--buckets", "45+"], "invalid choice: '45+'"),
+    (["--concurrency", "0"], "invalid positive_int value: '0'"),
+    (["--per-bucket", "-1"], "invalid positive_int value: '-1'"),
+])
+def test_evaluators_refuse_bad_arguments(argv, message, capsys):
+    for evaluator in (evaluate_http, evaluate_local):
+        if "--concurrency" in argv and evaluator is evaluate_local:
+            continue
+        with pytest.raises(SystemExit) as exc:
+            evaluator.parse_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

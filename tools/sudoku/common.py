@@ -29,6 +29,17 @@ def eval_set(per_bucket: int, seed: int = EVAL_SEED, buckets=BUCKETS, blank: str
     return out
 
 
+BUCKET_NAMES = [name for name, _, _ in BUCKETS]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 @dataclass
 class BucketStats:
     n: int = 0

@@ -16,17 +16,18 @@ import argparse
 import asyncio
 import time
 
-from tools.sudoku.common import BUCKETS, EVAL_SEED, BucketStats, eval_set, format_table
+from tools.sudoku.common import BUCKET_NAMES, EVAL_SEED, BucketStats, eval_set, format_table, positive_int
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", default=None, help="model name (default: the first one /v1/models lists)")
-    ap.add_argument("--per-bucket", type=int, default=50)
-    ap.add_argument("--buckets", nargs="*", default=None)
+    ap.add_argument("--per-bucket", type=positive_int, default=50)
+    ap.add_argument("--buckets", nargs="*", default=None, choices=BUCKET_NAMES,
+                    help="bucket names to run (default: all)")
     ap.add_argument("--seed", type=int, default=EVAL_SEED, help="puzzle seed (held out from training)")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=positive_int, default=8)
     ap.add_argument("--blank", default="0", choices=["0", "."])
     ap.add_argument("--chat", action="store_true", help="use /v1/chat/completions with the grid as user message")
     ap.add_argument("--timeout", type=float, default=300.0)
@@ -79,15 +80,12 @@ async def run(args, transport=None) -> tuple[dict[str, BucketStats], str]:
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
         sets = eval_set(args.per_bucket, seed=args.seed, blank=args.blank)
-        wanted = args.buckets or [b[0] for b in BUCKETS]
+        wanted = args.buckets or BUCKET_NAMES
         stats = {name: BucketStats() for name in wanted}
         sem = asyncio.Semaphore(args.concurrency)
-        jobs = []
-        k = 0
-        for name in wanted:
-            for puzzle, solution in sets[name]:
-                jobs.append((name, puzzle, solution, k))
-                k += 1
+        # a puzzle's sampling seed follows its place in the full table, whichever buckets run
+        jobs = [(name, puzzle, solution, BUCKET_NAMES.index(name) * args.per_bucket + i)
+                for name in wanted for i, (puzzle, solution) in enumerate(sets[name])]
 
         async def worker(name, puzzle, solution, seed):
             async with sem:

@@ -15,19 +15,20 @@ import time
 
 import torch
 
-from tools.sudoku.common import BUCKETS, EVAL_SEED, BucketStats, eval_set, format_table
+from tools.sudoku.common import BUCKET_NAMES, EVAL_SEED, BucketStats, eval_set, format_table, positive_int
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="engine/default_model")
     ap.add_argument("--checkpoint", default=None, help="a training checkpoint.pt instead of --model (no export)")
-    ap.add_argument("--per-bucket", type=int, default=50)
-    ap.add_argument("--buckets", nargs="*", default=None, help="bucket names to run (default: all)")
+    ap.add_argument("--per-bucket", type=positive_int, default=50)
+    ap.add_argument("--buckets", nargs="*", default=None, choices=BUCKET_NAMES,
+                    help="bucket names to run (default: all; sampling draws from one seed across them, in order)")
     ap.add_argument("--seed", type=int, default=EVAL_SEED, help="puzzle seed (held out from training)")
     ap.add_argument("--gen-seed", type=int, default=0, help="torch seed for sampling")
-    ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=positive_int, default=50)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--blank", default="0", choices=["0", "."])
     ap.add_argument("--chat", action="store_true", help="build prompts with the chat template")
     ap.add_argument("--bos", action="store_true", help="prepend <bos> to the prompt ids")
@@ -89,7 +90,7 @@ def run(args) -> dict[str, BucketStats]:
     pad_id = tokenizer.pad_token_id
     canvas_length = model.config.canvas_length
     sets = eval_set(args.per_bucket, seed=args.seed, blank=args.blank)
-    wanted = args.buckets or [b[0] for b in BUCKETS]
+    wanted = args.buckets or BUCKET_NAMES
     stats: dict[str, BucketStats] = {}
     for name in wanted:
         pairs = sets[name]

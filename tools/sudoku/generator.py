@@ -174,15 +174,21 @@ def is_solved(grid: str | Sequence[int], puzzle: str | Sequence[int]) -> bool:
     return is_valid_solution(grid) and is_consistent(grid, puzzle)
 
 
+MAX_GRIDS = 1000  # grids ``make_puzzle(unique=True)`` draws before it gives up
+
+
 def make_puzzle(rng: random.Random, givens: int, unique: bool = False) -> tuple[str, str]:
     """(puzzle, solution) with exactly ``givens`` givens (blanks are ``0``).
 
     ``unique=True`` removes cells only while the solution stays unique; if a grid cannot get down
-    to ``givens`` that way, a new grid is drawn (so keep ``givens`` >= ~22 with ``unique``).
+    to ``givens`` that way, a new grid is drawn, at most ``MAX_GRIDS`` times (keep ``givens`` >= ~22
+    with ``unique``; no Sudoku with fewer than 17 givens has one solution).
     """
     if not 0 <= givens <= 81:
         raise ValueError("givens must be in 0..81")
-    while True:
+    if unique and givens < 17:
+        raise ValueError(f"no Sudoku with {givens} givens has exactly one solution (17 at least)")
+    for _ in range(MAX_GRIDS if unique else 1):
         sol = random_solution(rng)
         order = list(range(81))
         rng.shuffle(order)
@@ -197,12 +203,13 @@ def make_puzzle(rng: random.Random, givens: int, unique: bool = False) -> tuple[
                 break
             v = puzzle[i]
             puzzle[i] = 0
-            if left <= 60 and count_solutions(puzzle, 2) != 1:  # >=21 blanks can't be ambiguous
+            if left <= 60 and count_solutions(puzzle, 2) != 1:  # above 60 the whole puzzle is checked below
                 puzzle[i] = v
             else:
                 left -= 1
-        if left == givens:
+        if left == givens and count_solutions(puzzle, 2) == 1:
             return to_string(puzzle), to_string(sol)
+    raise ValueError(f"no puzzle with {givens} givens and exactly one solution in {MAX_GRIDS} grids")
 
 
 def generate(seed: int, count: int, givens: int | Sequence[int] | tuple[int, int], unique: bool = False):
@@ -216,41 +223,6 @@ def generate(seed: int, count: int, givens: int | Sequence[int] | tuple[int, int
         n = givens if isinstance(givens, int) else rng.randint(int(givens[0]), int(givens[1]))
         out.append(make_puzzle(rng, n, unique=unique))
     return out
-
-
-# ---------------------------------------------------------------- fast batched training data
-
-def solution_pool(seed: int, count: int) -> np.ndarray:
-    """[count, 81] uint8 array of random complete grids (digits 1..9)."""
-    rng = random.Random(seed)
-    return np.asarray([random_solution(rng) for _ in range(count)], dtype=np.uint8)
-
-
-def augment(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Validity-preserving random transforms of a batch of solved grids: digit relabelling,
-    row/column permutations within bands/stacks, band/stack permutations, transposition.
-    Used only to multiply a pool of independently drawn grids during training."""
-    b = grids.shape[0]
-    g = grids.reshape(b, 9, 9)
-    out = np.empty_like(g)
-    for k in range(b):
-        rows = (rng.permutation(3)[:, None] * 3 + np.stack([rng.permutation(3) for _ in range(3)])).ravel()
-        cols = (rng.permutation(3)[:, None] * 3 + np.stack([rng.permutation(3) for _ in range(3)])).ravel()
-        x = g[k][rows][:, cols]
-        if rng.random() < 0.5:
-            x = x.T
-        relabel = np.concatenate([[0], rng.permutation(9) + 1]).astype(np.uint8)
-        out[k] = relabel[x]
-    return out.reshape(b, 81)
-
-
-def mask_givens(solutions: np.ndarray, givens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Puzzles (0 = blank) keeping a random ``givens[k]`` cells of each solution."""
-    b = solutions.shape[0]
-    keys = rng.random((b, 81))
-    ranks = keys.argsort(axis=1).argsort(axis=1)
-    keep = ranks < np.asarray(givens).reshape(b, 1)
-    return np.where(keep, solutions, 0).astype(np.uint8)
 
 
 def _main(argv: Iterable[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<unk>"]
 PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID, UNK_ID = range(6)
@@ -26,17 +27,9 @@ DIGIT_ID = [CHAR_ID[str(d)] for d in range(10)]  # DIGIT_ID[0] is the blank cell
 VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARS)  # 102
 CANVAS_LENGTH = 82  # 81 cells + <eos>
 
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(content='') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if message['content'] is string -%}{%- set ns.content = message['content'] -%}"
-    "{%- else -%}{%- set ns.content = message['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join('') -%}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- ns.content | replace('\\r', '') | replace('\\n', '') | replace('\\t', '') | replace(' ', '') -}}"
-)
+# the shipped model's template (engine/default_model/chat_template.jinja is an export of it): the user's
+# digits without whitespace, after tool declarations in Gemma 4's format when a request gives tools
+CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
 
 # Diffusion defaults written to generation_config.json.
 # Tuned on held-out puzzles (puzzle seed 424242, not the evaluation seed): a hot start (t_max > 1)
@@ -133,9 +126,6 @@ def build_config(size: ModelSize | str = "large"):
     )
 
 
-def size_from_dict(d: dict) -> ModelSize:
-    return ModelSize(**d)
-
 
 def size_to_dict(size: ModelSize) -> dict:
     return asdict(size)
@@ -146,13 +136,3 @@ def build_generation_config(**overrides):
 
     return diffusion_generation_config({**GENERATION_DEFAULTS, **overrides},
                                        eos_ids=(EOS_ID, END_OF_TURN_ID), pad_id=PAD_ID, bos_id=BOS_ID)
-
-
-def encode_cells(puzzles) -> "list[list[int]]":
-    """Token ids of 81-cell grids given as uint8 arrays / lists of ints 0..9."""
-    return [[DIGIT_ID[int(v)] for v in p] for p in puzzles]
-
-
-def decode_grid(text: str) -> str:
-    """First 81 characters of a completion (what the contract calls the solved grid)."""
-    return text[:81]

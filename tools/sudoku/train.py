@@ -59,7 +59,7 @@ DIGIT_LUT = torch.tensor(DIGIT_ID, dtype=torch.long)
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/sudoku")
-    ap.add_argument("--size", default="medium", choices=sorted(SIZES))
+    ap.add_argument("--size", default="small", choices=sorted(SIZES), help="model size (default: the shipped model's)")
     ap.add_argument("--steps", type=int, default=6000, help="total optimizer steps (sets the cosine schedule)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="minutes of training (summed over resumes); schedule and curriculum follow "
