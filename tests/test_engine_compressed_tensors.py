@@ -417,3 +417,19 @@ def test_dequantized_compressed_experts_stay_within_the_planned_transient(scheme
     dequantized = 64 * 3 * 512 * 1024 * torch.finfo(getattr(torch, dtype)).bits // 8
     assert dequantized <= planned < 1.2 * dequantized
     assert grew <= planned + 4 * 2**20, (grew, planned)  # malloc's page rounding; no timing involved
+
+
+def test_the_writer_refuses_a_folder_that_holds_files(source, tmp_path, capsys):
+    """An earlier run's shards and index would load in place of the new weights: the writer wants a new
+    or empty folder, for the checkpoint and for the reference (and at least one shard)."""
+    from tools.quantized_checkpoint import main
+
+    used = write_quantized_checkpoint(source, tmp_path / "q", "fp8", shards=2)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(used))} is not empty: write the checkpoint to a new or"):
+        write_quantized_checkpoint(source, used, "fp8")
+    with pytest.raises(ValueError, match="is not empty"):
+        write_quantized_checkpoint(source, tmp_path / "new", "fp8", reference=used)
+    with pytest.raises(SystemExit) as exc:
+        main(["--src", str(source), "--out", str(tmp_path / "other"), "--shards", "0"])
+    assert exc.value.code == 2 and "shards must be at least 1 (got 0)" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists() and not (tmp_path / "new").exists()

@@ -136,6 +136,11 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)} (got {scheme!r})")
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1 (got {shards})")
+    for folder in (out, reference):  # weight files left from an earlier run would load beside the new ones
+        if folder is not None and Path(folder).is_dir() and any(Path(folder).iterdir()):
+            raise ValueError(f"{folder} is not empty: write the checkpoint to a new or empty folder")
     src, out = Path(src), Path(out)
     state = load_file(str(src / "model.safetensors"))
     quantized: dict[str, torch.Tensor] = {}
@@ -232,8 +237,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="which copy of the tied text layers the file holds")
     parser.add_argument("--shards", type=int, default=1, help="split the weights over this many files")
     args = parser.parse_args(argv)
-    print(write_quantized_checkpoint(args.src, args.out, args.scheme, reference=args.reference, layers=args.layers,
-                                     shards=args.shards))
+    try:
+        print(write_quantized_checkpoint(args.src, args.out, args.scheme, reference=args.reference,
+                                         layers=args.layers, shards=args.shards))
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

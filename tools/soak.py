@@ -2,13 +2,14 @@
 
     python -m tools.soak --duration 120                  # starts a server on a tiny random checkpoint
     python -m tools.soak --model PATH --duration 600     # starts a server on PATH
-    python -m tools.soak --url http://127.0.0.1:8000 --pid 1234 --api-key KEY
+    python -m tools.soak --url http://127.0.0.1:8000 --pid 1234 --api-key KEY --body-bytes 16777216
 
 Checks, after the traffic stops, that the server's live request state is back to zero (running and
 waiting requests, the engine's live per-request states, HTTP requests in flight, from /metrics),
 that its RSS (from /proc/PID/status) is back near its level after the warm-up, and that no response
 was a 5xx or outside OpenAI's error shape. Prints a JSON summary; exit status 1 when a check fails.
-Not part of the test suite; bounded by --duration. Loopback only.
+With --url, --body-bytes must be that server's --max-request-body-bytes: the oversized traffic expects
+a 413 one byte past it. Not part of the test suite; bounded by --duration. Loopback only.
 """
 
 from __future__ import annotations
@@ -272,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=4, help="for the started server (default 4)")
     p.add_argument("--max-waiting", type=int, default=4, help="for the started server (default 4: some 429s)")
-    p.add_argument("--body-bytes", type=int, default=65536, help="the server's body limit (default 65536)")
+    p.add_argument("--body-bytes", type=int, default=None,
+                   help="the server's body limit: given to the started server (default 65536); with --url, "
+                        "required: the running server's --max-request-body-bytes")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server (repeatable)")
     p.add_argument("--rss-tolerance-mb", type=float, default=32.0,
                    help="allowed RSS growth from the post-warm-up baseline to the end (default 32 MiB)")
@@ -281,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.duration > 3600:
         raise SystemExit("soak: --duration is capped at 3600 s")
+    if args.body_bytes is None:
+        if args.url:  # its oversized traffic would expect a 413 at a limit the server does not have
+            p.error("--url needs --body-bytes: the running server's --max-request-body-bytes")
+        args.body_bytes = 65536
+    if args.body_bytes < 1:
+        p.error("--body-bytes must be at least 1")
 
     proc = None
     if args.url:
