@@ -70,6 +70,20 @@ def test_new_phase_restarts_the_schedule_at_the_resumed_step(trained, tmp_path):
     assert [r["lr"] for r in new] == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3 * (0.05 + 0.95 * 0.5)])
     state = torch.load(workdir / "checkpoint.pt", weights_only=False)
     assert (state["step"], state["phase"]["step"]) == (7, 3)
+    # each command that trained it is recorded, and the export carries the record
+    assert [(run["start_step"], run["flags"]["new_phase"], run["flags"]["steps"]) for run in state["runs"]] == [
+        (0, False, 5), (3, True, 7)]
+    assert state["runs"][1]["flags"]["lr"] == 1e-3 and state["runs"][0]["flags"]["seed"] == 1234
+    train.main(["--workdir", str(workdir), "--size", "micro", "--export", str(tmp_path / "export")])
+    info = json.loads((tmp_path / "export" / "training_info.json").read_text())
+    assert (info["step"], info["size"], info["runs"]) == (7, "micro", json.loads(json.dumps(state["runs"])))
+    # a --new-phase command stopped early (here after one step) and rerun as it was goes on with its phase
+    again = ["--workdir", str(workdir), "--steps", "9", "--new-phase", "--max-steps-this-run", "1", *MICRO]
+    train.main(again)
+    train.main(again)
+    state = torch.load(workdir / "checkpoint.pt", weights_only=False)
+    assert (state["step"], state["phase"]["step"]) == (9, 7)
+    assert [run["start_step"] for run in state["runs"]] == [0, 3, 7, 8]
 
 
 def test_batches_match_the_prompt_contract():

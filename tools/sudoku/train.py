@@ -251,8 +251,9 @@ def latest_checkpoint(workdir: Path) -> Path | None:
 
 
 def save_checkpoint(workdir: Path, model, opt, step: int, args, np_rng, gen, py_state, elapsed: float = 0.0,
-                    phase: dict | None = None):
+                    phase: dict | None = None, runs: list | None = None):
     state = {
+        "runs": runs or [],  # each command that trained this checkpoint: its first step and its flags
         "elapsed": elapsed,
         "phase": phase or {"step": 0, "elapsed": 0.0},
         "model": model.state_dict(),
@@ -287,10 +288,9 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
     model.generation_config = build_generation_config()
     model.save_pretrained(out_dir, safe_serialization=True)
     build_tokenizer().save_pretrained(out_dir)
-    (out_dir / "training_info.json").write_text(
-        json.dumps({"step": state["step"], "size": state["size"], "size_params": size_to_dict(SIZES[state["size"]])},
-                   indent=2) + "\n"
-    )
+    info = {"step": state["step"], "size": state["size"], "size_params": size_to_dict(SIZES[state["size"]]),
+            "runs": state.get("runs", [])}  # a checkpoint saved before runs were recorded has none
+    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
 
 
@@ -331,6 +331,8 @@ def main(argv=None):
     step = 0
     elapsed0 = 0.0
     phase = {"step": 0, "elapsed": 0.0}  # where the schedule's current phase began
+    runs: list = []
+    flags = {k: v for k, v in vars(args).items() if k not in ("workdir", "export", "checkpoint", "no_progress")}
 
     ckpt = latest_checkpoint(workdir)
     if ckpt is not None:
@@ -349,10 +351,14 @@ def main(argv=None):
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["py_rng"])
         phase = state.get("phase", phase)
-        if args.new_phase:
+        runs = state.get("runs", [])
+        if args.new_phase and runs and runs[-1]["flags"] == flags:  # the same command, rerun after a stop
+            print("the run that saved this checkpoint had the same flags: its phase goes on", file=sys.stderr)
+        elif args.new_phase:
             phase = {"step": step, "elapsed": elapsed0}
         print(f"resumed from {ckpt} at step {step} (phase from step {phase['step']})", file=sys.stderr, flush=True)
 
+    runs = runs + [{"start_step": step, "flags": flags}]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.size}: {n_params / 1e6:.2f}M parameters on {device}, {args.threads} thread(s)",
           file=sys.stderr, flush=True)
@@ -407,9 +413,9 @@ def main(argv=None):
                 t_last = now
             if step % args.save_every == 0 or step == end:
                 elapsed = elapsed0 + time.time() - t_start
-                save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed, phase)
+                save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed, phase, runs)
     elapsed = elapsed0 + time.time() - t_start
-    save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed, phase)
+    save_checkpoint(workdir, model, opt, step, args, np_rng, gen, random.getstate(), elapsed, phase, runs)
     bar.close()
     print(f"stopped at step {step}", file=sys.stderr, flush=True)
 
