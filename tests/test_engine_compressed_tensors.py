@@ -429,6 +429,8 @@ def test_the_writer_refuses_a_folder_that_holds_files(source, tmp_path, capsys):
         write_quantized_checkpoint(source, used, "fp8")
     with pytest.raises(ValueError, match="is not empty"):
         write_quantized_checkpoint(source, tmp_path / "new", "fp8", reference=used)
+    with pytest.raises(ValueError, match="^the reference and the quantized checkpoint need folders of their own$"):
+        write_quantized_checkpoint(source, tmp_path / "new", "fp8", reference=tmp_path / "." / "new")
     with pytest.raises(SystemExit) as exc:
         main(["--src", str(source), "--out", str(tmp_path / "other"), "--shards", "0"])
     assert exc.value.code == 2 and "shards must be at least 1 (got 0)" in capsys.readouterr().err

@@ -45,9 +45,12 @@ def test_unique_puzzles_with_many_givens_are_unique_too():
     assert all(g.count_solutions(puzzle, 2) == 1 for puzzle, _ in puzzles)
 
 
-def test_too_few_givens_for_one_solution_is_refused():
+def test_too_few_givens_for_one_solution_is_refused(capsys):
     with pytest.raises(ValueError, match="no Sudoku with 16 givens has exactly one solution"):
         g.make_puzzle(random.Random(0), 16, unique=True)
+    with pytest.raises(SystemExit) as exc:
+        g._main(["--givens", "16", "--unique"])
+    assert exc.value.code == 2 and "no Sudoku with 16 givens has exactly one solution" in capsys.readouterr().err
 
 
 def test_the_held_out_puzzles_do_not_change():

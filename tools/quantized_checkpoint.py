@@ -138,6 +138,8 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)} (got {scheme!r})")
     if shards < 1:
         raise ValueError(f"shards must be at least 1 (got {shards})")
+    if reference is not None and Path(reference).resolve() == Path(out).resolve():
+        raise ValueError("the reference and the quantized checkpoint need folders of their own")
     for folder in (out, reference):  # weight files left from an earlier run would load beside the new ones
         if folder is not None and Path(folder).is_dir() and any(Path(folder).iterdir()):
             raise ValueError(f"{folder} is not empty: write the checkpoint to a new or empty folder")

@@ -232,7 +232,11 @@ def _main(argv: Iterable[str] | None = None) -> None:
     ap.add_argument("--givens", type=int, default=36)
     ap.add_argument("--unique", action="store_true")
     args = ap.parse_args(argv)
-    for puzzle, solution in generate(args.seed, args.count, args.givens, unique=args.unique):
+    try:
+        pairs = generate(args.seed, args.count, args.givens, unique=args.unique)
+    except ValueError as exc:
+        ap.error(str(exc))
+    for puzzle, solution in pairs:
         print(puzzle, solution)
 
 
