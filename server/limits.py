@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .bodies import BODY_MARKS, MarkCounts
-from .errors import body_timeout, body_too_large, error_response
+from .errors import APIError, body_timeout, body_too_large, error_response
 from .middleware import READ_METHODS
+
+if TYPE_CHECKING:
+    from .preprocess import PreprocessGate
 
 # Past this many bytes of an oversized body, stop draining and answer at once.
 DRAIN_LIMIT = 256 * 1024 * 1024
@@ -55,8 +58,10 @@ async def trim_memory() -> None:
 
 class BodyLimitMiddleware:
     def __init__(self, app, max_bytes: int, timeout_seconds: float = 0.0,
-                 on_reject: Callable[[int], None] | None = None, max_json_values: int | None = None):
+                 on_reject: Callable[[int], None] | None = None, max_json_values: int | None = None,
+                 gate: Callable[[], PreprocessGate | None] | None = None):
         self.app = app
+        self.gate = gate  # the server's preprocessing gate, once it has one: the drain's abort ends a slow body too
         self.max_bytes = max_bytes
         self.max_json_values = max_json_values  # None: no marks are counted
         self.timeout = timeout_seconds  # 0: no timeout
@@ -87,12 +92,16 @@ class BodyLimitMiddleware:
         dropped = False  # too many JSON values for certain: the endpoint refuses it from ``counts``
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout if self.timeout > 0 else None
+        gate = self.gate() if self.gate is not None else None
         while True:
+            step = receive() if deadline is None else asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             try:
-                message = await (receive() if deadline is None
-                                 else asyncio.wait_for(receive(), max(0.0, deadline - loop.time())))
+                message = await (step if gate is None else gate.unless_aborted(step))
             except asyncio.TimeoutError:
                 await self._reject(body_timeout(self.timeout), scope, receive, send)
+                return
+            except APIError as err:  # the drain's time is up while the body still arrives
+                await self._reject(err, scope, receive, send)
                 return
             if message["type"] == "http.disconnect":
                 return

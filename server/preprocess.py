@@ -5,7 +5,7 @@ log-probabilities (setting ``preprocess_concurrency``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from . import errors
@@ -31,9 +31,15 @@ class PreprocessGate:
         answer this request (its answer is ready but for this work)."""
         if not abortable:
             return await self._in_turn(work)
+        return await self.unless_aborted(self._in_turn(work))
+
+    async def unless_aborted(self, step: Awaitable[T]) -> T:
+        """``step``'s result, or 503 ``request_aborted`` as soon as the drain's time is up (``step`` is then
+        cancelled: a turn it waits for or holds comes back at once)."""
+        job = asyncio.ensure_future(step)
         if self._aborted.is_set():
+            job.cancel()
             raise errors.request_aborted()
-        job = asyncio.ensure_future(self._in_turn(work))
         aborted = asyncio.ensure_future(self._aborted.wait())
         try:
             await asyncio.wait({job, aborted}, return_when=asyncio.FIRST_COMPLETED)

@@ -300,6 +300,31 @@ def test_sigterm_past_the_drain_timeout_aborts_clearly(server_launcher, server_t
     assert "drain timeout (1s): aborting 2 in-flight request(s)" in srv.log()
 
 
+def test_a_body_still_arriving_at_the_drain_deadline_gets_the_same_503(server_launcher, server_tiny_checkpoint):
+    """A client that sends its body slowly is answered like every request the drain aborts (it used to
+    hold the drain, then get uvicorn's plain-text 500), and the process exits."""
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--graceful-shutdown-seconds", "1"])
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")  # and no more
+        deadline = time.monotonic() + 60
+        while srv.metrics()[IN_FLIGHT] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        srv.proc.send_signal(signal.SIGTERM)
+        raw = b""
+        while b"}}" not in raw:
+            chunk = sock.recv(65536)
+            assert chunk, raw
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower(), head
+    err = json.loads(body)["error"]
+    assert (err["code"], err["type"]) == ("request_aborted", "server_error") and "shutting down" in err["message"]
+    assert srv.proc.wait(60) == 0
+    assert "drained: 0 request(s) still open" in srv.log()
+
+
 # -- engine fault: a poisoned checkpoint -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
