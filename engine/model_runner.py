@@ -29,7 +29,7 @@ from .sampling.constraints import pin_row
 from .sampling.logprobs import to_host
 from .settings import QUANTIZATION_METHODS
 from .traced_decoder import TracedDecoder
-from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, pass_error
+from .work import DecodeResult, DecodeWork, EncodeWork, NewRow, StepPlan, StepResult, fault_name, pass_error
 
 logger = logging.getLogger("engine")
 
@@ -147,6 +147,7 @@ class ModelRunner:
         self._no_grad = torch.no_grad if eager_quantized else torch.inference_mode
         self._forward_seconds = 0.0
         self._sampling_seconds = 0.0
+        self._kv_stored = False  # the encoder unit being run has written K/V to the cache (``_encode``)
 
     def _traced_decoder(self, loaded: LoadedModel, wanted: bool | None) -> TracedDecoder | None:
         """The decoder pass's TorchScript traces (``engine.traced_decoder``): on by default on CPU where the
@@ -244,14 +245,23 @@ class ModelRunner:
                    for start, end in chunk_bounds(w.token_ids, limit, None if w.images is None else self.image_token_id)]
                   for w in work if len(w.token_ids) > limit]
         encoded, failed = 0, {}
-        for unit in units:
+        while units:
+            unit = units.pop(0)
             request_ids = [w.request_id for w in unit[0]]
+            self._kv_stored = False
             try:
                 features = self._image_features(unit[0])
                 for group in unit:
                     self._encode_group(group, features, copies)
                     encoded += sum(len(w.token_ids) for w in group)
             except Exception as exc:
+                if len(unit) == 1 and len(unit[0]) > 1 and not self._kv_stored:
+                    # a group of several requests, nothing stored yet: each again alone, so that only the
+                    # requests that fail alone fail (a running request's commit may share the group)
+                    logger.warning("encoder work of %s failed (%s): each request again alone", request_ids,
+                                   fault_name(exc))
+                    units[:0] = [[[w]] for w in unit[0]]
+                    continue
                 logger.exception("encoder work of %s failed", request_ids)
                 failed.update(dict.fromkeys(request_ids + [c for r in request_ids for c in copies.get(r, ())],
                                             pass_error(exc)))
@@ -361,6 +371,7 @@ class ModelRunner:
             )
         self._forward_seconds += clock() - t0
         twins = [(copy, row) for row, rid in enumerate(ids) for copy in (copies or {}).get(rid, ())]
+        self._kv_stored = True  # from here on a failure may leave some rows' K/V written
         self.kv.append_from_view(ids + [copy for copy, _ in twins], view, q_valid,
                                  rows=list(range(len(ids))) + [row for _, row in twins])
 

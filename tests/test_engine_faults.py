@@ -84,14 +84,13 @@ def test_exception_in_a_traced_pass_fails_that_pass_and_the_engine_goes_on(tmp_p
     assert after["finish_reason"] == "length" and len(after["tokens"]) == 16
 
 
-@pytest.mark.parametrize("max_encoder_tokens, neighbour_fails", [(64, True), (12, False)],
-                         ids=["same-group", "prefilled-in-chunks"])
-def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory, monkeypatch, max_encoder_tokens,
-                                                                 neighbour_fails):
-    """A new request whose encoder work raises fails with the pass error, and so does a request
-    encoded in the same group; a request already denoising in that pass, and one encoded in another
-    group (here: beside a long prompt prefilled in chunks), go on with the tokens they get alone. With a
-    second thread (``forward_threads``), passes with encoder work start the denoising rows before it."""
+@pytest.mark.parametrize("max_encoder_tokens", [64, 12], ids=["same-group", "prefilled-in-chunks"])
+def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory, monkeypatch, max_encoder_tokens):
+    """A new request whose encoder work raises fails with the pass error; a request encoded in the same
+    group (encoded again alone once the group has failed), one encoded in another group (here: beside a
+    long prompt prefilled in chunks) and one already denoising in that pass go on with the tokens they
+    get alone. With a second thread (``forward_threads``), passes with encoder work start the denoising
+    rows before it."""
     from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-encoder-fault"), TinySpec())
@@ -108,14 +107,36 @@ def test_exception_in_the_encoder_fails_that_encoder_work_alone(tmp_path_factory
     res = run_to_completion(core, [(rid, prompts[rid], params) for rid in ("running", "neighbour", "bad")],
                             arrivals={"neighbour": 1, "bad": 1})
     assert core.runner.early_passes > 0
-    failed = ["bad", "neighbour"] if neighbour_fails else ["bad"]
-    for rid in failed:
-        assert res[rid]["finish_reason"] == "error"
-        assert res[rid]["outputs"][-1].error == "internal error in the model pass: RuntimeError"
-        assert res[rid]["tokens"] == []
+    assert res["bad"]["finish_reason"] == "error" and res["bad"]["tokens"] == []
+    assert res["bad"]["outputs"][-1].error == "internal error in the model pass: RuntimeError"
     for rid in ("running", "neighbour"):
-        if rid not in failed:
-            assert (res[rid]["finish_reason"], res[rid]["tokens"]) == ("length", alone[rid])
+        assert (res[rid]["finish_reason"], res[rid]["tokens"]) == ("length", alone[rid])
+    assert core.num_live_states() == 0
+
+
+def test_a_running_request_whose_commit_shares_a_failing_encoder_group_goes_on(tmp_path_factory, monkeypatch):
+    """A running request's committed canvas is encoded beside new prompts: when a new prompt's encoder
+    work raises in the pass of that commit, the running request goes on with the tokens it gets alone."""
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-commit-fault"), TinySpec())
+    core = make_core(path, dtype="auto", max_num_seqs=4, forward_threads=2)
+    tok = core.loaded.tokenizer
+    params = SamplingParams(max_tokens=64, seed=1, ignore_eos=True, max_denoising_steps=4, stability_threshold=1000)
+    prompt = tok("a long answer").input_ids
+    alone = run_to_completion(core, [("running", prompt, params)])["running"]["tokens"]
+    groups = []
+    encode_group = core.runner._encode_group
+    monkeypatch.setattr(core.runner, "_encode_group", lambda group, *a: (groups.append(
+        sorted(w.request_id for w in group)), encode_group(group, *a))[1])
+    fail_encoder_on_boom(core, monkeypatch)
+    # every canvas takes its 4 steps: "bad" arrives with the pass that encodes the first committed canvas
+    res = run_to_completion(core, [("running", prompt, params), ("bad", [7, 7, 7] + BOOM, params)],
+                            arrivals={"bad": 4})
+    assert ["bad", "running"] in groups  # the two shared a group, which failed, and each ran again alone
+    assert ["running"] in groups and ["bad"] in groups
+    assert res["bad"]["finish_reason"] == "error" and res["bad"]["tokens"] == []
+    assert (res["running"]["finish_reason"], res["running"]["tokens"]) == ("length", alone)
     assert core.num_live_states() == 0
 
 
