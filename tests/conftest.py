@@ -112,6 +112,7 @@ class LiveServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env.pop("DIFFUSION_SERVER_API_KEY", None)
         self._log = open(log_path, "wb")
+        self._stopping = False
         self.proc = subprocess.Popen(
             [*(command or [sys.executable, "-m", "server"]), "--host", "127.0.0.1", "--port", "0", *args],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -173,9 +174,15 @@ class LiveServer:
                 raise AssertionError(f"server not idle after {timeout}s: {m}")
             time.sleep(0.1)
 
+    def signal_stop(self) -> None:
+        """SIGTERM, once (a second one would cut the drain short)."""
+        if self.proc.poll() is None and not self._stopping:
+            self._stopping = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.signal_stop()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -232,6 +239,8 @@ def server_launcher(tmp_path_factory):
         return server
 
     yield launch
+    for s in servers:  # all at once: each drains and exits on its own
+        s.signal_stop()
     for s in servers:
         s.stop()
 
