@@ -77,13 +77,18 @@ def test_new_phase_restarts_the_schedule_at_the_resumed_step(trained, tmp_path):
     train.main(["--workdir", str(workdir), "--size", "micro", "--export", str(tmp_path / "export")])
     info = json.loads((tmp_path / "export" / "training_info.json").read_text())
     assert (info["step"], info["size"], info["runs"]) == (7, "micro", json.loads(json.dumps(state["runs"])))
-    # a --new-phase command stopped early (here after one step) and rerun as it was goes on with its phase
-    again = ["--workdir", str(workdir), "--steps", "9", "--new-phase", "--max-steps-this-run", "1", *MICRO]
+    # a --new-phase command stopped early (here after one step) and rerun goes on with its phase, also
+    # with flags that change how it runs (saving, threads), not what it trains
+    again = ["--workdir", str(workdir), "--steps", "10", "--new-phase", "--max-steps-this-run", "1", *MICRO]
     train.main(again)
-    train.main(again)
+    train.main(again + ["--save-every", "3"])
     state = torch.load(workdir / "checkpoint.pt", weights_only=False)
     assert (state["step"], state["phase"]["step"]) == (9, 7)
-    assert [run["start_step"] for run in state["runs"]] == [0, 3, 7, 8]
+    # ... but another schedule is a new phase
+    train.main(again + ["--lr", "2e-3"])
+    state = torch.load(workdir / "checkpoint.pt", weights_only=False)
+    assert (state["step"], state["phase"]["step"]) == (10, 9)
+    assert [run["start_step"] for run in state["runs"]] == [0, 3, 7, 8, 9]
 
 
 def test_batches_match_the_prompt_contract():

@@ -245,6 +245,17 @@ def lr_at(step: int, progress: float, args, phase: dict) -> float:
 
 # ---------------------------------------------------------------------------------- checkpoints
 
+# flags that change how a run trains, not what it trains: a rerun that differs only in them is the same phase
+RUN_ONLY_FLAGS = ("threads", "device", "experts_implementation", "max_steps_this_run", "save_every", "log_every")
+
+
+def same_phase(saved: dict, flags: dict) -> bool:
+    """Whether two runs' flags (``runs`` in a checkpoint) set the same phase: its schedule, data and model."""
+    def phase(f: dict) -> dict:
+        return {k: v for k, v in f.items() if k not in RUN_ONLY_FLAGS}
+
+    return phase(saved) == phase(flags)
+
 def latest_checkpoint(workdir: Path) -> Path | None:
     p = workdir / "checkpoint.pt"
     return p if p.exists() else None
@@ -352,8 +363,10 @@ def main(argv=None):
         random.setstate(state["py_rng"])
         phase = state.get("phase", phase)
         runs = state.get("runs", [])
-        if args.new_phase and runs and runs[-1]["flags"] == flags:  # the same command, rerun after a stop
-            print("the run that saved this checkpoint had the same flags: its phase goes on", file=sys.stderr)
+        # the command of the phase that saved this checkpoint, rerun before that phase was done
+        unfinished = runs and same_phase(runs[-1]["flags"], flags) and progress_at(step, elapsed0, args, phase) < 1
+        if args.new_phase and unfinished:
+            print("the checkpoint's phase had these flags and is not done: it goes on", file=sys.stderr)
         elif args.new_phase:
             phase = {"step": step, "elapsed": elapsed0}
         print(f"resumed from {ckpt} at step {step} (phase from step {phase['step']})", file=sys.stderr, flush=True)
