@@ -93,10 +93,17 @@ class BodyLimitMiddleware:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout if self.timeout > 0 else None
         gate = self.gate() if self.gate is not None else None
+        if gate is not None and gate.aborted:  # a request that came after the drain's deadline: the endpoint
+            gate = None  # refuses it as it refuses every request while draining (server_draining)
+
+        async def next_message() -> dict:
+            if deadline is None:
+                return await receive()
+            return await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+
         while True:
-            step = receive() if deadline is None else asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             try:
-                message = await (step if gate is None else gate.unless_aborted(step))
+                message = await (next_message() if gate is None else gate.unless_aborted(next_message()))
             except asyncio.TimeoutError:
                 await self._reject(body_timeout(self.timeout), scope, receive, send)
                 return

@@ -26,6 +26,10 @@ class PreprocessGate:
     def abort(self) -> None:
         self._aborted.set()
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
     async def run(self, work: Callable[[], T], abortable: bool = True) -> T:
         """``work()`` in a worker thread once a turn is free. ``abortable=False``: the drain's abort does not
         answer this request (its answer is ready but for this work)."""
@@ -36,10 +40,11 @@ class PreprocessGate:
     async def unless_aborted(self, step: Awaitable[T]) -> T:
         """``step``'s result, or 503 ``request_aborted`` as soon as the drain's time is up (``step`` is then
         cancelled: a turn it waits for or holds comes back at once)."""
-        job = asyncio.ensure_future(step)
         if self._aborted.is_set():
-            job.cancel()
+            if asyncio.iscoroutine(step):
+                step.close()  # never started
             raise errors.request_aborted()
+        job = asyncio.ensure_future(step)
         aborted = asyncio.ensure_future(self._aborted.wait())
         try:
             await asyncio.wait({job, aborted}, return_when=asyncio.FIRST_COMPLETED)
