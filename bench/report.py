@@ -84,7 +84,8 @@ def markdown(result: dict) -> str:
         for level, alone in sorted(base.get("one_at_a_time", {}).items(), key=lambda kv: int(kv[0])):
             static = base.get("static_batch", {}).get(level)
             static_cell = "—" if static is None else cell(static)
-            lines.append(f"| {level} | {alone['requests']} | {cell(alone)} | {static_cell} | {_padding(static, alone)} |")
+            padding = _padding(static, alone)
+            lines.append(f"| {level} | {alone['requests']} | {cell(alone)} | {static_cell} | {padding} |")
         lines += ["", "A static batch computes every row until its slowest row has converged, and as many canvases "
                       "as its longest request asked for; the last column is those canvas steps over the steps its "
                       "requests take alone. At `generate`'s cost per canvas step, a server that computed no "

@@ -256,6 +256,7 @@ def same_phase(saved: dict, flags: dict) -> bool:
 
     return phase(saved) == phase(flags)
 
+
 def latest_checkpoint(workdir: Path) -> Path | None:
     p = workdir / "checkpoint.pt"
     return p if p.exists() else None
