@@ -70,10 +70,12 @@ class Chat:
         if template_tools(req) and not template_reads_tools(tokenizer):
             raise errors.bad_request("This model's chat template does not render tools (it never reads the 'tools' "
                                      "variable), so the model would not see them.", "tools", "unsupported_parameter")
-        # what the template may write into the prompt: a request whose strings cannot fit is refused before
-        # anything is parsed or rendered
+        # what the template may write into the prompt: a large request whose strings cannot fit is refused
+        # before it is rendered; below that size the rendered prompt's own count decides, since a template
+        # may leave text out (the embedded model's keeps the last user message, without whitespace)
         content = template_text(req)
-        limit.check_text(content, "messages", "the prompt")
+        if len(content) > TOKENIZE_IN_THREAD_CHARS:
+            limit.check_text(content, "messages", "the prompt")
         messages = messages_as_dicts(req)
         urls = image_urls(req)
         if urls:
@@ -255,7 +257,8 @@ def template_text(req: ChatCompletionRequest) -> str:
     text, names and call ids, the history's calls (a call's name twice: the tool message that answers it
     takes it too, ``messages_as_dicts``) and the declarations as compact JSON. Its length bounds the
     prompt's before anything is rendered."""
-    parts = [json.dumps(template_tools(req) or [], separators=(",", ":"))]
+    tools = template_tools(req)
+    parts = [json.dumps(tools, separators=(",", ":"))] if tools else []
     for m in req.messages:
         if isinstance(m.content, str):
             parts.append(m.content)

@@ -100,6 +100,26 @@ def test_chat_takes_the_grid_as_nine_lines(default_server):
     assert generator.is_solved(answer[:81], puzzle)  # an easy puzzle: the grid was read, not noise
 
 
+def test_chat_text_the_template_leaves_out_does_not_count_against_the_context(default_server):
+    """The embedded template writes only the last user message, without whitespace: a long system prompt
+    and blank lines beside the grid leave an 81-token prompt, which is served (the count of the rendered
+    prompt decides, not the characters of the request)."""
+    puzzle, _solution = eval_set(1, seed=EVAL_SEED, buckets=[BUCKETS[0]])[BUCKETS[0][0]][0]
+    limit = 1024  # the checkpoint's max_position_embeddings: 81 + 82 fit, 1,100 characters would not
+    for messages in ([{"role": "system", "content": "x" * 1015}, {"role": "user", "content": puzzle}],
+                     [{"role": "user", "content": puzzle + "\n" * 1000}]):
+        assert sum(len(m["content"]) for m in messages) + 82 > limit
+        r = httpx.post(default_server.base_url + "/chat/completions", timeout=300, json={
+            "model": EMBEDDED_SERVED_NAME, "messages": messages, "max_completion_tokens": 82, "seed": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 81
+    # 1022 characters are 1022 tokens here: with one more to generate they fit (the tools JSON used to add 2)
+    r = httpx.post(default_server.base_url + "/chat/completions", timeout=300, json={
+        "model": EMBEDDED_SERVED_NAME, "messages": [{"role": "user", "content": "1" * 1022}],
+        "max_completion_tokens": 1, "seed": 3})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1022, r.text
+
+
 def _infill(srv, puzzle: str, suffix: str, seed: int) -> dict:
     r = httpx.post(srv.base_url + "/completions", timeout=300, json={
         "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "suffix": suffix, "max_tokens": 81 - len(suffix), "seed": seed})
