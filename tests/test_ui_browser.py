@@ -48,14 +48,14 @@ def browser_missing() -> str | None:
 class Browser:
     """A headless Chromium with its own throw-away profile."""
 
-    def __init__(self):
+    def __init__(self, extra_args: list[str] | None = None):
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
         self.profile = tempfile.mkdtemp(prefix="ui-chromium-")
         opts = webdriver.ChromeOptions()
         opts.binary_location = CHROMIUM
-        for arg in CHROME_ARGS + [f"--user-data-dir={self.profile}"]:
+        for arg in CHROME_ARGS + (extra_args or []) + [f"--user-data-dir={self.profile}"]:
             opts.add_argument(arg)
         self.driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
         self.driver.set_script_timeout(30)
@@ -124,6 +124,7 @@ if (!window.__pacedFetch) {
   const twoFrames = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
   window.fetch = async (...args) => {
     const resp = await realFetch(...args);
+    const signal = args[1] && args[1].signal;
     if (!(resp.headers.get('content-type') || '').startsWith('text/event-stream')) return resp;
     const reader = resp.body.getReader();
     const enc = new TextEncoder(), dec = new TextDecoder();
@@ -136,6 +137,10 @@ if (!window.__pacedFetch) {
             const event = buf.slice(0, i + 2);
             buf = buf.slice(i + 2);
             await twoFrames();
+            if (signal && signal.aborted) {  // as fetch's own body does: an abort ends it at once
+              controller.error(signal.reason);
+              return;
+            }
             controller.enqueue(enc.encode(event));
             return;
           }
@@ -389,6 +394,86 @@ def expected_board(grid: str, text: str) -> tuple[list[str], str]:
     if filled == 81 and not bad:
         return cells, "solved"
     return cells, f"{filled}/81 cells filled" + (f", {conflicts} in conflict" if conflicts else "")
+
+
+# Clicks Stop from inside the page at the draft of canvas 0, step 3: the canvas is mid-denoise then.
+STOP_AT_STEP_3 = """
+new MutationObserver((_, observer) => {
+  const g = document.getElementById('grid');
+  if (g.dataset.canvas === '0' && g.dataset.step === '3') {
+    observer.disconnect();
+    document.getElementById('stop').click();
+  }
+}).observe(document.getElementById('grid'), {attributes: true});
+"""
+
+
+@browser_required
+def test_stopped_run_stays_a_draft_and_the_board_follows_the_prompt(live_server, browser):
+    """Stop in the middle of a canvas: the grid and the board keep the last draft (nothing was
+    committed); a new grid typed afterwards is drawn on the board, in either mode."""
+    open_page(browser, live_server.url, api_key=live_server.api_key)
+    grid = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+    browser.pace_streams()
+    browser.js(STOP_AT_STEP_3)
+    submit(browser, grid, 5, max_tokens=81, ignore_eos=True)
+    browser.wait("return window.__ui.done", 120, "the stopped run")
+    ui = browser.js("return window.__ui")
+    assert ui["error"] is None and ui["text"] == "" and ui["finishReason"] is None, ui
+    assert browser.js("return document.getElementById('error').textContent") == "stopped"
+    history = browser.js("return window.__canvasHistory")
+    assert [(h["canvas"], h["step"]) for h in history] == [(0, 1), (0, 2), (0, 3)]
+    cells = browser.js("return [...document.querySelectorAll('#grid .cell')].map(c => [c.dataset.id, c.className])")
+    assert [int(i) for i, _ in cells] == history[-1]["ids"]
+    assert not [cls for _, cls in cells if "committed" in cls], cells
+    board = browser.js("return [...document.querySelectorAll('#board .bcell')].map(c => c.className)")
+    generated = [cls for k, cls in enumerate(board) if grid[k] not in "123456789"]
+    # the draft's characters fill the first empty cells, by their age (the board reads 81 characters)
+    assert not [cls for cls in generated if "committed" in cls] and " age-" in generated[0], generated
+
+    def givens():
+        return browser.js("return [...document.querySelectorAll('#board .bcell')]"
+                          ".map(c => c.classList.contains('given') ? c.textContent : '.').join('')")
+
+    other = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
+    set_value(browser, "prompt", other)
+    assert givens() == other
+    browser.js("document.querySelector('input[name=mode][value=chat]').click()")
+    set_value(browser, "prompt", grid)
+    assert browser.js("return document.getElementById('board-wrap').hidden") is False
+    assert givens() == grid
+
+
+@browser_required
+def test_page_says_when_the_server_is_gone(server_launcher, server_tiny_checkpoint, browser):
+    """A Generate after the server has exited: the error says it could not be reached, and the badge
+    stops saying "ready"."""
+    server = server_launcher(["--model", str(server_tiny_checkpoint)])
+    open_page(browser, server.url)
+    server.stop()
+    submit(browser, "Hello", 1, max_tokens=8)
+    browser.wait("return window.__ui.done", 60, "the failed run")
+    error = browser.js("return window.__ui.error")
+    assert error.startswith("the server could not be reached ("), error
+    browser.wait("return document.getElementById('server-status').textContent === 'server unreachable'", 30,
+                 "the badge")
+
+
+@browser_required
+def test_page_says_why_token_texts_are_missing(live_server, server_tiny_checkpoint, server_launcher):
+    """Opened under a DNS name the server does not serve web pages from, the page says why the token
+    texts did not come (the server's own refusal) instead of leaving the cells blank."""
+    server = server_launcher(["--model", str(server_tiny_checkpoint)])
+    b = Browser(["--host-resolver-rules=MAP canvas.example 127.0.0.1"])
+    try:
+        b.driver.get(f"http://canvas.example:{server.port}/")
+        b.wait("return !document.getElementById('error').hidden", 60, "the error")
+        error = b.js("return document.getElementById('error').textContent")
+        assert error.startswith("The token texts could not be fetched: Requests from web pages at "
+                                f"http://canvas.example:{server.port} are refused"), error
+        assert b.js("return document.body.dataset.textsKnown") == "0"
+    finally:
+        b.close()
 
 
 # ---------------------------------------------------------------------------------------------- screenshots

@@ -263,7 +263,8 @@ Every error is `{{"error": {{"message", "type", "param", "code"}}}}`; `param` na
 
 `code` by status ({codes}). A 400 for a field's type or value (`n` 0, `temperature` 3, five stop
 strings) has `code: null` and `param` naming the field. A `limit_exceeded`
-names its setting (docs/configuration.md). A
+names its setting (docs/configuration.md), except `/ui/detokenize`'s fixed {MAX_DETOKENIZE_IDS} ids a request (the canvas
+page's own route, above). A
 `context_length_exceeded` (the prompt and `max_tokens` over the context length) names `max_tokens` (or
 `max_completion_tokens`) when the request set it; when it did not, it names the prompt (`prompt` or
 `messages`) and says which default `max_tokens` got (one canvas) and the most it may be.

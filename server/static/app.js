@@ -27,6 +27,7 @@
   let config = null;
   let run = null;
   let renderQueued = false;
+  let configTimer = null;  // the next /ui/config check, if one is scheduled
 
   window.__canvasHistory = [];
   window.__ui = { running: false, done: false, text: "", usage: null, finishReason: null, error: null };
@@ -43,7 +44,14 @@
     return key && !keyProblem(key) ? { Authorization: "Bearer " + key } : {};
   }
 
+  function checkConfigIn(ms) {
+    clearTimeout(configTimer);
+    configTimer = setTimeout(loadConfig, ms);
+  }
+
   async function loadConfig() {
+    clearTimeout(configTimer);
+    configTimer = null;
     const problem = keyProblem($("api-key").value.trim());
     if (problem) {
       setStatus(problem, "bad");
@@ -56,12 +64,12 @@
       if (!r.ok && typeof cfg.authorized !== "boolean") {  // the server is busy or failing: say so, retry
         const detail = cfg.error && cfg.error.message ? ": " + cfg.error.message : "";
         setStatus("server error " + r.status + detail, "bad");
-        setTimeout(loadConfig, 3000);
+        checkConfigIn(3000);
         return;
       }
     } catch (e) {
       setStatus("server unreachable", "bad");
-      setTimeout(loadConfig, 2000);
+      checkConfigIn(2000);
       return;
     }
     $("key-hint").textContent = cfg.auth_required ? (cfg.authorized ? "(accepted)" : "(required)") : "(not required)";
@@ -74,7 +82,7 @@
     $("model").textContent = cfg.model || "unknown model";
     if (cfg.status !== "ready") {
       setStatus(cfg.status, cfg.status === "loading" ? "muted" : "bad");
-      if (cfg.status === "loading") setTimeout(loadConfig, 1000);
+      if (cfg.status === "loading") checkConfigIn(1000);
       return;
     }
     setStatus("ready · canvas " + cfg.canvas_length, "ok");
@@ -106,12 +114,16 @@
       method: "POST",
       headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify({ ids: missing }),
-    }).then((r) => r.json()).then((body) => {
+    }).then(async (r) => {
+      const body = await r.json().catch(() => ({}));
+      if (!r.ok) throw new Error((body.error && body.error.message) || r.status + " " + r.statusText);
       missing.forEach((id, k) => {
         texts.set(id, body.texts[k]);
         if (body.special && body.special[k]) specials.add(id);
       });
-    }).catch(() => {}).finally(() => {
+    }).catch((e) => {
+      showError("The token texts could not be fetched: " + e.message);
+    }).finally(() => {
       missing.forEach((i) => pending.delete(i));
       document.body.dataset.textsKnown = String(texts.size);
       scheduleRender();
@@ -146,14 +158,16 @@
 
   function sudokuGrid(prompt) {
     const t = prompt.trim();
-    return mode() === "completion" && SUDOKU_RE.test(t) ? t : null;
+    return SUDOKU_RE.test(t) ? t : null;
   }
 
   function updatePromptInfo() {
     const grid = sudokuGrid($("prompt").value);
     $("prompt-info").textContent = grid ? "Sudoku grid detected: the board view follows the stream." : "";
     $("board-wrap").hidden = !grid;
-    if (grid && !run) renderBoard({ grid, committedText: "", canvasCommitted: true, ids: [], age: [] });
+    if (!grid || (run && run.running)) return;
+    // the last run's board while its grid is the prompt, else the new grid's givens
+    renderBoard(run && run.grid === grid ? run : { grid, committedText: "", canvasCommitted: true, ids: [], age: [] });
   }
 
   async function start(ev) {
@@ -198,6 +212,8 @@
         headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
         body: JSON.stringify(body),
         signal: run.controller.signal,
+      }).catch((e) => {  // no answer at all (refused, reset): a TypeError whose message names no cause
+        throw e.name === "AbortError" ? e : new Error("the server could not be reached (" + e.message + ")");
       });
       if (!resp.ok) {
         let msg = resp.status + " " + resp.statusText;
@@ -209,6 +225,7 @@
       if (e.name !== "AbortError") {
         showError(e.message);
         window.__ui.error = e.message;
+        loadConfig();  // the badge says whether the server is still there
       } else {
         showError("stopped");
       }
@@ -294,8 +311,7 @@
     if (!run) return;
     run.running = false;
     run.done = true;
-    run.tEnd = performance.now();
-    run.canvasCommitted = true;
+    run.tEnd = performance.now();  // a stopped or failed run's last canvas stays a draft
     $("run").disabled = false;
     $("run").dataset.state = "done";
     $("stop").disabled = true;
@@ -475,6 +491,7 @@
     $("stop").addEventListener("click", stop);
     $("reset").addEventListener("click", (e) => { e.preventDefault(); fillDefaults(); });
     $("prompt").addEventListener("input", updatePromptInfo);
+    window.addEventListener("focus", () => { if (!(run && run.running)) loadConfig(); });
     document.querySelectorAll("input[name=mode]").forEach((el) => el.addEventListener("change", updatePromptInfo));
     updatePromptInfo();
     loadConfig();
