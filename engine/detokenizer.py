@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import functools
 
-from .token_bytes import token_bytes
+from .token_bytes import is_byte_fallback, token_bytes
 
 # Special tokens decoded as text rather than skipped: Gemma 4's function-call markers, from which the
 # chat endpoint reads tool calls (server/tool_calls.py, docs/tools.md). Every other special token is skipped.
@@ -48,6 +48,18 @@ def decode_text(tokenizer, ids) -> str:
 # unfinished character's bytes are in its last three tokens with bytes; a byte-fallback tokenizer decodes
 # a whole run of byte tokens together, so a longer run still unfinished could change before this point.
 UNSETTLED_TOKENS = 64
+# How many token positions before that a settled text may end at, looking for one that does not cut a
+# byte-fallback run's text (``IncrementalDetokenizer._splits_cleanly``): a character has at most 4 bytes.
+SPLIT_CANDIDATES = 4
+
+
+def _utf8(data: bytes, final: bool) -> bool:
+    """Whether ``data`` is valid UTF-8 (``final=False``: or valid but for an unfinished last character)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 class IncrementalDetokenizer:
@@ -116,20 +128,42 @@ class IncrementalDetokenizer:
     def _settle(self, text: str) -> None:
         """``text`` ends in replacement characters: where the unread tokens hold bytes no character takes
         (a logit bias can make every commit end in one), read the text before the last
-        ``UNSETTLED_TOKENS`` tokens if the tokens after it left it unchanged, so that such output is
-        neither decoded again at every commit nor held back to the end."""
-        n = len(self.token_ids) - UNSETTLED_TOKENS
-        if n <= self._read:
+        ``UNSETTLED_TOKENS`` tokens (or one of the few tokens before, ``_splits_cleanly``) if the tokens
+        after it left it unchanged, so that such output is neither decoded again at every commit nor held
+        back to the end."""
+        start = len(self.token_ids) - UNSETTLED_TOKENS
+        if start <= self._read:
             return
-        try:  # bytes that merely end in an unfinished character may still become valid text: wait
-            codecs.getincrementaldecoder("utf-8")().decode(
-                b"".join(token_bytes(self.tokenizer, t) for t in self.token_ids[self._read:]), final=False)
+        unread = [token_bytes(self.tokenizer, t) for t in self.token_ids[self._read:]]
+        if _utf8(b"".join(unread), final=False):  # bytes that merely end in an unfinished character: wait
             return
-        except UnicodeDecodeError:  # bytes no character takes: the text before n is final
-            pass
+        for n in range(start, max(self._read, start - SPLIT_CANDIDATES), -1):
+            if self._splits_cleanly(n, unread):
+                break
+        else:
+            return
         settled = self._text_of(n)
         if len(settled) > len(self._read_text) and text.startswith(settled):
             self._prefix, self._read, self._read_text = self._read, n, settled
+
+    def _splits_cleanly(self, n: int, unread: list[bytes]) -> bool:
+        """Whether the text of the tokens from ``n`` on can be decoded apart from the tokens before it. Not
+        inside a run of byte-fallback tokens, which its tokenizer decodes together (one replacement
+        character per byte where the run is not valid UTF-8, so a stray byte changes the whole run's
+        text), unless the run is invalid on both sides of ``n`` whatever tokens come next: then every
+        byte is a replacement character however the run is cut. ``unread``: the bytes of the tokens
+        from ``_read`` on."""
+        ids, is_byte = self.token_ids, functools.partial(is_byte_fallback, self.tokenizer)
+        if not (is_byte(ids[n - 1]) and is_byte(ids[n])):
+            return True
+        first, last = n - 1, n  # the run around n, from _read on
+        while first > self._read and is_byte(ids[first - 1]):
+            first -= 1
+        while last + 1 < len(ids) and is_byte(ids[last + 1]):
+            last += 1
+        before = b"".join(unread[first - self._read:n - self._read])
+        after = b"".join(unread[n - self._read:last + 1 - self._read])
+        return not _utf8(before, final=True) and not _utf8(after, final=last + 1 < len(ids))
 
     def _tokens_covering(self, prefix: str, before: int) -> int:
         """Fewest tokens whose text starts with ``prefix`` (the text up to the end of the stop string):

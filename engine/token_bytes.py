@@ -28,6 +28,12 @@ def _byte_level(tokenizer) -> bool:
     return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
 
 
+def is_byte_fallback(tokenizer, token_id: int) -> bool:
+    """Whether ``token_id`` is a SentencePiece byte-fallback token (``<0xNN>``): its tokenizer decodes a
+    run of them together, so the text of such a token depends on the run around it."""
+    return _BYTE_FALLBACK.fullmatch(tokenizer.convert_ids_to_tokens(token_id) or "") is not None
+
+
 def token_bytes(tokenizer, token_id: int) -> bytes:
     """The bytes token ``token_id`` contributes to a decoded text."""
     text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)

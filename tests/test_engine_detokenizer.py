@@ -222,6 +222,44 @@ def test_output_that_keeps_ending_in_a_stray_byte_streams_and_stays_linear(tok):
     assert counting.decoded <= 16 * len(tokens)  # a decode of everything at every commit: about 4 times that
 
 
+def test_a_stray_byte_before_a_long_run_of_byte_characters_loses_no_text():
+    """Byte fallback: a stray byte makes the long run of byte tokens after it replacement characters,
+    one per byte, while text after the run is already sent; settling the text read so far must not cut
+    the run where the rest would decode as characters again (shorter than what was sent, so that later
+    text was skipped), and a stop string after it is still found where it first occurs."""
+    from engine.detokenizer import decode_text
+
+    tokenizer = _byte_fallback_tokenizer()
+    byte = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x82, 0xE2, 0xAC)]
+    stray, euro = byte[0], [byte[1], byte[0], byte[2]]
+    commits = [[stray] + euro * 30 + ids(tokenizer, "bbb") + [byte[1]], ids(tokenizer, "ss") + [byte[1]],
+               ids(tokenizer, "a" + " the Paris" * 10 + " a"), ids(tokenizer, " the last")]
+    tokens = sum(commits, [])
+    whole = decode_text(tokenizer, tokens)
+    assert whole.startswith("\ufffd" * 91 + "bbb\ufffdss\ufffda the Paris")
+    d = IncrementalDetokenizer(tokenizer)
+    assert "".join(d.add(c) for c in commits) + d.add([], final=True) == whole
+    stopped = IncrementalDetokenizer(tokenizer, ("Paris",))
+    assert "".join(stopped.add(c) for c in commits) == whole[:whole.index("Paris")]
+    assert stopped.num_tokens_at_stop == next(n for n in range(len(tokens)) if "Paris" in decode_text(tokenizer, tokens[:n]))
+
+
+def test_byte_fallback_output_of_stray_bytes_streams_and_stays_linear():
+    """Byte fallback, every token a lone continuation byte: one run of byte tokens, replacement
+    characters however it is cut, so its text is still settled commit by commit (streamed, each token
+    decoded a few times) rather than decoded whole at every commit and held back to the end."""
+    from engine.detokenizer import decode_text
+
+    tokenizer = _byte_fallback_tokenizer()
+    counting = _Counting(tokenizer)
+    tokens = [tokenizer.convert_tokens_to_ids("<0x80>")] * 4096
+    d = IncrementalDetokenizer(counting)
+    deltas = [d.add(tokens[at:at + 32]) for at in range(0, len(tokens), 32)] + [d.add([], final=True)]
+    assert "".join(deltas) == decode_text(tokenizer, tokens) == "\ufffd" * 4096
+    assert all(deltas[4:-1])
+    assert counting.decoded <= 16 * len(tokens)
+
+
 def test_a_long_run_of_byte_tokens_cut_inside_a_character_is_not_settled_early():
     """Byte fallback: sixty characters outside the vocabulary are a run of 180 byte tokens, which
     commits of 48 cut inside characters (the whole run then decodes as replacement characters until
