@@ -241,7 +241,8 @@ def test_a_stray_byte_before_a_long_run_of_byte_characters_loses_no_text():
     assert "".join(d.add(c) for c in commits) + d.add([], final=True) == whole
     stopped = IncrementalDetokenizer(tokenizer, ("Paris",))
     assert "".join(stopped.add(c) for c in commits) == whole[:whole.index("Paris")]
-    assert stopped.num_tokens_at_stop == next(n for n in range(len(tokens)) if "Paris" in decode_text(tokenizer, tokens[:n]))
+    first = next(n for n in range(len(tokens)) if "Paris" in decode_text(tokenizer, tokens[:n]))
+    assert stopped.num_tokens_at_stop == first
 
 
 def test_byte_fallback_output_of_stray_bytes_streams_and_stays_linear():

@@ -15,6 +15,8 @@ parameter sets accept one position or all of them whatever the entropies are. He
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -38,10 +40,13 @@ def make_default_core(path, **overrides) -> EngineCore:
 
 def check_against_generate(core, prompt, params: SamplingParams, seed: int, bitwise: bool = True) -> dict:
     """The engine's tokens and decoder passes for one request equal generate's, and so does every pass's
-    decoder output, bitwise (unless not ``bitwise``); returns the engine's result."""
+    decoder output, bitwise (unless not ``bitwise``); returns the engine's result. ``generate`` is given the
+    fields the request set and ``max_tokens``: the checkpoint's generation config decides the rest for it, as
+    the engine's reading of that config does for the engine."""
     resolved = core.resolve(prompt, params)
+    request = SamplingParams(**{**params.__dict__, "max_tokens": resolved.max_tokens})
     with DecoderOutputs(core, reference_model(core)) as outputs:
-        expected, passes = reference_run(reference_model(core), prompt, seed, resolved)
+        expected, passes = reference_run(reference_model(core), prompt, seed, request)
         got = run_to_completion(core, [("r", prompt, SamplingParams(**{**params.__dict__, "seed": seed}))])["r"]
     assert got["tokens"] == expected
     assert not bitwise or not outputs.differing_passes(), outputs.differing_passes()
@@ -158,6 +163,20 @@ def tiny32_core(tiny32_path):
     return make_default_core(tiny32_path)
 
 
+def test_eos_inside_a_canvas_in_float32(tiny32_core):
+    """A token generate writes mid-way through the second canvas made the eos: the engine stops where
+    generate does, with its tokens and passes, in the default dtype."""
+    prompt = tiny32_core.loaded.tokenizer("hello world").input_ids
+    free_run, _ = reference_run(reference_model(tiny32_core), prompt, 3,
+                                SamplingParams(max_tokens=48, eos_token_ids=(1,)))
+    assert len(free_run) == 48
+    position = next(i for i in range(20, 28) if free_run[i] not in free_run[:i])
+    params = SamplingParams(max_tokens=48, eos_token_ids=(free_run[position],))
+    got = check_against_generate(tiny32_core, prompt, params, 3)
+    assert len(got["tokens"]) == position + 1 and got["finish_reason"] == "stop"
+    assert got["outputs"][-1].num_canvases == 2
+
+
 @pytest.mark.parametrize("overrides, inline_entropy", [
     # DiffusionGemma's own path on CPU: its vocabulary takes a row per tile, in chunks of positions (16 = 4 x 4)
     (dict(sampling_tile_bytes=1), False),
@@ -187,6 +206,12 @@ def test_embedded_model_matches_generate_and_stops_early():
     from tools.sudoku.common import BUCKETS, EVAL_SEED, eval_set
 
     core = make_default_core(embedded_model_dir())
+    gen = json.loads((embedded_model_dir() / "generation_config.json").read_text())
+    d = core.defaults  # what the engine read, against the file
+    assert (d.max_tokens, d.max_denoising_steps, d.entropy_bound, d.t_min, d.t_max, d.stability_threshold,
+            d.confidence_threshold) == (gen["max_new_tokens"], gen["max_denoising_steps"],
+                                        gen["sampler_config"]["entropy_bound"], gen["t_min"], gen["t_max"],
+                                        gen["stability_threshold"], gen["confidence_threshold"])
     puzzles = eval_set(3, seed=EVAL_SEED, buckets=[BUCKETS[1]])[BUCKETS[1][0]]
     steps = []
     for seed, (puzzle, _solution) in enumerate(puzzles):

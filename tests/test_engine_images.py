@@ -86,7 +86,7 @@ def test_image_prompt_equals_generate_with_pixel_values(core):
     core.add_request("kv", ids, resolved, images=images)
     core.step()
     keys, values = engine_prefill_kv(core, "kv", len(ids))
-    expected_keys, expected_values = generate_prefill_kv(core.loaded.model, processed)
+    expected_keys, expected_values = generate_prefill_kv(reference_model(core), processed)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     core.drain()
     # what is being matched depends on the image's features and on the placeholders' bidirectional block
@@ -126,7 +126,7 @@ def test_two_images_prefilled_in_chunks_equal_generate(checkpoint):
     core.add_request("two", ids, resolved, images=images)
     core.step()
     keys, values = engine_prefill_kv(core, "two", len(ids))
-    expected_keys, expected_values = generate_prefill_kv(core.loaded.model, processed)
+    expected_keys, expected_values = generate_prefill_kv(reference_model(core), processed)
     assert torch.allclose(keys, expected_keys, rtol=0, atol=1e-5)
     assert torch.allclose(values, expected_values, rtol=0, atol=1e-5)
     core.drain()

@@ -1,5 +1,8 @@
 """--quantization: the MoE experts load as torchao 8-bit tensors, the byte arithmetic the presets use
-matches the loaded model, and the engine still gives exactly what generate gives on that model."""
+matches the loaded model, and the engine still gives exactly what generate gives on that model. That
+generate runs the engine's loaded model, whose experts are the engine's dequantizing product
+(engine/quantization.py): it checks the schedule, sampling and batching around that product, and the
+product itself is checked against the eager experts within the dtype's tolerance below."""
 
 from __future__ import annotations
 

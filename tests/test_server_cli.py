@@ -165,25 +165,26 @@ def test_unloadable_model_exits_nonzero(tmp_path):
     assert "DIFFUSION_SERVER_BOGUS is not a setting: ignored" in out.stderr
 
 
-# The server, with a model load that does not end by itself (a stand-in for a long hub download).
-NEVER_LOADING_SERVER = r"""
-import sys, time
-import server.app
+@pytest.fixture(scope="module")
+def never_loading_checkpoint(tmp_path_factory):
+    """A checkpoint whose load never ends, as on storage that never answers: its weights file is a FIFO
+    no one writes, which the compressed-tensors loader opens itself (the open waits in the kernel)."""
+    from tools.quantized_checkpoint import write_quantized_checkpoint
+    from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
-def never(settings, sink):
-    while True:
-        time.sleep(0.1)
-
-server.app.default_engine_factory = never
-from server.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+    work = tmp_path_factory.mktemp("never-loading")
+    folder = write_quantized_checkpoint(build_tiny_checkpoint(work / "plain", TinySpec(hidden_size=64)),
+                                        work / "fp8", "fp8")
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    return folder
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 @pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT", "SIGINT"]])
-def test_a_stop_during_the_model_load_exits_at_once(tmp_path, signals):
-    """SIGTERM (docker stop) or Ctrl-C while the model loads ends the process with status 0 without
-    waiting for the load, which can take many minutes."""
+def test_a_stop_during_the_model_load_exits_at_once(tmp_path, never_loading_checkpoint, signals):
+    """While the model loads, /health and the API answer 503 with Retry-After; SIGTERM (docker stop) or
+    Ctrl-C ends the process with status 0 without waiting for the load, which can take many minutes."""
     import signal
 
     from tests.conftest import wait_for_port
@@ -191,11 +192,20 @@ def test_a_stop_during_the_model_load_exits_at_once(tmp_path, signals):
     log = tmp_path / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", NEVER_LOADING_SERVER, "--host", "127.0.0.1", "--port", "0"],
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(never_loading_checkpoint),
+                                 "--host", "127.0.0.1", "--port", "0"],
                                 cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         port = wait_for_port(proc, log, 120)
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "loading"}
+        url = f"http://127.0.0.1:{port}"
+        health = httpx.get(url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json() == {"status": "loading"}
+        for path, body in (("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            r = httpx.post(url + path, json=body, timeout=10)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+            assert r.json() == {"error": {"message": "The model is still loading. Retry shortly.",
+                                          "type": "server_error", "param": None, "code": "server_loading"}}
         for name in signals:
             proc.send_signal(getattr(signal, name))
         assert proc.wait(60) == 0, log.read_text()

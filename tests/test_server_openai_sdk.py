@@ -173,6 +173,19 @@ def test_chat_max_tokens_alias_and_n(client):
     assert a.choices[0].message.content != a.choices[1].message.content  # seeds 3 and 4
 
 
+def test_requests_without_a_seed_are_random(client):
+    """No seed: each choice, and each request, draws its own numbers (32 tokens of the random model: equal
+    texts by chance are out of reach), where a seed repeats them."""
+    common = dict(model=SERVER_MODEL_NAME, prompt="abc", max_tokens=32, extra_body={"ignore_eos": True})
+    four = client.completions.create(**common, n=4)
+    texts = [c.text for c in four.choices]
+    assert len(set(texts)) == 4, texts
+    again = client.completions.create(**common)
+    assert again.choices[0].text not in texts
+    seeded = [client.completions.create(**common, seed=9).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
 def test_diffusion_extension_fields_change_the_run(client):
     common = dict(model=SERVER_MODEL_NAME, prompt="abc", max_tokens=16, seed=21)
     few = client.completions.create(**common, extra_body={"max_denoising_steps": 2, "ignore_eos": True})

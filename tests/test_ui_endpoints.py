@@ -75,8 +75,8 @@ def test_config_wants_the_key_when_the_server_has_keys(live_server):
     assert cfg["model"] == live_server.model_name
     assert cfg["canvas_length"] == 16 and cfg["max_model_len"] == 4096 and cfg["vocab_size"] == 261
     assert cfg["defaults"] == {
-        "max_tokens": 16, "max_denoising_steps": 8, "entropy_bound": 0.1, "t_min": 0.4, "t_max": 0.8,
-        "stability_threshold": 1, "confidence_threshold": 0.005,
+        "max_tokens": 16, "max_denoising_steps": 8, "entropy_bound": 0.2, "t_min": 0.3, "t_max": 0.9,
+        "stability_threshold": 2, "confidence_threshold": 0.004,
     }
 
 

@@ -235,13 +235,14 @@ def build_tiny_checkpoint(path: str | Path, spec: TinySpec = TinySpec(), generat
                                 for name in ("boi_token", "image_token", "eoi_token"))
     torch.manual_seed(spec.seed)
     model = DiffusionGemmaForBlockDiffusion(tiny_config(spec, vocab_size, image_token_ids)).to(spec.dtype)
+    # each unlike transformers' own default, so that a checkpoint's values misread would show
     gen = dict(
         max_denoising_steps=8,
-        entropy_bound=0.1,
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
+        entropy_bound=0.2,
+        t_min=0.3,
+        t_max=0.9,
+        stability_threshold=2,
+        confidence_threshold=0.004,
         max_new_tokens=spec.canvas_length,
     )
     gen.update(generation or {})
