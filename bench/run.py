@@ -261,7 +261,7 @@ def serve_levels(args, levels, model, model_name, out, workload, warm, workloads
     name, extra = variant or (None, [])
     proc = None
     base_url = args.url
-    suffix = f"-{name}" if name else ""
+    suffix = "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name) if name else ""  # a file name any tool copies back
     if base_url is None:
         port = free_port()
         server_args = args.server_arg + extra

@@ -136,8 +136,9 @@ class EngineSettings:
         "size, captured on first use and again after the KV buffers are reallocated); small batches are "
         "launch-bound otherwise. 0 keeps every pass eager. Needs bfloat16 weights, unquantized experts and a GPU "
         "of compute capability 9.x/10.x (H100, H200, B200); elsewhere a value given is ignored with a warning. "
-        "Must not exceed --max-num-seqs. The graphs keep one eager decoder pass's activations at that batch "
-        "size allocated beside the KV budget.",
+        "Must not exceed --max-num-seqs. The graphs keep the activations of one captured pass at that batch "
+        "size allocated beside the KV budget: attention over every layer's whole KV buffer, so more than an "
+        "eager pass over the KV in use; --memory-fraction's headroom holds them.",
         default_text="4 (at most --max-num-seqs) where capture works, eager elsewhere")
     # The engine leaves torch's default for None; the server makes it 1 on CPU (ServerSettings.engine_settings).
     num_threads: int | None = setting(

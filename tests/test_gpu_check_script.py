@@ -17,12 +17,17 @@ def _steps() -> set[str]:
     return set(re.findall(r"^ {4}([a-z0-9-]+)\)", SCRIPT.read_text(), flags=re.M))
 
 
+def _listed(name: str) -> list[str]:
+    """The words of the script's array ``name=( ... )``."""
+    return re.search(rf"^{name}=\(([a-z0-9 \n-]+)\)", SCRIPT.read_text(), flags=re.M).group(1).split()
+
+
 def test_script_parses_and_the_documented_steps_exist():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     steps = _steps()
     assert {"tests", "model", "bench", "samplers-full", "fp8-full", "batch-invariant"} <= steps
-    defaults = re.search(r"steps=\(([a-z0-9 -]+)\)", SCRIPT.read_text()).group(1).split()
-    assert set(defaults) <= steps
+    assert sorted(_listed("ALL_STEPS")) == sorted(steps)  # the names checked up front are the case's
+    assert set(_listed("DEFAULT_STEPS")) < steps
     docs = (REPO / "docs/gpu.md").read_text()
     listed = set(re.findall(r"^\d+\. `([a-z0-9-]+)`", docs, flags=re.M))  # the numbered list of steps
     listed |= set(re.findall(r"`(samplers?(?:-[a-z]+)*)`", docs))  # the sampler steps' paragraph
@@ -31,22 +36,36 @@ def test_script_parses_and_the_documented_steps_exist():
     assert len(listed) >= 12 and listed <= steps, listed - steps
 
 
-def test_an_unknown_step_is_refused(tmp_path):
-    r = subprocess.run(["bash", str(SCRIPT), "no-such-step"], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
-    assert r.returncode == 2 and "unknown step: no-such-step" in r.stdout
+def test_an_unknown_step_is_refused_before_any_step_runs(tmp_path):
+    r = subprocess.run(["bash", str(SCRIPT), "model", "no-such-step"], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "RESULTS": str(tmp_path)}, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("unknown step: no-such-step (steps: tests model bench")
+    assert "==" not in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_help_lists_the_steps_and_installs_nothing(tmp_path):
+    r = subprocess.run(["bash", str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHON": str(tmp_path / "no-python"), "RESULTS": str(tmp_path / "r")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split()[1:] == _listed("ALL_STEPS")
+    assert not (tmp_path / "r").exists()
 
 
 def test_the_model_step_rehearses_on_cpu(tmp_path):
-    """SHAPE=the tiny config: the model step writes a loadable DiffusionGemma-shaped checkpoint, and the
-    step's header reaches the script's stderr."""
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "MODEL_DIR": str(tmp_path / "m"),
-           "SHAPE": "configs/models/diffusiongemma-tiny-shape.json", "LAYERS": "2"}
+    """SHAPE=the tiny config: the model step writes a loadable DiffusionGemma-shaped checkpoint, the
+    step's header reaches the script's stderr, and the results are packed into the device tool's $OUT."""
+    env = {**os.environ, "PYTHON": sys.executable, "RESULTS": str(tmp_path / "out"), "MODEL_DIR": str(tmp_path / "m"),
+           "SHAPE": "configs/models/diffusiongemma-tiny-shape.json", "LAYERS": "2", "OUT": str(tmp_path / "back")}
     r = subprocess.run(["bash", str(SCRIPT), "model"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^== \d\d:\d\d:\d\d \(\d+ s\): .*make_random_model", r.stderr, flags=re.M)
     assert "!!" not in r.stderr
     assert (tmp_path / "out/model.txt").read_text().startswith(f"wrote {tmp_path / 'm'}")
+    import tarfile
+
+    with tarfile.open(tmp_path / "back/gpu-results.tgz") as packed:
+        assert packed.extractfile("./model.txt").read() == (tmp_path / "out/model.txt").read_bytes()
+    assert [p.name for p in (tmp_path / "back").iterdir()] == ["gpu-results.tgz"]
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tmp_path / "m")

@@ -1,5 +1,5 @@
 """The fast sampler on CUDA: the Triton kernel against its PyTorch specification on the GPU, its rows
-independent of their batch, and the whole sampler in bf16 (run by bench/gpu_check.sh's tests step)."""
+independent of their batch, and the whole sampler in bf16 (run by bench/gpu_check.sh's sampler-tests step)."""
 
 from __future__ import annotations
 
