@@ -77,7 +77,9 @@ def test_deployment_gpu_probes_and_scraping():
     labels = pod["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
+    assert "replicas" not in dep["spec"]  # the autoscaler's: an apply must not reset it
     svc = res["Service"]
+    assert "prometheus.io/scrape" not in svc["metadata"].get("annotations", {})  # the pods are scraped once
     assert svc["spec"]["selector"].items() <= labels.items()
     assert svc["spec"]["ports"][0]["targetPort"] in ("http", 8000)
 

@@ -396,11 +396,12 @@ def expected_board(grid: str, text: str) -> tuple[list[str], str]:
     return cells, f"{filled}/81 cells filled" + (f", {conflicts} in conflict" if conflicts else "")
 
 
-# Clicks Stop from inside the page at the draft of canvas 0, step 3: the canvas is mid-denoise then.
+# Clicks Stop from inside the page at the first draft of canvas 0 from step 3 on (the server may merge
+# a draft its event loop has not yet sent into the next): the canvas is still a draft then.
 STOP_AT_STEP_3 = """
 new MutationObserver((_, observer) => {
   const g = document.getElementById('grid');
-  if (g.dataset.canvas === '0' && g.dataset.step === '3') {
+  if (g.dataset.canvas === '0' && +g.dataset.step >= 3) {
     observer.disconnect();
     document.getElementById('stop').click();
   }
@@ -422,7 +423,9 @@ def test_stopped_run_stays_a_draft_and_the_board_follows_the_prompt(live_server,
     assert ui["error"] is None and ui["text"] == "" and ui["finishReason"] is None, ui
     assert browser.js("return document.getElementById('error').textContent") == "stopped"
     history = browser.js("return window.__canvasHistory")
-    assert [(h["canvas"], h["step"]) for h in history] == [(0, 1), (0, 2), (0, 3)]
+    steps = [h["step"] for h in history]
+    assert {h["canvas"] for h in history} == {0} and steps == sorted(set(steps)), history
+    assert steps[-1] >= 3 and [s for s in steps if s >= 3] == steps[-1:], steps  # stopped at the first from 3
     cells = browser.js("return [...document.querySelectorAll('#grid .cell')].map(c => [c.dataset.id, c.className])")
     assert [int(i) for i, _ in cells] == history[-1]["ids"]
     assert not [cls for _, cls in cells if "committed" in cls], cells
