@@ -203,7 +203,9 @@ def number_run_over(structure: bytes, limit: int) -> tuple[int, bool] | None:
     Numbers leave only their commas: ``k`` commas in a row hold ``k - 1`` to ``k + 1`` of them, one
     more for each end that is the array's bracket rather than another element (``s``, ``[``, ``{``,
     or the end of a nested ``]``/``}``)."""
-    for found in re.finditer(rb",{%d,}" % limit, structure):
+    for found in re.finditer(rb",+", structure):  # each run once: ",{limit,}" retries inside every shorter run
+        if found.end() - found.start() < limit:
+            continue
         before = structure[found.start() - 1:found.start()]
         after = structure[found.end():found.end() + 1]
         opens, closes = before == b"[", after == b"]"
