@@ -27,6 +27,7 @@ from .preprocess import PreprocessGate
 
 # The request state's key for the body's ``MarkCounts``, taken as it arrived (limits.BodyLimitMiddleware).
 BODY_MARKS = "body_marks"
+BODY_BYTES = "body_bytes"  # the request state's key of the parsed body's size (``read_json``)
 # Bodies larger than this are scanned, parsed and checked in a worker thread (the event loop stays free).
 PARSE_IN_THREAD_BYTES = 64 * 1024
 # The exact scan works through the body in slices of this size, so that no single call holds the GIL long.
@@ -252,6 +253,7 @@ async def read_json(request: Request, limits: BodyLimits, gate: PreprocessGate, 
     # read without Starlette's cache (request.body() keeps the bytes on the request, which lives until
     # the response ends): a queued or streaming request holds its parsed fields, not its raw body
     raw = b"".join([chunk async for chunk in request.stream()])
+    request.scope.setdefault("state", {})[BODY_BYTES] = len(raw)
 
     def work():
         scan(raw, limits, counts)
@@ -261,6 +263,12 @@ async def read_json(request: Request, limits: BodyLimits, gate: PreprocessGate, 
     if len(raw) <= PARSE_IN_THREAD_BYTES:
         return work()
     return await gate.run(work)
+
+
+def large_body(request: Request) -> bool:
+    """Whether the request's parsed body was large enough to be parsed off the event loop: work in
+    proportion to it (the endpoint's checks) goes there too."""
+    return (request.scope.get("state") or {}).get(BODY_BYTES, 0) > PARSE_IN_THREAD_BYTES
 
 
 async def parse_body(request: Request, model: type[BaseModel], limits: BodyLimits, gate: PreprocessGate):

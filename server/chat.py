@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from fastapi import Request
+from pydantic import TypeAdapter
 
 from engine.outputs import RequestOutput
 
@@ -17,14 +18,14 @@ from . import errors
 from .choices import ChoiceResult, ChoiceSpec
 from .logprobs import TextPosition, chat_logprobs
 from .images import ImageReader
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletionRequest, Tool
 from .completions import TOKENIZE_IN_THREAD_CHARS
 from .request_limits import PromptLimit, limit_error
 from .serving import EndpointNames, Prompts, plain_stream_choices, serve, unsupported
 from .tool_calls import ToolCall, ToolCallStream, parse
 
-# Conversations with more messages than this, or more characters than TOKENIZE_IN_THREAD_CHARS, are
-# rendered and tokenized off the event loop.
+# Conversations with more messages than this, more characters than TOKENIZE_IN_THREAD_CHARS, or tool
+# declarations are rendered and tokenized off the event loop.
 RENDER_IN_THREAD_MESSAGES = 32
 
 
@@ -67,26 +68,22 @@ class Chat:
 
     async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate,
                       images: ImageReader) -> ChatPrompts:
-        if template_tools(req) and not template_reads_tools(tokenizer):
+        if declares_tools(req) and not template_reads_tools(tokenizer):
             raise errors.bad_request("This model's chat template does not render tools (it never reads the 'tools' "
                                      "variable), so the model would not see them.", "tools", "unsupported_parameter")
-        # what the template may write into the prompt: a large request whose strings cannot fit is refused
-        # before it is rendered; below that size the rendered prompt's own count decides, since a template
-        # may leave text out (the embedded model's keeps the last user message, without whitespace)
-        content = template_text(req)
-        if len(content) > TOKENIZE_IN_THREAD_CHARS:
-            limit.check_text(content, "messages", "the prompt")
-        messages = messages_as_dicts(req)
         urls = image_urls(req)
         if urls:
-            return await image_prompts(req, tokenizer, limit, gate, images, messages, urls)
-        # rendering and tokenizing take a while on large bodies: those go off the event loop
-        if len(messages) > RENDER_IN_THREAD_MESSAGES or len(content) > TOKENIZE_IN_THREAD_CHARS:
-            ids, text = await gate.run(lambda: apply_template(tokenizer, req, messages))
-        else:
-            ids, text = apply_template(tokenizer, req, messages)
+            return await image_prompts(req, tokenizer, limit, gate, images, urls)
+
+        def prepare():  # the rendered prompt's characters bound its tokens (a template may leave text out)
+            return apply_template(tokenizer, req, limit=limit)
+
+        # on large conversations (or any declarations, whose size is not known here) off the event loop
+        large = len(req.messages) > RENDER_IN_THREAD_MESSAGES or declares_tools(req) \
+            or message_chars(req) > TOKENIZE_IN_THREAD_CHARS
+        ids, text = await gate.run(prepare) if large else prepare()
         limit.check_tokens(len(ids), "messages", "the prompt")
-        return ChatPrompts([ids], text, parse_tool_calls=bool(template_tools(req)))
+        return ChatPrompts([ids], lambda: text, parse_tool_calls=declares_tools(req))
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
         # with tools the answer may be calls alone, whose content is null (as in response_choice)
@@ -238,11 +235,14 @@ def _template_call(call, i: int, j: int) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
+def declares_tools(req: ChatCompletionRequest) -> bool:
+    """Whether the template gets declarations (none with ``tool_choice: "none"``)."""
+    return bool(req.tools) and req.tool_choice != "none"
+
+
 def template_tools(req: ChatCompletionRequest) -> list[dict] | None:
-    """The declarations the template renders: none with ``tool_choice: "none"``."""
-    if not req.tools or req.tool_choice == "none":
-        return None
-    return [t.model_dump(exclude_none=True) for t in req.tools]
+    """The declarations the template renders (``declares_tools``)."""
+    return [t.model_dump(exclude_none=True) for t in req.tools] if declares_tools(req) else None
 
 
 def template_reads_tools(tokenizer) -> bool:
@@ -252,22 +252,20 @@ def template_reads_tools(tokenizer) -> bool:
     return any(isinstance(t, str) and re.search(r"\btools\b", t) for t in sources)
 
 
-def template_text(req: ChatCompletionRequest) -> str:
-    """Every string of the request that the chat template may write into the prompt, joined: the messages'
-    text, names and call ids, the history's calls (a call's name twice: the tool message that answers it
-    takes it too, ``messages_as_dicts``) and the declarations as compact JSON. Its length bounds the
-    prompt's before anything is rendered."""
-    tools = template_tools(req)
-    parts = [json.dumps(tools, separators=(",", ":"))] if tools else []
+def message_chars(req: ChatCompletionRequest) -> int:
+    """The characters of the messages' texts and the history's call arguments (what makes a conversation
+    large; names and ids are bounded by the schema)."""
+    chars = 0
     for m in req.messages:
         if isinstance(m.content, str):
-            parts.append(m.content)
+            chars += len(m.content)
         elif m.content:
-            parts += [text for p in m.content if (text := part_text(p, m.role)) is not None]
-        parts += [m.name or "", m.tool_call_id or ""]
-        for call in m.tool_calls or ():
-            parts += [call.id or "", call.function.name, call.function.name, call.function.arguments]
-    return "".join(parts)
+            chars += sum(len(text) for p in m.content if (text := part_text(p, m.role)) is not None)
+        chars += sum(len(call.function.arguments) for call in m.tool_calls or ())
+    return chars
+
+
+_TOOLS_JSON = TypeAdapter(list[Tool])
 
 
 def check_tools(req: ChatCompletionRequest, settings) -> None:
@@ -277,7 +275,7 @@ def check_tools(req: ChatCompletionRequest, settings) -> None:
     if len(req.tools) > settings.max_tools:
         raise limit_error(f"Too many tools: {len(req.tools)}, the limit is {settings.max_tools} (setting max_tools).",
                           "tools")
-    chars = len(json.dumps([t.model_dump(exclude_none=True) for t in req.tools], separators=(",", ":")))
+    chars = len(_TOOLS_JSON.dump_json(req.tools, exclude_none=True).decode())  # compact, characters unescaped
     if chars > settings.max_tools_chars:
         raise limit_error(f"The tools are {chars} characters long as JSON, the limit is {settings.max_tools_chars} "
                           "(setting max_tools_chars).", "tools")
@@ -291,7 +289,7 @@ def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
 
 
 async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate, images: ImageReader,
-                        messages: list[dict], urls: list[tuple[str, str]]) -> Prompts:
+                        urls: list[tuple[str, str]]) -> Prompts:
     """A conversation with images: their number checked first, then the http(s) ones fetched (in a fetch
     turn, ``ImageFetches``), then (in a preprocessing turn, off the event loop) each decoded within the
     limits, the template rendered, and the text and images through the processor."""
@@ -309,7 +307,8 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
 
             pictures = [images.picture(fetched[i] if i in fetched else images.data_url_bytes(url, param), param)
                         for i, (url, param) in enumerate(urls)]
-            _, text = apply_template(tokenizer, req, messages)
+            text = render_template(tokenizer, req, messages_as_dicts(req))
+            limit.check_text(text, "messages", "the prompt")
             try:
                 ids, inputs = process_images(images.processor, text, pictures)
             except ValueError as exc:  # e.g. the text holds more image tokens than there are images
@@ -318,7 +317,7 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
 
         ids, text, inputs = await gate.run(work)
     limit.check_tokens(len(ids), "messages", "the prompt")
-    return ChatPrompts([ids], text, images=[inputs], parse_tool_calls=bool(template_tools(req)))
+    return ChatPrompts([ids], lambda: text, images=[inputs], parse_tool_calls=declares_tools(req))
 
 
 # Keys of apply_chat_template that would let a client swap the template (arbitrary Jinja: a CPU and
@@ -348,8 +347,16 @@ def template_kwargs(raw: dict | None, max_chars: int | None = None) -> dict:
     return kwargs
 
 
-def apply_template(tokenizer, req: ChatCompletionRequest, messages: list[dict] | None = None) -> tuple[list[int], str]:
-    messages = messages_as_dicts(req) if messages is None else messages
+def apply_template(tokenizer, req: ChatCompletionRequest, limit: PromptLimit | None = None) -> tuple[list[int], str]:
+    """The prompt's ids and text: the messages rendered, the text refused by ``limit`` if its characters
+    prove it too long, then tokenized."""
+    text = render_template(tokenizer, req, messages_as_dicts(req))
+    if limit is not None:
+        limit.check_text(text, "messages", "the prompt")
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
+
+
+def render_template(tokenizer, req: ChatCompletionRequest, messages: list[dict]) -> str:
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise errors.bad_request("continue_final_message needs the last message to be from the assistant.", "messages")
     kwargs = template_kwargs(req.chat_template_kwargs)
@@ -364,5 +371,4 @@ def apply_template(tokenizer, req: ChatCompletionRequest, messages: list[dict] |
         )
     except Exception as exc:  # jinja2 errors, a template that raises on a role, missing template
         raise errors.bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids, text
+    return text

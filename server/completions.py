@@ -9,6 +9,7 @@ from .choices import ChoiceResult, ChoiceSpec
 from .logprobs import TextPosition, completion_logprobs
 from .protocol import CompletionRequest
 from .request_limits import PromptLimit, where
+from .request_log import LOG_TEXT_LIMIT
 from .serving import EndpointNames, Prompts, plain_stream_choices, serve, unsupported
 
 # Prompts longer than this (in characters, all together) are tokenized off the event loop.
@@ -52,6 +53,15 @@ class Completions:
             raise errors.bad_request("prompt must not be empty.", "prompt")
         if isinstance(prompt[0], int):
             prompt = [prompt]
+        suffix_ids = ()
+        if req.suffix:  # infill, before any prompt is tokenized: it must fit in one canvas (the engine checks it)
+            limit.check_suffix_text(req.suffix)
+
+            def encode_suffix():
+                return tuple(tokenizer(req.suffix, add_special_tokens=False)["input_ids"])
+
+            long = len(req.suffix) > TOKENIZE_IN_THREAD_CHARS  # only without a character bound (an odd tokenizer)
+            suffix_ids = await gate.run(encode_suffix) if long else encode_suffix()
         count = len(prompt)
         if isinstance(prompt[0], str):
             texts = list(prompt)
@@ -75,13 +85,11 @@ class Completions:
                                              f"prompt[{i}]" if len(ids) > 1 else "prompt")
                 limit.check_tokens(len(p), "prompt", where(i, count))
             texts = [None] * len(ids)
-        suffix_ids = ()
-        if req.suffix:  # infill: bounded like a prompt, then the engine checks that it fits the canvas
-            limit.check_text(req.suffix, "suffix", "the suffix")
-            suffix_ids = tuple(tokenizer(req.suffix, add_special_tokens=False)["input_ids"])
-            limit.check_tokens(len(suffix_ids), "suffix", "the suffix")
         prefixes = list(texts) if req.echo else None  # token prompts' text once the engine checked their ids
-        log_text = " | ".join(t if t is not None else str(p) for t, p in zip(texts, ids))
+
+        def log_text() -> str:
+            return " | ".join(t if t is not None else str(p[:LOG_TEXT_LIMIT]) for t, p in zip(texts, ids))
+
         return Prompts(ids, log_text, prefixes, suffix_ids)
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:

@@ -70,14 +70,16 @@ class PromptLimit:
     max_model_len: int
     from_setting: bool  # max_prompt_tokens is the bound (else the context length)
     bound: TokenBound | None = None
+    canvas_length: int | None = None  # an infill's suffix must leave a free position in one canvas
 
     @classmethod
-    def of(cls, settings, max_model_len: int, bound: TokenBound | None) -> "PromptLimit":
+    def of(cls, settings, max_model_len: int, bound: TokenBound | None,
+           canvas_length: int | None = None) -> "PromptLimit":
         context = max_model_len - 1
         setting = settings.max_prompt_tokens
         if setting is not None and setting <= context:
-            return cls(setting, max_model_len, True, bound)
-        return cls(context, max_model_len, False, bound)
+            return cls(setting, max_model_len, True, bound, canvas_length)
+        return cls(context, max_model_len, False, bound, canvas_length)
 
     def why(self) -> str:
         """What sets the limit, ending a refusal's sentence."""
@@ -101,6 +103,18 @@ class PromptLimit:
             at_least, why = found
             raise self._error(f"{where} has at least {at_least} tokens ({len(text)} characters: {why}); {self.why()}.",
                               param)
+
+    def check_suffix_text(self, text: str) -> None:
+        """Before tokenizing: refuse an infill suffix whose characters alone prove it cannot fit in a canvas
+        beside one free position (the engine checks its tokens, ``engine.request_rules``)."""
+        most = None if self.canvas_length is None else self.canvas_length - 1
+        found = None if self.bound is None or most is None else self.bound.at_least(text, most)
+        if found is not None:
+            at_least, why = found
+            raise errors.bad_request(
+                f"the suffix has at least {at_least} tokens ({len(text)} characters: {why}): an infill is written in "
+                f"one canvas of {self.canvas_length} tokens and needs at least one free position before its suffix.",
+                "suffix")
 
     def check_tokens(self, count: int, param: str, where: str) -> None:
         """A tokenized (or token-id) prompt's length."""

@@ -23,7 +23,7 @@ from engine.outputs import Draft, RequestOutput
 from engine.sampling_params import SamplingParams
 
 from . import errors, sse
-from .bodies import parse_body
+from .bodies import large_body, parse_body
 from .preprocess import PreprocessGate
 from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, collect, usage
 from .engine_client import EngineClient
@@ -36,23 +36,33 @@ from .request_log import CLIENT_GONE, RequestLog
 
 logger = logging.getLogger("server")
 
+# Echoed token prompts with more ids than this (all together) are decoded off the event loop.
+DECODE_IN_THREAD_TOKENS = 20000
+
 
 @dataclass
 class Prompts:
     """A request's prompts, tokenized."""
 
     ids: list[list[int]]
-    log_text: str  # what ``--log-prompts`` writes
+    log_text: Callable[[], str]  # what ``--log-prompts`` writes (built only then)
     # text each choice of prompt i starts with (completions' echo); None for a token prompt until
     # ``decode_prefixes``, which waits for the engine to check its ids (the tokenizer fails on some)
     prefixes: list[str | None] | None = None
     suffix_ids: tuple[int, ...] = ()  # completions' infill suffix, pinned in the canvas
     images: list | None = None  # prompt i's images (engine.multimodal.ImageInputs, or None), when any has some
 
-    def decode_prefixes(self, tokenizer) -> None:
-        """Fill in the echo prefixes of token prompts (call once their ids are checked)."""
-        if self.prefixes is not None:
-            self.prefixes = [t if t is not None else tokenizer.decode(p) for t, p in zip(self.prefixes, self.ids)]
+    async def decode_prefixes(self, tokenizer, gate) -> None:
+        """Fill in the echo prefixes of token prompts (call once their ids are checked), off the event loop
+        when they are long."""
+        if self.prefixes is None:
+            return
+
+        def decode():
+            return [t if t is not None else tokenizer.decode(p) for t, p in zip(self.prefixes, self.ids)]
+
+        tokens = sum(len(p) for t, p in zip(self.prefixes, self.ids) if t is None)
+        self.prefixes = await gate.run(decode) if tokens > DECODE_IN_THREAD_TOKENS else decode()
 
 
 @dataclass(frozen=True)
@@ -150,20 +160,23 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     req: CommonFields = await parse_body(request, names.request_model, limits, state.preprocess_gate)
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
-    api.check(req, settings)
+    if large_body(request):  # an endpoint's checks read the whole request (a chat's tools as JSON)
+        await state.preprocess_gate.run(lambda: api.check(req, settings))
+    else:
+        api.check(req, settings)
     max_tokens, max_tokens_param = api.max_tokens(req)
     check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
     images = ImageReader.of(settings, engine.processor, model_name, state.image_fetches)
     prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate, images)
     if settings.log_prompts:
-        log.prompt_text = prompts.log_text
+        log.prompt_text = prompts.log_text()
     options = dict(logprobs=api.logprobs(req), infill_suffix=prompts.suffix_ids,
                    logit_bias=tuple((req.logit_bias or {}).items()))
     specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, names.prompt_param, engine_prefix,
                           options, prompts.images)
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
-    prompts.decode_prefixes(engine.tokenizer)
+    await prompts.decode_prefixes(engine.tokenizer, state.preprocess_gate)
 
     if state.aborting:  # prepared after the drain aborted the requests in flight
         raise errors.request_aborted()
@@ -264,6 +277,8 @@ def _choice_specs(engine: EngineClient, prompts: list[list[int]], req: CommonFie
                 if err.param == "max_tokens":  # the field this request used
                     err.param = max_tokens_param
                     err.message = err.message.replace("max_tokens", max_tokens_param)
+                elif err.param == "prompt":  # the endpoint's prompt field (a chat's messages)
+                    err.param = prompt_param
                 raise err from None
             specs.append(ChoiceSpec(index, p, list(prompt_ids), resolved, f"{engine_prefix}-{index}", image_inputs))
     return specs

@@ -81,9 +81,10 @@ class ServerSettings:
         default_text="the open-file limit (raised to its hard limit, at most 65536, at start-up) less a reserve "
         "of max(64, an eighth of it) for the model's files, logs and the engine")
     preprocess_concurrency: int = setting(
-        2, "Requests whose large body is parsed, or whose prompts are tokenized or rendered through the chat "
-        "template, at the same time, each in a worker thread; the others wait their turn. Small bodies and short "
-        "prompts are handled at once.")
+        2, "Requests whose large body is parsed and checked, whose prompts are tokenized or rendered through the "
+        "chat template, whose images are decoded, or whose non-streamed log-probabilities are formatted, at the "
+        "same time, each in a worker thread; the others wait their turn. Small bodies and short prompts are "
+        "handled at once.")
     ui: bool = setting(True, "Serve the live canvas page at / (assets under /ui/). --no-ui turns it off: / answers 404.")
     cors_allow_origins: list[str] = setting(
         [], "Allow cross-origin browser requests from this origin (e.g. https://app.example.com, or * for any). "

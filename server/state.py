@@ -220,7 +220,7 @@ class ServerState:
         return self.engine
 
     def prompt_limit(self, engine: EngineClient) -> PromptLimit:
-        return PromptLimit.of(self.settings, engine.max_model_len, self.token_bound)
+        return PromptLimit.of(self.settings, engine.max_model_len, self.token_bound, engine.canvas_length)
 
     def body_limits(self, array_param: str | None) -> BodyLimits:
         """What a /v1 body may hold before it is parsed: ``max_json_depth``, ``max_json_values``, and no

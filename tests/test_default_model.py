@@ -120,6 +120,23 @@ def test_chat_text_the_template_leaves_out_does_not_count_against_the_context(de
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1022, r.text
 
 
+def test_a_long_history_the_template_drops_is_served(default_server):
+    """260 earlier turns (over 20,000 characters) before the puzzle: the template keeps the last user
+    message, so the prompt is the puzzle's 81 tokens and is served (counting the request's characters got
+    such a conversation refused as "at least" thousands of tokens). A conversation the template renders to
+    nothing names messages."""
+    puzzle, _solution = eval_set(1, seed=EVAL_SEED, buckets=[BUCKETS[0]])[BUCKETS[0][0]][0]
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": puzzle} for i in range(260)]
+    assert sum(len(m["content"]) for m in history) > 20_000
+    r = httpx.post(default_server.base_url + "/chat/completions", timeout=300, json={
+        "model": EMBEDDED_SERVED_NAME, "messages": history + [{"role": "user", "content": puzzle}],
+        "max_completion_tokens": 82, "seed": 3})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 81, r.text[:300]
+    r = httpx.post(default_server.base_url + "/chat/completions", timeout=60, json={
+        "model": EMBEDDED_SERVED_NAME, "messages": [{"role": "user", "content": " "}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
 def _infill(srv, puzzle: str, suffix: str, seed: int) -> dict:
     r = httpx.post(srv.base_url + "/completions", timeout=300, json={
         "model": EMBEDDED_SERVED_NAME, "prompt": puzzle, "suffix": suffix, "max_tokens": 81 - len(suffix), "seed": seed})

@@ -167,6 +167,9 @@ CASES = [
      None),
     ("suffix-over-canvas", "POST", C, {"prompt": "hi", "suffix": "xy", "max_tokens": 15}, None, 400, IRE, "suffix",
      None, "one canvas"),
+    # a suffix that cannot fit a canvas by its characters: refused before it, or any prompt, is tokenized
+    ("suffix-cannot-fit-the-canvas", "POST", C, {"prompt": "x" * 20_000, "suffix": "s" * 30_000}, None, 400, IRE,
+     "suffix", None, "the suffix has at least "),
     ("logit-bias-key", "POST", C, {"prompt": "hi", "logit_bias": {"a": 1}}, None, 400, IRE, "logit_bias", None, None),
     ("logit-bias-value", "POST", C, {"prompt": "hi", "logit_bias": {"5": -101}}, None, 400, IRE, "logit_bias", None,
      "[-100, 100]"),
@@ -376,10 +379,11 @@ MAX_LOGPROBS = limit_flag("--max-logprob-entries")
 TOP_LOGPROBS = max(k for k in range(21) if MAX_LOGPROBS % (1 + k) == 0)  # chat's top_logprobs, at most 20
 
 
-def tool_of_chars(chars: int) -> dict:
-    """One tool whose compact JSON, as the server measures the tools, is ``chars`` characters long."""
+def tool_of_chars(chars: int, fill: str = "x") -> dict:
+    """One tool whose compact JSON, as the server measures the tools (characters, not escapes), is ``chars``
+    characters long."""
     bare = len(json.dumps([{**TOOL, "function": {"name": "f", "description": ""}}], separators=(",", ":")))
-    return {**TOOL, "function": {"name": "f", "description": "x" * (chars - bare)}}
+    return {**TOOL, "function": {"name": "f", "description": fill * (chars - bare)}}
 
 
 # (id, path, body, what the response shows: choices, usage.prompt_tokens / completion_tokens, and
@@ -411,6 +415,8 @@ AT_LIMIT = [
     ("tools-at-max-tools", CH, {"messages": MSG, "tools": [TOOL] * MAX_TOOLS, **NO_TOOL, **ONE}, {}),
     ("tools-at-max-tools-chars", CH, {"messages": MSG, "tools": [tool_of_chars(MAX_TOOLS_CHARS)], **NO_TOOL, **ONE},
      {}),
+    ("tools-at-max-tools-chars-accented", CH, {"messages": MSG, "tools": [tool_of_chars(MAX_TOOLS_CHARS, "\u00e9")],
+                                               **NO_TOOL, **ONE}, {}),
     ("logit-bias-at-limit", C, {"prompt": "hi", "logit_bias": {str(i): 0.0 for i in range(MAX_LOGIT_BIAS)}, **ONE},
      {"completion_tokens": 1}),
     ("logprob-entries-at-limit", C, {"prompt": "hi", "logprobs": 5, "max_tokens": MAX_LOGPROBS // 6,
