@@ -75,7 +75,8 @@ fi
 # pack: every result so far in $OUT/gpu-results.tgz, where the device tool set $OUT (it returns few files)
 pack() {
   if [ -n "${OUT:-}" ] && [ "$(realpath -m "$OUT")" != "$(realpath -m "$RESULTS")" ]; then
-    mkdir -p "$OUT" && tar -czf "$OUT/gpu-results.tgz.part" -C "$RESULTS" . && mv "$OUT/gpu-results.tgz.part" "$OUT/gpu-results.tgz"
+    mkdir -p "$OUT" && tar -czf "$OUT/gpu-results.tgz.part" -C "$RESULTS" . \
+      && mv "$OUT/gpu-results.tgz.part" "$OUT/gpu-results.tgz"
   fi
 }
 
