@@ -253,15 +253,16 @@ def template_reads_tools(tokenizer) -> bool:
 
 
 def message_chars(req: ChatCompletionRequest) -> int:
-    """The characters of the messages' texts and the history's call arguments (what makes a conversation
-    large; names and ids are bounded by the schema)."""
+    """The characters of every string of the messages a template may render (texts, names, call ids, the
+    history's calls): what makes a conversation large."""
     chars = 0
     for m in req.messages:
         if isinstance(m.content, str):
             chars += len(m.content)
         elif m.content:
             chars += sum(len(text) for p in m.content if (text := part_text(p, m.role)) is not None)
-        chars += sum(len(call.function.arguments) for call in m.tool_calls or ())
+        chars += len(m.name or "") + len(m.tool_call_id or "")
+        chars += sum(len(c.id or "") + len(c.function.name) + len(c.function.arguments) for c in m.tool_calls or ())
     return chars
 
 
@@ -290,10 +291,18 @@ def image_urls(req: ChatCompletionRequest) -> list[tuple[str, str]]:
 
 async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate, images: ImageReader,
                         urls: list[tuple[str, str]]) -> Prompts:
-    """A conversation with images: their number checked first, then the http(s) ones fetched (in a fetch
-    turn, ``ImageFetches``), then (in a preprocessing turn, off the event loop) each decoded within the
-    limits, the template rendered, and the text and images through the processor."""
+    """A conversation with images: their number checked first, then (in a preprocessing turn, off the event
+    loop) the template rendered and its text checked, then the http(s) ones fetched (in a fetch turn,
+    ``ImageFetches``), then (in another preprocessing turn) each decoded within the limits and the text and
+    images through the processor."""
     images.check_count(len(urls))
+
+    def render():  # a text that cannot fit is refused before any image is fetched or decoded
+        text = render_template(tokenizer, req, messages_as_dicts(req))
+        limit.check_text(text, "messages", "the prompt")
+        return text
+
+    text = await gate.run(render)
     remote = [i for i, (url, param) in enumerate(urls) if images.is_remote(url, param)]
     async with images.fetches.turn() if remote else contextlib.nullcontext():
         def fetch() -> dict[int, bytes]:
@@ -307,15 +316,13 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
 
             pictures = [images.picture(fetched[i] if i in fetched else images.data_url_bytes(url, param), param)
                         for i, (url, param) in enumerate(urls)]
-            text = render_template(tokenizer, req, messages_as_dicts(req))
-            limit.check_text(text, "messages", "the prompt")
             try:
                 ids, inputs = process_images(images.processor, text, pictures)
             except ValueError as exc:  # e.g. the text holds more image tokens than there are images
                 raise errors.bad_request(f"These messages cannot take their images: {exc}.", "messages") from None
-            return ids, text, inputs
+            return ids, inputs
 
-        ids, text, inputs = await gate.run(work)
+        ids, inputs = await gate.run(work)
     limit.check_tokens(len(ids), "messages", "the prompt")
     return ChatPrompts([ids], lambda: text, images=[inputs], parse_tool_calls=declares_tools(req))
 

@@ -84,3 +84,18 @@ def test_an_assistant_refusal_part_reads_as_its_text(server_variant):
     r = httpx.post(url, json={**base, "messages": [{"role": "user", "content": refused["content"]}]}, timeout=30)
     err = assert_error(r, 400, param="messages[0].content[0]")
     assert err["message"] == "Content parts must be text or image_url parts, got type 'refusal'."
+
+
+def test_every_string_a_template_may_write_makes_a_chat_large():
+    """Names and call ids count towards the size that sends a chat's rendering off the event loop (Gemma's
+    template writes a tool message's name): none of them makes a long render run on the loop."""
+    from server.chat import message_chars
+    from server.completions import TOKENIZE_IN_THREAD_CHARS
+    from server.protocol import ChatCompletionRequest
+
+    long = "n" * (TOKENIZE_IN_THREAD_CHARS + 1)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for messages in ([{"role": "user", "content": "hi", "name": long}],
+                     [{"role": "tool", "tool_call_id": long, "content": "ok"}],
+                     [{"role": "assistant", "content": None, "tool_calls": [{**call, "id": long}]}]):
+        assert message_chars(ChatCompletionRequest.model_validate({"messages": messages})) > TOKENIZE_IN_THREAD_CHARS

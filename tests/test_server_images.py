@@ -314,6 +314,14 @@ def test_fetched_image_equals_inline_image(fetching_server, image_host, client):
     assert by_url.usage.prompt_tokens == inline.usage.prompt_tokens
 
 
+def test_text_that_cannot_fit_is_refused_before_its_image_is_fetched(fetching_server, image_host):
+    _Images.requested.clear()
+    err = refusal(fetching_server.url, image_message("x" * 1_000_000, image_host + "/ok.png"))
+    assert err["param"] == "messages" and err["code"] == "context_length_exceeded", err
+    assert err["message"].startswith("the prompt has at least "), err
+    assert _Images.requested == []  # the host never heard of it
+
+
 def test_fetch_limits(fetching_server, image_host):
     too_big = "the limit is 20000 (setting max_image_bytes)."
     assert refusal(fetching_server.url, image_message("x", image_host + "/big.png")) == error(

@@ -121,8 +121,8 @@
         texts.set(id, body.texts[k]);
         if (body.special && body.special[k]) specials.add(id);
       });
-    }).catch((e) => {
-      showError("The token texts could not be fetched: " + e.message);
+    }).catch((e) => {  // said where no run's own error is shown
+      if ($("error").hidden) showError("The token texts could not be fetched: " + e.message);
     }).finally(() => {
       missing.forEach((i) => pending.delete(i));
       document.body.dataset.textsKnown = String(texts.size);
