@@ -75,8 +75,9 @@ class Chat:
         if urls:
             return await image_prompts(req, tokenizer, limit, gate, images, urls)
 
-        def prepare():  # the rendered prompt's characters bound its tokens (a template may leave text out)
-            return apply_template(tokenizer, req, limit=limit)
+        def prepare():
+            text = render_prompt(tokenizer, req, limit)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
 
         # on large conversations (or any declarations, whose size is not known here) off the event loop
         large = len(req.messages) > RENDER_IN_THREAD_MESSAGES or declares_tools(req) \
@@ -297,12 +298,8 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
     images through the processor."""
     images.check_count(len(urls))
 
-    def render():  # a text that cannot fit is refused before any image is fetched or decoded
-        text = render_template(tokenizer, req, messages_as_dicts(req))
-        limit.check_text(text, "messages", "the prompt")
-        return text
-
-    text = await gate.run(render)
+    # a text that cannot fit is refused before any image is fetched or decoded
+    text = await gate.run(lambda: render_prompt(tokenizer, req, limit))
     remote = [i for i, (url, param) in enumerate(urls) if images.is_remote(url, param)]
     async with images.fetches.turn() if remote else contextlib.nullcontext():
         def fetch() -> dict[int, bytes]:
@@ -354,16 +351,10 @@ def template_kwargs(raw: dict | None, max_chars: int | None = None) -> dict:
     return kwargs
 
 
-def apply_template(tokenizer, req: ChatCompletionRequest, limit: PromptLimit | None = None) -> tuple[list[int], str]:
-    """The prompt's ids and text: the messages rendered, the text refused by ``limit`` if its characters
-    prove it too long, then tokenized."""
-    text = render_template(tokenizer, req, messages_as_dicts(req))
-    if limit is not None:
-        limit.check_text(text, "messages", "the prompt")
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), text
-
-
-def render_template(tokenizer, req: ChatCompletionRequest, messages: list[dict]) -> str:
+def render_prompt(tokenizer, req: ChatCompletionRequest, limit: PromptLimit) -> str:
+    """The messages through the checkpoint's chat template, refused by ``limit`` if the text's characters
+    prove it too long (the rendered text counts: a template may leave text out)."""
+    messages = messages_as_dicts(req)
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise errors.bad_request("continue_final_message needs the last message to be from the assistant.", "messages")
     kwargs = template_kwargs(req.chat_template_kwargs)
@@ -378,4 +369,5 @@ def render_template(tokenizer, req: ChatCompletionRequest, messages: list[dict])
         )
     except Exception as exc:  # jinja2 errors, a template that raises on a role, missing template
         raise errors.bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
+    limit.check_text(text, "messages", "the prompt")
     return text

@@ -107,8 +107,9 @@ class PromptLimit:
     def check_suffix_text(self, text: str) -> None:
         """Before tokenizing: refuse an infill suffix whose characters alone prove it cannot fit in a canvas
         beside one free position (the engine checks its tokens, ``engine.request_rules``)."""
-        most = None if self.canvas_length is None else self.canvas_length - 1
-        found = None if self.bound is None or most is None else self.bound.at_least(text, most)
+        if self.bound is None or self.canvas_length is None:
+            return
+        found = self.bound.at_least(text, self.canvas_length - 1)
         if found is not None:
             at_least, why = found
             raise errors.bad_request(
