@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 
 import torch
 
@@ -69,6 +70,7 @@ class AsyncEngine:
         self.num_waiting = 0
         self.kv_usage = 0.0  # fraction of the KV token budget the running requests take (0..1)
         self._num_live_states = 0
+        self._inbox_adds = 0  # requests submitted and not yet taken by the passes (waiting); guarded by _lock
         self._unfinished = 0  # admitted and not yet released; guarded by _lock (bound checked in admit only)
         # aborted ids whose abort the passes have not taken yet: not reused until then, so that a new
         # request with the id never gets the old one's outputs; guarded by _lock
@@ -125,7 +127,8 @@ class AsyncEngine:
                 raise EngineDeadError("the engine is not running")
             if self._unfinished + count > bound:
                 if count == 1:
-                    raise QueueFullError(f"the waiting queue is full ({self.settings.max_waiting} requests)")
+                    raise QueueFullError(f"the waiting queue is full (the engine holds at most {bound} unfinished "
+                                         "requests: settings max_num_seqs and max_waiting)")
                 raise QueueFullError(
                     f"the waiting queue has no room for {count} requests ({bound - self._unfinished} free places; "
                     f"the engine takes {bound} unfinished requests)")
@@ -176,8 +179,12 @@ class AsyncEngine:
 
     def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 images: ImageInputs | None) -> None:
-        """Hand an admitted request to whatever runs the passes."""
-        self._inbox.put(("add", (request_id, prompt_ids, params, images)))
+        """Hand an admitted request to whatever runs the passes. It counts as waiting, and its queue time
+        runs, from now: the passes take it only between two of them."""
+        with self._lock:
+            self._inbox_adds += 1
+            self.num_waiting += 1
+        self._inbox.put(("add", (request_id, prompt_ids, params, images, time.monotonic())))
 
     def _release(self, request_id: str, finished: bool) -> None:
         # one critical section: a new request under this id is refused (aborted ids are held until the
@@ -239,7 +246,10 @@ class AsyncEngine:
         while True:
             kind, payload = item
             if kind == "add":
-                self.core.add_request(*payload)
+                request_id, prompt_ids, params, images, arrival_time = payload
+                self.core.add_request(request_id, prompt_ids, params, images, arrival_time=arrival_time)
+                with self._lock:
+                    self._inbox_adds -= 1
             elif kind == "abort":
                 out = self.core.abort_request(*payload)
                 if out is not None:
@@ -254,7 +264,8 @@ class AsyncEngine:
         """Snapshot the core's counts for readers on other threads (the core itself is not thread-safe)."""
         core = self.core
         self.num_running = core.num_running
-        self.num_waiting = core.num_waiting
+        with self._lock:
+            self.num_waiting = core.num_waiting + self._inbox_adds
         self.kv_usage = core.kv_usage
         self._num_live_states = core.num_live_states()
 

@@ -50,16 +50,25 @@ class RequestRules:
                              max_encoder_tokens=self.max_encoder_tokens)
         validate_resolved(resolved, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                           prompt_len=len(prompt_ids), canvas_length=self.canvas_length)
-        reservation = kv_reservation(len(prompt_ids), resolved.max_tokens, self.canvas_length)
-        if not fits_alone(reservation, self.max_num_seqs, self.max_num_kv_tokens):
-            raise InvalidRequestError(
-                f"the prompt and max_tokens need {reservation} KV tokens (the prompt and every canvas of "
-                f"{self.canvas_length} but the last), "
-                f"more than this server's KV budget allows for one request ({self.max_num_kv_tokens} tokens; "
-                "settings max_num_kv_tokens and memory_fraction)",
-                "max_tokens",
-            )
+        self._check_kv_budget(len(prompt_ids), resolved.max_tokens)
         return resolved
+
+    def _check_kv_budget(self, prompt_len: int, max_tokens: int) -> None:
+        """A request must fit the KV budget with nothing else running: 400 ``limit_exceeded`` naming the
+        prompt when it alone is over it, else ``max_tokens`` with the most that would fit."""
+        budget, canvas = self.max_num_kv_tokens, self.canvas_length
+        if fits_alone(kv_reservation(prompt_len, max_tokens, canvas), self.max_num_seqs, budget):
+            return
+        where = (f"this server's KV budget for one request ({budget} tokens; settings max_num_kv_tokens and "
+                 "memory_fraction)")
+        if not fits_alone(kv_reservation(prompt_len, 1, canvas), self.max_num_seqs, budget):
+            raise InvalidRequestError(f"the prompt alone needs {prompt_len} KV tokens, more than {where}",
+                                      "prompt", "limit_exceeded")
+        most = ((budget - prompt_len) // canvas + 1) * canvas
+        raise InvalidRequestError(
+            f"the prompt and max_tokens need {kv_reservation(prompt_len, max_tokens, canvas)} KV tokens (the prompt "
+            f"and every canvas of {canvas} but the last), more than {where}: with this prompt, max_tokens can be at "
+            f"most {most}", "max_tokens", "limit_exceeded")
 
     def check_prompt(self, prompt_ids) -> None:
         """Every prompt token must be an int in [0, vocab). C-speed min/max after a type check."""

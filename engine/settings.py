@@ -54,13 +54,17 @@ class EngineSettings:
     device: str = setting("auto", "Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")
     max_num_seqs: int = setting(16, "Most canvases (running requests) in one decoder pass.")
     max_waiting: int = setting(
-        256, "Most requests queued beyond the running ones; past it requests get 429 with Retry-After: 1 at once "
+        256, "Most requests queued beyond max_num_seqs: the engine holds at most max_num_seqs + max_waiting "
+        "unfinished requests (where the KV budget runs fewer than max_num_seqs at once, the rest wait too); past it "
+        "requests get 429 with Retry-After: 1 at once "
         "(the engine raises QueueFullError), rather than waiting unboundedly. A request with several choices "
         "needs room for all of them; one with more choices than max_num_seqs + max_waiting gets 400 "
         "limit_exceeded instead (no wait would make room).")
     max_model_len: int | None = setting(
         None, "Context limit for prompt + max_tokens; longer requests get 400. At most the model's "
-        "max_position_embeddings (more is refused at load: positions past it were never trained).",
+        "max_position_embeddings (more is refused at load: positions past it were never trained). The last canvas "
+        "is denoised whole, so its positions past max_tokens (dropped from the output) can reach up to "
+        "canvas_length - 1 past this limit, as in transformers' generate.",
         default_text="the model's max_position_embeddings")
     # The KV slot buffers hold slot_rows(n) rows (the next power of two of the running count, at most
     # max_num_seqs) of the longest reservation (prompt + every canvas but the last).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -188,3 +190,65 @@ def test_an_unknown_abort_reason_is_refused_and_the_engine_goes_on(engine):
     tok = engine.tokenizer
     outs = asyncio.run(_collect(engine, tok("after").input_ids, SamplingParams(max_tokens=8, seed=1), "after"))
     assert outs[-1].finished and engine.healthy
+
+
+class _FinishedRequests:
+    """A stats sink keeping each finished request's ``RequestStats``."""
+
+    def __init__(self):
+        self.requests = {}
+
+    def on_pass(self, stats):
+        pass
+
+    def on_canvas(self, stats):
+        pass
+
+    def on_request_finished(self, stats):
+        self.requests[stats.request_id] = stats
+
+
+def test_a_request_submitted_during_a_pass_waits_and_is_timed_from_its_submission(tmp_path, monkeypatch):
+    """The passes take new requests only between two of them: one submitted during a pass counts as
+    waiting at once (the gauges are otherwise published after each pass), and its queue time (and so its latencies) starts at its submission, not when the
+    pass ends."""
+    path = build_tiny_checkpoint(tmp_path / "tiny", TinySpec(dtype=torch.float64))
+    sink = _FinishedRequests()
+    eng = AsyncEngine(EngineSettings(model=str(path), dtype="float64", max_num_seqs=2, max_waiting=2), sink)
+    in_pass, release = threading.Event(), threading.Event()
+    execute = eng.core.runner.execute
+
+    def held_pass(plan):  # the first pass waits for the test
+        if not in_pass.is_set():
+            in_pass.set()
+            assert release.wait(60)
+        return execute(plan)
+
+    monkeypatch.setattr(eng.core.runner, "execute", held_pass)
+    eng.start()
+    params = SamplingParams(max_tokens=8, seed=1, max_denoising_steps=2)
+    prompt = eng.tokenizer("timed").input_ids
+
+    async def scenario():
+        first = eng.generate(prompt, params, "first")
+        assert await asyncio.to_thread(in_pass.wait, 60)
+        before = eng.num_waiting
+        submitted = time.monotonic()
+        second = eng.generate(prompt, params, "second")
+        returned = time.monotonic()
+        waiting = eng.num_waiting - before
+        await asyncio.sleep(0.3)
+        release.set()
+        for stream in (first, second):
+            assert [out async for out in stream][-1].finish_reason == "length"
+        return submitted, returned, waiting
+
+    try:
+        submitted, returned, waiting = asyncio.run(scenario())
+    finally:
+        release.set()
+        eng.shutdown()
+    assert waiting == 1
+    stats = sink.requests["second"]
+    assert submitted <= stats.arrival_time <= returned
+    assert stats.scheduled_time - stats.arrival_time >= 0.3

@@ -415,9 +415,16 @@ def test_the_last_canvas_needs_no_kv(tmp_path_factory):
     assert got["tokens"] == want["tokens"]
     with pytest.raises(InvalidRequestError) as info:
         tight.resolve(prompt, SamplingParams(max_tokens=2 * C + 1))
-    assert info.value.param == "max_tokens"
+    assert (info.value.param, info.value.code) == ("max_tokens", "limit_exceeded")
     assert f"need {len(prompt) + 2 * C} KV tokens" in info.value.message
     assert "settings max_num_kv_tokens and memory_fraction" in info.value.message
+    assert info.value.message.endswith(f"with this prompt, max_tokens can be at most {2 * C}")
+    # a prompt the budget cannot hold even with one canvas: lowering max_tokens would not help
+    longer = prompt + prompt[:C + 1]
+    with pytest.raises(InvalidRequestError) as info:
+        tight.resolve(longer, SamplingParams(max_tokens=1))
+    assert (info.value.param, info.value.code) == ("prompt", "limit_exceeded")
+    assert info.value.message.startswith(f"the prompt alone needs {len(longer)} KV tokens, more than")
 
 
 def test_slot_buffers_are_reused_in_place(core):

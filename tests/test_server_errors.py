@@ -362,6 +362,34 @@ def test_503_while_loading(server_tiny_checkpoint):
         srv.stop()
 
 
+def test_kv_budget_refusals_name_what_would_help(server_tiny_checkpoint):
+    """A request over the KV budget for one request is a 400 limit_exceeded: naming the prompt (or a
+    chat's messages) when the prompt alone is over it, else the endpoint's max_tokens field with the most
+    that would fit (canvas 16, budget 40: a 10-token prompt fits two canvases)."""
+    srv = InProcessServer(ServerSettings.from_flat(model=str(server_tiny_checkpoint), max_num_kv_tokens=40),
+                          default_engine_factory)
+    try:
+        srv.wait_ready()
+        url = srv.url + "/v1"
+        r = httpx.post(url + "/completions", json={"prompt": [7] * 10, "max_tokens": 48}, timeout=60)
+        err = assert_error(r, 400, code="limit_exceeded", param="max_tokens")
+        assert err["message"].endswith("with this prompt, max_tokens can be at most 32"), err
+        r = httpx.post(url + "/completions", json={"prompt": [7] * 10, "max_tokens": 32}, timeout=60)
+        assert r.status_code == 200, r.text
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 64}
+        err = assert_error(httpx.post(url + "/chat/completions", json=chat, timeout=60), 400, code="limit_exceeded",
+                           param="max_completion_tokens")
+        assert "max_completion_tokens can be at most" in err["message"], err
+        r = httpx.post(url + "/completions", json={"prompt": [7] * 41, "max_tokens": 1}, timeout=60)
+        err = assert_error(r, 400, code="limit_exceeded", param="prompt")
+        assert err["message"].startswith("the prompt alone needs 41 KV tokens"), err
+        chat = {"messages": [{"role": "user", "content": "word " * 100}], "max_completion_tokens": 1}
+        assert_error(httpx.post(url + "/chat/completions", json=chat, timeout=60), 400, code="limit_exceeded",
+                     param="messages")
+    finally:
+        srv.stop()
+
+
 class FaultyEngine:
     """Wraps the real engine; ``mode`` injects faults after the first output of each request."""
 
