@@ -229,12 +229,21 @@ class AsyncEngine:
 
     # -- the step-loop thread ------------------------------------------------------------------
     def _deliver(self, out: RequestOutput) -> None:
+        self._deliver_all([out])
+
+    def _deliver_all(self, outs) -> None:
+        """Hand outputs to their streams in one callback per event loop: a pass's outputs all reach their
+        queues before any reader runs, so a request whose choices finish in the same pass sees each one's
+        end before it acts on the first (a sibling that failed too is counted ``error``, not ``abort``)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            target = self._streams.get(out.request_id)
-        if target is not None:
-            loop, stream = target
+            for out in outs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, out)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # loop closed
                 pass
 
@@ -273,8 +282,7 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.core.has_work())
-                for out in self.core.step():
-                    self._deliver(out)
+                self._deliver_all(self.core.step())
                 self._publish_gauges()
         except BaseException as exc:  # the loop itself broke: report and fail everyone
             logger.exception("engine step loop died")
@@ -292,9 +300,13 @@ class AsyncEngine:
             pending = list(self._streams)
             self.num_running = self.num_waiting = self._num_live_states = 0
             self.kv_usage = 0.0
-        for rid in pending:
-            self._deliver(RequestOutput(rid, finished=True, finish_reason="abort",
-                                        error=self._dead or "the engine shut down"))
+        self._deliver_all([RequestOutput(rid, finished=True, finish_reason="abort",
+                                         error=self._dead or "the engine shut down") for rid in pending])
+
+
+def _put_all(items) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)
 
 
 class Admission:

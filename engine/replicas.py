@@ -345,8 +345,7 @@ class ReplicatedEngine(AsyncEngine):
                 self._publish(index, gauges)
                 for method, stats in events:
                     getattr(self._stats, method)(stats)
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_all(outputs)
                 self._settled(aborted)
         except (EOFError, OSError):
             self._procs[index].join(1)

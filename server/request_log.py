@@ -1,4 +1,5 @@
-"""One log line per completion request, written when it ends (``server.requests`` logger).
+"""One log line per completion request that reaches its endpoint, written when it ends (``server.requests``
+logger); a request the middleware refuses (401, 403, 408, 413) is only counted (``http_errors_total``).
 
 The line carries the request id, endpoint, status, token and step counts and latency; prompts and
 outputs only with ``--log-prompts`` (each cut to ``LOG_TEXT_LIMIT`` characters).

@@ -155,13 +155,9 @@ class LiveServer:
 
     def metrics(self) -> dict:
         """{(sample name, frozenset(labels)): value} parsed with prometheus_client's parser."""
-        from prometheus_client.parser import text_string_to_metric_families
+        from tests.test_server_metrics import scrape
 
-        out = {}
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for s in family.samples:
-                out[(s.name, frozenset(s.labels.items()))] = s.value
-        return out
+        return scrape(self.url)
 
     def wait_idle(self, timeout: float = 60.0) -> dict:
         """Poll /metrics until no request is running or waiting; return the last scrape."""

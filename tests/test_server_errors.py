@@ -14,7 +14,8 @@ import pytest
 from engine.outputs import RequestOutput
 from server.app import create_app, default_engine_factory
 from server.settings import ServerSettings
-from tests.test_server_metrics import wait_for
+from tests.engine_helpers import POISON, build_poisoned_checkpoint
+from tests.test_server_metrics import reason, scrape, wait_for
 
 # A request that keeps one slot busy for a long time unless aborted (never converges early,
 # ignores eos, ~250 canvases of 64 steps on the tiny model).
@@ -386,6 +387,28 @@ def test_kv_budget_refusals_name_what_would_help(server_tiny_checkpoint):
         chat = {"messages": [{"role": "user", "content": "word " * 100}], "max_completion_tokens": 1}
         assert_error(httpx.post(url + "/chat/completions", json=chat, timeout=60), 400, code="limit_exceeded",
                      param="messages")
+    finally:
+        srv.stop()
+
+
+def test_choices_failing_in_one_pass_are_each_counted_as_failed(tmp_path_factory):
+    """n=3 choices of a poisoned prompt all fail in the same pass: the request fails, and
+    request_success_total counts three errors every time (not one error and two aborted siblings)."""
+    path = build_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned"))
+    srv = InProcessServer(ServerSettings.from_flat(model=str(path)), default_engine_factory)
+    error, abort = (("diffusion_server:request_success_total", reason(r)) for r in ("error", "abort"))
+    try:
+        srv.wait_ready()
+        for stream in (False, True) * 4:
+            m0 = scrape(srv.url)
+            body = {"prompt": [5, POISON, 7], "max_tokens": 16, "n": 3, "stream": stream}
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == (200 if stream else 500) and "non-finite" in r.text, r.text
+            deadline = time.monotonic() + 30
+            while (m1 := scrape(srv.url)).get(error, 0) - m0.get(error, 0) < 3:
+                assert time.monotonic() < deadline, "three errors were not counted"
+                time.sleep(0.05)
+            assert (m1[error] - m0.get(error, 0), m1.get(abort, 0) - m0.get(abort, 0)) == (3, 0), stream
     finally:
         srv.stop()
 

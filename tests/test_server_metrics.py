@@ -26,6 +26,15 @@ def wait_for(live_server, key, value, timeout=30.0) -> dict:
         time.sleep(0.05)
 
 
+def scrape(url: str) -> dict:
+    """{(sample name, frozenset(labels)): value} of ``url``/metrics, parsed with prometheus_client's parser."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
 def delta(m1: dict, m0: dict, name: str, labels=NO_LABELS) -> float:
     return m1.get((P + name, labels), 0.0) - m0.get((P + name, labels), 0.0)
 
