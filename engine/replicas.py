@@ -6,7 +6,7 @@ no GIL: each replica here is a whole engine (its own model copy, ``EngineCore``,
 and KV budget, one intra-op thread by default) in a process started with ``spawn``, and this front
 (an ``AsyncEngine`` without a step loop of its own) validates each request against the replicas'
 ``RequestRules``, keeps the one waiting queue, hands its oldest request to the replica with the fewest
-unfinished requests whenever one has room (fewer than ``max_num_seqs``, none waiting for KV room), and
+unfinished requests whenever one has room (fewer than ``max_num_seqs``, KV room for all of them), and
 relays outputs, statistics and gauges back. On CPU a row's tokens do not depend on what shares its
 batch (batch invariance), so which replica serves a request does not change its text.
 
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from .async_engine import AsyncEngine
 from .cpu_threads import default_forward_threads
 from .errors import log_load_failure
+from .kv_budget import kv_reservation, kv_tokens_needed
 from .loader import load_tokenizer, resolve_device
 from .multimodal import ImageInputs
 from .outputs import RequestOutput
@@ -176,7 +177,9 @@ class ReplicatedEngine(AsyncEngine):
         self._gauges = [Gauges(kv_budget_tokens=r.max_num_kv_tokens) for r in rules]  # guarded by _lock
         self._waiting: collections.deque[_Waiting] = collections.deque()  # not yet sent; guarded by _lock
         self._replica_of: dict[str, int] = {}  # unfinished request -> its replica; guarded by _lock
-        self._load = [0] * len(self._procs)  # unfinished requests per replica; guarded by _lock
+        self._kv_budgets = [r.max_num_kv_tokens for r in rules]
+        # each replica's unfinished requests -> their KV reservations; guarded by _lock
+        self._held: list[dict[str, int]] = [{} for _ in self._procs]
         self._threads: list[threading.Thread] = []  # a reader and a sender per replica
 
     def _await_all(self, kind: str) -> list:
@@ -217,12 +220,13 @@ class ReplicatedEngine(AsyncEngine):
         for index in range(len(self._procs)):
             self._send(index, ("stop", None))
             self._outboxes[index].put(None)  # then the sender ends
+        deadline = time.monotonic() + timeout  # one for all the replicas, not one each
         if self._threads:  # started: the replicas read their "stop"
             for proc in self._procs:
-                proc.join(timeout)
+                proc.join(max(0.0, deadline - time.monotonic()))
         self._terminate()
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         for conn in self._conns:  # no thread uses them any more
             conn.close()
         self._close_streams()
@@ -259,18 +263,23 @@ class ReplicatedEngine(AsyncEngine):
 
     def _dispatch(self) -> None:
         """Under the lock: hand the oldest waiting requests to replicas with room, the least loaded first
-        (the lowest index among equals). A replica has room while it holds fewer than ``max_num_seqs``
-        unfinished requests and, at its last pass, none waited for KV room: a request waits here, for
-        whichever replica frees a place first, rather than in a replica's own queue."""
+        (the lowest index among equals). A replica has room for a request while it holds fewer than
+        ``max_num_seqs`` unfinished requests, their KV reservations and this one's fit its budget (or it
+        holds none), and, at its last pass, none waited for KV room: a request waits here, for whichever
+        replica frees a place first, rather than in a replica's own queue behind a long request."""
+        rows = self.settings.max_num_seqs
         while self._waiting and not self._stopping:
-            free = [i for i, load in enumerate(self._load)
-                    if load < self.settings.max_num_seqs and not self._gauges[i].num_waiting]
+            w = self._waiting[0]
+            need = kv_reservation(len(w.prompt_ids), w.params.max_tokens, self.canvas_length)
+            free = [i for i, held in enumerate(self._held)
+                    if len(held) < rows and not self._gauges[i].num_waiting
+                    and (not held or kv_tokens_needed([*held.values(), need], rows) <= self._kv_budgets[i])]
             if not free:
                 break
-            index = min(free, key=self._load.__getitem__)
-            w = self._waiting.popleft()
+            index = min(free, key=lambda i: len(self._held[i]))
+            self._waiting.popleft()
             self._replica_of[w.request_id] = index
-            self._load[index] += 1
+            self._held[index][w.request_id] = need
             self._send(index, ("add", (w.request_id, (w.prompt_ids, w.params, w.images, w.arrival_time))))
         self._count_waiting()
 
@@ -283,7 +292,7 @@ class ReplicatedEngine(AsyncEngine):
         # under the lock, after an unfinished request's abort was routed through _replica_of
         index = self._replica_of.pop(request_id, None)
         if index is not None:
-            self._load[index] -= 1
+            del self._held[index][request_id]
             self._dispatch()
 
     def _post_abort(self, request_id: str, reason: str) -> bool:

@@ -157,7 +157,7 @@ class EngineSettings:
         "group. Unlike OpenMP threads inside one operator, these threads do not spin-wait on each other, so a "
         "busy process beside the server slows it down in proportion. Ignored on CUDA.",
         default_text="the CPUs the process may use (its affinity, within its cgroups' CPU quota), divided by "
-                     "--num-threads")
+                     "--num-threads (and by --data-parallel-size: each copy's share)")
     # engine.traced_decoder: where a trace is exact, and why it is faster
     trace_decoder: bool | None = setting(
         None, "On CPU, run the decoder pass as a TorchScript trace of the eager modules' own operators: the "
@@ -172,7 +172,9 @@ class EngineSettings:
         1, "On CPU, copies of the engine, each in a process of its own with its own copy of the weights, "
         "decoder batch (--max-num-seqs each), KV budget (--max-num-kv-tokens each) and share of --memory-fraction. "
         "One waiting queue (--max-waiting) feeds them: its oldest request goes to the copy with the fewest "
-        "unfinished requests as soon as one has room. Unlike "
+        "unfinished requests as soon as one has room (a place in its batch, and KV room beside what it holds: a short "
+        "request does not wait behind a long one while another copy could take it). --num-threads, "
+        "--forward-threads and --sampling-tile-bytes apply to each copy. Unlike "
         "--forward-threads row groups, processes do not take turns at Python's GIL between operators. A "
         "request's tokens do not depend on its copy (batch invariance). Refused on CUDA.")
     quantization: str = setting(

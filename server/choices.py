@@ -208,9 +208,11 @@ class ChoiceSet:
             if not task.done():
                 task.cancel()
 
-    def abort_in_engine(self) -> None:
-        """Abort every choice inside the engine: each finishes with ``abort`` (a clear end for the client:
-        a 503 ``request_aborted``, or that error chunk and ``[DONE]`` on a stream)."""
+    def abort(self) -> None:
+        """End the request for the server (the drain's time is up): its response gets a 503
+        ``request_aborted`` (on a stream, that error chunk and ``[DONE]``) at once, whatever pass the
+        engine is in, and every choice is aborted inside the engine."""
+        self._queue.put(self.specs[0].index, None, errors.request_aborted())
         for spec in self.specs:
             self.engine.abort(spec.request_id)
 

@@ -165,8 +165,9 @@ class ServerState:
 
     async def drain(self, timeout: float) -> None:
         """Shut down gracefully: /health and new requests answer 503 at once; in-flight requests and
-        streams get ``timeout`` seconds to finish; whatever is left is then aborted in the engine, so
-        its client gets a clear end (a 503 ``request_aborted``, or that error chunk and ``[DONE]``); so does
+        streams get ``timeout`` seconds to finish; whatever is left then ends at once with a clear end for
+        its client (a 503 ``request_aborted``, or that error chunk and ``[DONE]``) and is aborted in the
+        engine, whatever pass the engine is in; so does
         one still being prepared: at once if it waits for a preprocessing turn or job (``PreprocessGate``),
         otherwise when it would start (``aborting``).
         Returns when nothing is in flight any more (or the abort grace has passed)."""
@@ -180,7 +181,7 @@ class ServerState:
             self.aborting = True
             self.preprocess_gate.abort()
             for choice_set in list(self.live_choice_sets):
-                choice_set.abort_in_engine()
+                choice_set.abort()
             grace = loop.time() + ABORT_GRACE_SECONDS
             while self.inflight.count > 0 and loop.time() < grace:
                 await asyncio.sleep(0.05)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +160,33 @@ def test_a_request_waits_for_whichever_replica_frees_a_place_first(checkpoint):
 
         asyncio.run(main())
         assert finished == ["short1", "short2"]
+        _wait_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_goes_where_its_kv_fits_not_behind_a_long_one(checkpoint):
+    """Places on both replicas, but a KV budget that holds a long request alone: a short request that
+    the least loaded replica by count (the long one's) has no KV room for goes to the other one and
+    finishes while the long one runs, rather than waiting in the long one's replica."""
+    eng = ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, max_num_seqs=4,
+                                          num_threads=1, max_num_kv_tokens=4000))
+    eng.start()
+    try:
+        async def main():
+            prompt = eng.tokenizer("x").input_ids
+            short = SamplingParams(max_tokens=8, max_denoising_steps=2, ignore_eos=True)
+            endless = SamplingParams(max_tokens=4000, max_denoising_steps=6, ignore_eos=True)
+            long = eng.generate(prompt, endless, "long")
+            first = eng.generate(prompt, short, "short1")
+            second = eng.generate(prompt, short, "short2")
+            assert eng._replica_of == {"long": 0, "short1": 1, "short2": 1}
+            for stream in (first, second):
+                assert [o async for o in stream][-1].finish_reason == "length"
+            assert not (await long.__anext__()).finished  # the long request still runs
+            await long.aclose()
+
+        asyncio.run(main())
         _wait_idle(eng)
     finally:
         eng.shutdown()
@@ -410,3 +438,34 @@ def test_server_with_replicas_serves_and_leaves_no_process_behind(server_launche
     srv.proc.kill()
     srv.proc.wait(10)
     wait_gone(replicas, 30, "a replica outlived its server")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_drain_ends_a_request_whose_replica_is_stuck_in_a_pass(server_launcher, server_tiny_checkpoint):
+    """SIGTERM past the drain timeout while the replicas are stopped mid-pass (as in a long pass): the
+    client still gets the 503 request_aborted body at once, not a cut connection or a bare 500 when
+    the server gives up waiting, and the server stops its replicas and exits 0."""
+    srv = server_launcher(["--model", str(server_tiny_checkpoint), "--data-parallel-size", "2",
+                           "--graceful-shutdown-seconds", "1"])
+    replicas = _children(srv.proc.pid)
+    slow = {"prompt": "stuck", "max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64,
+            "stability_threshold": 1000}
+    answer: dict = {}
+    client = threading.Thread(target=lambda: answer.update(
+        r=httpx.post(srv.base_url + "/completions", json=slow, timeout=120)))
+    try:
+        client.start()
+        deadline = time.monotonic() + 60  # only bounds a hang: returns once the request runs
+        while srv.metrics()[("diffusion_server:num_requests_running", frozenset())] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for pid in replicas:
+            os.kill(pid, signal.SIGSTOP)
+        srv.proc.send_signal(signal.SIGTERM)
+        client.join(120)
+        r = answer["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "request_aborted", r.text
+        assert srv.proc.wait(60) == 0
+        wait_gone(replicas, 30, "a stopped replica outlived its server")
+    finally:
+        kill_all(replicas)
