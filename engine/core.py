@@ -6,6 +6,7 @@ import logging
 import secrets
 import time
 
+from .errors import SettingsError
 from .kv_budget import kv_reservation, kv_tokens_needed
 from .loader import LoadedModel
 from .memory import derive_kv_budget, plan_memory
@@ -52,7 +53,7 @@ class EngineCore:
             self.max_num_kv_tokens = derive_kv_budget(plan, loaded.device, fraction=settings.memory_fraction,
                                                       max_num_seqs=settings.max_num_seqs, max_model_len=self.max_model_len)
         if self.max_num_kv_tokens < kv_reservation(1, 1, self.canvas_length):
-            raise ValueError(
+            raise SettingsError(
                 f"the KV budget ({self.max_num_kv_tokens} token slots) cannot hold even a one-token prompt; "
                 "free memory, lower --max-num-seqs, or set --max-num-kv-tokens"
             )

@@ -40,10 +40,15 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be loaded as it is (a missing tensor, an unsupported format): one line."""
 
 
+class SettingsError(ValueError):
+    """Settings this checkpoint or machine cannot serve, found at load (a context over the model's, a CUDA
+    device torch cannot use, a KV budget too small): one line."""
+
+
 def log_load_failure(log: logging.Logger, exc: BaseException, message: str, *args) -> None:
-    """Log why a model did not load, from inside the ``except`` block: a ``CheckpointError`` as one line (its
-    message names the reason), anything else with its traceback."""
-    if isinstance(exc, CheckpointError):
+    """Log why a model did not load, from inside the ``except`` block: a ``CheckpointError`` or
+    ``SettingsError`` as one line (its message names the reason), anything else with its traceback."""
+    if isinstance(exc, (CheckpointError, SettingsError)):
         log.error(message + ": %s", *args, exc)
     else:
         log.exception(message, *args)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import batch_invariant_ops, compressed_tensors, rowwise_attention, rowwise_experts
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingsError
 from .import_noise import quiet_torchao_import_noise
 from .multimodal import load_processor
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
@@ -41,6 +41,19 @@ def unused_gpu_note(driver_file: str) -> str | None:
             "no GPU it can use: CUDA_VISIBLE_DEVICES may hide them, the container may lack access to them, or the "
             f"driver may not support CUDA {torch.version.cuda} (nvidia-smi shows the newest CUDA version it "
             "supports); or pass --device cpu")
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse, in one line and before anything is read or downloaded, a CUDA device torch cannot use."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = unused_gpu_note(NVIDIA_DRIVER) or (
+            f"torch {torch.__version__} finds no CUDA GPU here"
+            + (" (it is a CPU build)" if torch.version.cuda is None else "") + "; pass --device cpu")
+        raise SettingsError(f"device {device}: {why}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SettingsError(f"device {device}: torch finds {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
 
 
 _limited_devices: set[torch.device] = set()
@@ -165,6 +178,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     settings = replace(settings, model=local_folder(settings.model))  # before any other work: a bad path is one line
     quiet_torchao_import_noise()
     device = resolve_device(settings.device)
+    check_device(device)
     note = unused_gpu_note(NVIDIA_DRIVER) if settings.device == "auto" and device.type == "cpu" else None
     if note is not None:
         logger.warning("serving on the CPU: %s", note)
@@ -177,20 +191,20 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     config = AutoConfig.from_pretrained(settings.model)  # before any weight is read: what it refuses costs nothing
     trained = config.get_text_config().max_position_embeddings
     if settings.max_model_len is not None and settings.max_model_len > trained:
-        raise ValueError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} tokens "
+        raise SettingsError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} tokens "
                          "(max_position_embeddings): positions past it were never trained")
     compressed = _compressed_config(settings, config)  # a checkpoint quantized by LLM Compressor, or None
     if compressed is not None and settings.trace_decoder:
-        raise ValueError("trace_decoder cannot record this checkpoint's quantized experts (compressed-tensors): "
+        raise SettingsError("trace_decoder cannot record this checkpoint's quantized experts (compressed-tensors): "
                          "they dequantize in loops over their sizes on every call")
     invariant = settings.batch_invariant
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
     if invariant and device.type == "cuda":
         if dtype not in batch_invariant_ops.SUPPORTED_DTYPES:
-            raise ValueError(f"batch_invariant on CUDA runs bfloat16, float16 or float32, not {dtype}")
+            raise SettingsError(f"batch_invariant on CUDA runs bfloat16, float16 or float32, not {dtype}")
         if compressed is not None:
-            raise ValueError("batch_invariant on CUDA needs unquantized weights: this checkpoint is compressed-tensors "
+            raise SettingsError("batch_invariant on CUDA needs unquantized weights: this checkpoint is compressed-tensors "
                              "(its FP8 products do not go through the batch-invariant kernels)")
         # fixed-order matrix products and means in place of cuBLAS's and torch's (engine.batch_invariant_ops)
         batch_invariant_ops.enable("CUDA")

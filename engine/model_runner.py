@@ -17,6 +17,7 @@ import torch
 from .cpu_threads import (default_forward_threads, encoder_canvases, min_group_work, row_groups, rows_after_encoder,
                           rows_beside_encoder)
 from .decoder_graphs import DecoderGraphs, DecoderInputs, capture_blocker, graph_max_batch
+from .errors import SettingsError
 from .kv_cache import BatchKVView, KVCacheManager
 from .loader import LoadedModel
 from .memory import auto_sampling_tile_bytes, available_bytes
@@ -115,7 +116,7 @@ class ModelRunner:
         self.rowwise_always = loaded.batch_invariant and self.device.type == "cuda"
         if self.rowwise_always and self.sampler.name != "fast":
             self.sampler.close()
-            raise ValueError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
+            raise SettingsError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
                              "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
         self.min_group_work = min_group_work(self.traced is not None)
         self.eager_masks = self.model.config._attn_implementation == "eager"

@@ -219,6 +219,11 @@ class EngineSettings:
                              "experts branch on the routing, which a trace would freeze")
         if self.data_parallel_size > 1 and self.device.startswith("cuda"):
             raise ValueError("data_parallel_size applies to CPU serving (a GPU runs one engine)")
+        if self.batch_invariant and self.device.startswith("cuda") and self.sampler == "reference":
+            raise ValueError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
+                             "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
+        if self.batch_invariant and self.device.startswith("cuda") and self.dtype == "float64":
+            raise ValueError("batch_invariant on CUDA runs bfloat16, float16 or float32, not float64")
         if self.batch_invariant and self.quantization != "none":
             raise ValueError("batch_invariant needs unquantized experts (quantized ones run grouped_mm)")
         if self.load_format not in LOAD_FORMATS:

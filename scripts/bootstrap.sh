@@ -6,7 +6,9 @@
 # PyTorch: with an NVIDIA GPU (nvidia-smi works) the CUDA build from PyPI is installed; otherwise
 # the CPU build (torch==2.13.0+cpu, from the PyTorch CPU index or a local wheel).
 set -euo pipefail
+CALLER_DIR="$PWD"  # the server's relative paths (--config, --model) are the caller's
 cd "$(dirname "$0")/.."
+ROOT="$PWD"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
@@ -55,7 +57,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cmd="${1:-serve}"
 shift || true
 case "$cmd" in
-    serve) exec "$VENV/bin/python" -m server "$@" ;;
+    serve) cd "$CALLER_DIR" && exec "$ROOT/$VENV/bin/python" -m server "$@" ;;
     test) exec "$VENV/bin/python" -m pytest -q -rs "$@" ;;
     install) ;;
     *) echo "usage: bash scripts/bootstrap.sh {serve|test|install} [args]" >&2; exit 2 ;;

@@ -62,9 +62,9 @@ class Chat:
         return chat_logprobs(entries, tokenizer), position
 
     def max_tokens(self, req: ChatCompletionRequest) -> tuple[int | None, str]:
-        if req.max_completion_tokens is not None:
-            return req.max_completion_tokens, "max_completion_tokens"
-        return req.max_tokens, "max_tokens"
+        if req.max_tokens is not None and req.max_completion_tokens is None:  # the older field, as sent
+            return req.max_tokens, "max_tokens"
+        return req.max_completion_tokens, "max_completion_tokens"
 
     async def prompts(self, req: ChatCompletionRequest, tokenizer, limit: PromptLimit, gate,
                       images: ImageReader) -> ChatPrompts:

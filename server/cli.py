@@ -99,6 +99,8 @@ def _coerce(option, key: str, value):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError
             return float(value)
+        if isinstance(value, (list, dict)):  # a text setting takes one scalar (YAML reads 8000 or 1.5 as numbers)
+            raise ValueError
         return str(value)
     except ValueError:
         raise ConfigError(f"config: '{key}' must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}") from None

@@ -102,6 +102,8 @@ def cannot_listen(host: str, port: int) -> OSError | None:
     the process could not exit before that load ended (minutes for a large checkpoint)."""
     if port == 0:
         return None
+    unavailable: OSError | None = None  # an address that is not this machine's (or a family that is off)
+    bound = False
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in addresses:
@@ -112,11 +114,14 @@ def cannot_listen(host: str, port: int) -> OSError | None:
                 try:
                     sock.bind(address)
                 except OSError as exc:
-                    if exc.errno != errno.EADDRNOTAVAIL:  # that family is off here: asyncio skips it too
+                    if exc.errno != errno.EADDRNOTAVAIL:
                         raise
+                    unavailable = exc  # asyncio skips it too, while another address binds
+                else:
+                    bound = True
     except OSError as exc:
         return exc
-    return None
+    return None if bound else unavailable
 
 
 # The exit status after the engine died, with --exit-on-engine-death (1: the server could not start).

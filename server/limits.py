@@ -26,7 +26,7 @@ from .middleware import READ_METHODS
 if TYPE_CHECKING:
     from .preprocess import PreprocessGate
 
-# Past this many bytes of an oversized body, stop draining and answer at once.
+# Past this many bytes of a body over the limit, stop draining it and answer at once.
 DRAIN_LIMIT = 256 * 1024 * 1024
 # After a request whose body was at least this large, free memory is returned to the system.
 TRIM_AFTER_BYTES = 1 << 20
@@ -123,7 +123,7 @@ class BodyLimitMiddleware:
                     chunks.clear()
             if not too_large and not dropped:
                 chunks.append(body)
-            if not message.get("more_body", False) or total > DRAIN_LIMIT:
+            if not message.get("more_body", False) or (too_large and total > DRAIN_LIMIT):
                 break
         if too_large:
             chunks.clear()

@@ -148,8 +148,8 @@ def check_resolved(settings, params: SamplingParams, *, num_prompts: int, n: int
                    max_tokens_param: str) -> None:
     """The limits on values the checkpoint may have filled in (``params`` as resolved for every choice)."""
     if not max_tokens_given:  # the checkpoint's default: the same limit applies
-        _check_max_tokens(settings, params.max_tokens, max_tokens_param)
-    _check_max_denoising_steps(settings, params.max_denoising_steps)
+        _check_max_tokens(settings, params.max_tokens, max_tokens_param, default=True)
+    _check_max_denoising_steps(settings, params.max_denoising_steps, default=True)  # a value sent passed already
     total = num_prompts * n * params.max_tokens
     if total > settings.max_request_tokens:
         param = "n" if n > 1 else ("prompt" if num_prompts > 1 else max_tokens_param)
@@ -166,17 +166,22 @@ def check_resolved(settings, params: SamplingParams, *, num_prompts: int, n: int
         )
 
 
-def _check_max_tokens(settings, max_tokens: int, param: str) -> None:
-    limit = settings.max_completion_tokens
-    if limit is not None and max_tokens > limit:
-        raise limit_error(
-            f"{param} must be at most {limit} on this server (setting max_completion_tokens), got {max_tokens}.", param
-        )
+def _check_max_tokens(settings, max_tokens: int, param: str, default: bool = False) -> None:
+    _check_at_most(param, max_tokens, settings.max_completion_tokens, "max_completion_tokens", default)
 
 
-def _check_max_denoising_steps(settings, steps: int) -> None:
-    if steps > settings.max_request_denoising_steps:
+def _check_max_denoising_steps(settings, steps: int, default: bool = False) -> None:
+    _check_at_most("max_denoising_steps", steps, settings.max_request_denoising_steps, "max_request_denoising_steps",
+                   default)
+
+
+def _check_at_most(param: str, value: int, limit: int | None, setting_name: str, default: bool) -> None:
+    """``value`` of ``param`` within ``limit`` (None: none); ``default``: the checkpoint's, which the request
+    did not set (the refusal says so, and what to send)."""
+    if limit is None or value <= limit:
+        return
+    if default:
         raise limit_error(
-            f"max_denoising_steps must be at most {settings.max_request_denoising_steps} on this server "
-            f"(setting max_request_denoising_steps), got {steps}.", "max_denoising_steps",
-        )
+            f"{param}, which this request does not set, defaults to {value} (the model's generation config), more "
+            f"than the {limit} this server allows (setting {setting_name}): set {param} to at most {limit}.", param)
+    raise limit_error(f"{param} must be at most {limit} on this server (setting {setting_name}), got {value}.", param)

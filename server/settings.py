@@ -49,7 +49,7 @@ class ServerSettings:
         "OPTIONS); /health, /metrics and the page stay open. Printable ASCII without spaces. Repeat for several keys.",
         flag="--api-key", metavar="KEY", default_text="none (no authentication)")
     log_prompts: bool = setting(False, "Include prompts and generated text in the per-request log lines.")
-    log_level: str = setting("info", "Logging level: debug, info, warning, error.")
+    log_level: str = setting("info", "Logging level: debug, info, warning, error or critical.")
     access_log: bool = setting(False, "Also write uvicorn's access log (one line per HTTP request).")
     sse_ping_seconds: float = setting(
         15.0, "Interval of SSE keep-alive comments (': ping'), sent on every open stream whether or not "
@@ -147,7 +147,7 @@ class ServerSettings:
         1024, "Longest string value in a chat request's chat_template_kwargs, in characters; longer ones get 400.")
     max_request_denoising_steps: int = limit(
         1024, "Largest max_denoising_steps a request may ask for (a canvas may take up to that many decoder "
-        "passes); larger ones get 400.")
+        "passes); larger ones get 400. Checked after the checkpoint's default is filled in.")
 
     def __post_init__(self):
         if self.engine.model is not None:

@@ -115,3 +115,38 @@ def test_many_arrays_just_under_the_limit_scan_in_linear_time():
     done = subprocess.run([sys.executable, "-c", _NEAR_LIMIT_ARRAYS], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("limit, sent, status, received", [(10_000, 1800, 200, 1800), (1500, 1800, 413, None)])
+def test_a_body_past_the_drain_limit_is_read_whole_when_under_the_body_limit(monkeypatch, limit, sent, status,
+                                                                               received):
+    """Draining stops early only for a body over ``max_request_body_bytes``: one under it but past the
+    drain limit (an operator's raised body limit) reaches the endpoint whole, never cut short."""
+    import asyncio
+
+    import server.limits
+
+    monkeypatch.setattr(server.limits, "DRAIN_LIMIT", 1000)  # stands for 256 MiB: the same path, fewer bytes
+    got = {}
+
+    async def endpoint(scope, receive, send):
+        got["body"] = len((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        messages = [{"type": "http.request", "body": b"x" * 600, "more_body": i < 2} for i in range(3)]
+        sent_back = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent_back.append(message)
+
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-length", str(sent).encode())]}
+        await server.limits.BodyLimitMiddleware(endpoint, max_bytes=limit)(scope, receive, send)
+        return sent_back[0]["status"]
+
+    assert asyncio.run(main()) == status
+    assert got.get("body") == received

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -165,6 +166,30 @@ def test_unloadable_model_exits_nonzero(tmp_path):
     assert "DIFFUSION_SERVER_BOGUS is not a setting: ignored" in out.stderr
 
 
+@pytest.mark.parametrize("flags, reason", [
+    (["--max-model-len", "100000"], "max_model_len 100000 is over the model's context of {context} tokens "
+     "(max_position_embeddings): positions past it were never trained"),
+    (["--max-num-seqs", "1000000"], "the KV budget (0 token slots) cannot hold even a one-token prompt; free memory, "
+     "lower --max-num-seqs, or set --max-num-kv-tokens"),
+    (["--device", "cuda"], "device cuda: torch {torch} finds no CUDA GPU here (it is a CPU build); pass --device cpu"),
+])
+def test_settings_the_model_cannot_serve_stop_it_in_one_line(flags, reason):
+    """Settings that only the checkpoint or the machine can refuse stop the server once it knows, with one
+    line and status 1, no traceback; a CUDA device torch cannot use is refused before the checkpoint is read."""
+    import torch
+
+    if flags[0] == "--device" and (torch.cuda.is_available() or os.path.exists("/proc/driver/nvidia/version")):
+        pytest.skip("needs a machine without an NVIDIA driver")
+    config = json.loads((REPO_ROOT / "engine" / "default_model" / "config.json").read_text())
+    reason = reason.format(context=config.get("text_config", config)["max_position_embeddings"],
+                           torch=torch.__version__)
+    out = subprocess.run([sys.executable, "-m", "server", "--port", "0", *flags], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"exiting: the model could not be loaded: {reason}" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
 @pytest.fixture(scope="module")
 def never_loading_checkpoint(tmp_path_factory):
     """A checkpoint whose load never ends, as on storage that never answers: its weights file is a FIFO
@@ -274,6 +299,17 @@ def test_a_port_in_use_exits_before_loading(tmp_path):
                              timeout=120, env=env)
     assert out.returncode == 1, out.stderr[-2000:]
     assert f"exiting: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in out.stderr
+    assert "could not be loaded" not in out.stderr and "application startup" not in out.stderr
+
+
+def test_an_address_not_of_this_machine_exits_before_loading(tmp_path):
+    """A --host that is not one of this machine's addresses (TEST-NET-1 here) is refused like a port in
+    use, with status 1, not found only when uvicorn binds (its status 3 reads as an engine death)."""
+    out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path / "never-read"), "--host",
+                          "192.0.2.1", "--port", "8000"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "exiting: cannot listen on 192.0.2.1:8000: [Errno 99] Cannot assign requested address" in out.stderr
     assert "could not be loaded" not in out.stderr and "application startup" not in out.stderr
 
 
@@ -391,3 +427,15 @@ def test_a_misspelt_variable_stops_the_server_and_an_unknown_one_is_named():
     # a Service named diffusion-server sets DIFFUSION_SERVER_PORT itself to its address: not a port to listen on
     assert settings_from_args([], environ={"DIFFUSION_SERVER_PORT": "tcp://10.0.0.1:8000"}).port == 8000
     assert settings_from_args([], environ={"DIFFUSION_SERVER_PORT": "9001"}).port == 9001
+
+
+def test_bootstrap_serve_reads_paths_from_where_it_was_run(tmp_path):
+    """``bash <repo>/scripts/bootstrap.sh serve --config my.yaml`` run from another folder reads that
+    folder's my.yaml (its settings are checked: here one is refused), not one in the repository."""
+    if Path(sys.prefix).resolve() != (REPO_ROOT / ".venv").resolve():
+        pytest.skip("runs the bootstrap's own .venv, which this interpreter is not (it would install one)")
+    (tmp_path / "my.yaml").write_text("max-num-seqs: 0\n")
+    out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "bootstrap.sh"), "serve", "--config", "my.yaml"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "invalid setting: max_num_seqs must be a positive integer (got 0)"

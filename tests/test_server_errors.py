@@ -127,7 +127,7 @@ def test_context_length_refusals_name_what_the_request_sent(live_server):
     chat = {"messages": [{"role": "user", "content": "x" * 4070}]}
     err = assert_error(post(live_server, "/chat/completions", chat), 400, code="context_length_exceeded",
                        param="messages")
-    assert "and max_tokens, which this request does not set, defaults to 16" in err["message"], err
+    assert "and max_completion_tokens, which this request does not set, defaults to 16" in err["message"], err
 
 
 def test_400_not_json(live_server):
@@ -387,6 +387,36 @@ def test_kv_budget_refusals_name_what_would_help(server_tiny_checkpoint):
         chat = {"messages": [{"role": "user", "content": "word " * 100}], "max_completion_tokens": 1}
         assert_error(httpx.post(url + "/chat/completions", json=chat, timeout=60), 400, code="limit_exceeded",
                      param="messages")
+    finally:
+        srv.stop()
+
+
+def test_a_default_over_a_server_limit_is_named_as_the_default(server_tiny_checkpoint):
+    """Limits set below the checkpoint's defaults (16 tokens, 8 denoising steps): a request that leaves
+    the field out is told the value is the default and what to send, not that it sent too much."""
+    srv = InProcessServer(ServerSettings.from_flat(model=str(server_tiny_checkpoint), max_completion_tokens=12,
+                                                   max_request_denoising_steps=4), default_engine_factory)
+    try:
+        srv.wait_ready()
+        url = srv.url + "/v1"
+        cases = [({"prompt": "x", "max_denoising_steps": 4}, "max_tokens",
+                  "max_tokens, which this request does not set, defaults to 16 (the model's generation config), more "
+                  "than the 12 this server allows (setting max_completion_tokens): set max_tokens to at most 12."),
+                 ({"prompt": "x", "max_tokens": 12}, "max_denoising_steps",
+                  "max_denoising_steps, which this request does not set, defaults to 8 (the model's generation "
+                  "config), more than the 4 this server allows (setting max_request_denoising_steps): set "
+                  "max_denoising_steps to at most 4.")]
+        for body, param, message in cases:
+            err = assert_error(httpx.post(url + "/completions", json=body, timeout=60), 400, code="limit_exceeded",
+                               param=param)
+            assert err["message"] == message, err
+        chat = {"messages": [{"role": "user", "content": "x"}], "max_denoising_steps": 4}
+        err = assert_error(httpx.post(url + "/chat/completions", json=chat, timeout=60), 400, code="limit_exceeded",
+                           param="max_completion_tokens")
+        assert err["message"].startswith("max_completion_tokens, which this request does not set, defaults to 16")
+        r = httpx.post(url + "/completions", json={"prompt": "x", "max_tokens": 12, "max_denoising_steps": 4},
+                       timeout=60)
+        assert r.status_code == 200, r.text
     finally:
         srv.stop()
 

@@ -15,6 +15,11 @@ BAD = [
     (["--port", "70000"], "invalid setting: port must be in 0..65535 (got 70000)"),
     (["--log-level", "verbose"], "invalid setting: log_level must be debug, info, warning, error or critical (got 'verbose')"),
     (["--num-threads", "0"], "invalid setting: num_threads must be a positive integer (got 0)"),
+    (["--device", "cuda", "--batch-invariant", "--sampler", "reference"], "invalid setting: batch_invariant on CUDA "
+     "needs --sampler fast: the reference sampler's softmax and entropy reduce over the vocabulary with torch's "
+     "kernels, whose order depends on the batch"),
+    (["--device", "cuda:0", "--batch-invariant", "--dtype", "float64"],
+     "invalid setting: batch_invariant on CUDA runs bfloat16, float16 or float32, not float64"),
     (["--max-model-len", "0"], "invalid setting: max_model_len must be a positive integer (got 0)"),
     (["--max-request-body-bytes", "0"], "invalid setting: max_request_body_bytes must be a positive integer (got 0)"),
     (["--sse-ping-seconds", "-1"], "invalid setting: sse_ping_seconds must be a number >= 0 (got -1.0)"),
@@ -86,6 +91,17 @@ def test_a_config_key_without_a_value_is_refused(tmp_path, key, kind):
         settings_from_args(["--config", str(cfg)])
     article = "an" if kind == "int" else "a"
     assert str(info.value) == f"config: '{key}' has no value: give {article} {kind} or leave the key out"
+
+
+@pytest.mark.parametrize("value, shown", [("[a, b]", "['a', 'b']"), ("{x: 1}", "{'x': 1}")])
+def test_a_text_setting_refuses_a_list_or_a_mapping(tmp_path, value, shown):
+    cfg = tmp_path / "wrong.yaml"
+    cfg.write_text(f"served-model-name: {value}\n")
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--config", str(cfg)])
+    assert str(info.value) == f"config: 'served-model-name' must be a str, got {shown}"
+    cfg.write_text("served-model-name: 2024\n")  # a scalar YAML reads as a number is still a name
+    assert settings_from_args(["--config", str(cfg)]).served_model_name == "2024"
 
 
 def test_an_empty_value_keeps_its_meaning_where_none_is_one(tmp_path):

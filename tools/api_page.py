@@ -267,6 +267,11 @@ names its setting (docs/configuration.md), except `/ui/detokenize`'s fixed {MAX_
 page's own route, above). A
 `context_length_exceeded` (the prompt and `max_tokens` over the context length) names `max_tokens` (or
 `max_completion_tokens`) when the request set it; when it did not, it names the prompt (`prompt` or
-`messages`) and says which default `max_tokens` got (one canvas) and the most it may be.
+`messages`) and says which default `max_tokens` got (one canvas) and the most it may be. A default
+over a server limit (`max_completion_tokens`, `max_request_denoising_steps` set below the checkpoint's)
+is named as the default, with the most the field may be; in a chat that sets neither length field,
+the refusals name `max_completion_tokens`. A request over the KV budget for one request is a
+`limit_exceeded` naming the prompt when it alone is over it, else the length field, with the most it
+may be.
 429 and 503 carry `Retry-After`.
 """

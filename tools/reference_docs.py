@@ -50,7 +50,9 @@ def configuration_page() -> str:
         "added to either. Empty variables are ignored.",
         "",
         "An unknown YAML key, a value of the wrong type or a value the server cannot use stops it at start-up, "
-        "before the model loads, with a one-line message and exit status 2 (a model that cannot load exits with 1); "
+        "before the model loads, with a one-line message and exit status 2 (a model that cannot load exits with 1, "
+        "in one line too where the reason is a setting only the checkpoint or the machine can refuse: a "
+        "max_model_len over the model's context, a CUDA device torch cannot use, a KV budget too small); "
         "so does a `DIFFUSION_SERVER_` variable close to a "
         "setting's (a misspelt one, say `DIFFUSION_SERVER_API_KEYS`, which would leave authentication off). "
         "Any other `DIFFUSION_SERVER_` variable that names no setting is ignored with a warning at start-up, but "
