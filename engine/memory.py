@@ -72,7 +72,7 @@ def attention_copies(num_attention_heads: int, num_key_value_heads: int) -> int:
 
 
 def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling_transient_bytes: int, max_num_seqs: int,
-                stability_threshold: int = 1, dequantized_experts: bool = False, expert_copies: int = 1,
+                dequantized_experts: bool = False, expert_copies: int = 1,
                 max_encoder_tokens: int = 0, encoder_beside_decoder: bool = False) -> MemoryPlan:
     """``expert_copies``: how many forwards may hold a layer's dequantized experts at once (on CPU, one
     per row group running side by side: ``ModelRunner.forward_threads``). The activations are one layer's
@@ -91,7 +91,7 @@ def plan_memory(text_config, canvas_length: int, dtype: torch.dtype, *, sampling
             full += per_token
             attention = max(attention, per_token * attention_copies(cfg.num_attention_heads, cfg.num_key_value_heads))
     hidden = text_config.hidden_size
-    state = canvas_length * 8 + canvas_length * hidden * elem + stability_threshold * canvas_length * 8
+    state = canvas_length * 8 + canvas_length * hidden * elem + canvas_length * 8  # + the canvas's last draft
     decoder = max_num_seqs * canvas_length
     tokens = decoder + max_encoder_tokens if encoder_beside_decoder else max(decoder, max_encoder_tokens)
     activations = tokens * activation_bytes_per_token(text_config, elem)

@@ -53,7 +53,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)  # committed tokens (a final eos included)
     num_denoising_steps: int = 0
     last_draft: tuple[int, ...] | None = None  # the previous draft of this canvas streamed (stream_drafts)
-    draft_history: list[tuple[int, ...]] = field(default_factory=list)  # this canvas's last k drafts, oldest first
+    # this canvas's latest draft and how many drafts in a row ended with it (constant memory, whatever k)
+    repeated_draft: tuple[int, ...] | None = None
+    repeats: int = 0
     scheduled_time: float | None = None
     canvas_start_time: float | None = None
     first_draft_time: float | None = None
@@ -74,12 +76,20 @@ class Request:
     def converged(self, draft: tuple[int, ...], confident: bool) -> bool:
         """DiffusionGemma's stopping rule for the current canvas after a step that produced ``draft``:
         the last k = ``stability_threshold`` drafts before it equal it (k+1 equal drafts in a row) and
-        the step was confident. Records the draft in the history either way."""
-        k = self.params.stability_threshold
-        stable = len(self.draft_history) == k and all(h == draft for h in self.draft_history)
-        if k:
-            self.draft_history = (self.draft_history + [draft])[-k:]
+        the step was confident. Records the draft either way."""
+        if draft == self.repeated_draft:
+            stable = self.repeats >= self.params.stability_threshold
+            self.repeats += 1
+        else:
+            stable = self.params.stability_threshold == 0
+            self.repeated_draft, self.repeats = draft, 1
         return stable and confident
+
+    def new_canvas(self) -> None:
+        """Forget the finished canvas's drafts."""
+        self.step = 0
+        self.last_draft = None
+        self.repeated_draft, self.repeats = None, 0
 
     @property
     def remaining_tokens(self) -> int:

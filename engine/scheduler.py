@@ -207,9 +207,7 @@ class Scheduler:
             req.first_token_time = now
         canvases.append(CanvasStats(req.step, len(kept), now - (req.canvas_start_time or now)))
         req.canvas_index += 1
-        req.step = 0
-        req.last_draft = None
-        req.draft_history = []
+        req.new_canvas()
         if finish is not None:
             self._finish(req, finish)
         else:

@@ -82,8 +82,8 @@ class CommonFields(DiffusionFields):
     frequency_penalty: StrictFloat | None = Field(
         default=None, ge=-2, le=2, description="Range-checked, then ignored (as `presence_penalty`).")
     logit_bias: dict[str, StrictFloat] | None = Field(
-        None, description="Token id (a string key) -> bias in [-100, 100], added to the soft-capped logits before the "
-        "temperature; at most the setting `max_logit_bias` entries. -100 practically bans a token.")
+        None, description="Token id (a string key, each id once) -> bias in [-100, 100], added to the soft-capped "
+        "logits before the temperature; at most the setting `max_logit_bias` entries. -100 practically bans a token.")
     user: str | None = Field(None, description="Accepted and ignored.")
     ignore_eos: StrictBool | None = Field(False, description="Do not stop at eos (fixed-length outputs, for benchmarks).")
 
@@ -92,14 +92,18 @@ class CommonFields(DiffusionFields):
     @field_validator("logit_bias")
     @classmethod
     def _token_id_keys(cls, v):
-        """Keys are token ids written as strings (JSON object keys): returned as ints."""
+        """Keys are token ids written as strings (JSON object keys): returned as ints. Two keys naming one
+        id ("70" and "070") are refused: which bias would win is not the client's to guess."""
         if v is None:
             return v
-        out = {}
+        out, keys = {}, {}
         for key, bias in v.items():
             if not key.strip().lstrip("-").isdigit():
                 raise ValueError(f"logit_bias keys must be token ids (integers, as strings), got {key!r}")
-            out[int(key)] = bias
+            token = int(key)
+            if token in out:
+                raise ValueError(f"logit_bias names token {token} twice ({keys[token]!r} and {key!r})")
+            out[token], keys[token] = bias, key
         return out
 
     @field_validator("stop")

@@ -528,3 +528,27 @@ def test_a_failed_reallocation_is_redone_in_full(monkeypatch):
     kv.sync()
     assert shapes() == before
     kv.view([f"n{i}" for i in range(4)])  # every row of every layer is there
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5, 10**12])
+def test_the_stopping_rule_keeps_one_draft_whatever_the_stability_threshold(k):
+    """A canvas converges on a confident step whose draft equals the k drafts before it (DiffusionGemma's
+    rule, here against its plain statement over the whole history), and a request keeps one draft for
+    it, not k: a huge stability_threshold costs no memory."""
+    import pickle
+
+    from engine.request import Request
+
+    req = Request("r", (1,), SamplingParams(stability_threshold=k), seed=0, canvas_length=4)
+    drafts = [(1, 2, 3, 4)] * 3 + [(1, 2, 3, 5)] * 7 + [(1, 2, 3, 4)] * 2 + [(0, 0, 0, 0)] * 200
+    sizes = set()
+    for i, draft in enumerate(drafts):
+        before = drafts[:i]
+        want = len(before) >= k and all(d == draft for d in before[len(before) - k:])
+        for confident in (False, True):  # the same draft recorded once: probe unconfident first, on a copy
+            probe = pickle.loads(pickle.dumps(req)) if not confident else req
+            assert probe.converged(draft, confident) == (want and confident), (i, draft)
+        sizes.add(len(pickle.dumps(req)))
+    assert len(sizes) <= 3  # three different drafts were the latest: nothing else grew
+    req.new_canvas()
+    assert req.converged((1, 2, 3, 4), True) == (k == 0)

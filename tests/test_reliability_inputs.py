@@ -171,6 +171,8 @@ CASES = [
     ("suffix-cannot-fit-the-canvas", "POST", C, {"prompt": "x" * 20_000, "suffix": "s" * 30_000}, None, 400, IRE,
      "suffix", None, "the suffix has at least "),
     ("logit-bias-key", "POST", C, {"prompt": "hi", "logit_bias": {"a": 1}}, None, 400, IRE, "logit_bias", None, None),
+    ("logit-bias-same-token-twice", "POST", C, {"prompt": "hi", "logit_bias": {"70": 100, "070": -100}}, None, 400, IRE,
+     "logit_bias", None, "logit_bias names token 70 twice ('70' and '070')"),
     ("logit-bias-value", "POST", C, {"prompt": "hi", "logit_bias": {"5": -101}}, None, 400, IRE, "logit_bias", None,
      "[-100, 100]"),
     ("logit-bias-entries", "POST", C, {"prompt": "hi", "logit_bias": {
