@@ -24,6 +24,8 @@ from tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS = dict(max_tokens=40, max_denoising_steps=6, ignore_eos=True)
+SHORT = SamplingParams(max_tokens=8, max_denoising_steps=2, ignore_eos=True)
+ENDLESS = SamplingParams(max_tokens=4000, max_denoising_steps=6, ignore_eos=True)  # runs until aborted
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +130,7 @@ def test_a_request_waits_for_whichever_replica_frees_a_place_first(checkpoint):
     try:
         async def main():
             prompt = eng.tokenizer("x").input_ids
-            short = SamplingParams(max_tokens=8, max_denoising_steps=2, ignore_eos=True)
-            endless = SamplingParams(max_tokens=4000, max_denoising_steps=6, ignore_eos=True)
+            short, endless = SHORT, ENDLESS
 
             async def run(rid, params):
                 outs = [o async for o in eng.generate(prompt, params, rid)]
@@ -175,8 +176,7 @@ def test_a_request_goes_where_its_kv_fits_not_behind_a_long_one(checkpoint):
     try:
         async def main():
             prompt = eng.tokenizer("x").input_ids
-            short = SamplingParams(max_tokens=8, max_denoising_steps=2, ignore_eos=True)
-            endless = SamplingParams(max_tokens=4000, max_denoising_steps=6, ignore_eos=True)
+            short, endless = SHORT, ENDLESS
             long = eng.generate(prompt, endless, "long")
             first = eng.generate(prompt, short, "short1")
             second = eng.generate(prompt, short, "short2")
