@@ -84,7 +84,7 @@ class Chat:
             or message_chars(req) > TOKENIZE_IN_THREAD_CHARS
         ids, text = await gate.run(prepare) if large else prepare()
         limit.check_tokens(len(ids), "messages", "the prompt")
-        return ChatPrompts([ids], lambda: text, parse_tool_calls=declares_tools(req))
+        return ChatPrompts([ids], lambda: text, tool_names=declared_names(req))
 
     def opening(self, spec: ChoiceSpec, prompts: Prompts) -> dict | None:
         # with tools the answer may be calls alone, whose content is null (as in response_choice)
@@ -102,7 +102,7 @@ class Chat:
         message = {"role": "assistant", "content": result.text}
         calls: list[ToolCall] = []
         if prompts.parse_tool_calls:
-            content, calls = parse(result.text)
+            content, calls = parse(result.text, prompts.tool_names)
             message["content"] = content or None
             if calls:
                 message["tool_calls"] = [c.as_openai() for c in calls]
@@ -116,12 +116,17 @@ class Chat:
     def stream_choices(self, prompts: ChatPrompts):
         if not prompts.parse_tool_calls:
             return plain_stream_choices(self)
-        return ToolCallChoices(self).choices
+        return ToolCallChoices(self, prompts.tool_names).choices
 
 
 @dataclass
 class ChatPrompts(Prompts):
-    parse_tool_calls: bool = False  # tools were declared: the output is read for tool calls
+    tool_names: frozenset[str] = frozenset()  # the functions declared to the model (none: no tool calls read)
+
+    @property
+    def parse_tool_calls(self) -> bool:
+        """Tools were declared: the output is read for calls to them."""
+        return bool(self.tool_names)
 
 
 def finish_reason(reason: str | None, called: bool) -> str | None:
@@ -135,13 +140,14 @@ class ToolCallChoices:
     calls), and ``finish_reason`` ``tool_calls`` after a call. Text that may begin a call is held
     until it is settled."""
 
-    def __init__(self, chat: Chat):
+    def __init__(self, chat: Chat, declared: frozenset[str]):
         self.chat = chat
+        self.declared = declared
         self.readers: dict[int, ToolCallStream] = {}
         self.calls: dict[int, int] = {}  # choice index -> calls sent
 
     def choices(self, index: int, out: RequestOutput) -> list[dict]:
-        reader = self.readers.setdefault(index, ToolCallStream())
+        reader = self.readers.setdefault(index, ToolCallStream(self.declared))
         events = reader.feed(out.text) if out.text else []
         if out.finished:
             events += reader.finish()
@@ -241,6 +247,12 @@ def declares_tools(req: ChatCompletionRequest) -> bool:
     return bool(req.tools) and req.tool_choice != "none"
 
 
+def declared_names(req: ChatCompletionRequest) -> frozenset[str]:
+    """The names of the functions the template declares (``declares_tools``); a call to another one is
+    read as content."""
+    return frozenset(t.function.name for t in req.tools) if declares_tools(req) else frozenset()
+
+
 def template_tools(req: ChatCompletionRequest) -> list[dict] | None:
     """The declarations the template renders (``declares_tools``)."""
     return [t.model_dump(exclude_none=True) for t in req.tools] if declares_tools(req) else None
@@ -321,7 +333,7 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
 
         ids, inputs = await gate.run(work)
     limit.check_tokens(len(ids), "messages", "the prompt")
-    return ChatPrompts([ids], lambda: text, images=[inputs], parse_tool_calls=declares_tools(req))
+    return ChatPrompts([ids], lambda: text, images=[inputs], tool_names=declared_names(req))
 
 
 # Keys of apply_chat_template that would let a client swap the template (arbitrary Jinja: a CPU and

@@ -169,7 +169,7 @@ class Tool(_Lenient):
 
 
 class FunctionCall(_Lenient):
-    name: str = Field(pattern=f"^{NAME_PATTERN}$")  # as declared: the server never answers another
+    name: str = Field(pattern=f"^{NAME_PATTERN}$")  # the server answers only calls to declared functions
     arguments: str  # a JSON object, as OpenAI sends it
 
 
@@ -208,7 +208,8 @@ class ChatCompletionRequest(CommonFields):
     functions: list[Any] | None = Field(
         None, description="OpenAI's deprecated form of `tools`: a non-empty list is a 400 that says to use `tools`.")
     function_call: Union[str, dict[str, Any], None] = Field(
-        None, description="OpenAI's deprecated form of `tool_choice`: refused like `functions`.")
+        None, description="OpenAI's deprecated form of `tool_choice`: any value is a 400 that says to use "
+        "`tool_choice` with `tools`.")
     response_format: dict[str, Any] | None = Field(None, description="Only `{\"type\": \"text\"}`.")
     # vLLM-style chat template controls.
     add_generation_prompt: StrictBool = Field(True, description="End the prompt with the assistant turn's header.")

@@ -6,9 +6,9 @@ of ``key:value`` pairs with bare keys; a value is a string between two ``<|"|>``
 ``}`` or ``]``: a JSON number, ``true``, ``false``, ``null`` (or ``None``), or else the token's text
 as a string. Text around the blocks is the message's content.
 
-A block that does not parse (no ``call:``, a bad name, unbalanced brackets, an unterminated string,
-text after the arguments) stays in the content as it was written, and so does an opening marker
-that is never closed. ``parse`` reads a whole text; ``ToolCallStream`` reads it in pieces and gives
+A block that does not parse (no ``call:``, a bad name or one the request did not declare, unbalanced
+brackets, an unterminated string, text after the arguments) stays in the content as it was written, and
+so does an opening marker that is never closed. ``parse`` reads a whole text; ``ToolCallStream`` reads it in pieces and gives
 the same result for every way of cutting the text.
 """
 
@@ -52,8 +52,9 @@ class Malformed(ValueError):
     pass
 
 
-def parse_block(body: str) -> ToolCall | None:
-    """The call written between ``CALL_OPEN`` and ``CALL_CLOSE``, or ``None`` if it is malformed."""
+def parse_block(body: str, declared: frozenset[str]) -> ToolCall | None:
+    """The call written between ``CALL_OPEN`` and ``CALL_CLOSE``, or ``None`` if it is malformed or calls a
+    function not in ``declared`` (a client dispatches calls by the names it declared)."""
     try:
         body = body.strip()
         if not body.startswith(CALL_PREFIX):
@@ -62,8 +63,8 @@ def parse_block(body: str) -> ToolCall | None:
         if brace < 0:
             raise Malformed("no arguments")
         name = body[len(CALL_PREFIX):brace].strip()
-        if not _NAME.fullmatch(name):
-            raise Malformed(f"bad function name {name!r}")
+        if not _NAME.fullmatch(name) or name not in declared:
+            raise Malformed(f"bad or undeclared function name {name!r}")
         arguments, end = _Reader(body).object(brace)
         if body[end:].strip():
             raise Malformed("text after the arguments")
@@ -72,8 +73,9 @@ def parse_block(body: str) -> ToolCall | None:
     return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
 
 
-def parse(text: str) -> tuple[str, list[ToolCall]]:
-    """``(content, calls)`` of a whole text: the calls in order, and the text around them."""
+def parse(text: str, declared: frozenset[str]) -> tuple[str, list[ToolCall]]:
+    """``(content, calls)`` of a whole text: the calls (of ``declared`` functions) in order, and the text
+    around them."""
     content, calls, pos = [], [], 0
     while True:
         start = text.find(CALL_OPEN, pos)
@@ -82,21 +84,21 @@ def parse(text: str) -> tuple[str, list[ToolCall]]:
             content.append(text[pos:])
             return "".join(content), calls
         content.append(text[pos:start])
-        for item in _settle_block(text, start, end):
+        for item in _settle_block(text, start, end, declared):
             (content if isinstance(item, str) else calls).append(item)
         pos = end + len(CALL_CLOSE)
 
 
-def _settle_block(text: str, start: int, end: int) -> list[str | ToolCall]:
+def _settle_block(text: str, start: int, end: int, declared: frozenset[str]) -> list[str | ToolCall]:
     """The block from the ``CALL_OPEN`` at ``start`` to the ``CALL_CLOSE`` at ``end``: its call, or the
     block as text when it is malformed. A malformed block that holds another ``CALL_OPEN`` (a call the
     model abandoned before starting the next) is text up to the last one, and a call from there."""
-    call = parse_block(text[start + len(CALL_OPEN):end])
+    call = parse_block(text[start + len(CALL_OPEN):end], declared)
     if call is not None:
         return [call]
     inner = text.rfind(CALL_OPEN, start + len(CALL_OPEN), end)
     if inner >= 0:
-        call = parse_block(text[inner + len(CALL_OPEN):end])
+        call = parse_block(text[inner + len(CALL_OPEN):end], declared)
         if call is not None:
             return [text[start:inner], call]
     return [text[start:end + len(CALL_CLOSE)]]
@@ -106,9 +108,10 @@ class ToolCallStream:
     """``parse`` for a text that arrives in pieces. ``feed`` returns what is settled so far, in
     order: content strings and ``ToolCall`` objects. Text that could still become a call (a tail
     that begins ``CALL_OPEN``, or an open block) is held until it is settled; ``finish`` returns
-    what is left, as content."""
+    what is left, as content. ``declared``: the function names a call may have."""
 
-    def __init__(self):
+    def __init__(self, declared: frozenset[str]):
+        self.declared = declared
         self._pending = ""  # unsettled text: empty, a prefix of CALL_OPEN, or an open block
 
     def feed(self, text: str) -> list[str | ToolCall]:
@@ -127,7 +130,7 @@ class ToolCallStream:
             if end < 0:
                 self._pending = buf[start:]
                 return out
-            for item in _settle_block(buf, start, end):
+            for item in _settle_block(buf, start, end, self.declared):
                 if isinstance(item, str):
                     _add_text(out, item)
                 else:

@@ -78,6 +78,22 @@ def test_text_offset_after_an_unfinished_character():
             [t[0] for t in lp["tokens"] if not t.startswith("bytes:")]
 
 
+def test_the_tokens_of_a_stop_string_keep_their_entries(client):
+    """A stop string cuts the text before it, but the tokens that complete it count in completion_tokens
+    and keep their logprobs entries: exactly those start at or past the end of the text (docs/api.md)."""
+    base = dict(model=MODEL, prompt="Hello", max_tokens=48, seed=7, logprobs=1, extra_body={"ignore_eos": True})
+    full = client.completions.create(**base).choices[0].text
+    at = next(i for i in range(5, len(full) - 1) if full[i:i + 2].isascii() and full[i:i + 2].isprintable())
+    stop = full[at:at + 2]
+    r = client.completions.create(**{**base, "stop": [stop]})
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    assert (choice.finish_reason, choice.text) == ("stop", full[:full.index(stop)])
+    assert len(lp.tokens) == len(lp.text_offset) == r.usage.completion_tokens
+    first = next(k for k, offset in enumerate(lp.text_offset) if offset >= len(choice.text))
+    assert "".join(lp.tokens[first:]) == stop  # one character a token here
+    assert all(offset < len(choice.text) for offset in lp.text_offset[:first])
+
+
 def test_completion_logprobs_zero(client):
     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, seed=5, logprobs=0,
                                   extra_body={"ignore_eos": True})

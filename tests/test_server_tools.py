@@ -18,12 +18,20 @@ from engine.outputs import RequestOutput
 from server.chat import CHAT, ChatPrompts
 from server.choices import ChoiceResult, ChoiceSpec
 from server.default_model import EMBEDDED_SERVED_NAME
-from server.tool_calls import ToolCallStream, parse
+from server.tool_calls import ToolCallStream
+from server.tool_calls import parse as parse_declared
 from tests.test_server_errors import assert_error
 from tools.sudoku.common import BUCKETS, EVAL_SEED, eval_set
 from tools.tiny_checkpoint import build_byte_tokenizer
 
 Q = '<|"|>'  # Gemma 4's string quote
+# the functions the format tests declare ("bad name" is no valid name; "undeclared" is never declared)
+DECLARED = frozenset({"get_weather", "get_time", "f", "f-1_x", "g", "a", "b", "ping"})
+
+
+def parse(text: str, declared: frozenset[str] = DECLARED):
+    return parse_declared(text, declared)
+
 
 # -- the format --------------------------------------------------------------------------------
 
@@ -90,6 +98,17 @@ def test_a_malformed_call_stays_text(block):
     assert (content, calls) == (text, [])
 
 
+def test_a_call_to_a_function_not_declared_stays_text():
+    """A client dispatches calls by the names it declared: a well-formed call to another name is
+    content as written, whole and streamed in any two pieces."""
+    text = f"a <|tool_call>call:undeclared{{x:1}}<tool_call|> b <|tool_call>call:f{{y:2}}<tool_call|>"
+    content, calls = parse(text)
+    assert (content, calls_of(calls)) == ("a <|tool_call>call:undeclared{x:1}<tool_call|> b ", [("f", {"y": 2})])
+    for cut in range(len(text) + 1):
+        got, got_calls, _ = streamed([text[:cut], text[cut:]])
+        assert (got, calls_of(got_calls)) == (content, calls_of(calls)), cut
+
+
 def test_arguments_nested_to_the_limit_are_read():
     text = "<|tool_call>call:f{a:" + "[" * 64 + "]" * 64 + "}<tool_call|>"
     content, calls = parse(text)
@@ -128,7 +147,7 @@ SAMPLE = (f"Checking. <|tool_call>call:get_weather{{city:{Q}Paris, {{FR}}{Q},day
 
 def streamed(pieces) -> tuple[str, list, list]:
     """(content, calls, events) of a text fed to ``ToolCallStream`` in ``pieces``."""
-    reader = ToolCallStream()
+    reader = ToolCallStream(DECLARED)
     events = [e for p in pieces for e in reader.feed(p)] + reader.finish()
     content = "".join(e for e in events if isinstance(e, str))
     return content, [e for e in events if not isinstance(e, str)], events
@@ -151,7 +170,7 @@ def test_every_split_point_gives_the_whole_text_result():
 
 
 def test_the_stream_holds_back_only_what_may_start_a_call():
-    reader = ToolCallStream()
+    reader = ToolCallStream(DECLARED)
     assert reader.feed("Hi <") == ["Hi "]
     assert reader.feed("|tool_c") == []
     assert reader.feed("all>call:f{a:1}") == []  # an open block waits for its end
@@ -159,7 +178,7 @@ def test_the_stream_holds_back_only_what_may_start_a_call():
     assert (call.name, call.arguments, text) == ("f", '{"a": 1}', " <b> ")
     assert reader.feed("") == []
     assert reader.finish() == ["<"]
-    reader = ToolCallStream()
+    reader = ToolCallStream(DECLARED)
     assert reader.feed("a <|tool_call>call:f{a:1}") == ["a "]
     assert reader.finish() == ["<|tool_call>call:f{a:1}"]  # never closed: text
 
@@ -216,7 +235,7 @@ def response(choice: dict) -> ChatCompletion:
 
 def test_response_with_tool_calls():
     text = f"Sure.<|tool_call>call:get_weather{{city:{Q}Paris{Q}}}<tool_call|>"
-    choice = CHAT.response_choice(spec(), result(text, "stop"), ChatPrompts([[1]], "", parse_tool_calls=True))
+    choice = CHAT.response_choice(spec(), result(text, "stop"), ChatPrompts([[1]], "", tool_names=DECLARED))
     message = response(choice).choices[0].message
     assert response(choice).choices[0].finish_reason == "tool_calls"
     assert message.content == "Sure."
@@ -227,7 +246,7 @@ def test_response_with_tool_calls():
 
 def test_response_with_only_tool_calls_has_null_content():
     text = "<|tool_call>call:a{}<tool_call|><|tool_call>call:b{x:1}<tool_call|>"
-    choice = CHAT.response_choice(spec(), result(text, "stop"), ChatPrompts([[1]], "", parse_tool_calls=True))
+    choice = CHAT.response_choice(spec(), result(text, "stop"), ChatPrompts([[1]], "", tool_names=DECLARED))
     assert choice["message"]["content"] is None
     assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["a", "b"]
 
@@ -238,14 +257,15 @@ def test_response_with_only_tool_calls_has_null_content():
     (False, "<|tool_call>call:a{}<tool_call|>", "stop", "<|tool_call>call:a{}<tool_call|>", "stop"),  # no tools
 ])
 def test_response_finish_reason_and_content(parse_calls, text, reason, content, finish):
-    choice = CHAT.response_choice(spec(), result(text, reason), ChatPrompts([[1]], "", parse_tool_calls=parse_calls))
+    names = DECLARED if parse_calls else frozenset()
+    choice = CHAT.response_choice(spec(), result(text, reason), ChatPrompts([[1]], "", tool_names=names))
     assert (choice["message"]["content"], choice["finish_reason"]) == (content, finish)
     assert ("tool_calls" in choice["message"]) == (parse_calls and "<|tool_call>" in text)
 
 
 def stream_chunks(pieces: list[str], reason: str, parse_calls=True) -> list[ChatCompletionChunk]:
     """The chat endpoint's stream chunks for a choice whose committed text arrives in ``pieces``."""
-    shape = CHAT.stream_choices(ChatPrompts([[1]], "", parse_tool_calls=parse_calls))
+    shape = CHAT.stream_choices(ChatPrompts([[1]], "", tool_names=DECLARED if parse_calls else frozenset()))
     outs = [RequestOutput("r", text=p) for p in pieces[:-1]]
     outs.append(RequestOutput("r", text=pieces[-1], finished=True, finish_reason=reason))
     return [ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0,
@@ -274,7 +294,7 @@ def test_stream_sends_content_then_whole_calls_then_tool_calls_finish():
 def test_the_sdk_accumulates_a_stream_into_the_response_message(text):
     """The openai SDK's accumulator over the opening chunk and the stream gives the response's content:
     null for calls alone (not an empty string), the text otherwise."""
-    prompts = ChatPrompts([[1]], "", parse_tool_calls=True)
+    prompts = ChatPrompts([[1]], "", tool_names=DECLARED)
     opening = ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0,
                                                   "model": "m", "choices": [CHAT.opening(spec(), prompts)]})
     state = ChatCompletionStreamState()
@@ -455,13 +475,14 @@ def test_a_real_model_calls_tools_end_to_end(phrase_server):
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     prompt = phrase_tokenizer().apply_chat_template(messages, tools=[WEATHER], tokenize=False,
                                                     add_generation_prompt=True)
-    seen = {"calls": 0, "tool_calls finish": 0, "text and calls": 0, "call markup kept as text": 0}
+    seen = {"calls": 0, "tool_calls finish": 0, "text and calls": 0, "call markup kept as text": 0,
+            "undeclared call kept as text": 0}
     for seed in range(12):
         raw = client.completions.create(model="tiny-phrases", prompt=prompt, max_tokens=48, seed=seed)
         chat = client.chat.completions.create(model="tiny-phrases", messages=messages, tools=[WEATHER],
                                               max_tokens=48, seed=seed)
         assert chat.usage.prompt_tokens == raw.usage.prompt_tokens
-        content, calls = parse(raw.choices[0].text)
+        content, calls = parse(raw.choices[0].text, frozenset({"get_weather"}))  # the declared tool only
         message = chat.choices[0].message
         got_calls = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
         assert (message.content, got_calls) == (content or None, calls_of(calls)), seed
@@ -478,6 +499,7 @@ def test_a_real_model_calls_tools_end_to_end(phrase_server):
         seen["tool_calls finish"] += chat.choices[0].finish_reason == "tool_calls"
         seen["text and calls"] += bool(calls and content)
         seen["call markup kept as text"] += "<|tool_c" in content or "<tool_call|>" in content
+        seen["undeclared call kept as text"] += "call:ping{}<tool_call|>" in content
     assert all(seen.values()), seen  # each case happens for some of these seeds
 
 

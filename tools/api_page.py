@@ -200,7 +200,9 @@ starts; a special token the text skips (eos, pad) shows as itself, with no `byte
 characters. A final eos is a committed
 token and has its entry. Streams carry each committed canvas's entries in the chunk
 with its text delta (a chunk may have entries and no text while a character or a possible stop
-string is held back); tokens cut by a stop string have none.
+string is held back). The tokens that complete a stop string keep their entries, as they count in
+`usage.completion_tokens`: their `text_offset` is at or past the end of the text, which stops before
+the stop string; tokens after them have none.
 
 ### logit_bias and the penalties
 
