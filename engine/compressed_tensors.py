@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 
 import torch
@@ -291,7 +292,9 @@ class _RandomTensors:
     real loading path builds the model (FP8 or NVFP4 experts and dense targets) without weight files.
     Quantized weights are random codes with scales that give weights of about ``std``; other matrices
     are normal(0, ``std``), vectors ones (norm weights, router scales; a clipping bound keeps its
-    infinity) and persistent buffers keep the model's own values. Outputs are noise: for benchmarks."""
+    infinity) and persistent buffers keep the model's own values. Outputs are noise: for benchmarks. Each
+    tensor draws from a generator of its own, seeded from ``DUMMY_SEED`` and its name: every load and every
+    process (engine replicas) gets the same weights, and the caller's random state does not move."""
 
     def __init__(self, model: torch.nn.Module, fmt: str, dtype: torch.dtype, device: torch.device, folder: Path,
                  std: float):
@@ -346,18 +349,21 @@ class _RandomTensors:
         dev = self.device
         if kind == "buffer":
             return self._buffers[name].detach().clone()
+        from .loader import DUMMY_SEED
+
+        gen = torch.Generator(dev).manual_seed(DUMMY_SEED * 2**32 + zlib.crc32(name.encode()))
         if kind == "fp8":  # codes of about N(0, 1); with the scale below, weights of about N(0, std)
-            return torch.randn(shape, device=dev).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            return torch.randn(shape, device=dev, generator=gen).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         if kind == "scale":
             return torch.full(shape, self.std, dtype=self.load_dtype, device=dev)
         if kind == "packed":  # random E2M1 code pairs
-            return torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
+            return torch.randint(0, 256, shape, dtype=torch.uint8, device=dev, generator=gen)
         if kind == "fp8_scale":  # E2M1 codes reach 6: group scales that give weights of about std
             return torch.full(shape, self.std / 2, device=dev).to(torch.float8_e4m3fn)
         if kind == "global":
             return torch.ones(shape, dtype=torch.float32, device=dev)
         if len(shape) >= 2:
-            return torch.randn(shape, dtype=self.load_dtype, device=dev) * self.std
+            return torch.randn(shape, dtype=self.load_dtype, device=dev, generator=gen) * self.std
         bound = name.rsplit(".", 1)[-1]
         fill = {"input_min": -float("inf"), "output_min": -float("inf"),
                 "input_max": float("inf"), "output_max": float("inf")}.get(bound, 1.0)

@@ -9,8 +9,8 @@ kernel and a bfloat16 result:
     MoE experts    ``torch._scaled_grouped_mm``  tokens sorted by expert, one GEMM over all groups
 
 Elsewhere (CPU, older GPUs, other dtypes) the weights are dequantized and the product runs in the
-load dtype: ``engine.compressed_tensors`` is the reference path; ``tests/test_cuda.py`` compares the
-two on random inputs.
+load dtype: ``engine.compressed_tensors`` is the reference path; ``tests/test_compressed_tensors_cuda.py``
+compares the two on random inputs.
 """
 
 from __future__ import annotations

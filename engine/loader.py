@@ -276,7 +276,8 @@ def load_tokenizer(path: str, config) -> tuple[object, object | None]:
 def refuse_unknown_quantization(folder: str, config) -> None:
     """Raise ``CheckpointError`` for a ``quantization_config`` that transformers does not know: it would skip
     the quantization with a warning and load the quantized tensors as if they were plain weights. Known or
-    not is transformers' own test (bitsandbytes, for one, is named by its load_in_4bit / load_in_8bit)."""
+    not is transformers' own test (bitsandbytes, for one, is named by its load_in_4bit / load_in_8bit); a
+    known one whose backend is missing here (a package, a GPU) is refused in one line too."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
     qc = compressed_tensors.quantization_config_dict(config)
@@ -291,6 +292,12 @@ def refuse_unknown_quantization(folder: str, config) -> None:
     if not known:
         raise CheckpointError(f"the checkpoint {folder} is quantized with {method!r}, which neither this server "
                               f"(compressed-tensors) nor transformers can load")
+    try:  # transformers' own check of its backend (a package, a GPU), before any weight is read
+        AutoHfQuantizer.from_config(qc, pre_quantized=True).validate_environment(device_map=None, weights_only=True)
+    except (ImportError, RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"the checkpoint {folder} is quantized with {method!r}, which transformers cannot "
+                              f"load here: {reason}") from None
 
 
 def _compressed_config(settings: EngineSettings, config):

@@ -85,19 +85,40 @@ def test_a_tensor_in_another_shape_is_refused_naming_both_shapes(source, tmp_pat
                                       f"[{hidden}]")
 
 
-@pytest.mark.parametrize("config", [{"quant_method": "bitsandbytes", "load_in_4bit": True},
-                                    {"quant_method": "bitsandbytes", "load_in_8bit": True},
-                                    {"quant_method": "fp8", "weight_block_size": [128, 128]}])
-def test_a_quantization_method_transformers_knows_goes_to_it(config):
+def test_a_quantization_method_transformers_knows_goes_to_it():
     """Only the unknown ones are refused: transformers' own methods go to its loader (bitsandbytes is named
     by load_in_4bit / load_in_8bit, not by its quant_method alone)."""
     from types import SimpleNamespace
 
     from engine.loader import refuse_unknown_quantization
 
-    refuse_unknown_quantization("DIR", SimpleNamespace(quantization_config=config))
+    refuse_unknown_quantization("DIR", SimpleNamespace(quantization_config={"quant_method": "fp8",
+                                                                            "weight_block_size": [128, 128]}))
     with pytest.raises(CheckpointError):
         refuse_unknown_quantization("DIR", SimpleNamespace(quantization_config={"load_in_2bit": True}))
+
+
+@pytest.mark.parametrize("config, package, reason", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes",
+     "Using `bitsandbytes` 4-bit quantization requires bitsandbytes"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes",
+     "Using `bitsandbytes` 8-bit quantization requires bitsandbytes"),
+    ({"quant_method": "gptq", "bits": 4}, "optimum", "Loading a GPTQ quantized model requires optimum"),
+])
+def test_a_known_method_whose_backend_is_missing_is_refused_in_one_line(config, package, reason):
+    """A method transformers knows but cannot run here (its package is not installed) is refused before
+    any weight is read, in one line (not a traceback from inside from_pretrained)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from engine.loader import refuse_unknown_quantization
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(CheckpointError) as info:
+        refuse_unknown_quantization("DIR", SimpleNamespace(quantization_config=config))
+    assert str(info.value).startswith(f"the checkpoint DIR is quantized with {config['quant_method']!r}, which "
+                                      f"transformers cannot load here: {reason}")
 
 
 @pytest.mark.parametrize("replicas", ["1", "2"])

@@ -131,7 +131,8 @@ def test_no_fp8_gemm_reaches_every_fp8_layer(checkpoints):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_dummy_load_format_builds_the_published_layout_from_the_config(checkpoints, scheme, tmp_path):
     """--load-format dummy on a compressed-tensors config (no weight files): the same model, tensor for
-    tensor in shape and dtype, as loading the real checkpoint, with random values; it generates."""
+    tensor in shape and dtype, as loading the real checkpoint, with random values, the same in every load;
+    it generates."""
     import shutil
 
     folder, _ = checkpoints[scheme]
@@ -139,7 +140,14 @@ def test_dummy_load_format_builds_the_published_layout_from_the_config(checkpoin
     shutil.copytree(folder, config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     real = load_model(EngineSettings(model=str(folder))).model
     settings = EngineSettings(model=str(config_only), load_format="dummy")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     loaded = load_model(settings)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state did not move
+    # the same weights in every load (engine replicas each build the dummy model)
+    again = load_model(settings).model.state_dict()
+    assert all(torch.equal(t, again[k]) for k, t in loaded.model.state_dict().items())
     assert loaded.quantization == f"compressed-tensors-{scheme}"
     shapes = {n: (p.shape, p.dtype) for n, p in real.named_parameters(remove_duplicate=False)}
     assert {n: (p.shape, p.dtype) for n, p in loaded.model.named_parameters(remove_duplicate=False)} == shapes
@@ -435,3 +443,9 @@ def test_the_writer_refuses_a_folder_that_holds_files(source, tmp_path, capsys):
         main(["--src", str(source), "--out", str(tmp_path / "other"), "--shards", "0"])
     assert exc.value.code == 2 and "shards must be at least 1 (got 0)" in capsys.readouterr().err
     assert not (tmp_path / "other").exists() and not (tmp_path / "new").exists()
+    # a source it cannot read whole, or one already quantized (its scales would be quantized again)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(used))} has no model.safetensors: the source must be"):
+        write_quantized_checkpoint(used, tmp_path / "again", "fp8")
+    single = write_quantized_checkpoint(source, tmp_path / "one", "fp8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(single))} is already quantized: the source must be"):
+        write_quantized_checkpoint(single, tmp_path / "again", "fp8")

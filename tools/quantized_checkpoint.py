@@ -144,6 +144,11 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
         if folder is not None and Path(folder).is_dir() and any(Path(folder).iterdir()):
             raise ValueError(f"{folder} is not empty: write the checkpoint to a new or empty folder")
     src, out = Path(src), Path(out)
+    if not (src / "model.safetensors").is_file():
+        raise ValueError(f"{src} has no model.safetensors: the source must be a plain checkpoint in one file")
+    config = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    if "quantization_config" in config or "quantization_config" in config.get("text_config", {}):
+        raise ValueError(f"{src} is already quantized: the source must be a plain checkpoint")
     state = load_file(str(src / "model.safetensors"))
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
