@@ -204,8 +204,9 @@ def load_model(settings: EngineSettings) -> LoadedModel:
         if dtype not in batch_invariant_ops.SUPPORTED_DTYPES:
             raise SettingsError(f"batch_invariant on CUDA runs bfloat16, float16 or float32, not {dtype}")
         if compressed is not None:
-            raise SettingsError("batch_invariant on CUDA needs unquantized weights: this checkpoint is compressed-tensors "
-                             "(its FP8 products do not go through the batch-invariant kernels)")
+            raise SettingsError("batch_invariant on CUDA needs unquantized weights: this checkpoint is "
+                                "compressed-tensors (its FP8 products do not go through the batch-invariant "
+                                "kernels)")
         # fixed-order matrix products and means in place of cuBLAS's and torch's (engine.batch_invariant_ops)
         batch_invariant_ops.enable("CUDA")
     experts = settings.experts_implementation

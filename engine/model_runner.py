@@ -117,7 +117,8 @@ class ModelRunner:
         if self.rowwise_always and self.sampler.name != "fast":
             self.sampler.close()
             raise SettingsError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
-                             "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
+                                "entropy reduce over the vocabulary with torch's kernels, whose order depends on the "
+                                "batch")
         self.min_group_work = min_group_work(self.traced is not None)
         self.eager_masks = self.model.config._attn_implementation == "eager"
         # images (engine.multimodal): the placeholder token, and whether an image's placeholders attend to

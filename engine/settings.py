@@ -221,7 +221,8 @@ class EngineSettings:
             raise ValueError("data_parallel_size applies to CPU serving (a GPU runs one engine)")
         if self.batch_invariant and self.device.startswith("cuda") and self.sampler == "reference":
             raise ValueError("batch_invariant on CUDA needs --sampler fast: the reference sampler's softmax and "
-                             "entropy reduce over the vocabulary with torch's kernels, whose order depends on the batch")
+                             "entropy reduce over the vocabulary with torch's kernels, whose order depends on the "
+                             "batch")
         if self.batch_invariant and self.device.startswith("cuda") and self.dtype == "float64":
             raise ValueError("batch_invariant on CUDA runs bfloat16, float16 or float32, not float64")
         if self.batch_invariant and self.quantization != "none":

@@ -33,7 +33,8 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 # name (without prefix), type, help. docs/metrics.md is generated from the same text (python -m tools.reference_docs).
 METRIC_DOCS = [
     ("num_requests_running", "gauge", "Requests in the running set: prefilling their prompt or denoising a canvas."),
-    ("num_requests_waiting", "gauge", "Requests queued, waiting for a place in the running set (counted from their submission)."),
+    ("num_requests_waiting", "gauge",
+     "Requests queued, waiting for a place in the running set (counted from their submission)."),
     ("prompt_tokens_total", "counter", "Prompt tokens of finished engine requests (each choice counts its prompt)."),
     ("generation_tokens_total", "counter", "Completion tokens of finished engine requests, as usage.completion_tokens counts them (eos included; for a request whose client left, what it had committed)."),
     ("request_success_total", "counter", "Finished engine requests (one per choice), by the label finished_reason: stop, length, abort (client gone, shutdown, the engine died, or a sibling choice failed), error."),

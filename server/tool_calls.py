@@ -8,8 +8,8 @@ as a string. Text around the blocks is the message's content.
 
 A block that does not parse (no ``call:``, a bad name or one the request did not declare, unbalanced
 brackets, an unterminated string, text after the arguments) stays in the content as it was written, and
-so does an opening marker that is never closed. ``parse`` reads a whole text; ``ToolCallStream`` reads it in pieces and gives
-the same result for every way of cutting the text.
+so does an opening marker that is never closed. ``parse`` reads a whole text; ``ToolCallStream`` reads
+it in pieces and gives the same result for every way of cutting the text.
 """
 
 from __future__ import annotations

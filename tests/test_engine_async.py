@@ -210,8 +210,8 @@ class _FinishedRequests:
 
 def test_a_request_submitted_during_a_pass_waits_and_is_timed_from_its_submission(tmp_path, monkeypatch):
     """The passes take new requests only between two of them: one submitted during a pass counts as
-    waiting at once (the gauges are otherwise published after each pass), and its queue time (and so its latencies) starts at its submission, not when the
-    pass ends."""
+    waiting at once (the gauges are otherwise published after each pass), and its queue time (and so its
+    latencies) starts at its submission, not when the pass ends."""
     path = build_tiny_checkpoint(tmp_path / "tiny", TinySpec(dtype=torch.float64))
     sink = _FinishedRequests()
     eng = AsyncEngine(EngineSettings(model=str(path), dtype="float64", max_num_seqs=2, max_waiting=2), sink)
