@@ -37,6 +37,7 @@ import torch
 
 from .errors import CheckpointError  # noqa: F401  (re-exported: raised by this module's loaders)
 from .quantization import dequantize_rows
+from .settings import DUMMY_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -349,8 +350,6 @@ class _RandomTensors:
         dev = self.device
         if kind == "buffer":
             return self._buffers[name].detach().clone()
-        from .loader import DUMMY_SEED
-
         gen = torch.Generator(dev).manual_seed(DUMMY_SEED * 2**32 + zlib.crc32(name.encode()))
         if kind == "fp8":  # codes of about N(0, 1); with the scale below, weights of about N(0, std)
             return torch.randn(shape, device=dev, generator=gen).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

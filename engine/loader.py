@@ -15,7 +15,7 @@ from .import_noise import quiet_torchao_import_noise
 from .multimodal import load_processor
 from .quantization import DEQUANTIZED_EXPERTS, quantization_config, register_dequantized_experts
 from .sampling_params import SamplingParams
-from .settings import DTYPE_NAMES, EngineSettings
+from .settings import DTYPE_NAMES, DUMMY_SEED, EngineSettings
 
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present where an NVIDIA kernel driver is loaded
@@ -132,9 +132,6 @@ def defaults_from_generation_config(gen, canvas_length: int) -> SamplingParams:
         stability_threshold=int(pick("stability_threshold")),
         confidence_threshold=float(pick("confidence_threshold")),
     )
-
-
-DUMMY_SEED = 0  # load_format=dummy: the random weights' seed
 
 
 def _dummy_model(path: str, device: torch.device, kwargs: dict):

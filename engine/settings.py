@@ -14,6 +14,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 QUANTIZATION_METHODS = ("none", "fp8-experts", "int8-experts")
 SAMPLERS = ("reference", "fast")  # engine.sampling
 LOAD_FORMATS = ("auto", "dummy")  # engine.loader
+DUMMY_SEED = 0  # load_format=dummy: the random weights' seed
 
 
 def setting(default, help: str, *, default_text: str | None = None, flag: str | None = None,
