@@ -178,7 +178,16 @@ def run(settings: ServerSettings) -> int:
         "diffusion-server on http://%s:%d (model %s, auth %s, at most %d connections)",
         settings.host, settings.port, settings.model, "on" if settings.api_keys else "off", max_connections,
     )
-    server.run()
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn's start-up failure (its status 3 is this server's engine death)
+        if exc.code != uvicorn.config.STARTUP_FAILURE:
+            raise
+        logger.error("exiting: the server could not start on %s:%d (the reason is above)", settings.host, settings.port)
+        state = getattr(app.state, "server", None)
+        if state is not None and state.loading:
+            exit_now(1)
+        return 1
     state = getattr(app.state, "server", None)
     if state is not None and state.loading:  # stopped before the model was in: the load is not waited for
         logger.warning("exiting while the model was still loading")

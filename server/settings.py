@@ -211,7 +211,8 @@ class ServerSettings:
         engine.validate()
         # the checks that depend on the device, for the one auto picks here (only where a setting needs
         # them: resolving auto imports torch, which the container's health check should not wait for)
-        bound = engine.device_memory_limit_gib is not None or engine.trace_decoder or engine.data_parallel_size > 1
+        bound = (engine.device_memory_limit_gib is not None or engine.trace_decoder or engine.data_parallel_size > 1
+                 or engine.batch_invariant)
         if engine.device == "auto" and bound:
             replace(engine, device="cpu" if resolves_to_cpu("auto") else "cuda").validate()
 

@@ -311,6 +311,11 @@ def test_an_address_not_of_this_machine_exits_before_loading(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     assert "exiting: cannot listen on 192.0.2.1:8000: [Errno 99] Cannot assign requested address" in out.stderr
     assert "could not be loaded" not in out.stderr and "application startup" not in out.stderr
+    # port 0 has no check beforehand: uvicorn's own failure to bind is status 1 too (its 3 is an engine death)
+    out = subprocess.run([sys.executable, "-m", "server", "--host", "192.0.2.1", "--port", "0"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "exiting: the server could not start on 192.0.2.1:0 (the reason is above)" in out.stderr
 
 
 def test_request_log_lines(live_server):
