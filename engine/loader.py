@@ -186,6 +186,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(settings.model)  # before any weight is read: what it refuses costs nothing
+    check_tokenizer_files(settings.model)
     trained = config.get_text_config().max_position_embeddings
     if settings.max_model_len is not None and settings.max_model_len > trained:
         raise SettingsError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} tokens "
@@ -263,10 +264,22 @@ def refuse_incomplete(folder: str, info: dict) -> None:
         raise CheckpointError(f"the checkpoint {folder} {problems[0]}{more}: the model would run with it uninitialised")
 
 
+# A local checkpoint's tokenizer is in one of these (without one, transformers builds an empty tokenizer of
+# a few special tokens, and every prompt would be one unknown token).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """Refuse, in one line and before any weight is read, a local checkpoint folder with no tokenizer."""
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: no tokenizer in this folder (one of {', '.join(TOKENIZER_FILES)})")
+
+
 def load_tokenizer(path: str, config) -> tuple[object, object | None]:
     """The checkpoint's tokenizer, and its image processor (None: the checkpoint takes no images)."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return tokenizer, load_processor(path, tokenizer, config)
 

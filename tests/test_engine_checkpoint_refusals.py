@@ -45,6 +45,18 @@ def test_the_intact_checkpoint_loads(source):
     assert load_model(EngineSettings(model=str(source))).quantization == "none"
 
 
+def test_a_folder_without_a_tokenizer_is_refused(source, tmp_path):
+    """transformers would build an empty tokenizer of a few special tokens (every prompt one unknown token,
+    every answer empty): a folder with no tokenizer file is refused, in one line, before any weight is read."""
+    folder = _copy(source, tmp_path / "m", change_tensors=lambda t: t.clear())  # no weight is read either
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(CheckpointError) as info:
+        load_model(EngineSettings(model=str(folder)))
+    assert str(info.value) == (f"{folder}: no tokenizer in this folder (one of tokenizer.json, tokenizer.model, "
+                               "vocab.json, vocab.txt, spiece.model)")
+
+
 @pytest.mark.parametrize("dropped", [DROPPED, "model.decoder.layers.1.post_feedforward_layernorm.weight"])
 def test_a_missing_tensor_is_refused_naming_it(source, tmp_path, dropped):
     folder = _copy(source, tmp_path / "m", change_tensors=lambda t: t.pop(dropped))
