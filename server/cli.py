@@ -246,9 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in unknown_variables(os.environ):  # none close to a setting's (those stop it): logged, ignored
         logger.warning("%s is not a setting: ignored", name)
     if settings.model is None:
-        from .default_model import default_served_name, resolve_default_model
+        from .default_model import DefaultModelError, default_served_name, resolve_default_model
 
-        settings.model = resolve_default_model()
+        try:
+            settings.model = resolve_default_model()
+        except DefaultModelError as exc:
+            logger.error("exiting: %s", exc)
+            return 1
         if settings.served_model_name is None:
             settings.served_model_name = default_served_name(settings.model)
         logger.warning("no --model given: serving %s as %s", settings.model, settings.served_model_name)

@@ -127,6 +127,31 @@ def test_default_model_is_built_once(tmp_path, monkeypatch):
     assert default_model.default_served_name(str(path)) == "tiny-random-diffusiongemma-v1"
 
 
+def test_the_default_models_cache_heals_and_refuses_in_one_line(tmp_path, monkeypatch):
+    """A target left half made (no config.json) is built again, readable by others sharing the cache; a
+    cache folder it cannot write is one line naming it (exit 1), not a traceback."""
+    monkeypatch.setattr(default_model, "embedded_model_dir", lambda: tmp_path / "no_embedded_model")
+    monkeypatch.setenv("DIFFUSION_SERVER_CACHE", str(tmp_path / "cache"))
+    half = tmp_path / "cache" / default_model.TINY_DEFAULT_NAME
+    half.mkdir(parents=True)
+    (half / "model.safetensors").write_bytes(b"left by an interrupted copy")
+    path = Path(default_model.resolve_default_model())
+    assert path == half and (path / "config.json").is_file() and path.stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no leftovers
+    monkeypatch.setenv("DIFFUSION_SERVER_CACHE", "~/a-cache")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_model.cache_dir() == tmp_path / "home" / "a-cache"
+    monkeypatch.delenv("DIFFUSION_SERVER_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the XDG rules say
+    assert default_model.cache_dir() == tmp_path / "home" / ".cache" / "diffusion-server"
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("DIFFUSION_SERVER_CACHE", str(blocked))
+    with pytest.raises(default_model.DefaultModelError) as info:
+        default_model.resolve_default_model()
+    assert str(info.value).startswith(f"cannot build the default model in {blocked}: ")
+
+
 @pytest.mark.parametrize("model, message", [
     ("./no-such-model", "./no-such-model: no such folder"),
     ("~/no-such-model", "~/no-such-model: no such folder"),
