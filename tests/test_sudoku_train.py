@@ -180,6 +180,19 @@ def test_http_evaluator_takes_a_server_without_the_extension_fields():
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--log-every", "0"], "invalid positive_int value: '0'"),
+    (["--batch-size", "0"], "invalid positive_int value: '0'"),
+    (["--threads", "0"], "invalid positive_int value: '0'"),
+    (["--pool-givens", "26", "24"], "--pool-givens must be two counts from 17 to 80, the first the lower"),
+    (["--givens-start", "61"], "--givens-start (61) must be from the pool's lowest count (24) to --givens-max (60)"),
+])
+def test_the_trainer_refuses_bad_arguments_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--buckets", "45+"], "invalid choice: '45+'"),
     (["--concurrency", "0"], "invalid positive_int value: '0'"),
     (["--per-bucket", "-1"], "invalid positive_int value: '-1'"),

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from tools.sudoku import generator
+from tools.sudoku.common import positive_int
 from tools.sudoku.model import (
     BOS_ID,
     CANVAS_LENGTH,
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/sudoku")
     ap.add_argument("--size", default="small", choices=sorted(SIZES), help="model size (default: the shipped model's)")
-    ap.add_argument("--steps", type=int, default=6000, help="total optimizer steps (sets the cosine schedule)")
+    ap.add_argument("--steps", type=positive_int, default=6000, help="total optimizer steps (sets the cosine schedule)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="minutes of training (summed over resumes); schedule and curriculum follow "
                          "max(step / steps, elapsed / budget) and training stops when either is used up")
@@ -69,7 +70,7 @@ def parse_args(argv=None):
                     help="on resume, start a new phase: warmup, cosine schedule, curriculum and --time-budget "
                          "count from the resumed step (to --steps) instead of from step 0 (e.g. to continue a CPU "
                          "run on a GPU with a larger batch)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=200)
@@ -81,19 +82,26 @@ def parse_args(argv=None):
     ap.add_argument("--givens-max", type=int, default=60)
     ap.add_argument("--givens-start", type=int, default=45, help="lowest #givens at step 0")
     ap.add_argument("--curriculum-frac", type=float, default=0.4, help="fraction of steps to reach the pool minimum")
-    ap.add_argument("--pool-size", type=int, default=12000)
+    ap.add_argument("--pool-size", type=positive_int, default=12000)
     ap.add_argument("--pool-givens", type=int, nargs=2, default=[24, 26])
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--experts-implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
                     help="transformers' MoE kernel for training (default: transformers' choice, grouped_mm)")
-    ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--save-every", type=positive_int, default=250)
+    ap.add_argument("--log-every", type=positive_int, default=10)
     ap.add_argument("--export", default=None, metavar="DIR", help="only export the latest checkpoint to DIR")
     ap.add_argument("--checkpoint", default=None, help="with --export: checkpoint file (default: latest)")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    low, high = args.pool_givens
+    if not 17 <= low <= high <= 80:  # no Sudoku with fewer than 17 givens has one solution
+        ap.error(f"--pool-givens must be two counts from 17 to 80, the first the lower (got {low} {high})")
+    if not low <= args.givens_start <= args.givens_max <= 80:
+        ap.error(f"--givens-start ({args.givens_start}) must be from the pool's lowest count ({low}) to "
+                 f"--givens-max ({args.givens_max}), which is at most 80")
+    return args
 
 
 # ------------------------------------------------------------------------------------------ data
