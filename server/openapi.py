@@ -46,18 +46,53 @@ ERROR_STATUSES = {
     "503": "Loading, draining, a dead engine, or every connection busy (Retry-After).",
 }
 
-COMPLETION_RESPONSE = {
+# The 200 bodies (not streamed) as OpenAI's SDK reads them; fields beyond these (usage's denoising_steps, ...)
+# are extensions.
+USAGE = {
     "type": "object",
-    "required": ["id", "object", "created", "model", "choices"],
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {name: {"type": "integer", "minimum": 0}
+                   for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+}
+FINISH_REASON = {"enum": ["stop", "length", "tool_calls"]}
+COMPLETION_CHOICE = {
+    "type": "object",
+    "required": ["index", "text", "logprobs", "finish_reason"],
+    "properties": {"index": {"type": "integer", "minimum": 0}, "text": {"type": "string"},
+                   "logprobs": {"type": ["object", "null"]}, "finish_reason": FINISH_REASON},
+}
+CHAT_CHOICE = {
+    "type": "object",
+    "required": ["index", "message", "logprobs", "finish_reason"],
     "properties": {
-        "id": {"type": "string"},
-        "object": {"type": "string"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {"type": "array", "items": {"type": "object"}},
-        "usage": {"type": "object"},
+        "index": {"type": "integer", "minimum": 0},
+        "message": {"type": "object", "required": ["role", "content"],
+                    "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                                   "tool_calls": {"type": "array", "items": {"type": "object"}}}},
+        "logprobs": {"type": ["object", "null"]},
+        "finish_reason": FINISH_REASON,
     },
 }
+
+
+def completion_response(object_name: str, choice: dict) -> dict:
+    """The schema of a 200 body whose ``object`` is ``object_name`` and whose choices are ``choice``."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": object_name},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "minItems": 1, "items": choice},
+            "usage": USAGE,
+        },
+    }
+
+
+RESPONSES = {"/v1/completions": completion_response("text_completion", COMPLETION_CHOICE),
+             "/v1/chat/completions": completion_response("chat.completion", CHAT_CHOICE)}
 
 
 # One server-sent event (``data: {json chunk}`` or ``data: [DONE]``), as event-stream validators see it.
@@ -92,7 +127,7 @@ def install_openapi(app: FastAPI) -> None:
             op["responses"] = {
                 "200": {
                     "description": "A completion (JSON), or server-sent events when stream is true.",
-                    "content": {"application/json": {"schema": COMPLETION_RESPONSE},
+                    "content": {"application/json": {"schema": RESPONSES[path]},
                                 "text/event-stream": {"schema": SSE_EVENT}},
                 },
                 **_error_responses(["400", "401", "403", "404", "413", "429", "500", "503"]),

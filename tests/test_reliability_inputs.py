@@ -587,6 +587,28 @@ def test_with_keys_a_keyless_client_cannot_make_the_server_read_a_body(limits_se
     assert httpx.get(limits_server.url + "/health", timeout=10).status_code == 200  # reads stay open
 
 
+def test_the_documented_200_bodies_are_checked_field_by_field(live_server):
+    """The OpenAPI document's 200 schemas (which the schemathesis run below checks every body against) hold
+    for real responses and fail a body missing a choice's field or with a count that is not a number."""
+    import copy
+
+    from jsonschema import Draft202012Validator
+
+    doc = httpx.get(live_server.url + "/openapi.json", timeout=10).json()
+    cases = [("/v1/completions", {"prompt": "hi", "max_tokens": 4, "logprobs": 1}, "text"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, "message")]
+    for path, body, field in cases:
+        schema = doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        validator = Draft202012Validator(schema)
+        r = httpx.post(live_server.url + path, json=body, headers=live_server.headers, timeout=60)
+        assert r.status_code == 200, r.text
+        validator.validate(r.json())
+        missing, wrong = copy.deepcopy(r.json()), copy.deepcopy(r.json())
+        del missing["choices"][0][field]
+        wrong["usage"]["prompt_tokens"] = str(wrong["usage"]["prompt_tokens"])
+        assert not validator.is_valid(missing) and not validator.is_valid(wrong), path
+
+
 # -- schemathesis against the server's own OpenAPI document -----------------------------------
 # A bounded, derandomized run for CI; docs/reliability.md has the command for a longer one.
 
