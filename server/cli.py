@@ -99,7 +99,7 @@ def _coerce(option, key: str, value):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError
             return float(value)
-        if isinstance(value, (list, dict)):  # a text setting takes one scalar (YAML reads 8000 or 1.5 as numbers)
+        if isinstance(value, (list, dict, bool)):  # a text setting takes a scalar (YAML reads 8000 as a number)
             raise ValueError
         return str(value)
     except ValueError:

@@ -93,8 +93,8 @@ def test_a_config_key_without_a_value_is_refused(tmp_path, key, kind):
     assert str(info.value) == f"config: '{key}' has no value: give {article} {kind} or leave the key out"
 
 
-@pytest.mark.parametrize("value, shown", [("[a, b]", "['a', 'b']"), ("{x: 1}", "{'x': 1}")])
-def test_a_text_setting_refuses_a_list_or_a_mapping(tmp_path, value, shown):
+@pytest.mark.parametrize("value, shown", [("[a, b]", "['a', 'b']"), ("{x: 1}", "{'x': 1}"), ("yes", "True")])
+def test_a_text_setting_refuses_a_list_a_mapping_or_a_bool(tmp_path, value, shown):
     cfg = tmp_path / "wrong.yaml"
     cfg.write_text(f"served-model-name: {value}\n")
     with pytest.raises(SystemExit) as info:
