@@ -191,7 +191,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     if settings.max_model_len is not None and settings.max_model_len > trained:
         raise SettingsError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} tokens "
                          "(max_position_embeddings): positions past it were never trained")
-    compressed = _compressed_config(settings, config)  # a checkpoint quantized by LLM Compressor, or None
+    compressed = _compressed_config(settings, config, device)  # quantized by LLM Compressor, or None
     if compressed is not None and settings.trace_decoder:
         raise SettingsError("trace_decoder cannot record this checkpoint's quantized experts (compressed-tensors): "
                          "they dequantize in loops over their sizes on every call")
@@ -284,11 +284,12 @@ def load_tokenizer(path: str, config) -> tuple[object, object | None]:
     return tokenizer, load_processor(path, tokenizer, config)
 
 
-def refuse_unknown_quantization(folder: str, config) -> None:
+def refuse_unknown_quantization(folder: str, config, device_map: str | None = None) -> None:
     """Raise ``CheckpointError`` for a ``quantization_config`` that transformers does not know: it would skip
     the quantization with a warning and load the quantized tensors as if they were plain weights. Known or
     not is transformers' own test (bitsandbytes, for one, is named by its load_in_4bit / load_in_8bit); a
-    known one whose backend is missing here (a package, a GPU) is refused in one line too."""
+    known one whose backend is missing here (a package, a GPU) is refused in one line too, checked for
+    ``device_map`` as the load will pass it (None on CPU)."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
     qc = compressed_tensors.quantization_config_dict(config)
@@ -304,17 +305,18 @@ def refuse_unknown_quantization(folder: str, config) -> None:
         raise CheckpointError(f"the checkpoint {folder} is quantized with {method!r}, which neither this server "
                               f"(compressed-tensors) nor transformers can load")
     try:  # transformers' own check of its backend (a package, a GPU), before any weight is read
-        AutoHfQuantizer.from_config(qc, pre_quantized=True).validate_environment(device_map=None, weights_only=True)
+        quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=True)
+        quantizer.validate_environment(device_map=device_map, weights_only=True)
     except (ImportError, RuntimeError, AssertionError, TypeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"the checkpoint {folder} is quantized with {method!r}, which transformers cannot "
                               f"load here: {reason}") from None
 
 
-def _compressed_config(settings: EngineSettings, config):
+def _compressed_config(settings: EngineSettings, config, device: torch.device):
     """The checkpoint's ``config`` when it is quantized in the compressed-tensors format, else None."""
     if compressed_tensors.compressed_config(config) is None:
-        refuse_unknown_quantization(settings.model, config)
+        refuse_unknown_quantization(settings.model, config, None if device.type == "cpu" else str(device))
         return None
     if settings.quantization != "none":
         raise CheckpointError(

@@ -49,7 +49,7 @@ from .async_engine import AsyncEngine
 from .cpu_threads import default_forward_threads
 from .errors import log_load_failure
 from .kv_budget import kv_reservation, kv_tokens_needed
-from .loader import load_tokenizer, resolve_device
+from .loader import load_tokenizer, local_folder, resolve_device
 from .multimodal import ImageInputs
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -163,7 +163,7 @@ class ReplicatedEngine(AsyncEngine):
                     raise self._exited_while_loading(index) from None
             rules = self._await_all("ready")
             rule = min(rules, key=lambda r: r.max_num_kv_tokens)  # a request that fits it fits every replica
-            tokenizer, processor = load_tokenizer(settings.model, rule.model_config)
+            tokenizer, processor = load_tokenizer(local_folder(settings.model), rule.model_config)
         except BaseException:
             self._stopping = True
             self._terminate()

@@ -63,7 +63,8 @@ def resolve_default_model() -> str:
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
         try:
             build_tiny_checkpoint(tmp)
-            tmp.chmod(0o755)  # as a folder made with mkdir: others sharing the cache can read it
+            for path in (tmp, *tmp.rglob("*")):  # as mkdir and open make them: others sharing the cache can read
+                path.chmod(0o755 if path.is_dir() else 0o644)
             if target.exists() and not (target / "config.json").is_file():
                 stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
                 os.replace(target, stale / TINY_DEFAULT_NAME)

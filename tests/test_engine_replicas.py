@@ -192,6 +192,22 @@ def test_a_request_goes_where_its_kv_fits_not_behind_a_long_one(checkpoint):
         eng.shutdown()
 
 
+def test_replicas_serve_a_model_in_the_home_folder(tmp_path, monkeypatch):
+    """--model ~/...: the front (its tokenizer) and each replica read the same local folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    build_tiny_checkpoint(tmp_path / "home" / "models" / "tiny", TinySpec(dtype=torch.float32))
+    eng = ReplicatedEngine(EngineSettings(model="~/models/tiny", data_parallel_size=2, max_num_seqs=2, num_threads=1))
+    eng.start()
+    try:
+        async def main():
+            outs = [o async for o in eng.generate(eng.tokenizer("home").input_ids, SHORT, "home")]
+            assert outs[-1].finish_reason == "length"
+
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
 class _Finished:
     """The finish reason of each request the engine reported finished, by id."""
 

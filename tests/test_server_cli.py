@@ -137,6 +137,7 @@ def test_the_default_models_cache_heals_and_refuses_in_one_line(tmp_path, monkey
     (half / "model.safetensors").write_bytes(b"left by an interrupted copy")
     path = Path(default_model.resolve_default_model())
     assert path == half and (path / "config.json").is_file() and path.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o644}
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no leftovers
     monkeypatch.setenv("DIFFUSION_SERVER_CACHE", "~/a-cache")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -178,3 +178,14 @@ def test_validating_default_settings_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo,
                          env=dict(os.environ, PYTHONPATH=repo))
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_batch_invariant_is_checked_against_the_device_auto_picks(monkeypatch):
+    """With --device auto on a machine with a GPU, --batch-invariant --sampler reference is refused before
+    the model loads, as with --device cuda (it would otherwise be found once the weights are in)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as info:
+        settings_from_args(["--batch-invariant", "--sampler", "reference"])
+    assert str(info.value).startswith("invalid setting: batch_invariant on CUDA needs --sampler fast")

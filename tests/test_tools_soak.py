@@ -16,6 +16,7 @@ from tools.soak import main
     (["--concurrency", "0"], "--concurrency at least 1"),
     (["--duration", "0"], "--duration must be positive"),
     (["--warmup", "-1"], "--warmup at least 0"),
+    (["--long-tokens", "0"], "--long-tokens must be at least 1"),
 ])
 def test_soak_refuses_a_body_limit_it_cannot_know(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -34,3 +35,4 @@ def test_a_soak_whose_valid_streams_are_refused_fails(tmp_path, capsys):
     assert status == 1, summary
     assert summary["outcomes_incl_warmup"].get("stream:400", 0) > 0
     assert "unexpected responses" in summary["failures"], summary["failures"]
+    assert any("setting max_completion_tokens" in line for line in summary["unexpected"]), summary["unexpected"]

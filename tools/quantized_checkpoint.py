@@ -146,7 +146,9 @@ def write_quantized_checkpoint(src: str | Path, out: str | Path, scheme: str = "
     src, out = Path(src), Path(out)
     if not (src / "model.safetensors").is_file():
         raise ValueError(f"{src} has no model.safetensors: the source must be a plain checkpoint in one file")
-    config = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} has no config.json: the source must be a checkpoint folder")
+    config = json.loads((src / "config.json").read_text())
     if "quantization_config" in config or "quantization_config" in config.get("text_config", {}):
         raise ValueError(f"{src} is already quantized: the source must be a plain checkpoint")
     state = load_file(str(src / "model.safetensors"))

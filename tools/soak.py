@@ -104,14 +104,22 @@ class Soak:
         self.long_tokens = 2000  # the cut traffic's max_tokens: long enough to be cut (set_long_tokens)
 
     def set_long_tokens(self) -> None:
-        """The cut traffic's max_tokens, within the served model's context (less room for its prompts)."""
+        """The cut traffic's max_tokens: ``--long-tokens``, else 2000 within the served model's context (less
+        room for its prompts)."""
+        if self.args.long_tokens is not None:
+            self.long_tokens = self.args.long_tokens
+            return
         card = httpx.get(self.base + "/models", headers=self.headers, timeout=10).json()["data"][0]
         self.long_tokens = max(1, min(2000, card.get("max_model_len", 2000) - 256))
 
     def refused(self, kind: str, r: httpx.Response, content: bytes) -> None:
         """Valid traffic answered with neither 200 nor 429: an error in OpenAI's shape still fails the soak."""
         self.check_error(kind, r, content)
-        self.bad(kind, f"status {r.status_code}")
+        try:
+            reason = json.loads(content)["error"]["message"]
+        except Exception:  # noqa: BLE001 - check_error reported the shape
+            reason = ""
+        self.bad(kind, f"status {r.status_code} {reason}")
 
     def bad(self, kind: str, detail: str) -> None:
         self.counts[f"{kind}:UNEXPECTED"] += 1
@@ -295,12 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-tolerance-mb", type=float, default=32.0,
                    help="allowed RSS growth from the post-warm-up baseline to the end (default 32 MiB)")
     p.add_argument("--only", choices=sorted(KIND_ROLLS), help="send one kind of traffic only (default: the mix)")
+    p.add_argument("--long-tokens", type=int, default=None,
+                   help="max_tokens of the cut traffic (default: 2000 within the model's context less 256); "
+                        "at most the server's --max-completion-tokens")
     p.add_argument("--json-out", help="also write the summary here")
     args = p.parse_args(argv)
     if args.duration > 3600:
         raise SystemExit("soak: --duration is capped at 3600 s")
     if not args.duration > 0 or not args.warmup >= 0 or args.concurrency < 1:
         p.error("--duration must be positive, --warmup at least 0 and --concurrency at least 1")
+    if args.long_tokens is not None and args.long_tokens < 1:
+        p.error("--long-tokens must be at least 1")
     if args.body_bytes is None:
         if args.url:  # its oversized traffic would expect a 413 at a limit the server does not have
             p.error("--url needs --body-bytes: the running server's --max-request-body-bytes")
