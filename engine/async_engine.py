@@ -282,8 +282,10 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.core.has_work())
-                self._deliver_all(self.core.step())
+                outputs = self.core.step()
+                # gauges first: a reader that learns of a finish (and submits anew) sees it counted out
                 self._publish_gauges()
+                self._deliver_all(outputs)
         except BaseException as exc:  # the loop itself broke: report and fail everyone
             logger.exception("engine step loop died")
             self._dead = f"the engine's step loop died ({fault_name(exc)})"

@@ -153,7 +153,8 @@ def test_overload_429_and_nothing_lost(small_server):
     while any(t.is_alive() for t in threads):
         assert httpx.get(small_server.url + "/health", timeout=5).status_code == 200
         m = small_server.metrics()
-        assert m[RUNNING] <= SEQS and m[WAITING] <= WAITING_BOUND
+        # the documented bound is on unfinished requests (a request counts as waiting from its submission)
+        assert m[RUNNING] <= SEQS and m[RUNNING] + m[WAITING] <= BOUND, m
         time.sleep(0.05)
     for t in threads:
         t.join()
