@@ -69,6 +69,7 @@ class Gauges:
     kv_reserved_tokens: int = 0  # the running requests' slot buffers ...
     kv_budget_tokens: int = 0  # ... and the replica's KV budget
     num_live_states: int = 0
+    adds_taken: int = 0  # "add" messages read so far: the front counts those sent after them as waiting
 
 
 @dataclass
@@ -180,6 +181,7 @@ class ReplicatedEngine(AsyncEngine):
         self._kv_budgets = [r.max_num_kv_tokens for r in rules]
         # each replica's unfinished requests -> their KV reservations; guarded by _lock
         self._held: list[dict[str, int]] = [{} for _ in self._procs]
+        self._adds_sent = [0] * len(self._procs)  # "add" messages handed to each replica's pipe; guarded by _lock
         self._threads: list[threading.Thread] = []  # a reader and a sender per replica
 
     def _await_all(self, kind: str) -> list:
@@ -280,13 +282,16 @@ class ReplicatedEngine(AsyncEngine):
             self._waiting.popleft()
             self._replica_of[w.request_id] = index
             self._held[index][w.request_id] = need
+            self._adds_sent[index] += 1
             self._send(index, ("add", (w.request_id, (w.prompt_ids, w.params, w.images, w.arrival_time))))
         self._count_waiting()
 
     def _count_waiting(self) -> None:
-        """Under the lock: the waiting gauge, the front's queue and the replicas' own."""
+        """Under the lock: the waiting gauge, the front's queue, what was sent to a replica after its last
+        pass read its pipe, and the replicas' own queues."""
         if not self._closed:
-            self.num_waiting = len(self._waiting) + sum(g.num_waiting for g in self._gauges)
+            self.num_waiting = len(self._waiting) + sum(
+                g.num_waiting + sent - g.adds_taken for g, sent in zip(self._gauges, self._adds_sent))
 
     def _forget(self, request_id: str) -> None:
         # under the lock, after an unfinished request's abort was routed through _replica_of
@@ -335,6 +340,9 @@ class ReplicatedEngine(AsyncEngine):
                 if kind != "add":
                     raise
                 logger.error("request %s cannot be sent to engine replica %d: %r", payload[0], index, exc)
+                with self._lock:  # never to be read there
+                    self._adds_sent[index] -= 1
+                    self._count_waiting()
                 self._deliver(_failed(payload[0], exc))
                 continue
             try:
@@ -530,6 +538,7 @@ def _load(settings: EngineSettings, pipe: _Pipe, index: int):
 def _serve(core, pipe: _Pipe) -> None:
     """Passes and the front's messages until "stop"."""
     sink = core.stats
+    adds_taken = 0
     try:
         while True:
             outputs = []
@@ -540,6 +549,7 @@ def _serve(core, pipe: _Pipe) -> None:
                 if kind == "stop":
                     return
                 if kind == "add":
+                    adds_taken += 1
                     request_id, request = payload
                     try:
                         prompt_ids, params, images, arrival_time = pickle.loads(request)
@@ -555,7 +565,7 @@ def _serve(core, pipe: _Pipe) -> None:
                 timeout = 0
             outputs.extend(core.step())
             gauges = Gauges(core.num_running, core.num_waiting, core.scheduler.reserved_kv_tokens,
-                            core.max_num_kv_tokens, core.num_live_states())
+                            core.max_num_kv_tokens, core.num_live_states(), adds_taken)
             pipe.send(("pass", (outputs, sink.take(), gauges, aborted)))
     except _FrontGone:
         raise

@@ -141,11 +141,11 @@ def test_a_request_waits_for_whichever_replica_frees_a_place_first(checkpoint):
             await asyncio.sleep(0)
             first = asyncio.create_task(run("short1", short))
             await asyncio.sleep(0)
-            assert (eng._replica_of, eng.num_waiting) == ({"long": 0, "short1": 1}, 0)
+            assert (eng._replica_of, len(eng._waiting)) == ({"long": 0, "short1": 1}, 0)  # the front's queue
             gone = eng.generate(prompt, short, "gone")  # waits in the front: no replica has a place
             second = asyncio.create_task(run("short2", short))
             await asyncio.sleep(0)
-            assert eng.num_waiting == 2
+            assert len(eng._waiting) == 2
             await gone.aclose()  # its client left while it waited
             assert sink.reasons.get("gone") == "abort" and "gone" not in eng._replica_of
             assert (await second).finish_reason == "length" and (await first).finish_reason == "length"
@@ -185,6 +185,35 @@ def test_a_request_goes_where_its_kv_fits_not_behind_a_long_one(checkpoint):
                 assert [o async for o in stream][-1].finish_reason == "length"
             assert eng._replica_of == {"long": 0}  # both done while the long one runs
             await long.aclose()
+
+        asyncio.run(main())
+        _wait_idle(eng)
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stops a process with SIGSTOP")
+def test_a_request_sent_to_a_replica_counts_as_waiting_until_its_pass_takes_it(checkpoint):
+    """As with one engine, a request is waiting from its submission: one sent to a replica that has not
+    yet read it (stopped here, as in a long pass) counts, and stops counting once the replica runs it."""
+    eng = ReplicatedEngine(EngineSettings(model=str(checkpoint), data_parallel_size=2, max_num_seqs=2, num_threads=1))
+    eng.start()
+    try:
+        async def main():
+            for pid in (p.pid for p in eng._procs):
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                stream = eng.generate(eng.tokenizer("x").input_ids, ENDLESS, "sent")
+                assert (eng._replica_of, eng.num_waiting) == ({"sent": 0}, 1)
+            finally:
+                for pid in (p.pid for p in eng._procs):
+                    os.kill(pid, signal.SIGCONT)
+            assert not (await stream.__anext__()).finished  # the replica took it and runs it
+            deadline = time.monotonic() + 60  # the gauges come with its next pass; this only bounds a hang
+            while (eng.num_running, eng.num_waiting) != (1, 0):
+                assert time.monotonic() < deadline, (eng.num_running, eng.num_waiting)
+                await asyncio.sleep(0.01)
+            await stream.aclose()
 
         asyncio.run(main())
         _wait_idle(eng)
