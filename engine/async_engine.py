@@ -270,11 +270,13 @@ class AsyncEngine:
                 return
 
     def _publish_gauges(self) -> None:
-        """Snapshot the core's counts for readers on other threads (the core itself is not thread-safe)."""
+        """Snapshot the core's counts for readers on other threads (the core itself is not thread-safe).
+        Waiting is written before running, and readers read running first (``EngineClient``): a request that
+        moved from waiting to running is never counted in both by a read between the two writes."""
         core = self.core
-        self.num_running = core.num_running
         with self._lock:
             self.num_waiting = core.num_waiting + self._inbox_adds
+        self.num_running = core.num_running
         self.kv_usage = core.kv_usage
         self._num_live_states = core.num_live_states()
 

@@ -390,6 +390,7 @@ class ReplicatedEngine(AsyncEngine):
                 return
             self._gauges[index] = gauges
             all_ = self._gauges
+            self._count_waiting()  # before running (AsyncEngine._publish_gauges says why)
             self.num_running = sum(g.num_running for g in all_)
             self.kv_usage = sum(g.kv_reserved_tokens for g in all_) / max(1, sum(g.kv_budget_tokens for g in all_))
             self._num_live_states = sum(g.num_live_states for g in all_)

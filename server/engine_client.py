@@ -33,7 +33,8 @@ class EngineClient(Protocol):
     canvas_length: int
     default_params: SamplingParams  # the checkpoint's generation config, fully resolved
 
-    # gauges, as the step loop last published them
+    # gauges, as the step loop last published them (read num_running first: a request moving from waiting
+    # to running then shows in one of them at most)
     num_running: int
     num_waiting: int
     kv_usage: float  # fraction of the KV token budget the running requests hold (0..1)
