@@ -189,12 +189,12 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     check_tokenizer_files(settings.model)
     trained = config.get_text_config().max_position_embeddings
     if settings.max_model_len is not None and settings.max_model_len > trained:
-        raise SettingsError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} tokens "
-                         "(max_position_embeddings): positions past it were never trained")
+        raise SettingsError(f"max_model_len {settings.max_model_len} is over the model's context of {trained} "
+                            "tokens (max_position_embeddings): positions past it were never trained")
     compressed = _compressed_config(settings, config, device)  # quantized by LLM Compressor, or None
     if compressed is not None and settings.trace_decoder:
         raise SettingsError("trace_decoder cannot record this checkpoint's quantized experts (compressed-tensors): "
-                         "they dequantize in loops over their sizes on every call")
+                            "they dequantize in loops over their sizes on every call")
     invariant = settings.batch_invariant
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
@@ -279,8 +279,7 @@ def load_tokenizer(path: str, config) -> tuple[object, object | None]:
     """The checkpoint's tokenizer, and its image processor (None: the checkpoint takes no images)."""
     from transformers import AutoTokenizer
 
-    check_tokenizer_files(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)  # its files were checked by load_model
     return tokenizer, load_processor(path, tokenizer, config)
 
 
