@@ -41,6 +41,14 @@ def kv_tokens_needed(reservations: Iterable[int], max_rows: int) -> int:
     return rows * longest
 
 
+def most_max_tokens_alone(prompt_len: int, canvas_length: int, budget: int) -> int:
+    """The largest ``max_tokens`` whose reservation fits ``budget`` with nothing else running (0: none, the
+    prompt alone is over it). Alone, a request's slot buffers are one row of its reservation."""
+    if prompt_len > budget:
+        return 0
+    return ((budget - prompt_len) // canvas_length + 1) * canvas_length
+
+
 def fits_alone(reservation: int, max_rows: int, budget: int) -> bool:
     """Whether a request reserving ``reservation`` KV tokens fits ``budget`` with nothing else running."""
     return kv_tokens_needed([reservation], max_rows) <= budget

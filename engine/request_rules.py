@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import InvalidRequestError
-from .kv_budget import fits_alone, kv_reservation
+from .kv_budget import fits_alone, kv_reservation, most_max_tokens_alone
 from .multimodal import ImageInputs, check_images
 from .sampling_params import SamplingParams, validate_resolved
 
@@ -57,18 +57,19 @@ class RequestRules:
         """A request must fit the KV budget with nothing else running: 400 ``limit_exceeded`` naming the
         prompt when it alone is over it, else ``max_tokens`` with the most that would fit."""
         budget, canvas = self.max_num_kv_tokens, self.canvas_length
-        if fits_alone(kv_reservation(prompt_len, max_tokens, canvas), self.max_num_seqs, budget):
+        need = kv_reservation(prompt_len, max_tokens, canvas)
+        if fits_alone(need, self.max_num_seqs, budget):
             return
         where = (f"this server's KV budget for one request ({budget} tokens; settings max_num_kv_tokens and "
                  "memory_fraction)")
-        if not fits_alone(kv_reservation(prompt_len, 1, canvas), self.max_num_seqs, budget):
+        most = most_max_tokens_alone(prompt_len, canvas, budget)
+        if most == 0:
             raise InvalidRequestError(f"the prompt alone needs {prompt_len} KV tokens, more than {where}",
                                       "prompt", "limit_exceeded")
-        most = ((budget - prompt_len) // canvas + 1) * canvas
         raise InvalidRequestError(
-            f"the prompt and max_tokens need {kv_reservation(prompt_len, max_tokens, canvas)} KV tokens (the prompt "
-            f"and every canvas of {canvas} but the last), more than {where}: with this prompt, max_tokens can be at "
-            f"most {most}", "max_tokens", "limit_exceeded")
+            f"the prompt and max_tokens need {need} KV tokens (the prompt and every canvas of {canvas} but the "
+            f"last), more than {where}: with this prompt, max_tokens can be at most {most}", "max_tokens",
+            "limit_exceeded")
 
     def check_prompt(self, prompt_ids) -> None:
         """Every prompt token must be an int in [0, vocab). C-speed min/max after a type check."""
