@@ -175,6 +175,7 @@ def is_solved(grid: str | Sequence[int], puzzle: str | Sequence[int]) -> bool:
 
 
 MAX_GRIDS = 1000  # grids ``make_puzzle(unique=True)`` draws before it gives up
+MIN_UNIQUE_GIVENS = 17  # no Sudoku with fewer givens has exactly one solution
 
 
 def make_puzzle(rng: random.Random, givens: int, unique: bool = False) -> tuple[str, str]:
@@ -186,8 +187,8 @@ def make_puzzle(rng: random.Random, givens: int, unique: bool = False) -> tuple[
     """
     if not 0 <= givens <= 81:
         raise ValueError("givens must be in 0..81")
-    if unique and givens < 17:
-        raise ValueError(f"no Sudoku with {givens} givens has exactly one solution (17 at least)")
+    if unique and givens < MIN_UNIQUE_GIVENS:
+        raise ValueError(f"no Sudoku with {givens} givens has exactly one solution ({MIN_UNIQUE_GIVENS} at least)")
     for _ in range(MAX_GRIDS if unique else 1):
         sol = random_solution(rng)
         order = list(range(81))

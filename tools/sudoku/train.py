@@ -96,8 +96,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     low, high = args.pool_givens
-    if not 17 <= low <= high <= 80:  # no Sudoku with fewer than 17 givens has one solution
-        ap.error(f"--pool-givens must be two counts from 17 to 80, the first the lower (got {low} {high})")
+    if not generator.MIN_UNIQUE_GIVENS <= low <= high <= 80:  # the pool's puzzles have one solution each
+        ap.error(f"--pool-givens must be two counts from {generator.MIN_UNIQUE_GIVENS} to 80, the first the lower "
+                 f"(got {low} {high})")
     if not low <= args.givens_start <= args.givens_max <= 80:
         ap.error(f"--givens-start ({args.givens_start}) must be from the pool's lowest count ({low}) to "
                  f"--givens-max ({args.givens_max}), which is at most 80")
