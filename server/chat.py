@@ -39,6 +39,8 @@ class Chat:
             raise errors.bad_request("top_logprobs needs logprobs to be true.", "top_logprobs")
         choice = req.tool_choice
         forced = "naming a function" if isinstance(choice, dict) else repr(choice)
+        if choice is not None and not req.tools:  # as OpenAI: a choice among no tools is a mistake
+            raise errors.bad_request("tool_choice is only allowed when tools are given.", "tool_choice")
         unsupported(
             tool_choice=(choice not in (None, "auto", "none"),
                          f"tool_choice {forced} is not supported: this server cannot force the model to call a "

@@ -204,7 +204,8 @@ class ChatCompletionRequest(CommonFields):
         "`message.tool_calls` (docs/tools.md). At most the setting `max_tools`, `max_tools_chars` characters in all.")
     tool_choice: Union[str, dict[str, Any], None] = Field(
         None, description="`auto` (the default with tools) or `none` (the declarations are left out of the prompt and "
-        "the output is plain text). `required` and a named function are a 400: nothing forces the model to call.")
+        "the output is plain text). `required` and a named function are a 400: nothing forces the model to call. "
+        "Without `tools`, any value is a 400.")
     functions: list[Any] | None = Field(
         None, description="OpenAI's deprecated form of `tools`: a non-empty list is a 400 that says to use `tools`.")
     function_call: Union[str, dict[str, Any], None] = Field(

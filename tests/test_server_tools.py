@@ -560,6 +560,9 @@ UNSUPPORTED_CHOICE = "is not supported: this server cannot force the model to ca
      "tool_choice 'required' " + UNSUPPORTED_CHOICE),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
      "unsupported_parameter", "tool_choice naming a function " + UNSUPPORTED_CHOICE),
+    ({"tool_choice": "auto"}, "tool_choice", None, "tool_choice is only allowed when tools are given."),
+    ({"tools": [], "tool_choice": "none"}, "tool_choice", None, "tool_choice is only allowed when tools are given."),
+    ({"tool_choice": "required"}, "tool_choice", None, "tool_choice is only allowed when tools are given."),
     ({"tools": [tool("a"), tool("b"), tool("c")]}, "tools", "limit_exceeded",
      "Too many tools: 3, the limit is 2 (setting max_tools)."),
     ({"tools": [tool("a", "x" * 400)]}, "tools", "limit_exceeded",  # 400 x and 62 characters of JSON
