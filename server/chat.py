@@ -308,8 +308,8 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
                         urls: list[tuple[str, str]]) -> Prompts:
     """A conversation with images: their number checked first, then (in a preprocessing turn, off the event
     loop) the template rendered and its text checked, then the http(s) ones fetched (in a fetch turn,
-    ``ImageFetches``), then (in another preprocessing turn) each decoded within the limits and the text and
-    images through the processor."""
+    ``ImageFetches``), then (in a decoding turn, ``ImageReader.decodes``) each decoded within the limits and
+    the text and images through the processor."""
     images.check_count(len(urls))
 
     # a text that cannot fit is refused before any image is fetched or decoded
@@ -333,7 +333,7 @@ async def image_prompts(req: ChatCompletionRequest, tokenizer, limit: PromptLimi
                 raise errors.bad_request(f"These messages cannot take their images: {exc}.", "messages") from None
             return ids, inputs
 
-        ids, inputs = await gate.run(work)
+        ids, inputs = await images.decodes.run(work)
     limit.check_tokens(len(ids), "messages", "the prompt")
     return ChatPrompts([ids], lambda: text, images=[inputs], tool_names=declared_names(req))
 

@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from . import errors
+from .preprocess import PreprocessGate
 from .request_limits import limit_error
 
 # The picture formats decoded (OpenAI's list); anything else is refused without decoding it.
@@ -213,12 +214,13 @@ class ImageReader:
     fetch: bool
     fetch_timeout: float
     fetches: ImageFetches | None = None  # the server's fetch turns (``chat.image_prompts`` needs them)
+    decodes: PreprocessGate | None = None  # the server's decoding turns (``chat.image_prompts`` needs them)
 
     @classmethod
-    def of(cls, settings, processor, model: str, fetches: ImageFetches) -> "ImageReader":
+    def of(cls, settings, processor, model: str, fetches: ImageFetches, decodes: PreprocessGate) -> "ImageReader":
         return cls(processor, model, settings.engine.max_images_per_prompt, settings.max_image_bytes,
                    settings.max_image_pixels, settings.max_jpeg_scans, settings.image_url_fetch,
-                   settings.image_fetch_timeout_seconds, fetches)
+                   settings.image_fetch_timeout_seconds, fetches, decodes)
 
     def check_count(self, count: int) -> None:
         """Before anything is read: the model takes images, and no more than the setting allows."""

@@ -1,10 +1,11 @@
 """The turns of the work a request needs before the engine sees it, in worker threads: parsing a large
-body, rendering and tokenizing a large prompt, decoding images, formatting a large response's
-log-probabilities (setting ``preprocess_concurrency``)."""
+body, rendering and tokenizing a large prompt, formatting a large response's log-probabilities (setting
+``preprocess_concurrency``); and, in turns of their own, decoding images (``image_decode_concurrency``)."""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -19,9 +20,13 @@ class PreprocessGate:
     ``request_aborted``, as every request the drain aborts); the job itself runs on to its end in its
     thread, which no one can stop."""
 
-    def __init__(self, concurrency: int):
+    def __init__(self, concurrency: int, own_threads: str | None = None):
+        """``own_threads``: run the jobs in a pool of ``concurrency`` threads of that name, not the event
+        loop's default executor, so that a job that runs on after its request was cancelled still holds a
+        thread: at most ``concurrency`` such jobs run at once, whatever clients do."""
         self._turns = asyncio.Semaphore(concurrency)
         self._aborted = asyncio.Event()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=own_threads) if own_threads else None
 
     def abort(self) -> None:
         self._aborted.set()
@@ -57,4 +62,6 @@ class PreprocessGate:
 
     async def _in_turn(self, work: Callable[[], T]) -> T:
         async with self._turns:
-            return await asyncio.to_thread(work)
+            if self._pool is None:
+                return await asyncio.to_thread(work)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)

@@ -166,7 +166,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
         api.check(req, settings)
     max_tokens, max_tokens_param = api.max_tokens(req)
     check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
-    images = ImageReader.of(settings, engine.processor, model_name, state.image_fetches)
+    images = ImageReader.of(settings, engine.processor, model_name, state.image_fetches, state.image_decodes)
     prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate, images)
     if settings.log_prompts:
         log.prompt_text = prompts.log_text()

@@ -82,9 +82,12 @@ class ServerSettings:
         "of max(64, an eighth of it) for the model's files, logs and the engine")
     preprocess_concurrency: int = setting(
         2, "Requests whose large body is parsed and checked, whose prompts are tokenized or rendered through the "
-        "chat template, whose images are decoded, or whose non-streamed log-probabilities are formatted, at the "
-        "same time, each in a worker thread; the others wait their turn. Small bodies and short prompts are "
-        "handled at once.")
+        "chat template, or whose non-streamed log-probabilities are formatted, at the same time, each in a worker "
+        "thread; the others wait their turn. Small bodies and short prompts are handled at once.")
+    image_decode_concurrency: int = setting(
+        2, "Requests whose images are decoded and run through the image processor at the same time, each in a "
+        "worker thread of a pool of its own; the others wait their turn. Decoding does not take "
+        "preprocess-concurrency's turns: a request of large images delays only other requests with images.")
     ui: bool = setting(True, "Serve the live canvas page at / (assets under /ui/). --no-ui turns it off: / answers 404.")
     cors_allow_origins: list[str] = setting(
         [], "Allow cross-origin browser requests from this origin (e.g. https://app.example.com, or * for any). "
@@ -195,7 +198,8 @@ class ServerSettings:
         timeout = self.image_fetch_timeout_seconds
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"image_fetch_timeout_seconds must be a finite number > 0 (got {timeout!r})")
-        for name in ("max_connections", "preprocess_concurrency", "image_fetch_concurrency"):
+        for name in ("max_connections", "preprocess_concurrency", "image_decode_concurrency",
+                     "image_fetch_concurrency"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")

@@ -111,6 +111,7 @@ class ServerState:
         self._watch_task: asyncio.Task | None = None
         # large bodies parsed, prompts tokenized, chat templates rendered: this many at once, in worker threads
         self.preprocess_gate = PreprocessGate(settings.preprocess_concurrency)
+        self.image_decodes = PreprocessGate(settings.image_decode_concurrency, own_threads="image-decode")
         self.image_fetches = ImageFetches(settings.image_fetch_concurrency)  # http(s) images: turns of their own
         self.token_bound: TokenBound | None = None  # from the tokenizer, once loaded
 
@@ -180,6 +181,7 @@ class ServerState:
             logger.warning("drain timeout (%.0fs): aborting %d in-flight request(s)", timeout, self.inflight.count)
             self.aborting = True
             self.preprocess_gate.abort()
+            self.image_decodes.abort()
             for choice_set in list(self.live_choice_sets):
                 choice_set.abort()
             grace = loop.time() + ABORT_GRACE_SECONDS

@@ -9,6 +9,7 @@ exact status and body, given before the work it would have caused.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import signal
 import socket
@@ -472,17 +473,52 @@ def test_jpeg_scans_are_counted_in_the_first_image_only():
     assert reader.picture(progressive + tail, "p").size == (64, 64)
 
 
+def slow_jpeg(scans: int) -> bytes:
+    """A 4096x4096 progressive JPEG whose last scan is repeated: each scan decodes all 16M pixels again."""
+    buffer = io.BytesIO()
+    Image.new("L", (4096, 4096), 128).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * scans + data[-2:]
+
+
+def test_decoding_images_holds_up_only_image_requests(server_launcher, checkpoint):
+    """Images decode in turns of their own (image_decode_concurrency): while the only decoding turn
+    decodes for a long time, a completion with log-probabilities, formatted in the only preprocessing
+    turn, is answered."""
+    server = server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, "--max-jpeg-scans", "100000",
+                              "--preprocess-concurrency", "1", "--image-decode-concurrency", "1"], model_name=MODEL)
+    answer: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the server is killed while it decodes
+            answer["r"] = httpx.post(server.url + "/v1/chat/completions", timeout=300, json={
+                "model": MODEL, "messages": image_message("x", data_url(slow_jpeg(6000), "image/jpeg")),
+                "max_tokens": 4})
+
+    decoding = threading.Thread(target=send, daemon=True)
+    decoding.start()
+    try:
+        wait_for(server, IN_FLIGHT, 1)
+        time.sleep(0.5)  # into its decoding (tens of seconds)
+        started = time.monotonic()
+        r = httpx.post(server.url + "/v1/completions", timeout=30,
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 10
+        assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == r.json()["usage"]["completion_tokens"]
+        assert decoding.is_alive() and not answer  # the image was decoding all along
+    finally:
+        server.proc.kill()  # the decode runs on in its thread: the process would exit after it
+
+
 def test_a_request_still_decoding_when_the_drain_ends_is_answered_at_once(server_launcher, checkpoint):
     """SIGTERM with a request whose image takes far longer to decode than the drain and its abort grace
     (a progressive JPEG of many scans, let through by a raised max_jpeg_scans): once the drain's second is
     over, the request gets its 503 request_aborted, not whatever the server's close would leave it."""
     server = server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, "--max-jpeg-scans", "100000",
                               "--graceful-shutdown-seconds", "1"], model_name=MODEL)
-    buffer = io.BytesIO()
-    Image.new("L", (4096, 4096), 128).save(buffer, "JPEG", progressive=True)
-    data = buffer.getvalue()
-    last = data.rindex(b"\xff\xda")
-    slow = data[:-2] + data[last:-2] * 1000 + data[-2:]  # each scan decodes all 16M pixels again
+    slow = slow_jpeg(1000)
     answer: dict[str, httpx.Response] = {}
 
     def send() -> None:
