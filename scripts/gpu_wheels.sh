@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 # what the image lacks, or has in another version than the project needs (fastapi's and pydantic's own
-# needs included: the image's typing-extensions may be older than pydantic's)
+# needs included: the image's typing-extensions may be older than pydantic's; transformers checks regex's
+# version at import). tests/test_gpu_check_script.py checks that every requirement of these is carried or
+# in the image (tests/gpu_image_packages.txt).
 NAMES=(transformers fastapi starlette pydantic pydantic-core annotated-types typing-inspection
-       typing-extensions uvicorn sse-starlette torchao)
+       typing-extensions uvicorn sse-starlette torchao opentelemetry-api regex)
 specs=()
 for name in "${NAMES[@]}"; do
   specs+=("$name==$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")

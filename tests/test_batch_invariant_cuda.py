@@ -52,13 +52,17 @@ def _requests():
 
 
 def test_rows_equal_their_solo_runs_on_cuda(checkpoint):
+    from engine import batch_invariant_ops as bi
+
     settings = EngineSettings(model=str(checkpoint), device="cuda", batch_invariant=True, max_num_seqs=8)
     loaded = load_model(settings)
     assert loaded.dtype == torch.bfloat16 and loaded.batch_invariant
     core = EngineCore(loaded, settings)
     assert core.runner.graphs is None and core.runner.rowwise_always
     requests, arrivals = _requests()
+    launched = bi.launches
     together = run_to_completion(core, requests, arrivals)
+    assert bi.launches > launched  # the products went through the batch-invariant kernels
     for request in requests:
         assert run_to_completion(core, [request])[request[0]]["tokens"] == together[request[0]]["tokens"], request[0]
     core.close()

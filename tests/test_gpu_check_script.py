@@ -7,7 +7,11 @@ import os
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench/gpu_check.sh"
@@ -70,3 +74,53 @@ def test_the_model_step_rehearses_on_cpu(tmp_path):
 
     config = AutoConfig.from_pretrained(tmp_path / "m")
     assert config.text_config.num_hidden_layers == 2 and config.text_config.num_experts == 8
+
+
+def _image_packages() -> dict[str, str | None]:
+    """The GPU image's packages (tests/gpu_image_packages.txt): name -> version where recorded."""
+    packages = {}
+    for line in (REPO / "tests/gpu_image_packages.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            packages[canonicalize_name(name)] = version or None
+    return packages
+
+
+def test_the_carried_wheels_and_the_image_meet_every_requirement():
+    """Nothing can be installed on a lent GPU machine but the wheels scripts/gpu_wheels.sh carries (this
+    .venv's versions, installed without their dependencies): every requirement of the project and of a
+    carried package, and every version transformers checks at import, must be met by a carried wheel or
+    by the image (by a recorded version where there is one). A miss costs a device call."""
+    carried = {canonicalize_name(n) for n in re.search(r"^NAMES=\(([a-z0-9 \n-]+)\)",
+                                                       (REPO / "scripts/gpu_wheels.sh").read_text(), re.M).group(1).split()}
+    image = _image_packages()
+    machine = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+               "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+               "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+
+    def unmet(requirement: Requirement, by: str) -> str | None:
+        name = canonicalize_name(requirement.name)
+        if name in carried:
+            have = metadata.version(name)
+        elif name in image:
+            have = image[name]
+            if have is None:
+                return None
+        else:
+            return f"{by} needs {requirement}: neither carried nor in the image"
+        return None if requirement.specifier.contains(have, prereleases=True) else f"{by} needs {requirement}, has {have}"
+
+    misses = []
+    for by in ["diffusion-server", *sorted(carried)]:
+        for text in metadata.requires(by) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate(machine):
+                misses.append(unmet(requirement, by))
+    from transformers.dependency_versions_check import pkgs_to_check_at_runtime
+    from transformers.dependency_versions_table import deps
+
+    for package in pkgs_to_check_at_runtime:
+        if package != "python":
+            misses.append(unmet(Requirement(deps[package]), "transformers at import"))
+    assert [m for m in misses if m] == []
+    assert {"fastapi", "transformers", "torchao"} <= carried and "torch" not in carried  # the list was read
