@@ -32,6 +32,19 @@ class RequestResult:
     tokens: list[str] | None = None  # with logprobs asked for: each committed token, as the server shows it
 
 
+async def _sse_lines(resp):
+    """The stream's lines, cut at "\n" only, as SSE frames them (httpx's aiter_lines also cuts at U+0085,
+    U+2028 and U+2029, which a server may send raw inside a frame's JSON)."""
+    pending = ""
+    async for text in resp.aiter_text():
+        pending += text
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
+
+
 def _failed(t0: float, error: str, ttft: float | None = None, ttfd: float | None = None) -> RequestResult:
     return RequestResult(False, time.perf_counter() - t0, ttft, ttfd, 0, None, None, error)
 
@@ -64,7 +77,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, 
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 return _failed(t0, f"{resp.status_code} {text[:200]}")
-            async for line in resp.aiter_lines():
+            async for line in _sse_lines(resp):
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]

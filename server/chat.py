@@ -31,7 +31,7 @@ RENDER_IN_THREAD_MESSAGES = 32
 
 class Chat:
     names = EndpointNames("chat", "chatcmpl", ChatCompletionRequest, "chat.completion", "chat.completion.chunk",
-                          prompt_param="messages")
+                          prompt_param="messages", alternatives_param="top_logprobs")
 
     def check(self, req: ChatCompletionRequest, settings) -> None:
         rf_type = (req.response_format or {}).get("type", "text")

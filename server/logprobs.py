@@ -77,7 +77,9 @@ def completion_logprobs(entries, tokenizer, position: TextPosition) -> tuple[dic
         offsets.append(position.start(raw or b""))
         if raw:
             position = position.after(raw)
-        top = {_token(tokenizer, t)[0]: _finite(lp) for t, lp in e.top}
+        top: dict[str, float | None] = {}
+        for t, lp in e.top:  # best first: of two ids that show as the same text, the better one's value
+            top.setdefault(_token(tokenizer, t)[0], _finite(lp))
         top[shown] = _finite(e.logprob)  # the chosen token's own value, should another id show as the same text
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,

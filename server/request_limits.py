@@ -145,8 +145,9 @@ def where(index: int, count: int) -> str:
 
 
 def check_resolved(settings, params: SamplingParams, *, num_prompts: int, n: int, max_tokens_given: bool,
-                   max_tokens_param: str) -> None:
-    """The limits on values the checkpoint may have filled in (``params`` as resolved for every choice)."""
+                   max_tokens_param: str, alternatives_param: str = "logprobs") -> None:
+    """The limits on values the checkpoint may have filled in (``params`` as resolved for every choice);
+    ``alternatives_param``: the field that asks for alternatives (chat's ``top_logprobs``)."""
     if not max_tokens_given:  # the checkpoint's default: the same limit applies
         _check_max_tokens(settings, params.max_tokens, max_tokens_param, default=True)
     _check_max_denoising_steps(settings, params.max_denoising_steps, default=True)  # a value sent passed already
@@ -162,7 +163,8 @@ def check_resolved(settings, params: SamplingParams, *, num_prompts: int, n: int
         raise limit_error(
             f"This request asks for up to {total * (1 + params.logprobs)} log-probability entries ({total} completion "
             f"tokens x {1 + params.logprobs}: each token and {params.logprobs} alternatives); the limit is "
-            f"{settings.max_logprob_entries} (setting max_logprob_entries).", "logprobs",
+            f"{settings.max_logprob_entries} (setting max_logprob_entries).",
+            alternatives_param if params.logprobs else "logprobs",
         )
 
 

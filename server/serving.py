@@ -75,6 +75,7 @@ class EndpointNames:
     object: str  # a response's "object"
     chunk_object: str  # a stream chunk's "object"
     prompt_param: str  # the field named by errors about the prompt
+    alternatives_param: str = "logprobs"  # the field that asks for log-probability alternatives
     token_prompts: bool = False  # prompts may come as token ids (an array of numbers is then a prompt)
 
 
@@ -175,7 +176,8 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     specs = _choice_specs(engine, prompts.ids, req, max_tokens, max_tokens_param, names.prompt_param, engine_prefix,
                           options, prompts.images)
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
-                   max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param)
+                   max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param,
+                   alternatives_param=names.alternatives_param)
     await prompts.decode_prefixes(engine.tokenizer, state.preprocess_gate)
 
     if state.aborting:  # prepared after the drain aborted the requests in flight

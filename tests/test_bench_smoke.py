@@ -173,6 +173,30 @@ def test_load_generator_counts_a_broken_stream_as_failed(body, error):
     assert not result.ok and error in result.error and result.completion_tokens == 0
 
 
+def test_load_generator_reads_frames_with_raw_line_separators():
+    """A foreign server may send U+0085, U+2028 or U+2029 raw in a frame's JSON (valid SSE: lines end at
+    CR or LF only); the load generator reads such a stream as one request with its text and usage."""
+    import asyncio
+
+    import httpx
+
+    from bench.load import _one
+    from bench.workload import WorkItem
+
+    body = ('data: {"choices": [{"index": 0, "text": "a\u0085b\u2028c\u2029d", "finish_reason": null}]}\r\n\r\n'
+            'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}\n\n'
+            'data: [DONE]\n\n')
+
+    async def one():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await _one(client, "http://server/v1/completions", "m", WorkItem((5, 6), 2, 7, 2), {}, False)
+
+    result = asyncio.run(one())
+    assert result.ok, result.error
+    assert result.completion_tokens == 2
+
+
 def test_profile_engine_reports_both_entropy_placements(tmp_path, capsys):
     """The in-process overhead profile: with --compare-sequential, one report per entropy placement,
     each a split of the pass that adds up, one throughput for the run, then the engine's own

@@ -223,7 +223,7 @@ CASES = [
     ("logprob-entries", "POST", C, {"prompt": "hi", "n": 2, "max_tokens": 100, "logprobs": 3}, None, 400, IRE,
      "logprobs", "limit_exceeded", "up to 800 log-probability entries (200 completion tokens x 4"),
     ("logprob-entries-chat", "POST", CH, {"messages": MSG, "max_tokens": 100, "logprobs": True, "top_logprobs": 6},
-     None, 400, IRE, "logprobs", "limit_exceeded", "the limit is 600 (setting max_logprob_entries)"),
+     None, 400, IRE, "top_logprobs", "limit_exceeded", "the limit is 600 (setting max_logprob_entries)"),
     ("steps-over-limit", "POST", C, {"prompt": "hi", "max_denoising_steps": 33}, None, 400, IRE,
      "max_denoising_steps", "limit_exceeded", "max_request_denoising_steps"),
     ("prompt-far-too-long-text", "POST", C, {"prompt": "y" * 60000}, None, 400, IRE, "prompt", "limit_exceeded",

@@ -319,3 +319,21 @@ def test_ping_interval_zero_sends_no_keep_alive_comments(ping_seconds, pings):
     # 0 becomes an interval that never elapses, whatever the installed sse-starlette makes of 0
     response = sse.SSEResponse(frames(), on_close=lambda: None, ping_seconds=ping_seconds)
     assert response.ping_interval == (ping_seconds or sse.NO_PING_SECONDS)
+
+
+def test_a_frame_is_one_line_for_line_based_readers(live_server):
+    """Text with NEL (U+0085), which the tiny byte-level model writes as bytes C2 85 (ids 199 and 138,
+    here favoured by logit_bias), read as httpx's iter_lines reads a stream (lines as str.splitlines
+    cuts them, U+0085, U+2028 and U+2029 included): every data line is a whole frame."""
+    from server.sse import json_text
+
+    text = "a\u2028b\x85c\u2029d"
+    assert json_text({"text": text}).splitlines() == ['{"text":"a\\u2028b\\u0085c\\u2029d"}']
+    body = {"model": live_server.model_name, "prompt": "hi", "max_tokens": 16, "seed": 1, "stream": True,
+            "stream_drafts": True, "ignore_eos": True, "logit_bias": {"199": 100, "138": 100}}
+    with httpx.stream("POST", live_server.base_url + "/completions", json=body, headers=live_server.headers,
+                      timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: {") for line in lines[:-1])
+    frames = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "\x85" in "".join(c["choices"][0]["text"] for c in frames if c["choices"])

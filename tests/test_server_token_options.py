@@ -78,6 +78,19 @@ def test_text_offset_after_an_unfinished_character():
             [t[0] for t in lp["tokens"] if not t.startswith("bytes:")]
 
 
+def test_alternatives_that_show_as_one_text_keep_the_better_value():
+    """Gemma-style byte fallback: the piece "a" and the byte token <0x61> both show as "a"; in the completions
+    shape (a mapping from text to value) the alternatives, best first, keep the better one's value."""
+    from engine.outputs import TokenLogprob
+    from server.logprobs import TextPosition, completion_logprobs
+    from tests.test_engine_detokenizer import _byte_fallback_tokenizer
+
+    tok = _byte_fallback_tokenizer()
+    s, a, byte_a = (tok.convert_tokens_to_ids(t) for t in ("s", "a", "<0x61>"))
+    lp, _ = completion_logprobs([TokenLogprob(s, -0.5, ((s, -0.5), (a, -1.0), (byte_a, -6.0)))], tok, TextPosition())
+    assert lp["top_logprobs"] == [{"s": -0.5, "a": -1.0}]
+
+
 def test_the_tokens_of_a_stop_string_keep_their_entries(client):
     """A stop string cuts the text before it, but the tokens that complete it count in completion_tokens
     and keep their logprobs entries: exactly those start at or past the end of the text (docs/api.md)."""

@@ -233,7 +233,8 @@ them; positions after the suffix are denoised too and dropped.
 With `"stream": true` the answer is `text/event-stream`, one `data: {{json chunk}}` frame per event:
 
 1. chat only: a first chunk per choice with `delta.role`; completions with `echo`: the prompt's text;
-2. the committed text as append-only deltas (one per committed canvas); in chat with tools, text
+2. the committed text as append-only deltas, as canvases commit (text that may still end a stop
+   string or complete a character is held until the next commit settles it); in chat with tools, text
    that may begin a tool call is held until it is settled, and each complete call arrives as one
    `delta.tool_calls` item;
 3. a chunk with `finish_reason`;
