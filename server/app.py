@@ -62,7 +62,7 @@ def create_app(
     errors.install_error_handlers(app, on_error=metrics.count_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
                        timeout_seconds=settings.request_body_timeout_seconds, on_reject=metrics.count_error,
-                       max_json_values=settings.max_json_values,
+                       max_json_values=settings.max_json_values, max_bytes_in_flight=settings.max_body_bytes_in_flight,
                        gate=lambda: server.preprocess_gate if (server := getattr(app.state, "server", None)) else None)
     app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys, on_reject=metrics.count_error)
     app.add_middleware(InFlightMiddleware, inflight=inflight)

@@ -28,6 +28,7 @@ from .preprocess import PreprocessGate
 # The request state's key for the body's ``MarkCounts``, taken as it arrived (limits.BodyLimitMiddleware).
 BODY_MARKS = "body_marks"
 BODY_BYTES = "body_bytes"  # the request state's key of the parsed body's size (``read_json``)
+BODY_RELEASE = "body_release"  # gives the body's bytes back to max_body_bytes_in_flight (``limits``)
 # Bodies larger than this are scanned, parsed and checked in a worker thread (the event loop stays free).
 PARSE_IN_THREAD_BYTES = 64 * 1024
 # The exact scan works through the body in slices of this size, so that no single call holds the GIL long.
@@ -260,9 +261,13 @@ async def read_json(request: Request, limits: BodyLimits, gate: PreprocessGate, 
         data = load_json(raw, limits.max_depth, require_object)
         return data if model is None else _validate(data, model)
 
-    if len(raw) <= PARSE_IN_THREAD_BYTES:
-        return work()
-    return await gate.run(work)
+    release = (request.scope.get("state") or {}).get(BODY_RELEASE, lambda: None)
+    try:
+        if len(raw) <= PARSE_IN_THREAD_BYTES:
+            return work()
+        return await gate.run(work, receive=request.receive)  # a client gone while it waits: nothing parsed
+    finally:
+        release()
 
 
 def large_body(request: Request) -> bool:

@@ -217,16 +217,7 @@ class ChoiceSet:
             self.engine.abort(spec.request_id)
 
 
-class ClientDisconnected(Exception):
-    pass
-
-
-async def _wait_for_disconnect(receive) -> None:
-    """Return when the client has gone (the body has already been read by then)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+ClientDisconnected = errors.ClientDisconnected
 
 
 async def collect(choice_set: ChoiceSet, receive) -> dict[int, ChoiceResult]:
@@ -239,7 +230,7 @@ async def collect(choice_set: ChoiceSet, receive) -> dict[int, ChoiceResult]:
         return choice_set.results
 
     consumer = asyncio.create_task(consume())
-    watcher = asyncio.create_task(_wait_for_disconnect(receive))
+    watcher = asyncio.create_task(errors.wait_for_disconnect(receive))
     try:
         done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if consumer in done:

@@ -13,7 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from engine.outputs import RequestOutput
@@ -47,6 +47,18 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer: nobody reads the response."""
+
+
+async def wait_for_disconnect(receive) -> None:
+    """Return when the client has gone (call it once the body has been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
@@ -107,6 +119,18 @@ def body_timeout(seconds: float) -> APIError:
         None,
         "request_timeout",
         {"Connection": "close"},
+    )
+
+
+def bodies_full(limit: int) -> APIError:
+    return APIError(
+        429,
+        f"The server holds {limit} bytes of request bodies at once (setting max_body_bytes_in_flight) and this "
+        "one would pass that. Retry later.",
+        "rate_limit_error",
+        None,
+        "server_busy",
+        {"Retry-After": str(RETRY_AFTER_QUEUE_FULL), "Connection": "close"},
     )
 
 
@@ -204,6 +228,10 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return respond(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):  # nobody reads it
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

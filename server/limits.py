@@ -19,8 +19,8 @@ import ctypes
 import ctypes.util
 from typing import TYPE_CHECKING, Callable
 
-from .bodies import BODY_MARKS, MarkCounts
-from .errors import APIError, body_timeout, body_too_large, error_response
+from .bodies import BODY_MARKS, BODY_RELEASE, MarkCounts
+from .errors import APIError, bodies_full, body_timeout, body_too_large, error_response
 from .middleware import READ_METHODS
 
 if TYPE_CHECKING:
@@ -56,16 +56,50 @@ async def trim_memory() -> None:
         _trimming = False
 
 
+class BodyBudget:
+    """The bytes of request bodies held at once, all connections together (``max_body_bytes_in_flight``)."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit  # None: no bound
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.limit is not None and self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+
+class _Held:
+    """One request's share of the ``BodyBudget``: given back once, when its body has been parsed
+    (``bodies.read_json`` calls it through the request's state) or its request is over."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget = budget
+        self.bytes = 0
+
+    def take(self, n: int) -> bool:
+        if not self.budget.take(n):
+            return False
+        self.bytes += n
+        return True
+
+    def release(self) -> None:
+        self.budget.held -= self.bytes
+        self.bytes = 0
+
+
 class BodyLimitMiddleware:
     def __init__(self, app, max_bytes: int, timeout_seconds: float = 0.0,
                  on_reject: Callable[[int], None] | None = None, max_json_values: int | None = None,
-                 gate: Callable[[], PreprocessGate | None] | None = None):
+                 gate: Callable[[], PreprocessGate | None] | None = None, max_bytes_in_flight: int | None = None):
         self.app = app
         self.gate = gate  # the server's preprocessing gate, once it has one: the drain's abort ends a slow body too
         self.max_bytes = max_bytes
         self.max_json_values = max_json_values  # None: no marks are counted
         self.timeout = timeout_seconds  # 0: no timeout
         self.on_reject = on_reject
+        self.budget = BodyBudget(max_bytes_in_flight)
 
     async def _reject(self, err, scope, receive, send) -> None:
         if self.on_reject is not None:
@@ -78,18 +112,36 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in READ_METHODS:
             await self.app(scope, receive, send)
             return
+        held = _Held(self.budget)
+        received = [0]  # the body's bytes, stored or not
+        try:
+            await self._call(scope, receive, send, held, received)
+        finally:
+            held.release()
+            if received[0] >= TRIM_AFTER_BYTES:  # whatever the outcome: 408, 413, 429, a client gone, served
+                await trim_memory()
+
+    async def _call(self, scope, receive, send, held: _Held, received: list[int]):
         declared = None
+        expects_continue = False
         for name, value in scope.get("headers", []):
-            if name.lower() == b"content-length":
+            name = name.lower()
+            if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = None
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expects_continue = True
         too_large = declared is not None and declared > self.max_bytes
+        if too_large and expects_continue:  # refused before the client sends a byte of it (no 100 Continue)
+            await self._reject(body_too_large(self.max_bytes), scope, receive, send)
+            return
         chunks: list[bytes] = []
         total = 0
         counts = MarkCounts() if self.max_json_values is not None else None
         dropped = False  # too many JSON values for certain: the endpoint refuses it from ``counts``
+        over_budget = False  # stored, it would pass max_body_bytes_in_flight: read on, dropped, answered 429
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout if self.timeout > 0 else None
         gate = self.gate() if self.gate is not None else None
@@ -114,6 +166,7 @@ class BodyLimitMiddleware:
                 return
             body = message.get("body", b"")
             total += len(body)
+            received[0] = total
             if total > self.max_bytes:
                 too_large = True
             if counts is not None and not too_large:
@@ -121,21 +174,29 @@ class BodyLimitMiddleware:
                 if not dropped and counts.too_many_values(self.max_json_values):
                     dropped = True
                     chunks.clear()
-            if not too_large and not dropped:
-                chunks.append(body)
-            if not message.get("more_body", False) or (too_large and total > DRAIN_LIMIT):
+                    held.release()
+            if not too_large and not dropped and not over_budget:
+                if held.take(len(body)):
+                    chunks.append(body)
+                else:
+                    over_budget = True
+                    chunks.clear()
+                    held.release()
+            if not message.get("more_body", False) or ((too_large or over_budget) and total > DRAIN_LIMIT):
                 break
-        if too_large:
+        if too_large or over_budget:
             chunks.clear()
-            await self._reject(body_too_large(self.max_bytes), scope, receive, send)
-            if total >= TRIM_AFTER_BYTES:
-                await trim_memory()
+            held.release()
+            err = body_too_large(self.max_bytes) if too_large else bodies_full(self.budget.limit)
+            await self._reject(err, scope, receive, send)
             return
 
         body = [b"".join(chunks)]
         chunks.clear()
+        state = scope.setdefault("state", {})
+        state[BODY_RELEASE] = held.release  # read_json gives the bytes back once it has parsed them
         if counts is not None:
-            scope.setdefault("state", {})[BODY_MARKS] = counts
+            state[BODY_MARKS] = counts
 
         async def replay():
             if body:
@@ -158,6 +219,8 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, replay, send_all_but_last)
         finally:
+            received[0] = 0  # trimmed here, before the last message
+            held.release()
             await trim_memory()
             for message in last:
                 await send(message)

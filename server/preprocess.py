@@ -35,30 +35,38 @@ class PreprocessGate:
     def aborted(self) -> bool:
         return self._aborted.is_set()
 
-    async def run(self, work: Callable[[], T], abortable: bool = True) -> T:
+    async def run(self, work: Callable[[], T], abortable: bool = True, receive=None) -> T:
         """``work()`` in a worker thread once a turn is free. ``abortable=False``: the drain's abort does not
-        answer this request (its answer is ready but for this work)."""
-        if not abortable:
+        answer this request (its answer is ready but for this work). ``receive`` (the request's, its body
+        read): a client that goes away meanwhile ends the wait (``errors.ClientDisconnected``), its turn
+        given back; a job already running runs on in its thread, its result dropped."""
+        if not abortable and receive is None:
             return await self._in_turn(work)
-        return await self.unless_aborted(self._in_turn(work))
+        return await self.unless_aborted(self._in_turn(work), abortable, receive)
 
-    async def unless_aborted(self, step: Awaitable[T]) -> T:
+    async def unless_aborted(self, step: Awaitable[T], abortable: bool = True, receive=None) -> T:
         """``step``'s result, or 503 ``request_aborted`` as soon as the drain's time is up (``step`` is then
-        cancelled: a turn it waits for or holds comes back at once)."""
-        if self._aborted.is_set():
+        cancelled: a turn it waits for or holds comes back at once); with ``receive``, also
+        ``errors.ClientDisconnected`` as soon as the client has gone."""
+        if abortable and self._aborted.is_set():
             if asyncio.iscoroutine(step):
                 step.close()  # never started
             raise errors.request_aborted()
         job = asyncio.ensure_future(step)
-        aborted = asyncio.ensure_future(self._aborted.wait())
+        aborted = asyncio.ensure_future(self._aborted.wait()) if abortable else None
+        gone = asyncio.ensure_future(errors.wait_for_disconnect(receive)) if receive is not None else None
         try:
-            await asyncio.wait({job, aborted}, return_when=asyncio.FIRST_COMPLETED)
-            if not job.done():
-                raise errors.request_aborted()
-            return job.result()
+            await asyncio.wait({f for f in (job, aborted, gone) if f is not None},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if job.done():
+                return job.result()
+            if gone is not None and gone.done():
+                raise errors.ClientDisconnected()
+            raise errors.request_aborted()
         finally:
-            aborted.cancel()
-            job.cancel()  # nothing when done; else (aborted, or this request cancelled) its turn comes back now
+            for f in (aborted, gone, job):  # the job: nothing when done; else its turn comes back now
+                if f is not None:
+                    f.cancel()
 
     async def _in_turn(self, work: Callable[[], T]) -> T:
         async with self._turns:

@@ -144,6 +144,9 @@ async def serve(request: Request, api: Endpoint) -> Response:
     log = RequestLog(request_id, api.names.name, state.settings.log_prompts)
     try:
         return await _serve(request, api, state, request_id, engine_prefix, log)
+    except ClientDisconnected:  # before the engine stage
+        log.finish(CLIENT_GONE, note="client disconnected")
+        return Response(status_code=499)
     except APIError as exc:
         log.finish(exc.status, note=exc.code or exc.type)
         raise

@@ -69,6 +69,11 @@ class ServerSettings:
         10.0, "Close a connection that has not sent a complete request head (request line and headers) this long "
         "after it opened or after its previous response: silently if it sent nothing, with a 408 if it sent part "
         "of one. 0 disables it.")
+    max_body_bytes_in_flight: int = setting(
+        256 * 1024 * 1024, "Most bytes of request bodies held at once, all connections together: a body's bytes "
+        "count from their arrival until it is parsed. A body that would pass it is read on and dropped, then "
+        "answered 429 server_busy (Retry-After); slow uploads and bodies queued for their parse turn cannot "
+        "grow the process past it. At least max-request-body-bytes.")
     request_body_timeout_seconds: float = setting(
         60.0, "Answer 408 and close when a request's body has not fully arrived this long after its head (a "
         "client trickling or stalling its upload holds a connection otherwise). 0 disables it.")
@@ -199,10 +204,13 @@ class ServerSettings:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"image_fetch_timeout_seconds must be a finite number > 0 (got {timeout!r})")
         for name in ("max_connections", "preprocess_concurrency", "image_decode_concurrency",
-                     "image_fetch_concurrency"):
+                     "image_fetch_concurrency", "max_body_bytes_in_flight"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (got {value!r})")
+        if self.max_body_bytes_in_flight < self.max_request_body_bytes:
+            raise ValueError(f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be at least "
+                             f"max_request_body_bytes ({self.max_request_body_bytes}): no body that size could pass")
         if any(not k for k in self.api_keys):
             raise ValueError("api keys must not be empty")
         if any(not re.fullmatch(r"[\x21-\x7e]+", k) for k in self.api_keys):

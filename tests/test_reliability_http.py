@@ -101,6 +101,42 @@ def test_stalled_request_body_gets_408_and_the_connection_closes(http_server):
         assert rest + read_to_eof(sock) == b""
 
 
+def test_a_declared_body_over_the_limit_with_expect_100_continue_is_refused_before_it_is_sent(http_server):
+    """Expect: 100-continue with a Content-Length over max_request_body_bytes: the 413 comes first, never a
+    100 Continue that would invite the client to send it."""
+    with connect(http_server) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
+        status, headers, body, rest = read_response(sock)
+        assert status == 413 and headers["connection"] == "close"
+        assert_openai_error(body, "request_too_large")
+
+
+def test_bodies_held_at_once_are_bounded(server_launcher, server_tiny_checkpoint):
+    """max_body_bytes_in_flight: while one connection holds most of the budget with a body still arriving,
+    another whose body would pass it is read on, dropped and answered 429 server_busy; once the first is
+    answered, its bytes are free again."""
+    server = server_launcher(["--model", str(server_tiny_checkpoint), "--served-model-name", "tiny",
+                              "--max-request-body-bytes", "200000",
+                              "--max-body-bytes-in-flight", "300000"], model_name="tiny")
+    prompt = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2, "user": "x" * 150_000}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(prompt))
+    with connect(server) as holder:
+        holder.sendall(head + prompt[:-10])  # 150 KB held, the body not complete
+        time.sleep(0.5)
+        r = httpx.post(server.url + "/v1/completions", content=prompt, timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "server_busy"
+        assert "max_body_bytes_in_flight" in r.json()["error"]["message"]
+        holder.sendall(prompt[-10:])
+        status, _, body, _ = read_response(holder)
+        assert status == 200, body
+    r = httpx.post(server.url + "/v1/completions", content=prompt, timeout=30, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
 def test_keep_alive_connection_serves_then_closes_when_idle(http_server):
     with connect(http_server) as sock:
         for _ in range(2):  # the head timeout starts again after each response

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from server.errors import APIError
+from server.errors import APIError, ClientDisconnected
 from server.preprocess import PreprocessGate
 
 
@@ -80,5 +80,41 @@ def test_work_for_a_ready_answer_is_not_aborted():
         assert not answer.done()
         release.set()
         assert await answer == "answer"
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_request_whose_client_left_while_it_waits_is_dropped():
+    """A body waiting for its parse turn, its client gone (the ASGI server's receive says
+    http.disconnect): the wait ends at once with ClientDisconnected, and its job never runs."""
+    release = threading.Event()
+    ran: list[str] = []
+
+    def job(name: str):
+        def work():
+            ran.append(name)
+            release.wait(30)
+            return name
+        return work
+
+    async def main():
+        gone = asyncio.Event()
+
+        async def receive():  # as uvicorn's, once the body has been read
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        gate = PreprocessGate(1)
+        holder = asyncio.create_task(gate.run(job("holder")))
+        waiting = asyncio.create_task(gate.run(job("waiting"), receive=receive))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        gone.set()
+        with pytest.raises(ClientDisconnected):
+            await asyncio.wait_for(waiting, 5)
+        release.set()
+        assert await holder == "holder"
+        assert await gate.run(job("next")) == "next"  # the turn came back
+        assert ran == ["holder", "next"]  # the waiting job never ran
 
     asyncio.run(asyncio.wait_for(main(), 30))

@@ -20,7 +20,7 @@ ERROR_CODES = {
     405: ("method_not_allowed",),
     408: ("request_timeout",),
     413: ("request_too_large",),
-    429: ("queue_full",),
+    429: ("queue_full", "server_busy"),
     431: ("request_header_too_large",),
     500: ("internal_error",),
     503: ("server_loading", "server_draining", "engine_unavailable", "engine_dead", "request_aborted",
