@@ -6,6 +6,7 @@ Routes only translate: the completion endpoints go through ``serving.serve`` (``
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Callable
 
@@ -18,7 +19,7 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .limits import BodyLimitMiddleware
 from .metrics import ServerMetrics
-from .middleware import InFlight, InFlightMiddleware, RequestIdMiddleware
+from .middleware import HeadAsGetMiddleware, InFlight, InFlightMiddleware, RequestIdMiddleware
 from .origins import CORSErrorMiddleware, OriginGuardMiddleware, normalized_origins
 from .openapi import install_openapi
 from .settings import ServerSettings
@@ -26,6 +27,8 @@ from .state import EngineFactory, ServerState, default_engine_factory
 from .ui import install_ui
 
 __all__ = ["create_app", "default_engine_factory"]
+
+logger = logging.getLogger("server")
 
 
 def create_app(
@@ -60,6 +63,7 @@ def create_app(
     )
     app.state.metrics = metrics
     errors.install_error_handlers(app, on_error=metrics.count_error)
+    app.add_middleware(HeadAsGetMiddleware)  # innermost: the routes see GET
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
                        timeout_seconds=settings.request_body_timeout_seconds, on_reject=metrics.count_error,
                        max_json_values=settings.max_json_values, max_bytes_in_flight=settings.max_body_bytes_in_flight,
@@ -68,6 +72,9 @@ def create_app(
     app.add_middleware(InFlightMiddleware, inflight=inflight)
     # a POST from a web page of another site (any site the user visits could send one) is refused
     origins = normalized_origins(settings.cors_allow_origins)  # one list for both: as browsers write them
+    if "null" in origins:
+        logger.warning("--cors-allow-origin null admits every site, as * does: any page can send Origin: null "
+                       "from a sandboxed frame")
     app.add_middleware(OriginGuardMiddleware, allowed_origins=origins, bind_host=settings.host,
                        keys=bool(settings.api_keys), on_reject=metrics.count_error)
     if origins:  # closed unless configured: no CORS headers at all

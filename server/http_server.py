@@ -159,6 +159,7 @@ def run(settings: ServerSettings) -> int:
     config = uvicorn.Config(
         app,
         http=protocol_class(guard),
+        ws="none",  # no WebSocket route: an upgrade request is answered as the plain HTTP request it is
         backlog=accept_burst(file_limit),  # see relisten
         host=settings.host,
         port=settings.port,

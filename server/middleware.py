@@ -7,6 +7,9 @@ line; a generated id is the whole response id, so the header and the body's ``id
 
 ``InFlightMiddleware``: counts the /v1 requests inside the app (a stream counts until its last
 byte), so a SIGTERM drain knows when nothing is left to finish.
+
+``HeadAsGetMiddleware``: a HEAD request is routed as the GET it stands for (uvicorn sends no body for
+a HEAD), so monitors that probe with HEAD see what GET answers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ MAX_REQUEST_ID_LENGTH = 128
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,%d}" % MAX_REQUEST_ID_LENGTH)
 
 ID_PREFIXES = {"/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}
+
+
+class HeadAsGetMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}  # uvicorn's own scope still says HEAD: it sends no body
+        await self.app(scope, receive, send)
 
 
 def client_request_id(headers) -> str | None:

@@ -279,6 +279,32 @@ def test_trailing_slash_is_not_redirected(http_server):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_head_answers_as_get_without_a_body(http_server):
+    """HEAD on the read routes gets GET's status and headers, no body; on a POST route, a 405 naming HEAD."""
+    for path in ("/health", "/metrics", "/v1/models"):
+        get, head = httpx.get(http_server.url + path, timeout=10), httpx.head(http_server.url + path, timeout=10)
+        assert (head.status_code, head.headers["content-type"]) == (get.status_code, get.headers["content-type"]) \
+            and get.status_code == 200 and head.content == b"", path
+    r = httpx.head(http_server.url + "/v1/completions", timeout=10)
+    assert r.status_code == 405 and r.content == b""
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(http_server):
+    """No WebSocket route: an upgrade request is the HTTP request it is, answered in OpenAI's shape with a
+    request id, not switched to a WebSocket handshake that ends in a bare 403."""
+    upgrade = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    with connect(http_server) as sock:
+        sock.sendall(b"GET /v1/nothing HTTP/1.1\r\n" + upgrade)
+        status, headers, body, _ = read_response(sock)
+        assert status == 404 and headers["x-request-id"].startswith("req-")
+        assert_openai_error(body, "not_found")
+    with connect(http_server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n" + upgrade)
+        status, _, body, _ = read_response(sock)
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+
+
 # -- half-closed and non-reading clients (decided, documented) --------------------------------------
 
 

@@ -165,6 +165,19 @@ def test_cors_origins_are_written_as_browsers_send_them():
             normalized_origins([bad])
 
 
+@pytest.mark.parametrize("origins, warned", [(["null"], True), (["https://app.example.com", "*"], False)])
+def test_a_null_origin_is_warned_of(caplog, origins, warned):
+    """Any site can send Origin: null (a sandboxed frame): listing it admits every site, as * does."""
+    import logging
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    with caplog.at_level(logging.WARNING, logger="server"):
+        create_app(ServerSettings(model="x", cors_allow_origins=origins))
+    assert ("--cors-allow-origin null admits every site" in caplog.text) == warned
+
+
 def test_validating_default_settings_imports_no_torch():
     """The container's health check reads the settings every 15 s: with the defaults (device auto) that must
     not import torch (seconds and hundreds of MB) just to learn which device auto means."""
