@@ -6,9 +6,9 @@ errors, nesting deeper than ``max_json_depth``, too many values and schema error
 
 Parsing costs time in proportion to the number of values, and ``json.loads`` and pydantic hold the
 GIL while they run, so a large body is measured before it is parsed (``scan``): counting bytes is
-cheap, and a body with more strings, objects and arrays than ``max_json_values``, or with an array
-of numbers longer than any prompt may be (``BodyLimits.max_array``), is refused without being
-parsed. Large bodies are scanned, parsed and validated in a worker thread, at most
+cheap, and a body with more strings, objects and arrays than ``max_json_values``, with an array
+of numbers longer than any prompt may be (``BodyLimits.max_array``), or with more numbers in all than
+the endpoint can take (``BodyLimits.max_numbers``), is refused without being parsed. Large bodies are scanned, parsed and validated in a worker thread, at most
 ``preprocess_concurrency`` at a time (the ``gate``), so the event loop stays free.
 """
 
@@ -50,6 +50,8 @@ class BodyLimits:
     array_message: str = ""  # ends the refusal of a longer array ("The request body has an array of N numbers; ...")
     array_param: str | None = None
     array_code: str | None = "limit_exceeded"
+    max_numbers: int | None = None  # most numbers (and literals) in all; None: only the body size bounds them
+    numbers_message: str = ""  # ends the refusal of more ("The request body has at least N numbers; ...")
 
 
 def _reject_constant(name: str):
@@ -167,6 +169,10 @@ class MarkCounts:
     def values_at_most(self) -> int:
         return self.quotes // 2 + self.braces + self.brackets
 
+    @property
+    def numbers_at_most(self) -> int:
+        return self.commas + self.braces + self.brackets + 1  # a value after each comma, or a container's first
+
     def too_many_values(self, max_values: int) -> bool:
         """Whether the body has, for certain, more values than ``max_values``."""
         return self.strings_at_least > max_values
@@ -183,10 +189,12 @@ def scan(raw: bytes, limits: BodyLimits, counts: MarkCounts | None = None) -> No
     if counts.too_many_values(limits.max_values):
         raise _too_many_values(counts.strings_at_least, True, limits.max_values)
     array_bound_holds = limits.max_array is None or counts.commas < limits.max_array
-    if counts.values_at_most <= limits.max_values and array_bound_holds:
+    numbers_bound_holds = limits.max_numbers is None or counts.numbers_at_most <= limits.max_numbers
+    if counts.values_at_most <= limits.max_values and array_bound_holds and numbers_bound_holds:
         return
     strings, structure = skeleton(raw)
-    values = strings + structure.count(b"{") + structure.count(b"[")
+    containers = structure.count(b"{") + structure.count(b"[")
+    values = strings + containers
     if values > limits.max_values:
         raise _too_many_values(values, False, limits.max_values)
     if limits.max_array is not None:
@@ -196,6 +204,13 @@ def scan(raw: bytes, limits: BodyLimits, counts: MarkCounts | None = None) -> No
             what = f"an array of {length} numbers" if whole else f"an array with {length} numbers in a row"
             raise errors.bad_request(f"The request body has {what}, {limits.array_message}",
                                      limits.array_param, limits.array_code)
+    # the values in arrays and objects are their commas plus one for each non-empty one; strings (keys
+    # among them) and containers take at most that many: the rest are numbers or literals
+    empty = structure.count(b"[]") + structure.count(b"{}")
+    numbers = structure.count(b",") - strings - empty + 1
+    if limits.max_numbers is not None and numbers > limits.max_numbers:
+        raise errors.bad_request(f"The request body has at least {numbers} numbers; {limits.numbers_message}",
+                                 limits.array_param, "limit_exceeded")
 
 
 def number_run_over(structure: bytes, limit: int) -> tuple[int, bool] | None:

@@ -235,8 +235,17 @@ class ServerState:
             return BodyLimits(s.max_json_depth, s.max_json_values)
         limit = self.prompt_limit(self.engine)
         why = limit.why() if array_param else f"no array of numbers may be longer than a prompt, and {limit.why()}"
+        # a number in an object has a key (a string, under max_json_values); in arrays, the endpoint takes
+        # prompts of token ids (completions) or the numbers of its tools' JSON (chat)
+        if array_param:
+            numbers = s.max_prompts_per_request * limit.tokens + s.max_json_values
+            numbers_why = (f"the most this endpoint takes is {numbers} (max_prompts_per_request x the prompt limit, "
+                           f"{limit.tokens} tokens, + max_json_values).")
+        else:
+            numbers = s.max_tools_chars // 2 + s.max_json_values
+            numbers_why = f"the most this endpoint takes is {numbers} (max_tools_chars / 2 + max_json_values)."
         return BodyLimits(s.max_json_depth, s.max_json_values, limit.tokens,
-                          f"longer than any this server accepts: {why}.", array_param, limit.code)
+                          f"longer than any this server accepts: {why}.", array_param, limit.code, numbers, numbers_why)
 
     def model_names(self) -> list[str]:
         engine_name = self.engine.model_name if self.engine is not None else None

@@ -27,13 +27,16 @@ VALUES = st.recursive(
 )
 
 
-def truth(value) -> tuple[int, int]:
-    """(strings, keys included, + objects + arrays; the most numbers or literals in a row in an array)."""
-    count, longest = 0, 0
+def truth(value) -> tuple[int, int, int]:
+    """(strings, keys included, + objects + arrays; the most numbers or literals in a row in an array;
+    numbers and literals in all)."""
+    count, longest, numbers = 0, 0, 0
     stack = [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, str):
+        if not isinstance(v, (str, dict, list)):
+            numbers += 1
+        elif isinstance(v, str):
             count += 1
         elif isinstance(v, dict):
             count += 1 + len(v)
@@ -45,7 +48,7 @@ def truth(value) -> tuple[int, int]:
                 run = 0 if isinstance(x, (str, list, dict)) else run + 1
                 longest = max(longest, run)
             stack.extend(v)
-    return count, longest
+    return count, longest, numbers
 
 
 @settings(max_examples=400, derandomize=True, database=None, deadline=None)
@@ -53,7 +56,7 @@ def truth(value) -> tuple[int, int]:
        ensure_ascii=st.booleans(), compact=st.booleans())
 def test_scan_agrees_with_json_loads(value, slice_bytes, ensure_ascii, compact):
     raw = json.dumps(value, ensure_ascii=ensure_ascii, separators=(",", ":") if compact else None).encode()
-    expected, longest = truth(json.loads(raw))
+    expected, longest, numbers = truth(json.loads(raw))
     strings, structure = skeleton(raw, slice_bytes)
     assert strings + structure.count(b"{") + structure.count(b"[") == expected
     # the scan refuses exactly the bodies over each limit
@@ -67,6 +70,10 @@ def test_scan_agrees_with_json_loads(value, slice_bytes, ensure_ascii, compact):
             continue
         refused = _refused(raw, BodyLimits(32, 10**9, bound, "x", "prompt"))
         assert refused == (longest > bound), (bound, longest, structure)
+    # numbers in all: never refused at or under the bound; an array of nothing but numbers, refused over it
+    assert not _refused(raw, BodyLimits(32, 10**9, max_numbers=numbers, numbers_message="x"))
+    ids = json.dumps({"p": [7] * (numbers + 3)}).encode()  # the key is taken for a value: numbers + 2 for certain
+    assert _refused(ids, BodyLimits(32, 10**9, max_numbers=numbers + 1, numbers_message="x"))
 
 
 def _refused(raw: bytes, limits: BodyLimits) -> bool:

@@ -6,6 +6,7 @@ and "Admission")."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import httpx
@@ -97,6 +98,26 @@ def test_a_long_number_array_in_a_chat_names_no_prompt_field(default_server):
         "The request body has an array of 5000 numbers, longer than any this server accepts: no array of numbers "
         "may be longer than a prompt, and this model's maximum context length is 4096 tokens, prompt and completion "
         "together, so a prompt may have at most 4095."), err
+
+
+@pytest.mark.parametrize("path,body,param,most", [
+    # 256 prompts of 4095 ids + max_json_values
+    ("/v1/completions", {"prompt": [[0] * 1000] * 1500}, "prompt", 256 * 4095 + 65536),
+    # max_tools_chars / 2 + max_json_values; the arrays in a field chat ignores
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "junk": [[0] * 1000] * 300}, None,
+     262144 // 2 + 65536),
+])
+def test_more_numbers_than_an_endpoint_takes_are_refused_before_parsing(default_server, path, body, param, most):
+    """Many short arrays of numbers pass the value count and the longest-array bound, and parsing millions of
+    numbers holds the GIL for most of a second: the numbers in all are bounded by what the endpoint can take."""
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    r = httpx.post(default_server.url + path, content=raw, timeout=60, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    err = assert_openai_error(r.content, "limit_exceeded")
+    numbers = sum(len(a) for a in body.get("junk", body.get("prompt")))
+    found = re.fullmatch(rf"The request body has at least (\d+) numbers; the most this endpoint takes is {most} "
+                         r"\(.*\)\.", err["message"])
+    assert err["param"] == param and found and numbers - 8 <= int(found.group(1)) <= numbers, err
 
 
 # -- item 3: bodies with very many values are refused before they are parsed -------------------------
