@@ -198,6 +198,15 @@ def load_model(settings: EngineSettings) -> LoadedModel:
     invariant = settings.batch_invariant
     if invariant is None:
         invariant = device.type == "cpu" and settings.quantization == "none"
+    experts = settings.experts_implementation
+    if invariant and experts not in (None, rowwise_experts.ROWWISE_EXPERTS):
+        # transformers' experts run a request's few tokens at an expert with other requests' tokens
+        if settings.batch_invariant:
+            raise SettingsError(f"batch_invariant needs the engine's row-wise experts: experts_implementation "
+                                f"{experts!r} would make a row's logits depend on its batch (leave "
+                                "experts_implementation unset, or set batch_invariant false)")
+        logger.warning("experts_implementation %r: batch invariance is off (it needs the row-wise experts)", experts)
+        invariant = False
     if invariant and device.type == "cuda":
         if dtype not in batch_invariant_ops.SUPPORTED_DTYPES:
             raise SettingsError(f"batch_invariant on CUDA runs bfloat16, float16 or float32, not {dtype}")
@@ -207,8 +216,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
                                 "kernels)")
         # fixed-order matrix products and means in place of cuBLAS's and torch's (engine.batch_invariant_ops)
         batch_invariant_ops.enable("CUDA")
-    experts = settings.experts_implementation
-    if experts is None and invariant:
+    if experts in (None, rowwise_experts.ROWWISE_EXPERTS) and invariant:
         # a token's result must not depend on how many tokens share its expert (rowwise_experts);
         # grouped_mm has no float64 kernel anyway
         rowwise_experts.register()

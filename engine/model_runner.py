@@ -279,12 +279,13 @@ class ModelRunner:
         return features
 
     def _encoder_groups(self, work: list[EncodeWork]) -> list[list[EncodeWork]]:
-        """Split encoder work so that rows x padded length stays within ``max_encoder_tokens``."""
+        """Split encoder work so that rows x padded length (at least ``min_encoder_width``, as
+        ``_encode_group`` pads) stays within ``max_encoder_tokens``."""
         groups: list[list[EncodeWork]] = []
         current: list[EncodeWork] = []
         longest = 0
         for item in sorted(work, key=lambda w: len(w.token_ids)):
-            n = len(item.token_ids)
+            n = max(len(item.token_ids), self.min_encoder_width)
             if self._encodes_alone(item):
                 groups.append([item])
                 continue

@@ -9,10 +9,10 @@ What it guarantees, per token (``tests/test_rowwise_experts.py``, ``tests/test_e
   runs in one pooled group, padded with zero rows to at least ``MIN_ROWS`` (the many-row kernel).
 - Generate's bits: a request alone (``model.generate`` at batch 1) runs each expert group of 1-3 tokens
   on exactly those rows and every larger one on the many-row kernel, as above. A token's weighted expert
-  outputs are summed as transformers sums them: in float32 (and float16) as its default
-  ``grouped_mm_experts_forward`` does, in top-k order over a ``[T, k, H]`` buffer (``.sum(dim=1)``); in
-  bfloat16 and float64, whose reference is ``eager`` (no float64 grouped_mm; its bfloat16 products round
-  otherwise), in expert order with ``index_add_``, as the eager loop does. For top-k <= 2 the two orders agree.
+  outputs are summed as transformers sums them: in float32 as its default ``grouped_mm_experts_forward``
+  does, in top-k order over a ``[T, k, H]`` buffer (``.sum(dim=1)``); in bfloat16, float16 and float64,
+  whose reference is ``eager`` (no float64 grouped_mm; its half-precision products round otherwise), in
+  expert order with ``index_add_``, as the eager loop does. For top-k <= 2 the two orders agree.
 
 Which request a token belongs to comes from ``request_rows`` (the runner sets it around its encoder and
 decoder calls); outside one the whole call is one request, as in ``generate``. On CUDA (``--batch-invariant``)
@@ -105,8 +105,8 @@ def rowwise_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     else:
         requests = rows
     top_k = top_k_index.shape[1]
-    # float32 sums a token's experts as transformers' default grouped_mm does; bfloat16 and float64 as eager
-    eager_order = hidden_states.dtype in (torch.bfloat16, torch.float64)
+    # float32 sums a token's experts as transformers' default grouped_mm does; the other dtypes as eager
+    eager_order = hidden_states.dtype in (torch.bfloat16, torch.float16, torch.float64)
     if eager_order:
         final = torch.zeros_like(hidden_states)
     else:

@@ -120,8 +120,8 @@ class EngineSettings:
     # engine.sampling: the default is engine.sampling.default_sampler
     sampler: str | None = setting(
         None, "The denoising step's sampler: reference (transformers' sampler op for op: a seeded request equals "
-        "model.generate at batch 1 in float32 and float64; in bfloat16 with batch invariance, generate with "
-        "transformers' eager experts, as its grouped_mm rounds otherwise) or fast (Gumbel-max with "
+        "model.generate at batch 1 in float32 and float64; in bfloat16 and float16 with batch invariance, generate "
+        "with transformers' eager experts, as its grouped_mm rounds otherwise) or fast (Gumbel-max with "
         "counter-based random numbers, one pass over vocabulary chunks: far less memory, and a row's result "
         "independent of its batch).",
         default_text="fast on CUDA, reference on CPU")
@@ -186,7 +186,9 @@ class EngineSettings:
         "compressed-tensors format (e.g. RedHatAI's FP8-dynamic and NVFP4 DiffusionGemma): it loads as stored "
         "(docs/quantized-checkpoints.md).")
     experts_implementation: str | None = setting(
-        None, "transformers' experts_implementation for the MoE layers.",
+        None, "transformers' experts_implementation for the MoE layers. Another than the row-wise experts turns "
+        "batch invariance off (they run a request's few tokens at an expert beside other requests'); with "
+        "batch_invariant true it is refused.",
         default_text="row-wise with batch invariance (the CPU default), else grouped_mm (eager for float64; the "
                      "dequantized grouped_mm for quantized experts)", cli=False)
 

@@ -93,8 +93,9 @@ def reference_model(core: EngineCore):
     loaded = core.loaded
     key = (core.settings.model, loaded.dtype, str(loaded.device))
     if key not in _STOCK_MODELS:
-        # no float64 grouped_mm; in bfloat16 grouped_mm rounds otherwise than eager, which the engine's experts match
-        eager = loaded.dtype in (torch.float64, torch.bfloat16)
+        # no float64 grouped_mm; in half precision grouped_mm rounds otherwise than eager, which the engine's
+        # experts match
+        eager = loaded.dtype in (torch.float64, torch.bfloat16, torch.float16)
         kwargs = {"experts_implementation": "eager"} if eager else {}
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(core.settings.model, dtype=loaded.dtype, **kwargs)
         assert model.config._experts_implementation in ("grouped_mm", "eager"), model.config._experts_implementation

@@ -146,3 +146,17 @@ def test_the_server_exits_with_one_line_and_no_traceback(source, tmp_path, repli
         proc.stderr[-3000:]
     assert any(line.endswith(f"exiting: the model could not be loaded: {reason}") for line in proc.stderr.splitlines())
     assert "Traceback" not in proc.stderr
+
+
+def test_transformers_experts_and_batch_invariance_do_not_mix(source, caplog):
+    """transformers' experts run a request's few tokens at an expert beside other requests' (another
+    kernel than alone): asked for together with batch_invariant, they are refused; by default, batch
+    invariance is off and the load says so."""
+    from engine.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="batch_invariant needs the engine's row-wise experts"):
+        load_model(EngineSettings(model=str(source), batch_invariant=True, experts_implementation="eager"))
+    with caplog.at_level("WARNING", logger="engine.loader"):
+        loaded = load_model(EngineSettings(model=str(source), experts_implementation="eager"))
+    assert not loaded.batch_invariant and "batch invariance is off" in caplog.text
+    assert load_model(EngineSettings(model=str(source))).batch_invariant

@@ -45,6 +45,25 @@ def _passes(core, prompt: list[int], seed: int):
     return got, expected, outputs.differing_passes()
 
 
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def half_core(request, tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("e16k4-half"), TinySpec(num_experts=16, top_k_experts=4))
+    settings = EngineSettings(model=str(path), max_num_seqs=4, dtype=request.param)
+    core = EngineCore(load_model(settings), settings)
+    yield core
+    core.close()
+
+
+def test_half_precision_passes_are_eager_generates_bitwise(half_core):
+    """In bfloat16 and float16 the reference is generate with eager experts (reference_model), which sums a
+    token's top-4 expert outputs in expert order: every decoder pass bitwise."""
+    assert reference_model(half_core).config._experts_implementation == "eager"
+    for length, seed in ((3, 0), (12, 1)):
+        got, expected, differing = _passes(half_core, _prompt(length, seed), seed)
+        assert got == expected
+        assert not differing, f"prompt of {length}, seed {seed}: passes {differing} differ"
+
+
 @pytest.mark.parametrize("length", [1, 2, 3, 12])
 def test_every_decoder_pass_is_generates_bitwise(core, length):
     for seed in (0, 1):

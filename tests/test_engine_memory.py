@@ -170,3 +170,29 @@ def test_the_start_up_log_says_what_the_kv_budget_holds(tmp_path, caplog, kv_tok
         make_core(path, max_num_seqs=4, max_num_kv_tokens=kv_tokens)
     assert [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("KV budget")] == [
         (level, message)]
+
+
+def test_a_batched_encoder_call_stays_within_max_encoder_tokens_padded(tiny_path):
+    """Short prompts are padded to the many-row kernel's width (16 tokens) in a batched encoder call: the
+    grouping counts that width, so rows x padded length stays within max_encoder_tokens, as the memory plan
+    prices the encoder."""
+    from tests.engine_helpers import make_core, run_to_completion
+
+    core = make_core(tiny_path, dtype="auto", max_num_seqs=32, max_encoder_tokens=64)
+    calls = []
+
+    def record(module, args, kwargs):
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        calls.append(tuple(inputs.shape[:2]))
+
+    handle = core.runner.model.model.encoder.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        requests = [(f"r{i}", list(range(5 + i, 5 + i + n)), SamplingParams(max_tokens=4, max_denoising_steps=2))
+                    for i, n in enumerate([4, 7, 15] * 5)]
+        run_to_completion(core, requests)
+    finally:
+        handle.remove()
+        core.close()
+    prompt_calls = [(rows, width) for rows, width in calls if width >= 4]
+    assert prompt_calls and max(rows for rows, _ in prompt_calls) > 1  # batched calls happened
+    assert all(rows * width <= 64 for rows, width in prompt_calls), calls
