@@ -40,7 +40,8 @@ def main() -> None:
     except ValueError as exc:
         print(f"entrypoint: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    os.execv(sys.executable, [sys.executable, "-m", "server", *sys.argv[1:]])
+    # -P: the working folder is not on sys.path (a server/ or engine/ folder mounted there is not imported)
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "server", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

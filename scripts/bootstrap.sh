@@ -57,7 +57,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cmd="${1:-serve}"
 shift || true
 case "$cmd" in
-    serve) cd "$CALLER_DIR" && exec "$ROOT/$VENV/bin/python" -m server "$@" ;;
+    # -P: the caller's folder is not on sys.path (a server/ or engine/ folder there would be imported instead)
+    serve) cd "$CALLER_DIR" && exec "$ROOT/$VENV/bin/python" -P -m server "$@" ;;
     test) exec "$VENV/bin/python" -m pytest -q -rs "$@" ;;
     install) ;;
     *) echo "usage: bash scripts/bootstrap.sh {serve|test|install} [args]" >&2; exit 2 ;;

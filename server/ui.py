@@ -67,6 +67,7 @@ async def ui_config(request: Request):
         "authorized": True,
         "status": state.live_status,
         "model": state.model_names()[0],
+        "started": state.created,  # a restarted server may hold another tokenizer under the same name
         "canvas_length": engine.canvas_length if engine else None,
         "max_model_len": engine.max_model_len if engine else None,
         "vocab_size": len(engine.tokenizer) if engine else None,

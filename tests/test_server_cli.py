@@ -470,3 +470,17 @@ def test_bootstrap_serve_reads_paths_from_where_it_was_run(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "invalid setting: max_num_seqs must be a positive integer (got 0)"
+
+
+def test_bootstrap_serve_imports_the_project_not_the_callers_folders(tmp_path):
+    """Run from a folder that holds its own server/ and engine/ packages, ``bootstrap.sh serve`` still runs
+    this project's server (python -P: the current folder is not on sys.path)."""
+    if Path(sys.prefix).resolve() != (REPO_ROOT / ".venv").resolve():
+        pytest.skip("runs the bootstrap's own .venv, which this interpreter is not (it would install one)")
+    for name in ("server", "engine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise SystemExit('the caller folder\\'s {name} was imported')\n")
+    out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "bootstrap.sh"), "serve", "--help"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: diffusion-server")

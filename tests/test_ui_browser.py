@@ -463,6 +463,25 @@ def test_page_says_when_the_server_is_gone(server_launcher, server_tiny_checkpoi
 
 
 @browser_required
+def test_page_drops_token_texts_when_the_server_changes_model(server_launcher, server_tiny_checkpoint, browser):
+    """The page keeps the token texts it fetched; when the server behind it restarts on another model
+    (another tokenizer, the same URL), it drops them on its next look at /ui/config (a window focus) and
+    fetches the new model's, rather than drawing the new ids with the old texts."""
+    from tests.conftest import REPO_ROOT
+
+    first = server_launcher(["--model", str(server_tiny_checkpoint)])
+    open_page(browser, first.url)
+    known = int(browser.js("return document.body.dataset.textsKnown"))
+    first.stop()
+    second = server_launcher(["--model", str(REPO_ROOT / "engine" / "default_model"), "--port", str(first.port)])
+    cfg = httpx.get(second.url + "/ui/config", timeout=10).json()
+    assert second.port == first.port and cfg["vocab_size"] < known
+    browser.js("window.dispatchEvent(new Event('focus'))")
+    browser.wait(f"return document.getElementById('model').textContent === {json.dumps(cfg['model'])}", 30, "the model")
+    browser.wait(f"return +document.body.dataset.textsKnown === {cfg['vocab_size']}", 30, "the new token texts")
+
+
+@browser_required
 def test_page_says_why_token_texts_are_missing(live_server, server_tiny_checkpoint, server_launcher):
     """Opened under a DNS name the server does not serve web pages from, the page says why the token
     texts did not come (the server's own refusal) instead of leaving the cells blank."""

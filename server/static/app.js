@@ -24,6 +24,8 @@
   const texts = new Map();      // token id -> text (from /ui/detokenize)
   const specials = new Set();   // token ids that are special tokens
   const pending = new Set();    // ids being fetched
+  let vocabulary = null;        // the model and server start the texts belong to (a restart may change them)
+  let vocabEpoch = 0;           // bumped when they change: answers fetched for the old ones are dropped
   let config = null;
   let run = null;
   let renderQueued = false;
@@ -86,6 +88,9 @@
       return;
     }
     setStatus("ready · canvas " + cfg.canvas_length, "ok");
+    const served = [cfg.model, cfg.vocab_size, cfg.started].join("\u0000");
+    if (vocabulary !== null && vocabulary !== served) forgetTexts();  // another model, or the server restarted
+    vocabulary = served;
     if (first || PARAMS.every((p) => $("p-" + p).value === "")) fillDefaults();
     // A small vocabulary (a byte or character tokenizer) is fetched whole, once: every cell can
     // then be drawn at the step it changes. Larger ones are fetched id by id as they appear.
@@ -106,9 +111,18 @@
   }
 
   // ---------------------------------------------------------------- token texts
+  function forgetTexts() {
+    texts.clear();
+    specials.clear();
+    pending.clear();
+    vocabEpoch += 1;
+    document.body.dataset.textsKnown = "0";
+  }
+
   function ensureTexts(ids) {
     const missing = [...new Set(ids)].filter((i) => !texts.has(i) && !pending.has(i));
     if (!missing.length) return;
+    const epoch = vocabEpoch;
     missing.forEach((i) => pending.add(i));
     fetch("/ui/detokenize", {
       method: "POST",
@@ -117,13 +131,15 @@
     }).then(async (r) => {
       const body = await r.json().catch(() => ({}));
       if (!r.ok) throw new Error((body.error && body.error.message) || r.status + " " + r.statusText);
+      if (epoch !== vocabEpoch) return;  // the old vocabulary's texts
       missing.forEach((id, k) => {
         texts.set(id, body.texts[k]);
         if (body.special && body.special[k]) specials.add(id);
       });
     }).catch((e) => {  // said where no run's own error is shown
-      if ($("error").hidden) showError("The token texts could not be fetched: " + e.message);
+      if ($("error").hidden && epoch === vocabEpoch) showError("The token texts could not be fetched: " + e.message);
     }).finally(() => {
+      if (epoch !== vocabEpoch) return;
       missing.forEach((i) => pending.delete(i));
       document.body.dataset.textsKnown = String(texts.size);
       scheduleRender();
