@@ -154,7 +154,7 @@ class ContentPart(_Lenient):
     image_url: ImageURL | None = Field(
         None, description="With `type: image_url`: an image, through the checkpoint's processor and vision tower "
         "into the prompt (a text-only checkpoint answers 400; limits: `max_images_per_prompt`, `max_image_bytes`, "
-        "`max_image_pixels`).")
+        "`max_image_pixels`, `max_jpeg_scans`).")
 
 
 class FunctionDeclaration(_Lenient):

@@ -166,8 +166,9 @@ processor expands each image token into the image's placeholder tokens and makes
 and the vision tower's features take the placeholders' place in the encoder prefill, as
 `generate(..., pixel_values=...)` does. The placeholders are prompt tokens (`usage.prompt_tokens`,
 context length, KV budget). Images are refused before they are decoded when there are too many
-(`max_images_per_prompt`), when their data is too large (`max_image_bytes`) or has too many pixels
-(`max_image_pixels`, read from the header); an unreadable image is a 400 `invalid_image`.
+(`max_images_per_prompt`), when their data is too large (`max_image_bytes`), has too many pixels
+(`max_image_pixels`, read from the header) or, as a progressive JPEG, too many scans (`max_jpeg_scans`); an
+unreadable image is a 400 `invalid_image`.
 
 ## Responses
 
