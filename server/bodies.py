@@ -9,11 +9,14 @@ GIL while they run, so a large body is measured before it is parsed (``scan``): 
 cheap, and a body with more strings, objects and arrays than ``max_json_values``, with an array
 of numbers longer than any prompt may be (``BodyLimits.max_array``), or with more numbers in all than
 the endpoint can take (``BodyLimits.max_numbers``), is refused without being parsed. Large bodies are scanned, parsed and validated in a worker thread, at most
-``preprocess_concurrency`` at a time (the ``gate``), so the event loop stays free.
+``preprocess_concurrency`` at a time (the ``gate``: a parse whose client has gone keeps its thread to
+its end), so the event loop stays free.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -50,8 +53,13 @@ class BodyLimits:
     array_message: str = ""  # ends the refusal of a longer array ("The request body has an array of N numbers; ...")
     array_param: str | None = None
     array_code: str | None = "limit_exceeded"
-    max_numbers: int | None = None  # most numbers (and literals) in all; None: only the body size bounds them
-    numbers_message: str = ""  # ends the refusal of more ("The request body has at least N numbers; ...")
+    # the numbers (and literals) in all: a number in an object has a key (under max_values), so past those the
+    # numbers are in arrays: at most ``max_numbers`` (why: ``numbers_why``), and at most ``number_arrays``
+    # arrays of them, none longer than the body's longest (``number_arrays_why`` names the setting)
+    max_numbers: int | None = None
+    numbers_why: str = ""
+    number_arrays: int | None = None
+    number_arrays_why: str = ""
 
 
 def _reject_constant(name: str):
@@ -189,7 +197,9 @@ def scan(raw: bytes, limits: BodyLimits, counts: MarkCounts | None = None) -> No
     if counts.too_many_values(limits.max_values):
         raise _too_many_values(counts.strings_at_least, True, limits.max_values)
     array_bound_holds = limits.max_array is None or counts.commas < limits.max_array
-    numbers_bound_holds = limits.max_numbers is None or counts.numbers_at_most <= limits.max_numbers
+    cheap_cap = min(limits.max_numbers if limits.max_numbers is not None else float("inf"),
+                    limits.max_values if limits.number_arrays is not None else float("inf"))
+    numbers_bound_holds = counts.numbers_at_most <= cheap_cap
     if counts.values_at_most <= limits.max_values and array_bound_holds and numbers_bound_holds:
         return
     strings, structure = skeleton(raw)
@@ -208,9 +218,17 @@ def scan(raw: bytes, limits: BodyLimits, counts: MarkCounts | None = None) -> No
     # among them) and containers take at most that many: the rest are numbers or literals
     empty = structure.count(b"[]") + structure.count(b"{}")
     numbers = structure.count(b",") - strings - empty + 1
-    if limits.max_numbers is not None and numbers > limits.max_numbers:
-        raise errors.bad_request(f"The request body has at least {numbers} numbers; {limits.numbers_message}",
-                                 limits.array_param, "limit_exceeded")
+    bounds = []
+    if limits.max_numbers is not None:
+        bounds.append((limits.max_numbers, limits.numbers_why))
+    if limits.number_arrays is not None and numbers > limits.max_values:
+        longest = max((found.end() - found.start() for found in re.finditer(rb",+", structure)), default=0) + 1
+        bounds.append((limits.number_arrays * longest + limits.max_values,
+                       f"{limits.number_arrays_why} x its longest array of numbers, {longest}, + max_json_values"))
+    for bound, why in bounds:
+        if numbers > bound:
+            raise errors.bad_request(f"The request body has at least {numbers} numbers; the most this endpoint "
+                                     f"takes is {bound} ({why}).", limits.array_param, "limit_exceeded")
 
 
 def number_run_over(structure: bytes, limit: int) -> tuple[int, bool] | None:
@@ -276,13 +294,28 @@ async def read_json(request: Request, limits: BodyLimits, gate: PreprocessGate, 
         data = load_json(raw, limits.max_depth, require_object)
         return data if model is None else _validate(data, model)
 
-    release = (request.scope.get("state") or {}).get(BODY_RELEASE, lambda: None)
-    try:
-        if len(raw) <= PARSE_IN_THREAD_BYTES:
+    release = (request.scope.get("state") or {}).get(BODY_RELEASE, lambda: None)  # max_body_bytes_in_flight
+    if len(raw) <= PARSE_IN_THREAD_BYTES:
+        try:
             return work()
-        return await gate.run(work, receive=request.receive)  # a client gone while it waits: nothing parsed
+        finally:
+            release()
+    loop = asyncio.get_running_loop()
+    started = []
+
+    def job():
+        started.append(True)
+        try:
+            return work()
+        finally:  # the bytes are the thread's until it ends, even when its client has gone
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(release)
+
+    try:
+        return await gate.run(job, receive=request.receive)  # a client gone while it waits: nothing parsed
     finally:
-        release()
+        if not started:
+            release()
 
 
 def large_body(request: Request) -> bool:

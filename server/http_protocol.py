@@ -166,6 +166,10 @@ class GuardedH11Protocol(H11Protocol):
         self._linger_timer = None
         self._rejected = False  # answered with an error: what still arrives is discarded
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """An Upgrade request (WebSocket, h2c) is answered as the plain HTTP request it is (no WebSocket
+        route, ``ws="none"``): nothing to warn of, nor a WebSocket library to advise."""
+
     # -- state ------------------------------------------------------------------------------------
     def _busy(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete

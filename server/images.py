@@ -6,7 +6,8 @@ before any is decoded; a data URL's decoded size (``max_image_bytes``) is known 
 before it is decoded, and its pixel count (``max_image_pixels``) from its header before its pixels
 are. ``http(s)`` URLs are fetched only when ``image_url_fetch`` is on, within ``max_image_bytes`` and
 ``image_fetch_timeout_seconds``; otherwise they are a 400 that says to send the image inline. Fetches
-take turns of their own (``ImageFetches``), not the preprocessing turns that decode and render.
+take turns of their own (``ImageFetches``), and so does decoding (``image_decode_concurrency``), apart
+from the preprocessing turns that parse and render.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from . import errors
-from .preprocess import PreprocessGate
+from .preprocess import RequestTurns
 from .request_limits import limit_error
 
 # The picture formats decoded (OpenAI's list); anything else is refused without decoding it.
@@ -214,10 +215,10 @@ class ImageReader:
     fetch: bool
     fetch_timeout: float
     fetches: ImageFetches | None = None  # the server's fetch turns (``chat.image_prompts`` needs them)
-    decodes: PreprocessGate | None = None  # the server's decoding turns (``chat.image_prompts`` needs them)
+    decodes: RequestTurns | None = None  # the server's decoding turns, for this request (``chat.image_prompts``)
 
     @classmethod
-    def of(cls, settings, processor, model: str, fetches: ImageFetches, decodes: PreprocessGate) -> "ImageReader":
+    def of(cls, settings, processor, model: str, fetches: ImageFetches, decodes: RequestTurns) -> "ImageReader":
         return cls(processor, model, settings.engine.max_images_per_prompt, settings.max_image_bytes,
                    settings.max_image_pixels, settings.max_jpeg_scans, settings.image_url_fetch,
                    settings.image_fetch_timeout_seconds, fetches, decodes)

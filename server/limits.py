@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 from typing import TYPE_CHECKING, Callable
 
-from .bodies import BODY_MARKS, BODY_RELEASE, MarkCounts
+from .bodies import BODY_MARKS, BODY_RELEASE, PARSE_IN_THREAD_BYTES, MarkCounts
 from .errors import APIError, bodies_full, body_timeout, body_too_large, error_response
 from .middleware import READ_METHODS
 
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 DRAIN_LIMIT = 256 * 1024 * 1024
 # After a request whose body was at least this large, free memory is returned to the system.
 TRIM_AFTER_BYTES = 1 << 20
+# The first bytes of each body do not count against max_body_bytes_in_flight: a body this small is parsed
+# as soon as it has arrived, so stalled large uploads that fill the budget cannot refuse ordinary requests.
+FREE_BODY_BYTES = PARSE_IN_THREAD_BYTES
 
 
 def _malloc_trim():
@@ -71,17 +74,21 @@ class BodyBudget:
 
 
 class _Held:
-    """One request's share of the ``BodyBudget``: given back once, when its body has been parsed
-    (``bodies.read_json`` calls it through the request's state) or its request is over."""
+    """One request's share of the ``BodyBudget``: the bytes of its body past the first ``FREE_BODY_BYTES``
+    (a small body, parsed at once, never waits for the budget), given back once, when the body has been
+    parsed (``bodies.read_json`` calls it through the request's state) or the request is over."""
 
     def __init__(self, budget: BodyBudget):
         self.budget = budget
         self.bytes = 0
 
-    def take(self, n: int) -> bool:
-        if not self.budget.take(n):
-            return False
-        self.bytes += n
+    def cover(self, total: int) -> bool:
+        """Hold what a body of ``total`` bytes needs (False: the budget has no room for it)."""
+        more = max(0, total - FREE_BODY_BYTES) - self.bytes
+        if more > 0:
+            if not self.budget.take(more):
+                return False
+            self.bytes += more
         return True
 
     def release(self) -> None:
@@ -114,14 +121,16 @@ class BodyLimitMiddleware:
             return
         held = _Held(self.budget)
         received = [0]  # the body's bytes, stored or not
+        chunks: list[bytes] = []  # the body's stored bytes
         try:
-            await self._call(scope, receive, send, held, received)
+            await self._call(scope, receive, send, held, received, chunks)
         finally:
+            chunks.clear()  # on every way out (an exception's traceback would keep them alive past the trim)
             held.release()
             if received[0] >= TRIM_AFTER_BYTES:  # whatever the outcome: 408, 413, 429, a client gone, served
                 await trim_memory()
 
-    async def _call(self, scope, receive, send, held: _Held, received: list[int]):
+    async def _call(self, scope, receive, send, held: _Held, received: list[int], chunks: list[bytes]):
         declared = None
         expects_continue = False
         for name, value in scope.get("headers", []):
@@ -137,7 +146,6 @@ class BodyLimitMiddleware:
         if too_large and expects_continue:  # refused before the client sends a byte of it (no 100 Continue)
             await self._reject(body_too_large(self.max_bytes), scope, receive, send)
             return
-        chunks: list[bytes] = []
         total = 0
         counts = MarkCounts() if self.max_json_values is not None else None
         dropped = False  # too many JSON values for certain: the endpoint refuses it from ``counts``
@@ -176,7 +184,7 @@ class BodyLimitMiddleware:
                     chunks.clear()
                     held.release()
             if not too_large and not dropped and not over_budget:
-                if held.take(len(body)):
+                if held.cover(total):
                     chunks.append(body)
                 else:
                     over_budget = True

@@ -40,7 +40,8 @@ ERROR_STATUSES = {
     "405": "A route called with the wrong method.",
     "408": "The request's head or body arrived too slowly.",
     "413": "Request body too large.",
-    "429": "The waiting queue is full (Retry-After).",
+    "429": "The waiting queue is full (`queue_full`), or the server holds all the large request bodies it may "
+           "(`server_busy`); Retry-After.",
     "431": "The request line and headers are too large.",
     "500": "Internal fault (no stack trace).",
     "503": "Loading, draining, a dead engine, or every connection busy (Retry-After).",

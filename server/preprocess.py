@@ -15,21 +15,25 @@ T = TypeVar("T")
 
 
 class PreprocessGate:
-    """At most ``concurrency`` jobs at once; the others wait for a turn. Once the drain's time is up
-    (``abort``), a request that waits for its turn or its job is answered at once (503
-    ``request_aborted``, as every request the drain aborts); the job itself runs on to its end in its
-    thread, which no one can stop."""
+    """At most ``concurrency`` jobs at once, in a pool of that many threads of its own; the others wait for
+    a turn. Once the drain's time is up (``abort``), a request that waits for its turn or its job is
+    answered at once (503 ``request_aborted``, as every request the drain aborts); the job itself runs on
+    to its end in its thread, which no one can stop. Such a job (its request aborted, cancelled or its
+    client gone) still holds its thread: the next job waits for it, so at most ``concurrency`` jobs run
+    at once whatever clients do."""
 
-    def __init__(self, concurrency: int, own_threads: str | None = None):
-        """``own_threads``: run the jobs in a pool of ``concurrency`` threads of that name, not the event
-        loop's default executor, so that a job that runs on after its request was cancelled still holds a
-        thread: at most ``concurrency`` such jobs run at once, whatever clients do."""
+    def __init__(self, concurrency: int, name: str):
         self._turns = asyncio.Semaphore(concurrency)
         self._aborted = asyncio.Event()
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=own_threads) if own_threads else None
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=name)  # threads start on use
 
     def abort(self) -> None:
         self._aborted.set()
+
+    def for_request(self, receive) -> "RequestTurns":
+        """This gate's turns for one request whose body has been read: its waits end when its client goes
+        away."""
+        return RequestTurns(self, receive)
 
     @property
     def aborted(self) -> bool:
@@ -67,9 +71,22 @@ class PreprocessGate:
             for f in (aborted, gone, job):  # the job: nothing when done; else its turn comes back now
                 if f is not None:
                     f.cancel()
+            # an exception raised here holds this frame: without these references, the job (and through it
+            # the caller's frames and their buffers) would wait for the cycle collector
+            job = aborted = gone = step = None
 
     async def _in_turn(self, work: Callable[[], T]) -> T:
         async with self._turns:
-            if self._pool is None:
-                return await asyncio.to_thread(work)
             return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+
+class RequestTurns:
+    """A ``PreprocessGate`` for one request (``PreprocessGate.for_request``): ``run`` as the gate's, and a
+    client that goes away meanwhile ends the wait (``errors.ClientDisconnected``)."""
+
+    def __init__(self, gate: PreprocessGate, receive):
+        self.gate = gate
+        self.receive = receive
+
+    async def run(self, work: Callable[[], T], abortable: bool = True) -> T:
+        return await self.gate.run(work, abortable, self.receive)

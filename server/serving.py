@@ -24,7 +24,7 @@ from engine.sampling_params import SamplingParams
 
 from . import errors, sse
 from .bodies import large_body, parse_body
-from .preprocess import PreprocessGate
+from .preprocess import RequestTurns
 from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, collect, usage
 from .engine_client import EngineClient
 from .errors import APIError
@@ -101,7 +101,7 @@ class Endpoint(Protocol):
         """The API's ``logprobs`` object for these committed tokens (``engine.outputs.TokenLogprob``),
         the first starting at ``position`` in the choice's text; and the position after them."""
 
-    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: PreprocessGate,
+    async def prompts(self, req, tokenizer, limit: PromptLimit, gate: RequestTurns,
                       images: ImageReader) -> Prompts:
         """Tokenize the request's prompts, each checked against ``limit``: its characters before it is
         tokenized, its tokens right after. Large ones are tokenized in a worker thread (``gate.run``).
@@ -162,16 +162,18 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     names = api.names
     limits = state.body_limits(names.prompt_param if names.token_prompts else None)
     req: CommonFields = await parse_body(request, names.request_model, limits, state.preprocess_gate)
+    turns = state.preprocess_gate.for_request(request.receive)  # the body is read: a client gone ends a wait
     engine = state.engine_or_503()
     model_name = state.check_model(req.model)
     if large_body(request):  # an endpoint's checks read the whole request (a chat's tools as JSON)
-        await state.preprocess_gate.run(lambda: api.check(req, settings))
+        await turns.run(lambda: api.check(req, settings))
     else:
         api.check(req, settings)
     max_tokens, max_tokens_param = api.max_tokens(req)
     check_request(settings, req, api.num_prompts(req), max_tokens, max_tokens_param)  # before tokenizing
-    images = ImageReader.of(settings, engine.processor, model_name, state.image_fetches, state.image_decodes)
-    prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), state.preprocess_gate, images)
+    images = ImageReader.of(settings, engine.processor, model_name, state.image_fetches,
+                            state.image_decodes.for_request(request.receive))
+    prompts = await api.prompts(req, engine.tokenizer, state.prompt_limit(engine), turns, images)
     if settings.log_prompts:
         log.prompt_text = prompts.log_text()
     options = dict(logprobs=api.logprobs(req), infill_suffix=prompts.suffix_ids,
@@ -181,7 +183,7 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     check_resolved(settings, specs[0].params, num_prompts=len(prompts.ids), n=req.n,
                    max_tokens_given=max_tokens is not None, max_tokens_param=max_tokens_param,
                    alternatives_param=names.alternatives_param)
-    await prompts.decode_prefixes(engine.tokenizer, state.preprocess_gate)
+    await prompts.decode_prefixes(engine.tokenizer, turns)
 
     if state.aborting:  # prepared after the drain aborted the requests in flight
         raise errors.request_aborted()

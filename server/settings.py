@@ -71,9 +71,10 @@ class ServerSettings:
         "of one. 0 disables it.")
     max_body_bytes_in_flight: int = setting(
         256 * 1024 * 1024, "Most bytes of request bodies held at once, all connections together: a body's bytes "
-        "count from their arrival until it is parsed. A body that would pass it is read on and dropped, then "
-        "answered 429 server_busy (Retry-After); slow uploads and bodies queued for their parse turn cannot "
-        "grow the process past it. At least max-request-body-bytes.")
+        "past its first 64 KiB count from their arrival until it has been parsed (a parse whose client has gone "
+        "counts until it ends). A body that would pass it is read on and dropped, then answered 429 server_busy "
+        "(Retry-After); slow uploads and bodies queued for their parse turn cannot grow the process past it, "
+        "and a full budget refuses only bodies over 64 KiB. At least max-request-body-bytes.")
     request_body_timeout_seconds: float = setting(
         60.0, "Answer 408 and close when a request's body has not fully arrived this long after its head (a "
         "client trickling or stalling its upload holds a connection otherwise). 0 disables it.")

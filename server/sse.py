@@ -17,12 +17,16 @@ NO_PING_SECONDS = 365 * 24 * 3600.0  # the ping interval that stands for "no kee
 
 # Characters that Python's str.splitlines (so httpx's and requests' iter_lines) takes for line ends and
 # that JSON may carry raw: escaped, so that any line-based reader sees one frame as one line.
-_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+_LINE_ENDS = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def json_text(obj: dict) -> str:
     """Compact JSON on one line: non-ASCII text kept as is, but for the line ends above."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_ENDS)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        for raw, escaped in _LINE_ENDS:
+            text = text.replace(raw, escaped)
+    return text
 
 
 def chunk(obj: dict) -> ServerSentEvent:

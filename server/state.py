@@ -110,8 +110,8 @@ class ServerState:
         self._load_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         # large bodies parsed, prompts tokenized, chat templates rendered: this many at once, in worker threads
-        self.preprocess_gate = PreprocessGate(settings.preprocess_concurrency)
-        self.image_decodes = PreprocessGate(settings.image_decode_concurrency, own_threads="image-decode")
+        self.preprocess_gate = PreprocessGate(settings.preprocess_concurrency, "preprocess")
+        self.image_decodes = PreprocessGate(settings.image_decode_concurrency, "image-decode")
         self.image_fetches = ImageFetches(settings.image_fetch_concurrency)  # http(s) images: turns of their own
         self.token_bound: TokenBound | None = None  # from the tokenizer, once loaded
 
@@ -231,21 +231,16 @@ class ServerState:
         field such an array is a prompt of (None: the endpoint takes no token ids, and the refusal names
         no field)."""
         s = self.settings
+        # numbers in arrays: completions takes prompts of token ids, chat only the numbers of its tools' JSON
+        numbers = (dict(number_arrays=s.max_prompts_per_request, number_arrays_why="max_prompts_per_request")
+                   if array_param else dict(max_numbers=s.max_tools_chars // 2 + s.max_json_values,
+                                            numbers_why="max_tools_chars / 2 + max_json_values"))
         if self.engine is None:
-            return BodyLimits(s.max_json_depth, s.max_json_values)
+            return BodyLimits(s.max_json_depth, s.max_json_values, array_param=array_param, **numbers)
         limit = self.prompt_limit(self.engine)
         why = limit.why() if array_param else f"no array of numbers may be longer than a prompt, and {limit.why()}"
-        # a number in an object has a key (a string, under max_json_values); in arrays, the endpoint takes
-        # prompts of token ids (completions) or the numbers of its tools' JSON (chat)
-        if array_param:
-            numbers = s.max_prompts_per_request * limit.tokens + s.max_json_values
-            numbers_why = (f"the most this endpoint takes is {numbers} (max_prompts_per_request x the prompt limit, "
-                           f"{limit.tokens} tokens, + max_json_values).")
-        else:
-            numbers = s.max_tools_chars // 2 + s.max_json_values
-            numbers_why = f"the most this endpoint takes is {numbers} (max_tools_chars / 2 + max_json_values)."
         return BodyLimits(s.max_json_depth, s.max_json_values, limit.tokens,
-                          f"longer than any this server accepts: {why}.", array_param, limit.code, numbers, numbers_why)
+                          f"longer than any this server accepts: {why}.", array_param, limit.code, **numbers)
 
     def model_names(self) -> list[str]:
         engine_name = self.engine.model_name if self.engine is not None else None

@@ -67,7 +67,6 @@ async def ui_config(request: Request):
         "authorized": True,
         "status": state.live_status,
         "model": state.model_names()[0],
-        "started": state.created,  # a restarted server may hold another tokenizer under the same name
         "canvas_length": engine.canvas_length if engine else None,
         "max_model_len": engine.max_model_len if engine else None,
         "vocab_size": len(engine.tokenizer) if engine else None,
@@ -82,7 +81,9 @@ async def ui_detokenize(request: Request):
     settings = state.settings
     # the same strict, bounded parsing as /v1 (depth, values, no NaN, invalid UTF-8 ...)
     limits = BodyLimits(settings.max_json_depth, settings.max_json_values, MAX_DETOKENIZE_IDS,
-                        f"more than /ui/detokenize takes (at most {MAX_DETOKENIZE_IDS} ids per request).", "ids")
+                        f"more than /ui/detokenize takes (at most {MAX_DETOKENIZE_IDS} ids per request).", "ids",
+                        max_numbers=MAX_DETOKENIZE_IDS + settings.max_json_values,
+                        numbers_why=f"{MAX_DETOKENIZE_IDS} ids + max_json_values")
     body = await read_json(request, limits, state.preprocess_gate, require_object=False)
     ids = body.get("ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):

@@ -71,9 +71,26 @@ def test_scan_agrees_with_json_loads(value, slice_bytes, ensure_ascii, compact):
         refused = _refused(raw, BodyLimits(32, 10**9, bound, "x", "prompt"))
         assert refused == (longest > bound), (bound, longest, structure)
     # numbers in all: never refused at or under the bound; an array of nothing but numbers, refused over it
-    assert not _refused(raw, BodyLimits(32, 10**9, max_numbers=numbers, numbers_message="x"))
+    assert not _refused(raw, BodyLimits(32, 10**9, max_numbers=numbers))
     ids = json.dumps({"p": [7] * (numbers + 3)}).encode()  # the key is taken for a value: numbers + 2 for certain
-    assert _refused(ids, BodyLimits(32, 10**9, max_numbers=numbers + 1, numbers_message="x"))
+    assert _refused(ids, BodyLimits(32, 10**9, max_numbers=numbers + 1))
+
+
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=12), compact=st.booleans(),
+       bias=st.dictionaries(st.integers(0, 999).map(str), st.integers(-100, 100), max_size=20))
+def test_the_numbers_of_prompts_of_token_ids_are_never_refused(lengths, compact, bias):
+    """A completions body's numbers are its prompts' token ids and values under keys (logit_bias): with as
+    many arrays as it has prompts and as many values as it has strings and containers, never refused; more
+    prompts of the longest length than allowed are."""
+    body = {"prompt": [[7] * n for n in lengths], "logit_bias": bias, "max_tokens": 5, "temperature": 0.5}
+    raw = json.dumps(body, separators=(",", ":") if compact else None).encode()
+    values = truth(body)[0]
+    limits = BodyLimits(32, values, number_arrays=len(lengths), number_arrays_why="x")
+    assert not _refused(raw, limits)
+    # more arrays of the longest length than allowed: refused, without parsing
+    many = json.dumps({"prompt": [[7] * 1000] * 300}).encode()
+    assert _refused(many, BodyLimits(32, 1000, number_arrays=256, number_arrays_why="x"))
 
 
 def _refused(raw: bytes, limits: BodyLimits) -> bool:

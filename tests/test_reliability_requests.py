@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
+import time
 
 import httpx
 import openai
@@ -21,6 +23,7 @@ SLOW = {"max_tokens": 4000, "ignore_eos": True, "max_denoising_steps": 64, "stab
 ABORT = ("diffusion_server:request_success_total", frozenset({("finished_reason", "abort")}))
 RUNNING = ("diffusion_server:num_requests_running", frozenset())
 WAITING = ("diffusion_server:num_requests_waiting", frozenset())
+IN_FLIGHT = ("diffusion_server:http_requests_in_flight", frozenset())
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -101,11 +104,12 @@ def test_a_long_number_array_in_a_chat_names_no_prompt_field(default_server):
 
 
 @pytest.mark.parametrize("path,body,param,most", [
-    # 256 prompts of 4095 ids + max_json_values
-    ("/v1/completions", {"prompt": [[0] * 1000] * 1500}, "prompt", 256 * 4095 + 65536),
+    # max_prompts_per_request prompts of the longest array + max_json_values
+    ("/v1/completions", {"prompt": [[0] * 1000] * 400}, "prompt", 256 * 1000 + 65536),
     # max_tools_chars / 2 + max_json_values; the arrays in a field chat ignores
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "junk": [[0] * 1000] * 300}, None,
      262144 // 2 + 65536),
+    ("/ui/detokenize", {"ids": [1], "junk": [[0] * 1000] * 300}, "ids", 4096 + 65536),
 ])
 def test_more_numbers_than_an_endpoint_takes_are_refused_before_parsing(default_server, path, body, param, most):
     """Many short arrays of numbers pass the value count and the longest-array bound, and parsing millions of
@@ -114,7 +118,7 @@ def test_more_numbers_than_an_endpoint_takes_are_refused_before_parsing(default_
     r = httpx.post(default_server.url + path, content=raw, timeout=60, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text[:300]
     err = assert_openai_error(r.content, "limit_exceeded")
-    numbers = sum(len(a) for a in body.get("junk", body.get("prompt")))
+    numbers = sum(len(a) for a in body.get("junk", body.get("prompt")))  # the refusal's bound is a little lower
     found = re.fullmatch(rf"The request body has at least (\d+) numbers; the most this endpoint takes is {most} "
                          r"\(.*\)\.", err["message"])
     assert err["param"] == param and found and numbers - 8 <= int(found.group(1)) <= numbers, err
@@ -150,6 +154,67 @@ def test_a_body_with_too_many_values_is_not_kept(default_server):
     err = assert_openai_error(r.content, "limit_exceeded")
     assert r.status_code == 400 and "at least 1200001 strings" in err["message"], err
     assert after["VmHWM"] - before["VmRSS"] < 8, (before, after)
+
+
+def test_a_stalled_body_gives_its_memory_back_after_its_408(server_launcher, server_tiny_checkpoint):
+    """A 15 MiB upload that stalls until its 408: the stored bytes are freed and returned to the system
+    (malloc_trim) once it is answered, not kept until the next large request or collection."""
+    server = server_launcher(["--model", str(server_tiny_checkpoint), "--request-body-timeout-seconds", "2"])
+    size = 15 * 2**20
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (size + 10))
+    pid = server.proc.pid
+
+    def stall() -> int:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + b" " * size)
+            data = b""
+            while b"\r\n" not in data:
+                data += sock.recv(4096)
+            return int(data.split(b" ", 2)[1])
+
+    assert httpx.post(server.url + "/v1/completions", timeout=60,  # first-use allocations
+                      json={"model": server.model_name, "prompt": "hi", "max_tokens": 2}).status_code == 200
+    before = memory(pid)
+    assert stall() == 408
+    time.sleep(0.5)
+    after = memory(pid)
+    assert after["VmRSS"] - before["VmRSS"] < 8, (before, after)
+
+
+def test_bodies_whose_clients_left_leave_the_parse_queue(server_launcher, server_tiny_checkpoint, tmp_path):
+    """Large bodies wait for a parse turn (here the only one, held by a chat whose template renders for
+    ever): one whose client goes away leaves the queue at once, logged client_gone, without being parsed."""
+    folder = tmp_path / "slow-template"
+    shutil.copytree(server_tiny_checkpoint, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% if slow %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    server = server_launcher(["--model", str(folder), "--served-model-name", "slow", "--preprocess-concurrency", "1"],
+                             model_name="slow")
+    holder = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}] * 40,  # rendered in a turn
+                         "chat_template_kwargs": {"slow": True}, "max_tokens": 2}).encode()
+    large = json.dumps({"model": "slow", "prompt": "hi", "max_tokens": 2, "user": "x" * 100_000}).encode()
+
+    def request(path: str, body: bytes) -> bytes:
+        return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % (path.encode(), len(body)) + body)
+
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as rendering:
+            rendering.sendall(request("/v1/chat/completions", holder))
+            wait_for(server, IN_FLIGHT, 1)
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", server.port), timeout=30) as waiting:
+                    waiting.sendall(request("/v1/completions", large))
+                    time.sleep(0.5)  # read whole, waiting for the parse turn
+            deadline = time.monotonic() + 10
+            while server.log().count("status=client_gone") < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert server.log().count("status=client_gone") == 3, server.log()[-2000:]
+            assert server.metrics().get(IN_FLIGHT) == 1  # the chat still renders
+    finally:
+        server.proc.kill()  # the render runs on in its thread
 
 
 # -- item 4: the /ui endpoints parse bodies like /v1 ------------------------------------------------

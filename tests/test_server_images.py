@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import signal
 import socket
 import threading
@@ -510,6 +511,31 @@ def test_decoding_images_holds_up_only_image_requests(server_launcher, checkpoin
         assert decoding.is_alive() and not answer  # the image was decoding all along
     finally:
         server.proc.kill()  # the decode runs on in its thread: the process would exit after it
+
+
+def test_a_request_whose_client_left_is_not_decoded(server_launcher, checkpoint):
+    """A request waiting for the only decoding turn, its client gone: it leaves the queue at once (logged as
+    client_gone), rather than having its images decoded for no one once the running decode ends."""
+    server = server_launcher(["--model", str(checkpoint), "--served-model-name", MODEL, "--max-jpeg-scans", "100000",
+                              "--image-decode-concurrency", "1"], model_name=MODEL)
+    body = json.dumps({"model": MODEL, "messages": image_message("x", data_url(slow_jpeg(6000), "image/jpeg")),
+                       "max_tokens": 4}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as decoding:
+        decoding.sendall(head + body)
+        wait_for(server, IN_FLIGHT, 1)
+        time.sleep(0.5)  # into its decode (tens of seconds)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as waiting:
+            waiting.sendall(head + body)
+            wait_for(server, IN_FLIGHT, 2)
+            time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while "status=client_gone" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.log().count("status=client_gone") == 1, server.log()[-2000:]
+        assert server.metrics().get(IN_FLIGHT) == 1  # the first one still decodes
+    server.proc.kill()  # the decode runs on in its thread
 
 
 def test_a_request_still_decoding_when_the_drain_ends_is_answered_at_once(server_launcher, checkpoint):

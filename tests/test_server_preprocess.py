@@ -1,6 +1,6 @@
 """The preprocessing turns (``server.preprocess.PreprocessGate``): at most that many jobs at once; once the
 drain's time is up, a request that waits for a turn or for its job is answered at once; a turn comes back
-whether the job ended, was aborted or its request went away."""
+whether the job ended, was aborted or its request went away, but a job that runs on keeps its thread."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_jobs_take_turns_and_an_abort_answers_the_waiting_at_once():
         return work
 
     async def main():
-        gate = PreprocessGate(1)
+        gate = PreprocessGate(1, "test")
         first = asyncio.create_task(gate.run(job("first")))
         second = asyncio.create_task(gate.run(job("second")))
         while not started:
@@ -44,21 +44,26 @@ def test_jobs_take_turns_and_an_abort_answers_the_waiting_at_once():
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_a_turn_comes_back_when_its_request_goes_away():
+def test_a_job_whose_request_went_away_keeps_its_thread():
+    """The request is cancelled while its job runs: its wait ends at once, but the job runs on in the
+    gate's only thread, and the next job starts only when it ends (no more jobs at once than turns)."""
     release = threading.Event()
 
     def blocked():
         release.wait(30)
 
     async def main():
-        gate = PreprocessGate(1)
+        gate = PreprocessGate(1, "test")
         gone = asyncio.create_task(gate.run(blocked))
         await asyncio.sleep(0.05)
-        gone.cancel()  # the client went away while its job ran: the job runs on, the turn is free
+        gone.cancel()  # the client went away while its job ran
         with pytest.raises(asyncio.CancelledError):
             await gone
-        assert await gate.run(lambda: "next") == "next"
+        following = asyncio.create_task(gate.run(lambda: "next"))
+        await asyncio.sleep(0.2)
+        assert not following.done()  # the thread is still the cancelled job's
         release.set()
+        assert await following == "next"
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
@@ -72,7 +77,7 @@ def test_work_for_a_ready_answer_is_not_aborted():
         return "answer"
 
     async def main():
-        gate = PreprocessGate(1)
+        gate = PreprocessGate(1, "test")
         answer = asyncio.create_task(gate.run(formatting, abortable=False))
         await asyncio.sleep(0.05)
         gate.abort()
@@ -104,7 +109,7 @@ def test_a_request_whose_client_left_while_it_waits_is_dropped():
             await gone.wait()
             return {"type": "http.disconnect"}
 
-        gate = PreprocessGate(1)
+        gate = PreprocessGate(1, "test")
         holder = asyncio.create_task(gate.run(job("holder")))
         waiting = asyncio.create_task(gate.run(job("waiting"), receive=receive))
         await asyncio.sleep(0.05)

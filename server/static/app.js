@@ -24,7 +24,7 @@
   const texts = new Map();      // token id -> text (from /ui/detokenize)
   const specials = new Set();   // token ids that are special tokens
   const pending = new Set();    // ids being fetched
-  let vocabulary = null;        // the model and server start the texts belong to (a restart may change them)
+  let vocabulary = null;        // the model and vocabulary size the texts belong to (a restart may change them)
   let vocabEpoch = 0;           // bumped when they change: answers fetched for the old ones are dropped
   let config = null;
   let run = null;
@@ -88,8 +88,8 @@
       return;
     }
     setStatus("ready · canvas " + cfg.canvas_length, "ok");
-    const served = [cfg.model, cfg.vocab_size, cfg.started].join("\u0000");
-    if (vocabulary !== null && vocabulary !== served) forgetTexts();  // another model, or the server restarted
+    const served = [cfg.model, cfg.vocab_size].join("\u0000");
+    if (vocabulary !== null && vocabulary !== served) forgetTexts();  // the server restarted on another model
     vocabulary = served;
     if (first || PARAMS.every((p) => $("p-" + p).value === "")) fillDefaults();
     // A small vocabulary (a byte or character tokenizer) is fetched whole, once: every cell can
