@@ -216,7 +216,7 @@ def load_model(settings: EngineSettings) -> LoadedModel:
                                 "kernels)")
         # fixed-order matrix products and means in place of cuBLAS's and torch's (engine.batch_invariant_ops)
         batch_invariant_ops.enable("CUDA")
-    if experts in (None, rowwise_experts.ROWWISE_EXPERTS) and invariant:
+    if experts == rowwise_experts.ROWWISE_EXPERTS or (experts is None and invariant):
         # a token's result must not depend on how many tokens share its expert (rowwise_experts);
         # grouped_mm has no float64 kernel anyway
         rowwise_experts.register()

@@ -89,9 +89,11 @@ class EngineSettings:
         default_text="the whole GPU")
     max_encoder_tokens: int = setting(
         2048, "Prompt tokens prefilled in one pass, over all requests, and padded tokens in one batched encoder "
-        "call (prefill and commits). Prompts are prefilled oldest first, a longer one in chunks of this size over "
-        "several passes (a chunk waits for a pass with room), so that running requests take their steps "
-        "meanwhile; a prompt with images is prefilled whole in one pass (alone if it is longer). Commits, a "
+        "call (prefill and commits; on CPU with batch invariance a call is at least 16 tokens wide, so a lower "
+        "value still runs one prompt or chunk of up to 16 per call). Prompts are prefilled oldest first, a longer "
+        "one in chunks of this size over several passes (a chunk waits for a pass with room), so that running "
+        "requests take their steps meanwhile; a prompt with images is prefilled whole in one pass (alone if it is "
+        "longer). Commits, a "
         "canvas per running request at most, are not held back, and a chunk that another request with the same "
         "prompt encodes in the same pass is copied, not counted.",
         cli=False)

@@ -8,9 +8,10 @@ Parsing costs time in proportion to the number of values, and ``json.loads`` and
 GIL while they run, so a large body is measured before it is parsed (``scan``): counting bytes is
 cheap, and a body with more strings, objects and arrays than ``max_json_values``, with an array
 of numbers longer than any prompt may be (``BodyLimits.max_array``), or with more numbers in all than
-the endpoint can take (``BodyLimits.max_numbers``), is refused without being parsed. Large bodies are scanned, parsed and validated in a worker thread, at most
-``preprocess_concurrency`` at a time (the ``gate``: a parse whose client has gone keeps its thread to
-its end), so the event loop stays free.
+the endpoint can take (``BodyLimits.max_numbers``, ``number_arrays``), is refused without being parsed.
+Large bodies are scanned, parsed and validated in a worker thread, at most ``preprocess_concurrency``
+at a time (the ``gate``: a parse whose client has gone keeps its thread to its end), so the event loop
+stays free.
 """
 
 from __future__ import annotations
@@ -187,10 +188,10 @@ class MarkCounts:
 
 
 def scan(raw: bytes, limits: BodyLimits, counts: MarkCounts | None = None) -> None:
-    """Refuse, before parsing, a body with more values than ``limits.max_values`` or an array of
-    numbers longer than ``limits.max_array`` (each a 400). The counts of the bytes that matter
-    (``MarkCounts``: given, or taken here in one pass) decide most bodies, and the exact skeleton is
-    built only when they cannot."""
+    """Refuse, before parsing, a body with more values than ``limits.max_values``, an array of numbers
+    longer than ``limits.max_array``, or more numbers than its number bounds allow (each a 400). The
+    counts of the bytes that matter (``MarkCounts``: given, or taken here in one pass) decide most bodies,
+    and the exact skeleton is built only when they cannot."""
     if counts is None:
         counts = MarkCounts()
         counts.feed(raw)

@@ -160,3 +160,6 @@ def test_transformers_experts_and_batch_invariance_do_not_mix(source, caplog):
         loaded = load_model(EngineSettings(model=str(source), experts_implementation="eager"))
     assert not loaded.batch_invariant and "batch invariance is off" in caplog.text
     assert load_model(EngineSettings(model=str(source))).batch_invariant
+    # the engine's own experts by name load whatever the invariance (they are registered when named)
+    assert not load_model(EngineSettings(model=str(source), batch_invariant=False,
+                                         experts_implementation="engine_rowwise_experts")).batch_invariant

@@ -91,8 +91,8 @@ def test_the_carried_wheels_and_the_image_meet_every_requirement():
     .venv's versions, installed without their dependencies): every requirement of the project and of a
     carried package, and every version transformers checks at import, must be met by a carried wheel or
     by the image (by a recorded version where there is one). A miss costs a device call."""
-    carried = {canonicalize_name(n) for n in re.search(r"^NAMES=\(([a-z0-9 \n-]+)\)",
-                                                       (REPO / "scripts/gpu_wheels.sh").read_text(), re.M).group(1).split()}
+    names = re.search(r"^NAMES=\(([a-z0-9 \n-]+)\)", (REPO / "scripts/gpu_wheels.sh").read_text(), re.M).group(1)
+    carried = {canonicalize_name(n) for n in names.split()}
     image = _image_packages()
     machine = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
                "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
@@ -108,7 +108,9 @@ def test_the_carried_wheels_and_the_image_meet_every_requirement():
                 return None
         else:
             return f"{by} needs {requirement}: neither carried nor in the image"
-        return None if requirement.specifier.contains(have, prereleases=True) else f"{by} needs {requirement}, has {have}"
+        if requirement.specifier.contains(have, prereleases=True):
+            return None
+        return f"{by} needs {requirement}, has {have}"
 
     misses = []
     for by in ["diffusion-server", *sorted(carried)]:

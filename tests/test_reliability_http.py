@@ -298,7 +298,7 @@ def test_trailing_slash_is_not_redirected(http_server):
 
 
 def test_head_answers_as_get_without_a_body(http_server):
-    """HEAD on the read routes gets GET's status and headers, no body; on a POST route, a 405 naming HEAD."""
+    """HEAD on the read routes gets GET's status and headers, no body; on a POST route, a 405."""
     for path in ("/health", "/metrics", "/v1/models"):
         get, head = httpx.get(http_server.url + path, timeout=10), httpx.head(http_server.url + path, timeout=10)
         assert (head.status_code, head.headers["content-type"]) == (get.status_code, get.headers["content-type"]) \
