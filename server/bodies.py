@@ -32,7 +32,7 @@ from .preprocess import PreprocessGate
 # The request state's key for the body's ``MarkCounts``, taken as it arrived (limits.BodyLimitMiddleware).
 BODY_MARKS = "body_marks"
 BODY_BYTES = "body_bytes"  # the request state's key of the parsed body's size (``read_json``)
-BODY_RELEASE = "body_release"  # gives the body's bytes back to max_body_bytes_in_flight (``limits``)
+BODY_HELD = "body_held"  # the body's share of max_body_bytes_in_flight (``limits._Held``)
 # Bodies larger than this are scanned, parsed and checked in a worker thread (the event loop stays free).
 PARSE_IN_THREAD_BYTES = 64 * 1024
 # The exact scan works through the body in slices of this size, so that no single call holds the GIL long.
@@ -55,8 +55,8 @@ class BodyLimits:
     array_param: str | None = None
     array_code: str | None = "limit_exceeded"
     # the numbers (and literals) in all: a number in an object has a key (under max_values), so past those the
-    # numbers are in arrays: at most ``max_numbers`` (why: ``numbers_why``), and at most ``number_arrays``
-    # arrays of them, none longer than the body's longest (``number_arrays_why`` names the setting)
+    # numbers are in arrays: at most ``max_numbers`` (why: ``numbers_why``), and at most those of the body's
+    # ``number_arrays`` longest arrays of numbers (``number_arrays_why`` names the setting)
     max_numbers: int | None = None
     numbers_why: str = ""
     number_arrays: int | None = None
@@ -223,9 +223,10 @@ def scan(raw: bytes, limits: BodyLimits, counts: MarkCounts | None = None) -> No
     if limits.max_numbers is not None:
         bounds.append((limits.max_numbers, limits.numbers_why))
     if limits.number_arrays is not None and numbers > limits.max_values:
-        longest = max((found.end() - found.start() for found in re.finditer(rb",+", structure)), default=0) + 1
-        bounds.append((limits.number_arrays * longest + limits.max_values,
-                       f"{limits.number_arrays_why} x its longest array of numbers, {longest}, + max_json_values"))
+        # k commas in a row hold at most k + 1 numbers; the endpoint takes that many arrays of them at most
+        runs = sorted((found.end() - found.start() + 1 for found in re.finditer(rb",+", structure)), reverse=True)
+        bounds.append((sum(runs[:limits.number_arrays]) + limits.max_values,
+                       f"its {limits.number_arrays_why} longest arrays of numbers + max_json_values"))
     for bound, why in bounds:
         if numbers > bound:
             raise errors.bad_request(f"The request body has at least {numbers} numbers; the most this endpoint "
@@ -295,12 +296,10 @@ async def read_json(request: Request, limits: BodyLimits, gate: PreprocessGate, 
         data = load_json(raw, limits.max_depth, require_object)
         return data if model is None else _validate(data, model)
 
-    release = (request.scope.get("state") or {}).get(BODY_RELEASE, lambda: None)  # max_body_bytes_in_flight
     if len(raw) <= PARSE_IN_THREAD_BYTES:
-        try:
-            return work()
-        finally:
-            release()
+        return work()
+    held = (request.scope.get("state") or {}).get(BODY_HELD)  # max_body_bytes_in_flight
+    parsed = held.hand_over() if held is not None else (lambda: None)
     loop = asyncio.get_running_loop()
     started = []
 
@@ -310,13 +309,13 @@ async def read_json(request: Request, limits: BodyLimits, gate: PreprocessGate, 
             return work()
         finally:  # the bytes are the thread's until it ends, even when its client has gone
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(release)
+                loop.call_soon_threadsafe(parsed)
 
     try:
         return await gate.run(job, receive=request.receive)  # a client gone while it waits: nothing parsed
     finally:
         if not started:
-            release()
+            parsed()
 
 
 def large_body(request: Request) -> bool:

@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 from typing import TYPE_CHECKING, Callable
 
-from .bodies import BODY_MARKS, BODY_RELEASE, PARSE_IN_THREAD_BYTES, MarkCounts
+from .bodies import BODY_HELD, BODY_MARKS, PARSE_IN_THREAD_BYTES, MarkCounts
 from .errors import APIError, bodies_full, body_timeout, body_too_large, error_response
 from .middleware import READ_METHODS
 
@@ -75,12 +75,31 @@ class BodyBudget:
 
 class _Held:
     """One request's share of the ``BodyBudget``: the bytes of its body past the first ``FREE_BODY_BYTES``
-    (a small body, parsed at once, never waits for the budget), given back once, when the body has been
-    parsed (``bodies.read_json`` calls it through the request's state) or the request is over."""
+    (a small body, parsed at once, never waits for the budget). Given back when the request is over, unless
+    the body was handed to its parse (``hand_over``, by ``bodies.read_json``): then when the parse ends,
+    even after its client has gone (a parse runs on in its thread)."""
 
-    def __init__(self, budget: BodyBudget):
+    def __init__(self, budget: BodyBudget, large: bool = False):
         self.budget = budget
         self.bytes = 0
+        self.handed = False  # the parse gives the bytes back (``parsed``)
+        self.over = False  # the request is over (answered or its client gone)
+        self.large = large  # the body is large enough for the memory to be trimmed after it
+
+    def hand_over(self) -> Callable[[], None]:
+        """The body is the parse's from now: call the result (on the event loop) when the parse has ended."""
+        self.handed = True
+        return self.parsed
+
+    def parsed(self) -> None:
+        self.release()
+        if self.over and self.large:  # a parse that outlived its request: what it held goes back now
+            asyncio.ensure_future(trim_memory())
+
+    def request_over(self) -> None:
+        self.over = True
+        if not self.handed:
+            self.release()
 
     def cover(self, total: int) -> bool:
         """Hold what a body of ``total`` bytes needs (False: the budget has no room for it)."""
@@ -126,7 +145,7 @@ class BodyLimitMiddleware:
             await self._call(scope, receive, send, held, received, chunks)
         finally:
             chunks.clear()  # on every way out (an exception's traceback would keep them alive past the trim)
-            held.release()
+            held.request_over()
             if received[0] >= TRIM_AFTER_BYTES:  # whatever the outcome: 408, 413, 429, a client gone, served
                 await trim_memory()
 
@@ -202,7 +221,8 @@ class BodyLimitMiddleware:
         body = [b"".join(chunks)]
         chunks.clear()
         state = scope.setdefault("state", {})
-        state[BODY_RELEASE] = held.release  # read_json gives the bytes back once it has parsed them
+        held.large = total >= TRIM_AFTER_BYTES
+        state[BODY_HELD] = held  # read_json takes the bytes over for its parse
         if counts is not None:
             state[BODY_MARKS] = counts
 
@@ -228,7 +248,7 @@ class BodyLimitMiddleware:
             await self.app(scope, replay, send_all_but_last)
         finally:
             received[0] = 0  # trimmed here, before the last message
-            held.release()
+            held.request_over()
             await trim_memory()
             for message in last:
                 await send(message)

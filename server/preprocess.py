@@ -73,7 +73,7 @@ class PreprocessGate:
                     f.cancel()
             # an exception raised here holds this frame: without these references, the job (and through it
             # the caller's frames and their buffers) would wait for the cycle collector
-            job = aborted = gone = step = None
+            job = aborted = gone = step = f = None
 
     async def _in_turn(self, work: Callable[[], T]) -> T:
         async with self._turns:

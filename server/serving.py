@@ -161,9 +161,9 @@ async def _serve(request: Request, api: Endpoint, state, request_id: str, engine
     settings = state.settings
     names = api.names
     limits = state.body_limits(names.prompt_param if names.token_prompts else None)
+    engine = state.engine_or_503()  # before the body is parsed: nothing to parse it for while loading
     req: CommonFields = await parse_body(request, names.request_model, limits, state.preprocess_gate)
     turns = state.preprocess_gate.for_request(request.receive)  # the body is read: a client gone ends a wait
-    engine = state.engine_or_503()
     model_name = state.check_model(req.model)
     if large_body(request):  # an endpoint's checks read the whole request (a chat's tools as JSON)
         await turns.run(lambda: api.check(req, settings))

@@ -128,6 +128,26 @@ def test_bodies_held_at_once_are_bounded(server_launcher, server_tiny_checkpoint
         return httpx.post(server.url + "/v1/completions", content=body, timeout=30,
                           headers={"Content-Type": "application/json"})
 
+    def body_of(size: int) -> bytes:
+        bare = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2, "user": ""}).encode()
+        return json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2, "user": "x" * (size - len(bare))}).encode()
+
+    def head_of(body: bytes) -> bytes:
+        return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+
+    # two stalled uploads count 299,000 - 65,536 and 130,000 - 65,536 bytes: 1,072 left, and a 2 KB request
+    # (its first 64 KiB free) is still served
+    first, second = body_of(299_000), body_of(130_000)
+    with connect(server) as one, connect(server) as two:
+        one.sendall(head_of(first) + first[:-10])
+        two.sendall(head_of(second) + second[:-10])
+        time.sleep(0.5)
+        assert post(body_of(2_000)).status_code == 200
+        one.sendall(first[-10:])
+        two.sendall(second[-10:])
+        assert read_response(one)[0] == 200 and read_response(two)[0] == 200
+
     with connect(server) as holder:
         holder.sendall(head + prompt[:-10])  # 250 KB held (184 KB counted), the body not complete
         time.sleep(0.5)

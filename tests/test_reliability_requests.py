@@ -104,8 +104,9 @@ def test_a_long_number_array_in_a_chat_names_no_prompt_field(default_server):
 
 
 @pytest.mark.parametrize("path,body,param,most", [
-    # max_prompts_per_request prompts of the longest array + max_json_values
+    # the max_prompts_per_request longest arrays + max_json_values
     ("/v1/completions", {"prompt": [[0] * 1000] * 400}, "prompt", 256 * 1000 + 65536),
+    ("/v1/completions", {"prompt": [[0] * 4000] + [[0] * 10] * 40000}, "prompt", 4000 + 255 * 10 + 65536),
     # max_tools_chars / 2 + max_json_values; the arrays in a field chat ignores
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "junk": [[0] * 1000] * 300}, None,
      262144 // 2 + 65536),
@@ -118,7 +119,7 @@ def test_more_numbers_than_an_endpoint_takes_are_refused_before_parsing(default_
     r = httpx.post(default_server.url + path, content=raw, timeout=60, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text[:300]
     err = assert_openai_error(r.content, "limit_exceeded")
-    numbers = sum(len(a) for a in body.get("junk", body.get("prompt")))  # the refusal's bound is a little lower
+    numbers = sum(len(a) for a in body.get("junk", body.get("prompt")))  # the refusal's count is a little lower
     found = re.fullmatch(rf"The request body has at least (\d+) numbers; the most this endpoint takes is {most} "
                          r"\(.*\)\.", err["message"])
     assert err["param"] == param and found and numbers - 8 <= int(found.group(1)) <= numbers, err
@@ -170,7 +171,9 @@ def test_a_stalled_body_gives_its_memory_back_after_its_408(server_launcher, ser
             sock.sendall(head + b" " * size)
             data = b""
             while b"\r\n" not in data:
-                data += sock.recv(4096)
+                chunk = sock.recv(4096)
+                assert chunk, f"closed without an answer: {data!r}"
+                data += chunk
             return int(data.split(b" ", 2)[1])
 
     assert httpx.post(server.url + "/v1/completions", timeout=60,  # first-use allocations

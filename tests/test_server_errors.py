@@ -353,6 +353,8 @@ def test_503_while_loading(server_tiny_checkpoint):
         assert int(r.headers["retry-after"]) > 0
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=10)
         assert_error(r, 503, code="server_loading")
+        r = httpx.post(srv.url + "/v1/completions", content=b"{not json", timeout=10)  # not parsed while loading
+        assert_error(r, 503, code="server_loading")
         assert httpx.get(srv.url + "/metrics", timeout=10).status_code == 200
         gate.set()
         srv.wait_ready()

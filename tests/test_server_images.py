@@ -522,20 +522,22 @@ def test_a_request_whose_client_left_is_not_decoded(server_launcher, checkpoint)
                        "max_tokens": 4}).encode()
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body))
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as decoding:
-        decoding.sendall(head + body)
-        wait_for(server, IN_FLIGHT, 1)
-        time.sleep(0.5)  # into its decode (tens of seconds)
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as waiting:
-            waiting.sendall(head + body)
-            wait_for(server, IN_FLIGHT, 2)
-            time.sleep(0.5)
-        deadline = time.monotonic() + 10
-        while "status=client_gone" not in server.log() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.log().count("status=client_gone") == 1, server.log()[-2000:]
-        assert server.metrics().get(IN_FLIGHT) == 1  # the first one still decodes
-    server.proc.kill()  # the decode runs on in its thread
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as decoding:
+            decoding.sendall(head + body)
+            wait_for(server, IN_FLIGHT, 1)
+            time.sleep(0.5)  # into its decode (tens of seconds)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as waiting:
+                waiting.sendall(head + body)
+                wait_for(server, IN_FLIGHT, 2)
+                time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while "status=client_gone" not in server.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert server.log().count("status=client_gone") == 1, server.log()[-2000:]
+            assert server.metrics().get(IN_FLIGHT) == 1  # the first one still decodes
+    finally:
+        server.proc.kill()  # the decode runs on in its thread
 
 
 def test_a_request_still_decoding_when_the_drain_ends_is_answered_at_once(server_launcher, checkpoint):

@@ -65,7 +65,10 @@ def test_a_job_whose_request_went_away_keeps_its_thread():
         release.set()
         assert await following == "next"
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        release.set()  # no thread left waiting, whatever failed
 
 
 def test_work_for_a_ready_answer_is_not_aborted():
