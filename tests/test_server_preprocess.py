@@ -13,16 +13,21 @@ from server.errors import APIError, ClientDisconnected
 from server.preprocess import PreprocessGate
 
 
-def test_jobs_take_turns_and_an_abort_answers_the_waiting_at_once():
-    release = threading.Event()
-    started: list[str] = []
-
+def blocking_jobs(release: threading.Event, started: list[str]):
+    """``job(name)``: work that notes its name in ``started`` when it starts, then waits for ``release``."""
     def job(name: str):
         def work():
             started.append(name)
             release.wait(30)
             return name
         return work
+    return job
+
+
+def test_jobs_take_turns_and_an_abort_answers_the_waiting_at_once():
+    release = threading.Event()
+    started: list[str] = []
+    job = blocking_jobs(release, started)
 
     async def main():
         gate = PreprocessGate(1, "test")
@@ -97,13 +102,7 @@ def test_a_request_whose_client_left_while_it_waits_is_dropped():
     http.disconnect): the wait ends at once with ClientDisconnected, and its job never runs."""
     release = threading.Event()
     ran: list[str] = []
-
-    def job(name: str):
-        def work():
-            ran.append(name)
-            release.wait(30)
-            return name
-        return work
+    job = blocking_jobs(release, ran)
 
     async def main():
         gone = asyncio.Event()
