@@ -187,13 +187,15 @@ def test_a_stalled_body_gives_its_memory_back_after_its_408(server_launcher, ser
 
 def test_bodies_whose_clients_left_leave_the_parse_queue(server_launcher, server_tiny_checkpoint, tmp_path):
     """Large bodies wait for a parse turn (here the only one, held by a chat whose template renders for
-    ever): one whose client goes away leaves the queue at once, logged client_gone, without being parsed."""
+    ever): one whose client goes away leaves the queue at once, logged client_gone, without being parsed,
+    and gives its share of max_body_bytes_in_flight back."""
     folder = tmp_path / "slow-template"
     shutil.copytree(server_tiny_checkpoint, folder)
     (folder / "chat_template.jinja").write_text(
         "{% if slow %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    server = server_launcher(["--model", str(folder), "--served-model-name", "slow", "--preprocess-concurrency", "1"],
+    server = server_launcher(["--model", str(folder), "--served-model-name", "slow", "--preprocess-concurrency", "1",
+                              "--max-request-body-bytes", "200000", "--max-body-bytes-in-flight", "200000"],
                              model_name="slow")
     holder = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}] * 40,  # rendered in a turn
                          "chat_template_kwargs": {"slow": True}, "max_tokens": 2}).encode()
@@ -216,6 +218,13 @@ def test_bodies_whose_clients_left_leave_the_parse_queue(server_launcher, server
                 time.sleep(0.1)
             assert server.log().count("status=client_gone") == 3, server.log()[-2000:]
             assert server.metrics().get(IN_FLIGHT) == 1  # the chat still renders
+            # their shares (100,000 - 65,536 bytes each) are back: a 180,000-byte body (114,464 counted) is
+            # taken and queued for the parse turn, not answered 429 server_busy
+            probe = json.dumps({"model": "slow", "prompt": "hi", "max_tokens": 2, "user": "x" * 179_900}).encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=2) as queued:
+                queued.sendall(request("/v1/completions", probe))
+                with pytest.raises(socket.timeout):
+                    queued.recv(4096)
     finally:
         server.proc.kill()  # the render runs on in its thread
 
