@@ -217,12 +217,9 @@ class ChoiceSet:
             self.engine.abort(spec.request_id)
 
 
-ClientDisconnected = errors.ClientDisconnected
-
-
 async def collect(choice_set: ChoiceSet, receive) -> dict[int, ChoiceResult]:
     """Run every choice to the end (non-streaming); abort them all if the client goes away
-    (``ClientDisconnected``)."""
+    (``errors.ClientDisconnected``)."""
 
     async def consume():
         async for _ in choice_set.events():
@@ -235,7 +232,7 @@ async def collect(choice_set: ChoiceSet, receive) -> dict[int, ChoiceResult]:
         done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if consumer in done:
             return consumer.result()
-        raise ClientDisconnected()
+        raise errors.ClientDisconnected()
     finally:
         consumer.cancel()
         watcher.cancel()

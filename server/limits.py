@@ -79,12 +79,12 @@ class _Held:
     the body was handed to its parse (``hand_over``, by ``bodies.read_json``): then when the parse ends,
     even after its client has gone (a parse runs on in its thread)."""
 
-    def __init__(self, budget: BodyBudget, large: bool = False):
+    def __init__(self, budget: BodyBudget):
         self.budget = budget
         self.bytes = 0
         self.handed = False  # the parse gives the bytes back (``parsed``)
         self.over = False  # the request is over (answered or its client gone)
-        self.large = large  # the body is large enough for the memory to be trimmed after it
+        self.large = False  # the body is large enough for the memory to be trimmed after it (set once read)
 
     def hand_over(self) -> Callable[[], None]:
         """The body is the parse's from now: call the result (on the event loop) when the parse has ended."""

@@ -25,9 +25,9 @@ from engine.sampling_params import SamplingParams
 from . import errors, sse
 from .bodies import large_body, parse_body
 from .preprocess import RequestTurns
-from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, ClientDisconnected, collect, usage
+from .choices import ChoiceResult, ChoiceSet, ChoiceSpec, collect, usage
 from .engine_client import EngineClient
-from .errors import APIError
+from .errors import APIError, ClientDisconnected
 from .images import ImageReader
 from .logprobs import TextPosition
 from .protocol import CommonFields
